@@ -1,0 +1,71 @@
+//! Command-line and environment options every service shares.
+
+use std::time::Duration;
+
+/// How to reach NATS.
+#[derive(Debug, Clone, clap::Args)]
+pub struct NatsArgs {
+    /// NATS server URL; several may be given, separated by commas.
+    #[arg(
+        long = "nats-url",
+        env = "CAPSTAN_NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    pub nats_url: String,
+
+    /// Largest job submission accepted, in bytes (the encoded spec, stdin included).
+    #[arg(long, env = "CAPSTAN_MAX_JOB_BYTES", default_value_t = 256 * 1024)]
+    pub max_job_bytes: usize,
+}
+
+impl NatsArgs {
+    /// Options pointing at `url`, with defaults for the rest (for tests and tools).
+    pub fn for_url(url: impl Into<String>) -> Self {
+        Self {
+            nats_url: url.into(),
+            max_job_bytes: 256 * 1024,
+        }
+    }
+}
+
+/// Parses a duration given as seconds (`30`, `1.5`) or with a unit (`500ms`, `30s`, `2m`, `1h`).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration (e.g. 30s, 500ms, 2m)"))?;
+    let seconds = match unit.trim() {
+        "" | "s" => value,
+        "ms" => value / 1000.0,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        other => {
+            return Err(format!(
+                "unknown unit `{other}` in `{text}` (use ms, s, m or h)"
+            ));
+        }
+    };
+    if !seconds.is_finite() || seconds < 0.0 {
+        return Err(format!("`{text}` is not a valid duration"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_and_without_units() {
+        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5 days").is_err());
+    }
+}

@@ -1,0 +1,139 @@
+//! Publishing job events, node events and rejections to the events stream.
+//!
+//! Job events are published after the KV write they describe, with a deduplication id, so a
+//! writer that crashed between the write and the publish can publish again on redelivery
+//! without doubling the event. Every publish carries the current span's trace context.
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, context::PublishAckFuture, message::PublishMessage};
+use bytes::Bytes;
+use capstan_protocol::codec;
+use capstan_protocol::subjects::{self, Origin};
+use capstan_protocol::{JobEvent, NodeEvent, Rejection, headers};
+
+use crate::error::Error;
+use crate::wire::{header_text, msgpack_headers};
+
+/// Publishes events.
+#[derive(Clone, Debug)]
+pub struct EventPublisher {
+    js: jetstream::Context,
+}
+
+impl EventPublisher {
+    /// A publisher on `js`.
+    pub fn new(js: jetstream::Context) -> Self {
+        Self { js }
+    }
+
+    /// Publishes a job event and waits until the stream has stored it.
+    pub async fn job(&self, event: &JobEvent) -> Result<(), Error> {
+        self.job_deferred(event)
+            .await?
+            .await
+            .map_err(|e| Error::unavailable("event publish", e))?;
+        Ok(())
+    }
+
+    /// Sends a job event and returns the future of the stream's acknowledgement, so several
+    /// publishes can be in flight at once.
+    pub async fn job_deferred(&self, event: &JobEvent) -> Result<PublishAckFuture, Error> {
+        let record = &event.record;
+        let mut map = msgpack_headers();
+        map.insert(headers::EVENT, event.kind.as_str());
+        map.insert(headers::STATUS, record.status.as_str());
+        map.insert(headers::ATTEMPT, record.attempt.to_string().as_str());
+        if let Some(node) = &record.node {
+            map.insert(headers::NODE, node.as_str());
+        }
+        if let Some(code) = record.exit_code {
+            map.insert(headers::EXIT_CODE, code.to_string().as_str());
+        }
+        if let Some(signal) = record.signal {
+            map.insert(headers::SIGNAL, signal.to_string().as_str());
+        }
+        if let (Some(started), Some(finished)) = (record.started_at, record.finished_at) {
+            let millis = finished.since(started).as_millis().to_string();
+            map.insert(headers::DURATION_MS, millis.as_str());
+        }
+        if let Some(error) = &record.error {
+            map.insert(headers::ERROR, header_text(error).as_str());
+        }
+        capstan_telemetry::propagation::inject(&mut map);
+        let payload = Bytes::from(codec::to_msgpack(event)?);
+        let publish = PublishMessage::build()
+            .payload(payload)
+            .headers(map)
+            .message_id(event.message_id());
+        self.js
+            .send_publish(subjects::job_event(record.id, event.kind), publish)
+            .await
+            .map_err(|e| Error::unavailable("event publish", e))
+    }
+
+    /// Publishes a node event and waits until it is stored.
+    pub async fn node(&self, event: &NodeEvent) -> Result<(), Error> {
+        let mut map = msgpack_headers();
+        map.insert(headers::EVENT, event.kind.as_str());
+        map.insert(headers::NODE, event.node.id.as_str());
+        map.insert(headers::STATUS, event.node.status.as_str());
+        capstan_telemetry::propagation::inject(&mut map);
+        let payload = Bytes::from(codec::to_msgpack(event)?);
+        let subject = subjects::node_event(&event.node.id, event.kind);
+        self.publish_stored(subject, map, payload, "node event")
+            .await
+    }
+
+    /// Publishes a rejection. Failing to report a rejection must not stop the consumer that
+    /// rejected the message, so errors are logged, not returned.
+    pub async fn rejection(&self, origin: Origin, rejection: &Rejection) {
+        let mut map = msgpack_headers();
+        let summary = match &rejection.field {
+            Some(field) if !rejection.reason.starts_with(field.as_str()) => {
+                format!("{field}: {}", rejection.reason)
+            }
+            _ => rejection.reason.clone(),
+        };
+        map.insert(headers::ERROR, header_text(&summary).as_str());
+        map.insert(headers::EVENT, rejection.code.as_str());
+        if let Some(job) = rejection.job {
+            map.insert(headers::JOB_ID, job.to_string().as_str());
+        }
+        tracing::warn!(
+            origin = origin.as_str(),
+            subject = %rejection.subject,
+            code = rejection.code.as_str(),
+            reason = %summary,
+            "rejected message"
+        );
+        let payload = match codec::to_msgpack(rejection) {
+            Ok(payload) => Bytes::from(payload),
+            Err(error) => {
+                tracing::error!(error = %error, "cannot encode rejection");
+                return;
+            }
+        };
+        if let Err(error) = self
+            .publish_stored(subjects::rejected(origin), map, payload, "rejection")
+            .await
+        {
+            tracing::error!(error = %error, "cannot publish rejection");
+        }
+    }
+
+    async fn publish_stored(
+        &self,
+        subject: String,
+        map: HeaderMap,
+        payload: Bytes,
+        op: &'static str,
+    ) -> Result<(), Error> {
+        self.js
+            .publish_with_headers(subject, map, payload)
+            .await
+            .map_err(|e| Error::unavailable(op, e))?
+            .await
+            .map_err(|e| Error::unavailable(op, e))?;
+        Ok(())
+    }
+}

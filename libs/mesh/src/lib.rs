@@ -1,0 +1,28 @@
+//! What every Capstan service does with NATS, written once: connect, create the streams and
+//! buckets of [`capstan_protocol::topology`] idempotently, read and compare-and-swap typed KV
+//! records, publish events and rejections, serve NATS micro endpoints, stop on a signal, and
+//! submit jobs with idempotency keys.
+//!
+//! It owns no business rules: what a scheduler or an executor decides stays in its service.
+
+pub mod config;
+pub mod connect;
+pub mod consume;
+pub mod error;
+pub mod events;
+pub mod lifecycle;
+pub mod service;
+pub mod shutdown;
+pub mod store;
+pub mod submit;
+pub mod topology;
+pub mod view;
+pub mod wire;
+
+pub use config::NatsArgs;
+pub use connect::{Mesh, connect};
+pub use error::Error;
+pub use events::EventPublisher;
+pub use store::{Bucket, Versioned};
+pub use submit::{Claim, Idempotency, Submitter};
+pub use view::BucketView;

@@ -1,0 +1,200 @@
+//! NATS micro services: every Capstan service registers one, so `nats micro ls` lists it with
+//! its endpoints and stats. Requests may be JSON or MessagePack; the reply uses the request's
+//! encoding, so a person using `nats req` reads JSON.
+
+use std::collections::HashMap;
+use std::future::Future;
+
+use async_nats::HeaderMap;
+use async_nats::service::{self, Service, ServiceExt};
+use bytes::Bytes;
+use capstan_protocol::codec::{self, Encoding};
+use capstan_protocol::subjects::Origin;
+use capstan_protocol::{ErrorCode, Rejection, RejectionCode, Reply, ServiceError, Timestamp};
+use futures::StreamExt;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::Error;
+use crate::events::EventPublisher;
+use crate::wire;
+
+/// Registers the micro service `name` (e.g. `capstan-registry`).
+pub async fn start(
+    client: &async_nats::Client,
+    name: &str,
+    description: &str,
+    metadata: HashMap<String, String>,
+) -> Result<Service, Error> {
+    client
+        .service_builder()
+        .description(description)
+        .metadata(metadata)
+        .start(name, capstan_protocol::VERSION)
+        .await
+        .map_err(|e| Error::Setup {
+            what: format!("micro service {name}"),
+            reason: e.to_string(),
+        })
+}
+
+/// Adds an endpoint on `subject`.
+pub async fn endpoint(
+    service: &Service,
+    name: &str,
+    subject: &str,
+) -> Result<service::endpoint::Endpoint, Error> {
+    service
+        .endpoint_builder()
+        .name(name)
+        .add(subject)
+        .await
+        .map_err(|e| Error::Setup {
+            what: format!("endpoint {subject}"),
+            reason: e.to_string(),
+        })
+}
+
+/// Decodes a request body into `T`; a failure becomes a `bad_request` naming the field.
+pub fn decode_request<T: DeserializeOwned>(
+    request: &service::Request,
+) -> Result<(T, Encoding), (ServiceError, Encoding)> {
+    let message = &request.message;
+    // `nats req subject ''` sends nothing: read it as an empty JSON object, so endpoints
+    // without arguments accept it and the others name the missing field.
+    let payload: &[u8] = if message.payload.iter().all(u8::is_ascii_whitespace) {
+        b"{}"
+    } else {
+        &message.payload
+    };
+    let encoding = wire::encoding_of(message.headers.as_ref(), payload);
+    wire::decode(message.headers.as_ref(), payload).map_err(|e| {
+        (
+            ServiceError {
+                code: ErrorCode::BadRequest,
+                message: e.to_string(),
+                field: e.field,
+            },
+            encoding,
+        )
+    })
+}
+
+/// Sends `result` as the reply, in `encoding`. Errors also set `Nats-Service-Error` and
+/// `Nats-Service-Error-Code` so micro-aware tools see them.
+pub async fn reply<T: Serialize>(
+    request: &service::Request,
+    encoding: Encoding,
+    result: Result<T, ServiceError>,
+) {
+    let mut map = HeaderMap::new();
+    map.insert(
+        capstan_protocol::headers::CONTENT_TYPE,
+        encoding.content_type(),
+    );
+    if let Err(error) = &result {
+        map.insert(
+            "Nats-Service-Error",
+            wire::header_text(&error.to_string()).as_str(),
+        );
+        map.insert(
+            "Nats-Service-Error-Code",
+            error.code.status().to_string().as_str(),
+        );
+    }
+    let body = match codec::encode(encoding, &Reply::from(result)) {
+        Ok(body) => Bytes::from(body),
+        Err(error) => {
+            tracing::error!(error = %error, "cannot encode reply");
+            return;
+        }
+    };
+    if let Err(error) = request.respond_with_headers(Ok(body), map).await {
+        tracing::debug!(error = %error, "cannot send reply");
+    }
+}
+
+/// Serves `endpoint` until `shutdown`: decodes each request into `Req`, runs `handler` on up
+/// to `concurrency` requests at once, and replies in the request's encoding. A request that
+/// does not decode gets an error reply and is reported as a rejection from `origin`.
+pub async fn serve<Req, Res, F, Fut>(
+    endpoint: service::endpoint::Endpoint,
+    shutdown: CancellationToken,
+    concurrency: usize,
+    rejections: (EventPublisher, Origin),
+    handler: F,
+) where
+    Req: DeserializeOwned + Send + 'static,
+    Res: Serialize + Send + 'static,
+    F: Fn(Req) -> Fut + Send + Sync,
+    Fut: Future<Output = Result<Res, ServiceError>> + Send,
+{
+    let handler = &handler;
+    let rejections = &rejections;
+    endpoint
+        .take_until(shutdown.cancelled_owned())
+        .for_each_concurrent(concurrency, |request| async move {
+            match decode_request::<Req>(&request) {
+                Ok((body, encoding)) => {
+                    let result = handler(body).await;
+                    reply(&request, encoding, result).await;
+                }
+                Err((error, encoding)) => {
+                    let (events, origin) = rejections;
+                    let rejection = Rejection {
+                        subject: request.message.subject.to_string(),
+                        code: if error.message.starts_with("malformed") {
+                            RejectionCode::Malformed
+                        } else {
+                            RejectionCode::Invalid
+                        },
+                        field: error.field.clone(),
+                        reason: error.message.clone(),
+                        job: None,
+                        size: request.message.payload.len(),
+                        stream_seq: None,
+                        at: Timestamp::now(),
+                    };
+                    events.rejection(*origin, &rejection).await;
+                    reply::<Res>(&request, encoding, Err(error)).await;
+                }
+            }
+        })
+        .await;
+}
+
+/// Serves `endpoint` until `shutdown` with a handler that reads the raw request (for endpoints
+/// that check sizes or headers before decoding). The handler returns the reply's encoding
+/// with the result.
+pub async fn serve_raw<Res, F, Fut>(
+    endpoint: service::endpoint::Endpoint,
+    shutdown: CancellationToken,
+    concurrency: usize,
+    handler: F,
+) where
+    Res: Serialize + Send + 'static,
+    F: Fn(service::Request) -> Fut + Send + Sync,
+    Fut: Future<Output = (service::Request, Encoding, Result<Res, ServiceError>)> + Send,
+{
+    let handler = &handler;
+    endpoint
+        .take_until(shutdown.cancelled_owned())
+        .for_each_concurrent(concurrency, |request| async move {
+            let (request, encoding, result) = handler(request).await;
+            reply(&request, encoding, result).await;
+        })
+        .await;
+}
+
+/// Decodes any body, even an empty one, as "no arguments": for list endpoints that a person
+/// calls with `nats req subject ''`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoArgs;
+
+impl<'de> serde::Deserialize<'de> for NoArgs {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        serde::de::IgnoredAny::deserialize(deserializer)?;
+        Ok(NoArgs)
+    }
+}

@@ -1,0 +1,161 @@
+//! Submitting jobs, and the idempotency keys that make a repeated submission one job.
+//!
+//! Both the scheduler's create endpoint and the API submit through [`Submitter`]: it claims the
+//! idempotency key, then stores the submission in the submissions stream with the job id in a
+//! header. The scheduler's submissions consumer claims the key again when it accepts the job,
+//! so submissions that did not come through a `Submitter` (a plain `nats pub`) are
+//! deduplicated too.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, message::PublishMessage};
+use bytes::Bytes;
+use capstan_protocol::reply::Created;
+use capstan_protocol::topology::idempotency_bucket_key;
+use capstan_protocol::{JobId, JobRecord, JobSpec, Timestamp, codec, headers, subjects};
+use serde::{Deserialize, Serialize};
+
+use crate::error::Error;
+use crate::store::Bucket;
+use crate::wire::msgpack_headers;
+
+/// A claimed idempotency key: which job it names, since when.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reservation {
+    /// The job the key belongs to.
+    pub job: JobId,
+    /// When it was claimed.
+    pub reserved_at: Timestamp,
+}
+
+/// The outcome of claiming a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// The key now names the job that claimed it.
+    Claimed,
+    /// The key already names another job.
+    Existing(JobId),
+}
+
+/// Idempotency keys, in their bucket.
+#[derive(Debug, Clone)]
+pub struct Idempotency {
+    bucket: Bucket<Reservation>,
+    jobs: Bucket<JobRecord>,
+}
+
+/// A reservation whose job never appeared after this long was left by a submitter that died
+/// between claiming the key and storing the submission; it may be taken over.
+pub const ABANDONED_AFTER: Duration = Duration::from_secs(60);
+
+impl Idempotency {
+    /// Keys in `bucket`, checked against job records in `jobs`.
+    pub fn new(bucket: Bucket<Reservation>, jobs: Bucket<JobRecord>) -> Self {
+        Self { bucket, jobs }
+    }
+
+    /// The job a key names, if any.
+    pub async fn lookup(&self, key: &str) -> Result<Option<JobId>, Error> {
+        let found = self.bucket.get(&idempotency_bucket_key(key)).await?;
+        Ok(found.map(|reservation| reservation.value.job))
+    }
+
+    /// Claims `key` for `job`. Claiming a key again for the same job succeeds, so a redelivered
+    /// submission passes. Exactly one of two racing claims for different jobs wins.
+    pub async fn claim(&self, key: &str, job: JobId) -> Result<Claim, Error> {
+        let bucket_key = idempotency_bucket_key(key);
+        let ours = Reservation {
+            job,
+            reserved_at: Timestamp::now(),
+        };
+        for _ in 0..5 {
+            match self.bucket.create(&bucket_key, &ours).await {
+                Ok(_) => return Ok(Claim::Claimed),
+                Err(Error::AlreadyExists { .. }) => {}
+                Err(error) => return Err(error),
+            }
+            let Some(current) = self.bucket.get(&bucket_key).await? else {
+                continue; // expired or removed between the two calls: try again
+            };
+            if current.value.job == job {
+                return Ok(Claim::Claimed);
+            }
+            let abandoned = self
+                .jobs
+                .get(&current.value.job.to_string())
+                .await?
+                .is_none()
+                && ours.reserved_at.since(current.value.reserved_at) > ABANDONED_AFTER;
+            if !abandoned {
+                return Ok(Claim::Existing(current.value.job));
+            }
+            match self
+                .bucket
+                .update(&bucket_key, &ours, current.revision)
+                .await
+            {
+                Ok(_) => return Ok(Claim::Claimed),
+                Err(Error::Conflict { .. }) => continue,
+                Err(error) => return Err(error),
+            }
+        }
+        Err(Error::Unavailable {
+            op: "idempotency claim",
+            reason: "the key kept changing".into(),
+        })
+    }
+}
+
+/// Stores job submissions.
+#[derive(Debug, Clone)]
+pub struct Submitter {
+    js: jetstream::Context,
+    idempotency: Idempotency,
+}
+
+impl Submitter {
+    /// A submitter on `js`.
+    pub fn new(js: jetstream::Context, idempotency: Idempotency) -> Self {
+        Self { js, idempotency }
+    }
+
+    /// Stores `spec` as a new job and returns its id once the submissions stream holds it; or
+    /// returns the existing job's id when the spec's idempotency key names one. The submission
+    /// carries the current span's trace context, so the job joins the caller's trace.
+    pub async fn submit(&self, spec: &JobSpec) -> Result<Created, Error> {
+        if let Some(key) = &spec.idempotency_key
+            && let Some(existing) = self.idempotency.lookup(key).await?
+        {
+            return Ok(Created {
+                id: existing,
+                duplicate: true,
+            });
+        }
+        let id = JobId::generate();
+        if let Some(key) = &spec.idempotency_key
+            && let Claim::Existing(existing) = self.idempotency.claim(key, id).await?
+        {
+            return Ok(Created {
+                id: existing,
+                duplicate: true,
+            });
+        }
+        let mut map = msgpack_headers();
+        map.insert(headers::JOB_ID, id.to_string().as_str());
+        capstan_telemetry::propagation::inject(&mut map);
+        let publish = PublishMessage::build()
+            .payload(Bytes::from(codec::to_msgpack(spec)?))
+            .headers(map)
+            .message_id(id.to_string());
+        self.js
+            .send_publish(subjects::SUBMIT, publish)
+            .await
+            .map_err(|e| Error::unavailable("submit", e))?
+            .await
+            .map_err(|e| Error::unavailable("submit", e))?;
+        Ok(Created {
+            id,
+            duplicate: false,
+        })
+    }
+}

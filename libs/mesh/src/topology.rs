@@ -1,0 +1,96 @@
+//! Creates the streams and KV buckets described in [`capstan_protocol::topology`]. Every
+//! service calls [`ensure`] at start; it is idempotent and safe when replicas race.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv, stream};
+use capstan_protocol::topology::{self as spec, BucketSpec, Retention, StreamSpec};
+
+use crate::error::Error;
+
+/// The buckets, opened.
+pub struct Buckets {
+    /// Job records.
+    pub jobs: kv::Store,
+    /// Node records.
+    pub nodes: kv::Store,
+    /// Idempotency reservations.
+    pub idempotency: kv::Store,
+}
+
+/// Creates or updates every stream and bucket, and opens the buckets.
+pub async fn ensure(js: &jetstream::Context) -> Result<Buckets, Error> {
+    for stream in spec::STREAMS {
+        ensure_stream(js, &stream).await?;
+    }
+    Ok(Buckets {
+        jobs: ensure_bucket(js, &spec::JOBS).await?,
+        nodes: ensure_bucket(js, &spec::NODES).await?,
+        idempotency: ensure_bucket(js, &spec::IDEMPOTENCY).await?,
+    })
+}
+
+/// The async-nats configuration of a stream.
+pub fn stream_config(spec: &StreamSpec) -> stream::Config {
+    stream::Config {
+        name: spec.name.to_owned(),
+        description: Some(spec.description.to_owned()),
+        subjects: spec.subjects.iter().map(|s| (*s).to_owned()).collect(),
+        retention: match spec.retention {
+            Retention::WorkQueue => stream::RetentionPolicy::WorkQueue,
+            Retention::Limits => stream::RetentionPolicy::Limits,
+        },
+        max_age: spec.max_age,
+        duplicate_window: spec.duplicate_window,
+        storage: stream::StorageType::File,
+        ..Default::default()
+    }
+}
+
+async fn ensure_stream(js: &jetstream::Context, spec: &StreamSpec) -> Result<(), Error> {
+    let config = stream_config(spec);
+    let mut last_error = String::new();
+    // Two services starting together may both see "not found" and race to create; the loser
+    // finds the stream on its next round.
+    for _ in 0..5 {
+        match js.create_or_update_stream(config.clone()).await {
+            Ok(_) => return Ok(()),
+            Err(error) => {
+                last_error = error.to_string();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    Err(Error::Setup {
+        what: format!("stream {}", spec.name),
+        reason: last_error,
+    })
+}
+
+async fn ensure_bucket(js: &jetstream::Context, spec: &BucketSpec) -> Result<kv::Store, Error> {
+    let config = kv::Config {
+        bucket: spec.name.to_owned(),
+        description: spec.description.to_owned(),
+        history: spec.history,
+        max_age: spec.max_age,
+        storage: stream::StorageType::File,
+        // Entries that expire by their own TTL leave a delete marker, itself kept this long,
+        // so that watchers see the removal.
+        limit_markers: spec.per_key_ttl.then_some(Duration::from_secs(300)),
+        ..Default::default()
+    };
+    let mut last_error = String::new();
+    for _ in 0..5 {
+        match js.create_or_update_key_value(config.clone()).await {
+            Ok(store) => return Ok(store),
+            Err(error) => {
+                last_error = error.to_string();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    Err(Error::Setup {
+        what: format!("bucket {}", spec.name),
+        reason: last_error,
+    })
+}

@@ -1,0 +1,163 @@
+//! The mesh layer against a real nats-server: topology, compare-and-swap, TTLs, idempotency
+//! and submission.
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use capstan_mesh::{Claim, Error, Mesh, Submitter};
+use capstan_protocol::topology;
+use capstan_protocol::{JobId, JobRecord, JobSpec, Timestamp, headers, subjects};
+use capstan_testkit::{NatsServer, wait_until};
+use futures::StreamExt;
+
+async fn mesh(server: &NatsServer) -> Mesh {
+    Mesh::open(server.client().await).await.expect("mesh opens")
+}
+
+#[tokio::test]
+async fn racing_services_create_the_topology_once_and_agree_on_it() {
+    let server = NatsServer::start().await;
+    let (a, b) = tokio::join!(mesh(&server), mesh(&server));
+    drop((a, b));
+    let _again = mesh(&server).await;
+    let js = jetstream::new(server.client().await);
+    for spec in topology::STREAMS {
+        let info = js
+            .get_stream(spec.name)
+            .await
+            .expect("stream exists")
+            .info()
+            .await
+            .expect("stream info")
+            .clone();
+        assert_eq!(info.config.subjects, spec.subjects);
+    }
+    for bucket in topology::BUCKETS {
+        js.get_key_value(bucket.name).await.expect("bucket exists");
+    }
+}
+
+#[tokio::test]
+async fn compare_and_swap_lets_exactly_one_of_two_writers_win() {
+    let server = NatsServer::start().await;
+    let mesh = mesh(&server).await;
+    let record = JobRecord::new(JobId::generate(), JobSpec::shell("true"), Timestamp::now());
+    let key = record.id.to_string();
+    let revision = mesh.jobs.create(&key, &record).await.expect("created");
+    assert!(matches!(
+        mesh.jobs.create(&key, &record).await,
+        Err(Error::AlreadyExists { .. })
+    ));
+
+    let node = "n1".parse().expect("valid node id");
+    let first = record.assigned(node, Timestamp::now());
+    let mut second = first.clone();
+    second.error = Some("other writer".into());
+    let (a, b) = tokio::join!(
+        mesh.jobs.update(&key, &first, revision),
+        mesh.jobs.update(&key, &second, revision)
+    );
+    let wins = [a.is_ok(), b.is_ok()];
+    assert_eq!(wins.iter().filter(|won| **won).count(), 1, "{wins:?}");
+    let loser = if a.is_ok() { b } else { a };
+    assert!(matches!(loser, Err(Error::Conflict { .. })));
+    let stored = mesh.jobs.get(&key).await.expect("read").expect("present");
+    assert_eq!(stored.value.attempt, 1);
+}
+
+#[tokio::test]
+async fn finished_records_written_with_a_ttl_expire() {
+    let server = NatsServer::start().await;
+    let mesh = mesh(&server).await;
+    let record = JobRecord::new(JobId::generate(), JobSpec::shell("true"), Timestamp::now());
+    let key = record.id.to_string();
+    let revision = mesh.jobs.create(&key, &record).await.expect("created");
+    mesh.jobs
+        .update_with_ttl(&key, &record, revision, Duration::from_secs(1))
+        .await
+        .expect("updated with a TTL");
+    assert!(matches!(
+        mesh.jobs
+            .update_with_ttl(&key, &record, revision, Duration::from_secs(1))
+            .await,
+        Err(Error::Conflict { .. })
+    ));
+    wait_until("the record to expire", Duration::from_secs(15), || async {
+        mesh.jobs
+            .get(&key)
+            .await
+            .expect("read")
+            .is_none()
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn racing_claims_of_one_idempotency_key_have_one_winner() {
+    let server = NatsServer::start().await;
+    let mesh = mesh(&server).await;
+    let (a, b) = (JobId::generate(), JobId::generate());
+    let (claim_a, claim_b) = tokio::join!(
+        mesh.idempotency.claim("order-7", a),
+        mesh.idempotency.claim("order-7", b)
+    );
+    let (claim_a, claim_b) = (claim_a.expect("claims"), claim_b.expect("claims"));
+    match (claim_a, claim_b) {
+        (Claim::Claimed, Claim::Existing(winner)) => assert_eq!(winner, a),
+        (Claim::Existing(winner), Claim::Claimed) => assert_eq!(winner, b),
+        other => panic!("expected one winner, got {other:?}"),
+    }
+    let winner = mesh.idempotency.lookup("order-7").await.expect("lookup");
+    assert!(winner == Some(a) || winner == Some(b));
+    // The winner claiming again (a redelivery) still succeeds.
+    let winner = winner.expect("claimed");
+    assert_eq!(
+        mesh.idempotency
+            .claim("order-7", winner)
+            .await
+            .expect("claims"),
+        Claim::Claimed
+    );
+}
+
+#[tokio::test]
+async fn a_submission_is_stored_with_its_job_id_and_a_repeated_key_returns_the_same_job() {
+    let server = NatsServer::start().await;
+    let mesh = mesh(&server).await;
+    let submitter = Submitter::new(mesh.js.clone(), mesh.idempotency.clone());
+    let mut spec = JobSpec::shell("echo hi");
+    spec.idempotency_key = Some("nightly-2026-11-23".into());
+    let first = submitter.submit(&spec).await.expect("submitted");
+    assert!(!first.duplicate);
+    let again = submitter.submit(&spec).await.expect("submitted");
+    assert_eq!((again.id, again.duplicate), (first.id, true));
+
+    let stream = mesh
+        .js
+        .get_stream(topology::SUBMISSIONS.name)
+        .await
+        .expect("stream");
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::Config::default())
+        .await
+        .expect("consumer");
+    let mut messages = consumer
+        .fetch()
+        .max_messages(10)
+        .messages()
+        .await
+        .expect("fetch");
+    let message = messages.next().await.expect("one message").expect("ok");
+    assert_eq!(message.subject.as_str(), subjects::SUBMIT);
+    let id = message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(headers::JOB_ID))
+        .map(|v| v.to_string());
+    assert_eq!(id, Some(first.id.to_string()));
+    assert!(
+        messages.next().await.is_none(),
+        "the duplicate stored nothing"
+    );
+}

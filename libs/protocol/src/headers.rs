@@ -1,0 +1,37 @@
+//! Header names Capstan sets or reads on NATS messages.
+//!
+//! Event headers repeat the facts a person watching `nats sub 'capstan.events.>'` wants
+//! (status, node, exit code) in plain text; the MessagePack body stays the source of truth.
+
+/// `application/json` or `application/msgpack`; optional on input (the payload is sniffed).
+pub const CONTENT_TYPE: &str = "Content-Type";
+/// JetStream deduplication id.
+pub const MSG_ID: &str = "Nats-Msg-Id";
+/// The job id to give a submission (set by the API and the create endpoint).
+pub const JOB_ID: &str = "Capstan-Job-Id";
+/// The attempt a message is about.
+pub const ATTEMPT: &str = "Capstan-Attempt";
+/// A job event's kind, or a node event's kind.
+pub const EVENT: &str = "Capstan-Event";
+/// The job's status after an event.
+pub const STATUS: &str = "Capstan-Status";
+/// The executor node.
+pub const NODE: &str = "Capstan-Node";
+/// The exit code of a finished attempt.
+pub const EXIT_CODE: &str = "Capstan-Exit-Code";
+/// The signal that killed a finished attempt.
+pub const SIGNAL: &str = "Capstan-Signal";
+/// Wall time of a finished attempt in milliseconds.
+pub const DURATION_MS: &str = "Capstan-Duration-Ms";
+/// Why something failed or was rejected.
+pub const ERROR: &str = "Capstan-Error";
+/// `stdout` or `stderr` on a log chunk.
+pub const LOG_STREAM: &str = "Capstan-Stream";
+/// Byte offset of a log chunk within its stream.
+pub const LOG_OFFSET: &str = "Capstan-Offset";
+/// Set to `true` on the log marker published when output passed the cap.
+pub const LOG_TRUNCATED: &str = "Capstan-Truncated";
+/// W3C trace context.
+pub const TRACEPARENT: &str = "traceparent";
+/// W3C trace state.
+pub const TRACESTATE: &str = "tracestate";

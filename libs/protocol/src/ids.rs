@@ -1,0 +1,236 @@
+//! Identifiers: job ids and executor instance ids are ULIDs, node ids are operator-chosen names
+//! restricted to what is valid as a single NATS subject token, a consumer name and a KV key.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use ulid::Ulid;
+
+/// Why a string is not a valid identifier.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdError {
+    /// Not a 26-character Crockford base32 ULID.
+    #[error("`{0}` is not a valid ULID (26 characters of Crockford base32)")]
+    NotUlid(String),
+    /// A node id that is empty, too long, or has characters outside `[A-Za-z0-9_-]`.
+    #[error(
+        "`{0}` is not a valid node id: use 1 to {max} characters from A-Z, a-z, 0-9, `_` and `-`",
+        max = NodeId::MAX_LEN
+    )]
+    BadNodeId(String),
+}
+
+macro_rules! ulid_id {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        pub struct $name(Ulid);
+
+        impl $name {
+            /// A fresh, random id with the current time as its timestamp.
+            pub fn generate() -> Self {
+                Self(Ulid::generate())
+            }
+
+            /// The underlying ULID.
+            pub fn ulid(self) -> Ulid {
+                self.0
+            }
+
+            /// Milliseconds since the Unix epoch encoded in the id.
+            pub fn timestamp_ms(self) -> u64 {
+                self.0.timestamp_ms()
+            }
+        }
+
+        impl From<Ulid> for $name {
+            fn from(ulid: Ulid) -> Self {
+                Self(ulid)
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Display::fmt(&self.0, f)
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}({})", stringify!($name), self.0)
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = IdError;
+            fn from_str(s: &str) -> Result<Self, IdError> {
+                Ulid::from_string(s)
+                    .map(Self)
+                    .map_err(|_| IdError::NotUlid(s.to_owned()))
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                self.0.serialize(serializer)
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+                text.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
+ulid_id!(
+    /// A job's id. Also the job's key in the jobs KV bucket and a token of its subjects.
+    JobId
+);
+ulid_id!(
+    /// One start of an executor process. A restarted executor keeps its [`NodeId`] and gets a
+    /// new instance id, which is how the registry and the job records tell a restart apart from
+    /// a live process.
+    InstanceId
+);
+
+impl JobId {
+    /// The id of a job submitted without one, derived from where its submission is stored: the
+    /// publish time and the stream sequence of the submission message.
+    ///
+    /// A redelivered submission carries the same time and sequence, so every replica and every
+    /// redelivery derives the same id: this is what makes accepting a submission idempotent.
+    pub fn derived(published_ms: u64, stream_sequence: u64) -> Self {
+        // The 80 random bits of a ULID hold the sequence; the marker in the top 16 bits keeps
+        // derived ids apart from randomly generated ones with the same timestamp.
+        const DERIVED_MARKER: u128 = 0xCA95 << 64;
+        Self(Ulid::from_parts(
+            published_ms,
+            DERIVED_MARKER | u128::from(stream_sequence),
+        ))
+    }
+}
+
+/// An executor node's name: stable across restarts, unique in a mesh.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NodeId(String);
+
+impl NodeId {
+    /// The longest node id accepted.
+    pub const MAX_LEN: usize = 64;
+
+    /// Parses a node id.
+    pub fn new(id: impl Into<String>) -> Result<Self, IdError> {
+        let id = id.into();
+        let valid = !id.is_empty()
+            && id.len() <= Self::MAX_LEN
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if valid {
+            Ok(Self(id))
+        } else {
+            Err(IdError::BadNodeId(id))
+        }
+    }
+
+    /// A node id made from a host name: characters a node id cannot hold become `-`.
+    pub fn from_hostname(hostname: &str) -> Self {
+        let mut id: String = hostname
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .take(Self::MAX_LEN)
+            .collect();
+        if id.is_empty() {
+            id.push_str("executor");
+        }
+        Self(id)
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "NodeId({})", self.0)
+    }
+}
+
+impl FromStr for NodeId {
+    type Err = IdError;
+    fn from_str(s: &str) -> Result<Self, IdError> {
+        Self::new(s)
+    }
+}
+
+impl Serialize for NodeId {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for NodeId {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        Self::new(text).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn derived_job_ids_are_stable_and_distinct_per_sequence() {
+        let a = JobId::derived(1_700_000_000_000, 7);
+        assert_eq!(a, JobId::derived(1_700_000_000_000, 7));
+        assert_ne!(a, JobId::derived(1_700_000_000_000, 8));
+        assert_eq!(a.timestamp_ms(), 1_700_000_000_000);
+        assert_eq!(a.to_string().parse::<JobId>(), Ok(a));
+    }
+
+    #[test]
+    fn node_ids_reject_subject_wildcards_and_dots() {
+        for bad in ["", "a.b", "a*", ">", "a b", &"x".repeat(65)] {
+            assert!(
+                matches!(NodeId::new(bad), Err(IdError::BadNodeId(_))),
+                "{bad}"
+            );
+        }
+        assert!(NodeId::new("exec-1_a").is_ok());
+    }
+
+    #[test]
+    fn node_ids_made_from_host_names_are_always_valid() {
+        let id = NodeId::from_hostname("web.example.com");
+        assert_eq!(id.as_str(), "web-example-com");
+        assert!(NodeId::new(id.as_str()).is_ok());
+        assert_eq!(NodeId::from_hostname("").as_str(), "executor");
+    }
+
+    #[test]
+    fn job_ids_reject_text_that_is_not_a_ulid() {
+        assert!(matches!(
+            "not-a-ulid".parse::<JobId>(),
+            Err(IdError::NotUlid(_))
+        ));
+    }
+}

@@ -1,0 +1,40 @@
+//! Capstan's wire protocol: the one place that knows every subject, stream, KV bucket, header
+//! and message type that services exchange.
+//!
+//! Services never build a subject with `format!` or pick a wire encoding themselves: they call
+//! the builders in [`subjects`], the stream and bucket descriptions in [`topology`], and the
+//! encoders in [`codec`]. This crate has no NATS client dependency; `capstan-mesh` turns the
+//! neutral descriptions here into async-nats configuration.
+//!
+//! Encodings: messages between services are MessagePack with named fields (rmp-serde); JSON is
+//! accepted wherever a person or a foreign client publishes (see [`codec::Encoding::detect`]).
+//! KV values are JSON so that `nats kv get` shows an operator the state as it is.
+
+pub mod codec;
+pub mod dispatch;
+pub mod event;
+pub mod headers;
+pub mod ids;
+pub mod job;
+pub mod node;
+pub mod reply;
+#[cfg(feature = "schema")]
+pub mod schema;
+pub mod spec;
+pub mod subjects;
+pub mod timestamp;
+pub mod topology;
+
+pub use codec::{DecodeError, Encoding};
+pub use dispatch::Dispatch;
+pub use event::{JobEvent, JobEventKind, NodeEvent, NodeEventKind, Rejection, RejectionCode};
+pub use ids::{IdError, InstanceId, JobId, NodeId};
+pub use job::{JobRecord, JobStatus, OutputSummary};
+pub use node::{Heartbeat, HeartbeatReply, NodeRecord, NodeStatus, NodeTally, Registration};
+pub use reply::{CancelNotice, CancelOutcome, ErrorCode, JobRef, Reply, ServiceError};
+pub use spec::{JobSpec, Labels, Program, SpecError};
+pub use timestamp::Timestamp;
+
+/// The protocol's version, carried by executors at registration so operators can see which
+/// nodes run which build.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,199 @@
+//! Executor nodes: how they register and heartbeat, and the record the registry keeps for each
+//! in the nodes KV bucket.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{InstanceId, JobId, NodeId};
+use crate::spec::Labels;
+use crate::timestamp::Timestamp;
+
+/// Whether a node can take work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum NodeStatus {
+    /// Heartbeating within the timeout.
+    Up,
+    /// Missed heartbeats for longer than the timeout.
+    Down,
+    /// Deregistered on a clean shutdown.
+    Left,
+}
+
+impl NodeStatus {
+    /// The snake_case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Up => "up",
+            Self::Down => "down",
+            Self::Left => "left",
+        }
+    }
+}
+
+impl fmt::Display for NodeStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An executor announcing itself to the registry (`capstan.registry.register`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Registration {
+    /// The node's stable name.
+    pub node: NodeId,
+    /// This process's instance id.
+    pub instance: InstanceId,
+    /// Labels jobs select on.
+    #[serde(default)]
+    pub labels: Labels,
+    /// How many jobs it runs at once.
+    pub capacity: u32,
+    /// The executor's version.
+    pub version: String,
+    /// The host it runs on.
+    #[serde(default)]
+    pub hostname: String,
+}
+
+/// An executor's periodic liveness report (`capstan.registry.heartbeat`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Heartbeat {
+    /// The node.
+    pub node: NodeId,
+    /// The process sending it.
+    pub instance: InstanceId,
+    /// Jobs the executor holds right now (running, or fetched and starting).
+    #[serde(default)]
+    pub jobs: Vec<JobId>,
+    /// Dispatches waiting on the node's subject that it has not fetched yet.
+    #[serde(default)]
+    pub queued: u64,
+}
+
+/// The registry's answer to a heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum HeartbeatReply {
+    /// Recorded.
+    Ok,
+    /// The registry has no record of this node: register again.
+    UnknownNode,
+    /// Another instance registered under this node id since; this one must stop taking work.
+    Superseded,
+}
+
+/// A query for one node (`capstan.registry.nodes.get`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct NodeQuery {
+    /// The node's id.
+    pub node: NodeId,
+}
+
+/// A node as the registry knows it: the value under its id in the nodes bucket.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct NodeRecord {
+    /// The node's id.
+    pub id: NodeId,
+    /// The instance that last registered.
+    pub instance: InstanceId,
+    /// Its labels.
+    pub labels: Labels,
+    /// Job slots.
+    pub capacity: u32,
+    /// Executor version.
+    pub version: String,
+    /// Host name.
+    pub hostname: String,
+    /// Liveness.
+    pub status: NodeStatus,
+    /// When the current instance registered.
+    pub registered_at: Timestamp,
+    /// When the registry last heard from it (the registry's clock).
+    pub last_heartbeat_at: Timestamp,
+    /// Jobs it reported holding at its last heartbeat.
+    #[serde(default)]
+    pub jobs: Vec<JobId>,
+    /// Dispatches it reported waiting for it at its last heartbeat.
+    #[serde(default)]
+    pub queued: u64,
+    /// How the jobs it ran ended, across its instances.
+    #[serde(default)]
+    pub finished: NodeTally,
+}
+
+/// How the jobs a node ran ended, tallied by the registry from the job events.
+///
+/// Counts are at least once: an event redelivered after a registry crashed between counting
+/// it and acknowledging it is counted again.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(default)]
+pub struct NodeTally {
+    /// Jobs that exited 0.
+    pub succeeded: u64,
+    /// Jobs that exited unsuccessfully.
+    pub failed: u64,
+    /// Jobs killed at their timeout.
+    pub timed_out: u64,
+    /// Jobs cancelled while on the node.
+    pub cancelled: u64,
+    /// The job that ended last.
+    pub last_job: Option<JobId>,
+    /// When it ended.
+    pub last_finished_at: Option<Timestamp>,
+}
+
+impl NodeTally {
+    /// Counts one job that ended with `status` at `at`.
+    pub fn count(&mut self, job: JobId, status: crate::job::JobStatus, at: Timestamp) {
+        use crate::job::JobStatus;
+        match status {
+            JobStatus::Succeeded => self.succeeded += 1,
+            JobStatus::Failed => self.failed += 1,
+            JobStatus::TimedOut => self.timed_out += 1,
+            JobStatus::Cancelled => self.cancelled += 1,
+            JobStatus::Pending | JobStatus::Running => return,
+        }
+        if self.last_finished_at.is_none_or(|last| last <= at) {
+            self.last_job = Some(job);
+            self.last_finished_at = Some(at);
+        }
+    }
+
+    /// Adds `other`'s counts, keeping the later last job.
+    pub fn merge(&mut self, other: &NodeTally) {
+        self.succeeded += other.succeeded;
+        self.failed += other.failed;
+        self.timed_out += other.timed_out;
+        self.cancelled += other.cancelled;
+        if let Some(at) = other.last_finished_at
+            && self.last_finished_at.is_none_or(|last| last <= at)
+        {
+            self.last_job = other.last_job;
+            self.last_finished_at = Some(at);
+        }
+    }
+
+    /// Every job counted.
+    pub fn total(&self) -> u64 {
+        self.succeeded + self.failed + self.timed_out + self.cancelled
+    }
+}
+
+impl NodeRecord {
+    /// True when the node may be given new work.
+    pub fn is_schedulable(&self) -> bool {
+        self.status == NodeStatus::Up
+    }
+}

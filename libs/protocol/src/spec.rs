@@ -1,0 +1,482 @@
+//! The job spec: what a client asks Capstan to run.
+//!
+//! [`JobSpecWire`] is the shape on the wire (JSON from people and foreign clients, MessagePack
+//! between services); [`JobSpec`] is the validated form every service works with. Converting
+//! from the wire form is the only way to build a `JobSpec` from outside, so a service holding
+//! one never re-checks it. Errors name the field they are about.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Labels of an executor, and a job's selector over them: `key = value` pairs.
+pub type Labels = BTreeMap<String, String>;
+
+/// True when every `key = value` of `selector` is among `labels`.
+pub fn selects(selector: &Labels, labels: &Labels) -> bool {
+    selector
+        .iter()
+        .all(|(key, value)| labels.get(key) == Some(value))
+}
+
+/// What to execute.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Program {
+    /// A string run with `sh -c`.
+    Shell(String),
+    /// A program and its arguments, run without a shell.
+    Argv(Vec<String>),
+}
+
+/// A validated job spec.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(try_from = "JobSpecWire", into = "JobSpecWire")]
+// NOTE: on the wire a spec is a `JobSpecWire`, whose schema this is; the description says
+// what the schema alone cannot, the checks of `TryFrom<JobSpecWire>`.
+#[cfg_attr(
+    feature = "schema",
+    schemars(
+        description = "A job spec: what to run, and where. Exactly one of `command` and \
+        `argv`; unknown fields are refused. On arrival the values are checked further (a \
+        non-empty program, an absolute `cwd`, label keys and values of A-Z, a-z, 0-9, `-`, `_`, \
+        `.` and `/`, sizes within limits); a spec that fails is rejected naming the field."
+    )
+)]
+pub struct JobSpec {
+    /// The command or argv.
+    pub program: Program,
+    /// Environment variables added for the process.
+    pub env: BTreeMap<String, String>,
+    /// Working directory (absolute); the executor's per-job directory when absent.
+    pub cwd: Option<String>,
+    /// Written to the process's standard input, which is then closed. The job's payload.
+    pub stdin: Option<String>,
+    /// Wall-clock limit of one attempt.
+    pub timeout: Option<Duration>,
+    /// Selector: the job runs only on executors carrying all of these labels.
+    pub labels: Labels,
+    /// A human name, for listing and filtering.
+    pub name: Option<String>,
+    /// Free-form annotations kept with the job.
+    pub metadata: BTreeMap<String, String>,
+    /// Submissions with the same key, within the idempotency window, are one job.
+    pub idempotency_key: Option<String>,
+}
+
+/// The job spec as it travels. Unknown fields are rejected.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(
+    feature = "schema",
+    schemars(extend("oneOf" = [{"required": ["command"]}, {"required": ["argv"]}]))
+)]
+pub struct JobSpecWire {
+    /// A command line run with `sh -c`. Exactly one of `command` and `argv`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    /// A program and its arguments, run without a shell. Exactly one of `command` and `argv`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "schema", schemars(length(min = 1)))]
+    pub argv: Option<Vec<String>>,
+    /// Environment variables for the process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<BTreeMap<String, String>>,
+    /// Absolute working directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    /// The job's payload, given on standard input.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdin: Option<String>,
+    /// Timeout of one attempt, in seconds (fractions allowed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "schema",
+        schemars(extend("exclusiveMinimum" = 0, "maximum" = limits::MAX_TIMEOUT.as_secs()))
+    )]
+    pub timeout: Option<f64>,
+    /// Selector over executor labels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<Labels>,
+    /// A human name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Free-form annotations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<BTreeMap<String, String>>,
+    /// Deduplication key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+}
+
+/// A spec that parsed but does not make sense. `field` names the offending field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct SpecError {
+    /// The field, as a path (`env.FOO`, `argv[0]`).
+    pub field: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+impl SpecError {
+    fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Limits on the parts of a spec. The payload size limit is configuration, enforced on the
+/// encoded message before it is decoded; these bound what a valid spec can hold.
+pub mod limits {
+    use std::time::Duration;
+
+    /// Longest `timeout`.
+    pub const MAX_TIMEOUT: Duration = Duration::from_secs(30 * 24 * 3600);
+    /// Most labels in a selector or on a node.
+    pub const MAX_LABELS: usize = 32;
+    /// Longest label key or value.
+    pub const MAX_LABEL_LEN: usize = 63;
+    /// Most metadata entries.
+    pub const MAX_METADATA: usize = 64;
+    /// Longest metadata key.
+    pub const MAX_METADATA_KEY_LEN: usize = 128;
+    /// Longest metadata value.
+    pub const MAX_METADATA_VALUE_LEN: usize = 4096;
+    /// Longest name.
+    pub const MAX_NAME_LEN: usize = 200;
+    /// Longest idempotency key.
+    pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 256;
+    /// Most environment variables.
+    pub const MAX_ENV: usize = 256;
+}
+
+impl TryFrom<JobSpecWire> for JobSpec {
+    type Error = SpecError;
+
+    fn try_from(wire: JobSpecWire) -> Result<Self, SpecError> {
+        let program = match (wire.command, wire.argv) {
+            (Some(_), Some(_)) => {
+                return Err(SpecError::new(
+                    "command",
+                    "give exactly one of `command` (run with sh -c) and `argv`, not both",
+                ));
+            }
+            (None, None) => {
+                return Err(SpecError::new(
+                    "command",
+                    "missing: give `command` (a string run with sh -c) or `argv` (an array)",
+                ));
+            }
+            (Some(command), None) => {
+                if command.trim().is_empty() {
+                    return Err(SpecError::new("command", "must not be empty"));
+                }
+                no_nul("command", &command)?;
+                Program::Shell(command)
+            }
+            (None, Some(argv)) => {
+                if argv.is_empty() {
+                    return Err(SpecError::new(
+                        "argv",
+                        "must hold at least the program to run",
+                    ));
+                }
+                if argv[0].is_empty() {
+                    return Err(SpecError::new("argv[0]", "the program must not be empty"));
+                }
+                for (index, arg) in argv.iter().enumerate() {
+                    no_nul(&format!("argv[{index}]"), arg)?;
+                }
+                Program::Argv(argv)
+            }
+        };
+
+        let env = wire.env.unwrap_or_default();
+        if env.len() > limits::MAX_ENV {
+            return Err(SpecError::new(
+                "env",
+                format!("at most {} variables", limits::MAX_ENV),
+            ));
+        }
+        for (key, value) in &env {
+            if key.is_empty() || key.contains('=') || key.contains('\0') {
+                return Err(SpecError::new(
+                    format!("env.{key}"),
+                    "a variable name must be non-empty without `=` or NUL",
+                ));
+            }
+            no_nul(&format!("env.{key}"), value)?;
+        }
+
+        if let Some(cwd) = &wire.cwd {
+            if !cwd.starts_with('/') {
+                return Err(SpecError::new("cwd", "must be an absolute path"));
+            }
+            no_nul("cwd", cwd)?;
+        }
+
+        let timeout = match wire.timeout {
+            None => None,
+            Some(seconds) if !seconds.is_finite() || seconds <= 0.0 => {
+                return Err(SpecError::new(
+                    "timeout",
+                    format!("must be a positive number of seconds, got {seconds}"),
+                ));
+            }
+            Some(seconds) if seconds > limits::MAX_TIMEOUT.as_secs_f64() => {
+                return Err(SpecError::new(
+                    "timeout",
+                    format!(
+                        "must be at most {} seconds (30 days), got {seconds}",
+                        limits::MAX_TIMEOUT.as_secs()
+                    ),
+                ));
+            }
+            Some(seconds) => Some(Duration::from_secs_f64(seconds).max(Duration::from_millis(1))),
+        };
+
+        let labels = wire.labels.unwrap_or_default();
+        validate_labels("labels", &labels)?;
+
+        if let Some(name) = &wire.name
+            && (name.trim().is_empty() || name.chars().count() > limits::MAX_NAME_LEN)
+        {
+            return Err(SpecError::new(
+                "name",
+                format!("must be 1 to {} characters", limits::MAX_NAME_LEN),
+            ));
+        }
+
+        let metadata = wire.metadata.unwrap_or_default();
+        if metadata.len() > limits::MAX_METADATA {
+            return Err(SpecError::new(
+                "metadata",
+                format!("at most {} entries", limits::MAX_METADATA),
+            ));
+        }
+        for (key, value) in &metadata {
+            if key.is_empty() || key.len() > limits::MAX_METADATA_KEY_LEN {
+                return Err(SpecError::new(
+                    format!("metadata.{key}"),
+                    format!("keys are 1 to {} bytes", limits::MAX_METADATA_KEY_LEN),
+                ));
+            }
+            if value.len() > limits::MAX_METADATA_VALUE_LEN {
+                return Err(SpecError::new(
+                    format!("metadata.{key}"),
+                    format!(
+                        "values are at most {} bytes",
+                        limits::MAX_METADATA_VALUE_LEN
+                    ),
+                ));
+            }
+        }
+
+        if let Some(key) = &wire.idempotency_key
+            && (key.is_empty()
+                || key.len() > limits::MAX_IDEMPOTENCY_KEY_LEN
+                || key.chars().any(char::is_control))
+        {
+            return Err(SpecError::new(
+                "idempotency_key",
+                format!(
+                    "must be 1 to {} bytes without control characters",
+                    limits::MAX_IDEMPOTENCY_KEY_LEN
+                ),
+            ));
+        }
+
+        Ok(JobSpec {
+            program,
+            env,
+            cwd: wire.cwd,
+            stdin: wire.stdin,
+            timeout,
+            labels,
+            name: wire.name,
+            metadata,
+            idempotency_key: wire.idempotency_key,
+        })
+    }
+}
+
+/// Checks a set of labels (a node's, or a job's selector) for size and characters.
+pub fn validate_labels(field: &str, labels: &Labels) -> Result<(), SpecError> {
+    if labels.len() > limits::MAX_LABELS {
+        return Err(SpecError::new(
+            field,
+            format!("at most {} labels", limits::MAX_LABELS),
+        ));
+    }
+    let valid = |text: &str, allow_empty: bool| {
+        (allow_empty || !text.is_empty())
+            && text.len() <= limits::MAX_LABEL_LEN
+            && text
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/'))
+    };
+    for (key, value) in labels {
+        if !valid(key, false) || !valid(value, true) {
+            return Err(SpecError::new(
+                format!("{field}.{key}"),
+                format!(
+                    "label keys (1 to {max}) and values (0 to {max}) use A-Z, a-z, 0-9, `-`, `_`, `.` and `/`",
+                    max = limits::MAX_LABEL_LEN
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn no_nul(field: &str, text: &str) -> Result<(), SpecError> {
+    if text.contains('\0') {
+        Err(SpecError::new(field, "must not contain NUL bytes"))
+    } else {
+        Ok(())
+    }
+}
+
+impl From<JobSpec> for JobSpecWire {
+    fn from(spec: JobSpec) -> Self {
+        let (command, argv) = match spec.program {
+            Program::Shell(command) => (Some(command), None),
+            Program::Argv(argv) => (None, Some(argv)),
+        };
+        let non_empty = |map: BTreeMap<String, String>| (!map.is_empty()).then_some(map);
+        JobSpecWire {
+            command,
+            argv,
+            env: non_empty(spec.env),
+            cwd: spec.cwd,
+            stdin: spec.stdin,
+            timeout: spec.timeout.map(|t| t.as_secs_f64()),
+            labels: non_empty(spec.labels),
+            name: spec.name,
+            metadata: non_empty(spec.metadata),
+            idempotency_key: spec.idempotency_key,
+        }
+    }
+}
+
+impl JobSpec {
+    /// A spec running `command` with `sh -c` and nothing else set.
+    pub fn shell(command: impl Into<String>) -> Self {
+        Self {
+            program: Program::Shell(command.into()),
+            env: BTreeMap::new(),
+            cwd: None,
+            stdin: None,
+            timeout: None,
+            labels: Labels::new(),
+            name: None,
+            metadata: BTreeMap::new(),
+            idempotency_key: None,
+        }
+    }
+
+    /// The program as an argv vector: `["sh", "-c", command]` for a shell command.
+    pub fn argv(&self) -> Vec<String> {
+        match &self.program {
+            Program::Shell(command) => vec!["sh".into(), "-c".into(), command.clone()],
+            Program::Argv(argv) => argv.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> Result<JobSpec, SpecError> {
+        let wire: JobSpecWire = serde_json::from_str(json).expect("wire form parses");
+        JobSpec::try_from(wire)
+    }
+
+    fn field_of(json: &str) -> String {
+        parse(json).expect_err("must be rejected").field
+    }
+
+    #[test]
+    fn a_plain_command_is_a_valid_spec() {
+        let spec = parse(r#"{"command": "echo hello"}"#).expect("valid");
+        assert_eq!(spec.program, Program::Shell("echo hello".into()));
+        assert_eq!(spec.argv(), ["sh", "-c", "echo hello"]);
+    }
+
+    #[test]
+    fn every_field_round_trips_through_json_and_msgpack() {
+        let json = r#"{"argv":["/bin/echo","hi"],"env":{"A":"1"},"cwd":"/tmp","stdin":"payload",
+            "timeout":1.5,"labels":{"zone":"eu"},"name":"n","metadata":{"k":"v"},
+            "idempotency_key":"order-1"}"#;
+        let spec = parse(json).expect("valid");
+        assert_eq!(spec.timeout, Some(Duration::from_millis(1500)));
+        let back: JobSpec =
+            serde_json::from_str(&serde_json::to_string(&spec).expect("encodes")).expect("decodes");
+        assert_eq!(back, spec);
+        let packed = rmp_serde::to_vec_named(&spec).expect("encodes");
+        assert_eq!(
+            rmp_serde::from_slice::<JobSpec>(&packed).expect("decodes"),
+            spec
+        );
+    }
+
+    #[test]
+    fn a_spec_without_a_program_is_rejected_naming_command() {
+        assert_eq!(field_of(r#"{"name": "x"}"#), "command");
+    }
+
+    #[test]
+    fn a_spec_with_both_command_and_argv_is_rejected() {
+        let err = parse(r#"{"command": "true", "argv": ["true"]}"#).expect_err("rejected");
+        assert_eq!(err.field, "command");
+        assert!(err.reason.contains("not both"), "{err}");
+    }
+
+    #[test]
+    fn negative_zero_and_huge_timeouts_are_rejected_naming_timeout() {
+        for timeout in ["-1", "0", "1e12"] {
+            let json = format!(r#"{{"command": "true", "timeout": {timeout}}}"#);
+            assert_eq!(field_of(&json), "timeout", "{timeout}");
+        }
+    }
+
+    #[test]
+    fn empty_programs_are_rejected() {
+        assert_eq!(field_of(r#"{"command": "  "}"#), "command");
+        assert_eq!(field_of(r#"{"argv": []}"#), "argv");
+        assert_eq!(field_of(r#"{"argv": [""]}"#), "argv[0]");
+    }
+
+    #[test]
+    fn bad_env_cwd_labels_and_keys_are_rejected_naming_the_field() {
+        assert_eq!(
+            field_of(r#"{"command":"true","env":{"A=B":"1"}}"#),
+            "env.A=B"
+        );
+        assert_eq!(field_of(r#"{"command":"true","cwd":"relative"}"#), "cwd");
+        assert_eq!(
+            field_of(r#"{"command":"true","labels":{"bad key":"x"}}"#),
+            "labels.bad key"
+        );
+        assert_eq!(
+            field_of(r#"{"command":"true","idempotency_key":""}"#),
+            "idempotency_key"
+        );
+        assert_eq!(field_of(r#"{"command":"true","name":""}"#), "name");
+    }
+
+    #[test]
+    fn selectors_match_only_nodes_carrying_every_label() {
+        let node: Labels = [("zone".into(), "eu".into()), ("gpu".into(), "yes".into())].into();
+        assert!(selects(&Labels::new(), &node));
+        assert!(selects(&[("zone".into(), "eu".into())].into(), &node));
+        assert!(!selects(&[("zone".into(), "us".into())].into(), &node));
+        assert!(!selects(&[("arch".into(), "arm".into())].into(), &node));
+    }
+}

@@ -1,0 +1,154 @@
+//! Every subject Capstan publishes or consumes. Services call these builders and never format
+//! a subject themselves; because ids are validated types, every built subject is valid.
+
+use crate::event::{JobEventKind, NodeEventKind};
+use crate::ids::{JobId, NodeId};
+
+/// Job submissions (JSON or MessagePack job spec), stored in the submissions stream. Fire and
+/// forget: `nats pub capstan.jobs.submit '{"command": "echo hello"}'`.
+pub const SUBMIT: &str = "capstan.jobs.submit";
+
+/// Request/reply job creation: replies with the new job's id once the submission is stored.
+pub const CREATE: &str = "capstan.jobs.create";
+
+/// Every dispatch subject (the dispatch stream's subjects).
+pub const DISPATCH_ALL: &str = "capstan.dispatch.*";
+
+/// The dispatches of one executor node.
+pub fn dispatch(node: &NodeId) -> String {
+    format!("capstan.dispatch.{node}")
+}
+
+/// Every event: jobs, nodes, rejections (the events stream's subjects).
+pub const EVENTS_ALL: &str = "capstan.events.>";
+
+/// Every job event.
+pub const JOB_EVENTS_ALL: &str = "capstan.events.jobs.>";
+
+/// One event of one job.
+pub fn job_event(job: JobId, kind: JobEventKind) -> String {
+    format!("capstan.events.jobs.{job}.{kind}")
+}
+
+/// Every event of one job.
+pub fn job_events(job: JobId) -> String {
+    format!("capstan.events.jobs.{job}.*")
+}
+
+/// Events of one kind, across jobs.
+pub fn job_events_of_kind(kind: JobEventKind) -> String {
+    format!("capstan.events.jobs.*.{kind}")
+}
+
+/// The job id and event kind of a job event subject.
+pub fn parse_job_event(subject: &str) -> Option<(JobId, &str)> {
+    let rest = subject.strip_prefix("capstan.events.jobs.")?;
+    let (job, kind) = rest.split_once('.')?;
+    Some((job.parse().ok()?, kind))
+}
+
+/// Every node event.
+pub const NODE_EVENTS_ALL: &str = "capstan.events.nodes.>";
+
+/// One event of one node.
+pub fn node_event(node: &NodeId, kind: NodeEventKind) -> String {
+    format!("capstan.events.nodes.{node}.{kind}")
+}
+
+/// Where a rejected message was consumed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Origin {
+    /// The submissions consumer.
+    Submit,
+    /// The create endpoint.
+    Create,
+    /// An executor's dispatch consumer.
+    Dispatch,
+    /// A registry endpoint.
+    Registry,
+    /// The API's history projection.
+    History,
+}
+
+impl Origin {
+    /// The subject token.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Submit => "submit",
+            Self::Create => "create",
+            Self::Dispatch => "dispatch",
+            Self::Registry => "registry",
+            Self::History => "history",
+        }
+    }
+}
+
+/// Every rejection.
+pub const REJECTED_ALL: &str = "capstan.events.rejected.*";
+
+/// Rejections of messages consumed at `origin`.
+pub fn rejected(origin: Origin) -> String {
+    format!("capstan.events.rejected.{}", origin.as_str())
+}
+
+/// Every job's output (the logs stream's subjects).
+pub const LOGS_ALL: &str = "capstan.logs.*";
+
+/// One job's stdout and stderr, chunk by chunk as produced; the body is the raw bytes and
+/// headers say which stream and attempt (see [`crate::headers`]).
+pub fn logs(job: JobId) -> String {
+    format!("capstan.logs.{job}")
+}
+
+/// The registry's request/reply endpoints.
+pub mod registry {
+    /// Endpoint group.
+    pub const GROUP: &str = "capstan.registry";
+    /// An executor registers (request: `Registration`, reply: `Reply<NodeRecord>`).
+    pub const REGISTER: &str = "capstan.registry.register";
+    /// An executor heartbeats (request: `Heartbeat`, reply: `Reply<HeartbeatReply>`).
+    pub const HEARTBEAT: &str = "capstan.registry.heartbeat";
+    /// An executor leaves (request: `Heartbeat`, reply: `Reply<NodeRecord>`).
+    pub const DEREGISTER: &str = "capstan.registry.deregister";
+    /// Lists nodes (any request body, reply: `Reply<Vec<NodeRecord>>`).
+    pub const NODES_LIST: &str = "capstan.registry.nodes.list";
+    /// Gets one node (request: `NodeQuery`, reply: `Reply<NodeRecord>`).
+    pub const NODES_GET: &str = "capstan.registry.nodes.get";
+}
+
+/// Request/reply job cancellation: `{"id": "<job>"}`.
+pub const CANCEL: &str = "capstan.jobs.cancel";
+
+/// Commands for one executor node (core NATS, not stored): the executor also finds cancelled
+/// attempts by reading their records, so a missed command only delays the stop.
+pub fn control(node: &NodeId, command: &str) -> String {
+    format!("capstan.control.{node}.{command}")
+}
+
+/// Every command for one node.
+pub fn control_all(node: &NodeId) -> String {
+    format!("capstan.control.{node}.>")
+}
+
+/// Endpoints of each executor, one set per node.
+pub mod executor {
+    use crate::ids::NodeId;
+
+    /// Lists the jobs this node holds (reply: `Reply<Vec<JobId>>`).
+    pub fn jobs(node: &NodeId) -> String {
+        format!("capstan.executor.{node}.jobs")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_event_subjects_parse_back_to_job_and_kind() {
+        let job = JobId::generate();
+        let subject = job_event(job, JobEventKind::TimedOut);
+        assert_eq!(parse_job_event(&subject), Some((job, "timed_out")));
+        assert_eq!(parse_job_event("capstan.events.nodes.n1.down"), None);
+    }
+}

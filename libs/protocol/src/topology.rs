@@ -1,0 +1,182 @@
+//! The streams and KV buckets of a Capstan mesh, described without a NATS client so that the
+//! protocol stays the single source of truth; `capstan-mesh` creates them idempotently.
+
+use std::time::Duration;
+
+use crate::subjects;
+
+/// How a stream keeps messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retention {
+    /// Until a consumer acknowledges them (each message is work for one consumer).
+    WorkQueue,
+    /// Until a size or age limit (history others may replay).
+    Limits,
+}
+
+/// A stream's shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamSpec {
+    /// Stream name.
+    pub name: &'static str,
+    /// What it holds.
+    pub description: &'static str,
+    /// Subjects it stores.
+    pub subjects: &'static [&'static str],
+    /// Retention.
+    pub retention: Retention,
+    /// Age limit; zero keeps messages until other limits apply.
+    pub max_age: Duration,
+    /// Window in which a repeated `Nats-Msg-Id` is dropped.
+    pub duplicate_window: Duration,
+}
+
+const DAY: Duration = Duration::from_secs(24 * 3600);
+const DEDUPE: Duration = Duration::from_secs(120);
+
+/// Submitted jobs waiting to be accepted and placed by a scheduler.
+pub const SUBMISSIONS: StreamSpec = StreamSpec {
+    name: "CAPSTAN_SUBMISSIONS",
+    description: "Job submissions waiting for a scheduler",
+    subjects: &[subjects::SUBMIT],
+    retention: Retention::WorkQueue,
+    max_age: Duration::ZERO,
+    duplicate_window: DEDUPE,
+};
+
+/// Attempts assigned to executor nodes, one subject per node.
+pub const DISPATCH: StreamSpec = StreamSpec {
+    name: "CAPSTAN_DISPATCH",
+    description: "Job attempts assigned to executor nodes",
+    subjects: &[subjects::DISPATCH_ALL],
+    retention: Retention::WorkQueue,
+    max_age: Duration::ZERO,
+    duplicate_window: DEDUPE,
+};
+
+/// Job, node and rejection events.
+pub const EVENTS: StreamSpec = StreamSpec {
+    name: "CAPSTAN_EVENTS",
+    description: "Job, node and rejection events",
+    subjects: &[subjects::EVENTS_ALL],
+    retention: Retention::Limits,
+    max_age: Duration::from_secs(7 * 24 * 3600),
+    duplicate_window: DEDUPE,
+};
+
+/// Job output.
+pub const LOGS: StreamSpec = StreamSpec {
+    name: "CAPSTAN_LOGS",
+    description: "Standard output and error of jobs, as produced",
+    subjects: &[subjects::LOGS_ALL],
+    retention: Retention::Limits,
+    max_age: Duration::from_secs(7 * 24 * 3600),
+    duplicate_window: DEDUPE,
+};
+
+/// Every stream.
+pub const STREAMS: [StreamSpec; 4] = [SUBMISSIONS, DISPATCH, EVENTS, LOGS];
+
+/// A KV bucket's shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BucketSpec {
+    /// Bucket name.
+    pub name: &'static str,
+    /// What it holds.
+    pub description: &'static str,
+    /// Revisions kept per key.
+    pub history: i64,
+    /// Age limit of every entry; zero for none.
+    pub max_age: Duration,
+    /// Whether entries may carry their own TTL.
+    pub per_key_ttl: bool,
+}
+
+/// Job records by job id (JSON [`crate::JobRecord`]).
+pub const JOBS: BucketSpec = BucketSpec {
+    name: "capstan_jobs",
+    description: "Current state of every job, by job id",
+    history: 1,
+    max_age: Duration::ZERO,
+    per_key_ttl: true,
+};
+
+/// How long a finished job's record stays in the jobs bucket; the API's history keeps it after.
+pub const FINISHED_JOB_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Executor nodes by node id (JSON [`crate::NodeRecord`]).
+pub const NODES: BucketSpec = BucketSpec {
+    name: "capstan_nodes",
+    description: "Executor nodes, by node id",
+    history: 1,
+    max_age: Duration::ZERO,
+    per_key_ttl: false,
+};
+
+/// Idempotency keys to job ids, for the idempotency window.
+pub const IDEMPOTENCY: BucketSpec = BucketSpec {
+    name: "capstan_idempotency",
+    description: "Idempotency keys of submitted jobs, mapped to their job ids",
+    history: 1,
+    max_age: DAY,
+    per_key_ttl: false,
+};
+
+/// Every bucket.
+pub const BUCKETS: [BucketSpec; 3] = [JOBS, NODES, IDEMPOTENCY];
+
+/// The key of an idempotency key in the idempotency bucket: its bytes in hex, because KV keys
+/// allow only a few characters and idempotency keys allow any printable text.
+pub fn idempotency_bucket_key(key: &str) -> String {
+    use std::fmt::Write;
+    let mut hex = String::with_capacity(2 + key.len() * 2);
+    hex.push_str("k_");
+    for byte in key.bytes() {
+        let _ = write!(hex, "{byte:02x}");
+    }
+    hex
+}
+
+/// The durable consumer the schedulers share on the submissions stream.
+pub const SCHEDULER_CONSUMER: &str = "scheduler";
+
+/// The durable consumer the API replicas share on the events stream, for the history.
+pub const HISTORY_CONSUMER: &str = "api-history";
+
+/// The durable consumer the registry replicas share to tally job outcomes per node.
+pub const REGISTRY_CONSUMER: &str = "registry-tally";
+
+/// The durable consumer of one executor node on the dispatch stream.
+pub fn executor_consumer(node: &crate::NodeId) -> String {
+    format!("executor-{node}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idempotency_keys_become_valid_kv_keys() {
+        let key = idempotency_bucket_key("order:42 / ünïcode");
+        assert!(key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'));
+        assert_ne!(key, idempotency_bucket_key("order:43 / ünïcode"));
+    }
+
+    #[test]
+    fn stream_subjects_do_not_overlap() {
+        for (i, a) in STREAMS.iter().enumerate() {
+            for b in &STREAMS[i + 1..] {
+                for sa in a.subjects {
+                    for sb in b.subjects {
+                        let prefix_a = sa.trim_end_matches(['*', '>']);
+                        let prefix_b = sb.trim_end_matches(['*', '>']);
+                        assert!(
+                            !prefix_a.starts_with(prefix_b) && !prefix_b.starts_with(prefix_a),
+                            "{sa} overlaps {sb}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}

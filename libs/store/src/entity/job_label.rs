@@ -1,0 +1,23 @@
+//! `job_labels`: a job's label selector, one row per label, for filtering by label.
+
+use sea_orm::entity::prelude::*;
+
+/// One label of one job.
+#[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+#[sea_orm(table_name = "job_labels")]
+pub struct Model {
+    /// The job.
+    #[sea_orm(primary_key, auto_increment = false)]
+    pub job_id: String,
+    /// Label key.
+    #[sea_orm(primary_key, auto_increment = false)]
+    pub key: String,
+    /// Label value.
+    pub value: String,
+}
+
+/// No relations are navigated through sea-orm.
+#[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+pub enum Relation {}
+
+impl ActiveModelBehavior for ActiveModel {}

@@ -1,0 +1,187 @@
+//! Capstan's job history in SQL: the schema and its migrations, the projection of job events
+//! into it, and the queries the API serves from it. SQLite by default, PostgreSQL when given a
+//! `postgres://` URL; sea-orm entities and SQL stay inside this crate.
+
+pub mod entity;
+pub mod migrate;
+pub mod projection;
+pub mod query;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+use std::time::Duration;
+
+use capstan_protocol::{JobId, JobStatus};
+use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbErr};
+
+pub use projection::Sequenced;
+pub use query::JobQuery;
+
+/// A history database failure.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The database could not be reached or refused the statement: retry later.
+    #[error("history database unavailable: {0}")]
+    Unavailable(#[from] DbErr),
+    /// The URL names no supported database.
+    #[error("unsupported database URL `{0}`: use sqlite:// or postgres://")]
+    UnsupportedUrl(String),
+}
+
+/// The history database.
+#[derive(Debug, Clone)]
+pub struct History {
+    db: DatabaseConnection,
+}
+
+impl History {
+    /// Connects to `url` (`sqlite://path?mode=rwc` or `postgres://…`) and applies migrations.
+    /// A SQLite file is created if missing and used in WAL mode, so readers never wait for
+    /// the projection's writes.
+    ///
+    /// SQLite answers "database is locked" without waiting in a few cases: while another
+    /// process switches a new file to WAL, or when a transaction that read wants to write after
+    /// another wrote. Connecting and migrating are idempotent, so a replica that meets a busy
+    /// database tries again, for up to ten seconds.
+    pub async fn connect(url: &str) -> Result<Self, Error> {
+        let mut attempt: u64 = 0;
+        loop {
+            match Self::connect_once(url).await {
+                Err(Error::Unavailable(error)) if attempt < 40 && is_busy(&error) => {
+                    attempt += 1;
+                    tracing::debug!(attempt, "history database busy, connecting again");
+                    tokio::time::sleep(Duration::from_millis(25 * attempt.min(10))).await;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    async fn connect_once(url: &str) -> Result<Self, Error> {
+        let sqlite = url.starts_with("sqlite:");
+        if !sqlite && !url.starts_with("postgres://") && !url.starts_with("postgresql://") {
+            return Err(Error::UnsupportedUrl(redact(url)));
+        }
+        let mut options = ConnectOptions::new(url.to_owned());
+        options
+            .sqlx_logging(false)
+            .connect_timeout(Duration::from_secs(10))
+            .acquire_timeout(Duration::from_secs(10))
+            .max_connections(if sqlite { 4 } else { 10 });
+        if sqlite {
+            options.map_sqlx_sqlite_opts(|opts| {
+                opts.create_if_missing(true)
+                    .journal_mode(sea_orm::sqlx::sqlite::SqliteJournalMode::Wal)
+                    .synchronous(sea_orm::sqlx::sqlite::SqliteSynchronous::Normal)
+                    .busy_timeout(Duration::from_secs(10))
+                    // A 64 MiB page cache and memory-mapped reads: the projection's upserts
+                    // touch index pages all over the file, and reading them through the
+                    // kernel's page cache with pread was most of its cost.
+                    .pragma("cache_size", "-65536")
+                    .pragma("mmap_size", "268435456")
+                    .pragma("temp_store", "memory")
+            });
+        }
+        let db = Database::connect(options).await?;
+        migrate::run(&db).await?;
+        Ok(Self { db })
+    }
+
+    /// The connection, for the projection and tests.
+    pub fn connection(&self) -> &DatabaseConnection {
+        &self.db
+    }
+
+    /// Checks the database answers.
+    pub async fn ping(&self) -> Result<(), Error> {
+        self.db.ping().await?;
+        Ok(())
+    }
+
+    /// Applies a batch of events (see [`projection`]).
+    pub async fn apply(&self, batch: &[Sequenced]) -> Result<(), Error> {
+        projection::apply(&self.db, batch).await?;
+        Ok(())
+    }
+
+    /// A page of jobs.
+    pub async fn list(&self, query: &JobQuery) -> Result<Vec<entity::job::Model>, Error> {
+        Ok(query::list(&self.db, query).await?)
+    }
+
+    /// One job.
+    pub async fn get(&self, id: JobId) -> Result<Option<entity::job::Model>, Error> {
+        Ok(query::get(&self.db, id).await?)
+    }
+
+    /// A job's attempts.
+    pub async fn attempts(&self, id: JobId) -> Result<Vec<entity::attempt::Model>, Error> {
+        Ok(query::attempts(&self.db, id).await?)
+    }
+
+    /// A job's events.
+    pub async fn events(&self, id: JobId) -> Result<Vec<entity::event::Model>, Error> {
+        Ok(query::events(&self.db, id).await?)
+    }
+
+    /// Jobs per status; statuses without jobs are reported as zero.
+    pub async fn status_counts(&self) -> Result<Vec<(JobStatus, i64)>, Error> {
+        let counts = query::status_counts(&self.db).await?;
+        Ok(JobStatus::ALL
+            .iter()
+            .map(|status| {
+                let count = counts
+                    .iter()
+                    .find(|(name, _)| name == status.as_str())
+                    .map_or(0, |(_, count)| *count);
+                (*status, count)
+            })
+            .collect())
+    }
+
+    /// Deletes every row of every history table (before a rebuild).
+    pub async fn clear(&self) -> Result<(), Error> {
+        for table in ["events", "attempts", "job_labels", "jobs"] {
+            self.db
+                .execute_unprepared(&format!("DELETE FROM {table}"))
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+fn is_busy(error: &DbErr) -> bool {
+    let text = error.to_string();
+    text.contains("database is locked")
+        || text.contains("(code: 5)")
+        || text.contains("(code: 517)")
+}
+
+/// A database URL with its password hidden, for messages and logs.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.find('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let credentials = &url[scheme + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_hidden_in_database_urls() {
+        assert_eq!(
+            redact("postgres://capstan:s3cret@db:5432/capstan"),
+            "postgres://capstan:***@db:5432/capstan"
+        );
+        assert_eq!(redact("sqlite://capstan.db"), "sqlite://capstan.db");
+        assert_eq!(redact("postgres://capstan@db/x"), "postgres://capstan@db/x");
+    }
+}

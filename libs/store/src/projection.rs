@@ -1,0 +1,216 @@
+//! Projecting job events into the tables.
+//!
+//! Applying is idempotent and order-tolerant: an event row is keyed by its stream sequence
+//! (inserted once), and a job or attempt row is overwritten only by an event newer than the
+//! newest one already applied to it (`last_seq`). So several API replicas may apply batches
+//! concurrently, a batch may be applied twice after a redelivery, and a replayed stream
+//! rebuilds the same rows.
+
+use std::collections::HashMap;
+
+use capstan_protocol::{JobEvent, JobId};
+use sea_orm::sea_query::{Alias, Expr, ExprTrait, OnConflict};
+use sea_orm::{ActiveValue::Set, DbErr, EntityTrait, TransactionTrait};
+
+use crate::entity::{attempt, event, job, job_label};
+
+/// Rows per INSERT statement: well under every backend's parameter limit.
+const CHUNK: usize = 200;
+
+/// An event and its sequence in the events stream.
+#[derive(Debug, Clone)]
+pub struct Sequenced {
+    /// Stream sequence.
+    pub seq: u64,
+    /// The event.
+    pub event: JobEvent,
+}
+
+fn seq_of(seq: u64) -> i64 {
+    i64::try_from(seq).unwrap_or(i64::MAX)
+}
+
+fn job_row(item: &Sequenced) -> job::ActiveModel {
+    let record = &item.event.record;
+    let mut spec = record.spec.clone();
+    spec.stdin = None;
+    let output = record.output;
+    job::ActiveModel {
+        id: Set(record.id.to_string()),
+        name: Set(record.spec.name.clone()),
+        status: Set(record.status.as_str().to_owned()),
+        attempt: Set(i32::try_from(record.attempt).unwrap_or(i32::MAX)),
+        node: Set(record.node.as_ref().map(ToString::to_string)),
+        spec: Set(serde_json::to_string(&spec).unwrap_or_else(|_| "{}".to_owned())),
+        created_at: Set(record.created_at.as_millis()),
+        updated_at: Set(record.updated_at.as_millis()),
+        dispatched_at: Set(record.dispatched_at.map(|t| t.as_millis())),
+        started_at: Set(record.started_at.map(|t| t.as_millis())),
+        finished_at: Set(record.finished_at.map(|t| t.as_millis())),
+        exit_code: Set(record.exit_code),
+        signal: Set(record.signal),
+        error: Set(record.error.clone()),
+        stdout_bytes: Set(output.map(|o| i64::try_from(o.stdout_bytes).unwrap_or(i64::MAX))),
+        stderr_bytes: Set(output.map(|o| i64::try_from(o.stderr_bytes).unwrap_or(i64::MAX))),
+        truncated: Set(output.map(|o| o.truncated)),
+        last_seq: Set(seq_of(item.seq)),
+    }
+}
+
+fn attempt_row(item: &Sequenced) -> attempt::ActiveModel {
+    let record = &item.event.record;
+    let output = record.output;
+    attempt::ActiveModel {
+        job_id: Set(record.id.to_string()),
+        attempt: Set(i32::try_from(record.attempt).unwrap_or(i32::MAX)),
+        node: Set(record.node.as_ref().map(ToString::to_string)),
+        instance: Set(record.instance.map(|i| i.to_string())),
+        status: Set(record.status.as_str().to_owned()),
+        dispatched_at: Set(record.dispatched_at.map(|t| t.as_millis())),
+        started_at: Set(record.started_at.map(|t| t.as_millis())),
+        finished_at: Set(record.finished_at.map(|t| t.as_millis())),
+        exit_code: Set(record.exit_code),
+        signal: Set(record.signal),
+        error: Set(record.error.clone()),
+        stdout_bytes: Set(output.map(|o| i64::try_from(o.stdout_bytes).unwrap_or(i64::MAX))),
+        stderr_bytes: Set(output.map(|o| i64::try_from(o.stderr_bytes).unwrap_or(i64::MAX))),
+        truncated: Set(output.map(|o| o.truncated)),
+        last_seq: Set(seq_of(item.seq)),
+    }
+}
+
+fn event_row(item: &Sequenced) -> event::ActiveModel {
+    let record = &item.event.record;
+    event::ActiveModel {
+        seq: Set(seq_of(item.seq)),
+        job_id: Set(record.id.to_string()),
+        kind: Set(item.event.kind.as_str().to_owned()),
+        status: Set(record.status.as_str().to_owned()),
+        attempt: Set(i32::try_from(record.attempt).unwrap_or(i32::MAX)),
+        node: Set(record.node.as_ref().map(ToString::to_string)),
+        at: Set(item.event.at.as_millis()),
+        exit_code: Set(record.exit_code),
+        error: Set(record.error.clone()),
+    }
+}
+
+/// `<table>.last_seq < excluded.last_seq`: only a newer event overwrites a row.
+fn newer_only<E: EntityTrait>(entity: E, column: E::Column) -> Expr {
+    Expr::col((entity, column)).lt(Expr::col((Alias::new("excluded"), column)))
+}
+
+/// Applies `batch` in one transaction.
+pub async fn apply(db: &sea_orm::DatabaseConnection, batch: &[Sequenced]) -> Result<(), DbErr> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    // Within one statement a row may be written only once, so keep the newest event of each
+    // job and of each attempt; the older ones only add event rows.
+    let mut jobs: HashMap<JobId, &Sequenced> = HashMap::new();
+    let mut attempts: HashMap<(JobId, u32), &Sequenced> = HashMap::new();
+    for item in batch {
+        let record = &item.event.record;
+        let newest = jobs.entry(record.id).or_insert(item);
+        if newest.seq < item.seq {
+            *newest = item;
+        }
+        if record.attempt > 0 {
+            let newest = attempts.entry((record.id, record.attempt)).or_insert(item);
+            if newest.seq < item.seq {
+                *newest = item;
+            }
+        }
+    }
+
+    let txn = db.begin().await?;
+    for chunk in batch.chunks(CHUNK) {
+        event::Entity::insert_many(chunk.iter().map(event_row))
+            .on_conflict(
+                OnConflict::column(event::Column::Seq)
+                    .do_nothing()
+                    .to_owned(),
+            )
+            .exec_without_returning(&txn)
+            .await?;
+    }
+    let jobs: Vec<&Sequenced> = jobs.into_values().collect();
+    for chunk in jobs.chunks(CHUNK) {
+        job::Entity::insert_many(chunk.iter().map(|item| job_row(item)))
+            .on_conflict(
+                OnConflict::column(job::Column::Id)
+                    .update_columns([
+                        job::Column::Status,
+                        job::Column::Attempt,
+                        job::Column::Node,
+                        job::Column::UpdatedAt,
+                        job::Column::DispatchedAt,
+                        job::Column::StartedAt,
+                        job::Column::FinishedAt,
+                        job::Column::ExitCode,
+                        job::Column::Signal,
+                        job::Column::Error,
+                        job::Column::StdoutBytes,
+                        job::Column::StderrBytes,
+                        job::Column::Truncated,
+                        job::Column::LastSeq,
+                    ])
+                    .action_and_where(newer_only(job::Entity, job::Column::LastSeq))
+                    .to_owned(),
+            )
+            .exec_without_returning(&txn)
+            .await?;
+        let labels: Vec<job_label::ActiveModel> = chunk
+            .iter()
+            .flat_map(|item| {
+                let id = item.event.record.id.to_string();
+                item.event
+                    .record
+                    .spec
+                    .labels
+                    .iter()
+                    .map(move |(key, value)| job_label::ActiveModel {
+                        job_id: Set(id.clone()),
+                        key: Set(key.clone()),
+                        value: Set(value.clone()),
+                    })
+            })
+            .collect();
+        for labels in labels.chunks(CHUNK) {
+            job_label::Entity::insert_many(labels.to_vec())
+                .on_conflict(
+                    OnConflict::columns([job_label::Column::JobId, job_label::Column::Key])
+                        .do_nothing()
+                        .to_owned(),
+                )
+                .exec_without_returning(&txn)
+                .await?;
+        }
+    }
+    let attempts: Vec<&Sequenced> = attempts.into_values().collect();
+    for chunk in attempts.chunks(CHUNK) {
+        attempt::Entity::insert_many(chunk.iter().map(|item| attempt_row(item)))
+            .on_conflict(
+                OnConflict::columns([attempt::Column::JobId, attempt::Column::Attempt])
+                    .update_columns([
+                        attempt::Column::Node,
+                        attempt::Column::Instance,
+                        attempt::Column::Status,
+                        attempt::Column::DispatchedAt,
+                        attempt::Column::StartedAt,
+                        attempt::Column::FinishedAt,
+                        attempt::Column::ExitCode,
+                        attempt::Column::Signal,
+                        attempt::Column::Error,
+                        attempt::Column::StdoutBytes,
+                        attempt::Column::StderrBytes,
+                        attempt::Column::Truncated,
+                        attempt::Column::LastSeq,
+                    ])
+                    .action_and_where(newer_only(attempt::Entity, attempt::Column::LastSeq))
+                    .to_owned(),
+            )
+            .exec_without_returning(&txn)
+            .await?;
+    }
+    txn.commit().await
+}

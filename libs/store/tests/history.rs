@@ -1,0 +1,326 @@
+//! The history store on both backends: idempotent, order-tolerant projection; filtered,
+//! paginated reads; migrations that can run concurrently.
+
+use std::collections::BTreeMap;
+
+use capstan_protocol::job::Outcome;
+use capstan_protocol::{
+    InstanceId, JobEvent, JobEventKind, JobId, JobRecord, JobSpec, JobStatus, NodeId,
+    OutputSummary, Timestamp,
+};
+use capstan_store::testing::TestDatabase;
+use capstan_store::{History, JobQuery, Sequenced};
+
+/// Runs a test body against a fresh SQLite file and a fresh PostgreSQL database.
+macro_rules! on_both_backends {
+    ($name:ident, $body:expr) => {
+        mod $name {
+            use super::*;
+
+            #[tokio::test]
+            async fn on_sqlite() {
+                let db = TestDatabase::sqlite();
+                ($body)(db.url().to_owned()).await;
+            }
+
+            #[tokio::test]
+            async fn on_postgres() {
+                let db = TestDatabase::postgres().await;
+                ($body)(db.url().to_owned()).await;
+            }
+        }
+    };
+}
+
+/// The events of one job that runs to `status`: pending, running, end.
+fn life(id: JobId, labels: &[(&str, &str)], status: JobStatus, first_seq: u64) -> Vec<Sequenced> {
+    let mut spec = JobSpec::shell("echo hi");
+    spec.name = Some("nightly".into());
+    spec.stdin = Some("secret payload".into());
+    spec.labels = labels
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect::<BTreeMap<_, _>>();
+    let at = Timestamp::from_millis(i64::try_from(id.timestamp_ms()).expect("fits"));
+    let pending = JobRecord::new(id, spec, at).assigned(NodeId::new("n1").expect("valid"), at);
+    let running = pending.started(
+        InstanceId::generate(),
+        at.plus(std::time::Duration::from_millis(5)),
+    );
+    let done = running.finished(
+        &Outcome {
+            status,
+            exit_code: Some(if status == JobStatus::Succeeded { 0 } else { 1 }),
+            signal: None,
+            error: None,
+            output: OutputSummary {
+                stdout_bytes: 3,
+                stderr_bytes: 0,
+                truncated: false,
+            },
+        },
+        at.plus(std::time::Duration::from_millis(9)),
+    );
+    vec![
+        Sequenced {
+            seq: first_seq,
+            event: JobEvent::new(JobEventKind::Pending, &pending),
+        },
+        Sequenced {
+            seq: first_seq + 1,
+            event: JobEvent::new(JobEventKind::Running, &running),
+        },
+        Sequenced {
+            seq: first_seq + 2,
+            event: JobEvent::new(JobEventKind::terminal(status).expect("terminal"), &done),
+        },
+    ]
+}
+
+async fn dump(history: &History) -> String {
+    use capstan_store::entity::{attempt, event, job, job_label};
+    use sea_orm::EntityTrait;
+    let db = history.connection();
+    let mut jobs = job::Entity::find().all(db).await.expect("jobs");
+    jobs.sort_by(|a, b| a.id.cmp(&b.id));
+    let mut attempts = attempt::Entity::find().all(db).await.expect("attempts");
+    attempts.sort_by(|a, b| (&a.job_id, a.attempt).cmp(&(&b.job_id, b.attempt)));
+    let mut events = event::Entity::find().all(db).await.expect("events");
+    events.sort_by_key(|e| e.seq);
+    let mut labels = job_label::Entity::find().all(db).await.expect("labels");
+    labels.sort_by(|a, b| (&a.job_id, &a.key).cmp(&(&b.job_id, &b.key)));
+    format!("{jobs:?}\n{attempts:?}\n{events:?}\n{labels:?}")
+}
+
+on_both_backends!(
+    replayed_and_reordered_batches_give_the_same_rows,
+    |url: String| async move {
+        let history = History::connect(&url).await.expect("connects");
+        let mut all = Vec::new();
+        for n in 0..20u64 {
+            let status = if n % 3 == 0 {
+                JobStatus::Failed
+            } else {
+                JobStatus::Succeeded
+            };
+            all.extend(life(
+                JobId::generate(),
+                &[("zone", "eu")],
+                status,
+                1 + n * 3,
+            ));
+        }
+        history.apply(&all).await.expect("applied");
+        let once = dump(&history).await;
+
+        // The same events again, and in a shuffled order split over batches: nothing changes.
+        history.apply(&all).await.expect("applied again");
+        let mut reversed = all.clone();
+        reversed.reverse();
+        for chunk in reversed.chunks(7) {
+            history.apply(chunk).await.expect("applied reordered");
+        }
+        assert_eq!(dump(&history).await, once);
+
+        let job = history
+            .get(all[0].event.record.id)
+            .await
+            .expect("read")
+            .expect("present");
+        assert_eq!((job.status.as_str(), job.exit_code), ("failed", Some(1)));
+        assert!(
+            !job.spec.contains("secret payload"),
+            "payloads are not kept: {}",
+            job.spec
+        );
+        let events = history
+            .events(all[0].event.record.id)
+            .await
+            .expect("events");
+        let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+        assert_eq!(kinds, ["pending", "running", "failed"]);
+        let attempts = history
+            .attempts(all[0].event.record.id)
+            .await
+            .expect("attempts");
+        assert_eq!(attempts.len(), 1);
+        assert_eq!(attempts[0].status, "failed");
+    }
+);
+
+on_both_backends!(
+    an_older_event_never_overwrites_a_newer_one,
+    |url: String| async move {
+        let history = History::connect(&url).await.expect("connects");
+        let events = life(JobId::generate(), &[], JobStatus::Succeeded, 10);
+        let id = events[0].event.record.id;
+        history.apply(&events[2..]).await.expect("end first");
+        history.apply(&events[..2]).await.expect("then the start");
+        let job = history.get(id).await.expect("read").expect("present");
+        assert_eq!(job.status, "succeeded");
+        assert_eq!(job.last_seq, 12);
+        assert_eq!(history.events(id).await.expect("events").len(), 3);
+    }
+);
+
+on_both_backends!(
+    lists_are_newest_first_filtered_and_paged_stably,
+    |url: String| async move {
+        let history = History::connect(&url).await.expect("connects");
+        let mut ids = Vec::new();
+        let mut seq = 1;
+        for n in 0..30u64 {
+            // Distinct, increasing submission times.
+            let id = JobId::from(ulid::Ulid::from_parts(
+                1_700_000_000_000 + n * 1000,
+                u128::from(n),
+            ));
+            let labels: &[(&str, &str)] = if n % 2 == 0 {
+                &[("zone", "eu")]
+            } else {
+                &[("zone", "us")]
+            };
+            let status = if n % 5 == 0 {
+                JobStatus::Failed
+            } else {
+                JobStatus::Succeeded
+            };
+            history
+                .apply(&life(id, labels, status, seq))
+                .await
+                .expect("applied");
+            seq += 3;
+            ids.push(id);
+        }
+        let newest_first: Vec<String> = ids.iter().rev().map(ToString::to_string).collect();
+
+        // Pages of 8, following the cursor, while newer jobs keep arriving between pages.
+        let mut seen = Vec::new();
+        let mut before = None;
+        loop {
+            let page = history
+                .list(&JobQuery {
+                    before,
+                    limit: 8,
+                    ..Default::default()
+                })
+                .await
+                .expect("page");
+            if page.is_empty() {
+                break;
+            }
+            seen.extend(page.iter().map(|j| j.id.clone()));
+            before = Some(
+                page.last()
+                    .expect("non-empty")
+                    .id
+                    .parse()
+                    .expect("a job id"),
+            );
+            let newer = JobId::from(ulid::Ulid::from_parts(1_800_000_000_000 + seq, 0));
+            history
+                .apply(&life(newer, &[], JobStatus::Succeeded, seq + 1000))
+                .await
+                .expect("applied");
+            seq += 3;
+        }
+        assert_eq!(
+            seen, newest_first,
+            "every job once, newest first, whatever arrived meanwhile"
+        );
+
+        let failed = history
+            .list(&JobQuery {
+                status: Some(JobStatus::Failed),
+                limit: 100,
+                ..Default::default()
+            })
+            .await
+            .expect("failed");
+        assert_eq!(failed.len(), 6);
+        let eu = history
+            .list(&JobQuery {
+                labels: vec![("zone".into(), "eu".into())],
+                limit: 100,
+                ..Default::default()
+            })
+            .await
+            .expect("eu");
+        assert_eq!(eu.len(), 15);
+        let window = history
+            .list(&JobQuery {
+                since: Some(Timestamp::from_millis(1_700_000_010_000)),
+                until: Some(Timestamp::from_millis(1_700_000_020_000)),
+                limit: 100,
+                ..Default::default()
+            })
+            .await
+            .expect("window");
+        assert_eq!(window.len(), 10);
+        let named = history
+            .list(&JobQuery {
+                name: Some("nightly".into()),
+                limit: 5,
+                ..Default::default()
+            })
+            .await
+            .expect("named");
+        assert_eq!(named.len(), 5);
+
+        let counts = history.status_counts().await.expect("counts");
+        let failed = counts
+            .iter()
+            .find(|(s, _)| *s == JobStatus::Failed)
+            .expect("failed")
+            .1;
+        let running = counts
+            .iter()
+            .find(|(s, _)| *s == JobStatus::Running)
+            .expect("running")
+            .1;
+        assert_eq!((failed, running), (6, 0));
+    }
+);
+
+on_both_backends!(
+    migrations_run_concurrently_and_again_without_error,
+    |url: String| async move {
+        let (a, b) = tokio::join!(History::connect(&url), History::connect(&url));
+        a.expect("first");
+        b.expect("second");
+        History::connect(&url).await.expect("third");
+    }
+);
+
+#[tokio::test]
+async fn an_unsupported_database_url_is_refused() {
+    let error = History::connect("mysql://root@localhost/x")
+        .await
+        .expect_err("refused");
+    assert!(
+        error.to_string().contains("sqlite:// or postgres://"),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn a_replica_connects_to_sqlite_while_another_is_writing() {
+    use sea_orm::{ConnectionTrait, TransactionTrait};
+    let db = TestDatabase::sqlite();
+    let first = History::connect(db.url()).await.expect("first replica");
+    // The first replica holds a write transaction open while the second one starts.
+    let txn = first.connection().begin().await.expect("begin");
+    txn.execute_unprepared("DELETE FROM events")
+        .await
+        .expect("write");
+    let second = tokio::spawn({
+        let url = db.url().to_owned();
+        async move { History::connect(&url).await }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    txn.commit().await.expect("commit");
+    second
+        .await
+        .expect("joins")
+        .expect("the second replica connects once the write ends");
+}

@@ -1,0 +1,81 @@
+//! Trace context across hops: injected into the headers of every NATS publish, extracted on
+//! every consume, and read from HTTP requests, using W3C `traceparent`/`tracestate`.
+
+use opentelemetry::propagation::{Extractor, Injector};
+use opentelemetry::trace::TraceContextExt;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+struct NatsInjector<'a>(&'a mut async_nats::HeaderMap);
+
+impl Injector for NatsInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        self.0.insert(key, value.as_str());
+    }
+}
+
+struct NatsExtractor<'a>(&'a async_nats::HeaderMap);
+
+impl Extractor for NatsExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(|value| value.as_str())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.iter().map(|(name, _)| name.as_ref()).collect()
+    }
+}
+
+/// Writes the current span's trace context into `headers`.
+pub fn inject(headers: &mut async_nats::HeaderMap) {
+    let context = tracing::Span::current().context();
+    opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.inject_context(&context, &mut NatsInjector(headers));
+    });
+}
+
+/// The trace context carried by `headers`, if any.
+pub fn extract(headers: Option<&async_nats::HeaderMap>) -> opentelemetry::Context {
+    match headers {
+        Some(headers) => opentelemetry::global::get_text_map_propagator(|propagator| {
+            propagator.extract(&NatsExtractor(headers))
+        }),
+        None => opentelemetry::Context::new(),
+    }
+}
+
+/// Makes `span` a child of the context carried by `headers` (no-op without one).
+pub fn follow(span: &tracing::Span, headers: Option<&async_nats::HeaderMap>) {
+    let parent = extract(headers);
+    if parent.span().span_context().is_valid() {
+        let _ = span.set_parent(parent);
+    }
+}
+
+/// Makes `span` a child of the context in an HTTP request's headers (no-op without one).
+pub fn follow_http(span: &tracing::Span, headers: &http::HeaderMap) {
+    let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.extract(&opentelemetry_http::HeaderExtractor(headers))
+    });
+    if parent.span().span_context().is_valid() {
+        let _ = span.set_parent(parent);
+    }
+}
+
+/// The current span's context as a W3C `traceparent` value, if it has one.
+pub fn traceparent() -> Option<String> {
+    let mut headers = async_nats::HeaderMap::new();
+    inject(&mut headers);
+    headers
+        .get("traceparent")
+        .map(|value| value.as_str().to_owned())
+}
+
+/// The trace id of the current span, as 32 hex digits, if it has one.
+pub fn trace_id() -> Option<String> {
+    let context = tracing::Span::current().context();
+    let span = context.span();
+    let span_context = span.span_context();
+    span_context
+        .is_valid()
+        .then(|| span_context.trace_id().to_string())
+}

@@ -1,0 +1,200 @@
+//! A real `nats-server` for one test: JetStream on, a free port on loopback, its own store
+//! directory, killed and removed on drop.
+
+use std::fs::File;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+use crate::wait::POLL_INTERVAL;
+
+/// Server settings a test may change.
+#[derive(Debug, Clone, Default)]
+pub struct NatsOptions {
+    /// fsync every write (`sync_interval: always`), the durable mode.
+    pub sync_always: bool,
+    /// Largest message the server accepts, in bytes (default: the server's 1 MiB).
+    pub max_payload: Option<usize>,
+}
+
+/// A running server.
+pub struct NatsServer {
+    child: Option<Child>,
+    port: u16,
+    dir: TempDir,
+    binary: PathBuf,
+    options: NatsOptions,
+}
+
+impl NatsServer {
+    /// Starts a server with default options and waits until JetStream answers.
+    pub async fn start() -> Self {
+        Self::start_with(NatsOptions::default()).await
+    }
+
+    /// Starts a server with `options` and waits until JetStream answers.
+    pub async fn start_with(options: NatsOptions) -> Self {
+        let binary = crate::natsbin::ensure().unwrap_or_else(|e| panic!("no nats-server: {e}"));
+        let dir = tempfile::Builder::new()
+            .prefix("capstan-nats-")
+            .tempdir()
+            .expect("a temporary directory for the server");
+        let mut server = Self {
+            child: None,
+            port: 0,
+            dir,
+            binary,
+            options,
+        };
+        for _ in 0..5 {
+            server.port = free_port();
+            if server.launch().await {
+                return server;
+            }
+        }
+        panic!("nats-server did not start:\n{}", server.log());
+    }
+
+    /// `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The JetStream store directory.
+    pub fn store_dir(&self) -> PathBuf {
+        self.dir.path().join("store")
+    }
+
+    /// A connected client.
+    pub async fn client(&self) -> async_nats::Client {
+        async_nats::connect(self.url())
+            .await
+            .expect("connect to the test nats-server")
+    }
+
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Kills the server (SIGKILL) and waits for it to exit; its store stays.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Kills the server and starts it again on the same port with the same store.
+    pub async fn restart(&mut self) {
+        self.kill();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if self.launch().await {
+                return;
+            }
+        }
+        panic!("nats-server did not restart:\n{}", self.log());
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("nats-server.log")
+    }
+
+    fn write_config(&self) -> PathBuf {
+        let path = self.dir.path().join("nats-server.conf");
+        let mut config = format!(
+            "listen: 127.0.0.1:{port}\nserver_name: capstan-test-{port}\n\
+             jetstream {{\n  store_dir: {store:?}\n{sync}}}\n",
+            port = self.port,
+            store = self.store_dir(),
+            sync = if self.options.sync_always {
+                "  sync_interval: always\n"
+            } else {
+                ""
+            },
+        );
+        if let Some(max_payload) = self.options.max_payload {
+            config.push_str(&format!("max_payload: {max_payload}\n"));
+        }
+        std::fs::write(&path, config).expect("write the server config");
+        path
+    }
+
+    /// Starts the process and waits for JetStream; false if it exited (port taken).
+    async fn launch(&mut self) -> bool {
+        let config = self.write_config();
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("open the server log");
+        let child = Command::new(&self.binary)
+            .arg("-c")
+            .arg(&config)
+            .stdout(Stdio::from(log.try_clone().expect("clone log handle")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", self.binary.display()));
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(_)) = child.try_wait()
+            {
+                self.child = None;
+                return false;
+            }
+            if jetstream_ready(&self.url()).await {
+                return true;
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+        self.kill();
+        false
+    }
+}
+
+async fn jetstream_ready(url: &str) -> bool {
+    let Ok(client) = async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(1))
+        .connect(url)
+        .await
+    else {
+        return false;
+    };
+    let js = async_nats::jetstream::new(client);
+    js.query_account().await.is_ok()
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .expect("a free port on loopback")
+}
+
+/// True if `path` exists (for assertions on store directories).
+pub fn exists(path: &Path) -> bool {
+    path.exists()
+}

@@ -1,0 +1,289 @@
+//! Job output, read from the logs stream: everything captured so far for one attempt, or a
+//! live follow that ends when the job does.
+//!
+//! The executor stores all of an attempt's output before it records the attempt's end, so
+//! once a job is seen finished, reading the log subject to its current end reads everything.
+
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{DeliverPolicy, pull};
+use async_nats::jetstream::kv::Operation;
+use capstan_mesh::{Mesh, wire};
+use capstan_protocol::{JobId, JobRecord, headers, subjects, topology};
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use tokio::sync::mpsc;
+
+use crate::State;
+use crate::model::{JobLogs, LogEvent, Status};
+use crate::problem::ApiError;
+
+/// What is known of a job when its logs are asked for.
+#[derive(Debug, Clone)]
+pub struct JobState {
+    /// The current attempt.
+    pub attempt: u32,
+    /// The job has ended.
+    pub finished: bool,
+    /// Output was truncated (from the record).
+    pub truncated: bool,
+    /// The live record, while the jobs bucket still has it.
+    pub record: Option<JobRecord>,
+}
+
+/// The job's current attempt and whether it ended, from the live record or the history;
+/// `404` when neither knows the job.
+pub(crate) async fn job_state(state: &State, id: JobId) -> Result<JobState, ApiError> {
+    if let Some(live) = state.mesh.jobs.get(&id.to_string()).await? {
+        let record = live.value;
+        return Ok(JobState {
+            attempt: record.attempt,
+            finished: record.status.is_terminal(),
+            truncated: record.output.is_some_and(|o| o.truncated),
+            record: Some(record),
+        });
+    }
+    match state.history.get(id).await? {
+        Some(row) => Ok(JobState {
+            attempt: u32::try_from(row.attempt).unwrap_or(0),
+            finished: row
+                .status
+                .parse::<capstan_protocol::JobStatus>()
+                .is_ok_and(|s| s.is_terminal()),
+            truncated: row.truncated.unwrap_or(false),
+            record: None,
+        }),
+        None => Err(ApiError::not_found(format!("no job {id}"))),
+    }
+}
+
+/// One stored piece of output.
+struct Chunk {
+    stream: String,
+    attempt: u32,
+    truncated: bool,
+    data: bytes::Bytes,
+}
+
+fn chunk_of(message: &async_nats::Message) -> Chunk {
+    let map = message.headers.as_ref();
+    Chunk {
+        stream: wire::header(map, headers::LOG_STREAM)
+            .unwrap_or("stdout")
+            .to_owned(),
+        attempt: wire::header(map, headers::ATTEMPT)
+            .and_then(|a| a.parse().ok())
+            .unwrap_or(0),
+        truncated: wire::header(map, headers::LOG_TRUNCATED).is_some(),
+        data: message.payload.clone(),
+    }
+}
+
+async fn logs_stream(mesh: &Mesh) -> Result<async_nats::jetstream::stream::Stream, ApiError> {
+    mesh.js
+        .get_stream(topology::LOGS.name)
+        .await
+        .map_err(|e| ApiError::unavailable(format!("logs stream: {e}")))
+}
+
+/// The stream sequence of the job's last stored chunk (0 when it has none).
+async fn last_sequence(
+    stream: &async_nats::jetstream::stream::Stream,
+    id: JobId,
+) -> Result<u64, String> {
+    use async_nats::jetstream::stream::LastRawMessageErrorKind;
+    match stream
+        .get_last_raw_message_by_subject(&subjects::logs(id))
+        .await
+    {
+        Ok(message) => Ok(message.sequence),
+        Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(0),
+        Err(error) => Err(error.to_string()),
+    }
+}
+
+async fn ordered(
+    mesh: &Mesh,
+    id: JobId,
+) -> Result<(async_nats::jetstream::consumer::pull::Ordered, u64), ApiError> {
+    let stream = logs_stream(mesh).await?;
+    let consumer = stream
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: subjects::logs(id),
+            deliver_policy: DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| ApiError::unavailable(format!("logs consumer: {e}")))?;
+    let pending = consumer.cached_info().num_pending;
+    let messages = consumer
+        .messages()
+        .await
+        .map_err(|e| ApiError::unavailable(format!("logs: {e}")))?;
+    Ok((messages, pending))
+}
+
+/// Every chunk stored so far, in order.
+async fn stored(mesh: &Mesh, id: JobId) -> Result<Vec<Chunk>, ApiError> {
+    let (mut messages, pending) = ordered(mesh, id).await?;
+    let mut chunks = Vec::new();
+    if pending == 0 {
+        return Ok(chunks);
+    }
+    loop {
+        let next = tokio::time::timeout(Duration::from_secs(10), messages.next()).await;
+        let message = match next {
+            Ok(Some(Ok(message))) => message,
+            Ok(Some(Err(error))) => return Err(ApiError::unavailable(format!("logs: {error}"))),
+            Ok(None) | Err(_) => return Err(ApiError::unavailable("reading logs timed out")),
+        };
+        let left = message.info().map(|info| info.pending).unwrap_or(0);
+        chunks.push(chunk_of(&message.message));
+        if left == 0 {
+            return Ok(chunks);
+        }
+    }
+}
+
+/// The output of `attempt` (default: the current one) captured so far.
+pub async fn captured(
+    mesh: &Mesh,
+    id: JobId,
+    attempt: Option<u32>,
+    state: &JobState,
+) -> Result<JobLogs, ApiError> {
+    let attempt = attempt.unwrap_or(state.attempt);
+    if attempt > state.attempt {
+        return Err(ApiError::not_found(format!(
+            "job {id} has no attempt {attempt}"
+        )));
+    }
+    let mut stdout = Vec::new();
+    let mut stderr = Vec::new();
+    let mut truncated = false;
+    for chunk in stored(mesh, id)
+        .await?
+        .into_iter()
+        .filter(|c| c.attempt == attempt)
+    {
+        if chunk.truncated {
+            truncated = true;
+            continue;
+        }
+        match chunk.stream.as_str() {
+            "stderr" => stderr.extend_from_slice(&chunk.data),
+            _ => stdout.extend_from_slice(&chunk.data),
+        }
+    }
+    Ok(JobLogs {
+        job_id: id.to_string(),
+        attempt,
+        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&stderr).into_owned(),
+        truncated: truncated || (attempt == state.attempt && state.truncated),
+        complete: state.finished || attempt < state.attempt,
+    })
+}
+
+/// Output as it is produced, then an `end` event once the job has ended and every chunk was
+/// sent. Ends early if the client goes away.
+pub fn follow(mesh: Mesh, id: JobId, state: JobState) -> BoxStream<'static, LogEvent> {
+    let (sender, receiver) = mpsc::channel::<LogEvent>(64);
+    tokio::spawn(async move {
+        if let Err(error) = pump(&mesh, id, state, &sender).await {
+            tracing::debug!(job = %id, error = ?error, "log follow ended early");
+        }
+    });
+    futures::stream::unfold(receiver, |mut receiver| async move {
+        receiver.recv().await.map(|event| (event, receiver))
+    })
+    .boxed()
+}
+
+async fn pump(
+    mesh: &Mesh,
+    id: JobId,
+    state: JobState,
+    sender: &mpsc::Sender<LogEvent>,
+) -> Result<(), String> {
+    let stream = logs_stream(mesh).await.map_err(|e| format!("{e:?}"))?;
+    let (mut messages, _) = ordered(mesh, id).await.map_err(|e| format!("{e:?}"))?;
+    let key = id.to_string();
+    // The watch starts with the record's current value, so an end that happened just before
+    // it was created is not missed.
+    let mut watch = mesh
+        .jobs
+        .kv()
+        .watch_with_history(&key)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut ended: Option<(Status, Option<i32>, u32)> = match (&state.record, state.finished) {
+        (Some(record), true) => Some((record.status.into(), record.exit_code, record.attempt)),
+        // Only the history knows it: it ended long ago, and only its output matters now.
+        (None, true) => Some((Status::Succeeded, None, state.attempt)),
+        (_, false) => None,
+    };
+    // Output and the end travel on different subjects, so a chunk stored just before the end
+    // may not have reached this reader when the end does. Once the end is known, the log
+    // subject's last sequence at that moment is where the output stops.
+    let mut last = match ended {
+        Some(_) => Some(last_sequence(&stream, id).await?),
+        None => None,
+    };
+    let mut delivered = 0u64;
+    loop {
+        if let (Some((status, exit_code, attempt)), Some(last)) = (ended, last)
+            && delivered >= last
+        {
+            let end = LogEvent {
+                kind: "end".into(),
+                attempt,
+                data: None,
+                status: Some(status),
+                exit_code,
+            };
+            let _ = sender.send(end).await;
+            return Ok(());
+        }
+        tokio::select! {
+            _ = sender.closed() => return Ok(()),
+            message = messages.next() => {
+                let message = match message {
+                    Some(Ok(message)) => message,
+                    Some(Err(error)) => return Err(error.to_string()),
+                    None => return Err("log stream closed".into()),
+                };
+                if let Ok(info) = message.info() {
+                    delivered = delivered.max(info.stream_sequence);
+                }
+                let chunk = chunk_of(&message.message);
+                if chunk.truncated {
+                    continue;
+                }
+                let event = LogEvent {
+                    kind: chunk.stream,
+                    attempt: chunk.attempt,
+                    data: Some(String::from_utf8_lossy(&chunk.data).into_owned()),
+                    status: None,
+                    exit_code: None,
+                };
+                if sender.send(event).await.is_err() {
+                    return Ok(());
+                }
+            }
+            entry = watch.next(), if ended.is_none() => {
+                let Some(Ok(entry)) = entry else {
+                    return Err("job watch ended".into());
+                };
+                if entry.operation != Operation::Put {
+                    continue;
+                }
+                if let Ok(record) = mesh.jobs.decode(&entry.key, &entry.value)
+                    && record.status.is_terminal() {
+                        ended = Some((record.status.into(), record.exit_code, record.attempt));
+                        last = Some(last_sequence(&stream, id).await?);
+                    }
+            }
+        }
+    }
+}

@@ -1,0 +1,528 @@
+//! The REST API's resources, as poem-openapi objects, and their conversions from the protocol
+//! and history types. OpenAPI types live only here; the rest of the service works with the
+//! protocol's types.
+
+use std::collections::BTreeMap;
+
+use capstan_protocol::spec::JobSpecWire;
+use capstan_protocol::{JobRecord, NodeRecord, Timestamp};
+use capstan_store::entity::{attempt, event, job};
+use poem_openapi::{Enum, Object};
+
+fn rfc3339(millis: i64) -> String {
+    Timestamp::from_millis(millis).to_rfc3339()
+}
+
+/// A job to run. Exactly one of `command` and `argv`.
+#[derive(Debug, Clone, Default, Object)]
+#[oai(deny_unknown_fields)]
+pub struct JobSubmission {
+    /// A command line, run with `sh -c`.
+    pub command: Option<String>,
+    /// A program and its arguments, run without a shell.
+    pub argv: Option<Vec<String>>,
+    /// Environment variables for the process.
+    pub env: Option<BTreeMap<String, String>>,
+    /// Absolute working directory; a fresh per-job directory when absent.
+    pub cwd: Option<String>,
+    /// The job's payload, written to its standard input.
+    pub stdin: Option<String>,
+    /// Timeout of one attempt, in seconds.
+    pub timeout: Option<f64>,
+    /// Run only on executors carrying all these labels.
+    pub labels: Option<BTreeMap<String, String>>,
+    /// A human name.
+    pub name: Option<String>,
+    /// Free-form annotations.
+    pub metadata: Option<BTreeMap<String, String>>,
+    /// Submissions with the same key within 24 hours are one job.
+    pub idempotency_key: Option<String>,
+}
+
+impl From<JobSubmission> for JobSpecWire {
+    fn from(body: JobSubmission) -> Self {
+        JobSpecWire {
+            command: body.command,
+            argv: body.argv,
+            env: body.env,
+            cwd: body.cwd,
+            stdin: body.stdin,
+            timeout: body.timeout,
+            labels: body.labels,
+            name: body.name,
+            metadata: body.metadata,
+            idempotency_key: body.idempotency_key,
+        }
+    }
+}
+
+/// A job as submitted, without its payload.
+#[derive(Debug, Clone, Object)]
+pub struct JobSpecView {
+    /// Shell command.
+    pub command: Option<String>,
+    /// Program and arguments.
+    pub argv: Option<Vec<String>>,
+    /// Environment.
+    pub env: BTreeMap<String, String>,
+    /// Working directory.
+    pub cwd: Option<String>,
+    /// Timeout in seconds.
+    pub timeout: Option<f64>,
+    /// Label selector.
+    pub labels: BTreeMap<String, String>,
+    /// Name.
+    pub name: Option<String>,
+    /// Annotations.
+    pub metadata: BTreeMap<String, String>,
+    /// Idempotency key.
+    pub idempotency_key: Option<String>,
+}
+
+impl From<JobSpecWire> for JobSpecView {
+    fn from(wire: JobSpecWire) -> Self {
+        JobSpecView {
+            command: wire.command,
+            argv: wire.argv,
+            env: wire.env.unwrap_or_default(),
+            cwd: wire.cwd,
+            timeout: wire.timeout,
+            labels: wire.labels.unwrap_or_default(),
+            name: wire.name,
+            metadata: wire.metadata.unwrap_or_default(),
+            idempotency_key: wire.idempotency_key,
+        }
+    }
+}
+
+/// Where a job is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+#[oai(rename_all = "snake_case")]
+pub enum Status {
+    /// Accepted, waiting for or dispatched to an executor.
+    Pending,
+    /// Running.
+    Running,
+    /// Exited 0.
+    Succeeded,
+    /// Exited non-zero, killed, or could not start.
+    Failed,
+    /// Killed at its timeout.
+    TimedOut,
+    /// Cancelled.
+    Cancelled,
+}
+
+impl From<capstan_protocol::JobStatus> for Status {
+    fn from(status: capstan_protocol::JobStatus) -> Self {
+        use capstan_protocol::JobStatus as S;
+        match status {
+            S::Pending => Status::Pending,
+            S::Running => Status::Running,
+            S::Succeeded => Status::Succeeded,
+            S::Failed => Status::Failed,
+            S::TimedOut => Status::TimedOut,
+            S::Cancelled => Status::Cancelled,
+        }
+    }
+}
+
+impl From<Status> for capstan_protocol::JobStatus {
+    fn from(status: Status) -> Self {
+        use capstan_protocol::JobStatus as S;
+        match status {
+            Status::Pending => S::Pending,
+            Status::Running => S::Running,
+            Status::Succeeded => S::Succeeded,
+            Status::Failed => S::Failed,
+            Status::TimedOut => S::TimedOut,
+            Status::Cancelled => S::Cancelled,
+        }
+    }
+}
+
+fn status_of(text: &str) -> Status {
+    text.parse::<capstan_protocol::JobStatus>()
+        .map(Status::from)
+        .unwrap_or(Status::Failed)
+}
+
+/// Output sizes of an attempt.
+#[derive(Debug, Clone, Copy, Object)]
+pub struct Output {
+    /// Bytes written to standard output.
+    pub stdout_bytes: u64,
+    /// Bytes written to standard error.
+    pub stderr_bytes: u64,
+    /// Part of the output was not kept.
+    pub truncated: bool,
+}
+
+/// One attempt at running a job.
+#[derive(Debug, Clone, Object)]
+pub struct Attempt {
+    /// Attempt number, from 1.
+    pub attempt: u32,
+    /// The attempt's status.
+    pub status: Status,
+    /// Executor node.
+    pub node: Option<String>,
+    /// Dispatched at.
+    pub dispatched_at: Option<String>,
+    /// Started at.
+    pub started_at: Option<String>,
+    /// Finished at.
+    pub finished_at: Option<String>,
+    /// Exit code.
+    pub exit_code: Option<i32>,
+    /// Signal that killed it.
+    pub signal: Option<i32>,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// Output sizes.
+    pub output: Option<Output>,
+}
+
+impl From<attempt::Model> for Attempt {
+    fn from(row: attempt::Model) -> Self {
+        Attempt {
+            attempt: u32::try_from(row.attempt).unwrap_or(0),
+            status: status_of(&row.status),
+            node: row.node,
+            dispatched_at: row.dispatched_at.map(rfc3339),
+            started_at: row.started_at.map(rfc3339),
+            finished_at: row.finished_at.map(rfc3339),
+            exit_code: row.exit_code,
+            signal: row.signal,
+            error: row.error,
+            output: output_of(row.stdout_bytes, row.stderr_bytes, row.truncated),
+        }
+    }
+}
+
+fn output_of(stdout: Option<i64>, stderr: Option<i64>, truncated: Option<bool>) -> Option<Output> {
+    Some(Output {
+        stdout_bytes: u64::try_from(stdout?).unwrap_or(0),
+        stderr_bytes: u64::try_from(stderr?).unwrap_or(0),
+        truncated: truncated.unwrap_or(false),
+    })
+}
+
+/// A job: its spec and where it is.
+#[derive(Debug, Clone, Object)]
+pub struct Job {
+    /// The job's id (a ULID).
+    pub id: String,
+    /// Status.
+    pub status: Status,
+    /// Current attempt; 0 before the first dispatch.
+    pub attempt: u32,
+    /// Executor node of the current attempt.
+    pub node: Option<String>,
+    /// Accepted at.
+    pub created_at: String,
+    /// Last change.
+    pub updated_at: String,
+    /// Current attempt dispatched at.
+    pub dispatched_at: Option<String>,
+    /// Current attempt started at.
+    pub started_at: Option<String>,
+    /// Finished at.
+    pub finished_at: Option<String>,
+    /// Exit code of the last attempt.
+    pub exit_code: Option<i32>,
+    /// Signal that killed the last attempt.
+    pub signal: Option<i32>,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// Output sizes of the last attempt.
+    pub output: Option<Output>,
+    /// Cancellation was requested at (the executor is stopping the job).
+    pub cancel_requested_at: Option<String>,
+    /// The spec, without its payload.
+    pub spec: JobSpecView,
+    /// Every attempt, first to last (from history).
+    pub attempts: Vec<Attempt>,
+}
+
+impl Job {
+    /// From the live record (the jobs bucket), with attempts from history.
+    pub fn from_record(record: JobRecord, attempts: Vec<Attempt>) -> Self {
+        let spec: JobSpecWire = {
+            let mut spec = record.spec.clone();
+            spec.stdin = None;
+            spec.into()
+        };
+        Job {
+            id: record.id.to_string(),
+            status: record.status.into(),
+            attempt: record.attempt,
+            node: record.node.map(|n| n.to_string()),
+            created_at: record.created_at.to_rfc3339(),
+            updated_at: record.updated_at.to_rfc3339(),
+            dispatched_at: record.dispatched_at.map(Timestamp::to_rfc3339),
+            started_at: record.started_at.map(Timestamp::to_rfc3339),
+            finished_at: record.finished_at.map(Timestamp::to_rfc3339),
+            exit_code: record.exit_code,
+            signal: record.signal,
+            error: record.error,
+            output: record.output.map(|o| Output {
+                stdout_bytes: o.stdout_bytes,
+                stderr_bytes: o.stderr_bytes,
+                truncated: o.truncated,
+            }),
+            cancel_requested_at: record.cancel_requested_at.map(Timestamp::to_rfc3339),
+            spec: spec.into(),
+            attempts,
+        }
+    }
+
+    /// From history alone (the live record has expired).
+    pub fn from_row(row: job::Model, attempts: Vec<Attempt>) -> Self {
+        let spec: JobSpecWire = serde_json::from_str(&row.spec).unwrap_or_default();
+        Job {
+            id: row.id,
+            status: status_of(&row.status),
+            attempt: u32::try_from(row.attempt).unwrap_or(0),
+            node: row.node,
+            created_at: rfc3339(row.created_at),
+            updated_at: rfc3339(row.updated_at),
+            dispatched_at: row.dispatched_at.map(rfc3339),
+            started_at: row.started_at.map(rfc3339),
+            finished_at: row.finished_at.map(rfc3339),
+            exit_code: row.exit_code,
+            signal: row.signal,
+            error: row.error,
+            output: output_of(row.stdout_bytes, row.stderr_bytes, row.truncated),
+            cancel_requested_at: None,
+            spec: spec.into(),
+            attempts,
+        }
+    }
+}
+
+/// A job in a list.
+#[derive(Debug, Clone, Object)]
+pub struct JobSummary {
+    /// Id.
+    pub id: String,
+    /// Name.
+    pub name: Option<String>,
+    /// Status.
+    pub status: Status,
+    /// Current attempt.
+    pub attempt: u32,
+    /// Node of the current attempt.
+    pub node: Option<String>,
+    /// Accepted at.
+    pub created_at: String,
+    /// Finished at.
+    pub finished_at: Option<String>,
+    /// Exit code.
+    pub exit_code: Option<i32>,
+}
+
+impl From<job::Model> for JobSummary {
+    fn from(row: job::Model) -> Self {
+        JobSummary {
+            id: row.id,
+            name: row.name,
+            status: status_of(&row.status),
+            attempt: u32::try_from(row.attempt).unwrap_or(0),
+            node: row.node,
+            created_at: rfc3339(row.created_at),
+            finished_at: row.finished_at.map(rfc3339),
+            exit_code: row.exit_code,
+        }
+    }
+}
+
+/// A page of jobs, newest first.
+#[derive(Debug, Clone, Object)]
+pub struct JobPage {
+    /// The jobs.
+    pub jobs: Vec<JobSummary>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// The id of a created job.
+#[derive(Debug, Clone, Object)]
+pub struct JobCreated {
+    /// The job's id.
+    pub id: String,
+    /// True when the idempotency key named an existing job.
+    pub duplicate: bool,
+}
+
+/// One event in a job's history.
+#[derive(Debug, Clone, Object)]
+pub struct JobEventView {
+    /// Sequence in the event stream.
+    pub seq: i64,
+    /// What happened.
+    pub kind: String,
+    /// Status after it.
+    pub status: Status,
+    /// Attempt.
+    pub attempt: u32,
+    /// Node.
+    pub node: Option<String>,
+    /// When.
+    pub at: String,
+    /// Exit code, on ends.
+    pub exit_code: Option<i32>,
+    /// Error, on failures.
+    pub error: Option<String>,
+}
+
+impl From<event::Model> for JobEventView {
+    fn from(row: event::Model) -> Self {
+        JobEventView {
+            seq: row.seq,
+            kind: row.kind,
+            status: status_of(&row.status),
+            attempt: u32::try_from(row.attempt).unwrap_or(0),
+            node: row.node,
+            at: rfc3339(row.at),
+            exit_code: row.exit_code,
+            error: row.error,
+        }
+    }
+}
+
+/// A job's events.
+#[derive(Debug, Clone, Object)]
+pub struct JobEvents {
+    /// In the order they happened.
+    pub events: Vec<JobEventView>,
+}
+
+/// What the job printed.
+#[derive(Debug, Clone, Object)]
+pub struct JobLogs {
+    /// The job.
+    pub job_id: String,
+    /// The attempt these logs are of.
+    pub attempt: u32,
+    /// Standard output (invalid UTF-8 replaced).
+    pub stdout: String,
+    /// Standard error (invalid UTF-8 replaced).
+    pub stderr: String,
+    /// Part of the output was not kept.
+    pub truncated: bool,
+    /// The attempt has ended: no more output will come.
+    pub complete: bool,
+}
+
+/// One message of a followed log.
+#[derive(Debug, Clone, Object)]
+pub struct LogEvent {
+    /// `stdout`, `stderr`, or `end` (the last message).
+    pub kind: String,
+    /// Attempt.
+    pub attempt: u32,
+    /// Output, for `stdout` and `stderr`.
+    pub data: Option<String>,
+    /// Final status, for `end`.
+    pub status: Option<Status>,
+    /// Exit code, for `end`.
+    pub exit_code: Option<i32>,
+}
+
+/// What a cancel request did.
+#[derive(Debug, Clone, Object)]
+pub struct CancelAccepted {
+    /// `cancelled` (it had not started) or `requested` (its executor is stopping it).
+    pub outcome: String,
+    /// The job's status now.
+    pub status: Status,
+}
+
+/// An executor node.
+#[derive(Debug, Clone, Object)]
+pub struct Node {
+    /// Node id.
+    pub id: String,
+    /// `up`, `down` or `left`.
+    pub status: String,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Job slots.
+    pub capacity: u32,
+    /// Jobs it holds.
+    pub running: u32,
+    /// Dispatches waiting for it.
+    pub queued: u64,
+    /// The executor process.
+    pub instance: String,
+    /// Executor version.
+    pub version: String,
+    /// Host name.
+    pub hostname: String,
+    /// Registered at.
+    pub registered_at: String,
+    /// Last heartbeat.
+    pub last_heartbeat_at: String,
+    /// How the jobs it ran ended.
+    pub finished: NodeFinished,
+}
+
+/// How the jobs a node ran ended, counted by the registry (at least once).
+#[derive(Debug, Clone, Object)]
+pub struct NodeFinished {
+    /// Exited 0.
+    pub succeeded: u64,
+    /// Exited unsuccessfully.
+    pub failed: u64,
+    /// Killed at their timeout.
+    pub timed_out: u64,
+    /// Cancelled while on the node.
+    pub cancelled: u64,
+    /// The job that ended last.
+    pub last_job: Option<String>,
+    /// When it ended.
+    pub last_finished_at: Option<String>,
+}
+
+impl From<NodeRecord> for Node {
+    fn from(node: NodeRecord) -> Self {
+        Node {
+            id: node.id.to_string(),
+            status: node.status.as_str().to_owned(),
+            labels: node.labels,
+            capacity: node.capacity,
+            running: u32::try_from(node.jobs.len()).unwrap_or(u32::MAX),
+            queued: node.queued,
+            instance: node.instance.to_string(),
+            version: node.version,
+            hostname: node.hostname,
+            registered_at: node.registered_at.to_rfc3339(),
+            last_heartbeat_at: node.last_heartbeat_at.to_rfc3339(),
+            finished: NodeFinished {
+                succeeded: node.finished.succeeded,
+                failed: node.finished.failed,
+                timed_out: node.finished.timed_out,
+                cancelled: node.finished.cancelled,
+                last_job: node.finished.last_job.map(|id| id.to_string()),
+                last_finished_at: node.finished.last_finished_at.map(|at| at.to_rfc3339()),
+            },
+        }
+    }
+}
+
+/// The nodes.
+#[derive(Debug, Clone, Object)]
+pub struct NodeList {
+    /// By id.
+    pub nodes: Vec<Node>,
+}
+
+/// A health answer.
+#[derive(Debug, Clone, Object)]
+pub struct Health {
+    /// `ok`.
+    pub status: String,
+    /// What was checked.
+    pub checks: BTreeMap<String, String>,
+}

@@ -1,0 +1,122 @@
+//! Keeping the history tables current: the API replicas share one durable consumer on the job
+//! events, and each applies what it receives in batches, one transaction per batch.
+//!
+//! Applying is idempotent and ignores events older than a row's newest (see
+//! `capstan_store::projection`), so replicas working side by side, redeliveries after a crash,
+//! and a NATS restart neither duplicate nor lose rows. Events are acknowledged only after
+//! their batch is committed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{AckPolicy, pull};
+use async_nats::jetstream::{self, AckKind};
+use capstan_mesh::{Mesh, consume, wire};
+use capstan_protocol::subjects::{self, Origin};
+use capstan_protocol::{JobEvent, Rejection, Timestamp, topology};
+use capstan_store::{History, Sequenced};
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+
+/// Events applied per transaction, at most.
+const BATCH: usize = 256;
+
+/// How long a batch waits for more events after its first: a few milliseconds of history lag
+/// buy transactions of hundreds of events instead of one each.
+const LINGER: Duration = Duration::from_millis(10);
+
+/// Projects events until `shutdown`.
+pub async fn run(mesh: Mesh, history: History, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+    let config = pull::Config {
+        durable_name: Some(topology::HISTORY_CONSUMER.to_owned()),
+        description: Some("API replicas recording job history".to_owned()),
+        filter_subject: subjects::JOB_EVENTS_ALL.to_owned(),
+        ack_policy: AckPolicy::Explicit,
+        ack_wait: Duration::from_secs(30),
+        max_deliver: 20,
+        max_ack_pending: 20_000,
+        ..Default::default()
+    };
+    let Some(consumer) = consume::durable(&mesh.js, topology::EVENTS.name, config, &shutdown).await
+    else {
+        return;
+    };
+    consume::batches(&consumer, BATCH, LINGER, &shutdown, |messages| {
+        project(&mesh, &history, &metrics, messages)
+    })
+    .await;
+}
+
+async fn project(
+    mesh: &Mesh,
+    history: &History,
+    metrics: &Metrics,
+    messages: Vec<jetstream::Message>,
+) {
+    let mut batch = Vec::with_capacity(messages.len());
+    let mut accepted = Vec::with_capacity(messages.len());
+    let mut spans = Vec::with_capacity(messages.len());
+    for message in messages {
+        let seq = message.info().map(|info| info.stream_sequence).ok();
+        match (
+            seq,
+            wire::decode::<JobEvent>(message.headers.as_ref(), &message.payload),
+        ) {
+            (Some(seq), Ok((event, _))) => {
+                let span = tracing::info_span!(
+                    "record job event",
+                    otel.kind = "consumer",
+                    job_id = %event.record.id,
+                    kind = event.kind.as_str(),
+                );
+                capstan_telemetry::propagation::follow(&span, message.headers.as_ref());
+                spans.push(span);
+                batch.push(Sequenced { seq, event });
+                accepted.push(message);
+            }
+            (seq, Err(error)) => {
+                let rejection = Rejection {
+                    subject: message.subject.to_string(),
+                    code: error.code,
+                    field: error.field.clone(),
+                    reason: error.to_string(),
+                    job: subjects::parse_job_event(&message.subject).map(|(job, _)| job),
+                    size: message.payload.len(),
+                    stream_seq: seq,
+                    at: Timestamp::now(),
+                };
+                mesh.events.rejection(Origin::History, &rejection).await;
+                let _ = message.ack_with(AckKind::Term).await;
+            }
+            (None, Ok(_)) => {
+                let _ = message.ack_with(AckKind::Term).await;
+            }
+        }
+    }
+    if batch.is_empty() {
+        return;
+    }
+    match history.apply(&batch).await {
+        Ok(()) => {
+            for item in &batch {
+                metrics.recorded(&item.event);
+            }
+            for message in accepted {
+                if let Err(error) = message.ack().await {
+                    tracing::debug!(error = %error, "cannot acknowledge event; it will be applied again");
+                }
+            }
+        }
+        Err(error) => {
+            tracing::warn!(events = batch.len(), error = %error, "cannot record events yet; they will be redelivered");
+            for message in accepted {
+                let _ = message
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await;
+            }
+        }
+    }
+    // The spans end here: when the events are durably recorded (or handed back).
+    drop(spans);
+}

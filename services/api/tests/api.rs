@@ -1,0 +1,699 @@
+//! Every route of the API over real HTTP, against a real mesh (registry, scheduler and an
+//! executor in this process, a real nats-server) and a real history database.
+
+use std::time::Duration;
+
+use capstan_store::testing::TestDatabase;
+use capstan_testkit::http::serde_json_value::{Value, json};
+use capstan_testkit::http::{HttpClient, Reply};
+use capstan_testkit::{NatsServer, wait_until};
+use http::StatusCode;
+use tokio_util::sync::CancellationToken;
+
+struct Stack {
+    server: NatsServer,
+    http: HttpClient,
+    shutdown: CancellationToken,
+    api: tokio::task::JoinHandle<Result<(), capstan_api::Error>>,
+    _db: TestDatabase,
+    database_url: String,
+    _work: tempfile::TempDir,
+}
+
+async fn start_api(
+    server: &NatsServer,
+    database_url: &str,
+    shutdown: &CancellationToken,
+) -> (
+    HttpClient,
+    tokio::task::JoinHandle<Result<(), capstan_api::Error>>,
+) {
+    let mut config = capstan_api::Config::for_urls(server.url(), database_url);
+    config.nats.max_job_bytes = 64 * 1024;
+    let running = capstan_api::start(config, shutdown.clone())
+        .await
+        .expect("the API starts");
+    (
+        HttpClient::new(format!("http://{}", running.address)),
+        running.task,
+    )
+}
+
+async fn stack_on(db: TestDatabase) -> Stack {
+    let server = NatsServer::start().await;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(capstan_registry::run(
+        capstan_registry::Config::for_url(server.url()),
+        shutdown.clone(),
+    ));
+    tokio::spawn(capstan_scheduler::run(
+        capstan_scheduler::Config::for_url(server.url()),
+        shutdown.clone(),
+    ));
+    let work = tempfile::tempdir().expect("work dir");
+    let mut executor = capstan_executor::Config::for_url(
+        server.url(),
+        capstan_protocol::NodeId::new("api-test-node").expect("valid"),
+    );
+    executor.work_dir = Some(work.path().to_path_buf());
+    executor.labels = vec![("zone".into(), "eu".into())];
+    executor.heartbeat_interval = Duration::from_millis(300);
+    tokio::spawn(capstan_executor::run(executor, shutdown.clone()));
+    let database_url = db.url().to_owned();
+    let (http, api) = start_api(&server, &database_url, &shutdown).await;
+    wait_until(
+        "the executor node to be listed",
+        Duration::from_secs(30),
+        || async {
+            let reply = http.get("/api/v1/nodes").await;
+            (reply.status == StatusCode::OK && !reply.json()["nodes"].as_array()?.is_empty())
+                .then_some(())
+        },
+    )
+    .await;
+    Stack {
+        server,
+        http,
+        shutdown,
+        api,
+        _db: db,
+        database_url,
+        _work: work,
+    }
+}
+
+async fn stack() -> Stack {
+    stack_on(TestDatabase::sqlite()).await
+}
+
+impl Stack {
+    async fn submit(&self, body: Value) -> String {
+        let reply = self.http.post_json("/api/v1/jobs", &body.to_string()).await;
+        assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.text());
+        reply.json()["id"].as_str().expect("an id").to_owned()
+    }
+
+    /// Waits until the job is finished in the history (not only in the live state).
+    async fn finished(&self, id: &str) -> Value {
+        wait_until(
+            &format!("job {id} to be recorded finished"),
+            Duration::from_secs(30),
+            || async {
+                let events = self.http.get(&format!("/api/v1/jobs/{id}/events")).await;
+                if events.status != StatusCode::OK {
+                    return None;
+                }
+                let ended = events.json()["events"].as_array()?.iter().any(|e| {
+                    ["succeeded", "failed", "timed_out", "cancelled"]
+                        .contains(&e["kind"].as_str().unwrap_or(""))
+                });
+                if !ended {
+                    return None;
+                }
+                Some(self.http.get(&format!("/api/v1/jobs/{id}")).await.json())
+            },
+        )
+        .await
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.api.await.expect("joins").expect("clean exit");
+    }
+}
+
+fn assert_problem(reply: &Reply, status: StatusCode, field: Option<&str>) {
+    assert_eq!(reply.status, status, "{}", reply.text());
+    assert!(
+        reply.content_type().starts_with("application/problem+json"),
+        "content type {}: {}",
+        reply.content_type(),
+        reply.text()
+    );
+    let body = reply.json();
+    assert_eq!(body["status"], status.as_u16());
+    assert!(!body["detail"].as_str().unwrap_or("").is_empty(), "{body}");
+    if let Some(field) = field {
+        assert_eq!(body["field"], field, "{body}");
+    }
+}
+
+#[tokio::test]
+async fn a_submitted_job_is_accepted_with_its_location_runs_and_is_recorded() {
+    let stack = stack().await;
+    let reply = stack
+        .http
+        .post_json(
+            "/api/v1/jobs",
+            &json!({"command": "cat; echo err >&2", "stdin": "the payload", "name": "greet",
+                    "labels": {"zone": "eu"}, "env": {"A": "1"}})
+            .to_string(),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.text());
+    let id = reply.json()["id"].as_str().expect("id").to_owned();
+    let location = reply
+        .headers
+        .get("location")
+        .expect("Location")
+        .to_str()
+        .expect("text");
+    assert_eq!(location, format!("/api/v1/jobs/{id}"));
+
+    let job = stack.finished(&id).await;
+    assert_eq!(job["status"], "succeeded");
+    assert_eq!(job["exit_code"], 0);
+    assert_eq!(job["node"], "api-test-node");
+    assert_eq!(job["attempt"], 1);
+    assert_eq!(job["spec"]["name"], "greet");
+    assert!(
+        job["spec"].get("stdin").is_none(),
+        "payloads are not echoed: {job}"
+    );
+    for field in ["created_at", "dispatched_at", "started_at", "finished_at"] {
+        assert!(job[field].is_string(), "{field} missing: {job}");
+    }
+    assert_eq!(job["attempts"][0]["status"], "succeeded");
+
+    let events = stack
+        .http
+        .get(&format!("/api/v1/jobs/{id}/events"))
+        .await
+        .json();
+    let kinds: Vec<&str> = events["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(kinds, ["pending", "running", "succeeded"]);
+
+    let logs = stack
+        .http
+        .get(&format!("/api/v1/jobs/{id}/logs"))
+        .await
+        .json();
+    assert_eq!(logs["stdout"], "the payload");
+    assert_eq!(logs["stderr"], "err\n");
+    assert_eq!(logs["complete"], true);
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn the_same_idempotency_key_returns_the_existing_job_with_200() {
+    let stack = stack().await;
+    let body = json!({"command": "true", "idempotency_key": "invoice-17"}).to_string();
+    let first = stack.http.post_json("/api/v1/jobs", &body).await;
+    assert_eq!(first.status, StatusCode::ACCEPTED);
+    let again = stack.http.post_json("/api/v1/jobs", &body).await;
+    assert_eq!(again.status, StatusCode::OK);
+    assert_eq!(again.json()["id"], first.json()["id"]);
+    assert_eq!(again.json()["duplicate"], true);
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn bad_requests_get_precise_problems_and_store_nothing() {
+    let stack = stack().await;
+    let post = |body: String| {
+        let http = stack.http.clone();
+        async move { http.post_json("/api/v1/jobs", &body).await }
+    };
+    assert_problem(
+        &post("{\"command\": ".into()).await,
+        StatusCode::BAD_REQUEST,
+        None,
+    );
+    assert_problem(&post("[1, 2]".into()).await, StatusCode::BAD_REQUEST, None);
+    let wrong_type = post(r#"{"command": "true", "timeout": "soon"}"#.into()).await;
+    assert_problem(&wrong_type, StatusCode::BAD_REQUEST, None);
+    assert!(
+        wrong_type.json()["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("timeout"),
+        "{}",
+        wrong_type.text()
+    );
+    let unknown = post(r#"{"command": "true", "comand": "x"}"#.into()).await;
+    assert_problem(&unknown, StatusCode::BAD_REQUEST, None);
+    assert!(
+        unknown.json()["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("comand"),
+        "{}",
+        unknown.text()
+    );
+    assert_problem(
+        &post(r#"{"command": "true", "argv": ["true"]}"#.into()).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        Some("command"),
+    );
+    assert_problem(
+        &post(r#"{"command": "true", "timeout": -5}"#.into()).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        Some("timeout"),
+    );
+    assert_problem(
+        &post(r#"{"name": "no program"}"#.into()).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        Some("command"),
+    );
+    let huge = json!({"command": "cat", "stdin": "x".repeat(100 * 1024)}).to_string();
+    assert_problem(&post(huge).await, StatusCode::PAYLOAD_TOO_LARGE, None);
+    let chunked = stack
+        .http
+        .send(
+            http::Method::POST,
+            "/api/v1/jobs",
+            &[
+                ("content-type", "application/json"),
+                ("transfer-encoding", "chunked"),
+            ],
+            json!({"command": "cat", "stdin": "y".repeat(100 * 1024)}).to_string(),
+        )
+        .await;
+    assert_problem(&chunked, StatusCode::PAYLOAD_TOO_LARGE, None);
+    assert_problem(
+        &stack
+            .http
+            .send(
+                http::Method::POST,
+                "/api/v1/jobs",
+                &[("content-type", "text/plain")],
+                "true",
+            )
+            .await,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        None,
+    );
+
+    assert_problem(
+        &stack.http.get("/api/v1/jobs/not-an-id").await,
+        StatusCode::BAD_REQUEST,
+        Some("id"),
+    );
+    assert_problem(
+        &stack
+            .http
+            .get("/api/v1/jobs/01ARZ3NDEKTSV4RRFFQ69G5FAV")
+            .await,
+        StatusCode::NOT_FOUND,
+        None,
+    );
+    assert_problem(
+        &stack
+            .http
+            .get("/api/v1/jobs/01ARZ3NDEKTSV4RRFFQ69G5FAV/logs")
+            .await,
+        StatusCode::NOT_FOUND,
+        None,
+    );
+    assert_problem(
+        &stack
+            .http
+            .get("/api/v1/jobs/01ARZ3NDEKTSV4RRFFQ69G5FAV/events")
+            .await,
+        StatusCode::NOT_FOUND,
+        None,
+    );
+    assert_problem(
+        &stack.http.get("/api/v1/jobs?cursor=%27%3B%20drop").await,
+        StatusCode::BAD_REQUEST,
+        Some("cursor"),
+    );
+    assert_problem(
+        &stack.http.get("/api/v1/jobs?status=done").await,
+        StatusCode::BAD_REQUEST,
+        None,
+    );
+    assert_problem(
+        &stack.http.get("/api/v1/jobs?limit=0").await,
+        StatusCode::BAD_REQUEST,
+        None,
+    );
+    assert_problem(
+        &stack.http.get("/api/v1/jobs?limit=100000").await,
+        StatusCode::BAD_REQUEST,
+        None,
+    );
+    assert_problem(
+        &stack.http.get("/api/v1/jobs?label=zone").await,
+        StatusCode::BAD_REQUEST,
+        Some("label"),
+    );
+    assert_problem(
+        &stack.http.get("/api/v1/jobs?since=yesterday").await,
+        StatusCode::BAD_REQUEST,
+        Some("since"),
+    );
+    assert_problem(
+        &stack.http.get("/api/v1/nodes/bad.node").await,
+        StatusCode::BAD_REQUEST,
+        Some("id"),
+    );
+    assert_problem(
+        &stack.http.get("/api/v1/nodes/nobody").await,
+        StatusCode::NOT_FOUND,
+        None,
+    );
+    assert_problem(
+        &stack.http.get("/api/v1/nothing-here").await,
+        StatusCode::NOT_FOUND,
+        None,
+    );
+
+    // Nothing was stored: no job in the live state, none in the history.
+    let mesh = capstan_mesh::Mesh::open(stack.server.client().await)
+        .await
+        .expect("mesh");
+    let keys: Vec<String> =
+        futures::TryStreamExt::try_collect(mesh.jobs.kv().keys().await.expect("keys"))
+            .await
+            .expect("keys");
+    assert!(keys.is_empty(), "{keys:?}");
+    assert_eq!(
+        stack.http.get("/api/v1/jobs").await.json()["jobs"],
+        json!([])
+    );
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn lists_filter_and_page_newest_first() {
+    let stack = stack().await;
+    let mut ids = Vec::new();
+    for n in 0..7 {
+        let command = if n % 3 == 0 { "false" } else { "true" };
+        let name = if n % 2 == 0 { "even" } else { "odd" };
+        ids.push(
+            stack
+                .submit(json!({"command": command, "name": name, "labels": {"zone": "eu"}}))
+                .await,
+        );
+    }
+    for id in &ids {
+        stack.finished(id).await;
+    }
+    let mut seen = Vec::new();
+    let mut path = "/api/v1/jobs?limit=3".to_owned();
+    loop {
+        let page = stack.http.get(&path).await.json();
+        seen.extend(
+            page["jobs"]
+                .as_array()
+                .expect("jobs")
+                .iter()
+                .map(|j| j["id"].as_str().unwrap_or("").to_owned()),
+        );
+        match page["next_cursor"].as_str() {
+            Some(cursor) => path = format!("/api/v1/jobs?limit=3&cursor={cursor}"),
+            None => break,
+        }
+    }
+    let mut newest_first = ids.clone();
+    newest_first.reverse();
+    assert_eq!(seen, newest_first);
+    let failed = stack.http.get("/api/v1/jobs?status=failed").await.json();
+    assert_eq!(failed["jobs"].as_array().expect("jobs").len(), 3);
+    let even = stack
+        .http
+        .get("/api/v1/jobs?name=even&label=zone%3Deu")
+        .await
+        .json();
+    assert_eq!(even["jobs"].as_array().expect("jobs").len(), 4);
+    let none = stack.http.get("/api/v1/jobs?label=zone%3Dus").await.json();
+    assert_eq!(none["jobs"], json!([]));
+    let future = stack
+        .http
+        .get("/api/v1/jobs?since=2999-01-01T00:00:00Z")
+        .await
+        .json();
+    assert_eq!(future["jobs"], json!([]));
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn logs_can_be_followed_while_the_job_runs_until_it_ends() {
+    let stack = stack().await;
+    let id = stack
+        .submit(json!({"command": "echo first; sleep 1; echo second >&2; exit 3"}))
+        .await;
+    wait_until("the job to start", Duration::from_secs(30), || async {
+        let job = stack.http.get(&format!("/api/v1/jobs/{id}")).await.json();
+        (job["status"] == "running").then_some(())
+    })
+    .await;
+    let (status, text) = stack
+        .http
+        .read_stream(&format!("/api/v1/jobs/{id}/logs?follow=true"), |text| {
+            text.contains("event: end")
+        })
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let first = text.find("first").expect("stdout streamed");
+    let second = text
+        .find("second")
+        .unwrap_or_else(|| panic!("stderr streamed: {text}"));
+    let end = text.find("event: end").expect("an end event");
+    assert!(first < second && second < end, "{text}");
+    assert!(text.contains("\"exit_code\":3"), "{text}");
+
+    // Following a finished job replays its output and ends at once.
+    let (_, again) = stack
+        .http
+        .read_stream(&format!("/api/v1/jobs/{id}/logs?follow=true"), |text| {
+            text.contains("event: end")
+        })
+        .await;
+    assert!(
+        again.contains("first") && again.contains("event: end"),
+        "{again}"
+    );
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn cancel_stops_a_running_job_and_refuses_a_finished_one() {
+    let stack = stack().await;
+    let id = stack.submit(json!({"command": "sleep 300"})).await;
+    wait_until("the job to start", Duration::from_secs(30), || async {
+        let job = stack.http.get(&format!("/api/v1/jobs/{id}")).await.json();
+        (job["status"] == "running").then_some(())
+    })
+    .await;
+    let reply = stack
+        .http
+        .post_json(&format!("/api/v1/jobs/{id}/cancel"), "")
+        .await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.text());
+    assert_eq!(reply.json()["outcome"], "requested");
+    let job = stack.finished(&id).await;
+    assert_eq!(job["status"], "cancelled");
+    assert_problem(
+        &stack
+            .http
+            .post_json(&format!("/api/v1/jobs/{id}/cancel"), "")
+            .await,
+        StatusCode::CONFLICT,
+        None,
+    );
+    assert_problem(
+        &stack
+            .http
+            .post_json("/api/v1/jobs/01ARZ3NDEKTSV4RRFFQ69G5FAV/cancel", "")
+            .await,
+        StatusCode::NOT_FOUND,
+        None,
+    );
+
+    // A job that cannot be placed (no node carries its label) is cancelled at once.
+    let waiting = stack
+        .submit(json!({"command": "true", "labels": {"gpu": "yes"}}))
+        .await;
+    wait_until(
+        "the job to be accepted",
+        Duration::from_secs(30),
+        || async {
+            (stack
+                .http
+                .get(&format!("/api/v1/jobs/{waiting}"))
+                .await
+                .status
+                == StatusCode::OK)
+                .then_some(())
+        },
+    )
+    .await;
+    let reply = stack
+        .http
+        .post_json(&format!("/api/v1/jobs/{waiting}/cancel"), "")
+        .await;
+    assert_eq!(reply.json()["outcome"], "cancelled", "{}", reply.text());
+    assert_eq!(stack.finished(&waiting).await["status"], "cancelled");
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn nodes_health_metrics_and_the_api_description_are_served() {
+    let stack = stack().await;
+    let nodes = stack.http.get("/api/v1/nodes").await.json();
+    assert_eq!(nodes["nodes"][0]["id"], "api-test-node");
+    assert_eq!(nodes["nodes"][0]["labels"]["zone"], "eu");
+    let node = stack.http.get("/api/v1/nodes/api-test-node").await;
+    assert_eq!(node.status, StatusCode::OK);
+    assert_eq!(node.json()["status"], "up");
+
+    assert_eq!(stack.http.get("/healthz").await.status, StatusCode::OK);
+    let ready = stack.http.get("/readyz").await;
+    assert_eq!(ready.status, StatusCode::OK, "{}", ready.text());
+
+    let id = stack.submit(json!({"command": "true"})).await;
+    stack.finished(&id).await;
+    let metrics = wait_until(
+        "metrics to count the job",
+        Duration::from_secs(20),
+        || async {
+            let text = stack.http.get("/metrics").await.text();
+            text.contains("capstan_jobs{status=\"succeeded\"} 1")
+                .then_some(text)
+        },
+    )
+    .await;
+    for expected in [
+        "capstan_queue_depth{queue=\"submissions\"}",
+        "capstan_queue_depth{queue=\"history\"}",
+        "capstan_job_turnaround_seconds_count 1",
+        "capstan_api_submissions_total 1",
+    ] {
+        assert!(metrics.contains(expected), "{expected} missing:\n{metrics}");
+    }
+
+    let spec = stack.http.get("/openapi.json").await;
+    assert_eq!(spec.status, StatusCode::OK);
+    assert_eq!(
+        spec.json(),
+        serde_json::from_str::<Value>(&capstan_api::openapi_json()).expect("JSON")
+    );
+    assert!(spec.json()["paths"]["/api/v1/jobs"]["post"].is_object());
+    let docs = stack.http.get("/docs/").await;
+    assert_eq!(docs.status, StatusCode::OK);
+    assert!(docs.text().to_lowercase().contains("swagger"));
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn the_history_works_on_postgresql() {
+    let stack = stack_on(TestDatabase::postgres().await).await;
+    assert!(stack.database_url.starts_with("postgres://"));
+    let id = stack.submit(json!({"command": "echo pg"})).await;
+    assert_eq!(stack.finished(&id).await["status"], "succeeded");
+    let page = stack.http.get("/api/v1/jobs?status=succeeded").await.json();
+    assert_eq!(page["jobs"][0]["id"], id.as_str());
+    stack.stop().await;
+}
+
+async fn table_dump(database_url: &str) -> String {
+    use capstan_store::entity::{attempt, event, job, job_label};
+    use sea_orm::EntityTrait;
+    let history = capstan_store::History::connect(database_url)
+        .await
+        .expect("connects");
+    let db = history.connection();
+    let mut jobs = job::Entity::find().all(db).await.expect("jobs");
+    jobs.sort_by(|a, b| a.id.cmp(&b.id));
+    let mut attempts = attempt::Entity::find().all(db).await.expect("attempts");
+    attempts.sort_by(|a, b| (&a.job_id, a.attempt).cmp(&(&b.job_id, b.attempt)));
+    let mut events = event::Entity::find().all(db).await.expect("events");
+    events.sort_by_key(|e| e.seq);
+    let mut labels = job_label::Entity::find().all(db).await.expect("labels");
+    labels.sort_by(|a, b| (&a.job_id, &a.key).cmp(&(&b.job_id, &b.key)));
+    format!("{jobs:?}\n{attempts:?}\n{events:?}\n{labels:?}")
+}
+
+#[tokio::test]
+async fn two_api_replicas_share_the_history_and_a_rebuild_equals_it() {
+    let stack = stack().await;
+    // A second replica on the same database and NATS.
+    let (second, second_task) =
+        start_api(&stack.server, &stack.database_url, &stack.shutdown).await;
+    let mut ids = Vec::new();
+    for n in 0..20 {
+        let http = if n % 2 == 0 { &stack.http } else { &second };
+        let reply = http
+            .post_json(
+                "/api/v1/jobs",
+                &json!({"command": "true", "labels": {"zone": "eu"}}).to_string(),
+            )
+            .await;
+        ids.push(reply.json()["id"].as_str().expect("id").to_owned());
+    }
+    for id in &ids {
+        stack.finished(id).await;
+        let events = second
+            .get(&format!("/api/v1/jobs/{id}/events"))
+            .await
+            .json();
+        assert_eq!(
+            events["events"].as_array().expect("events").len(),
+            3,
+            "no duplicate, none lost: {events}"
+        );
+    }
+
+    // Rebuild into an empty database from the events stream: the same rows.
+    let rebuilt = TestDatabase::sqlite();
+    let history = capstan_store::History::connect(rebuilt.url())
+        .await
+        .expect("connects");
+    let mesh = capstan_mesh::Mesh::open(stack.server.client().await)
+        .await
+        .expect("mesh");
+    let done = capstan_api::rebuild::rebuild(&mesh, &history)
+        .await
+        .expect("rebuilt");
+    assert_eq!(done.events, 60);
+    assert_eq!(
+        table_dump(rebuilt.url()).await,
+        table_dump(&stack.database_url).await
+    );
+    stack.stop().await;
+    second_task.await.expect("joins").expect("clean exit");
+}
+
+#[tokio::test]
+async fn the_history_survives_a_nats_restart_and_keeps_recording() {
+    let mut stack = stack().await;
+    let before = stack.submit(json!({"command": "echo before"})).await;
+    stack.finished(&before).await;
+    stack.server.restart().await;
+    // Served from SQL while and after NATS restarts.
+    let job = stack.http.get(&format!("/api/v1/jobs/{before}")).await;
+    assert_eq!(job.status, StatusCode::OK);
+    // The services reconnect; a new job is recorded too.
+    let after = wait_until(
+        "a submission after the restart",
+        Duration::from_secs(60),
+        || async {
+            let reply = stack
+                .http
+                .post_json(
+                    "/api/v1/jobs",
+                    &json!({"command": "echo after"}).to_string(),
+                )
+                .await;
+            (reply.status == StatusCode::ACCEPTED)
+                .then(|| reply.json()["id"].as_str().unwrap_or("").to_owned())
+        },
+    )
+    .await;
+    assert_eq!(stack.finished(&after).await["status"], "succeeded");
+    let events = stack
+        .http
+        .get(&format!("/api/v1/jobs/{before}/events"))
+        .await
+        .json();
+    assert_eq!(events["events"].as_array().expect("events").len(), 3);
+    stack.stop().await;
+}

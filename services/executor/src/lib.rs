@@ -1,0 +1,323 @@
+//! The executor: runs jobs dispatched to its node, streams their output, and reports how they
+//! ended. It registers with the registry, heartbeats with the jobs it holds, and serves a
+//! micro endpoint listing them.
+//!
+//! Module map: `membership` talks to the registry; `worker` pulls dispatches and carries each
+//! attempt from claim to acknowledgement; `runner` supervises one process; `orphans` finds the
+//! job processes a crashed predecessor left running, so a restarted executor can kill them.
+
+mod membership;
+pub mod orphans;
+pub mod runner;
+mod worker;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{AckPolicy, PullConsumer, pull};
+use capstan_mesh::config::parse_duration;
+use capstan_mesh::{Error, Mesh, NatsArgs, service};
+use capstan_protocol::subjects;
+use capstan_protocol::topology;
+use capstan_protocol::{InstanceId, JobId, Labels, NodeId};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::membership::{Identity, Membership, MembershipError};
+use crate::runner::Runner;
+use crate::worker::Worker;
+
+/// The executor's configuration.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "capstan-executor",
+    version,
+    about = "Capstan executor: runs jobs on this node"
+)]
+pub struct Config {
+    /// NATS connection.
+    #[command(flatten)]
+    pub nats: NatsArgs,
+
+    /// This node's id: stable across restarts, unique in the mesh. Default: the host name.
+    #[arg(long, env = "CAPSTAN_NODE_ID")]
+    pub node_id: Option<NodeId>,
+
+    /// A label jobs can select on, `key=value`; repeat the flag, or separate with commas.
+    #[arg(long = "label", env = "CAPSTAN_LABELS", value_delimiter = ',', value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+
+    /// Jobs run at once.
+    #[arg(long, env = "CAPSTAN_SLOTS", default_value_t = 8)]
+    pub slots: u32,
+
+    /// Directory for per-job working directories and process records.
+    /// Default: a directory named after the node under the system's temporary directory.
+    #[arg(long, env = "CAPSTAN_WORK_DIR")]
+    pub work_dir: Option<PathBuf>,
+
+    /// Output kept per attempt (stdout and stderr together), in bytes; the rest is counted.
+    #[arg(long, env = "CAPSTAN_MAX_OUTPUT_BYTES", default_value_t = 1024 * 1024)]
+    pub max_output_bytes: u64,
+
+    /// Time between SIGTERM and SIGKILL when a job is stopped.
+    #[arg(long, env = "CAPSTAN_KILL_GRACE", default_value = "5s", value_parser = parse_duration)]
+    pub kill_grace: Duration,
+
+    /// Time between SIGTERM and SIGKILL when a job is cancelled.
+    #[arg(long, env = "CAPSTAN_CANCEL_GRACE", default_value = "500ms", value_parser = parse_duration)]
+    pub cancel_grace: Duration,
+
+    /// Heartbeat period.
+    #[arg(long, env = "CAPSTAN_HEARTBEAT_INTERVAL", default_value = "2s", value_parser = parse_duration)]
+    pub heartbeat_interval: Duration,
+
+    /// On SIGTERM, how long running jobs may take to finish before they are stopped.
+    #[arg(long, env = "CAPSTAN_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+
+    /// Variables of the executor's environment passed to jobs (comma separated). Nothing else
+    /// of the executor's environment reaches a job.
+    #[arg(
+        long,
+        env = "CAPSTAN_PASS_ENV",
+        value_delimiter = ',',
+        default_value = "PATH,HOME,LANG,LC_ALL,TZ,USER,LOGNAME,TMPDIR"
+    )]
+    pub pass_env: Vec<String>,
+
+    /// How long a dispatch may go unacknowledged before JetStream redelivers it; running jobs
+    /// are kept alive with progress acks.
+    #[arg(long, env = "CAPSTAN_ACK_WAIT", default_value = "30s", value_parser = parse_duration)]
+    pub ack_wait: Duration,
+}
+
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    let (key, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("label `{text}` is not key=value"))?;
+    Ok((key.trim().to_owned(), value.trim().to_owned()))
+}
+
+impl Config {
+    /// Defaults for `node`, pointing at `nats_url` (for tests and tools).
+    pub fn for_url(nats_url: impl Into<String>, node: NodeId) -> Self {
+        Self {
+            nats: NatsArgs::for_url(nats_url),
+            node_id: Some(node),
+            labels: Vec::new(),
+            slots: 8,
+            work_dir: None,
+            max_output_bytes: 1024 * 1024,
+            kill_grace: Duration::from_secs(5),
+            cancel_grace: Duration::from_millis(500),
+            heartbeat_interval: Duration::from_secs(2),
+            shutdown_timeout: Duration::from_secs(30),
+            pass_env: ["PATH", "HOME", "LANG"].map(str::to_owned).to_vec(),
+            ack_wait: Duration::from_secs(30),
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_owned())
+        .ok()
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
+/// The most dispatches delivered to a node before it acknowledges one, per slot: a bound on
+/// what a node can hold unacknowledged.
+const MAX_DELIVER: i64 = 10;
+
+/// Runs the executor until `shutdown`. On shutdown it stops pulling, lets running jobs finish
+/// for `shutdown_timeout`, stops the rest (recording them as interrupted), and deregisters.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
+    let hostname = hostname();
+    let node = config
+        .node_id
+        .clone()
+        .unwrap_or_else(|| NodeId::from_hostname(&hostname));
+    let labels: Labels = config.labels.iter().cloned().collect();
+    let work_dir = config.work_dir.clone().unwrap_or_else(|| {
+        std::env::temp_dir()
+            .join("capstan-executor")
+            .join(node.as_str())
+    });
+    std::fs::create_dir_all(&work_dir).map_err(|e| Error::Setup {
+        what: format!("work directory {}", work_dir.display()),
+        reason: e.to_string(),
+    })?;
+    let killed = orphans::reap(node.as_str(), &work_dir.join("jobs"));
+    // Job directories a previous instance left behind (its processes are gone now).
+    let _ = std::fs::remove_dir_all(work_dir.join("jobs"));
+    if killed > 0 {
+        tracing::warn!(
+            killed,
+            "killed processes left by this node's previous instance"
+        );
+    }
+
+    let mesh = Mesh::connect(
+        &config.nats.nats_url,
+        &format!("capstan-executor-{node}"),
+        &shutdown,
+    )
+    .await?;
+    let consumer = dispatch_consumer(&mesh, &node, &config).await?;
+    let instance = InstanceId::generate();
+    let membership = Membership::new(
+        mesh.client.clone(),
+        Identity {
+            node: node.clone(),
+            instance,
+            labels,
+            capacity: config.slots.max(1),
+            hostname,
+        },
+    );
+    membership.register(&shutdown).await?;
+
+    let capacity = usize::try_from(config.slots.max(1)).unwrap_or(1);
+    let worker = Arc::new(Worker {
+        runner: Runner {
+            node: node.clone(),
+            work_dir: work_dir.clone(),
+            pass_env: config.pass_env.clone(),
+            max_output_bytes: config.max_output_bytes,
+            kill_grace: config.kill_grace,
+            cancel_grace: config.cancel_grace,
+            js: mesh.js.clone(),
+            directories: Default::default(),
+        },
+        mesh: mesh.clone(),
+        node: node.clone(),
+        instance,
+        slots: Arc::new(Semaphore::new(capacity)),
+        capacity,
+        ack_wait: config.ack_wait,
+        held: std::sync::Mutex::default(),
+        released: tokio::sync::Notify::new(),
+    });
+
+    let micro = service::start(
+        &mesh.client,
+        "capstan-executor",
+        "Runs jobs on one node",
+        HashMap::from([
+            ("node".to_owned(), node.to_string()),
+            ("instance".to_owned(), instance.to_string()),
+            ("slots".to_owned(), config.slots.to_string()),
+        ]),
+    )
+    .await?;
+    let jobs_endpoint = service::endpoint(&micro, "jobs", &subjects::executor::jobs(&node)).await?;
+
+    // `stop_pulling` ends the intake; `background` ends heartbeats and endpoints last.
+    let stop_pulling = CancellationToken::new();
+    let background = CancellationToken::new();
+    let pulling = tokio::spawn(
+        worker
+            .clone()
+            .pull_until(consumer.clone(), stop_pulling.clone()),
+    );
+    let cancellations = tokio::spawn(worker.clone().follow_cancellations(background.clone()));
+    let endpoint = tokio::spawn({
+        let worker = worker.clone();
+        let rejections = (mesh.events.clone(), subjects::Origin::Dispatch);
+        service::serve(
+            jobs_endpoint,
+            background.clone(),
+            4,
+            rejections,
+            move |_: service::NoArgs| {
+                let jobs: Vec<JobId> = worker.held_jobs();
+                async move { Ok(jobs) }
+            },
+        )
+    });
+    let heartbeats = {
+        let worker = worker.clone();
+        let held: Arc<dyn Fn() -> Vec<JobId> + Send + Sync> = Arc::new(move || worker.held_jobs());
+        membership.heartbeat_until(
+            config.heartbeat_interval,
+            held,
+            consumer,
+            background.clone(),
+        )
+    };
+    tracing::info!(node = %node, instance = %instance, slots = config.slots, work_dir = %work_dir.display(), "executor ready");
+
+    let superseded = tokio::select! {
+        _ = shutdown.cancelled() => None,
+        result = heartbeats => match result {
+            Err(error @ MembershipError::Superseded(_)) => Some(error),
+            _ => None,
+        },
+    };
+    stop_pulling.cancel();
+    let _ = pulling.await;
+    if let Some(error) = &superseded {
+        // Another instance owns this node now: its jobs are not ours to finish.
+        tracing::error!(error = %error, "stopping");
+        worker.stop_all();
+    } else if !worker.wait_idle(config.shutdown_timeout).await {
+        tracing::warn!(
+            jobs = worker.held_jobs().len(),
+            "shutdown timeout passed; stopping running jobs"
+        );
+        worker.stop_all();
+    }
+    worker
+        .wait_idle(config.kill_grace + Duration::from_secs(10))
+        .await;
+    if superseded.is_none() {
+        membership.deregister().await;
+    }
+    background.cancel();
+    let _ = tokio::join!(endpoint, cancellations);
+    if let Err(error) = micro.stop().await {
+        tracing::debug!(error = %error, "stopping the micro service");
+    }
+    match superseded {
+        Some(error) => Err(Error::Setup {
+            what: "node membership".into(),
+            reason: error.to_string(),
+        }),
+        None => {
+            tracing::info!("executor stopped");
+            Ok(())
+        }
+    }
+}
+
+async fn dispatch_consumer(
+    mesh: &Mesh,
+    node: &NodeId,
+    config: &Config,
+) -> Result<PullConsumer, Error> {
+    let stream = mesh
+        .js
+        .get_stream(topology::DISPATCH.name)
+        .await
+        .map_err(|e| Error::unavailable("get dispatch stream", e))?;
+    stream
+        .create_consumer(pull::Config {
+            durable_name: Some(topology::executor_consumer(node)),
+            description: Some(format!("Dispatches of executor node {node}")),
+            filter_subject: subjects::dispatch(node),
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: config.ack_wait,
+            max_deliver: MAX_DELIVER,
+            max_ack_pending: i64::from(config.slots.max(1)) * 2,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| Error::Setup {
+            what: format!("dispatch consumer of node {node}"),
+            reason: e.to_string(),
+        })
+}

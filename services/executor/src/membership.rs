@@ -1,0 +1,177 @@
+//! This node's membership in the mesh: registering with the registry, heartbeating, and
+//! leaving. The registry is reached only through its NATS endpoints.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::PullConsumer;
+use bytes::Bytes;
+use capstan_mesh::Error;
+use capstan_protocol::codec::{self, Encoding};
+use capstan_protocol::subjects::registry as endpoints;
+use capstan_protocol::{
+    ErrorCode, Heartbeat, HeartbeatReply, InstanceId, JobId, Labels, NodeId, NodeRecord,
+    Registration, Reply,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio_util::sync::CancellationToken;
+
+/// What this node tells the registry about itself.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// The node.
+    pub node: NodeId,
+    /// This process.
+    pub instance: InstanceId,
+    /// Its labels.
+    pub labels: Labels,
+    /// Its slots.
+    pub capacity: u32,
+    /// The host.
+    pub hostname: String,
+}
+
+/// Why membership ended.
+#[derive(Debug, thiserror::Error)]
+pub enum MembershipError {
+    /// The registry refused the registration (bad labels, capacity): a configuration error.
+    #[error("the registry refused this node: {0}")]
+    Refused(String),
+    /// Another instance registered under this node id.
+    #[error("another executor instance took over node {0}")]
+    Superseded(NodeId),
+}
+
+/// Talks to the registry for this node.
+pub struct Membership {
+    client: async_nats::Client,
+    identity: Identity,
+}
+
+impl Membership {
+    /// Membership of `identity` over `client`.
+    pub fn new(client: async_nats::Client, identity: Identity) -> Self {
+        Self { client, identity }
+    }
+
+    /// Registers, retrying while no registry answers, until it succeeds or `shutdown` fires.
+    pub async fn register(&self, shutdown: &CancellationToken) -> Result<NodeRecord, Error> {
+        let registration = Registration {
+            node: self.identity.node.clone(),
+            instance: self.identity.instance,
+            labels: self.identity.labels.clone(),
+            capacity: self.identity.capacity,
+            version: capstan_protocol::VERSION.to_owned(),
+            hostname: self.identity.hostname.clone(),
+        };
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match self
+                .request::<_, NodeRecord>(endpoints::REGISTER, &registration)
+                .await
+            {
+                Ok(Ok(record)) => {
+                    tracing::info!(node = %record.id, instance = %record.instance, "registered");
+                    return Ok(record);
+                }
+                Ok(Err(refusal)) if refusal.code == ErrorCode::BadRequest => {
+                    return Err(Error::Setup {
+                        what: "registration".into(),
+                        reason: MembershipError::Refused(refusal.to_string()).to_string(),
+                    });
+                }
+                Ok(Err(error)) => tracing::warn!(error = %error, "registration failed, retrying"),
+                Err(error) => tracing::warn!(error = %error, "no registry answered, retrying"),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Err(Error::ShuttingDown),
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// Heartbeats every `interval` until `shutdown`, reporting the jobs `held` returns and the
+    /// dispatches waiting on `consumer`. Re-registers when the registry has forgotten this
+    /// node; returns [`MembershipError::Superseded`] when another instance took it over.
+    pub async fn heartbeat_until(
+        &self,
+        interval: Duration,
+        held: Arc<dyn Fn() -> Vec<JobId> + Send + Sync>,
+        mut consumer: PullConsumer,
+        shutdown: CancellationToken,
+    ) -> Result<(), MembershipError> {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = ticker.tick() => {}
+            }
+            let queued = match consumer.info().await {
+                Ok(info) => info.num_pending,
+                Err(_) => 0,
+            };
+            let beat = Heartbeat {
+                node: self.identity.node.clone(),
+                instance: self.identity.instance,
+                jobs: held(),
+                queued,
+            };
+            match self
+                .request::<_, HeartbeatReply>(endpoints::HEARTBEAT, &beat)
+                .await
+            {
+                Ok(Ok(HeartbeatReply::Ok)) => {}
+                Ok(Ok(HeartbeatReply::UnknownNode)) => {
+                    tracing::warn!("the registry does not know this node; registering again");
+                    if self.register(&shutdown).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                Ok(Ok(HeartbeatReply::Superseded)) => {
+                    return Err(MembershipError::Superseded(self.identity.node.clone()));
+                }
+                Ok(Err(error)) => tracing::warn!(error = %error, "heartbeat refused"),
+                Err(error) => tracing::warn!(error = %error, "heartbeat not answered"),
+            }
+        }
+    }
+
+    /// Tells the registry this node is leaving. Best effort.
+    pub async fn deregister(&self) {
+        let beat = Heartbeat {
+            node: self.identity.node.clone(),
+            instance: self.identity.instance,
+            jobs: Vec::new(),
+            queued: 0,
+        };
+        match self
+            .request::<_, NodeRecord>(endpoints::DEREGISTER, &beat)
+            .await
+        {
+            Ok(Ok(_)) => tracing::info!("deregistered"),
+            Ok(Err(error)) => tracing::warn!(error = %error, "deregistration refused"),
+            Err(error) => tracing::warn!(error = %error, "deregistration not answered"),
+        }
+    }
+
+    async fn request<T: Serialize, R: DeserializeOwned>(
+        &self,
+        subject: &str,
+        body: &T,
+    ) -> Result<Result<R, capstan_protocol::ServiceError>, String> {
+        let payload = codec::to_msgpack(body).map_err(|e| e.to_string())?;
+        let request = self
+            .client
+            .request(subject.to_owned(), Bytes::from(payload));
+        let reply = tokio::time::timeout(Duration::from_secs(5), request)
+            .await
+            .map_err(|_| "timed out".to_owned())?
+            .map_err(|e| e.to_string())?;
+        let reply: Reply<R> =
+            codec::decode(Encoding::MsgPack, &reply.payload).map_err(|e| e.to_string())?;
+        Ok(reply.into_result())
+    }
+}

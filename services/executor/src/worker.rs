@@ -1,0 +1,507 @@
+//! Taking dispatches for this node and carrying each attempt through: claim it on the job's
+//! record, run it, record the outcome, announce it, and only then acknowledge the dispatch.
+//!
+//! The executor pulls only as many dispatches as it has free slots. While an attempt runs its
+//! dispatch stays unacknowledged, kept alive with progress acks; if the executor dies, the
+//! dispatch is redelivered to the node's next instance, which finds the record claimed by its
+//! predecessor and settles it instead of running the job twice.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::{self, AckKind};
+use capstan_mesh::{Error, Mesh};
+use capstan_protocol::job::Outcome;
+use capstan_protocol::subjects::Origin;
+use capstan_protocol::topology::FINISHED_JOB_TTL;
+use capstan_protocol::{
+    Dispatch, InstanceId, JobEvent, JobEventKind, JobId, JobRecord, JobStatus, NodeId,
+    OutputSummary, Rejection, RejectionCode, Timestamp,
+};
+use futures::StreamExt;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::runner::{Runner, Stops};
+
+/// Pulls and runs dispatches for one node.
+pub struct Worker {
+    pub(crate) mesh: Mesh,
+    pub(crate) node: NodeId,
+    pub(crate) instance: InstanceId,
+    pub(crate) runner: Runner,
+    pub(crate) slots: Arc<Semaphore>,
+    pub(crate) capacity: usize,
+    pub(crate) ack_wait: Duration,
+    /// Attempts this instance holds: their number and what stops them.
+    pub(crate) held: Mutex<HashMap<JobId, (u32, Stops)>>,
+    /// Notified whenever an attempt is released.
+    pub(crate) released: tokio::sync::Notify,
+}
+
+impl Worker {
+    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<JobId, (u32, Stops)>> {
+        self.held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The jobs this instance holds.
+    pub fn held_jobs(&self) -> Vec<JobId> {
+        self.held().keys().copied().collect()
+    }
+
+    /// Pulls dispatches while slots are free, until `stop`. Each pull asks for exactly the
+    /// slots free at that moment, and several pulls may be outstanding, so a slot that frees
+    /// is offered to JetStream at once.
+    pub async fn pull_until(self: Arc<Self>, consumer: PullConsumer, stop: CancellationToken) {
+        loop {
+            let first = tokio::select! {
+                _ = stop.cancelled() => return,
+                permit = self.slots.clone().acquire_owned() => permit.expect("never closed"),
+            };
+            let mut permits = vec![first];
+            while permits.len() < self.capacity {
+                match self.slots.clone().try_acquire_owned() {
+                    Ok(permit) => permits.push(permit),
+                    Err(_) => break,
+                }
+            }
+            // NOTE: no idle heartbeat on purpose. async-nats 0.51's batch stream returns
+            // `Pending` after consuming a heartbeat without re-arming its waker, so a dispatch
+            // arriving after one sits unread until the batch's client-side timer ends it and
+            // drops it (redelivered only after the ack wait). The server ends every pull at its
+            // expiry with a 408, and the client's timer (expiry + 5 s) covers a lost 408.
+            let batch = consumer
+                .batch()
+                .max_messages(permits.len())
+                .expires(Duration::from_secs(10))
+                .messages()
+                .await;
+            let mut batch = match batch {
+                Ok(batch) => batch,
+                Err(error) => {
+                    drop(permits);
+                    tracing::warn!(error = %error, "cannot pull dispatches, retrying");
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            };
+            let worker = self.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                while let Some(message) = batch.next().await {
+                    let message = match message {
+                        Ok(message) => message,
+                        Err(error) => {
+                            tracing::debug!(error = %error, "dispatch pull ended");
+                            break;
+                        }
+                    };
+                    if stop.is_cancelled() {
+                        // Arrived after shutdown began: hand it back for the next instance.
+                        let _ = message.ack_with(AckKind::Nak(None)).await;
+                        continue;
+                    }
+                    let Some(permit) = permits.pop() else {
+                        let _ = message.ack_with(AckKind::Nak(None)).await;
+                        continue;
+                    };
+                    let worker = worker.clone();
+                    tokio::spawn(async move { worker.handle(message, permit).await });
+                }
+                // Unused permits return to the pool here.
+            });
+        }
+    }
+
+    /// Handles one dispatch; `permit` is its slot.
+    async fn handle(self: Arc<Self>, message: jetstream::Message, permit: OwnedSemaphorePermit) {
+        let seq = message.info().map(|info| info.stream_sequence).ok();
+        let dispatch: Dispatch =
+            match capstan_mesh::wire::decode(message.headers.as_ref(), &message.payload) {
+                Ok((dispatch, _)) => dispatch,
+                Err(error) => {
+                    let reason = error.to_string();
+                    self.reject(&message, seq, None, error.code, error.field, reason)
+                        .await;
+                    return;
+                }
+            };
+        let record = &dispatch.record;
+        if record.node.as_ref() != Some(&self.node) {
+            let reason = format!(
+                "dispatch for node {} delivered to node {}",
+                record.node.as_ref().map_or("none", NodeId::as_str),
+                self.node
+            );
+            self.reject(
+                &message,
+                seq,
+                Some(record.id),
+                RejectionCode::Misrouted,
+                Some("record.node".into()),
+                reason,
+            )
+            .await;
+            return;
+        }
+        let stops = Stops::default();
+        {
+            let mut held = self.held();
+            if held.contains_key(&record.id) {
+                // Redelivered while we run it (a progress ack came late): the running attempt
+                // acknowledges the message when it ends.
+                return;
+            }
+            held.insert(record.id, (record.attempt, stops.clone()));
+        }
+        let id = record.id;
+        let span = tracing::info_span!(
+            "run attempt",
+            otel.kind = "consumer",
+            job_id = %id,
+            attempt = record.attempt,
+            node = %self.node,
+        );
+        capstan_telemetry::propagation::follow(&span, message.headers.as_ref());
+        self.carry(&message, dispatch, stops).instrument(span).await;
+        self.held().remove(&id);
+        drop(permit);
+        self.released.notify_waiters();
+    }
+
+    /// Claims, runs, records and announces one attempt, and settles its dispatch.
+    async fn carry(&self, message: &jetstream::Message, dispatch: Dispatch, stops: Stops) {
+        let id = dispatch.record.id;
+        let attempt = dispatch.record.attempt;
+        let (running, revision) = match self.claim(dispatch).await {
+            Ok(Claimed::Run(record, revision)) => (*record, revision),
+            Ok(Claimed::Settled) => {
+                let _ = message.ack().await;
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(job = %id, attempt, error = %error, "cannot claim attempt; it will be redelivered");
+                let _ = message
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await;
+                return;
+            }
+        };
+        if let Err(error) = self
+            .mesh
+            .events
+            .job(&JobEvent::new(JobEventKind::Running, &running))
+            .await
+        {
+            tracing::warn!(job = %id, error = %error, "cannot announce start");
+        }
+        tracing::debug!(job = %id, attempt, "attempt started");
+
+        let keep_alive = self.keep_alive(message);
+        if running.cancel_requested_at.is_some() {
+            stops.cancel.cancel();
+        }
+        let outcome = self.runner.run(&running, stops).await;
+        let finished = self.record_outcome(&running, revision, &outcome).await;
+        keep_alive.cancel();
+        match finished {
+            Some(record) => {
+                tracing::debug!(job = %id, attempt, status = %record.status, "attempt finished");
+                if let Err(error) = message.ack().await {
+                    tracing::warn!(job = %id, error = %error, "cannot acknowledge dispatch");
+                }
+            }
+            None => {
+                let _ = message.ack().await;
+            }
+        }
+    }
+
+    /// Sends progress acks for `message` until the returned token is cancelled.
+    fn keep_alive(&self, message: &jetstream::Message) -> CancellationToken {
+        let done = CancellationToken::new();
+        let reply = message.reply.clone();
+        let client = self.mesh.client.clone();
+        let every = (self.ack_wait / 3).max(Duration::from_millis(100));
+        let until = done.clone();
+        if let Some(reply) = reply {
+            tokio::spawn(async move {
+                let mut ticker = tokio::time::interval(every);
+                ticker.tick().await;
+                loop {
+                    tokio::select! {
+                        _ = until.cancelled() => return,
+                        _ = ticker.tick() => {
+                            let _ = client.publish(reply.clone(), bytes::Bytes::from_static(b"+WPI")).await;
+                        }
+                    }
+                }
+            });
+        }
+        done
+    }
+
+    /// Moves the record to `running` for this instance, by CAS on the dispatch's revision. When
+    /// the record changed since, decides from what it is now.
+    async fn claim(&self, dispatch: Dispatch) -> Result<Claimed, Error> {
+        let key = dispatch.record.id.to_string();
+        let attempt = dispatch.record.attempt;
+        let mut record = dispatch.record;
+        let mut revision = dispatch.revision;
+        for _ in 0..5 {
+            let started = record.started(self.instance, Timestamp::now());
+            match self.mesh.jobs.update(&key, &started, revision).await {
+                Ok(new_revision) => return Ok(Claimed::Run(Box::new(started), new_revision)),
+                Err(Error::Conflict { .. }) => {}
+                Err(error) => return Err(error),
+            }
+            let Some(current) = self.mesh.jobs.get(&key).await? else {
+                tracing::warn!(job = %key, "dispatched job has no record; dropping the dispatch");
+                return Ok(Claimed::Settled);
+            };
+            let now = current.value;
+            if now.attempt != attempt || now.node.as_ref() != Some(&self.node) {
+                tracing::info!(job = %key, attempt, current = now.attempt, "stale dispatch dropped");
+                return Ok(Claimed::Settled);
+            }
+            match now.status {
+                status if status.is_terminal() => {
+                    // Finished already (by our previous instance, or cancelled): make sure the
+                    // end was announced; the event's id makes this idempotent.
+                    if let Some(kind) = JobEventKind::terminal(status) {
+                        self.mesh.events.job(&JobEvent::new(kind, &now)).await?;
+                    }
+                    return Ok(Claimed::Settled);
+                }
+                JobStatus::Running if now.instance == Some(self.instance) => {
+                    return Ok(Claimed::Settled);
+                }
+                JobStatus::Running => {
+                    // Our previous instance started this attempt and died; its process was
+                    // killed at start-up. Settle the attempt rather than run the job again.
+                    let outcome = Outcome {
+                        status: JobStatus::Failed,
+                        exit_code: None,
+                        signal: None,
+                        error: Some(format!(
+                            "the executor instance running this attempt ({}) stopped before it finished",
+                            now.instance.map(|i| i.to_string()).unwrap_or_default()
+                        )),
+                        output: OutputSummary::default(),
+                    };
+                    self.record_outcome(&now, current.revision, &outcome).await;
+                    return Ok(Claimed::Settled);
+                }
+                _ => {
+                    record = now;
+                    revision = current.revision;
+                }
+            }
+        }
+        Err(Error::Unavailable {
+            op: "claim",
+            reason: "the job's record kept changing".into(),
+        })
+    }
+
+    /// Writes the outcome over the running record (CAS) and announces it. Returns the final
+    /// record, or `None` when the attempt no longer owned the job (its result is stale).
+    /// Passing failures are retried: the outcome is not dropped while NATS recovers.
+    async fn record_outcome(
+        &self,
+        running: &JobRecord,
+        revision: u64,
+        outcome: &Outcome,
+    ) -> Option<JobRecord> {
+        let key = running.id.to_string();
+        let mut base = running.clone();
+        let mut revision = revision;
+        let mut delay = Duration::from_millis(200);
+        loop {
+            let finished = base.finished(outcome, Timestamp::now());
+            match self
+                .mesh
+                .jobs
+                .update_with_ttl(&key, &finished, revision, FINISHED_JOB_TTL)
+                .await
+            {
+                Ok(_) => {
+                    self.announce_end(&finished).await;
+                    return Some(finished);
+                }
+                Err(Error::Conflict { .. }) => match self.mesh.jobs.get(&key).await {
+                    Ok(Some(current))
+                        if current.value.attempt == running.attempt
+                            && current.value.status == JobStatus::Running
+                            && current.value.instance == running.instance =>
+                    {
+                        base = current.value;
+                        revision = current.revision;
+                        continue;
+                    }
+                    Ok(current) => {
+                        tracing::warn!(
+                            job = %key,
+                            attempt = running.attempt,
+                            now = ?current.map(|c| (c.value.status, c.value.attempt)),
+                            "attempt finished after it lost the job; result discarded"
+                        );
+                        return None;
+                    }
+                    Err(error) => tracing::warn!(job = %key, error = %error, "cannot read record"),
+                },
+                Err(error) => {
+                    tracing::warn!(job = %key, error = %error, "cannot record outcome yet, retrying");
+                }
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    async fn announce_end(&self, record: &JobRecord) {
+        let Some(kind) = JobEventKind::terminal(record.status) else {
+            return;
+        };
+        let event = JobEvent::new(kind, record);
+        let mut delay = Duration::from_millis(200);
+        for _ in 0..10 {
+            match self.mesh.events.job(&event).await {
+                Ok(()) => return,
+                Err(error) => {
+                    tracing::warn!(job = %record.id, error = %error, "cannot announce end, retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    async fn reject(
+        &self,
+        message: &jetstream::Message,
+        seq: Option<u64>,
+        job: Option<JobId>,
+        code: RejectionCode,
+        field: Option<String>,
+        reason: String,
+    ) {
+        let rejection = Rejection {
+            subject: message.subject.to_string(),
+            code,
+            field,
+            reason,
+            job,
+            size: message.payload.len(),
+            stream_seq: seq,
+            at: Timestamp::now(),
+        };
+        self.mesh
+            .events
+            .rejection(Origin::Dispatch, &rejection)
+            .await;
+        let _ = message.ack_with(AckKind::Term).await;
+    }
+
+    /// Stops every held attempt (the shutdown deadline passed).
+    pub fn stop_all(&self) {
+        for (_, stops) in self.held().values() {
+            stops.shutdown.cancel();
+        }
+    }
+
+    /// Stops `job`'s attempt `attempt`, if held, as cancelled. Returns whether it was held.
+    pub fn cancel(&self, job: JobId, attempt: u32) -> bool {
+        match self.held().get(&job) {
+            Some((held, stops)) if *held == attempt => {
+                stops.cancel.cancel();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Follows cancel commands for this node until `stop`, and every second re-reads the records
+    /// of the held attempts, so a command missed while disconnected only delays the stop.
+    pub async fn follow_cancellations(self: Arc<Self>, stop: CancellationToken) {
+        let commands = self
+            .mesh
+            .client
+            .subscribe(capstan_protocol::subjects::control_all(&self.node))
+            .await;
+        let mut commands = match commands {
+            Ok(commands) => Some(commands),
+            Err(error) => {
+                tracing::warn!(error = %error, "cannot follow control commands; polling only");
+                None
+            }
+        };
+        let mut poll = tokio::time::interval(Duration::from_secs(1));
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                command = async {
+                    match commands.as_mut() {
+                        Some(commands) => commands.next().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    let Some(command) = command else {
+                        commands = None;
+                        continue;
+                    };
+                    match capstan_mesh::wire::decode::<capstan_protocol::CancelNotice>(
+                        command.headers.as_ref(),
+                        &command.payload,
+                    ) {
+                        Ok((notice, _)) => {
+                            if self.cancel(notice.job, notice.attempt) {
+                                tracing::info!(job = %notice.job, attempt = notice.attempt, "cancelling");
+                            }
+                        }
+                        Err(error) => tracing::warn!(subject = %command.subject, error = %error, "unreadable command"),
+                    }
+                }
+                _ = poll.tick() => {
+                    let held: Vec<(JobId, u32)> =
+                        self.held().iter().map(|(job, (attempt, _))| (*job, *attempt)).collect();
+                    for (job, attempt) in held {
+                        if let Ok(Some(current)) = self.mesh.jobs.get(&job.to_string()).await
+                            && current.value.attempt == attempt && current.value.cancel_requested_at.is_some() {
+                                self.cancel(job, attempt);
+                            }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits until no attempt is held, or `timeout` passes; true if none is.
+    pub async fn wait_idle(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let released = self.released.notified();
+            if self.held().is_empty() {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, released).await.is_err() {
+                return self.held().is_empty();
+            }
+        }
+    }
+}
+
+enum Claimed {
+    /// Run it: the record (now `running`) and its revision.
+    Run(Box<JobRecord>, u64),
+    /// Nothing to run; acknowledge the dispatch.
+    Settled,
+}

@@ -1,0 +1,637 @@
+//! The executor against a real nats-server and a real registry. The test plays the scheduler:
+//! it writes job records and publishes dispatches.
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use bytes::Bytes;
+use capstan_executor::Config;
+use capstan_mesh::Mesh;
+use capstan_protocol::codec::{self, Encoding};
+use capstan_protocol::spec::Program;
+use capstan_protocol::{
+    Dispatch, JobEvent, JobId, JobRecord, JobSpec, JobStatus, NodeId, NodeRecord, NodeStatus,
+    Rejection, RejectionCode, Timestamp, headers, subjects,
+};
+use capstan_testkit::{NatsServer, wait_until};
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+struct Mesh3 {
+    server: NatsServer,
+    mesh: Mesh,
+    node: NodeId,
+    work: tempfile::TempDir,
+    registry: CancellationToken,
+    executor: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), capstan_mesh::Error>>,
+}
+
+async fn start(configure: impl FnOnce(&mut Config)) -> Mesh3 {
+    let server = NatsServer::start().await;
+    let registry = CancellationToken::new();
+    tokio::spawn(capstan_registry::run(
+        capstan_registry::Config::for_url(server.url()),
+        registry.clone(),
+    ));
+    let node = NodeId::new("exec-test").expect("valid");
+    let work = tempfile::tempdir().expect("work dir");
+    let mut config = Config::for_url(server.url(), node.clone());
+    config.work_dir = Some(work.path().to_path_buf());
+    config.heartbeat_interval = Duration::from_millis(200);
+    config.kill_grace = Duration::from_millis(500);
+    configure(&mut config);
+    let executor = CancellationToken::new();
+    let task = tokio::spawn(capstan_executor::run(config, executor.clone()));
+    let mesh = Mesh::open(server.client().await).await.expect("mesh");
+    let up = wait_until(
+        "the executor to register",
+        Duration::from_secs(20),
+        || async {
+            mesh.nodes
+                .get(node.as_str())
+                .await
+                .expect("read")
+                .filter(|n| n.value.status == NodeStatus::Up)
+        },
+    )
+    .await;
+    assert!(up.value.capacity >= 1);
+    Mesh3 {
+        server,
+        mesh,
+        node,
+        work,
+        registry,
+        executor,
+        task,
+    }
+}
+
+impl Mesh3 {
+    /// Writes `spec` as a job assigned to the executor's node and dispatches it.
+    async fn dispatch(&self, spec: JobSpec) -> JobId {
+        let record = JobRecord::new(JobId::generate(), spec, Timestamp::now())
+            .assigned(self.node.clone(), Timestamp::now());
+        let revision = self
+            .mesh
+            .jobs
+            .create(&record.id.to_string(), &record)
+            .await
+            .expect("record");
+        self.publish(&Dispatch {
+            record: record.clone(),
+            revision,
+        })
+        .await;
+        record.id
+    }
+
+    async fn publish(&self, dispatch: &Dispatch) {
+        let payload = codec::to_msgpack(dispatch).expect("encodes");
+        self.mesh
+            .js
+            .publish(subjects::dispatch(&self.node), payload.into())
+            .await
+            .expect("published")
+            .await
+            .expect("stored");
+    }
+
+    async fn finished(&self, id: JobId) -> JobRecord {
+        wait_until("the job to finish", Duration::from_secs(30), || async {
+            self.mesh
+                .jobs
+                .get(&id.to_string())
+                .await
+                .expect("read")
+                .map(|v| v.value)
+                .filter(|r| r.status.is_terminal())
+        })
+        .await
+    }
+
+    /// Every log chunk of `id` as (stream, headers, bytes).
+    async fn logs(&self, id: JobId) -> Vec<(String, async_nats::HeaderMap, Bytes)> {
+        let stream = self
+            .mesh
+            .js
+            .get_stream("CAPSTAN_LOGS")
+            .await
+            .expect("logs stream");
+        let consumer = stream
+            .create_consumer(jetstream::consumer::pull::Config {
+                filter_subject: subjects::logs(id),
+                ..Default::default()
+            })
+            .await
+            .expect("consumer");
+        let mut chunks = Vec::new();
+        let mut batch = consumer
+            .fetch()
+            .max_messages(10_000)
+            .messages()
+            .await
+            .expect("fetch");
+        while let Some(Ok(message)) = batch.next().await {
+            let map = message.headers.clone().unwrap_or_default();
+            let which = map
+                .get(headers::LOG_STREAM)
+                .map(|v| v.to_string())
+                .unwrap_or_default();
+            chunks.push((which, map, message.payload.clone()));
+        }
+        chunks
+    }
+
+    async fn stop(self) -> Result<(), capstan_mesh::Error> {
+        self.executor.cancel();
+        let result = self.task.await.expect("joins");
+        self.registry.cancel();
+        result
+    }
+}
+
+fn shell(command: &str) -> JobSpec {
+    JobSpec::shell(command)
+}
+
+fn alive(pid: i32) -> bool {
+    // Signal 0 checks existence; a zombie still answers, so look at /proc as well.
+    let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    !state.is_empty() && !state.contains(") Z ")
+}
+
+#[tokio::test]
+async fn a_dispatched_job_runs_and_its_output_exit_code_and_events_are_recorded() {
+    let mesh = start(|_| {}).await;
+    let client = mesh.server.client().await;
+    let mut events = client
+        .subscribe(subjects::JOB_EVENTS_ALL)
+        .await
+        .expect("subscribe");
+    let id = mesh.dispatch(shell("echo out; echo err >&2; exit 3")).await;
+    let done = mesh.finished(id).await;
+    assert_eq!(done.status, JobStatus::Failed);
+    assert_eq!(done.exit_code, Some(3));
+    assert_eq!(done.node, Some(mesh.node.clone()));
+    assert!(done.started_at.is_some() && done.finished_at.is_some());
+    let output = done.output.expect("output summary");
+    assert_eq!(
+        (output.stdout_bytes, output.stderr_bytes, output.truncated),
+        (4, 4, false)
+    );
+
+    let logs = mesh.logs(id).await;
+    let stdout: Vec<u8> = logs
+        .iter()
+        .filter(|(s, ..)| s == "stdout")
+        .flat_map(|(.., bytes)| bytes.to_vec())
+        .collect();
+    assert_eq!(stdout, b"out\n");
+    assert!(
+        logs.iter()
+            .any(|(s, _, b)| s == "stderr" && b.as_ref() == b"err\n")
+    );
+
+    let mut kinds = Vec::new();
+    while kinds.len() < 2 {
+        let message = tokio::time::timeout(Duration::from_secs(10), events.next())
+            .await
+            .expect("events")
+            .expect("open");
+        let event: JobEvent = codec::decode(Encoding::MsgPack, &message.payload).expect("decodes");
+        kinds.push(event.kind.as_str().to_owned());
+        if event.kind.is_terminal() {
+            let map = message.headers.expect("headers");
+            assert_eq!(map.get(headers::EXIT_CODE).map(|v| v.as_str()), Some("3"));
+        }
+    }
+    assert_eq!(kinds, ["running", "failed"]);
+    mesh.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn stdin_env_and_cwd_reach_the_process_and_the_executors_own_environment_does_not() {
+    let mesh = start(|_| {}).await;
+    let mut spec = shell(
+        r#"read line; echo "$line|$GREETING|$(pwd)|${CARGO_MANIFEST_DIR:-unset}|$CAPSTAN_JOB_ID""#,
+    );
+    spec.stdin = Some("payload\n".into());
+    spec.env.insert("GREETING".into(), "hi".into());
+    spec.cwd = Some("/tmp".into());
+    let id = mesh.dispatch(spec).await;
+    assert_eq!(mesh.finished(id).await.status, JobStatus::Succeeded);
+    let text: Vec<u8> = mesh
+        .logs(id)
+        .await
+        .into_iter()
+        .flat_map(|(.., bytes)| bytes.to_vec())
+        .collect();
+    assert_eq!(
+        String::from_utf8_lossy(&text),
+        format!("payload|hi|/tmp|unset|{id}\n")
+    );
+    mesh.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn argv_runs_without_a_shell_and_a_missing_program_fails_with_the_reason() {
+    let mesh = start(|_| {}).await;
+    let mut spec = shell("unused");
+    spec.program = Program::Argv(vec!["echo".into(), "$HOME".into()]);
+    let id = mesh.dispatch(spec).await;
+    assert_eq!(mesh.finished(id).await.status, JobStatus::Succeeded);
+    let text: Vec<u8> = mesh
+        .logs(id)
+        .await
+        .into_iter()
+        .flat_map(|(.., b)| b.to_vec())
+        .collect();
+    assert_eq!(text, b"$HOME\n", "no shell expanded the argument");
+
+    let mut spec = shell("unused");
+    spec.program = Program::Argv(vec!["/no/such/program".into()]);
+    let id = mesh.dispatch(spec).await;
+    let done = mesh.finished(id).await;
+    assert_eq!(done.status, JobStatus::Failed);
+    assert!(
+        done.error
+            .as_deref()
+            .is_some_and(|e| e.contains("cannot start")),
+        "{done:?}"
+    );
+    mesh.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn a_job_past_its_timeout_is_killed_with_its_whole_process_group() {
+    let mesh = start(|_| {}).await;
+    let pid_file = mesh.work.path().join("background.pid");
+    // The shell ignores SIGTERM and leaves a background child: both must die.
+    let mut spec = shell(&format!(
+        "trap '' TERM; sleep 300 & echo $! > {}; wait",
+        pid_file.display()
+    ));
+    spec.timeout = Some(Duration::from_millis(500));
+    let id = mesh.dispatch(spec).await;
+    let done = mesh.finished(id).await;
+    assert_eq!(done.status, JobStatus::TimedOut);
+    assert!(
+        done.error
+            .as_deref()
+            .is_some_and(|e| e.contains("timed out"))
+    );
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .expect("pid written")
+        .trim()
+        .parse()
+        .expect("a pid");
+    wait_until(
+        "the background child to die",
+        Duration::from_secs(10),
+        || async { (!alive(pid)).then_some(()) },
+    )
+    .await;
+    mesh.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn background_children_left_by_a_finished_job_are_killed() {
+    let mesh = start(|_| {}).await;
+    let pid_file = mesh.work.path().join("left.pid");
+    let id = mesh
+        .dispatch(shell(&format!(
+            "sleep 300 > /dev/null 2>&1 & echo $! > {}",
+            pid_file.display()
+        )))
+        .await;
+    assert_eq!(mesh.finished(id).await.status, JobStatus::Succeeded);
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .expect("pid written")
+        .trim()
+        .parse()
+        .expect("a pid");
+    wait_until(
+        "the leftover child to die",
+        Duration::from_secs(10),
+        || async { (!alive(pid)).then_some(()) },
+    )
+    .await;
+    mesh.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn output_beyond_the_cap_is_counted_truncated_and_marked() {
+    let mesh = start(|config| config.max_output_bytes = 1000).await;
+    let id = mesh
+        .dispatch(shell("head -c 200000 /dev/zero | tr '\\0' x"))
+        .await;
+    let done = mesh.finished(id).await;
+    assert_eq!(done.status, JobStatus::Succeeded);
+    let output = done.output.expect("summary");
+    assert_eq!((output.stdout_bytes, output.truncated), (200_000, true));
+    let logs = mesh.logs(id).await;
+    let kept: usize = logs
+        .iter()
+        .filter(|(_, map, _)| map.get(headers::LOG_TRUNCATED).is_none())
+        .map(|(.., bytes)| bytes.len())
+        .sum();
+    assert_eq!(kept, 1000);
+    assert!(
+        logs.iter()
+            .any(|(_, map, _)| map.get(headers::LOG_TRUNCATED).is_some())
+    );
+    mesh.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn malformed_and_misrouted_dispatches_are_rejected_and_the_executor_keeps_working() {
+    let mesh = start(|_| {}).await;
+    let client = mesh.server.client().await;
+    let mut rejections = client
+        .subscribe(subjects::REJECTED_ALL)
+        .await
+        .expect("subscribe");
+    mesh.mesh
+        .js
+        .publish(subjects::dispatch(&mesh.node), "garbage".into())
+        .await
+        .expect("published")
+        .await
+        .expect("stored");
+    let message = tokio::time::timeout(Duration::from_secs(20), rejections.next())
+        .await
+        .expect("a rejection")
+        .expect("open");
+    let rejection: Rejection = codec::decode(Encoding::MsgPack, &message.payload).expect("decodes");
+    assert_eq!(rejection.code, RejectionCode::Malformed);
+
+    let other = NodeId::new("someone-else").expect("valid");
+    let record = JobRecord::new(JobId::generate(), shell("true"), Timestamp::now())
+        .assigned(other, Timestamp::now());
+    mesh.publish(&Dispatch {
+        record,
+        revision: 1,
+    })
+    .await;
+    let message = tokio::time::timeout(Duration::from_secs(20), rejections.next())
+        .await
+        .expect("a rejection")
+        .expect("open");
+    let rejection: Rejection = codec::decode(Encoding::MsgPack, &message.payload).expect("decodes");
+    assert_eq!(rejection.code, RejectionCode::Misrouted);
+
+    let id = mesh.dispatch(shell("true")).await;
+    assert_eq!(mesh.finished(id).await.status, JobStatus::Succeeded);
+    mesh.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn a_stale_dispatch_of_a_superseded_attempt_is_dropped_without_running() {
+    let mesh = start(|_| {}).await;
+    let marker = mesh.work.path().join("ran");
+    let spec = shell(&format!("touch {}", marker.display()));
+    let first = JobRecord::new(JobId::generate(), spec, Timestamp::now())
+        .assigned(mesh.node.clone(), Timestamp::now());
+    let key = first.id.to_string();
+    let revision = mesh.mesh.jobs.create(&key, &first).await.expect("created");
+    // The scheduler moved on to attempt 2 before attempt 1 was delivered.
+    let second = first.assigned(mesh.node.clone(), Timestamp::now());
+    mesh.mesh
+        .jobs
+        .update(&key, &second, revision)
+        .await
+        .expect("updated");
+    mesh.publish(&Dispatch {
+        record: first,
+        revision,
+    })
+    .await;
+    let stream = mesh
+        .mesh
+        .js
+        .get_stream("CAPSTAN_DISPATCH")
+        .await
+        .expect("stream");
+    wait_until(
+        "the stale dispatch to be settled",
+        Duration::from_secs(20),
+        || {
+            let mut stream = stream.clone();
+            async move { (stream.info().await.ok()?.state.messages == 0).then_some(()) }
+        },
+    )
+    .await;
+    assert!(!marker.exists(), "the stale attempt did not run");
+    let current = mesh
+        .mesh
+        .jobs
+        .get(&key)
+        .await
+        .expect("read")
+        .expect("present");
+    assert_eq!(
+        (current.value.status, current.value.attempt),
+        (JobStatus::Pending, 2)
+    );
+    mesh.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn the_executor_runs_no_more_jobs_at_once_than_its_slots_and_reports_them_in_heartbeats() {
+    let mesh = start(|config| config.slots = 2).await;
+    let ids: Vec<JobId> = {
+        let mut ids = Vec::new();
+        for _ in 0..5 {
+            ids.push(mesh.dispatch(shell("sleep 0.6")).await);
+        }
+        ids
+    };
+    let mut most = 0;
+    let mut seen_in_heartbeat = false;
+    loop {
+        let mut running = 0;
+        let mut done = 0;
+        for id in &ids {
+            let record = mesh
+                .mesh
+                .jobs
+                .get(&id.to_string())
+                .await
+                .expect("read")
+                .expect("present");
+            match record.value.status {
+                JobStatus::Running => running += 1,
+                status if status.is_terminal() => done += 1,
+                _ => {}
+            }
+        }
+        most = most.max(running);
+        let node: NodeRecord = mesh
+            .mesh
+            .nodes
+            .get(mesh.node.as_str())
+            .await
+            .expect("read")
+            .expect("present")
+            .value;
+        seen_in_heartbeat |= !node.jobs.is_empty();
+        if done == ids.len() {
+            break;
+        }
+        tokio::time::sleep(capstan_testkit::POLL_INTERVAL).await;
+    }
+    assert!(most <= 2, "{most} ran at once on 2 slots");
+    assert_eq!(most, 2, "both slots were used");
+    assert!(seen_in_heartbeat, "heartbeats listed the running jobs");
+    mesh.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn on_shutdown_running_jobs_finish_before_the_executor_leaves() {
+    let mesh = start(|_| {}).await;
+    let id = mesh.dispatch(shell("sleep 1; echo done")).await;
+    wait_until("the job to start", Duration::from_secs(20), || async {
+        mesh.mesh
+            .jobs
+            .get(&id.to_string())
+            .await
+            .expect("read")
+            .filter(|r| r.value.status == JobStatus::Running)
+    })
+    .await;
+    let node = mesh.node.clone();
+    let jobs = mesh.mesh.jobs.clone();
+    let nodes = mesh.mesh.nodes.clone();
+    mesh.executor.cancel();
+    let result = mesh.task.await.expect("joins");
+    result.expect("clean exit");
+    let done = jobs
+        .get(&id.to_string())
+        .await
+        .expect("read")
+        .expect("present")
+        .value;
+    assert_eq!(done.status, JobStatus::Succeeded, "finished, not killed");
+    let left = nodes
+        .get(node.as_str())
+        .await
+        .expect("read")
+        .expect("present")
+        .value;
+    assert_eq!(left.status, NodeStatus::Left);
+    mesh.registry.cancel();
+}
+
+#[tokio::test]
+async fn a_dispatch_arriving_after_the_executor_sat_idle_starts_at_once() {
+    let mesh = start(|_| {}).await;
+    // The scenario is an idle executor: its pull requests have been open for several seconds
+    // (past the point where a heartbeat would arrive) when the dispatch comes.
+    let idle_until = tokio::time::Instant::now() + Duration::from_millis(6500);
+    tokio::time::sleep_until(idle_until).await;
+    let dispatched = tokio::time::Instant::now();
+    let id = mesh.dispatch(shell("true")).await;
+    wait_until(
+        "the idle executor to start the job",
+        Duration::from_secs(5),
+        || async {
+            mesh.mesh
+                .jobs
+                .get(&id.to_string())
+                .await
+                .expect("read")
+                .filter(|r| r.value.started_at.is_some())
+        },
+    )
+    .await;
+    assert!(dispatched.elapsed() < Duration::from_secs(5));
+    mesh.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn a_cancelled_running_job_loses_its_whole_process_group_within_a_second() {
+    let mesh = start(|_| {}).await;
+    let pid_file = mesh.work.path().join("child.pid");
+    // A shell that ignores SIGTERM, with a child: the whole group must still go.
+    let id = mesh
+        .dispatch(shell(&format!(
+            "trap '' TERM; sleep 300 & echo $! > {}; wait",
+            pid_file.display()
+        )))
+        .await;
+    let child: i32 = wait_until(
+        "the job to start its child",
+        Duration::from_secs(20),
+        || async { std::fs::read_to_string(&pid_file).ok()?.trim().parse().ok() },
+    )
+    .await;
+    let asked = std::time::Instant::now();
+    let (outcome, _) = capstan_mesh::lifecycle::cancel(&mesh.mesh, id)
+        .await
+        .expect("cancellable");
+    assert_eq!(outcome, capstan_protocol::CancelOutcome::Requested);
+    wait_until(
+        "the process group to be gone",
+        Duration::from_secs(5),
+        || async { (!alive(child)).then_some(()) },
+    )
+    .await;
+    let gone_after = asked.elapsed();
+    assert!(gone_after < Duration::from_secs(1), "took {gone_after:?}");
+    let done = mesh.finished(id).await;
+    assert_eq!(done.status, JobStatus::Cancelled);
+    assert!(matches!(
+        capstan_mesh::lifecycle::cancel(&mesh.mesh, id).await,
+        Err(capstan_mesh::lifecycle::CancelError::Finished { .. })
+    ));
+    mesh.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn a_job_cancelled_before_its_dispatch_is_taken_never_runs() {
+    let mesh = start(|_| {}).await;
+    let marker = mesh.work.path().join("ran");
+    let record = JobRecord::new(
+        JobId::generate(),
+        shell(&format!("touch {}", marker.display())),
+        Timestamp::now(),
+    )
+    .assigned(mesh.node.clone(), Timestamp::now());
+    let revision = mesh
+        .mesh
+        .jobs
+        .create(&record.id.to_string(), &record)
+        .await
+        .expect("created");
+    let (outcome, cancelled) = capstan_mesh::lifecycle::cancel(&mesh.mesh, record.id)
+        .await
+        .expect("cancellable");
+    assert_eq!(
+        (outcome, cancelled.status),
+        (
+            capstan_protocol::CancelOutcome::Cancelled,
+            JobStatus::Cancelled
+        )
+    );
+    // The dispatch still arrives; the executor must drop it.
+    mesh.publish(&Dispatch { record, revision }).await;
+    let stream = mesh
+        .mesh
+        .js
+        .get_stream("CAPSTAN_DISPATCH")
+        .await
+        .expect("stream");
+    wait_until(
+        "the dispatch to be settled",
+        Duration::from_secs(20),
+        || {
+            let mut stream = stream.clone();
+            async move { (stream.info().await.ok()?.state.messages == 0).then_some(()) }
+        },
+    )
+    .await;
+    assert!(!marker.exists(), "a cancelled job ran");
+    mesh.stop().await.expect("clean stop");
+}

@@ -1,0 +1,407 @@
+//! The registry: executor nodes register with their labels and capacity, heartbeat, and are
+//! marked down when they go silent for longer than the heartbeat timeout.
+//!
+//! Node state lives in the nodes KV bucket, which any service reads; the registry is its only
+//! writer, and every write is a compare-and-swap, so several registry replicas can serve the
+//! same mesh: requests are spread over them by the micro service's queue group, and each
+//! replica sweeps for silent nodes, the CAS deciding which one records (and announces) a node
+//! going down.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use capstan_mesh::config::parse_duration;
+use capstan_mesh::{BucketView, Error, Mesh, NatsArgs, service};
+use capstan_protocol::node::NodeQuery;
+use capstan_protocol::spec::validate_labels;
+use capstan_protocol::subjects::{self, Origin};
+use capstan_protocol::{
+    ErrorCode, Heartbeat, HeartbeatReply, NodeEvent, NodeEventKind, NodeRecord, NodeStatus,
+    Registration, ServiceError, Timestamp,
+};
+use tokio_util::sync::CancellationToken;
+
+pub mod tally;
+
+/// The registry's configuration.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "capstan-registry",
+    version,
+    about = "Capstan registry: executor nodes, heartbeats, liveness"
+)]
+pub struct Config {
+    /// NATS connection.
+    #[command(flatten)]
+    pub nats: NatsArgs,
+
+    /// A node that has not heartbeated for this long is marked down.
+    #[arg(long, env = "CAPSTAN_HEARTBEAT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub heartbeat_timeout: Duration,
+
+    /// How often to look for silent nodes.
+    #[arg(long, env = "CAPSTAN_SWEEP_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub sweep_interval: Duration,
+}
+
+impl Config {
+    /// Defaults, pointing at `nats_url` (for tests and tools).
+    pub fn for_url(nats_url: impl Into<String>) -> Self {
+        Self {
+            nats: NatsArgs::for_url(nats_url),
+            heartbeat_timeout: Duration::from_secs(10),
+            sweep_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// The most job slots a node may announce.
+pub const MAX_CAPACITY: u32 = 10_000;
+
+/// Runs the registry until `shutdown` is cancelled.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
+    let mesh = Mesh::connect(&config.nats.nats_url, "capstan-registry", &shutdown).await?;
+    let view = BucketView::start(mesh.nodes.clone(), shutdown.clone()).await?;
+    let registry = Arc::new(Registry {
+        mesh: mesh.clone(),
+        view,
+        config: config.clone(),
+        started: Instant::now(),
+    });
+
+    let micro = service::start(
+        &mesh.client,
+        "capstan-registry",
+        "Executor nodes: registration, heartbeats, liveness",
+        HashMap::from([(
+            "heartbeat_timeout_ms".to_owned(),
+            config.heartbeat_timeout.as_millis().to_string(),
+        )]),
+    )
+    .await?;
+    let rejections = (mesh.events.clone(), Origin::Registry);
+    let register = service::endpoint(&micro, "register", subjects::registry::REGISTER).await?;
+    let heartbeat = service::endpoint(&micro, "heartbeat", subjects::registry::HEARTBEAT).await?;
+    let deregister =
+        service::endpoint(&micro, "deregister", subjects::registry::DEREGISTER).await?;
+    let list = service::endpoint(&micro, "nodes-list", subjects::registry::NODES_LIST).await?;
+    let get = service::endpoint(&micro, "nodes-get", subjects::registry::NODES_GET).await?;
+    tracing::info!(heartbeat_timeout = ?config.heartbeat_timeout, "registry ready");
+
+    let r = registry.clone();
+    let s = shutdown.clone();
+    tokio::join!(
+        service::serve(register, s.clone(), 64, rejections.clone(), {
+            let r = r.clone();
+            move |registration: Registration| {
+                let r = r.clone();
+                async move { r.register(registration).await }
+            }
+        }),
+        service::serve(heartbeat, s.clone(), 64, rejections.clone(), {
+            let r = r.clone();
+            move |beat: Heartbeat| {
+                let r = r.clone();
+                async move { r.heartbeat(beat).await }
+            }
+        }),
+        service::serve(deregister, s.clone(), 16, rejections.clone(), {
+            let r = r.clone();
+            move |beat: Heartbeat| {
+                let r = r.clone();
+                async move { r.deregister(beat).await }
+            }
+        }),
+        service::serve(list, s.clone(), 16, rejections.clone(), {
+            let r = r.clone();
+            move |_: service::NoArgs| {
+                let r = r.clone();
+                async move { r.list().await }
+            }
+        }),
+        service::serve(get, s.clone(), 16, rejections.clone(), {
+            let r = r.clone();
+            move |query: NodeQuery| {
+                let r = r.clone();
+                async move { r.get(query).await }
+            }
+        }),
+        registry.sweep_until(s.clone()),
+        tally::run(mesh.clone(), s.clone()),
+    );
+    if let Err(error) = micro.stop().await {
+        tracing::debug!(error = %error, "stopping the micro service");
+    }
+    tracing::info!("registry stopped");
+    Ok(())
+}
+
+/// Bounded retries of a compare-and-swap that lost to a concurrent writer.
+const CAS_ATTEMPTS: usize = 8;
+
+struct Registry {
+    mesh: Mesh,
+    view: BucketView<NodeRecord>,
+    config: Config,
+    started: Instant,
+}
+
+fn unavailable(error: Error) -> ServiceError {
+    ServiceError::new(ErrorCode::Unavailable, error.to_string())
+}
+
+fn bad_request(field: &str, message: impl Into<String>) -> ServiceError {
+    ServiceError {
+        code: ErrorCode::BadRequest,
+        message: message.into(),
+        field: Some(field.to_owned()),
+    }
+}
+
+impl Registry {
+    async fn register(&self, registration: Registration) -> Result<NodeRecord, ServiceError> {
+        if registration.capacity == 0 || registration.capacity > MAX_CAPACITY {
+            return Err(bad_request(
+                "capacity",
+                format!("must be between 1 and {MAX_CAPACITY}"),
+            ));
+        }
+        validate_labels("labels", &registration.labels)
+            .map_err(|e| bad_request(&e.field, e.reason))?;
+        if registration.version.len() > 64 || registration.hostname.len() > 255 {
+            return Err(bad_request("version", "version or hostname too long"));
+        }
+        let key = registration.node.to_string();
+        for _ in 0..CAS_ATTEMPTS {
+            let now = Timestamp::now();
+            let current = self.mesh.nodes.get(&key).await.map_err(unavailable)?;
+            let record = NodeRecord {
+                id: registration.node.clone(),
+                instance: registration.instance,
+                labels: registration.labels.clone(),
+                capacity: registration.capacity,
+                version: registration.version.clone(),
+                hostname: registration.hostname.clone(),
+                status: NodeStatus::Up,
+                registered_at: now,
+                last_heartbeat_at: now,
+                jobs: Vec::new(),
+                queued: 0,
+                // The node's tally outlives its instances.
+                finished: current
+                    .as_ref()
+                    .map(|c| c.value.finished.clone())
+                    .unwrap_or_default(),
+            };
+            let written = match &current {
+                None => self.mesh.nodes.create(&key, &record).await,
+                Some(current) => {
+                    self.mesh
+                        .nodes
+                        .update(&key, &record, current.revision)
+                        .await
+                }
+            };
+            match written {
+                Ok(_) => {
+                    if let Some(previous) = current.filter(|c| c.value.instance != record.instance)
+                    {
+                        tracing::info!(
+                            node = %record.id,
+                            instance = %record.instance,
+                            previous = %previous.value.instance,
+                            "node registered by a new instance"
+                        );
+                    } else {
+                        tracing::info!(node = %record.id, instance = %record.instance, capacity = record.capacity, "node registered");
+                    }
+                    self.announce(NodeEventKind::Registered, &record).await;
+                    return Ok(record);
+                }
+                Err(Error::Conflict { .. } | Error::AlreadyExists { .. }) => continue,
+                Err(error) => return Err(unavailable(error)),
+            }
+        }
+        Err(ServiceError::new(
+            ErrorCode::Conflict,
+            "the node's record kept changing; register again",
+        ))
+    }
+
+    async fn heartbeat(&self, beat: Heartbeat) -> Result<HeartbeatReply, ServiceError> {
+        let key = beat.node.to_string();
+        for _ in 0..CAS_ATTEMPTS {
+            let Some(current) = self.mesh.nodes.get(&key).await.map_err(unavailable)? else {
+                return Ok(HeartbeatReply::UnknownNode);
+            };
+            if current.value.instance != beat.instance {
+                return Ok(HeartbeatReply::Superseded);
+            }
+            if current.value.status == NodeStatus::Left {
+                return Ok(HeartbeatReply::UnknownNode);
+            }
+            let was_down = current.value.status == NodeStatus::Down;
+            let record = NodeRecord {
+                status: NodeStatus::Up,
+                last_heartbeat_at: Timestamp::now(),
+                jobs: beat.jobs.clone(),
+                queued: beat.queued,
+                ..current.value
+            };
+            match self
+                .mesh
+                .nodes
+                .update(&key, &record, current.revision)
+                .await
+            {
+                Ok(_) => {
+                    if was_down {
+                        tracing::info!(node = %record.id, "node is heartbeating again");
+                        self.announce(NodeEventKind::Up, &record).await;
+                    }
+                    return Ok(HeartbeatReply::Ok);
+                }
+                Err(Error::Conflict { .. }) => continue,
+                Err(error) => return Err(unavailable(error)),
+            }
+        }
+        Err(ServiceError::new(
+            ErrorCode::Conflict,
+            "the node's record kept changing",
+        ))
+    }
+
+    async fn deregister(&self, beat: Heartbeat) -> Result<NodeRecord, ServiceError> {
+        let key = beat.node.to_string();
+        for _ in 0..CAS_ATTEMPTS {
+            let Some(current) = self.mesh.nodes.get(&key).await.map_err(unavailable)? else {
+                return Err(not_found(&key));
+            };
+            if current.value.instance != beat.instance {
+                return Err(ServiceError::new(
+                    ErrorCode::Conflict,
+                    format!("node {key} is registered by another instance"),
+                ));
+            }
+            let record = NodeRecord {
+                status: NodeStatus::Left,
+                last_heartbeat_at: Timestamp::now(),
+                jobs: Vec::new(),
+                queued: 0,
+                ..current.value
+            };
+            match self
+                .mesh
+                .nodes
+                .update(&key, &record, current.revision)
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(node = %record.id, "node deregistered");
+                    self.announce(NodeEventKind::Deregistered, &record).await;
+                    return Ok(record);
+                }
+                Err(Error::Conflict { .. }) => continue,
+                Err(error) => return Err(unavailable(error)),
+            }
+        }
+        Err(ServiceError::new(
+            ErrorCode::Conflict,
+            "the node's record kept changing",
+        ))
+    }
+
+    async fn list(&self) -> Result<Vec<NodeRecord>, ServiceError> {
+        let mut nodes: Vec<NodeRecord> = self
+            .mesh
+            .nodes
+            .values()
+            .await
+            .map_err(unavailable)?
+            .into_iter()
+            .map(|versioned| versioned.value)
+            .collect();
+        nodes.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(nodes)
+    }
+
+    async fn get(&self, query: NodeQuery) -> Result<NodeRecord, ServiceError> {
+        let key = query.node.to_string();
+        match self.mesh.nodes.get(&key).await.map_err(unavailable)? {
+            Some(versioned) => Ok(versioned.value),
+            None => Err(not_found(&key)),
+        }
+    }
+
+    async fn sweep_until(&self, shutdown: CancellationToken) {
+        let mut ticker = tokio::time::interval(self.config.sweep_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = ticker.tick() => {}
+            }
+            // Heartbeats sent while no registry ran were lost: give every node one full timeout
+            // after start before judging it.
+            if self.started.elapsed() < self.config.heartbeat_timeout {
+                continue;
+            }
+            self.sweep().await;
+        }
+    }
+
+    /// Marks down every up node silent for longer than the timeout. Replicas sweep
+    /// concurrently; the CAS lets one of them record and announce each change.
+    async fn sweep(&self) {
+        let now = Timestamp::now();
+        let silent: Vec<_> = self
+            .view
+            .values()
+            .into_iter()
+            .filter(|node| {
+                node.value.status == NodeStatus::Up
+                    && now.since(node.value.last_heartbeat_at) > self.config.heartbeat_timeout
+            })
+            .collect();
+        for node in silent {
+            let key = node.value.id.to_string();
+            let record = NodeRecord {
+                status: NodeStatus::Down,
+                ..node.value
+            };
+            match self.mesh.nodes.update(&key, &record, node.revision).await {
+                Ok(_) => {
+                    tracing::warn!(
+                        node = %record.id,
+                        silent_for_ms = now.since(record.last_heartbeat_at).as_millis() as u64,
+                        "node missed its heartbeats: marked down"
+                    );
+                    self.announce(NodeEventKind::Down, &record).await;
+                }
+                // A heartbeat or another replica got there first.
+                Err(Error::Conflict { .. }) => {}
+                Err(error) => tracing::warn!(node = %key, error = %error, "cannot mark node down"),
+            }
+        }
+    }
+
+    async fn announce(&self, kind: NodeEventKind, record: &NodeRecord) {
+        let event = NodeEvent {
+            kind,
+            at: Timestamp::now(),
+            node: record.clone(),
+        };
+        if let Err(error) = self.mesh.events.node(&event).await {
+            tracing::warn!(node = %record.id, kind = %kind, error = %error, "cannot publish node event");
+        }
+    }
+}
+
+fn not_found(key: &str) -> ServiceError {
+    ServiceError {
+        code: ErrorCode::NotFound,
+        message: format!("no node `{key}`"),
+        field: Some("node".into()),
+    }
+}

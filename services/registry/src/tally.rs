@@ -1,0 +1,132 @@
+//! Per-node job outcomes: the registry replicas share one durable consumer on the terminal job
+//! events and add each job's ending to its node's record, so an operator reading a node sees
+//! how its work went (and each job's trace shows the registry taking note of it).
+//!
+//! A batch's events are summed per node and written with one compare-and-swap per node; they
+//! are acknowledged after the write, so a crash in between counts them again (at least once).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{AckPolicy, pull};
+use async_nats::jetstream::{self, AckKind};
+use capstan_mesh::{Error, Mesh, consume, wire};
+use capstan_protocol::subjects::{self, Origin};
+use capstan_protocol::{JobEvent, JobEventKind, NodeId, NodeTally, Rejection, Timestamp, topology};
+use tokio_util::sync::CancellationToken;
+
+/// Events summed per batch, at most.
+const BATCH: usize = 512;
+
+/// How long a batch waits for more events after its first.
+const LINGER: Duration = Duration::from_millis(20);
+
+/// Tallies job outcomes until `shutdown`.
+pub async fn run(mesh: Mesh, shutdown: CancellationToken) {
+    let config = pull::Config {
+        durable_name: Some(topology::REGISTRY_CONSUMER.to_owned()),
+        description: Some("Registry replicas tallying job outcomes per node".to_owned()),
+        filter_subjects: JobEventKind::TERMINAL
+            .iter()
+            .map(|kind| subjects::job_events_of_kind(*kind))
+            .collect(),
+        ack_policy: AckPolicy::Explicit,
+        ack_wait: Duration::from_secs(30),
+        max_deliver: 20,
+        max_ack_pending: 20_000,
+        ..Default::default()
+    };
+    let Some(consumer) = consume::durable(&mesh.js, topology::EVENTS.name, config, &shutdown).await
+    else {
+        return;
+    };
+    consume::batches(&consumer, BATCH, LINGER, &shutdown, |messages| {
+        tally(&mesh, messages)
+    })
+    .await;
+}
+
+async fn tally(mesh: &Mesh, messages: Vec<jetstream::Message>) {
+    let mut per_node: BTreeMap<NodeId, NodeTally> = BTreeMap::new();
+    let mut counted = Vec::with_capacity(messages.len());
+    let mut spans = Vec::with_capacity(messages.len());
+    for message in messages {
+        match wire::decode::<JobEvent>(message.headers.as_ref(), &message.payload) {
+            Ok((event, _)) => {
+                let record = &event.record;
+                if let Some(node) = &record.node {
+                    let span = tracing::info_span!(
+                        "tally job outcome",
+                        otel.kind = "consumer",
+                        job_id = %record.id,
+                        node = %node,
+                        status = record.status.as_str(),
+                    );
+                    capstan_telemetry::propagation::follow(&span, message.headers.as_ref());
+                    spans.push(span);
+                    per_node.entry(node.clone()).or_default().count(
+                        record.id,
+                        record.status,
+                        record.finished_at.unwrap_or(event.at),
+                    );
+                }
+                counted.push(message);
+            }
+            Err(error) => {
+                let rejection = Rejection {
+                    subject: message.subject.to_string(),
+                    code: error.code,
+                    field: error.field.clone(),
+                    reason: error.to_string(),
+                    job: subjects::parse_job_event(&message.subject).map(|(job, _)| job),
+                    size: message.payload.len(),
+                    stream_seq: message.info().ok().map(|info| info.stream_sequence),
+                    at: Timestamp::now(),
+                };
+                mesh.events.rejection(Origin::Registry, &rejection).await;
+                let _ = message.ack_with(AckKind::Term).await;
+            }
+        }
+    }
+    let mut failed = false;
+    for (node, tally) in &per_node {
+        if let Err(error) = add(mesh, node, tally).await {
+            tracing::warn!(node = %node, error = %error, "cannot record job outcomes yet; they will be redelivered");
+            failed = true;
+            break;
+        }
+    }
+    for message in counted {
+        let ack = if failed {
+            message
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                .await
+        } else {
+            message.ack().await
+        };
+        if let Err(error) = ack {
+            tracing::debug!(error = %error, "cannot acknowledge a job outcome");
+        }
+    }
+    drop(spans);
+}
+
+/// Adds `tally` to the node's record by compare-and-swap; a node the registry does not know
+/// (it never registered, or its record expired) is skipped.
+async fn add(mesh: &Mesh, node: &NodeId, tally: &NodeTally) -> Result<(), Error> {
+    let key = node.to_string();
+    loop {
+        let Some(current) = mesh.nodes.get(&key).await? else {
+            tracing::debug!(node = %node, "job outcomes of an unknown node are not tallied");
+            return Ok(());
+        };
+        let mut record = current.value;
+        record.finished.merge(tally);
+        match mesh.nodes.update(&key, &record, current.revision).await {
+            Ok(_) => return Ok(()),
+            // A heartbeat wrote in between: read again.
+            Err(Error::Conflict { .. }) => continue,
+            Err(error) => return Err(error),
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! The scheduler's picture of the cluster: which executor nodes are up, what they carry, and
+//! how many jobs each has been given — and the placement decision made from it.
+//!
+//! Node records come from the registry's bucket (a live view). Assignments are counted from
+//! three sources: this replica's own placements (counted the moment they are decided), the job
+//! events every replica publishes (so each replica sees the others' placements and every
+//! job's end), and the executors' heartbeats, which correct whatever the first two missed
+//! (an event lost while reconnecting, a replica that just started).
+
+use std::cmp::Ordering;
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use capstan_mesh::BucketView;
+use capstan_protocol::spec::selects;
+use capstan_protocol::{JobId, Labels, NodeId, NodeRecord, NodeStatus};
+
+/// Nodes and their assignments.
+pub struct Cluster {
+    nodes: BucketView<NodeRecord>,
+    state: Mutex<State>,
+    depth: f64,
+    grace: Duration,
+}
+
+#[derive(Default)]
+struct State {
+    /// Jobs assigned to each node and not known finished, with when we learnt of them.
+    assigned: HashMap<NodeId, HashMap<JobId, Instant>>,
+    /// When each node was last picked, to spread ties.
+    last_pick: HashMap<NodeId, Instant>,
+}
+
+impl State {
+    fn load(&self, node: &NodeId) -> usize {
+        self.assigned.get(node).map_or(0, HashMap::len)
+    }
+}
+
+/// Why a job is still waiting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shortage {
+    /// No up node carries the job's labels.
+    NoMatchingNode,
+    /// Matching nodes exist, all at their limit.
+    NoFreeSlot,
+}
+
+impl Cluster {
+    /// A cluster over the nodes in `nodes`. A node is given at most `depth` × its slots
+    /// (running plus waiting in its queue); assignments missing from a node's heartbeat are
+    /// dropped once older than `grace`.
+    pub fn new(nodes: BucketView<NodeRecord>, depth: f64, grace: Duration) -> Self {
+        Self {
+            nodes,
+            state: Mutex::new(State::default()),
+            depth: depth.max(1.0),
+            grace,
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn limit(&self, capacity: u32) -> usize {
+        (f64::from(capacity) * self.depth).ceil() as usize
+    }
+
+    /// Picks the up node that carries `selector`'s labels, has room, and is least loaded
+    /// relative to its slots (ties: the one picked longest ago), and counts `job` against it.
+    pub fn reserve(&self, selector: &Labels, job: JobId) -> Result<NodeId, Shortage> {
+        let mut state = self.state();
+        let mut matched = false;
+        let best = self.nodes.read(|entries| {
+            entries
+                .values()
+                .map(|entry| &entry.value)
+                .filter(|node| node.is_schedulable() && selects(selector, &node.labels))
+                .inspect(|_| matched = true)
+                .filter_map(|node| {
+                    let load = state.load(&node.id);
+                    (load < self.limit(node.capacity)).then(|| {
+                        (
+                            node.id.clone(),
+                            load as u64,
+                            u64::from(node.capacity.max(1)),
+                            state.last_pick.get(&node.id).copied(),
+                        )
+                    })
+                })
+                .min_by(|a, b| {
+                    // Compare load/capacity as fractions, then least recently picked first.
+                    (a.1 * b.2)
+                        .cmp(&(b.1 * a.2))
+                        .then_with(|| match (a.3, b.3) {
+                            (None, None) => Ordering::Equal,
+                            (None, Some(_)) => Ordering::Less,
+                            (Some(_), None) => Ordering::Greater,
+                            (Some(x), Some(y)) => x.cmp(&y),
+                        })
+                        .then_with(|| a.0.cmp(&b.0))
+                })
+                .map(|(id, ..)| id)
+        });
+        match best {
+            Some(node) => {
+                let now = Instant::now();
+                state
+                    .assigned
+                    .entry(node.clone())
+                    .or_default()
+                    .insert(job, now);
+                state.last_pick.insert(node.clone(), now);
+                Ok(node)
+            }
+            None if matched => Err(Shortage::NoFreeSlot),
+            None => Err(Shortage::NoMatchingNode),
+        }
+    }
+
+    /// Takes back a reservation whose dispatch did not happen.
+    pub fn release(&self, node: &NodeId, job: JobId) {
+        if let Some(jobs) = self.state().assigned.get_mut(node) {
+            jobs.remove(&job);
+        }
+    }
+
+    /// Counts an assignment seen in an event (another replica's, or our own again).
+    pub fn observe_assigned(&self, node: NodeId, job: JobId) {
+        self.state()
+            .assigned
+            .entry(node)
+            .or_default()
+            .entry(job)
+            .or_insert_with(Instant::now);
+    }
+
+    /// Forgets a job that ended.
+    pub fn observe_finished(&self, node: Option<&NodeId>, job: JobId) {
+        let mut state = self.state();
+        match node {
+            Some(node) => {
+                if let Some(jobs) = state.assigned.get_mut(node) {
+                    jobs.remove(&job);
+                }
+            }
+            None => {
+                for jobs in state.assigned.values_mut() {
+                    jobs.remove(&job);
+                }
+            }
+        }
+    }
+
+    /// Aligns the counts with what each up node last reported: jobs it holds are counted, and
+    /// jobs it does not hold are kept only while they may still be on their way to it (younger
+    /// than the grace period, or among the newest `queued` it reported waiting).
+    pub fn reconcile(&self) {
+        let nodes: Vec<NodeRecord> = self.nodes.read(|entries| {
+            entries
+                .values()
+                .filter(|entry| entry.value.status == NodeStatus::Up)
+                .map(|entry| entry.value.clone())
+                .collect()
+        });
+        let now = Instant::now();
+        let mut state = self.state();
+        for node in nodes {
+            let held: HashSet<JobId> = node.jobs.iter().copied().collect();
+            let jobs = state.assigned.entry(node.id.clone()).or_default();
+            let mut others: Vec<(JobId, Instant)> = jobs
+                .iter()
+                .filter(|(job, _)| !held.contains(job))
+                .map(|(job, at)| (*job, *at))
+                .collect();
+            others.sort_by_key(|(_, at)| std::cmp::Reverse(*at));
+            let queued = usize::try_from(node.queued).unwrap_or(usize::MAX);
+            let mut kept: HashMap<JobId, Instant> = others
+                .into_iter()
+                .enumerate()
+                .filter(|(index, (_, at))| *index < queued || now.duration_since(*at) < self.grace)
+                .map(|(_, entry)| entry)
+                .collect();
+            for job in held {
+                let at = jobs.get(&job).copied().unwrap_or(now);
+                kept.insert(job, at);
+            }
+            *jobs = kept;
+        }
+    }
+
+    /// How many jobs each node is counted for.
+    pub fn loads(&self) -> HashMap<NodeId, usize> {
+        self.state()
+            .assigned
+            .iter()
+            .map(|(node, jobs)| (node.clone(), jobs.len()))
+            .collect()
+    }
+}

@@ -1,0 +1,414 @@
+//! Consuming submissions: decode and validate, claim the idempotency key, create the job's
+//! record (already assigned to a node when one has room), dispatch, acknowledge.
+//!
+//! Each step is idempotent, keyed by the job id, which is fixed per submission (a header, or
+//! derived from the message's stream sequence), so a redelivered submission resumes: a record
+//! that exists is read back, and a dispatch already sent is sent again under the same
+//! deduplication id.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{AckPolicy, pull};
+use async_nats::jetstream::{self, AckKind};
+use capstan_mesh::{Claim, Error, wire};
+use capstan_protocol::codec::{self, largest_field};
+use capstan_protocol::subjects::{self, Origin};
+use capstan_protocol::topology;
+use capstan_protocol::{
+    DecodeError, JobEvent, JobEventKind, JobId, JobRecord, JobSpec, Rejection, RejectionCode,
+    Timestamp, headers,
+};
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::Scheduler;
+
+/// What to do with a handled submission.
+enum Handled {
+    /// Done: acknowledge.
+    Ack,
+    /// Rejected: terminate (it will never succeed).
+    Term,
+    /// Failed for a passing reason: redeliver after the delay.
+    Retry(Duration),
+    /// Accepted and waiting for room: the waiting queue holds the message now.
+    Held,
+}
+
+/// The most times a submission is delivered. Rejections terminate at once; only passing
+/// failures count, each followed by a longer delay, so this spans minutes of outage.
+const MAX_DELIVER: i64 = 20;
+
+impl Scheduler {
+    /// Consumes submissions until `shutdown`, then waits for the ones in hand.
+    pub(crate) async fn consume(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), Error> {
+        let stream = self
+            .mesh
+            .js
+            .get_stream(topology::SUBMISSIONS.name)
+            .await
+            .map_err(|e| Error::unavailable("get submissions stream", e))?;
+        let consumer: jetstream::consumer::PullConsumer = stream
+            .create_consumer(pull::Config {
+                durable_name: Some(topology::SCHEDULER_CONSUMER.to_owned()),
+                description: Some("Schedulers accepting and placing submitted jobs".to_owned()),
+                filter_subject: subjects::SUBMIT.to_owned(),
+                ack_policy: AckPolicy::Explicit,
+                ack_wait: self.config.ack_wait,
+                max_deliver: MAX_DELIVER,
+                max_ack_pending: i64::try_from(self.config.max_waiting + self.config.concurrency)
+                    .unwrap_or(i64::MAX),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| Error::Setup {
+                what: "scheduler consumer".into(),
+                reason: e.to_string(),
+            })?;
+
+        'pull: while !shutdown.is_cancelled() {
+            let mut messages = match consumer
+                .stream()
+                .max_messages_per_batch(self.config.concurrency.clamp(1, 512))
+                .heartbeat(Duration::from_secs(5))
+                .expires(Duration::from_secs(30))
+                .messages()
+                .await
+            {
+                Ok(messages) => messages,
+                Err(error) => {
+                    tracing::warn!(error = %error, "cannot pull submissions, retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break 'pull,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue 'pull,
+                    }
+                }
+            };
+            loop {
+                let permit = tokio::select! {
+                    _ = shutdown.cancelled() => break 'pull,
+                    permit = self.permits.clone().acquire_owned() => permit.expect("never closed"),
+                };
+                let message = tokio::select! {
+                    _ = shutdown.cancelled() => break 'pull,
+                    message = messages.next() => message,
+                };
+                match message {
+                    Some(Ok(message)) => {
+                        let scheduler = self.clone();
+                        tokio::spawn(async move {
+                            scheduler.process(message).await;
+                            drop(permit);
+                        });
+                    }
+                    Some(Err(error)) => {
+                        tracing::warn!(error = %error, "submission pull failed, re-subscribing");
+                        continue 'pull;
+                    }
+                    None => continue 'pull,
+                }
+            }
+        }
+        // Wait for submissions in hand: all permits back means none is being processed.
+        let total = u32::try_from(self.config.concurrency.max(1)).unwrap_or(u32::MAX);
+        let _ =
+            tokio::time::timeout(Duration::from_secs(30), self.permits.acquire_many(total)).await;
+        Ok(())
+    }
+
+    async fn process(&self, message: jetstream::Message) {
+        let span = tracing::info_span!(
+            "accept job",
+            otel.kind = "consumer",
+            job_id = tracing::field::Empty,
+            node = tracing::field::Empty,
+        );
+        capstan_telemetry::propagation::follow(&span, message.headers.as_ref());
+        let handled = self.handle(&message).instrument(span).await;
+        let result = match handled {
+            Handled::Ack => message.ack().await,
+            Handled::Term => message.ack_with(AckKind::Term).await,
+            Handled::Retry(delay) => message.ack_with(AckKind::Nak(Some(delay))).await,
+            Handled::Held => {
+                self.wake.notify_one();
+                return;
+            }
+        };
+        if let Err(error) = result {
+            // The submission will be redelivered; handling it again is safe.
+            tracing::warn!(error = %error, "cannot acknowledge submission");
+        }
+    }
+
+    async fn handle(&self, message: &jetstream::Message) -> Handled {
+        let Ok(info) = message.info() else {
+            tracing::error!(subject = %message.subject, "submission without JetStream metadata");
+            return Handled::Term;
+        };
+        let seq = info.stream_sequence;
+        let published_ms = (info.published.unix_timestamp_nanos() / 1_000_000) as u64;
+        let delivered = info.delivered;
+        let map = message.headers.as_ref();
+        let payload = &message.payload;
+
+        let id = match wire::header(map, headers::JOB_ID) {
+            Some(text) => match text.trim().parse::<JobId>() {
+                Ok(id) => id,
+                Err(error) => {
+                    return self
+                        .reject(
+                            message,
+                            seq,
+                            None,
+                            RejectionCode::Invalid,
+                            Some(headers::JOB_ID),
+                            error.to_string(),
+                        )
+                        .await;
+                }
+            },
+            None => JobId::derived(published_ms, seq),
+        };
+        tracing::Span::current().record("job_id", tracing::field::display(id));
+        let encoding = wire::encoding_of(map, payload);
+        let limit = self.config.nats.max_job_bytes;
+        if payload.len() > limit {
+            let (field, reason) = too_large(encoding, payload, limit);
+            return self
+                .reject(
+                    message,
+                    seq,
+                    Some(id),
+                    RejectionCode::TooLarge,
+                    field.as_deref(),
+                    reason,
+                )
+                .await;
+        }
+        let spec = match codec::decode_spec(encoding, payload) {
+            Ok(spec) => spec,
+            Err(DecodeError {
+                code,
+                field,
+                reason,
+                ..
+            }) => {
+                let full = match (&code, &field) {
+                    (RejectionCode::Malformed, _) => format!("malformed submission: {reason}"),
+                    _ => reason,
+                };
+                return self
+                    .reject(message, seq, Some(id), code, field.as_deref(), full)
+                    .await;
+            }
+        };
+
+        match self.accept(id, spec, seq).await {
+            Ok(Accepted::Done) => Handled::Ack,
+            Ok(Accepted::Waiting(selector)) => {
+                self.waiting.push(message.clone(), id, selector);
+                Handled::Held
+            }
+            Ok(Accepted::Duplicate(existing)) => {
+                let reason =
+                    format!("the idempotency key names job {existing}; no new job created");
+                self.report(
+                    message,
+                    seq,
+                    Some(existing),
+                    RejectionCode::Duplicate,
+                    Some("idempotency_key"),
+                    reason,
+                )
+                .await;
+                Handled::Ack
+            }
+            Ok(Accepted::Conflict(reason)) => {
+                self.reject(
+                    message,
+                    seq,
+                    Some(id),
+                    RejectionCode::Conflict,
+                    Some(headers::JOB_ID),
+                    reason,
+                )
+                .await
+            }
+            Err(error) => {
+                tracing::warn!(job = %id, error = %error, delivered, "cannot accept submission yet");
+                Handled::Retry(retry_delay(delivered))
+            }
+        }
+    }
+
+    /// Creates the job (placed if a node has room) or resumes it if it already exists.
+    async fn accept(&self, id: JobId, spec: JobSpec, seq: u64) -> Result<Accepted, Error> {
+        if let Some(key) = &spec.idempotency_key
+            && let Claim::Existing(existing) = self.mesh.idempotency.claim(key, id).await?
+        {
+            return Ok(Accepted::Duplicate(existing));
+        }
+        let now = Timestamp::now();
+        let mut record = JobRecord::new(id, spec, now);
+        record.submission_seq = Some(seq);
+        // The job's trace: later hops without a message to carry it (re-placement) join it.
+        record.traceparent = capstan_telemetry::propagation::traceparent();
+        let node = self.cluster.reserve(&record.spec.labels, id).ok();
+        if let Some(node) = &node {
+            record = record.assigned(node.clone(), now);
+            tracing::Span::current().record("node", node.as_str());
+        }
+        let key = id.to_string();
+        match self.mesh.jobs.create(&key, &record).await {
+            Ok(revision) => {
+                let pending = JobEvent::new(JobEventKind::Pending, &record);
+                let event = self.mesh.events.job_deferred(&pending);
+                let dispatch = async {
+                    match &node {
+                        Some(_) => self.dispatch(&record, revision).await,
+                        None => Ok(()),
+                    }
+                };
+                let (event, dispatched) = tokio::join!(event, dispatch);
+                if let Err(error) = dispatched {
+                    self.release(&record);
+                    return Err(error);
+                }
+                event?
+                    .await
+                    .map_err(|e| Error::unavailable("event publish", e))?;
+                tracing::debug!(job = %id, node = ?node, "job accepted");
+                Ok(match node {
+                    Some(_) => Accepted::Done,
+                    None => Accepted::Waiting(record.spec.labels),
+                })
+            }
+            Err(Error::AlreadyExists { .. }) => {
+                if let Some(node) = &node {
+                    self.cluster.release(node, id);
+                }
+                self.resume(id, &record.spec, seq).await
+            }
+            Err(error) => {
+                if let Some(node) = &node {
+                    self.cluster.release(node, id);
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Continues with a job whose record exists: its submission was redelivered, or
+    /// re-published outside the deduplication window.
+    async fn resume(&self, id: JobId, spec: &JobSpec, seq: u64) -> Result<Accepted, Error> {
+        let Some(current) = self.mesh.jobs.get(&id.to_string()).await? else {
+            // Created, then expired or removed: nothing left to do.
+            return Ok(Accepted::Done);
+        };
+        let record = current.value;
+        if record.submission_seq != Some(seq) {
+            if &record.spec == spec {
+                // The same job submitted again under the same id.
+                return Ok(Accepted::Done);
+            }
+            return Ok(Accepted::Conflict(format!(
+                "job id {id} belongs to another submission"
+            )));
+        }
+        // Events carry deduplication ids: publishing again is harmless.
+        self.mesh
+            .events
+            .job(&JobEvent::new(JobEventKind::Pending, &record))
+            .await?;
+        if record.is_dispatched() {
+            if let Some(node) = &record.node {
+                self.cluster.observe_assigned(node.clone(), id);
+            }
+            self.dispatch(&record, current.revision).await?;
+            return Ok(Accepted::Done);
+        }
+        if record.status == capstan_protocol::JobStatus::Pending {
+            return Ok(Accepted::Waiting(record.spec.labels));
+        }
+        Ok(Accepted::Done)
+    }
+
+    async fn reject(
+        &self,
+        message: &jetstream::Message,
+        seq: u64,
+        job: Option<JobId>,
+        code: RejectionCode,
+        field: Option<&str>,
+        reason: String,
+    ) -> Handled {
+        self.report(message, seq, job, code, field, reason).await;
+        Handled::Term
+    }
+
+    async fn report(
+        &self,
+        message: &jetstream::Message,
+        seq: u64,
+        job: Option<JobId>,
+        code: RejectionCode,
+        field: Option<&str>,
+        reason: String,
+    ) {
+        let rejection = Rejection {
+            subject: message.subject.to_string(),
+            code,
+            field: field.map(str::to_owned),
+            reason,
+            job,
+            size: message.payload.len(),
+            stream_seq: Some(seq),
+            at: Timestamp::now(),
+        };
+        self.mesh.events.rejection(Origin::Submit, &rejection).await;
+    }
+
+    pub(crate) fn release(&self, record: &JobRecord) {
+        if let Some(node) = &record.node {
+            self.cluster.release(node, record.id);
+        }
+    }
+}
+
+enum Accepted {
+    /// Created and dispatched, or nothing more to do.
+    Done,
+    /// Created; waits for a node with room (the selector).
+    Waiting(capstan_protocol::Labels),
+    /// The idempotency key names this existing job.
+    Duplicate(JobId),
+    /// The id is taken by a different job.
+    Conflict(String),
+}
+
+/// The reason for a too-large rejection, naming the field that holds most of the bytes.
+fn too_large(
+    encoding: capstan_protocol::Encoding,
+    payload: &[u8],
+    limit: usize,
+) -> (Option<String>, String) {
+    let base = format!(
+        "the job is {} bytes, over the limit of {limit} bytes (CAPSTAN_MAX_JOB_BYTES)",
+        payload.len()
+    );
+    match largest_field(encoding, payload) {
+        Some((field, size)) => {
+            let reason = format!("{base}; `{field}` holds {size} bytes");
+            (Some(field), reason)
+        }
+        None => (None, base),
+    }
+}
+
+/// Delay before a failed submission is redelivered: grows with each delivery, up to a minute.
+fn retry_delay(delivered: i64) -> Duration {
+    let exponent = u32::try_from(delivered.clamp(1, 7) - 1).unwrap_or(0);
+    Duration::from_millis(500 * 2u64.pow(exponent)).min(Duration::from_secs(60))
+}

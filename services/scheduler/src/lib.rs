@@ -1,0 +1,186 @@
+//! The scheduler: accepts job submissions, places each job on an executor whose labels match
+//! and who has room, and dispatches it.
+//!
+//! Replicas share one durable consumer on the submissions stream, so each submission is
+//! handled by one replica at a time; everything a replica does with it is keyed by the job id
+//! and guarded by compare-and-swap on the job's KV record, so a submission redelivered after a
+//! crash resumes where the crash left it instead of creating or dispatching twice.
+//!
+//! Module map: [`cluster`] knows the nodes and their load and makes the placement decision;
+//! [`waiting`] holds jobs that found no room; `intake` consumes submissions; `placer` places
+//! waiting jobs as room appears and follows job events; `create` serves the request/reply
+//! endpoint.
+
+pub mod cluster;
+mod create;
+mod intake;
+mod placer;
+pub mod waiting;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use capstan_mesh::config::parse_duration;
+use capstan_mesh::{BucketView, Error, Mesh, NatsArgs, Submitter, service};
+use capstan_protocol::reply::Cancelled;
+use capstan_protocol::{ErrorCode, JobRef, ServiceError, subjects};
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::cluster::Cluster;
+use crate::waiting::Waiting;
+
+/// The scheduler's configuration.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "capstan-scheduler",
+    version,
+    about = "Capstan scheduler: accepts jobs and places them on executors"
+)]
+pub struct Config {
+    /// NATS connection and submission limits.
+    #[command(flatten)]
+    pub nats: NatsArgs,
+
+    /// Submissions processed at once by this replica.
+    #[arg(long, env = "CAPSTAN_SCHEDULER_CONCURRENCY", default_value_t = 256)]
+    pub concurrency: usize,
+
+    /// Most jobs this replica holds while they wait for an executor with room; beyond it,
+    /// submissions wait in the stream.
+    #[arg(long, env = "CAPSTAN_MAX_WAITING", default_value_t = 10_000)]
+    pub max_waiting: usize,
+
+    /// Jobs given to a node at once, as a multiple of its slots (running plus queued at the
+    /// node, so it starts the next job without waiting for the scheduler).
+    #[arg(long, env = "CAPSTAN_DISPATCH_DEPTH", default_value_t = 2.0)]
+    pub dispatch_depth: f64,
+
+    /// How long a delivered submission may go unacknowledged before JetStream gives it to
+    /// another replica. Held submissions are kept alive with progress acks.
+    #[arg(long, env = "CAPSTAN_ACK_WAIT", default_value = "30s", value_parser = parse_duration)]
+    pub ack_wait: Duration,
+
+    /// How long an assignment may be missing from its node's heartbeats before it stops
+    /// counting against the node.
+    #[arg(long, env = "CAPSTAN_ASSIGNMENT_GRACE", default_value = "10s", value_parser = parse_duration)]
+    pub assignment_grace: Duration,
+}
+
+impl Config {
+    /// Defaults, pointing at `nats_url` (for tests and tools).
+    pub fn for_url(nats_url: impl Into<String>) -> Self {
+        Self {
+            nats: NatsArgs::for_url(nats_url),
+            concurrency: 256,
+            max_waiting: 10_000,
+            dispatch_depth: 2.0,
+            ack_wait: Duration::from_secs(30),
+            assignment_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Shared state of one scheduler replica.
+pub(crate) struct Scheduler {
+    mesh: Mesh,
+    config: Config,
+    cluster: Cluster,
+    waiting: Waiting,
+    /// Wakes the placer: a job ended, a node changed, a placement failed.
+    wake: Notify,
+    /// Bounds submissions handled at once.
+    permits: Arc<Semaphore>,
+}
+
+/// Runs a scheduler replica until `shutdown` is cancelled. On shutdown it stops taking
+/// submissions, finishes the ones in hand, and hands back the jobs still waiting for room.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
+    let mesh = Mesh::connect(&config.nats.nats_url, "capstan-scheduler", &shutdown).await?;
+    // Background tasks stop with `tasks`, after the intake has drained.
+    let tasks = CancellationToken::new();
+    let nodes = BucketView::start(mesh.nodes.clone(), tasks.clone()).await?;
+    if !nodes.wait_ready(Duration::from_secs(5)).await {
+        tracing::warn!("node view incomplete after 5s; placing with what is known");
+    }
+    let scheduler = Arc::new(Scheduler {
+        cluster: Cluster::new(
+            nodes.clone(),
+            config.dispatch_depth,
+            config.assignment_grace,
+        ),
+        waiting: Waiting::default(),
+        wake: Notify::new(),
+        permits: Arc::new(Semaphore::new(config.concurrency.max(1))),
+        mesh: mesh.clone(),
+        config: config.clone(),
+    });
+
+    let micro = service::start(
+        &mesh.client,
+        "capstan-scheduler",
+        "Accepts jobs and places them on executors",
+        HashMap::new(),
+    )
+    .await?;
+    let create = service::endpoint(&micro, "create", subjects::CREATE).await?;
+    let cancel = service::endpoint(&micro, "cancel", subjects::CANCEL).await?;
+    let submitter = Submitter::new(mesh.js.clone(), mesh.idempotency.clone());
+
+    let events = tokio::spawn(scheduler.clone().follow_events(tasks.clone()));
+    let placer = tokio::spawn(scheduler.clone().place_waiting(nodes, tasks.clone()));
+    let create = tokio::spawn(create::serve(
+        create,
+        submitter,
+        mesh.events.clone(),
+        config.nats.max_job_bytes,
+        shutdown.clone(),
+    ));
+    let cancel = tokio::spawn(service::serve(
+        cancel,
+        shutdown.clone(),
+        64,
+        (mesh.events.clone(), subjects::Origin::Create),
+        {
+            let mesh = mesh.clone();
+            move |job: JobRef| {
+                let mesh = mesh.clone();
+                async move { cancel_job(&mesh, job).await }
+            }
+        },
+    ));
+    tracing::info!("scheduler ready");
+
+    let intake = scheduler.clone().consume(shutdown.clone()).await;
+    let _ = tokio::join!(create, cancel);
+    scheduler.hand_back_waiting().await;
+    tasks.cancel();
+    let _ = tokio::join!(events, placer);
+    if let Err(error) = micro.stop().await {
+        tracing::debug!(error = %error, "stopping the micro service");
+    }
+    tracing::info!("scheduler stopped");
+    intake
+}
+
+async fn cancel_job(mesh: &Mesh, job: JobRef) -> Result<Cancelled, ServiceError> {
+    use capstan_mesh::lifecycle::{CancelError, cancel};
+    match cancel(mesh, job.id).await {
+        Ok((outcome, record)) => Ok(Cancelled {
+            outcome,
+            status: record.status,
+        }),
+        Err(error @ CancelError::NotFound(_)) => Err(ServiceError {
+            code: ErrorCode::NotFound,
+            message: error.to_string(),
+            field: Some("id".into()),
+        }),
+        Err(error @ CancelError::Finished { .. }) => {
+            Err(ServiceError::new(ErrorCode::Conflict, error.to_string()))
+        }
+        Err(CancelError::Mesh(error)) => {
+            Err(ServiceError::new(ErrorCode::Unavailable, error.to_string()))
+        }
+    }
+}

@@ -1,0 +1,203 @@
+//! Placing jobs that waited for room, dispatching, and following job events to know when
+//! room appears.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::AckKind;
+use async_nats::jetstream::message::PublishMessage;
+use bytes::Bytes;
+use capstan_mesh::{BucketView, Error, wire};
+use capstan_protocol::subjects;
+use capstan_protocol::{
+    Dispatch, JobEvent, JobEventKind, JobRecord, JobStatus, NodeId, NodeRecord, Timestamp, codec,
+    headers,
+};
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::Scheduler;
+use crate::waiting::Held;
+
+impl Scheduler {
+    /// Publishes the dispatch of `record`'s current attempt to its node, deduplicated by
+    /// `<job>.<attempt>`, and waits until the stream holds it.
+    pub(crate) async fn dispatch(&self, record: &JobRecord, revision: u64) -> Result<(), Error> {
+        let node = record
+            .node
+            .as_ref()
+            .expect("a dispatched record names its node");
+        let dispatch = Dispatch {
+            record: record.clone(),
+            revision,
+        };
+        let mut map = wire::msgpack_headers();
+        map.insert(headers::JOB_ID, record.id.to_string().as_str());
+        map.insert(headers::ATTEMPT, record.attempt.to_string().as_str());
+        capstan_telemetry::propagation::inject(&mut map);
+        let publish = PublishMessage::build()
+            .payload(Bytes::from(codec::to_msgpack(&dispatch)?))
+            .headers(map)
+            .message_id(dispatch.message_id());
+        self.mesh
+            .js
+            .send_publish(subjects::dispatch(node), publish)
+            .await
+            .map_err(|e| Error::unavailable("dispatch", e))?
+            .await
+            .map_err(|e| Error::unavailable("dispatch", e))?;
+        Ok(())
+    }
+
+    /// Follows job events (every replica's) to count assignments and notice ended jobs: only
+    /// the kinds that assign a node or end a job, not `running`.
+    pub(crate) async fn follow_events(self: Arc<Self>, shutdown: CancellationToken) {
+        use capstan_protocol::JobEventKind as Kind;
+        let mut streams = Vec::new();
+        for kind in [Kind::Pending, Kind::Dispatched]
+            .into_iter()
+            .chain(Kind::TERMINAL)
+        {
+            match self
+                .mesh
+                .client
+                .subscribe(subjects::job_events_of_kind(kind))
+                .await
+            {
+                Ok(subscriber) => streams.push(subscriber),
+                Err(error) => {
+                    tracing::error!(error = %error, "cannot follow job events; relying on heartbeats");
+                    return;
+                }
+            }
+        }
+        let mut events = futures::stream::select_all(streams);
+        loop {
+            let event = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                event = events.next() => event,
+            };
+            let Some(event) = event else { return };
+            let Some((job, kind)) = subjects::parse_job_event(&event.subject) else {
+                continue;
+            };
+            // Headers carry what is needed here; no need to decode the body.
+            let node = wire::header(event.headers.as_ref(), headers::NODE)
+                .and_then(|text| text.parse::<NodeId>().ok());
+            match kind {
+                "pending" | "dispatched" | "running" => {
+                    if let Some(node) = node {
+                        self.cluster.observe_assigned(node, job);
+                    }
+                }
+                "succeeded" | "failed" | "timed_out" | "cancelled" => {
+                    self.cluster.observe_finished(node.as_ref(), job);
+                    self.wake.notify_one();
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Places waiting jobs whenever room may have appeared, keeps their held submissions alive,
+    /// and reconciles the assignment counts with heartbeats.
+    pub(crate) async fn place_waiting(
+        self: Arc<Self>,
+        nodes: BucketView<NodeRecord>,
+        shutdown: CancellationToken,
+    ) {
+        let node_changes = nodes.changed();
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let progress_every = self.config.ack_wait / 3;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = self.wake.notified() => {}
+                _ = node_changes.notified() => {}
+                _ = tick.tick() => {
+                    self.cluster.reconcile();
+                    for reply in self.waiting.due_for_progress(progress_every) {
+                        let client = self.mesh.client.clone();
+                        tokio::spawn(async move {
+                            let _ = client.publish(reply, Bytes::from_static(b"+WPI")).await;
+                        });
+                    }
+                }
+            }
+            for (held, node) in self.waiting.take_placeable(&self.cluster) {
+                let scheduler = self.clone();
+                tokio::spawn(async move { scheduler.place_held(held, node).await });
+            }
+        }
+    }
+
+    /// Places a waiting job on `node` (already reserved for it).
+    async fn place_held(&self, held: Held, node: NodeId) {
+        let span = tracing::info_span!(
+            "place waiting job",
+            otel.kind = "consumer",
+            job_id = %held.job,
+            node = %node,
+        );
+        capstan_telemetry::propagation::follow(&span, held.message.headers.as_ref());
+        self.place_held_in_span(held, node).instrument(span).await;
+    }
+
+    async fn place_held_in_span(&self, held: Held, node: NodeId) {
+        let key = held.job.to_string();
+        let outcome = async {
+            let Some(current) = self.mesh.jobs.get(&key).await? else {
+                return Ok(false);
+            };
+            let record = current.value;
+            if record.status != JobStatus::Pending || record.node.is_some() {
+                // Placed or ended by someone else meanwhile (a redelivered copy, a cancel).
+                return Ok(false);
+            }
+            let assigned = record.assigned(node.clone(), Timestamp::now());
+            let revision = self
+                .mesh
+                .jobs
+                .update(&key, &assigned, current.revision)
+                .await?;
+            let event = JobEvent::new(JobEventKind::Dispatched, &assigned);
+            let (dispatched, announced) = tokio::join!(
+                self.dispatch(&assigned, revision),
+                self.mesh.events.job(&event)
+            );
+            dispatched?;
+            announced?;
+            Ok::<bool, Error>(true)
+        }
+        .await;
+        match outcome {
+            Ok(placed) => {
+                if !placed {
+                    self.cluster.release(&node, held.job);
+                }
+                if let Err(error) = held.message.ack().await {
+                    tracing::warn!(job = %held.job, error = %error, "cannot acknowledge submission");
+                }
+                tracing::debug!(job = %held.job, node = %node, placed, "waiting job handled");
+            }
+            Err(error) => {
+                self.cluster.release(&node, held.job);
+                tracing::warn!(job = %held.job, error = %error, "cannot place waiting job, will retry");
+                self.waiting.push_front(held);
+            }
+        }
+    }
+
+    /// Hands every waiting job back to JetStream so another replica can take it at once.
+    pub(crate) async fn hand_back_waiting(&self) {
+        let held = self.waiting.drain();
+        if !held.is_empty() {
+            tracing::info!(jobs = held.len(), "handing waiting jobs back");
+        }
+        for held in held {
+            let _ = held.message.ack_with(AckKind::Nak(None)).await;
+        }
+    }
+}

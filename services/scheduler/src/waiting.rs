@@ -1,0 +1,145 @@
+//! Jobs accepted but not yet placed because no executor had room.
+//!
+//! Their submission messages stay unacknowledged, kept alive with progress acks, so the
+//! submissions stream remains their durable copy: if this replica dies, JetStream redelivers
+//! them to another one once the ack wait passes. Jobs are grouped by label selector so a job
+//! nobody can run does not hold up the jobs behind it; within a group they are placed in
+//! arrival order, and the group whose oldest job is oldest goes first.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use capstan_protocol::{JobId, Labels, NodeId};
+
+use crate::cluster::Cluster;
+
+/// A job waiting for a slot, with its held submission.
+pub struct Held {
+    /// The submission, unacknowledged.
+    pub message: jetstream::Message,
+    /// The job.
+    pub job: JobId,
+    /// Its label selector.
+    pub selector: Labels,
+    order: u64,
+    last_progress: Instant,
+}
+
+/// The waiting jobs.
+#[derive(Default)]
+pub struct Waiting {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    groups: HashMap<Labels, VecDeque<Held>>,
+    next_order: u64,
+    len: usize,
+}
+
+impl Waiting {
+    fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Adds a job at the back of its group.
+    pub fn push(&self, message: jetstream::Message, job: JobId, selector: Labels) {
+        let mut inner = self.inner();
+        let order = inner.next_order;
+        inner.next_order += 1;
+        inner.len += 1;
+        inner
+            .groups
+            .entry(selector.clone())
+            .or_default()
+            .push_back(Held {
+                message,
+                job,
+                selector,
+                order,
+                last_progress: Instant::now(),
+            });
+    }
+
+    /// Puts back a job whose placement failed, at the front of its group.
+    pub fn push_front(&self, held: Held) {
+        let mut inner = self.inner();
+        inner.len += 1;
+        inner
+            .groups
+            .entry(held.selector.clone())
+            .or_default()
+            .push_front(held);
+    }
+
+    /// Removes and returns every job that now has a node, reserving the node in `cluster`.
+    pub fn take_placeable(&self, cluster: &Cluster) -> Vec<(Held, NodeId)> {
+        let mut inner = self.inner();
+        let mut fronts: Vec<(u64, Labels)> = inner
+            .groups
+            .iter()
+            .filter_map(|(selector, queue)| queue.front().map(|h| (h.order, selector.clone())))
+            .collect();
+        fronts.sort_by_key(|(order, _)| *order);
+        let mut placed = Vec::new();
+        for (_, selector) in fronts {
+            let Some(queue) = inner.groups.get_mut(&selector) else {
+                continue;
+            };
+            while let Some(front) = queue.front() {
+                match cluster.reserve(&selector, front.job) {
+                    Ok(node) => {
+                        let held = queue.pop_front().expect("front exists");
+                        placed.push((held, node));
+                    }
+                    Err(_) => break,
+                }
+            }
+            if queue.is_empty() {
+                inner.groups.remove(&selector);
+            }
+        }
+        inner.len -= placed.len();
+        placed
+    }
+
+    /// Reply subjects of held submissions not progress-acked for `every`; marks them done.
+    pub fn due_for_progress(&self, every: Duration) -> Vec<async_nats::Subject> {
+        let now = Instant::now();
+        let mut inner = self.inner();
+        let mut due = Vec::new();
+        for queue in inner.groups.values_mut() {
+            for held in queue.iter_mut() {
+                if now.duration_since(held.last_progress) >= every {
+                    held.last_progress = now;
+                    if let Some(reply) = held.message.reply.clone() {
+                        due.push(reply);
+                    }
+                }
+            }
+        }
+        due
+    }
+
+    /// Removes every waiting job (at shutdown, to hand them back).
+    pub fn drain(&self) -> Vec<Held> {
+        let mut inner = self.inner();
+        inner.len = 0;
+        inner.groups.drain().flat_map(|(_, queue)| queue).collect()
+    }
+
+    /// How many jobs wait.
+    pub fn len(&self) -> usize {
+        self.inner().len
+    }
+
+    /// True when none wait.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

@@ -1,0 +1,469 @@
+//! The scheduler against a real nats-server. Executors are simulated: their node records are
+//! written to the nodes bucket directly, and dispatches are read off the dispatch stream.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use capstan_mesh::Mesh;
+use capstan_protocol::codec::{self, Encoding};
+use capstan_protocol::reply::Created;
+use capstan_protocol::topology;
+use capstan_protocol::{
+    Dispatch, InstanceId, JobId, JobRecord, JobStatus, NodeId, NodeRecord, NodeStatus, Rejection,
+    RejectionCode, Reply, Timestamp, headers, subjects,
+};
+use capstan_testkit::{NatsServer, wait_until};
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+struct Scheduler {
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), capstan_mesh::Error>>,
+}
+
+impl Scheduler {
+    fn start(server: &NatsServer, depth: f64) -> Self {
+        let mut config = capstan_scheduler::Config::for_url(server.url());
+        config.dispatch_depth = depth;
+        config.nats.max_job_bytes = 4096;
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(capstan_scheduler::run(config, shutdown.clone()));
+        Self { shutdown, task }
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.expect("joins").expect("clean exit");
+    }
+}
+
+async fn mesh(server: &NatsServer) -> Mesh {
+    Mesh::open(server.client().await).await.expect("mesh")
+}
+
+async fn add_node(mesh: &Mesh, id: &str, capacity: u32, labels: &[(&str, &str)]) -> NodeId {
+    let node = NodeId::new(id).expect("valid");
+    let record = NodeRecord {
+        id: node.clone(),
+        instance: InstanceId::generate(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+        capacity,
+        version: "test".into(),
+        hostname: "test".into(),
+        status: NodeStatus::Up,
+        registered_at: Timestamp::now(),
+        last_heartbeat_at: Timestamp::now(),
+        jobs: vec![],
+        queued: 0,
+        finished: Default::default(),
+    };
+    mesh.nodes.put(id, &record).await.expect("node written");
+    node
+}
+
+/// Every dispatch currently in the stream, as (subject, dispatch), read by sequence so that
+/// nothing is consumed.
+async fn dispatches(mesh: &Mesh) -> Vec<(String, Dispatch)> {
+    let mut stream = mesh
+        .js
+        .get_stream(topology::DISPATCH.name)
+        .await
+        .expect("stream");
+    let state = stream.info().await.expect("info").state.clone();
+    let mut found = Vec::new();
+    if state.messages == 0 {
+        return found;
+    }
+    for sequence in state.first_sequence..=state.last_sequence {
+        let Ok(message) = stream.get_raw_message(sequence).await else {
+            continue; // deleted
+        };
+        let dispatch: Dispatch =
+            codec::decode(Encoding::MsgPack, &message.payload).expect("dispatch decodes");
+        found.push((message.subject.to_string(), dispatch));
+    }
+    found
+}
+
+async fn record(mesh: &Mesh, id: JobId) -> Option<JobRecord> {
+    mesh.jobs
+        .get(&id.to_string())
+        .await
+        .expect("read")
+        .map(|v| v.value)
+}
+
+async fn create(client: &async_nats::Client, body: &str) -> Reply<Created> {
+    let reply = wait_until("the create endpoint", Duration::from_secs(10), || async {
+        client
+            .request(subjects::CREATE, body.to_owned().into())
+            .await
+            .ok()
+    })
+    .await;
+    serde_json::from_slice(&reply.payload).expect("JSON reply")
+}
+
+#[tokio::test]
+async fn a_json_job_published_without_headers_is_dispatched_to_a_node_carrying_its_labels() {
+    let server = NatsServer::start().await;
+    let mesh = mesh(&server).await;
+    add_node(&mesh, "plain", 4, &[]).await;
+    let eu = add_node(&mesh, "eu-1", 4, &[("zone", "eu")]).await;
+    let scheduler = Scheduler::start(&server, 2.0);
+    let client = server.client().await;
+    let mut events = client
+        .subscribe(subjects::JOB_EVENTS_ALL)
+        .await
+        .expect("subscribe");
+
+    // Exactly what `nats pub` sends: a JSON body, no headers.
+    client
+        .publish(
+            subjects::SUBMIT,
+            r#"{"command": "echo hello", "labels": {"zone": "eu"}}"#.into(),
+        )
+        .await
+        .expect("published");
+
+    let event = tokio::time::timeout(Duration::from_secs(20), events.next())
+        .await
+        .expect("an event")
+        .expect("open");
+    let (job, kind) = subjects::parse_job_event(&event.subject).expect("job event subject");
+    assert_eq!(kind, "pending");
+    let found = wait_until("the dispatch", Duration::from_secs(20), || async {
+        let found = dispatches(&mesh).await;
+        (!found.is_empty()).then_some(found)
+    })
+    .await;
+    assert_eq!(found.len(), 1);
+    let (subject, dispatch) = &found[0];
+    assert_eq!(subject, &subjects::dispatch(&eu));
+    assert_eq!(dispatch.record.id, job);
+    assert_eq!(dispatch.record.attempt, 1);
+
+    let stored = record(&mesh, job).await.expect("record");
+    assert_eq!(stored.status, JobStatus::Pending);
+    assert_eq!(stored.node, Some(eu));
+    let current = mesh
+        .jobs
+        .get(&job.to_string())
+        .await
+        .expect("read")
+        .expect("present");
+    assert_eq!(
+        current.revision, dispatch.revision,
+        "the dispatch carries the record's revision"
+    );
+    scheduler.stop().await;
+}
+
+#[tokio::test]
+async fn a_job_waits_pending_until_a_matching_node_appears() {
+    let server = NatsServer::start().await;
+    let mesh = mesh(&server).await;
+    add_node(&mesh, "cpu-only", 4, &[]).await;
+    let scheduler = Scheduler::start(&server, 2.0);
+    let client = server.client().await;
+    let Reply::Ok(created) =
+        create(&client, r#"{"command": "train", "labels": {"gpu": "yes"}}"#).await
+    else {
+        panic!("created");
+    };
+    let waiting = wait_until("the job's record", Duration::from_secs(20), || async {
+        record(&mesh, created.id).await
+    })
+    .await;
+    assert_eq!(
+        (waiting.status, waiting.node.clone()),
+        (JobStatus::Pending, None)
+    );
+    assert!(dispatches(&mesh).await.is_empty());
+
+    let gpu = add_node(&mesh, "gpu-1", 1, &[("gpu", "yes")]).await;
+    let placed = wait_until(
+        "placement on the new node",
+        Duration::from_secs(20),
+        || async {
+            record(&mesh, created.id)
+                .await
+                .filter(|record| record.node.is_some())
+        },
+    )
+    .await;
+    assert_eq!((placed.node, placed.attempt), (Some(gpu.clone()), 1));
+    let found = dispatches(&mesh).await;
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].0, subjects::dispatch(&gpu));
+    scheduler.stop().await;
+}
+
+#[tokio::test]
+async fn bad_submissions_are_rejected_naming_the_field_and_later_jobs_are_still_accepted() {
+    let server = NatsServer::start().await;
+    let mesh = mesh(&server).await;
+    add_node(&mesh, "n1", 8, &[]).await;
+    let scheduler = Scheduler::start(&server, 2.0);
+    let client = server.client().await;
+    let mut rejections = client
+        .subscribe(subjects::REJECTED_ALL)
+        .await
+        .expect("subscribe");
+
+    let truncated = {
+        let spec = capstan_protocol::JobSpec::shell("echo a fairly long command line");
+        let packed = codec::to_msgpack(&spec).expect("encodes");
+        packed[..packed.len() / 2].to_vec()
+    };
+    let oversized = format!(r#"{{"command": "cat", "stdin": "{}"}}"#, "x".repeat(5000));
+    let cases: Vec<(Vec<u8>, RejectionCode, Option<&str>)> = vec![
+        (b"{\"command\": ".to_vec(), RejectionCode::Malformed, None),
+        (truncated, RejectionCode::Malformed, None),
+        (
+            br#"{"command": "true", "comand": 1}"#.to_vec(),
+            RejectionCode::Invalid,
+            Some("comand"),
+        ),
+        (
+            br#"{"command": "true", "argv": ["true"]}"#.to_vec(),
+            RejectionCode::Invalid,
+            Some("command"),
+        ),
+        (
+            br#"{"command": "true", "timeout": -3}"#.to_vec(),
+            RejectionCode::Invalid,
+            Some("timeout"),
+        ),
+        (
+            br#"{"command": 7}"#.to_vec(),
+            RejectionCode::Invalid,
+            Some("command"),
+        ),
+        (
+            oversized.into_bytes(),
+            RejectionCode::TooLarge,
+            Some("stdin"),
+        ),
+    ];
+    for (payload, code, field) in &cases {
+        client
+            .publish(subjects::SUBMIT, payload.clone().into())
+            .await
+            .expect("published");
+        let message = tokio::time::timeout(Duration::from_secs(20), rejections.next())
+            .await
+            .expect("a rejection")
+            .expect("open");
+        let rejection: Rejection =
+            codec::decode(Encoding::MsgPack, &message.payload).expect("rejection decodes");
+        assert_eq!(rejection.code, *code, "{rejection:?}");
+        assert_eq!(rejection.field.as_deref(), *field, "{rejection:?}");
+        assert!(!rejection.reason.is_empty());
+    }
+    let mut bad_id = async_nats::HeaderMap::new();
+    bad_id.insert(headers::JOB_ID, "not-a-ulid");
+    client
+        .publish_with_headers(subjects::SUBMIT, bad_id, r#"{"command": "true"}"#.into())
+        .await
+        .expect("published");
+    let message = tokio::time::timeout(Duration::from_secs(20), rejections.next())
+        .await
+        .expect("a rejection")
+        .expect("open");
+    let rejection: Rejection = codec::decode(Encoding::MsgPack, &message.payload).expect("decodes");
+    assert_eq!(rejection.field.as_deref(), Some(headers::JOB_ID));
+
+    // The consumer moved on: a good job is still accepted, and nothing bad was stored.
+    let Reply::Ok(created) = create(&client, r#"{"command": "true"}"#).await else {
+        panic!("created");
+    };
+    wait_until("the good job's record", Duration::from_secs(20), || async {
+        record(&mesh, created.id).await
+    })
+    .await;
+    let keys: Vec<String> =
+        futures::TryStreamExt::try_collect(mesh.jobs.kv().keys().await.expect("keys"))
+            .await
+            .expect("keys");
+    assert_eq!(
+        keys,
+        vec![created.id.to_string()],
+        "only the good job is stored"
+    );
+    let pending = mesh
+        .js
+        .get_stream(topology::SUBMISSIONS.name)
+        .await
+        .expect("stream")
+        .info()
+        .await
+        .expect("info")
+        .state
+        .messages;
+    assert_eq!(
+        pending, 0,
+        "every submission, good or bad, left the work queue"
+    );
+    scheduler.stop().await;
+}
+
+#[tokio::test]
+async fn the_create_endpoint_returns_the_id_and_a_repeated_idempotency_key_returns_the_same_job() {
+    let server = NatsServer::start().await;
+    let mesh = mesh(&server).await;
+    add_node(&mesh, "n1", 8, &[]).await;
+    let scheduler = Scheduler::start(&server, 2.0);
+    let client = server.client().await;
+    let body = r#"{"command": "backup", "idempotency_key": "backup-2026-11-23"}"#;
+    let Reply::Ok(first) = create(&client, body).await else {
+        panic!("created")
+    };
+    assert!(!first.duplicate);
+    let Reply::Ok(second) = create(&client, body).await else {
+        panic!("answered")
+    };
+    assert_eq!((second.id, second.duplicate), (first.id, true));
+
+    // The same key over plain publish does not make a second job either.
+    client
+        .publish(subjects::SUBMIT, body.into())
+        .await
+        .expect("published");
+    let Reply::Ok(other) = create(&client, r#"{"command": "true"}"#).await else {
+        panic!("created")
+    };
+    wait_until("the other job", Duration::from_secs(20), || async {
+        record(&mesh, other.id).await
+    })
+    .await;
+    let jobs: Vec<String> =
+        futures::TryStreamExt::try_collect(mesh.jobs.kv().keys().await.expect("keys"))
+            .await
+            .expect("keys");
+    assert_eq!(jobs.len(), 2, "{jobs:?}");
+
+    let Reply::Error(error) = create(&client, r#"{"command": "true", "timeout": "soon"}"#).await
+    else {
+        panic!("rejected")
+    };
+    assert_eq!(error.field.as_deref(), Some("timeout"));
+    scheduler.stop().await;
+}
+
+#[tokio::test]
+async fn a_submission_stored_while_no_scheduler_runs_is_accepted_when_one_starts() {
+    let server = NatsServer::start().await;
+    let mesh = mesh(&server).await;
+    add_node(&mesh, "n1", 8, &[]).await;
+    let client = server.client().await;
+    let js = jetstream::new(client.clone());
+    let ack = js
+        .publish(subjects::SUBMIT, r#"{"command": "true"}"#.into())
+        .await
+        .expect("published")
+        .await
+        .expect("stored");
+    let scheduler = Scheduler::start(&server, 2.0);
+    let found = wait_until("the dispatch", Duration::from_secs(20), || async {
+        let found = dispatches(&mesh).await;
+        (!found.is_empty()).then_some(found)
+    })
+    .await;
+    assert_eq!(found[0].1.record.submission_seq, Some(ack.sequence));
+    scheduler.stop().await;
+}
+
+#[tokio::test]
+async fn a_resubmitted_job_id_is_one_job_and_a_reused_id_with_another_spec_is_a_conflict() {
+    let server = NatsServer::start().await;
+    let mesh = mesh(&server).await;
+    add_node(&mesh, "n1", 8, &[]).await;
+    let scheduler = Scheduler::start(&server, 2.0);
+    let client = server.client().await;
+    let mut rejections = client
+        .subscribe(subjects::REJECTED_ALL)
+        .await
+        .expect("subscribe");
+    let id = JobId::generate();
+    let with_id = || {
+        let mut map = async_nats::HeaderMap::new();
+        map.insert(headers::JOB_ID, id.to_string().as_str());
+        map
+    };
+    for _ in 0..2 {
+        client
+            .publish_with_headers(subjects::SUBMIT, with_id(), r#"{"command": "true"}"#.into())
+            .await
+            .expect("published");
+    }
+    client
+        .publish_with_headers(
+            subjects::SUBMIT,
+            with_id(),
+            r#"{"command": "false"}"#.into(),
+        )
+        .await
+        .expect("published");
+    let message = tokio::time::timeout(Duration::from_secs(20), rejections.next())
+        .await
+        .expect("a rejection")
+        .expect("open");
+    let rejection: Rejection = codec::decode(Encoding::MsgPack, &message.payload).expect("decodes");
+    assert_eq!(rejection.code, RejectionCode::Conflict);
+    let stored = record(&mesh, id).await.expect("the job");
+    assert_eq!(stored.spec.argv(), ["sh", "-c", "true"]);
+    assert_eq!(dispatches(&mesh).await.len(), 1, "dispatched once");
+    scheduler.stop().await;
+}
+
+#[tokio::test]
+async fn two_replicas_accept_and_dispatch_each_of_300_jobs_exactly_once_spread_by_load() {
+    let server = NatsServer::start().await;
+    let mesh = mesh(&server).await;
+    let nodes = [
+        add_node(&mesh, "a", 100, &[]).await,
+        add_node(&mesh, "b", 100, &[]).await,
+        add_node(&mesh, "c", 100, &[]).await,
+    ];
+    let first = Scheduler::start(&server, 1.0);
+    let second = Scheduler::start(&server, 1.0);
+    let client = server.client().await;
+    for n in 0..300 {
+        client
+            .publish(
+                subjects::SUBMIT,
+                format!(r#"{{"command": "echo {n}"}}"#).into(),
+            )
+            .await
+            .expect("published");
+    }
+    let found = wait_until("300 dispatches", Duration::from_secs(60), || async {
+        let found = dispatches(&mesh).await;
+        (found.len() >= 300).then_some(found)
+    })
+    .await;
+    assert_eq!(found.len(), 300);
+    let ids: HashSet<JobId> = found.iter().map(|(_, d)| d.record.id).collect();
+    assert_eq!(ids.len(), 300, "no job dispatched twice");
+    let mut per_node: HashMap<String, usize> = HashMap::new();
+    for (subject, _) in &found {
+        *per_node.entry(subject.clone()).or_default() += 1;
+    }
+    for node in &nodes {
+        let count = per_node
+            .get(&subjects::dispatch(node))
+            .copied()
+            .unwrap_or(0);
+        // 300 jobs over three idle nodes of 100 slots. Replicas learn of each other's
+        // placements through events, so a node may get a few more than its share while another
+        // gets fewer; the executor, not the scheduler, enforces its slots.
+        assert!((80..=120).contains(&count), "{per_node:?}");
+    }
+    first.stop().await;
+    second.stop().await;
+}

@@ -1,0 +1,328 @@
+//! The end-to-end harness: a real nats-server and the Capstan service binaries, each a
+//! separate process with its own log, started and stopped (gracefully, or with kill -9) by
+//! the tests. On a failing test the logs of every process are printed.
+//!
+//! [`schemas`] renders the files under `schemas/` that are generated from the code.
+
+pub mod schemas;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use capstan_mesh::Mesh;
+use capstan_protocol::{JobId, JobRecord, NodeStatus};
+use capstan_testkit::{NatsServer, ServiceProcess, wait_until};
+use nix::sys::signal::Signal;
+
+/// A mesh of service processes.
+pub struct Cluster {
+    /// The server.
+    pub nats: NatsServer,
+    dir: tempfile::TempDir,
+    processes: Vec<ServiceProcess>,
+    mesh: Option<Mesh>,
+    shared_env: Vec<(String, String)>,
+}
+
+/// Heartbeat settings that make liveness tests quick.
+pub const HEARTBEAT_INTERVAL: &str = "300ms";
+/// See [`HEARTBEAT_INTERVAL`].
+pub const HEARTBEAT_TIMEOUT: &str = "3s";
+
+impl Cluster {
+    /// A server and nothing else yet.
+    pub async fn start() -> Self {
+        let nats = NatsServer::start().await;
+        let dir = tempfile::Builder::new()
+            .prefix("capstan-e2e-")
+            .tempdir()
+            .expect("a directory for logs and side effects");
+        Self {
+            nats,
+            dir,
+            processes: Vec::new(),
+            mesh: None,
+            shared_env: Vec::new(),
+        }
+    }
+
+    /// The working directory of this test: logs, executor work dirs, side-effect files.
+    pub fn dir(&self) -> PathBuf {
+        self.dir.path().to_path_buf()
+    }
+
+    fn env(&self, extra: &[(&str, String)]) -> Vec<(String, String)> {
+        let mut env = vec![
+            ("CAPSTAN_NATS_URL".to_owned(), self.nats.url()),
+            (
+                "CAPSTAN_HEARTBEAT_TIMEOUT".to_owned(),
+                HEARTBEAT_TIMEOUT.to_owned(),
+            ),
+            (
+                "CAPSTAN_HEARTBEAT_INTERVAL".to_owned(),
+                HEARTBEAT_INTERVAL.to_owned(),
+            ),
+        ];
+        env.extend(self.shared_env.iter().cloned());
+        env.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
+        env
+    }
+
+    /// Sets `key` in the environment of every process started from now on.
+    pub fn set_env(&mut self, key: &str, value: impl Into<String>) {
+        self.shared_env.push((key.to_owned(), value.into()));
+    }
+
+    /// Starts an API process named `name` on a free port, with its history in a SQLite file of
+    /// its own, and returns its base URL once it is ready.
+    pub async fn api(&mut self, name: &str) -> String {
+        let port = capstan_testkit::server::free_port();
+        let data = self.dir.path().join("data").join(name);
+        let env = self.env(&[
+            ("CAPSTAN_API_LISTEN", format!("127.0.0.1:{port}")),
+            ("CAPSTAN_DATA_DIR", data.display().to_string()),
+        ]);
+        let process = ServiceProcess::spawn(name, "capstan-api", &[], &env, self.dir.path());
+        self.processes.push(process);
+        let base = format!("http://127.0.0.1:{port}");
+        let http = capstan_testkit::http::HttpClient::new(base.clone());
+        wait_until(
+            &format!("{name} to be ready"),
+            Duration::from_secs(60),
+            || async {
+                http.try_get("/readyz")
+                    .await
+                    .ok()
+                    .filter(|reply| reply.status.is_success())
+            },
+        )
+        .await;
+        base
+    }
+
+    /// Starts a registry process named `name`.
+    pub fn registry(&mut self, name: &str) {
+        let env = self.env(&[]);
+        let process = ServiceProcess::spawn(name, "capstan-registry", &[], &env, self.dir.path());
+        self.processes.push(process);
+    }
+
+    /// Starts a scheduler process named `name`.
+    pub fn scheduler(&mut self, name: &str) {
+        let env = self.env(&[]);
+        let process = ServiceProcess::spawn(name, "capstan-scheduler", &[], &env, self.dir.path());
+        self.processes.push(process);
+    }
+
+    /// Starts an executor process for `node` with `slots` and `labels` (`key=value`).
+    pub fn executor(&mut self, node: &str, slots: u32, labels: &[&str]) {
+        let work = self.dir.path().join("work").join(node);
+        let mut extra = vec![
+            ("CAPSTAN_NODE_ID", node.to_owned()),
+            ("CAPSTAN_SLOTS", slots.to_string()),
+            ("CAPSTAN_WORK_DIR", work.display().to_string()),
+            ("CAPSTAN_KILL_GRACE", "1s".to_owned()),
+        ];
+        if !labels.is_empty() {
+            extra.push(("CAPSTAN_LABELS", labels.join(",")));
+        }
+        let env = self.env(&extra);
+        let process = ServiceProcess::spawn(node, "capstan-executor", &[], &env, self.dir.path());
+        self.processes.push(process);
+    }
+
+    /// The process named `name` (the latest, if it was restarted).
+    pub fn process(&mut self, name: &str) -> &mut ServiceProcess {
+        self.processes
+            .iter_mut()
+            .rev()
+            .find(|p| p.name() == name)
+            .unwrap_or_else(|| panic!("no process {name}"))
+    }
+
+    /// Kills `name` with SIGKILL (no chance to clean up) and reaps it. Its log stays for the
+    /// failure report; starting a process of the same name again appends to a new log.
+    pub fn kill9(&mut self, name: &str) {
+        let process = self.process(name);
+        process.signal(Signal::SIGKILL);
+        process.kill();
+    }
+
+    /// A connected client.
+    pub async fn client(&self) -> async_nats::Client {
+        self.nats.client().await
+    }
+
+    /// The mesh, for reading buckets.
+    pub async fn mesh(&mut self) -> Mesh {
+        if self.mesh.is_none() {
+            let mesh = Mesh::open(self.nats.client().await)
+                .await
+                .expect("mesh opens");
+            self.mesh = Some(mesh);
+        }
+        self.mesh.clone().expect("opened")
+    }
+
+    /// Waits until `nodes` are registered and up.
+    pub async fn wait_nodes_up(&mut self, nodes: &[&str]) {
+        let mesh = self.mesh().await;
+        for node in nodes {
+            wait_until(
+                &format!("node {node} to be up"),
+                Duration::from_secs(60),
+                || async {
+                    mesh.nodes
+                        .get(node)
+                        .await
+                        .ok()
+                        .flatten()
+                        .filter(|n| n.value.status == NodeStatus::Up)
+                },
+            )
+            .await;
+        }
+    }
+
+    /// The record of `job`, if it exists.
+    pub async fn job(&mut self, job: JobId) -> Option<JobRecord> {
+        let mesh = self.mesh().await;
+        mesh.jobs
+            .get(&job.to_string())
+            .await
+            .expect("read the jobs bucket")
+            .map(|v| v.value)
+    }
+
+    /// Waits until every job in `jobs` is terminal and returns their records.
+    pub async fn wait_terminal(&mut self, jobs: &[JobId], timeout: Duration) -> Vec<JobRecord> {
+        let mesh = self.mesh().await;
+        let mut done: HashMap<JobId, JobRecord> = HashMap::new();
+        let deadline = std::time::Instant::now() + timeout;
+        while done.len() < jobs.len() {
+            let missing: Vec<JobId> = jobs
+                .iter()
+                .filter(|j| !done.contains_key(j))
+                .copied()
+                .collect();
+            for job in missing {
+                if let Some(record) = mesh
+                    .jobs
+                    .get(&job.to_string())
+                    .await
+                    .ok()
+                    .flatten()
+                    .map(|v| v.value)
+                    .filter(|r| r.status.is_terminal())
+                {
+                    done.insert(job, record);
+                }
+            }
+            if done.len() == jobs.len() {
+                break;
+            }
+            if std::time::Instant::now() >= deadline {
+                let mut stuck = Vec::new();
+                for job in jobs.iter().filter(|j| !done.contains_key(j)).take(5) {
+                    let record = mesh.jobs.get(&job.to_string()).await.ok().flatten();
+                    stuck.push(format!("{job}: {:?}", record.map(|r| r.value)));
+                }
+                stuck.push(self.dispatch_state().await);
+                panic!(
+                    "timed out after {timeout:?}: {} of {} jobs finished; some unfinished:\n{}",
+                    done.len(),
+                    jobs.len(),
+                    stuck.join("\n")
+                );
+            }
+            tokio::time::sleep(capstan_testkit::POLL_INTERVAL).await;
+        }
+        jobs.iter().map(|j| done[j].clone()).collect()
+    }
+
+    /// The dispatch stream's and its consumers' state, for failure reports.
+    pub async fn dispatch_state(&self) -> String {
+        let js = async_nats::jetstream::new(self.nats.client().await);
+        let Ok(mut stream) = js.get_stream("CAPSTAN_DISPATCH").await else {
+            return "no dispatch stream".into();
+        };
+        let mut report = match stream.info().await {
+            Ok(info) => format!("dispatch stream: {:?}\n", info.state),
+            Err(e) => format!("dispatch stream info failed: {e}\n"),
+        };
+        let names: Vec<String> = futures::TryStreamExt::try_collect(stream.consumer_names())
+            .await
+            .unwrap_or_default();
+        for name in names {
+            if let Ok(mut consumer) = stream
+                .get_consumer::<async_nats::jetstream::consumer::pull::Config>(&name)
+                .await
+                && let Ok(info) = consumer.info().await
+            {
+                report.push_str(&format!(
+                        "{name}: pending {} ack_pending {} redelivered {} waiting {} delivered {:?} ack_floor {:?}\n",
+                        info.num_pending,
+                        info.num_ack_pending,
+                        info.num_redelivered,
+                        info.num_waiting,
+                        info.delivered,
+                        info.ack_floor
+                    ));
+            }
+        }
+        report
+    }
+
+    /// A file jobs append their id to; each line is one real run.
+    pub fn runs_file(&self) -> PathBuf {
+        self.dir.path().join("runs.log")
+    }
+
+    /// How many times each job id appears in the runs file.
+    pub fn runs(&self) -> HashMap<String, usize> {
+        let text = std::fs::read_to_string(self.runs_file()).unwrap_or_default();
+        let mut runs = HashMap::new();
+        for line in text.lines().filter(|l| !l.is_empty()) {
+            *runs.entry(line.to_owned()).or_insert(0) += 1;
+        }
+        runs
+    }
+
+    /// A shell command that records one run of its job, then runs `rest`.
+    pub fn recording(&self, rest: &str) -> String {
+        format!(
+            "echo $CAPSTAN_JOB_ID >> {}; {rest}",
+            self.runs_file().display()
+        )
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() && std::env::var_os("CAPSTAN_E2E_KEEP").is_some() {
+            let kept = self.dir.path().to_path_buf();
+            eprintln!("keeping logs and work files in {}", kept.display());
+            std::mem::forget(std::mem::replace(
+                &mut self.dir,
+                tempfile::tempdir().expect("a placeholder directory"),
+            ));
+        }
+        if std::thread::panicking() {
+            eprintln!("==== nats-server log (tail) ====");
+            let log = self.nats.log();
+            let lines: Vec<&str> = log.lines().collect();
+            for line in &lines[lines.len().saturating_sub(40)..] {
+                eprintln!("{line}");
+            }
+            for process in &self.processes {
+                eprintln!("==== {} log (tail) ====", process.name());
+                let log = process.log();
+                let lines: Vec<&str> = log.lines().collect();
+                for line in &lines[lines.len().saturating_sub(60)..] {
+                    eprintln!("{line}");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,542 @@
+//! The deployment files agree with the code: `docker-compose.yml` starts binaries the
+//! workspace builds (and the Dockerfile copies), sets only variables the services read, with
+//! values they accept, runs a NATS recent enough, with JetStream, and gives the services a
+//! database and a trace collector that it runs itself; `otel/collector.yaml` receives what the
+//! services send and forwards it to the Jaeger that compose runs.
+//!
+//! These tests read files only: nothing here starts a container.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use clap::CommandFactory;
+use yaml_rust2::{Yaml, YamlLoader};
+
+/// Variables read by the shared telemetry set-up rather than by a flag.
+const SHARED_CAPSTAN_VARIABLES: [&str; 2] = ["CAPSTAN_LOG", "CAPSTAN_LOG_FORMAT"];
+
+fn read(relative: &str) -> String {
+    let path = capstan_testkit::workspace_root().join(relative);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{relative}: {e}"))
+}
+
+fn load_yaml(relative: &str) -> Yaml {
+    YamlLoader::load_from_str(&read(relative))
+        .unwrap_or_else(|e| panic!("{relative} is not valid YAML: {e}"))
+        .pop()
+        .unwrap_or_else(|| panic!("{relative} holds no document"))
+}
+
+fn compose() -> Yaml {
+    load_yaml("docker-compose.yml")
+}
+
+fn env_vars(command: clap::Command) -> HashSet<String> {
+    command
+        .get_arguments()
+        .filter_map(|arg| arg.get_env())
+        .map(|env| env.to_string_lossy().into_owned())
+        .collect()
+}
+
+/// Every Capstan binary a compose service may run, with its configuration.
+fn known_binaries() -> [(&'static str, clap::Command); 4] {
+    [
+        ("capstan-registry", capstan_registry::Config::command()),
+        ("capstan-scheduler", capstan_scheduler::Config::command()),
+        ("capstan-executor", capstan_executor::Config::command()),
+        ("capstan-api", capstan_api::Config::command()),
+    ]
+}
+
+fn strings(yaml: &Yaml) -> Vec<String> {
+    yaml.as_vec()
+        .map(|items| {
+            items
+                .iter()
+                .filter_map(|item| item.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A scalar as compose would pass it to a container: numbers and booleans as their text.
+fn scalar(yaml: &Yaml) -> Option<String> {
+    match yaml {
+        Yaml::String(text) | Yaml::Real(text) => Some(text.clone()),
+        Yaml::Integer(number) => Some(number.to_string()),
+        Yaml::Boolean(flag) => Some(flag.to_string()),
+        _ => None,
+    }
+}
+
+/// A service's `environment` map as (name, value) pairs.
+fn environment(name: &str, service: &Yaml) -> Vec<(String, String)> {
+    service["environment"]
+        .as_hash()
+        .unwrap_or_else(|| panic!("{name}: environment must be a map"))
+        .iter()
+        .map(|(key, value)| {
+            let key = key.as_str().expect("variable name").to_owned();
+            let value = scalar(value).unwrap_or_else(|| panic!("{name}: {key} has no value"));
+            (key, value)
+        })
+        .collect()
+}
+
+fn variable(name: &str, service: &Yaml, key: &str) -> Option<String> {
+    environment(name, service)
+        .into_iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, value)| value)
+}
+
+/// The compose services that run a Capstan binary: (service name, binary, definition).
+fn capstan_services(compose: &Yaml) -> Vec<(String, String, Yaml)> {
+    compose["services"]
+        .as_hash()
+        .expect("services")
+        .iter()
+        .filter_map(|(name, service)| {
+            let binary = strings(&service["command"]).into_iter().next()?;
+            binary.starts_with("capstan").then(|| {
+                (
+                    name.as_str().expect("service name").to_owned(),
+                    binary,
+                    service.clone(),
+                )
+            })
+        })
+        .collect()
+}
+
+fn service<'a>(compose: &'a Yaml, name: &str) -> &'a Yaml {
+    let service = &compose["services"][name];
+    assert!(!service.is_badvalue(), "compose runs no service {name}");
+    service
+}
+
+/// The `OTEL_*` variables libs/telemetry reads: every string literal naming one in its sources.
+/// Scanning keeps this in step with the crate; documentation mentions (in backticks, such as
+/// variables the OpenTelemetry SDK reads by itself) do not count.
+fn telemetry_otel_variables() -> HashSet<String> {
+    fn scan(dir: &Path, found: &mut HashSet<String>) {
+        for entry in std::fs::read_dir(dir)
+            .expect("readable directory")
+            .flatten()
+        {
+            let path = entry.path();
+            if path.is_dir() {
+                scan(&path, found);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let text = std::fs::read_to_string(&path).expect("readable source");
+                for (start, _) in text.match_indices("\"OTEL_") {
+                    let rest = &text[start + 1..];
+                    if let Some(end) = rest.find('"') {
+                        found.insert(rest[..end].to_owned());
+                    }
+                }
+            }
+        }
+    }
+    let mut found = HashSet::new();
+    scan(
+        &capstan_testkit::workspace_root().join("libs/telemetry/src"),
+        &mut found,
+    );
+    assert!(
+        found.contains("OTEL_EXPORTER_OTLP_ENDPOINT"),
+        "libs/telemetry no longer names OTEL_EXPORTER_OTLP_ENDPOINT; found {found:?}"
+    );
+    found
+}
+
+/// The `[[bin]]` names declared by the services' manifests.
+fn service_binaries() -> Vec<String> {
+    let root = capstan_testkit::workspace_root();
+    let mut binaries = Vec::new();
+    for entry in std::fs::read_dir(root.join("services"))
+        .expect("services directory")
+        .flatten()
+    {
+        let Ok(manifest) = std::fs::read_to_string(entry.path().join("Cargo.toml")) else {
+            continue;
+        };
+        let mut in_bin = false;
+        for line in manifest.lines().map(str::trim) {
+            if line.starts_with('[') {
+                in_bin = line == "[[bin]]";
+            } else if in_bin && let Some(value) = line.strip_prefix("name") {
+                let name = value.trim_start().trim_start_matches('=').trim();
+                binaries.push(name.trim_matches('"').to_owned());
+            }
+        }
+    }
+    binaries
+}
+
+/// `host` and `port` of an address such as `http://otel-collector:4318`, `jaeger:4317` or
+/// `0.0.0.0:4318`.
+fn host_and_port(address: &str) -> (String, u16) {
+    let without_scheme = address.split_once("://").map_or(address, |(_, rest)| rest);
+    let authority = without_scheme.split('/').next().unwrap_or_default();
+    let (host, port) = authority
+        .rsplit_once(':')
+        .unwrap_or_else(|| panic!("{address} names no port"));
+    let port = port
+        .parse()
+        .unwrap_or_else(|_| panic!("{address}: bad port"));
+    (host.to_owned(), port)
+}
+
+/// The compose service that runs the collector with `otel/collector.yaml`: its name.
+fn collector_service(compose: &Yaml) -> String {
+    let services = compose["services"].as_hash().expect("services");
+    let (name, collector) = services
+        .iter()
+        .find(|(_, service)| {
+            strings(&service["volumes"])
+                .iter()
+                .any(|volume| volume.starts_with("./otel/collector.yaml:"))
+        })
+        .expect("a compose service mounts otel/collector.yaml");
+    let name = name.as_str().expect("service name").to_owned();
+    let image = collector["image"].as_str().expect("collector image");
+    assert!(
+        image.contains("opentelemetry-collector"),
+        "{name} runs {image}, not an OpenTelemetry Collector"
+    );
+    let volume = strings(&collector["volumes"])
+        .into_iter()
+        .find(|volume| volume.starts_with("./otel/collector.yaml:"))
+        .expect("the mount");
+    let mut parts = volume.split(':').skip(1);
+    let target = parts.next().expect("a target path");
+    assert_eq!(
+        parts.next(),
+        Some("ro"),
+        "{name} must mount its config read-only"
+    );
+    let config_flag = format!("--config={target}");
+    assert!(
+        strings(&collector["command"]).contains(&config_flag),
+        "{name} must be started with {config_flag}"
+    );
+    name
+}
+
+/// The port the collector takes OTLP over HTTP on, from `otel/collector.yaml`.
+fn collector_http_port(config: &Yaml) -> u16 {
+    let endpoint = config["receivers"]["otlp"]["protocols"]["http"]["endpoint"]
+        .as_str()
+        .expect("receivers.otlp.protocols.http.endpoint");
+    let (host, port) = host_and_port(endpoint);
+    // In a container, `localhost` would refuse every other container.
+    assert_eq!(
+        host, "0.0.0.0",
+        "the OTLP/HTTP receiver listens on {endpoint}"
+    );
+    port
+}
+
+#[test]
+fn compose_services_run_built_binaries_with_variables_they_read() {
+    let compose = compose();
+    let dockerfile = read("deploy/Dockerfile");
+    let known: Vec<(&str, HashSet<String>)> = known_binaries()
+        .into_iter()
+        .map(|(binary, command)| (binary, env_vars(command)))
+        .collect();
+    let otel = telemetry_otel_variables();
+    let mut seen = HashSet::new();
+    for (name, binary, service) in capstan_services(&compose) {
+        let (_, vars) = known
+            .iter()
+            .find(|(known, _)| *known == binary)
+            .unwrap_or_else(|| panic!("{name} runs {binary}, which the workspace does not build"));
+        assert!(
+            dockerfile.contains(binary.as_str()),
+            "the image lacks {binary}"
+        );
+        seen.insert(binary.clone());
+        for (key, _) in environment(&name, &service) {
+            if key.starts_with("OTEL_") {
+                assert!(
+                    otel.contains(&key),
+                    "{name} sets {key}, which libs/telemetry does not read"
+                );
+            } else {
+                assert!(
+                    vars.contains(&key) || SHARED_CAPSTAN_VARIABLES.contains(&key.as_str()),
+                    "{name} sets {key}, which {binary} does not read"
+                );
+            }
+        }
+        assert!(
+            variable(&name, &service, "CAPSTAN_NATS_URL").is_some(),
+            "{name} must be told where NATS is"
+        );
+    }
+    for (binary, _) in &known {
+        assert!(seen.contains(*binary), "compose does not run {binary}");
+    }
+    let replicas = service(&compose, "executor")["deploy"]["replicas"]
+        .as_i64()
+        .expect("executor replicas");
+    assert!(replicas >= 2, "the mesh runs several executors");
+}
+
+#[test]
+fn compose_variables_hold_values_the_services_accept() {
+    let compose = compose();
+    let binaries = known_binaries();
+    for (name, binary, service) in capstan_services(&compose) {
+        let (_, command) = binaries
+            .iter()
+            .find(|(known, _)| *known == binary)
+            .unwrap_or_else(|| panic!("{name} runs {binary}, which the workspace does not build"));
+        // Each variable becomes the flag it stands for, so clap parses the value as it would
+        // parse the variable, without touching this process's environment.
+        let mut args = vec![binary.clone()];
+        for (key, value) in environment(&name, &service) {
+            let flag = command
+                .get_arguments()
+                .find(|arg| arg.get_env().is_some_and(|env| env == key.as_str()))
+                .and_then(|arg| arg.get_long());
+            if let Some(flag) = flag {
+                args.push(format!("--{flag}={value}"));
+            }
+        }
+        if let Err(error) = command.clone().try_get_matches_from(&args) {
+            panic!("{name}: {binary} rejects {args:?}:\n{error}");
+        }
+    }
+}
+
+#[test]
+fn compose_runs_a_nats_server_with_jetstream_recent_enough_for_capstan() {
+    let compose = compose();
+    let nats = service(&compose, "nats");
+    let image = nats["image"].as_str().expect("nats image");
+    let tag = image.split(':').nth(1).expect("a pinned tag");
+    let mut version = tag.split(['.', '-']);
+    let major: u32 = version.next().and_then(|v| v.parse().ok()).expect("major");
+    let minor: u32 = version.next().and_then(|v| v.parse().ok()).expect("minor");
+    assert!(
+        (major, minor) >= capstan_testkit::natsbin::MIN_VERSION,
+        "{image} is older than {:?}",
+        capstan_testkit::natsbin::MIN_VERSION
+    );
+    assert!(strings(&nats["command"]).contains(&"-js".to_owned()));
+}
+
+#[test]
+fn the_image_carries_every_binary_the_services_declare() {
+    let dockerfile = read("deploy/Dockerfile");
+    let copied: HashSet<&str> = dockerfile
+        .split_whitespace()
+        .filter_map(|word| word.strip_prefix("target/release/"))
+        .collect();
+    let binaries = service_binaries();
+    for binary in ["capstan-api", "capstan"] {
+        assert!(
+            binaries.iter().any(|b| b == binary),
+            "services declare no binary {binary}: {binaries:?}"
+        );
+    }
+    for binary in &binaries {
+        assert!(
+            copied.contains(binary.as_str()),
+            "deploy/Dockerfile does not copy {binary}"
+        );
+    }
+}
+
+#[test]
+fn the_image_is_built_with_a_rust_at_least_the_workspace_rust_version() {
+    fn version(text: &str) -> (u32, u32) {
+        let mut parts = text.split('.').map(|p| p.parse().expect("a number"));
+        (parts.next().expect("major"), parts.next().expect("minor"))
+    }
+    let manifest = read("Cargo.toml");
+    let required = manifest
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("rust-version"))
+        .map(|value| {
+            value
+                .trim_start()
+                .trim_start_matches('=')
+                .trim()
+                .trim_matches('"')
+        })
+        .expect("the workspace declares a rust-version");
+    let dockerfile = read("deploy/Dockerfile");
+    let builder = dockerfile
+        .split_whitespace()
+        .find_map(|word| word.strip_prefix("rust:"))
+        .expect("the build stage uses the official rust image");
+    let tag = builder.split('-').next().expect("a version tag");
+    assert!(
+        version(tag) >= version(required),
+        "rust:{builder} is older than the workspace's rust-version {required}"
+    );
+}
+
+#[test]
+fn collector_config_parses_receives_otlp_over_http_on_4318_and_exports_traces_to_jaeger() {
+    let config = load_yaml("otel/collector.yaml");
+    assert_eq!(collector_http_port(&config), 4318);
+
+    let traces = &config["service"]["pipelines"]["traces"];
+    assert!(
+        strings(&traces["receivers"]).contains(&"otlp".to_owned()),
+        "the traces pipeline must take what the otlp receiver gets"
+    );
+    // Every component the pipeline names must be declared, or the collector will not start.
+    for processor in strings(&traces["processors"]) {
+        assert!(
+            !config["processors"][processor.as_str()].is_badvalue(),
+            "the traces pipeline uses undeclared processor {processor}"
+        );
+    }
+    let exporters = strings(&traces["exporters"]);
+    assert!(!exporters.is_empty(), "the traces pipeline exports nowhere");
+    let compose = compose();
+    let mut to_jaeger = Vec::new();
+    for exporter in &exporters {
+        let declared = &config["exporters"][exporter.as_str()];
+        assert!(
+            !declared.is_badvalue(),
+            "the traces pipeline uses undeclared exporter {exporter}"
+        );
+        let kind = exporter.split('/').next().unwrap_or_default();
+        if !["otlp", "otlp_grpc", "otlphttp", "otlp_http"].contains(&kind) {
+            continue;
+        }
+        let endpoint = declared["endpoint"]
+            .as_str()
+            .unwrap_or_else(|| panic!("exporter {exporter} has no endpoint"));
+        let (host, _) = host_and_port(endpoint);
+        let target = service(&compose, &host);
+        let image = target["image"].as_str().unwrap_or_default();
+        if image.contains("jaeger") {
+            to_jaeger.push(exporter.clone());
+        }
+    }
+    assert!(
+        !to_jaeger.is_empty(),
+        "no exporter of the traces pipeline ({exporters:?}) sends to a Jaeger compose runs"
+    );
+    let jaeger_ports = strings(&service(&compose, "jaeger")["ports"]);
+    assert!(
+        jaeger_ports.iter().any(|port| port.ends_with(":16686")),
+        "the Jaeger UI must be published: {jaeger_ports:?}"
+    );
+}
+
+#[test]
+fn every_capstan_service_in_compose_sends_traces_to_the_collector() {
+    let compose = compose();
+    let collector = collector_service(&compose);
+    let port = collector_http_port(&load_yaml("otel/collector.yaml"));
+    // The services export OTLP/HTTP (protobuf): the HTTP receiver's port, with an http URL.
+    let expected = format!("http://{collector}:{port}");
+    let services = capstan_services(&compose);
+    assert!(services.len() >= 4, "compose runs every Capstan service");
+    for (name, _, service) in services {
+        assert_eq!(
+            variable(&name, &service, "OTEL_EXPORTER_OTLP_ENDPOINT").as_deref(),
+            Some(expected.as_str()),
+            "{name} must send its spans to {expected}"
+        );
+        // Every replica of a service reports under the same default name, capstan-<service>.
+        assert!(
+            variable(&name, &service, "OTEL_SERVICE_NAME").is_none(),
+            "{name} must keep its default service name"
+        );
+    }
+}
+
+#[test]
+fn postgres_in_compose_is_the_database_the_api_is_given() {
+    let compose = compose();
+    let (name, _, api) = capstan_services(&compose)
+        .into_iter()
+        .find(|(_, binary, _)| binary == "capstan-api")
+        .expect("compose runs the api");
+    let url = variable(&name, &api, "CAPSTAN_DATABASE_URL").expect("the api's database URL");
+    let rest = url
+        .strip_prefix("postgres://")
+        .or_else(|| url.strip_prefix("postgresql://"))
+        .unwrap_or_else(|| panic!("{url} is not a PostgreSQL URL"));
+    let (credentials, location) = rest.split_once('@').expect("credentials in the URL");
+    let (user, password) = credentials.split_once(':').expect("user:password");
+    let (address, database) = location.split_once('/').expect("a database name");
+    let database = database.split('?').next().unwrap_or_default();
+    let (host, port) = address
+        .split_once(':')
+        .map_or((address, "5432"), |(host, port)| (host, port));
+
+    let postgres = service(&compose, host);
+    let image = postgres["image"].as_str().expect("postgres image");
+    assert!(
+        image.starts_with("postgres:"),
+        "{host} runs {image}, not the official PostgreSQL image"
+    );
+    assert_eq!(port, "5432", "the official image listens on 5432");
+    assert_eq!(
+        variable(host, postgres, "POSTGRES_USER").as_deref(),
+        Some(user)
+    );
+    assert_eq!(
+        variable(host, postgres, "POSTGRES_PASSWORD").as_deref(),
+        Some(password)
+    );
+    // The image names the database after the user unless POSTGRES_DB says otherwise.
+    let created = variable(host, postgres, "POSTGRES_DB").unwrap_or_else(|| user.to_owned());
+    assert_eq!(created, database);
+
+    let healthcheck = strings(&postgres["healthcheck"]["test"]);
+    assert!(
+        healthcheck.iter().any(|part| part.contains("pg_isready")),
+        "{host} must report healthy only once it accepts connections"
+    );
+    assert!(
+        strings(&postgres["volumes"])
+            .iter()
+            .any(|volume| volume.contains(":/var/lib/postgresql")),
+        "{host} must keep its data in a volume"
+    );
+    assert_eq!(
+        api["depends_on"][host]["condition"].as_str(),
+        Some("service_healthy"),
+        "{name} must wait for {host} to be healthy"
+    );
+}
+
+#[test]
+fn the_api_listens_on_the_port_compose_publishes() {
+    let compose = compose();
+    let (name, _, api) = capstan_services(&compose)
+        .into_iter()
+        .find(|(_, binary, _)| binary == "capstan-api")
+        .expect("compose runs the api");
+    let listen = variable(&name, &api, "CAPSTAN_API_LISTEN").expect("the api's listen address");
+    let address: SocketAddr = listen.parse().unwrap_or_else(|e| panic!("{listen}: {e}"));
+    assert!(
+        address.ip().is_unspecified(),
+        "{name} listens on {listen}, unreachable from outside its container"
+    );
+    let published = strings(&api["ports"]);
+    assert!(
+        published
+            .iter()
+            .any(|port| port.ends_with(&format!(":{}", address.port()))),
+        "{name} listens on {listen} but publishes {published:?}"
+    );
+    assert!(
+        read("deploy/Dockerfile").contains(&format!("EXPOSE {}", address.port())),
+        "the image should declare the api's port"
+    );
+}

@@ -1,0 +1,207 @@
+//! One job is one trace: the service processes export their spans over OTLP/HTTP to a receiver
+//! in the test, and the spans of a job, whether submitted over REST or over NATS with a
+//! caller's `traceparent`, come from all four services, share one trace id, and link parent
+//! to child in the order of the hops.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use capstan_e2e::Cluster;
+use capstan_testkit::http::HttpClient;
+use capstan_testkit::{OtlpReceiver, ReceivedSpan, wait_until};
+use http::StatusCode;
+use serde_json::json;
+
+async fn traced_cluster(otlp: &OtlpReceiver) -> (Cluster, HttpClient) {
+    let mut cluster = Cluster::start().await;
+    cluster.set_env("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.endpoint());
+    // Export within a fraction of a second instead of the default five.
+    cluster.set_env("OTEL_BSP_SCHEDULE_DELAY", "100");
+    cluster.registry("registry-1");
+    cluster.scheduler("scheduler-1");
+    cluster.executor("exec-1", 4, &[]);
+    let base = cluster.api("api-1").await;
+    cluster.wait_nodes_up(&["exec-1"]).await;
+    (cluster, HttpClient::new(base))
+}
+
+/// A trace's spans, by id.
+struct Trace(HashMap<String, ReceivedSpan>);
+
+impl Trace {
+    fn of(spans: Vec<ReceivedSpan>) -> Self {
+        Self(
+            spans
+                .into_iter()
+                .map(|span| (span.span_id.clone(), span))
+                .collect(),
+        )
+    }
+
+    fn find(&self, service: &str, name: &str, job: &str) -> Option<&ReceivedSpan> {
+        self.0.values().find(|span| {
+            span.service == service
+                && span.name == name
+                && span.attributes.get("job_id").is_none_or(|id| id == job)
+        })
+    }
+
+    fn find_kind(&self, service: &str, name: &str, kind: &str) -> Option<&ReceivedSpan> {
+        self.0.values().find(|span| {
+            span.service == service
+                && span.name == name
+                && span.attributes.get("kind").is_some_and(|k| k == kind)
+        })
+    }
+
+    /// True when `ancestor` is `span` or above it.
+    fn descends(&self, span: &ReceivedSpan, ancestor: &ReceivedSpan) -> bool {
+        let mut current = Some(span);
+        while let Some(span) = current {
+            if span.span_id == ancestor.span_id {
+                return true;
+            }
+            current = self.0.get(&span.parent_span_id);
+        }
+        false
+    }
+}
+
+/// The hops every job's trace holds below its entry span: the scheduler accepting it, the
+/// executor's attempt and process, and the API and registry recording its end.
+struct Hops {
+    accept: ReceivedSpan,
+    run: ReceivedSpan,
+    process: ReceivedSpan,
+    recorded: ReceivedSpan,
+    tallied: ReceivedSpan,
+}
+
+async fn hops(otlp: &OtlpReceiver, trace_id: &str, job: &str) -> (Trace, Hops) {
+    wait_until(
+        "the job's spans from all four services",
+        Duration::from_secs(60),
+        || async {
+            let trace = Trace::of(otlp.trace(trace_id));
+            let hops = Hops {
+                accept: trace.find("capstan-scheduler", "accept job", job)?.clone(),
+                run: trace.find("capstan-executor", "run attempt", job)?.clone(),
+                process: trace.find("capstan-executor", "process", job)?.clone(),
+                recorded: trace
+                    .find_kind("capstan-api", "record job event", "succeeded")?
+                    .clone(),
+                tallied: trace
+                    .find("capstan-registry", "tally job outcome", job)?
+                    .clone(),
+            };
+            Some((trace, hops))
+        },
+    )
+    .await
+}
+
+fn assert_chain(trace: &Trace, hops: &Hops, entry_span_id: &str) {
+    assert_eq!(
+        hops.accept.parent_span_id, entry_span_id,
+        "scheduler follows the entry"
+    );
+    assert_eq!(
+        hops.run.parent_span_id, hops.accept.span_id,
+        "executor follows the scheduler"
+    );
+    assert_eq!(
+        hops.process.parent_span_id, hops.run.span_id,
+        "the process is in the attempt"
+    );
+    assert_eq!(
+        hops.process.attributes.get("exit_code").map(String::as_str),
+        Some("0")
+    );
+    assert!(
+        trace.descends(&hops.recorded, &hops.run),
+        "the API records the end the executor announced: {:?}",
+        hops.recorded
+    );
+    assert!(
+        trace.descends(&hops.tallied, &hops.run),
+        "the registry tallies the end the executor announced: {:?}",
+        hops.tallied
+    );
+}
+
+#[tokio::test]
+async fn a_job_submitted_over_rest_is_one_trace_through_all_four_services() {
+    let otlp = OtlpReceiver::start().await;
+    let (mut cluster, http) = traced_cluster(&otlp).await;
+    let seen = cluster.dir().join("traceparent.txt");
+    let body = json!({"command": format!("echo \"$TRACEPARENT\" > {}", seen.display())});
+    let reply = http.post_json("/api/v1/jobs", &body.to_string()).await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.text());
+    let job = reply.json()["id"].as_str().expect("an id").to_owned();
+    let record = cluster
+        .wait_terminal(&[job.parse().expect("a job id")], Duration::from_secs(60))
+        .await
+        .remove(0);
+    assert_eq!(record.status.as_str(), "succeeded");
+    let traceparent = record.traceparent.expect("the record keeps its trace");
+    let trace_id = traceparent
+        .split('-')
+        .nth(1)
+        .expect("a trace id")
+        .to_owned();
+
+    let (trace, hops) = hops(&otlp, &trace_id, &job).await;
+    let entry = wait_until(
+        "the API's request span",
+        Duration::from_secs(30),
+        || async {
+            otlp.trace(&trace_id)
+                .into_iter()
+                .find(|span| span.service == "capstan-api" && span.name == "POST /api/v1/jobs")
+        },
+    )
+    .await;
+    assert_eq!(entry.parent_span_id, "", "the request starts the trace");
+    assert_chain(&trace, &hops, &entry.span_id);
+
+    // The process was handed its own span's context.
+    let handed = std::fs::read_to_string(&seen).expect("the job wrote its TRACEPARENT");
+    assert_eq!(
+        handed.trim(),
+        format!("00-{trace_id}-{}-01", hops.process.span_id)
+    );
+}
+
+#[tokio::test]
+async fn a_job_published_on_nats_with_a_traceparent_joins_the_callers_trace() {
+    let otlp = OtlpReceiver::start().await;
+    let (cluster, _http) = traced_cluster(&otlp).await;
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller = "00f067aa0ba902b7";
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("traceparent", format!("00-{trace_id}-{caller}-01").as_str());
+    let js = async_nats::jetstream::new(cluster.client().await);
+    js.publish_with_headers(
+        capstan_protocol::subjects::SUBMIT,
+        headers,
+        r#"{"command": "true"}"#.into(),
+    )
+    .await
+    .expect("published")
+    .await
+    .expect("stored");
+
+    let accept = wait_until("the scheduler's span", Duration::from_secs(60), || async {
+        otlp.trace(trace_id)
+            .into_iter()
+            .find(|span| span.service == "capstan-scheduler" && span.name == "accept job")
+    })
+    .await;
+    let job = accept
+        .attributes
+        .get("job_id")
+        .expect("the job's id")
+        .clone();
+    let (trace, hops) = hops(&otlp, trace_id, &job).await;
+    assert_chain(&trace, &hops, caller);
+}

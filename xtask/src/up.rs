@@ -1,0 +1,236 @@
+//! `cargo xtask up`: the whole mesh on this machine.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// Options of `up`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Executors to start.
+    #[arg(long, default_value_t = 3)]
+    executors: u32,
+    /// Schedulers to start.
+    #[arg(long, default_value_t = 1)]
+    schedulers: u32,
+    /// Registries to start.
+    #[arg(long, default_value_t = 1)]
+    registries: u32,
+    /// Job slots per executor.
+    #[arg(long, default_value_t = 8)]
+    slots: u32,
+    /// NATS port; 4222 when free, else any free port.
+    #[arg(long, env = "CAPSTAN_NATS_PORT")]
+    nats_port: Option<u16>,
+    /// Where the REST API listens.
+    #[arg(long, env = "CAPSTAN_API_LISTEN", default_value = "127.0.0.1:8080")]
+    api_listen: String,
+    /// Build and run release binaries.
+    #[arg(long)]
+    release: bool,
+}
+
+struct Running {
+    name: String,
+    child: Child,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let root = capstan_testkit::workspace_root();
+    let profile = if args.release { "release" } else { "debug" };
+    eprintln!("building the services ({profile})");
+    let mut build = super::cargo();
+    build
+        .current_dir(&root)
+        .args(["build", "--bins", "--locked"]);
+    if args.release {
+        build.arg("--release");
+    }
+    if !build.status().context("cannot run cargo build")?.success() {
+        bail!("build failed");
+    }
+    let bin_dir = target_dir(&root).join(profile);
+    let nats = capstan_testkit::natsbin::ensure().map_err(anyhow::Error::msg)?;
+
+    let data = root.join(".capstan").join("data");
+    std::fs::create_dir_all(data.join("nats"))?;
+    let port = match args.nats_port {
+        Some(port) => port,
+        None if port_free(4222) => 4222,
+        None => capstan_testkit::server::free_port(),
+    };
+    let url = format!("nats://127.0.0.1:{port}");
+
+    let mut running: Vec<Running> = Vec::new();
+    let mut nats_command = Command::new(&nats);
+    nats_command
+        .args([
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-js",
+            "-n",
+            "capstan-dev",
+            "-sd",
+        ])
+        .arg(data.join("nats"));
+    running.push(spawn("nats", nats_command)?);
+    wait_for_port(port, Duration::from_secs(20))?;
+
+    let service = |binary: &str| {
+        let mut command = Command::new(bin_dir.join(binary));
+        command.env("CAPSTAN_NATS_URL", &url);
+        command
+    };
+    for n in 1..=args.registries {
+        running.push(spawn(
+            &format!("registry-{n}"),
+            service("capstan-registry"),
+        )?);
+    }
+    for n in 1..=args.schedulers {
+        running.push(spawn(
+            &format!("scheduler-{n}"),
+            service("capstan-scheduler"),
+        )?);
+    }
+    for n in 1..=args.executors {
+        let node = format!("exec-{n}");
+        let mut command = service("capstan-executor");
+        command
+            .env("CAPSTAN_NODE_ID", &node)
+            .env("CAPSTAN_SLOTS", args.slots.to_string())
+            .env("CAPSTAN_WORK_DIR", data.join("work").join(&node));
+        running.push(spawn(&node, command)?);
+    }
+    // The API keeps its SQLite history in the data directory.
+    let mut api = service("capstan-api");
+    api.env("CAPSTAN_API_LISTEN", &args.api_listen)
+        .env("CAPSTAN_DATA_DIR", &data);
+    running.push(spawn("api", api)?);
+
+    eprintln!();
+    eprintln!("Capstan is up: NATS at {url}, store in {}", data.display());
+    if port != 4222 {
+        eprintln!("  (port 4222 is taken; for the nats CLI: export NATS_URL={url})");
+    }
+    eprintln!("  nats pub capstan.jobs.submit '{{\"command\": \"echo hello\"}}'");
+    eprintln!("  nats sub 'capstan.events.>'");
+    eprintln!("  nats micro ls");
+    eprintln!(
+        "REST API at http://{}/api/v1 (Swagger UI at /docs):",
+        args.api_listen
+    );
+    eprintln!(
+        "  curl -s -XPOST http://{}/api/v1/jobs -H 'content-type: application/json' -d '{{\"command\": \"echo hello\"}}'",
+        args.api_listen
+    );
+    eprintln!("Ctrl-C stops everything.");
+    eprintln!();
+
+    wait_for_signal()?;
+    eprintln!("stopping");
+    // Services first (newest first), NATS last, each given time to finish its work.
+    while let Some(mut process) = running.pop() {
+        stop(&mut process, Duration::from_secs(40));
+    }
+    Ok(())
+}
+
+fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"))
+}
+
+fn port_free(port: u16) -> bool {
+    TcpListener::bind(("127.0.0.1", port)).is_ok()
+}
+
+fn wait_for_port(port: u16, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("nats-server did not open port {port}")
+}
+
+/// Starts `command`, copying its output to ours with `[name]` before each line.
+fn spawn(name: &str, mut command: Command) -> anyhow::Result<Running> {
+    use std::os::unix::process::CommandExt;
+    // Own process group: a Ctrl-C in the terminal reaches only `up`, which then stops the
+    // services before NATS, so they can finish their work while NATS is still there.
+    let mut child = command
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start {name}"))?;
+    for output in [
+        child
+            .stdout
+            .take()
+            .map(|o| Box::new(o) as Box<dyn std::io::Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|e| Box::new(e) as Box<dyn std::io::Read + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let prefix = format!("[{name:>11}] ");
+        std::thread::spawn(move || {
+            for line in BufReader::new(output).lines().map_while(Result::ok) {
+                eprintln!("{prefix}{line}");
+            }
+        });
+    }
+    Ok(Running {
+        name: name.to_owned(),
+        child,
+    })
+}
+
+fn stop(process: &mut Running, grace: Duration) {
+    if let Ok(pid) = i32::try_from(process.child.id()) {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+    }
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = process.child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("{} did not stop in time; killing it", process.name);
+    let _ = process.child.kill();
+    let _ = process.child.wait();
+}
+
+fn wait_for_signal() -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate.recv() => {}
+        }
+        Ok::<(), std::io::Error>(())
+    })?;
+    Ok(())
+}
