@@ -492,7 +492,11 @@ async fn history_queries(
             "/api/v1/jobs?status=succeeded&limit=50",
         ),
         (
-            "status=timed_out & label zone=eu",
+            "status=failed & label zone=eu (every failed job is in eu)",
+            "/api/v1/jobs?status=failed&label=zone%3Deu&limit=50",
+        ),
+        (
+            "status=timed_out & label zone=eu (matches none: worst case)",
             "/api/v1/jobs?status=timed_out&label=zone%3Deu&limit=50",
         ),
         ("no filter, first page of 50", "/api/v1/jobs?limit=50"),

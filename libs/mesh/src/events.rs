@@ -84,6 +84,33 @@ impl EventPublisher {
             .await
     }
 
+    /// Rejects a message consumed from a stream: publishes why (see
+    /// [`EventPublisher::rejection`]) and terminates it, so it is never delivered again.
+    pub async fn reject_stored(
+        &self,
+        origin: Origin,
+        message: &async_nats::jetstream::Message,
+        job: Option<capstan_protocol::JobId>,
+        code: capstan_protocol::RejectionCode,
+        field: Option<String>,
+        reason: impl Into<String>,
+    ) {
+        let seq = message.info().ok().map(|info| info.stream_sequence);
+        let rejection = Rejection::new(
+            message.subject.as_str(),
+            message.payload.len(),
+            code,
+            field,
+            reason,
+        )
+        .of_job(job)
+        .at_seq(seq);
+        self.rejection(origin, &rejection).await;
+        if let Err(error) = message.ack_with(async_nats::jetstream::AckKind::Term).await {
+            tracing::debug!(error = %error, "cannot terminate a rejected message");
+        }
+    }
+
     /// Publishes a rejection. Failing to report a rejection must not stop the consumer that
     /// rejected the message, so errors are logged, not returned.
     pub async fn rejection(&self, origin: Origin, rejection: &Rejection) {

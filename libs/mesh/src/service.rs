@@ -10,7 +10,7 @@ use async_nats::service::{self, Service, ServiceExt};
 use bytes::Bytes;
 use capstan_protocol::codec::{self, Encoding};
 use capstan_protocol::subjects::Origin;
-use capstan_protocol::{ErrorCode, Rejection, RejectionCode, Reply, ServiceError, Timestamp};
+use capstan_protocol::{ErrorCode, Rejection, RejectionCode, Reply, ServiceError};
 use futures::StreamExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -142,20 +142,18 @@ pub async fn serve<Req, Res, F, Fut>(
                 }
                 Err((error, encoding)) => {
                     let (events, origin) = rejections;
-                    let rejection = Rejection {
-                        subject: request.message.subject.to_string(),
-                        code: if error.message.starts_with("malformed") {
-                            RejectionCode::Malformed
-                        } else {
-                            RejectionCode::Invalid
-                        },
-                        field: error.field.clone(),
-                        reason: error.message.clone(),
-                        job: None,
-                        size: request.message.payload.len(),
-                        stream_seq: None,
-                        at: Timestamp::now(),
+                    let code = if error.message.starts_with("malformed") {
+                        RejectionCode::Malformed
+                    } else {
+                        RejectionCode::Invalid
                     };
+                    let rejection = Rejection::new(
+                        request.message.subject.as_str(),
+                        request.message.payload.len(),
+                        code,
+                        error.field.clone(),
+                        error.message.clone(),
+                    );
                     events.rejection(*origin, &rejection).await;
                     reply::<Res>(&request, encoding, Err(error)).await;
                 }

@@ -233,6 +233,42 @@ pub struct Rejection {
     pub at: Timestamp,
 }
 
+impl Rejection {
+    /// The rejection, now, of a `size`-byte message on `subject` (about no job in particular,
+    /// and not from a stream, until [`Rejection::of_job`] and [`Rejection::at_seq`] say so).
+    pub fn new(
+        subject: impl Into<String>,
+        size: usize,
+        code: RejectionCode,
+        field: Option<String>,
+        reason: impl Into<String>,
+    ) -> Self {
+        Self {
+            subject: subject.into(),
+            code,
+            field,
+            reason: reason.into(),
+            job: None,
+            size,
+            stream_seq: None,
+            at: Timestamp::now(),
+        }
+    }
+
+    /// The same, about `job`.
+    pub fn of_job(self, job: Option<JobId>) -> Self {
+        Self { job, ..self }
+    }
+
+    /// The same, for the message stored at `seq`.
+    pub fn at_seq(self, seq: Option<u64>) -> Self {
+        Self {
+            stream_seq: seq,
+            ..self
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

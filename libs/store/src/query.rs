@@ -51,17 +51,24 @@ pub async fn list(db: &DatabaseConnection, query: &JobQuery) -> Result<Vec<job::
     if let Some(node) = &query.node {
         condition = condition.add(job::Column::Node.eq(node.as_str()));
     }
+    // A correlated EXISTS: each candidate row (already narrowed and ordered by an index) is
+    // checked with one primary-key lookup, instead of materialising every job that carries
+    // the label, which for a common label is most of the table.
     for (key, value) in &query.labels {
-        condition = condition.add(
-            job::Column::Id.in_subquery(
-                Query::select()
-                    .column(job_label::Column::JobId)
-                    .from(job_label::Entity)
-                    .and_where(Expr::col(job_label::Column::Key).eq(key.as_str()))
-                    .and_where(Expr::col(job_label::Column::Value).eq(value.as_str()))
-                    .to_owned(),
-            ),
-        );
+        condition = condition.add(Expr::exists(
+            Query::select()
+                .expr(Expr::val(1))
+                .from(job_label::Entity)
+                .and_where(
+                    Expr::col((job_label::Entity, job_label::Column::JobId))
+                        .equals((job::Entity, job::Column::Id)),
+                )
+                .and_where(Expr::col((job_label::Entity, job_label::Column::Key)).eq(key.as_str()))
+                .and_where(
+                    Expr::col((job_label::Entity, job_label::Column::Value)).eq(value.as_str()),
+                )
+                .to_owned(),
+        ));
     }
     if let Some(since) = query.since {
         condition = condition.add(job::Column::Id.gte(id_at(since)));

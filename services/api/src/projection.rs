@@ -13,7 +13,7 @@ use async_nats::jetstream::consumer::{AckPolicy, pull};
 use async_nats::jetstream::{self, AckKind};
 use capstan_mesh::{Mesh, consume, wire};
 use capstan_protocol::subjects::{self, Origin};
-use capstan_protocol::{JobEvent, Rejection, Timestamp, topology};
+use capstan_protocol::{JobEvent, topology};
 use capstan_store::{History, Sequenced};
 use tokio_util::sync::CancellationToken;
 
@@ -75,19 +75,18 @@ async fn project(
                 batch.push(Sequenced { seq, event });
                 accepted.push(message);
             }
-            (seq, Err(error)) => {
-                let rejection = Rejection {
-                    subject: message.subject.to_string(),
-                    code: error.code,
-                    field: error.field.clone(),
-                    reason: error.to_string(),
-                    job: subjects::parse_job_event(&message.subject).map(|(job, _)| job),
-                    size: message.payload.len(),
-                    stream_seq: seq,
-                    at: Timestamp::now(),
-                };
-                mesh.events.rejection(Origin::History, &rejection).await;
-                let _ = message.ack_with(AckKind::Term).await;
+            (_, Err(error)) => {
+                let job = subjects::parse_job_event(&message.subject).map(|(job, _)| job);
+                mesh.events
+                    .reject_stored(
+                        Origin::History,
+                        &message,
+                        job,
+                        error.code,
+                        error.field.clone(),
+                        error.to_string(),
+                    )
+                    .await;
             }
             (None, Ok(_)) => {
                 let _ = message.ack_with(AckKind::Term).await;

@@ -18,7 +18,7 @@ use capstan_protocol::subjects::Origin;
 use capstan_protocol::topology::FINISHED_JOB_TTL;
 use capstan_protocol::{
     Dispatch, InstanceId, JobEvent, JobEventKind, JobId, JobRecord, JobStatus, NodeId,
-    OutputSummary, Rejection, RejectionCode, Timestamp,
+    OutputSummary, RejectionCode, Timestamp,
 };
 use futures::StreamExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -122,13 +122,12 @@ impl Worker {
 
     /// Handles one dispatch; `permit` is its slot.
     async fn handle(self: Arc<Self>, message: jetstream::Message, permit: OwnedSemaphorePermit) {
-        let seq = message.info().map(|info| info.stream_sequence).ok();
         let dispatch: Dispatch =
             match capstan_mesh::wire::decode(message.headers.as_ref(), &message.payload) {
                 Ok((dispatch, _)) => dispatch,
                 Err(error) => {
                     let reason = error.to_string();
-                    self.reject(&message, seq, None, error.code, error.field, reason)
+                    self.reject(&message, None, error.code, error.field, reason)
                         .await;
                     return;
                 }
@@ -142,7 +141,6 @@ impl Worker {
             );
             self.reject(
                 &message,
-                seq,
                 Some(record.id),
                 RejectionCode::Misrouted,
                 Some("record.node".into()),
@@ -387,27 +385,15 @@ impl Worker {
     async fn reject(
         &self,
         message: &jetstream::Message,
-        seq: Option<u64>,
         job: Option<JobId>,
         code: RejectionCode,
         field: Option<String>,
         reason: String,
     ) {
-        let rejection = Rejection {
-            subject: message.subject.to_string(),
-            code,
-            field,
-            reason,
-            job,
-            size: message.payload.len(),
-            stream_seq: seq,
-            at: Timestamp::now(),
-        };
         self.mesh
             .events
-            .rejection(Origin::Dispatch, &rejection)
+            .reject_stored(Origin::Dispatch, message, job, code, field, reason)
             .await;
-        let _ = message.ack_with(AckKind::Term).await;
     }
 
     /// Stops every held attempt (the shutdown deadline passed).

@@ -12,7 +12,7 @@ use async_nats::jetstream::consumer::{AckPolicy, pull};
 use async_nats::jetstream::{self, AckKind};
 use capstan_mesh::{Error, Mesh, consume, wire};
 use capstan_protocol::subjects::{self, Origin};
-use capstan_protocol::{JobEvent, JobEventKind, NodeId, NodeTally, Rejection, Timestamp, topology};
+use capstan_protocol::{JobEvent, JobEventKind, NodeId, NodeTally, topology};
 use tokio_util::sync::CancellationToken;
 
 /// Events summed per batch, at most.
@@ -73,18 +73,17 @@ async fn tally(mesh: &Mesh, messages: Vec<jetstream::Message>) {
                 counted.push(message);
             }
             Err(error) => {
-                let rejection = Rejection {
-                    subject: message.subject.to_string(),
-                    code: error.code,
-                    field: error.field.clone(),
-                    reason: error.to_string(),
-                    job: subjects::parse_job_event(&message.subject).map(|(job, _)| job),
-                    size: message.payload.len(),
-                    stream_seq: message.info().ok().map(|info| info.stream_sequence),
-                    at: Timestamp::now(),
-                };
-                mesh.events.rejection(Origin::Registry, &rejection).await;
-                let _ = message.ack_with(AckKind::Term).await;
+                let job = subjects::parse_job_event(&message.subject).map(|(job, _)| job);
+                mesh.events
+                    .reject_stored(
+                        Origin::Registry,
+                        &message,
+                        job,
+                        error.code,
+                        error.field.clone(),
+                        error.to_string(),
+                    )
+                    .await;
             }
         }
     }

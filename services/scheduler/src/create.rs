@@ -5,7 +5,7 @@ use capstan_mesh::{EventPublisher, Submitter, wire};
 use capstan_protocol::codec::{self, largest_field};
 use capstan_protocol::reply::Created;
 use capstan_protocol::subjects::Origin;
-use capstan_protocol::{ErrorCode, Rejection, RejectionCode, ServiceError, Timestamp};
+use capstan_protocol::{ErrorCode, Rejection, RejectionCode, ServiceError};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -39,15 +39,8 @@ async fn create(
     let map = message.headers.as_ref();
     let payload = &message.payload;
     let encoding = wire::encoding_of(map, payload);
-    let rejection = |code: RejectionCode, field: Option<String>, reason: String| Rejection {
-        subject: message.subject.to_string(),
-        code,
-        field,
-        reason,
-        job: None,
-        size: payload.len(),
-        stream_seq: None,
-        at: Timestamp::now(),
+    let rejection = |code: RejectionCode, field: Option<String>, reason: String| {
+        Rejection::new(message.subject.as_str(), payload.len(), code, field, reason)
     };
     if payload.len() > max_job_bytes {
         let largest = largest_field(encoding, payload);

@@ -357,16 +357,15 @@ impl Scheduler {
         field: Option<&str>,
         reason: String,
     ) {
-        let rejection = Rejection {
-            subject: message.subject.to_string(),
+        let rejection = Rejection::new(
+            message.subject.as_str(),
+            message.payload.len(),
             code,
-            field: field.map(str::to_owned),
+            field.map(str::to_owned),
             reason,
-            job,
-            size: message.payload.len(),
-            stream_seq: Some(seq),
-            at: Timestamp::now(),
-        };
+        )
+        .of_job(job)
+        .at_seq(Some(seq));
         self.mesh.events.rejection(Origin::Submit, &rejection).await;
     }
 
