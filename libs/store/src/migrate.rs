@@ -64,6 +64,7 @@ fn initial() -> Vec<Step> {
         .col(col("job_id").string_len(26).not_null())
         .col(col("key").string_len(64).not_null())
         .col(col("value").string_len(64).not_null())
+        .col(col("status").string_len(32).not_null())
         .primary_key(Index::create().col(a("job_id")).col(a("key")))
         .to_owned();
     let attempts = Table::create()
@@ -121,6 +122,11 @@ fn initial() -> Vec<Step> {
             "job_labels_key_value",
             "job_labels",
             &["key", "value", "job_id"],
+        ),
+        index(
+            "job_labels_key_value_status",
+            "job_labels",
+            &["key", "value", "status", "job_id"],
         ),
         index("events_job_seq", "events", &["job_id", "seq"]),
     ]

@@ -2,10 +2,10 @@
 //! job's attempts and events, counts by status.
 
 use capstan_protocol::{JobId, JobStatus, Timestamp};
-use sea_orm::sea_query::{Expr, ExprTrait, Query};
+use sea_orm::sea_query::{Alias, Expr, ExprTrait, Order, Query};
 use sea_orm::{
-    ColumnTrait, Condition, DatabaseConnection, DbErr, EntityTrait, FromQueryResult, QueryFilter,
-    QueryOrder, QuerySelect,
+    ColumnTrait, Condition, DatabaseConnection, DbErr, EntityTrait, FromQueryResult, JoinType,
+    QueryFilter, QueryOrder, QuerySelect,
 };
 use ulid::Ulid;
 
@@ -41,8 +41,31 @@ fn id_at(at: Timestamp) -> String {
 /// and a page that starts below the previous page's last id is stable however many jobs are
 /// added meanwhile.
 pub async fn list(db: &DatabaseConnection, query: &JobQuery) -> Result<Vec<job::Model>, DbErr> {
+    // With a status and a label, the labels table drives: its `key, value, status, job_id`
+    // index yields exactly the matching jobs, newest first, however rare or common they are.
+    // Otherwise the jobs table does, through the index its filter column leads.
+    let driving_label = query.status.and(query.labels.first());
+    let id_column = match driving_label {
+        Some(_) => Expr::col((job_label::Entity, job_label::Column::JobId)),
+        None => Expr::col((job::Entity, job::Column::Id)),
+    };
     let mut condition = Condition::all();
-    if let Some(status) = query.status {
+    let mut select = job::Entity::find();
+    let mut other_labels = query.labels.as_slice();
+    if let (Some(status), Some((key, value))) = (query.status, driving_label) {
+        select = select.join(
+            JoinType::InnerJoin,
+            job::Entity::belongs_to(job_label::Entity)
+                .from(job::Column::Id)
+                .to(job_label::Column::JobId)
+                .into(),
+        );
+        condition = condition
+            .add(job_label::Column::Key.eq(key.as_str()))
+            .add(job_label::Column::Value.eq(value.as_str()))
+            .add(job_label::Column::Status.eq(status.as_str()));
+        other_labels = &query.labels[1..];
+    } else if let Some(status) = query.status {
         condition = condition.add(job::Column::Status.eq(status.as_str()));
     }
     if let Some(name) = &query.name {
@@ -54,34 +77,36 @@ pub async fn list(db: &DatabaseConnection, query: &JobQuery) -> Result<Vec<job::
     // A correlated EXISTS: each candidate row (already narrowed and ordered by an index) is
     // checked with one primary-key lookup, instead of materialising every job that carries
     // the label, which for a common label is most of the table.
-    for (key, value) in &query.labels {
+    for (key, value) in other_labels {
         condition = condition.add(Expr::exists(
             Query::select()
                 .expr(Expr::val(1))
-                .from(job_label::Entity)
+                .from_as(job_label::Entity, Alias::new("other"))
                 .and_where(
-                    Expr::col((job_label::Entity, job_label::Column::JobId))
+                    Expr::col((Alias::new("other"), job_label::Column::JobId))
                         .equals((job::Entity, job::Column::Id)),
                 )
-                .and_where(Expr::col((job_label::Entity, job_label::Column::Key)).eq(key.as_str()))
                 .and_where(
-                    Expr::col((job_label::Entity, job_label::Column::Value)).eq(value.as_str()),
+                    Expr::col((Alias::new("other"), job_label::Column::Key)).eq(key.as_str()),
+                )
+                .and_where(
+                    Expr::col((Alias::new("other"), job_label::Column::Value)).eq(value.as_str()),
                 )
                 .to_owned(),
         ));
     }
     if let Some(since) = query.since {
-        condition = condition.add(job::Column::Id.gte(id_at(since)));
+        condition = condition.add(id_column.clone().gte(id_at(since)));
     }
     if let Some(until) = query.until {
-        condition = condition.add(job::Column::Id.lt(id_at(until)));
+        condition = condition.add(id_column.clone().lt(id_at(until)));
     }
     if let Some(before) = query.before {
-        condition = condition.add(job::Column::Id.lt(before.to_string()));
+        condition = condition.add(id_column.clone().lt(before.to_string()));
     }
-    job::Entity::find()
+    select
         .filter(condition)
-        .order_by_desc(job::Column::Id)
+        .order_by(id_column, Order::Desc)
         .limit(query.limit)
         .all(db)
         .await

@@ -324,3 +324,131 @@ async fn a_replica_connects_to_sqlite_while_another_is_writing() {
         .expect("joins")
         .expect("the second replica connects once the write ends");
 }
+
+on_both_backends!(
+    status_and_label_filters_follow_each_job_as_its_status_changes,
+    |url: String| async move {
+        let history = History::connect(&url).await.expect("connects");
+        let ids: Vec<JobId> = (0..12u64)
+            .map(|n| {
+                JobId::from(ulid::Ulid::from_parts(
+                    1_700_000_000_000 + n * 1000,
+                    u128::from(n),
+                ))
+            })
+            .collect();
+        let labels_of = |n: usize| -> &'static [(&'static str, &'static str)] {
+            match n % 3 {
+                0 => &[("zone", "eu"), ("tier", "gold")],
+                1 => &[("zone", "eu")],
+                _ => &[("zone", "us")],
+            }
+        };
+        // Each job's pending event first: every labelled job is pending.
+        let lives: Vec<Vec<Sequenced>> = ids
+            .iter()
+            .enumerate()
+            .map(|(n, id)| {
+                let status = if n % 4 == 0 {
+                    JobStatus::Failed
+                } else {
+                    JobStatus::Succeeded
+                };
+                life(*id, labels_of(n), status, 1 + 3 * n as u64)
+            })
+            .collect();
+        let firsts: Vec<Sequenced> = lives.iter().map(|l| l[0].clone()).collect();
+        history.apply(&firsts).await.expect("applied");
+        let page = |status: Option<JobStatus>, labels: &[(&str, &str)], before: Option<JobId>| {
+            let history = history.clone();
+            let query = JobQuery {
+                status,
+                labels: labels
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
+                before,
+                limit: 3,
+                ..Default::default()
+            };
+            async move {
+                history
+                    .list(&query)
+                    .await
+                    .expect("listed")
+                    .into_iter()
+                    .map(|row| row.id)
+                    .collect::<Vec<String>>()
+            }
+        };
+        let expected = |status: JobStatus, label: (&str, &str)| -> Vec<String> {
+            ids.iter()
+                .enumerate()
+                .rev()
+                .filter(|(n, _)| {
+                    let final_status = if n % 4 == 0 {
+                        JobStatus::Failed
+                    } else {
+                        JobStatus::Succeeded
+                    };
+                    final_status == status && labels_of(*n).contains(&label)
+                })
+                .map(|(_, id)| id.to_string())
+                .collect()
+        };
+        let eu = [("zone", "eu")];
+        assert_eq!(page(Some(JobStatus::Pending), &eu, None).await.len(), 3);
+        assert!(page(Some(JobStatus::Failed), &eu, None).await.is_empty());
+
+        // The rest of every life, the newest events first: an older event arriving after a
+        // newer one must not move a job (or its labels) back.
+        let mut rest: Vec<Sequenced> = lives.iter().flat_map(|l| l[1..].to_vec()).collect();
+        rest.reverse();
+        for item in rest {
+            history.apply(&[item]).await.expect("applied");
+        }
+        assert!(page(Some(JobStatus::Pending), &eu, None).await.is_empty());
+        assert!(page(Some(JobStatus::Running), &eu, None).await.is_empty());
+
+        // Every page of `succeeded` in `zone=eu`, following the cursor.
+        let mut seen = Vec::new();
+        let mut before = None;
+        loop {
+            let ids = page(Some(JobStatus::Succeeded), &eu, before).await;
+            if ids.is_empty() {
+                break;
+            }
+            before = Some(ids.last().expect("a row").parse().expect("an id"));
+            seen.extend(ids);
+        }
+        assert_eq!(seen, expected(JobStatus::Succeeded, ("zone", "eu")));
+        assert_eq!(
+            page(Some(JobStatus::Failed), &eu, None).await,
+            expected(JobStatus::Failed, ("zone", "eu"))
+                .into_iter()
+                .take(3)
+                .collect::<Vec<_>>()
+        );
+        // A second label narrows further; a label alone ignores status.
+        let gold: Vec<String> = page(
+            Some(JobStatus::Succeeded),
+            &[("zone", "eu"), ("tier", "gold")],
+            None,
+        )
+        .await;
+        assert!(!gold.is_empty());
+        for id in &gold {
+            let n = ids
+                .iter()
+                .position(|i| i.to_string() == *id)
+                .expect("known");
+            assert_eq!(n % 3, 0, "{id} has no tier=gold");
+        }
+        assert_eq!(page(None, &[("zone", "us")], None).await.len(), 3);
+        assert!(
+            page(Some(JobStatus::Succeeded), &[("zone", "mars")], None)
+                .await
+                .is_empty()
+        );
+    }
+);

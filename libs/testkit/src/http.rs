@@ -60,6 +60,11 @@ impl HttpClient {
         }
     }
 
+    /// The base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
     /// Sends a request and reads the whole response; panics if the server cannot be reached.
     pub async fn send(
         &self,

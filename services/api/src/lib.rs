@@ -166,6 +166,25 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         .with(routes::BodyLimit(config.nats.max_job_bytes))
         .catch_all_error(|error: poem::Error| async move { problem::render(error) });
 
+    // Listed by `nats micro ls` beside the other services; its interface is HTTP, so it has
+    // no NATS endpoints, and its metadata says where to find it.
+    let micro = capstan_mesh::service::start(
+        &mesh.client,
+        "capstan-api",
+        "REST API, job history and metrics",
+        std::collections::HashMap::from([
+            ("listen".to_owned(), address.to_string()),
+            (
+                "database".to_owned(),
+                database_url
+                    .split(':')
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned(),
+            ),
+        ]),
+    )
+    .await?;
     let projection = tokio::spawn(projection::run(
         mesh.clone(),
         history.clone(),
@@ -182,6 +201,9 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
             )
             .await;
         let _ = projection.await;
+        if let Err(error) = micro.stop().await {
+            tracing::debug!(error = %error, "stopping the micro service");
+        }
         tracing::info!("api stopped");
         served.map_err(|source| Error::Listen {
             address: address.to_string(),

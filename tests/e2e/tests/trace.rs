@@ -175,7 +175,22 @@ async fn a_job_submitted_over_rest_is_one_trace_through_all_four_services() {
 #[tokio::test]
 async fn a_job_published_on_nats_with_a_traceparent_joins_the_callers_trace() {
     let otlp = OtlpReceiver::start().await;
-    let (cluster, _http) = traced_cluster(&otlp).await;
+    let (cluster, http) = traced_cluster(&otlp).await;
+    // The API is listed among the micro services too, saying where it listens.
+    let info = cluster
+        .client()
+        .await
+        .request("$SRV.INFO.capstan-api", "".into())
+        .await
+        .expect("the API answers");
+    let info: serde_json::Value = serde_json::from_slice(&info.payload).expect("JSON");
+    assert_eq!(
+        format!(
+            "http://{}",
+            info["metadata"]["listen"].as_str().unwrap_or_default()
+        ),
+        http.base()
+    );
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let caller = "00f067aa0ba902b7";
     let mut headers = async_nats::HeaderMap::new();

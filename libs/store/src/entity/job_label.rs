@@ -1,4 +1,5 @@
-//! `job_labels`: a job's label selector, one row per label, for filtering by label.
+//! `job_labels`: a job's label selector, one row per label, for filtering by label (and by
+//! label and status together).
 
 use sea_orm::entity::prelude::*;
 
@@ -14,6 +15,9 @@ pub struct Model {
     pub key: String,
     /// Label value.
     pub value: String,
+    /// The job's current status, kept with each label so that a status-and-label filter is
+    /// one index range scan (`key, value, status, job_id`).
+    pub status: String,
 }
 
 /// No relations are navigated through sea-orm.
