@@ -20,12 +20,20 @@ pub use wait::{POLL_INTERVAL, wait_until};
 
 use std::path::PathBuf;
 
-/// The workspace's root directory.
+/// The workspace's root directory: the nearest directory holding a workspace `Cargo.toml`
+/// above the package cargo is running (`CARGO_MANIFEST_DIR` at run time, which `cargo run` and
+/// `cargo test` set), so that a binary reused from a shared build cache works on the checkout
+/// it was started from, not on the one it was first built in.
 pub fn workspace_root() -> PathBuf {
-    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    manifest
-        .ancestors()
-        .nth(2)
+    let start = std::env::var_os("CARGO_MANIFEST_DIR")
         .map(PathBuf::from)
-        .unwrap_or(manifest)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    start
+        .ancestors()
+        .find(|dir| {
+            std::fs::read_to_string(dir.join("Cargo.toml"))
+                .is_ok_and(|manifest| manifest.contains("[workspace]"))
+        })
+        .map(PathBuf::from)
+        .unwrap_or(start)
 }
