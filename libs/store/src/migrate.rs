@@ -65,6 +65,7 @@ fn initial() -> Vec<Step> {
         .col(col("key").string_len(64).not_null())
         .col(col("value").string_len(64).not_null())
         .col(col("status").string_len(32).not_null())
+        .col(col("last_seq").big_integer().not_null())
         .primary_key(Index::create().col(a("job_id")).col(a("key")))
         .to_owned();
     let attempts = Table::create()

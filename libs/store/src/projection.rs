@@ -9,8 +9,8 @@
 use std::collections::HashMap;
 
 use capstan_protocol::{JobEvent, JobId};
-use sea_orm::sea_query::{Alias, Expr, ExprTrait, OnConflict, Query};
-use sea_orm::{ActiveValue::Set, ConnectionTrait, DbErr, EntityTrait, TransactionTrait};
+use sea_orm::sea_query::{Alias, Expr, ExprTrait, OnConflict};
+use sea_orm::{ActiveValue::Set, DbErr, EntityTrait, TransactionTrait};
 
 use crate::entity::{attempt, event, job, job_label};
 
@@ -173,36 +173,21 @@ pub async fn apply(db: &sea_orm::DatabaseConnection, batch: &[Sequenced]) -> Res
                         key: Set(key.clone()),
                         value: Set(value.clone()),
                         status: Set(item.event.record.status.as_str().to_owned()),
+                        last_seq: Set(seq_of(item.seq)),
                     })
             })
             .collect();
         for labels in labels.chunks(CHUNK) {
             job_label::Entity::insert_many(labels.to_vec())
+                // The labels carry their job's status, newer events only, like the job row.
                 .on_conflict(
                     OnConflict::columns([job_label::Column::JobId, job_label::Column::Key])
-                        .do_nothing()
+                        .update_columns([job_label::Column::Status, job_label::Column::LastSeq])
+                        .action_and_where(newer_only(job_label::Entity, job_label::Column::LastSeq))
                         .to_owned(),
                 )
                 .exec_without_returning(&txn)
                 .await?;
-        }
-        // The labels carry their job's status: copy it from the rows just written (an event
-        // older than a row's newest did not change the row, so the row is the truth).
-        let labelled: Vec<String> = chunk
-            .iter()
-            .filter(|item| !item.event.record.spec.labels.is_empty())
-            .map(|item| item.event.record.id.to_string())
-            .collect();
-        if !labelled.is_empty() {
-            let update = Query::update()
-                .table(job_label::Entity)
-                .value(
-                    job_label::Column::Status,
-                    Expr::cust("(SELECT jobs.status FROM jobs WHERE jobs.id = job_labels.job_id)"),
-                )
-                .and_where(Expr::col(job_label::Column::JobId).is_in(labelled))
-                .to_owned();
-            txn.execute(&update).await?;
         }
     }
     let attempts: Vec<&Sequenced> = attempts.into_values().collect();

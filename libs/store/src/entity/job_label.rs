@@ -18,6 +18,8 @@ pub struct Model {
     /// The job's current status, kept with each label so that a status-and-label filter is
     /// one index range scan (`key, value, status, job_id`).
     pub status: String,
+    /// Stream sequence of the event that last set `status`.
+    pub last_seq: i64,
 }
 
 /// No relations are navigated through sea-orm.
