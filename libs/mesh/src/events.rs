@@ -111,6 +111,26 @@ impl EventPublisher {
         }
     }
 
+    /// Rejects a job event from the events stream that could not be decoded (see
+    /// [`EventPublisher::reject_stored`]), naming the job its subject names.
+    pub async fn reject_job_event(
+        &self,
+        origin: Origin,
+        message: &async_nats::jetstream::Message,
+        error: &capstan_protocol::codec::DecodeError,
+    ) {
+        let job = capstan_protocol::subjects::parse_job_event(&message.subject).map(|(job, _)| job);
+        self.reject_stored(
+            origin,
+            message,
+            job,
+            error.code,
+            error.field.clone(),
+            error.to_string(),
+        )
+        .await;
+    }
+
     /// Publishes a rejection. Failing to report a rejection must not stop the consumer that
     /// rejected the message, so errors are logged, not returned.
     pub async fn rejection(&self, origin: Origin, rejection: &Rejection) {

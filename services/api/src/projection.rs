@@ -76,16 +76,8 @@ async fn project(
                 accepted.push(message);
             }
             (_, Err(error)) => {
-                let job = subjects::parse_job_event(&message.subject).map(|(job, _)| job);
                 mesh.events
-                    .reject_stored(
-                        Origin::History,
-                        &message,
-                        job,
-                        error.code,
-                        error.field.clone(),
-                        error.to_string(),
-                    )
+                    .reject_job_event(Origin::History, &message, &error)
                     .await;
             }
             (None, Ok(_)) => {

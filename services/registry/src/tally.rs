@@ -73,16 +73,8 @@ async fn tally(mesh: &Mesh, messages: Vec<jetstream::Message>) {
                 counted.push(message);
             }
             Err(error) => {
-                let job = subjects::parse_job_event(&message.subject).map(|(job, _)| job);
                 mesh.events
-                    .reject_stored(
-                        Origin::Registry,
-                        &message,
-                        job,
-                        error.code,
-                        error.field.clone(),
-                        error.to_string(),
-                    )
+                    .reject_job_event(Origin::Registry, &message, &error)
                     .await;
             }
         }
