@@ -499,6 +499,10 @@ async fn history_queries(
             "status=timed_out & label zone=eu (matches none: worst case)",
             "/api/v1/jobs?status=timed_out&label=zone%3Deu&limit=50",
         ),
+        (
+            "label zone=mars alone (matches none)",
+            "/api/v1/jobs?label=zone%3Dmars&limit=50",
+        ),
         ("no filter, first page of 50", "/api/v1/jobs?limit=50"),
     ] {
         let mut times = Vec::new();

@@ -41,42 +41,46 @@ fn id_at(at: Timestamp) -> String {
 /// and a page that starts below the previous page's last id is stable however many jobs are
 /// added meanwhile.
 pub async fn list(db: &DatabaseConnection, query: &JobQuery) -> Result<Vec<job::Model>, DbErr> {
-    // With a status and a label, the labels table drives: its `key, value, status, job_id`
-    // index yields exactly the matching jobs, newest first, however rare or common they are.
-    // Otherwise the jobs table does, through the index its filter column leads.
-    let driving_label = query.status.and(query.labels.first());
-    let id_column = match driving_label {
-        Some(_) => Expr::col((job_label::Entity, job_label::Column::JobId)),
-        None => Expr::col((job::Entity, job::Column::Id)),
-    };
+    // With a label, the labels table drives: its `key, value, status, job_id` index (or
+    // `key, value, job_id` without a status) yields exactly the matching jobs, newest first,
+    // however rare or common they are. Otherwise the jobs table does, through the index its
+    // filter column leads.
     let mut condition = Condition::all();
     let mut select = job::Entity::find();
-    let mut other_labels = query.labels.as_slice();
-    if let (Some(status), Some((key, value))) = (query.status, driving_label) {
-        select = select.join(
-            JoinType::InnerJoin,
-            job::Entity::belongs_to(job_label::Entity)
-                .from(job::Column::Id)
-                .to(job_label::Column::JobId)
-                .into(),
-        );
-        condition = condition
-            .add(job_label::Column::Key.eq(key.as_str()))
-            .add(job_label::Column::Value.eq(value.as_str()))
-            .add(job_label::Column::Status.eq(status.as_str()));
-        other_labels = &query.labels[1..];
-    } else if let Some(status) = query.status {
-        condition = condition.add(job::Column::Status.eq(status.as_str()));
-    }
+    let (id_column, other_labels) = match query.labels.split_first() {
+        Some(((key, value), others)) => {
+            select = select.join(
+                JoinType::InnerJoin,
+                job::Entity::belongs_to(job_label::Entity)
+                    .from(job::Column::Id)
+                    .to(job_label::Column::JobId)
+                    .into(),
+            );
+            condition = condition
+                .add(job_label::Column::Key.eq(key.as_str()))
+                .add(job_label::Column::Value.eq(value.as_str()));
+            if let Some(status) = query.status {
+                condition = condition.add(job_label::Column::Status.eq(status.as_str()));
+            }
+            (
+                Expr::col((job_label::Entity, job_label::Column::JobId)),
+                others,
+            )
+        }
+        None => {
+            if let Some(status) = query.status {
+                condition = condition.add(job::Column::Status.eq(status.as_str()));
+            }
+            (Expr::col((job::Entity, job::Column::Id)), &[][..])
+        }
+    };
     if let Some(name) = &query.name {
         condition = condition.add(job::Column::Name.eq(name.as_str()));
     }
     if let Some(node) = &query.node {
         condition = condition.add(job::Column::Node.eq(node.as_str()));
     }
-    // A correlated EXISTS: each candidate row (already narrowed and ordered by an index) is
-    // checked with one primary-key lookup, instead of materialising every job that carries
-    // the label, which for a common label is most of the table.
+    // Further labels: a correlated EXISTS, one primary-key probe per candidate row.
     for (key, value) in other_labels {
         condition = condition.add(Expr::exists(
             Query::select()

@@ -344,18 +344,18 @@ on_both_backends!(
                 _ => &[("zone", "us")],
             }
         };
+        let final_status = |n: usize| {
+            if n.is_multiple_of(4) {
+                JobStatus::Failed
+            } else {
+                JobStatus::Succeeded
+            }
+        };
         // Each job's pending event first: every labelled job is pending.
         let lives: Vec<Vec<Sequenced>> = ids
             .iter()
             .enumerate()
-            .map(|(n, id)| {
-                let status = if n % 4 == 0 {
-                    JobStatus::Failed
-                } else {
-                    JobStatus::Succeeded
-                };
-                life(*id, labels_of(n), status, 1 + 3 * n as u64)
-            })
+            .map(|(n, id)| life(*id, labels_of(n), final_status(n), 1 + 3 * n as u64))
             .collect();
         let firsts: Vec<Sequenced> = lives.iter().map(|l| l[0].clone()).collect();
         history.apply(&firsts).await.expect("applied");
@@ -385,14 +385,7 @@ on_both_backends!(
             ids.iter()
                 .enumerate()
                 .rev()
-                .filter(|(n, _)| {
-                    let final_status = if n % 4 == 0 {
-                        JobStatus::Failed
-                    } else {
-                        JobStatus::Succeeded
-                    };
-                    final_status == status && labels_of(*n).contains(&label)
-                })
+                .filter(|(n, _)| final_status(*n) == status && labels_of(*n).contains(&label))
                 .map(|(_, id)| id.to_string())
                 .collect()
         };

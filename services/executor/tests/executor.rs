@@ -353,6 +353,8 @@ async fn malformed_and_misrouted_dispatches_are_rejected_and_the_executor_keeps_
         .subscribe(subjects::REJECTED_ALL)
         .await
         .expect("subscribe");
+    // The subscription must reach the server before the rejection is published.
+    client.flush().await.expect("flushed");
     mesh.mesh
         .js
         .publish(subjects::dispatch(&mesh.node), "garbage".into())
