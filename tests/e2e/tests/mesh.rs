@@ -111,13 +111,25 @@ async fn a_job_can_be_followed_through_events_logs_and_the_jobs_bucket() {
         .expect("subscribe");
 
     // `nats req capstan.jobs.create '{…}'` replies with the new job's id.
-    let reply = client
-        .request(
-            subjects::CREATE,
-            r#"{"command": "echo hello; echo oops >&2", "labels": {"zone": "us"}}"#.into(),
-        )
-        .await
-        .expect("create answers");
+    // The schedulers may still be registering their endpoint: ask until one answers.
+    let reply = wait_until(
+        "a scheduler to answer create",
+        Duration::from_secs(30),
+        || {
+            let client = client.clone();
+            async move {
+                client
+                    .request(
+                        subjects::CREATE,
+                        r#"{"command": "echo hello; echo oops >&2", "labels": {"zone": "us"}}"#
+                            .into(),
+                    )
+                    .await
+                    .ok()
+            }
+        },
+    )
+    .await;
     let created: Reply<Created> = serde_json::from_slice(&reply.payload).expect("JSON reply");
     let id = created.into_result().expect("created").id;
     let mut logs = client
