@@ -223,7 +223,11 @@ async fn every_running_service_is_listed_as_a_micro_service_with_its_endpoints()
             {
                 infos.push(serde_json::from_slice::<serde_json::Value>(&reply.payload).ok()?);
             }
-            (infos.len() >= 7).then_some(infos)
+            // A service answers as soon as it starts, before its endpoints are added.
+            let ready = infos
+                .iter()
+                .all(|i| i["endpoints"].as_array().is_some_and(|e| !e.is_empty()));
+            (infos.len() >= 7 && ready).then_some(infos)
         },
     )
     .await;
