@@ -412,8 +412,9 @@ async fn lists_filter_and_page_newest_first() {
             None => break,
         }
     }
+    // Newest first by id; ids made within one millisecond order by their random part.
     let mut newest_first = ids.clone();
-    newest_first.reverse();
+    newest_first.sort_by(|a, b| b.cmp(a));
     assert_eq!(seen, newest_first);
     let failed = stack.http.get("/api/v1/jobs?status=failed").await.json();
     assert_eq!(failed["jobs"].as_array().expect("jobs").len(), 3);
