@@ -6,6 +6,7 @@
 //! - CPU: seconds of CPU each process used during the throughput run, per job.
 //! - History queries (`--history-rows`): `GET /api/v1/jobs?status=…` against a database
 //!   seeded with that many jobs.
+//! - Recovery (`--failover`, in `failover`): kill -9 → rerun elsewhere, cancel → group gone.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -50,11 +51,22 @@ pub struct Args {
     /// History database for the query benchmark (default: a fresh SQLite file).
     #[arg(long)]
     database_url: Option<String>,
+    /// Instead of the pipeline, measure recovery with default settings: kill -9 of an
+    /// executor mid-job to the job running again elsewhere, and cancel to the job's process
+    /// group gone.
+    #[arg(long)]
+    failover: bool,
+    /// Rounds of kill -9 in the failover run.
+    #[arg(long, default_value_t = 3)]
+    kills: usize,
+    /// Rounds of cancel in the failover run.
+    #[arg(long, default_value_t = 20)]
+    cancels: usize,
 }
 
-struct Process {
-    name: String,
-    child: Child,
+pub(crate) struct Process {
+    pub(crate) name: String,
+    pub(crate) child: Child,
 }
 
 impl Process {
@@ -97,7 +109,12 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks / 100.0
 }
 
-fn spawn(bin: &Path, name: &str, env: &[(&str, String)], logs: &Path) -> anyhow::Result<Process> {
+pub(crate) fn spawn(
+    bin: &Path,
+    name: &str,
+    env: &[(&str, String)],
+    logs: &Path,
+) -> anyhow::Result<Process> {
     let log = std::fs::File::create(logs.join(format!("{name}.log")))?;
     let child = Command::new(bin)
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
@@ -113,7 +130,7 @@ fn spawn(bin: &Path, name: &str, env: &[(&str, String)], logs: &Path) -> anyhow:
     })
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
+pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
     }
@@ -121,7 +138,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[index.min(sorted.len() - 1)]
 }
 
-fn ms(duration: Duration) -> String {
+pub(crate) fn ms(duration: Duration) -> String {
     format!("{:.2} ms", duration.as_secs_f64() * 1000.0)
 }
 
@@ -145,6 +162,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .build()?;
     match args.history_rows {
         Some(rows) => runtime.block_on(history_queries(&bin, rows, args.database_url.clone())),
+        None if args.failover => runtime.block_on(crate::failover::run(
+            &bin,
+            args.durable,
+            args.kills,
+            args.cancels,
+        )),
         None => runtime.block_on(pipeline(&bin, &args)),
     }
 }

@@ -1,16 +1,165 @@
-//! Changes to a job's life requested from outside: cancellation. Shared by the API and the
-//! scheduler's NATS endpoint so both behave the same.
+//! Changes to a job's life that more than one service makes, written once: ending an attempt
+//! (the executor when its process ends, the scheduler when a node is lost), arming the durable
+//! timer of a job that waits, and cancellation (the API and the scheduler's NATS endpoint).
+//!
+//! Every change is a compare-and-swap on the record's revision followed by what it causes (a
+//! timer, an event); the follow-ups are idempotent, so a writer that crashed in between
+//! repeats them from the record alone ([`follow_up`]).
 
+use std::time::Duration;
+
+use async_nats::jetstream::message::PublishMessage;
 use bytes::Bytes;
-use capstan_protocol::topology::FINISHED_JOB_TTL;
+use capstan_protocol::job::Outcome;
+use capstan_protocol::topology::{self, FINISHED_JOB_TTL};
 use capstan_protocol::{
-    CancelNotice, CancelOutcome, JobEvent, JobEventKind, JobId, JobRecord, JobStatus, Timestamp,
-    codec, subjects,
+    CancelNotice, CancelOutcome, JobEvent, JobEventKind, JobId, JobRecord, JobStatus, Timer,
+    Timestamp, codec, headers, subjects,
 };
 
 use crate::connect::Mesh;
 use crate::error::Error;
 use crate::wire::msgpack_headers;
+
+/// A timer due this close to now is published as fired at once rather than scheduled.
+const IMMEDIATE: Duration = Duration::from_millis(20);
+
+/// Arms the durable timer of `record`, a `scheduled` or `retrying` job: a message scheduled
+/// on the server for `next_attempt_at` (or published as fired when that is now). Setting it
+/// again replaces it, so this is safe to repeat.
+pub async fn arm_timer(mesh: &Mesh, record: &JobRecord) -> Result<(), Error> {
+    let at = record.next_attempt_at.unwrap_or_else(Timestamp::now);
+    let timer = Timer {
+        job: record.id,
+        attempt: record.attempt,
+        at,
+    };
+    let mut map = msgpack_headers();
+    map.insert(headers::JOB_ID, record.id.to_string().as_str());
+    map.insert(headers::ATTEMPT, record.attempt.to_string().as_str());
+    capstan_telemetry::propagation::inject(&mut map);
+    let payload = Bytes::from(codec::to_msgpack(&timer)?);
+    let immediate = at <= Timestamp::now().plus(IMMEDIATE);
+    let subject = if immediate {
+        subjects::timer_due(record.id)
+    } else {
+        let schedule = timer.schedule();
+        let target = subjects::timer_due(record.id);
+        map.insert(headers::SCHEDULE, schedule.as_str());
+        map.insert(headers::SCHEDULE_TARGET, target.as_str());
+        subjects::timer_set(record.id)
+    };
+    let publish = PublishMessage::build()
+        .payload(payload)
+        .headers(map)
+        .message_id(timer.message_id());
+    mesh.js
+        .send_publish(subject, publish)
+        .await
+        .map_err(|e| Error::unavailable("timer", e))?
+        .await
+        .map_err(|e| Error::unavailable("timer", e))?;
+    Ok(())
+}
+
+/// Removes `job`'s pending timer, if any (its job no longer waits). Best effort: a timer that
+/// fires anyway finds the job not waiting and does nothing.
+pub async fn disarm_timer(mesh: &Mesh, job: JobId) {
+    let purged = async {
+        let stream = mesh
+            .js
+            .get_stream_no_info(topology::TIMERS.name)
+            .await
+            .map_err(|e| e.to_string())?;
+        stream
+            .purge()
+            .filter(subjects::timer_set(job))
+            .await
+            .map_err(|e| e.to_string())
+    }
+    .await;
+    if let Err(error) = purged {
+        tracing::debug!(job = %job, error = %error, "cannot remove timer");
+    }
+}
+
+/// Does what a record that was just written causes: arms the timer of a job that now waits,
+/// then announces the change with the event of its status. Idempotent (the timer replaces
+/// itself, events carry deduplication ids), so it is also how a writer that crashed after the
+/// write resumes.
+pub async fn follow_up(mesh: &Mesh, record: &JobRecord) -> Result<(), Error> {
+    if record.status.is_waiting_for_timer() {
+        arm_timer(mesh, record).await?;
+    }
+    if let Some(kind) = JobEventKind::entering(record.status) {
+        mesh.events.job(&JobEvent::new(kind, record)).await?;
+    }
+    Ok(())
+}
+
+/// A random number in 0..1 for backoff jitter.
+pub fn jitter_sample() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(Timestamp::now().as_millis() as u128);
+    (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Writes `next` over the record at `revision` (compare-and-swap); a finished job's record
+/// gets the finished-job TTL. The one way a job's new state is written.
+pub async fn write(mesh: &Mesh, next: &JobRecord, revision: u64) -> Result<u64, Error> {
+    let key = next.id.to_string();
+    if next.status.is_terminal() {
+        mesh.jobs
+            .update_with_ttl(&key, next, revision, FINISHED_JOB_TTL)
+            .await
+    } else {
+        mesh.jobs.update(&key, next, revision).await
+    }
+}
+
+/// Ends the current attempt of `current` (read at `revision`) with `outcome`: writes the
+/// record the job's retry policy gives (the job's end, or `retrying`), then arms the timer and
+/// announces. Fails with [`Error::Conflict`] when the record changed since it was read; the
+/// caller re-reads and decides again.
+pub async fn end_attempt(
+    mesh: &Mesh,
+    current: &JobRecord,
+    revision: u64,
+    outcome: &Outcome,
+) -> Result<JobRecord, Error> {
+    let next = current.settled(outcome, Timestamp::now(), jitter_sample());
+    write(mesh, &next, revision).await?;
+    follow_up(mesh, &next).await?;
+    Ok(next)
+}
+
+/// Hands the current attempt of `current` (read at `revision`) back for another attempt at
+/// once (see [`JobRecord::handed_back`]), and arms its timer.
+pub async fn hand_back(
+    mesh: &Mesh,
+    current: &JobRecord,
+    revision: u64,
+    outcome: &Outcome,
+) -> Result<JobRecord, Error> {
+    let next = current.handed_back(outcome, Timestamp::now());
+    write(mesh, &next, revision).await?;
+    follow_up(mesh, &next).await?;
+    Ok(next)
+}
+
+/// Quarantines `current` (read at `revision`) for `reason`, and announces it.
+pub async fn quarantine(
+    mesh: &Mesh,
+    current: &JobRecord,
+    revision: u64,
+    reason: String,
+) -> Result<JobRecord, Error> {
+    let next = current.quarantined(reason, Timestamp::now());
+    write(mesh, &next, revision).await?;
+    follow_up(mesh, &next).await?;
+    Ok(next)
+}
 
 /// Why a job cannot be cancelled.
 #[derive(Debug, thiserror::Error)]
@@ -31,7 +180,7 @@ pub enum CancelError {
     Mesh(#[from] Error),
 }
 
-/// Cancels `id`. A job that has not started is cancelled at once (by compare-and-swap, so an
+/// Cancels `id`. A job that has not started (pending, scheduled, or retrying) is cancelled at once (by compare-and-swap, so an
 /// executor claiming it at the same moment either wins and the job is treated as running, or
 /// loses and drops its dispatch). A running job is marked for cancellation and its executor is
 /// told; the executor stops the process group and records `cancelled`. Asking again is
@@ -50,17 +199,20 @@ pub async fn cancel(mesh: &Mesh, id: JobId) -> Result<(CancelOutcome, JobRecord)
             });
         }
         let now = Timestamp::now();
-        if record.status == JobStatus::Pending {
+        if matches!(
+            record.status,
+            JobStatus::Pending | JobStatus::Scheduled | JobStatus::Retrying
+        ) {
+            let waited_for_timer = record.status.is_waiting_for_timer();
             let cancelled = record.cancelled(now);
-            match mesh
-                .jobs
-                .update_with_ttl(&key, &cancelled, current.revision, FINISHED_JOB_TTL)
-                .await
-            {
+            match write(mesh, &cancelled, current.revision).await {
                 Ok(_) => {
                     mesh.events
                         .job(&JobEvent::new(JobEventKind::Cancelled, &cancelled))
                         .await?;
+                    if waited_for_timer {
+                        disarm_timer(mesh, id).await;
+                    }
                     tracing::info!(job = %id, "cancelled before it ran");
                     return Ok((CancelOutcome::Cancelled, cancelled));
                 }

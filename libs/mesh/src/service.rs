@@ -196,3 +196,23 @@ impl<'de> serde::Deserialize<'de> for NoArgs {
         Ok(NoArgs)
     }
 }
+
+/// Calls the endpoint at `subject` with `body` (MessagePack) and decodes its reply: `Ok` with
+/// the endpoint's own answer, success or [`ServiceError`]; `Err` when nobody answered within
+/// `timeout` or the reply is unreadable.
+pub async fn call<T: Serialize, R: DeserializeOwned>(
+    client: &async_nats::Client,
+    subject: &str,
+    body: &T,
+    timeout: std::time::Duration,
+) -> Result<Result<R, ServiceError>, Error> {
+    let payload = codec::to_msgpack(body)?;
+    let request = client.request(subject.to_owned(), Bytes::from(payload));
+    let reply = tokio::time::timeout(timeout, request)
+        .await
+        .map_err(|_| Error::unavailable("request", format!("{subject}: no answer in {timeout:?}")))?
+        .map_err(|e| Error::unavailable("request", e))?;
+    let reply: Reply<R> = codec::decode(Encoding::MsgPack, &reply.payload)
+        .map_err(|e| Error::unavailable("request", format!("{subject}: unreadable reply: {e}")))?;
+    Ok(reply.into_result())
+}

@@ -43,6 +43,7 @@ pub fn stream_config(spec: &StreamSpec) -> stream::Config {
         max_age: spec.max_age,
         duplicate_window: spec.duplicate_window,
         storage: stream::StorageType::File,
+        allow_message_schedules: spec.schedules,
         ..Default::default()
     }
 }

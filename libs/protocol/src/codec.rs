@@ -176,13 +176,59 @@ pub fn to_msgpack<T: Serialize>(value: &T) -> Result<Vec<u8>, EncodeError> {
 #[error("cannot encode message: {0}")]
 pub struct EncodeError(String);
 
-fn field_of(path: String, message: &str) -> Option<String> {
-    if path != "." && !path.is_empty() {
-        return Some(path);
+/// Quoted text longer than this in an error message is replaced by its size.
+const QUOTED_KEPT: usize = 16;
+
+/// `text` with the content of every quoted span (`"…"` or `` `…` ``) longer than a few bytes
+/// replaced by its size. Decoders quote the input they choke on, and a rejected message's
+/// content may be large or secret: rejections and logs say where and why, never what.
+pub fn redact(text: &str) -> String {
+    let mut out = String::with_capacity(text.len().min(512));
+    let mut rest = text;
+    while let Some(open) = rest.find(['"', '`']) {
+        let quote = rest[open..].chars().next().unwrap_or('"');
+        out.push_str(&rest[..=open]);
+        let after = &rest[open + 1..];
+        match after.find(quote) {
+            Some(close) => {
+                let inner = &after[..close];
+                if inner.len() > QUOTED_KEPT {
+                    out.push_str(&format!("<{} bytes>", inner.len()));
+                } else {
+                    out.push_str(inner);
+                }
+                out.push(quote);
+                rest = &after[close + 1..];
+            }
+            None => {
+                // An unclosed quote: everything after it is input.
+                out.push_str(&format!("<{} bytes>", after.len()));
+                rest = "";
+            }
+        }
     }
-    // At the root, an unknown field is still named in the message.
-    let rest = message.strip_prefix("unknown field `")?;
-    Some(rest.split('`').next().unwrap_or(rest).to_owned())
+    out.push_str(rest);
+    out
+}
+
+fn field_of(path: String, message: &str) -> Option<String> {
+    let field = if path != "." && !path.is_empty() {
+        path
+    } else {
+        // At the root, an unknown field is still named in the message.
+        let rest = message.strip_prefix("unknown field `")?;
+        rest.split('`').next().unwrap_or(rest).to_owned()
+    };
+    // A path is made of the input's keys; an absurdly long one is cut.
+    Some(if field.len() > 128 {
+        let cut = (0..=128)
+            .rev()
+            .find(|i| field.is_char_boundary(*i))
+            .unwrap_or(0);
+        format!("{}…", &field[..cut])
+    } else {
+        field
+    })
 }
 
 fn json_error(path: String, error: serde_json::Error) -> DecodeError {
@@ -208,7 +254,7 @@ fn json_error(path: String, error: serde_json::Error) -> DecodeError {
         encoding: Encoding::Json,
         code,
         field,
-        reason,
+        reason: redact(&reason),
     }
 }
 
@@ -228,7 +274,7 @@ fn msgpack_error(path: String, error: rmp_serde::decode::Error) -> DecodeError {
         encoding: Encoding::MsgPack,
         code,
         field,
-        reason,
+        reason: redact(&reason),
     }
 }
 
@@ -236,6 +282,25 @@ fn msgpack_error(path: String, error: rmp_serde::decode::Error) -> DecodeError {
 mod tests {
     use super::*;
     use crate::event::RejectionCode;
+
+    #[test]
+    fn decode_errors_never_repeat_long_input() {
+        let secret = "s3cr3t-".repeat(20);
+        let json = format!(r#"{{"command": "true", "timeout": "{secret}"}}"#);
+        let error = decode_spec(Encoding::Json, json.as_bytes()).expect_err("rejected");
+        assert_eq!(error.field.as_deref(), Some("timeout"));
+        assert!(!error.reason.contains("s3cr3t"), "{}", error.reason);
+        assert!(error.reason.contains("bytes>"), "{}", error.reason);
+        let packed = rmp_serde::to_vec_named(&serde_json::json!({"command": 5, "name": secret}))
+            .expect("encodes");
+        let error = decode_spec(Encoding::MsgPack, &packed).expect_err("rejected");
+        assert!(!error.to_string().contains("s3cr3t"), "{error}");
+        assert_eq!(redact("invalid value `a.b`"), "invalid value `a.b`");
+        assert_eq!(
+            redact("open \"abcdefghijklmnopqrstuvwxyz"),
+            "open \"<26 bytes>"
+        );
+    }
     use crate::spec::Program;
 
     fn spec_error(payload: &[u8]) -> DecodeError {

@@ -19,6 +19,9 @@ use crate::timestamp::Timestamp;
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum JobEventKind {
+    /// The job was accepted with a start time still to come (it carries the spec, stdin
+    /// included).
+    Scheduled,
     /// The job was accepted (it carries the spec, stdin included).
     Pending,
     /// An attempt was placed on an executor after the job had waited for one.
@@ -33,31 +36,64 @@ pub enum JobEventKind {
     TimedOut,
     /// Cancelled.
     Cancelled,
+    /// An attempt ended unsuccessfully and another will start at `next_attempt_at`; the
+    /// record's `attempt_status` says how the attempt ended.
+    Retrying,
+    /// The last attempt was lost with no retry left.
+    Lost,
+    /// Set aside after repeatedly taking executors down.
+    Quarantined,
 }
 
 impl JobEventKind {
     /// Every kind.
-    pub const ALL: [JobEventKind; 7] = [
+    pub const ALL: [JobEventKind; 11] = [
+        Self::Scheduled,
         Self::Pending,
         Self::Dispatched,
         Self::Running,
+        Self::Retrying,
         Self::Succeeded,
         Self::Failed,
         Self::TimedOut,
         Self::Cancelled,
+        Self::Lost,
+        Self::Quarantined,
     ];
 
     /// The kinds that end a job.
-    pub const TERMINAL: [JobEventKind; 4] = [
+    pub const TERMINAL: [JobEventKind; 6] = [
         Self::Succeeded,
         Self::Failed,
         Self::TimedOut,
         Self::Cancelled,
+        Self::Lost,
+        Self::Quarantined,
     ];
+
+    /// The kinds that end an attempt: the terminal ones and `retrying`.
+    pub fn attempt_ends() -> impl Iterator<Item = JobEventKind> {
+        Self::ALL.into_iter().filter(|kind| kind.ends_attempt())
+    }
+
+    /// True for the kinds that end an attempt: the terminal ones and `retrying`.
+    pub fn ends_attempt(self) -> bool {
+        self == Self::Retrying || self.is_terminal()
+    }
+
+    /// The event of a record that just entered `status`, when it has one of its own.
+    pub fn entering(status: JobStatus) -> Option<Self> {
+        match status {
+            JobStatus::Scheduled => Some(Self::Scheduled),
+            JobStatus::Retrying => Some(Self::Retrying),
+            status => Self::terminal(status),
+        }
+    }
 
     /// The snake_case name, as in subjects.
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::Scheduled => "scheduled",
             Self::Pending => "pending",
             Self::Dispatched => "dispatched",
             Self::Running => "running",
@@ -65,6 +101,9 @@ impl JobEventKind {
             Self::Failed => "failed",
             Self::TimedOut => "timed_out",
             Self::Cancelled => "cancelled",
+            Self::Retrying => "retrying",
+            Self::Lost => "lost",
+            Self::Quarantined => "quarantined",
         }
     }
 
@@ -75,13 +114,28 @@ impl JobEventKind {
             JobStatus::Failed => Some(Self::Failed),
             JobStatus::TimedOut => Some(Self::TimedOut),
             JobStatus::Cancelled => Some(Self::Cancelled),
-            JobStatus::Pending | JobStatus::Running => None,
+            JobStatus::Lost => Some(Self::Lost),
+            JobStatus::Quarantined => Some(Self::Quarantined),
+            JobStatus::Scheduled
+            | JobStatus::Pending
+            | JobStatus::Running
+            | JobStatus::Retrying => None,
         }
     }
 
     /// True for the kinds that end a job.
     pub fn is_terminal(self) -> bool {
         Self::TERMINAL.contains(&self)
+    }
+}
+
+impl std::str::FromStr for JobEventKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|kind| kind.as_str() == s)
+            .ok_or_else(|| format!("`{s}` is not a job event kind"))
     }
 }
 
@@ -99,7 +153,7 @@ pub struct JobEvent {
     pub kind: JobEventKind,
     /// When it happened.
     pub at: Timestamp,
-    /// The record after the change. Only the `pending` event carries `spec.stdin`: the spec
+    /// The record after the change. Only the first event (`pending` or `scheduled`) carries `spec.stdin`: the spec
     /// never changes, and a payload can be large.
     pub record: JobRecord,
 }
@@ -108,7 +162,7 @@ impl JobEvent {
     /// The event of `kind` for `record`, dropping stdin unless this is the job's first event.
     pub fn new(kind: JobEventKind, record: &JobRecord) -> Self {
         let mut record = record.clone();
-        if kind != JobEventKind::Pending {
+        if !matches!(kind, JobEventKind::Pending | JobEventKind::Scheduled) {
             record.spec.stdin = None;
         }
         Self {
@@ -142,6 +196,14 @@ pub enum NodeEventKind {
     Down,
     /// A node left cleanly.
     Deregistered,
+    /// An operator cordoned the node: no new work.
+    Cordoned,
+    /// An operator made the node take work again.
+    Uncordoned,
+    /// An operator started draining the node.
+    Draining,
+    /// A draining node holds nothing any more.
+    Drained,
 }
 
 impl NodeEventKind {
@@ -152,6 +214,10 @@ impl NodeEventKind {
             Self::Up => "up",
             Self::Down => "down",
             Self::Deregistered => "deregistered",
+            Self::Cordoned => "cordoned",
+            Self::Uncordoned => "uncordoned",
+            Self::Draining => "draining",
+            Self::Drained => "drained",
         }
     }
 }
@@ -247,7 +313,7 @@ impl Rejection {
             subject: subject.into(),
             code,
             field,
-            reason: reason.into(),
+            reason: crate::codec::redact(&reason.into()),
             job: None,
             size,
             stream_seq: None,

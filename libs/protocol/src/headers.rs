@@ -35,3 +35,7 @@ pub const LOG_TRUNCATED: &str = "Capstan-Truncated";
 pub const TRACEPARENT: &str = "traceparent";
 /// W3C trace state.
 pub const TRACESTATE: &str = "tracestate";
+/// JetStream message schedule: `@at <RFC 3339>` fires the message once at that instant.
+pub const SCHEDULE: &str = "Nats-Schedule";
+/// Where a scheduled message is published when it fires (a subject of the same stream).
+pub const SCHEDULE_TARGET: &str = "Nats-Schedule-Target";

@@ -21,6 +21,21 @@ pub enum IdError {
     BadNodeId(String),
 }
 
+/// A fresh ULID, greater than every other this process made: within one millisecond the random
+/// part is incremented, so ids made in a row (a burst of submissions through one API) sort in
+/// the order they were made.
+fn monotonic_ulid() -> Ulid {
+    static GENERATOR: std::sync::Mutex<Option<ulid::Generator>> = std::sync::Mutex::new(None);
+    let mut generator = GENERATOR
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    generator
+        .get_or_insert_with(ulid::Generator::new)
+        .generate()
+        // The random part overflowed within one millisecond: fall back to a random id.
+        .unwrap_or_else(|_| Ulid::generate())
+}
+
 macro_rules! ulid_id {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*
@@ -28,9 +43,10 @@ macro_rules! ulid_id {
         pub struct $name(Ulid);
 
         impl $name {
-            /// A fresh, random id with the current time as its timestamp.
+            /// A fresh id with the current time as its timestamp, greater than any this
+            /// process made before.
             pub fn generate() -> Self {
-                Self(Ulid::generate())
+                Self(monotonic_ulid())
             }
 
             /// The underlying ULID.
@@ -197,6 +213,12 @@ impl<'de> Deserialize<'de> for NodeId {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_made_in_a_row_sort_in_the_order_they_were_made() {
+        let ids: Vec<JobId> = (0..2_000).map(|_| JobId::generate()).collect();
+        assert!(ids.windows(2).all(|pair| pair[0] < pair[1]));
+    }
 
     #[test]
     fn derived_job_ids_are_stable_and_distinct_per_sequence() {

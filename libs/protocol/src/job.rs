@@ -10,6 +10,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{InstanceId, JobId, NodeId};
+use crate::retry::{self, RetryOn};
 use crate::spec::JobSpec;
 use crate::timestamp::Timestamp;
 
@@ -18,10 +19,15 @@ use crate::timestamp::Timestamp;
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum JobStatus {
+    /// Accepted with a start time (`run_at` or `delay`) that has not come yet.
+    Scheduled,
     /// Accepted; waiting for an executor, or dispatched to one that has not started it yet.
     Pending,
     /// The process is running on an executor.
     Running,
+    /// An attempt ended unsuccessfully and the retry policy grants another, which starts at
+    /// `next_attempt_at`.
+    Retrying,
     /// The process exited with status 0.
     Succeeded,
     /// The process exited non-zero, was killed by a signal, or could not be started.
@@ -30,36 +36,70 @@ pub enum JobStatus {
     TimedOut,
     /// Cancelled before it finished.
     Cancelled,
+    /// The last attempt's executor died, went silent or handed it back, and the retry policy
+    /// grants no other.
+    Lost,
+    /// Set aside: its attempts kept taking executors down with them (lost too many times, or
+    /// a dispatch delivered too often without being settled). `error` says why.
+    Quarantined,
 }
 
 impl JobStatus {
     /// Every status, in life-cycle order.
-    pub const ALL: [JobStatus; 6] = [
+    pub const ALL: [JobStatus; 10] = [
+        Self::Scheduled,
         Self::Pending,
         Self::Running,
+        Self::Retrying,
         Self::Succeeded,
         Self::Failed,
         Self::TimedOut,
         Self::Cancelled,
+        Self::Lost,
+        Self::Quarantined,
     ];
 
     /// True for the statuses a job never leaves.
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
-            Self::Succeeded | Self::Failed | Self::TimedOut | Self::Cancelled
+            Self::Succeeded
+                | Self::Failed
+                | Self::TimedOut
+                | Self::Cancelled
+                | Self::Lost
+                | Self::Quarantined
         )
+    }
+
+    /// True for the statuses of a job waiting for a timer: `scheduled` and `retrying`.
+    pub fn is_waiting_for_timer(self) -> bool {
+        matches!(self, Self::Scheduled | Self::Retrying)
+    }
+
+    /// The retryable ending this status is, if any.
+    pub fn ending(self) -> Option<RetryOn> {
+        match self {
+            Self::Failed => Some(RetryOn::Failed),
+            Self::TimedOut => Some(RetryOn::TimedOut),
+            Self::Lost => Some(RetryOn::Lost),
+            _ => None,
+        }
     }
 
     /// The snake_case name, as on the wire and in subjects.
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::Scheduled => "scheduled",
             Self::Pending => "pending",
             Self::Running => "running",
+            Self::Retrying => "retrying",
             Self::Succeeded => "succeeded",
             Self::Failed => "failed",
             Self::TimedOut => "timed_out",
             Self::Cancelled => "cancelled",
+            Self::Lost => "lost",
+            Self::Quarantined => "quarantined",
         }
     }
 }
@@ -105,6 +145,19 @@ pub struct Outcome {
     pub error: Option<String>,
     /// Output sizes.
     pub output: OutputSummary,
+}
+
+impl Outcome {
+    /// An attempt lost (its executor died, went silent, or handed it back) for `reason`.
+    pub fn lost(reason: impl Into<String>) -> Self {
+        Self {
+            status: JobStatus::Lost,
+            exit_code: None,
+            signal: None,
+            error: Some(reason.into()),
+            output: OutputSummary::default(),
+        }
+    }
 }
 
 /// The current state of one job: the value under its id in the jobs bucket.
@@ -161,6 +214,20 @@ pub struct JobRecord {
     /// records `cancelled`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cancel_requested_at: Option<Timestamp>,
+    /// When a `scheduled` or `retrying` job's next attempt may start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_attempt_at: Option<Timestamp>,
+    /// How the current attempt ended, once it has; unlike `status` it stays `failed`,
+    /// `timed_out` or `lost` while the job is `retrying`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt_status: Option<JobStatus>,
+    /// Attempts recorded `lost` so far; too many quarantine the job.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub lost_attempts: u32,
+}
+
+fn is_zero(value: &u32) -> bool {
+    *value == 0
 }
 
 impl JobRecord {
@@ -185,6 +252,18 @@ impl JobRecord {
             submission_seq: None,
             traceparent: None,
             cancel_requested_at: None,
+            next_attempt_at: None,
+            attempt_status: None,
+            lost_attempts: 0,
+        }
+    }
+
+    /// A newly accepted job that waits until `at` before its first attempt.
+    pub fn scheduled(id: JobId, spec: JobSpec, now: Timestamp, at: Timestamp) -> Self {
+        Self {
+            status: JobStatus::Scheduled,
+            next_attempt_at: Some(at),
+            ..Self::new(id, spec, now)
         }
     }
 
@@ -203,8 +282,20 @@ impl JobRecord {
             updated_at: now,
             dispatched_at: Some(now),
             started_at: None,
+            next_attempt_at: None,
+            attempt_status: None,
+            exit_code: None,
+            signal: None,
+            error: None,
+            output: None,
             ..self.clone()
         }
+    }
+
+    /// True when a timer naming `attempt` may start this job's next attempt now: the job
+    /// still waits for it (a timer of an earlier wait, or of a cancelled job, is stale).
+    pub fn awaits_timer(&self, attempt: u32) -> bool {
+        self.status.is_waiting_for_timer() && self.attempt == attempt
     }
 
     /// The record after `instance` started the current attempt's process.
@@ -220,16 +311,59 @@ impl JobRecord {
 
     /// The record of a job cancelled before it ran.
     pub fn cancelled(&self, now: Timestamp) -> Self {
+        let error = match self.status {
+            JobStatus::Retrying => "cancelled while waiting to retry",
+            _ => "cancelled before it ran",
+        };
         Self {
             status: JobStatus::Cancelled,
             updated_at: now,
             finished_at: Some(now),
-            error: Some("cancelled before it ran".to_owned()),
+            error: Some(error.to_owned()),
+            next_attempt_at: None,
             ..self.clone()
         }
     }
 
-    /// The record after the current attempt ended with `outcome`.
+    /// The record after the current attempt ended with `outcome`, the job's retry policy
+    /// deciding between another attempt (`retrying`, at `now` plus the backoff, `random` in
+    /// 0..1 drawing the jitter) and the end. An attempt lost once too often quarantines the
+    /// job instead.
+    pub fn settled(&self, outcome: &Outcome, now: Timestamp, random: f64) -> Self {
+        let lost_attempts = self.lost_attempts + u32::from(outcome.status == JobStatus::Lost);
+        let ended = Self {
+            lost_attempts,
+            ..self.finished(outcome, now)
+        };
+        if outcome.status == JobStatus::Lost && lost_attempts >= retry::limits::MAX_LOST_ATTEMPTS {
+            let reason = format!(
+                "quarantined: lost {lost_attempts} attempts (its executors died, went silent or \
+                 handed it back each time); last: {}",
+                outcome.error.as_deref().unwrap_or("no detail")
+            );
+            return Self {
+                status: JobStatus::Quarantined,
+                error: Some(reason),
+                ..ended
+            };
+        }
+        let Some(ending) = outcome.status.ending() else {
+            return ended;
+        };
+        if !self.spec.retry.retries(ending, self.attempt) {
+            return ended;
+        }
+        let wait = self.spec.retry.wait_after(self.attempt, random);
+        Self {
+            status: JobStatus::Retrying,
+            finished_at: None,
+            next_attempt_at: Some(now.plus(wait)),
+            ..ended
+        }
+    }
+
+    /// The record after the current attempt ended with `outcome`, as the job's end (no retry
+    /// considered).
     pub fn finished(&self, outcome: &Outcome, now: Timestamp) -> Self {
         Self {
             status: outcome.status,
@@ -239,6 +373,34 @@ impl JobRecord {
             signal: outcome.signal,
             error: outcome.error.clone(),
             output: Some(outcome.output),
+            attempt_status: Some(outcome.status),
+            cancel_requested_at: None,
+            next_attempt_at: None,
+            ..self.clone()
+        }
+    }
+
+    /// The record of an attempt handed back by its executor (it shut down, or its node was
+    /// drained) after `outcome`: another attempt starts at once, whatever the retry policy,
+    /// and the hand-back does not count towards quarantine.
+    pub fn handed_back(&self, outcome: &Outcome, now: Timestamp) -> Self {
+        Self {
+            status: JobStatus::Retrying,
+            finished_at: None,
+            next_attempt_at: Some(now),
+            ..self.finished(outcome, now)
+        }
+    }
+
+    /// The record of a job set aside without another attempt, for `reason`.
+    pub fn quarantined(&self, reason: String, now: Timestamp) -> Self {
+        Self {
+            status: JobStatus::Quarantined,
+            updated_at: now,
+            finished_at: Some(now),
+            error: Some(format!("quarantined: {reason}")),
+            attempt_status: Some(JobStatus::Quarantined),
+            next_attempt_at: None,
             ..self.clone()
         }
     }
@@ -270,6 +432,88 @@ mod tests {
         assert_eq!(started.status, JobStatus::Running);
         let again = started.assigned(node, Timestamp::from_millis(4_000));
         assert_eq!((again.attempt, again.started_at), (2, None));
+    }
+
+    fn outcome(status: JobStatus) -> Outcome {
+        Outcome {
+            status,
+            exit_code: (status == JobStatus::Failed).then_some(1),
+            signal: None,
+            error: None,
+            output: OutputSummary::default(),
+        }
+    }
+
+    fn running(spec: JobSpec, attempt: u32) -> JobRecord {
+        let node = NodeId::new("n1").expect("valid");
+        let mut record = JobRecord::new(JobId::generate(), spec, Timestamp::from_millis(0));
+        for _ in 0..attempt {
+            record = record.assigned(node.clone(), Timestamp::from_millis(0));
+        }
+        record.started(InstanceId::generate(), Timestamp::from_millis(0))
+    }
+
+    #[test]
+    fn a_failure_the_policy_retries_waits_for_its_backoff() {
+        let mut spec = JobSpec::shell("false");
+        spec.retry = crate::retry::RetryPolicy::try_from(crate::retry::RetryPolicyWire {
+            max_attempts: Some(3),
+            jitter: Some(0.0),
+            ..Default::default()
+        })
+        .expect("valid");
+        let now = Timestamp::from_millis(10_000);
+        let retrying = running(spec.clone(), 2).settled(&outcome(JobStatus::Failed), now, 0.0);
+        assert_eq!(retrying.status, JobStatus::Retrying);
+        assert_eq!(retrying.attempt_status, Some(JobStatus::Failed));
+        assert_eq!(
+            retrying.next_attempt_at,
+            Some(Timestamp::from_millis(12_000))
+        );
+        assert!(retrying.awaits_timer(2) && !retrying.awaits_timer(1));
+        let last = running(spec, 3).settled(&outcome(JobStatus::Failed), now, 0.0);
+        assert_eq!(
+            (last.status, last.next_attempt_at),
+            (JobStatus::Failed, None)
+        );
+    }
+
+    #[test]
+    fn without_a_policy_only_lost_attempts_are_retried() {
+        let now = Timestamp::from_millis(5_000);
+        let failed =
+            running(JobSpec::shell("false"), 1).settled(&outcome(JobStatus::Failed), now, 0.5);
+        assert_eq!(failed.status, JobStatus::Failed);
+        let lost =
+            running(JobSpec::shell("sleep 9"), 1).settled(&outcome(JobStatus::Lost), now, 0.5);
+        assert_eq!(lost.status, JobStatus::Retrying);
+        assert_eq!(lost.next_attempt_at, Some(now));
+        assert_eq!(lost.lost_attempts, 1);
+    }
+
+    #[test]
+    fn an_attempt_lost_too_often_quarantines_the_job() {
+        let mut spec = JobSpec::shell("crash-the-executor");
+        spec.retry.max_attempts = 10;
+        let mut record = running(spec, 1);
+        for attempt in 1..=crate::retry::limits::MAX_LOST_ATTEMPTS {
+            record = record.settled(&outcome(JobStatus::Lost), Timestamp::from_millis(1), 0.0);
+            if attempt < crate::retry::limits::MAX_LOST_ATTEMPTS {
+                assert_eq!(record.status, JobStatus::Retrying);
+                record = record
+                    .assigned(NodeId::new("n2").expect("valid"), Timestamp::from_millis(2))
+                    .started(InstanceId::generate(), Timestamp::from_millis(3));
+            }
+        }
+        assert_eq!(record.status, JobStatus::Quarantined);
+        assert!(
+            record
+                .error
+                .as_deref()
+                .unwrap_or("")
+                .contains("lost 3 attempts")
+        );
+        assert!(record.status.is_terminal());
     }
 
     #[test]

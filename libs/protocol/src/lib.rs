@@ -18,10 +18,12 @@ pub mod ids;
 pub mod job;
 pub mod node;
 pub mod reply;
+pub mod retry;
 #[cfg(feature = "schema")]
 pub mod schema;
 pub mod spec;
 pub mod subjects;
+pub mod timer;
 pub mod timestamp;
 pub mod topology;
 
@@ -30,9 +32,14 @@ pub use dispatch::Dispatch;
 pub use event::{JobEvent, JobEventKind, NodeEvent, NodeEventKind, Rejection, RejectionCode};
 pub use ids::{IdError, InstanceId, JobId, NodeId};
 pub use job::{JobRecord, JobStatus, OutputSummary};
-pub use node::{Heartbeat, HeartbeatReply, NodeRecord, NodeStatus, NodeTally, Registration};
+pub use node::{
+    Availability, Heartbeat, HeartbeatReply, NodeCommand, NodeRecord, NodeStatus, NodeTally,
+    Registration,
+};
 pub use reply::{CancelNotice, CancelOutcome, ErrorCode, JobRef, Reply, ServiceError};
-pub use spec::{JobSpec, Labels, Program, SpecError};
+pub use retry::{RetryOn, RetryPolicy};
+pub use spec::{JobSpec, Labels, Program, SpecError, Start};
+pub use timer::Timer;
 pub use timestamp::Timestamp;
 
 /// The protocol's version, carried by executors at registration so operators can see which

@@ -130,6 +130,55 @@ pub struct NodeRecord {
     /// How the jobs it ran ended, across its instances.
     #[serde(default)]
     pub finished: NodeTally,
+    /// Whether schedulers may place new work on it (an operator's choice, kept across the
+    /// node's restarts).
+    #[serde(default)]
+    pub availability: Availability,
+    /// While draining: when attempts still running are stopped and handed back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain_deadline: Option<Timestamp>,
+}
+
+/// Whether a node takes new work, as operators set it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum Availability {
+    /// Takes new work.
+    #[default]
+    Active,
+    /// Takes no new work; what it runs finishes normally.
+    Cordoned,
+    /// Takes no new work, and hands back what it still runs at the drain deadline.
+    Draining,
+    /// Drained: it holds nothing and takes no new work until uncordoned.
+    Drained,
+}
+
+impl Availability {
+    /// The snake_case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Cordoned => "cordoned",
+            Self::Draining => "draining",
+            Self::Drained => "drained",
+        }
+    }
+}
+
+/// An operator's change to a node's availability (`capstan.registry.nodes.cordon`,
+/// `.uncordon`, `.drain`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct NodeCommand {
+    /// The node.
+    pub node: NodeId,
+    /// For a drain: seconds the running jobs may take before they are handed back
+    /// (default 300).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_secs: Option<u64>,
 }
 
 /// How the jobs a node ran ended, tallied by the registry from the job events.
@@ -148,6 +197,8 @@ pub struct NodeTally {
     pub timed_out: u64,
     /// Jobs cancelled while on the node.
     pub cancelled: u64,
+    /// Attempts lost on the node (it died, went silent or handed them back).
+    pub lost: u64,
     /// The job that ended last.
     pub last_job: Option<JobId>,
     /// When it ended.
@@ -163,7 +214,11 @@ impl NodeTally {
             JobStatus::Failed => self.failed += 1,
             JobStatus::TimedOut => self.timed_out += 1,
             JobStatus::Cancelled => self.cancelled += 1,
-            JobStatus::Pending | JobStatus::Running => return,
+            JobStatus::Lost | JobStatus::Quarantined => self.lost += 1,
+            JobStatus::Scheduled
+            | JobStatus::Pending
+            | JobStatus::Running
+            | JobStatus::Retrying => return,
         }
         if self.last_finished_at.is_none_or(|last| last <= at) {
             self.last_job = Some(job);
@@ -177,6 +232,7 @@ impl NodeTally {
         self.failed += other.failed;
         self.timed_out += other.timed_out;
         self.cancelled += other.cancelled;
+        self.lost += other.lost;
         if let Some(at) = other.last_finished_at
             && self.last_finished_at.is_none_or(|last| last <= at)
         {
@@ -187,13 +243,13 @@ impl NodeTally {
 
     /// Every job counted.
     pub fn total(&self) -> u64 {
-        self.succeeded + self.failed + self.timed_out + self.cancelled
+        self.succeeded + self.failed + self.timed_out + self.cancelled + self.lost
     }
 }
 
 impl NodeRecord {
     /// True when the node may be given new work.
     pub fn is_schedulable(&self) -> bool {
-        self.status == NodeStatus::Up
+        self.status == NodeStatus::Up && self.availability == Availability::Active
     }
 }

@@ -29,10 +29,11 @@ use crate::dispatch::Dispatch;
 use crate::event::{JobEvent, NodeEvent, Rejection};
 use crate::ids::{InstanceId, JobId, NodeId};
 use crate::job::JobRecord;
-use crate::node::{Heartbeat, HeartbeatReply, NodeQuery, NodeRecord, Registration};
+use crate::node::{Heartbeat, HeartbeatReply, NodeCommand, NodeQuery, NodeRecord, Registration};
 use crate::reply::{CancelNotice, Cancelled, Created, JobRef, Reply};
 use crate::spec::JobSpec;
 use crate::subjects;
+use crate::timer::Timer;
 use crate::timestamp::Timestamp;
 
 /// Every public message's schema, keyed by its file stem (`job-spec` for
@@ -96,6 +97,16 @@ pub fn messages() -> Vec<(&'static str, Value)> {
         written::<Reply<Vec<JobId>>>(
             "executor-jobs-reply",
             "reply of capstan.executor.<node>.jobs".into(),
+        ),
+        read::<NodeCommand>(
+            "node-command",
+            format!(
+                "request of {registry}.nodes.cordon, {registry}.nodes.uncordon and {registry}.nodes.drain"
+            ),
+        ),
+        written::<Timer>(
+            "timer",
+            "capstan.timers.set.<job> (scheduled) and capstan.timers.due.<job> (fired)".into(),
         ),
     ]
 }

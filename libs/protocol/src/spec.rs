@@ -10,6 +10,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::retry::{RetryPolicy, RetryPolicyWire};
+use crate::timestamp::Timestamp;
+
 /// Labels of an executor, and a job's selector over them: `key = value` pairs.
 pub type Labels = BTreeMap<String, String>;
 
@@ -63,6 +66,29 @@ pub struct JobSpec {
     pub metadata: BTreeMap<String, String>,
     /// Submissions with the same key, within the idempotency window, are one job.
     pub idempotency_key: Option<String>,
+    /// How failed, timed-out and lost attempts are retried.
+    pub retry: RetryPolicy,
+    /// When the first attempt may start; at once when absent.
+    pub start: Option<Start>,
+}
+
+/// When a delayed job's first attempt may start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// At this instant (`run_at`).
+    At(Timestamp),
+    /// This long after the job was submitted (`delay`).
+    After(Duration),
+}
+
+impl Start {
+    /// The instant, for a job submitted at `submitted`.
+    pub fn due(self, submitted: Timestamp) -> Timestamp {
+        match self {
+            Self::At(at) => at,
+            Self::After(delay) => submitted.plus(delay),
+        }
+    }
 }
 
 /// The job spec as it travels. Unknown fields are rejected.
@@ -109,6 +135,21 @@ pub struct JobSpecWire {
     /// Deduplication key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
+    /// Retry policy. Without it, lost attempts are retried (3 attempts in all) and failures
+    /// are not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryPolicyWire>,
+    /// Do not start before this instant (RFC 3339). At most one of `run_at` and `delay`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "schema", schemars(extend("format" = "date-time")))]
+    pub run_at: Option<String>,
+    /// Do not start before this many seconds after submission (fractions allowed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "schema",
+        schemars(extend("minimum" = 0, "maximum" = limits::MAX_DELAY.as_secs()))
+    )]
+    pub delay: Option<f64>,
 }
 
 /// A spec that parsed but does not make sense. `field` names the offending field.
@@ -122,7 +163,7 @@ pub struct SpecError {
 }
 
 impl SpecError {
-    fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+    pub(crate) fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
         Self {
             field: field.into(),
             reason: reason.into(),
@@ -153,6 +194,8 @@ pub mod limits {
     pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 256;
     /// Most environment variables.
     pub const MAX_ENV: usize = 256;
+    /// Furthest a job may be delayed (`delay`, or `run_at` from now).
+    pub const MAX_DELAY: Duration = Duration::from_secs(366 * 24 * 3600);
 }
 
 impl TryFrom<JobSpecWire> for JobSpec {
@@ -291,6 +334,48 @@ impl TryFrom<JobSpecWire> for JobSpec {
             ));
         }
 
+        let retry = match wire.retry {
+            Some(policy) => RetryPolicy::try_from(policy)?,
+            None => RetryPolicy::default(),
+        };
+
+        let start = match (wire.run_at, wire.delay) {
+            (Some(_), Some(_)) => {
+                return Err(SpecError::new(
+                    "run_at",
+                    "give at most one of `run_at` and `delay`",
+                ));
+            }
+            (Some(text), None) => {
+                let at = Timestamp::parse_rfc3339(text.trim()).map_err(|error| {
+                    SpecError::new(
+                        "run_at",
+                        format!("must be an RFC 3339 instant like 2030-01-02T03:04:05Z: {error}"),
+                    )
+                })?;
+                if at > Timestamp::now().plus(limits::MAX_DELAY) {
+                    return Err(SpecError::new("run_at", "must be within a year from now"));
+                }
+                Some(Start::At(at))
+            }
+            (None, Some(seconds)) => {
+                if !seconds.is_finite()
+                    || seconds < 0.0
+                    || seconds > limits::MAX_DELAY.as_secs_f64()
+                {
+                    return Err(SpecError::new(
+                        "delay",
+                        format!(
+                            "must be 0 to {} seconds, got {seconds}",
+                            limits::MAX_DELAY.as_secs()
+                        ),
+                    ));
+                }
+                Some(Start::After(Duration::from_secs_f64(seconds)))
+            }
+            (None, None) => None,
+        };
+
         Ok(JobSpec {
             program,
             env,
@@ -301,6 +386,8 @@ impl TryFrom<JobSpecWire> for JobSpec {
             name: wire.name,
             metadata,
             idempotency_key: wire.idempotency_key,
+            retry,
+            start,
         })
     }
 }
@@ -360,6 +447,15 @@ impl From<JobSpec> for JobSpecWire {
             name: spec.name,
             metadata: non_empty(spec.metadata),
             idempotency_key: spec.idempotency_key,
+            retry: (spec.retry != RetryPolicy::default()).then(|| spec.retry.into()),
+            run_at: match spec.start {
+                Some(Start::At(at)) => Some(at.to_rfc3339()),
+                _ => None,
+            },
+            delay: match spec.start {
+                Some(Start::After(delay)) => Some(delay.as_secs_f64()),
+                _ => None,
+            },
         }
     }
 }
@@ -377,6 +473,8 @@ impl JobSpec {
             name: None,
             metadata: BTreeMap::new(),
             idempotency_key: None,
+            retry: RetryPolicy::default(),
+            start: None,
         }
     }
 
@@ -469,6 +567,52 @@ mod tests {
             "idempotency_key"
         );
         assert_eq!(field_of(r#"{"command":"true","name":""}"#), "name");
+    }
+
+    #[test]
+    fn retry_run_at_and_delay_round_trip_through_json_and_msgpack() {
+        let json = r#"{"command":"true","retry":{"max_attempts":5,"retry_on":["failed"]},
+            "run_at":"2020-01-02T03:04:05Z"}"#;
+        let spec = parse(json).expect("valid");
+        assert_eq!(spec.retry.max_attempts, 5);
+        assert_eq!(
+            spec.start,
+            Some(Start::At(
+                Timestamp::parse_rfc3339("2020-01-02T03:04:05Z").expect("valid")
+            ))
+        );
+        let packed = rmp_serde::to_vec_named(&spec).expect("encodes");
+        assert_eq!(
+            rmp_serde::from_slice::<JobSpec>(&packed).expect("decodes"),
+            spec
+        );
+        let delayed = parse(r#"{"command":"true","delay":2.5}"#).expect("valid");
+        let back: JobSpec =
+            serde_json::from_str(&serde_json::to_string(&delayed).expect("encodes"))
+                .expect("decodes");
+        assert_eq!(back.start, Some(Start::After(Duration::from_millis(2500))));
+        assert_eq!(back.retry, RetryPolicy::default());
+    }
+
+    #[test]
+    fn bad_start_times_are_rejected_naming_the_field() {
+        assert_eq!(
+            field_of(r#"{"command":"true","run_at":"tomorrow"}"#),
+            "run_at"
+        );
+        assert_eq!(
+            field_of(r#"{"command":"true","run_at":"2999-01-01T00:00:00Z"}"#),
+            "run_at"
+        );
+        assert_eq!(field_of(r#"{"command":"true","delay":-1}"#), "delay");
+        assert_eq!(
+            field_of(r#"{"command":"true","delay":1,"run_at":"2030-01-01T00:00:00Z"}"#),
+            "run_at"
+        );
+        assert_eq!(
+            field_of(r#"{"command":"true","retry":{"max_attempts":0}}"#),
+            "retry.max_attempts"
+        );
     }
 
     #[test]

@@ -68,6 +68,12 @@ pub enum Origin {
     Registry,
     /// The API's history projection.
     History,
+    /// The schedulers' consumer of fired timers.
+    Timer,
+    /// The schedulers' consumer of node events.
+    Nodes,
+    /// An executor's control commands (`capstan.control.<node>.>`).
+    Control,
 }
 
 impl Origin {
@@ -79,6 +85,9 @@ impl Origin {
             Self::Dispatch => "dispatch",
             Self::Registry => "registry",
             Self::History => "history",
+            Self::Timer => "timer",
+            Self::Nodes => "nodes",
+            Self::Control => "control",
         }
     }
 }
@@ -100,6 +109,23 @@ pub fn logs(job: JobId) -> String {
     format!("capstan.logs.{job}")
 }
 
+/// Every timer subject (the timers stream's subjects).
+pub const TIMERS_ALL: &str = "capstan.timers.>";
+
+/// The schedule of one job's timer: a message with a `Nats-Schedule` header, fired by the
+/// server onto [`timer_due`]. One per job: setting it again replaces it.
+pub fn timer_set(job: JobId) -> String {
+    format!("capstan.timers.set.{job}")
+}
+
+/// Every fired timer (the schedulers' consumer).
+pub const TIMERS_DUE_ALL: &str = "capstan.timers.due.*";
+
+/// One job's fired timer.
+pub fn timer_due(job: JobId) -> String {
+    format!("capstan.timers.due.{job}")
+}
+
 /// The registry's request/reply endpoints.
 pub mod registry {
     /// Endpoint group.
@@ -114,6 +140,14 @@ pub mod registry {
     pub const NODES_LIST: &str = "capstan.registry.nodes.list";
     /// Gets one node (request: `NodeQuery`, reply: `Reply<NodeRecord>`).
     pub const NODES_GET: &str = "capstan.registry.nodes.get";
+    /// Stops new placements on a node (request: `NodeCommand`, reply: `Reply<NodeRecord>`).
+    pub const NODES_CORDON: &str = "capstan.registry.nodes.cordon";
+    /// Lets a cordoned, draining or drained node take work again (request: `NodeCommand`,
+    /// reply: `Reply<NodeRecord>`).
+    pub const NODES_UNCORDON: &str = "capstan.registry.nodes.uncordon";
+    /// Drains a node: no new placements, running jobs finish or are handed back at the
+    /// deadline (request: `NodeCommand`, reply: `Reply<NodeRecord>`).
+    pub const NODES_DRAIN: &str = "capstan.registry.nodes.drain";
 }
 
 /// Request/reply job cancellation: `{"id": "<job>"}`.

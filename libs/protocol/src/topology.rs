@@ -29,6 +29,8 @@ pub struct StreamSpec {
     pub max_age: Duration,
     /// Window in which a repeated `Nats-Msg-Id` is dropped.
     pub duplicate_window: Duration,
+    /// Whether messages may carry a `Nats-Schedule` (nats-server 2.12 and later).
+    pub schedules: bool,
 }
 
 const DAY: Duration = Duration::from_secs(24 * 3600);
@@ -42,6 +44,7 @@ pub const SUBMISSIONS: StreamSpec = StreamSpec {
     retention: Retention::WorkQueue,
     max_age: Duration::ZERO,
     duplicate_window: DEDUPE,
+    schedules: false,
 };
 
 /// Attempts assigned to executor nodes, one subject per node.
@@ -52,6 +55,7 @@ pub const DISPATCH: StreamSpec = StreamSpec {
     retention: Retention::WorkQueue,
     max_age: Duration::ZERO,
     duplicate_window: DEDUPE,
+    schedules: false,
 };
 
 /// Job, node and rejection events.
@@ -62,6 +66,7 @@ pub const EVENTS: StreamSpec = StreamSpec {
     retention: Retention::Limits,
     max_age: Duration::from_secs(7 * 24 * 3600),
     duplicate_window: DEDUPE,
+    schedules: false,
 };
 
 /// Job output.
@@ -72,10 +77,24 @@ pub const LOGS: StreamSpec = StreamSpec {
     retention: Retention::Limits,
     max_age: Duration::from_secs(7 * 24 * 3600),
     duplicate_window: DEDUPE,
+    schedules: false,
+};
+
+/// Durable timers: the start of delayed jobs and the next attempt of retried ones. A timer is
+/// a scheduled message on `capstan.timers.set.<job>` that the server publishes onto
+/// `capstan.timers.due.<job>` at its time, and removes; schedulers consume the due ones.
+pub const TIMERS: StreamSpec = StreamSpec {
+    name: "CAPSTAN_TIMERS",
+    description: "Timers of delayed and retried jobs",
+    subjects: &[subjects::TIMERS_ALL],
+    retention: Retention::WorkQueue,
+    max_age: Duration::ZERO,
+    duplicate_window: DEDUPE,
+    schedules: true,
 };
 
 /// Every stream.
-pub const STREAMS: [StreamSpec; 4] = [SUBMISSIONS, DISPATCH, EVENTS, LOGS];
+pub const STREAMS: [StreamSpec; 5] = [SUBMISSIONS, DISPATCH, EVENTS, LOGS, TIMERS];
 
 /// A KV bucket's shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,6 +158,13 @@ pub fn idempotency_bucket_key(key: &str) -> String {
 
 /// The durable consumer the schedulers share on the submissions stream.
 pub const SCHEDULER_CONSUMER: &str = "scheduler";
+
+/// The durable consumer the schedulers share on fired timers.
+pub const TIMERS_CONSUMER: &str = "scheduler-timers";
+
+/// The durable consumer the schedulers share on node events, to settle the attempts of
+/// nodes that went down or restarted.
+pub const NODES_CONSUMER: &str = "scheduler-nodes";
 
 /// The durable consumer the API replicas share on the events stream, for the history.
 pub const HISTORY_CONSUMER: &str = "api-history";

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use capstan_protocol::{JobEvent, JobId};
+use capstan_protocol::{JobEvent, JobId, JobStatus};
 use sea_orm::sea_query::{Alias, Expr, ExprTrait, OnConflict};
 use sea_orm::{ActiveValue::Set, DbErr, EntityTrait, TransactionTrait};
 
@@ -60,15 +60,23 @@ fn job_row(item: &Sequenced) -> job::ActiveModel {
 fn attempt_row(item: &Sequenced) -> attempt::ActiveModel {
     let record = &item.event.record;
     let output = record.output;
+    // While the job waits to retry, the attempt row keeps how the attempt itself ended.
+    let (status, finished_at) = match record.status {
+        JobStatus::Retrying => (
+            record.attempt_status.unwrap_or(JobStatus::Failed),
+            Some(record.updated_at),
+        ),
+        status => (status, record.finished_at),
+    };
     attempt::ActiveModel {
         job_id: Set(record.id.to_string()),
         attempt: Set(i32::try_from(record.attempt).unwrap_or(i32::MAX)),
         node: Set(record.node.as_ref().map(ToString::to_string)),
         instance: Set(record.instance.map(|i| i.to_string())),
-        status: Set(record.status.as_str().to_owned()),
+        status: Set(status.as_str().to_owned()),
         dispatched_at: Set(record.dispatched_at.map(|t| t.as_millis())),
         started_at: Set(record.started_at.map(|t| t.as_millis())),
-        finished_at: Set(record.finished_at.map(|t| t.as_millis())),
+        finished_at: Set(finished_at.map(|t| t.as_millis())),
         exit_code: Set(record.exit_code),
         signal: Set(record.signal),
         error: Set(record.error.clone()),

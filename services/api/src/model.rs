@@ -4,8 +4,9 @@
 
 use std::collections::BTreeMap;
 
+use capstan_protocol::retry::{BackoffWire, RetryPolicyWire};
 use capstan_protocol::spec::JobSpecWire;
-use capstan_protocol::{JobRecord, NodeRecord, Timestamp};
+use capstan_protocol::{JobRecord, NodeRecord, RetryOn, Timestamp};
 use capstan_store::entity::{attempt, event, job};
 use poem_openapi::{Enum, Object};
 
@@ -37,6 +38,100 @@ pub struct JobSubmission {
     pub metadata: Option<BTreeMap<String, String>>,
     /// Submissions with the same key within 24 hours are one job.
     pub idempotency_key: Option<String>,
+    /// How unsuccessful attempts are retried. Without it, lost attempts (the executor died or
+    /// went silent) are retried at once, up to 3 attempts in all, and failures are not.
+    pub retry: Option<RetryPolicyBody>,
+    /// Do not start before this instant (RFC 3339); the job is `scheduled` until then. At most
+    /// one of `run_at` and `delay`.
+    pub run_at: Option<String>,
+    /// Do not start before this many seconds after submission.
+    pub delay: Option<f64>,
+}
+
+/// How unsuccessful attempts of a job are retried. Every field is optional.
+#[derive(Debug, Clone, Default, Object)]
+#[oai(deny_unknown_fields)]
+pub struct RetryPolicyBody {
+    /// Attempts in all, the first included (1 to 100; default 3).
+    pub max_attempts: Option<u32>,
+    /// Waits between attempts.
+    pub backoff: Option<BackoffBody>,
+    /// Fraction (0 to 1) of each wait that may be randomly taken off it (default 0.2).
+    pub jitter: Option<f64>,
+    /// Endings that are retried: `failed`, `timed_out`, `lost` (default: all three).
+    pub retry_on: Option<Vec<RetryOnView>>,
+}
+
+/// Exponential backoff between attempts, in seconds.
+#[derive(Debug, Clone, Default, Object)]
+#[oai(deny_unknown_fields)]
+pub struct BackoffBody {
+    /// Wait before the second attempt (default 1).
+    pub initial: Option<f64>,
+    /// Factor applied to the wait after each attempt (1 to 10; default 2).
+    pub multiplier: Option<f64>,
+    /// Longest wait (default 300).
+    pub max: Option<f64>,
+}
+
+/// An attempt's ending that may be retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+#[oai(rename_all = "snake_case")]
+pub enum RetryOnView {
+    /// Exited non-zero, killed by a signal, or could not start.
+    Failed,
+    /// Ran past its timeout.
+    TimedOut,
+    /// Its executor died, went silent or handed it back.
+    Lost,
+}
+
+impl From<RetryPolicyBody> for RetryPolicyWire {
+    fn from(body: RetryPolicyBody) -> Self {
+        RetryPolicyWire {
+            max_attempts: body.max_attempts,
+            backoff: body.backoff.map(|b| BackoffWire {
+                initial: b.initial,
+                multiplier: b.multiplier,
+                max: b.max,
+            }),
+            jitter: body.jitter,
+            retry_on: body.retry_on.map(|endings| {
+                endings
+                    .into_iter()
+                    .map(|ending| match ending {
+                        RetryOnView::Failed => RetryOn::Failed,
+                        RetryOnView::TimedOut => RetryOn::TimedOut,
+                        RetryOnView::Lost => RetryOn::Lost,
+                    })
+                    .collect()
+            }),
+        }
+    }
+}
+
+impl From<RetryPolicyWire> for RetryPolicyBody {
+    fn from(wire: RetryPolicyWire) -> Self {
+        RetryPolicyBody {
+            max_attempts: wire.max_attempts,
+            backoff: wire.backoff.map(|b| BackoffBody {
+                initial: b.initial,
+                multiplier: b.multiplier,
+                max: b.max,
+            }),
+            jitter: wire.jitter,
+            retry_on: wire.retry_on.map(|endings| {
+                endings
+                    .into_iter()
+                    .map(|ending| match ending {
+                        RetryOn::Failed => RetryOnView::Failed,
+                        RetryOn::TimedOut => RetryOnView::TimedOut,
+                        RetryOn::Lost => RetryOnView::Lost,
+                    })
+                    .collect()
+            }),
+        }
+    }
 }
 
 impl From<JobSubmission> for JobSpecWire {
@@ -52,6 +147,9 @@ impl From<JobSubmission> for JobSpecWire {
             name: body.name,
             metadata: body.metadata,
             idempotency_key: body.idempotency_key,
+            retry: body.retry.map(Into::into),
+            run_at: body.run_at,
+            delay: body.delay,
         }
     }
 }
@@ -77,6 +175,12 @@ pub struct JobSpecView {
     pub metadata: BTreeMap<String, String>,
     /// Idempotency key.
     pub idempotency_key: Option<String>,
+    /// Retry policy, when one was given.
+    pub retry: Option<RetryPolicyBody>,
+    /// Start time asked for.
+    pub run_at: Option<String>,
+    /// Delay asked for, in seconds.
+    pub delay: Option<f64>,
 }
 
 impl From<JobSpecWire> for JobSpecView {
@@ -91,6 +195,9 @@ impl From<JobSpecWire> for JobSpecView {
             name: wire.name,
             metadata: wire.metadata.unwrap_or_default(),
             idempotency_key: wire.idempotency_key,
+            retry: wire.retry.map(Into::into),
+            run_at: wire.run_at,
+            delay: wire.delay,
         }
     }
 }
@@ -99,10 +206,14 @@ impl From<JobSpecWire> for JobSpecView {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
 #[oai(rename_all = "snake_case")]
 pub enum Status {
+    /// Accepted with a start time still to come.
+    Scheduled,
     /// Accepted, waiting for or dispatched to an executor.
     Pending,
     /// Running.
     Running,
+    /// An attempt ended unsuccessfully; the next starts at `next_attempt_at`.
+    Retrying,
     /// Exited 0.
     Succeeded,
     /// Exited non-zero, killed, or could not start.
@@ -111,18 +222,26 @@ pub enum Status {
     TimedOut,
     /// Cancelled.
     Cancelled,
+    /// Its executor died, went silent or handed it back, with no retry left.
+    Lost,
+    /// Set aside after its attempts kept taking executors down.
+    Quarantined,
 }
 
 impl From<capstan_protocol::JobStatus> for Status {
     fn from(status: capstan_protocol::JobStatus) -> Self {
         use capstan_protocol::JobStatus as S;
         match status {
+            S::Scheduled => Status::Scheduled,
             S::Pending => Status::Pending,
             S::Running => Status::Running,
+            S::Retrying => Status::Retrying,
             S::Succeeded => Status::Succeeded,
             S::Failed => Status::Failed,
             S::TimedOut => Status::TimedOut,
             S::Cancelled => Status::Cancelled,
+            S::Lost => Status::Lost,
+            S::Quarantined => Status::Quarantined,
         }
     }
 }
@@ -131,12 +250,16 @@ impl From<Status> for capstan_protocol::JobStatus {
     fn from(status: Status) -> Self {
         use capstan_protocol::JobStatus as S;
         match status {
+            Status::Scheduled => S::Scheduled,
             Status::Pending => S::Pending,
             Status::Running => S::Running,
+            Status::Retrying => S::Retrying,
             Status::Succeeded => S::Succeeded,
             Status::Failed => S::Failed,
             Status::TimedOut => S::TimedOut,
             Status::Cancelled => S::Cancelled,
+            Status::Lost => S::Lost,
+            Status::Quarantined => S::Quarantined,
         }
     }
 }
@@ -239,6 +362,12 @@ pub struct Job {
     pub output: Option<Output>,
     /// Cancellation was requested at (the executor is stopping the job).
     pub cancel_requested_at: Option<String>,
+    /// When a `scheduled` or `retrying` job's next attempt starts.
+    pub next_attempt_at: Option<String>,
+    /// How the current attempt ended (`failed`, `timed_out` or `lost` while `retrying`).
+    pub attempt_status: Option<Status>,
+    /// Attempts lost so far (three quarantine the job).
+    pub lost_attempts: u32,
     /// The spec, without its payload.
     pub spec: JobSpecView,
     /// Every attempt, first to last (from history).
@@ -272,6 +401,9 @@ impl Job {
                 truncated: o.truncated,
             }),
             cancel_requested_at: record.cancel_requested_at.map(Timestamp::to_rfc3339),
+            next_attempt_at: record.next_attempt_at.map(Timestamp::to_rfc3339),
+            attempt_status: record.attempt_status.map(Into::into),
+            lost_attempts: record.lost_attempts,
             spec: spec.into(),
             attempts,
         }
@@ -295,6 +427,15 @@ impl Job {
             error: row.error,
             output: output_of(row.stdout_bytes, row.stderr_bytes, row.truncated),
             cancel_requested_at: None,
+            next_attempt_at: None,
+            lost_attempts: u32::try_from(
+                attempts
+                    .iter()
+                    .filter(|attempt| attempt.status == Status::Lost)
+                    .count(),
+            )
+            .unwrap_or(0),
+            attempt_status: attempts.last().map(|attempt| attempt.status),
             spec: spec.into(),
             attempts,
         }
@@ -446,6 +587,10 @@ pub struct Node {
     pub id: String,
     /// `up`, `down` or `left`.
     pub status: String,
+    /// `active`, `cordoned`, `draining` or `drained`: whether it takes new work.
+    pub availability: String,
+    /// While draining: when jobs still running are handed back.
+    pub drain_deadline: Option<String>,
     /// Labels.
     pub labels: BTreeMap<String, String>,
     /// Job slots.
@@ -479,6 +624,8 @@ pub struct NodeFinished {
     pub timed_out: u64,
     /// Cancelled while on the node.
     pub cancelled: u64,
+    /// Attempts lost on the node.
+    pub lost: u64,
     /// The job that ended last.
     pub last_job: Option<String>,
     /// When it ended.
@@ -490,6 +637,8 @@ impl From<NodeRecord> for Node {
         Node {
             id: node.id.to_string(),
             status: node.status.as_str().to_owned(),
+            availability: node.availability.as_str().to_owned(),
+            drain_deadline: node.drain_deadline.map(Timestamp::to_rfc3339),
             labels: node.labels,
             capacity: node.capacity,
             running: u32::try_from(node.jobs.len()).unwrap_or(u32::MAX),
@@ -504,6 +653,7 @@ impl From<NodeRecord> for Node {
                 failed: node.finished.failed,
                 timed_out: node.finished.timed_out,
                 cancelled: node.finished.cancelled,
+                lost: node.finished.lost,
                 last_job: node.finished.last_job.map(|id| id.to_string()),
                 last_finished_at: node.finished.last_finished_at.map(|at| at.to_rfc3339()),
             },

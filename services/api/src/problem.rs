@@ -131,6 +131,20 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// The problem for an error a service endpoint answered with.
+    pub fn from_service(error: capstan_protocol::ServiceError) -> Self {
+        use capstan_protocol::ErrorCode;
+        match error.code {
+            ErrorCode::BadRequest => Self::bad_request(error.message, error.field.as_deref()),
+            ErrorCode::TooLarge => Self::too_large(error.message, error.field),
+            ErrorCode::NotFound => Self::not_found(error.message),
+            ErrorCode::Conflict => Self::conflict(error.message),
+            ErrorCode::Unavailable => Self::unavailable(error.message),
+        }
+    }
+}
+
 impl From<capstan_mesh::Error> for ApiError {
     fn from(error: capstan_mesh::Error) -> Self {
         tracing::warn!(error = %error, "NATS operation failed");

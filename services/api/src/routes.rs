@@ -4,7 +4,9 @@
 use std::sync::Arc;
 
 use capstan_mesh::lifecycle::{CancelError, cancel};
-use capstan_protocol::{CancelOutcome, JobId, NodeId, Timestamp};
+use capstan_protocol::{
+    CancelOutcome, JobId, NodeCommand, NodeId, NodeRecord, Timestamp, subjects,
+};
 use capstan_store::JobQuery;
 use poem::http::StatusCode;
 use poem::{Endpoint, Middleware, Request};
@@ -339,6 +341,67 @@ impl NodesApi {
         match state.mesh.nodes.get(node.as_str()).await? {
             Some(record) => Ok(Json(record.value.into())),
             None => Err(ApiError::not_found(format!("no node {node}"))),
+        }
+    }
+
+    /// Cordon a node: no new jobs are placed on it; what it runs finishes normally.
+    #[oai(path = "/nodes/:id/cordon", method = "post")]
+    async fn cordon(&self, id: Path<String>) -> Result<Json<Node>, ApiError> {
+        self.set_availability(&id.0, subjects::registry::NODES_CORDON, None)
+            .await
+    }
+
+    /// Uncordon a node: it takes new jobs again (also ends a drain).
+    #[oai(path = "/nodes/:id/uncordon", method = "post")]
+    async fn uncordon(&self, id: Path<String>) -> Result<Json<Node>, ApiError> {
+        self.set_availability(&id.0, subjects::registry::NODES_UNCORDON, None)
+            .await
+    }
+
+    /// Drain a node.
+    ///
+    /// No new jobs are placed on it; dispatches queued for it are handed back at once and
+    /// placed elsewhere; running jobs may finish until the deadline, when they are stopped
+    /// and handed back for another attempt elsewhere. The node reports `drained` once it holds
+    /// nothing.
+    #[oai(path = "/nodes/:id/drain", method = "post")]
+    async fn drain(
+        &self,
+        id: Path<String>,
+        /// Seconds running jobs may take before they are stopped and handed back (default
+        /// 300).
+        deadline_seconds: Query<Option<u64>>,
+    ) -> Result<Json<Node>, ApiError> {
+        self.set_availability(&id.0, subjects::registry::NODES_DRAIN, deadline_seconds.0)
+            .await
+    }
+}
+
+impl NodesApi {
+    /// Asks the registry to change `id`'s availability.
+    async fn set_availability(
+        &self,
+        id: &str,
+        subject: &str,
+        deadline_secs: Option<u64>,
+    ) -> Result<Json<Node>, ApiError> {
+        let state = served(&self.0)?;
+        let node = NodeId::new(id.to_owned())
+            .map_err(|e| ApiError::bad_request(e.to_string(), Some("id")))?;
+        let command = NodeCommand {
+            node,
+            deadline_secs,
+        };
+        let answer = capstan_mesh::service::call::<_, NodeRecord>(
+            &state.mesh.client,
+            subject,
+            &command,
+            std::time::Duration::from_secs(5),
+        )
+        .await?;
+        match answer {
+            Ok(record) => Ok(Json(record.into())),
+            Err(error) => Err(ApiError::from_service(error)),
         }
     }
 }

@@ -698,3 +698,101 @@ async fn the_history_survives_a_nats_restart_and_keeps_recording() {
     assert_eq!(events["events"].as_array().expect("events").len(), 3);
     stack.stop().await;
 }
+
+#[tokio::test]
+async fn delayed_and_retried_jobs_show_their_waits_attempts_and_events_over_rest() {
+    let stack = stack().await;
+    let scheduled = stack.submit(json!({"command": "true", "delay": 600})).await;
+    let job = wait_until(
+        "the job to be accepted",
+        Duration::from_secs(30),
+        || async {
+            let reply = stack.http.get(&format!("/api/v1/jobs/{scheduled}")).await;
+            (reply.status == StatusCode::OK).then(|| reply.json())
+        },
+    )
+    .await;
+    assert_eq!(job["status"], "scheduled", "{job}");
+    assert!(job["next_attempt_at"].is_string(), "{job}");
+    assert_eq!(job["spec"]["delay"], 600.0, "{job}");
+    let cancelled = stack
+        .http
+        .post_json(&format!("/api/v1/jobs/{scheduled}/cancel"), "")
+        .await;
+    assert_eq!(
+        cancelled.status,
+        StatusCode::ACCEPTED,
+        "{}",
+        cancelled.text()
+    );
+    assert_eq!(cancelled.json()["outcome"], "cancelled");
+    assert_eq!(stack.finished(&scheduled).await["status"], "cancelled");
+
+    let retried = stack
+        .submit(json!({"command": "echo try; exit 4",
+                       "retry": {"max_attempts": 2, "backoff": {"initial": 0.2}}}))
+        .await;
+    let job = stack.finished(&retried).await;
+    assert_eq!(
+        (job["status"].as_str(), job["attempt"].as_u64()),
+        (Some("failed"), Some(2))
+    );
+    let attempts = job["attempts"].as_array().expect("attempts");
+    assert_eq!(attempts.len(), 2, "{job}");
+    for attempt in attempts {
+        assert_eq!(attempt["status"], "failed", "{attempt}");
+        assert_eq!(attempt["exit_code"], 4, "{attempt}");
+        assert!(attempt["finished_at"].is_string(), "{attempt}");
+    }
+    let events = stack
+        .http
+        .get(&format!("/api/v1/jobs/{retried}/events"))
+        .await
+        .json();
+    let kinds: Vec<&str> = events["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter_map(|e| e["kind"].as_str())
+        .collect();
+    assert!(kinds.contains(&"retrying"), "{kinds:?}");
+    assert_eq!(kinds.last(), Some(&"failed"), "{kinds:?}");
+
+    // A timeout is retried too when the policy says so, and the last one is final.
+    let slow = stack
+        .submit(json!({"command": "sleep 30", "timeout": 0.3,
+                       "retry": {"max_attempts": 2, "retry_on": ["timed_out"],
+                                 "backoff": {"initial": 0.1}}}))
+        .await;
+    let job = stack.finished(&slow).await;
+    assert_eq!(
+        (job["status"].as_str(), job["attempt"].as_u64()),
+        (Some("timed_out"), Some(2))
+    );
+    let statuses: Vec<&str> = job["attempts"]
+        .as_array()
+        .expect("attempts")
+        .iter()
+        .filter_map(|a| a["status"].as_str())
+        .collect();
+    assert_eq!(statuses, ["timed_out", "timed_out"], "{job}");
+
+    let bad = stack
+        .http
+        .post_json(
+            "/api/v1/jobs",
+            r#"{"command": "true", "retry": {"max_attempts": 0}}"#,
+        )
+        .await;
+    assert_problem(
+        &bad,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        Some("retry.max_attempts"),
+    );
+    let bad = stack
+        .http
+        .post_json("/api/v1/jobs", r#"{"command": "true", "run_at": "soon"}"#)
+        .await;
+    assert_problem(&bad, StatusCode::UNPROCESSABLE_ENTITY, Some("run_at"));
+    stack.stop().await;
+}

@@ -129,8 +129,9 @@ fn hostname() -> String {
         .unwrap_or_else(|| "localhost".to_owned())
 }
 
-/// The most dispatches delivered to a node before it acknowledges one, per slot: a bound on
-/// what a node can hold unacknowledged.
+/// The most times one dispatch is delivered; the worker quarantines its job at
+/// [`capstan_protocol::retry::limits::MAX_DISPATCH_DELIVERIES`], before this limit would strand
+/// it.
 const MAX_DELIVER: i64 = 10;
 
 /// Runs the executor until `shutdown`. On shutdown it stops pulling, lets running jobs finish
@@ -201,6 +202,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         ack_wait: config.ack_wait,
         held: std::sync::Mutex::default(),
         released: tokio::sync::Notify::new(),
+        draining: std::sync::atomic::AtomicBool::new(false),
     });
 
     let micro = service::start(
@@ -281,6 +283,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let _ = tokio::join!(endpoint, cancellations);
     if let Err(error) = micro.stop().await {
         tracing::debug!(error = %error, "stopping the micro service");
+    }
+    // Pulls still open on the server would take dispatches for an instance that is gone (and
+    // hand them back, each time counting a delivery); draining the connection ends them.
+    if let Err(error) = mesh.client.drain().await {
+        tracing::debug!(error = %error, "draining the connection");
     }
     match superseded {
         Some(error) => Err(Error::Setup {

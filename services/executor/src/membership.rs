@@ -5,13 +5,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::PullConsumer;
-use bytes::Bytes;
 use capstan_mesh::Error;
-use capstan_protocol::codec::{self, Encoding};
 use capstan_protocol::subjects::registry as endpoints;
 use capstan_protocol::{
     ErrorCode, Heartbeat, HeartbeatReply, InstanceId, JobId, Labels, NodeId, NodeRecord,
-    Registration, Reply,
+    Registration,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -162,16 +160,8 @@ impl Membership {
         subject: &str,
         body: &T,
     ) -> Result<Result<R, capstan_protocol::ServiceError>, String> {
-        let payload = codec::to_msgpack(body).map_err(|e| e.to_string())?;
-        let request = self
-            .client
-            .request(subject.to_owned(), Bytes::from(payload));
-        let reply = tokio::time::timeout(Duration::from_secs(5), request)
+        capstan_mesh::service::call(&self.client, subject, body, Duration::from_secs(5))
             .await
-            .map_err(|_| "timed out".to_owned())?
-            .map_err(|e| e.to_string())?;
-        let reply: Reply<R> =
-            codec::decode(Encoding::MsgPack, &reply.payload).map_err(|e| e.to_string())?;
-        Ok(reply.into_result())
+            .map_err(|e| e.to_string())
     }
 }

@@ -260,8 +260,11 @@ impl Runner {
                 Some("cancelled by request".to_owned()),
             ),
             (Some(_), _) => (
-                JobStatus::Failed,
-                Some("interrupted: the executor shut down before the job finished".to_owned()),
+                JobStatus::Lost,
+                Some(format!(
+                    "handed back: node {} stopped the attempt before it finished (shutdown or drain)",
+                    self.node
+                )),
             ),
             (None, Err(error)) => (
                 JobStatus::Failed,
@@ -323,7 +326,8 @@ fn resolve(program: &str, search_path: Option<&std::ffi::OsStr>) -> Option<std::
 pub struct Stops {
     /// The job was cancelled.
     pub cancel: CancellationToken,
-    /// The executor's shutdown deadline passed.
+    /// The executor hands the attempt back: its shutdown or drain deadline passed, or the
+    /// attempt was taken from it.
     pub shutdown: CancellationToken,
 }
 

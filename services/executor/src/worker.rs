@@ -12,13 +12,13 @@ use std::time::Duration;
 
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{self, AckKind};
-use capstan_mesh::{Error, Mesh};
+use capstan_mesh::{Error, Mesh, lifecycle};
 use capstan_protocol::job::Outcome;
+use capstan_protocol::retry;
 use capstan_protocol::subjects::Origin;
-use capstan_protocol::topology::FINISHED_JOB_TTL;
 use capstan_protocol::{
     Dispatch, InstanceId, JobEvent, JobEventKind, JobId, JobRecord, JobStatus, NodeId,
-    OutputSummary, RejectionCode, Timestamp,
+    RejectionCode, Timestamp,
 };
 use futures::StreamExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -40,6 +40,8 @@ pub struct Worker {
     pub(crate) held: Mutex<HashMap<JobId, (u32, Stops)>>,
     /// Notified whenever an attempt is released.
     pub(crate) released: tokio::sync::Notify,
+    /// Set while the node is draining: new dispatches are handed back, not run.
+    pub(crate) draining: std::sync::atomic::AtomicBool,
 }
 
 impl Worker {
@@ -178,7 +180,15 @@ impl Worker {
     async fn carry(&self, message: &jetstream::Message, dispatch: Dispatch, stops: Stops) {
         let id = dispatch.record.id;
         let attempt = dispatch.record.attempt;
-        let (running, revision) = match self.claim(dispatch).await {
+        let delivered = message.info().map(|info| info.delivered).unwrap_or(1);
+        let claimed = if self.draining() {
+            self.give_back(dispatch).await
+        } else if delivered > retry::limits::MAX_DISPATCH_DELIVERIES {
+            self.quarantine(dispatch, delivered).await
+        } else {
+            self.claim(dispatch).await
+        };
+        let (running, revision) = match claimed {
             Ok(Claimed::Run(record, revision)) => (*record, revision),
             Ok(Claimed::Settled) => {
                 let _ = message.ack().await;
@@ -206,20 +216,92 @@ impl Worker {
         if running.cancel_requested_at.is_some() {
             stops.cancel.cancel();
         }
+        let handed_back = stops.shutdown.clone();
         let outcome = self.runner.run(&running, stops).await;
-        let finished = self.record_outcome(&running, revision, &outcome).await;
+        let finished = self
+            .record_outcome(&running, revision, &outcome, handed_back.is_cancelled())
+            .await;
         keep_alive.cancel();
         match finished {
-            Some(record) => {
+            Recorded::Done(record) => {
                 tracing::debug!(job = %id, attempt, status = %record.status, "attempt finished");
                 if let Err(error) = message.ack().await {
                     tracing::warn!(job = %id, error = %error, "cannot acknowledge dispatch");
                 }
             }
-            None => {
+            Recorded::Stale => {
                 let _ = message.ack().await;
             }
+            Recorded::Unannounced => {
+                // Written but not followed up: the redelivered dispatch finds the record and
+                // arms its timer or announces it then.
+                let _ = message
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await;
+            }
         }
+    }
+
+    /// True while this node is being drained: dispatches are handed back, not run.
+    fn draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Hands a dispatch this draining node will not run back to the schedulers.
+    async fn give_back(&self, dispatch: Dispatch) -> Result<Claimed, Error> {
+        let outcome = Outcome::lost(format!(
+            "handed back unstarted: node {} is draining",
+            self.node
+        ));
+        let key = dispatch.record.id.to_string();
+        let (mut record, mut revision) = (dispatch.record, dispatch.revision);
+        for _ in 0..5 {
+            if record.status != JobStatus::Pending {
+                return self.claim(Dispatch { record, revision }).await;
+            }
+            match lifecycle::hand_back(&self.mesh, &record, revision, &outcome).await {
+                Ok(_) => return Ok(Claimed::Settled),
+                Err(Error::Conflict { .. }) => {}
+                Err(error) => return Err(error),
+            }
+            let Some(current) = self.mesh.jobs.get(&key).await? else {
+                return Ok(Claimed::Settled);
+            };
+            if current.value.attempt != record.attempt
+                || current.value.node.as_ref() != Some(&self.node)
+            {
+                return Ok(Claimed::Settled);
+            }
+            (record, revision) = (current.value, current.revision);
+        }
+        Err(Error::Unavailable {
+            op: "hand back",
+            reason: "the job's record kept changing".into(),
+        })
+    }
+
+    /// Sets aside a job whose dispatch was delivered `delivered` times without its attempt
+    /// being settled: each delivery went to an instance that vanished with it.
+    async fn quarantine(&self, dispatch: Dispatch, delivered: i64) -> Result<Claimed, Error> {
+        let key = dispatch.record.id.to_string();
+        let Some(current) = self.mesh.jobs.get(&key).await? else {
+            return Ok(Claimed::Settled);
+        };
+        let record = &current.value;
+        if record.attempt != dispatch.record.attempt
+            || record.node.as_ref() != Some(&self.node)
+            || !matches!(record.status, JobStatus::Pending | JobStatus::Running)
+        {
+            return self.claim(dispatch).await;
+        }
+        let reason = format!(
+            "attempt {} was delivered {delivered} times to node {} without ending; each \
+             executor that took it stopped",
+            record.attempt, self.node
+        );
+        tracing::error!(job = %key, delivered, "quarantining a job whose dispatch keeps coming back");
+        lifecycle::quarantine(&self.mesh, record, current.revision, reason).await?;
+        Ok(Claimed::Settled)
     }
 
     /// Sends progress acks for `message` until the returned token is cancelled.
@@ -270,12 +352,11 @@ impl Worker {
                 return Ok(Claimed::Settled);
             }
             match now.status {
-                status if status.is_terminal() => {
-                    // Finished already (by our previous instance, or cancelled): make sure the
-                    // end was announced; the event's id makes this idempotent.
-                    if let Some(kind) = JobEventKind::terminal(status) {
-                        self.mesh.events.job(&JobEvent::new(kind, &now)).await?;
-                    }
+                status if status.is_terminal() || status == JobStatus::Retrying => {
+                    // The attempt ended already (by our previous instance, a canceller, or a
+                    // scheduler that found the node lost): make sure what it caused happened;
+                    // timers and events are idempotent.
+                    lifecycle::follow_up(&self.mesh, &now).await?;
                     return Ok(Claimed::Settled);
                 }
                 JobStatus::Running if now.instance == Some(self.instance) => {
@@ -283,18 +364,18 @@ impl Worker {
                 }
                 JobStatus::Running => {
                     // Our previous instance started this attempt and died; its process was
-                    // killed at start-up. Settle the attempt rather than run the job again.
-                    let outcome = Outcome {
-                        status: JobStatus::Failed,
-                        exit_code: None,
-                        signal: None,
-                        error: Some(format!(
-                            "the executor instance running this attempt ({}) stopped before it finished",
-                            now.instance.map(|i| i.to_string()).unwrap_or_default()
-                        )),
-                        output: OutputSummary::default(),
-                    };
-                    self.record_outcome(&now, current.revision, &outcome).await;
+                    // killed at start-up. The attempt is lost, and retried per the job's
+                    // policy, rather than run again under the same attempt.
+                    let outcome = Outcome::lost(format!(
+                        "lost: the executor instance running it ({}) on node {} stopped before it finished",
+                        now.instance.map(|i| i.to_string()).unwrap_or_default(),
+                        self.node
+                    ));
+                    match lifecycle::end_attempt(&self.mesh, &now, current.revision, &outcome).await
+                    {
+                        Ok(_) | Err(Error::Conflict { .. }) => {}
+                        Err(error) => return Err(error),
+                    }
                     return Ok(Claimed::Settled);
                 }
                 _ => {
@@ -309,31 +390,30 @@ impl Worker {
         })
     }
 
-    /// Writes the outcome over the running record (CAS) and announces it. Returns the final
-    /// record, or `None` when the attempt no longer owned the job (its result is stale).
+    /// Writes the outcome over the running record (CAS): the job's end, or `retrying` as its
+    /// policy decides (or at once when the attempt was `handed_back`), then arms the timer and
+    /// announces. A record that no longer belongs to this attempt makes the result stale.
     /// Passing failures are retried: the outcome is not dropped while NATS recovers.
     async fn record_outcome(
         &self,
         running: &JobRecord,
         revision: u64,
         outcome: &Outcome,
-    ) -> Option<JobRecord> {
+        handed_back: bool,
+    ) -> Recorded {
         let key = running.id.to_string();
         let mut base = running.clone();
         let mut revision = revision;
         let mut delay = Duration::from_millis(200);
-        loop {
-            let finished = base.finished(outcome, Timestamp::now());
-            match self
-                .mesh
-                .jobs
-                .update_with_ttl(&key, &finished, revision, FINISHED_JOB_TTL)
-                .await
-            {
-                Ok(_) => {
-                    self.announce_end(&finished).await;
-                    return Some(finished);
-                }
+        let written = loop {
+            let now = Timestamp::now();
+            let next = if handed_back {
+                base.handed_back(outcome, now)
+            } else {
+                base.settled(outcome, now, lifecycle::jitter_sample())
+            };
+            match lifecycle::write(&self.mesh, &next, revision).await {
+                Ok(_) => break next,
                 Err(Error::Conflict { .. }) => match self.mesh.jobs.get(&key).await {
                     Ok(Some(current))
                         if current.value.attempt == running.attempt
@@ -351,7 +431,7 @@ impl Worker {
                             now = ?current.map(|c| (c.value.status, c.value.attempt)),
                             "attempt finished after it lost the job; result discarded"
                         );
-                        return None;
+                        return Recorded::Stale;
                     }
                     Err(error) => tracing::warn!(job = %key, error = %error, "cannot read record"),
                 },
@@ -361,25 +441,19 @@ impl Worker {
             }
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(5));
-        }
-    }
-
-    async fn announce_end(&self, record: &JobRecord) {
-        let Some(kind) = JobEventKind::terminal(record.status) else {
-            return;
         };
-        let event = JobEvent::new(kind, record);
         let mut delay = Duration::from_millis(200);
         for _ in 0..10 {
-            match self.mesh.events.job(&event).await {
-                Ok(()) => return,
+            match lifecycle::follow_up(&self.mesh, &written).await {
+                Ok(()) => return Recorded::Done(Box::new(written)),
                 Err(error) => {
-                    tracing::warn!(job = %record.id, error = %error, "cannot announce end, retrying");
+                    tracing::warn!(job = %key, error = %error, "cannot announce the outcome, retrying");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(5));
                 }
             }
         }
+        Recorded::Unannounced
     }
 
     async fn reject(
@@ -453,20 +527,96 @@ impl Worker {
                                 tracing::info!(job = %notice.job, attempt = notice.attempt, "cancelling");
                             }
                         }
-                        Err(error) => tracing::warn!(subject = %command.subject, error = %error, "unreadable command"),
+                        Err(error) => {
+                            tracing::warn!(subject = %command.subject, error = %error, "unreadable command");
+                            let reason = error.to_string();
+                            let rejection = capstan_protocol::Rejection::new(
+                                command.subject.as_str(),
+                                command.payload.len(),
+                                error.code,
+                                error.field,
+                                reason,
+                            );
+                            self.mesh.events.rejection(Origin::Control, &rejection).await;
+                        }
                     }
                 }
                 _ = poll.tick() => {
-                    let held: Vec<(JobId, u32)> =
-                        self.held().iter().map(|(job, (attempt, _))| (*job, *attempt)).collect();
-                    for (job, attempt) in held {
-                        if let Ok(Some(current)) = self.mesh.jobs.get(&job.to_string()).await
-                            && current.value.attempt == attempt && current.value.cancel_requested_at.is_some() {
-                                self.cancel(job, attempt);
-                            }
-                    }
+                    self.check_held().await;
+                    self.check_drain().await;
                 }
             }
+        }
+    }
+
+    /// Re-reads the records of the held attempts: stops those whose cancellation was asked,
+    /// and those taken from this node (found lost while it was silent, or superseded), whose
+    /// results could no longer be recorded anyway.
+    async fn check_held(&self) {
+        let held: Vec<(JobId, u32)> = self
+            .held()
+            .iter()
+            .map(|(job, (attempt, _))| (*job, *attempt))
+            .collect();
+        for (job, attempt) in held {
+            let Ok(Some(current)) = self.mesh.jobs.get(&job.to_string()).await else {
+                continue;
+            };
+            let record = &current.value;
+            let ours = record.attempt == attempt
+                && record.node.as_ref() == Some(&self.node)
+                && match record.status {
+                    JobStatus::Pending => true,
+                    JobStatus::Running => record.instance == Some(self.instance),
+                    _ => false,
+                };
+            if !ours {
+                if let Some((_, stops)) = self.held().get(&job).filter(|(a, _)| *a == attempt)
+                    && !stops.shutdown.is_cancelled()
+                {
+                    tracing::warn!(
+                        job = %job,
+                        attempt,
+                        status = %record.status,
+                        "this attempt was taken from the node; stopping its process"
+                    );
+                    stops.shutdown.cancel();
+                }
+            } else if record.cancel_requested_at.is_some() {
+                self.cancel(job, attempt);
+            }
+        }
+    }
+
+    /// Follows the node's availability: while draining, dispatches are handed back, and at the
+    /// drain deadline the attempts still running are stopped and handed back.
+    async fn check_drain(&self) {
+        use capstan_protocol::Availability;
+        let Ok(Some(node)) = self.mesh.nodes.get(self.node.as_str()).await else {
+            return;
+        };
+        let draining = matches!(
+            node.value.availability,
+            Availability::Draining | Availability::Drained
+        );
+        let was = self
+            .draining
+            .swap(draining, std::sync::atomic::Ordering::Relaxed);
+        if draining != was {
+            tracing::info!(draining, "node availability changed");
+        }
+        if node.value.availability == Availability::Draining
+            && node
+                .value
+                .drain_deadline
+                .is_some_and(|deadline| deadline <= Timestamp::now())
+            && !self.held().is_empty()
+        {
+            tracing::warn!(
+                jobs = self.held().len(),
+                "drain deadline passed; handing running jobs back"
+            );
+            self.stop_all();
         }
     }
 
@@ -483,6 +633,16 @@ impl Worker {
             }
         }
     }
+}
+
+/// What became of an attempt's outcome.
+enum Recorded {
+    /// Written and followed up (timer armed, event published).
+    Done(Box<JobRecord>),
+    /// The attempt no longer owned the job; nothing written.
+    Stale,
+    /// Written, but the timer or event could not be published yet.
+    Unannounced,
 }
 
 enum Claimed {

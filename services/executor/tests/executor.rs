@@ -637,3 +637,58 @@ async fn a_job_cancelled_before_its_dispatch_is_taken_never_runs() {
     assert!(!marker.exists(), "a cancelled job ran");
     mesh.stop().await.expect("clean stop");
 }
+
+#[tokio::test]
+async fn a_dispatch_delivered_too_often_without_being_settled_quarantines_its_job_unrun() {
+    let mut mesh = start(|_| {}).await;
+    mesh.executor.cancel();
+    (&mut mesh.task).await.expect("joins").expect("clean stop");
+
+    let marker = mesh.work.path().join("ran");
+    let id = mesh
+        .dispatch(shell(&format!("touch {}", marker.display())))
+        .await;
+    // Executor instances that took the dispatch and vanished, played by pulls that never ack.
+    let consumer: jetstream::consumer::PullConsumer = mesh
+        .mesh
+        .js
+        .get_stream("CAPSTAN_DISPATCH")
+        .await
+        .expect("stream")
+        .get_consumer(&format!("executor-{}", mesh.node))
+        .await
+        .expect("the node's consumer");
+    let limit = capstan_protocol::retry::limits::MAX_DISPATCH_DELIVERIES;
+    for delivery in 1..=limit {
+        let mut batch = consumer
+            .fetch()
+            .max_messages(1)
+            .expires(Duration::from_secs(5))
+            .messages()
+            .await
+            .expect("fetch");
+        let message = batch.next().await.expect("a delivery").expect("a message");
+        assert_eq!(message.info().expect("info").delivered, delivery);
+        message
+            .ack_with(jetstream::AckKind::Nak(None))
+            .await
+            .expect("nak");
+    }
+
+    let mut config = Config::for_url(mesh.server.url(), mesh.node.clone());
+    config.work_dir = Some(mesh.work.path().join("again"));
+    let again = CancellationToken::new();
+    let task = tokio::spawn(capstan_executor::run(config, again.clone()));
+    let done = mesh.finished(id).await;
+    assert_eq!(done.status, JobStatus::Quarantined, "{done:?}");
+    assert!(
+        done.error
+            .as_deref()
+            .is_some_and(|e| e.contains(&format!("delivered {} times", limit + 1))),
+        "{done:?}"
+    );
+    assert!(!marker.exists(), "a quarantined job never runs");
+    again.cancel();
+    task.await.expect("joins").expect("clean stop");
+    mesh.registry.cancel();
+}

@@ -17,8 +17,8 @@ use capstan_protocol::node::NodeQuery;
 use capstan_protocol::spec::validate_labels;
 use capstan_protocol::subjects::{self, Origin};
 use capstan_protocol::{
-    ErrorCode, Heartbeat, HeartbeatReply, NodeEvent, NodeEventKind, NodeRecord, NodeStatus,
-    Registration, ServiceError, Timestamp,
+    Availability, ErrorCode, Heartbeat, HeartbeatReply, NodeCommand, NodeEvent, NodeEventKind,
+    NodeRecord, NodeStatus, Registration, ServiceError, Timestamp,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -56,6 +56,12 @@ impl Config {
     }
 }
 
+/// How long a drain lets running jobs finish when the request names no deadline.
+pub const DEFAULT_DRAIN_DEADLINE_SECS: u64 = 300;
+
+/// The longest drain deadline.
+pub const MAX_DRAIN_DEADLINE_SECS: u64 = 7 * 24 * 3600;
+
 /// The most job slots a node may announce.
 pub const MAX_CAPACITY: u32 = 10_000;
 
@@ -87,6 +93,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         service::endpoint(&micro, "deregister", subjects::registry::DEREGISTER).await?;
     let list = service::endpoint(&micro, "nodes-list", subjects::registry::NODES_LIST).await?;
     let get = service::endpoint(&micro, "nodes-get", subjects::registry::NODES_GET).await?;
+    let cordon =
+        service::endpoint(&micro, "nodes-cordon", subjects::registry::NODES_CORDON).await?;
+    let uncordon =
+        service::endpoint(&micro, "nodes-uncordon", subjects::registry::NODES_UNCORDON).await?;
+    let drain = service::endpoint(&micro, "nodes-drain", subjects::registry::NODES_DRAIN).await?;
     tracing::info!(heartbeat_timeout = ?config.heartbeat_timeout, "registry ready");
 
     let r = registry.clone();
@@ -125,6 +136,27 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             move |query: NodeQuery| {
                 let r = r.clone();
                 async move { r.get(query).await }
+            }
+        }),
+        service::serve(cordon, s.clone(), 16, rejections.clone(), {
+            let r = r.clone();
+            move |command: NodeCommand| {
+                let r = r.clone();
+                async move { r.set_availability(command, Availability::Cordoned).await }
+            }
+        }),
+        service::serve(uncordon, s.clone(), 16, rejections.clone(), {
+            let r = r.clone();
+            move |command: NodeCommand| {
+                let r = r.clone();
+                async move { r.set_availability(command, Availability::Active).await }
+            }
+        }),
+        service::serve(drain, s.clone(), 16, rejections.clone(), {
+            let r = r.clone();
+            move |command: NodeCommand| {
+                let r = r.clone();
+                async move { r.set_availability(command, Availability::Draining).await }
             }
         }),
         registry.sweep_until(s.clone()),
@@ -188,11 +220,16 @@ impl Registry {
                 last_heartbeat_at: now,
                 jobs: Vec::new(),
                 queued: 0,
-                // The node's tally outlives its instances.
+                // The node's tally and the operator's availability outlive its instances.
                 finished: current
                     .as_ref()
                     .map(|c| c.value.finished.clone())
                     .unwrap_or_default(),
+                availability: current
+                    .as_ref()
+                    .map(|c| c.value.availability)
+                    .unwrap_or_default(),
+                drain_deadline: current.as_ref().and_then(|c| c.value.drain_deadline),
             };
             let written = match &current {
                 None => self.mesh.nodes.create(&key, &record).await,
@@ -242,13 +279,21 @@ impl Registry {
                 return Ok(HeartbeatReply::UnknownNode);
             }
             let was_down = current.value.status == NodeStatus::Down;
-            let record = NodeRecord {
+            // A draining node that holds nothing and has nothing queued is drained.
+            let drained = current.value.availability == Availability::Draining
+                && beat.jobs.is_empty()
+                && beat.queued == 0;
+            let mut record = NodeRecord {
                 status: NodeStatus::Up,
                 last_heartbeat_at: Timestamp::now(),
                 jobs: beat.jobs.clone(),
                 queued: beat.queued,
                 ..current.value
             };
+            if drained {
+                record.availability = Availability::Drained;
+                record.drain_deadline = None;
+            }
             match self
                 .mesh
                 .nodes
@@ -259,6 +304,10 @@ impl Registry {
                     if was_down {
                         tracing::info!(node = %record.id, "node is heartbeating again");
                         self.announce(NodeEventKind::Up, &record).await;
+                    }
+                    if drained {
+                        tracing::info!(node = %record.id, "node drained");
+                        self.announce(NodeEventKind::Drained, &record).await;
                     }
                     return Ok(HeartbeatReply::Ok);
                 }
@@ -300,6 +349,74 @@ impl Registry {
                 Ok(_) => {
                     tracing::info!(node = %record.id, "node deregistered");
                     self.announce(NodeEventKind::Deregistered, &record).await;
+                    return Ok(record);
+                }
+                Err(Error::Conflict { .. }) => continue,
+                Err(error) => return Err(unavailable(error)),
+            }
+        }
+        Err(ServiceError::new(
+            ErrorCode::Conflict,
+            "the node's record kept changing",
+        ))
+    }
+
+    /// Sets a node's availability, as an operator asked.
+    async fn set_availability(
+        &self,
+        command: NodeCommand,
+        availability: Availability,
+    ) -> Result<NodeRecord, ServiceError> {
+        let key = command.node.to_string();
+        let deadline = match availability {
+            Availability::Draining => {
+                let secs = command.deadline_secs.unwrap_or(DEFAULT_DRAIN_DEADLINE_SECS);
+                if secs > MAX_DRAIN_DEADLINE_SECS {
+                    return Err(bad_request(
+                        "deadline_secs",
+                        format!("must be at most {MAX_DRAIN_DEADLINE_SECS} seconds"),
+                    ));
+                }
+                Some(Timestamp::now().plus(Duration::from_secs(secs)))
+            }
+            _ => None,
+        };
+        for _ in 0..CAS_ATTEMPTS {
+            let Some(current) = self.mesh.nodes.get(&key).await.map_err(unavailable)? else {
+                return Err(not_found(&key));
+            };
+            let target = match (availability, current.value.availability) {
+                // Draining a drained node leaves it drained.
+                (Availability::Draining, Availability::Drained) => Availability::Drained,
+                (target, _) => target,
+            };
+            if current.value.availability == target && target != Availability::Draining {
+                return Ok(current.value);
+            }
+            let record = NodeRecord {
+                availability: target,
+                drain_deadline: if target == Availability::Draining {
+                    deadline
+                } else {
+                    None
+                },
+                ..current.value
+            };
+            match self
+                .mesh
+                .nodes
+                .update(&key, &record, current.revision)
+                .await
+            {
+                Ok(_) => {
+                    let kind = match target {
+                        Availability::Active => NodeEventKind::Uncordoned,
+                        Availability::Cordoned => NodeEventKind::Cordoned,
+                        Availability::Draining => NodeEventKind::Draining,
+                        Availability::Drained => NodeEventKind::Drained,
+                    };
+                    tracing::info!(node = %record.id, availability = target.as_str(), "node availability set");
+                    self.announce(kind, &record).await;
                     return Ok(record);
                 }
                 Err(Error::Conflict { .. }) => continue,

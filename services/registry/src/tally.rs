@@ -1,5 +1,6 @@
-//! Per-node job outcomes: the registry replicas share one durable consumer on the terminal job
-//! events and add each job's ending to its node's record, so an operator reading a node sees
+//! Per-node job outcomes: the registry replicas share one durable consumer on the job events
+//! that end an attempt (terminal ones and `retrying`)
+//! and add each attempt's ending to its node's record, so an operator reading a node sees
 //! how its work went (and each job's trace shows the registry taking note of it).
 //!
 //! A batch's events are summed per node and written with one compare-and-swap per node; they
@@ -26,9 +27,8 @@ pub async fn run(mesh: Mesh, shutdown: CancellationToken) {
     let config = pull::Config {
         durable_name: Some(topology::REGISTRY_CONSUMER.to_owned()),
         description: Some("Registry replicas tallying job outcomes per node".to_owned()),
-        filter_subjects: JobEventKind::TERMINAL
-            .iter()
-            .map(|kind| subjects::job_events_of_kind(*kind))
+        filter_subjects: JobEventKind::attempt_ends()
+            .map(subjects::job_events_of_kind)
             .collect(),
         ack_policy: AckPolicy::Explicit,
         ack_wait: Duration::from_secs(30),
@@ -64,9 +64,10 @@ async fn tally(mesh: &Mesh, messages: Vec<jetstream::Message>) {
                     );
                     capstan_telemetry::propagation::follow(&span, message.headers.as_ref());
                     spans.push(span);
+                    // A retried attempt counts as how it ended, not as `retrying`.
                     per_node.entry(node.clone()).or_default().count(
                         record.id,
-                        record.status,
+                        record.attempt_status.unwrap_or(record.status),
                         record.finished_at.unwrap_or(event.at),
                     );
                 }

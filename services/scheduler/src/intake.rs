@@ -11,13 +11,13 @@ use std::time::Duration;
 
 use async_nats::jetstream::consumer::{AckPolicy, pull};
 use async_nats::jetstream::{self, AckKind};
-use capstan_mesh::{Claim, Error, wire};
+use capstan_mesh::{Claim, Error, lifecycle, wire};
 use capstan_protocol::codec::{self, largest_field};
 use capstan_protocol::subjects::{self, Origin};
 use capstan_protocol::topology;
 use capstan_protocol::{
-    DecodeError, JobEvent, JobEventKind, JobId, JobRecord, JobSpec, Rejection, RejectionCode,
-    Timestamp, headers,
+    DecodeError, JobEvent, JobEventKind, JobId, JobRecord, JobSpec, JobStatus, Rejection,
+    RejectionCode, Timestamp, headers,
 };
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -205,10 +205,13 @@ impl Scheduler {
             }
         };
 
-        match self.accept(id, spec, seq).await {
+        match self
+            .accept(id, spec, seq, Timestamp::from_millis(published_ms as i64))
+            .await
+        {
             Ok(Accepted::Done) => Handled::Ack,
             Ok(Accepted::Waiting(selector)) => {
-                self.waiting.push(message.clone(), id, selector);
+                self.waiting.push(message.clone(), id, selector, None);
                 Handled::Held
             }
             Ok(Accepted::Duplicate(existing)) => {
@@ -244,17 +247,41 @@ impl Scheduler {
     }
 
     /// Creates the job (placed if a node has room) or resumes it if it already exists.
-    async fn accept(&self, id: JobId, spec: JobSpec, seq: u64) -> Result<Accepted, Error> {
+    async fn accept(
+        &self,
+        id: JobId,
+        spec: JobSpec,
+        seq: u64,
+        submitted: Timestamp,
+    ) -> Result<Accepted, Error> {
         if let Some(key) = &spec.idempotency_key
             && let Claim::Existing(existing) = self.mesh.idempotency.claim(key, id).await?
         {
             return Ok(Accepted::Duplicate(existing));
         }
         let now = Timestamp::now();
-        let mut record = JobRecord::new(id, spec, now);
+        // The start time counts from the submission's publish time, the same on every
+        // redelivery and replica.
+        let due = spec.start.map(|start| start.due(submitted));
+        let mut record = match due {
+            Some(at) if at > now => JobRecord::scheduled(id, spec, now, at),
+            _ => JobRecord::new(id, spec, now),
+        };
         record.submission_seq = Some(seq);
         // The job's trace: later hops without a message to carry it (re-placement) join it.
         record.traceparent = capstan_telemetry::propagation::traceparent();
+        if record.status == JobStatus::Scheduled {
+            let key = id.to_string();
+            return match self.mesh.jobs.create(&key, &record).await {
+                Ok(_) => {
+                    lifecycle::follow_up(&self.mesh, &record).await?;
+                    tracing::debug!(job = %id, at = %due.unwrap_or(now), "job scheduled");
+                    Ok(Accepted::Done)
+                }
+                Err(Error::AlreadyExists { .. }) => self.resume(id, &record.spec, seq).await,
+                Err(error) => Err(error),
+            };
+        }
         let node = self.cluster.reserve(&record.spec.labels, id).ok();
         if let Some(node) = &node {
             record = record.assigned(node.clone(), now);
@@ -318,10 +345,12 @@ impl Scheduler {
             )));
         }
         // Events carry deduplication ids: publishing again is harmless.
-        self.mesh
-            .events
-            .job(&JobEvent::new(JobEventKind::Pending, &record))
-            .await?;
+        if record.status != JobStatus::Scheduled {
+            self.mesh
+                .events
+                .job(&JobEvent::new(JobEventKind::Pending, &record))
+                .await?;
+        }
         if record.is_dispatched() {
             if let Some(node) = &record.node {
                 self.cluster.observe_assigned(node.clone(), id);
@@ -329,8 +358,12 @@ impl Scheduler {
             self.dispatch(&record, current.revision).await?;
             return Ok(Accepted::Done);
         }
-        if record.status == capstan_protocol::JobStatus::Pending {
+        if record.status == JobStatus::Pending {
             return Ok(Accepted::Waiting(record.spec.labels));
+        }
+        if record.status == JobStatus::Scheduled {
+            // Its timer may not have been armed before the crash; arming replaces it.
+            lifecycle::follow_up(&self.mesh, &record).await?;
         }
         Ok(Accepted::Done)
     }

@@ -7,14 +7,17 @@
 //! crash resumes where the crash left it instead of creating or dispatching twice.
 //!
 //! Module map: [`cluster`] knows the nodes and their load and makes the placement decision;
-//! [`waiting`] holds jobs that found no room; `intake` consumes submissions; `placer` places
-//! waiting jobs as room appears and follows job events; `create` serves the request/reply
-//! endpoint.
+//! [`waiting`] holds jobs that found no room; `intake` consumes submissions; `timers` wakes
+//! delayed and retried jobs when their durable timer fires; `lost` settles the attempts of
+//! nodes that went down or restarted; `placer` places waiting jobs as room appears and follows
+//! job events; `create` serves the request/reply endpoint.
 
 pub mod cluster;
 mod create;
 mod intake;
+mod lost;
 mod placer;
+mod timers;
 pub mod waiting;
 
 use std::collections::HashMap;
@@ -130,6 +133,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
 
     let events = tokio::spawn(scheduler.clone().follow_events(tasks.clone()));
     let placer = tokio::spawn(scheduler.clone().place_waiting(nodes, tasks.clone()));
+    let timers = tokio::spawn(scheduler.clone().consume_timers(shutdown.clone()));
+    let lost = tokio::spawn(scheduler.clone().consume_node_events(shutdown.clone()));
     let create = tokio::spawn(create::serve(
         create,
         submitter,
@@ -153,7 +158,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     tracing::info!("scheduler ready");
 
     let intake = scheduler.clone().consume(shutdown.clone()).await;
-    let _ = tokio::join!(create, cancel);
+    let _ = tokio::join!(create, cancel, timers, lost);
     scheduler.hand_back_waiting().await;
     tasks.cancel();
     let _ = tokio::join!(events, placer);

@@ -57,7 +57,7 @@ impl Scheduler {
         let mut streams = Vec::new();
         for kind in [Kind::Pending, Kind::Dispatched]
             .into_iter()
-            .chain(Kind::TERMINAL)
+            .chain(Kind::attempt_ends())
         {
             match self
                 .mesh
@@ -91,7 +91,7 @@ impl Scheduler {
                         self.cluster.observe_assigned(node, job);
                     }
                 }
-                "succeeded" | "failed" | "timed_out" | "cancelled" => {
+                kind if kind.parse::<Kind>().is_ok_and(Kind::ends_attempt) => {
                     self.cluster.observe_finished(node.as_ref(), job);
                     self.wake.notify_one();
                 }
@@ -152,8 +152,26 @@ impl Scheduler {
                 return Ok(false);
             };
             let record = current.value;
-            if record.status != JobStatus::Pending || record.node.is_some() {
-                // Placed or ended by someone else meanwhile (a redelivered copy, a cancel).
+            let placeable = match held.timer {
+                Some(attempt) => record.awaits_timer(attempt),
+                None => record.status == JobStatus::Pending && record.node.is_none(),
+            };
+            if !placeable {
+                // The attempt this held message asked for was placed already: by an earlier
+                // try here whose dispatch publish failed after the record was written, or by
+                // another replica. Publishing its dispatch again is harmless (deduplicated by
+                // `<job>.<attempt>`, and a claimed attempt is not claimed twice); skipping it
+                // could leave the job assigned with no dispatch to run it.
+                let ours = held
+                    .timer
+                    .is_none_or(|attempt| record.attempt == attempt + 1);
+                if record.is_dispatched() && ours {
+                    if let Some(assigned) = &record.node {
+                        self.cluster.observe_assigned(assigned.clone(), record.id);
+                    }
+                    self.dispatch(&record, current.revision).await?;
+                }
+                // Otherwise it was cancelled or ended meanwhile.
                 return Ok(false);
             }
             let assigned = record.assigned(node.clone(), Timestamp::now());

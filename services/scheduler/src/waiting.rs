@@ -23,6 +23,9 @@ pub struct Held {
     pub job: JobId,
     /// Its label selector.
     pub selector: Labels,
+    /// For a job woken by its timer: the attempt number the timer names (the job is placed
+    /// only if it still waits with it). `None` for a new submission.
+    pub timer: Option<u32>,
     order: u64,
     last_progress: Instant,
 }
@@ -48,7 +51,13 @@ impl Waiting {
     }
 
     /// Adds a job at the back of its group.
-    pub fn push(&self, message: jetstream::Message, job: JobId, selector: Labels) {
+    pub fn push(
+        &self,
+        message: jetstream::Message,
+        job: JobId,
+        selector: Labels,
+        timer: Option<u32>,
+    ) {
         let mut inner = self.inner();
         let order = inner.next_order;
         inner.next_order += 1;
@@ -61,6 +70,7 @@ impl Waiting {
                 message,
                 job,
                 selector,
+                timer,
                 order,
                 last_progress: Instant::now(),
             });

@@ -60,6 +60,8 @@ async fn add_node(mesh: &Mesh, id: &str, capacity: u32, labels: &[(&str, &str)])
         jobs: vec![],
         queued: 0,
         finished: Default::default(),
+        availability: Default::default(),
+        drain_deadline: None,
     };
     mesh.nodes.put(id, &record).await.expect("node written");
     node

@@ -4,6 +4,7 @@
 //!
 //! [`schemas`] renders the files under `schemas/` that are generated from the code.
 
+pub mod faults;
 pub mod schemas;
 
 use std::collections::HashMap;
@@ -167,22 +168,27 @@ impl Cluster {
 
     /// Waits until `nodes` are registered and up.
     pub async fn wait_nodes_up(&mut self, nodes: &[&str]) {
-        let mesh = self.mesh().await;
         for node in nodes {
-            wait_until(
-                &format!("node {node} to be up"),
-                Duration::from_secs(60),
-                || async {
-                    mesh.nodes
-                        .get(node)
-                        .await
-                        .ok()
-                        .flatten()
-                        .filter(|n| n.value.status == NodeStatus::Up)
-                },
-            )
-            .await;
+            self.wait_node_status(node, NodeStatus::Up).await;
         }
+    }
+
+    /// Waits until `node` has `status` in the nodes bucket.
+    pub async fn wait_node_status(&mut self, node: &str, status: NodeStatus) {
+        let mesh = self.mesh().await;
+        wait_until(
+            &format!("node {node} to be {status}"),
+            Duration::from_secs(60),
+            || async {
+                mesh.nodes
+                    .get(node)
+                    .await
+                    .ok()
+                    .flatten()
+                    .filter(|n| n.value.status == status)
+            },
+        )
+        .await;
     }
 
     /// The record of `job`, if it exists.

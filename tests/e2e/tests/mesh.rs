@@ -310,55 +310,6 @@ async fn killing_one_of_two_schedulers_mid_burst_loses_no_job_and_runs_none_twic
 }
 
 #[tokio::test]
-async fn an_executor_killed_mid_job_and_restarted_kills_the_orphan_and_settles_the_attempt() {
-    let mut cluster = Cluster::start().await;
-    cluster.registry("registry-1");
-    cluster.scheduler("scheduler-1");
-    cluster.executor("exec-1", 2, &[]);
-    cluster.wait_nodes_up(&["exec-1"]).await;
-    let client = cluster.client().await;
-    let pid_file = cluster.dir().join("orphan.pid");
-    let body = serde_json::json!({
-        "command": format!("echo $$ > {}; sleep 300", pid_file.display())
-    })
-    .to_string();
-    let ids = publish_jobs(&client, &[body]).await;
-    let id = ids[0];
-    // The shell creates the file before it writes the pid: wait for a whole number.
-    let pid: i32 = wait_until("the job to run", Duration::from_secs(60), || async {
-        std::fs::read_to_string(&pid_file).ok()?.trim().parse().ok()
-    })
-    .await;
-
-    cluster.kill9("exec-1");
-    assert!(
-        std::path::Path::new(&format!("/proc/{pid}")).exists(),
-        "the job outlived its executor"
-    );
-    cluster.executor("exec-1", 2, &[]);
-
-    let records = cluster.wait_terminal(&[id], Duration::from_secs(120)).await;
-    assert_eq!(records[0].status, JobStatus::Failed);
-    assert!(
-        records[0]
-            .error
-            .as_deref()
-            .is_some_and(|e| e.contains("stopped before it finished")),
-        "{:?}",
-        records[0]
-    );
-    wait_until(
-        "the orphan to be killed",
-        Duration::from_secs(30),
-        || async {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            (stat.is_empty() || stat.contains(") Z ")).then_some(())
-        },
-    )
-    .await;
-}
-
-#[tokio::test]
 async fn malformed_messages_on_every_consumed_subject_are_rejected_and_the_mesh_keeps_working() {
     let mut cluster = replicated().await;
     let client = cluster.client().await;

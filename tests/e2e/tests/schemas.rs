@@ -131,8 +131,35 @@ fn samples() -> Vec<(&'static str, Value)> {
         Timestamp::now(),
     );
     let record = finished_record();
+    let retried: JobSpec = serde_json::from_value(json!({
+        "command": "make test", "delay": 1.5,
+        "retry": {"max_attempts": 4, "backoff": {"initial": 2, "multiplier": 3, "max": 60},
+                  "jitter": 0.1, "retry_on": ["failed", "lost"]}
+    }))
+    .expect("a valid spec");
+    let retrying = JobRecord::new(JobId::generate(), retried.clone(), Timestamp::now())
+        .assigned(node_id(), Timestamp::now())
+        .started(InstanceId::generate(), Timestamp::now())
+        .settled(
+            &Outcome {
+                status: JobStatus::Failed,
+                exit_code: Some(2),
+                signal: None,
+                error: None,
+                output: OutputSummary::default(),
+            },
+            Timestamp::now(),
+            0.5,
+        );
+    assert_eq!(retrying.status, JobStatus::Retrying);
     let mut samples = vec![
         ("job-spec", to_json(&JobSpec::shell("echo hi"))),
+        ("job-spec", to_json(&retried)),
+        ("job-record", to_json(&retrying)),
+        (
+            "job-event",
+            to_json(&JobEvent::new(JobEventKind::Retrying, &retrying)),
+        ),
         ("job-spec", to_json(&record.spec)),
         ("job-record", to_json(&fresh)),
         ("job-record", to_json(&record)),
@@ -234,6 +261,21 @@ fn samples() -> Vec<(&'static str, Value)> {
             to_json(&error_reply::<Vec<NodeRecord>>()),
         ),
         ("executor-jobs-reply", to_json(&Reply::Ok(vec![record.id]))),
+        (
+            "node-command",
+            to_json(&capstan_protocol::NodeCommand {
+                node: node_id(),
+                deadline_secs: Some(60),
+            }),
+        ),
+        (
+            "timer",
+            to_json(&capstan_protocol::Timer {
+                job: record.id,
+                attempt: 1,
+                at: Timestamp::now(),
+            }),
+        ),
     ];
     for kind in JobEventKind::ALL {
         samples.push(("job-event", to_json(&JobEvent::new(kind, &record))));

@@ -1,0 +1,232 @@
+//! Settling the attempts of nodes that went away: when the registry marks a node down (it
+//! stopped heartbeating), a node leaves (its executor shut down), or a node comes back as a new
+//! instance (its executor restarted), the attempts it had started are recorded `lost` and
+//! retried per each job's policy, and those it had not started are handed back.
+//!
+//! The node's dispatches still in the dispatch stream are exactly what it held or had queued:
+//! a dispatch is acknowledged only after its attempt is settled. So the scheduler reads them
+//! (without consuming them) and ends each attempt that the job's record still gives to that
+//! node, by compare-and-swap, so a node that comes back and reports at the same moment cannot
+//! both win. The schedulers share one durable consumer on node events, so each event is
+//! handled once; a replica that dies mid-way leaves the event to be redelivered, and settling
+//! again is harmless.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::stream::RawMessageErrorKind;
+use async_nats::jetstream::{self, consumer::AckPolicy, consumer::DeliverPolicy, consumer::pull};
+use capstan_mesh::{Error, consume, lifecycle, wire};
+use capstan_protocol::job::Outcome;
+use capstan_protocol::subjects::{self, Origin};
+use capstan_protocol::{
+    Dispatch, InstanceId, JobStatus, NodeEvent, NodeEventKind, NodeId, topology,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::Scheduler;
+
+/// Deliveries of one node event before it is given up (only passing failures redeliver it).
+const MAX_DELIVER: i64 = 20;
+
+impl Scheduler {
+    /// Consumes node events until `shutdown`, settling the attempts of lost nodes.
+    pub(crate) async fn consume_node_events(self: Arc<Self>, shutdown: CancellationToken) {
+        let config = pull::Config {
+            durable_name: Some(topology::NODES_CONSUMER.to_owned()),
+            description: Some("Schedulers settling the attempts of lost nodes".to_owned()),
+            filter_subject: subjects::NODE_EVENTS_ALL.to_owned(),
+            // Events from before the mesh had this consumer were settled by executors' own
+            // restarts; start from now.
+            deliver_policy: DeliverPolicy::New,
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(60),
+            max_deliver: MAX_DELIVER,
+            ..Default::default()
+        };
+        let Some(consumer) =
+            consume::durable(&self.mesh.js, topology::EVENTS.name, config, &shutdown).await
+        else {
+            return;
+        };
+        consume::batches(
+            &consumer,
+            64,
+            Duration::from_millis(5),
+            &shutdown,
+            |batch| {
+                let scheduler = self.clone();
+                async move {
+                    for message in batch {
+                        scheduler.node_event(message).await;
+                    }
+                }
+            },
+        )
+        .await;
+    }
+
+    async fn node_event(&self, message: jetstream::Message) {
+        let event: NodeEvent = match wire::decode(message.headers.as_ref(), &message.payload) {
+            Ok((event, _)) => event,
+            Err(error) => {
+                let reason = error.to_string();
+                self.mesh
+                    .events
+                    .reject_stored(
+                        Origin::Nodes,
+                        &message,
+                        None,
+                        error.code,
+                        error.field,
+                        reason,
+                    )
+                    .await;
+                return;
+            }
+        };
+        let node = event.node.id.clone();
+        let (keep, reason) = match event.kind {
+            NodeEventKind::Down => (
+                None,
+                format!("lost: node {node} stopped heartbeating while it held the attempt"),
+            ),
+            NodeEventKind::Deregistered => (
+                None,
+                format!("lost: node {node} left while it held the attempt"),
+            ),
+            NodeEventKind::Registered => (
+                Some(event.node.instance),
+                format!(
+                    "lost: node {node} restarted (now instance {}) while it held the attempt",
+                    event.node.instance
+                ),
+            ),
+            _ => {
+                let _ = message.ack().await;
+                return;
+            }
+        };
+        let span = tracing::info_span!("settle lost node", node = %node, event = %event.kind);
+        capstan_telemetry::propagation::follow(&span, message.headers.as_ref());
+        match self
+            .settle_node(&node, keep, &reason)
+            .instrument(span)
+            .await
+        {
+            Ok(settled) => {
+                if settled > 0 {
+                    tracing::warn!(node = %node, attempts = settled, event = %event.kind, "settled the attempts of a lost node");
+                }
+                let _ = message.ack().await;
+            }
+            Err(error) => {
+                tracing::warn!(node = %node, error = %error, "cannot settle a lost node's attempts yet");
+                let _ = message
+                    .ack_with(jetstream::AckKind::Nak(Some(Duration::from_secs(2))))
+                    .await;
+            }
+        }
+    }
+
+    /// Ends as lost every attempt `node` holds per its dispatches, except those started by
+    /// instance `keep` (and, when `keep` is set, those not started yet: the new instance will
+    /// run them). Returns how many were ended.
+    async fn settle_node(
+        &self,
+        node: &NodeId,
+        keep: Option<InstanceId>,
+        reason: &str,
+    ) -> Result<usize, Error> {
+        let stream = self
+            .mesh
+            .js
+            .get_stream_no_info(topology::DISPATCH.name)
+            .await
+            .map_err(|e| Error::unavailable("dispatch stream", e))?;
+        let subject = subjects::dispatch(node);
+        let mut next = 1;
+        let mut settled = 0;
+        loop {
+            let stored = stream
+                .raw_message_builder()
+                .sequence(next)
+                .next_by_subject(subject.clone())
+                .send()
+                .await;
+            let stored = match stored {
+                Ok(stored) => stored,
+                Err(error) if error.kind() == RawMessageErrorKind::NoMessageFound => break,
+                Err(error) => return Err(Error::unavailable("read dispatches", error)),
+            };
+            next = stored.sequence + 1;
+            let Ok((dispatch, _)) =
+                wire::decode::<Dispatch>(Some(&stored.headers), &stored.payload)
+            else {
+                continue;
+            };
+            if self.settle_attempt(node, &dispatch, keep, reason).await? {
+                settled += 1;
+            }
+        }
+        Ok(settled)
+    }
+
+    /// Ends `dispatch`'s attempt as lost if its job's record still gives it to `node`.
+    async fn settle_attempt(
+        &self,
+        node: &NodeId,
+        dispatch: &Dispatch,
+        keep: Option<InstanceId>,
+        reason: &str,
+    ) -> Result<bool, Error> {
+        let key = dispatch.record.id.to_string();
+        for _ in 0..5 {
+            let Some(current) = self.mesh.jobs.get(&key).await? else {
+                return Ok(false);
+            };
+            let record = current.value;
+            if record.attempt != dispatch.record.attempt || record.node.as_ref() != Some(node) {
+                return Ok(false);
+            }
+            match record.status {
+                JobStatus::Running if keep.is_some() && record.instance == keep => {
+                    return Ok(false);
+                }
+                JobStatus::Pending if keep.is_some() => return Ok(false),
+                JobStatus::Pending | JobStatus::Running => {}
+                _ => {
+                    // Ended already; make sure what that caused happened (idempotent).
+                    lifecycle::follow_up(&self.mesh, &record).await?;
+                    return Ok(false);
+                }
+            }
+            let started = record.status == JobStatus::Running;
+            let outcome = Outcome::lost(if started {
+                reason.to_owned()
+            } else {
+                format!("handed back unstarted: node {node} went away before taking it")
+            });
+            // An attempt that never started cannot have hurt anything: it is handed back (run
+            // elsewhere at once, not counted as a loss). A started one is lost.
+            let ended = if started {
+                lifecycle::end_attempt(&self.mesh, &record, current.revision, &outcome).await
+            } else {
+                lifecycle::hand_back(&self.mesh, &record, current.revision, &outcome).await
+            };
+            match ended {
+                Ok(ended) => {
+                    tracing::info!(job = %key, attempt = record.attempt, status = %ended.status, "attempt lost");
+                    return Ok(true);
+                }
+                Err(Error::Conflict { .. }) => continue,
+                Err(error) => return Err(error),
+            }
+        }
+        Err(Error::Unavailable {
+            op: "settle lost attempt",
+            reason: "the job's record kept changing".into(),
+        })
+    }
+}

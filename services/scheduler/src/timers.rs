@@ -1,0 +1,134 @@
+//! Waking jobs whose timer fired: a delayed job's start time came, or a retried job's backoff
+//! passed. The schedulers share one durable consumer on the fired timers, so each timer wakes
+//! its job once across replicas; a job that still waits with the timer's attempt number joins
+//! the queue of jobs waiting for room, holding the timer message (unacknowledged, kept alive)
+//! until it is placed, so a replica that dies with it hands it to another.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::AckPolicy, consumer::pull};
+use capstan_mesh::{consume, wire};
+use capstan_protocol::subjects::{self, Origin};
+use capstan_protocol::{Timer, topology};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::Scheduler;
+
+/// Deliveries of one fired timer before it is given up (only passing failures redeliver it).
+const MAX_DELIVER: i64 = 20;
+
+impl Scheduler {
+    /// Consumes fired timers until `shutdown`.
+    pub(crate) async fn consume_timers(self: Arc<Self>, shutdown: CancellationToken) {
+        let config = pull::Config {
+            durable_name: Some(topology::TIMERS_CONSUMER.to_owned()),
+            description: Some("Schedulers waking delayed and retried jobs".to_owned()),
+            filter_subject: subjects::TIMERS_DUE_ALL.to_owned(),
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: self.config.ack_wait,
+            max_deliver: MAX_DELIVER,
+            max_ack_pending: i64::try_from(self.config.max_waiting).unwrap_or(i64::MAX),
+            ..Default::default()
+        };
+        let Some(consumer) =
+            consume::durable(&self.mesh.js, topology::TIMERS.name, config, &shutdown).await
+        else {
+            return;
+        };
+        consume::batches(
+            &consumer,
+            256,
+            Duration::from_millis(5),
+            &shutdown,
+            |batch| {
+                let scheduler = self.clone();
+                async move {
+                    let woken = batch.into_iter().map(|message| {
+                        let scheduler = scheduler.clone();
+                        async move { scheduler.wake(message).await }
+                    });
+                    futures::future::join_all(woken).await;
+                }
+            },
+        )
+        .await;
+    }
+
+    async fn wake(&self, message: jetstream::Message) {
+        let timer: Timer = match wire::decode(message.headers.as_ref(), &message.payload) {
+            Ok((timer, _)) => timer,
+            Err(error) => {
+                let reason = error.to_string();
+                self.mesh
+                    .events
+                    .reject_stored(
+                        Origin::Timer,
+                        &message,
+                        None,
+                        error.code,
+                        error.field,
+                        reason,
+                    )
+                    .await;
+                return;
+            }
+        };
+        let span = tracing::info_span!(
+            "wake job",
+            otel.kind = "consumer",
+            job_id = %timer.job,
+            attempt = timer.attempt,
+        );
+        capstan_telemetry::propagation::follow(&span, message.headers.as_ref());
+        async {
+            match self.mesh.jobs.get(&timer.job.to_string()).await {
+                Ok(Some(current)) if current.value.awaits_timer(timer.attempt) => {
+                    tracing::debug!(job = %timer.job, "timer fired; placing the job");
+                    self.waiting.push(
+                        message,
+                        timer.job,
+                        current.value.spec.labels.clone(),
+                        Some(timer.attempt),
+                    );
+                    self.wake.notify_one();
+                }
+                Ok(Some(current))
+                    if current.value.is_dispatched()
+                        && current.value.attempt == timer.attempt + 1 =>
+                {
+                    // Placed by a replica that died before its dispatch was stored, or whose
+                    // publish failed: dispatch again (deduplicated), then the timer is done.
+                    let record = current.value;
+                    match self.dispatch(&record, current.revision).await {
+                        Ok(()) => {
+                            if let Some(node) = &record.node {
+                                self.cluster.observe_assigned(node.clone(), record.id);
+                            }
+                            let _ = message.ack().await;
+                        }
+                        Err(error) => {
+                            tracing::warn!(job = %timer.job, error = %error, "cannot dispatch a woken job; retrying");
+                            let _ = message
+                                .ack_with(jetstream::AckKind::Nak(Some(Duration::from_secs(1))))
+                                .await;
+                        }
+                    }
+                }
+                Ok(Some(_)) | Ok(None) => {
+                    // Cancelled, already woken, or expired: nothing waits for this timer.
+                    let _ = message.ack().await;
+                }
+                Err(error) => {
+                    tracing::warn!(job = %timer.job, error = %error, "cannot read a woken job; retrying");
+                    let _ = message
+                        .ack_with(jetstream::AckKind::Nak(Some(Duration::from_secs(1))))
+                        .await;
+                }
+            }
+        }
+        .instrument(span)
+        .await;
+    }
+}
