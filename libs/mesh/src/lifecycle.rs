@@ -107,15 +107,29 @@ pub fn jitter_sample() -> f64 {
 
 /// Writes `next` over the record at `revision` (compare-and-swap); a finished job's record
 /// gets the finished-job TTL. The one way a job's new state is written.
+///
+/// A write can be stored while its reply is lost (NATS went away in between). When the write
+/// fails for want of NATS, the record is read back: if it is `next`, the write took effect and
+/// this returns its revision, so the caller goes on to what the change causes instead of
+/// retrying into a conflict with itself.
 pub async fn write(mesh: &Mesh, next: &JobRecord, revision: u64) -> Result<u64, Error> {
     let key = next.id.to_string();
-    if next.status.is_terminal() {
+    let written = if next.status.is_terminal() {
         mesh.jobs
             .update_with_ttl(&key, next, revision, FINISHED_JOB_TTL)
             .await
     } else {
         mesh.jobs.update(&key, next, revision).await
+    };
+    if let Err(error) = &written
+        && error.is_transient()
+        && let Ok(Some(current)) = mesh.jobs.get(&key).await
+        && &current.value == next
+    {
+        tracing::debug!(job = %key, "a write whose reply was lost was stored");
+        return Ok(current.revision);
     }
+    written
 }
 
 /// Ends the current attempt of `current` (read at `revision`) with `outcome`: writes the

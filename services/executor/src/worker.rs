@@ -254,10 +254,13 @@ impl Worker {
             self.node
         ));
         let key = dispatch.record.id.to_string();
-        let (mut record, mut revision) = (dispatch.record, dispatch.revision);
+        let (mut record, mut revision) = (dispatch.record.clone(), dispatch.revision);
         for _ in 0..5 {
             if record.status != JobStatus::Pending {
-                return self.claim(Dispatch { record, revision }).await;
+                // Claimed, ended, or handed back already (perhaps by an earlier try here whose
+                // reply was lost): the claim path, starting from the dispatch as delivered,
+                // finds out which and finishes what that change causes.
+                return self.claim(dispatch).await;
             }
             match lifecycle::hand_back(&self.mesh, &record, revision, &outcome).await {
                 Ok(_) => return Ok(Claimed::Settled),
@@ -337,7 +340,7 @@ impl Worker {
         let mut revision = dispatch.revision;
         for _ in 0..5 {
             let started = record.started(self.instance, Timestamp::now());
-            match self.mesh.jobs.update(&key, &started, revision).await {
+            match lifecycle::write(&self.mesh, &started, revision).await {
                 Ok(new_revision) => return Ok(Claimed::Run(Box::new(started), new_revision)),
                 Err(Error::Conflict { .. }) => {}
                 Err(error) => return Err(error),
@@ -360,7 +363,11 @@ impl Worker {
                     return Ok(Claimed::Settled);
                 }
                 JobStatus::Running if now.instance == Some(self.instance) => {
-                    return Ok(Claimed::Settled);
+                    // This instance does not hold the attempt (the caller checked), so nothing
+                    // of it ran: an earlier claim was written but its reply was lost (NATS went
+                    // away in between, and that delivery was nak'ed). The attempt is ours.
+                    tracing::info!(job = %key, attempt, "an earlier claim was stored though its reply was lost; running the attempt");
+                    return Ok(Claimed::Run(Box::new(now), current.revision));
                 }
                 JobStatus::Running => {
                     // Our previous instance started this attempt and died; its process was
@@ -405,6 +412,8 @@ impl Worker {
         let mut base = running.clone();
         let mut revision = revision;
         let mut delay = Duration::from_millis(200);
+        // Writes whose reply never came: any of them may have been stored.
+        let mut unanswered: Vec<JobRecord> = Vec::new();
         let written = loop {
             let now = Timestamp::now();
             let next = if handed_back {
@@ -415,6 +424,10 @@ impl Worker {
             match lifecycle::write(&self.mesh, &next, revision).await {
                 Ok(_) => break next,
                 Err(Error::Conflict { .. }) => match self.mesh.jobs.get(&key).await {
+                    Ok(Some(current)) if unanswered.contains(&current.value) => {
+                        // An earlier write of this outcome was stored; only its reply was lost.
+                        break current.value;
+                    }
                     Ok(Some(current))
                         if current.value.attempt == running.attempt
                             && current.value.status == JobStatus::Running
@@ -437,6 +450,7 @@ impl Worker {
                 },
                 Err(error) => {
                     tracing::warn!(job = %key, error = %error, "cannot record outcome yet, retrying");
+                    unanswered.push(next);
                 }
             }
             tokio::time::sleep(delay).await;

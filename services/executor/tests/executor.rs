@@ -441,6 +441,53 @@ async fn a_stale_dispatch_of_a_superseded_attempt_is_dropped_without_running() {
 }
 
 #[tokio::test]
+async fn a_claim_stored_without_its_reply_reaching_the_executor_runs_on_redelivery_once() {
+    let mesh = start(|_| {}).await;
+    let instance = mesh
+        .mesh
+        .nodes
+        .get(mesh.node.as_str())
+        .await
+        .expect("read")
+        .expect("registered")
+        .value
+        .instance;
+    let runs = mesh.work.path().join("runs");
+    let spec = shell(&format!("echo run >> {}", runs.display()));
+    let assigned = JobRecord::new(JobId::generate(), spec, Timestamp::now())
+        .assigned(mesh.node.clone(), Timestamp::now());
+    let key = assigned.id.to_string();
+    let revision = mesh
+        .mesh
+        .jobs
+        .create(&key, &assigned)
+        .await
+        .expect("created");
+    // The executor's claim was stored, then NATS went away before the reply came back: the
+    // record says this instance runs the attempt, yet nothing runs, and the dispatch (nak'ed)
+    // comes again as it was first delivered.
+    let claimed = assigned.started(instance, Timestamp::now());
+    mesh.mesh
+        .jobs
+        .update(&key, &claimed, revision)
+        .await
+        .expect("claimed");
+    mesh.publish(&Dispatch {
+        record: assigned.clone(),
+        revision,
+    })
+    .await;
+    let done = mesh.finished(assigned.id).await;
+    assert_eq!(
+        (done.status, done.attempt, done.exit_code),
+        (JobStatus::Succeeded, 1, Some(0))
+    );
+    let ran = std::fs::read_to_string(&runs).expect("the job ran");
+    assert_eq!(ran.lines().count(), 1, "{ran}");
+    mesh.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
 async fn the_executor_runs_no_more_jobs_at_once_than_its_slots_and_reports_them_in_heartbeats() {
     let mesh = start(|config| config.slots = 2).await;
     let ids: Vec<JobId> = {

@@ -34,6 +34,7 @@ pub const HEARTBEAT_TIMEOUT: &str = "3s";
 impl Cluster {
     /// A server and nothing else yet.
     pub async fn start() -> Self {
+        remember_panics();
         let nats = NatsServer::start().await;
         let dir = tempfile::Builder::new()
             .prefix("capstan-e2e-")
@@ -329,6 +330,47 @@ impl Drop for Cluster {
                     eprintln!("{line}");
                 }
             }
+            // The logs above are long: say once more, last, what failed.
+            eprintln!("==== the failure, again ====");
+            for failure in panics_so_far() {
+                eprintln!("{failure}");
+            }
         }
     }
+}
+
+thread_local! {
+    static PANICS: std::cell::RefCell<Vec<String>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Installs (once per test binary) a panic hook that keeps the messages and locations of the
+/// panics on each thread (a test's spawned tasks run on its thread, so a task's panic is kept
+/// next to the one that reported it), then does what the previous hook did.
+fn remember_panics() {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let message = info
+                .payload()
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| info.payload().downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "(a panic without a message)".to_owned());
+            let location = info
+                .location()
+                .map(|l| format!("{}:{}", l.file(), l.line()))
+                .unwrap_or_default();
+            PANICS.with(|panics| {
+                panics
+                    .borrow_mut()
+                    .push(format!("at {location}: {message}"))
+            });
+            previous(info);
+        }));
+    });
+}
+
+fn panics_so_far() -> Vec<String> {
+    PANICS.with(|panics| panics.borrow().clone())
 }
