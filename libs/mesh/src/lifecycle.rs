@@ -207,6 +207,20 @@ pub async fn cancel(mesh: &Mesh, id: JobId) -> Result<(CancelOutcome, JobRecord)
         };
         let record = current.value;
         if record.status.is_terminal() {
+            if record.status == JobStatus::Cancelled
+                && Timestamp::now().since(record.updated_at) < topology::EVENTS.duplicate_window / 2
+            {
+                // The cancel that ended it may have been stored with its reply lost, before it
+                // was announced (a client asks again after a 503). Announcing again is harmless
+                // inside the events stream's deduplication window.
+                if let Err(error) = mesh
+                    .events
+                    .job(&JobEvent::new(JobEventKind::Cancelled, &record))
+                    .await
+                {
+                    tracing::debug!(job = %id, error = %error, "cannot announce the cancel again");
+                }
+            }
             return Err(CancelError::Finished {
                 id,
                 status: record.status,

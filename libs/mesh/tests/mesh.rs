@@ -4,9 +4,12 @@
 use std::time::Duration;
 
 use async_nats::jetstream;
+use capstan_mesh::lifecycle::{self, CancelError};
 use capstan_mesh::{Claim, Error, Mesh, Submitter};
 use capstan_protocol::topology;
-use capstan_protocol::{JobId, JobRecord, JobSpec, Timestamp, headers, subjects};
+use capstan_protocol::{
+    JobEventKind, JobId, JobRecord, JobSpec, JobStatus, Timestamp, headers, subjects,
+};
 use capstan_testkit::{NatsServer, wait_until};
 use futures::StreamExt;
 
@@ -160,4 +163,55 @@ async fn a_submission_is_stored_with_its_job_id_and_a_repeated_key_returns_the_s
         messages.next().await.is_none(),
         "the duplicate stored nothing"
     );
+}
+
+#[tokio::test]
+async fn a_cancel_stored_without_its_announcement_is_announced_when_asked_again() {
+    let server = NatsServer::start().await;
+    let mesh = mesh(&server).await;
+    let record = JobRecord::new(JobId::generate(), JobSpec::shell("true"), Timestamp::now());
+    let key = record.id.to_string();
+    let revision = mesh.jobs.create(&key, &record).await.expect("created");
+    // The first cancel's write was stored, then NATS went away: no reply, no event.
+    lifecycle::write(&mesh, &record.cancelled(Timestamp::now()), revision)
+        .await
+        .expect("cancelled");
+    let again = lifecycle::cancel(&mesh, record.id).await;
+    assert!(
+        matches!(
+            again,
+            Err(CancelError::Finished {
+                status: JobStatus::Cancelled,
+                ..
+            })
+        ),
+        "{again:?}"
+    );
+    // Asked once more: the stream still holds one announcement.
+    let _ = lifecycle::cancel(&mesh, record.id).await;
+    let subject = subjects::job_event(record.id, JobEventKind::Cancelled);
+    let stream = mesh
+        .js
+        .get_stream(topology::EVENTS.name)
+        .await
+        .expect("events stream");
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::Config {
+            filter_subject: subject.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("consumer");
+    let mut batch = consumer
+        .fetch()
+        .max_messages(10)
+        .expires(Duration::from_secs(2))
+        .messages()
+        .await
+        .expect("fetch");
+    let mut found = 0;
+    while let Some(Ok(_)) = batch.next().await {
+        found += 1;
+    }
+    assert_eq!(found, 1, "announcements of the cancel on {subject}");
 }
