@@ -1,16 +1,19 @@
 //! Projecting job events into the tables.
 //!
 //! Applying is idempotent and order-tolerant: an event row is keyed by its stream sequence
-//! (inserted once), and a job or attempt row is overwritten only by an event newer than the
-//! newest one already applied to it (`last_seq`). So several API replicas may apply batches
-//! concurrently, a batch may be applied twice after a redelivery, and a replayed stream
-//! rebuilds the same rows.
+//! (inserted once), and a job or attempt row is overwritten only by an event later in the
+//! job's life than the one already applied to it. Later means a higher attempt; within one
+//! attempt, waiting, then running, then ended; and only then a higher stream sequence. The
+//! stream's order alone is not enough: an executor may announce `running` after a scheduler
+//! already declared that attempt lost. So several API replicas may apply batches concurrently,
+//! a batch may be applied twice after a redelivery, and a replayed stream rebuilds the same
+//! rows. A job's label rows copy the job row's status after each batch.
 
 use std::collections::HashMap;
 
 use capstan_protocol::{JobEvent, JobId, JobStatus};
 use sea_orm::sea_query::{Alias, Expr, ExprTrait, OnConflict};
-use sea_orm::{ActiveValue::Set, DbErr, EntityTrait, TransactionTrait};
+use sea_orm::{ActiveValue::Set, ColumnTrait, DbErr, EntityTrait, QueryFilter, TransactionTrait};
 
 use crate::entity::{attempt, event, job, job_label};
 
@@ -102,9 +105,49 @@ fn event_row(item: &Sequenced) -> event::ActiveModel {
     }
 }
 
-/// `<table>.last_seq < excluded.last_seq`: only a newer event overwrites a row.
-fn newer_only<E: EntityTrait>(entity: E, column: E::Column) -> Expr {
-    Expr::col((entity, column)).lt(Expr::col((Alias::new("excluded"), column)))
+/// Where `status` stands within one attempt: waiting, running, ended.
+fn stage(status: JobStatus) -> u8 {
+    match status {
+        JobStatus::Scheduled | JobStatus::Pending => 0,
+        JobStatus::Running => 1,
+        _ => 2,
+    }
+}
+
+/// An event's place in its job's life (see the module documentation).
+fn place(item: &Sequenced) -> (u32, u8, u64) {
+    let record = &item.event.record;
+    (record.attempt, stage(record.status), item.seq)
+}
+
+/// [`stage`] in SQL, of the status in `status`.
+fn stage_sql(status: Expr) -> Expr {
+    let waiting = [JobStatus::Scheduled.as_str(), JobStatus::Pending.as_str()];
+    Expr::case(status.clone().is_in(waiting), 0)
+        .case(status.eq(JobStatus::Running.as_str()), 1)
+        .finally(2)
+        .into()
+}
+
+/// The row's conflict condition: the incoming row (`excluded`) is later in the job's life than
+/// the stored one, by [`place`].
+fn later_only<E>(entity: E, attempt: E::Column, status: E::Column, seq: E::Column) -> Expr
+where
+    E: EntityTrait + Copy,
+    E::Column: Copy,
+{
+    let stored = |column: E::Column| Expr::col((entity, column));
+    let incoming = |column: E::Column| Expr::col((Alias::new("excluded"), column));
+    let same_attempt = incoming(attempt).eq(stored(attempt));
+    let (new_stage, old_stage) = (stage_sql(incoming(status)), stage_sql(stored(status)));
+    incoming(attempt)
+        .gt(stored(attempt))
+        .or(same_attempt
+            .clone()
+            .and(new_stage.clone().gt(old_stage.clone())))
+        .or(same_attempt
+            .and(new_stage.eq(old_stage))
+            .and(incoming(seq).gt(stored(seq))))
 }
 
 /// Applies `batch` in one transaction.
@@ -112,20 +155,20 @@ pub async fn apply(db: &sea_orm::DatabaseConnection, batch: &[Sequenced]) -> Res
     if batch.is_empty() {
         return Ok(());
     }
-    // Within one statement a row may be written only once, so keep the newest event of each
-    // job and of each attempt; the older ones only add event rows.
+    // Within one statement a row may be written only once, so keep the latest event of each
+    // job and of each attempt; the earlier ones only add event rows.
     let mut jobs: HashMap<JobId, &Sequenced> = HashMap::new();
     let mut attempts: HashMap<(JobId, u32), &Sequenced> = HashMap::new();
     for item in batch {
         let record = &item.event.record;
-        let newest = jobs.entry(record.id).or_insert(item);
-        if newest.seq < item.seq {
-            *newest = item;
+        let latest = jobs.entry(record.id).or_insert(item);
+        if place(latest) < place(item) {
+            *latest = item;
         }
         if record.attempt > 0 {
-            let newest = attempts.entry((record.id, record.attempt)).or_insert(item);
-            if newest.seq < item.seq {
-                *newest = item;
+            let latest = attempts.entry((record.id, record.attempt)).or_insert(item);
+            if place(latest) < place(item) {
+                *latest = item;
             }
         }
     }
@@ -162,7 +205,12 @@ pub async fn apply(db: &sea_orm::DatabaseConnection, batch: &[Sequenced]) -> Res
                         job::Column::Truncated,
                         job::Column::LastSeq,
                     ])
-                    .action_and_where(newer_only(job::Entity, job::Column::LastSeq))
+                    .action_and_where(later_only(
+                        job::Entity,
+                        job::Column::Attempt,
+                        job::Column::Status,
+                        job::Column::LastSeq,
+                    ))
                     .to_owned(),
             )
             .exec_without_returning(&txn)
@@ -187,14 +235,34 @@ pub async fn apply(db: &sea_orm::DatabaseConnection, batch: &[Sequenced]) -> Res
             .collect();
         for labels in labels.chunks(CHUNK) {
             job_label::Entity::insert_many(labels.to_vec())
-                // The labels carry their job's status, newer events only, like the job row.
                 .on_conflict(
                     OnConflict::columns([job_label::Column::JobId, job_label::Column::Key])
-                        .update_columns([job_label::Column::Status, job_label::Column::LastSeq])
-                        .action_and_where(newer_only(job_label::Entity, job_label::Column::LastSeq))
+                        .do_nothing()
                         .to_owned(),
                 )
                 .exec_without_returning(&txn)
+                .await?;
+        }
+        // The labels carry their job's status: copied from the job row just written.
+        let ids: Vec<String> = chunk
+            .iter()
+            .filter(|item| !item.event.record.spec.labels.is_empty())
+            .map(|item| item.event.record.id.to_string())
+            .collect();
+        if !ids.is_empty() {
+            job_label::Entity::update_many()
+                .col_expr(
+                    job_label::Column::Status,
+                    Expr::cust("(SELECT jobs.status FROM jobs WHERE jobs.id = job_labels.job_id)"),
+                )
+                .col_expr(
+                    job_label::Column::LastSeq,
+                    Expr::cust(
+                        "(SELECT jobs.last_seq FROM jobs WHERE jobs.id = job_labels.job_id)",
+                    ),
+                )
+                .filter(job_label::Column::JobId.is_in(ids))
+                .exec(&txn)
                 .await?;
         }
     }
@@ -218,7 +286,12 @@ pub async fn apply(db: &sea_orm::DatabaseConnection, batch: &[Sequenced]) -> Res
                         attempt::Column::Truncated,
                         attempt::Column::LastSeq,
                     ])
-                    .action_and_where(newer_only(attempt::Entity, attempt::Column::LastSeq))
+                    .action_and_where(later_only(
+                        attempt::Entity,
+                        attempt::Column::Attempt,
+                        attempt::Column::Status,
+                        attempt::Column::LastSeq,
+                    ))
                     .to_owned(),
             )
             .exec_without_returning(&txn)

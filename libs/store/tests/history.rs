@@ -93,6 +93,59 @@ async fn dump(history: &History) -> String {
 }
 
 on_both_backends!(
+    a_running_event_stored_after_its_attempt_was_declared_lost_does_not_revive_it,
+    |url: String| async move {
+        let history = History::connect(&url).await.expect("connects");
+        // A scheduler declared an attempt lost before its executor's `running` reached the
+        // stream, which holds pending, lost, running. Applied in one batch, and one by one.
+        for one_by_one in [false, true] {
+            let events = life(JobId::generate(), &[("zone", "eu")], JobStatus::Lost, 1);
+            let id = events[0].event.record.id;
+            let stored = [
+                events[0].clone(),
+                Sequenced {
+                    seq: 2,
+                    event: events[2].event.clone(),
+                },
+                Sequenced {
+                    seq: 3,
+                    event: events[1].event.clone(),
+                },
+            ];
+            if one_by_one {
+                for item in &stored {
+                    history
+                        .apply(std::slice::from_ref(item))
+                        .await
+                        .expect("applied");
+                }
+            } else {
+                history.apply(&stored).await.expect("applied");
+            }
+            let job = history.get(id).await.expect("read").expect("present");
+            assert_eq!(
+                (job.status.as_str(), job.attempt),
+                ("lost", 1),
+                "{one_by_one}"
+            );
+            let labelled = history
+                .list(&JobQuery {
+                    labels: vec![("zone".to_owned(), "eu".to_owned())],
+                    status: Some(JobStatus::Lost),
+                    limit: 10,
+                    ..JobQuery::default()
+                })
+                .await
+                .expect("listed");
+            assert!(
+                labelled.iter().any(|job| job.id == id.to_string()),
+                "the label rows follow the job row ({one_by_one})"
+            );
+        }
+    }
+);
+
+on_both_backends!(
     replayed_and_reordered_batches_give_the_same_rows,
     |url: String| async move {
         let history = History::connect(&url).await.expect("connects");
