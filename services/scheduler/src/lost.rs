@@ -108,17 +108,10 @@ impl Scheduler {
                 return;
             }
         };
-        // Only dispatches stored before the event are the lost node's: a node that comes back
-        // (a stopped process continued) is given new attempts, and those are not lost. Both
-        // times are the server's.
-        let as_of = message
-            .info()
-            .ok()
-            .map(|info| info.published.unix_timestamp_nanos());
         let span = tracing::info_span!("settle lost node", node = %node, event = %event.kind);
         capstan_telemetry::propagation::follow(&span, message.headers.as_ref());
         match self
-            .settle_node(&node, keep, as_of, &reason)
+            .settle_node(&node, keep, &reason)
             .instrument(span)
             .await
         {
@@ -137,15 +130,13 @@ impl Scheduler {
         }
     }
 
-    /// Ends as lost every attempt `node` holds per its dispatches stored up to `as_of` (Unix
-    /// nanoseconds, server time), except
-    /// those started by instance `keep` (and, when `keep` is set, those not started yet: the
-    /// new instance will run them). Returns how many were ended.
+    /// Ends as lost every attempt `node` holds per its dispatches, except those started by
+    /// instance `keep` (and, when `keep` is set, those not started yet: the new instance will
+    /// run them). Returns how many were ended.
     async fn settle_node(
         &self,
         node: &NodeId,
         keep: Option<InstanceId>,
-        as_of: Option<i128>,
         reason: &str,
     ) -> Result<usize, Error> {
         let stream = self
@@ -169,10 +160,6 @@ impl Scheduler {
                 Err(error) if error.kind() == RawMessageErrorKind::NoMessageFound => break,
                 Err(error) => return Err(Error::unavailable("read dispatches", error)),
             };
-            if as_of.is_some_and(|as_of| stored.time.unix_timestamp_nanos() > as_of) {
-                // Stored after the event, like everything after it in the stream.
-                break;
-            }
             next = stored.sequence + 1;
             let Ok((dispatch, _)) =
                 wire::decode::<Dispatch>(Some(&stored.headers), &stored.payload)
