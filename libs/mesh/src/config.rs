@@ -28,7 +28,8 @@ impl NatsArgs {
     }
 }
 
-/// Parses a duration given as seconds (`30`, `1.5`) or with a unit (`500ms`, `30s`, `2m`, `1h`).
+/// Parses a duration given as seconds (`30`, `1.5`) or with a unit (`500ms`, `30s`, `2m`, `1h`,
+/// `7d`).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
@@ -43,9 +44,10 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "ms" => value / 1000.0,
         "m" => value * 60.0,
         "h" => value * 3600.0,
+        "d" => value * 86_400.0,
         other => {
             return Err(format!(
-                "unknown unit `{other}` in `{text}` (use ms, s, m or h)"
+                "unknown unit `{other}` in `{text}` (use ms, s, m, h or d)"
             ));
         }
     };

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use capstan_protocol::topology;
-use capstan_protocol::{JobRecord, NodeRecord};
+use capstan_protocol::{JobRecord, NodeRecord, Revocation};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
@@ -59,7 +59,9 @@ pub struct Mesh {
     pub nodes: Bucket<NodeRecord>,
     /// Idempotency reservations.
     pub idempotency: Idempotency,
-    /// Event publishing.
+    /// Revoked users, sessions and API tokens (written and watched by the API).
+    pub revocations: Bucket<Revocation>,
+    /// Event and audit publishing.
     pub events: EventPublisher,
 }
 
@@ -74,9 +76,11 @@ impl Mesh {
             Bucket::new(buckets.idempotency, js.clone(), topology::IDEMPOTENCY.name),
             jobs.clone(),
         );
+        let revocations = Bucket::new(buckets.revocations, js.clone(), topology::REVOCATIONS.name);
         Ok(Self {
             client,
             events: EventPublisher::new(js.clone()),
+            revocations,
             js,
             jobs,
             nodes,

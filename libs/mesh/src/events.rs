@@ -1,4 +1,5 @@
-//! Publishing job events, node events and rejections to the events stream.
+//! Publishing job events, node events and rejections to the events stream, and audit records
+//! to the audit stream.
 //!
 //! Job events are published after the KV write they describe, with a deduplication id, so a
 //! writer that crashed between the write and the publish can publish again on redelivery
@@ -9,7 +10,7 @@ use async_nats::jetstream::{self, context::PublishAckFuture, message::PublishMes
 use bytes::Bytes;
 use capstan_protocol::codec;
 use capstan_protocol::subjects::{self, Origin};
-use capstan_protocol::{JobEvent, NodeEvent, Rejection, headers};
+use capstan_protocol::{AuditRecord, JobEvent, NodeEvent, Rejection, headers};
 
 use crate::error::Error;
 use crate::wire::{header_text, msgpack_headers};
@@ -166,6 +167,29 @@ impl EventPublisher {
         {
             tracing::error!(error = %error, "cannot publish rejection");
         }
+    }
+
+    /// Publishes an audit record on `capstan.audit.<action>` and waits until the audit stream
+    /// has stored it (its id is the deduplication id, so publishing it again is harmless).
+    /// Unlike a rejection, a failure is returned: an action whose record cannot be stored must
+    /// not be reported as done.
+    pub async fn audit(&self, record: &AuditRecord) -> Result<(), Error> {
+        let mut map = msgpack_headers();
+        map.insert(headers::EVENT, record.action.as_str());
+        map.insert(headers::STATUS, record.outcome.as_str());
+        capstan_telemetry::propagation::inject(&mut map);
+        let payload = Bytes::from(codec::to_msgpack(record)?);
+        let publish = PublishMessage::build()
+            .payload(payload)
+            .headers(map)
+            .message_id(record.id.to_string());
+        self.js
+            .send_publish(subjects::audit(record.action), publish)
+            .await
+            .map_err(|e| Error::unavailable("audit publish", e))?
+            .await
+            .map_err(|e| Error::unavailable("audit publish", e))?;
+        Ok(())
     }
 
     async fn publish_stored(

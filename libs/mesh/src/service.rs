@@ -216,3 +216,26 @@ pub async fn call<T: Serialize, R: DeserializeOwned>(
         .map_err(|e| Error::unavailable("request", format!("{subject}: unreadable reply: {e}")))?;
     Ok(reply.into_result())
 }
+
+/// How many instances of the micro service `name` answer a ping within `window`.
+pub async fn count_instances(
+    client: &async_nats::Client,
+    name: &str,
+    window: std::time::Duration,
+) -> Result<usize, Error> {
+    let inbox = client.new_inbox();
+    let mut answers = client
+        .subscribe(inbox.clone())
+        .await
+        .map_err(|e| Error::unavailable("micro ping", e))?;
+    client
+        .publish_with_reply(format!("$SRV.PING.{name}"), inbox, Bytes::new())
+        .await
+        .map_err(|e| Error::unavailable("micro ping", e))?;
+    let mut count = 0;
+    let deadline = tokio::time::Instant::now() + window;
+    while let Ok(Some(_)) = tokio::time::timeout_at(deadline, answers.next()).await {
+        count += 1;
+    }
+    Ok(count)
+}

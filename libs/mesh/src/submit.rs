@@ -12,7 +12,9 @@ use async_nats::jetstream::{self, message::PublishMessage};
 use bytes::Bytes;
 use capstan_protocol::reply::Created;
 use capstan_protocol::topology::idempotency_bucket_key;
-use capstan_protocol::{JobId, JobRecord, JobSpec, Timestamp, codec, headers, subjects};
+use capstan_protocol::{
+    JobId, JobRecord, JobSpec, SubmittedBy, Timestamp, codec, headers, subjects,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
@@ -123,6 +125,16 @@ impl Submitter {
     /// returns the existing job's id when the spec's idempotency key names one. The submission
     /// carries the current span's trace context, so the job joins the caller's trace.
     pub async fn submit(&self, spec: &JobSpec) -> Result<Created, Error> {
+        self.submit_as(spec, None).await
+    }
+
+    /// Like [`Submitter::submit`], attributing the job to `submitted_by` (the
+    /// `Capstan-Submitted-By` header); without it the job is attributed to NATS.
+    pub async fn submit_as(
+        &self,
+        spec: &JobSpec,
+        submitted_by: Option<&SubmittedBy>,
+    ) -> Result<Created, Error> {
         if let Some(key) = &spec.idempotency_key
             && let Some(existing) = self.idempotency.lookup(key).await?
         {
@@ -142,6 +154,11 @@ impl Submitter {
         }
         let mut map = msgpack_headers();
         map.insert(headers::JOB_ID, id.to_string().as_str());
+        if let Some(submitted_by) = submitted_by {
+            let json = serde_json::to_string(submitted_by)
+                .map_err(|e| Error::unavailable("submit", e))?;
+            map.insert(headers::SUBMITTED_BY, json.as_str());
+        }
         capstan_telemetry::propagation::inject(&mut map);
         let publish = PublishMessage::build()
             .payload(Bytes::from(codec::to_msgpack(spec)?))

@@ -16,6 +16,8 @@ pub struct Buckets {
     pub nodes: kv::Store,
     /// Idempotency reservations.
     pub idempotency: kv::Store,
+    /// Revoked users, sessions and API tokens.
+    pub revocations: kv::Store,
 }
 
 /// Creates or updates every stream and bucket, and opens the buckets.
@@ -27,6 +29,7 @@ pub async fn ensure(js: &jetstream::Context) -> Result<Buckets, Error> {
         jobs: ensure_bucket(js, &spec::JOBS).await?,
         nodes: ensure_bucket(js, &spec::NODES).await?,
         idempotency: ensure_bucket(js, &spec::IDEMPOTENCY).await?,
+        revocations: ensure_bucket(js, &spec::REVOCATIONS).await?,
     })
 }
 

@@ -9,6 +9,9 @@ pub const CONTENT_TYPE: &str = "Content-Type";
 pub const MSG_ID: &str = "Nats-Msg-Id";
 /// The job id to give a submission (set by the API and the create endpoint).
 pub const JOB_ID: &str = "Capstan-Job-Id";
+/// Who submitted a job ([`crate::SubmittedBy`] as JSON), set by the API on the submissions
+/// it stores; a submission without it is attributed to NATS.
+pub const SUBMITTED_BY: &str = "Capstan-Submitted-By";
 /// The attempt a message is about.
 pub const ATTEMPT: &str = "Capstan-Attempt";
 /// A job event's kind, or a node event's kind.

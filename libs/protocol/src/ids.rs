@@ -112,6 +112,10 @@ ulid_id!(
     /// a live process.
     InstanceId
 );
+ulid_id!(
+    /// One audit record's id: its time, and its place among the records one process wrote.
+    AuditId
+);
 
 impl JobId {
     /// The id of a job submitted without one, derived from where its submission is stored: the

@@ -9,6 +9,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::auth::SubmittedBy;
 use crate::ids::{InstanceId, JobId, NodeId};
 use crate::retry::{self, RetryOn};
 use crate::spec::JobSpec;
@@ -224,6 +225,9 @@ pub struct JobRecord {
     /// Attempts recorded `lost` so far; too many quarantine the job.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub lost_attempts: u32,
+    /// Who submitted the job, and how they authenticated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub submitted_by: Option<SubmittedBy>,
 }
 
 fn is_zero(value: &u32) -> bool {
@@ -255,6 +259,7 @@ impl JobRecord {
             next_attempt_at: None,
             attempt_status: None,
             lost_attempts: 0,
+            submitted_by: None,
         }
     }
 

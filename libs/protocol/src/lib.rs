@@ -10,6 +10,7 @@
 //! accepted wherever a person or a foreign client publishes (see [`codec::Encoding::detect`]).
 //! KV values are JSON so that `nats kv get` shows an operator the state as it is.
 
+pub mod auth;
 pub mod codec;
 pub mod dispatch;
 pub mod event;
@@ -27,10 +28,13 @@ pub mod timer;
 pub mod timestamp;
 pub mod topology;
 
+pub use auth::{
+    AuditAction, AuditOutcome, AuditRecord, AuthMethod, Revocation, RevocationKey, SubmittedBy,
+};
 pub use codec::{DecodeError, Encoding};
 pub use dispatch::Dispatch;
 pub use event::{JobEvent, JobEventKind, NodeEvent, NodeEventKind, Rejection, RejectionCode};
-pub use ids::{IdError, InstanceId, JobId, NodeId};
+pub use ids::{AuditId, IdError, InstanceId, JobId, NodeId};
 pub use job::{JobRecord, JobStatus, OutputSummary};
 pub use node::{
     Availability, Heartbeat, HeartbeatReply, NodeCommand, NodeRecord, NodeStatus, NodeTally,

@@ -27,7 +27,8 @@ use serde_json::Value;
 
 use crate::dispatch::Dispatch;
 use crate::event::{JobEvent, NodeEvent, Rejection};
-use crate::ids::{InstanceId, JobId, NodeId};
+use crate::auth::{AuditRecord, Revocation};
+use crate::ids::{AuditId, InstanceId, JobId, NodeId};
 use crate::job::JobRecord;
 use crate::node::{Heartbeat, HeartbeatReply, NodeCommand, NodeQuery, NodeRecord, Registration};
 use crate::reply::{CancelNotice, Cancelled, Created, JobRef, Reply};
@@ -108,6 +109,11 @@ pub fn messages() -> Vec<(&'static str, Value)> {
             "timer",
             "capstan.timers.set.<job> (scheduled) and capstan.timers.due.<job> (fired)".into(),
         ),
+        written::<AuditRecord>("audit-record", "capstan.audit.<area>.<action>".into()),
+        written::<Revocation>(
+            "revocation",
+            "$KV.capstan_revocations.<kind>_<id> (bucket capstan_revocations)".into(),
+        ),
     ]
 }
 
@@ -163,6 +169,16 @@ impl JsonSchema for InstanceId {
 
     fn json_schema(_: &mut SchemaGenerator) -> Schema {
         ulid_schema("One start of an executor process: a ULID (26 characters of Crockford base32).")
+    }
+}
+
+impl JsonSchema for AuditId {
+    fn schema_name() -> Cow<'static, str> {
+        "AuditId".into()
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        ulid_schema("An audit record's id: a ULID (26 characters of Crockford base32).")
     }
 }
 

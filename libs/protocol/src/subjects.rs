@@ -1,6 +1,7 @@
 //! Every subject Capstan publishes or consumes. Services call these builders and never format
 //! a subject themselves; because ids are validated types, every built subject is valid.
 
+use crate::auth::AuditAction;
 use crate::event::{JobEventKind, NodeEventKind};
 use crate::ids::{JobId, NodeId};
 
@@ -74,6 +75,8 @@ pub enum Origin {
     Nodes,
     /// An executor's control commands (`capstan.control.<node>.>`).
     Control,
+    /// The API's audit projection.
+    Audit,
 }
 
 impl Origin {
@@ -88,6 +91,7 @@ impl Origin {
             Self::Timer => "timer",
             Self::Nodes => "nodes",
             Self::Control => "control",
+            Self::Audit => "audit",
         }
     }
 }
@@ -107,6 +111,14 @@ pub const LOGS_ALL: &str = "capstan.logs.*";
 /// headers say which stream and attempt (see [`crate::headers`]).
 pub fn logs(job: JobId) -> String {
     format!("capstan.logs.{job}")
+}
+
+/// Every audit record (the audit stream's subjects).
+pub const AUDIT_ALL: &str = "capstan.audit.>";
+
+/// The audit records of one action: `capstan.audit.auth.login`.
+pub fn audit(action: AuditAction) -> String {
+    format!("capstan.audit.{action}")
 }
 
 /// Every timer subject (the timers stream's subjects).

@@ -93,8 +93,20 @@ pub const TIMERS: StreamSpec = StreamSpec {
     schedules: true,
 };
 
+/// The audit trail: every audited action of every service. The API's `audit` table is its
+/// queryable projection and keeps records past this stream's age limit.
+pub const AUDIT: StreamSpec = StreamSpec {
+    name: "CAPSTAN_AUDIT",
+    description: "Audit records: who did what, when, from where, and how it ended",
+    subjects: &[subjects::AUDIT_ALL],
+    retention: Retention::Limits,
+    max_age: Duration::from_secs(90 * 24 * 3600),
+    duplicate_window: DEDUPE,
+    schedules: false,
+};
+
 /// Every stream.
-pub const STREAMS: [StreamSpec; 5] = [SUBMISSIONS, DISPATCH, EVENTS, LOGS, TIMERS];
+pub const STREAMS: [StreamSpec; 6] = [SUBMISSIONS, DISPATCH, EVENTS, LOGS, TIMERS, AUDIT];
 
 /// A KV bucket's shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,8 +153,22 @@ pub const IDEMPOTENCY: BucketSpec = BucketSpec {
     per_key_ttl: false,
 };
 
+/// Revoked users, sessions and API tokens ([`crate::Revocation`] by
+/// [`crate::RevocationKey::key`]), watched by every API replica. An entry outlives every access
+/// token it can concern: access tokens live at most [`MAX_ACCESS_TOKEN_TTL`].
+pub const REVOCATIONS: BucketSpec = BucketSpec {
+    name: "capstan_revocations",
+    description: "Revoked users, sessions and API tokens, watched by every API replica",
+    history: 1,
+    max_age: DAY,
+    per_key_ttl: false,
+};
+
+/// The longest an access token may live: revocations are kept this long.
+pub const MAX_ACCESS_TOKEN_TTL: Duration = DAY;
+
 /// Every bucket.
-pub const BUCKETS: [BucketSpec; 3] = [JOBS, NODES, IDEMPOTENCY];
+pub const BUCKETS: [BucketSpec; 4] = [JOBS, NODES, IDEMPOTENCY, REVOCATIONS];
 
 /// The key of an idempotency key in the idempotency bucket: its bytes in hex, because KV keys
 /// allow only a few characters and idempotency keys allow any printable text.
@@ -168,6 +194,9 @@ pub const NODES_CONSUMER: &str = "scheduler-nodes";
 
 /// The durable consumer the API replicas share on the events stream, for the history.
 pub const HISTORY_CONSUMER: &str = "api-history";
+
+/// The durable consumer the API replicas share on the audit stream, for the `audit` table.
+pub const AUDIT_CONSUMER: &str = "api-audit";
 
 /// The durable consumer the registry replicas share to tally job outcomes per node.
 pub const REGISTRY_CONSUMER: &str = "registry-tally";

@@ -1,10 +1,14 @@
 //! Capstan's job history in SQL: the schema and its migrations, the projection of job events
-//! into it, and the queries the API serves from it. SQLite by default, PostgreSQL when given a
-//! `postgres://` URL; sea-orm entities and SQL stay inside this crate.
+//! into it, and the queries the API serves from it; beside it, the API's identity tables
+//! (users, sessions, refresh and API tokens) and the audit trail. SQLite by default, PostgreSQL
+//! when given a `postgres://` URL; sea-orm entities and SQL stay inside this crate.
 
+pub mod audit;
 pub mod entity;
+pub mod identity;
 pub mod migrate;
 pub mod projection;
+pub mod purge;
 pub mod query;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -14,6 +18,8 @@ use std::time::Duration;
 use capstan_protocol::{JobId, JobStatus};
 use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbErr};
 
+pub use audit::AuditQuery;
+pub use identity::{Rotation, UserChanges};
 pub use projection::Sequenced;
 pub use query::JobQuery;
 
@@ -139,7 +145,40 @@ impl History {
             .collect())
     }
 
-    /// Deletes every row of every history table (before a rebuild).
+    /// The identity tables (users, sessions, tokens), through [`identity`]'s functions.
+    pub fn identity(&self) -> &DatabaseConnection {
+        &self.db
+    }
+
+    /// Writes audit records, skipping those already written.
+    pub async fn record_audit(&self, records: &[capstan_protocol::AuditRecord]) -> Result<(), Error> {
+        Ok(audit::insert(&self.db, records).await?)
+    }
+
+    /// A page of audit records.
+    pub async fn audit(&self, query: &AuditQuery) -> Result<Vec<entity::audit::Model>, Error> {
+        Ok(audit::list(&self.db, query).await?)
+    }
+
+    /// At most `limit` ids (after `after`, in id order) of finished jobs in `statuses` that
+    /// ended before `finished_before`.
+    pub async fn purgeable(
+        &self,
+        statuses: &[JobStatus],
+        finished_before: capstan_protocol::Timestamp,
+        after: Option<&str>,
+        limit: u64,
+    ) -> Result<Vec<String>, Error> {
+        Ok(purge::finished(&self.db, statuses, finished_before.as_millis(), after, limit).await?)
+    }
+
+    /// Deletes the history rows of the jobs `ids`; how many jobs were deleted.
+    pub async fn delete_jobs(&self, ids: &[String]) -> Result<u64, Error> {
+        Ok(purge::delete(&self.db, ids).await?)
+    }
+
+    /// Deletes every row of every history table (before a rebuild). Users, tokens and the
+    /// audit trail are not history and stay.
     pub async fn clear(&self) -> Result<(), Error> {
         for table in ["events", "attempts", "job_labels", "jobs"] {
             self.db

@@ -4,10 +4,16 @@
 //! a concurrent creator); SQLite serialises writers itself. Statements are `IF NOT EXISTS`
 //! anyway, so a migration interrupted halfway can run again.
 //!
+//! Columns added to an existing table (`ALTER TABLE … ADD COLUMN`) have no `IF NOT EXISTS` on
+//! SQLite; they rely on the migration's transaction instead: both SQLite and PostgreSQL roll
+//! back DDL with the transaction, so a migration is applied whole or not at all.
+//!
 //! A migration, once released, never changes: new tables, columns and indexes come as new
 //! migrations at the end of [`MIGRATIONS`].
 
-use sea_orm::sea_query::{Alias, ColumnDef, Index, OnConflict, Query, Table, TableCreateStatement};
+use sea_orm::sea_query::{
+    Alias, ColumnDef, Index, OnConflict, Query, Table, TableAlterStatement, TableCreateStatement,
+};
 use sea_orm::{ConnectionTrait, DatabaseBackend, DatabaseConnection, DbErr, TransactionTrait};
 
 /// Advisory lock key held while migrating ("capstan" in ASCII, as a number).
@@ -25,6 +31,8 @@ pub struct Migration {
 enum Step {
     Table(Box<TableCreateStatement>),
     Index(Box<sea_orm::sea_query::IndexCreateStatement>),
+    /// One column added to a table (SQLite takes one per statement).
+    Column(Box<TableAlterStatement>),
 }
 
 fn a(name: &str) -> Alias {
@@ -101,14 +109,6 @@ fn initial() -> Vec<Step> {
         .col(col("exit_code").integer().null())
         .col(col("error").text().null())
         .to_owned();
-    let index = |name: &str, table: &str, columns: &[&str]| {
-        let mut index = Index::create();
-        index.name(name).table(a(table)).if_not_exists();
-        for column in columns {
-            index.col(a(column));
-        }
-        Step::Index(Box::new(index.to_owned()))
-    };
     vec![
         Step::Table(Box::new(jobs)),
         Step::Table(Box::new(labels)),
@@ -133,12 +133,117 @@ fn initial() -> Vec<Step> {
     ]
 }
 
+fn index(name: &str, table: &str, columns: &[&str]) -> Step {
+    let mut index = Index::create();
+    index.name(name).table(a(table)).if_not_exists();
+    for column in columns {
+        index.col(a(column));
+    }
+    Step::Index(Box::new(index.to_owned()))
+}
+
+fn add_column(table: &str, column: ColumnDef) -> Step {
+    Step::Column(Box::new(
+        Table::alter()
+            .table(a(table))
+            .add_column(column)
+            .to_owned(),
+    ))
+}
+
+/// Identity and audit: users, sessions and their refresh tokens, API tokens, the audit trail,
+/// and who submitted each job.
+fn identity() -> Vec<Step> {
+    let users = Table::create()
+        .table(a("users"))
+        .if_not_exists()
+        .col(col("name").string_len(64).not_null().primary_key())
+        .col(col("role").string_len(32).not_null())
+        .col(col("password_hash").text().not_null())
+        .col(col("disabled").boolean().not_null())
+        .col(col("created_at").big_integer().not_null())
+        .col(col("updated_at").big_integer().not_null())
+        .to_owned();
+    let sessions = Table::create()
+        .table(a("sessions"))
+        .if_not_exists()
+        .col(col("id").string_len(26).not_null().primary_key())
+        .col(col("username").string_len(64).not_null())
+        .col(col("created_at").big_integer().not_null())
+        .col(col("revoked_at").big_integer().null())
+        .col(col("revoked_reason").string_len(64).null())
+        .to_owned();
+    let refresh_tokens = Table::create()
+        .table(a("refresh_tokens"))
+        .if_not_exists()
+        .col(col("secret_hash").string_len(64).not_null().primary_key())
+        .col(col("session_id").string_len(26).not_null())
+        .col(col("issued_at").big_integer().not_null())
+        .col(col("expires_at").big_integer().not_null())
+        .col(col("used_at").big_integer().null())
+        .to_owned();
+    let api_tokens = Table::create()
+        .table(a("api_tokens"))
+        .if_not_exists()
+        .col(col("id").string_len(26).not_null().primary_key())
+        .col(col("name").string_len(128).not_null())
+        .col(col("role").string_len(32).not_null())
+        .col(col("owner").string_len(64).not_null())
+        .col(col("secret_hash").string_len(64).not_null().unique_key())
+        .col(col("created_at").big_integer().not_null())
+        .col(col("expires_at").big_integer().null())
+        .col(col("revoked_at").big_integer().null())
+        .to_owned();
+    let audit = Table::create()
+        .table(a("audit"))
+        .if_not_exists()
+        .col(col("id").string_len(26).not_null().primary_key())
+        .col(col("at").big_integer().not_null())
+        .col(col("principal").string_len(256).null())
+        .col(col("via").string_len(16).null())
+        .col(col("token").string_len(128).null())
+        .col(col("action").string_len(64).not_null())
+        .col(col("resource").string_len(256).null())
+        .col(col("outcome").string_len(16).not_null())
+        .col(col("status").integer().null())
+        .col(col("client").string_len(64).null())
+        .col(col("request_id").string_len(64).null())
+        .col(col("trace_id").string_len(32).null())
+        .col(col("detail").text().null())
+        .to_owned();
+    vec![
+        Step::Table(Box::new(users)),
+        Step::Table(Box::new(sessions)),
+        Step::Table(Box::new(refresh_tokens)),
+        Step::Table(Box::new(api_tokens)),
+        Step::Table(Box::new(audit)),
+        index("sessions_username", "sessions", &["username", "id"]),
+        index("refresh_tokens_session", "refresh_tokens", &["session_id"]),
+        index("api_tokens_owner_id", "api_tokens", &["owner", "id"]),
+        // The audit trail lists newest first within a filter, like jobs.
+        index("audit_principal_id", "audit", &["principal", "id"]),
+        index("audit_action_id", "audit", &["action", "id"]),
+        index("audit_resource_id", "audit", &["resource", "id"]),
+        add_column("jobs", col("submitted_by").string_len(256).null().to_owned()),
+        add_column("jobs", col("submitted_via").string_len(16).null().to_owned()),
+        add_column("jobs", col("submitted_token").string_len(128).null().to_owned()),
+        index("jobs_submitted_by_id", "jobs", &["submitted_by", "id"]),
+    ]
+}
+
 /// Every migration, in order.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "jobs, labels, attempts, events",
-    statements: initial,
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "jobs, labels, attempts, events",
+        statements: initial,
+    },
+    Migration {
+        version: 2,
+        name: "users, sessions, tokens, audit, job submitters",
+        statements: identity,
+    },
+];
 
 /// Applies the migrations not yet recorded. Safe to run from several processes at once (see
 /// [`crate::History::connect`] for SQLite's busy database).
@@ -188,6 +293,7 @@ async fn apply_pending(db: &impl ConnectionTrait) -> Result<(), DbErr> {
             match step {
                 Step::Table(statement) => db.execute(statement.as_ref()).await?,
                 Step::Index(statement) => db.execute(statement.as_ref()).await?,
+                Step::Column(statement) => db.execute(statement.as_ref()).await?,
             };
         }
         let record = Query::insert()

@@ -57,6 +57,12 @@ fn job_row(item: &Sequenced) -> job::ActiveModel {
         stderr_bytes: Set(output.map(|o| i64::try_from(o.stderr_bytes).unwrap_or(i64::MAX))),
         truncated: Set(output.map(|o| o.truncated)),
         last_seq: Set(seq_of(item.seq)),
+        submitted_by: Set(record.submitted_by.as_ref().map(|by| by.principal.clone())),
+        submitted_via: Set(record
+            .submitted_by
+            .as_ref()
+            .map(|by| by.via.as_str().to_owned())),
+        submitted_token: Set(record.submitted_by.as_ref().and_then(|by| by.token.clone())),
     }
 }
 

@@ -20,6 +20,8 @@ pub struct JobQuery {
     pub name: Option<String>,
     /// Only jobs whose current attempt is on this node.
     pub node: Option<String>,
+    /// Only jobs submitted by this principal.
+    pub submitted_by: Option<String>,
     /// Only jobs whose selector has all these labels.
     pub labels: Vec<(String, String)>,
     /// Only jobs submitted at or after this time.
@@ -79,6 +81,9 @@ pub async fn list(db: &DatabaseConnection, query: &JobQuery) -> Result<Vec<job::
     }
     if let Some(node) = &query.node {
         condition = condition.add(job::Column::Node.eq(node.as_str()));
+    }
+    if let Some(submitted_by) = &query.submitted_by {
+        condition = condition.add(job::Column::SubmittedBy.eq(submitted_by.as_str()));
     }
     // Further labels: a correlated EXISTS, one primary-key probe per candidate row.
     for (key, value) in other_labels {

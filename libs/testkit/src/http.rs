@@ -44,11 +44,13 @@ pub mod serde_json_value {
     pub use serde_json::{Value, from_slice, json};
 }
 
-/// A client for one base URL (`http://127.0.0.1:port`).
+/// A client for one base URL (`http://127.0.0.1:port`), optionally sending a bearer token
+/// with every request.
 #[derive(Clone)]
 pub struct HttpClient {
     base: String,
     client: Client<HttpConnector, Full<Bytes>>,
+    bearer: Option<String>,
 }
 
 impl HttpClient {
@@ -57,7 +59,50 @@ impl HttpClient {
         Self {
             base: base.into(),
             client: Client::builder(TokioExecutor::new()).build_http(),
+            bearer: None,
         }
+    }
+
+    /// The same client, sending `Authorization: Bearer <token>` with every request.
+    pub fn with_bearer(&self, token: impl Into<String>) -> Self {
+        Self {
+            bearer: Some(token.into()),
+            ..self.clone()
+        }
+    }
+
+    /// The same client without a bearer token.
+    pub fn anonymous(&self) -> Self {
+        Self {
+            bearer: None,
+            ..self.clone()
+        }
+    }
+
+    /// The bearer token sent, if any.
+    pub fn bearer(&self) -> Option<&str> {
+        self.bearer.as_deref()
+    }
+
+    /// Logs in as `username` with `password` (`POST /api/v1/auth/login`) and returns a client
+    /// sending the access token; panics if the login is refused.
+    pub async fn login(&self, username: &str, password: &str) -> Self {
+        let body = serde_json::json!({"username": username, "password": password}).to_string();
+        let reply = self
+            .anonymous()
+            .post_json("/api/v1/auth/login", &body)
+            .await;
+        assert!(
+            reply.status.is_success(),
+            "login as {username} refused: {} {}",
+            reply.status,
+            reply.text()
+        );
+        let token = reply.json()["access_token"]
+            .as_str()
+            .expect("an access token")
+            .to_owned();
+        self.with_bearer(token)
     }
 
     /// The base URL.
@@ -94,6 +139,13 @@ impl HttpClient {
         let mut builder = Request::builder()
             .method(method)
             .uri(format!("{}{path}", self.base));
+        if let Some(token) = &self.bearer
+            && !headers
+                .iter()
+                .any(|(name, _)| name.eq_ignore_ascii_case("authorization"))
+        {
+            builder = builder.header("authorization", format!("Bearer {token}"));
+        }
         for (name, value) in headers {
             builder = builder.header(*name, *value);
         }
@@ -150,8 +202,11 @@ impl HttpClient {
         path: &str,
         until: impl Fn(&str) -> bool,
     ) -> (StatusCode, String) {
-        let request = Request::builder()
-            .uri(format!("{}{path}", self.base))
+        let mut builder = Request::builder().uri(format!("{}{path}", self.base));
+        if let Some(token) = &self.bearer {
+            builder = builder.header("authorization", format!("Bearer {token}"));
+        }
+        let request = builder
             .body(Full::new(Bytes::new()))
             .expect("a valid request");
         let response = self.client.request(request).await.expect("request sent");

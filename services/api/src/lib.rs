@@ -2,80 +2,51 @@
 //! job history in SQL projected from the job events, job output from the logs stream, and
 //! the operational endpoints (`/healthz`, `/readyz`, `/metrics`).
 //!
-//! Module map: `routes` declares the operations; `model` their resources; `problem` the one
-//! error shape; `projection` keeps the history tables current; `logs` reads and follows job
-//! output; `metrics` renders Prometheus text; `rebuild` replays the event stream into empty
-//! tables (the `capstan history rebuild` command).
+//! Every route but health and login needs a credential; the guard (`guard`) checks it, limits
+//! the rate, and writes the audit record of every changing request and every refusal.
+//!
+//! Module map: `config` the options; `routes` declares the operations; `model` their
+//! resources; `problem` the one error shape; `guard` the allow-list, authentication, rate limit
+//! and audit of every request; `auth` identity (tokens, passwords, roles, revocations, limits);
+//! `audit` the audit trail; `bootstrap` the first administrator; `projection` keeps the
+//! history tables current; `purge` removes finished jobs; `logs` reads and follows job output;
+//! `metrics` renders Prometheus text; `rebuild` replays the event stream into empty tables
+//! (the `capstan history rebuild` command).
 
+pub mod audit;
+pub mod auth;
+mod bootstrap;
+pub mod config;
+pub mod guard;
 pub mod logs;
 pub mod metrics;
 pub mod model;
 pub mod problem;
 pub mod projection;
+mod purge;
 pub mod rebuild;
 mod routes;
 mod submission;
 
+pub use config::{AuthArgs, Config, TEST_ADMIN_PASSWORD, TEST_JWT_KEY};
+
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use capstan_mesh::{Mesh, NatsArgs, Submitter};
+use capstan_mesh::{Mesh, Submitter};
 use capstan_store::History;
 use poem::listener::{Acceptor, Listener, TcpListener};
 use poem::{EndpointExt, Route, Server};
 use tokio_util::sync::CancellationToken;
 
+use crate::audit::Auditor;
+use crate::auth::authenticator::Authenticator;
+use crate::auth::limits::{Limits, Settings};
+use crate::auth::revocations::Revocations;
+use crate::auth::{jwt, oidc};
+use crate::guard::{Guard, Hosts, Security};
 use crate::metrics::Metrics;
-
-/// The API's configuration.
-#[derive(Debug, Clone, clap::Parser)]
-#[command(
-    name = "capstan-api",
-    version,
-    about = "Capstan API: REST, history, logs"
-)]
-pub struct Config {
-    /// NATS connection and submission limits.
-    #[command(flatten)]
-    pub nats: NatsArgs,
-
-    /// Address to listen on.
-    #[arg(long, env = "CAPSTAN_API_LISTEN", default_value = "127.0.0.1:8080")]
-    pub listen: String,
-
-    /// History database: `sqlite://path?mode=rwc` or `postgres://user:password@host/db`.
-    /// Default: `history.db` in the data directory.
-    #[arg(long, env = "CAPSTAN_DATABASE_URL")]
-    pub database_url: Option<String>,
-
-    /// Directory for local state (the default SQLite history).
-    #[arg(long, env = "CAPSTAN_DATA_DIR", default_value = ".capstan/data")]
-    pub data_dir: PathBuf,
-}
-
-impl Config {
-    /// Defaults, pointing at `nats_url` and `database_url`, listening on a free port.
-    pub fn for_urls(nats_url: impl Into<String>, database_url: impl Into<String>) -> Self {
-        Self {
-            nats: NatsArgs::for_url(nats_url),
-            listen: "127.0.0.1:0".into(),
-            database_url: Some(database_url.into()),
-            data_dir: PathBuf::from(".capstan/data"),
-        }
-    }
-
-    /// The history database URL to use.
-    pub fn database_url(&self) -> String {
-        self.database_url.clone().unwrap_or_else(|| {
-            format!(
-                "sqlite://{}?mode=rwc",
-                self.data_dir.join("history.db").display()
-            )
-        })
-    }
-}
 
 /// Why the API could not start.
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +65,24 @@ pub enum Error {
         /// Why.
         source: std::io::Error,
     },
+    /// The access-token keys could not be set up.
+    #[error(transparent)]
+    Keys(#[from] jwt::KeyError),
+    /// The OpenID Connect provider is misconfigured.
+    #[error(transparent)]
+    Oidc(#[from] oidc::OidcError),
+    /// A setting is out of range.
+    #[error("{0}")]
+    Config(String),
+}
+
+/// Settings handlers need beyond the guard's.
+#[derive(Debug, Clone)]
+pub(crate) struct AccessSettings {
+    /// The shortest password accepted.
+    pub password_min_length: usize,
+    /// How long a refresh token lives.
+    pub refresh_token_ttl: Duration,
 }
 
 /// What request handlers share.
@@ -102,6 +91,8 @@ pub(crate) struct State {
     pub history: History,
     pub submitter: Submitter,
     pub metrics: Arc<Metrics>,
+    pub security: Arc<Security>,
+    pub access: AccessSettings,
 }
 
 /// The OpenAPI document of the REST API, as JSON.
@@ -126,20 +117,64 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
 /// Connects, migrates, binds, and serves in the background until `shutdown`. Returns once the
 /// address is bound, so a caller (a test) can send requests at once.
 pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Running, Error> {
+    if config.auth.access_token_ttl > capstan_protocol::topology::MAX_ACCESS_TOKEN_TTL
+        || config.auth.access_token_ttl < Duration::from_secs(10)
+    {
+        return Err(Error::Config(
+            "CAPSTAN_ACCESS_TOKEN_TTL must be between 10s and 24h".into(),
+        ));
+    }
     let database_url = config.database_url();
     if database_url.starts_with("sqlite:") {
         let _ = std::fs::create_dir_all(&config.data_dir);
     }
+    let keys = jwt::Keys::load(
+        jwt::KeySource {
+            key: config.auth.jwt_key.as_ref(),
+            file: config.auth.jwt_key_file.as_deref(),
+            previous: &config.auth.jwt_previous_keys,
+            generated: &config.data_dir.join("jwt.key"),
+        },
+        config.auth.jwt_issuer.clone(),
+        config.auth.jwt_audience.clone(),
+        config.auth.access_token_ttl,
+    )?;
+    let oidc = match (&config.auth.oidc_issuer, &config.auth.oidc_audience) {
+        (Some(issuer), Some(audience)) => Some(oidc::Provider::new(oidc::Settings {
+            issuer: issuer.clone(),
+            audience: audience.clone(),
+            role_claim: config.auth.oidc_role_claim.clone(),
+            roles: config.auth.oidc_roles.clone(),
+            default_role: config.auth.oidc_default_role,
+        })?),
+        (Some(_), None) => {
+            return Err(Error::Config(
+                "CAPSTAN_OIDC_ISSUER needs CAPSTAN_OIDC_AUDIENCE".into(),
+            ));
+        }
+        _ => None,
+    };
     let history = History::connect(&database_url).await?;
     tracing::info!(database = %capstan_store::redact(&database_url), "history database ready");
     let mesh = Mesh::connect(&config.nats.nats_url, "capstan-api", &shutdown).await?;
+    let revocations = Arc::new(Revocations::load(mesh.revocations.clone()).await?);
+    let auditor = Auditor::new(mesh.clone(), history.clone());
+    bootstrap::first_admin(
+        &history,
+        &auditor,
+        config.auth.admin_password.as_ref(),
+        config.auth.password_min_length,
+    )
+    .await?;
+    let limits = Arc::new(Limits::new(Settings {
+        requests_per_second: config.auth.rate_limit,
+        burst: config.auth.rate_limit_burst,
+        login_burst: config.auth.login_burst,
+        login_interval: config.auth.login_interval,
+        address_burst: config.auth.login_address_burst,
+        address_interval: Duration::from_secs(1),
+    }));
     let metrics = Arc::new(Metrics::default());
-    let state = Arc::new(State {
-        submitter: Submitter::new(mesh.js.clone(), mesh.idempotency.clone()),
-        mesh: mesh.clone(),
-        history: history.clone(),
-        metrics: metrics.clone(),
-    });
 
     let acceptor = TcpListener::bind(config.listen.clone())
         .into_acceptor()
@@ -156,14 +191,43 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
             address: config.listen.clone(),
             source: std::io::Error::other("no socket address"),
         })?;
+    let security = Arc::new(Security {
+        authenticator: Arc::new(Authenticator::new(
+            keys,
+            oidc,
+            revocations.clone(),
+            history.clone(),
+        )),
+        limits: limits.clone(),
+        auditor,
+        hosts: Hosts::new(&config.auth.allowed_hosts, &address, &config.auth.cors_origins),
+    });
+    let state = Arc::new(State {
+        submitter: Submitter::new(mesh.js.clone(), mesh.idempotency.clone()),
+        mesh: mesh.clone(),
+        history: history.clone(),
+        metrics: metrics.clone(),
+        security: security.clone(),
+        access: AccessSettings {
+            password_min_length: config.auth.password_min_length,
+            refresh_token_ttl: config.auth.refresh_token_ttl,
+        },
+    });
 
     let description = routes::service_description();
     let app = Route::new()
         .nest("/", routes::service(state.clone()))
         .at("/openapi.json", description.spec_endpoint())
         .nest("/docs", description.swagger_ui())
-        .with(routes::Tracing)
         .with(routes::BodyLimit(config.nats.max_job_bytes))
+        .with(Guard(security))
+        .with_if(
+            !config.auth.cors_origins.is_empty(),
+            poem::middleware::Cors::new()
+                .allow_origins(config.auth.cors_origins.iter().map(String::as_str))
+                .allow_credentials(false),
+        )
+        .with(routes::Tracing)
         .catch_all_error(|error: poem::Error| async move { problem::render(error) });
 
     // Listed by `nats micro ls` beside the other services; its interface is HTTP, so it has
@@ -191,6 +255,24 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         metrics.clone(),
         shutdown.clone(),
     ));
+    let audit_projection = tokio::spawn(audit::project(
+        mesh.clone(),
+        history.clone(),
+        shutdown.clone(),
+    ));
+    let revocation_watch = {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move { revocations.follow(shutdown).await })
+    };
+    let housekeeping = tokio::spawn(housekeep(
+        mesh.client.clone(),
+        limits,
+        shutdown.clone(),
+    ));
+    let open_metrics = match &config.auth.metrics_listen {
+        Some(listen) => Some(serve_metrics(listen, state.clone(), shutdown.clone()).await?),
+        None => None,
+    };
     tracing::info!(%address, "api ready");
     let task = tokio::spawn(async move {
         let served = Server::new_with_acceptor(acceptor)
@@ -201,6 +283,12 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
             )
             .await;
         let _ = projection.await;
+        let _ = audit_projection.await;
+        let _ = revocation_watch.await;
+        let _ = housekeeping.await;
+        if let Some(open_metrics) = open_metrics {
+            let _ = open_metrics.await;
+        }
         if let Err(error) = micro.stop().await {
             tracing::debug!(error = %error, "stopping the micro service");
         }
@@ -211,4 +299,54 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         })
     });
     Ok(Running { address, task })
+}
+
+/// Every 15 seconds: counts the API replicas (they share the rate limits) and forgets quiet
+/// limiter keys.
+async fn housekeep(client: async_nats::Client, limits: Arc<Limits>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(15));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match capstan_mesh::service::count_instances(&client, "capstan-api", Duration::from_millis(250)).await {
+            Ok(count) => limits.set_replicas(u32::try_from(count).unwrap_or(u32::MAX)),
+            Err(error) => tracing::debug!(error = %error, "cannot count API replicas"),
+        }
+        limits.housekeep();
+    }
+}
+
+/// Serves `/metrics` without a credential on `listen` (`CAPSTAN_METRICS_LISTEN`), for
+/// Prometheus inside the cluster; nothing else is served there.
+async fn serve_metrics(
+    listen: &str,
+    state: Arc<State>,
+    shutdown: CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>, Error> {
+    let acceptor = TcpListener::bind(listen.to_owned())
+        .into_acceptor()
+        .await
+        .map_err(|source| Error::Listen {
+            address: listen.to_owned(),
+            source,
+        })?;
+    tracing::info!(address = listen, "open metrics listener ready");
+    let app = Route::new().at(
+        "/metrics",
+        poem::get(poem::endpoint::make(move |_| {
+            let state = state.clone();
+            async move {
+                poem::Response::builder()
+                    .content_type("text/plain; version=0.0.4")
+                    .body(crate::metrics::render(&state).await)
+            }
+        })),
+    );
+    Ok(tokio::spawn(async move {
+        let _ = Server::new_with_acceptor(acceptor)
+            .run_with_graceful_shutdown(app, shutdown.cancelled_owned(), Some(Duration::from_secs(5)))
+            .await;
+    }))
 }

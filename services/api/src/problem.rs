@@ -22,6 +22,9 @@ pub struct Problem {
     /// The request field at fault, when one is.
     #[oai(skip_serializing_if_is_none)]
     pub field: Option<String>,
+    /// The permission the request needed and the caller lacks (403).
+    #[oai(skip_serializing_if_is_none)]
+    pub permission: Option<String>,
 }
 
 /// Every error an API operation returns.
@@ -30,6 +33,16 @@ pub enum ApiError {
     /// The request is malformed or a parameter is invalid.
     #[oai(status = 400, content_type = "application/problem+json")]
     BadRequest(Json<Problem>),
+    /// No credential, or one that is not valid: send `Authorization: Bearer <token>`.
+    #[oai(status = 401, content_type = "application/problem+json")]
+    Unauthorized(
+        Json<Problem>,
+        #[oai(header = "WWW-Authenticate")] String,
+    ),
+    /// The credential is valid but lacks a permission this request needs (`permission`
+    /// names it), or the request came for a host or from an origin that is not allowed.
+    #[oai(status = 403, content_type = "application/problem+json")]
+    Forbidden(Json<Problem>),
     /// No such resource.
     #[oai(status = 404, content_type = "application/problem+json")]
     NotFound(Json<Problem>),
@@ -42,6 +55,9 @@ pub enum ApiError {
     /// The request parsed but its content is invalid.
     #[oai(status = 422, content_type = "application/problem+json")]
     Invalid(Json<Problem>),
+    /// Too many requests, or a login locked out: `Retry-After` says in how many seconds.
+    #[oai(status = 429, content_type = "application/problem+json")]
+    TooManyRequests(Json<Problem>, #[oai(header = "Retry-After")] u64),
     /// A dependency (NATS, the database) is unavailable; retry.
     #[oai(status = 503, content_type = "application/problem+json")]
     Unavailable(Json<Problem>),
@@ -60,10 +76,63 @@ fn problem(
         status: status.as_u16(),
         detail,
         field,
+        permission: None,
     })
 }
 
 impl ApiError {
+    /// 401, with the challenge a client must answer.
+    pub fn unauthorized(detail: impl Into<String>) -> Self {
+        Self::Unauthorized(
+            problem(
+                "unauthorized",
+                "Unauthorized",
+                StatusCode::UNAUTHORIZED,
+                detail.into(),
+                None,
+            ),
+            r#"Bearer realm="capstan""#.to_owned(),
+        )
+    }
+
+    /// 403 for a missing permission, naming it.
+    pub fn missing_permission(permission: &str, detail: impl Into<String>) -> Self {
+        let mut body = problem(
+            "forbidden",
+            "Forbidden",
+            StatusCode::FORBIDDEN,
+            detail.into(),
+            None,
+        );
+        body.0.permission = Some(permission.to_owned());
+        Self::Forbidden(body)
+    }
+
+    /// 403 for any other refusal (a host or origin not allowed, a rule of ownership).
+    pub fn forbidden(detail: impl Into<String>) -> Self {
+        Self::Forbidden(problem(
+            "forbidden",
+            "Forbidden",
+            StatusCode::FORBIDDEN,
+            detail.into(),
+            None,
+        ))
+    }
+
+    /// 429, retry after `retry_after`.
+    pub fn too_many_requests(detail: impl Into<String>, retry_after: std::time::Duration) -> Self {
+        Self::TooManyRequests(
+            problem(
+                "too-many-requests",
+                "Too many requests",
+                StatusCode::TOO_MANY_REQUESTS,
+                detail.into(),
+                None,
+            ),
+            retry_after.as_secs_f64().ceil() as u64,
+        )
+    }
+
     /// 400.
     pub fn bad_request(detail: impl Into<String>, field: Option<&str>) -> Self {
         Self::BadRequest(problem(
@@ -174,6 +243,9 @@ pub fn render(error: poem::Error) -> poem::Response {
         return response;
     }
     let api_error = match status {
+        StatusCode::UNAUTHORIZED => ApiError::unauthorized(
+            "this request needs a credential: `Authorization: Bearer <token>`",
+        ),
         StatusCode::NOT_FOUND => ApiError::not_found(if detail.is_empty() {
             "no such route".to_owned()
         } else {

@@ -33,10 +33,10 @@ async fn start_api(
     let running = capstan_api::start(config, shutdown.clone())
         .await
         .expect("the API starts");
-    (
-        HttpClient::new(format!("http://{}", running.address)),
-        running.task,
-    )
+    let http = HttpClient::new(format!("http://{}", running.address))
+        .login("admin", capstan_api::TEST_ADMIN_PASSWORD)
+        .await;
+    (http, running.task)
 }
 
 async fn stack_on(db: TestDatabase) -> Stack {

@@ -17,7 +17,7 @@ use capstan_protocol::subjects::{self, Origin};
 use capstan_protocol::topology;
 use capstan_protocol::{
     DecodeError, JobEvent, JobEventKind, JobId, JobRecord, JobSpec, JobStatus, Rejection,
-    RejectionCode, Timestamp, headers,
+    RejectionCode, SubmittedBy, Timestamp, headers,
 };
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -172,6 +172,29 @@ impl Scheduler {
             None => JobId::derived(published_ms, seq),
         };
         tracing::Span::current().record("job_id", tracing::field::display(id));
+        // NOTE: until NATS permissions say who may set it, the header is taken as written;
+        // the API is what sets it, from the request's principal.
+        let submitted_by = match wire::header(map, headers::SUBMITTED_BY) {
+            Some(text) => match codec::decode::<SubmittedBy>(
+                capstan_protocol::Encoding::Json,
+                text.as_bytes(),
+            ) {
+                Ok(submitted_by) => submitted_by,
+                Err(error) => {
+                    return self
+                        .reject(
+                            message,
+                            seq,
+                            Some(id),
+                            RejectionCode::Invalid,
+                            Some(headers::SUBMITTED_BY),
+                            format!("{}: {error}", headers::SUBMITTED_BY),
+                        )
+                        .await;
+                }
+            },
+            None => SubmittedBy::nats(),
+        };
         let encoding = wire::encoding_of(map, payload);
         let limit = self.config.nats.max_job_bytes;
         if payload.len() > limit {
@@ -206,7 +229,13 @@ impl Scheduler {
         };
 
         match self
-            .accept(id, spec, seq, Timestamp::from_millis(published_ms as i64))
+            .accept(
+                id,
+                spec,
+                submitted_by,
+                seq,
+                Timestamp::from_millis(published_ms as i64),
+            )
             .await
         {
             Ok(Accepted::Done) => Handled::Ack,
@@ -251,6 +280,7 @@ impl Scheduler {
         &self,
         id: JobId,
         spec: JobSpec,
+        submitted_by: SubmittedBy,
         seq: u64,
         submitted: Timestamp,
     ) -> Result<Accepted, Error> {
@@ -268,6 +298,7 @@ impl Scheduler {
             _ => JobRecord::new(id, spec, now),
         };
         record.submission_seq = Some(seq);
+        record.submitted_by = Some(submitted_by);
         // The job's trace: later hops without a message to carry it (re-placement) join it.
         record.traceparent = capstan_telemetry::propagation::traceparent();
         if record.status == JobStatus::Scheduled {

@@ -45,6 +45,12 @@ pub struct Model {
     pub truncated: Option<bool>,
     /// Stream sequence of the newest event applied to this row.
     pub last_seq: i64,
+    /// Who submitted it (the principal's name).
+    pub submitted_by: Option<String>,
+    /// How the submitter authenticated.
+    pub submitted_via: Option<String>,
+    /// The API token the submitter used, by name.
+    pub submitted_token: Option<String>,
 }
 
 /// No relations are navigated through sea-orm.

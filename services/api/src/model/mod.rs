@@ -1,12 +1,15 @@
 //! The REST API's resources, as poem-openapi objects, and their conversions from the protocol
-//! and history types. OpenAPI types live only here; the rest of the service works with the
-//! protocol's types.
+//! and history types. OpenAPI types live only here (jobs and nodes in this file; identity,
+//! tokens and the audit trail in `access`); the rest of the service works with the protocol's
+//! types.
+
+pub mod access;
 
 use std::collections::BTreeMap;
 
 use capstan_protocol::retry::{BackoffWire, RetryPolicyWire};
 use capstan_protocol::spec::JobSpecWire;
-use capstan_protocol::{JobRecord, NodeRecord, RetryOn, Timestamp};
+use capstan_protocol::{JobRecord, NodeRecord, RetryOn, SubmittedBy, Timestamp};
 use capstan_store::entity::{attempt, event, job};
 use poem_openapi::{Enum, Object};
 
@@ -368,7 +371,10 @@ pub struct Job {
     pub attempt_status: Option<Status>,
     /// Attempts lost so far (three quarantine the job).
     pub lost_attempts: u32,
-    /// The spec, without its payload.
+    /// Who submitted it.
+    pub submitted_by: Option<Submitter>,
+    /// The spec, without its payload. `env` values read `***` unless the caller submitted the
+    /// job or may read any job's secrets.
     pub spec: JobSpecView,
     /// Every attempt, first to last (from history).
     pub attempts: Vec<Attempt>,
@@ -404,6 +410,7 @@ impl Job {
             next_attempt_at: record.next_attempt_at.map(Timestamp::to_rfc3339),
             attempt_status: record.attempt_status.map(Into::into),
             lost_attempts: record.lost_attempts,
+            submitted_by: record.submitted_by.as_ref().map(Submitter::from),
             spec: spec.into(),
             attempts,
         }
@@ -436,9 +443,54 @@ impl Job {
             )
             .unwrap_or(0),
             attempt_status: attempts.last().map(|attempt| attempt.status),
+            submitted_by: row.submitted_by.map(|principal| Submitter {
+                principal,
+                via: row.submitted_via.unwrap_or_default(),
+                token: row.submitted_token,
+            }),
             spec: spec.into(),
             attempts,
         }
+    }
+
+    /// The job with every `env` value replaced by `***` (the names stay).
+    pub fn masked(mut self) -> Self {
+        for value in self.spec.env.values_mut() {
+            *value = "***".to_owned();
+        }
+        self
+    }
+}
+
+/// Who submitted a job.
+#[derive(Debug, Clone, PartialEq, Eq, Object)]
+pub struct Submitter {
+    /// The principal: a user name, `oidc:<subject>`, or `nats` for a job published on NATS.
+    pub principal: String,
+    /// How it authenticated: `password`, `token`, `oidc` or `nats`.
+    pub via: String,
+    /// The API token used, by name.
+    pub token: Option<String>,
+}
+
+impl From<&SubmittedBy> for Submitter {
+    fn from(by: &SubmittedBy) -> Self {
+        Submitter {
+            principal: by.principal.clone(),
+            via: by.via.as_str().to_owned(),
+            token: by.token.clone(),
+        }
+    }
+}
+
+impl Submitter {
+    /// Back to the protocol's attribution.
+    pub fn to_protocol(&self) -> Option<SubmittedBy> {
+        Some(SubmittedBy {
+            principal: self.principal.clone(),
+            via: self.via.parse().ok()?,
+            token: self.token.clone(),
+        })
     }
 }
 
@@ -461,6 +513,8 @@ pub struct JobSummary {
     pub finished_at: Option<String>,
     /// Exit code.
     pub exit_code: Option<i32>,
+    /// Who submitted it.
+    pub submitted_by: Option<String>,
 }
 
 impl From<job::Model> for JobSummary {
@@ -474,6 +528,7 @@ impl From<job::Model> for JobSummary {
             created_at: rfc3339(row.created_at),
             finished_at: row.finished_at.map(rfc3339),
             exit_code: row.exit_code,
+            submitted_by: row.submitted_by,
         }
     }
 }

@@ -1,0 +1,365 @@
+//! `/api/v1/jobs`: submit, list, read, follow, cancel, and purge jobs.
+
+use capstan_mesh::lifecycle::{CancelError, cancel};
+use capstan_protocol::{AuditAction, CancelOutcome, JobId, JobStatus, SubmittedBy};
+use capstan_store::JobQuery;
+use poem_openapi::param::{Path, Query};
+use poem_openapi::payload::{EventStream, Json};
+use poem_openapi::{ApiResponse, OpenApi};
+
+use super::{BearerAuth, Tag, job_id, served, timestamp};
+use crate::auth::Permission;
+use crate::model::access::Purged;
+use crate::model::{
+    Attempt, CancelAccepted, Job, JobCreated, JobEvents, JobLogs, JobPage, LogEvent, Status,
+};
+use crate::problem::ApiError;
+use crate::submission::SubmissionBody;
+
+/// The jobs operations, with their shared state (none in the description-only service).
+pub(crate) struct JobsApi(pub Option<std::sync::Arc<crate::State>>);
+
+#[derive(ApiResponse)]
+enum Submitted {
+    /// Accepted: the job's id; `Location` is its URL.
+    #[oai(status = 202)]
+    Accepted(Json<JobCreated>, #[oai(header = "Location")] String),
+    /// The idempotency key names an existing job: its id.
+    #[oai(status = 200)]
+    Existing(Json<JobCreated>, #[oai(header = "Location")] String),
+}
+
+#[derive(ApiResponse)]
+enum LogsResponse {
+    /// The output captured so far.
+    #[oai(status = 200)]
+    Captured(Json<JobLogs>),
+    /// Server-sent events: `stdout`/`stderr` messages as produced, then `end`.
+    #[oai(status = 200)]
+    Follow(EventStream<futures::stream::BoxStream<'static, LogEvent>>),
+}
+
+#[derive(ApiResponse)]
+enum CancelResponse {
+    /// Cancelled, or cancellation requested.
+    #[oai(status = 202)]
+    Accepted(Json<CancelAccepted>),
+}
+
+/// Jobs removed per batch of a purge.
+const PURGE_BATCH: u64 = 500;
+
+#[OpenApi(prefix_path = "/api/v1", tag = "Tag::Jobs")]
+impl JobsApi {
+    /// Submit a job.
+    ///
+    /// Returns `202` with the new job's id once it is stored; `200` with the existing job's id
+    /// when `idempotency_key` names one submitted within 24 hours. The job is attributed to the
+    /// caller (`submitted_by`). Needs `jobs:submit`.
+    #[oai(path = "/jobs", method = "post")]
+    async fn submit(&self, auth: BearerAuth, body: SubmissionBody) -> Result<Submitted, ApiError> {
+        let state = served(&self.0)?;
+        let caller = auth.allow(Permission::JobsSubmit, AuditAction::JobSubmit, None)?;
+        let spec = body.0;
+        let created = state
+            .submitter
+            .submit_as(&spec, Some(&caller.submitted_by()))
+            .await?;
+        auth.resource(format!("job/{}", created.id));
+        let location = format!("/api/v1/jobs/{}", created.id);
+        let body = Json(JobCreated {
+            id: created.id.to_string(),
+            duplicate: created.duplicate,
+        });
+        Ok(if created.duplicate {
+            auth.detail("the idempotency key names an existing job");
+            Submitted::Existing(body, location)
+        } else {
+            state.metrics.submitted();
+            Submitted::Accepted(body, location)
+        })
+    }
+
+    /// List jobs, newest first.
+    ///
+    /// Filters combine. Pages follow `next_cursor`; a page is stable however many jobs are
+    /// submitted meanwhile. Needs `jobs:read`.
+    #[oai(path = "/jobs", method = "get")]
+    #[allow(clippy::too_many_arguments)]
+    async fn list(
+        &self,
+        auth: BearerAuth,
+        /// Only jobs in this status.
+        status: Query<Option<Status>>,
+        /// Only jobs selecting this label, as `key=value`; repeat for several.
+        label: Query<Vec<String>>,
+        /// Only jobs with this name.
+        name: Query<Option<String>>,
+        /// Only jobs whose current attempt is on this node.
+        node: Query<Option<String>>,
+        /// Only jobs submitted by this principal (a user name, `oidc:<subject>`, or `nats`).
+        submitted_by: Query<Option<String>>,
+        /// Only jobs submitted at or after this time (RFC 3339).
+        since: Query<Option<String>>,
+        /// Only jobs submitted before this time (RFC 3339).
+        until: Query<Option<String>>,
+        /// Page size, 1 to 500.
+        #[oai(
+            default = "default_limit",
+            validator(minimum(value = "1"), maximum(value = "500"))
+        )]
+        limit: Query<u32>,
+        /// `next_cursor` of the previous page.
+        cursor: Query<Option<String>>,
+    ) -> Result<Json<JobPage>, ApiError> {
+        let state = served(&self.0)?;
+        auth.allow_read(Permission::JobsRead)?;
+        let mut labels = Vec::new();
+        for pair in &label.0 {
+            let (key, value) = pair.split_once('=').ok_or_else(|| {
+                ApiError::bad_request(format!("label `{pair}` is not key=value"), Some("label"))
+            })?;
+            labels.push((key.to_owned(), value.to_owned()));
+        }
+        let before = match &cursor.0 {
+            Some(text) => Some(text.parse::<JobId>().map_err(|_| {
+                ApiError::bad_request(
+                    format!("`{text}` is not a cursor returned by this API"),
+                    Some("cursor"),
+                )
+            })?),
+            None => None,
+        };
+        let query = JobQuery {
+            status: status.0.map(Into::into),
+            name: name.0,
+            node: node.0,
+            submitted_by: submitted_by.0,
+            labels,
+            since: since
+                .0
+                .as_deref()
+                .map(|t| timestamp(t, "since"))
+                .transpose()?,
+            until: until
+                .0
+                .as_deref()
+                .map(|t| timestamp(t, "until"))
+                .transpose()?,
+            before,
+            limit: u64::from(limit.0) + 1,
+        };
+        let mut rows = state.history.list(&query).await?;
+        let next_cursor = if rows.len() > limit.0 as usize {
+            rows.truncate(limit.0 as usize);
+            rows.last().map(|row| row.id.clone())
+        } else {
+            None
+        };
+        Ok(Json(JobPage {
+            jobs: rows.into_iter().map(Into::into).collect(),
+            next_cursor,
+        }))
+    }
+
+    /// Get a job: its spec, status, timings, who submitted it, and every attempt.
+    ///
+    /// A job that is still active is read from the live state and merged with its history.
+    /// `env` values read `***` unless the caller submitted the job or holds `jobs:secrets`.
+    /// Needs `jobs:read`.
+    #[oai(path = "/jobs/:id", method = "get")]
+    async fn get(&self, auth: BearerAuth, id: Path<String>) -> Result<Json<Job>, ApiError> {
+        let state = served(&self.0)?;
+        let caller = auth.allow_read(Permission::JobsRead)?;
+        let id = job_id(&id.0)?;
+        let key = id.to_string();
+        let (live, row, attempts) = tokio::join!(
+            state.mesh.jobs.get(&key),
+            state.history.get(id),
+            state.history.attempts(id),
+        );
+        let attempts: Vec<Attempt> = attempts?.into_iter().map(Into::into).collect();
+        let job = match (live?, row?) {
+            (Some(live), _) => Job::from_record(live.value, attempts),
+            (None, Some(row)) => Job::from_row(row, attempts),
+            (None, None) => return Err(ApiError::not_found(format!("no job {id}"))),
+        };
+        let submitter = job.submitted_by.as_ref().and_then(|s| s.to_protocol());
+        if caller.can(Permission::JobsSecrets) || caller.owns(submitter.as_ref()) {
+            Ok(Json(job))
+        } else {
+            Ok(Json(job.masked()))
+        }
+    }
+
+    /// Get a job's output.
+    ///
+    /// Without `follow`, the output captured so far of one attempt (default: the current).
+    /// With `follow=true`, server-sent events: output as it is produced, then an `end` event
+    /// when the job finishes. Needs `jobs:read`.
+    #[oai(path = "/jobs/:id/logs", method = "get")]
+    async fn logs(
+        &self,
+        auth: BearerAuth,
+        id: Path<String>,
+        /// The attempt (default: the current one).
+        attempt: Query<Option<u32>>,
+        /// Stream output as server-sent events until the job ends.
+        #[oai(default)]
+        follow: Query<bool>,
+    ) -> Result<LogsResponse, ApiError> {
+        let served = served(&self.0)?;
+        auth.allow_read(Permission::JobsRead)?;
+        let id = job_id(&id.0)?;
+        let state = crate::logs::job_state(served, id).await?;
+        if follow.0 {
+            let events = crate::logs::follow(served.mesh.clone(), id, state);
+            let stream = EventStream::new(events)
+                .keep_alive(std::time::Duration::from_secs(15))
+                .to_event(|event| {
+                    let kind = event.kind.clone();
+                    poem::web::sse::Event::message(poem_openapi::types::ToJSON::to_json_string(
+                        &event,
+                    ))
+                    .event_type(kind)
+                });
+            return Ok(LogsResponse::Follow(stream));
+        }
+        let logs = crate::logs::captured(&served.mesh, id, attempt.0, &state).await?;
+        Ok(LogsResponse::Captured(Json(logs)))
+    }
+
+    /// Get a job's events, in the order they happened. Needs `jobs:read`.
+    #[oai(path = "/jobs/:id/events", method = "get")]
+    async fn events(&self, auth: BearerAuth, id: Path<String>) -> Result<Json<JobEvents>, ApiError> {
+        let state = served(&self.0)?;
+        auth.allow_read(Permission::JobsRead)?;
+        let id = job_id(&id.0)?;
+        let events = state.history.events(id).await?;
+        if events.is_empty() && crate::logs::job_state(state, id).await.is_err() {
+            return Err(ApiError::not_found(format!("no job {id}")));
+        }
+        Ok(Json(JobEvents {
+            events: events.into_iter().map(Into::into).collect(),
+        }))
+    }
+
+    /// Cancel a job.
+    ///
+    /// A job that has not started is cancelled at once; a running one is stopped by its
+    /// executor (its process group is killed) and then recorded `cancelled`. `409` when the
+    /// job already finished. Needs `jobs:cancel:any`, or `jobs:cancel:own` for a job the
+    /// caller submitted.
+    #[oai(path = "/jobs/:id/cancel", method = "post")]
+    async fn cancel(&self, auth: BearerAuth, id: Path<String>) -> Result<CancelResponse, ApiError> {
+        let state = served(&self.0)?;
+        let id = job_id(&id.0)?;
+        let caller = auth.allow(
+            Permission::JobsCancelOwn,
+            AuditAction::JobCancel,
+            Some(format!("job/{id}")),
+        )?;
+        if !caller.can(Permission::JobsCancelAny) {
+            let submitter = submitter_of(state, id).await?;
+            if !caller.owns(submitter.as_ref()) {
+                return Err(auth.refuse(
+                    Permission::JobsCancelAny,
+                    format!(
+                        "job {id} was submitted by `{}`; cancelling another's job needs `{}`",
+                        submitter.map_or_else(|| "someone else".to_owned(), |s| s.principal),
+                        Permission::JobsCancelAny
+                    ),
+                ));
+            }
+        }
+        match cancel(&state.mesh, id).await {
+            Ok((outcome, record)) => Ok(CancelResponse::Accepted(Json(CancelAccepted {
+                outcome: match outcome {
+                    CancelOutcome::Cancelled => "cancelled".into(),
+                    CancelOutcome::Requested => "requested".into(),
+                },
+                status: record.status.into(),
+            }))),
+            Err(CancelError::NotFound(_)) => Err(ApiError::not_found(format!("no job {id}"))),
+            Err(error @ CancelError::Finished { .. }) => Err(ApiError::conflict(error.to_string())),
+            Err(CancelError::Mesh(error)) => Err(error.into()),
+        }
+    }
+
+    /// Purge finished jobs.
+    ///
+    /// Removes jobs that ended before `finished_before` (and, if given, in `status`) from the
+    /// history, the jobs bucket, and the events and logs streams, in batches of 500, at most
+    /// `limit` per request; `more` says whether others remain. Needs `jobs:purge`.
+    #[oai(path = "/jobs", method = "delete")]
+    async fn purge(
+        &self,
+        auth: BearerAuth,
+        /// Only jobs that ended before this time (RFC 3339).
+        finished_before: Query<String>,
+        /// Only jobs in this final status (`succeeded`, `failed`, `timed_out`, `cancelled`,
+        /// `lost`, `quarantined`); default: all of them.
+        status: Query<Option<Status>>,
+        /// The most jobs removed by this request, 1 to 100000.
+        #[oai(
+            default = "default_purge_limit",
+            validator(minimum(value = "1"), maximum(value = "100000"))
+        )]
+        limit: Query<u64>,
+    ) -> Result<Json<Purged>, ApiError> {
+        let state = served(&self.0)?;
+        auth.allow(Permission::JobsPurge, AuditAction::JobPurge, None)?;
+        let before = timestamp(&finished_before.0, "finished_before")?;
+        let statuses: Vec<JobStatus> = match status.0 {
+            Some(status) => {
+                let status: JobStatus = status.into();
+                if !status.is_terminal() {
+                    return Err(ApiError::bad_request(
+                        format!("`{status}` is not a final status: only finished jobs are purged"),
+                        Some("status"),
+                    ));
+                }
+                vec![status]
+            }
+            None => JobStatus::ALL
+                .into_iter()
+                .filter(|s| s.is_terminal())
+                .collect(),
+        };
+        auth.resource(format!(
+            "jobs?finished_before={}{}",
+            before.to_rfc3339(),
+            status.0.map_or(String::new(), |s| format!(
+                "&status={}",
+                JobStatus::from(s)
+            ))
+        ));
+        let report = crate::purge::purge(state, &statuses, before, limit.0, PURGE_BATCH).await?;
+        auth.detail(format!(
+            "purged {} jobs, skipped {}",
+            report.purged, report.skipped
+        ));
+        Ok(Json(report))
+    }
+}
+
+fn default_limit() -> u32 {
+    50
+}
+
+fn default_purge_limit() -> u64 {
+    10_000
+}
+
+/// Who submitted job `id`: from its live record, or from its history once that has expired.
+async fn submitter_of(state: &crate::State, id: JobId) -> Result<Option<SubmittedBy>, ApiError> {
+    if let Some(live) = state.mesh.jobs.get(&id.to_string()).await? {
+        return Ok(live.value.submitted_by);
+    }
+    match state.history.get(id).await? {
+        Some(row) => Ok(Job::from_row(row, Vec::new())
+            .submitted_by
+            .and_then(|s| s.to_protocol())),
+        None => Err(ApiError::not_found(format!("no job {id}"))),
+    }
+}

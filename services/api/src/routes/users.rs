@@ -1,0 +1,316 @@
+//! `/api/v1/users`: the people who log in with a password. Administrators manage them; every
+//! user reads who they are and changes their own password.
+//!
+//! A change that matters for credentials already handed out (a new role, disabling, a new
+//! password, deletion) ends the user's sessions and revokes their earlier access tokens on
+//! every replica; disabling or deleting also revokes their API tokens. The last enabled
+//! administrator cannot be demoted, disabled or deleted.
+
+use capstan_protocol::{AuditAction, RevocationKey, Timestamp};
+use capstan_store::identity::{self, UserChanges};
+use capstan_store::entity::user;
+use poem_openapi::param::Path;
+use poem_openapi::payload::Json;
+use poem_openapi::{ApiResponse, OpenApi};
+
+use super::{BearerAuth, Tag, served};
+use crate::State;
+use crate::auth::password::{self, check_password, check_username};
+use crate::auth::{Permission, Role};
+use crate::model::access::{Me, NewUser, PasswordChange, User, UserList, UserPatch};
+use crate::problem::ApiError;
+
+/// The users operations.
+pub(crate) struct UsersApi(pub Option<std::sync::Arc<State>>);
+
+#[derive(ApiResponse)]
+enum Created {
+    /// Created.
+    #[oai(status = 201)]
+    User(Json<User>, #[oai(header = "Location")] String),
+}
+
+#[derive(ApiResponse)]
+enum Done {
+    /// Done.
+    #[oai(status = 204)]
+    Done,
+}
+
+fn db_error(error: impl Into<capstan_store::Error>) -> ApiError {
+    error.into().into()
+}
+
+fn parse_role(text: &str) -> Result<Role, ApiError> {
+    text.parse::<Role>()
+        .map_err(|reason| ApiError::bad_request(reason, Some("role")))
+}
+
+#[OpenApi(prefix_path = "/api/v1", tag = "Tag::Users")]
+impl UsersApi {
+    /// List users. Needs `users:manage`.
+    #[oai(path = "/users", method = "get")]
+    async fn list(&self, auth: BearerAuth) -> Result<Json<UserList>, ApiError> {
+        let state = served(&self.0)?;
+        auth.allow_read(Permission::UsersManage)?;
+        let users = identity::users(state.history.identity())
+            .await
+            .map_err(db_error)?;
+        Ok(Json(UserList {
+            users: users.into_iter().map(Into::into).collect(),
+        }))
+    }
+
+    /// Create a user. Needs `users:manage`.
+    #[oai(path = "/users", method = "post")]
+    async fn create(&self, auth: BearerAuth, body: Json<NewUser>) -> Result<Created, ApiError> {
+        let state = served(&self.0)?;
+        let NewUser {
+            name,
+            password,
+            role,
+            disabled,
+        } = body.0;
+        auth.allow(
+            Permission::UsersManage,
+            AuditAction::UserCreate,
+            Some(format!("user/{}", name.chars().take(64).collect::<String>())),
+        )?;
+        check_username(&name).map_err(|e| ApiError::bad_request(e.to_string(), Some("name")))?;
+        let role = parse_role(&role)?;
+        check_password(&password, state.access.password_min_length)
+            .map_err(|e| ApiError::bad_request(e.to_string(), Some("password")))?;
+        let now = Timestamp::now().as_millis();
+        let row = user::Model {
+            name: name.clone(),
+            role: role.as_str().to_owned(),
+            password_hash: password::hash(password).await,
+            disabled,
+            created_at: now,
+            updated_at: now,
+        };
+        if !identity::create_user(state.history.identity(), row.clone())
+            .await
+            .map_err(db_error)?
+        {
+            return Err(ApiError::conflict(format!("the user `{name}` exists")));
+        }
+        auth.detail(format!("role {role}{}", if disabled { ", disabled" } else { "" }));
+        Ok(Created::User(
+            Json(row.into()),
+            format!("/api/v1/users/{name}"),
+        ))
+    }
+
+    /// Who the caller is: name, role, how it authenticated, and its permissions. Needs only a
+    /// valid credential.
+    #[oai(path = "/users/me", method = "get")]
+    async fn me(&self, auth: BearerAuth) -> Result<Json<Me>, ApiError> {
+        served(&self.0)?;
+        let caller = auth.principal();
+        Ok(Json(Me {
+            name: caller.name.clone(),
+            role: caller.role.as_str().to_owned(),
+            via: caller.via.as_str().to_owned(),
+            token: caller.token.as_ref().map(|t| t.name.clone()),
+            permissions: caller
+                .role
+                .permissions()
+                .iter()
+                .map(|p| p.as_str().to_owned())
+                .collect(),
+        }))
+    }
+
+    /// Change one's own password, giving the current one. Every session of the user ends,
+    /// this one included: log in again with the new password. Only for users who logged in
+    /// with a password.
+    #[oai(path = "/users/me/password", method = "post")]
+    async fn change_password(
+        &self,
+        auth: BearerAuth,
+        body: Json<PasswordChange>,
+    ) -> Result<Done, ApiError> {
+        let state = served(&self.0)?;
+        let caller = auth.principal().clone();
+        auth.note(AuditAction::UserPassword, Some(format!("user/{}", caller.name)));
+        if !caller.is_local_user() {
+            return Err(auth.forbid(
+                "only a user logged in with a password changes their password here",
+            ));
+        }
+        let PasswordChange {
+            current_password,
+            new_password,
+        } = body.0;
+        if let Err(limited) = state
+            .security
+            .limits
+            .login(&caller.name, None)
+        {
+            return Err(ApiError::too_many_requests(
+                format!("too many {}", limited.what),
+                limited.retry_after,
+            ));
+        }
+        let user = identity::user(state.history.identity(), &caller.name)
+            .await
+            .map_err(db_error)?
+            .ok_or_else(|| ApiError::not_found(format!("no user {}", caller.name)))?;
+        if current_password.len() > password::MAX_PASSWORD_BYTES
+            || !password::verify(current_password, Some(user.password_hash.clone())).await
+        {
+            auth.detail("wrong current password");
+            return Err(ApiError::bad_request(
+                "the current password is wrong",
+                Some("current_password"),
+            ));
+        }
+        check_password(&new_password, state.access.password_min_length)
+            .map_err(|e| ApiError::bad_request(e.to_string(), Some("new_password")))?;
+        let changes = UserChanges {
+            password_hash: Some(password::hash(new_password).await),
+            ..Default::default()
+        };
+        identity::update_user(
+            state.history.identity(),
+            &caller.name,
+            changes,
+            Timestamp::now().as_millis(),
+        )
+        .await
+        .map_err(db_error)?;
+        revoke_user(state, &caller.name, false, "user.password").await?;
+        Ok(Done::Done)
+    }
+
+    /// Change a user: role, disabled, or a password reset. Needs `users:manage`.
+    #[oai(path = "/users/:name", method = "patch")]
+    async fn update(
+        &self,
+        auth: BearerAuth,
+        name: Path<String>,
+        body: Json<UserPatch>,
+    ) -> Result<Json<User>, ApiError> {
+        let state = served(&self.0)?;
+        let name = name.0;
+        auth.allow(
+            Permission::UsersManage,
+            AuditAction::UserUpdate,
+            Some(format!("user/{}", name.chars().take(64).collect::<String>())),
+        )?;
+        let UserPatch {
+            role,
+            disabled,
+            password,
+        } = body.0;
+        let role = role.as_deref().map(parse_role).transpose()?;
+        if let Some(password) = &password {
+            check_password(password, state.access.password_min_length)
+                .map_err(|e| ApiError::bad_request(e.to_string(), Some("password")))?;
+        }
+        let current = identity::user(state.history.identity(), &name)
+            .await
+            .map_err(db_error)?
+            .ok_or_else(|| ApiError::not_found(format!("no user {name}")))?;
+        let loses_admin = current.role == Role::Admin.as_str()
+            && !current.disabled
+            && (role.is_some_and(|r| r != Role::Admin) || disabled == Some(true));
+        if loses_admin {
+            last_admin_guard(state).await?;
+        }
+        let mut changed = Vec::new();
+        if let Some(role) = role {
+            changed.push(format!("role {} -> {role}", current.role));
+        }
+        if let Some(disabled) = disabled {
+            changed.push(if disabled { "disabled" } else { "enabled" }.to_owned());
+        }
+        if password.is_some() {
+            changed.push("password reset".to_owned());
+        }
+        let changes = UserChanges {
+            role: role.map(|r| r.as_str().to_owned()),
+            disabled,
+            password_hash: match password {
+                Some(password) => Some(password::hash(password).await),
+                None => None,
+            },
+        };
+        let updated = identity::update_user(
+            state.history.identity(),
+            &name,
+            changes,
+            Timestamp::now().as_millis(),
+        )
+        .await
+        .map_err(db_error)?
+        .ok_or_else(|| ApiError::not_found(format!("no user {name}")))?;
+        if !changed.is_empty() {
+            auth.detail(changed.join(", "));
+            revoke_user(state, &name, updated.disabled, "user.update").await?;
+        }
+        Ok(Json(updated.into()))
+    }
+
+    /// Delete a user. Their sessions and API tokens stop working at once; the jobs they
+    /// submitted keep their attribution. Needs `users:manage`.
+    #[oai(path = "/users/:name", method = "delete")]
+    async fn delete(&self, auth: BearerAuth, name: Path<String>) -> Result<Done, ApiError> {
+        let state = served(&self.0)?;
+        let name = name.0;
+        auth.allow(
+            Permission::UsersManage,
+            AuditAction::UserDelete,
+            Some(format!("user/{}", name.chars().take(64).collect::<String>())),
+        )?;
+        let current = identity::user(state.history.identity(), &name)
+            .await
+            .map_err(db_error)?
+            .ok_or_else(|| ApiError::not_found(format!("no user {name}")))?;
+        if current.role == Role::Admin.as_str() && !current.disabled {
+            last_admin_guard(state).await?;
+        }
+        identity::delete_user(state.history.identity(), &name)
+            .await
+            .map_err(db_error)?;
+        revoke_user(state, &name, true, "user.delete").await?;
+        Ok(Done::Done)
+    }
+}
+
+/// Refuses a change that would leave no enabled administrator.
+async fn last_admin_guard(state: &State) -> Result<(), ApiError> {
+    let admins = identity::enabled_with_role(state.history.identity(), Role::Admin.as_str())
+        .await
+        .map_err(db_error)?;
+    if admins <= 1 {
+        return Err(ApiError::conflict(
+            "this is the last enabled administrator: it cannot be demoted, disabled or deleted",
+        ));
+    }
+    Ok(())
+}
+
+/// Ends every session of `name` and refuses their earlier access tokens everywhere; with
+/// `tokens`, revokes their API tokens too.
+async fn revoke_user(state: &State, name: &str, tokens: bool, reason: &str) -> Result<(), ApiError> {
+    let now = Timestamp::now().as_millis();
+    let db = state.history.identity();
+    let revocations = state.security.authenticator.revocations();
+    identity::revoke_sessions_of(db, name, reason, now)
+        .await
+        .map_err(db_error)?;
+    revocations
+        .revoke(RevocationKey::User(name.to_owned()), reason)
+        .await?;
+    if tokens {
+        for id in identity::revoke_tokens_of(db, name, now)
+            .await
+            .map_err(db_error)?
+        {
+            revocations.revoke(RevocationKey::Token(id), reason).await?;
+        }
+    }
+    Ok(())
+}
