@@ -218,9 +218,10 @@ async fn pipeline(bin: &Path, args: &Args) -> anyhow::Result<()> {
     let mut env = base.clone();
     env.push(("CAPSTAN_DATABASE_URL", database_url.clone()));
     env.push(("CAPSTAN_API_LISTEN", format!("127.0.0.1:{api_port}")));
+    env.extend(api_credentials());
     processes.push(spawn(&bin.join("capstan-api"), "api", &env, dir.path())?);
 
-    let http = HttpClient::new(format!("http://127.0.0.1:{api_port}"));
+    let http = logged_in(api_port, dir.path()).await?;
     let client = nats.client().await;
     let js = async_nats::jetstream::new(client.clone());
     let history = History::connect(&database_url).await?;
@@ -474,24 +475,14 @@ async fn history_queries(
 
     let nats = NatsServer::start().await;
     let api_port = capstan_testkit::server::free_port();
-    let env = vec![
+    let mut env = vec![
         ("CAPSTAN_NATS_URL", nats.url()),
         ("CAPSTAN_DATABASE_URL", database_url.clone()),
         ("CAPSTAN_API_LISTEN", format!("127.0.0.1:{api_port}")),
     ];
+    env.extend(api_credentials());
     let _api = spawn(&bin.join("capstan-api"), "api", &env, dir.path())?;
-    let http = HttpClient::new(format!("http://127.0.0.1:{api_port}"));
-    let started = Instant::now();
-    while !http
-        .try_get("/readyz")
-        .await
-        .is_ok_and(|r| r.status.is_success())
-    {
-        if started.elapsed() > Duration::from_secs(60) {
-            bail!("the API did not become ready");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let http = logged_in(api_port, dir.path()).await?;
 
     println!();
     println!(
@@ -553,4 +544,33 @@ async fn history_queries(
         );
     }
     Ok(())
+}
+
+/// The signing key and first administrator's password the benchmarked API is started with.
+pub(crate) fn api_credentials() -> Vec<(&'static str, String)> {
+    vec![
+        ("CAPSTAN_JWT_KEY", capstan_api::TEST_JWT_KEY.to_owned()),
+        (
+            "CAPSTAN_ADMIN_PASSWORD",
+            capstan_api::TEST_ADMIN_PASSWORD.to_owned(),
+        ),
+        ("CAPSTAN_RATE_LIMIT", "0".to_owned()),
+    ]
+}
+
+/// Waits until the API on `port` is ready and logs in as its first administrator.
+pub(crate) async fn logged_in(port: u16, logs: &Path) -> anyhow::Result<HttpClient> {
+    let http = HttpClient::new(format!("http://127.0.0.1:{port}"));
+    let started = Instant::now();
+    while !http
+        .try_get("/readyz")
+        .await
+        .is_ok_and(|r| r.status.is_success())
+    {
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!("the API did not become ready; logs in {}", logs.display());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(http.login("admin", capstan_api::TEST_ADMIN_PASSWORD).await)
 }

@@ -110,11 +110,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .env("CAPSTAN_WORK_DIR", data.join("work").join(&node));
         running.push(spawn(&node, command)?);
     }
-    // The API keeps its SQLite history in the data directory.
+    // The API keeps its SQLite history and its generated signing key in the data directory;
+    // the first administrator's password is generated once and kept beside it.
+    let password = admin_password(&root.join(".capstan").join("admin-password"))?;
     let mut api = service("capstan-api");
     api.env("CAPSTAN_API_LISTEN", &args.api_listen)
-        .env("CAPSTAN_DATA_DIR", &data);
+        .env("CAPSTAN_DATA_DIR", &data)
+        .env("CAPSTAN_ADMIN_PASSWORD", &password);
     running.push(spawn("api", api)?);
+    let token = session_token(&args.api_listen, &password);
 
     eprintln!();
     eprintln!("Capstan is up: NATS at {url}, store in {}", data.display());
@@ -125,11 +129,25 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     eprintln!("  nats sub 'capstan.events.>'");
     eprintln!("  nats micro ls");
     eprintln!(
-        "REST API at http://{}/api/v1 (Swagger UI at /docs):",
+        "REST API at http://{}/api/v1 (Swagger UI at /docs); log in as `admin` with the \
+         password in .capstan/admin-password:",
         args.api_listen
     );
+    match &token {
+        Ok(token) => {
+            eprintln!("  export CAPSTAN_TOKEN={token}   # an admin API token, valid 24 h");
+        }
+        Err(error) => {
+            eprintln!("  (no token made: {error:#})");
+            eprintln!(
+                "  export CAPSTAN_TOKEN=$(curl -s -XPOST http://{}/api/v1/auth/login -H 'content-type: application/json' \
+                 -d '{{\"username\": \"admin\", \"password\": \"…\"}}' | sed -E 's/.*\"access_token\":\"([^\"]+)\".*/\\1/')",
+                args.api_listen
+            );
+        }
+    }
     eprintln!(
-        "  curl -s -XPOST http://{}/api/v1/jobs -H 'content-type: application/json' -d '{{\"command\": \"echo hello\"}}'",
+        "  curl -s -XPOST http://{}/api/v1/jobs -H \"Authorization: Bearer $CAPSTAN_TOKEN\" -H 'content-type: application/json' -d '{{\"command\": \"echo hello\"}}'",
         args.api_listen
     );
     eprintln!("Ctrl-C stops everything.");
@@ -233,4 +251,83 @@ fn wait_for_signal() -> anyhow::Result<()> {
         Ok::<(), std::io::Error>(())
     })?;
     Ok(())
+}
+
+/// The first administrator's password: read from `path`, or generated there (readable by its
+/// owner only) on the first `up`.
+fn admin_password(path: &Path) -> anyhow::Result<String> {
+    if let Ok(text) = std::fs::read_to_string(path) {
+        return Ok(text.trim().to_owned());
+    }
+    let mut bytes = [0u8; 18];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut random| std::io::Read::read_exact(&mut random, &mut bytes))
+        .context("cannot read random bytes")?;
+    let password: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut file| file.write_all(password.as_bytes()))
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(password)
+}
+
+/// Logs in as the first administrator once the API answers and makes an API token for this
+/// session (24 hours).
+fn session_token(listen: &str, password: &str) -> anyhow::Result<String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let http = capstan_testkit::http::HttpClient::new(format!("http://{listen}"));
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !http
+            .try_get("/readyz")
+            .await
+            .is_ok_and(|r| r.status.is_success())
+        {
+            if Instant::now() > deadline {
+                bail!("the API did not become ready");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let body = serde_json::json!({"username": "admin", "password": password}).to_string();
+        let login = http
+            .try_send(
+                "POST".parse().expect("a method"),
+                "/api/v1/auth/login",
+                &[("content-type", "application/json")],
+                body,
+            )
+            .await
+            .map_err(anyhow::Error::msg)?;
+        if !login.status.is_success() {
+            bail!(
+                "the login as admin was refused ({}): was its password changed?",
+                login.status
+            );
+        }
+        let access = login.json()["access_token"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let created = http
+            .with_bearer(access)
+            .try_send(
+                "POST".parse().expect("a method"),
+                "/api/v1/tokens",
+                &[("content-type", "application/json")],
+                serde_json::json!({"name": "cargo xtask up", "expires_in": 86_400}).to_string(),
+            )
+            .await
+            .map_err(anyhow::Error::msg)?;
+        if !created.status.is_success() {
+            bail!("no API token: {} {}", created.status, created.text());
+        }
+        Ok(created.json()["token"].as_str().unwrap_or_default().to_owned())
+    })
 }

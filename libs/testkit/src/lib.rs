@@ -2,17 +2,19 @@
 //! suite: a real `nats-server` per test (free port, its own store directory, removed
 //! afterwards), service binaries run as child processes, and waiting on conditions with
 //! generous deadlines instead of fixed sleeps; an OTLP receiver collects the spans the
-//! service processes export.
+//! service processes export; an OpenID Connect issuer signs tokens for the API's tests.
 //!
 //! `xtask` uses [`natsbin`] too, to provision the server for the local mesh.
 
 pub mod http;
 pub mod natsbin;
+pub mod oidc;
 pub mod otlp;
 pub mod process;
 pub mod server;
 pub mod wait;
 
+pub use oidc::OidcIssuer;
 pub use otlp::{OtlpReceiver, ReceivedSpan};
 pub use process::{ServiceProcess, bin_path};
 pub use server::{NatsOptions, NatsServer};

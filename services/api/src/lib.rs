@@ -15,6 +15,8 @@
 
 pub mod audit;
 pub mod auth;
+#[doc(hidden)]
+pub mod bench;
 mod bootstrap;
 pub mod config;
 pub mod guard;
@@ -114,9 +116,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     running.task.await.unwrap_or(Ok(()))
 }
 
-/// Connects, migrates, binds, and serves in the background until `shutdown`. Returns once the
-/// address is bound, so a caller (a test) can send requests at once.
-pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Running, Error> {
+/// Everything a served API shares, assembled before it serves.
+pub(crate) struct Assembled {
+    state: Arc<State>,
+    revocations: Arc<Revocations>,
+    limits: Arc<Limits>,
+}
+
+/// Checks the configuration, connects to the database (migrating it) and to NATS, loads the
+/// revocations, creates the first administrator if needed, and builds the shared state; the
+/// API will listen on `address`.
+pub(crate) async fn assemble(
+    config: &Config,
+    address: SocketAddr,
+    shutdown: &CancellationToken,
+) -> Result<Assembled, Error> {
     if config.auth.access_token_ttl > capstan_protocol::topology::MAX_ACCESS_TOKEN_TTL
         || config.auth.access_token_ttl < Duration::from_secs(10)
     {
@@ -156,7 +170,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     };
     let history = History::connect(&database_url).await?;
     tracing::info!(database = %capstan_store::redact(&database_url), "history database ready");
-    let mesh = Mesh::connect(&config.nats.nats_url, "capstan-api", &shutdown).await?;
+    let mesh = Mesh::connect(&config.nats.nats_url, "capstan-api", shutdown).await?;
     let revocations = Arc::new(Revocations::load(mesh.revocations.clone()).await?);
     let auditor = Auditor::new(mesh.clone(), history.clone());
     bootstrap::first_admin(
@@ -174,8 +188,71 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         address_burst: config.auth.login_address_burst,
         address_interval: Duration::from_secs(1),
     }));
-    let metrics = Arc::new(Metrics::default());
+    let security = Arc::new(Security {
+        authenticator: Arc::new(Authenticator::new(
+            keys,
+            oidc,
+            revocations.clone(),
+            history.clone(),
+        )),
+        limits: limits.clone(),
+        auditor,
+        hosts: Hosts::new(&config.auth.allowed_hosts, &address, &config.auth.cors_origins),
+    });
+    let state = Arc::new(State {
+        submitter: Submitter::new(mesh.js.clone(), mesh.idempotency.clone()),
+        mesh,
+        history,
+        metrics: Arc::new(Metrics::default()),
+        security,
+        access: AccessSettings {
+            password_min_length: config.auth.password_min_length,
+            refresh_token_ttl: config.auth.refresh_token_ttl,
+        },
+    });
+    Ok(Assembled {
+        state,
+        revocations,
+        limits,
+    })
+}
 
+/// The routes, behind the body limit, the guard, CORS when configured, and a server span.
+pub(crate) fn app(state: &Arc<State>, config: &Config) -> poem::endpoint::BoxEndpoint<'static> {
+    outer(routes_app(state, config).with(Guard(state.security.clone())), config)
+}
+
+/// The routes and the documents describing them, behind the body limit.
+pub(crate) fn routes_app(state: &Arc<State>, config: &Config) -> impl poem::Endpoint + 'static {
+    let description = routes::service_description();
+    Route::new()
+        .nest("/", routes::service(state.clone()))
+        .at("/openapi.json", description.spec_endpoint())
+        .nest("/docs", description.swagger_ui())
+        .with(routes::BodyLimit(config.nats.max_job_bytes))
+}
+
+/// What wraps the guarded routes: CORS when configured, the server span, problem documents
+/// for every error.
+pub(crate) fn outer(
+    inner: impl poem::Endpoint + 'static,
+    config: &Config,
+) -> poem::endpoint::BoxEndpoint<'static> {
+    inner
+        .with_if(
+            !config.auth.cors_origins.is_empty(),
+            poem::middleware::Cors::new()
+                .allow_origins(config.auth.cors_origins.iter().map(String::as_str))
+                .allow_credentials(false),
+        )
+        .with(routes::Tracing)
+        .catch_all_error(|error: poem::Error| async move { problem::render(error) })
+        .boxed()
+}
+
+/// Connects, migrates, binds, and serves in the background until `shutdown`. Returns once the
+/// address is bound, so a caller (a test) can send requests at once.
+pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Running, Error> {
     let acceptor = TcpListener::bind(config.listen.clone())
         .into_acceptor()
         .await
@@ -191,44 +268,18 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
             address: config.listen.clone(),
             source: std::io::Error::other("no socket address"),
         })?;
-    let security = Arc::new(Security {
-        authenticator: Arc::new(Authenticator::new(
-            keys,
-            oidc,
-            revocations.clone(),
-            history.clone(),
-        )),
-        limits: limits.clone(),
-        auditor,
-        hosts: Hosts::new(&config.auth.allowed_hosts, &address, &config.auth.cors_origins),
-    });
-    let state = Arc::new(State {
-        submitter: Submitter::new(mesh.js.clone(), mesh.idempotency.clone()),
-        mesh: mesh.clone(),
-        history: history.clone(),
-        metrics: metrics.clone(),
-        security: security.clone(),
-        access: AccessSettings {
-            password_min_length: config.auth.password_min_length,
-            refresh_token_ttl: config.auth.refresh_token_ttl,
-        },
-    });
-
-    let description = routes::service_description();
-    let app = Route::new()
-        .nest("/", routes::service(state.clone()))
-        .at("/openapi.json", description.spec_endpoint())
-        .nest("/docs", description.swagger_ui())
-        .with(routes::BodyLimit(config.nats.max_job_bytes))
-        .with(Guard(security))
-        .with_if(
-            !config.auth.cors_origins.is_empty(),
-            poem::middleware::Cors::new()
-                .allow_origins(config.auth.cors_origins.iter().map(String::as_str))
-                .allow_credentials(false),
-        )
-        .with(routes::Tracing)
-        .catch_all_error(|error: poem::Error| async move { problem::render(error) });
+    let Assembled {
+        state,
+        revocations,
+        limits,
+    } = assemble(&config, address, &shutdown).await?;
+    let app = app(&state, &config);
+    let (mesh, history, metrics) = (
+        state.mesh.clone(),
+        state.history.clone(),
+        state.metrics.clone(),
+    );
+    let database_url = config.database_url();
 
     // Listed by `nats micro ls` beside the other services; its interface is HTTP, so it has
     // no NATS endpoints, and its metadata says where to find it.

@@ -221,7 +221,7 @@ impl Submitter {
         Self {
             js: jetstream::new(client.clone()),
             client,
-            apis: apis.iter().cloned().map(HttpClient::new).collect(),
+            apis: apis.iter().map(|api| cluster.http(api)).collect(),
         }
     }
 
@@ -417,7 +417,7 @@ pub async fn check(cluster: &mut Cluster, api: &str, accepted: &[JobId]) -> Summ
     }
 
     // (d) The SQL history equals the jobs bucket.
-    violations.extend(history_differences(api, &records).await);
+    violations.extend(history_differences(&cluster.http(api), &records).await);
 
     if !violations.is_empty() {
         let shown = violations.len().min(40);
@@ -770,11 +770,13 @@ pub async fn wait_stale_attempts_gone(cluster: &mut Cluster, timeout: Duration) 
 
 /// Compares the SQL history (every page of `GET /api/v1/jobs`, which is read from SQL alone)
 /// with `records` until they agree or [`SETTLE_TIMEOUT`] passes; returns the differences left.
-async fn history_differences(api: &str, records: &HashMap<JobId, JobRecord>) -> Vec<String> {
-    let http = HttpClient::new(api);
+async fn history_differences(
+    http: &HttpClient,
+    records: &HashMap<JobId, JobRecord>,
+) -> Vec<String> {
     let deadline = Instant::now() + SETTLE_TIMEOUT;
     loop {
-        let differences = match history_rows(&http).await {
+        let differences = match history_rows(http).await {
             Ok(rows) => compare_history(&rows, records),
             Err(error) => vec![format!("the history cannot be listed: {error}")],
         };

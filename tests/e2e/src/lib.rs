@@ -24,6 +24,7 @@ pub struct Cluster {
     processes: Vec<ServiceProcess>,
     mesh: Option<Mesh>,
     shared_env: Vec<(String, String)>,
+    admin_token: Option<String>,
 }
 
 /// Heartbeat settings that make liveness tests quick.
@@ -46,6 +47,7 @@ impl Cluster {
             processes: Vec::new(),
             mesh: None,
             shared_env: Vec::new(),
+            admin_token: None,
         }
     }
 
@@ -77,14 +79,32 @@ impl Cluster {
     }
 
     /// Starts an API process named `name` on a free port, with its history in a SQLite file of
-    /// its own, and returns its base URL once it is ready.
+    /// its own, and returns its base URL once it is ready. Every API of a cluster shares the
+    /// signing key and the first administrator's password, so [`Cluster::http`] works on each.
     pub async fn api(&mut self, name: &str) -> String {
+        self.api_with(name, &[]).await
+    }
+
+    /// Like [`Cluster::api`], with `extra` variables (which override the defaults).
+    pub async fn api_with(&mut self, name: &str, extra: &[(&str, String)]) -> String {
         let port = capstan_testkit::server::free_port();
         let data = self.dir.path().join("data").join(name);
-        let env = self.env(&[
+        let mut vars = vec![
             ("CAPSTAN_API_LISTEN", format!("127.0.0.1:{port}")),
             ("CAPSTAN_DATA_DIR", data.display().to_string()),
-        ]);
+            ("CAPSTAN_JWT_KEY", capstan_api::TEST_JWT_KEY.to_owned()),
+            (
+                "CAPSTAN_ADMIN_PASSWORD",
+                capstan_api::TEST_ADMIN_PASSWORD.to_owned(),
+            ),
+            // Load tests submit thousands of jobs as one principal, and long runs outlive the
+            // default token lifetime; the tests of the limits set their own.
+            ("CAPSTAN_RATE_LIMIT", "0".to_owned()),
+            ("CAPSTAN_ACCESS_TOKEN_TTL", "24h".to_owned()),
+        ];
+        vars.retain(|(key, _)| !extra.iter().any(|(k, _)| k == key));
+        vars.extend(extra.iter().map(|(k, v)| (*k, v.clone())));
+        let env = self.env(&vars);
         let process = ServiceProcess::spawn(name, "capstan-api", &[], &env, self.dir.path());
         self.processes.push(process);
         let base = format!("http://127.0.0.1:{port}");
@@ -100,7 +120,20 @@ impl Cluster {
             },
         )
         .await;
+        if self.admin_token.is_none() && !extra.iter().any(|(k, _)| *k == "CAPSTAN_JWT_KEY") {
+            let admin = http.login("admin", capstan_api::TEST_ADMIN_PASSWORD).await;
+            self.admin_token = admin.bearer().map(str::to_owned);
+        }
         base
+    }
+
+    /// A client of the API at `base`, logged in as the first administrator.
+    pub fn http(&self, base: &str) -> capstan_testkit::http::HttpClient {
+        let http = capstan_testkit::http::HttpClient::new(base);
+        match &self.admin_token {
+            Some(token) => http.with_bearer(token.clone()),
+            None => panic!("no API of this cluster has been started yet"),
+        }
     }
 
     /// Starts a registry process named `name`.

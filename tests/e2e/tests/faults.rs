@@ -16,7 +16,6 @@ use capstan_e2e::Cluster;
 use capstan_e2e::faults::{self, Load, LoadPlan, Prng, Submitter, Via};
 use capstan_protocol::codec;
 use capstan_protocol::{JobId, JobStatus, NodeId, NodeStatus, Rejection, subjects};
-use capstan_testkit::http::HttpClient;
 use capstan_testkit::wait_until;
 use futures::StreamExt;
 use http::{Method, StatusCode};
@@ -299,7 +298,7 @@ async fn killing_an_api_replica_mid_projection_leaves_the_history_equal_to_the_j
     let apis = [first.clone(), second.clone()];
     let load = Load::start(&cluster, short_jobs(&cluster, 300, &apis, 0.05)).await;
     // Mid-projection: the history has some of the jobs' events, not all.
-    let http = HttpClient::new(first.clone());
+    let http = cluster.http(&first);
     wait_until(
         "the history to record jobs",
         Duration::from_secs(60),
@@ -458,7 +457,7 @@ async fn malformed_truncated_and_oversized_messages_on_every_consumed_subject_ar
         }
     }
     // And the REST submission endpoint.
-    let http = HttpClient::new(api.clone());
+    let http = cluster.http(&api);
     for bad in bad_messages(&spec, "stdin") {
         let reply = http
             .send(

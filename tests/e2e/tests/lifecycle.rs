@@ -11,7 +11,6 @@ use capstan_protocol::reply::Created;
 use capstan_protocol::{
     JobEvent, JobEventKind, JobId, JobRecord, JobStatus, Reply, Timestamp, subjects, topology,
 };
-use capstan_testkit::http::HttpClient;
 use capstan_testkit::wait_until;
 use nix::sys::signal::Signal;
 use serde_json::json;
@@ -503,7 +502,8 @@ async fn a_job_that_takes_down_every_executor_it_lands_on_is_quarantined() {
 #[tokio::test]
 async fn draining_a_node_hands_its_running_job_back_at_the_deadline_and_reports_it_drained() {
     let (mut cluster, client, id, pid) = job_hanging_on_exec_1().await;
-    let api = HttpClient::new(cluster.api("api-1").await);
+    let base = cluster.api("api-1").await;
+    let api = cluster.http(&base);
     cluster.executor("exec-2", 2, &[]);
     cluster.wait_nodes_up(&["exec-2"]).await;
 

@@ -22,7 +22,8 @@ async fn traced_cluster(otlp: &OtlpReceiver) -> (Cluster, HttpClient) {
     cluster.executor("exec-1", 4, &[]);
     let base = cluster.api("api-1").await;
     cluster.wait_nodes_up(&["exec-1"]).await;
-    (cluster, HttpClient::new(base))
+    let http = cluster.http(&base);
+    (cluster, http)
 }
 
 /// A trace's spans, by id.

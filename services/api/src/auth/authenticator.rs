@@ -129,8 +129,13 @@ impl Authenticator {
         if token.starts_with(API_TOKEN_PREFIX) {
             return self.api_token(token).await;
         }
-        match (&self.oidc, claimed_issuer(token)) {
-            (Some(provider), Some(issuer)) if issuer == provider.issuer() => {
+        // The payload is peeked at only when a provider is configured: Capstan's own tokens
+        // need no routing.
+        let provider = self.oidc.as_ref().filter(|provider| {
+            claimed_issuer(token).is_some_and(|issuer| issuer == provider.issuer())
+        });
+        match provider {
+            Some(provider) => {
                 provider.verify(token).await.map_err(|error| match error {
                     OidcError::NoRole(_) => AuthError::NoRole(error.to_string()),
                     OidcError::Unavailable(_) | OidcError::Config(_) => {
@@ -139,7 +144,7 @@ impl Authenticator {
                     OidcError::Invalid(_) => AuthError::Invalid(error.to_string()),
                 })
             }
-            _ => self.access_token(token),
+            None => self.access_token(token),
         }
     }
 

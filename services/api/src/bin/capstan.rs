@@ -1,6 +1,8 @@
-//! `capstan`: administration commands. `capstan history rebuild` empties the history tables
-//! and replays the events stream into them.
+//! `capstan`: administration commands. `capstan history rebuild --yes` empties the history
+//! tables and replays the events stream into them; it is audited like a request to the API.
 
+use anyhow::Context;
+use capstan_protocol::{AuditAction, AuditOutcome, AuditRecord, AuthMethod};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -23,6 +25,10 @@ enum Command {
 enum HistoryCommand {
     /// Empty the history tables and replay every job event the events stream holds.
     Rebuild {
+        /// Confirm: the tables are emptied first, and jobs whose events the stream no longer
+        /// holds (older than its retention) leave the history for good.
+        #[arg(long)]
+        yes: bool,
         /// Where NATS and the database are (same options and variables as the API).
         #[command(flatten)]
         config: capstan_api::Config,
@@ -35,17 +41,43 @@ async fn main() -> anyhow::Result<()> {
     let _telemetry = capstan_telemetry::init("admin");
     match cli.command {
         Command::History {
-            command: HistoryCommand::Rebuild { config },
+            command: HistoryCommand::Rebuild { yes, config },
         } => {
+            if !yes {
+                anyhow::bail!(
+                    "this empties the history tables and replays the events stream, which keeps \
+                     jobs for its retention only: run again with --yes to go ahead"
+                );
+            }
             let shutdown = capstan_mesh::shutdown::on_signal();
             let url = config.database_url();
             let history = capstan_store::History::connect(&url).await?;
             let mesh =
                 capstan_mesh::Mesh::connect(&config.nats.nats_url, "capstan-admin", &shutdown)
                     .await?;
-            let rebuilt = capstan_api::rebuild::rebuild(&mesh, &history)
+            // Recorded however it ends; the command fails when the record cannot be stored.
+            let mut record = AuditRecord::new(AuditAction::HistoryRebuild, AuditOutcome::Success);
+            record.principal = Some(operator());
+            record.via = Some(AuthMethod::Cli);
+            record.resource = Some(format!("history/{}", capstan_store::redact(&url)));
+            let rebuilt = capstan_api::rebuild::rebuild(&mesh, &history).await;
+            match &rebuilt {
+                Ok(rebuilt) => {
+                    record.detail = Some(format!(
+                        "{} events replayed, {} skipped",
+                        rebuilt.events, rebuilt.skipped
+                    ));
+                }
+                Err(error) => {
+                    record.outcome = AuditOutcome::Error;
+                    record.detail = Some(error.clone());
+                }
+            }
+            mesh.events
+                .audit(&record)
                 .await
-                .map_err(anyhow::Error::msg)?;
+                .context("the rebuild ran but its audit record could not be stored")?;
+            let rebuilt = rebuilt.map_err(anyhow::Error::msg)?;
             println!(
                 "rebuilt {} from {} events ({} skipped)",
                 capstan_store::redact(&url),
@@ -55,4 +87,19 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Who runs the command, as the audit trail names them: the operating-system user and host.
+fn operator() -> String {
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "unknown".to_owned());
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default();
+    if host.is_empty() {
+        format!("cli:{user}")
+    } else {
+        format!("cli:{user}@{host}")
+    }
 }
