@@ -7,6 +7,8 @@
 //! - History queries (`--history-rows`): `GET /api/v1/jobs?status=…` against a database
 //!   seeded with that many jobs.
 //! - Recovery (`--failover`, in `failover`): kill -9 → rerun elsewhere, cancel → group gone.
+//! - Authentication (`--auth`): what the guard adds to `GET /api/v1/jobs/{id}` (the
+//!   `auth` bench of `capstan-api`).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -62,6 +64,11 @@ pub struct Args {
     /// Rounds of cancel in the failover run.
     #[arg(long, default_value_t = 20)]
     cancels: usize,
+    /// Instead of the pipeline, measure what authentication adds to a request:
+    /// `GET /api/v1/jobs/{id}` with an access token against the same without the guard
+    /// (`cargo bench -p capstan-api --bench auth`, optimised).
+    #[arg(long)]
+    auth: bool,
 }
 
 pub(crate) struct Process {
@@ -144,6 +151,18 @@ pub(crate) fn ms(duration: Duration) -> String {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let root = capstan_testkit::workspace_root();
+    if args.auth {
+        let nats = capstan_testkit::natsbin::ensure().map_err(anyhow::Error::msg)?;
+        let status = super::cargo()
+            .current_dir(&root)
+            .args(["bench", "--locked", "-p", "capstan-api", "--bench", "auth"])
+            .env("CAPSTAN_NATS_SERVER", nats)
+            .status()?;
+        if !status.success() {
+            bail!("the authentication benchmark failed");
+        }
+        return Ok(());
+    }
     eprintln!("building release binaries");
     let status = super::cargo()
         .current_dir(&root)

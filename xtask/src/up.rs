@@ -328,6 +328,9 @@ fn session_token(listen: &str, password: &str) -> anyhow::Result<String> {
         if !created.status.is_success() {
             bail!("no API token: {} {}", created.status, created.text());
         }
-        Ok(created.json()["token"].as_str().unwrap_or_default().to_owned())
+        Ok(created.json()["token"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned())
     })
 }

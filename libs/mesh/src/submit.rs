@@ -155,8 +155,8 @@ impl Submitter {
         let mut map = msgpack_headers();
         map.insert(headers::JOB_ID, id.to_string().as_str());
         if let Some(submitted_by) = submitted_by {
-            let json = serde_json::to_string(submitted_by)
-                .map_err(|e| Error::unavailable("submit", e))?;
+            let json =
+                serde_json::to_string(submitted_by).map_err(|e| Error::unavailable("submit", e))?;
             map.insert(headers::SUBMITTED_BY, json.as_str());
         }
         capstan_telemetry::propagation::inject(&mut map);

@@ -25,9 +25,9 @@ use schemars::generate::SchemaSettings;
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde_json::Value;
 
+use crate::auth::{AuditRecord, Revocation};
 use crate::dispatch::Dispatch;
 use crate::event::{JobEvent, NodeEvent, Rejection};
-use crate::auth::{AuditRecord, Revocation};
 use crate::ids::{AuditId, InstanceId, JobId, NodeId};
 use crate::job::JobRecord;
 use crate::node::{Heartbeat, HeartbeatReply, NodeCommand, NodeQuery, NodeRecord, Registration};

@@ -151,7 +151,10 @@ impl History {
     }
 
     /// Writes audit records, skipping those already written.
-    pub async fn record_audit(&self, records: &[capstan_protocol::AuditRecord]) -> Result<(), Error> {
+    pub async fn record_audit(
+        &self,
+        records: &[capstan_protocol::AuditRecord],
+    ) -> Result<(), Error> {
         Ok(audit::insert(&self.db, records).await?)
     }
 
@@ -169,7 +172,14 @@ impl History {
         after: Option<&str>,
         limit: u64,
     ) -> Result<Vec<String>, Error> {
-        Ok(purge::finished(&self.db, statuses, finished_before.as_millis(), after, limit).await?)
+        Ok(purge::finished(
+            &self.db,
+            statuses,
+            finished_before.as_millis(),
+            after,
+            limit,
+        )
+        .await?)
     }
 
     /// Deletes the history rows of the jobs `ids`; how many jobs were deleted.

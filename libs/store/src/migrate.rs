@@ -144,10 +144,7 @@ fn index(name: &str, table: &str, columns: &[&str]) -> Step {
 
 fn add_column(table: &str, column: ColumnDef) -> Step {
     Step::Column(Box::new(
-        Table::alter()
-            .table(a(table))
-            .add_column(column)
-            .to_owned(),
+        Table::alter().table(a(table)).add_column(column).to_owned(),
     ))
 }
 
@@ -224,9 +221,18 @@ fn identity() -> Vec<Step> {
         index("audit_principal_id", "audit", &["principal", "id"]),
         index("audit_action_id", "audit", &["action", "id"]),
         index("audit_resource_id", "audit", &["resource", "id"]),
-        add_column("jobs", col("submitted_by").string_len(256).null().to_owned()),
-        add_column("jobs", col("submitted_via").string_len(16).null().to_owned()),
-        add_column("jobs", col("submitted_token").string_len(128).null().to_owned()),
+        add_column(
+            "jobs",
+            col("submitted_by").string_len(256).null().to_owned(),
+        ),
+        add_column(
+            "jobs",
+            col("submitted_via").string_len(16).null().to_owned(),
+        ),
+        add_column(
+            "jobs",
+            col("submitted_token").string_len(128).null().to_owned(),
+        ),
         index("jobs_submitted_by_id", "jobs", &["submitted_by", "id"]),
     ]
 }

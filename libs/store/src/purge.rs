@@ -24,9 +24,7 @@ pub async fn finished(
         .filter(|status| status.is_terminal())
         .map(|status| status.as_str())
         .collect();
-    let mut select = job::Entity::find()
-        .select_only()
-        .column(job::Column::Id);
+    let mut select = job::Entity::find().select_only().column(job::Column::Id);
     if let Some(after) = after {
         select = select.filter(job::Column::Id.gt(after));
     }

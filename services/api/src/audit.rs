@@ -40,7 +40,12 @@ pub struct AuditSlot(Mutex<AuditNote>);
 
 impl AuditSlot {
     fn with(&self, change: impl FnOnce(&mut AuditNote)) {
-        change(&mut self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        change(
+            &mut self
+                .0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
     }
 
     /// Names the request's action and resource.
@@ -96,7 +101,11 @@ impl Auditor {
     /// written to the table (a failure there is left to the projection).
     pub async fn record(&self, record: &AuditRecord) -> Result<(), capstan_mesh::Error> {
         self.mesh.events.audit(record).await?;
-        if let Err(error) = self.history.record_audit(std::slice::from_ref(record)).await {
+        if let Err(error) = self
+            .history
+            .record_audit(std::slice::from_ref(record))
+            .await
+        {
             tracing::warn!(error = %error, "audit record stored in the stream only; the projection will write it");
         }
         Ok(())

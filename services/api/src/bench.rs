@@ -35,25 +35,31 @@ impl AuthBench {
         let address: SocketAddr = "127.0.0.1:8080".parse().expect("a literal address");
         let assembled = assemble(&config, address, shutdown).await?;
         let state = assembled.state;
-        let token = state
-            .security
-            .authenticator
-            .keys()
-            .issue("admin", Role::Admin, "bench-session");
+        let token =
+            state
+                .security
+                .authenticator
+                .keys()
+                .issue("admin", Role::Admin, "bench-session");
         let unguarded = crate::outer(
-            crate::routes_app(&state, &config).around(|endpoint, mut request: Request| async move {
-                request.extensions_mut().insert(Principal {
-                    name: "admin".into(),
-                    role: Role::Admin,
-                    via: capstan_protocol::AuthMethod::Password,
-                    token: None,
-                    session: None,
-                });
-                request
-                    .extensions_mut()
-                    .insert(Arc::new(AuditSlot::default()));
-                endpoint.call(request).await.map(poem::IntoResponse::into_response)
-            }),
+            crate::routes_app(&state, &config).around(
+                |endpoint, mut request: Request| async move {
+                    request.extensions_mut().insert(Principal {
+                        name: "admin".into(),
+                        role: Role::Admin,
+                        via: capstan_protocol::AuthMethod::Password,
+                        token: None,
+                        session: None,
+                    });
+                    request
+                        .extensions_mut()
+                        .insert(Arc::new(AuditSlot::default()));
+                    endpoint
+                        .call(request)
+                        .await
+                        .map(poem::IntoResponse::into_response)
+                },
+            ),
             &config,
         );
         Ok(Self {

@@ -33,9 +33,8 @@ pub(crate) async fn first_admin(
     }
     let (password, generated) = match configured {
         Some(secret) => {
-            check_password(secret.expose(), min_length).map_err(|e| {
-                Error::Config(format!("CAPSTAN_ADMIN_PASSWORD: {e}"))
-            })?;
+            check_password(secret.expose(), min_length)
+                .map_err(|e| Error::Config(format!("CAPSTAN_ADMIN_PASSWORD: {e}")))?;
             (secret.expose().to_owned(), false)
         }
         None => (new_password(), true),

@@ -200,8 +200,8 @@ impl<E: Endpoint> Endpoint for GuardEndpoint<E> {
                             limited.retry_after.as_secs().max(1)
                         );
                         context.slot.detail(detail.clone());
-                        let refused =
-                            ApiError::too_many_requests(detail, limited.retry_after).into_response();
+                        let refused = ApiError::too_many_requests(detail, limited.retry_after)
+                            .into_response();
                         return Ok(self.finish(context, refused).await);
                     }
                     request.extensions_mut().insert(principal.clone());
@@ -275,12 +275,18 @@ fn record(context: &Context, note: &crate::audit::AuditNote, status: StatusCode)
             asked.unwrap_or(AuditAction::AuthUnauthenticated),
             AuditOutcome::Failure,
         ),
-        code if code >= 500 => (asked.unwrap_or(AuditAction::HttpRequest), AuditOutcome::Error),
+        code if code >= 500 => (
+            asked.unwrap_or(AuditAction::HttpRequest),
+            AuditOutcome::Error,
+        ),
         code if code >= 400 => (
             asked.unwrap_or(AuditAction::HttpRequest),
             AuditOutcome::Failure,
         ),
-        _ => (asked.unwrap_or(AuditAction::HttpRequest), AuditOutcome::Success),
+        _ => (
+            asked.unwrap_or(AuditAction::HttpRequest),
+            AuditOutcome::Success,
+        ),
     };
     let detail = match (asked, note.detail.clone()) {
         (Some(asked), detail) if asked != action => Some(match detail {
@@ -345,7 +351,11 @@ mod tests {
         let hosts = Hosts::new(&[], &listen, &[]);
         assert!(hosts.check(&headers(&[("host", "127.0.0.1:8080")])).is_ok());
         assert!(hosts.check(&headers(&[("host", "LOCALHOST:8080")])).is_ok());
-        assert!(hosts.check(&headers(&[("host", "rebind.attacker.example:8080")])).is_err());
+        assert!(
+            hosts
+                .check(&headers(&[("host", "rebind.attacker.example:8080")]))
+                .is_err()
+        );
         assert!(hosts.check(&headers(&[])).is_err());
     }
 
@@ -367,7 +377,10 @@ mod tests {
             ("origin", "https://ops.example.com"),
         ]);
         assert!(hosts.check(&listed).is_ok());
-        let other = headers(&[("host", "api.example.com"), ("origin", "https://evil.example")]);
+        let other = headers(&[
+            ("host", "api.example.com"),
+            ("origin", "https://evil.example"),
+        ]);
         assert!(hosts.check(&other).is_err());
         let any = Hosts::new(&["*".into()], &listen, &[]);
         assert!(any.check(&headers(&[("host", "whatever:1")])).is_ok());

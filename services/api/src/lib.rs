@@ -197,7 +197,11 @@ pub(crate) async fn assemble(
         )),
         limits: limits.clone(),
         auditor,
-        hosts: Hosts::new(&config.auth.allowed_hosts, &address, &config.auth.cors_origins),
+        hosts: Hosts::new(
+            &config.auth.allowed_hosts,
+            &address,
+            &config.auth.cors_origins,
+        ),
     });
     let state = Arc::new(State {
         submitter: Submitter::new(mesh.js.clone(), mesh.idempotency.clone()),
@@ -219,7 +223,10 @@ pub(crate) async fn assemble(
 
 /// The routes, behind the body limit, the guard, CORS when configured, and a server span.
 pub(crate) fn app(state: &Arc<State>, config: &Config) -> poem::endpoint::BoxEndpoint<'static> {
-    outer(routes_app(state, config).with(Guard(state.security.clone())), config)
+    outer(
+        routes_app(state, config).with(Guard(state.security.clone())),
+        config,
+    )
 }
 
 /// The routes and the documents describing them, behind the body limit.
@@ -315,11 +322,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         let shutdown = shutdown.clone();
         tokio::spawn(async move { revocations.follow(shutdown).await })
     };
-    let housekeeping = tokio::spawn(housekeep(
-        mesh.client.clone(),
-        limits,
-        shutdown.clone(),
-    ));
+    let housekeeping = tokio::spawn(housekeep(mesh.client.clone(), limits, shutdown.clone()));
     let open_metrics = match &config.auth.metrics_listen {
         Some(listen) => Some(serve_metrics(listen, state.clone(), shutdown.clone()).await?),
         None => None,
@@ -361,7 +364,13 @@ async fn housekeep(client: async_nats::Client, limits: Arc<Limits>, shutdown: Ca
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        match capstan_mesh::service::count_instances(&client, "capstan-api", Duration::from_millis(250)).await {
+        match capstan_mesh::service::count_instances(
+            &client,
+            "capstan-api",
+            Duration::from_millis(250),
+        )
+        .await
+        {
             Ok(count) => limits.set_replicas(u32::try_from(count).unwrap_or(u32::MAX)),
             Err(error) => tracing::debug!(error = %error, "cannot count API replicas"),
         }
@@ -397,7 +406,11 @@ async fn serve_metrics(
     );
     Ok(tokio::spawn(async move {
         let _ = Server::new_with_acceptor(acceptor)
-            .run_with_graceful_shutdown(app, shutdown.cancelled_owned(), Some(Duration::from_secs(5)))
+            .run_with_graceful_shutdown(
+                app,
+                shutdown.cancelled_owned(),
+                Some(Duration::from_secs(5)),
+            )
             .await;
     }))
 }

@@ -85,7 +85,8 @@ impl Cluster {
         self.api_with(name, &[]).await
     }
 
-    /// Like [`Cluster::api`], with `extra` variables (which override the defaults).
+    /// Like [`Cluster::api`], with `extra` variables: each replaces the default of its name,
+    /// and an empty value removes it.
     pub async fn api_with(&mut self, name: &str, extra: &[(&str, String)]) -> String {
         let port = capstan_testkit::server::free_port();
         let data = self.dir.path().join("data").join(name);
@@ -102,8 +103,14 @@ impl Cluster {
             ("CAPSTAN_RATE_LIMIT", "0".to_owned()),
             ("CAPSTAN_ACCESS_TOKEN_TTL", "24h".to_owned()),
         ];
+        // An extra variable replaces the default of the same name; an empty one removes it.
         vars.retain(|(key, _)| !extra.iter().any(|(k, _)| k == key));
-        vars.extend(extra.iter().map(|(k, v)| (*k, v.clone())));
+        vars.extend(
+            extra
+                .iter()
+                .filter(|(_, v)| !v.is_empty())
+                .map(|(k, v)| (*k, v.clone())),
+        );
         let env = self.env(&vars);
         let process = ServiceProcess::spawn(name, "capstan-api", &[], &env, self.dir.path());
         self.processes.push(process);
@@ -120,7 +127,10 @@ impl Cluster {
             },
         )
         .await;
-        if self.admin_token.is_none() && !extra.iter().any(|(k, _)| *k == "CAPSTAN_JWT_KEY") {
+        let default_credentials = !extra
+            .iter()
+            .any(|(k, _)| matches!(*k, "CAPSTAN_JWT_KEY" | "CAPSTAN_ADMIN_PASSWORD"));
+        if self.admin_token.is_none() && default_credentials {
             let admin = http.login("admin", capstan_api::TEST_ADMIN_PASSWORD).await;
             self.admin_token = admin.bearer().map(str::to_owned);
         }
@@ -173,6 +183,16 @@ impl Cluster {
             .iter_mut()
             .rev()
             .find(|p| p.name() == name)
+            .unwrap_or_else(|| panic!("no process {name}"))
+    }
+
+    /// The log of the process named `name` so far (the latest, if it was restarted).
+    pub fn process_log(&self, name: &str) -> String {
+        self.processes
+            .iter()
+            .rev()
+            .find(|p| p.name() == name)
+            .map(ServiceProcess::log)
             .unwrap_or_else(|| panic!("no process {name}"))
     }
 

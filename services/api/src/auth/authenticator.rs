@@ -124,7 +124,10 @@ impl Authenticator {
     }
 
     /// The principal of a request with these headers.
-    pub async fn authenticate(&self, headers: &poem::http::HeaderMap) -> Result<Principal, AuthError> {
+    pub async fn authenticate(
+        &self,
+        headers: &poem::http::HeaderMap,
+    ) -> Result<Principal, AuthError> {
         let token = bearer(headers).ok_or(AuthError::Missing)?;
         if token.starts_with(API_TOKEN_PREFIX) {
             return self.api_token(token).await;
@@ -135,15 +138,13 @@ impl Authenticator {
             claimed_issuer(token).is_some_and(|issuer| issuer == provider.issuer())
         });
         match provider {
-            Some(provider) => {
-                provider.verify(token).await.map_err(|error| match error {
-                    OidcError::NoRole(_) => AuthError::NoRole(error.to_string()),
-                    OidcError::Unavailable(_) | OidcError::Config(_) => {
-                        AuthError::Unavailable(error.to_string())
-                    }
-                    OidcError::Invalid(_) => AuthError::Invalid(error.to_string()),
-                })
-            }
+            Some(provider) => provider.verify(token).await.map_err(|error| match error {
+                OidcError::NoRole(_) => AuthError::NoRole(error.to_string()),
+                OidcError::Unavailable(_) | OidcError::Config(_) => {
+                    AuthError::Unavailable(error.to_string())
+                }
+                OidcError::Invalid(_) => AuthError::Invalid(error.to_string()),
+            }),
             None => self.access_token(token),
         }
     }
@@ -196,7 +197,9 @@ impl Authenticator {
         };
         let (Ok(role), Ok(owner_role)) = (row.role.parse::<Role>(), owner.role.parse::<Role>())
         else {
-            return Err(AuthError::Invalid("the API token's role no longer exists".into()));
+            return Err(AuthError::Invalid(
+                "the API token's role no longer exists".into(),
+            ));
         };
         let principal = Principal {
             name: owner.name.clone(),
@@ -269,7 +272,10 @@ mod tests {
         let mut headers = poem::http::HeaderMap::new();
         headers.insert("authorization", "bearer abc".parse().expect("valid"));
         assert_eq!(bearer(&headers), Some("abc"));
-        headers.insert("authorization", "Basic YWxpY2U6cHc=".parse().expect("valid"));
+        headers.insert(
+            "authorization",
+            "Basic YWxpY2U6cHc=".parse().expect("valid"),
+        );
         assert_eq!(bearer(&headers), None);
         headers.insert("authorization", "Bearer ".parse().expect("valid"));
         assert_eq!(bearer(&headers), None);

@@ -226,12 +226,13 @@ impl Keys {
         validation.set_required_spec_claims(&["exp", "iat", "nbf", "iss", "aud", "sub"]);
         validation.validate_nbf = true;
         validation.leeway = 5;
-        let data = jsonwebtoken::decode::<Claims>(token, &key.decoding, &validation).map_err(
-            |error| match error.kind() {
-                jsonwebtoken::errors::ErrorKind::ExpiredSignature => VerifyError::Expired,
-                kind => VerifyError::Invalid(describe(kind)),
-            },
-        )?;
+        let data =
+            jsonwebtoken::decode::<Claims>(token, &key.decoding, &validation).map_err(|error| {
+                match error.kind() {
+                    jsonwebtoken::errors::ErrorKind::ExpiredSignature => VerifyError::Expired,
+                    kind => VerifyError::Invalid(describe(kind)),
+                }
+            })?;
         let claims = data.claims;
         let role = claims
             .role
@@ -324,9 +325,7 @@ fn generated_key(path: &Path) -> Result<Vec<u8>, KeyError> {
             );
             Ok(key.into_bytes())
         }
-        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
-            read_key_file(path)
-        }
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => read_key_file(path),
         Err(error) => Err(failed(error)),
     }
 }
@@ -396,7 +395,11 @@ mod tests {
     #[test]
     fn alg_none_and_other_algorithms_are_refused() {
         let keys = keys(KEY_A, &[]);
-        let none = forge(serde_json::json!({"alg": "none", "typ": "JWT"}), claims_now(), "");
+        let none = forge(
+            serde_json::json!({"alg": "none", "typ": "JWT"}),
+            claims_now(),
+            "",
+        );
         assert!(matches!(keys.verify(&none), Err(VerifyError::Algorithm(alg)) if alg == "none"));
         // Key confusion: a token claiming RS256, "signed" with the HMAC key as if it were a
         // public key, never reaches a verifier.
@@ -420,8 +423,12 @@ mod tests {
         let sign = |claims: serde_json::Value| {
             let mut header = Header::new(ALGORITHM);
             header.kid = Some(keys.signing_key_id().to_owned());
-            jsonwebtoken::encode(&header, &claims, &EncodingKey::from_secret(KEY_A.as_bytes()))
-                .expect("signs")
+            jsonwebtoken::encode(
+                &header,
+                &claims,
+                &EncodingKey::from_secret(KEY_A.as_bytes()),
+            )
+            .expect("signs")
         };
         let mut wrong_audience = claims_now();
         wrong_audience["aud"] = "someone-else".into();
@@ -431,7 +438,10 @@ mod tests {
         );
         let mut expired = claims_now();
         expired["exp"] = (capstan_protocol::Timestamp::now().as_millis() / 1000 - 60).into();
-        assert_eq!(keys.verify(&sign(expired)).err(), Some(VerifyError::Expired));
+        assert_eq!(
+            keys.verify(&sign(expired)).err(),
+            Some(VerifyError::Expired)
+        );
         // A claim of the wrong type is not taken as absent.
         let mut odd_nbf = claims_now();
         odd_nbf["nbf"] = "99999999999".into();
@@ -477,7 +487,10 @@ mod tests {
             .expect("generated")
         };
         let first = load();
-        let mode = std::fs::metadata(&path).expect("written").permissions().mode();
+        let mode = std::fs::metadata(&path)
+            .expect("written")
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         assert_eq!(load().signing_key_id(), first.signing_key_id());
     }

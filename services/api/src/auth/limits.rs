@@ -132,7 +132,9 @@ impl Limits {
     /// Counts a request of `principal`.
     pub fn request(&self, principal: &str) -> Result<(), Limited> {
         match &self.requests {
-            Some(limiter) => self.charge(limiter, &principal.to_owned(), "requests of this principal"),
+            Some(limiter) => {
+                self.charge(limiter, &principal.to_owned(), "requests of this principal")
+            }
             None => Ok(()),
         }
     }
@@ -204,7 +206,10 @@ mod tests {
         }
         let refused = limits.login("alice", None).expect_err("locked out");
         assert!(refused.retry_after > Duration::from_secs(50), "{refused:?}");
-        assert!(limits.login("bob", None).is_ok(), "other users are not affected");
+        assert!(
+            limits.login("bob", None).is_ok(),
+            "other users are not affected"
+        );
     }
 
     #[test]
@@ -212,7 +217,10 @@ mod tests {
         let limits = Limits::new(settings());
         limits.set_replicas(5);
         assert!(limits.request("alice").is_ok());
-        assert!(limits.request("alice").is_err(), "one replica of five gets a fifth");
+        assert!(
+            limits.request("alice").is_err(),
+            "one replica of five gets a fifth"
+        );
     }
 
     #[test]

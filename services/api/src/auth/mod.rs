@@ -178,9 +178,7 @@ impl FromStr for Role {
         Self::ALL
             .into_iter()
             .find(|role| role.as_str() == s)
-            .ok_or_else(|| {
-                format!("`{s}` is not a role: use one of viewer, operator, admin")
-            })
+            .ok_or_else(|| format!("`{s}` is not a role: use one of viewer, operator, admin"))
     }
 }
 

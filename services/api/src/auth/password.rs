@@ -6,8 +6,8 @@
 
 use std::sync::OnceLock;
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 
 /// The longest password accepted: Argon2 takes any length, but hashing megabytes per request
 /// would hand an attacker the CPU.

@@ -38,7 +38,8 @@ impl Revocations {
             Err(error) => return Err(capstan_mesh::Error::unavailable("kv keys", error)),
         };
         for key in keys {
-            if let (Some(parsed), Some(entry)) = (RevocationKey::parse(&key), bucket.get(&key).await?)
+            if let (Some(parsed), Some(entry)) =
+                (RevocationKey::parse(&key), bucket.get(&key).await?)
             {
                 revoked.insert(parsed, entry.value.at);
             }
@@ -67,7 +68,11 @@ impl Revocations {
 
     /// Revokes `key` now, for `reason`: in this replica at once, in the others through the
     /// bucket.
-    pub async fn revoke(&self, key: RevocationKey, reason: &str) -> Result<(), capstan_mesh::Error> {
+    pub async fn revoke(
+        &self,
+        key: RevocationKey,
+        reason: &str,
+    ) -> Result<(), capstan_mesh::Error> {
         let revocation = Revocation {
             at: Timestamp::now(),
             reason: reason.to_owned(),
@@ -128,7 +133,9 @@ impl Revocations {
                         let parsed = RevocationKey::parse(&entry.key);
                         match (parsed, self.bucket.decode(&entry.key, &entry.value)) {
                             (Some(key), Ok(revocation)) => self.remember(key, revocation.at),
-                            _ => tracing::warn!(key = %entry.key, "ignoring an unreadable revocation"),
+                            _ => {
+                                tracing::warn!(key = %entry.key, "ignoring an unreadable revocation")
+                            }
                         }
                     }
                     // Entries age out after the longest access-token lifetime: by then every

@@ -48,7 +48,10 @@ impl AuthApi {
         let LoginRequest { username, password } = body.0;
         slot.action(
             AuditAction::AuthLogin,
-            Some(format!("user/{}", username.chars().take(64).collect::<String>())),
+            Some(format!(
+                "user/{}",
+                username.chars().take(64).collect::<String>()
+            )),
         );
         slot.claimed(&username);
         if password::check_username(&username).is_err() || password.len() > MAX_PASSWORD_BYTES {
@@ -155,7 +158,9 @@ impl AuthApi {
             }
             Rotation::Revoked => {
                 slot.detail("the session had ended");
-                Err(ApiError::unauthorized("the session has ended: log in again"))
+                Err(ApiError::unauthorized(
+                    "the session has ended: log in again",
+                ))
             }
             Rotation::Expired => {
                 slot.detail("expired refresh token");
@@ -188,16 +193,14 @@ impl AuthApi {
             slot.detail(detail.clone());
             return Err(ApiError::too_many_requests(detail, limited.retry_after));
         }
-        let session = identity::session_of_refresh(
-            state.history.identity(),
-            &digest(&body.0.refresh_token),
-        )
-        .await
-        .map_err(capstan_store::Error::from)?
-        .ok_or_else(|| {
-            slot.detail("unknown refresh token");
-            ApiError::unauthorized("unknown refresh token")
-        })?;
+        let session =
+            identity::session_of_refresh(state.history.identity(), &digest(&body.0.refresh_token))
+                .await
+                .map_err(capstan_store::Error::from)?
+                .ok_or_else(|| {
+                    slot.detail("unknown refresh token");
+                    ApiError::unauthorized("unknown refresh token")
+                })?;
         slot.resource(format!("user/{}", session.username));
         slot.claimed(&session.username);
         end_session(state, &session.id, "logout").await?;

@@ -231,7 +231,11 @@ impl JobsApi {
 
     /// Get a job's events, in the order they happened. Needs `jobs:read`.
     #[oai(path = "/jobs/:id/events", method = "get")]
-    async fn events(&self, auth: BearerAuth, id: Path<String>) -> Result<Json<JobEvents>, ApiError> {
+    async fn events(
+        &self,
+        auth: BearerAuth,
+        id: Path<String>,
+    ) -> Result<Json<JobEvents>, ApiError> {
         let state = served(&self.0)?;
         auth.allow_read(Permission::JobsRead)?;
         let id = job_id(&id.0)?;
@@ -329,10 +333,9 @@ impl JobsApi {
         auth.resource(format!(
             "jobs?finished_before={}{}",
             before.to_rfc3339(),
-            status.0.map_or(String::new(), |s| format!(
-                "&status={}",
-                JobStatus::from(s)
-            ))
+            status
+                .0
+                .map_or(String::new(), |s| format!("&status={}", JobStatus::from(s)))
         ));
         let report = crate::purge::purge(state, &statuses, before, limit.0, PURGE_BATCH).await?;
         auth.detail(format!(

@@ -244,6 +244,9 @@ impl<E: Endpoint> Endpoint for TracingEndpoint<E> {
     }
 }
 
+/// The largest declared body read (and dropped) before it is refused with `413`.
+const DRAINED_BODY_BYTES: usize = 16 * 1024 * 1024;
+
 /// Refuses bodies over the limit with `413`, whether or not they declare a length.
 pub(crate) struct BodyLimit(pub usize);
 
@@ -274,6 +277,20 @@ impl<E: Endpoint> Endpoint for BodyLimitEndpoint<E> {
             .and_then(|v| v.parse::<usize>().ok());
         match declared {
             Some(length) if length > self.limit => {
+                // A client still sending its body misses an answer given before it finished
+                // (the connection is closed under it): a body of moderate size is read and
+                // dropped first, so the client gets its 413. Larger ones are cut off at once.
+                if length <= DRAINED_BODY_BYTES {
+                    use tokio::io::AsyncReadExt;
+                    let _ = tokio::io::copy(
+                        &mut request
+                            .take_body()
+                            .into_async_read()
+                            .take(DRAINED_BODY_BYTES as u64),
+                        &mut tokio::io::sink(),
+                    )
+                    .await;
+                }
                 return Err(poem::Error::from_status(StatusCode::PAYLOAD_TOO_LARGE));
             }
             Some(_) => {}

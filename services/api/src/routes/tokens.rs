@@ -55,9 +55,9 @@ impl TokensApi {
             .allow(Permission::TokensCreate, AuditAction::TokenCreate, None)?
             .clone();
         if caller.via == AuthMethod::Oidc {
-            return Err(auth.forbid(
-                "API tokens act for local users; a provider's user cannot own one",
-            ));
+            return Err(
+                auth.forbid("API tokens act for local users; a provider's user cannot own one")
+            );
         }
         let NewToken {
             name,
@@ -177,13 +177,9 @@ impl TokensApi {
                 "revoking another user's token needs `tokens:manage`",
             ));
         }
-        identity::revoke_token(
-            state.history.identity(),
-            &id,
-            Timestamp::now().as_millis(),
-        )
-        .await
-        .map_err(db_error)?;
+        identity::revoke_token(state.history.identity(), &id, Timestamp::now().as_millis())
+            .await
+            .map_err(db_error)?;
         state
             .security
             .authenticator

@@ -7,8 +7,8 @@
 //! administrator cannot be demoted, disabled or deleted.
 
 use capstan_protocol::{AuditAction, RevocationKey, Timestamp};
-use capstan_store::identity::{self, UserChanges};
 use capstan_store::entity::user;
+use capstan_store::identity::{self, UserChanges};
 use poem_openapi::param::Path;
 use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, OpenApi};
@@ -74,7 +74,10 @@ impl UsersApi {
         auth.allow(
             Permission::UsersManage,
             AuditAction::UserCreate,
-            Some(format!("user/{}", name.chars().take(64).collect::<String>())),
+            Some(format!(
+                "user/{}",
+                name.chars().take(64).collect::<String>()
+            )),
         )?;
         check_username(&name).map_err(|e| ApiError::bad_request(e.to_string(), Some("name")))?;
         let role = parse_role(&role)?;
@@ -95,7 +98,10 @@ impl UsersApi {
         {
             return Err(ApiError::conflict(format!("the user `{name}` exists")));
         }
-        auth.detail(format!("role {role}{}", if disabled { ", disabled" } else { "" }));
+        auth.detail(format!(
+            "role {role}{}",
+            if disabled { ", disabled" } else { "" }
+        ));
         Ok(Created::User(
             Json(row.into()),
             format!("/api/v1/users/{name}"),
@@ -133,21 +139,20 @@ impl UsersApi {
     ) -> Result<Done, ApiError> {
         let state = served(&self.0)?;
         let caller = auth.principal().clone();
-        auth.note(AuditAction::UserPassword, Some(format!("user/{}", caller.name)));
+        auth.note(
+            AuditAction::UserPassword,
+            Some(format!("user/{}", caller.name)),
+        );
         if !caller.is_local_user() {
-            return Err(auth.forbid(
-                "only a user logged in with a password changes their password here",
-            ));
+            return Err(
+                auth.forbid("only a user logged in with a password changes their password here")
+            );
         }
         let PasswordChange {
             current_password,
             new_password,
         } = body.0;
-        if let Err(limited) = state
-            .security
-            .limits
-            .login(&caller.name, None)
-        {
+        if let Err(limited) = state.security.limits.login(&caller.name, None) {
             return Err(ApiError::too_many_requests(
                 format!("too many {}", limited.what),
                 limited.retry_after,
@@ -197,7 +202,10 @@ impl UsersApi {
         auth.allow(
             Permission::UsersManage,
             AuditAction::UserUpdate,
-            Some(format!("user/{}", name.chars().take(64).collect::<String>())),
+            Some(format!(
+                "user/{}",
+                name.chars().take(64).collect::<String>()
+            )),
         )?;
         let UserPatch {
             role,
@@ -262,7 +270,10 @@ impl UsersApi {
         auth.allow(
             Permission::UsersManage,
             AuditAction::UserDelete,
-            Some(format!("user/{}", name.chars().take(64).collect::<String>())),
+            Some(format!(
+                "user/{}",
+                name.chars().take(64).collect::<String>()
+            )),
         )?;
         let current = identity::user(state.history.identity(), &name)
             .await
@@ -294,7 +305,12 @@ async fn last_admin_guard(state: &State) -> Result<(), ApiError> {
 
 /// Ends every session of `name` and refuses their earlier access tokens everywhere; with
 /// `tokens`, revokes their API tokens too.
-async fn revoke_user(state: &State, name: &str, tokens: bool, reason: &str) -> Result<(), ApiError> {
+async fn revoke_user(
+    state: &State,
+    name: &str,
+    tokens: bool,
+    reason: &str,
+) -> Result<(), ApiError> {
     let now = Timestamp::now().as_millis();
     let db = state.history.identity();
     let revocations = state.security.authenticator.revocations();
