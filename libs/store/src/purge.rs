@@ -28,14 +28,14 @@ pub async fn finished(
     if let Some(after) = after {
         select = select.filter(job::Column::Id.gt(after));
     }
-    Ok(select
+    select
         .filter(job::Column::Status.is_in(statuses))
         .filter(job::Column::FinishedAt.lt(finished_before))
         .order_by_asc(job::Column::Id)
         .limit(limit)
         .into_tuple::<String>()
         .all(db)
-        .await?)
+        .await
 }
 
 /// Deletes every row of the jobs `ids`: the job, its labels, attempts and events; how many

@@ -32,32 +32,32 @@ pub struct Problem {
 pub enum ApiError {
     /// The request is malformed or a parameter is invalid.
     #[oai(status = 400, content_type = "application/problem+json")]
-    BadRequest(Json<Problem>),
+    BadRequest(Json<Box<Problem>>),
     /// No credential, or one that is not valid: send `Authorization: Bearer <token>`.
     #[oai(status = 401, content_type = "application/problem+json")]
-    Unauthorized(Json<Problem>, #[oai(header = "WWW-Authenticate")] String),
+    Unauthorized(Json<Box<Problem>>, #[oai(header = "WWW-Authenticate")] String),
     /// The credential is valid but lacks a permission this request needs (`permission`
     /// names it), or the request came for a host or from an origin that is not allowed.
     #[oai(status = 403, content_type = "application/problem+json")]
-    Forbidden(Json<Problem>),
+    Forbidden(Json<Box<Problem>>),
     /// No such resource.
     #[oai(status = 404, content_type = "application/problem+json")]
-    NotFound(Json<Problem>),
+    NotFound(Json<Box<Problem>>),
     /// The request conflicts with the resource's state.
     #[oai(status = 409, content_type = "application/problem+json")]
-    Conflict(Json<Problem>),
+    Conflict(Json<Box<Problem>>),
     /// The body is larger than allowed.
     #[oai(status = 413, content_type = "application/problem+json")]
-    TooLarge(Json<Problem>),
+    TooLarge(Json<Box<Problem>>),
     /// The request parsed but its content is invalid.
     #[oai(status = 422, content_type = "application/problem+json")]
-    Invalid(Json<Problem>),
+    Invalid(Json<Box<Problem>>),
     /// Too many requests, or a login locked out: `Retry-After` says in how many seconds.
     #[oai(status = 429, content_type = "application/problem+json")]
-    TooManyRequests(Json<Problem>, #[oai(header = "Retry-After")] u64),
+    TooManyRequests(Json<Box<Problem>>, #[oai(header = "Retry-After")] u64),
     /// A dependency (NATS, the database) is unavailable; retry.
     #[oai(status = 503, content_type = "application/problem+json")]
-    Unavailable(Json<Problem>),
+    Unavailable(Json<Box<Problem>>),
 }
 
 fn problem(
@@ -66,15 +66,17 @@ fn problem(
     status: StatusCode,
     detail: String,
     field: Option<String>,
-) -> Json<Problem> {
-    Json(Problem {
+) -> Json<Box<Problem>> {
+    // Boxed: every operation returns `Result<_, ApiError>`, and a problem inline would make
+    // each such result as large as the document.
+    Json(Box::new(Problem {
         kind: format!("urn:capstan:problem:{code}"),
         title: title.to_owned(),
         status: status.as_u16(),
         detail,
         field,
         permission: None,
-    })
+    }))
 }
 
 impl ApiError {

@@ -1359,12 +1359,9 @@ async fn the_admin_purge_removes_finished_jobs_from_history_bucket_and_streams(b
         )
         .await;
     }
-    let before = format!(
-        "{}",
-        capstan_protocol::Timestamp::now()
-            .plus(Duration::from_secs(1))
-            .to_rfc3339()
-    );
+    let before = capstan_protocol::Timestamp::now()
+        .plus(Duration::from_secs(1))
+        .to_rfc3339();
     let olga = site.user("olga", "operator").await;
     let refused = assert_problem(
         &delete(&olga, &format!("/api/v1/jobs?finished_before={before}")).await,
