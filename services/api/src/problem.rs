@@ -35,7 +35,10 @@ pub enum ApiError {
     BadRequest(Json<Box<Problem>>),
     /// No credential, or one that is not valid: send `Authorization: Bearer <token>`.
     #[oai(status = 401, content_type = "application/problem+json")]
-    Unauthorized(Json<Box<Problem>>, #[oai(header = "WWW-Authenticate")] String),
+    Unauthorized(
+        Json<Box<Problem>>,
+        #[oai(header = "WWW-Authenticate")] String,
+    ),
     /// The credential is valid but lacks a permission this request needs (`permission`
     /// names it), or the request came for a host or from an origin that is not allowed.
     #[oai(status = 403, content_type = "application/problem+json")]

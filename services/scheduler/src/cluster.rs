@@ -30,6 +30,8 @@ struct State {
     assigned: HashMap<NodeId, HashMap<JobId, Instant>>,
     /// When each node was last picked, to spread ties.
     last_pick: HashMap<NodeId, Instant>,
+    /// Nodes kept out of placement until the time given (see [`Cluster::fence`]).
+    fenced: HashMap<NodeId, Instant>,
 }
 
 impl State {
@@ -75,11 +77,17 @@ impl Cluster {
     pub fn reserve(&self, selector: &Labels, job: JobId) -> Result<NodeId, Shortage> {
         let mut state = self.state();
         let mut matched = false;
+        let now = Instant::now();
+        state.fenced.retain(|_, until| *until > now);
         let best = self.nodes.read(|entries| {
             entries
                 .values()
                 .map(|entry| &entry.value)
-                .filter(|node| node.is_schedulable() && selects(selector, &node.labels))
+                .filter(|node| {
+                    node.is_schedulable()
+                        && !state.fenced.contains_key(&node.id)
+                        && selects(selector, &node.labels)
+                })
                 .inspect(|_| matched = true)
                 .filter_map(|node| {
                     let load = state.load(&node.id);
@@ -108,7 +116,6 @@ impl Cluster {
         });
         match best {
             Some(node) => {
-                let now = Instant::now();
                 state
                     .assigned
                     .entry(node.clone())
@@ -120,6 +127,18 @@ impl Cluster {
             None if matched => Err(Shortage::NoFreeSlot),
             None => Err(Shortage::NoMatchingNode),
         }
+    }
+
+    /// Keeps `node` out of placement for `period`. A replica settling the attempts of a node
+    /// that went away fences it first: the record saying it is down reaches this replica's view
+    /// through another subscription than the event that started the settlement, and may come
+    /// a little later; without the fence, an attempt handed back (and woken at once) could be
+    /// placed on the same node again, found by the settlement still scanning it, and handed
+    /// back again, attempt after attempt, until its retries ran out.
+    pub fn fence(&self, node: &NodeId, period: Duration) {
+        self.state()
+            .fenced
+            .insert(node.clone(), Instant::now() + period);
     }
 
     /// Takes back a reservation whose dispatch did not happen.

@@ -30,6 +30,10 @@ use crate::Scheduler;
 /// Deliveries of one node event before it is given up (only passing failures redeliver it).
 const MAX_DELIVER: i64 = 20;
 
+/// How long a node that went away is kept out of placement by the replica settling it: far
+/// longer than any lag between its `down` event and its record, far shorter than a restart.
+const FENCE: Duration = Duration::from_secs(5);
+
 impl Scheduler {
     /// Consumes node events until `shutdown`, settling the attempts of lost nodes.
     pub(crate) async fn consume_node_events(self: Arc<Self>, shutdown: CancellationToken) {
@@ -139,6 +143,11 @@ impl Scheduler {
         keep: Option<InstanceId>,
         reason: &str,
     ) -> Result<usize, Error> {
+        if keep.is_none() {
+            // The node is gone: place nothing more on it, even before this replica's view of
+            // its record says so (see `Cluster::fence`).
+            self.cluster.fence(node, FENCE);
+        }
         let stream = self
             .mesh
             .js

@@ -469,3 +469,46 @@ async fn two_replicas_accept_and_dispatch_each_of_300_jobs_exactly_once_spread_b
     first.stop().await;
     second.stop().await;
 }
+
+#[tokio::test]
+async fn a_fenced_node_gets_no_placement_until_its_fence_ends() {
+    let server = NatsServer::start().await;
+    let mesh = mesh(&server).await;
+    let a = add_node(&mesh, "fence-a", 4, &[]).await;
+    let b = add_node(&mesh, "fence-b", 4, &[]).await;
+    let shutdown = CancellationToken::new();
+    let view = capstan_mesh::BucketView::start(mesh.nodes.clone(), shutdown.clone())
+        .await
+        .expect("a view");
+    assert!(view.wait_ready(Duration::from_secs(10)).await);
+    wait_until(
+        "both nodes in the view",
+        Duration::from_secs(10),
+        || async { (view.values().len() == 2).then_some(()) },
+    )
+    .await;
+    let cluster = capstan_scheduler::cluster::Cluster::new(view, 1.0, Duration::from_secs(10));
+    cluster.fence(&a, Duration::from_millis(300));
+    let picks: Vec<NodeId> = (0..4)
+        .map(|_| {
+            cluster
+                .reserve(&Default::default(), JobId::generate())
+                .expect("room")
+        })
+        .collect();
+    assert!(picks.iter().all(|node| *node == b), "{picks:?}");
+    // Fenced and full: the job waits for room rather than going to the fenced node.
+    assert!(
+        cluster
+            .reserve(&Default::default(), JobId::generate())
+            .is_err()
+    );
+    wait_until("the fence to end", Duration::from_secs(10), || async {
+        cluster
+            .reserve(&Default::default(), JobId::generate())
+            .ok()
+            .filter(|node| *node == a)
+    })
+    .await;
+    shutdown.cancel();
+}

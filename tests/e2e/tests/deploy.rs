@@ -540,3 +540,53 @@ fn the_api_listens_on_the_port_compose_publishes() {
         "the image should declare the api's port"
     );
 }
+
+#[test]
+fn the_api_in_compose_answers_its_own_healthcheck_and_keeps_its_key_on_a_volume() {
+    let compose = compose();
+    let (name, _, api) = capstan_services(&compose)
+        .into_iter()
+        .find(|(_, binary, _)| binary == "capstan-api")
+        .expect("compose runs the api");
+    // The healthcheck's request must name a host the API serves, or the guard refuses it.
+    // (Every part must be a string: a bare `Host: x` in YAML would turn into a mapping.)
+    let parts = &api["healthcheck"]["test"];
+    let check = strings(parts).join(" ");
+    assert_eq!(
+        strings(parts).len(),
+        parts.as_vec().map_or(0, Vec::len),
+        "{name}'s healthcheck has a part that is not a string"
+    );
+    let host = check
+        .split("Host:")
+        .nth(1)
+        .and_then(|rest| rest.split('\\').next())
+        .map(str::trim)
+        .unwrap_or_else(|| panic!("{name}'s healthcheck names no Host: {check}"));
+    let allowed = variable(&name, &api, "CAPSTAN_API_ALLOWED_HOSTS")
+        .unwrap_or_else(|| panic!("{name} listens on all addresses: it must list its hosts"));
+    assert!(
+        allowed
+            .split(',')
+            .any(|h| h.trim() == host || h.trim() == "*"),
+        "{name}'s healthcheck asks for `{host}`, not in {allowed}"
+    );
+    // Its data directory (where a generated signing key lives) survives a new container.
+    let data = variable(&name, &api, "CAPSTAN_DATA_DIR").expect("a data directory");
+    let volumes = strings(&api["volumes"]);
+    assert!(
+        volumes.iter().any(|v| v.ends_with(&format!(":{data}"))),
+        "{name} keeps {data} in {volumes:?}"
+    );
+    assert!(
+        read("deploy/Dockerfile").contains(&format!("chown capstan {data}")),
+        "the image should let the service user write {data}"
+    );
+    // No secret is written into the compose file.
+    for secret in ["CAPSTAN_JWT_KEY", "CAPSTAN_ADMIN_PASSWORD"] {
+        assert!(
+            variable(&name, &api, secret).is_none(),
+            "{secret} in compose"
+        );
+    }
+}

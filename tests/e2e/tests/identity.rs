@@ -1532,9 +1532,33 @@ async fn hosts_and_origins_outside_the_allow_list_are_refused(backend: Backend) 
                     "CAPSTAN_API_CORS_ORIGINS",
                     "https://ops.example.com".to_owned(),
                 ),
+                (
+                    "CAPSTAN_API_ALLOWED_HOSTS",
+                    "localhost,127.0.0.1".to_owned(),
+                ),
             ],
         )
         .await;
+    // A host listed without a port is served on any port, and a bare HTTP/1.0 request naming
+    // it (the compose file's healthcheck) gets its answer.
+    let raw = {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let address = listed.trim_start_matches("http://").to_owned();
+        let mut stream = tokio::net::TcpStream::connect(address)
+            .await
+            .expect("connects");
+        stream
+            .write_all(b"GET /readyz HTTP/1.0\r\nHost:localhost\r\n\r\n")
+            .await
+            .expect("writes");
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await.expect("reads");
+        answer
+    };
+    assert!(
+        raw.starts_with("HTTP/1.0 200") || raw.starts_with("HTTP/1.1 200"),
+        "{raw}"
+    );
     let ops = cluster.http(&listed);
     let preflight = ops
         .send(
