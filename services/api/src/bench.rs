@@ -26,6 +26,10 @@ pub struct AuthBench {
     pub unguarded: BoxEndpoint<'static>,
     /// An administrator's access token.
     pub token: String,
+    /// The guard around an endpoint that only answers `200`: the guard's cost alone.
+    pub guard_alone: BoxEndpoint<'static>,
+    /// The caller set directly around the same endpoint.
+    pub nothing_alone: BoxEndpoint<'static>,
     authenticator: Arc<crate::auth::authenticator::Authenticator>,
 }
 
@@ -44,13 +48,7 @@ impl AuthBench {
         let unguarded = crate::outer(
             crate::routes_app(&state, &config).around(
                 |endpoint, mut request: Request| async move {
-                    request.extensions_mut().insert(Principal {
-                        name: "admin".into(),
-                        role: Role::Admin,
-                        via: capstan_protocol::AuthMethod::Password,
-                        token: None,
-                        session: None,
-                    });
+                    request.extensions_mut().insert(admin());
                     request
                         .extensions_mut()
                         .insert(Arc::new(AuditSlot::default()));
@@ -62,7 +60,26 @@ impl AuthBench {
             ),
             &config,
         );
+        let empty = || poem::endpoint::make_sync(|_| "ok");
+        let guard_alone = empty()
+            .with(crate::guard::Guard(state.security.clone()))
+            .map_to_response()
+            .boxed();
+        let nothing_alone = empty()
+            .around(|endpoint, mut request: Request| async move {
+                request.extensions_mut().insert(admin());
+                request
+                    .extensions_mut()
+                    .insert(Arc::new(AuditSlot::default()));
+                endpoint
+                    .call(request)
+                    .await
+                    .map(poem::IntoResponse::into_response)
+            })
+            .boxed();
         Ok(Self {
+            guard_alone,
+            nothing_alone,
             guarded: crate::app(&state, &config),
             unguarded,
             token,
@@ -70,8 +87,25 @@ impl AuthBench {
         })
     }
 
+    /// A new access token for the administrator, never seen by the API.
+    pub fn fresh_token(&self) -> String {
+        self.authenticator
+            .keys()
+            .issue("admin", Role::Admin, "bench-session")
+    }
+
     /// Verifies the bearer of `headers` alone (the guard's main cost), for the breakdown.
     pub async fn authenticate(&self, headers: &poem::http::HeaderMap) -> bool {
         self.authenticator.authenticate(headers).await.is_ok()
+    }
+}
+
+fn admin() -> Principal {
+    Principal {
+        name: "admin".into(),
+        role: Role::Admin,
+        via: capstan_protocol::AuthMethod::Password,
+        token: None,
+        session: None,
     }
 }

@@ -5,7 +5,8 @@
 //!
 //! API tokens are looked up in the database and the answer is cached for a few seconds; the
 //! revocation view makes a revoked token fail at once anyway, and a changed owner (disabled,
-//! demoted) drops the cached answer.
+//! demoted) drops the cached answer. Access tokens are verified once and remembered until they
+//! expire (a client sends the same one many times); revocations apply to them on every request.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -17,7 +18,7 @@ use capstan_protocol::{AuthMethod, RevocationKey, Timestamp};
 use capstan_store::History;
 use capstan_store::identity;
 
-use super::jwt::Keys;
+use super::jwt::{self, Keys};
 use super::oidc::{OidcError, Provider};
 use super::revocations::Revocations;
 use super::secret::{API_TOKEN_PREFIX, digest};
@@ -46,6 +47,27 @@ pub enum AuthError {
     Unavailable(String),
 }
 
+/// An access token already verified: what its claims said that matters per request.
+#[derive(Clone)]
+struct Verified {
+    principal: Principal,
+    session: RevocationKey,
+    user: RevocationKey,
+    issued_at: i64,
+    /// Its expiry (with the leeway), in milliseconds.
+    valid_until: i64,
+}
+
+impl Verified {
+    /// True while the token has not expired (at `now`, in milliseconds).
+    fn usable(&self, now: i64) -> bool {
+        now < self.valid_until
+    }
+}
+
+/// Most verified access tokens remembered at once.
+const VERIFIED_MAX: usize = 10_000;
+
 struct CachedToken {
     principal: Principal,
     expires_at: Option<i64>,
@@ -60,6 +82,10 @@ pub struct Authenticator {
     revocations: Arc<Revocations>,
     history: History,
     tokens: Mutex<HashMap<String, CachedToken>>,
+    /// Access tokens verified before, by their whole text: the same bytes carry the same
+    /// signature, so a token seen again skips decoding and HMAC and costs one lookup; its
+    /// expiry and the revocations are still checked on every request.
+    verified: Mutex<HashMap<String, Verified>>,
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -110,6 +136,7 @@ impl Authenticator {
             revocations,
             history,
             tokens: Mutex::new(HashMap::new()),
+            verified: Mutex::new(HashMap::new()),
         }
     }
 
@@ -150,26 +177,57 @@ impl Authenticator {
     }
 
     fn access_token(&self, token: &str) -> Result<Principal, AuthError> {
-        let (claims, principal) = self
-            .keys
-            .verify(token)
-            .map_err(|e| AuthError::Invalid(e.to_string()))?;
-        if self
-            .revocations
-            .revoked_at(&RevocationKey::Session(claims.sid.clone()))
-            .is_some()
-        {
+        let now = Timestamp::now().as_millis();
+        let known = self
+            .verified
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(token)
+            .filter(|verified| verified.usable(now))
+            .cloned();
+        let verified = match known {
+            Some(verified) => verified,
+            None => {
+                let (claims, principal) = self
+                    .keys
+                    .verify(token)
+                    .map_err(|e| AuthError::Invalid(e.to_string()))?;
+                let verified = Verified {
+                    principal,
+                    session: RevocationKey::Session(claims.sid),
+                    user: RevocationKey::User(claims.sub),
+                    issued_at: claims.iat_ms,
+                    valid_until: i64::try_from(claims.exp)
+                        .unwrap_or(i64::MAX)
+                        .saturating_mul(1000)
+                        .saturating_add(jwt::LEEWAY_MS),
+                };
+                let mut cache = self
+                    .verified
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if cache.len() >= VERIFIED_MAX {
+                    cache.retain(|_, v| v.usable(now));
+                    if cache.len() >= VERIFIED_MAX {
+                        cache.clear();
+                    }
+                }
+                cache.insert(token.to_owned(), verified.clone());
+                verified
+            }
+        };
+        if self.revocations.revoked_at(&verified.session).is_some() {
             return Err(AuthError::Invalid("the session has ended".into()));
         }
         if self
             .revocations
-            .revoked_since(&RevocationKey::User(claims.sub.clone()), claims.iat_ms)
+            .revoked_since(&verified.user, verified.issued_at)
         {
             return Err(AuthError::Invalid(
                 "the user changed since this token was issued: log in or refresh".into(),
             ));
         }
-        Ok(principal)
+        Ok(verified.principal)
     }
 
     async fn api_token(&self, token: &str) -> Result<Principal, AuthError> {
@@ -279,6 +337,25 @@ mod tests {
         assert_eq!(bearer(&headers), None);
         headers.insert("authorization", "Bearer ".parse().expect("valid"));
         assert_eq!(bearer(&headers), None);
+    }
+
+    #[test]
+    fn a_remembered_access_token_is_refused_once_it_expires() {
+        let verified = Verified {
+            principal: Principal {
+                name: "alice".into(),
+                role: Role::Viewer,
+                via: AuthMethod::Password,
+                token: None,
+                session: Some("s".into()),
+            },
+            session: RevocationKey::Session("s".into()),
+            user: RevocationKey::User("alice".into()),
+            issued_at: 0,
+            valid_until: 10_000,
+        };
+        assert!(verified.usable(9_999));
+        assert!(!verified.usable(10_000));
     }
 
     #[test]

@@ -23,6 +23,12 @@ use capstan_protocol::AuthMethod;
 /// The one signing algorithm.
 const ALGORITHM: Algorithm = Algorithm::HS256;
 
+/// Clock skew tolerated on `exp` and `nbf`, in seconds.
+const LEEWAY: u64 = 5;
+
+/// [`LEEWAY`] in milliseconds.
+pub const LEEWAY_MS: i64 = 5_000;
+
 /// The shortest signing key accepted, in bytes.
 pub const MIN_KEY_BYTES: usize = 32;
 
@@ -225,7 +231,7 @@ impl Keys {
         validation.set_audience(&[&self.audience]);
         validation.set_required_spec_claims(&["exp", "iat", "nbf", "iss", "aud", "sub"]);
         validation.validate_nbf = true;
-        validation.leeway = 5;
+        validation.leeway = LEEWAY;
         let data =
             jsonwebtoken::decode::<Claims>(token, &key.decoding, &validation).map_err(|error| {
                 match error.kind() {
