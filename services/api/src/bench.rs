@@ -45,38 +45,13 @@ impl AuthBench {
                 .authenticator
                 .keys()
                 .issue("admin", Role::Admin, "bench-session");
-        let unguarded = crate::outer(
-            crate::routes_app(&state, &config).around(
-                |endpoint, mut request: Request| async move {
-                    request.extensions_mut().insert(admin());
-                    request
-                        .extensions_mut()
-                        .insert(Arc::new(AuditSlot::default()));
-                    endpoint
-                        .call(request)
-                        .await
-                        .map(poem::IntoResponse::into_response)
-                },
-            ),
-            &config,
-        );
+        let unguarded = crate::outer(crate::routes_app(&state, &config).around(as_admin), &config);
         let empty = || poem::endpoint::make_sync(|_| "ok");
         let guard_alone = empty()
             .with(crate::guard::Guard(state.security.clone()))
             .map_to_response()
             .boxed();
-        let nothing_alone = empty()
-            .around(|endpoint, mut request: Request| async move {
-                request.extensions_mut().insert(admin());
-                request
-                    .extensions_mut()
-                    .insert(Arc::new(AuditSlot::default()));
-                endpoint
-                    .call(request)
-                    .await
-                    .map(poem::IntoResponse::into_response)
-            })
-            .boxed();
+        let nothing_alone = empty().around(as_admin).boxed();
         Ok(Self {
             guard_alone,
             nothing_alone,
@@ -100,12 +75,23 @@ impl AuthBench {
     }
 }
 
-fn admin() -> Principal {
-    Principal {
+/// In the guard's place: the caller is an administrator, and the request has an audit note.
+async fn as_admin<E: Endpoint>(
+    endpoint: Arc<E>,
+    mut request: Request,
+) -> poem::Result<poem::Response> {
+    request.extensions_mut().insert(Principal {
         name: "admin".into(),
         role: Role::Admin,
         via: capstan_protocol::AuthMethod::Password,
         token: None,
         session: None,
-    }
+    });
+    request
+        .extensions_mut()
+        .insert(Arc::new(AuditSlot::default()));
+    endpoint
+        .call(request)
+        .await
+        .map(poem::IntoResponse::into_response)
 }

@@ -185,6 +185,16 @@ async fn audited(admin: &HttpClient, query: &str, count: usize) -> Vec<Value> {
     .await
 }
 
+/// Waits until `client` is refused (`401`) on `GET /api/v1/users/me`; how long that took.
+async fn until_refused(client: &HttpClient, what: &str, deadline: Duration) -> Duration {
+    let since = Instant::now();
+    wait_until(what, deadline, || async {
+        (client.get("/api/v1/users/me").await.status == StatusCode::UNAUTHORIZED).then_some(())
+    })
+    .await;
+    since.elapsed()
+}
+
 fn access_token(http: &HttpClient) -> String {
     http.bearer().expect("logged in").to_owned()
 }
@@ -419,12 +429,10 @@ async fn refresh_tokens_rotate_and_a_replayed_one_ends_its_whole_session(backend
     let replay = refresh(&first["refresh_token"]).await;
     assert!(assert_unauthorized(&replay).contains("used before"));
     assert!(assert_unauthorized(&refresh(&second["refresh_token"]).await).contains("ended"));
-    wait_until(
+    until_refused(
+        &access,
         "the session's access token to be refused",
         Duration::from_secs(5),
-        || async {
-            (access.get("/api/v1/users/me").await.status == StatusCode::UNAUTHORIZED).then_some(())
-        },
     )
     .await;
     let reuse = audited(&site.admin(), "action=auth.refresh_reuse", 1).await;
@@ -624,7 +632,17 @@ async fn disabled_users_and_revoked_tokens_are_refused_at_once_on_every_replica(
         )
         .await;
     assert_eq!(created.status, StatusCode::CREATED);
-    let olga_one = one.anonymous().login("olga", PASSWORD).await;
+    let tokens = one
+        .anonymous()
+        .post_json(
+            "/api/v1/auth/login",
+            &json!({"username": "olga", "password": PASSWORD}).to_string(),
+        )
+        .await
+        .json();
+    let olga_one = one
+        .anonymous()
+        .with_bearer(tokens["access_token"].as_str().expect("a token"));
     let olga_on_two = two.anonymous().with_bearer(access_token(&olga_one));
     assert_eq!(
         olga_on_two.get("/api/v1/users/me").await.status,
@@ -651,21 +669,13 @@ async fn disabled_users_and_revoked_tokens_are_refused_at_once_on_every_replica(
     )
     .await;
     assert_eq!(revoked.status, StatusCode::NO_CONTENT);
-    let since = Instant::now();
-    wait_until(
+    let took = until_refused(
+        &machine_on_two,
         "the other replica to refuse the token",
         Duration::from_secs(5),
-        || async {
-            (machine_on_two.get("/api/v1/users/me").await.status == StatusCode::UNAUTHORIZED)
-                .then_some(())
-        },
     )
     .await;
-    assert!(
-        since.elapsed() < Duration::from_secs(1),
-        "took {:?}",
-        since.elapsed()
-    );
+    assert!(took < Duration::from_secs(1), "took {took:?}");
 
     // Disabled on one replica: the other refuses the still-valid access token, a login and a
     // refresh.
@@ -677,21 +687,13 @@ async fn disabled_users_and_revoked_tokens_are_refused_at_once_on_every_replica(
     )
     .await;
     assert_eq!(disabled.status, StatusCode::OK, "{}", disabled.text());
-    let since = Instant::now();
-    wait_until(
+    let took = until_refused(
+        &olga_on_two,
         "the other replica to refuse the disabled user",
         Duration::from_secs(5),
-        || async {
-            (olga_on_two.get("/api/v1/users/me").await.status == StatusCode::UNAUTHORIZED)
-                .then_some(())
-        },
     )
     .await;
-    assert!(
-        since.elapsed() < Duration::from_secs(1),
-        "took {:?}",
-        since.elapsed()
-    );
+    assert!(took < Duration::from_secs(1), "took {took:?}");
     let login = two
         .anonymous()
         .post_json(
@@ -700,6 +702,14 @@ async fn disabled_users_and_revoked_tokens_are_refused_at_once_on_every_replica(
         )
         .await;
     assert!(assert_unauthorized(&login).contains("disabled"));
+    let refresh = two
+        .anonymous()
+        .post_json(
+            "/api/v1/auth/refresh",
+            &json!({"refresh_token": tokens["refresh_token"]}).to_string(),
+        )
+        .await;
+    assert_unauthorized(&refresh);
 
     // Enabled again: a new login works everywhere; a demotion refuses the older token.
     send_json(
@@ -722,13 +732,10 @@ async fn disabled_users_and_revoked_tokens_are_refused_at_once_on_every_replica(
         json!({"role": "viewer"}),
     )
     .await;
-    wait_until(
+    until_refused(
+        &again_on_one,
         "the demoted user's older token to be refused",
         Duration::from_secs(5),
-        || async {
-            (again_on_one.get("/api/v1/users/me").await.status == StatusCode::UNAUTHORIZED)
-                .then_some(())
-        },
     )
     .await;
     let demoted = one.anonymous().login("olga", PASSWORD).await;
@@ -843,12 +850,10 @@ async fn api_tokens_act_for_their_creator_within_its_role_and_show_their_secret_
         delete(&admin, "/api/v1/users/olga").await.status,
         StatusCode::NO_CONTENT
     );
-    wait_until(
+    until_refused(
+        &bot,
         "a deleted user's token to be refused",
         Duration::from_secs(15),
-        || async {
-            (bot.get("/api/v1/users/me").await.status == StatusCode::UNAUTHORIZED).then_some(())
-        },
     )
     .await;
     assert_problem(

@@ -6,7 +6,7 @@ use poem_openapi::OpenApi;
 use poem_openapi::param::Query;
 use poem_openapi::payload::Json;
 
-use super::{BearerAuth, Tag, served, timestamp};
+use super::{BearerAuth, Tag, page, parse_cursor, served, time_parameter};
 use crate::auth::Permission;
 use crate::model::access::AuditPage;
 use crate::problem::ApiError;
@@ -57,40 +57,18 @@ impl AuditApi {
                 .parse::<capstan_protocol::AuditOutcome>()
                 .map_err(|reason| ApiError::bad_request(reason, Some("outcome")))?;
         }
-        let before = match &cursor.0 {
-            Some(text) => Some(text.parse::<AuditId>().map_err(|_| {
-                ApiError::bad_request(
-                    format!("`{text}` is not a cursor returned by this API"),
-                    Some("cursor"),
-                )
-            })?),
-            None => None,
-        };
         let query = AuditQuery {
             principal: principal.0,
             action: action.0,
             resource: resource.0,
             outcome: outcome.0,
-            since: since
-                .0
-                .as_deref()
-                .map(|t| timestamp(t, "since"))
-                .transpose()?,
-            until: until
-                .0
-                .as_deref()
-                .map(|t| timestamp(t, "until"))
-                .transpose()?,
-            before,
+            since: time_parameter(since.0.as_deref(), "since")?,
+            until: time_parameter(until.0.as_deref(), "until")?,
+            before: parse_cursor::<AuditId>(cursor.0.as_deref())?,
             limit: u64::from(limit.0) + 1,
         };
-        let mut rows = state.history.audit(&query).await?;
-        let next_cursor = if rows.len() > limit.0 as usize {
-            rows.truncate(limit.0 as usize);
-            rows.last().map(|row| row.id.clone())
-        } else {
-            None
-        };
+        let rows = state.history.audit(&query).await?;
+        let (rows, next_cursor) = page(rows, limit.0, |row| row.id.clone());
         Ok(Json(AuditPage {
             records: rows.into_iter().map(Into::into).collect(),
             next_cursor,

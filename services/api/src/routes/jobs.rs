@@ -7,7 +7,7 @@ use poem_openapi::param::{Path, Query};
 use poem_openapi::payload::{EventStream, Json};
 use poem_openapi::{ApiResponse, OpenApi};
 
-use super::{BearerAuth, Tag, job_id, served, timestamp};
+use super::{BearerAuth, Tag, job_id, page, parse_cursor, served, time_parameter, timestamp};
 use crate::auth::Permission;
 use crate::model::access::Purged;
 use crate::model::{
@@ -121,41 +121,19 @@ impl JobsApi {
             })?;
             labels.push((key.to_owned(), value.to_owned()));
         }
-        let before = match &cursor.0 {
-            Some(text) => Some(text.parse::<JobId>().map_err(|_| {
-                ApiError::bad_request(
-                    format!("`{text}` is not a cursor returned by this API"),
-                    Some("cursor"),
-                )
-            })?),
-            None => None,
-        };
         let query = JobQuery {
             status: status.0.map(Into::into),
             name: name.0,
             node: node.0,
             submitted_by: submitted_by.0,
             labels,
-            since: since
-                .0
-                .as_deref()
-                .map(|t| timestamp(t, "since"))
-                .transpose()?,
-            until: until
-                .0
-                .as_deref()
-                .map(|t| timestamp(t, "until"))
-                .transpose()?,
-            before,
+            since: time_parameter(since.0.as_deref(), "since")?,
+            until: time_parameter(until.0.as_deref(), "until")?,
+            before: parse_cursor::<JobId>(cursor.0.as_deref())?,
             limit: u64::from(limit.0) + 1,
         };
-        let mut rows = state.history.list(&query).await?;
-        let next_cursor = if rows.len() > limit.0 as usize {
-            rows.truncate(limit.0 as usize);
-            rows.last().map(|row| row.id.clone())
-        } else {
-            None
-        };
+        let rows = state.history.list(&query).await?;
+        let (rows, next_cursor) = page(rows, limit.0, |row| row.id.clone());
         Ok(Json(JobPage {
             jobs: rows.into_iter().map(Into::into).collect(),
             next_cursor,

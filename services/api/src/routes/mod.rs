@@ -206,6 +206,38 @@ fn job_id(text: &str) -> Result<JobId, ApiError> {
     })
 }
 
+/// A keyset cursor returned by a list: the id (a ULID of type `T`) of the last row of the
+/// previous page.
+fn parse_cursor<T: std::str::FromStr>(text: Option<&str>) -> Result<Option<T>, ApiError> {
+    text.map(|text| {
+        text.parse::<T>().map_err(|_| {
+            ApiError::bad_request(
+                format!("`{text}` is not a cursor returned by this API"),
+                Some("cursor"),
+            )
+        })
+    })
+    .transpose()
+}
+
+/// An optional RFC 3339 query parameter named `field`.
+fn time_parameter(text: Option<&str>, field: &str) -> Result<Option<Timestamp>, ApiError> {
+    text.map(|text| timestamp(text, field)).transpose()
+}
+
+/// Cuts `rows`, queried with one more than `limit`, to a page, and says where the next page
+/// starts (the id of its last row) when there is one.
+fn page<T>(mut rows: Vec<T>, limit: u32, id: impl Fn(&T) -> String) -> (Vec<T>, Option<String>) {
+    let limit = limit as usize;
+    if rows.len() > limit {
+        rows.truncate(limit);
+        let next = rows.last().map(id);
+        (rows, next)
+    } else {
+        (rows, None)
+    }
+}
+
 fn timestamp(text: &str, field: &str) -> Result<Timestamp, ApiError> {
     Timestamp::parse_rfc3339(text).map_err(|e| {
         ApiError::bad_request(
