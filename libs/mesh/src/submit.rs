@@ -62,6 +62,23 @@ impl Idempotency {
         Ok(found.map(|reservation| reservation.value.job))
     }
 
+    /// Forgets `key` if it names `job` (a job being purged): the key may name a new job from
+    /// then on. A key naming another job is left alone.
+    pub async fn forget(&self, key: &str, job: JobId) -> Result<(), Error> {
+        let bucket_key = idempotency_bucket_key(key);
+        let Some(current) = self.bucket.get(&bucket_key).await? else {
+            return Ok(());
+        };
+        if current.value.job != job {
+            return Ok(());
+        }
+        self.bucket
+            .kv()
+            .delete_expect_revision(&bucket_key, Some(current.revision))
+            .await
+            .map_err(|e| Error::unavailable("kv delete", e))
+    }
+
     /// Claims `key` for `job`. Claiming a key again for the same job succeeds, so a redelivered
     /// submission passes. Exactly one of two racing claims for different jobs wins.
     pub async fn claim(&self, key: &str, job: JobId) -> Result<Claim, Error> {

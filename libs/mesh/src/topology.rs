@@ -44,6 +44,7 @@ pub fn stream_config(spec: &StreamSpec) -> stream::Config {
             Retention::Limits => stream::RetentionPolicy::Limits,
         },
         max_age: spec.max_age,
+        max_bytes: spec.max_bytes,
         duplicate_window: spec.duplicate_window,
         storage: stream::StorageType::File,
         allow_message_schedules: spec.schedules,

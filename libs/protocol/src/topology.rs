@@ -27,6 +27,8 @@ pub struct StreamSpec {
     pub retention: Retention,
     /// Age limit; zero keeps messages until other limits apply.
     pub max_age: Duration,
+    /// Size limit in bytes, the oldest messages dropped past it; -1 for none.
+    pub max_bytes: i64,
     /// Window in which a repeated `Nats-Msg-Id` is dropped.
     pub duplicate_window: Duration,
     /// Whether messages may carry a `Nats-Schedule` (nats-server 2.12 and later).
@@ -43,6 +45,7 @@ pub const SUBMISSIONS: StreamSpec = StreamSpec {
     subjects: &[subjects::SUBMIT],
     retention: Retention::WorkQueue,
     max_age: Duration::ZERO,
+    max_bytes: -1,
     duplicate_window: DEDUPE,
     schedules: false,
 };
@@ -54,6 +57,7 @@ pub const DISPATCH: StreamSpec = StreamSpec {
     subjects: &[subjects::DISPATCH_ALL],
     retention: Retention::WorkQueue,
     max_age: Duration::ZERO,
+    max_bytes: -1,
     duplicate_window: DEDUPE,
     schedules: false,
 };
@@ -65,6 +69,7 @@ pub const EVENTS: StreamSpec = StreamSpec {
     subjects: &[subjects::EVENTS_ALL],
     retention: Retention::Limits,
     max_age: Duration::from_secs(7 * 24 * 3600),
+    max_bytes: -1,
     duplicate_window: DEDUPE,
     schedules: false,
 };
@@ -76,6 +81,7 @@ pub const LOGS: StreamSpec = StreamSpec {
     subjects: &[subjects::LOGS_ALL],
     retention: Retention::Limits,
     max_age: Duration::from_secs(7 * 24 * 3600),
+    max_bytes: -1,
     duplicate_window: DEDUPE,
     schedules: false,
 };
@@ -89,6 +95,7 @@ pub const TIMERS: StreamSpec = StreamSpec {
     subjects: &[subjects::TIMERS_ALL],
     retention: Retention::WorkQueue,
     max_age: Duration::ZERO,
+    max_bytes: -1,
     duplicate_window: DEDUPE,
     schedules: true,
 };
@@ -101,6 +108,9 @@ pub const AUDIT: StreamSpec = StreamSpec {
     subjects: &[subjects::AUDIT_ALL],
     retention: Retention::Limits,
     max_age: Duration::from_secs(90 * 24 * 3600),
+    // Records are small; a flood of refused requests must not fill the disk. The
+    // `audit` table keeps what the stream drops.
+    max_bytes: 1024 * 1024 * 1024,
     duplicate_window: DEDUPE,
     schedules: false,
 };

@@ -36,21 +36,28 @@ pub struct AuditQuery {
     pub limit: u64,
 }
 
+/// `text` cut to `max` characters, the width of its column: a record is stored whatever a
+/// client put into it (a long path, a long header), so that one hostile request cannot make a
+/// batch of records fail.
+fn fit(text: &Option<String>, max: usize) -> Option<String> {
+    text.as_ref().map(|text| text.chars().take(max).collect())
+}
+
 fn row(record: &AuditRecord) -> audit::ActiveModel {
     audit::ActiveModel {
         id: Set(record.id.to_string()),
         at: Set(record.at.as_millis()),
-        principal: Set(record.principal.clone()),
+        principal: Set(fit(&record.principal, 256)),
         via: Set(record.via.map(|via| via.as_str().to_owned())),
-        token: Set(record.token.clone()),
+        token: Set(fit(&record.token, 128)),
         action: Set(record.action.as_str().to_owned()),
-        resource: Set(record.resource.clone()),
+        resource: Set(fit(&record.resource, 256)),
         outcome: Set(record.outcome.as_str().to_owned()),
         status: Set(record.status.map(i32::from)),
-        client: Set(record.client.clone()),
-        request_id: Set(record.request_id.clone()),
-        trace_id: Set(record.trace_id.clone()),
-        detail: Set(record.detail.clone()),
+        client: Set(fit(&record.client, 64)),
+        request_id: Set(fit(&record.request_id, 64)),
+        trace_id: Set(fit(&record.trace_id, 32)),
+        detail: Set(fit(&record.detail, 4096)),
     }
 }
 

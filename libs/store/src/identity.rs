@@ -99,6 +99,19 @@ pub async fn update_user(
     changes: UserChanges,
     now: i64,
 ) -> Result<Option<user::Model>, DbErr> {
+    if !update_user_in(db, name, changes, now).await? {
+        return Ok(None);
+    }
+    user(db, name).await
+}
+
+/// Applies `changes` to `name`; true if there is such a user.
+async fn update_user_in(
+    db: &impl ConnectionTrait,
+    name: &str,
+    changes: UserChanges,
+    now: i64,
+) -> Result<bool, DbErr> {
     let mut update = user::Entity::update_many()
         .col_expr(user::Column::UpdatedAt, Expr::value(now))
         .filter(user::Column::Name.eq(name));
@@ -111,10 +124,7 @@ pub async fn update_user(
     if let Some(hash) = changes.password_hash {
         update = update.col_expr(user::Column::PasswordHash, Expr::value(hash));
     }
-    if update.exec(db).await?.rows_affected == 0 {
-        return Ok(None);
-    }
-    user(db, name).await
+    Ok(update.exec(db).await?.rows_affected == 1)
 }
 
 /// Deletes `name`; true if it existed.
@@ -126,13 +136,58 @@ pub async fn delete_user(db: &DatabaseConnection, name: &str) -> Result<bool, Db
         == 1)
 }
 
-/// How many enabled users hold `role`.
-pub async fn enabled_with_role(db: &DatabaseConnection, role: &str) -> Result<u64, DbErr> {
-    user::Entity::find()
-        .filter(user::Column::Role.eq(role))
+/// What a change that could remove the last administrator did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kept {
+    /// Done; the user as it is now (`None` once deleted, or if there was no such user).
+    Done(Option<user::Model>),
+    /// Refused: no enabled user would hold `admin_role` after it.
+    LastAdmin,
+}
+
+/// Applies `changes` to `name` (or deletes it, when `changes` is `None`) unless that leaves no
+/// enabled user holding `admin_role`. Two such changes racing each other cannot both pass: on
+/// PostgreSQL the enabled administrators' rows are locked first; SQLite lets one writer at a
+/// time in, and the change comes before the count.
+pub async fn change_keeping_an_admin(
+    db: &DatabaseConnection,
+    name: &str,
+    changes: Option<UserChanges>,
+    admin_role: &str,
+    now: i64,
+) -> Result<Kept, DbErr> {
+    use sea_orm::{DatabaseBackend, QuerySelect};
+    let txn = db.begin().await?;
+    if db.get_database_backend() == DatabaseBackend::Postgres {
+        user::Entity::find()
+            .filter(user::Column::Role.eq(admin_role))
+            .filter(user::Column::Disabled.eq(false))
+            .lock_exclusive()
+            .all(&txn)
+            .await?;
+    }
+    let changed = match changes {
+        Some(changes) => update_user_in(&txn, name, changes, now).await?,
+        None => {
+            user::Entity::delete_by_id(name.to_owned())
+                .exec(&txn)
+                .await?
+                .rows_affected
+                == 1
+        }
+    };
+    let remaining = user::Entity::find()
+        .filter(user::Column::Role.eq(admin_role))
         .filter(user::Column::Disabled.eq(false))
-        .count(db)
-        .await
+        .count(&txn)
+        .await?;
+    if changed && remaining == 0 {
+        txn.rollback().await?;
+        return Ok(Kept::LastAdmin);
+    }
+    let current = user::Entity::find_by_id(name.to_owned()).one(&txn).await?;
+    txn.commit().await?;
+    Ok(Kept::Done(current))
 }
 
 /// Starts a session for `username` with its first refresh token.
@@ -387,4 +442,30 @@ pub async fn revoke_tokens_of(
             .await?;
     }
     Ok(active)
+}
+
+/// Deletes refresh tokens that expired before `before` (milliseconds), and the sessions left
+/// without any; how many rows of each went. Replaying a token deleted this way is answered as
+/// an unknown token, which it is: its session could not be refreshed anyway.
+pub async fn forget_expired(db: &DatabaseConnection, before: i64) -> Result<(u64, u64), DbErr> {
+    use sea_orm::sea_query::Query;
+    let tokens = refresh_token::Entity::delete_many()
+        .filter(refresh_token::Column::ExpiresAt.lt(before))
+        .exec(db)
+        .await?
+        .rows_affected;
+    let sessions = session::Entity::delete_many()
+        .filter(session::Column::CreatedAt.lt(before))
+        .filter(
+            session::Column::Id.not_in_subquery(
+                Query::select()
+                    .column(refresh_token::Column::SessionId)
+                    .from(refresh_token::Entity)
+                    .to_owned(),
+            ),
+        )
+        .exec(db)
+        .await?
+        .rows_affected;
+    Ok((tokens, sessions))
 }

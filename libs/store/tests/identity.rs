@@ -91,6 +91,16 @@ on_both_backends!(
                 .expect("answers"),
             Rotation::Expired
         );
+        // Housekeeping forgets expired tokens and the sessions they leave empty.
+        let (tokens, sessions) = identity::forget_expired(db, 50_000).await.expect("deletes");
+        assert_eq!((tokens, sessions), (1, 1), "the token of s2, then s2");
+        assert!(
+            identity::session_of_refresh(db, "r2a")
+                .await
+                .expect("reads")
+                .is_some(),
+            "unexpired tokens and their sessions stay"
+        );
     }
 );
 
@@ -180,6 +190,25 @@ on_both_backends!(
                 )
             })
             .collect();
+        // Whatever a client sent, however long, the record is stored (cut to its columns).
+        let mut hostile = record(AuditAction::HttpRequest, &"p".repeat(5_000));
+        hostile.resource = Some(format!("POST /{}", "a".repeat(10_000)));
+        hostile.client = Some("c".repeat(500));
+        hostile.detail = Some("d".repeat(100_000));
+        history
+            .record_audit(&[hostile.clone()])
+            .await
+            .expect("a hostile record is stored");
+        let stored = history
+            .audit(&AuditQuery {
+                action: Some("http.request".into()),
+                limit: 10,
+                ..Default::default()
+            })
+            .await
+            .expect("lists");
+        assert_eq!(stored[0].resource.as_deref().map(str::len), Some(256));
+        assert_eq!(stored[0].principal.as_deref().map(str::len), Some(256));
         history.record_audit(&records).await.expect("written");
         // The projection writes the same records again.
         history.record_audit(&records).await.expect("written again");
@@ -190,7 +219,7 @@ on_both_backends!(
             })
             .await
             .expect("lists");
-        assert_eq!(all.len(), 5);
+        assert_eq!(all.len(), 6, "five records and the hostile one, each once");
         let ids: Vec<&str> = all.iter().map(|r| r.id.as_str()).collect();
         let mut sorted = ids.clone();
         sorted.sort_unstable_by(|a, b| b.cmp(a));
@@ -315,5 +344,74 @@ on_both_backends!(
         }
         assert!(history.get(recent).await.expect("reads").is_some());
         assert!(history.get(pending).await.expect("reads").is_some());
+    }
+);
+
+on_both_backends!(
+    two_administrators_demoting_each_other_at_once_leave_one_of_them_an_administrator,
+    |url: String| async move {
+        let history = History::connect(&url).await.expect("connects");
+        let db = history.identity();
+        for name in ["a", "b"] {
+            let mut admin = person(name);
+            admin.role = "admin".into();
+            assert!(identity::create_user(db, admin).await.expect("inserts"));
+        }
+        let demote = |name: &'static str| async move {
+            identity::change_keeping_an_admin(
+                db,
+                name,
+                Some(identity::UserChanges {
+                    role: Some("viewer".into()),
+                    ..Default::default()
+                }),
+                "admin",
+                5,
+            )
+            .await
+        };
+        // At once: whichever order the database puts them in, one is refused.
+        let (first, second) = tokio::join!(demote("a"), demote("b"));
+        let outcomes = [first, second];
+        let refused = outcomes
+            .iter()
+            .filter(|o| matches!(o, Ok(identity::Kept::LastAdmin)))
+            .count();
+        let done = outcomes
+            .iter()
+            .filter(|o| matches!(o, Ok(identity::Kept::Done(Some(_)))))
+            .count();
+        // SQLite may answer the loser "busy" rather than wait: that refuses it too.
+        assert_eq!(done, 1, "{outcomes:?}");
+        assert_eq!(refused + outcomes.iter().filter(|o| o.is_err()).count(), 1);
+        let admins = identity::users(db)
+            .await
+            .expect("lists")
+            .into_iter()
+            .filter(|u| u.role == "admin")
+            .count();
+        assert_eq!(admins, 1);
+        // Deleting the last one is refused too; deleting a viewer is not.
+        let last = if outcomes[0]
+            .as_ref()
+            .is_ok_and(|o| matches!(o, identity::Kept::LastAdmin))
+        {
+            "a"
+        } else {
+            "b"
+        };
+        assert_eq!(
+            identity::change_keeping_an_admin(db, last, None, "admin", 6)
+                .await
+                .expect("answers"),
+            identity::Kept::LastAdmin
+        );
+        let viewer = if last == "a" { "b" } else { "a" };
+        assert_eq!(
+            identity::change_keeping_an_admin(db, viewer, None, "admin", 6)
+                .await
+                .expect("answers"),
+            identity::Kept::Done(None)
+        );
     }
 );

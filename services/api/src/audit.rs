@@ -69,9 +69,14 @@ impl AuditSlot {
         self.with(|note| note.detail = Some(detail));
     }
 
-    /// Records the user name a login claimed (cut to a sane length).
+    /// Records the user name a login claimed (cut to a sane length, control characters
+    /// replaced: it is whatever the client sent).
     pub fn claimed(&self, username: &str) {
-        let cut: String = username.chars().take(64).collect();
+        let cut: String = username
+            .chars()
+            .take(64)
+            .map(|c| if c.is_control() { '?' } else { c })
+            .collect();
         self.with(|note| note.claimed = Some(cut));
     }
 

@@ -68,8 +68,19 @@ pub(crate) async fn first_admin(
         }
         .to_owned(),
     );
-    if let Err(error) = auditor.record(&record).await {
-        tracing::warn!(error = %error, "cannot record the first administrator's creation");
+    // The API does not serve before this is recorded: a first administrator must be in the
+    // audit trail like any other user.
+    let mut delay = std::time::Duration::from_millis(100);
+    for attempt in 1.. {
+        match auditor.record(&record).await {
+            Ok(()) => break,
+            Err(error) if attempt < 20 => {
+                tracing::warn!(error = %error, attempt, "cannot record the first administrator's creation yet");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_secs(5));
+            }
+            Err(error) => return Err(Error::Mesh(error)),
+        }
     }
     if generated {
         // NOTE: the one place a secret is logged, on purpose and once: without it nobody

@@ -119,6 +119,12 @@ pub struct AuthArgs {
     #[arg(long, env = "CAPSTAN_API_CORS_ORIGINS", value_delimiter = ',')]
     pub cors_origins: Vec<String>,
 
+    /// Proxies (IP addresses) whose `X-Forwarded-For` names the client, comma separated: for
+    /// the login limits and the audit trail behind a load balancer. None by default: the peer
+    /// is the client.
+    #[arg(long, env = "CAPSTAN_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<std::net::IpAddr>,
+
     /// An address serving `/metrics` without a credential, for Prometheus inside the
     /// cluster. Off by default: `/metrics` on the API needs a token.
     #[arg(long, env = "CAPSTAN_METRICS_LISTEN")]
@@ -174,6 +180,7 @@ impl AuthArgs {
             login_address_burst: 1_000,
             allowed_hosts: Vec::new(),
             cors_origins: Vec::new(),
+            trusted_proxies: Vec::new(),
             metrics_listen: None,
             oidc_issuer: None,
             oidc_audience: None,

@@ -34,6 +34,44 @@ pub struct Security {
     pub auditor: Auditor,
     /// Hosts and origins allowed.
     pub hosts: Hosts,
+    /// Proxies whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<IpAddr>,
+}
+
+/// The client's address, as the guard established it: the peer's, or behind a trusted proxy
+/// the nearest address the proxies did not add. In the request's extensions.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddress(pub Option<IpAddr>);
+
+/// The client of a request from `peer` with `headers`: `peer` itself, unless it is a trusted
+/// proxy, in which case `X-Forwarded-For` is read from the right, skipping trusted proxies, up
+/// to the first address they did not add. Anything a client could have written itself (the
+/// left part of the header) is never taken.
+pub fn client_address(
+    peer: Option<IpAddr>,
+    headers: &poem::http::HeaderMap,
+    trusted: &[IpAddr],
+) -> Option<IpAddr> {
+    let peer = peer?;
+    if !trusted.contains(&peer) {
+        return Some(peer);
+    }
+    let forwarded: Vec<IpAddr> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .map(|a| a.parse::<IpAddr>().ok())
+        .collect::<Option<Vec<_>>>()
+        .unwrap_or_default();
+    Some(
+        forwarded
+            .into_iter()
+            .rev()
+            .find(|address| !trusted.contains(address))
+            .unwrap_or(peer),
+    )
 }
 
 /// Routes reached without a credential: health, the API's description, and the login
@@ -105,11 +143,17 @@ impl Hosts {
         self.allowed.iter().any(|a| *a == host || *a == bare)
     }
 
-    /// Checks a request's `Host` and `Origin`; the reason when refused.
-    pub fn check(&self, headers: &poem::http::HeaderMap) -> Result<(), String> {
+    /// Checks a request's `Host` and `Origin`; the reason when refused. Without a `Host`
+    /// header (HTTP/2), the authority of the request's URI stands for it.
+    pub fn check(
+        &self,
+        headers: &poem::http::HeaderMap,
+        authority: Option<&str>,
+    ) -> Result<(), String> {
         let host = headers
             .get(header::HOST)
             .and_then(|v| v.to_str().ok())
+            .or(authority)
             .unwrap_or("");
         if !self.host_allowed(host) {
             return Err(format!(
@@ -168,16 +212,27 @@ impl<E: Endpoint> Endpoint for GuardEndpoint<E> {
     async fn call(&self, mut request: Request) -> poem::Result<Response> {
         let slot = Arc::new(AuditSlot::default());
         request.extensions_mut().insert(slot.clone());
+        let client = client_address(
+            request.remote_addr().as_socket_addr().map(|a| a.ip()),
+            request.headers(),
+            &self.security.trusted_proxies,
+        );
+        request.extensions_mut().insert(ClientAddress(client));
         let mut context = Context {
             request_id: ulid::Ulid::generate().to_string(),
-            client: request.remote_addr().as_socket_addr().map(|a| a.ip()),
+            client,
             method: request.method().clone(),
             path: request.uri().path().to_owned(),
             slot,
             principal: None,
         };
 
-        if let Err(reason) = self.security.hosts.check(request.headers()) {
+        let authority = request.uri().authority().map(|a| a.as_str().to_owned());
+        if let Err(reason) = self
+            .security
+            .hosts
+            .check(request.headers(), authority.as_deref())
+        {
             context.slot.action(AuditAction::AuthHostRefused, None);
             context.slot.detail(reason.clone());
             let refused = ApiError::forbidden(reason).into_response();
@@ -209,6 +264,20 @@ impl<E: Endpoint> Endpoint for GuardEndpoint<E> {
                 }
                 Err(error) => {
                     context.slot.detail(error.to_string());
+                    let guessing = matches!(error, AuthError::Missing | AuthError::Invalid(_));
+                    if guessing
+                        && let Err(limited) = self.security.limits.failed_credential(context.client)
+                    {
+                        let detail = format!(
+                            "too many {}; retry in {} s",
+                            limited.what,
+                            limited.retry_after.as_secs().max(1)
+                        );
+                        context.slot.detail(detail.clone());
+                        let refused = ApiError::too_many_requests(detail, limited.retry_after)
+                            .into_response();
+                        return Ok(self.finish(context, refused).await);
+                    }
                     let refused = match error {
                         AuthError::Missing | AuthError::Invalid(_) => {
                             ApiError::unauthorized(error.to_string())
@@ -335,6 +404,33 @@ mod tests {
     }
 
     #[test]
+    fn only_a_trusted_proxy_names_the_client_and_only_from_the_right() {
+        let proxy: IpAddr = "10.0.0.2".parse().expect("an address");
+        let forwarded = |value: &str| headers(&[("x-forwarded-for", value)]);
+        let client = "203.0.113.7".parse().ok();
+        // From a trusted proxy: the nearest address it did not add.
+        assert_eq!(
+            client_address(
+                Some(proxy),
+                &forwarded("198.51.100.1, 203.0.113.7"),
+                &[proxy]
+            ),
+            client
+        );
+        // The header of anyone else is ignored.
+        let stranger = "192.0.2.9".parse().ok();
+        assert_eq!(
+            client_address(stranger, &forwarded("203.0.113.7"), &[proxy]),
+            stranger
+        );
+        // A garbled header is not trusted at all.
+        assert_eq!(
+            client_address(Some(proxy), &forwarded("not-an-address"), &[proxy]),
+            Some(proxy)
+        );
+    }
+
+    #[test]
     fn only_health_docs_and_login_endpoints_are_public() {
         assert!(is_public(&Method::GET, "/healthz"));
         assert!(is_public(&Method::GET, "/docs/index.html"));
@@ -349,14 +445,23 @@ mod tests {
     fn by_default_only_the_listen_address_and_localhost_are_served() {
         let listen: std::net::SocketAddr = "127.0.0.1:8080".parse().expect("valid");
         let hosts = Hosts::new(&[], &listen, &[]);
-        assert!(hosts.check(&headers(&[("host", "127.0.0.1:8080")])).is_ok());
-        assert!(hosts.check(&headers(&[("host", "LOCALHOST:8080")])).is_ok());
         assert!(
             hosts
-                .check(&headers(&[("host", "rebind.attacker.example:8080")]))
+                .check(&headers(&[("host", "127.0.0.1:8080")]), None)
+                .is_ok()
+        );
+        assert!(
+            hosts
+                .check(&headers(&[("host", "LOCALHOST:8080")]), None)
+                .is_ok()
+        );
+        assert!(
+            hosts
+                .check(&headers(&[("host", "rebind.attacker.example:8080")]), None)
                 .is_err()
         );
-        assert!(hosts.check(&headers(&[])).is_err());
+        assert!(hosts.check(&headers(&[]), None).is_err());
+        assert!(hosts.check(&headers(&[]), Some("127.0.0.1:8080")).is_ok());
     }
 
     #[test]
@@ -371,18 +476,18 @@ mod tests {
             ("host", "api.example.com"),
             ("origin", "http://api.example.com"),
         ]);
-        assert!(hosts.check(&same).is_ok());
+        assert!(hosts.check(&same, None).is_ok());
         let listed = headers(&[
             ("host", "api.example.com:443"),
             ("origin", "https://ops.example.com"),
         ]);
-        assert!(hosts.check(&listed).is_ok());
+        assert!(hosts.check(&listed, None).is_ok());
         let other = headers(&[
             ("host", "api.example.com"),
             ("origin", "https://evil.example"),
         ]);
-        assert!(hosts.check(&other).is_err());
+        assert!(hosts.check(&other, None).is_err());
         let any = Hosts::new(&["*".into()], &listen, &[]);
-        assert!(any.check(&headers(&[("host", "whatever:1")])).is_ok());
+        assert!(any.check(&headers(&[("host", "whatever:1")]), None).is_ok());
     }
 }

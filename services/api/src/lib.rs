@@ -202,6 +202,7 @@ pub(crate) async fn assemble(
             &address,
             &config.auth.cors_origins,
         ),
+        trusted_proxies: config.auth.trusted_proxies.clone(),
     });
     let state = Arc::new(State {
         submitter: Submitter::new(mesh.js.clone(), mesh.idempotency.clone()),
@@ -322,7 +323,12 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         let shutdown = shutdown.clone();
         tokio::spawn(async move { revocations.follow(shutdown).await })
     };
-    let housekeeping = tokio::spawn(housekeep(mesh.client.clone(), limits, shutdown.clone()));
+    let housekeeping = tokio::spawn(housekeep(
+        mesh.client.clone(),
+        history.clone(),
+        limits,
+        shutdown.clone(),
+    ));
     let open_metrics = match &config.auth.metrics_listen {
         Some(listen) => Some(serve_metrics(listen, state.clone(), shutdown.clone()).await?),
         None => None,
@@ -356,9 +362,15 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
 }
 
 /// Every 15 seconds: counts the API replicas (they share the rate limits) and forgets quiet
-/// limiter keys.
-async fn housekeep(client: async_nats::Client, limits: Arc<Limits>, shutdown: CancellationToken) {
+/// limiter keys; every hour, forgets expired refresh tokens.
+async fn housekeep(
+    client: async_nats::Client,
+    history: History,
+    limits: Arc<Limits>,
+    shutdown: CancellationToken,
+) {
     let mut tick = tokio::time::interval(Duration::from_secs(15));
+    let mut ticks: u64 = 0;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -375,6 +387,25 @@ async fn housekeep(client: async_nats::Client, limits: Arc<Limits>, shutdown: Ca
             Err(error) => tracing::debug!(error = %error, "cannot count API replicas"),
         }
         limits.housekeep();
+        // Hourly (replicas doing it together is harmless): refresh tokens expired for a day,
+        // and the sessions they leave empty.
+        if ticks.is_multiple_of(240) {
+            let before = capstan_protocol::Timestamp::now().as_millis() - 86_400_000;
+            match capstan_store::identity::forget_expired(history.identity(), before).await {
+                Ok((tokens, sessions)) if tokens + sessions > 0 => {
+                    tracing::info!(
+                        tokens,
+                        sessions,
+                        "forgot expired refresh tokens and sessions"
+                    );
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::warn!(error = %error, "cannot forget expired refresh tokens")
+                }
+            }
+        }
+        ticks += 1;
     }
 }
 

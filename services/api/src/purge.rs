@@ -2,7 +2,8 @@
 //!
 //! For each job of a batch, its live record is checked first (the jobs bucket is the truth
 //! while a job lives: a record that is not finished is left alone, whatever the history says);
-//! then its record, its events and its output are removed from NATS, and last its history
+//! then its idempotency key (if it still names the job), its record, its events and its output
+//! are removed from NATS, and last its history
 //! rows, so a purge interrupted halfway leaves rows that a second purge finds again. Removing
 //! the events too keeps `capstan history rebuild` from bringing purged jobs back.
 
@@ -65,10 +66,15 @@ pub(crate) async fn purge(
                     let Ok(job) = id.parse::<JobId>() else {
                         return Ok(Some(id));
                     };
-                    if let Some(live) = state.mesh.jobs.get(&id).await?
-                        && !live.value.status.is_terminal()
-                    {
-                        return Ok(None);
+                    let live = state.mesh.jobs.get(&id).await?;
+                    if let Some(live) = &live {
+                        if !live.value.status.is_terminal() {
+                            return Ok(None);
+                        }
+                        // Its idempotency key would name a job that no longer exists.
+                        if let Some(key) = &live.value.spec.idempotency_key {
+                            state.mesh.idempotency.forget(key, job).await?;
+                        }
                     }
                     let failed = |what: &str, e: String| {
                         ApiError::unavailable(format!("cannot purge the {what} of job {job}: {e}"))

@@ -806,6 +806,33 @@ async fn api_tokens_act_for_their_creator_within_its_role_and_show_their_secret_
         StatusCode::BAD_REQUEST,
     );
     assert_eq!(bad["field"], "role");
+    // A token makes no tokens: a leaked one cannot outlive its revocation through children.
+    assert_problem(
+        &bot.post_json(
+            "/api/v1/tokens",
+            r#"{"name": "child", "expires_in": 31536000}"#,
+        )
+        .await,
+        StatusCode::FORBIDDEN,
+    );
+    // A weaker token of a user cannot revoke a stronger one of the same user.
+    let viewer_token = olga
+        .post_json("/api/v1/tokens", r#"{"name": "metrics", "role": "viewer"}"#)
+        .await
+        .json();
+    let scraper = site
+        .anonymous()
+        .with_bearer(viewer_token["token"].as_str().expect("a secret"));
+    let refused = assert_problem(
+        &delete(
+            &scraper,
+            &format!("/api/v1/tokens/{}", created["id"].as_str().expect("an id")),
+        )
+        .await,
+        StatusCode::FORBIDDEN,
+    );
+    assert_eq!(refused["permission"], "tokens:manage");
+    assert_eq!(bot.get("/api/v1/users/me").await.status, StatusCode::OK);
     // The token can submit as its creator can; demote the creator and it cannot.
     assert_eq!(
         bot.post_json("/api/v1/jobs", r#"{"command": "true"}"#)
@@ -1541,6 +1568,8 @@ async fn hosts_and_origins_outside_the_allow_list_are_refused(backend: Backend) 
                     "CAPSTAN_API_ALLOWED_HOSTS",
                     "localhost,127.0.0.1".to_owned(),
                 ),
+                // As if behind a load balancer on this host.
+                ("CAPSTAN_TRUSTED_PROXIES", "127.0.0.1".to_owned()),
             ],
         )
         .await;
@@ -1565,6 +1594,28 @@ async fn hosts_and_origins_outside_the_allow_list_are_refused(backend: Backend) 
         "{raw}"
     );
     let ops = cluster.http(&listed);
+    // Behind a trusted proxy, the client is the address it forwarded for.
+    let forwarded = ops
+        .anonymous()
+        .with_bearer("not-a-jwt")
+        .send(
+            Method::GET,
+            "/api/v1/users/me",
+            &[("x-forwarded-for", "198.51.100.1, 203.0.113.7")],
+            Vec::new(),
+        )
+        .await;
+    assert_unauthorized(&forwarded);
+    let id = forwarded.headers["x-request-id"]
+        .to_str()
+        .expect("text")
+        .to_owned();
+    let records = audited(&ops, "action=auth.unauthenticated", 1).await;
+    let record = records
+        .iter()
+        .find(|r| r["request_id"] == id.as_str())
+        .expect("the refusal's record");
+    assert_eq!(record["client"], "203.0.113.7");
     let preflight = ops
         .send(
             Method::OPTIONS,

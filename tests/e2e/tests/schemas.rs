@@ -84,6 +84,11 @@ fn finished_record() -> JobRecord {
     record.submission_seq = Some(7);
     record.traceparent = Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into());
     record.cancel_requested_at = Some(Timestamp::from_millis(3_500));
+    record.submitted_by = Some(capstan_protocol::SubmittedBy {
+        principal: "alice".into(),
+        via: capstan_protocol::AuthMethod::Token,
+        token: Some("ci".into()),
+    });
     record.finished(
         &Outcome {
             status: JobStatus::Failed,
@@ -113,6 +118,24 @@ fn node_record() -> NodeRecord {
                      "last_finished_at": "2024-01-01T00:00:01.000Z"}
     }))
     .expect("a valid node record")
+}
+
+/// An audit record with every field set.
+fn full_audit_record() -> capstan_protocol::AuditRecord {
+    let mut record = capstan_protocol::AuditRecord::new(
+        capstan_protocol::AuditAction::JobSubmit,
+        capstan_protocol::AuditOutcome::Success,
+    );
+    record.principal = Some("alice".into());
+    record.via = Some(capstan_protocol::AuthMethod::Token);
+    record.token = Some("ci".into());
+    record.resource = Some(format!("job/{}", JobId::generate()));
+    record.status = Some(202);
+    record.client = Some("127.0.0.1".into());
+    record.request_id = Some(capstan_protocol::AuditId::generate().to_string());
+    record.trace_id = Some("0af7651916cd43dd8448eb211c80319c".into());
+    record.detail = Some("a detail".into());
+    record
 }
 
 fn error_reply<T>() -> Reply<T> {
@@ -274,6 +297,21 @@ fn samples() -> Vec<(&'static str, Value)> {
                 job: record.id,
                 attempt: 1,
                 at: Timestamp::now(),
+            }),
+        ),
+        (
+            "audit-record",
+            to_json(&capstan_protocol::AuditRecord::new(
+                capstan_protocol::AuditAction::AuthLogin,
+                capstan_protocol::AuditOutcome::Failure,
+            )),
+        ),
+        ("audit-record", to_json(&full_audit_record())),
+        (
+            "revocation",
+            to_json(&capstan_protocol::Revocation {
+                at: Timestamp::now(),
+                reason: "auth.logout".into(),
             }),
         ),
     ];

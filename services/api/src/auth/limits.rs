@@ -157,6 +157,19 @@ impl Limits {
         )
     }
 
+    /// Counts a refused credential (a bad or expired token) from `address` against the
+    /// address's login allowance: guessing tokens is limited like guessing passwords.
+    pub fn failed_credential(&self, address: Option<IpAddr>) -> Result<(), Limited> {
+        match address {
+            Some(address) => self.charge(
+                &self.logins_by_address,
+                &address,
+                "refused credentials from this address",
+            ),
+            None => Ok(()),
+        }
+    }
+
     /// Counts a token refresh from `address` against the address's login allowance.
     pub fn refresh(&self, address: Option<IpAddr>) -> Result<(), Limited> {
         match address {

@@ -26,6 +26,10 @@ use capstan_protocol::AuthMethod;
 /// The least time between two fetches of the key set.
 pub const REFETCH_COOLDOWN: Duration = Duration::from_secs(5);
 
+/// How long a fetched key set is used before it is fetched again: a key the provider
+/// withdrew stops being accepted within this time even if no token names a new one.
+pub const MAX_KEY_AGE: Duration = Duration::from_secs(3600);
+
 /// Largest discovery document or key set read.
 const MAX_DOCUMENT_BYTES: usize = 1024 * 1024;
 
@@ -65,6 +69,7 @@ pub enum OidcError {
 }
 
 /// Where the key set is, and when it was last fetched: held by the one task fetching it.
+#[derive(Default)]
 struct Fetching {
     jwks_uri: Option<String>,
     fetched_at: Option<Instant>,
@@ -72,12 +77,18 @@ struct Fetching {
 
 type KeySet = HashMap<String, (DecodingKey, Algorithm)>;
 
+/// The keys, and when they were fetched.
+struct Keys {
+    set: KeySet,
+    fetched: Option<Instant>,
+}
+
 /// A configured provider.
 pub struct Provider {
     settings: Settings,
     client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
     // Verifications read the keys without waiting for a fetch in progress.
-    keys: std::sync::RwLock<KeySet>,
+    keys: std::sync::RwLock<Keys>,
     fetching: tokio::sync::Mutex<Fetching>,
 }
 
@@ -128,7 +139,10 @@ impl Provider {
         Ok(Self {
             settings,
             client: Client::builder(TokioExecutor::new()).build(connector),
-            keys: std::sync::RwLock::new(HashMap::new()),
+            keys: std::sync::RwLock::new(Keys {
+                set: HashMap::new(),
+                fetched: None,
+            }),
             fetching: tokio::sync::Mutex::new(Fetching {
                 jwks_uri: None,
                 fetched_at: None,
@@ -200,22 +214,42 @@ impl Provider {
 
     /// The key `kid` names, fetching the key set when it is not known yet.
     async fn key(&self, kid: &str) -> Result<(DecodingKey, Algorithm), OidcError> {
-        if let Some(found) = self.known(kid) {
-            return Ok(found);
+        let unknown =
+            || OidcError::Invalid("the token names a key the provider does not publish".into());
+        if let Some((found, fresh)) = self.known(kid) {
+            if fresh {
+                return Ok(found);
+            }
+            // Old keys: one request fetches them again; the others, and this one if the
+            // provider does not answer, go on with what is known.
+            let Ok(mut fetching) = self.fetching.try_lock() else {
+                return Ok(found);
+            };
+            return match self.fetch_keys(&mut fetching).await {
+                Ok(()) => self.known(kid).map(|(key, _)| key).ok_or_else(unknown),
+                Err(error) => {
+                    tracing::warn!(error = %error, "cannot refresh the identity provider's keys");
+                    Ok(found)
+                }
+            };
         }
         let mut fetching = self.fetching.lock().await;
         // Another task may have fetched while this one waited.
-        if let Some(found) = self.known(kid) {
+        if let Some((found, _)) = self.known(kid) {
             return Ok(found);
         }
-        let unknown =
-            || OidcError::Invalid("the token names a key the provider does not publish".into());
         if fetching
             .fetched_at
             .is_some_and(|at| at.elapsed() < REFETCH_COOLDOWN)
         {
             return Err(unknown());
         }
+        self.fetch_keys(&mut fetching).await?;
+        self.known(kid).map(|(key, _)| key).ok_or_else(unknown)
+    }
+
+    /// Fetches the key set (and first the discovery document, once) and keeps its usable keys.
+    async fn fetch_keys(&self, fetching: &mut Fetching) -> Result<(), OidcError> {
         fetching.fetched_at = Some(Instant::now());
         let jwks_uri = match &fetching.jwks_uri {
             Some(uri) => uri.clone(),
@@ -255,16 +289,22 @@ impl Provider {
         *self
             .keys
             .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = keys;
-        self.known(kid).ok_or_else(unknown)
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Keys {
+            set: keys,
+            fetched: Some(Instant::now()),
+        };
+        Ok(())
     }
 
-    fn known(&self, kid: &str) -> Option<(DecodingKey, Algorithm)> {
-        self.keys
+    /// The key `kid` names, if known, and whether the keys are recent enough to use without
+    /// fetching them again.
+    fn known(&self, kid: &str) -> Option<((DecodingKey, Algorithm), bool)> {
+        let keys = self
+            .keys
             .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(kid)
-            .cloned()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let fresh = keys.fetched.is_some_and(|at| at.elapsed() < MAX_KEY_AGE);
+        keys.set.get(kid).cloned().map(|key| (key, fresh))
     }
 
     async fn fetch<T: serde::de::DeserializeOwned>(&self, url: &str) -> Result<T, OidcError> {

@@ -80,11 +80,7 @@ impl AuthApi {
             slot.detail("the user is disabled");
             return Err(ApiError::unauthorized("this user is disabled"));
         }
-        let role = user
-            .role
-            .parse::<Role>()
-            .map_err(|_| ApiError::unauthorized("this user's role no longer exists"))?;
-        Ok(Json(start_session(state, &user.name, role).await?))
+        Ok(Json(start_session(state, &user.name).await?))
     }
 
     /// Exchange a refresh token for new tokens.
@@ -212,13 +208,13 @@ fn millis(duration: std::time::Duration) -> i64 {
     i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
 }
 
-/// Starts a session for `user` with `role`: its first refresh token, stored by digest, and an
-/// access token.
-pub(crate) async fn start_session(
-    state: &State,
-    user: &str,
-    role: Role,
-) -> Result<TokenPair, ApiError> {
+/// Starts a session for `user`: its first refresh token, stored by digest, and an access
+/// token with the user's role.
+///
+/// The role is read after the session is stored, not before: a change to the user that
+/// revokes its sessions either sees this one (and revokes it) or was written before the read
+/// (and the token carries the new role, or the user is found disabled).
+async fn start_session(state: &State, user: &str) -> Result<TokenPair, ApiError> {
     let session = ulid::Ulid::generate().to_string();
     let refresh = new_token(REFRESH_TOKEN_PREFIX);
     let now = Timestamp::now().as_millis();
@@ -232,6 +228,16 @@ pub(crate) async fn start_session(
     )
     .await
     .map_err(capstan_store::Error::from)?;
+    let current = identity::user(state.history.identity(), user)
+        .await
+        .map_err(capstan_store::Error::from)?;
+    let role = current
+        .filter(|user| !user.disabled)
+        .and_then(|user| user.role.parse::<Role>().ok());
+    let Some(role) = role else {
+        end_session(state, &session, "user_disabled").await?;
+        return Err(ApiError::unauthorized("this user is disabled or deleted"));
+    };
     let keys = state.security.authenticator.keys();
     Ok(TokenPair {
         access_token: keys.issue(user, role, &session),

@@ -192,9 +192,12 @@ fn slot_of(request: &Request) -> Result<Arc<AuditSlot>, ApiError> {
         .ok_or_else(|| ApiError::unavailable("the request was not guarded"))
 }
 
-/// The client's address.
+/// The client's address, as the guard established it (see `guard::client_address`).
 fn client_of(request: &Request) -> Option<IpAddr> {
-    request.remote_addr().as_socket_addr().map(|a| a.ip())
+    request
+        .extensions()
+        .get::<crate::guard::ClientAddress>()
+        .and_then(|client| client.0)
 }
 
 fn job_id(text: &str) -> Result<JobId, ApiError> {

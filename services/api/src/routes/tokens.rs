@@ -47,17 +47,20 @@ fn db_error(error: impl Into<capstan_store::Error>) -> ApiError {
 #[OpenApi(prefix_path = "/api/v1", tag = "Tag::Tokens")]
 impl TokensApi {
     /// Create an API token acting for the caller, with at most the caller's role. Needs
-    /// `tokens:create`; only local users (and their tokens) have tokens.
+    /// `tokens:create` and a password login: tokens and a provider's users make none.
     #[oai(path = "/tokens", method = "post")]
     async fn create(&self, auth: BearerAuth, body: Json<NewToken>) -> Result<Created, ApiError> {
         let state = served(&self.0)?;
         let caller = auth
             .allow(Permission::TokensCreate, AuditAction::TokenCreate, None)?
             .clone();
-        if caller.via == AuthMethod::Oidc {
-            return Err(
-                auth.forbid("API tokens act for local users; a provider's user cannot own one")
-            );
+        // Only a person makes tokens: a token that could make tokens would outlive its own
+        // revocation through its children.
+        if caller.via != AuthMethod::Password {
+            return Err(auth.forbid(
+                "API tokens are made by a user logged in with a password (not by a token, \
+                 not by an identity provider's user)",
+            ));
         }
         let NewToken {
             name,
@@ -154,8 +157,8 @@ impl TokensApi {
         }))
     }
 
-    /// Revoke an API token: one's own, or anyone's with `tokens:manage`. Every replica
-    /// refuses it from now on.
+    /// Revoke an API token: one's own with no more permissions than the caller's, or any with
+    /// `tokens:manage`. Every replica refuses it from now on.
     #[oai(path = "/tokens/:id", method = "delete")]
     async fn revoke(&self, auth: BearerAuth, id: Path<String>) -> Result<Revoked, ApiError> {
         let state = served(&self.0)?;
@@ -171,10 +174,24 @@ impl TokensApi {
             .await
             .map_err(db_error)?
             .ok_or_else(|| ApiError::not_found(format!("no token {id}")))?;
-        if token.owner != caller.name && !caller.can(Permission::TokensManage) {
+        let manager = caller.can(Permission::TokensManage);
+        if token.owner != caller.name && !manager {
             return Err(auth.refuse(
                 Permission::TokensManage,
                 "revoking another user's token needs `tokens:manage`",
+            ));
+        }
+        // A weaker credential of the same user (a leaked viewer token) cannot take away a
+        // stronger one.
+        let role = token.role.parse::<Role>().unwrap_or(Role::Admin);
+        if !manager && !caller.role.includes(role) {
+            return Err(auth.refuse(
+                Permission::TokensManage,
+                format!(
+                    "revoking a token with more permissions than the caller (`{role}` over `{}`) \
+                     needs `tokens:manage`",
+                    caller.role
+                ),
             ));
         }
         identity::revoke_token(state.history.identity(), &id, Timestamp::now().as_millis())

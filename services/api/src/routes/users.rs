@@ -224,9 +224,6 @@ impl UsersApi {
         let loses_admin = current.role == Role::Admin.as_str()
             && !current.disabled
             && (role.is_some_and(|r| r != Role::Admin) || disabled == Some(true));
-        if loses_admin {
-            last_admin_guard(state).await?;
-        }
         let mut changed = Vec::new();
         if let Some(role) = role {
             changed.push(format!("role {} -> {role}", current.role));
@@ -245,14 +242,24 @@ impl UsersApi {
                 None => None,
             },
         };
-        let updated = identity::update_user(
-            state.history.identity(),
-            &name,
-            changes,
-            Timestamp::now().as_millis(),
-        )
-        .await
-        .map_err(db_error)?
+        let now = Timestamp::now().as_millis();
+        let db = state.history.identity();
+        let updated = if loses_admin {
+            kept(
+                identity::change_keeping_an_admin(
+                    db,
+                    &name,
+                    Some(changes),
+                    Role::Admin.as_str(),
+                    now,
+                )
+                .await,
+            )?
+        } else {
+            identity::update_user(db, &name, changes, now)
+                .await
+                .map_err(db_error)?
+        }
         .ok_or_else(|| ApiError::not_found(format!("no user {name}")))?;
         if !changed.is_empty() {
             auth.detail(changed.join(", "));
@@ -279,28 +286,36 @@ impl UsersApi {
             .await
             .map_err(db_error)?
             .ok_or_else(|| ApiError::not_found(format!("no user {name}")))?;
+        let db = state.history.identity();
         if current.role == Role::Admin.as_str() && !current.disabled {
-            last_admin_guard(state).await?;
+            kept(
+                identity::change_keeping_an_admin(
+                    db,
+                    &name,
+                    None,
+                    Role::Admin.as_str(),
+                    Timestamp::now().as_millis(),
+                )
+                .await,
+            )?;
+        } else {
+            identity::delete_user(db, &name).await.map_err(db_error)?;
         }
-        identity::delete_user(state.history.identity(), &name)
-            .await
-            .map_err(db_error)?;
         revoke_user(state, &name, true, "user.delete").await?;
         Ok(Done::Done)
     }
 }
 
-/// Refuses a change that would leave no enabled administrator.
-async fn last_admin_guard(state: &State) -> Result<(), ApiError> {
-    let admins = identity::enabled_with_role(state.history.identity(), Role::Admin.as_str())
-        .await
-        .map_err(db_error)?;
-    if admins <= 1 {
-        return Err(ApiError::conflict(
+/// The user after a change that must keep an enabled administrator, or the refusal.
+fn kept(
+    outcome: Result<identity::Kept, impl Into<capstan_store::Error>>,
+) -> Result<Option<capstan_store::entity::user::Model>, ApiError> {
+    match outcome.map_err(db_error)? {
+        identity::Kept::Done(user) => Ok(user),
+        identity::Kept::LastAdmin => Err(ApiError::conflict(
             "this is the last enabled administrator: it cannot be demoted, disabled or deleted",
-        ));
+        )),
     }
-    Ok(())
 }
 
 /// Ends every session of `name` and refuses their earlier access tokens everywhere; with
@@ -314,9 +329,17 @@ async fn revoke_user(
     let now = Timestamp::now().as_millis();
     let db = state.history.identity();
     let revocations = state.security.authenticator.revocations();
-    identity::revoke_sessions_of(db, name, reason, now)
+    // Each session is revoked by its id, which needs no clock: an access token of one of them
+    // is refused whatever the time its replica wrote into it. The user's own revocation, by
+    // time, covers what no session covers (API tokens looked up before, a login in flight).
+    for session in identity::revoke_sessions_of(db, name, reason, now)
         .await
-        .map_err(db_error)?;
+        .map_err(db_error)?
+    {
+        revocations
+            .revoke(RevocationKey::Session(session), reason)
+            .await?;
+    }
     revocations
         .revoke(RevocationKey::User(name.to_owned()), reason)
         .await?;
