@@ -249,14 +249,8 @@ impl<E: Endpoint> Endpoint for GuardEndpoint<E> {
                 Ok(principal) => {
                     if let Err(limited) = self.security.limits.request(&principal.name) {
                         context.principal = Some(principal);
-                        let detail = format!(
-                            "too many {}; retry in {} s",
-                            limited.what,
-                            limited.retry_after.as_secs().max(1)
-                        );
-                        context.slot.detail(detail.clone());
-                        let refused = ApiError::too_many_requests(detail, limited.retry_after)
-                            .into_response();
+                        context.slot.detail(limited.describe());
+                        let refused = ApiError::from(limited).into_response();
                         return Ok(self.finish(context, refused).await);
                     }
                     request.extensions_mut().insert(principal.clone());
@@ -268,14 +262,8 @@ impl<E: Endpoint> Endpoint for GuardEndpoint<E> {
                     if guessing
                         && let Err(limited) = self.security.limits.failed_credential(context.client)
                     {
-                        let detail = format!(
-                            "too many {}; retry in {} s",
-                            limited.what,
-                            limited.retry_after.as_secs().max(1)
-                        );
-                        context.slot.detail(detail.clone());
-                        let refused = ApiError::too_many_requests(detail, limited.retry_after)
-                            .into_response();
+                        context.slot.detail(limited.describe());
+                        let refused = ApiError::from(limited).into_response();
                         return Ok(self.finish(context, refused).await);
                     }
                     let refused = match error {

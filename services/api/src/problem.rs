@@ -216,6 +216,12 @@ impl ApiError {
     }
 }
 
+impl From<crate::auth::limits::Limited> for ApiError {
+    fn from(limited: crate::auth::limits::Limited) -> Self {
+        Self::too_many_requests(limited.describe(), limited.retry_after)
+    }
+}
+
 impl From<capstan_mesh::Error> for ApiError {
     fn from(error: capstan_mesh::Error) -> Self {
         tracing::warn!(error = %error, "NATS operation failed");

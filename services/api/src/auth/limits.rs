@@ -41,6 +41,17 @@ pub struct Limited {
     pub retry_after: Duration,
 }
 
+impl Limited {
+    /// The refusal in words: what was limited and when to try again.
+    pub fn describe(&self) -> String {
+        format!(
+            "too many {}; retry in {} s",
+            self.what,
+            self.retry_after.as_secs().max(1)
+        )
+    }
+}
+
 /// Every limiter of one replica.
 pub struct Limits {
     requests: Option<DefaultKeyedRateLimiter<String>>,

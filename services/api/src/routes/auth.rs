@@ -59,13 +59,8 @@ impl AuthApi {
             return Err(ApiError::unauthorized(WRONG_CREDENTIALS));
         }
         if let Err(limited) = state.security.limits.login(&username, client_of(request)) {
-            let detail = format!(
-                "too many {}; retry in {} s",
-                limited.what,
-                limited.retry_after.as_secs().max(1)
-            );
-            slot.detail(detail.clone());
-            return Err(ApiError::too_many_requests(detail, limited.retry_after));
+            slot.detail(limited.describe());
+            return Err(limited.into());
         }
         let user = identity::user(state.history.identity(), &username)
             .await
@@ -97,9 +92,8 @@ impl AuthApi {
         let slot = slot_of(request)?;
         slot.action(AuditAction::AuthRefresh, None);
         if let Err(limited) = state.security.limits.refresh(client_of(request)) {
-            let detail = format!("too many {}", limited.what);
-            slot.detail(detail.clone());
-            return Err(ApiError::too_many_requests(detail, limited.retry_after));
+            slot.detail(limited.describe());
+            return Err(limited.into());
         }
         let next = new_token(REFRESH_TOKEN_PREFIX);
         let now = Timestamp::now().as_millis();
@@ -185,9 +179,8 @@ impl AuthApi {
         let slot = slot_of(request)?;
         slot.action(AuditAction::AuthLogout, None);
         if let Err(limited) = state.security.limits.refresh(client_of(request)) {
-            let detail = format!("too many {}", limited.what);
-            slot.detail(detail.clone());
-            return Err(ApiError::too_many_requests(detail, limited.retry_after));
+            slot.detail(limited.describe());
+            return Err(limited.into());
         }
         let session =
             identity::session_of_refresh(state.history.identity(), &digest(&body.0.refresh_token))

@@ -153,10 +153,8 @@ impl UsersApi {
             new_password,
         } = body.0;
         if let Err(limited) = state.security.limits.login(&caller.name, None) {
-            return Err(ApiError::too_many_requests(
-                format!("too many {}", limited.what),
-                limited.retry_after,
-            ));
+            auth.detail(limited.describe());
+            return Err(limited.into());
         }
         let user = identity::user(state.history.identity(), &caller.name)
             .await
