@@ -336,10 +336,14 @@ async fn malformed_messages_on_every_consumed_subject_are_rejected_and_the_mesh_
         subjects::registry::HEARTBEAT,
         subjects::registry::NODES_GET,
     ] {
-        let reply = client
-            .request(subject, "{not json".into())
-            .await
-            .expect("answered");
+        // The nodes being up says the registries answer; a scheduler's endpoint may still be
+        // on its way: ask until one is there.
+        let reply = wait_until(
+            &format!("an endpoint on {subject}"),
+            Duration::from_secs(30),
+            || async { client.request(subject, "{not json".into()).await.ok() },
+        )
+        .await;
         let body: serde_json::Value = serde_json::from_slice(&reply.payload).expect("JSON error");
         assert_eq!(body["error"]["code"], "bad_request", "{subject}: {body}");
     }
