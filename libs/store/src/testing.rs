@@ -88,3 +88,26 @@ impl Drop for TestDatabase {
         }
     }
 }
+
+/// Defines a module `$name` with two tests running `$body` (an async closure taking the
+/// database URL): one on a fresh SQLite file, one on a fresh PostgreSQL database.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($name:ident, $body:expr) => {
+        mod $name {
+            use super::*;
+
+            #[tokio::test]
+            async fn on_sqlite() {
+                let db = $crate::testing::TestDatabase::sqlite();
+                ($body)(db.url().to_owned()).await;
+            }
+
+            #[tokio::test]
+            async fn on_postgres() {
+                let db = $crate::testing::TestDatabase::postgres().await;
+                ($body)(db.url().to_owned()).await;
+            }
+        }
+    };
+}

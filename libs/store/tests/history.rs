@@ -11,26 +11,7 @@ use capstan_protocol::{
 use capstan_store::testing::TestDatabase;
 use capstan_store::{History, JobQuery, Sequenced};
 
-/// Runs a test body against a fresh SQLite file and a fresh PostgreSQL database.
-macro_rules! on_both_backends {
-    ($name:ident, $body:expr) => {
-        mod $name {
-            use super::*;
-
-            #[tokio::test]
-            async fn on_sqlite() {
-                let db = TestDatabase::sqlite();
-                ($body)(db.url().to_owned()).await;
-            }
-
-            #[tokio::test]
-            async fn on_postgres() {
-                let db = TestDatabase::postgres().await;
-                ($body)(db.url().to_owned()).await;
-            }
-        }
-    };
-}
+use capstan_store::on_both_backends;
 
 /// The events of one job that runs to `status`: pending, running, end.
 fn life(id: JobId, labels: &[(&str, &str)], status: JobStatus, first_seq: u64) -> Vec<Sequenced> {

@@ -9,29 +9,9 @@ use capstan_protocol::{
 };
 use capstan_store::entity::user;
 use capstan_store::identity::{self, Rotation};
-use capstan_store::testing::TestDatabase;
 use capstan_store::{AuditQuery, History, JobQuery, Sequenced};
 
-/// Runs a test body against a fresh SQLite file and a fresh PostgreSQL database.
-macro_rules! on_both_backends {
-    ($name:ident, $body:expr) => {
-        mod $name {
-            use super::*;
-
-            #[tokio::test]
-            async fn on_sqlite() {
-                let db = TestDatabase::sqlite();
-                ($body)(db.url().to_owned()).await;
-            }
-
-            #[tokio::test]
-            async fn on_postgres() {
-                let db = TestDatabase::postgres().await;
-                ($body)(db.url().to_owned()).await;
-            }
-        }
-    };
-}
+use capstan_store::on_both_backends;
 
 fn person(name: &str) -> user::Model {
     user::Model {

@@ -146,22 +146,19 @@ async fn run() {
         .expect("an id")
         .to_owned();
     let path = format!("/api/v1/jobs/{id}");
-    let waiting = Instant::now();
-    loop {
-        let answer = bench
-            .guarded
-            .call(request(&path, &bench.token))
-            .await
-            .expect("an answer");
-        if answer.status().is_success() {
-            break;
-        }
-        assert!(
-            waiting.elapsed() < Duration::from_secs(30),
-            "the job was not accepted"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    capstan_testkit::wait_until(
+        "the job to be accepted",
+        Duration::from_secs(30),
+        || async {
+            let answer = bench
+                .guarded
+                .call(request(&path, &bench.token))
+                .await
+                .ok()?;
+            answer.status().is_success().then_some(())
+        },
+    )
+    .await;
 
     for _ in 0..500 {
         call(&bench.guarded, &path, &bench.token).await;
