@@ -10,6 +10,9 @@ use anyhow::{Context, bail};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
+/// Job slots per executor that `up` gives (the executor's own default).
+pub(crate) const DEFAULT_SLOTS: u32 = 8;
+
 /// Options of `up`.
 #[derive(clap::Args)]
 pub struct Args {
@@ -23,7 +26,7 @@ pub struct Args {
     #[arg(long, default_value_t = 1)]
     registries: u32,
     /// Job slots per executor.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = DEFAULT_SLOTS)]
     slots: u32,
     /// NATS port; 4222 when free, else any free port.
     #[arg(long, env = "CAPSTAN_NATS_PORT")]
@@ -68,56 +71,26 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let url = format!("nats://127.0.0.1:{port}");
 
     let mut running: Vec<Running> = Vec::new();
-    let mut nats_command = Command::new(&nats);
-    nats_command
-        .args([
-            "-a",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-js",
-            "-n",
-            "capstan-dev",
-            "-sd",
-        ])
-        .arg(data.join("nats"));
-    running.push(spawn("nats", nats_command)?);
-    wait_for_port(port, Duration::from_secs(20))?;
-
-    let service = |binary: &str| {
-        let mut command = Command::new(bin_dir.join(binary));
-        command.env("CAPSTAN_NATS_URL", &url);
-        command
+    let plan = Plan {
+        bin_dir: bin_dir.clone(),
+        nats_url: url.clone(),
+        data: data.clone(),
+        registries: args.registries,
+        schedulers: args.schedulers,
+        executors: args.executors,
+        slots: args.slots,
+        api_listen: args.api_listen.clone(),
+        admin_password: admin_password(&root.join(".capstan").join("admin-password"))?,
     };
-    for n in 1..=args.registries {
-        running.push(spawn(
-            &format!("registry-{n}"),
-            service("capstan-registry"),
-        )?);
+    running.push(spawn(
+        "nats",
+        nats_command(&nats, port, &data.join("nats"), false)?,
+    )?);
+    wait_for_port(port, Duration::from_secs(20))?;
+    for (name, command) in plan.services() {
+        running.push(spawn(&name, command)?);
     }
-    for n in 1..=args.schedulers {
-        running.push(spawn(
-            &format!("scheduler-{n}"),
-            service("capstan-scheduler"),
-        )?);
-    }
-    for n in 1..=args.executors {
-        let node = format!("exec-{n}");
-        let mut command = service("capstan-executor");
-        command
-            .env("CAPSTAN_NODE_ID", &node)
-            .env("CAPSTAN_SLOTS", args.slots.to_string())
-            .env("CAPSTAN_WORK_DIR", data.join("work").join(&node));
-        running.push(spawn(&node, command)?);
-    }
-    // The API keeps its SQLite history and its generated signing key in the data directory;
-    // the first administrator's password is generated once and kept beside it.
-    let password = admin_password(&root.join(".capstan").join("admin-password"))?;
-    let mut api = service("capstan-api");
-    api.env("CAPSTAN_API_LISTEN", &args.api_listen)
-        .env("CAPSTAN_DATA_DIR", &data)
-        .env("CAPSTAN_ADMIN_PASSWORD", &password);
-    running.push(spawn("api", api)?);
+    let password = plan.admin_password.clone();
     let token = session_token(&args.api_listen, &password);
 
     eprintln!();
@@ -160,6 +133,93 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         stop(&mut process, Duration::from_secs(40));
     }
     Ok(())
+}
+
+/// The mesh `up` runs: which services, how many, and how each is started. `cargo xtask bench`
+/// starts the same processes from the same plan, so what it measures is what `up` runs.
+pub(crate) struct Plan {
+    /// Where the service binaries are.
+    pub(crate) bin_dir: PathBuf,
+    /// The NATS server's URL.
+    pub(crate) nats_url: String,
+    /// The data directory: executors' work directories, the API's SQLite history and keys.
+    pub(crate) data: PathBuf,
+    pub(crate) registries: u32,
+    pub(crate) schedulers: u32,
+    pub(crate) executors: u32,
+    /// Job slots per executor.
+    pub(crate) slots: u32,
+    pub(crate) api_listen: String,
+    pub(crate) admin_password: String,
+}
+
+impl Plan {
+    /// Every service's name and command, in start order: registries, schedulers, executors
+    /// (`exec-<n>`), the API.
+    pub(crate) fn services(&self) -> Vec<(String, Command)> {
+        let service = |binary: &str| {
+            let mut command = Command::new(self.bin_dir.join(binary));
+            command.env("CAPSTAN_NATS_URL", &self.nats_url);
+            command
+        };
+        let mut services = Vec::new();
+        for n in 1..=self.registries {
+            services.push((format!("registry-{n}"), service("capstan-registry")));
+        }
+        for n in 1..=self.schedulers {
+            services.push((format!("scheduler-{n}"), service("capstan-scheduler")));
+        }
+        for n in 1..=self.executors {
+            let node = format!("exec-{n}");
+            let mut command = service("capstan-executor");
+            command
+                .env("CAPSTAN_NODE_ID", &node)
+                .env("CAPSTAN_SLOTS", self.slots.to_string())
+                .env("CAPSTAN_WORK_DIR", self.data.join("work").join(&node));
+            services.push((node, command));
+        }
+        // The API keeps its SQLite history and its generated signing key in the data
+        // directory; the first administrator's password is generated once and kept beside it.
+        let mut api = service("capstan-api");
+        api.env("CAPSTAN_API_LISTEN", &self.api_listen)
+            .env("CAPSTAN_DATA_DIR", &self.data)
+            .env("CAPSTAN_ADMIN_PASSWORD", &self.admin_password);
+        services.push(("api".to_owned(), api));
+        services
+    }
+}
+
+/// The nats-server command: JetStream on `port` (loopback only) with its store in `store`;
+/// `sync_always` fsyncs every write (`sync_interval: always`, which only a configuration file
+/// can set).
+pub(crate) fn nats_command(
+    binary: &Path,
+    port: u16,
+    store: &Path,
+    sync_always: bool,
+) -> anyhow::Result<Command> {
+    let mut command = Command::new(binary);
+    command.args([
+        "-a",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-js",
+        "-n",
+        "capstan-dev",
+    ]);
+    if sync_always {
+        let config = store.with_extension("conf");
+        std::fs::write(
+            &config,
+            format!("jetstream {{\n  store_dir: {store:?}\n  sync_interval: always\n}}\n"),
+        )
+        .with_context(|| format!("cannot write {}", config.display()))?;
+        command.arg("-c").arg(config);
+    } else {
+        command.arg("-sd").arg(store);
+    }
+    Ok(command)
 }
 
 fn target_dir(root: &Path) -> PathBuf {

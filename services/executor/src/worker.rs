@@ -36,8 +36,8 @@ pub struct Worker {
     pub(crate) slots: Arc<Semaphore>,
     pub(crate) capacity: usize,
     pub(crate) ack_wait: Duration,
-    /// Attempts this instance holds: their number and what stops them.
-    pub(crate) held: Mutex<HashMap<JobId, (u32, Stops)>>,
+    /// Attempts this instance holds.
+    pub(crate) held: Mutex<HashMap<JobId, Held>>,
     /// Notified whenever an attempt is released.
     pub(crate) released: tokio::sync::Notify,
     /// Set while the node is draining: new dispatches are handed back, not run.
@@ -45,7 +45,7 @@ pub struct Worker {
 }
 
 impl Worker {
-    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<JobId, (u32, Stops)>> {
+    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<JobId, Held>> {
         self.held
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -159,7 +159,14 @@ impl Worker {
                 // acknowledges the message when it ends.
                 return;
             }
-            held.insert(record.id, (record.attempt, stops.clone()));
+            held.insert(
+                record.id,
+                Held {
+                    attempt: record.attempt,
+                    stops: stops.clone(),
+                    finishing: false,
+                },
+            );
         }
         let id = record.id;
         let span = tracing::info_span!(
@@ -218,6 +225,11 @@ impl Worker {
         }
         let handed_back = stops.shutdown.clone();
         let outcome = self.runner.run(&running, stops).await;
+        // From here on the record changes because of this attempt's own outcome: the check of
+        // held attempts must not take that for the attempt being taken away.
+        if let Some(held) = self.held().get_mut(&id) {
+            held.finishing = true;
+        }
         let finished = self
             .record_outcome(&running, revision, &outcome, handed_back.is_cancelled())
             .await;
@@ -486,16 +498,16 @@ impl Worker {
 
     /// Stops every held attempt (the shutdown deadline passed).
     pub fn stop_all(&self) {
-        for (_, stops) in self.held().values() {
-            stops.shutdown.cancel();
+        for held in self.held().values() {
+            held.stops.shutdown.cancel();
         }
     }
 
     /// Stops `job`'s attempt `attempt`, if held, as cancelled. Returns whether it was held.
     pub fn cancel(&self, job: JobId, attempt: u32) -> bool {
         match self.held().get(&job) {
-            Some((held, stops)) if *held == attempt => {
-                stops.cancel.cancel();
+            Some(held) if held.attempt == attempt => {
+                held.stops.cancel.cancel();
                 true
             }
             _ => false,
@@ -570,24 +582,25 @@ impl Worker {
         let held: Vec<(JobId, u32)> = self
             .held()
             .iter()
-            .map(|(job, (attempt, _))| (*job, *attempt))
+            .filter(|(_, held)| !held.finishing)
+            .map(|(job, held)| (*job, held.attempt))
             .collect();
         for (job, attempt) in held {
             let Ok(Some(current)) = self.mesh.jobs.get(&job.to_string()).await else {
                 continue;
             };
             let record = &current.value;
-            let ours = record.attempt == attempt
-                && record.node.as_ref() == Some(&self.node)
-                && match record.status {
-                    JobStatus::Pending => true,
-                    JobStatus::Running => record.instance == Some(self.instance),
-                    _ => false,
-                };
-            if !ours {
-                if let Some((_, stops)) = self.held().get(&job).filter(|(a, _)| *a == attempt)
-                    && !stops.shutdown.is_cancelled()
-                {
+            let stops = match self.held().get(&job) {
+                // Finishing since the list was made: the record may hold its own outcome.
+                Some(held) if held.attempt == attempt && !held.finishing => held.stops.clone(),
+                _ => continue,
+            };
+            match check_held(record, attempt, &self.node, self.instance) {
+                HeldCheck::Carry => {}
+                HeldCheck::Cancel => {
+                    stops.cancel.cancel();
+                }
+                HeldCheck::Taken if !stops.shutdown.is_cancelled() => {
                     tracing::warn!(
                         job = %job,
                         attempt,
@@ -596,8 +609,7 @@ impl Worker {
                     );
                     stops.shutdown.cancel();
                 }
-            } else if record.cancel_requested_at.is_some() {
-                self.cancel(job, attempt);
+                HeldCheck::Taken => {}
             }
         }
     }
@@ -649,6 +661,47 @@ impl Worker {
     }
 }
 
+/// An attempt this instance holds.
+pub(crate) struct Held {
+    /// Its number.
+    attempt: u32,
+    /// What stops it.
+    stops: Stops,
+    /// Its process ended and its outcome is being recorded: the record may already show it.
+    finishing: bool,
+}
+
+/// What the record of a held attempt, still running here, means for it.
+#[derive(Debug, PartialEq, Eq)]
+enum HeldCheck {
+    /// Still this instance's, nothing asked: carry on.
+    Carry,
+    /// Still this instance's, and its cancellation was asked.
+    Cancel,
+    /// No longer this instance's (a scheduler found the node lost, or the job moved on):
+    /// whatever it would record would be refused, so its process is stopped.
+    Taken,
+}
+
+/// Decides what `record`, read while attempt `attempt` runs here (on `node`, as `instance`)
+/// and before its own outcome is written, means for it.
+fn check_held(record: &JobRecord, attempt: u32, node: &NodeId, instance: InstanceId) -> HeldCheck {
+    let ours = record.attempt == attempt
+        && record.node.as_ref() == Some(node)
+        && match record.status {
+            JobStatus::Pending => true,
+            JobStatus::Running => record.instance == Some(instance),
+            _ => false,
+        };
+    if !ours {
+        HeldCheck::Taken
+    } else if record.cancel_requested_at.is_some() {
+        HeldCheck::Cancel
+    } else {
+        HeldCheck::Carry
+    }
+}
+
 /// What became of an attempt's outcome.
 enum Recorded {
     /// Written and followed up (timer armed, event published).
@@ -664,4 +717,63 @@ enum Claimed {
     Run(Box<JobRecord>, u64),
     /// Nothing to run; acknowledge the dispatch.
     Settled,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use capstan_protocol::JobSpec;
+
+    fn running(node: &NodeId, instance: InstanceId) -> JobRecord {
+        let now = Timestamp::now();
+        JobRecord::new(JobId::generate(), JobSpec::shell("true"), now)
+            .assigned(node.clone(), now)
+            .started(instance, now)
+    }
+
+    #[test]
+    fn a_held_attempt_whose_record_is_still_ours_carries_on_or_is_cancelled_when_asked() {
+        let node = NodeId::new("exec-1").expect("a node id");
+        let instance = InstanceId::generate();
+        let mut record = running(&node, instance);
+        assert_eq!(
+            check_held(&record, record.attempt, &node, instance),
+            HeldCheck::Carry
+        );
+        record.cancel_requested_at = Some(Timestamp::now());
+        assert_eq!(
+            check_held(&record, record.attempt, &node, instance),
+            HeldCheck::Cancel
+        );
+    }
+
+    #[test]
+    fn a_held_attempt_superseded_ended_or_claimed_by_another_instance_is_taken() {
+        let node = NodeId::new("exec-1").expect("a node id");
+        let instance = InstanceId::generate();
+        let record = running(&node, instance);
+        let attempt = record.attempt;
+        assert_eq!(
+            check_held(&record, attempt, &node, InstanceId::generate()),
+            HeldCheck::Taken,
+            "another instance of the node claimed it"
+        );
+        let other = NodeId::new("exec-2").expect("a node id");
+        assert_eq!(
+            check_held(&record, attempt, &other, instance),
+            HeldCheck::Taken
+        );
+        let lost = record.finished(
+            &Outcome::lost("lost: the node stopped heartbeating".to_owned()),
+            Timestamp::now(),
+        );
+        assert_eq!(
+            check_held(&lost, attempt, &node, instance),
+            HeldCheck::Taken
+        );
+        assert_eq!(
+            check_held(&record, attempt + 1, &node, instance),
+            HeldCheck::Taken
+        );
+    }
 }

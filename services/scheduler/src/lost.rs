@@ -20,7 +20,8 @@ use capstan_mesh::{Error, consume, lifecycle, wire};
 use capstan_protocol::job::Outcome;
 use capstan_protocol::subjects::{self, Origin};
 use capstan_protocol::{
-    Dispatch, InstanceId, JobStatus, NodeEvent, NodeEventKind, NodeId, topology,
+    Dispatch, InstanceId, JobStatus, NodeEvent, NodeEventKind, NodeId, NodeRecord, NodeStatus,
+    topology,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -112,6 +113,13 @@ impl Scheduler {
                 return;
             }
         };
+        if keep.is_none() && self.came_back(&event).await {
+            // Settling now would end attempts the node is running (and any placed on it since
+            // it came back): they finish where they are.
+            tracing::info!(node = %node, event = %event.kind, "the node came back before its attempts were settled; they carry on");
+            let _ = message.ack().await;
+            return;
+        }
         let span = tracing::info_span!("settle lost node", node = %node, event = %event.kind);
         capstan_telemetry::propagation::follow(&span, message.headers.as_ref());
         match self
@@ -132,6 +140,18 @@ impl Scheduler {
                     .await;
             }
         }
+    }
+
+    /// Whether the node `event` says went away has been heard from since by the same instance:
+    /// a node that stalled past the heartbeat timeout (paused, swapping, cut off) and carried
+    /// on. Its `down` event may reach a scheduler late (a backlog, a redelivery); the attempts
+    /// it still holds then are alive, and so are the ones placed on it since it came back.
+    /// When the record cannot be read the node is taken as gone, as the event says.
+    async fn came_back(&self, event: &NodeEvent) -> bool {
+        let Ok(Some(current)) = self.mesh.nodes.get(event.node.id.as_str()).await else {
+            return false;
+        };
+        node_came_back(event, &current.value)
     }
 
     /// Ends as lost every attempt `node` holds per its dispatches, except those started by
@@ -237,5 +257,71 @@ impl Scheduler {
             op: "settle lost attempt",
             reason: "the job's record kept changing".into(),
         })
+    }
+}
+
+/// Whether `current`, the node's record now, shows the instance that `event` reported gone
+/// heartbeating again since.
+fn node_came_back(event: &NodeEvent, current: &NodeRecord) -> bool {
+    current.status == NodeStatus::Up
+        && current.instance == event.node.instance
+        && current.last_heartbeat_at > event.node.last_heartbeat_at
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use capstan_protocol::Timestamp;
+
+    fn event(kind: NodeEventKind) -> NodeEvent {
+        let mut node: NodeRecord = serde_json::from_value(serde_json::json!({
+            "id": "exec-1",
+            "instance": InstanceId::generate(),
+            "labels": {},
+            "capacity": 4,
+            "version": "test",
+            "hostname": "host",
+            "status": "down",
+            "registered_at": Timestamp::from_millis(1_000),
+            "last_heartbeat_at": Timestamp::from_millis(2_000),
+        }))
+        .expect("a node record");
+        node.status = NodeStatus::Down;
+        NodeEvent {
+            kind,
+            at: Timestamp::from_millis(12_000),
+            node,
+        }
+    }
+
+    #[test]
+    fn a_node_heard_from_again_by_the_same_instance_came_back() {
+        let down = event(NodeEventKind::Down);
+        let mut now = down.node.clone();
+        now.status = NodeStatus::Up;
+        now.last_heartbeat_at = Timestamp::from_millis(13_000);
+        assert!(node_came_back(&down, &now));
+    }
+
+    #[test]
+    fn a_node_still_down_or_restarted_or_not_heard_from_since_did_not_come_back() {
+        let down = event(NodeEventKind::Down);
+        assert!(!node_came_back(&down, &down.node), "still down");
+
+        let mut stale = down.node.clone();
+        stale.status = NodeStatus::Up;
+        assert!(
+            !node_came_back(&down, &stale),
+            "up, but no heartbeat after the one before the event"
+        );
+
+        let mut restarted = down.node.clone();
+        restarted.status = NodeStatus::Up;
+        restarted.instance = InstanceId::generate();
+        restarted.last_heartbeat_at = Timestamp::from_millis(13_000);
+        assert!(
+            !node_came_back(&down, &restarted),
+            "a new instance: the old one's attempts are lost"
+        );
     }
 }

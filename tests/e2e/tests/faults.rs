@@ -897,6 +897,15 @@ async fn randomized_executor_scheduler_nats_and_api_faults_under_load_keep_every
         let reader = apis.values().next().expect("an API").clone();
         let summary = faults::check(&mut cluster, &reader, &accepted).await;
         eprintln!("round {round} checked: {summary}");
+        // Each fault takes at most one executor of three, or none: with two healthy nodes
+        // throughout, no job of any round may end lost or set aside.
+        for status in [JobStatus::Lost, JobStatus::Quarantined] {
+            assert_eq!(
+                summary.count(status),
+                0,
+                "round {round} ({fault:?}) left jobs {status}: {summary}"
+            );
+        }
         if started.elapsed() >= budget {
             break;
         }
