@@ -225,6 +225,10 @@ pub struct JobRecord {
     /// Attempts recorded `lost` so far; too many quarantine the job.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub lost_attempts: u32,
+    /// Attempts handed back unstarted or stopped by their executor (it shut down, its node was
+    /// drained or went away before taking them): they do not count against the retry policy.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub handed_back_attempts: u32,
     /// Who submitted the job, and how they authenticated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub submitted_by: Option<SubmittedBy>,
@@ -259,6 +263,7 @@ impl JobRecord {
             next_attempt_at: None,
             attempt_status: None,
             lost_attempts: 0,
+            handed_back_attempts: 0,
             submitted_by: None,
         }
     }
@@ -355,10 +360,16 @@ impl JobRecord {
         let Some(ending) = outcome.status.ending() else {
             return ended;
         };
-        if !self.spec.retry.retries(ending, self.attempt) {
+        // Hand-backs were not the job's doing: its policy counts only the attempts that ran
+        // their course.
+        let counted = self
+            .attempt
+            .saturating_sub(self.handed_back_attempts)
+            .max(1);
+        if !self.spec.retry.retries(ending, counted) {
             return ended;
         }
-        let wait = self.spec.retry.wait_after(self.attempt, random);
+        let wait = self.spec.retry.wait_after(counted, random);
         Self {
             status: JobStatus::Retrying,
             finished_at: None,
@@ -387,12 +398,13 @@ impl JobRecord {
 
     /// The record of an attempt handed back by its executor (it shut down, or its node was
     /// drained) after `outcome`: another attempt starts at once, whatever the retry policy,
-    /// and the hand-back does not count towards quarantine.
+    /// and the hand-back counts neither towards quarantine nor against the policy's attempts.
     pub fn handed_back(&self, outcome: &Outcome, now: Timestamp) -> Self {
         Self {
             status: JobStatus::Retrying,
             finished_at: None,
             next_attempt_at: Some(now),
+            handed_back_attempts: self.handed_back_attempts + 1,
             ..self.finished(outcome, now)
         }
     }
@@ -480,6 +492,27 @@ mod tests {
         assert_eq!(
             (last.status, last.next_attempt_at),
             (JobStatus::Failed, None)
+        );
+    }
+
+    #[test]
+    fn hand_backs_do_not_use_up_the_attempts_a_policy_grants() {
+        let now = Timestamp::from_millis(5_000);
+        // Attempts 1 and 2 were handed back unstarted; attempt 3 is the first to run.
+        let mut record = running(JobSpec::shell("true"), 1);
+        for attempt in 1..=2 {
+            record.attempt = attempt;
+            record = record.handed_back(&outcome(JobStatus::Lost), now);
+        }
+        assert_eq!(record.handed_back_attempts, 2);
+        assert_eq!(record.lost_attempts, 0, "hand-backs are not losses");
+        record.attempt = 3;
+        record.status = JobStatus::Running;
+        let lost = record.settled(&outcome(JobStatus::Lost), now, 0.5);
+        assert_eq!(
+            lost.status,
+            JobStatus::Retrying,
+            "the first loss of a job handed back twice is retried"
         );
     }
 

@@ -14,7 +14,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::stream::RawMessageErrorKind;
+use async_nats::jetstream::stream::{LastRawMessageErrorKind, RawMessageErrorKind};
 use async_nats::jetstream::{self, consumer::AckPolicy, consumer::DeliverPolicy, consumer::pull};
 use capstan_mesh::{Error, consume, lifecycle, wire};
 use capstan_protocol::job::Outcome;
@@ -123,7 +123,7 @@ impl Scheduler {
         let span = tracing::info_span!("settle lost node", node = %node, event = %event.kind);
         capstan_telemetry::propagation::follow(&span, message.headers.as_ref());
         match self
-            .settle_node(&node, keep, &reason)
+            .settle_node(&event, keep, &reason)
             .instrument(span)
             .await
         {
@@ -154,15 +154,20 @@ impl Scheduler {
         node_came_back(event, &current.value)
     }
 
-    /// Ends as lost every attempt `node` holds per its dispatches, except those started by
-    /// instance `keep` (and, when `keep` is set, those not started yet: the new instance will
-    /// run them). Returns how many were ended.
+    /// Ends as lost every attempt the node of `event` holds per its dispatches, except those
+    /// started by instance `keep` (and, when `keep` is set, those not started yet: the new
+    /// instance will run them). Returns how many were ended.
+    ///
+    /// Only the dispatches stored before the settling began are read: one placed on the node
+    /// later was placed after it came back. And when the node that went away comes back while
+    /// its attempts are being settled, the settling stops: what it still holds is alive.
     async fn settle_node(
         &self,
-        node: &NodeId,
+        event: &NodeEvent,
         keep: Option<InstanceId>,
         reason: &str,
     ) -> Result<usize, Error> {
+        let node = &event.node.id;
         if keep.is_none() {
             // The node is gone: place nothing more on it, even before this replica's view of
             // its record says so (see `Cluster::fence`).
@@ -175,9 +180,14 @@ impl Scheduler {
             .await
             .map_err(|e| Error::unavailable("dispatch stream", e))?;
         let subject = subjects::dispatch(node);
+        let last = match stream.get_last_raw_message_by_subject(&subject).await {
+            Ok(last) => last.sequence,
+            Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(0),
+            Err(error) => return Err(Error::unavailable("read dispatches", error)),
+        };
         let mut next = 1;
         let mut settled = 0;
-        loop {
+        while next <= last {
             let stored = stream
                 .raw_message_builder()
                 .sequence(next)
@@ -190,6 +200,13 @@ impl Scheduler {
                 Err(error) => return Err(Error::unavailable("read dispatches", error)),
             };
             next = stored.sequence + 1;
+            if stored.sequence > last {
+                break;
+            }
+            if keep.is_none() && self.came_back(event).await {
+                tracing::info!(node = %node, settled, "the node came back while its attempts were settled; the rest carry on");
+                break;
+            }
             let Ok((dispatch, _)) =
                 wire::decode::<Dispatch>(Some(&stored.headers), &stored.payload)
             else {
