@@ -304,7 +304,11 @@ async fn pipeline(bin: &Path, args: &Args) -> anyhow::Result<()> {
         let rate = args.jobs as f64 / elapsed.as_secs_f64();
         let cpu_ms = used.iter().map(|(_, s)| s).sum::<f64>() * 1000.0 / args.jobs as f64;
         eprintln!(
-            "run {run}: {rate:.0} jobs/s, {cpu_ms:.2} ms CPU per job; the SQL history held them all {} ms later",
+            "run {run}: {rate:.0} jobs/s, {cpu_ms:.2} ms CPU per job ({}); the SQL history held them all {} ms later",
+            used.iter()
+                .map(|(name, seconds)| format!("{name} {:.0} µs", seconds * 1e6 / args.jobs as f64))
+                .collect::<Vec<_>>()
+                .join(", "),
             lag.elapsed().as_millis()
         );
         runs.push((rate, elapsed));
