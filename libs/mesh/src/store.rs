@@ -131,7 +131,7 @@ impl<T: Serialize + DeserializeOwned> Bucket<T> {
         let bytes = self.encode(value)?;
         // async-nats exposes a TTL on create only; an update is the same publish to the
         // bucket's subject with the expected-revision header, plus Nats-TTL.
-        let subject = format!("$KV.{}.{key}", self.name);
+        let subject = capstan_protocol::subjects::kv_key(&self.name, key);
         let publish = PublishMessage::build()
             .payload(bytes)
             .expected_last_subject_sequence(revision)

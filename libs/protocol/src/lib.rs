@@ -17,6 +17,7 @@ pub mod event;
 pub mod headers;
 pub mod ids;
 pub mod job;
+pub mod job_env;
 pub mod node;
 pub mod reply;
 pub mod retry;

@@ -165,6 +165,12 @@ pub mod registry {
 /// Request/reply job cancellation: `{"id": "<job>"}`.
 pub const CANCEL: &str = "capstan.jobs.cancel";
 
+/// The subject a KV bucket stores `key` under (`$KV.<bucket>.<key>`): what a write with
+/// headers the KV client does not offer (a TTL on update) publishes to.
+pub fn kv_key(bucket: &str, key: &str) -> String {
+    format!("$KV.{bucket}.{key}")
+}
+
 /// Commands for one executor node (core NATS, not stored): the executor also finds cancelled
 /// attempts by reading their records, so a missed command only delays the stop.
 pub fn control(node: &NodeId, command: &str) -> String {

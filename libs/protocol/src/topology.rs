@@ -211,9 +211,22 @@ pub const AUDIT_CONSUMER: &str = "api-audit";
 /// The durable consumer the registry replicas share to tally job outcomes per node.
 pub const REGISTRY_CONSUMER: &str = "registry-tally";
 
+/// Every shared durable consumer's name (each executor node's own is [`executor_consumer`]).
+pub const CONSUMERS: [&str; 6] = [
+    SCHEDULER_CONSUMER,
+    TIMERS_CONSUMER,
+    NODES_CONSUMER,
+    HISTORY_CONSUMER,
+    AUDIT_CONSUMER,
+    REGISTRY_CONSUMER,
+];
+
+/// The prefix of an executor node's durable consumer name.
+pub const EXECUTOR_CONSUMER_PREFIX: &str = "executor-";
+
 /// The durable consumer of one executor node on the dispatch stream.
 pub fn executor_consumer(node: &crate::NodeId) -> String {
-    format!("executor-{node}")
+    format!("{EXECUTOR_CONSUMER_PREFIX}{node}")
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@
 
 use std::path::Path;
 
+use capstan_protocol::job_env;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 
@@ -26,21 +27,13 @@ fn process_group(proc_dir: &Path, pid: u32) -> Option<i32> {
 /// True if `environ` (NUL-separated) marks a job process of `node` whose job directory is
 /// under `jobs_dir`.
 fn is_job_of(environ: &[u8], node: &str, jobs_dir: &Path) -> bool {
-    let node_entry = format!("CAPSTAN_NODE_ID={node}");
-    let dir_prefix = format!("CAPSTAN_WORK_DIR={}/", jobs_dir.display());
-    let mut of_node = false;
-    let mut is_job = false;
-    let mut in_dir = false;
-    for entry in environ.split(|b| *b == 0) {
-        if entry == node_entry.as_bytes() {
-            of_node = true;
-        } else if entry.starts_with(b"CAPSTAN_JOB_ID=") {
-            is_job = true;
-        } else if entry.starts_with(dir_prefix.as_bytes()) {
-            in_dir = true;
-        }
-    }
-    of_node && is_job && in_dir
+    let in_dir = job_env::lookup(environ, job_env::WORK_DIR).is_some_and(|dir| {
+        let prefix = format!("{}/", jobs_dir.display());
+        dir.starts_with(prefix.as_bytes())
+    });
+    job_env::lookup(environ, job_env::NODE_ID) == Some(node.as_bytes())
+        && job_env::lookup(environ, job_env::JOB_ID).is_some()
+        && in_dir
 }
 
 /// The process groups of `node`'s job processes (job directories under `jobs_dir`) under

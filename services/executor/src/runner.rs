@@ -19,6 +19,7 @@ use async_nats::HeaderMap;
 use async_nats::jetstream::{self, context::PublishAckFuture};
 use bytes::Bytes;
 use capstan_protocol::job::Outcome;
+use capstan_protocol::job_env;
 use capstan_protocol::{JobRecord, JobStatus, NodeId, OutputSummary, headers, subjects};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
@@ -157,15 +158,15 @@ impl Runner {
         }
         command.envs(&spec.env);
         command
-            .env("CAPSTAN_JOB_ID", record.id.to_string())
-            .env("CAPSTAN_ATTEMPT", record.attempt.to_string())
-            .env("CAPSTAN_NODE_ID", self.node.as_str())
-            .env("CAPSTAN_WORK_DIR", job_dir);
+            .env(job_env::JOB_ID, record.id.to_string())
+            .env(job_env::ATTEMPT, record.attempt.to_string())
+            .env(job_env::NODE_ID, self.node.as_str())
+            .env(job_env::WORK_DIR, job_dir);
         // The process's own spans, if it makes any, nest under this attempt's process span.
         if let Some(traceparent) =
             capstan_telemetry::propagation::traceparent().or_else(|| record.traceparent.clone())
         {
-            command.env("TRACEPARENT", traceparent);
+            command.env(job_env::TRACEPARENT, traceparent);
         }
         match &spec.cwd {
             Some(cwd) => command.current_dir(cwd),

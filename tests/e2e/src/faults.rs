@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use async_nats::jetstream::consumer::pull::OrderedConfig;
 use capstan_mesh::Mesh;
+use capstan_protocol::job_env;
 use capstan_protocol::reply::Created;
 use capstan_protocol::{
     JobEvent, JobEventKind, JobId, JobRecord, JobStatus, Reply, headers, subjects, topology,
@@ -685,22 +686,13 @@ pub fn job_processes(work_root: &Path) -> Vec<JobProcess> {
         let Ok(environ) = std::fs::read(dir.join("environ")) else {
             continue;
         };
-        let mut job = None;
-        let mut attempt = None;
-        let mut node = String::new();
-        let mut under = false;
-        for entry in environ.split(|b| *b == 0) {
-            let entry = String::from_utf8_lossy(entry);
-            if let Some(value) = entry.strip_prefix("CAPSTAN_JOB_ID=") {
-                job = Some(value.to_owned());
-            } else if let Some(value) = entry.strip_prefix("CAPSTAN_ATTEMPT=") {
-                attempt = value.parse().ok();
-            } else if let Some(value) = entry.strip_prefix("CAPSTAN_NODE_ID=") {
-                node = value.to_owned();
-            } else if let Some(value) = entry.strip_prefix("CAPSTAN_WORK_DIR=") {
-                under = value.starts_with(&prefix);
-            }
-        }
+        let text = |name: &str| {
+            job_env::lookup(&environ, name).map(|value| String::from_utf8_lossy(value).into_owned())
+        };
+        let job = text(job_env::JOB_ID);
+        let attempt = text(job_env::ATTEMPT).and_then(|value| value.parse().ok());
+        let node = text(job_env::NODE_ID).unwrap_or_default();
+        let under = text(job_env::WORK_DIR).is_some_and(|dir| dir.starts_with(&prefix));
         let (Some(job), true) = (job, under) else {
             continue;
         };
