@@ -84,7 +84,7 @@ pub struct Config {
         long,
         env = "CAPSTAN_PASS_ENV",
         value_delimiter = ',',
-        default_value = "PATH,HOME,LANG,LC_ALL,TZ,USER,LOGNAME,TMPDIR"
+        default_values = DEFAULT_PASS_ENV
     )]
     pub pass_env: Vec<String>,
 
@@ -93,6 +93,11 @@ pub struct Config {
     #[arg(long, env = "CAPSTAN_ACK_WAIT", default_value = "30s", value_parser = parse_duration)]
     pub ack_wait: Duration,
 }
+
+/// The variables of the executor's environment a job gets unless `--pass-env` says otherwise.
+pub const DEFAULT_PASS_ENV: [&str; 8] = [
+    "PATH", "HOME", "LANG", "LC_ALL", "TZ", "USER", "LOGNAME", "TMPDIR",
+];
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
     let (key, value) = text
@@ -115,7 +120,7 @@ impl Config {
             cancel_grace: Duration::from_millis(500),
             heartbeat_interval: Duration::from_secs(2),
             shutdown_timeout: Duration::from_secs(30),
-            pass_env: ["PATH", "HOME", "LANG"].map(str::to_owned).to_vec(),
+            pass_env: DEFAULT_PASS_ENV.map(str::to_owned).to_vec(),
             ack_wait: Duration::from_secs(30),
         }
     }
