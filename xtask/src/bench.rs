@@ -147,19 +147,11 @@ pub(crate) fn spawn(
     env: &[(&str, String)],
     logs: &Path,
 ) -> anyhow::Result<Process> {
-    let log = std::fs::File::create(logs.join(format!("{name}.log")))?;
-    let child = Command::new(bin)
+    let mut command = Command::new(bin);
+    command
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .env("CAPSTAN_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(log.try_clone()?))
-        .stderr(Stdio::from(log))
-        .spawn()
-        .with_context(|| format!("cannot start {}", bin.display()))?;
-    Ok(Process {
-        name: name.to_owned(),
-        child,
-    })
+        .env("CAPSTAN_LOG", "warn");
+    start(name, command, logs)
 }
 
 pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -312,8 +304,7 @@ async fn pipeline(bin: &Path, args: &Args) -> anyhow::Result<()> {
             lag.elapsed().as_millis()
         );
         runs.push((rate, elapsed));
-        // Let the once-a-second work (heartbeats, sweeps) of the run settle between runs.
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        // The history check above is not part of the next run's CPU.
         cpu_before = cpu_of(&processes);
     }
     let measured = (args.jobs * args.repeat) as f64;

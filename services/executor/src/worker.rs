@@ -595,7 +595,7 @@ impl Worker {
                 Some(held) if held.attempt == attempt && !held.finishing => held.stops.clone(),
                 _ => continue,
             };
-            match check_held(record, attempt, &self.node, self.instance) {
+            match held_check(record, attempt, &self.node, self.instance) {
                 HeldCheck::Carry => {}
                 HeldCheck::Cancel => {
                     stops.cancel.cancel();
@@ -685,7 +685,7 @@ enum HeldCheck {
 
 /// Decides what `record`, read while attempt `attempt` runs here (on `node`, as `instance`)
 /// and before its own outcome is written, means for it.
-fn check_held(record: &JobRecord, attempt: u32, node: &NodeId, instance: InstanceId) -> HeldCheck {
+fn held_check(record: &JobRecord, attempt: u32, node: &NodeId, instance: InstanceId) -> HeldCheck {
     let ours = record.attempt == attempt
         && record.node.as_ref() == Some(node)
         && match record.status {
@@ -737,12 +737,12 @@ mod tests {
         let instance = InstanceId::generate();
         let mut record = running(&node, instance);
         assert_eq!(
-            check_held(&record, record.attempt, &node, instance),
+            held_check(&record, record.attempt, &node, instance),
             HeldCheck::Carry
         );
         record.cancel_requested_at = Some(Timestamp::now());
         assert_eq!(
-            check_held(&record, record.attempt, &node, instance),
+            held_check(&record, record.attempt, &node, instance),
             HeldCheck::Cancel
         );
     }
@@ -754,13 +754,13 @@ mod tests {
         let record = running(&node, instance);
         let attempt = record.attempt;
         assert_eq!(
-            check_held(&record, attempt, &node, InstanceId::generate()),
+            held_check(&record, attempt, &node, InstanceId::generate()),
             HeldCheck::Taken,
             "another instance of the node claimed it"
         );
         let other = NodeId::new("exec-2").expect("a node id");
         assert_eq!(
-            check_held(&record, attempt, &other, instance),
+            held_check(&record, attempt, &other, instance),
             HeldCheck::Taken
         );
         let lost = record.finished(
@@ -768,11 +768,11 @@ mod tests {
             Timestamp::now(),
         );
         assert_eq!(
-            check_held(&lost, attempt, &node, instance),
+            held_check(&lost, attempt, &node, instance),
             HeldCheck::Taken
         );
         assert_eq!(
-            check_held(&record, attempt + 1, &node, instance),
+            held_check(&record, attempt + 1, &node, instance),
             HeldCheck::Taken
         );
     }

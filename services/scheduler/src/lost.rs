@@ -113,13 +113,6 @@ impl Scheduler {
                 return;
             }
         };
-        if keep.is_none() && self.came_back(&event).await {
-            // Settling now would end attempts the node is running (and any placed on it since
-            // it came back): they finish where they are.
-            tracing::info!(node = %node, event = %event.kind, "the node came back before its attempts were settled; they carry on");
-            let _ = message.ack().await;
-            return;
-        }
         let span = tracing::info_span!("settle lost node", node = %node, event = %event.kind);
         capstan_telemetry::propagation::follow(&span, message.headers.as_ref());
         match self
@@ -169,6 +162,12 @@ impl Scheduler {
     ) -> Result<usize, Error> {
         let node = &event.node.id;
         if keep.is_none() {
+            if self.came_back(event).await {
+                // Settling now would end attempts the node is running (and any placed on it
+                // since it came back): they finish where they are.
+                tracing::info!(node = %node, event = %event.kind, "the node came back before its attempts were settled; they carry on");
+                return Ok(0);
+            }
             // The node is gone: place nothing more on it, even before this replica's view of
             // its record says so (see `Cluster::fence`).
             self.cluster.fence(node, FENCE);
