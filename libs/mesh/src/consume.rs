@@ -1,46 +1,159 @@
-//! Consuming a durable pull consumer in batches: a batch starts with the first message to
-//! arrive and lingers a few milliseconds for more, so a busy stream is handled hundreds of
-//! messages at a time and an idle one with no added delay beyond the linger.
+//! Consuming a durable pull consumer: creating it from its
+//! [`ConsumerSpec`](capstan_protocol::topology::ConsumerSpec), pulling with re-subscription
+//! after interruptions (a NATS restart, an expired pull) until shutdown, and the two ways the
+//! services handle what arrives: in batches ([`batches`]: a batch starts with the first
+//! message to arrive and lingers a few milliseconds for more, so a busy stream is handled
+//! hundreds of messages at a time and an idle one with no added delay beyond the linger), or
+//! one message at a time ([`Pull::next`]).
 //!
-//! The handler acknowledges; this loop only pulls, and re-subscribes after interruptions
-//! (a NATS restart, an expired pull) until `shutdown`.
+//! The handler acknowledges; this module only pulls.
 
 use std::future::Future;
 use std::time::Duration;
 
-use async_nats::jetstream::{Message, consumer::PullConsumer, consumer::pull, stream::Stream};
+use async_nats::jetstream::ErrorCode;
+use async_nats::jetstream::stream::ConsumerErrorKind;
+use async_nats::jetstream::{Message, consumer::PullConsumer, consumer::pull};
+use capstan_protocol::topology::ConsumerSpec;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-/// Creates (or updates) the durable consumer `config` on `stream`, retrying every second while
-/// NATS cannot; `None` when `shutdown` comes first.
+use crate::error::Error;
+
+/// How many times in a row the server may refuse a consumer's configuration before the
+/// refusal is taken as final: a few, because a refusal can come from a passing state (a
+/// replica racing to create the same consumer, a stream being updated).
+const REFUSALS: u32 = 3;
+
+/// Creates (or updates) the durable consumer `spec`, retrying every second while NATS cannot
+/// answer. Fails with [`Error::Setup`] when the server keeps refusing the configuration (an
+/// existing consumer of that name that cannot become this one), and with
+/// [`Error::ShuttingDown`] when `shutdown` comes first: a service cannot do its work without
+/// its consumers, so either way it should stop.
 pub async fn durable(
     js: &async_nats::jetstream::Context,
-    stream: &str,
-    config: pull::Config,
+    spec: &ConsumerSpec,
     shutdown: &CancellationToken,
-) -> Option<PullConsumer> {
+) -> Result<PullConsumer, Error> {
+    let config = crate::topology::consumer_config(spec);
+    let mut refusals = 0;
     loop {
         let created = async {
-            let stream: Stream = js.get_stream(stream).await.map_err(|e| e.to_string())?;
-            stream
-                .create_consumer(config.clone())
-                .await
-                .map_err(|e| e.to_string())
+            let stream = js.get_stream(spec.stream).await.map_err(|e| {
+                let refused = matches!(
+                    e.kind(),
+                    async_nats::jetstream::context::GetStreamErrorKind::JetStream(_)
+                );
+                (refused, e.to_string())
+            })?;
+            stream.create_consumer(config.clone()).await.map_err(|e| {
+                let refused = match e.kind() {
+                    ConsumerErrorKind::JetStream(error) => !passing(error.error_code()),
+                    ConsumerErrorKind::InvalidConsumerType | ConsumerErrorKind::InvalidName => true,
+                    _ => false,
+                };
+                (refused, e.to_string())
+            })
         }
         .await;
         match created {
-            Ok(consumer) => return Some(consumer),
-            Err(error) => {
+            Ok(consumer) => return Ok(consumer),
+            Err((refused, reason)) => {
+                refusals = if refused { refusals + 1 } else { 0 };
+                if refusals >= REFUSALS {
+                    return Err(Error::Setup {
+                        what: format!("consumer {} on {}", spec.name, spec.stream),
+                        reason,
+                    });
+                }
                 tracing::warn!(
-                    consumer = config.durable_name.as_deref().unwrap_or(""),
-                    error = %error,
+                    consumer = %spec.name,
+                    error = %reason,
                     "cannot create a consumer, retrying"
                 );
                 tokio::select! {
-                    _ = shutdown.cancelled() => return None,
+                    _ = shutdown.cancelled() => return Err(Error::ShuttingDown),
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 }
+            }
+        }
+    }
+}
+
+/// Whether a JetStream API error is the server's passing state rather than its judgement of
+/// the configuration.
+fn passing(code: ErrorCode) -> bool {
+    [
+        ErrorCode::CLUSTER_NOT_ACTIVE,
+        ErrorCode::CLUSTER_NOT_ASSIGNED,
+        ErrorCode::CLUSTER_NOT_AVAILABLE,
+        ErrorCode::CLUSTER_NOT_LEADER,
+        ErrorCode::CONSUMER_OFFLINE,
+        ErrorCode::INSUFFICIENT_RESOURCES,
+    ]
+    .contains(&code)
+}
+
+/// A pull subscription that survives interruptions: it subscribes again after an expired
+/// pull, a server restart or a pull error, until shutdown.
+pub struct Pull<'a> {
+    consumer: &'a PullConsumer,
+    max: usize,
+    shutdown: &'a CancellationToken,
+    messages: Option<pull::Stream>,
+}
+
+impl<'a> Pull<'a> {
+    /// Pulls from `consumer`, asking for at most `max` messages at a time.
+    pub fn new(consumer: &'a PullConsumer, max: usize, shutdown: &'a CancellationToken) -> Self {
+        Self {
+            consumer,
+            max: max.max(1),
+            shutdown,
+            messages: None,
+        }
+    }
+
+    /// The next message; `None` once `shutdown` is cancelled.
+    pub async fn next(&mut self) -> Option<Message> {
+        loop {
+            if self.shutdown.is_cancelled() {
+                return None;
+            }
+            let messages = match &mut self.messages {
+                Some(messages) => messages,
+                None => {
+                    let subscribed = self
+                        .consumer
+                        .stream()
+                        .max_messages_per_batch(self.max)
+                        .heartbeat(Duration::from_secs(5))
+                        .expires(Duration::from_secs(30))
+                        .messages()
+                        .await;
+                    match subscribed {
+                        Ok(messages) => self.messages.insert(messages),
+                        Err(error) => {
+                            tracing::warn!(error = %error, "cannot pull, retrying");
+                            tokio::select! {
+                                _ = self.shutdown.cancelled() => return None,
+                                _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                            }
+                        }
+                    }
+                }
+            };
+            let next = tokio::select! {
+                _ = self.shutdown.cancelled() => return None,
+                next = messages.next() => next,
+            };
+            match next {
+                Some(Ok(message)) => return Some(message),
+                Some(Err(error)) => {
+                    tracing::debug!(error = %error, "pull interrupted, subscribing again");
+                    self.messages = None;
+                }
+                None => self.messages = None,
             }
         }
     }
@@ -58,55 +171,18 @@ pub async fn batches<F, Fut>(
     F: FnMut(Vec<Message>) -> Fut,
     Fut: Future<Output = ()>,
 {
-    while !shutdown.is_cancelled() {
-        let messages = consumer
-            .stream()
-            .max_messages_per_batch(max)
-            .heartbeat(Duration::from_secs(5))
-            .expires(Duration::from_secs(30))
-            .messages()
-            .await;
-        let mut messages = match messages {
-            Ok(messages) => messages,
-            Err(error) => {
-                tracing::warn!(error = %error, "cannot pull, retrying");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                }
-            }
-        };
-        loop {
-            let first = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                first = messages.next() => first,
-            };
-            let mut received = Vec::with_capacity(max);
-            match first {
-                Some(Ok(message)) => received.push(message),
-                Some(Err(error)) => {
-                    tracing::debug!(error = %error, "pull interrupted");
-                    continue;
-                }
-                None => break,
-            }
-            let mut ended = false;
-            let deadline = tokio::time::Instant::now() + linger;
-            while received.len() < max {
-                match tokio::time::timeout_at(deadline, messages.next()).await {
-                    Ok(Some(Ok(message))) => received.push(message),
-                    Ok(Some(Err(error))) => tracing::debug!(error = %error, "pull interrupted"),
-                    Ok(None) => {
-                        ended = true;
-                        break;
-                    }
-                    Err(_) => break,
-                }
-            }
-            handle(received).await;
-            if ended {
-                break;
+    let mut pull = Pull::new(consumer, max, shutdown);
+    while let Some(first) = pull.next().await {
+        let mut received = Vec::with_capacity(max);
+        received.push(first);
+        let deadline = tokio::time::Instant::now() + linger;
+        while received.len() < max {
+            match tokio::time::timeout_at(deadline, pull.next()).await {
+                Ok(Some(message)) => received.push(message),
+                // Shutting down: handle what arrived, then stop.
+                Ok(None) | Err(_) => break,
             }
         }
+        handle(received).await;
     }
 }

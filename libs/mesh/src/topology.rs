@@ -1,10 +1,15 @@
 //! Creates the streams and KV buckets described in [`capstan_protocol::topology`]. Every
-//! service calls [`ensure`] at start; it is idempotent and safe when replicas race.
+//! service calls [`ensure`] at start; it is idempotent and safe when replicas race. Each
+//! service creates its own durable consumers from their specs ([`consumer_config`], through
+//! [`crate::consume::durable`]), with the ack wait and pending limit of its configuration.
 
 use std::time::Duration;
 
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
 use async_nats::jetstream::{self, kv, stream};
-use capstan_protocol::topology::{self as spec, BucketSpec, Retention, StreamSpec};
+use capstan_protocol::topology::{
+    self as spec, BucketSpec, ConsumerSpec, Retention, StartAt, StreamSpec,
+};
 
 use crate::error::Error;
 
@@ -48,6 +53,29 @@ pub fn stream_config(spec: &StreamSpec) -> stream::Config {
         duplicate_window: spec.duplicate_window,
         storage: stream::StorageType::File,
         allow_message_schedules: spec.schedules,
+        ..Default::default()
+    }
+}
+
+/// The async-nats configuration of a durable pull consumer.
+pub fn consumer_config(spec: &ConsumerSpec) -> pull::Config {
+    let (filter_subject, filter_subjects) = match spec.subjects.as_slice() {
+        [one] => (one.clone(), Vec::new()),
+        many => (String::new(), many.to_vec()),
+    };
+    pull::Config {
+        durable_name: Some(spec.name.clone()),
+        description: Some(spec.description.clone()),
+        filter_subject,
+        filter_subjects,
+        deliver_policy: match spec.start {
+            StartAt::First => DeliverPolicy::All,
+            StartAt::New => DeliverPolicy::New,
+        },
+        ack_policy: AckPolicy::Explicit,
+        ack_wait: spec.ack_wait,
+        max_deliver: spec.max_deliver,
+        max_ack_pending: spec.max_ack_pending,
         ..Default::default()
     }
 }

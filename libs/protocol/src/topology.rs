@@ -192,6 +192,40 @@ pub fn idempotency_bucket_key(key: &str) -> String {
     hex
 }
 
+/// Where a new durable consumer starts reading its stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartAt {
+    /// The first message the stream holds.
+    First,
+    /// The next message stored after the consumer is created.
+    New,
+}
+
+/// A durable pull consumer's shape. Every consumer acknowledges each message explicitly and
+/// gives up on a message after `max_deliver` deliveries, so none redelivers forever.
+///
+/// `ack_wait` and `max_ack_pending` are defaults: a service may set them from its own
+/// configuration (how long its work may take, how much it holds at once).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerSpec {
+    /// The durable name, shared by every replica of the service that consumes.
+    pub name: String,
+    /// The stream it reads.
+    pub stream: &'static str,
+    /// What it is for.
+    pub description: String,
+    /// The subjects it receives.
+    pub subjects: Vec<String>,
+    /// Where it starts when first created.
+    pub start: StartAt,
+    /// How long a delivered message may go unacknowledged before it is delivered again.
+    pub ack_wait: Duration,
+    /// The most deliveries of one message.
+    pub max_deliver: i64,
+    /// The most messages delivered and not yet acknowledged.
+    pub max_ack_pending: i64,
+}
+
 /// The durable consumer the schedulers share on the submissions stream.
 pub const SCHEDULER_CONSUMER: &str = "scheduler";
 
@@ -229,6 +263,128 @@ pub fn executor_consumer(node: &crate::NodeId) -> String {
     format!("{EXECUTOR_CONSUMER_PREFIX}{node}")
 }
 
+/// Deliveries of one message to the shared consumers. A handler rejects bad input at once
+/// (terminating it), so only passing failures count, each followed by a longer delay: twenty
+/// span minutes of outage.
+const SHARED_MAX_DELIVER: i64 = 20;
+
+fn shared(
+    name: &str,
+    stream: &StreamSpec,
+    description: &str,
+    subjects: impl IntoIterator<Item = String>,
+) -> ConsumerSpec {
+    ConsumerSpec {
+        name: name.to_owned(),
+        stream: stream.name,
+        description: description.to_owned(),
+        subjects: subjects.into_iter().collect(),
+        start: StartAt::First,
+        ack_wait: Duration::from_secs(30),
+        max_deliver: SHARED_MAX_DELIVER,
+        max_ack_pending: 20_000,
+    }
+}
+
+/// Schedulers accepting submissions ([`SCHEDULER_CONSUMER`]).
+pub fn scheduler_consumer() -> ConsumerSpec {
+    shared(
+        SCHEDULER_CONSUMER,
+        &SUBMISSIONS,
+        "Schedulers accepting and placing submitted jobs",
+        [subjects::SUBMIT.to_owned()],
+    )
+}
+
+/// Schedulers waking delayed and retried jobs ([`TIMERS_CONSUMER`]).
+pub fn timers_consumer() -> ConsumerSpec {
+    shared(
+        TIMERS_CONSUMER,
+        &TIMERS,
+        "Schedulers waking delayed and retried jobs",
+        [subjects::TIMERS_DUE_ALL.to_owned()],
+    )
+}
+
+/// Schedulers settling the attempts of lost nodes ([`NODES_CONSUMER`]). It starts from its
+/// creation: events from before the mesh had it were settled by the executors' own restarts.
+pub fn nodes_consumer() -> ConsumerSpec {
+    ConsumerSpec {
+        start: StartAt::New,
+        // Settling a node reads its dispatches and writes each job: it may take a while.
+        ack_wait: Duration::from_secs(60),
+        ..shared(
+            NODES_CONSUMER,
+            &EVENTS,
+            "Schedulers settling the attempts of lost nodes",
+            [subjects::NODE_EVENTS_ALL.to_owned()],
+        )
+    }
+}
+
+/// API replicas projecting job events into the history ([`HISTORY_CONSUMER`]).
+pub fn history_consumer() -> ConsumerSpec {
+    shared(
+        HISTORY_CONSUMER,
+        &EVENTS,
+        "API replicas projecting job events into the history",
+        [subjects::JOB_EVENTS_ALL.to_owned()],
+    )
+}
+
+/// API replicas projecting audit records into the `audit` table ([`AUDIT_CONSUMER`]).
+pub fn audit_consumer() -> ConsumerSpec {
+    ConsumerSpec {
+        max_ack_pending: 10_000,
+        ..shared(
+            AUDIT_CONSUMER,
+            &AUDIT,
+            "API replicas projecting audit records into the audit table",
+            [subjects::AUDIT_ALL.to_owned()],
+        )
+    }
+}
+
+/// Registry replicas tallying how each node's attempts ended ([`REGISTRY_CONSUMER`]): only the
+/// kinds that end an attempt.
+pub fn registry_consumer() -> ConsumerSpec {
+    shared(
+        REGISTRY_CONSUMER,
+        &EVENTS,
+        "Registry replicas tallying job outcomes per node",
+        crate::JobEventKind::attempt_ends().map(subjects::job_events_of_kind),
+    )
+}
+
+/// The shared durable consumers, in [`CONSUMERS`]' order.
+pub fn consumers() -> [ConsumerSpec; 6] {
+    [
+        scheduler_consumer(),
+        timers_consumer(),
+        nodes_consumer(),
+        history_consumer(),
+        audit_consumer(),
+        registry_consumer(),
+    ]
+}
+
+/// The executor of `node` pulling its dispatches, two per slot at most (the ones running, the
+/// ones next). The executor quarantines a job whose dispatch was delivered
+/// [`crate::retry::limits::MAX_DISPATCH_DELIVERIES`] times, before this consumer's own limit
+/// would strand it.
+pub fn executor_consumer_spec(node: &crate::NodeId, slots: u32) -> ConsumerSpec {
+    ConsumerSpec {
+        name: executor_consumer(node),
+        stream: DISPATCH.name,
+        description: format!("Dispatches of executor node {node}"),
+        subjects: vec![subjects::dispatch(node)],
+        start: StartAt::First,
+        ack_wait: Duration::from_secs(30),
+        max_deliver: 10,
+        max_ack_pending: i64::from(slots.max(1)) * 2,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -238,6 +394,72 @@ mod tests {
         let key = idempotency_bucket_key("order:42 / ünïcode");
         assert!(key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'));
         assert_ne!(key, idempotency_bucket_key("order:43 / ünïcode"));
+    }
+
+    #[test]
+    fn every_shared_consumer_is_declared_once_under_its_name_on_a_stream_holding_its_subjects() {
+        let specs = consumers();
+        let names: Vec<&str> = specs.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, CONSUMERS);
+        let node = crate::NodeId::new("exec-1").unwrap();
+        for consumer in specs.iter().chain([&executor_consumer_spec(&node, 4)]) {
+            let stream = STREAMS
+                .iter()
+                .find(|s| s.name == consumer.stream)
+                .unwrap_or_else(|| panic!("{} reads an unknown stream", consumer.name));
+            assert!(!consumer.subjects.is_empty(), "{}", consumer.name);
+            for subject in &consumer.subjects {
+                assert!(
+                    stream.subjects.iter().any(|s| covers(s, subject)),
+                    "{} filters {subject}, which {} does not hold",
+                    consumer.name,
+                    stream.name
+                );
+            }
+            assert!(
+                (1..=SHARED_MAX_DELIVER).contains(&consumer.max_deliver),
+                "{} must give up on a message",
+                consumer.name
+            );
+            assert!(consumer.max_ack_pending > 0 && !consumer.ack_wait.is_zero());
+        }
+    }
+
+    #[test]
+    fn an_executor_quarantines_a_redelivered_dispatch_before_its_consumer_gives_up_on_it() {
+        let node = crate::NodeId::new("exec-1").unwrap();
+        let limit = executor_consumer_spec(&node, 1).max_deliver;
+        assert!(crate::retry::limits::MAX_DISPATCH_DELIVERIES < limit);
+    }
+
+    #[test]
+    fn a_work_queue_consumer_starts_at_the_first_message() {
+        // The server refuses any other start on a work-queue stream.
+        let node = crate::NodeId::new("exec-1").unwrap();
+        for consumer in consumers()
+            .iter()
+            .chain([&executor_consumer_spec(&node, 1)])
+        {
+            let stream = STREAMS.iter().find(|s| s.name == consumer.stream).unwrap();
+            if stream.retention == Retention::WorkQueue {
+                assert_eq!(consumer.start, StartAt::First, "{}", consumer.name);
+            }
+        }
+    }
+
+    /// Whether stream subject `pattern` covers filter `subject` (tokens, `*` and `>`).
+    fn covers(pattern: &str, subject: &str) -> bool {
+        let mut pattern = pattern.split('.');
+        let mut subject = subject.split('.');
+        loop {
+            match (pattern.next(), subject.next()) {
+                (Some(">"), Some(_)) => return true,
+                (Some("*"), Some(_)) => {}
+                (Some(p), Some(s)) if p == s => {}
+                (None, None) => return true,
+                _ => return false,
+            }
+        }
     }
 
     #[test]

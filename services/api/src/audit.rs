@@ -14,7 +14,6 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use async_nats::jetstream::AckKind;
-use async_nats::jetstream::consumer::{AckPolicy, pull};
 use capstan_mesh::{Mesh, consume, wire};
 use capstan_protocol::{AuditAction, AuditRecord, subjects, topology};
 use capstan_store::History;
@@ -120,22 +119,14 @@ impl Auditor {
 /// Records per transaction.
 const BATCH: usize = 256;
 
-/// Projects the audit stream into the table until `shutdown`.
-pub async fn project(mesh: Mesh, history: History, shutdown: CancellationToken) {
-    let config = pull::Config {
-        durable_name: Some(topology::AUDIT_CONSUMER.to_owned()),
-        description: Some("API replicas recording the audit trail".to_owned()),
-        filter_subject: subjects::AUDIT_ALL.to_owned(),
-        ack_policy: AckPolicy::Explicit,
-        ack_wait: Duration::from_secs(30),
-        max_deliver: 20,
-        max_ack_pending: 10_000,
-        ..Default::default()
-    };
-    let Some(consumer) = consume::durable(&mesh.js, topology::AUDIT.name, config, &shutdown).await
-    else {
-        return;
-    };
+/// Projects the audit stream into the table until `shutdown`; fails when its consumer cannot
+/// be created.
+pub async fn project(
+    mesh: Mesh,
+    history: History,
+    shutdown: CancellationToken,
+) -> Result<(), capstan_mesh::Error> {
+    let consumer = consume::durable(&mesh.js, &topology::audit_consumer(), &shutdown).await?;
     consume::batches(
         &consumer,
         BATCH,
@@ -188,4 +179,5 @@ pub async fn project(mesh: Mesh, history: History, shutdown: CancellationToken) 
         },
     )
     .await;
+    Ok(())
 }

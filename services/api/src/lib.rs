@@ -36,6 +36,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use capstan_mesh::shutdown::Stop;
 use capstan_mesh::{Mesh, Submitter};
 use capstan_store::History;
 use poem::listener::{Acceptor, Listener, TcpListener};
@@ -261,6 +262,9 @@ pub(crate) fn outer(
 /// Connects, migrates, binds, and serves in the background until `shutdown`. Returns once the
 /// address is bound, so a caller (a test) can send requests at once.
 pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Running, Error> {
+    // A projection whose consumer cannot be created stops this replica, loudly.
+    let stop = Stop::new(&shutdown);
+    let shutdown = stop.token().clone();
     let acceptor = TcpListener::bind(config.listen.clone())
         .into_acceptor()
         .await
@@ -308,17 +312,21 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         ]),
     )
     .await?;
-    let projection = tokio::spawn(projection::run(
-        mesh.clone(),
-        history.clone(),
-        metrics.clone(),
-        shutdown.clone(),
-    ));
-    let audit_projection = tokio::spawn(audit::project(
-        mesh.clone(),
-        history.clone(),
-        shutdown.clone(),
-    ));
+    let projection = tokio::spawn({
+        let stop = stop.clone();
+        let projection = projection::run(
+            mesh.clone(),
+            history.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        );
+        async move { stop.watch(projection).await }
+    });
+    let audit_projection = tokio::spawn({
+        let stop = stop.clone();
+        let projection = audit::project(mesh.clone(), history.clone(), shutdown.clone());
+        async move { stop.watch(projection).await }
+    });
     let revocation_watch = {
         let shutdown = shutdown.clone();
         tokio::spawn(async move { revocations.follow(shutdown).await })
@@ -356,7 +364,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         served.map_err(|source| Error::Listen {
             address: address.to_string(),
             source,
-        })
+        })?;
+        Ok(stop.outcome()?)
     });
     Ok(Running { address, task })
 }

@@ -9,10 +9,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{AckPolicy, pull};
 use async_nats::jetstream::{self, AckKind};
 use capstan_mesh::{Mesh, consume, wire};
-use capstan_protocol::subjects::{self, Origin};
+use capstan_protocol::subjects::Origin;
 use capstan_protocol::{JobEvent, topology};
 use capstan_store::{History, Sequenced};
 use tokio_util::sync::CancellationToken;
@@ -26,26 +25,19 @@ const BATCH: usize = 256;
 /// buy transactions of hundreds of events instead of one each.
 const LINGER: Duration = Duration::from_millis(10);
 
-/// Projects events until `shutdown`.
-pub async fn run(mesh: Mesh, history: History, metrics: Arc<Metrics>, shutdown: CancellationToken) {
-    let config = pull::Config {
-        durable_name: Some(topology::HISTORY_CONSUMER.to_owned()),
-        description: Some("API replicas recording job history".to_owned()),
-        filter_subject: subjects::JOB_EVENTS_ALL.to_owned(),
-        ack_policy: AckPolicy::Explicit,
-        ack_wait: Duration::from_secs(30),
-        max_deliver: 20,
-        max_ack_pending: 20_000,
-        ..Default::default()
-    };
-    let Some(consumer) = consume::durable(&mesh.js, topology::EVENTS.name, config, &shutdown).await
-    else {
-        return;
-    };
+/// Projects events until `shutdown`; fails when its consumer cannot be created.
+pub async fn run(
+    mesh: Mesh,
+    history: History,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> Result<(), capstan_mesh::Error> {
+    let consumer = consume::durable(&mesh.js, &topology::history_consumer(), &shutdown).await?;
     consume::batches(&consumer, BATCH, LINGER, &shutdown, |messages| {
         project(&mesh, &history, &metrics, messages)
     })
     .await;
+    Ok(())
 }
 
 async fn project(

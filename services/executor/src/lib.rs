@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{AckPolicy, PullConsumer, pull};
+use async_nats::jetstream::consumer::PullConsumer;
 use capstan_mesh::config::parse_duration;
 use capstan_mesh::{Error, Mesh, NatsArgs, service};
 use capstan_protocol::subjects;
@@ -134,11 +134,6 @@ fn hostname() -> String {
         .unwrap_or_else(|| "localhost".to_owned())
 }
 
-/// The most times one dispatch is delivered; the worker quarantines its job at
-/// [`capstan_protocol::retry::limits::MAX_DISPATCH_DELIVERIES`], before this limit would strand
-/// it.
-const MAX_DELIVER: i64 = 10;
-
 /// Runs the executor until `shutdown`. On shutdown it stops pulling, lets running jobs finish
 /// for `shutdown_timeout`, stops the rest (recording them as interrupted), and deregisters.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
@@ -173,7 +168,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         &shutdown,
     )
     .await?;
-    let consumer = dispatch_consumer(&mesh, &node, &config).await?;
+    let consumer = dispatch_consumer(&mesh, &node, &config, &shutdown).await?;
     let instance = InstanceId::generate();
     let membership = Membership::new(
         mesh.client.clone(),
@@ -310,26 +305,11 @@ async fn dispatch_consumer(
     mesh: &Mesh,
     node: &NodeId,
     config: &Config,
+    shutdown: &CancellationToken,
 ) -> Result<PullConsumer, Error> {
-    let stream = mesh
-        .js
-        .get_stream(topology::DISPATCH.name)
-        .await
-        .map_err(|e| Error::unavailable("get dispatch stream", e))?;
-    stream
-        .create_consumer(pull::Config {
-            durable_name: Some(topology::executor_consumer(node)),
-            description: Some(format!("Dispatches of executor node {node}")),
-            filter_subject: subjects::dispatch(node),
-            ack_policy: AckPolicy::Explicit,
-            ack_wait: config.ack_wait,
-            max_deliver: MAX_DELIVER,
-            max_ack_pending: i64::from(config.slots.max(1)) * 2,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| Error::Setup {
-            what: format!("dispatch consumer of node {node}"),
-            reason: e.to_string(),
-        })
+    let spec = topology::ConsumerSpec {
+        ack_wait: config.ack_wait,
+        ..topology::executor_consumer_spec(node, config.slots)
+    };
+    capstan_mesh::consume::durable(&mesh.js, &spec, shutdown).await
 }

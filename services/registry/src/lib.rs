@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use capstan_mesh::config::parse_duration;
+use capstan_mesh::shutdown::Stop;
 use capstan_mesh::{BucketView, Error, Mesh, NatsArgs, service};
 use capstan_protocol::node::NodeQuery;
 use capstan_protocol::spec::validate_labels;
@@ -101,7 +102,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     tracing::info!(heartbeat_timeout = ?config.heartbeat_timeout, "registry ready");
 
     let r = registry.clone();
-    let s = shutdown.clone();
+    // The tally's consumer failing for good stops the registry, loudly.
+    let stop = Stop::new(&shutdown);
+    let s = stop.token().clone();
     tokio::join!(
         service::serve(register, s.clone(), 64, rejections.clone(), {
             let r = r.clone();
@@ -160,13 +163,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             }
         }),
         registry.sweep_until(s.clone()),
-        tally::run(mesh.clone(), s.clone()),
+        stop.watch(tally::run(mesh.clone(), s.clone())),
     );
     if let Err(error) = micro.stop().await {
         tracing::debug!(error = %error, "stopping the micro service");
     }
     tracing::info!("registry stopped");
-    Ok(())
+    stop.outcome()
 }
 
 /// Bounded retries of a compare-and-swap that lost to a concurrent writer.

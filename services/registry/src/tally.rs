@@ -9,11 +9,10 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{AckPolicy, pull};
 use async_nats::jetstream::{self, AckKind};
 use capstan_mesh::{Error, Mesh, consume, wire};
-use capstan_protocol::subjects::{self, Origin};
-use capstan_protocol::{JobEvent, JobEventKind, NodeId, NodeTally, topology};
+use capstan_protocol::subjects::Origin;
+use capstan_protocol::{JobEvent, NodeId, NodeTally, topology};
 use tokio_util::sync::CancellationToken;
 
 /// Events summed per batch, at most.
@@ -22,28 +21,14 @@ const BATCH: usize = 512;
 /// How long a batch waits for more events after its first.
 const LINGER: Duration = Duration::from_millis(20);
 
-/// Tallies job outcomes until `shutdown`.
-pub async fn run(mesh: Mesh, shutdown: CancellationToken) {
-    let config = pull::Config {
-        durable_name: Some(topology::REGISTRY_CONSUMER.to_owned()),
-        description: Some("Registry replicas tallying job outcomes per node".to_owned()),
-        filter_subjects: JobEventKind::attempt_ends()
-            .map(subjects::job_events_of_kind)
-            .collect(),
-        ack_policy: AckPolicy::Explicit,
-        ack_wait: Duration::from_secs(30),
-        max_deliver: 20,
-        max_ack_pending: 20_000,
-        ..Default::default()
-    };
-    let Some(consumer) = consume::durable(&mesh.js, topology::EVENTS.name, config, &shutdown).await
-    else {
-        return;
-    };
+/// Tallies job outcomes until `shutdown`; fails when its consumer cannot be created.
+pub async fn run(mesh: Mesh, shutdown: CancellationToken) -> Result<(), Error> {
+    let consumer = consume::durable(&mesh.js, &topology::registry_consumer(), &shutdown).await?;
     consume::batches(&consumer, BATCH, LINGER, &shutdown, |messages| {
         tally(&mesh, messages)
     })
     .await;
+    Ok(())
 }
 
 async fn tally(mesh: &Mesh, messages: Vec<jetstream::Message>) {

@@ -9,17 +9,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{AckPolicy, pull};
 use async_nats::jetstream::{self, AckKind};
-use capstan_mesh::{Claim, Error, lifecycle, wire};
+use capstan_mesh::{Claim, Error, consume, lifecycle, wire};
 use capstan_protocol::codec::{self, largest_field};
-use capstan_protocol::subjects::{self, Origin};
+use capstan_protocol::subjects::Origin;
 use capstan_protocol::topology;
 use capstan_protocol::{
     DecodeError, JobEvent, JobEventKind, JobId, JobRecord, JobSpec, JobStatus, Rejection,
     RejectionCode, SubmittedBy, Timestamp, headers,
 };
-use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -37,79 +35,32 @@ enum Handled {
     Held,
 }
 
-/// The most times a submission is delivered. Rejections terminate at once; only passing
-/// failures count, each followed by a longer delay, so this spans minutes of outage.
-const MAX_DELIVER: i64 = 20;
-
 impl Scheduler {
-    /// Consumes submissions until `shutdown`, then waits for the ones in hand.
+    /// Consumes submissions until `shutdown`, then waits for the ones in hand. Fails when its
+    /// consumer cannot be created: a scheduler without intake must not go on looking healthy.
     pub(crate) async fn consume(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), Error> {
-        let stream = self
-            .mesh
-            .js
-            .get_stream(topology::SUBMISSIONS.name)
-            .await
-            .map_err(|e| Error::unavailable("get submissions stream", e))?;
-        let consumer: jetstream::consumer::PullConsumer = stream
-            .create_consumer(pull::Config {
-                durable_name: Some(topology::SCHEDULER_CONSUMER.to_owned()),
-                description: Some("Schedulers accepting and placing submitted jobs".to_owned()),
-                filter_subject: subjects::SUBMIT.to_owned(),
-                ack_policy: AckPolicy::Explicit,
-                ack_wait: self.config.ack_wait,
-                max_deliver: MAX_DELIVER,
-                max_ack_pending: i64::try_from(self.config.max_waiting + self.config.concurrency)
-                    .unwrap_or(i64::MAX),
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| Error::Setup {
-                what: "scheduler consumer".into(),
-                reason: e.to_string(),
-            })?;
-
-        'pull: while !shutdown.is_cancelled() {
-            let mut messages = match consumer
-                .stream()
-                .max_messages_per_batch(self.config.concurrency.clamp(1, 512))
-                .heartbeat(Duration::from_secs(5))
-                .expires(Duration::from_secs(30))
-                .messages()
-                .await
-            {
-                Ok(messages) => messages,
-                Err(error) => {
-                    tracing::warn!(error = %error, "cannot pull submissions, retrying");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break 'pull,
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue 'pull,
-                    }
-                }
+        let spec = topology::ConsumerSpec {
+            ack_wait: self.config.ack_wait,
+            max_ack_pending: i64::try_from(self.config.max_waiting + self.config.concurrency)
+                .unwrap_or(i64::MAX),
+            ..topology::scheduler_consumer()
+        };
+        let consumer = consume::durable(&self.mesh.js, &spec, &shutdown).await?;
+        let mut pull =
+            consume::Pull::new(&consumer, self.config.concurrency.clamp(1, 512), &shutdown);
+        loop {
+            let permit = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                permit = self.permits.clone().acquire_owned() => permit.expect("never closed"),
             };
-            loop {
-                let permit = tokio::select! {
-                    _ = shutdown.cancelled() => break 'pull,
-                    permit = self.permits.clone().acquire_owned() => permit.expect("never closed"),
-                };
-                let message = tokio::select! {
-                    _ = shutdown.cancelled() => break 'pull,
-                    message = messages.next() => message,
-                };
-                match message {
-                    Some(Ok(message)) => {
-                        let scheduler = self.clone();
-                        tokio::spawn(async move {
-                            scheduler.process(message).await;
-                            drop(permit);
-                        });
-                    }
-                    Some(Err(error)) => {
-                        tracing::warn!(error = %error, "submission pull failed, re-subscribing");
-                        continue 'pull;
-                    }
-                    None => continue 'pull,
-                }
-            }
+            let Some(message) = pull.next().await else {
+                break;
+            };
+            let scheduler = self.clone();
+            tokio::spawn(async move {
+                scheduler.process(message).await;
+                drop(permit);
+            });
         }
         // Wait for submissions in hand: all permits back means none is being processed.
         let total = u32::try_from(self.config.concurrency.max(1)).unwrap_or(u32::MAX);

@@ -25,6 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use capstan_mesh::config::parse_duration;
+use capstan_mesh::shutdown::Stop;
 use capstan_mesh::{BucketView, Error, Mesh, NatsArgs, Submitter, service};
 use capstan_protocol::reply::Cancelled;
 use capstan_protocol::{ErrorCode, JobRef, ServiceError, subjects};
@@ -101,6 +102,9 @@ pub(crate) struct Scheduler {
 /// submissions, finishes the ones in hand, and hands back the jobs still waiting for room.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
     let mesh = Mesh::connect(&config.nats.nats_url, "capstan-scheduler", &shutdown).await?;
+    // A consumer that cannot be created stops the whole replica, loudly.
+    let stop = Stop::new(&shutdown);
+    let shutdown = stop.token().clone();
     // Background tasks stop with `tasks`, after the intake has drained.
     let tasks = CancellationToken::new();
     let nodes = BucketView::start(mesh.nodes.clone(), tasks.clone()).await?;
@@ -133,8 +137,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
 
     let events = tokio::spawn(scheduler.clone().follow_events(tasks.clone()));
     let placer = tokio::spawn(scheduler.clone().place_waiting(nodes, tasks.clone()));
-    let timers = tokio::spawn(scheduler.clone().consume_timers(shutdown.clone()));
-    let lost = tokio::spawn(scheduler.clone().consume_node_events(shutdown.clone()));
+    let timers = tokio::spawn({
+        let stop = stop.clone();
+        let timers = scheduler.clone().consume_timers(shutdown.clone());
+        async move { stop.watch(timers).await }
+    });
+    let lost = tokio::spawn({
+        let stop = stop.clone();
+        let lost = scheduler.clone().consume_node_events(shutdown.clone());
+        async move { stop.watch(lost).await }
+    });
     let create = tokio::spawn(create::serve(
         create,
         submitter,
@@ -157,7 +169,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     ));
     tracing::info!("scheduler ready");
 
-    let intake = scheduler.clone().consume(shutdown.clone()).await;
+    stop.watch(scheduler.clone().consume(shutdown.clone()))
+        .await;
     let _ = tokio::join!(create, cancel, timers, lost);
     scheduler.hand_back_waiting().await;
     tasks.cancel();
@@ -166,7 +179,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         tracing::debug!(error = %error, "stopping the micro service");
     }
     tracing::info!("scheduler stopped");
-    intake
+    stop.outcome()
 }
 
 async fn cancel_job(mesh: &Mesh, job: JobRef) -> Result<Cancelled, ServiceError> {

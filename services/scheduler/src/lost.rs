@@ -14,8 +14,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_nats::jetstream;
 use async_nats::jetstream::stream::{LastRawMessageErrorKind, RawMessageErrorKind};
-use async_nats::jetstream::{self, consumer::AckPolicy, consumer::DeliverPolicy, consumer::pull};
 use capstan_mesh::{Error, consume, lifecycle, wire};
 use capstan_protocol::job::Outcome;
 use capstan_protocol::subjects::{self, Origin};
@@ -28,33 +28,19 @@ use tracing::Instrument;
 
 use crate::Scheduler;
 
-/// Deliveries of one node event before it is given up (only passing failures redeliver it).
-const MAX_DELIVER: i64 = 20;
-
 /// How long a node that went away is kept out of placement by the replica settling it: far
 /// longer than any lag between its `down` event and its record, far shorter than a restart.
 const FENCE: Duration = Duration::from_secs(5);
 
 impl Scheduler {
-    /// Consumes node events until `shutdown`, settling the attempts of lost nodes.
-    pub(crate) async fn consume_node_events(self: Arc<Self>, shutdown: CancellationToken) {
-        let config = pull::Config {
-            durable_name: Some(topology::NODES_CONSUMER.to_owned()),
-            description: Some("Schedulers settling the attempts of lost nodes".to_owned()),
-            filter_subject: subjects::NODE_EVENTS_ALL.to_owned(),
-            // Events from before the mesh had this consumer were settled by executors' own
-            // restarts; start from now.
-            deliver_policy: DeliverPolicy::New,
-            ack_policy: AckPolicy::Explicit,
-            ack_wait: Duration::from_secs(60),
-            max_deliver: MAX_DELIVER,
-            ..Default::default()
-        };
-        let Some(consumer) =
-            consume::durable(&self.mesh.js, topology::EVENTS.name, config, &shutdown).await
-        else {
-            return;
-        };
+    /// Consumes node events until `shutdown`, settling the attempts of lost nodes; fails when
+    /// its consumer cannot be created.
+    pub(crate) async fn consume_node_events(
+        self: Arc<Self>,
+        shutdown: CancellationToken,
+    ) -> Result<(), Error> {
+        let consumer =
+            consume::durable(&self.mesh.js, &topology::nodes_consumer(), &shutdown).await?;
         consume::batches(
             &consumer,
             64,
@@ -70,6 +56,7 @@ impl Scheduler {
             },
         )
         .await;
+        Ok(())
     }
 
     async fn node_event(&self, message: jetstream::Message) {

@@ -7,36 +7,27 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer::AckPolicy, consumer::pull};
-use capstan_mesh::{consume, wire};
-use capstan_protocol::subjects::{self, Origin};
+use async_nats::jetstream;
+use capstan_mesh::{Error, consume, wire};
+use capstan_protocol::subjects::Origin;
 use capstan_protocol::{Timer, topology};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::Scheduler;
 
-/// Deliveries of one fired timer before it is given up (only passing failures redeliver it).
-const MAX_DELIVER: i64 = 20;
-
 impl Scheduler {
-    /// Consumes fired timers until `shutdown`.
-    pub(crate) async fn consume_timers(self: Arc<Self>, shutdown: CancellationToken) {
-        let config = pull::Config {
-            durable_name: Some(topology::TIMERS_CONSUMER.to_owned()),
-            description: Some("Schedulers waking delayed and retried jobs".to_owned()),
-            filter_subject: subjects::TIMERS_DUE_ALL.to_owned(),
-            ack_policy: AckPolicy::Explicit,
+    /// Consumes fired timers until `shutdown`; fails when its consumer cannot be created.
+    pub(crate) async fn consume_timers(
+        self: Arc<Self>,
+        shutdown: CancellationToken,
+    ) -> Result<(), Error> {
+        let spec = topology::ConsumerSpec {
             ack_wait: self.config.ack_wait,
-            max_deliver: MAX_DELIVER,
             max_ack_pending: i64::try_from(self.config.max_waiting).unwrap_or(i64::MAX),
-            ..Default::default()
+            ..topology::timers_consumer()
         };
-        let Some(consumer) =
-            consume::durable(&self.mesh.js, topology::TIMERS.name, config, &shutdown).await
-        else {
-            return;
-        };
+        let consumer = consume::durable(&self.mesh.js, &spec, &shutdown).await?;
         consume::batches(
             &consumer,
             256,
@@ -54,6 +45,7 @@ impl Scheduler {
             },
         )
         .await;
+        Ok(())
     }
 
     async fn wake(&self, message: jetstream::Message) {

@@ -512,3 +512,45 @@ async fn a_fenced_node_gets_no_placement_until_its_fence_ends() {
     .await;
     shutdown.cancel();
 }
+
+#[tokio::test]
+async fn a_scheduler_whose_intake_consumer_is_refused_exits_with_the_reason_instead_of_serving_without_intake()
+ {
+    let server = NatsServer::start().await;
+    let mesh = mesh(&server).await;
+    // Someone else's push consumer holds the intake's durable name: the server cannot turn
+    // it into the schedulers' pull consumer.
+    let stream = mesh
+        .js
+        .get_stream(topology::SUBMISSIONS.name)
+        .await
+        .expect("stream");
+    stream
+        .create_consumer(jetstream::consumer::push::Config {
+            durable_name: Some(topology::SCHEDULER_CONSUMER.to_owned()),
+            deliver_subject: "elsewhere".to_owned(),
+            filter_subject: subjects::SUBMIT.to_owned(),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ..Default::default()
+        })
+        .await
+        .expect("the squatting consumer");
+    let scheduler = Scheduler::start(&server, 2.0);
+    let ended = tokio::time::timeout(Duration::from_secs(60), scheduler.task)
+        .await
+        .expect("the scheduler stops on its own")
+        .expect("joins");
+    match ended {
+        Err(capstan_mesh::Error::Setup { what, .. }) => {
+            assert!(what.contains(topology::SCHEDULER_CONSUMER), "{what}");
+        }
+        other => panic!("expected a set-up failure naming the consumer, got {other:?}"),
+    }
+    // Its endpoints went with it: nothing answers a create any more.
+    let asked = server
+        .client()
+        .await
+        .request(subjects::CREATE, r#"{"command": "true"}"#.into())
+        .await;
+    assert!(asked.is_err(), "a stopped scheduler answered: {asked:?}");
+}
