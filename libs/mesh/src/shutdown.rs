@@ -104,7 +104,7 @@ mod tests {
         tokio::time::timeout(std::time::Duration::from_secs(5), other)
             .await
             .expect("the other task stopped")
-            .unwrap();
+            .expect("the other task joins");
         assert!(!parent.is_cancelled(), "a failure stops this service only");
         let outcome = stop.outcome();
         assert!(
