@@ -401,7 +401,7 @@ mod tests {
         let specs = consumers();
         let names: Vec<&str> = specs.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(names, CONSUMERS);
-        let node = crate::NodeId::new("exec-1").unwrap();
+        let node = crate::NodeId::new("exec-1").expect("a node id");
         for consumer in specs.iter().chain([&executor_consumer_spec(&node, 4)]) {
             let stream = STREAMS
                 .iter()
@@ -427,7 +427,7 @@ mod tests {
 
     #[test]
     fn an_executor_quarantines_a_redelivered_dispatch_before_its_consumer_gives_up_on_it() {
-        let node = crate::NodeId::new("exec-1").unwrap();
+        let node = crate::NodeId::new("exec-1").expect("a node id");
         let limit = executor_consumer_spec(&node, 1).max_deliver;
         assert!(crate::retry::limits::MAX_DISPATCH_DELIVERIES < limit);
     }
@@ -435,12 +435,15 @@ mod tests {
     #[test]
     fn a_work_queue_consumer_starts_at_the_first_message() {
         // The server refuses any other start on a work-queue stream.
-        let node = crate::NodeId::new("exec-1").unwrap();
+        let node = crate::NodeId::new("exec-1").expect("a node id");
         for consumer in consumers()
             .iter()
             .chain([&executor_consumer_spec(&node, 1)])
         {
-            let stream = STREAMS.iter().find(|s| s.name == consumer.stream).unwrap();
+            let stream = STREAMS
+                .iter()
+                .find(|s| s.name == consumer.stream)
+                .expect("its stream");
             if stream.retention == Retention::WorkQueue {
                 assert_eq!(consumer.start, StartAt::First, "{}", consumer.name);
             }
