@@ -8,11 +8,13 @@
 //! going down.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use async_nats::service::Service;
 use capstan_mesh::config::parse_duration;
-use capstan_mesh::{BucketView, Error, Mesh, NatsArgs, service};
+use capstan_mesh::{BucketView, Error, EventPublisher, Mesh, NatsArgs, service};
 use capstan_protocol::node::NodeQuery;
 use capstan_protocol::spec::validate_labels;
 use capstan_protocol::subjects::{self, Origin};
@@ -20,6 +22,8 @@ use capstan_protocol::{
     Availability, ErrorCode, Heartbeat, HeartbeatReply, NodeCommand, NodeEvent, NodeEventKind,
     NodeRecord, NodeStatus, Registration, ServiceError, Timestamp,
 };
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 
 pub mod tally;
@@ -86,81 +90,89 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         )]),
     )
     .await?;
-    let rejections = (mesh.events.clone(), Origin::Registry);
-    let register = service::endpoint(&micro, "register", subjects::registry::REGISTER).await?;
-    let heartbeat = service::endpoint(&micro, "heartbeat", subjects::registry::HEARTBEAT).await?;
-    let deregister =
-        service::endpoint(&micro, "deregister", subjects::registry::DEREGISTER).await?;
-    let list = service::endpoint(&micro, "nodes-list", subjects::registry::NODES_LIST).await?;
-    let get = service::endpoint(&micro, "nodes-get", subjects::registry::NODES_GET).await?;
-    let cordon =
-        service::endpoint(&micro, "nodes-cordon", subjects::registry::NODES_CORDON).await?;
-    let uncordon =
-        service::endpoint(&micro, "nodes-uncordon", subjects::registry::NODES_UNCORDON).await?;
-    let drain = service::endpoint(&micro, "nodes-drain", subjects::registry::NODES_DRAIN).await?;
+    let endpoints = Endpoints {
+        micro: &micro,
+        registry: registry.clone(),
+        shutdown: shutdown.clone(),
+        rejections: (mesh.events.clone(), Origin::Registry),
+    };
+    let register = endpoints
+        .serve(
+            "register",
+            subjects::registry::REGISTER,
+            64,
+            Registry::register,
+        )
+        .await?;
+    let heartbeat = endpoints
+        .serve(
+            "heartbeat",
+            subjects::registry::HEARTBEAT,
+            64,
+            Registry::heartbeat,
+        )
+        .await?;
+    let deregister = endpoints
+        .serve(
+            "deregister",
+            subjects::registry::DEREGISTER,
+            16,
+            Registry::deregister,
+        )
+        .await?;
+    let list = endpoints
+        .serve(
+            "nodes-list",
+            subjects::registry::NODES_LIST,
+            16,
+            |r, _: service::NoArgs| r.list(),
+        )
+        .await?;
+    let get = endpoints
+        .serve(
+            "nodes-get",
+            subjects::registry::NODES_GET,
+            16,
+            Registry::get,
+        )
+        .await?;
+    let cordon = endpoints
+        .serve(
+            "nodes-cordon",
+            subjects::registry::NODES_CORDON,
+            16,
+            |r, command| r.set_availability(command, Availability::Cordoned),
+        )
+        .await?;
+    let uncordon = endpoints
+        .serve(
+            "nodes-uncordon",
+            subjects::registry::NODES_UNCORDON,
+            16,
+            |r, command| r.set_availability(command, Availability::Active),
+        )
+        .await?;
+    let drain = endpoints
+        .serve(
+            "nodes-drain",
+            subjects::registry::NODES_DRAIN,
+            16,
+            |r, command| r.set_availability(command, Availability::Draining),
+        )
+        .await?;
     tracing::info!(heartbeat_timeout = ?config.heartbeat_timeout, "registry ready");
 
-    let r = registry.clone();
-    let s = shutdown.clone();
     tokio::join!(
-        service::serve(register, s.clone(), 64, rejections.clone(), {
-            let r = r.clone();
-            move |registration: Registration| {
-                let r = r.clone();
-                async move { r.register(registration).await }
-            }
-        }),
-        service::serve(heartbeat, s.clone(), 64, rejections.clone(), {
-            let r = r.clone();
-            move |beat: Heartbeat| {
-                let r = r.clone();
-                async move { r.heartbeat(beat).await }
-            }
-        }),
-        service::serve(deregister, s.clone(), 16, rejections.clone(), {
-            let r = r.clone();
-            move |beat: Heartbeat| {
-                let r = r.clone();
-                async move { r.deregister(beat).await }
-            }
-        }),
-        service::serve(list, s.clone(), 16, rejections.clone(), {
-            let r = r.clone();
-            move |_: service::NoArgs| {
-                let r = r.clone();
-                async move { r.list().await }
-            }
-        }),
-        service::serve(get, s.clone(), 16, rejections.clone(), {
-            let r = r.clone();
-            move |query: NodeQuery| {
-                let r = r.clone();
-                async move { r.get(query).await }
-            }
-        }),
-        service::serve(cordon, s.clone(), 16, rejections.clone(), {
-            let r = r.clone();
-            move |command: NodeCommand| {
-                let r = r.clone();
-                async move { r.set_availability(command, Availability::Cordoned).await }
-            }
-        }),
-        service::serve(uncordon, s.clone(), 16, rejections.clone(), {
-            let r = r.clone();
-            move |command: NodeCommand| {
-                let r = r.clone();
-                async move { r.set_availability(command, Availability::Active).await }
-            }
-        }),
-        service::serve(drain, s.clone(), 16, rejections.clone(), {
-            let r = r.clone();
-            move |command: NodeCommand| {
-                let r = r.clone();
-                async move { r.set_availability(command, Availability::Draining).await }
-            }
-        }),
-        registry.sweep_until(s.clone()),
-        tally::run(mesh.clone(), s.clone()),
+        register,
+        heartbeat,
+        deregister,
+        list,
+        get,
+        cordon,
+        uncordon,
+        drain,
+        registry.sweep_until(shutdown.clone()),
+        tally::run(mesh.clone(), shutdown.clone()),
     );
     if let Err(error) = micro.stop().await {
         tracing::debug!(error = %error, "stopping the micro service");
@@ -171,6 +183,42 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
 
 /// Bounded retries of a compare-and-swap that lost to a concurrent writer.
 const CAS_ATTEMPTS: usize = 8;
+
+/// The registry's micro-service endpoints, each added and served by one [`Endpoints::serve`].
+struct Endpoints<'a> {
+    micro: &'a Service,
+    registry: Arc<Registry>,
+    shutdown: CancellationToken,
+    rejections: (EventPublisher, Origin),
+}
+
+impl Endpoints<'_> {
+    /// Adds the endpoint `name` on `subject` and returns its serving, which runs until
+    /// shutdown: each request, decoded, goes to `handle` with the registry, up to
+    /// `concurrency` at once (see [`service::serve`]).
+    async fn serve<Req, Res, Fut>(
+        &self,
+        name: &str,
+        subject: &str,
+        concurrency: usize,
+        handle: impl Fn(Arc<Registry>, Req) -> Fut + Send + Sync,
+    ) -> Result<impl Future<Output = ()>, Error>
+    where
+        Req: DeserializeOwned + Send + 'static,
+        Res: Serialize + Send + 'static,
+        Fut: Future<Output = Result<Res, ServiceError>> + Send,
+    {
+        let endpoint = service::endpoint(self.micro, name, subject).await?;
+        let registry = self.registry.clone();
+        Ok(service::serve(
+            endpoint,
+            self.shutdown.clone(),
+            concurrency,
+            self.rejections.clone(),
+            move |request| handle(registry.clone(), request),
+        ))
+    }
+}
 
 struct Registry {
     mesh: Mesh,
@@ -192,7 +240,10 @@ fn bad_request(field: &str, message: impl Into<String>) -> ServiceError {
 }
 
 impl Registry {
-    async fn register(&self, registration: Registration) -> Result<NodeRecord, ServiceError> {
+    async fn register(
+        self: Arc<Self>,
+        registration: Registration,
+    ) -> Result<NodeRecord, ServiceError> {
         if registration.capacity == 0 || registration.capacity > MAX_CAPACITY {
             return Err(bad_request(
                 "capacity",
@@ -266,7 +317,7 @@ impl Registry {
         ))
     }
 
-    async fn heartbeat(&self, beat: Heartbeat) -> Result<HeartbeatReply, ServiceError> {
+    async fn heartbeat(self: Arc<Self>, beat: Heartbeat) -> Result<HeartbeatReply, ServiceError> {
         let key = beat.node.to_string();
         for _ in 0..CAS_ATTEMPTS {
             let Some(current) = self.mesh.nodes.get(&key).await.map_err(unavailable)? else {
@@ -321,7 +372,7 @@ impl Registry {
         ))
     }
 
-    async fn deregister(&self, beat: Heartbeat) -> Result<NodeRecord, ServiceError> {
+    async fn deregister(self: Arc<Self>, beat: Heartbeat) -> Result<NodeRecord, ServiceError> {
         let key = beat.node.to_string();
         for _ in 0..CAS_ATTEMPTS {
             let Some(current) = self.mesh.nodes.get(&key).await.map_err(unavailable)? else {
@@ -363,7 +414,7 @@ impl Registry {
 
     /// Sets a node's availability, as an operator asked.
     async fn set_availability(
-        &self,
+        self: Arc<Self>,
         command: NodeCommand,
         availability: Availability,
     ) -> Result<NodeRecord, ServiceError> {
@@ -429,7 +480,7 @@ impl Registry {
         ))
     }
 
-    async fn list(&self) -> Result<Vec<NodeRecord>, ServiceError> {
+    async fn list(self: Arc<Self>) -> Result<Vec<NodeRecord>, ServiceError> {
         let mut nodes: Vec<NodeRecord> = self
             .mesh
             .nodes
@@ -443,7 +494,7 @@ impl Registry {
         Ok(nodes)
     }
 
-    async fn get(&self, query: NodeQuery) -> Result<NodeRecord, ServiceError> {
+    async fn get(self: Arc<Self>, query: NodeQuery) -> Result<NodeRecord, ServiceError> {
         let key = query.node.to_string();
         match self.mesh.nodes.get(&key).await.map_err(unavailable)? {
             Some(versioned) => Ok(versioned.value),
