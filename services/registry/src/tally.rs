@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::consumer::{AckPolicy, pull};
 use async_nats::jetstream::{self, AckKind};
-use capstan_mesh::{Error, Mesh, consume, wire};
+use capstan_mesh::{Change, Error, Mesh, Modified, consume, wire};
 use capstan_protocol::subjects::{self, Origin};
 use capstan_protocol::{JobEvent, JobEventKind, NodeId, NodeTally, topology};
 use tokio_util::sync::CancellationToken;
@@ -104,21 +104,22 @@ async fn tally(mesh: &Mesh, messages: Vec<jetstream::Message>) {
 }
 
 /// Adds `tally` to the node's record by compare-and-swap; a node the registry does not know
-/// (it never registered, or its record expired) is skipped.
+/// (it never registered, or its record expired) is skipped. A heartbeat writing in between
+/// makes it read and add again.
 async fn add(mesh: &Mesh, node: &NodeId, tally: &NodeTally) -> Result<(), Error> {
-    let key = node.to_string();
-    loop {
-        let Some(current) = mesh.nodes.get(&key).await? else {
-            tracing::debug!(node = %node, "job outcomes of an unknown node are not tallied");
-            return Ok(());
-        };
-        let mut record = current.value;
-        record.finished.merge(tally);
-        match mesh.nodes.update(&key, &record, current.revision).await {
-            Ok(_) => return Ok(()),
-            // A heartbeat wrote in between: read again.
-            Err(Error::Conflict { .. }) => continue,
-            Err(error) => return Err(error),
-        }
+    let added = mesh
+        .nodes
+        .modify(node.as_str(), |current| {
+            let Some(current) = current else {
+                return Change::Stop(());
+            };
+            let mut record = current.value.clone();
+            record.finished.merge(tally);
+            Change::Write(record)
+        })
+        .await?;
+    if let Modified::Stopped(()) = added {
+        tracing::debug!(node = %node, "job outcomes of an unknown node are not tallied");
     }
+    Ok(())
 }
