@@ -1,13 +1,15 @@
 //! One attempt's life, from its dispatch to its acknowledgement: decode and route the
-//! dispatch, claim the attempt on the job's record, or hand it back while the node drains, or
-//! quarantine a job whose dispatch keeps coming back; then run it, write its outcome and announce it, and only then
+//! dispatch, claim the attempt on the job's record (what the record means is the protocol's
+//! `claim::decide`), or hand it back while the node drains, or quarantine a job whose dispatch
+//! keeps coming back; then run it, write its outcome and announce it, and only then
 //! acknowledge the dispatch. The slot it runs in is `pull`'s; stopping it is `control`'s.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind};
-use capstan_mesh::{Error, lifecycle};
+use capstan_mesh::{Change, Error, Modified, Versioned, lifecycle};
+use capstan_protocol::claim::{self, Decision};
 use capstan_protocol::job::Outcome;
 use capstan_protocol::retry;
 use capstan_protocol::subjects::Origin;
@@ -36,6 +38,20 @@ enum Claimed {
     Run(Box<JobRecord>, u64),
     /// Nothing to run; acknowledge the dispatch.
     Settled,
+}
+
+/// What a claim found in the job's record instead of taking the attempt.
+enum Found {
+    /// The job has no record.
+    Gone,
+    /// The record moved on to this attempt, or to another node.
+    Stale(u32),
+    /// The attempt ended already.
+    Ended(JobRecord),
+    /// This instance's own claim, whose reply was lost.
+    Ours(Versioned<JobRecord>),
+    /// A predecessor's claim.
+    Orphaned(Versioned<JobRecord>),
 }
 
 impl Worker {
@@ -167,34 +183,37 @@ impl Worker {
             "handed back unstarted: node {} is draining",
             self.node
         ));
-        let key = dispatch.record.id.to_string();
-        let (mut record, mut revision) = (dispatch.record.clone(), dispatch.revision);
-        for _ in 0..5 {
+        let attempt = dispatch.record.attempt;
+        let known = Versioned {
+            value: dispatch.record.clone(),
+            revision: dispatch.revision,
+        };
+        // Stops with whether the claim path should take the dispatch over.
+        let given = lifecycle::modify(&self.mesh, dispatch.record.id, Some(known), |current| {
+            let Some(current) = current else {
+                return Change::Stop(false);
+            };
+            let record = &current.value;
+            if record.attempt != attempt || record.node.as_ref() != Some(&self.node) {
+                return Change::Stop(false);
+            }
             if record.status != JobStatus::Pending {
                 // Claimed, ended, or handed back already (perhaps by an earlier try here whose
                 // reply was lost): the claim path, starting from the dispatch as delivered,
                 // finds out which and finishes what that change causes.
-                return self.claim(dispatch).await;
+                return Change::Stop(true);
             }
-            match lifecycle::hand_back(&self.mesh, &record, revision, &outcome).await {
-                Ok(_) => return Ok(Claimed::Settled),
-                Err(Error::Conflict { .. }) => {}
-                Err(error) => return Err(error),
-            }
-            let Some(current) = self.mesh.jobs.get(&key).await? else {
-                return Ok(Claimed::Settled);
-            };
-            if current.value.attempt != record.attempt
-                || current.value.node.as_ref() != Some(&self.node)
-            {
-                return Ok(Claimed::Settled);
-            }
-            (record, revision) = (current.value, current.revision);
-        }
-        Err(Error::Unavailable {
-            op: "hand back",
-            reason: "the job's record kept changing".into(),
+            Change::Write(record.handed_back(&outcome, Timestamp::now()))
         })
+        .await?;
+        match given {
+            Modified::Written { written, .. } => {
+                lifecycle::follow_up(&self.mesh, &written.value).await?;
+                Ok(Claimed::Settled)
+            }
+            Modified::Stopped(true) => self.claim(dispatch).await,
+            Modified::Stopped(false) => Ok(Claimed::Settled),
+        }
     }
 
     /// Sets aside a job whose dispatch was delivered `delivered` times without its attempt
@@ -246,69 +265,81 @@ impl Worker {
     }
 
     /// Moves the record to `running` for this instance, by CAS on the dispatch's revision. When
-    /// the record changed since, decides from what it is now.
+    /// the record changed since, does what [`claim::decide`] makes of it now.
+    ///
+    /// The first decision is made on the dispatch's own copy of the record, which is always
+    /// `pending` on this node (schedulers dispatch only such records), so it takes the attempt
+    /// without reading the bucket.
     async fn claim(&self, dispatch: Dispatch) -> Result<Claimed, Error> {
-        let key = dispatch.record.id.to_string();
+        let id = dispatch.record.id;
         let attempt = dispatch.record.attempt;
-        let mut record = dispatch.record;
-        let mut revision = dispatch.revision;
-        for _ in 0..5 {
-            let started = record.started(self.instance, Timestamp::now());
-            match lifecycle::write(&self.mesh, &started, revision).await {
-                Ok(new_revision) => return Ok(Claimed::Run(Box::new(started), new_revision)),
-                Err(Error::Conflict { .. }) => {}
-                Err(error) => return Err(error),
-            }
-            let Some(current) = self.mesh.jobs.get(&key).await? else {
-                tracing::warn!(job = %key, "dispatched job has no record; dropping the dispatch");
-                return Ok(Claimed::Settled);
+        let known = Versioned {
+            value: dispatch.record,
+            revision: dispatch.revision,
+        };
+        let claimed = lifecycle::modify(&self.mesh, id, Some(known), |current| {
+            let decision = claim::decide(
+                current.map(|c| &c.value),
+                attempt,
+                &self.node,
+                self.instance,
+            );
+            let Some(current) = current else {
+                return Change::Stop(Found::Gone);
             };
-            let now = current.value;
-            if now.attempt != attempt || now.node.as_ref() != Some(&self.node) {
-                tracing::info!(job = %key, attempt, current = now.attempt, "stale dispatch dropped");
-                return Ok(Claimed::Settled);
+            match decision {
+                Decision::Take => {
+                    Change::Write(current.value.started(self.instance, Timestamp::now()))
+                }
+                Decision::Stale => Change::Stop(Found::Stale(current.value.attempt)),
+                Decision::Ended => Change::Stop(Found::Ended(current.value.clone())),
+                Decision::AlreadyOurs => Change::Stop(Found::Ours(current.clone())),
+                Decision::Orphaned => Change::Stop(Found::Orphaned(current.clone())),
             }
-            match now.status {
-                status if status.is_terminal() || status == JobStatus::Retrying => {
-                    // The attempt ended already (by our previous instance, a canceller, or a
-                    // scheduler that found the node lost): make sure what it caused happened;
-                    // timers and events are idempotent.
-                    lifecycle::follow_up(&self.mesh, &now).await?;
-                    return Ok(Claimed::Settled);
-                }
-                JobStatus::Running if now.instance == Some(self.instance) => {
-                    // This instance does not hold the attempt (the caller checked), so nothing
-                    // of it ran: an earlier claim was written but its reply was lost (NATS went
-                    // away in between, and that delivery was nak'ed). The attempt is ours.
-                    tracing::info!(job = %key, attempt, "an earlier claim was stored though its reply was lost; running the attempt");
-                    return Ok(Claimed::Run(Box::new(now), current.revision));
-                }
-                JobStatus::Running => {
-                    // Our previous instance started this attempt and died; its process was
-                    // killed at start-up. The attempt is lost, and retried per the job's
-                    // policy, rather than run again under the same attempt.
-                    let outcome = Outcome::lost(format!(
-                        "lost: the executor instance running it ({}) on node {} stopped before it finished",
-                        now.instance.map(|i| i.to_string()).unwrap_or_default(),
-                        self.node
-                    ));
-                    match lifecycle::end_attempt(&self.mesh, &now, current.revision, &outcome).await
-                    {
-                        Ok(_) | Err(Error::Conflict { .. }) => {}
-                        Err(error) => return Err(error),
-                    }
-                    return Ok(Claimed::Settled);
-                }
-                _ => {
-                    record = now;
-                    revision = current.revision;
+        })
+        .await?;
+        let found = match claimed {
+            Modified::Written { written, .. } => {
+                return Ok(Claimed::Run(Box::new(written.value), written.revision));
+            }
+            Modified::Stopped(found) => found,
+        };
+        match found {
+            Found::Gone => {
+                tracing::warn!(job = %id, "dispatched job has no record; dropping the dispatch");
+            }
+            Found::Stale(current) => {
+                tracing::info!(job = %id, attempt, current, "stale dispatch dropped");
+            }
+            Found::Ended(record) => {
+                // Make sure what its end caused happened; timers and events are idempotent.
+                lifecycle::follow_up(&self.mesh, &record).await?;
+            }
+            Found::Ours(current) => {
+                tracing::info!(job = %id, attempt, "an earlier claim was stored though its reply was lost; running the attempt");
+                return Ok(Claimed::Run(Box::new(current.value), current.revision));
+            }
+            Found::Orphaned(current) => {
+                // Its process was killed at start-up; the attempt is retried per the job's
+                // policy under a new number.
+                let outcome = Outcome::lost(format!(
+                    "lost: the executor instance running it ({}) on node {} stopped before it finished",
+                    current
+                        .value
+                        .instance
+                        .map(|i| i.to_string())
+                        .unwrap_or_default(),
+                    self.node
+                ));
+                match lifecycle::end_attempt(&self.mesh, &current.value, current.revision, &outcome)
+                    .await
+                {
+                    Ok(_) | Err(Error::Conflict { .. }) => {}
+                    Err(error) => return Err(error),
                 }
             }
         }
-        Err(Error::Unavailable {
-            op: "claim",
-            reason: "the job's record kept changing".into(),
-        })
+        Ok(Claimed::Settled)
     }
 
     /// Writes the outcome over the running record (CAS): the job's end, or `retrying` as its
@@ -322,49 +353,56 @@ impl Worker {
         outcome: &Outcome,
         handed_back: bool,
     ) -> Recorded {
-        let key = running.id.to_string();
-        let mut base = running.clone();
-        let mut revision = revision;
+        let id = running.id;
+        // The first write goes over the record as this attempt claimed it.
+        let mut known = Some(Versioned {
+            value: running.clone(),
+            revision,
+        });
         let mut delay = Duration::from_millis(200);
-        // Writes whose reply never came: any of them may have been stored.
-        let mut unanswered: Vec<JobRecord> = Vec::new();
+        // Every outcome record tried: any of them may have been stored though its reply never
+        // came.
+        let mut tried: Vec<JobRecord> = Vec::new();
         let written = loop {
-            let now = Timestamp::now();
-            let next = if handed_back {
-                base.handed_back(outcome, now)
-            } else {
-                base.settled(outcome, now, lifecycle::jitter_sample())
+            let decide = |current: Option<&Versioned<JobRecord>>| {
+                let Some(current) = current else {
+                    return Change::Stop(Err(None));
+                };
+                let record = &current.value;
+                if tried.contains(record) {
+                    // An earlier write of this outcome was stored; only its reply was lost.
+                    return Change::Stop(Ok(record.clone()));
+                }
+                if record.attempt != running.attempt
+                    || record.status != JobStatus::Running
+                    || record.instance != running.instance
+                {
+                    return Change::Stop(Err(Some((record.status, record.attempt))));
+                }
+                // Still this attempt's, perhaps changed meanwhile (a cancel was asked).
+                let now = Timestamp::now();
+                let next = if handed_back {
+                    record.handed_back(outcome, now)
+                } else {
+                    record.settled(outcome, now, lifecycle::jitter_sample())
+                };
+                tried.push(next.clone());
+                Change::Write(next)
             };
-            match lifecycle::write(&self.mesh, &next, revision).await {
-                Ok(_) => break next,
-                Err(Error::Conflict { .. }) => match self.mesh.jobs.get(&key).await {
-                    Ok(Some(current)) if unanswered.contains(&current.value) => {
-                        // An earlier write of this outcome was stored; only its reply was lost.
-                        break current.value;
-                    }
-                    Ok(Some(current))
-                        if current.value.attempt == running.attempt
-                            && current.value.status == JobStatus::Running
-                            && current.value.instance == running.instance =>
-                    {
-                        base = current.value;
-                        revision = current.revision;
-                        continue;
-                    }
-                    Ok(current) => {
-                        tracing::warn!(
-                            job = %key,
-                            attempt = running.attempt,
-                            now = ?current.map(|c| (c.value.status, c.value.attempt)),
-                            "attempt finished after it lost the job; result discarded"
-                        );
-                        return Recorded::Stale;
-                    }
-                    Err(error) => tracing::warn!(job = %key, error = %error, "cannot read record"),
-                },
+            match lifecycle::modify(&self.mesh, id, known.take(), decide).await {
+                Ok(Modified::Written { written, .. }) => break written.value,
+                Ok(Modified::Stopped(Ok(stored))) => break stored,
+                Ok(Modified::Stopped(Err(now))) => {
+                    tracing::warn!(
+                        job = %id,
+                        attempt = running.attempt,
+                        now = ?now,
+                        "attempt finished after it lost the job; result discarded"
+                    );
+                    return Recorded::Stale;
+                }
                 Err(error) => {
-                    tracing::warn!(job = %key, error = %error, "cannot record outcome yet, retrying");
-                    unanswered.push(next);
+                    tracing::warn!(job = %id, error = %error, "cannot record outcome yet, retrying");
                 }
             }
             tokio::time::sleep(delay).await;
@@ -375,7 +413,7 @@ impl Worker {
             match lifecycle::follow_up(&self.mesh, &written).await {
                 Ok(()) => return Recorded::Done(Box::new(written)),
                 Err(error) => {
-                    tracing::warn!(job = %key, error = %error, "cannot announce the outcome, retrying");
+                    tracing::warn!(job = %id, error = %error, "cannot announce the outcome, retrying");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(5));
                 }

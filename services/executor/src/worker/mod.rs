@@ -7,10 +7,10 @@
 //! predecessor and settles it instead of running the job twice.
 //!
 //! One concern per module: `pull` takes dispatches while slots are free; `attempt` carries one
-//! attempt from its claim to its acknowledged outcome; `control` follows cancel notices,
-//! checks the held attempts' records once a second and follows drains; `held` keeps the
-//! attempts this instance holds and decides what a held attempt's record means for it
-//! (`held_check`).
+//! attempt from its claim (what a changed record means is the protocol's `claim::decide`) to
+//! its acknowledged outcome; `control` follows cancel notices, checks the held attempts'
+//! records once a second and follows drains; `held` keeps the attempts this instance holds
+//! and decides what a held attempt's record means for it (`held_check`).
 
 mod attempt;
 mod control;
