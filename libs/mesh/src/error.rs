@@ -23,6 +23,14 @@ pub enum Error {
         /// The revision the write expected.
         revision: u64,
     },
+    /// A read-decide-write ([`Bucket::modify`](crate::store::Bucket::modify)) lost its
+    /// compare-and-swap [`MODIFY_ATTEMPTS`](crate::store::MODIFY_ATTEMPTS) times in a row:
+    /// the key is contended. Retry later (or let JetStream redeliver).
+    #[error("{key} kept changing: every compare-and-swap allowed lost to another writer")]
+    KeptChanging {
+        /// The key.
+        key: String,
+    },
     /// A create found the key already present.
     #[error("{key} already exists")]
     AlreadyExists {
@@ -64,6 +72,6 @@ impl Error {
 
     /// True when retrying the same operation later may succeed.
     pub fn is_transient(&self) -> bool {
-        matches!(self, Self::Unavailable { .. })
+        matches!(self, Self::Unavailable { .. } | Self::KeptChanging { .. })
     }
 }

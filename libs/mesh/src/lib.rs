@@ -1,7 +1,8 @@
 //! What every Capstan service does with NATS, written once: connect, create the streams and
-//! buckets of [`capstan_protocol::topology`] idempotently, read and compare-and-swap typed KV
-//! records, publish events and rejections, serve NATS micro endpoints, stop on a signal, and
-//! submit jobs with idempotency keys.
+//! buckets of [`capstan_protocol::topology`] idempotently, read typed KV records and change
+//! them by compare-and-swap (read, decide, write, decide again on a lost race:
+//! [`Bucket::modify`]), publish events and rejections, serve NATS micro endpoints, stop on a
+//! signal, and submit jobs with idempotency keys.
 //!
 //! It owns no business rules: what a scheduler or an executor decides stays in its service.
 
@@ -23,6 +24,6 @@ pub use config::NatsArgs;
 pub use connect::{Mesh, connect};
 pub use error::Error;
 pub use events::EventPublisher;
-pub use store::{Bucket, Versioned};
+pub use store::{Bucket, Change, Modified, Versioned};
 pub use submit::{Claim, Idempotency, Submitter};
 pub use view::BucketView;

@@ -19,6 +19,7 @@ use capstan_protocol::{
 
 use crate::connect::Mesh;
 use crate::error::Error;
+use crate::store::{Change, Modified, Versioned};
 use crate::wire::msgpack_headers;
 
 /// A timer due this close to now is published as fired at once rather than scheduled.
@@ -106,7 +107,8 @@ pub fn jitter_sample() -> f64 {
 }
 
 /// Writes `next` over the record at `revision` (compare-and-swap); a finished job's record
-/// gets the finished-job TTL. The one way a job's new state is written.
+/// gets the finished-job TTL. The one way a job's new state is written ([`modify`], for a
+/// change decided on what it reads, writes the same way).
 ///
 /// A write can be stored while its reply is lost (NATS went away in between). When the write
 /// fails for want of NATS, the record is read back: if it is `next`, the write took effect and
@@ -114,22 +116,93 @@ pub fn jitter_sample() -> f64 {
 /// retrying into a conflict with itself.
 pub async fn write(mesh: &Mesh, next: &JobRecord, revision: u64) -> Result<u64, Error> {
     let key = next.id.to_string();
-    let written = if next.status.is_terminal() {
-        mesh.jobs
-            .update_with_ttl(&key, next, revision, FINISHED_JOB_TTL)
-            .await
-    } else {
-        mesh.jobs.update(&key, next, revision).await
+    let written = match expiry(next) {
+        Some(ttl) => mesh.jobs.update_with_ttl(&key, next, revision, ttl).await,
+        None => mesh.jobs.update(&key, next, revision).await,
     };
     if let Err(error) = &written
         && error.is_transient()
-        && let Ok(Some(current)) = mesh.jobs.get(&key).await
-        && &current.value == next
+        && let Some(revision) = stored(mesh, next).await
     {
-        tracing::debug!(job = %key, "a write whose reply was lost was stored");
-        return Ok(current.revision);
+        return Ok(revision);
     }
     written
+}
+
+/// Changes job `id`'s record as [`Bucket::modify`](crate::store::Bucket::modify) does (read,
+/// let `decide` choose, compare-and-swap, decide again after a lost race), writing as
+/// [`write`] does: a finished record gets the finished-job TTL, and a write that failed for
+/// want of NATS is read back and, when the record holds it, counts as written.
+///
+/// `known` is the record as the caller already holds it (a dispatch's copy): the first
+/// decision is made on it and its write costs no read; `None` reads first. What the change
+/// causes (a timer, an event) is the caller's to do afterwards ([`follow_up`]).
+pub async fn modify<S>(
+    mesh: &Mesh,
+    id: JobId,
+    known: Option<Versioned<JobRecord>>,
+    mut decide: impl FnMut(Option<&Versioned<JobRecord>>) -> Change<JobRecord, S>,
+) -> Result<Modified<JobRecord, S>, Error> {
+    let key = id.to_string();
+    // The last write decided, and the record it was decided from: if NATS failed under it,
+    // it may have been stored all the same. (After a write that lost its race, a failed read
+    // costs one read back, which cannot find a write that lost.)
+    let mut tried: Option<(JobRecord, Option<Versioned<JobRecord>>)> = None;
+    let decide = |current: Option<&Versioned<JobRecord>>| {
+        let change = match decide(current) {
+            Change::Write(next) => match expiry(&next) {
+                Some(ttl) => Change::WriteExpiring(next, ttl),
+                None => Change::Write(next),
+            },
+            change => change,
+        };
+        tried = match &change {
+            Change::Write(next) | Change::WriteExpiring(next, _) => {
+                Some((next.clone(), current.cloned()))
+            }
+            Change::Stop(_) => None,
+        };
+        change
+    };
+    let modified = match known {
+        Some(known) => mesh.jobs.modify_from(&key, Some(known), decide).await,
+        None => mesh.jobs.modify(&key, decide).await,
+    };
+    match modified {
+        Err(error @ Error::Unavailable { .. }) => {
+            let Some((next, previous)) = tried else {
+                return Err(error);
+            };
+            match stored(mesh, &next).await {
+                Some(revision) => Ok(Modified::Written {
+                    written: Versioned {
+                        value: next,
+                        revision,
+                    },
+                    previous,
+                }),
+                None => Err(error),
+            }
+        }
+        modified => modified,
+    }
+}
+
+/// How long `record` is kept once written: a finished job's record expires.
+fn expiry(record: &JobRecord) -> Option<Duration> {
+    record.status.is_terminal().then_some(FINISHED_JOB_TTL)
+}
+
+/// Reads back the record `written` was meant to replace after its write failed for want of
+/// NATS: its revision when the record is `written` (stored, only the reply was lost).
+async fn stored(mesh: &Mesh, written: &JobRecord) -> Option<u64> {
+    match mesh.jobs.get(&written.id.to_string()).await {
+        Ok(Some(current)) if &current.value == written => {
+            tracing::debug!(job = %written.id, "a write whose reply was lost was stored");
+            Some(current.revision)
+        }
+        _ => None,
+    }
 }
 
 /// Ends the current attempt of `current` (read at `revision`) with `outcome`: writes the
@@ -200,13 +273,38 @@ pub enum CancelError {
 /// told; the executor stops the process group and records `cancelled`. Asking again is
 /// harmless.
 pub async fn cancel(mesh: &Mesh, id: JobId) -> Result<(CancelOutcome, JobRecord), CancelError> {
-    let key = id.to_string();
-    for _ in 0..8 {
-        let Some(current) = mesh.jobs.get(&key).await? else {
-            return Err(CancelError::NotFound(id));
+    /// What the record showed when nothing was to be written.
+    enum Unchanged {
+        Missing,
+        Finished(JobRecord),
+        Marked(JobRecord),
+    }
+    let modified = modify(mesh, id, None, |current| {
+        let Some(current) = current else {
+            return Change::Stop(Unchanged::Missing);
         };
-        let record = current.value;
-        if record.status.is_terminal() {
+        let record = &current.value;
+        let now = Timestamp::now();
+        match record.status {
+            status if status.is_terminal() => Change::Stop(Unchanged::Finished(record.clone())),
+            JobStatus::Pending | JobStatus::Scheduled | JobStatus::Retrying => {
+                Change::Write(record.cancelled(now))
+            }
+            // Running: mark it (once), then tell its node.
+            _ if record.cancel_requested_at.is_some() => {
+                Change::Stop(Unchanged::Marked(record.clone()))
+            }
+            _ => Change::Write(JobRecord {
+                cancel_requested_at: Some(now),
+                updated_at: now,
+                ..record.clone()
+            }),
+        }
+    })
+    .await?;
+    let marked = match modified {
+        Modified::Stopped(Unchanged::Missing) => return Err(CancelError::NotFound(id)),
+        Modified::Stopped(Unchanged::Finished(record)) => {
             if record.status == JobStatus::Cancelled
                 && Timestamp::now().since(record.updated_at) < topology::EVENTS.duplicate_window / 2
             {
@@ -226,63 +324,35 @@ pub async fn cancel(mesh: &Mesh, id: JobId) -> Result<(CancelOutcome, JobRecord)
                 status: record.status,
             });
         }
-        let now = Timestamp::now();
-        if matches!(
-            record.status,
-            JobStatus::Pending | JobStatus::Scheduled | JobStatus::Retrying
-        ) {
-            let waited_for_timer = record.status.is_waiting_for_timer();
-            let cancelled = record.cancelled(now);
-            match write(mesh, &cancelled, current.revision).await {
-                Ok(_) => {
-                    mesh.events
-                        .job(&JobEvent::new(JobEventKind::Cancelled, &cancelled))
-                        .await?;
-                    if waited_for_timer {
-                        disarm_timer(mesh, id).await;
-                    }
-                    tracing::info!(job = %id, "cancelled before it ran");
-                    return Ok((CancelOutcome::Cancelled, cancelled));
-                }
-                Err(Error::Conflict { .. }) => continue,
-                Err(error) => return Err(error.into()),
+        Modified::Stopped(Unchanged::Marked(record)) => record,
+        Modified::Written { written, previous } if written.value.status == JobStatus::Cancelled => {
+            let cancelled = written.value;
+            mesh.events
+                .job(&JobEvent::new(JobEventKind::Cancelled, &cancelled))
+                .await?;
+            if previous.is_some_and(|previous| previous.value.status.is_waiting_for_timer()) {
+                disarm_timer(mesh, id).await;
             }
+            tracing::info!(job = %id, "cancelled before it ran");
+            return Ok((CancelOutcome::Cancelled, cancelled));
         }
-        // Running: mark it (once), then tell its node.
-        let marked = if record.cancel_requested_at.is_some() {
-            record
-        } else {
-            let marked = JobRecord {
-                cancel_requested_at: Some(now),
-                updated_at: now,
-                ..record
-            };
-            match mesh.jobs.update(&key, &marked, current.revision).await {
-                Ok(_) => marked,
-                Err(Error::Conflict { .. }) => continue,
-                Err(error) => return Err(error.into()),
-            }
+        Modified::Written { written, .. } => written.value,
+    };
+    if let Some(node) = &marked.node {
+        let notice = CancelNotice {
+            job: id,
+            attempt: marked.attempt,
         };
-        if let Some(node) = &marked.node {
-            let notice = CancelNotice {
-                job: id,
-                attempt: marked.attempt,
-            };
-            let payload = Bytes::from(codec::to_msgpack(&notice).map_err(Error::from)?);
-            mesh.client
-                .publish_with_headers(
-                    subjects::control(node, "cancel"),
-                    msgpack_headers(),
-                    payload,
-                )
-                .await
-                .map_err(|e| Error::unavailable("cancel notice", e))?;
-        }
-        tracing::info!(job = %id, "cancellation requested");
-        return Ok((CancelOutcome::Requested, marked));
+        let payload = Bytes::from(codec::to_msgpack(&notice).map_err(Error::from)?);
+        mesh.client
+            .publish_with_headers(
+                subjects::control(node, "cancel"),
+                msgpack_headers(),
+                payload,
+            )
+            .await
+            .map_err(|e| Error::unavailable("cancel notice", e))?;
     }
-    Err(CancelError::Mesh(Error::Unavailable {
-        op: "cancel",
-        reason: "the job's record kept changing".into(),
-    }))
+    tracing::info!(job = %id, "cancellation requested");
+    Ok((CancelOutcome::Requested, marked))
 }

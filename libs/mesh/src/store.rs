@@ -1,4 +1,9 @@
 //! Typed KV buckets: JSON values read with their revision and written by compare-and-swap.
+//!
+//! A change that depends on the value it replaces goes through [`Bucket::modify`]: read, let a
+//! decision say what to write, compare-and-swap on the revision read, and on a lost race read
+//! and decide again, a bounded number of times. What the decision means (and what the write
+//! causes afterwards) stays with the caller.
 
 use std::fmt;
 use std::marker::PhantomData;
@@ -23,6 +28,37 @@ pub struct Versioned<T> {
     pub value: T,
     /// Its revision: pass it to [`Bucket::update`] to write over exactly this version.
     pub revision: u64,
+}
+
+/// How many times [`Bucket::modify`] decides and writes before it gives up with
+/// [`Error::KeptChanging`]. Each lost compare-and-swap means another writer got in between: a
+/// key that changes this often is contended, and its writer is better off retrying later.
+pub const MODIFY_ATTEMPTS: usize = 8;
+
+/// What a [`Bucket::modify`] decision does with the value it was shown.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change<T, S> {
+    /// Write this value over the revision read (create the key when it was absent).
+    Write(T),
+    /// Like [`Change::Write`], and the entry expires `ttl` after this write. Needs a bucket
+    /// with per-key TTLs.
+    WriteExpiring(T, Duration),
+    /// Write nothing: [`Bucket::modify`] returns [`Modified::Stopped`] with this.
+    Stop(S),
+}
+
+/// What [`Bucket::modify`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Modified<T, S> {
+    /// The decision's value was written.
+    Written {
+        /// The value as written, with its new revision.
+        written: Versioned<T>,
+        /// The value it was decided from (`None`: the key was absent).
+        previous: Option<Versioned<T>>,
+    },
+    /// The decision wrote nothing and returned this.
+    Stopped(S),
 }
 
 /// A KV bucket holding JSON values of one type.
@@ -92,16 +128,27 @@ impl<T: Serialize + DeserializeOwned> Bucket<T> {
 
     /// Writes `value` under `key` if the key is absent; [`Error::AlreadyExists`] otherwise.
     pub async fn create(&self, key: &str, value: &T) -> Result<u64, Error> {
+        self.create_expiring(key, value, None).await
+    }
+
+    /// Like [`Bucket::create`], the entry expiring `ttl` after this write when `ttl` is set.
+    async fn create_expiring(
+        &self,
+        key: &str,
+        value: &T,
+        ttl: Option<Duration>,
+    ) -> Result<u64, Error> {
         let bytes = self.encode(value)?;
-        self.kv
-            .create(key, bytes)
-            .await
-            .map_err(|e| match e.kind() {
-                CreateErrorKind::AlreadyExists => Error::AlreadyExists {
-                    key: key.to_owned(),
-                },
-                _ => Error::unavailable("kv create", e),
-            })
+        let created = match ttl {
+            Some(ttl) => self.kv.create_with_ttl(key, bytes, ttl).await,
+            None => self.kv.create(key, bytes).await,
+        };
+        created.map_err(|e| match e.kind() {
+            CreateErrorKind::AlreadyExists => Error::AlreadyExists {
+                key: key.to_owned(),
+            },
+            _ => Error::unavailable("kv create", e),
+        })
     }
 
     /// Writes `value` over revision `revision` of `key`; [`Error::Conflict`] if it changed.
@@ -158,6 +205,70 @@ impl<T: Serialize + DeserializeOwned> Bucket<T> {
             .put(key, bytes)
             .await
             .map_err(|e| Error::unavailable("kv put", e))
+    }
+
+    /// Changes `key` by compare-and-swap on what it holds: reads it, asks `decide` what to do
+    /// with the value read (`None`: absent), writes that over the revision read (a create
+    /// where the key was absent), and when another writer got in between, reads again and asks
+    /// again. `decide` is called once per read, at most [`MODIFY_ATTEMPTS`] times, so it
+    /// should only decide; what the write causes is the caller's to do once this returns.
+    ///
+    /// Fails with [`Error::KeptChanging`] when every write lost, and with the first other
+    /// error as it came (a write that failed for want of NATS may have been stored: a caller
+    /// that must know reads the key back, as [`crate::lifecycle::modify`] does for jobs).
+    pub async fn modify<S>(
+        &self,
+        key: &str,
+        decide: impl FnMut(Option<&Versioned<T>>) -> Change<T, S>,
+    ) -> Result<Modified<T, S>, Error> {
+        let current = self.get(key).await?;
+        self.modify_from(key, current, decide).await
+    }
+
+    /// Like [`Bucket::modify`], starting from `known`, what the caller already holds of the
+    /// key (a copy carried by a message; `None`: the key is taken to be absent), so the first
+    /// write costs no read. When `known` was out of date its write loses, and the key is read
+    /// as usual.
+    pub async fn modify_from<S>(
+        &self,
+        key: &str,
+        known: Option<Versioned<T>>,
+        mut decide: impl FnMut(Option<&Versioned<T>>) -> Change<T, S>,
+    ) -> Result<Modified<T, S>, Error> {
+        let mut current = known;
+        let mut lost = 0;
+        loop {
+            let (value, ttl) = match decide(current.as_ref()) {
+                Change::Stop(result) => return Ok(Modified::Stopped(result)),
+                Change::Write(value) => (value, None),
+                Change::WriteExpiring(value, ttl) => (value, Some(ttl)),
+            };
+            let written = match (&current, ttl) {
+                (None, ttl) => self.create_expiring(key, &value, ttl).await,
+                (Some(current), None) => self.update(key, &value, current.revision).await,
+                (Some(current), Some(ttl)) => {
+                    self.update_with_ttl(key, &value, current.revision, ttl)
+                        .await
+                }
+            };
+            match written {
+                Ok(revision) => {
+                    return Ok(Modified::Written {
+                        written: Versioned { value, revision },
+                        previous: current,
+                    });
+                }
+                Err(Error::Conflict { .. } | Error::AlreadyExists { .. }) => {}
+                Err(error) => return Err(error),
+            }
+            lost += 1;
+            if lost == MODIFY_ATTEMPTS {
+                return Err(Error::KeptChanging {
+                    key: key.to_owned(),
+                });
+            }
+            current = self.get(key).await?;
+        }
     }
 
     /// Every current value. Reads key by key: meant for small buckets (nodes).

@@ -18,7 +18,7 @@ use capstan_protocol::{
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
-use crate::store::Bucket;
+use crate::store::{Bucket, Change, Modified};
 use crate::wire::msgpack_headers;
 
 /// A claimed idempotency key: which job it names, since when.
@@ -87,41 +87,44 @@ impl Idempotency {
             job,
             reserved_at: Timestamp::now(),
         };
-        for _ in 0..5 {
-            match self.bucket.create(&bucket_key, &ours).await {
-                Ok(_) => return Ok(Claim::Claimed),
-                Err(Error::AlreadyExists { .. }) => {}
-                Err(error) => return Err(error),
-            }
-            let Some(current) = self.bucket.get(&bucket_key).await? else {
-                continue; // expired or removed between the two calls: try again
-            };
-            if current.value.job == job {
-                return Ok(Claim::Claimed);
-            }
-            let abandoned = self
-                .jobs
-                .get(&current.value.job.to_string())
-                .await?
-                .is_none()
-                && ours.reserved_at.since(current.value.reserved_at) > ABANDONED_AFTER;
-            if !abandoned {
-                return Ok(Claim::Existing(current.value.job));
-            }
-            match self
-                .bucket
-                .update(&bucket_key, &ours, current.revision)
-                .await
-            {
-                Ok(_) => return Ok(Claim::Claimed),
-                Err(Error::Conflict { .. }) => continue,
-                Err(error) => return Err(error),
-            }
+        // The key is usually new: try to create it before reading it.
+        let found = self
+            .bucket
+            .modify_from(&bucket_key, None, |current| match current {
+                None => Change::Write(ours.clone()),
+                Some(current) if current.value.job == job => Change::Stop(None),
+                Some(current) => Change::Stop(Some(current.clone())),
+            })
+            .await?;
+        let other = match found {
+            Modified::Written { .. } | Modified::Stopped(None) => return Ok(Claim::Claimed),
+            Modified::Stopped(Some(other)) => other,
+        };
+        if !self.abandoned(&other.value, ours.reserved_at).await? {
+            return Ok(Claim::Existing(other.value.job));
         }
-        Err(Error::Unavailable {
-            op: "idempotency claim",
-            reason: "the key kept changing".into(),
+        // Take the key over from the abandoned reservation, and from nothing else.
+        let taken = self
+            .bucket
+            .modify_from(&bucket_key, Some(other.clone()), |current| match current {
+                None => Change::Write(ours.clone()),
+                Some(current) if current.value == other.value => Change::Write(ours.clone()),
+                Some(current) if current.value.job == job => Change::Stop(Claim::Claimed),
+                Some(current) => Change::Stop(Claim::Existing(current.value.job)),
+            })
+            .await?;
+        Ok(match taken {
+            Modified::Written { .. } => Claim::Claimed,
+            Modified::Stopped(claim) => claim,
         })
+    }
+
+    /// Whether `reservation`, seen at `now`, was left by a submitter that died between
+    /// claiming the key and storing the submission: its job never appeared, and it is older
+    /// than [`ABANDONED_AFTER`].
+    async fn abandoned(&self, reservation: &Reservation, now: Timestamp) -> Result<bool, Error> {
+        Ok(now.since(reservation.reserved_at) > ABANDONED_AFTER
+            && self.jobs.get(&reservation.job.to_string()).await?.is_none())
     }
 }
 

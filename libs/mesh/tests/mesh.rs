@@ -1,11 +1,12 @@
-//! The mesh layer against a real nats-server: topology, compare-and-swap, TTLs, idempotency
-//! and submission.
+//! The mesh layer against a real nats-server: topology, compare-and-swap (and the
+//! read-decide-write loop over it), TTLs, idempotency and submission.
 
 use std::time::Duration;
 
 use async_nats::jetstream;
 use capstan_mesh::lifecycle::{self, CancelError};
-use capstan_mesh::{Claim, Error, Mesh, Submitter};
+use capstan_mesh::store::MODIFY_ATTEMPTS;
+use capstan_mesh::{Change, Claim, Error, Mesh, Modified, Submitter};
 use capstan_protocol::topology;
 use capstan_protocol::{
     JobEventKind, JobId, JobRecord, JobSpec, JobStatus, Timestamp, headers, subjects,
@@ -66,6 +67,96 @@ async fn compare_and_swap_lets_exactly_one_of_two_writers_win() {
     assert!(matches!(loser, Err(Error::Conflict { .. })));
     let stored = mesh.jobs.get(&key).await.expect("read").expect("present");
     assert_eq!(stored.value.attempt, 1);
+}
+
+#[tokio::test]
+async fn a_modify_that_lost_its_race_reads_again_and_decides_on_what_it_finds() {
+    let server = NatsServer::start().await;
+    let mesh = mesh(&server).await;
+    let record = JobRecord::new(JobId::generate(), JobSpec::shell("true"), Timestamp::now());
+    let key = record.id.to_string();
+
+    // An absent key is created.
+    let created = mesh
+        .jobs
+        .modify(&key, |current| {
+            assert!(current.is_none());
+            Change::<_, ()>::Write(record.clone())
+        })
+        .await
+        .expect("created");
+    let Modified::Written { written, previous } = created else {
+        panic!("nothing written");
+    };
+    assert_eq!((written.value.clone(), previous), (record.clone(), None));
+
+    // Another writer gets in after the copy this writer holds was read.
+    let known = written.clone();
+    let node = "n1".parse().expect("valid node id");
+    let other = record.assigned(node, Timestamp::now());
+    mesh.jobs
+        .update(&key, &other, written.revision)
+        .await
+        .expect("the other writer wins");
+    let mut seen = Vec::new();
+    let modified = mesh
+        .jobs
+        .modify_from(&key, Some(known), |current| {
+            let current = current.expect("present");
+            seen.push(current.value.attempt);
+            let mut next = current.value.clone();
+            next.error = Some("decided on what was read".into());
+            Change::<_, ()>::Write(next)
+        })
+        .await
+        .expect("written on the second decision");
+    assert_eq!(
+        seen,
+        [0, 1],
+        "decided on the held copy, then on the record read"
+    );
+    let Modified::Written { written, previous } = modified else {
+        panic!("nothing written");
+    };
+    assert_eq!(previous.map(|p| p.value), Some(other));
+    let stored = mesh.jobs.get(&key).await.expect("read").expect("present");
+    assert_eq!(stored, written);
+
+    // A decision to stop writes nothing.
+    let stopped = mesh
+        .jobs
+        .modify(&key, |current| Change::Stop(current.map(|c| c.revision)))
+        .await
+        .expect("read");
+    assert_eq!(stopped, Modified::Stopped(Some(stored.revision)));
+    assert_eq!(mesh.jobs.get(&key).await.expect("read"), Some(stored));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_changed_under_every_write_gives_up_as_kept_changing() {
+    let server = NatsServer::start().await;
+    let mesh = mesh(&server).await;
+    let record = JobRecord::new(JobId::generate(), JobSpec::shell("true"), Timestamp::now());
+    let key = record.id.to_string();
+    mesh.jobs.create(&key, &record).await.expect("created");
+    let runtime = tokio::runtime::Handle::current();
+    let mut decisions = 0;
+    let modified = mesh
+        .jobs
+        .modify(&key, |current| {
+            decisions += 1;
+            let current = current.expect("present");
+            // Another writer changes the key between this read and this write, every time.
+            tokio::task::block_in_place(|| runtime.block_on(mesh.jobs.put(&key, &current.value)))
+                .expect("the other writer wins");
+            Change::<_, ()>::Write(current.value.clone())
+        })
+        .await;
+    assert!(
+        matches!(&modified, Err(Error::KeptChanging { key: k }) if *k == key),
+        "{modified:?}"
+    );
+    assert_eq!(decisions, MODIFY_ATTEMPTS);
 }
 
 #[tokio::test]

@@ -11,6 +11,7 @@
 //! KV values are JSON so that `nats kv get` shows an operator the state as it is.
 
 pub mod auth;
+pub mod claim;
 pub mod codec;
 pub mod dispatch;
 pub mod event;

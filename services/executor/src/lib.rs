@@ -3,8 +3,9 @@
 //! micro endpoint listing them.
 //!
 //! Module map: `membership` talks to the registry; `worker` pulls dispatches and carries each
-//! attempt from claim to acknowledgement; `runner` supervises one process; `orphans` finds the
-//! job processes a crashed predecessor left running, so a restarted executor can kill them.
+//! attempt from claim to acknowledgement (its modules: `pull`, `attempt`, `control`, `held`);
+//! `runner` supervises one process; `orphans` finds the job processes a crashed predecessor
+//! left running, so a restarted executor can kill them.
 
 mod membership;
 pub mod orphans;
@@ -22,7 +23,6 @@ use capstan_mesh::{Error, Mesh, NatsArgs, service};
 use capstan_protocol::subjects;
 use capstan_protocol::topology;
 use capstan_protocol::{InstanceId, JobId, Labels, NodeId};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::membership::{Identity, Membership, MembershipError};
@@ -183,8 +183,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     membership.register(&shutdown).await?;
 
     let capacity = usize::try_from(config.slots.max(1)).unwrap_or(1);
-    let worker = Arc::new(Worker {
-        runner: Runner {
+    let worker = Arc::new(Worker::new(
+        mesh.clone(),
+        node.clone(),
+        instance,
+        Runner {
             node: node.clone(),
             work_dir: work_dir.clone(),
             pass_env: config.pass_env.clone(),
@@ -194,16 +197,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             js: mesh.js.clone(),
             directories: Default::default(),
         },
-        mesh: mesh.clone(),
-        node: node.clone(),
-        instance,
-        slots: Arc::new(Semaphore::new(capacity)),
         capacity,
-        ack_wait: config.ack_wait,
-        held: std::sync::Mutex::default(),
-        released: tokio::sync::Notify::new(),
-        draining: std::sync::atomic::AtomicBool::new(false),
-    });
+        config.ack_wait,
+    ));
 
     let micro = service::start(
         &mesh.client,

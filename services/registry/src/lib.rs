@@ -8,12 +8,15 @@
 //! going down.
 
 use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use async_nats::service::Service;
 use capstan_mesh::config::parse_duration;
 use capstan_mesh::shutdown::Stop;
-use capstan_mesh::{BucketView, Error, Mesh, NatsArgs, service};
+use capstan_mesh::{BucketView, Change, Error, EventPublisher, Mesh, Modified, NatsArgs, service};
 use capstan_protocol::node::NodeQuery;
 use capstan_protocol::spec::validate_labels;
 use capstan_protocol::subjects::{self, Origin};
@@ -21,6 +24,8 @@ use capstan_protocol::{
     Availability, ErrorCode, Heartbeat, HeartbeatReply, NodeCommand, NodeEvent, NodeEventKind,
     NodeRecord, NodeStatus, Registration, ServiceError, Timestamp,
 };
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 
 pub mod tally;
@@ -69,6 +74,9 @@ pub const MAX_CAPACITY: u32 = 10_000;
 /// Runs the registry until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
     let mesh = Mesh::connect(&config.nats.nats_url, "capstan-registry", &shutdown).await?;
+    // The tally's consumer failing for good stops the registry, loudly.
+    let stop = Stop::new(&shutdown);
+    let shutdown = stop.token().clone();
     let view = BucketView::start(mesh.nodes.clone(), shutdown.clone()).await?;
     let registry = Arc::new(Registry {
         mesh: mesh.clone(),
@@ -87,83 +95,89 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         )]),
     )
     .await?;
-    let rejections = (mesh.events.clone(), Origin::Registry);
-    let register = service::endpoint(&micro, "register", subjects::registry::REGISTER).await?;
-    let heartbeat = service::endpoint(&micro, "heartbeat", subjects::registry::HEARTBEAT).await?;
-    let deregister =
-        service::endpoint(&micro, "deregister", subjects::registry::DEREGISTER).await?;
-    let list = service::endpoint(&micro, "nodes-list", subjects::registry::NODES_LIST).await?;
-    let get = service::endpoint(&micro, "nodes-get", subjects::registry::NODES_GET).await?;
-    let cordon =
-        service::endpoint(&micro, "nodes-cordon", subjects::registry::NODES_CORDON).await?;
-    let uncordon =
-        service::endpoint(&micro, "nodes-uncordon", subjects::registry::NODES_UNCORDON).await?;
-    let drain = service::endpoint(&micro, "nodes-drain", subjects::registry::NODES_DRAIN).await?;
+    let endpoints = Endpoints {
+        micro: &micro,
+        registry: registry.clone(),
+        shutdown: shutdown.clone(),
+        rejections: (mesh.events.clone(), Origin::Registry),
+    };
+    let register = endpoints
+        .serve(
+            "register",
+            subjects::registry::REGISTER,
+            64,
+            Registry::register,
+        )
+        .await?;
+    let heartbeat = endpoints
+        .serve(
+            "heartbeat",
+            subjects::registry::HEARTBEAT,
+            64,
+            Registry::heartbeat,
+        )
+        .await?;
+    let deregister = endpoints
+        .serve(
+            "deregister",
+            subjects::registry::DEREGISTER,
+            16,
+            Registry::deregister,
+        )
+        .await?;
+    let list = endpoints
+        .serve(
+            "nodes-list",
+            subjects::registry::NODES_LIST,
+            16,
+            |r, _: service::NoArgs| r.list(),
+        )
+        .await?;
+    let get = endpoints
+        .serve(
+            "nodes-get",
+            subjects::registry::NODES_GET,
+            16,
+            Registry::get,
+        )
+        .await?;
+    let cordon = endpoints
+        .serve(
+            "nodes-cordon",
+            subjects::registry::NODES_CORDON,
+            16,
+            |r, command| r.set_availability(command, Availability::Cordoned),
+        )
+        .await?;
+    let uncordon = endpoints
+        .serve(
+            "nodes-uncordon",
+            subjects::registry::NODES_UNCORDON,
+            16,
+            |r, command| r.set_availability(command, Availability::Active),
+        )
+        .await?;
+    let drain = endpoints
+        .serve(
+            "nodes-drain",
+            subjects::registry::NODES_DRAIN,
+            16,
+            |r, command| r.set_availability(command, Availability::Draining),
+        )
+        .await?;
     tracing::info!(heartbeat_timeout = ?config.heartbeat_timeout, "registry ready");
 
-    let r = registry.clone();
-    // The tally's consumer failing for good stops the registry, loudly.
-    let stop = Stop::new(&shutdown);
-    let s = stop.token().clone();
     tokio::join!(
-        service::serve(register, s.clone(), 64, rejections.clone(), {
-            let r = r.clone();
-            move |registration: Registration| {
-                let r = r.clone();
-                async move { r.register(registration).await }
-            }
-        }),
-        service::serve(heartbeat, s.clone(), 64, rejections.clone(), {
-            let r = r.clone();
-            move |beat: Heartbeat| {
-                let r = r.clone();
-                async move { r.heartbeat(beat).await }
-            }
-        }),
-        service::serve(deregister, s.clone(), 16, rejections.clone(), {
-            let r = r.clone();
-            move |beat: Heartbeat| {
-                let r = r.clone();
-                async move { r.deregister(beat).await }
-            }
-        }),
-        service::serve(list, s.clone(), 16, rejections.clone(), {
-            let r = r.clone();
-            move |_: service::NoArgs| {
-                let r = r.clone();
-                async move { r.list().await }
-            }
-        }),
-        service::serve(get, s.clone(), 16, rejections.clone(), {
-            let r = r.clone();
-            move |query: NodeQuery| {
-                let r = r.clone();
-                async move { r.get(query).await }
-            }
-        }),
-        service::serve(cordon, s.clone(), 16, rejections.clone(), {
-            let r = r.clone();
-            move |command: NodeCommand| {
-                let r = r.clone();
-                async move { r.set_availability(command, Availability::Cordoned).await }
-            }
-        }),
-        service::serve(uncordon, s.clone(), 16, rejections.clone(), {
-            let r = r.clone();
-            move |command: NodeCommand| {
-                let r = r.clone();
-                async move { r.set_availability(command, Availability::Active).await }
-            }
-        }),
-        service::serve(drain, s.clone(), 16, rejections.clone(), {
-            let r = r.clone();
-            move |command: NodeCommand| {
-                let r = r.clone();
-                async move { r.set_availability(command, Availability::Draining).await }
-            }
-        }),
-        registry.sweep_until(s.clone()),
-        stop.watch(tally::run(mesh.clone(), s.clone())),
+        register,
+        heartbeat,
+        deregister,
+        list,
+        get,
+        cordon,
+        uncordon,
+        drain,
+        registry.sweep_until(shutdown.clone()),
+        stop.watch(tally::run(mesh.clone(), shutdown.clone())),
     );
     if let Err(error) = micro.stop().await {
         tracing::debug!(error = %error, "stopping the micro service");
@@ -172,8 +186,41 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     stop.outcome()
 }
 
-/// Bounded retries of a compare-and-swap that lost to a concurrent writer.
-const CAS_ATTEMPTS: usize = 8;
+/// The registry's micro-service endpoints, each added and served by one [`Endpoints::serve`].
+struct Endpoints<'a> {
+    micro: &'a Service,
+    registry: Arc<Registry>,
+    shutdown: CancellationToken,
+    rejections: (EventPublisher, Origin),
+}
+
+impl Endpoints<'_> {
+    /// Adds the endpoint `name` on `subject` and returns its serving, which runs until
+    /// shutdown: each request, decoded, goes to `handle` with the registry, up to
+    /// `concurrency` at once (see [`service::serve`]).
+    async fn serve<Req, Res, Fut>(
+        &self,
+        name: &str,
+        subject: &str,
+        concurrency: usize,
+        handle: impl Fn(Arc<Registry>, Req) -> Fut + Send + Sync,
+    ) -> Result<impl Future<Output = ()>, Error>
+    where
+        Req: DeserializeOwned + Send + 'static,
+        Res: Serialize + Send + 'static,
+        Fut: Future<Output = Result<Res, ServiceError>> + Send,
+    {
+        let endpoint = service::endpoint(self.micro, name, subject).await?;
+        let registry = self.registry.clone();
+        Ok(service::serve(
+            endpoint,
+            self.shutdown.clone(),
+            concurrency,
+            self.rejections.clone(),
+            move |request| handle(registry.clone(), request),
+        ))
+    }
+}
 
 struct Registry {
     mesh: Mesh,
@@ -186,6 +233,18 @@ fn unavailable(error: Error) -> ServiceError {
     ServiceError::new(ErrorCode::Unavailable, error.to_string())
 }
 
+/// The answer to a change of a node's record that failed: `kept_changing` when it lost every
+/// compare-and-swap, unavailable otherwise.
+fn not_changed(error: Error, kept_changing: &str) -> ServiceError {
+    match error {
+        Error::KeptChanging { .. } => ServiceError::new(ErrorCode::Conflict, kept_changing),
+        error => unavailable(error),
+    }
+}
+
+/// What a failed change of a node's record answers when it lost every compare-and-swap.
+const KEPT_CHANGING: &str = "the node's record kept changing";
+
 fn bad_request(field: &str, message: impl Into<String>) -> ServiceError {
     ServiceError {
         code: ErrorCode::BadRequest,
@@ -195,7 +254,10 @@ fn bad_request(field: &str, message: impl Into<String>) -> ServiceError {
 }
 
 impl Registry {
-    async fn register(&self, registration: Registration) -> Result<NodeRecord, ServiceError> {
+    async fn register(
+        self: Arc<Self>,
+        registration: Registration,
+    ) -> Result<NodeRecord, ServiceError> {
         if registration.capacity == 0 || registration.capacity > MAX_CAPACITY {
             return Err(bad_request(
                 "capacity",
@@ -208,165 +270,146 @@ impl Registry {
             return Err(bad_request("version", "version or hostname too long"));
         }
         let key = registration.node.to_string();
-        for _ in 0..CAS_ATTEMPTS {
-            let now = Timestamp::now();
-            let current = self.mesh.nodes.get(&key).await.map_err(unavailable)?;
-            let record = NodeRecord {
-                id: registration.node.clone(),
-                instance: registration.instance,
-                labels: registration.labels.clone(),
-                capacity: registration.capacity,
-                version: registration.version.clone(),
-                hostname: registration.hostname.clone(),
-                status: NodeStatus::Up,
-                registered_at: now,
-                last_heartbeat_at: now,
-                jobs: Vec::new(),
-                queued: 0,
-                // The node's tally and the operator's availability outlive its instances.
-                finished: current
-                    .as_ref()
-                    .map(|c| c.value.finished.clone())
-                    .unwrap_or_default(),
-                availability: current
-                    .as_ref()
-                    .map(|c| c.value.availability)
-                    .unwrap_or_default(),
-                drain_deadline: current.as_ref().and_then(|c| c.value.drain_deadline),
-            };
-            let written = match &current {
-                None => self.mesh.nodes.create(&key, &record).await,
-                Some(current) => {
-                    self.mesh
-                        .nodes
-                        .update(&key, &record, current.revision)
-                        .await
-                }
-            };
-            match written {
-                Ok(_) => {
-                    if let Some(previous) = current.filter(|c| c.value.instance != record.instance)
-                    {
-                        tracing::info!(
-                            node = %record.id,
-                            instance = %record.instance,
-                            previous = %previous.value.instance,
-                            "node registered by a new instance"
-                        );
-                    } else {
-                        tracing::info!(node = %record.id, instance = %record.instance, capacity = record.capacity, "node registered");
-                    }
-                    self.announce(NodeEventKind::Registered, &record).await;
-                    return Ok(record);
-                }
-                Err(Error::Conflict { .. } | Error::AlreadyExists { .. }) => continue,
-                Err(error) => return Err(unavailable(error)),
-            }
+        let registered = self
+            .mesh
+            .nodes
+            .modify(&key, |current| {
+                let now = Timestamp::now();
+                Change::<_, Infallible>::Write(NodeRecord {
+                    id: registration.node.clone(),
+                    instance: registration.instance,
+                    labels: registration.labels.clone(),
+                    capacity: registration.capacity,
+                    version: registration.version.clone(),
+                    hostname: registration.hostname.clone(),
+                    status: NodeStatus::Up,
+                    registered_at: now,
+                    last_heartbeat_at: now,
+                    jobs: Vec::new(),
+                    queued: 0,
+                    // The node's tally and the operator's availability outlive its instances.
+                    finished: current
+                        .map(|c| c.value.finished.clone())
+                        .unwrap_or_default(),
+                    availability: current.map(|c| c.value.availability).unwrap_or_default(),
+                    drain_deadline: current.and_then(|c| c.value.drain_deadline),
+                })
+            })
+            .await
+            .map_err(|e| not_changed(e, "the node's record kept changing; register again"))?;
+        let (record, previous) = match registered {
+            Modified::Written { written, previous } => (written.value, previous),
+            Modified::Stopped(never) => match never {},
+        };
+        if let Some(previous) = previous.filter(|p| p.value.instance != record.instance) {
+            tracing::info!(
+                node = %record.id,
+                instance = %record.instance,
+                previous = %previous.value.instance,
+                "node registered by a new instance"
+            );
+        } else {
+            tracing::info!(node = %record.id, instance = %record.instance, capacity = record.capacity, "node registered");
         }
-        Err(ServiceError::new(
-            ErrorCode::Conflict,
-            "the node's record kept changing; register again",
-        ))
+        self.announce(NodeEventKind::Registered, &record).await;
+        Ok(record)
     }
 
-    async fn heartbeat(&self, beat: Heartbeat) -> Result<HeartbeatReply, ServiceError> {
+    async fn heartbeat(self: Arc<Self>, beat: Heartbeat) -> Result<HeartbeatReply, ServiceError> {
         let key = beat.node.to_string();
-        for _ in 0..CAS_ATTEMPTS {
-            let Some(current) = self.mesh.nodes.get(&key).await.map_err(unavailable)? else {
-                return Ok(HeartbeatReply::UnknownNode);
-            };
-            if current.value.instance != beat.instance {
-                return Ok(HeartbeatReply::Superseded);
-            }
-            if current.value.status == NodeStatus::Left {
-                return Ok(HeartbeatReply::UnknownNode);
-            }
-            let was_down = current.value.status == NodeStatus::Down;
-            // A draining node that holds nothing and has nothing queued is drained.
-            let drained = current.value.availability == Availability::Draining
-                && beat.jobs.is_empty()
-                && beat.queued == 0;
-            let mut record = NodeRecord {
-                status: NodeStatus::Up,
-                last_heartbeat_at: Timestamp::now(),
-                jobs: beat.jobs.clone(),
-                queued: beat.queued,
-                ..current.value
-            };
-            if drained {
-                record.availability = Availability::Drained;
-                record.drain_deadline = None;
-            }
-            match self
-                .mesh
-                .nodes
-                .update(&key, &record, current.revision)
-                .await
-            {
-                Ok(_) => {
-                    if was_down {
-                        tracing::info!(node = %record.id, "node is heartbeating again");
-                        self.announce(NodeEventKind::Up, &record).await;
-                    }
-                    if drained {
-                        tracing::info!(node = %record.id, "node drained");
-                        self.announce(NodeEventKind::Drained, &record).await;
-                    }
-                    return Ok(HeartbeatReply::Ok);
+        let beaten = self
+            .mesh
+            .nodes
+            .modify(&key, |current| {
+                let Some(current) = current else {
+                    return Change::Stop(HeartbeatReply::UnknownNode);
+                };
+                if current.value.instance != beat.instance {
+                    return Change::Stop(HeartbeatReply::Superseded);
                 }
-                Err(Error::Conflict { .. }) => continue,
-                Err(error) => return Err(unavailable(error)),
-            }
+                if current.value.status == NodeStatus::Left {
+                    return Change::Stop(HeartbeatReply::UnknownNode);
+                }
+                let mut record = NodeRecord {
+                    status: NodeStatus::Up,
+                    last_heartbeat_at: Timestamp::now(),
+                    jobs: beat.jobs.clone(),
+                    queued: beat.queued,
+                    ..current.value.clone()
+                };
+                // A draining node that holds nothing and has nothing queued is drained.
+                if current.value.availability == Availability::Draining
+                    && beat.jobs.is_empty()
+                    && beat.queued == 0
+                {
+                    record.availability = Availability::Drained;
+                    record.drain_deadline = None;
+                }
+                Change::Write(record)
+            })
+            .await
+            .map_err(|e| not_changed(e, KEPT_CHANGING))?;
+        let (record, previous) = match beaten {
+            Modified::Stopped(reply) => return Ok(reply),
+            Modified::Written { written, previous } => (written.value, previous.map(|p| p.value)),
+        };
+        if previous
+            .as_ref()
+            .is_some_and(|p| p.status == NodeStatus::Down)
+        {
+            tracing::info!(node = %record.id, "node is heartbeating again");
+            self.announce(NodeEventKind::Up, &record).await;
         }
-        Err(ServiceError::new(
-            ErrorCode::Conflict,
-            "the node's record kept changing",
-        ))
+        if record.availability == Availability::Drained
+            && previous
+                .as_ref()
+                .is_some_and(|p| p.availability == Availability::Draining)
+        {
+            tracing::info!(node = %record.id, "node drained");
+            self.announce(NodeEventKind::Drained, &record).await;
+        }
+        Ok(HeartbeatReply::Ok)
     }
 
-    async fn deregister(&self, beat: Heartbeat) -> Result<NodeRecord, ServiceError> {
+    async fn deregister(self: Arc<Self>, beat: Heartbeat) -> Result<NodeRecord, ServiceError> {
         let key = beat.node.to_string();
-        for _ in 0..CAS_ATTEMPTS {
-            let Some(current) = self.mesh.nodes.get(&key).await.map_err(unavailable)? else {
-                return Err(not_found(&key));
-            };
-            if current.value.instance != beat.instance {
-                return Err(ServiceError::new(
-                    ErrorCode::Conflict,
-                    format!("node {key} is registered by another instance"),
-                ));
-            }
-            let record = NodeRecord {
-                status: NodeStatus::Left,
-                last_heartbeat_at: Timestamp::now(),
-                jobs: Vec::new(),
-                queued: 0,
-                ..current.value
-            };
-            match self
-                .mesh
-                .nodes
-                .update(&key, &record, current.revision)
-                .await
-            {
-                Ok(_) => {
-                    tracing::info!(node = %record.id, "node deregistered");
-                    self.announce(NodeEventKind::Deregistered, &record).await;
-                    return Ok(record);
+        let left = self
+            .mesh
+            .nodes
+            .modify(&key, |current| {
+                let Some(current) = current else {
+                    return Change::Stop(not_found(&key));
+                };
+                if current.value.instance != beat.instance {
+                    return Change::Stop(ServiceError::new(
+                        ErrorCode::Conflict,
+                        format!("node {key} is registered by another instance"),
+                    ));
                 }
-                Err(Error::Conflict { .. }) => continue,
-                Err(error) => return Err(unavailable(error)),
+                Change::Write(NodeRecord {
+                    status: NodeStatus::Left,
+                    last_heartbeat_at: Timestamp::now(),
+                    jobs: Vec::new(),
+                    queued: 0,
+                    ..current.value.clone()
+                })
+            })
+            .await
+            .map_err(|e| not_changed(e, KEPT_CHANGING))?;
+        match left {
+            Modified::Written { written, .. } => {
+                let record = written.value;
+                tracing::info!(node = %record.id, "node deregistered");
+                self.announce(NodeEventKind::Deregistered, &record).await;
+                Ok(record)
             }
+            Modified::Stopped(error) => Err(error),
         }
-        Err(ServiceError::new(
-            ErrorCode::Conflict,
-            "the node's record kept changing",
-        ))
     }
 
     /// Sets a node's availability, as an operator asked.
     async fn set_availability(
-        &self,
+        self: Arc<Self>,
         command: NodeCommand,
         availability: Availability,
     ) -> Result<NodeRecord, ServiceError> {
@@ -384,55 +427,49 @@ impl Registry {
             }
             _ => None,
         };
-        for _ in 0..CAS_ATTEMPTS {
-            let Some(current) = self.mesh.nodes.get(&key).await.map_err(unavailable)? else {
-                return Err(not_found(&key));
-            };
-            let target = match (availability, current.value.availability) {
-                // Draining a drained node leaves it drained.
-                (Availability::Draining, Availability::Drained) => Availability::Drained,
-                (target, _) => target,
-            };
-            if current.value.availability == target && target != Availability::Draining {
-                return Ok(current.value);
-            }
-            let record = NodeRecord {
-                availability: target,
-                drain_deadline: if target == Availability::Draining {
-                    deadline
-                } else {
-                    None
-                },
-                ..current.value
-            };
-            match self
-                .mesh
-                .nodes
-                .update(&key, &record, current.revision)
-                .await
-            {
-                Ok(_) => {
-                    let kind = match target {
-                        Availability::Active => NodeEventKind::Uncordoned,
-                        Availability::Cordoned => NodeEventKind::Cordoned,
-                        Availability::Draining => NodeEventKind::Draining,
-                        Availability::Drained => NodeEventKind::Drained,
-                    };
-                    tracing::info!(node = %record.id, availability = target.as_str(), "node availability set");
-                    self.announce(kind, &record).await;
-                    return Ok(record);
+        let set = self
+            .mesh
+            .nodes
+            .modify(&key, |current| {
+                let Some(current) = current else {
+                    return Change::Stop(Err(not_found(&key)));
+                };
+                let target = match (availability, current.value.availability) {
+                    // Draining a drained node leaves it drained.
+                    (Availability::Draining, Availability::Drained) => Availability::Drained,
+                    (target, _) => target,
+                };
+                if current.value.availability == target && target != Availability::Draining {
+                    return Change::Stop(Ok(current.value.clone()));
                 }
-                Err(Error::Conflict { .. }) => continue,
-                Err(error) => return Err(unavailable(error)),
-            }
-        }
-        Err(ServiceError::new(
-            ErrorCode::Conflict,
-            "the node's record kept changing",
-        ))
+                Change::Write(NodeRecord {
+                    availability: target,
+                    drain_deadline: if target == Availability::Draining {
+                        deadline
+                    } else {
+                        None
+                    },
+                    ..current.value.clone()
+                })
+            })
+            .await
+            .map_err(|e| not_changed(e, KEPT_CHANGING))?;
+        let record = match set {
+            Modified::Written { written, .. } => written.value,
+            Modified::Stopped(unchanged) => return unchanged,
+        };
+        let kind = match record.availability {
+            Availability::Active => NodeEventKind::Uncordoned,
+            Availability::Cordoned => NodeEventKind::Cordoned,
+            Availability::Draining => NodeEventKind::Draining,
+            Availability::Drained => NodeEventKind::Drained,
+        };
+        tracing::info!(node = %record.id, availability = record.availability.as_str(), "node availability set");
+        self.announce(kind, &record).await;
+        Ok(record)
     }
 
-    async fn list(&self) -> Result<Vec<NodeRecord>, ServiceError> {
+    async fn list(self: Arc<Self>) -> Result<Vec<NodeRecord>, ServiceError> {
         let mut nodes: Vec<NodeRecord> = self
             .mesh
             .nodes
@@ -446,7 +483,7 @@ impl Registry {
         Ok(nodes)
     }
 
-    async fn get(&self, query: NodeQuery) -> Result<NodeRecord, ServiceError> {
+    async fn get(self: Arc<Self>, query: NodeQuery) -> Result<NodeRecord, ServiceError> {
         let key = query.node.to_string();
         match self.mesh.nodes.get(&key).await.map_err(unavailable)? {
             Some(versioned) => Ok(versioned.value),

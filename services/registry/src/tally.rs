@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind};
-use capstan_mesh::{Error, Mesh, consume, wire};
+use capstan_mesh::{Change, Error, Mesh, Modified, consume, wire};
 use capstan_protocol::subjects::Origin;
 use capstan_protocol::{JobEvent, NodeId, NodeTally, topology};
 use tokio_util::sync::CancellationToken;
@@ -89,21 +89,22 @@ async fn tally(mesh: &Mesh, messages: Vec<jetstream::Message>) {
 }
 
 /// Adds `tally` to the node's record by compare-and-swap; a node the registry does not know
-/// (it never registered, or its record expired) is skipped.
+/// (it never registered, or its record expired) is skipped. A heartbeat writing in between
+/// makes it read and add again.
 async fn add(mesh: &Mesh, node: &NodeId, tally: &NodeTally) -> Result<(), Error> {
-    let key = node.to_string();
-    loop {
-        let Some(current) = mesh.nodes.get(&key).await? else {
-            tracing::debug!(node = %node, "job outcomes of an unknown node are not tallied");
-            return Ok(());
-        };
-        let mut record = current.value;
-        record.finished.merge(tally);
-        match mesh.nodes.update(&key, &record, current.revision).await {
-            Ok(_) => return Ok(()),
-            // A heartbeat wrote in between: read again.
-            Err(Error::Conflict { .. }) => continue,
-            Err(error) => return Err(error),
-        }
+    let added = mesh
+        .nodes
+        .modify(node.as_str(), |current| {
+            let Some(current) = current else {
+                return Change::Stop(());
+            };
+            let mut record = current.value.clone();
+            record.finished.merge(tally);
+            Change::Write(record)
+        })
+        .await?;
+    if let Modified::Stopped(()) = added {
+        tracing::debug!(node = %node, "job outcomes of an unknown node are not tallied");
     }
+    Ok(())
 }

@@ -16,12 +16,12 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use async_nats::jetstream::stream::{LastRawMessageErrorKind, RawMessageErrorKind};
-use capstan_mesh::{Error, consume, lifecycle, wire};
+use capstan_mesh::{Change, Error, Modified, consume, lifecycle, wire};
 use capstan_protocol::job::Outcome;
 use capstan_protocol::subjects::{self, Origin};
 use capstan_protocol::{
     Dispatch, InstanceId, JobStatus, NodeEvent, NodeEventKind, NodeId, NodeRecord, NodeStatus,
-    topology,
+    Timestamp, topology,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -213,53 +213,51 @@ impl Scheduler {
         keep: Option<InstanceId>,
         reason: &str,
     ) -> Result<bool, Error> {
-        let key = dispatch.record.id.to_string();
-        for _ in 0..5 {
-            let Some(current) = self.mesh.jobs.get(&key).await? else {
-                return Ok(false);
+        let settled = lifecycle::modify(&self.mesh, dispatch.record.id, None, |current| {
+            let Some(current) = current else {
+                return Change::Stop(None);
             };
-            let record = current.value;
+            let record = &current.value;
             if record.attempt != dispatch.record.attempt || record.node.as_ref() != Some(node) {
-                return Ok(false);
+                return Change::Stop(None);
             }
             match record.status {
                 JobStatus::Running if keep.is_some() && record.instance == keep => {
-                    return Ok(false);
+                    return Change::Stop(None);
                 }
-                JobStatus::Pending if keep.is_some() => return Ok(false),
+                JobStatus::Pending if keep.is_some() => return Change::Stop(None),
                 JobStatus::Pending | JobStatus::Running => {}
-                _ => {
-                    // Ended already; make sure what that caused happened (idempotent).
-                    lifecycle::follow_up(&self.mesh, &record).await?;
-                    return Ok(false);
-                }
+                // Ended already; what that caused is made sure of below.
+                _ => return Change::Stop(Some(record.clone())),
             }
-            let started = record.status == JobStatus::Running;
-            let outcome = Outcome::lost(if started {
-                reason.to_owned()
-            } else {
-                format!("handed back unstarted: node {node} went away before taking it")
-            });
+            let now = Timestamp::now();
             // An attempt that never started cannot have hurt anything: it is handed back (run
             // elsewhere at once, not counted as a loss). A started one is lost.
-            let ended = if started {
-                lifecycle::end_attempt(&self.mesh, &record, current.revision, &outcome).await
+            Change::Write(if record.status == JobStatus::Running {
+                record.settled(&Outcome::lost(reason), now, lifecycle::jitter_sample())
             } else {
-                lifecycle::hand_back(&self.mesh, &record, current.revision, &outcome).await
-            };
-            match ended {
-                Ok(ended) => {
-                    tracing::info!(job = %key, attempt = record.attempt, status = %ended.status, "attempt lost");
-                    return Ok(true);
-                }
-                Err(Error::Conflict { .. }) => continue,
-                Err(error) => return Err(error),
-            }
-        }
-        Err(Error::Unavailable {
-            op: "settle lost attempt",
-            reason: "the job's record kept changing".into(),
+                record.handed_back(
+                    &Outcome::lost(format!(
+                        "handed back unstarted: node {node} went away before taking it"
+                    )),
+                    now,
+                )
+            })
         })
+        .await?;
+        match settled {
+            Modified::Written { written, .. } => {
+                lifecycle::follow_up(&self.mesh, &written.value).await?;
+                tracing::info!(job = %written.value.id, attempt = written.value.attempt, status = %written.value.status, "attempt lost");
+                Ok(true)
+            }
+            Modified::Stopped(Some(ended)) => {
+                // Make sure what its end caused happened (idempotent).
+                lifecycle::follow_up(&self.mesh, &ended).await?;
+                Ok(false)
+            }
+            Modified::Stopped(None) => Ok(false),
+        }
     }
 }
 
@@ -274,7 +272,6 @@ fn node_came_back(event: &NodeEvent, current: &NodeRecord) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use capstan_protocol::Timestamp;
 
     fn event(kind: NodeEventKind) -> NodeEvent {
         let mut node: NodeRecord = serde_json::from_value(serde_json::json!({

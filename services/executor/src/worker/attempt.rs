@@ -1,0 +1,438 @@
+//! One attempt's life, from its dispatch to its acknowledgement: decode and route the
+//! dispatch, claim the attempt on the job's record (what the record means is the protocol's
+//! `claim::decide`), or hand it back while the node drains, or quarantine a job whose dispatch
+//! keeps coming back; then run it, write its outcome and announce it, and only then
+//! acknowledge the dispatch. The slot it runs in is `pull`'s; stopping it is `control`'s.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind};
+use capstan_mesh::{Change, Error, Modified, Versioned, lifecycle};
+use capstan_protocol::claim::{self, Decision};
+use capstan_protocol::job::Outcome;
+use capstan_protocol::retry;
+use capstan_protocol::subjects::Origin;
+use capstan_protocol::{
+    Dispatch, JobEvent, JobEventKind, JobId, JobRecord, JobStatus, NodeId, RejectionCode, Timestamp,
+};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::Worker;
+use crate::runner::Stops;
+
+/// What became of an attempt's outcome.
+enum Recorded {
+    /// Written and followed up (timer armed, event published).
+    Done(Box<JobRecord>),
+    /// The attempt no longer owned the job; nothing written.
+    Stale,
+    /// Written, but the timer or event could not be published yet.
+    Unannounced,
+}
+
+enum Claimed {
+    /// Run it: the record (now `running`) and its revision.
+    Run(Box<JobRecord>, u64),
+    /// Nothing to run; acknowledge the dispatch.
+    Settled,
+}
+
+/// What a claim found in the job's record instead of taking the attempt.
+enum Found {
+    /// The job has no record.
+    Gone,
+    /// The record moved on to this attempt, or to another node.
+    Stale(u32),
+    /// The attempt ended already.
+    Ended(JobRecord),
+    /// This instance's own claim, whose reply was lost.
+    Ours(Versioned<JobRecord>),
+    /// A predecessor's claim.
+    Orphaned(Versioned<JobRecord>),
+}
+
+impl Worker {
+    /// Handles one dispatch; `permit` is its slot.
+    pub(super) async fn handle(
+        self: Arc<Self>,
+        message: jetstream::Message,
+        permit: OwnedSemaphorePermit,
+    ) {
+        let dispatch: Dispatch =
+            match capstan_mesh::wire::decode(message.headers.as_ref(), &message.payload) {
+                Ok((dispatch, _)) => dispatch,
+                Err(error) => {
+                    let reason = error.to_string();
+                    self.reject(&message, None, error.code, error.field, reason)
+                        .await;
+                    return;
+                }
+            };
+        let record = &dispatch.record;
+        if record.node.as_ref() != Some(&self.node) {
+            let reason = format!(
+                "dispatch for node {} delivered to node {}",
+                record.node.as_ref().map_or("none", NodeId::as_str),
+                self.node
+            );
+            self.reject(
+                &message,
+                Some(record.id),
+                RejectionCode::Misrouted,
+                Some("record.node".into()),
+                reason,
+            )
+            .await;
+            return;
+        }
+        let stops = Stops::default();
+        if !self.held.hold(record.id, record.attempt, stops.clone()) {
+            // Redelivered while we run it (a progress ack came late): the running attempt
+            // acknowledges the message when it ends.
+            return;
+        }
+        let id = record.id;
+        let span = tracing::info_span!(
+            "run attempt",
+            otel.kind = "consumer",
+            job_id = %id,
+            attempt = record.attempt,
+            node = %self.node,
+        );
+        capstan_telemetry::propagation::follow(&span, message.headers.as_ref());
+        self.carry(&message, dispatch, stops).instrument(span).await;
+        self.held.release(id);
+        drop(permit);
+    }
+
+    /// Claims, runs, records and announces one attempt, and settles its dispatch.
+    async fn carry(&self, message: &jetstream::Message, dispatch: Dispatch, stops: Stops) {
+        let id = dispatch.record.id;
+        let attempt = dispatch.record.attempt;
+        let delivered = message.info().map(|info| info.delivered).unwrap_or(1);
+        let claimed = if self.draining() {
+            self.give_back(dispatch).await
+        } else if delivered > retry::limits::MAX_DISPATCH_DELIVERIES {
+            self.quarantine(dispatch, delivered).await
+        } else {
+            self.claim(dispatch).await
+        };
+        let (running, revision) = match claimed {
+            Ok(Claimed::Run(record, revision)) => (*record, revision),
+            Ok(Claimed::Settled) => {
+                let _ = message.ack().await;
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(job = %id, attempt, error = %error, "cannot claim attempt; it will be redelivered");
+                let _ = message
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await;
+                return;
+            }
+        };
+        if let Err(error) = self
+            .mesh
+            .events
+            .job(&JobEvent::new(JobEventKind::Running, &running))
+            .await
+        {
+            tracing::warn!(job = %id, error = %error, "cannot announce start");
+        }
+        tracing::debug!(job = %id, attempt, "attempt started");
+
+        let keep_alive = self.keep_alive(message);
+        if running.cancel_requested_at.is_some() {
+            stops.cancel.cancel();
+        }
+        let handed_back = stops.shutdown.clone();
+        let outcome = self.runner.run(&running, stops).await;
+        // From here on the record changes because of this attempt's own outcome: the check of
+        // held attempts must not take that for the attempt being taken away.
+        self.held.finishing(id);
+        let finished = self
+            .record_outcome(&running, revision, &outcome, handed_back.is_cancelled())
+            .await;
+        keep_alive.cancel();
+        match finished {
+            Recorded::Done(record) => {
+                tracing::debug!(job = %id, attempt, status = %record.status, "attempt finished");
+                if let Err(error) = message.ack().await {
+                    tracing::warn!(job = %id, error = %error, "cannot acknowledge dispatch");
+                }
+            }
+            Recorded::Stale => {
+                let _ = message.ack().await;
+            }
+            Recorded::Unannounced => {
+                // Written but not followed up: the redelivered dispatch finds the record and
+                // arms its timer or announces it then.
+                let _ = message
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await;
+            }
+        }
+    }
+
+    /// Hands a dispatch this draining node will not run back to the schedulers.
+    async fn give_back(&self, dispatch: Dispatch) -> Result<Claimed, Error> {
+        let outcome = Outcome::lost(format!(
+            "handed back unstarted: node {} is draining",
+            self.node
+        ));
+        let attempt = dispatch.record.attempt;
+        let known = Versioned {
+            value: dispatch.record.clone(),
+            revision: dispatch.revision,
+        };
+        // Stops with whether the claim path should take the dispatch over.
+        let given = lifecycle::modify(&self.mesh, dispatch.record.id, Some(known), |current| {
+            let Some(current) = current else {
+                return Change::Stop(false);
+            };
+            let record = &current.value;
+            if record.attempt != attempt || record.node.as_ref() != Some(&self.node) {
+                return Change::Stop(false);
+            }
+            if record.status != JobStatus::Pending {
+                // Claimed, ended, or handed back already (perhaps by an earlier try here whose
+                // reply was lost): the claim path, starting from the dispatch as delivered,
+                // finds out which and finishes what that change causes.
+                return Change::Stop(true);
+            }
+            Change::Write(record.handed_back(&outcome, Timestamp::now()))
+        })
+        .await?;
+        match given {
+            Modified::Written { written, .. } => {
+                lifecycle::follow_up(&self.mesh, &written.value).await?;
+                Ok(Claimed::Settled)
+            }
+            Modified::Stopped(true) => self.claim(dispatch).await,
+            Modified::Stopped(false) => Ok(Claimed::Settled),
+        }
+    }
+
+    /// Sets aside a job whose dispatch was delivered `delivered` times without its attempt
+    /// being settled: each delivery went to an instance that vanished with it.
+    async fn quarantine(&self, dispatch: Dispatch, delivered: i64) -> Result<Claimed, Error> {
+        let key = dispatch.record.id.to_string();
+        let Some(current) = self.mesh.jobs.get(&key).await? else {
+            return Ok(Claimed::Settled);
+        };
+        let record = &current.value;
+        if record.attempt != dispatch.record.attempt
+            || record.node.as_ref() != Some(&self.node)
+            || !matches!(record.status, JobStatus::Pending | JobStatus::Running)
+        {
+            return self.claim(dispatch).await;
+        }
+        let reason = format!(
+            "attempt {} was delivered {delivered} times to node {} without ending; each \
+             executor that took it stopped",
+            record.attempt, self.node
+        );
+        tracing::error!(job = %key, delivered, "quarantining a job whose dispatch keeps coming back");
+        lifecycle::quarantine(&self.mesh, record, current.revision, reason).await?;
+        Ok(Claimed::Settled)
+    }
+
+    /// Sends progress acks for `message` until the returned token is cancelled.
+    fn keep_alive(&self, message: &jetstream::Message) -> CancellationToken {
+        let done = CancellationToken::new();
+        let reply = message.reply.clone();
+        let client = self.mesh.client.clone();
+        let every = (self.ack_wait / 3).max(Duration::from_millis(100));
+        let until = done.clone();
+        if let Some(reply) = reply {
+            tokio::spawn(async move {
+                let mut ticker = tokio::time::interval(every);
+                ticker.tick().await;
+                loop {
+                    tokio::select! {
+                        _ = until.cancelled() => return,
+                        _ = ticker.tick() => {
+                            let _ = client.publish(reply.clone(), bytes::Bytes::from_static(b"+WPI")).await;
+                        }
+                    }
+                }
+            });
+        }
+        done
+    }
+
+    /// Moves the record to `running` for this instance, by CAS on the dispatch's revision. When
+    /// the record changed since, does what [`claim::decide`] makes of it now.
+    ///
+    /// The first decision is made on the dispatch's own copy of the record, which is always
+    /// `pending` on this node (schedulers dispatch only such records), so it takes the attempt
+    /// without reading the bucket.
+    async fn claim(&self, dispatch: Dispatch) -> Result<Claimed, Error> {
+        let id = dispatch.record.id;
+        let attempt = dispatch.record.attempt;
+        let known = Versioned {
+            value: dispatch.record,
+            revision: dispatch.revision,
+        };
+        let claimed = lifecycle::modify(&self.mesh, id, Some(known), |current| {
+            let decision = claim::decide(
+                current.map(|c| &c.value),
+                attempt,
+                &self.node,
+                self.instance,
+            );
+            let Some(current) = current else {
+                return Change::Stop(Found::Gone);
+            };
+            match decision {
+                Decision::Take => {
+                    Change::Write(current.value.started(self.instance, Timestamp::now()))
+                }
+                Decision::Stale => Change::Stop(Found::Stale(current.value.attempt)),
+                Decision::Ended => Change::Stop(Found::Ended(current.value.clone())),
+                Decision::AlreadyOurs => Change::Stop(Found::Ours(current.clone())),
+                Decision::Orphaned => Change::Stop(Found::Orphaned(current.clone())),
+            }
+        })
+        .await?;
+        let found = match claimed {
+            Modified::Written { written, .. } => {
+                return Ok(Claimed::Run(Box::new(written.value), written.revision));
+            }
+            Modified::Stopped(found) => found,
+        };
+        match found {
+            Found::Gone => {
+                tracing::warn!(job = %id, "dispatched job has no record; dropping the dispatch");
+            }
+            Found::Stale(current) => {
+                tracing::info!(job = %id, attempt, current, "stale dispatch dropped");
+            }
+            Found::Ended(record) => {
+                // Make sure what its end caused happened; timers and events are idempotent.
+                lifecycle::follow_up(&self.mesh, &record).await?;
+            }
+            Found::Ours(current) => {
+                tracing::info!(job = %id, attempt, "an earlier claim was stored though its reply was lost; running the attempt");
+                return Ok(Claimed::Run(Box::new(current.value), current.revision));
+            }
+            Found::Orphaned(current) => {
+                // Its process was killed at start-up; the attempt is retried per the job's
+                // policy under a new number.
+                let outcome = Outcome::lost(format!(
+                    "lost: the executor instance running it ({}) on node {} stopped before it finished",
+                    current
+                        .value
+                        .instance
+                        .map(|i| i.to_string())
+                        .unwrap_or_default(),
+                    self.node
+                ));
+                match lifecycle::end_attempt(&self.mesh, &current.value, current.revision, &outcome)
+                    .await
+                {
+                    Ok(_) | Err(Error::Conflict { .. }) => {}
+                    Err(error) => return Err(error),
+                }
+            }
+        }
+        Ok(Claimed::Settled)
+    }
+
+    /// Writes the outcome over the running record (CAS): the job's end, or `retrying` as its
+    /// policy decides (or at once when the attempt was `handed_back`), then arms the timer and
+    /// announces. A record that no longer belongs to this attempt makes the result stale.
+    /// Passing failures are retried: the outcome is not dropped while NATS recovers.
+    async fn record_outcome(
+        &self,
+        running: &JobRecord,
+        revision: u64,
+        outcome: &Outcome,
+        handed_back: bool,
+    ) -> Recorded {
+        let id = running.id;
+        // The first write goes over the record as this attempt claimed it.
+        let mut known = Some(Versioned {
+            value: running.clone(),
+            revision,
+        });
+        let mut delay = Duration::from_millis(200);
+        // Every outcome record tried: any of them may have been stored though its reply never
+        // came.
+        let mut tried: Vec<JobRecord> = Vec::new();
+        let written = loop {
+            let decide = |current: Option<&Versioned<JobRecord>>| {
+                let Some(current) = current else {
+                    return Change::Stop(Err(None));
+                };
+                let record = &current.value;
+                if tried.contains(record) {
+                    // An earlier write of this outcome was stored; only its reply was lost.
+                    return Change::Stop(Ok(record.clone()));
+                }
+                if record.attempt != running.attempt
+                    || record.status != JobStatus::Running
+                    || record.instance != running.instance
+                {
+                    return Change::Stop(Err(Some((record.status, record.attempt))));
+                }
+                // Still this attempt's, perhaps changed meanwhile (a cancel was asked).
+                let now = Timestamp::now();
+                let next = if handed_back {
+                    record.handed_back(outcome, now)
+                } else {
+                    record.settled(outcome, now, lifecycle::jitter_sample())
+                };
+                tried.push(next.clone());
+                Change::Write(next)
+            };
+            match lifecycle::modify(&self.mesh, id, known.take(), decide).await {
+                Ok(Modified::Written { written, .. }) => break written.value,
+                Ok(Modified::Stopped(Ok(stored))) => break stored,
+                Ok(Modified::Stopped(Err(now))) => {
+                    tracing::warn!(
+                        job = %id,
+                        attempt = running.attempt,
+                        now = ?now,
+                        "attempt finished after it lost the job; result discarded"
+                    );
+                    return Recorded::Stale;
+                }
+                Err(error) => {
+                    tracing::warn!(job = %id, error = %error, "cannot record outcome yet, retrying");
+                }
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(5));
+        };
+        let mut delay = Duration::from_millis(200);
+        for _ in 0..10 {
+            match lifecycle::follow_up(&self.mesh, &written).await {
+                Ok(()) => return Recorded::Done(Box::new(written)),
+                Err(error) => {
+                    tracing::warn!(job = %id, error = %error, "cannot announce the outcome, retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        Recorded::Unannounced
+    }
+
+    async fn reject(
+        &self,
+        message: &jetstream::Message,
+        job: Option<JobId>,
+        code: RejectionCode,
+        field: Option<String>,
+        reason: String,
+    ) {
+        self.mesh
+            .events
+            .reject_stored(Origin::Dispatch, message, job, code, field, reason)
+            .await;
+    }
+}
