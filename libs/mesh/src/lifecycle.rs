@@ -281,8 +281,8 @@ pub async fn cancel(mesh: &Mesh, id: JobId) -> Result<(CancelOutcome, JobRecord)
         tracing::info!(job = %id, "cancellation requested");
         return Ok((CancelOutcome::Requested, marked));
     }
-    Err(CancelError::Mesh(Error::Unavailable {
-        op: "cancel",
-        reason: "the job's record kept changing".into(),
-    }))
+    Err(CancelError::Mesh(Error::unavailable(
+        "cancel",
+        "the job's record kept changing",
+    )))
 }

@@ -118,10 +118,10 @@ impl Idempotency {
                 Err(error) => return Err(error),
             }
         }
-        Err(Error::Unavailable {
-            op: "idempotency claim",
-            reason: "the key kept changing".into(),
-        })
+        Err(Error::unavailable(
+            "idempotency claim",
+            "the key kept changing",
+        ))
     }
 }
 

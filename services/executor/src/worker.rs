@@ -289,10 +289,10 @@ impl Worker {
             }
             (record, revision) = (current.value, current.revision);
         }
-        Err(Error::Unavailable {
-            op: "hand back",
-            reason: "the job's record kept changing".into(),
-        })
+        Err(Error::unavailable(
+            "hand back",
+            "the job's record kept changing",
+        ))
     }
 
     /// Sets aside a job whose dispatch was delivered `delivered` times without its attempt
@@ -403,10 +403,10 @@ impl Worker {
                 }
             }
         }
-        Err(Error::Unavailable {
-            op: "claim",
-            reason: "the job's record kept changing".into(),
-        })
+        Err(Error::unavailable(
+            "claim",
+            "the job's record kept changing",
+        ))
     }
 
     /// Writes the outcome over the running record (CAS): the job's end, or `retrying` as its

@@ -269,10 +269,10 @@ impl Scheduler {
                 Err(error) => return Err(error),
             }
         }
-        Err(Error::Unavailable {
-            op: "settle lost attempt",
-            reason: "the job's record kept changing".into(),
-        })
+        Err(Error::unavailable(
+            "settle lost attempt",
+            "the job's record kept changing",
+        ))
     }
 }
 
