@@ -1,7 +1,7 @@
 //! What every Capstan service does with NATS, written once: connect, create the streams and
 //! buckets of [`capstan_protocol::topology`] idempotently, read and compare-and-swap typed KV
-//! records, publish events and rejections, serve NATS micro endpoints, stop on a signal, and
-//! submit jobs with idempotency keys.
+//! records, publish events and rejections, serve NATS micro endpoints, stop on a signal, join
+//! spawned tasks without losing their panics, and submit jobs with idempotency keys.
 //!
 //! It owns no business rules: what a scheduler or an executor decides stays in its service.
 
@@ -15,6 +15,7 @@ pub mod service;
 pub mod shutdown;
 pub mod store;
 pub mod submit;
+pub mod task;
 pub mod topology;
 pub mod view;
 pub mod wire;

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::consumer::{AckPolicy, PullConsumer, pull};
 use capstan_mesh::config::parse_duration;
-use capstan_mesh::{Error, Mesh, NatsArgs, service};
+use capstan_mesh::{Error, Mesh, NatsArgs, service, task};
 use capstan_protocol::subjects;
 use capstan_protocol::topology;
 use capstan_protocol::{InstanceId, JobId, Labels, NodeId};
@@ -141,6 +141,7 @@ const MAX_DELIVER: i64 = 10;
 
 /// Runs the executor until `shutdown`. On shutdown it stops pulling, lets running jobs finish
 /// for `shutdown_timeout`, stops the rest (recording them as interrupted), and deregisters.
+/// A panic in one of its tasks is raised again once the others have stopped.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
     let hostname = hostname();
     let node = config
@@ -266,7 +267,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         },
     };
     stop_pulling.cancel();
-    let _ = pulling.await;
+    let pulled = pulling.await;
     if let Some(error) = &superseded {
         // Another instance owns this node now: its jobs are not ours to finish.
         tracing::error!(error = %error, "stopping");
@@ -285,7 +286,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         membership.deregister().await;
     }
     background.cancel();
-    let _ = tokio::join!(endpoint, cancellations);
+    let (endpoint, cancellations) = tokio::join!(endpoint, cancellations);
     if let Err(error) = micro.stop().await {
         tracing::debug!(error = %error, "stopping the micro service");
     }
@@ -293,6 +294,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     // hand them back, each time counting a delivery); draining the connection ends them.
     if let Err(error) = mesh.client.drain().await {
         tracing::debug!(error = %error, "draining the connection");
+    }
+    // The attempts are settled and the node left; a task that panicked raises its panic now
+    // rather than passing for a clean stop.
+    for result in [pulled, endpoint, cancellations] {
+        task::joined(result);
     }
     match superseded {
         Some(error) => Err(Error::Setup {
