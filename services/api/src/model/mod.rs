@@ -611,11 +611,34 @@ pub struct JobLogs {
     pub complete: bool,
 }
 
+/// What a message of a followed log carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+#[oai(rename_all = "snake_case")]
+pub enum LogEventKind {
+    /// Output on standard output.
+    Stdout,
+    /// Output on standard error.
+    Stderr,
+    /// The attempt ended: the last message, with its status.
+    End,
+}
+
+impl LogEventKind {
+    /// The snake_case name: the JSON value, and the server-sent event's type.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stdout => "stdout",
+            Self::Stderr => "stderr",
+            Self::End => "end",
+        }
+    }
+}
+
 /// One message of a followed log.
 #[derive(Debug, Clone, Object)]
 pub struct LogEvent {
     /// `stdout`, `stderr`, or `end` (the last message).
-    pub kind: String,
+    pub kind: LogEventKind,
     /// Attempt.
     pub attempt: u32,
     /// Output, for `stdout` and `stderr`.
@@ -627,12 +650,80 @@ pub struct LogEvent {
 }
 
 /// What a cancel request did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+#[oai(rename_all = "snake_case")]
+pub enum CancelOutcome {
+    /// The job had not started: it is cancelled now.
+    Cancelled,
+    /// The job is running: its executor is stopping it, and will record `cancelled`.
+    Requested,
+}
+
+impl From<capstan_protocol::CancelOutcome> for CancelOutcome {
+    fn from(outcome: capstan_protocol::CancelOutcome) -> Self {
+        match outcome {
+            capstan_protocol::CancelOutcome::Cancelled => Self::Cancelled,
+            capstan_protocol::CancelOutcome::Requested => Self::Requested,
+        }
+    }
+}
+
+/// What a cancel request did.
 #[derive(Debug, Clone, Object)]
 pub struct CancelAccepted {
     /// `cancelled` (it had not started) or `requested` (its executor is stopping it).
-    pub outcome: String,
+    pub outcome: CancelOutcome,
     /// The job's status now.
     pub status: Status,
+}
+
+/// Whether a node is heard from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+#[oai(rename_all = "snake_case")]
+pub enum NodeStatus {
+    /// Heartbeating within the timeout.
+    Up,
+    /// Missed heartbeats for longer than the timeout.
+    Down,
+    /// Deregistered on a clean shutdown.
+    Left,
+}
+
+impl From<capstan_protocol::NodeStatus> for NodeStatus {
+    fn from(status: capstan_protocol::NodeStatus) -> Self {
+        use capstan_protocol::NodeStatus as S;
+        match status {
+            S::Up => Self::Up,
+            S::Down => Self::Down,
+            S::Left => Self::Left,
+        }
+    }
+}
+
+/// Whether a node takes new work, as operators set it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+#[oai(rename_all = "snake_case")]
+pub enum NodeAvailability {
+    /// Takes new work.
+    Active,
+    /// Takes no new work; what it runs finishes normally.
+    Cordoned,
+    /// Takes no new work, and hands back what it still runs at the drain deadline.
+    Draining,
+    /// Holds nothing and takes no new work until uncordoned.
+    Drained,
+}
+
+impl From<capstan_protocol::Availability> for NodeAvailability {
+    fn from(availability: capstan_protocol::Availability) -> Self {
+        use capstan_protocol::Availability as A;
+        match availability {
+            A::Active => Self::Active,
+            A::Cordoned => Self::Cordoned,
+            A::Draining => Self::Draining,
+            A::Drained => Self::Drained,
+        }
+    }
 }
 
 /// An executor node.
@@ -641,9 +732,9 @@ pub struct Node {
     /// Node id.
     pub id: String,
     /// `up`, `down` or `left`.
-    pub status: String,
+    pub status: NodeStatus,
     /// `active`, `cordoned`, `draining` or `drained`: whether it takes new work.
-    pub availability: String,
+    pub availability: NodeAvailability,
     /// While draining: when jobs still running are handed back.
     pub drain_deadline: Option<String>,
     /// Labels.
@@ -691,8 +782,8 @@ impl From<NodeRecord> for Node {
     fn from(node: NodeRecord) -> Self {
         Node {
             id: node.id.to_string(),
-            status: node.status.as_str().to_owned(),
-            availability: node.availability.as_str().to_owned(),
+            status: node.status.into(),
+            availability: node.availability.into(),
             drain_deadline: node.drain_deadline.map(Timestamp::to_rfc3339),
             labels: node.labels,
             capacity: node.capacity,
@@ -730,4 +821,52 @@ pub struct Health {
     pub status: String,
     /// What was checked.
     pub checks: BTreeMap<String, String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use poem_openapi::types::ToJSON;
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn node_log_and_cancel_enums_keep_their_wire_spelling() {
+        use capstan_protocol::{Availability, CancelOutcome as Outcome, NodeStatus as Heard};
+        for status in [Heard::Up, Heard::Down, Heard::Left] {
+            assert_eq!(
+                NodeStatus::from(status).to_json(),
+                Some(json!(status.as_str()))
+            );
+        }
+        for availability in [
+            Availability::Active,
+            Availability::Cordoned,
+            Availability::Draining,
+            Availability::Drained,
+        ] {
+            assert_eq!(
+                NodeAvailability::from(availability).to_json(),
+                Some(json!(availability.as_str()))
+            );
+        }
+        for (outcome, spelled) in [
+            (Outcome::Cancelled, "cancelled"),
+            (Outcome::Requested, "requested"),
+        ] {
+            assert_eq!(
+                CancelOutcome::from(outcome).to_json(),
+                serde_json::to_value(outcome).ok()
+            );
+            assert_eq!(CancelOutcome::from(outcome).to_json(), Some(json!(spelled)));
+        }
+        for (kind, spelled) in [
+            (LogEventKind::Stdout, "stdout"),
+            (LogEventKind::Stderr, "stderr"),
+            (LogEventKind::End, "end"),
+        ] {
+            assert_eq!(kind.to_json(), Some(json!(spelled)));
+            assert_eq!(kind.as_str(), spelled, "the event type is the kind");
+        }
+    }
 }

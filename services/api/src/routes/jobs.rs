@@ -1,7 +1,7 @@
 //! `/api/v1/jobs`: submit, list, read, follow, cancel, and purge jobs.
 
 use capstan_mesh::lifecycle::{CancelError, cancel};
-use capstan_protocol::{AuditAction, CancelOutcome, JobId, JobStatus, SubmittedBy};
+use capstan_protocol::{AuditAction, JobId, JobStatus, SubmittedBy};
 use capstan_store::JobQuery;
 use poem_openapi::param::{Path, Query};
 use poem_openapi::payload::{EventStream, Json};
@@ -195,11 +195,10 @@ impl JobsApi {
             let stream = EventStream::new(events)
                 .keep_alive(std::time::Duration::from_secs(15))
                 .to_event(|event| {
-                    let kind = event.kind.clone();
                     poem::web::sse::Event::message(poem_openapi::types::ToJSON::to_json_string(
                         &event,
                     ))
-                    .event_type(kind)
+                    .event_type(event.kind.as_str())
                 });
             return Ok(LogsResponse::Follow(stream));
         }
@@ -256,10 +255,7 @@ impl JobsApi {
         }
         match cancel(&state.mesh, id).await {
             Ok((outcome, record)) => Ok(CancelResponse::Accepted(Json(CancelAccepted {
-                outcome: match outcome {
-                    CancelOutcome::Cancelled => "cancelled".into(),
-                    CancelOutcome::Requested => "requested".into(),
-                },
+                outcome: outcome.into(),
                 status: record.status.into(),
             }))),
             Err(CancelError::NotFound(_)) => Err(ApiError::not_found(format!("no job {id}"))),
