@@ -229,6 +229,9 @@ pub enum Status {
     Lost,
     /// Set aside after its attempts kept taking executors down.
     Quarantined,
+    /// A status this version of Capstan does not know, read from a history row a newer
+    /// version wrote; upgrade this replica to see it. Never a filter.
+    Unknown,
 }
 
 impl From<capstan_protocol::JobStatus> for Status {
@@ -249,10 +252,16 @@ impl From<capstan_protocol::JobStatus> for Status {
     }
 }
 
-impl From<Status> for capstan_protocol::JobStatus {
-    fn from(status: Status) -> Self {
+/// [`Status::Unknown`] names no job status: it cannot be asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("`unknown` is not a job status: it marks history rows a newer version wrote")]
+pub struct UnknownStatus;
+
+impl TryFrom<Status> for capstan_protocol::JobStatus {
+    type Error = UnknownStatus;
+    fn try_from(status: Status) -> Result<Self, UnknownStatus> {
         use capstan_protocol::JobStatus as S;
-        match status {
+        Ok(match status {
             Status::Scheduled => S::Scheduled,
             Status::Pending => S::Pending,
             Status::Running => S::Running,
@@ -263,14 +272,28 @@ impl From<Status> for capstan_protocol::JobStatus {
             Status::Cancelled => S::Cancelled,
             Status::Lost => S::Lost,
             Status::Quarantined => S::Quarantined,
-        }
+            Status::Unknown => return Err(UnknownStatus),
+        })
     }
 }
 
+/// The status a history row holds.
+// NOTE: a status this version cannot parse reads `unknown`, neither an error nor a guess.
+// Such a row was written by a newer version (during a rolling upgrade the replicas share one
+// database); failing the request would let one new row break every list that includes it,
+// and reading it as `failed` (as this once did) tells a client a job failed that may have
+// succeeded. `unknown` is in the OpenAPI enum, so a client sees that it cannot tell.
 fn status_of(text: &str) -> Status {
-    text.parse::<capstan_protocol::JobStatus>()
-        .map(Status::from)
-        .unwrap_or(Status::Failed)
+    match text.parse::<capstan_protocol::JobStatus>() {
+        Ok(status) => status.into(),
+        Err(_) => {
+            tracing::debug!(
+                status = text,
+                "a history row holds a status this version does not know"
+            );
+            Status::Unknown
+        }
+    }
 }
 
 /// Output sizes of an attempt.
@@ -825,10 +848,28 @@ pub struct Health {
 
 #[cfg(test)]
 mod tests {
+    use capstan_protocol::JobStatus;
     use poem_openapi::types::ToJSON;
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn every_job_status_in_a_history_row_reads_as_itself() {
+        for status in JobStatus::ALL {
+            let read = status_of(status.as_str());
+            assert_eq!(JobStatus::try_from(read), Ok(status));
+            assert_eq!(read.to_json(), Some(json!(status.as_str())));
+        }
+    }
+
+    #[test]
+    fn a_history_status_written_by_a_newer_version_reads_unknown_not_failed() {
+        let read = status_of("paused");
+        assert_eq!(read, Status::Unknown);
+        assert_eq!(read.to_json(), Some(json!("unknown")));
+        assert_eq!(JobStatus::try_from(read), Err(UnknownStatus));
+    }
 
     #[test]
     fn node_log_and_cancel_enums_keep_their_wire_spelling() {
