@@ -8,12 +8,15 @@ use capstan_protocol::codec::EncodeError;
 pub enum Error {
     /// NATS did not answer or refused for a passing reason: retry later (or let JetStream
     /// redeliver).
-    #[error("NATS unavailable during {op}: {reason}")]
+    // NOTE: the message repeats the source's, as `Corrupt` does and async-nats' own errors do:
+    // most of our reports are one `error = %e` field, which shows only `Display`. A reporter
+    // that walks `source()` as well prints the client's words twice.
+    #[error("NATS unavailable during {op}: {source}")]
     Unavailable {
         /// What was being done.
         op: &'static str,
-        /// The client's error.
-        reason: String,
+        /// The client's error, kept whole so its kind can still be asked for.
+        source: BoxError,
     },
     /// A compare-and-swap lost: someone else changed the key. Read it again and decide.
     #[error("{key} changed since revision {revision}")]
@@ -61,17 +64,58 @@ pub enum Error {
     ShuttingDown,
 }
 
+/// The source of an [`Error::Unavailable`]: any error a client returned, or a sentence when
+/// Capstan itself gave up (a key that kept changing, a request nobody answered).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
 impl Error {
-    /// An [`Error::Unavailable`] from any client error.
-    pub fn unavailable(op: &'static str, error: impl std::fmt::Display) -> Self {
+    /// An [`Error::Unavailable`] during `op`, caused by `error`: any client error (kept as the
+    /// source, so `source()` reaches it), or a `String`/`&str` saying why.
+    pub fn unavailable(op: &'static str, error: impl Into<BoxError>) -> Self {
         Self::Unavailable {
             op,
-            reason: error.to_string(),
+            source: error.into(),
         }
     }
 
     /// True when retrying the same operation later may succeed.
     pub fn is_transient(&self) -> bool {
         matches!(self, Self::Unavailable { .. } | Self::KeptChanging { .. })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use super::*;
+
+    #[test]
+    fn an_unavailable_error_keeps_the_client_error_as_its_source() {
+        let client = std::io::Error::new(std::io::ErrorKind::TimedOut, "no responders");
+        let error = Error::unavailable("kv get", client);
+        assert_eq!(
+            error.to_string(),
+            "NATS unavailable during kv get: no responders"
+        );
+        let source = error.source().expect("the client error is the source");
+        let io = source
+            .downcast_ref::<std::io::Error>()
+            .expect("the source keeps its type");
+        assert_eq!(io.kind(), std::io::ErrorKind::TimedOut);
+        assert!(error.is_transient());
+    }
+
+    #[test]
+    fn an_unavailable_error_can_say_why_in_words() {
+        let error = Error::unavailable("cancel", "the job's record kept changing");
+        assert_eq!(
+            error.to_string(),
+            "NATS unavailable during cancel: the job's record kept changing"
+        );
+        assert_eq!(
+            error.source().map(ToString::to_string).as_deref(),
+            Some("the job's record kept changing")
+        );
     }
 }

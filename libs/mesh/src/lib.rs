@@ -2,7 +2,8 @@
 //! buckets of [`capstan_protocol::topology`] idempotently, read typed KV records and change
 //! them by compare-and-swap (read, decide, write, decide again on a lost race:
 //! [`Bucket::modify`]), publish events and rejections, serve NATS micro endpoints, stop on a
-//! signal, and submit jobs with idempotency keys.
+//! signal, join spawned tasks without losing their panics, and submit jobs with idempotency
+//! keys.
 //!
 //! It owns no business rules: what a scheduler or an executor decides stays in its service.
 
@@ -16,6 +17,7 @@ pub mod service;
 pub mod shutdown;
 pub mod store;
 pub mod submit;
+pub mod task;
 pub mod topology;
 pub mod view;
 pub mod wire;

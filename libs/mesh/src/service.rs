@@ -10,7 +10,7 @@ use async_nats::service::{self, Service, ServiceExt};
 use bytes::Bytes;
 use capstan_protocol::codec::{self, Encoding};
 use capstan_protocol::subjects::Origin;
-use capstan_protocol::{ErrorCode, Rejection, RejectionCode, Reply, ServiceError};
+use capstan_protocol::{DecodeError, Rejection, Reply, ServiceError};
 use futures::StreamExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -56,29 +56,41 @@ pub async fn endpoint(
         })
 }
 
-/// Decodes a request body into `T`; a failure becomes a `bad_request` naming the field.
+/// Decodes a request body into `T`. A failure is the decoder's own error, which says whether
+/// the body was not the encoding at all (`malformed`) or had a wrong field (`invalid`), with
+/// the encoding the reply should use.
 pub fn decode_request<T: DeserializeOwned>(
     request: &service::Request,
-) -> Result<(T, Encoding), (ServiceError, Encoding)> {
+) -> Result<(T, Encoding), (DecodeError, Encoding)> {
     let message = &request.message;
+    decode_body(message.headers.as_ref(), &message.payload)
+}
+
+fn decode_body<T: DeserializeOwned>(
+    headers: Option<&HeaderMap>,
+    payload: &[u8],
+) -> Result<(T, Encoding), (DecodeError, Encoding)> {
     // `nats req subject ''` sends nothing: read it as an empty JSON object, so endpoints
     // without arguments accept it and the others name the missing field.
-    let payload: &[u8] = if message.payload.iter().all(u8::is_ascii_whitespace) {
+    let payload: &[u8] = if payload.iter().all(u8::is_ascii_whitespace) {
         b"{}"
     } else {
-        &message.payload
+        payload
     };
-    let encoding = wire::encoding_of(message.headers.as_ref(), payload);
-    wire::decode(message.headers.as_ref(), payload).map_err(|e| {
-        (
-            ServiceError {
-                code: ErrorCode::BadRequest,
-                message: e.to_string(),
-                field: e.field,
-            },
-            encoding,
-        )
-    })
+    let encoding = wire::encoding_of(headers, payload);
+    wire::decode(headers, payload).map_err(|e| (e, encoding))
+}
+
+/// The rejection of a `size`-byte request on `subject` that did not decode. Its code is the
+/// one the decoder chose; nothing is read back from the message.
+fn rejection_of(subject: &str, size: usize, error: &DecodeError) -> Rejection {
+    Rejection::new(
+        subject,
+        size,
+        error.code,
+        error.field.clone(),
+        error.to_string(),
+    )
 }
 
 /// Sends `result` as the reply, in `encoding`. Errors also set `Nats-Service-Error` and
@@ -117,7 +129,8 @@ pub async fn reply<T: Serialize>(
 
 /// Serves `endpoint` until `shutdown`: decodes each request into `Req`, runs `handler` on up
 /// to `concurrency` requests at once, and replies in the request's encoding. A request that
-/// does not decode gets an error reply and is reported as a rejection from `origin`.
+/// does not decode is reported as a rejection from `origin` (`malformed` or `invalid`, as the
+/// decoder found it) and gets the same rejection as its `bad_request` reply.
 pub async fn serve<Req, Res, F, Fut>(
     endpoint: service::endpoint::Endpoint,
     shutdown: CancellationToken,
@@ -142,19 +155,13 @@ pub async fn serve<Req, Res, F, Fut>(
                 }
                 Err((error, encoding)) => {
                     let (events, origin) = rejections;
-                    let code = if error.message.starts_with("malformed") {
-                        RejectionCode::Malformed
-                    } else {
-                        RejectionCode::Invalid
-                    };
-                    let rejection = Rejection::new(
+                    let rejection = rejection_of(
                         request.message.subject.as_str(),
                         request.message.payload.len(),
-                        code,
-                        error.field.clone(),
-                        error.message.clone(),
+                        &error,
                     );
                     events.rejection(*origin, &rejection).await;
+                    let error = ServiceError::from(&rejection);
                     reply::<Res>(&request, encoding, Err(error)).await;
                 }
             }
@@ -238,4 +245,45 @@ pub async fn count_instances(
         count += 1;
     }
     Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use capstan_protocol::{ErrorCode, JobRef, RejectionCode};
+
+    use super::*;
+
+    fn rejected(payload: &[u8]) -> Rejection {
+        let (error, _) = decode_body::<JobRef>(None, payload).expect_err("does not decode");
+        rejection_of(capstan_protocol::subjects::CANCEL, payload.len(), &error)
+    }
+
+    #[test]
+    fn a_body_that_is_not_json_is_rejected_as_malformed() {
+        let rejection = rejected(b"{\"id\": ");
+        assert_eq!(rejection.code, RejectionCode::Malformed);
+        assert_eq!(ServiceError::from(&rejection).code, ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn a_body_with_a_wrong_field_is_rejected_as_invalid_naming_the_field() {
+        let rejection = rejected(br#"{"id": 5}"#);
+        assert_eq!(rejection.code, RejectionCode::Invalid);
+        assert_eq!(rejection.field.as_deref(), Some("id"));
+        let reply = ServiceError::from(&rejection);
+        assert_eq!(reply.code, ErrorCode::BadRequest);
+        assert_eq!(reply.field.as_deref(), Some("id"));
+    }
+
+    #[test]
+    fn a_rejection_keeps_the_decoders_code_whatever_its_reason_says() {
+        let error = DecodeError {
+            encoding: Encoding::Json,
+            code: RejectionCode::Invalid,
+            field: None,
+            reason: "malformed-looking words from a field's own parser".into(),
+        };
+        let rejection = rejection_of(capstan_protocol::subjects::CANCEL, 10, &error);
+        assert_eq!(rejection.code, RejectionCode::Invalid);
+    }
 }

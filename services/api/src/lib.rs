@@ -37,7 +37,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use capstan_mesh::shutdown::Stop;
-use capstan_mesh::{Mesh, Submitter};
+use capstan_mesh::{Mesh, Submitter, task};
 use capstan_store::History;
 use poem::listener::{Acceptor, Listener, TcpListener};
 use poem::{EndpointExt, Route, Server};
@@ -107,14 +107,17 @@ pub fn openapi_json() -> String {
 pub struct Running {
     /// The bound address (useful with port 0).
     pub address: SocketAddr,
-    /// Ends when the API has stopped.
+    /// Ends when the API has stopped, or with the panic of the server or one of the API's
+    /// tasks ([`capstan_mesh::task::joined`] raises it again).
     pub task: tokio::task::JoinHandle<Result<(), Error>>,
 }
 
-/// Runs the API until `shutdown`.
+/// Runs the API until `shutdown`. A panic in the server or one of its tasks is raised again
+/// here once the API has stopped, never returned as a clean stop.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
     let running = start(config, shutdown).await?;
-    running.task.await.unwrap_or(Ok(()))
+    // Nothing aborts the task; were the runtime to cancel it, there is nothing left to report.
+    task::joined(running.task.await).unwrap_or(Ok(()))
 }
 
 /// Everything a served API shares, assembled before it serves.
@@ -350,15 +353,22 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
                 Some(Duration::from_secs(10)),
             )
             .await;
-        let _ = projection.await;
-        let _ = audit_projection.await;
-        let _ = revocation_watch.await;
-        let _ = housekeeping.await;
+        let mut joined = vec![
+            projection.await,
+            audit_projection.await,
+            revocation_watch.await,
+            housekeeping.await,
+        ];
         if let Some(open_metrics) = open_metrics {
-            let _ = open_metrics.await;
+            joined.push(open_metrics.await);
         }
         if let Err(error) = micro.stop().await {
             tracing::debug!(error = %error, "stopping the micro service");
+        }
+        // Every task has been waited for; one that panicked raises its panic now rather than
+        // passing for a clean stop.
+        for result in joined {
+            task::joined(result);
         }
         tracing::info!("api stopped");
         served.map_err(|source| Error::Listen {
@@ -445,12 +455,15 @@ async fn serve_metrics(
         })),
     );
     Ok(tokio::spawn(async move {
-        let _ = Server::new_with_acceptor(acceptor)
+        let served = Server::new_with_acceptor(acceptor)
             .run_with_graceful_shutdown(
                 app,
                 shutdown.cancelled_owned(),
                 Some(Duration::from_secs(5)),
             )
             .await;
+        if let Err(error) = served {
+            tracing::warn!(error = %error, "the open metrics listener failed");
+        }
     }))
 }

@@ -15,7 +15,7 @@ use futures::stream::BoxStream;
 use tokio::sync::mpsc;
 
 use crate::State;
-use crate::model::{JobLogs, LogEvent, Status};
+use crate::model::{JobLogs, LogEvent, LogEventKind, Status};
 use crate::problem::ApiError;
 
 /// What is known of a job when its logs are asked for.
@@ -57,9 +57,36 @@ pub(crate) async fn job_state(state: &State, id: JobId) -> Result<JobState, ApiE
     }
 }
 
+/// Which of a process's outputs a chunk is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stream {
+    Stdout,
+    Stderr,
+}
+
+impl Stream {
+    /// From the chunk's `Capstan-Stream` header: `stderr`, or standard output (also when the
+    /// header is missing or names something else, as the executor never writes).
+    fn of(header: Option<&str>) -> Self {
+        match header {
+            Some("stderr") => Self::Stderr,
+            _ => Self::Stdout,
+        }
+    }
+}
+
+impl From<Stream> for LogEventKind {
+    fn from(stream: Stream) -> Self {
+        match stream {
+            Stream::Stdout => Self::Stdout,
+            Stream::Stderr => Self::Stderr,
+        }
+    }
+}
+
 /// One stored piece of output.
 struct Chunk {
-    stream: String,
+    stream: Stream,
     attempt: u32,
     truncated: bool,
     data: bytes::Bytes,
@@ -68,9 +95,7 @@ struct Chunk {
 fn chunk_of(message: &async_nats::Message) -> Chunk {
     let map = message.headers.as_ref();
     Chunk {
-        stream: wire::header(map, headers::LOG_STREAM)
-            .unwrap_or("stdout")
-            .to_owned(),
+        stream: Stream::of(wire::header(map, headers::LOG_STREAM)),
         attempt: wire::header(map, headers::ATTEMPT)
             .and_then(|a| a.parse().ok())
             .unwrap_or(0),
@@ -170,9 +195,9 @@ pub async fn captured(
             truncated = true;
             continue;
         }
-        match chunk.stream.as_str() {
-            "stderr" => stderr.extend_from_slice(&chunk.data),
-            _ => stdout.extend_from_slice(&chunk.data),
+        match chunk.stream {
+            Stream::Stderr => stderr.extend_from_slice(&chunk.data),
+            Stream::Stdout => stdout.extend_from_slice(&chunk.data),
         }
     }
     Ok(JobLogs {
@@ -236,7 +261,7 @@ async fn pump(
             && delivered >= last
         {
             let end = LogEvent {
-                kind: "end".into(),
+                kind: LogEventKind::End,
                 attempt,
                 data: None,
                 status: Some(status),
@@ -261,7 +286,7 @@ async fn pump(
                     continue;
                 }
                 let event = LogEvent {
-                    kind: chunk.stream,
+                    kind: chunk.stream.into(),
                     attempt: chunk.attempt,
                     data: Some(String::from_utf8_lossy(&chunk.data).into_owned()),
                     status: None,

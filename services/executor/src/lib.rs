@@ -5,8 +5,10 @@
 //! Module map: `membership` talks to the registry; `worker` pulls dispatches and carries each
 //! attempt from claim to acknowledgement (its modules: `pull`, `attempt`, `control`, `held`);
 //! `runner` supervises one process; `orphans` finds the job processes a crashed predecessor
-//! left running, so a restarted executor can kill them.
+//! left running, so a restarted executor can kill them; [`error`] says why the executor
+//! stopped when it was not asked to.
 
+pub mod error;
 mod membership;
 pub mod orphans;
 pub mod runner;
@@ -19,13 +21,13 @@ use std::time::Duration;
 
 use async_nats::jetstream::consumer::PullConsumer;
 use capstan_mesh::config::parse_duration;
-use capstan_mesh::{Error, Mesh, NatsArgs, service};
+use capstan_mesh::{Error, Mesh, NatsArgs, service, task};
 use capstan_protocol::subjects;
 use capstan_protocol::topology;
 use capstan_protocol::{InstanceId, JobId, Labels, NodeId};
 use tokio_util::sync::CancellationToken;
 
-use crate::membership::{Identity, Membership, MembershipError};
+use crate::membership::{Identity, Membership};
 use crate::runner::Runner;
 use crate::worker::Worker;
 
@@ -136,7 +138,10 @@ fn hostname() -> String {
 
 /// Runs the executor until `shutdown`. On shutdown it stops pulling, lets running jobs finish
 /// for `shutdown_timeout`, stops the rest (recording them as interrupted), and deregisters.
-pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
+/// It stops by itself, with an error, when another instance takes its node over
+/// ([`error::Error::Superseded`]) or the registry refuses it; a panic in one of its tasks is
+/// raised again once the others have stopped.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), error::Error> {
     let hostname = hostname();
     let node = config
         .node_id
@@ -148,9 +153,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             .join("capstan-executor")
             .join(node.as_str())
     });
-    std::fs::create_dir_all(&work_dir).map_err(|e| Error::Setup {
-        what: format!("work directory {}", work_dir.display()),
-        reason: e.to_string(),
+    std::fs::create_dir_all(&work_dir).map_err(|source| error::Error::WorkDir {
+        path: work_dir.clone(),
+        source,
     })?;
     let killed = orphans::reap(node.as_str(), &work_dir.join("jobs"));
     // Job directories a previous instance left behind (its processes are gone now).
@@ -249,18 +254,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     };
     tracing::info!(node = %node, instance = %instance, slots = config.slots, work_dir = %work_dir.display(), "executor ready");
 
-    let superseded = tokio::select! {
+    // Before shutdown, heartbeats end only with an error (the node taken over, or registering
+    // again refused).
+    let ended = tokio::select! {
         _ = shutdown.cancelled() => None,
-        result = heartbeats => match result {
-            Err(error @ MembershipError::Superseded(_)) => Some(error),
-            _ => None,
-        },
+        result = heartbeats => result.err(),
     };
+    let superseded = matches!(ended, Some(error::Error::Superseded(_)));
     stop_pulling.cancel();
-    let _ = pulling.await;
-    if let Some(error) = &superseded {
-        // Another instance owns this node now: its jobs are not ours to finish.
+    let pulled = pulling.await;
+    if let Some(error) = &ended {
         tracing::error!(error = %error, "stopping");
+    }
+    if superseded {
+        // Another instance owns this node now: its jobs are not ours to finish.
         worker.stop_all();
     } else if !worker.wait_idle(config.shutdown_timeout).await {
         tracing::warn!(
@@ -272,11 +279,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     worker
         .wait_idle(config.kill_grace + Duration::from_secs(10))
         .await;
-    if superseded.is_none() {
+    if !superseded {
         membership.deregister().await;
     }
     background.cancel();
-    let _ = tokio::join!(endpoint, cancellations);
+    let (endpoint, cancellations) = tokio::join!(endpoint, cancellations);
     if let Err(error) = micro.stop().await {
         tracing::debug!(error = %error, "stopping the micro service");
     }
@@ -285,11 +292,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     if let Err(error) = mesh.client.drain().await {
         tracing::debug!(error = %error, "draining the connection");
     }
-    match superseded {
-        Some(error) => Err(Error::Setup {
-            what: "node membership".into(),
-            reason: error.to_string(),
-        }),
+    // The attempts are settled and the node left; a task that panicked raises its panic now
+    // rather than passing for a clean stop.
+    for result in [pulled, endpoint, cancellations] {
+        task::joined(result);
+    }
+    match ended {
+        Some(error) => Err(error),
         None => {
             tracing::info!("executor stopped");
             Ok(())

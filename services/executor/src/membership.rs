@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::PullConsumer;
-use capstan_mesh::Error;
 use capstan_protocol::subjects::registry as endpoints;
 use capstan_protocol::{
     ErrorCode, Heartbeat, HeartbeatReply, InstanceId, JobId, Labels, NodeId, NodeRecord,
@@ -14,6 +13,8 @@ use capstan_protocol::{
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
+
+use crate::error::Error;
 
 /// What this node tells the registry about itself.
 #[derive(Debug, Clone)]
@@ -30,17 +31,6 @@ pub struct Identity {
     pub hostname: String,
 }
 
-/// Why membership ended.
-#[derive(Debug, thiserror::Error)]
-pub enum MembershipError {
-    /// The registry refused the registration (bad labels, capacity): a configuration error.
-    #[error("the registry refused this node: {0}")]
-    Refused(String),
-    /// Another instance registered under this node id.
-    #[error("another executor instance took over node {0}")]
-    Superseded(NodeId),
-}
-
 /// Talks to the registry for this node.
 pub struct Membership {
     client: async_nats::Client,
@@ -54,6 +44,8 @@ impl Membership {
     }
 
     /// Registers, retrying while no registry answers, until it succeeds or `shutdown` fires.
+    /// Returns [`Error::Refused`] when the registry refuses the node itself, and the mesh's
+    /// `ShuttingDown` when `shutdown` came first.
     pub async fn register(&self, shutdown: &CancellationToken) -> Result<NodeRecord, Error> {
         let registration = Registration {
             node: self.identity.node.clone(),
@@ -74,16 +66,13 @@ impl Membership {
                     return Ok(record);
                 }
                 Ok(Err(refusal)) if refusal.code == ErrorCode::BadRequest => {
-                    return Err(Error::Setup {
-                        what: "registration".into(),
-                        reason: MembershipError::Refused(refusal.to_string()).to_string(),
-                    });
+                    return Err(Error::Refused(refusal));
                 }
                 Ok(Err(error)) => tracing::warn!(error = %error, "registration failed, retrying"),
                 Err(error) => tracing::warn!(error = %error, "no registry answered, retrying"),
             }
             tokio::select! {
-                _ = shutdown.cancelled() => return Err(Error::ShuttingDown),
+                _ = shutdown.cancelled() => return Err(capstan_mesh::Error::ShuttingDown.into()),
                 _ = tokio::time::sleep(delay) => {}
             }
             delay = (delay * 2).min(Duration::from_secs(5));
@@ -92,14 +81,15 @@ impl Membership {
 
     /// Heartbeats every `interval` until `shutdown`, reporting the jobs `held` returns and the
     /// dispatches waiting on `consumer`. Re-registers when the registry has forgotten this
-    /// node; returns [`MembershipError::Superseded`] when another instance took it over.
+    /// node (returning the refusal if that fails); returns [`Error::Superseded`] when another
+    /// instance took it over.
     pub async fn heartbeat_until(
         &self,
         interval: Duration,
         held: Arc<dyn Fn() -> Vec<JobId> + Send + Sync>,
         mut consumer: PullConsumer,
         shutdown: CancellationToken,
-    ) -> Result<(), MembershipError> {
+    ) -> Result<(), Error> {
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -124,12 +114,14 @@ impl Membership {
                 Ok(Ok(HeartbeatReply::Ok)) => {}
                 Ok(Ok(HeartbeatReply::UnknownNode)) => {
                     tracing::warn!("the registry does not know this node; registering again");
-                    if self.register(&shutdown).await.is_err() {
-                        return Ok(());
+                    match self.register(&shutdown).await {
+                        Ok(_) => {}
+                        Err(Error::Mesh(capstan_mesh::Error::ShuttingDown)) => return Ok(()),
+                        Err(error) => return Err(error),
                     }
                 }
                 Ok(Ok(HeartbeatReply::Superseded)) => {
-                    return Err(MembershipError::Superseded(self.identity.node.clone()));
+                    return Err(Error::Superseded(self.identity.node.clone()));
                 }
                 Ok(Err(error)) => tracing::warn!(error = %error, "heartbeat refused"),
                 Err(error) => tracing::warn!(error = %error, "heartbeat not answered"),

@@ -231,14 +231,15 @@ impl Runner {
         };
         // Whatever the process left in its group (background children) dies with it.
         let _ = killpg(group, Signal::SIGKILL);
-        // Pumps end at EOF; a descendant that left the group may still hold the pipes open.
+        // Pumps end at EOF; a descendant that left the group may still hold the pipes open. A
+        // pump that panicked raises its panic here.
         for pump in [stdout, stderr].into_iter().flatten() {
             let abort = pump.abort_handle();
-            if tokio::time::timeout(Duration::from_secs(2), pump)
-                .await
-                .is_err()
-            {
-                abort.abort();
+            match tokio::time::timeout(Duration::from_secs(2), pump).await {
+                Ok(pumped) => {
+                    capstan_mesh::task::joined(pumped);
+                }
+                Err(_) => abort.abort(),
             }
         }
         sink.finish().await;

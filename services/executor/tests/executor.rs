@@ -24,7 +24,7 @@ struct Mesh3 {
     work: tempfile::TempDir,
     registry: CancellationToken,
     executor: CancellationToken,
-    task: tokio::task::JoinHandle<Result<(), capstan_mesh::Error>>,
+    task: tokio::task::JoinHandle<Result<(), capstan_executor::error::Error>>,
 }
 
 async fn start(configure: impl FnOnce(&mut Config)) -> Mesh3 {
@@ -144,7 +144,7 @@ impl Mesh3 {
         chunks
     }
 
-    async fn stop(self) -> Result<(), capstan_mesh::Error> {
+    async fn stop(self) -> Result<(), capstan_executor::error::Error> {
         self.executor.cancel();
         let result = self.task.await.expect("joins");
         self.registry.cancel();

@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use capstan_mesh::config::parse_duration;
 use capstan_mesh::shutdown::Stop;
-use capstan_mesh::{BucketView, Error, Mesh, NatsArgs, Submitter, service};
+use capstan_mesh::{BucketView, Error, Mesh, NatsArgs, Submitter, service, task};
 use capstan_protocol::reply::Cancelled;
 use capstan_protocol::{ErrorCode, JobRef, ServiceError, subjects};
 use tokio::sync::{Notify, Semaphore};
@@ -171,12 +171,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
 
     stop.watch(scheduler.clone().consume(shutdown.clone()))
         .await;
-    let _ = tokio::join!(create, cancel, timers, lost);
+    let (create, cancel, timers, lost) = tokio::join!(create, cancel, timers, lost);
     scheduler.hand_back_waiting().await;
     tasks.cancel();
-    let _ = tokio::join!(events, placer);
+    let (events, placer) = tokio::join!(events, placer);
     if let Err(error) = micro.stop().await {
         tracing::debug!(error = %error, "stopping the micro service");
+    }
+    // Every task has been waited for and the waiting jobs handed back; a task that panicked
+    // raises its panic now rather than passing for a clean stop.
+    for result in [create, cancel, timers, lost, events, placer] {
+        task::joined(result);
     }
     tracing::info!("scheduler stopped");
     stop.outcome()

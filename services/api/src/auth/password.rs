@@ -65,9 +65,8 @@ pub fn check_password(password: &str, min_length: usize) -> Result<(), PolicyErr
 
 /// The Argon2id hash of `password` in PHC string form, computed on the blocking pool.
 pub async fn hash(password: String) -> String {
-    tokio::task::spawn_blocking(move || hash_now(&password))
-        .await
-        .expect("hashing does not panic")
+    let hashed = tokio::task::spawn_blocking(move || hash_now(&password)).await;
+    capstan_mesh::task::joined(hashed).expect("the blocking pool is cancelled only at shutdown")
 }
 
 fn hash_now(password: &str) -> String {
@@ -82,7 +81,7 @@ fn hash_now(password: &str) -> String {
 /// True when `password` matches `stored` (a PHC string); checked on the blocking pool. With no
 /// stored hash (an unknown user), checks against a dummy one and answers false.
 pub async fn verify(password: String, stored: Option<String>) -> bool {
-    tokio::task::spawn_blocking(move || {
+    let checked = tokio::task::spawn_blocking(move || {
         let known = stored.is_some();
         let hash = stored.unwrap_or_else(|| dummy().to_owned());
         let matches = PasswordHash::new(&hash).is_ok_and(|parsed| {
@@ -91,9 +90,10 @@ pub async fn verify(password: String, stored: Option<String>) -> bool {
                 .is_ok()
         });
         known && matches
-    })
-    .await
-    .unwrap_or(false)
+    });
+    // A panic in the check is raised again (a bug is not a wrong password); cancelled, at
+    // shutdown, it matched nothing.
+    capstan_mesh::task::joined(checked.await).unwrap_or(false)
 }
 
 /// A hash of a random password, made once: what an unknown user's login is checked against.

@@ -229,6 +229,9 @@ pub enum Status {
     Lost,
     /// Set aside after its attempts kept taking executors down.
     Quarantined,
+    /// A status this version of Capstan does not know, read from a history row a newer
+    /// version wrote; upgrade this replica to see it. Never a filter.
+    Unknown,
 }
 
 impl From<capstan_protocol::JobStatus> for Status {
@@ -249,10 +252,16 @@ impl From<capstan_protocol::JobStatus> for Status {
     }
 }
 
-impl From<Status> for capstan_protocol::JobStatus {
-    fn from(status: Status) -> Self {
+/// [`Status::Unknown`] names no job status: it cannot be asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("`unknown` is not a job status: it marks history rows a newer version wrote")]
+pub struct UnknownStatus;
+
+impl TryFrom<Status> for capstan_protocol::JobStatus {
+    type Error = UnknownStatus;
+    fn try_from(status: Status) -> Result<Self, UnknownStatus> {
         use capstan_protocol::JobStatus as S;
-        match status {
+        Ok(match status {
             Status::Scheduled => S::Scheduled,
             Status::Pending => S::Pending,
             Status::Running => S::Running,
@@ -263,14 +272,28 @@ impl From<Status> for capstan_protocol::JobStatus {
             Status::Cancelled => S::Cancelled,
             Status::Lost => S::Lost,
             Status::Quarantined => S::Quarantined,
-        }
+            Status::Unknown => return Err(UnknownStatus),
+        })
     }
 }
 
+/// The status a history row holds.
+// NOTE: a status this version cannot parse reads `unknown`, neither an error nor a guess.
+// Such a row was written by a newer version (during a rolling upgrade the replicas share one
+// database); failing the request would let one new row break every list that includes it,
+// and reading it as `failed` (as this once did) tells a client a job failed that may have
+// succeeded. `unknown` is in the OpenAPI enum, so a client sees that it cannot tell.
 fn status_of(text: &str) -> Status {
-    text.parse::<capstan_protocol::JobStatus>()
-        .map(Status::from)
-        .unwrap_or(Status::Failed)
+    match text.parse::<capstan_protocol::JobStatus>() {
+        Ok(status) => status.into(),
+        Err(_) => {
+            tracing::debug!(
+                status = text,
+                "a history row holds a status this version does not know"
+            );
+            Status::Unknown
+        }
+    }
 }
 
 /// Output sizes of an attempt.
@@ -611,11 +634,34 @@ pub struct JobLogs {
     pub complete: bool,
 }
 
+/// What a message of a followed log carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+#[oai(rename_all = "snake_case")]
+pub enum LogEventKind {
+    /// Output on standard output.
+    Stdout,
+    /// Output on standard error.
+    Stderr,
+    /// The attempt ended: the last message, with its status.
+    End,
+}
+
+impl LogEventKind {
+    /// The snake_case name: the JSON value, and the server-sent event's type.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stdout => "stdout",
+            Self::Stderr => "stderr",
+            Self::End => "end",
+        }
+    }
+}
+
 /// One message of a followed log.
 #[derive(Debug, Clone, Object)]
 pub struct LogEvent {
     /// `stdout`, `stderr`, or `end` (the last message).
-    pub kind: String,
+    pub kind: LogEventKind,
     /// Attempt.
     pub attempt: u32,
     /// Output, for `stdout` and `stderr`.
@@ -627,12 +673,80 @@ pub struct LogEvent {
 }
 
 /// What a cancel request did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+#[oai(rename_all = "snake_case")]
+pub enum CancelOutcome {
+    /// The job had not started: it is cancelled now.
+    Cancelled,
+    /// The job is running: its executor is stopping it, and will record `cancelled`.
+    Requested,
+}
+
+impl From<capstan_protocol::CancelOutcome> for CancelOutcome {
+    fn from(outcome: capstan_protocol::CancelOutcome) -> Self {
+        match outcome {
+            capstan_protocol::CancelOutcome::Cancelled => Self::Cancelled,
+            capstan_protocol::CancelOutcome::Requested => Self::Requested,
+        }
+    }
+}
+
+/// What a cancel request did.
 #[derive(Debug, Clone, Object)]
 pub struct CancelAccepted {
     /// `cancelled` (it had not started) or `requested` (its executor is stopping it).
-    pub outcome: String,
+    pub outcome: CancelOutcome,
     /// The job's status now.
     pub status: Status,
+}
+
+/// Whether a node is heard from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+#[oai(rename_all = "snake_case")]
+pub enum NodeStatus {
+    /// Heartbeating within the timeout.
+    Up,
+    /// Missed heartbeats for longer than the timeout.
+    Down,
+    /// Deregistered on a clean shutdown.
+    Left,
+}
+
+impl From<capstan_protocol::NodeStatus> for NodeStatus {
+    fn from(status: capstan_protocol::NodeStatus) -> Self {
+        use capstan_protocol::NodeStatus as S;
+        match status {
+            S::Up => Self::Up,
+            S::Down => Self::Down,
+            S::Left => Self::Left,
+        }
+    }
+}
+
+/// Whether a node takes new work, as operators set it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+#[oai(rename_all = "snake_case")]
+pub enum NodeAvailability {
+    /// Takes new work.
+    Active,
+    /// Takes no new work; what it runs finishes normally.
+    Cordoned,
+    /// Takes no new work, and hands back what it still runs at the drain deadline.
+    Draining,
+    /// Holds nothing and takes no new work until uncordoned.
+    Drained,
+}
+
+impl From<capstan_protocol::Availability> for NodeAvailability {
+    fn from(availability: capstan_protocol::Availability) -> Self {
+        use capstan_protocol::Availability as A;
+        match availability {
+            A::Active => Self::Active,
+            A::Cordoned => Self::Cordoned,
+            A::Draining => Self::Draining,
+            A::Drained => Self::Drained,
+        }
+    }
 }
 
 /// An executor node.
@@ -641,9 +755,9 @@ pub struct Node {
     /// Node id.
     pub id: String,
     /// `up`, `down` or `left`.
-    pub status: String,
+    pub status: NodeStatus,
     /// `active`, `cordoned`, `draining` or `drained`: whether it takes new work.
-    pub availability: String,
+    pub availability: NodeAvailability,
     /// While draining: when jobs still running are handed back.
     pub drain_deadline: Option<String>,
     /// Labels.
@@ -691,8 +805,8 @@ impl From<NodeRecord> for Node {
     fn from(node: NodeRecord) -> Self {
         Node {
             id: node.id.to_string(),
-            status: node.status.as_str().to_owned(),
-            availability: node.availability.as_str().to_owned(),
+            status: node.status.into(),
+            availability: node.availability.into(),
             drain_deadline: node.drain_deadline.map(Timestamp::to_rfc3339),
             labels: node.labels,
             capacity: node.capacity,
@@ -730,4 +844,70 @@ pub struct Health {
     pub status: String,
     /// What was checked.
     pub checks: BTreeMap<String, String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use capstan_protocol::JobStatus;
+    use poem_openapi::types::ToJSON;
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn every_job_status_in_a_history_row_reads_as_itself() {
+        for status in JobStatus::ALL {
+            let read = status_of(status.as_str());
+            assert_eq!(JobStatus::try_from(read), Ok(status));
+            assert_eq!(read.to_json(), Some(json!(status.as_str())));
+        }
+    }
+
+    #[test]
+    fn a_history_status_written_by_a_newer_version_reads_unknown_not_failed() {
+        let read = status_of("paused");
+        assert_eq!(read, Status::Unknown);
+        assert_eq!(read.to_json(), Some(json!("unknown")));
+        assert_eq!(JobStatus::try_from(read), Err(UnknownStatus));
+    }
+
+    #[test]
+    fn node_log_and_cancel_enums_keep_their_wire_spelling() {
+        use capstan_protocol::{Availability, CancelOutcome as Outcome, NodeStatus as Heard};
+        for status in [Heard::Up, Heard::Down, Heard::Left] {
+            assert_eq!(
+                NodeStatus::from(status).to_json(),
+                Some(json!(status.as_str()))
+            );
+        }
+        for availability in [
+            Availability::Active,
+            Availability::Cordoned,
+            Availability::Draining,
+            Availability::Drained,
+        ] {
+            assert_eq!(
+                NodeAvailability::from(availability).to_json(),
+                Some(json!(availability.as_str()))
+            );
+        }
+        for (outcome, spelled) in [
+            (Outcome::Cancelled, "cancelled"),
+            (Outcome::Requested, "requested"),
+        ] {
+            assert_eq!(
+                CancelOutcome::from(outcome).to_json(),
+                serde_json::to_value(outcome).ok()
+            );
+            assert_eq!(CancelOutcome::from(outcome).to_json(), Some(json!(spelled)));
+        }
+        for (kind, spelled) in [
+            (LogEventKind::Stdout, "stdout"),
+            (LogEventKind::Stderr, "stderr"),
+            (LogEventKind::End, "end"),
+        ] {
+            assert_eq!(kind.to_json(), Some(json!(spelled)));
+            assert_eq!(kind.as_str(), spelled, "the event type is the kind");
+        }
+    }
 }

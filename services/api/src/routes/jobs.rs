@@ -1,7 +1,7 @@
 //! `/api/v1/jobs`: submit, list, read, follow, cancel, and purge jobs.
 
 use capstan_mesh::lifecycle::{CancelError, cancel};
-use capstan_protocol::{AuditAction, CancelOutcome, JobId, JobStatus, SubmittedBy};
+use capstan_protocol::{AuditAction, JobId, JobStatus, SubmittedBy};
 use capstan_store::JobQuery;
 use poem_openapi::param::{Path, Query};
 use poem_openapi::payload::{EventStream, Json};
@@ -122,7 +122,7 @@ impl JobsApi {
             labels.push((key.to_owned(), value.to_owned()));
         }
         let query = JobQuery {
-            status: status.0.map(Into::into),
+            status: status_filter(status.0)?,
             name: name.0,
             node: node.0,
             submitted_by: submitted_by.0,
@@ -195,11 +195,10 @@ impl JobsApi {
             let stream = EventStream::new(events)
                 .keep_alive(std::time::Duration::from_secs(15))
                 .to_event(|event| {
-                    let kind = event.kind.clone();
                     poem::web::sse::Event::message(poem_openapi::types::ToJSON::to_json_string(
                         &event,
                     ))
-                    .event_type(kind)
+                    .event_type(event.kind.as_str())
                 });
             return Ok(LogsResponse::Follow(stream));
         }
@@ -256,10 +255,7 @@ impl JobsApi {
         }
         match cancel(&state.mesh, id).await {
             Ok((outcome, record)) => Ok(CancelResponse::Accepted(Json(CancelAccepted {
-                outcome: match outcome {
-                    CancelOutcome::Cancelled => "cancelled".into(),
-                    CancelOutcome::Requested => "requested".into(),
-                },
+                outcome: outcome.into(),
                 status: record.status.into(),
             }))),
             Err(CancelError::NotFound(_)) => Err(ApiError::not_found(format!("no job {id}"))),
@@ -292,9 +288,9 @@ impl JobsApi {
         let state = served(&self.0)?;
         auth.allow(Permission::JobsPurge, AuditAction::JobPurge, None)?;
         let before = timestamp(&finished_before.0, "finished_before")?;
-        let statuses: Vec<JobStatus> = match status.0 {
+        let status = status_filter(status.0)?;
+        let statuses: Vec<JobStatus> = match status {
             Some(status) => {
-                let status: JobStatus = status.into();
                 if !status.is_terminal() {
                     return Err(ApiError::bad_request(
                         format!("`{status}` is not a final status: only finished jobs are purged"),
@@ -311,9 +307,7 @@ impl JobsApi {
         auth.resource(format!(
             "jobs?finished_before={}{}",
             before.to_rfc3339(),
-            status
-                .0
-                .map_or(String::new(), |s| format!("&status={}", JobStatus::from(s)))
+            status.map_or(String::new(), |s| format!("&status={s}"))
         ));
         let report = crate::purge::purge(state, &statuses, before, limit.0, PURGE_BATCH).await?;
         auth.detail(format!(
@@ -322,6 +316,15 @@ impl JobsApi {
         ));
         Ok(Json(report))
     }
+}
+
+/// A `status` parameter as the job status to filter on; `unknown`, which only marks history
+/// rows a newer version wrote, is refused.
+fn status_filter(status: Option<Status>) -> Result<Option<JobStatus>, ApiError> {
+    status
+        .map(JobStatus::try_from)
+        .transpose()
+        .map_err(|error| ApiError::bad_request(error.to_string(), Some("status")))
 }
 
 fn default_limit() -> u32 {
