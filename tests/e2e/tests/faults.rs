@@ -149,6 +149,15 @@ async fn an_executor_stopped_past_its_heartbeat_timeout_has_its_attempts_retried
     plan.concurrency = 1; // in order: the long jobs are placed first
     let load = Load::start(&cluster, plan).await;
     let mesh = cluster.mesh().await;
+    let work = faults::work_root(&cluster);
+    let of_long_jobs = |processes: Vec<faults::JobProcess>, long: &[JobId]| {
+        processes
+            .into_iter()
+            .filter(|p| p.node == "exec-1" && long.iter().any(|job| p.job == job.to_string()))
+            .collect::<Vec<faults::JobProcess>>()
+    };
+    // A record turns `running` at the claim, a moment before its process exists: wait for the
+    // process too, so that the executor is stopped holding a live one.
     let (held, long_held): (HashMap<JobId, u32>, Vec<JobId>) = wait_until(
         "exec-1 to run a long job",
         Duration::from_secs(60),
@@ -167,19 +176,13 @@ async fn an_executor_stopped_past_its_heartbeat_timeout_has_its_attempts_retried
                 .filter(|r| on_node.contains_key(&r.id) && r.spec.name.as_deref() == Some("long"))
                 .map(|r| r.id)
                 .collect();
-            (!long.is_empty()).then_some((on_node, long))
+            let started = !of_long_jobs(faults::job_processes(&work), &long).is_empty();
+            started.then_some((on_node, long))
         },
     )
     .await;
     cluster.process("exec-1").signal(Signal::SIGSTOP);
-    let work = faults::work_root(&cluster);
-    let of_long_jobs = |processes: Vec<faults::JobProcess>| -> Vec<faults::JobProcess> {
-        processes
-            .into_iter()
-            .filter(|p| p.node == "exec-1" && long_held.iter().any(|job| p.job == job.to_string()))
-            .collect()
-    };
-    let orphans = of_long_jobs(faults::job_processes(&work));
+    let orphans = of_long_jobs(faults::job_processes(&work), &long_held);
     assert!(!orphans.is_empty(), "the long job runs on exec-1");
 
     cluster.wait_node_status("exec-1", NodeStatus::Down).await;
@@ -201,7 +204,7 @@ async fn an_executor_stopped_past_its_heartbeat_timeout_has_its_attempts_retried
     )
     .await;
     // The long job's first attempt still runs under the stopped executor...
-    let alive = of_long_jobs(faults::job_processes(&work));
+    let alive = of_long_jobs(faults::job_processes(&work), &long_held);
     assert!(
         orphans.iter().all(|o| alive.iter().any(|p| p.pid == o.pid)),
         "the long job outlives the stop: {orphans:?} then {alive:?}"
