@@ -296,6 +296,71 @@ fn status_of(text: &str) -> Status {
     }
 }
 
+/// What happened to a job, as its history records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+#[oai(rename_all = "snake_case")]
+pub enum EventKind {
+    /// Accepted with a start time still to come.
+    Scheduled,
+    /// Accepted.
+    Pending,
+    /// An attempt was placed on an executor after the job had waited for one.
+    Dispatched,
+    /// The executor started the attempt's process.
+    Running,
+    /// An attempt ended unsuccessfully and another will follow.
+    Retrying,
+    /// Exited 0.
+    Succeeded,
+    /// Ended unsuccessfully.
+    Failed,
+    /// Killed at its timeout.
+    TimedOut,
+    /// Cancelled.
+    Cancelled,
+    /// The last attempt was lost with no retry left.
+    Lost,
+    /// Set aside after repeatedly taking executors down.
+    Quarantined,
+    /// A kind this version of Capstan does not know, read from a history row a newer version
+    /// wrote (as with [`Status::Unknown`]).
+    Unknown,
+}
+
+impl From<capstan_protocol::JobEventKind> for EventKind {
+    fn from(kind: capstan_protocol::JobEventKind) -> Self {
+        use capstan_protocol::JobEventKind as K;
+        match kind {
+            K::Scheduled => EventKind::Scheduled,
+            K::Pending => EventKind::Pending,
+            K::Dispatched => EventKind::Dispatched,
+            K::Running => EventKind::Running,
+            K::Retrying => EventKind::Retrying,
+            K::Succeeded => EventKind::Succeeded,
+            K::Failed => EventKind::Failed,
+            K::TimedOut => EventKind::TimedOut,
+            K::Cancelled => EventKind::Cancelled,
+            K::Lost => EventKind::Lost,
+            K::Quarantined => EventKind::Quarantined,
+        }
+    }
+}
+
+/// The event kind a history row holds; `unknown` for one this version cannot read, for the
+/// reasons [`status_of`] gives.
+fn event_kind_of(text: &str) -> EventKind {
+    match text.parse::<capstan_protocol::JobEventKind>() {
+        Ok(kind) => kind.into(),
+        Err(_) => {
+            tracing::debug!(
+                kind = text,
+                "a history row holds an event kind this version does not know"
+            );
+            EventKind::Unknown
+        }
+    }
+}
+
 /// Output sizes of an attempt.
 #[derive(Debug, Clone, Copy, Object)]
 pub struct Output {
@@ -580,7 +645,7 @@ pub struct JobEventView {
     /// Sequence in the event stream.
     pub seq: i64,
     /// What happened.
-    pub kind: String,
+    pub kind: EventKind,
     /// Status after it.
     pub status: Status,
     /// Attempt.
@@ -599,7 +664,7 @@ impl From<event::Model> for JobEventView {
     fn from(row: event::Model) -> Self {
         JobEventView {
             seq: row.seq,
-            kind: row.kind,
+            kind: event_kind_of(&row.kind),
             status: status_of(&row.status),
             attempt: u32::try_from(row.attempt).unwrap_or(0),
             node: row.node,
@@ -869,6 +934,18 @@ mod tests {
         assert_eq!(read, Status::Unknown);
         assert_eq!(read.to_json(), Some(json!("unknown")));
         assert_eq!(JobStatus::try_from(read), Err(UnknownStatus));
+    }
+
+    #[test]
+    fn every_event_kind_in_a_history_row_reads_as_itself_and_a_newer_one_reads_unknown() {
+        for kind in capstan_protocol::JobEventKind::ALL {
+            let read = event_kind_of(kind.as_str());
+            assert_eq!(read, EventKind::from(kind));
+            assert_eq!(read.to_json(), Some(json!(kind.as_str())));
+        }
+        let read = event_kind_of("paused");
+        assert_eq!(read, EventKind::Unknown);
+        assert_eq!(read.to_json(), Some(json!("unknown")));
     }
 
     #[test]
