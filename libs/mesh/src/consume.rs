@@ -18,7 +18,7 @@ use capstan_protocol::topology::ConsumerSpec;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use crate::error::Error;
+use crate::error::{BoxError, Error};
 
 /// How many times in a row the server may refuse a consumer's configuration before the
 /// refusal is taken as final: a few, because a refusal can come from a passing state (a
@@ -44,7 +44,7 @@ pub async fn durable(
                     e.kind(),
                     async_nats::jetstream::context::GetStreamErrorKind::JetStream(_)
                 );
-                (refused, e.to_string())
+                (refused, BoxError::from(e))
             })?;
             stream.create_consumer(config.clone()).await.map_err(|e| {
                 let refused = match e.kind() {
@@ -52,7 +52,7 @@ pub async fn durable(
                     ConsumerErrorKind::InvalidConsumerType | ConsumerErrorKind::InvalidName => true,
                     _ => false,
                 };
-                (refused, e.to_string())
+                (refused, BoxError::from(e))
             })
         }
         .await;
@@ -61,10 +61,10 @@ pub async fn durable(
             Err((refused, reason)) => {
                 refusals = if refused { refusals + 1 } else { 0 };
                 if refusals >= REFUSALS {
-                    return Err(Error::Setup {
-                        what: format!("consumer {} on {}", spec.name, spec.stream),
+                    return Err(Error::setup(
+                        format!("consumer {} on {}", spec.name, spec.stream),
                         reason,
-                    });
+                    ));
                 }
                 tracing::warn!(
                     consumer = %spec.name,

@@ -52,12 +52,12 @@ pub enum Error {
     #[error(transparent)]
     Encode(#[from] EncodeError),
     /// The topology could not be created or does not match (a configuration problem).
-    #[error("cannot set up {what}: {reason}")]
+    #[error("cannot set up {what}: {source}")]
     Setup {
         /// The stream, bucket or consumer.
         what: String,
-        /// The server's answer.
-        reason: String,
+        /// The server's answer, kept whole (its JetStream error code included).
+        source: BoxError,
     },
     /// The service is shutting down.
     #[error("shutting down")]
@@ -69,6 +69,14 @@ pub enum Error {
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 impl Error {
+    /// An [`Error::Setup`] of `what`, caused by `error` (kept as the source).
+    pub fn setup(what: impl Into<String>, error: impl Into<BoxError>) -> Self {
+        Self::Setup {
+            what: what.into(),
+            source: error.into(),
+        }
+    }
+
     /// An [`Error::Unavailable`] during `op`, caused by `error`: any client error (kept as the
     /// source, so `source()` reaches it), or a `String`/`&str` saying why.
     pub fn unavailable(op: &'static str, error: impl Into<BoxError>) -> Self {
@@ -104,6 +112,22 @@ mod tests {
             .expect("the source keeps its type");
         assert_eq!(io.kind(), std::io::ErrorKind::TimedOut);
         assert!(error.is_transient());
+    }
+
+    #[test]
+    fn a_setup_error_keeps_the_servers_answer_as_its_source() {
+        let refusal = std::io::Error::new(std::io::ErrorKind::AlreadyExists, "consumer exists");
+        let error = Error::setup("consumer scheduler", refusal);
+        assert_eq!(
+            error.to_string(),
+            "cannot set up consumer scheduler: consumer exists"
+        );
+        let source = error.source().expect("the refusal is the source");
+        assert!(source.downcast_ref::<std::io::Error>().is_some());
+        assert!(
+            !error.is_transient(),
+            "a refused set-up is not retried as passing"
+        );
     }
 
     #[test]

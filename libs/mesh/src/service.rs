@@ -33,10 +33,7 @@ pub async fn start(
         .metadata(metadata)
         .start(name, capstan_protocol::VERSION)
         .await
-        .map_err(|e| Error::Setup {
-            what: format!("micro service {name}"),
-            reason: e.to_string(),
-        })
+        .map_err(|e| Error::setup(format!("micro service {name}"), e))
 }
 
 /// Adds an endpoint on `subject`.
@@ -50,10 +47,7 @@ pub async fn endpoint(
         .name(name)
         .add(subject)
         .await
-        .map_err(|e| Error::Setup {
-            what: format!("endpoint {subject}"),
-            reason: e.to_string(),
-        })
+        .map_err(|e| Error::setup(format!("endpoint {subject}"), e))
 }
 
 /// Decodes a request body into `T`. A failure is the decoder's own error, which says whether

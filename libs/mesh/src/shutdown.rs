@@ -94,13 +94,8 @@ mod tests {
             let token = stop.token().clone();
             tokio::spawn(async move { token.cancelled().await })
         };
-        stop.watch(async {
-            Err(Error::Setup {
-                what: "consumer scheduler".into(),
-                reason: "refused".into(),
-            })
-        })
-        .await;
+        stop.watch(async { Err(Error::setup("consumer scheduler", "refused")) })
+            .await;
         tokio::time::timeout(std::time::Duration::from_secs(5), other)
             .await
             .expect("the other task stopped")

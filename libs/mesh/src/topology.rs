@@ -80,24 +80,25 @@ pub fn consumer_config(spec: &ConsumerSpec) -> pull::Config {
     }
 }
 
+/// Tries after the first to create a stream or bucket, 100 ms apart: enough for a replica
+/// racing to create the same one to have finished.
+const SETUP_ROUNDS: u32 = 4;
+
 async fn ensure_stream(js: &jetstream::Context, spec: &StreamSpec) -> Result<(), Error> {
     let config = stream_config(spec);
-    let mut last_error = String::new();
     // Two services starting together may both see "not found" and race to create; the loser
     // finds the stream on its next round.
-    for _ in 0..5 {
+    let mut round = 0;
+    loop {
         match js.create_or_update_stream(config.clone()).await {
             Ok(_) => return Ok(()),
-            Err(error) => {
-                last_error = error.to_string();
-                tokio::time::sleep(Duration::from_millis(100)).await;
+            Err(error) if round == SETUP_ROUNDS => {
+                return Err(Error::setup(format!("stream {}", spec.name), error));
             }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
+        round += 1;
     }
-    Err(Error::Setup {
-        what: format!("stream {}", spec.name),
-        reason: last_error,
-    })
 }
 
 async fn ensure_bucket(js: &jetstream::Context, spec: &BucketSpec) -> Result<kv::Store, Error> {
@@ -112,18 +113,15 @@ async fn ensure_bucket(js: &jetstream::Context, spec: &BucketSpec) -> Result<kv:
         limit_markers: spec.per_key_ttl.then_some(Duration::from_secs(300)),
         ..Default::default()
     };
-    let mut last_error = String::new();
-    for _ in 0..5 {
+    let mut round = 0;
+    loop {
         match js.create_or_update_key_value(config.clone()).await {
             Ok(store) => return Ok(store),
-            Err(error) => {
-                last_error = error.to_string();
-                tokio::time::sleep(Duration::from_millis(100)).await;
+            Err(error) if round == SETUP_ROUNDS => {
+                return Err(Error::setup(format!("bucket {}", spec.name), error));
             }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
+        round += 1;
     }
-    Err(Error::Setup {
-        what: format!("bucket {}", spec.name),
-        reason: last_error,
-    })
 }
