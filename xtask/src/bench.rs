@@ -472,8 +472,7 @@ async fn succeeded(history: History) -> i64 {
         .status_counts()
         .await
         .ok()
-        .and_then(|c| c.into_iter().find(|(s, _)| *s == JobStatus::Succeeded))
-        .map_or(0, |(_, n)| n)
+        .map_or(0, |counts| counts.of(JobStatus::Succeeded))
 }
 
 /// The terminal events of every job, as they are published (a core subscription per terminal

@@ -130,19 +130,11 @@ impl History {
         Ok(query::events(&self.db, id).await?)
     }
 
-    /// Jobs per status; statuses without jobs are reported as zero.
-    pub async fn status_counts(&self) -> Result<Vec<(JobStatus, i64)>, Error> {
+    /// Jobs per status; statuses without jobs are reported as zero, and rows whose status
+    /// this version cannot read (a newer version wrote them) are counted apart, not dropped.
+    pub async fn status_counts(&self) -> Result<StatusCounts, Error> {
         let counts = query::status_counts(&self.db).await?;
-        Ok(JobStatus::ALL
-            .iter()
-            .map(|status| {
-                let count = counts
-                    .iter()
-                    .find(|(name, _)| name == status.as_str())
-                    .map_or(0, |(_, count)| *count);
-                (*status, count)
-            })
-            .collect())
+        Ok(StatusCounts::of_rows(&counts))
     }
 
     /// The identity tables (users, sessions, tokens), through [`identity`]'s functions.
@@ -220,9 +212,65 @@ pub fn redact(url: &str) -> String {
     }
 }
 
+/// How many jobs the history holds in each status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusCounts {
+    /// Every status this version knows, in [`JobStatus::ALL`]'s order, zero included.
+    pub known: Vec<(JobStatus, i64)>,
+    /// Rows whose status this version cannot read.
+    pub unknown: i64,
+}
+
+impl StatusCounts {
+    /// Counts from `(status as stored, count)` rows.
+    fn of_rows(rows: &[(String, i64)]) -> Self {
+        let known = JobStatus::ALL
+            .iter()
+            .map(|status| {
+                let count = rows
+                    .iter()
+                    .filter(|(name, _)| name == status.as_str())
+                    .map(|(_, count)| *count)
+                    .sum();
+                (*status, count)
+            })
+            .collect();
+        let unknown = rows
+            .iter()
+            .filter(|(name, _)| name.parse::<JobStatus>().is_err())
+            .map(|(_, count)| *count)
+            .sum();
+        Self { known, unknown }
+    }
+
+    /// Jobs in `status`.
+    pub fn of(&self, status: JobStatus) -> i64 {
+        self.known
+            .iter()
+            .find(|(known, _)| *known == status)
+            .map_or(0, |(_, count)| *count)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_status_this_version_cannot_read_is_counted_apart_not_dropped_or_taken_for_failed() {
+        let rows = [
+            ("succeeded".to_owned(), 5),
+            ("failed".to_owned(), 2),
+            ("paused".to_owned(), 3),
+            ("archived".to_owned(), 1),
+        ];
+        let counts = StatusCounts::of_rows(&rows);
+        assert_eq!(counts.of(JobStatus::Succeeded), 5);
+        assert_eq!(counts.of(JobStatus::Failed), 2);
+        assert_eq!(counts.of(JobStatus::Running), 0);
+        assert_eq!(counts.unknown, 4);
+        assert_eq!(counts.known.len(), JobStatus::ALL.len());
+    }
 
     #[test]
     fn passwords_are_hidden_in_database_urls() {

@@ -302,17 +302,15 @@ on_both_backends!(
         assert_eq!(named.len(), 5);
 
         let counts = history.status_counts().await.expect("counts");
-        let failed = counts
-            .iter()
-            .find(|(s, _)| *s == JobStatus::Failed)
-            .expect("failed")
-            .1;
-        let running = counts
-            .iter()
-            .find(|(s, _)| *s == JobStatus::Running)
-            .expect("running")
-            .1;
-        assert_eq!((failed, running), (6, 0));
+        assert_eq!(counts.known.len(), JobStatus::ALL.len());
+        assert_eq!(
+            (
+                counts.of(JobStatus::Failed),
+                counts.of(JobStatus::Running),
+                counts.unknown
+            ),
+            (6, 0, 0)
+        );
     }
 );
 

@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::pull;
-use capstan_protocol::{JobEvent, JobEventKind, JobStatus, topology};
+use capstan_protocol::{JobEvent, JobEventKind, topology};
+use capstan_store::StatusCounts;
 
 use crate::State;
 
@@ -60,7 +61,7 @@ impl Histogram {
 }
 
 /// Job counts by status, and when they were read.
-type CachedCounts = (Instant, Vec<(JobStatus, i64)>);
+type CachedCounts = (Instant, StatusCounts);
 
 /// This replica's counters and histograms.
 #[derive(Default)]
@@ -105,7 +106,7 @@ impl Metrics {
 /// How long job counts from the history are reused: counting a large table is not free.
 const COUNTS_TTL: Duration = Duration::from_secs(5);
 
-async fn status_counts(state: &State) -> Option<Vec<(JobStatus, i64)>> {
+async fn status_counts(state: &State) -> Option<StatusCounts> {
     if let Ok(cached) = state.metrics.counts.lock()
         && let Some((at, counts)) = cached.as_ref()
         && at.elapsed() < COUNTS_TTL
@@ -133,9 +134,11 @@ pub(crate) async fn render(state: &State) -> String {
         out.push_str(
             "# HELP capstan_jobs Jobs in the history, by status.\n# TYPE capstan_jobs gauge\n",
         );
-        for (status, count) in counts {
+        for (status, count) in &counts.known {
             let _ = writeln!(out, "capstan_jobs{{status=\"{status}\"}} {count}");
         }
+        // Rows a newer version wrote, with a status this one cannot read: counted, not lost.
+        let _ = writeln!(out, "capstan_jobs{{status=\"unknown\"}} {}", counts.unknown);
     }
     out.push_str("# HELP capstan_queue_depth Messages waiting to be handled, by queue.\n# TYPE capstan_queue_depth gauge\n");
     if let Some((pending, in_hand)) = consumer_backlog(

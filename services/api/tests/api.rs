@@ -466,6 +466,12 @@ async fn lists_filter_and_page_newest_first() {
         .collect();
     assert!(expected.contains(&(ids[1].clone(), "unknown".into())));
     assert_eq!(after, expected);
+    // The metric counts it too, apart from the statuses this version knows.
+    let metrics = stack.http.get("/metrics").await.text();
+    assert!(
+        metrics.contains("capstan_jobs{status=\"unknown\"} 1"),
+        "{metrics}"
+    );
     stack.stop().await;
 }
 
