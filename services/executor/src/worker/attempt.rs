@@ -134,14 +134,15 @@ impl Worker {
                 return;
             }
         };
-        if let Err(error) = self
+        // The `running` event goes out now and its acknowledgement is awaited while the process
+        // runs: the claim is what fences the attempt, so the start need not wait a round trip
+        // for the announcement. The stream keeps this connection's order, so the event is
+        // stored before the outcome's.
+        let announced = self
             .mesh
             .events
-            .job(&JobEvent::new(JobEventKind::Running, &running))
-            .await
-        {
-            tracing::warn!(job = %id, error = %error, "cannot announce start");
-        }
+            .job_deferred(&JobEvent::new(JobEventKind::Running, &running))
+            .await;
         tracing::debug!(job = %id, attempt, "attempt started");
 
         let keep_alive = self.keep_alive(message);
@@ -149,7 +150,19 @@ impl Worker {
             stops.cancel.cancel();
         }
         let handed_back = stops.shutdown.clone();
-        let outcome = self.runner.run(&running, stops).await;
+        let announce = async {
+            let stored = match announced {
+                Ok(ack) => ack
+                    .await
+                    .map(drop)
+                    .map_err(|e| Error::unavailable("event publish", e)),
+                Err(error) => Err(error),
+            };
+            if let Err(error) = stored {
+                tracing::warn!(job = %id, error = %error, "cannot announce start");
+            }
+        };
+        let (outcome, ()) = tokio::join!(self.runner.run(&running, stops), announce);
         // From here on the record changes because of this attempt's own outcome: the check of
         // held attempts must not take that for the attempt being taken away.
         self.held.finishing(id);
