@@ -221,20 +221,6 @@ pub async fn end_attempt(
     Ok(next)
 }
 
-/// Hands the current attempt of `current` (read at `revision`) back for another attempt at
-/// once (see [`JobRecord::handed_back`]), and arms its timer.
-pub async fn hand_back(
-    mesh: &Mesh,
-    current: &JobRecord,
-    revision: u64,
-    outcome: &Outcome,
-) -> Result<JobRecord, Error> {
-    let next = current.handed_back(outcome, Timestamp::now());
-    write(mesh, &next, revision).await?;
-    follow_up(mesh, &next).await?;
-    Ok(next)
-}
-
 /// Quarantines `current` (read at `revision`) for `reason`, and announces it.
 pub async fn quarantine(
     mesh: &Mesh,
