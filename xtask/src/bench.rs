@@ -8,6 +8,11 @@
 //! - Latency: jobs sent one at a time on an idle mesh; submit → the job's `succeeded` event.
 //! - CPU: seconds of CPU every process used during the throughput runs, per job: nats-server,
 //!   each service, the job processes (the executors' reaped children) and the client.
+//! - Messages and stored writes per job, as nats-server counts them: these do not change with
+//!   the machine's speed, so a step that removes work shows here even when the timings are
+//!   noisy.
+//! - The floor, in the same run: `/bin/true` spawned as the executors spawn it, as many at a
+//!   time as the mesh has slots, by this process alone.
 //! - Celery on Redis, measured the same way in the same run (`xtask/celery/run.sh` installs it).
 //! - History queries (`--history-rows`): `GET /api/v1/jobs?status=…` against a database
 //!   seeded with that many jobs.
@@ -223,13 +228,14 @@ async fn pipeline(bin: &Path, args: &Args) -> anyhow::Result<()> {
     std::fs::create_dir_all(data.join("nats"))?;
     let nats_binary = capstan_testkit::natsbin::ensure().map_err(anyhow::Error::msg)?;
     let nats_port = capstan_testkit::server::free_port();
+    let monitor_port = capstan_testkit::server::free_port();
     let api_port = capstan_testkit::server::free_port();
     let nats_url = format!("nats://127.0.0.1:{nats_port}");
-    let nats = start(
-        "nats-server",
-        crate::up::nats_command(&nats_binary, nats_port, &data.join("nats"), args.durable)?,
-        logs,
-    )?;
+    let mut nats_command =
+        crate::up::nats_command(&nats_binary, nats_port, &data.join("nats"), args.durable)?;
+    // Its monitoring endpoint, for the message counts.
+    nats_command.args(["-m", &monitor_port.to_string()]);
+    let nats = start("nats-server", nats_command, logs)?;
     let plan = crate::up::Plan {
         bin_dir: bin.to_owned(),
         nats_url: nats_url.clone(),
@@ -270,6 +276,8 @@ async fn pipeline(bin: &Path, args: &Args) -> anyhow::Result<()> {
 
     publish_and_wait(&js, &mut ends, WARM_UP, args.in_flight).await?;
     let mut runs = Vec::new();
+    let mut traffic_before = Traffic::now(&js, monitor_port).await?;
+    let mut traffic_total = Traffic::default();
     let mut cpu_before = cpu_of(&processes);
     let mut cpu_total: Vec<(String, f64)> = Vec::new();
     for run in 1..=args.repeat {
@@ -277,6 +285,10 @@ async fn pipeline(bin: &Path, args: &Args) -> anyhow::Result<()> {
         publish_and_wait(&js, &mut ends, args.jobs, args.in_flight).await?;
         let elapsed = started.elapsed();
         let cpu_after = cpu_of(&processes);
+        let traffic = Traffic::now(&js, monitor_port)
+            .await?
+            .since(&traffic_before);
+        traffic_total = traffic_total.plus(&traffic);
         let used: Vec<(String, f64)> = cpu_after
             .iter()
             .zip(&cpu_before)
@@ -296,16 +308,19 @@ async fn pipeline(bin: &Path, args: &Args) -> anyhow::Result<()> {
         let rate = args.jobs as f64 / elapsed.as_secs_f64();
         let cpu_ms = used.iter().map(|(_, s)| s).sum::<f64>() * 1000.0 / args.jobs as f64;
         eprintln!(
-            "run {run}: {rate:.0} jobs/s, {cpu_ms:.2} ms CPU per job ({}); the SQL history held them all {} ms later",
+            "run {run}: {rate:.0} jobs/s, {cpu_ms:.2} ms CPU per job ({}); {:.1} messages and {:.1} stored writes per job through nats-server; the SQL history held them all {} ms later",
             used.iter()
                 .map(|(name, seconds)| format!("{name} {:.0} µs", seconds * 1e6 / args.jobs as f64))
                 .collect::<Vec<_>>()
                 .join(", "),
+            traffic.messages as f64 / args.jobs as f64,
+            traffic.stored() as f64 / args.jobs as f64,
             lag.elapsed().as_millis()
         );
         runs.push((rate, elapsed));
-        // The history check above is not part of the next run's CPU.
+        // The history check above is not part of the next run's CPU or traffic.
         cpu_before = cpu_of(&processes);
+        traffic_before = Traffic::now(&js, monitor_port).await?;
     }
     let measured = (args.jobs * args.repeat) as f64;
 
@@ -324,6 +339,7 @@ async fn pipeline(bin: &Path, args: &Args) -> anyhow::Result<()> {
     }
     latencies.sort();
     drop(processes);
+    let floor = spawn_floor(args.jobs, (args.executors * args.slots) as usize).await?;
 
     let celery = if args.no_celery {
         None
@@ -411,6 +427,28 @@ async fn pipeline(bin: &Path, args: &Args) -> anyhow::Result<()> {
             .as_ref()
             .map_or("—".to_owned(), |c| format!("{:.2} ms", c.cpu_us / 1000.0))
     );
+    println!(
+        "| messages through nats-server per job (in + out) | {:.1} | — | |",
+        traffic_total.messages as f64 / measured
+    );
+    println!(
+        "| stored writes per job (every stream and bucket) | {:.1} ({}) | — | |",
+        traffic_total.stored() as f64 / measured,
+        traffic_total
+            .stored
+            .iter()
+            .filter(|(_, writes)| **writes > 0)
+            .map(|(name, writes)| format!("{name} {:.1}", *writes as f64 / measured))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!();
+    println!(
+        "The floor, same run: `/bin/true` spawned as the executors spawn it (no shell, its own \
+         process group, output piped), {} at a time, by this benchmark's process alone: \
+         **{:.0} spawns/s**, {:.2} ms CPU per spawn ({:.2} ms of it the child's).",
+        floor.concurrency, floor.rate, floor.cpu_ms, floor.child_cpu_ms
+    );
     println!();
     println!("| process | CPU per job |");
     println!("|---|---|");
@@ -429,6 +467,137 @@ async fn pipeline(bin: &Path, args: &Args) -> anyhow::Result<()> {
         println!("Celery: {}", celery.notes);
     }
     Ok(())
+}
+
+/// What nats-server has carried and stored: messages in and out as its monitoring endpoint
+/// counts them (every client's publishes, requests, replies, acknowledgements and deliveries),
+/// and writes to every stream and bucket (the sum of their last sequences).
+#[derive(Default)]
+struct Traffic {
+    messages: u64,
+    /// Writes by stream (a bucket is its `KV_` stream).
+    stored: std::collections::BTreeMap<String, u64>,
+}
+
+impl Traffic {
+    async fn now(js: &async_nats::jetstream::Context, monitor_port: u16) -> anyhow::Result<Self> {
+        let varz = http_get_json(monitor_port, "/varz").await?;
+        let count = |field: &str| varz.get(field).and_then(serde_json::Value::as_u64);
+        let (Some(inbound), Some(outbound)) = (count("in_msgs"), count("out_msgs")) else {
+            bail!("nats-server's /varz has no message counts");
+        };
+        let mut stored = std::collections::BTreeMap::new();
+        let mut streams = js.streams();
+        while let Some(info) = streams.next().await {
+            let info = info?;
+            stored.insert(info.config.name, info.state.last_sequence);
+        }
+        Ok(Self {
+            messages: inbound + outbound,
+            stored,
+        })
+    }
+
+    fn stored(&self) -> u64 {
+        self.stored.values().sum()
+    }
+
+    fn since(&self, earlier: &Self) -> Self {
+        Self {
+            messages: self.messages.saturating_sub(earlier.messages),
+            stored: self
+                .stored
+                .iter()
+                .map(|(name, last)| {
+                    let before = earlier.stored.get(name).copied().unwrap_or(0);
+                    (name.clone(), last.saturating_sub(before))
+                })
+                .collect(),
+        }
+    }
+
+    fn plus(&self, more: &Self) -> Self {
+        let mut stored = self.stored.clone();
+        for (name, writes) in &more.stored {
+            *stored.entry(name.clone()).or_default() += writes;
+        }
+        Self {
+            messages: self.messages + more.messages,
+            stored,
+        }
+    }
+}
+
+/// GETs a JSON document from nats-server's monitoring endpoint on this host.
+async fn http_get_json(port: u16, path: &str) -> anyhow::Result<serde_json::Value> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
+        .await?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await?;
+    let text = String::from_utf8_lossy(&response);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body)
+        .context("no body in the monitoring endpoint's response")?;
+    Ok(serde_json::from_str(body)?)
+}
+
+/// What spawning `/bin/true` alone costs on this machine now.
+struct Floor {
+    concurrency: usize,
+    rate: f64,
+    cpu_ms: f64,
+    child_cpu_ms: f64,
+}
+
+/// Spawns `/bin/true` `count` times, `concurrency` at a time, as the executors spawn a job
+/// (no shell, its own process group, a small environment, stdin closed, stdout and stderr
+/// piped and read to their end), and measures the rate and the CPU of this process and of the
+/// children.
+async fn spawn_floor(count: usize, concurrency: usize) -> anyhow::Result<Floor> {
+    let spawn_one = || async {
+        let output = tokio::process::Command::new("/bin/true")
+            // Not this process's environment: `cargo` adds search paths the dynamic loader
+            // would try first, and a job's environment is small.
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .output()
+            .await?;
+        anyhow::ensure!(
+            output.status.success(),
+            "/bin/true failed: {}",
+            output.status
+        );
+        Ok(())
+    };
+    // Warm the binary's pages and the runtime's process driver first.
+    for _ in 0..20 {
+        spawn_one().await?;
+    }
+    let (own_before, children_before) = cpu_times(std::process::id());
+    let started = Instant::now();
+    let results: Vec<anyhow::Result<()>> = futures::stream::iter(0..count)
+        .map(|_| spawn_one())
+        .buffer_unordered(concurrency.max(1))
+        .collect()
+        .await;
+    let elapsed = started.elapsed();
+    results.into_iter().collect::<anyhow::Result<Vec<()>>>()?;
+    let (own_after, children_after) = cpu_times(std::process::id());
+    let child = children_after - children_before;
+    Ok(Floor {
+        concurrency,
+        rate: count as f64 / elapsed.as_secs_f64(),
+        cpu_ms: (own_after - own_before + child) * 1000.0 / count as f64,
+        child_cpu_ms: child * 1000.0 / count as f64,
+    })
 }
 
 /// Connects the benchmark's client.
