@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind};
-use capstan_mesh::{Claim, Error, consume, lifecycle, wire};
+use capstan_mesh::{Claim, Error, Versioned, consume, lifecycle, wire};
 use capstan_protocol::codec::{self, largest_field};
 use capstan_protocol::subjects::Origin;
 use capstan_protocol::topology;
@@ -190,8 +190,9 @@ impl Scheduler {
             .await
         {
             Ok(Accepted::Done) => Handled::Ack,
-            Ok(Accepted::Waiting(selector)) => {
-                self.waiting.push(message.clone(), id, selector, None);
+            Ok(Accepted::Waiting(selector, known)) => {
+                self.waiting
+                    .push(message.clone(), id, selector, None, known);
                 Handled::Held
             }
             Ok(Accepted::Duplicate(existing)) => {
@@ -291,7 +292,13 @@ impl Scheduler {
                 tracing::debug!(job = %id, node = ?node, "job accepted");
                 Ok(match node {
                     Some(_) => Accepted::Done,
-                    None => Accepted::Waiting(record.spec.labels),
+                    None => Accepted::Waiting(
+                        record.spec.labels.clone(),
+                        Some(Versioned {
+                            value: record,
+                            revision,
+                        }),
+                    ),
                 })
             }
             Err(Error::AlreadyExists { .. }) => {
@@ -341,7 +348,13 @@ impl Scheduler {
             return Ok(Accepted::Done);
         }
         if record.status == JobStatus::Pending {
-            return Ok(Accepted::Waiting(record.spec.labels));
+            return Ok(Accepted::Waiting(
+                record.spec.labels.clone(),
+                Some(Versioned {
+                    value: record,
+                    revision: current.revision,
+                }),
+            ));
         }
         if record.status == JobStatus::Scheduled {
             // Its timer may not have been armed before the crash; arming replaces it.
@@ -394,8 +407,8 @@ impl Scheduler {
 enum Accepted {
     /// Created and dispatched, or nothing more to do.
     Done,
-    /// Created; waits for a node with room (the selector).
-    Waiting(capstan_protocol::Labels),
+    /// Created; waits for a node with room (the selector), its record as known here.
+    Waiting(capstan_protocol::Labels, Option<Versioned<JobRecord>>),
     /// The idempotency key names this existing job.
     Duplicate(JobId),
     /// The id is taken by a different job.

@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_nats::jetstream::AckKind;
 use async_nats::jetstream::message::PublishMessage;
 use bytes::Bytes;
-use capstan_mesh::{BucketView, Error, wire};
+use capstan_mesh::{BucketView, Change, Error, Modified, Versioned, wire};
 use capstan_protocol::subjects;
 use capstan_protocol::{
     Dispatch, JobEvent, JobEventKind, JobRecord, JobStatus, NodeId, NodeRecord, Timestamp, codec,
@@ -145,44 +145,63 @@ impl Scheduler {
         self.place_held_in_span(held, node).instrument(span).await;
     }
 
-    async fn place_held_in_span(&self, held: Held, node: NodeId) {
+    async fn place_held_in_span(&self, mut held: Held, node: NodeId) {
         let key = held.job.to_string();
+        // Written from the record as known here when it is (no read before the write), read
+        // first otherwise; a record changed meanwhile is read and decided on again.
+        let known = held.known.take();
+        let timer = held.timer;
         let outcome = async {
-            let Some(current) = self.mesh.jobs.get(&key).await? else {
-                return Ok(false);
-            };
-            let record = current.value;
-            let placeable = match held.timer {
-                Some(attempt) => record.awaits_timer(attempt),
-                None => record.status == JobStatus::Pending && record.node.is_none(),
-            };
-            if !placeable {
-                // The attempt this held message asked for was placed already: by an earlier
-                // try here whose dispatch publish failed after the record was written, or by
-                // another replica. Publishing its dispatch again is harmless (deduplicated by
-                // `<job>.<attempt>`, and a claimed attempt is not claimed twice); skipping it
-                // could leave the job assigned with no dispatch to run it.
-                let ours = held
-                    .timer
-                    .is_none_or(|attempt| record.attempt == attempt + 1);
-                if record.is_dispatched() && ours {
-                    if let Some(assigned) = &record.node {
-                        self.cluster.observe_assigned(assigned.clone(), record.id);
-                    }
-                    self.dispatch(&record, current.revision).await?;
+            let decide = |current: Option<&Versioned<JobRecord>>| {
+                let Some(current) = current else {
+                    // Created, then expired or removed.
+                    return Change::Stop(None);
+                };
+                let record = &current.value;
+                let placeable = match timer {
+                    Some(attempt) => record.awaits_timer(attempt),
+                    None => record.status == JobStatus::Pending && record.node.is_none(),
+                };
+                if placeable {
+                    Change::Write(record.assigned(node.clone(), Timestamp::now()))
+                } else {
+                    Change::Stop(Some(current.clone()))
                 }
-                // Otherwise it was cancelled or ended meanwhile.
-                return Ok(false);
-            }
-            let assigned = record.assigned(node.clone(), Timestamp::now());
-            let revision = self
-                .mesh
-                .jobs
-                .update(&key, &assigned, current.revision)
-                .await?;
-            let event = JobEvent::new(JobEventKind::Dispatched, &assigned);
+            };
+            let modified = match known {
+                Some(known) => {
+                    self.mesh
+                        .jobs
+                        .modify_from(&key, Some(known), decide)
+                        .await?
+                }
+                None => self.mesh.jobs.modify(&key, decide).await?,
+            };
+            let assigned = match modified {
+                Modified::Written { written, .. } => written,
+                Modified::Stopped(None) => return Ok(false),
+                Modified::Stopped(Some(current)) => {
+                    // The attempt this held message asked for was placed already: by an
+                    // earlier try here whose dispatch publish failed after the record was
+                    // written, or by another replica. Publishing its dispatch again is harmless
+                    // (deduplicated by `<job>.<attempt>`, and a claimed attempt is not claimed
+                    // twice); skipping it could leave the job assigned with no dispatch to run
+                    // it.
+                    let record = &current.value;
+                    let ours = timer.is_none_or(|attempt| record.attempt == attempt + 1);
+                    if record.is_dispatched() && ours {
+                        if let Some(assigned) = &record.node {
+                            self.cluster.observe_assigned(assigned.clone(), record.id);
+                        }
+                        self.dispatch(record, current.revision).await?;
+                    }
+                    // Otherwise it was cancelled or ended meanwhile.
+                    return Ok(false);
+                }
+            };
+            let event = JobEvent::new(JobEventKind::Dispatched, &assigned.value);
             let (dispatched, announced) = tokio::join!(
-                self.dispatch(&assigned, revision),
+                self.dispatch(&assigned.value, assigned.revision),
                 self.mesh.events.job(&event)
             );
             dispatched?;

@@ -83,6 +83,7 @@ impl Scheduler {
                         timer.job,
                         current.value.spec.labels.clone(),
                         Some(timer.attempt),
+                        Some(current),
                     );
                     self.wake.notify_one();
                 }

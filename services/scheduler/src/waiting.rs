@@ -11,7 +11,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
-use capstan_protocol::{JobId, Labels, NodeId};
+use capstan_mesh::Versioned;
+use capstan_protocol::{JobId, JobRecord, Labels, NodeId};
 
 use crate::cluster::Cluster;
 
@@ -26,6 +27,9 @@ pub struct Held {
     /// For a job woken by its timer: the attempt number the timer names (the job is placed
     /// only if it still waits with it). `None` for a new submission.
     pub timer: Option<u32>,
+    /// The job's record as last read or written here, so the placement can write before it
+    /// reads; `None` when not known (the placement reads it).
+    pub known: Option<Versioned<JobRecord>>,
     order: u64,
     last_progress: Instant,
 }
@@ -57,6 +61,7 @@ impl Waiting {
         job: JobId,
         selector: Labels,
         timer: Option<u32>,
+        known: Option<Versioned<JobRecord>>,
     ) {
         let mut inner = self.inner();
         let order = inner.next_order;
@@ -71,6 +76,7 @@ impl Waiting {
                 job,
                 selector,
                 timer,
+                known,
                 order,
                 last_progress: Instant::now(),
             });

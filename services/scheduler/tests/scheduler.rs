@@ -554,3 +554,60 @@ async fn a_scheduler_whose_intake_consumer_is_refused_exits_with_the_reason_inst
         .await;
     assert!(asked.is_err(), "a stopped scheduler answered: {asked:?}");
 }
+
+#[tokio::test]
+async fn a_waiting_job_cancelled_while_it_waits_is_not_dispatched_when_room_appears_and_the_next_one_is()
+ {
+    let server = NatsServer::start().await;
+    let mesh = mesh(&server).await;
+    let scheduler = Scheduler::start(&server, 2.0);
+    let client = server.client().await;
+    let mut created = Vec::new();
+    for name in ["cancelled", "kept"] {
+        let body = format!(r#"{{"command": "{name}", "labels": {{"gpu": "yes"}}}}"#);
+        let Reply::Ok(job) = create(&client, &body).await else {
+            panic!("created");
+        };
+        wait_until(
+            "the job recorded as waiting",
+            Duration::from_secs(20),
+            || async { record(&mesh, job.id).await },
+        )
+        .await;
+        created.push(job.id);
+    }
+    // The scheduler holds both, from the records it wrote; one changes under it.
+    capstan_mesh::lifecycle::cancel(&mesh, created[0])
+        .await
+        .expect("cancelled");
+
+    let gpu = add_node(&mesh, "gpu-1", 4, &[("gpu", "yes")]).await;
+    wait_until(
+        "both submissions handled",
+        Duration::from_secs(20),
+        || async {
+            let stream = mesh.js.get_stream(topology::SUBMISSIONS.name).await.ok()?;
+            let info = stream
+                .consumer_info(topology::SCHEDULER_CONSUMER)
+                .await
+                .ok()?;
+            (info.num_pending == 0 && info.num_ack_pending == 0).then_some(())
+        },
+    )
+    .await;
+    let cancelled = record(&mesh, created[0]).await.expect("record");
+    assert_eq!(
+        (cancelled.status, cancelled.node),
+        (JobStatus::Cancelled, None)
+    );
+    let kept = record(&mesh, created[1]).await.expect("record");
+    assert_eq!(kept.node.as_ref(), Some(&gpu));
+    let found = dispatches(&mesh).await;
+    let ids: Vec<JobId> = found.iter().map(|(_, d)| d.record.id).collect();
+    assert_eq!(
+        ids,
+        [created[1]],
+        "only the job still waiting is dispatched"
+    );
+    scheduler.stop().await;
+}
