@@ -191,8 +191,13 @@ impl Scheduler {
         {
             Ok(Accepted::Done) => Handled::Ack,
             Ok(Accepted::Waiting(selector, known)) => {
-                self.waiting
-                    .push(message.clone(), id, selector, None, known);
+                self.waiting.push(
+                    message.clone(),
+                    id,
+                    selector,
+                    None,
+                    known.map(|known| *known),
+                );
                 Handled::Held
             }
             Ok(Accepted::Duplicate(existing)) => {
@@ -294,10 +299,10 @@ impl Scheduler {
                     Some(_) => Accepted::Done,
                     None => Accepted::Waiting(
                         record.spec.labels.clone(),
-                        Some(Versioned {
+                        Some(Box::new(Versioned {
                             value: record,
                             revision,
-                        }),
+                        })),
                     ),
                 })
             }
@@ -350,10 +355,10 @@ impl Scheduler {
         if record.status == JobStatus::Pending {
             return Ok(Accepted::Waiting(
                 record.spec.labels.clone(),
-                Some(Versioned {
+                Some(Box::new(Versioned {
                     value: record,
                     revision: current.revision,
-                }),
+                })),
             ));
         }
         if record.status == JobStatus::Scheduled {
@@ -408,7 +413,7 @@ enum Accepted {
     /// Created and dispatched, or nothing more to do.
     Done,
     /// Created; waits for a node with room (the selector), its record as known here.
-    Waiting(capstan_protocol::Labels, Option<Versioned<JobRecord>>),
+    Waiting(capstan_protocol::Labels, Option<Box<Versioned<JobRecord>>>),
     /// The idempotency key names this existing job.
     Duplicate(JobId),
     /// The id is taken by a different job.
