@@ -318,9 +318,10 @@ async fn pipeline(bin: &Path, args: &Args) -> anyhow::Result<()> {
             lag.elapsed().as_millis()
         );
         runs.push((rate, elapsed));
-        // The history check above is not part of the next run's CPU or traffic.
-        cpu_before = cpu_of(&processes);
+        // The history check above is not part of the next run's CPU or traffic, nor is the
+        // reading of the counts.
         traffic_before = Traffic::now(&js, monitor_port).await?;
+        cpu_before = cpu_of(&processes);
     }
     let measured = (args.jobs * args.repeat) as f64;
 

@@ -88,17 +88,11 @@ async fn ensure_stream(js: &jetstream::Context, spec: &StreamSpec) -> Result<(),
     let config = stream_config(spec);
     // Two services starting together may both see "not found" and race to create; the loser
     // finds the stream on its next round.
-    let mut round = 0;
-    loop {
-        match js.create_or_update_stream(config.clone()).await {
-            Ok(_) => return Ok(()),
-            Err(error) if round == SETUP_ROUNDS => {
-                return Err(Error::setup(format!("stream {}", spec.name), error));
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-        round += 1;
-    }
+    with_setup_rounds(format!("stream {}", spec.name), || {
+        js.create_or_update_stream(config.clone())
+    })
+    .await
+    .map(drop)
 }
 
 async fn ensure_bucket(js: &jetstream::Context, spec: &BucketSpec) -> Result<kv::Store, Error> {
@@ -113,13 +107,24 @@ async fn ensure_bucket(js: &jetstream::Context, spec: &BucketSpec) -> Result<kv:
         limit_markers: spec.per_key_ttl.then_some(Duration::from_secs(300)),
         ..Default::default()
     };
+    with_setup_rounds(format!("bucket {}", spec.name), || {
+        js.create_or_update_key_value(config.clone())
+    })
+    .await
+}
+
+/// Runs `create` until it succeeds, [`SETUP_ROUNDS`] more times at most; the last refusal is
+/// the [`Error::Setup`] of `what`.
+async fn with_setup_rounds<T, E, F>(what: String, mut create: impl FnMut() -> F) -> Result<T, Error>
+where
+    F: std::future::Future<Output = Result<T, E>>,
+    E: Into<crate::error::BoxError>,
+{
     let mut round = 0;
     loop {
-        match js.create_or_update_key_value(config.clone()).await {
-            Ok(store) => return Ok(store),
-            Err(error) if round == SETUP_ROUNDS => {
-                return Err(Error::setup(format!("bucket {}", spec.name), error));
-            }
+        match create().await {
+            Ok(created) => return Ok(created),
+            Err(error) if round == SETUP_ROUNDS => return Err(Error::setup(what, error)),
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
         round += 1;
