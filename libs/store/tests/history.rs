@@ -127,6 +127,54 @@ on_both_backends!(
 );
 
 on_both_backends!(
+    an_attempt_whose_start_had_no_event_of_its_own_is_recorded_with_the_start_its_outcome_carries,
+    |url: String| async move {
+        let history = History::connect(&url).await.expect("connects");
+        // An attempt shorter than the executor's announce delay: pending, then its end.
+        let events = life(JobId::generate(), &[], JobStatus::Succeeded, 1);
+        let id = events[0].event.record.id;
+        let done = &events[2].event.record;
+        history
+            .apply(&[
+                events[0].clone(),
+                Sequenced {
+                    seq: 2,
+                    event: events[2].event.clone(),
+                },
+            ])
+            .await
+            .expect("applied");
+        let attempts = history.attempts(id).await.expect("attempts");
+        assert_eq!(attempts.len(), 1);
+        let attempt = &attempts[0];
+        assert_eq!(
+            (
+                attempt.status.as_str(),
+                attempt.node.as_deref(),
+                attempt.started_at,
+                attempt.finished_at
+            ),
+            (
+                "succeeded",
+                Some("n1"),
+                done.started_at.map(Timestamp::as_millis),
+                done.finished_at.map(Timestamp::as_millis)
+            )
+        );
+        let job = history.get(id).await.expect("read").expect("present");
+        assert_eq!(job.status.as_str(), "succeeded");
+        let kinds: Vec<String> = history
+            .events(id)
+            .await
+            .expect("events")
+            .into_iter()
+            .map(|e| e.kind)
+            .collect();
+        assert_eq!(kinds, ["pending", "succeeded"]);
+    }
+);
+
+on_both_backends!(
     replayed_and_reordered_batches_give_the_same_rows,
     |url: String| async move {
         let history = History::connect(&url).await.expect("connects");

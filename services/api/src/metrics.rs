@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::pull;
-use capstan_protocol::{JobEvent, JobEventKind, topology};
+use capstan_protocol::{JobEvent, topology};
 use capstan_store::StatusCounts;
 
 use crate::State;
@@ -84,21 +84,15 @@ impl Metrics {
     pub fn recorded(&self, event: &JobEvent) {
         self.recorded.fetch_add(1, Ordering::Relaxed);
         let record = &event.record;
-        match event.kind {
-            JobEventKind::Running => {
-                if let Some(started) = record.started_at {
-                    self.wait.observe(started.since(record.created_at));
-                }
+        // Observed when the job ends: a short attempt's start has no event of its own.
+        if event.kind.is_terminal()
+            && let Some(finished) = record.finished_at
+        {
+            self.turnaround.observe(finished.since(record.created_at));
+            if let Some(started) = record.started_at {
+                self.wait.observe(started.since(record.created_at));
+                self.run.observe(finished.since(started));
             }
-            kind if kind.is_terminal() => {
-                if let Some(finished) = record.finished_at {
-                    self.turnaround.observe(finished.since(record.created_at));
-                    if let Some(started) = record.started_at {
-                        self.run.observe(finished.since(started));
-                    }
-                }
-            }
-            _ => {}
         }
     }
 }
@@ -186,7 +180,7 @@ pub(crate) async fn render(state: &State) -> String {
     metrics.wait.render(
         &mut out,
         "capstan_job_wait_seconds",
-        "From acceptance to the process starting.",
+        "From acceptance to the start of the attempt that ended the job, observed as it ends.",
     );
     metrics.run.render(
         &mut out,

@@ -58,6 +58,8 @@ async fn stack_on(db: TestDatabase) -> Stack {
     executor.work_dir = Some(work.path().to_path_buf());
     executor.labels = vec![("zone".into(), "eu".into())];
     executor.heartbeat_interval = Duration::from_millis(300);
+    // Every start announced, however short: these tests count a job's events.
+    executor.announce_after = Duration::ZERO;
     tokio::spawn(capstan_executor::run(executor, shutdown.clone()));
     let database_url = db.url().to_owned();
     let (http, api) = start_api(&server, &database_url, &shutdown).await;

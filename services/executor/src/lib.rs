@@ -94,6 +94,13 @@ pub struct Config {
     /// are kept alive with progress acks.
     #[arg(long, env = "CAPSTAN_ACK_WAIT", default_value = "30s", value_parser = parse_duration)]
     pub ack_wait: Duration,
+
+    /// How long an attempt's process runs before its `running` event is published. An attempt
+    /// that ends sooner is announced by its outcome's event alone, whose record carries when
+    /// and where it started; its job record says `running` from the claim on either way.
+    /// `0s` announces every start at once.
+    #[arg(long, env = "CAPSTAN_ANNOUNCE_AFTER", default_value = "100ms", value_parser = parse_duration)]
+    pub announce_after: Duration,
 }
 
 /// The variables of the executor's environment a job gets unless `--pass-env` says otherwise.
@@ -124,6 +131,7 @@ impl Config {
             shutdown_timeout: Duration::from_secs(30),
             pass_env: DEFAULT_PASS_ENV.map(str::to_owned).to_vec(),
             ack_wait: Duration::from_secs(30),
+            announce_after: Duration::from_millis(100),
         }
     }
 }
@@ -204,6 +212,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), erro
         },
         capacity,
         config.ack_wait,
+        config.announce_after,
     ));
 
     let micro = service::start(

@@ -164,7 +164,8 @@ fn alive(pid: i32) -> bool {
 
 #[tokio::test]
 async fn a_dispatched_job_runs_and_its_output_exit_code_and_events_are_recorded() {
-    let mesh = start(|_| {}).await;
+    // Every start announced at once, however short the attempt.
+    let mesh = start(|config| config.announce_after = Duration::ZERO).await;
     let client = mesh.server.client().await;
     let mut events = client
         .subscribe(subjects::JOB_EVENTS_ALL)
@@ -208,6 +209,58 @@ async fn a_dispatched_job_runs_and_its_output_exit_code_and_events_are_recorded(
         }
     }
     assert_eq!(kinds, ["running", "failed"]);
+    mesh.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn a_start_is_announced_once_the_process_outlasts_the_announce_delay_and_a_shorter_attempt_only_by_its_outcome()
+ {
+    let delay = Duration::from_secs(1);
+    let mesh = start(|config| config.announce_after = delay).await;
+    let client = mesh.server.client().await;
+    let mut events = client
+        .subscribe(subjects::JOB_EVENTS_ALL)
+        .await
+        .expect("subscribe");
+    let short = mesh.dispatch(shell("true")).await;
+    let long = mesh.dispatch(shell("sleep 2")).await;
+    // Each event with when it arrived: an event's own time is that of the change it reports.
+    let mut seen: Vec<(JobEvent, Timestamp)> = Vec::new();
+    while seen.iter().filter(|(e, _)| e.kind.is_terminal()).count() < 2 {
+        let message = tokio::time::timeout(Duration::from_secs(30), events.next())
+            .await
+            .expect("events in time")
+            .expect("open");
+        let event: JobEvent = codec::decode(Encoding::MsgPack, &message.payload).expect("decodes");
+        seen.push((event, Timestamp::now()));
+    }
+    let of = |job: JobId| -> Vec<&(JobEvent, Timestamp)> {
+        seen.iter().filter(|(e, _)| e.record.id == job).collect()
+    };
+
+    let short_events = of(short);
+    let kinds: Vec<&str> = short_events.iter().map(|(e, _)| e.kind.as_str()).collect();
+    assert_eq!(kinds, ["succeeded"], "{short_events:?}");
+    let outcome = &short_events[0].0.record;
+    assert!(
+        outcome.started_at.is_some(),
+        "the outcome carries the start: {outcome:?}"
+    );
+    assert_eq!(outcome.node.as_ref(), Some(&mesh.node));
+
+    let long_events = of(long);
+    let kinds: Vec<&str> = long_events.iter().map(|(e, _)| e.kind.as_str()).collect();
+    assert_eq!(kinds, ["running", "succeeded"], "{long_events:?}");
+    let (running, arrived) = long_events[0];
+    let started = running.record.started_at.expect("started");
+    assert_eq!(running.at, started, "the event reports the start");
+    assert!(
+        arrived.since(started) >= delay - Duration::from_millis(10),
+        "announced {:?} after the start",
+        arrived.since(started)
+    );
+    let finished = long_events[1].0.record.finished_at.expect("finished");
+    assert!(*arrived < finished, "announced while it ran");
     mesh.stop().await.expect("clean stop");
 }
 

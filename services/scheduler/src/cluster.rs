@@ -158,6 +158,14 @@ impl Cluster {
             .or_insert_with(Instant::now);
     }
 
+    /// True while `job` counts against `node`: assigned to it and not seen ending.
+    pub fn is_assigned(&self, node: &NodeId, job: JobId) -> bool {
+        self.state()
+            .assigned
+            .get(node)
+            .is_some_and(|jobs| jobs.contains_key(&job))
+    }
+
     /// Forgets a job that ended.
     pub fn observe_finished(&self, node: Option<&NodeId>, job: JobId) {
         let mut state = self.state();

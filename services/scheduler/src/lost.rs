@@ -6,7 +6,8 @@
 //! The node's dispatches still in the dispatch stream are exactly what it held or had queued:
 //! a dispatch is acknowledged only after its attempt is settled. So the scheduler reads them
 //! (without consuming them) and ends each attempt that the job's record still gives to that
-//! node, by compare-and-swap, so a node that comes back and reports at the same moment cannot
+//! node (or, for a job placed after waiting and not yet claimed, whose record still has the
+//! revision the dispatch carries), by compare-and-swap, so a node that comes back and reports at the same moment cannot
 //! both win. The schedulers share one durable consumer on node events, so each event is
 //! handled once; a replica that dies mid-way leaves the event to be redelivered, and settling
 //! again is harmless.
@@ -217,7 +218,17 @@ impl Scheduler {
             let Some(current) = current else {
                 return Change::Stop(None);
             };
-            let record = &current.value;
+            // A job placed after waiting keeps its unassigned record until its executor claims
+            // it (the dispatch carries the assignment): still at the dispatch's revision, it
+            // is this node's, not started.
+            let unclaimed = current.revision == dispatch.revision
+                && current.value.node.is_none()
+                && current.value.status == JobStatus::Pending;
+            let record = if unclaimed {
+                &dispatch.record
+            } else {
+                &current.value
+            };
             if record.attempt != dispatch.record.attempt || record.node.as_ref() != Some(node) {
                 return Change::Stop(None);
             }

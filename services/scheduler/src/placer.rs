@@ -134,7 +134,7 @@ impl Scheduler {
     }
 
     /// Places a waiting job on `node` (already reserved for it).
-    async fn place_held(&self, held: Held, node: NodeId) {
+    async fn place_held(self: &Arc<Self>, held: Held, node: NodeId) {
         let span = tracing::info_span!(
             "place waiting job",
             otel.kind = "consumer",
@@ -145,7 +145,33 @@ impl Scheduler {
         self.place_held_in_span(held, node).instrument(span).await;
     }
 
-    async fn place_held_in_span(&self, mut held: Held, node: NodeId) {
+    async fn place_held_in_span(self: &Arc<Self>, mut held: Held, node: NodeId) {
+        if held.timer.is_none()
+            && let Some(known) = held.known.as_ref()
+            && known.value.status == JobStatus::Pending
+            && known.value.node.is_none()
+        {
+            // A new job, its record as its creation wrote it: the placement writes nothing.
+            // The dispatch carries the assigned record over the revision of the unassigned
+            // one, and the executor's claim writes both at once; a record changed meanwhile
+            // (cancelled) fails that claim, and the dispatch is dropped unrun.
+            let assigned = known.value.assigned(node.clone(), Timestamp::now());
+            match self.dispatch(&assigned, known.revision).await {
+                Ok(()) => {
+                    self.announce_dispatched(assigned);
+                    if let Err(error) = held.message.ack().await {
+                        tracing::warn!(job = %held.job, error = %error, "cannot acknowledge submission");
+                    }
+                    tracing::debug!(job = %held.job, node = %node, "waiting job placed");
+                }
+                Err(error) => {
+                    self.cluster.release(&node, held.job);
+                    tracing::warn!(job = %held.job, error = %error, "cannot place waiting job, will retry");
+                    self.waiting.push_front(held);
+                }
+            }
+            return;
+        }
         let key = held.job.to_string();
         // Written from the record as known here when it is (no read before the write), read
         // first otherwise; a record changed meanwhile is read and decided on again.
@@ -199,13 +225,8 @@ impl Scheduler {
                     return Ok(false);
                 }
             };
-            let event = JobEvent::new(JobEventKind::Dispatched, &assigned.value);
-            let (dispatched, announced) = tokio::join!(
-                self.dispatch(&assigned.value, assigned.revision),
-                self.mesh.events.job(&event)
-            );
-            dispatched?;
-            announced?;
+            self.dispatch(&assigned.value, assigned.revision).await?;
+            self.announce_dispatched(assigned.value);
             Ok::<bool, Error>(true)
         }
         .await;
@@ -225,6 +246,29 @@ impl Scheduler {
                 self.waiting.push_front(held);
             }
         }
+    }
+
+    /// Publishes the `dispatched` event of a placed job once it has gone `announce_after`
+    /// without ending (at once when that is zero). A job that ends sooner is announced by its
+    /// outcome alone, whose record names its node. Replicas count one another's placements from
+    /// this event; the heartbeats correct what they have not seen yet.
+    fn announce_dispatched(self: &Arc<Self>, record: JobRecord) {
+        let scheduler = self.clone();
+        let announce = async move {
+            let wait = scheduler.config.announce_after;
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+                let Some(node) = &record.node else { return };
+                if !scheduler.cluster.is_assigned(node, record.id) {
+                    return;
+                }
+            }
+            let event = JobEvent::new(JobEventKind::Dispatched, &record);
+            if let Err(error) = scheduler.mesh.events.job(&event).await {
+                tracing::warn!(job = %record.id, error = %error, "cannot announce placement");
+            }
+        };
+        tokio::spawn(announce.in_current_span());
     }
 
     /// Hands every waiting job back to JetStream so another replica can take it at once.

@@ -10,8 +10,9 @@ use capstan_protocol::codec::{self, Encoding};
 use capstan_protocol::reply::Created;
 use capstan_protocol::topology;
 use capstan_protocol::{
-    Dispatch, InstanceId, JobId, JobRecord, JobStatus, NodeId, NodeRecord, NodeStatus, Rejection,
-    RejectionCode, Reply, Timestamp, headers, subjects,
+    Dispatch, InstanceId, JobEvent, JobEventKind, JobId, JobRecord, JobStatus, NodeEvent,
+    NodeEventKind, NodeId, NodeRecord, NodeStatus, Rejection, RejectionCode, Reply, Timestamp,
+    headers, subjects,
 };
 use capstan_testkit::{NatsServer, wait_until};
 use futures::StreamExt;
@@ -24,9 +25,16 @@ struct Scheduler {
 
 impl Scheduler {
     fn start(server: &NatsServer, depth: f64) -> Self {
+        Self::start_with(server, |config| config.dispatch_depth = depth)
+    }
+
+    fn start_with(
+        server: &NatsServer,
+        configure: impl FnOnce(&mut capstan_scheduler::Config),
+    ) -> Self {
         let mut config = capstan_scheduler::Config::for_url(server.url());
-        config.dispatch_depth = depth;
         config.nats.max_job_bytes = 4096;
+        configure(&mut config);
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(capstan_scheduler::run(config, shutdown.clone()));
         Self { shutdown, task }
@@ -97,6 +105,15 @@ async fn record(mesh: &Mesh, id: JobId) -> Option<JobRecord> {
         .await
         .expect("read")
         .map(|v| v.value)
+}
+
+/// The job's record with its revision; it must exist.
+async fn versioned(mesh: &Mesh, id: JobId) -> capstan_mesh::Versioned<JobRecord> {
+    mesh.jobs
+        .get(&id.to_string())
+        .await
+        .expect("read")
+        .expect("record")
 }
 
 async fn create(client: &async_nats::Client, body: &str) -> Reply<Created> {
@@ -187,21 +204,28 @@ async fn a_job_waits_pending_until_a_matching_node_appears() {
     );
     assert!(dispatches(&mesh).await.is_empty());
 
+    let revision = versioned(&mesh, created.id).await.revision;
+
     let gpu = add_node(&mesh, "gpu-1", 1, &[("gpu", "yes")]).await;
-    let placed = wait_until(
+    let found = wait_until(
         "placement on the new node",
         Duration::from_secs(20),
-        || async {
-            record(&mesh, created.id)
-                .await
-                .filter(|record| record.node.is_some())
-        },
+        || async { Some(dispatches(&mesh).await).filter(|found| !found.is_empty()) },
     )
     .await;
-    assert_eq!((placed.node, placed.attempt), (Some(gpu.clone()), 1));
-    let found = dispatches(&mesh).await;
     assert_eq!(found.len(), 1);
-    assert_eq!(found[0].0, subjects::dispatch(&gpu));
+    let (subject, dispatch) = &found[0];
+    assert_eq!(subject, &subjects::dispatch(&gpu));
+    assert_eq!(
+        (dispatch.record.node.clone(), dispatch.record.attempt),
+        (Some(gpu.clone()), 1)
+    );
+    // The placement wrote nothing: the dispatch carries the assignment over the revision the
+    // waiting record still has, for the executor's claim to write both at once.
+    let stored = versioned(&mesh, created.id).await;
+    assert_eq!(stored.revision, revision);
+    assert_eq!(dispatch.revision, revision);
+    assert_eq!((stored.value.node, stored.value.attempt), (None, 0));
     scheduler.stop().await;
 }
 
@@ -556,8 +580,7 @@ async fn a_scheduler_whose_intake_consumer_is_refused_exits_with_the_reason_inst
 }
 
 #[tokio::test]
-async fn a_waiting_job_cancelled_while_it_waits_is_not_dispatched_when_room_appears_and_the_next_one_is()
- {
+async fn a_waiting_job_cancelled_while_it_waits_gets_no_claimable_dispatch_and_the_next_one_does() {
     let server = NatsServer::start().await;
     let mesh = mesh(&server).await;
     let scheduler = Scheduler::start(&server, 2.0);
@@ -595,19 +618,190 @@ async fn a_waiting_job_cancelled_while_it_waits_is_not_dispatched_when_room_appe
         },
     )
     .await;
-    let cancelled = record(&mesh, created[0]).await.expect("record");
+    // The placement writes nothing, so the cancel is not seen there: what keeps the cancelled
+    // job from running is that its dispatch names a revision its record has left, and an
+    // executor's claim is a compare-and-swap on it.
+    let cancelled = versioned(&mesh, created[0]).await;
     assert_eq!(
-        (cancelled.status, cancelled.node),
+        (cancelled.value.status, cancelled.value.node),
         (JobStatus::Cancelled, None)
     );
-    let kept = record(&mesh, created[1]).await.expect("record");
-    assert_eq!(kept.node.as_ref(), Some(&gpu));
+    let kept = versioned(&mesh, created[1]).await;
     let found = dispatches(&mesh).await;
-    let ids: Vec<JobId> = found.iter().map(|(_, d)| d.record.id).collect();
+    for (subject, dispatch) in &found {
+        assert_eq!(subject, &subjects::dispatch(&gpu));
+        if dispatch.record.id == created[0] {
+            assert!(
+                dispatch.revision < cancelled.revision,
+                "a cancelled job's dispatch must not be claimable: {dispatch:?}"
+            );
+        }
+    }
+    let claimable: Vec<JobId> = found
+        .iter()
+        .filter(|(_, d)| d.record.id == created[1] && d.revision == kept.revision)
+        .map(|(_, d)| d.record.id)
+        .collect();
     assert_eq!(
-        ids,
+        claimable,
         [created[1]],
-        "only the job still waiting is dispatched"
+        "the job still waiting is dispatched"
+    );
+    scheduler.stop().await;
+}
+
+#[tokio::test]
+async fn a_placement_after_waiting_is_announced_only_when_the_job_outlasts_the_announce_delay() {
+    let server = NatsServer::start().await;
+    let mesh = mesh(&server).await;
+    let delay = Duration::from_secs(2);
+    let scheduler = Scheduler::start_with(&server, |config| {
+        config.dispatch_depth = 1.0;
+        config.announce_after = delay;
+    });
+    let client = server.client().await;
+    let mut created = Vec::new();
+    for _ in 0..2 {
+        let Reply::Ok(job) = create(&client, r#"{"command": "x", "labels": {"gpu": "yes"}}"#).await
+        else {
+            panic!("created");
+        };
+        created.push(job.id);
+    }
+    // One slot: the first job placed ends at once (its outcome published as an executor
+    // would), which makes room for the second, which never ends.
+    let gpu = add_node(&mesh, "gpu-1", 1, &[("gpu", "yes")]).await;
+    let first = wait_until("a first placement", Duration::from_secs(20), || async {
+        dispatches(&mesh).await.into_iter().next()
+    })
+    .await
+    .1
+    .record;
+    let second = created
+        .iter()
+        .copied()
+        .find(|id| *id != first.id)
+        .expect("the other job");
+    let mut ended = first.clone();
+    ended.status = JobStatus::Succeeded;
+    ended.finished_at = Some(Timestamp::now());
+    mesh.events
+        .job(&JobEvent::new(JobEventKind::Succeeded, &ended))
+        .await
+        .expect("outcome published");
+
+    let stream = mesh
+        .js
+        .get_stream(topology::EVENTS.name)
+        .await
+        .expect("events stream");
+    let dispatched = |job: JobId| subjects::job_event(job, JobEventKind::Dispatched);
+    let announced = wait_until(
+        "the second job's placement announced",
+        Duration::from_secs(30),
+        || async {
+            stream
+                .get_last_raw_message_by_subject(&dispatched(second))
+                .await
+                .ok()
+        },
+    )
+    .await;
+    let event: JobEvent = codec::decode(Encoding::MsgPack, &announced.payload).expect("decodes");
+    assert_eq!(event.record.node.as_ref(), Some(&gpu));
+    let placed_at = event.record.dispatched_at.expect("placed");
+    assert_eq!(event.at, placed_at, "the event reports the placement");
+    let stored_at = Timestamp::from_millis(
+        i64::try_from(announced.time.unix_timestamp_nanos() / 1_000_000).expect("a time"),
+    );
+    assert!(
+        stored_at.since(placed_at) >= delay - Duration::from_millis(10),
+        "announced {:?} after the placement",
+        stored_at.since(placed_at)
+    );
+    // The first job was placed before the second, so its announcement would have been due
+    // earlier; it ended first, so there is none.
+    let first_announced = stream
+        .get_last_raw_message_by_subject(&dispatched(first.id))
+        .await;
+    assert!(
+        first_announced.is_err(),
+        "a placement that ended within the delay was announced"
+    );
+    scheduler.stop().await;
+}
+
+#[tokio::test]
+async fn a_job_placed_after_waiting_on_a_node_that_goes_down_before_claiming_it_is_placed_again_elsewhere()
+ {
+    let server = NatsServer::start().await;
+    let mesh = mesh(&server).await;
+    let scheduler = Scheduler::start(&server, 1.0);
+    let client = server.client().await;
+    let Reply::Ok(job) = create(&client, r#"{"command": "x", "labels": {"gpu": "yes"}}"#).await
+    else {
+        panic!("created");
+    };
+    wait_until(
+        "the job recorded as waiting",
+        Duration::from_secs(20),
+        || async { record(&mesh, job.id).await },
+    )
+    .await;
+    let first = add_node(&mesh, "gpu-1", 1, &[("gpu", "yes")]).await;
+    wait_until("a dispatch to gpu-1", Duration::from_secs(20), || async {
+        dispatches(&mesh)
+            .await
+            .into_iter()
+            .find(|(subject, _)| *subject == subjects::dispatch(&first))
+    })
+    .await;
+    // Its record still says waiting (the claim would have written the assignment). The node
+    // stops heartbeating before it claims: the registry marks it down and says so.
+    let mut down = mesh
+        .nodes
+        .get(first.as_str())
+        .await
+        .expect("read")
+        .expect("node")
+        .value;
+    down.status = NodeStatus::Down;
+    mesh.nodes
+        .put(first.as_str(), &down)
+        .await
+        .expect("node written");
+    mesh.events
+        .node(&NodeEvent {
+            kind: NodeEventKind::Down,
+            at: Timestamp::now(),
+            node: down,
+        })
+        .await
+        .expect("event published");
+
+    let handed_back = wait_until(
+        "the unclaimed attempt handed back",
+        Duration::from_secs(20),
+        || async {
+            record(&mesh, job.id)
+                .await
+                .filter(|r| r.handed_back_attempts == 1)
+        },
+    )
+    .await;
+    assert_eq!(handed_back.attempt, 1, "{handed_back:?}");
+    let second = add_node(&mesh, "gpu-2", 1, &[("gpu", "yes")]).await;
+    let (_, again) = wait_until("a dispatch to gpu-2", Duration::from_secs(20), || async {
+        dispatches(&mesh)
+            .await
+            .into_iter()
+            .find(|(subject, _)| *subject == subjects::dispatch(&second))
+    })
+    .await;
+    assert_eq!(
+        (again.record.id, again.record.attempt),
+        (job.id, 2),
+        "the next attempt goes to the node that is up"
     );
     scheduler.stop().await;
 }

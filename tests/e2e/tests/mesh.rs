@@ -121,7 +121,7 @@ async fn a_job_can_be_followed_through_events_logs_and_the_jobs_bucket() {
                 client
                     .request(
                         subjects::CREATE,
-                        r#"{"command": "echo hello; echo oops >&2", "labels": {"zone": "us"}}"#
+                        r#"{"command": "echo hello; echo oops >&2; sleep 0.3", "labels": {"zone": "us"}}"#
                             .into(),
                     )
                     .await

@@ -134,24 +134,37 @@ impl Worker {
                 return;
             }
         };
-        // The `running` event goes out now and its acknowledgement is awaited while the process
-        // runs: the claim is what fences the attempt, so the start need not wait a round trip
-        // for the announcement. The stream keeps this connection's order, so the event is
-        // stored before the outcome's.
-        let announced = self
-            .mesh
-            .events
-            .job_deferred(&JobEvent::new(JobEventKind::Running, &running))
-            .await;
+        // The claim is what fences the attempt, so the start waits for no announcement. The
+        // `running` event goes out once the process has run for `announce_after` (at once when
+        // that is zero): an attempt that ends sooner is announced by its outcome alone, whose
+        // record carries its start. Its acknowledgement is awaited while the process runs; the
+        // stream keeps this connection's order, so it is stored before the outcome's event.
         tracing::debug!(job = %id, attempt, "attempt started");
-
         let keep_alive = self.keep_alive(message);
         if running.cancel_requested_at.is_some() {
             stops.cancel.cancel();
         }
         let handed_back = stops.shutdown.clone();
+        let ended = CancellationToken::new();
+        let run = async {
+            let outcome = self.runner.run(&running, stops).await;
+            ended.cancel();
+            outcome
+        };
         let announce = async {
-            let stored = match announced {
+            if !self.announce_after.is_zero() {
+                tokio::select! {
+                    biased;
+                    () = ended.cancelled() => return,
+                    () = tokio::time::sleep(self.announce_after) => {}
+                }
+            }
+            let stored = match self
+                .mesh
+                .events
+                .job_deferred(&JobEvent::new(JobEventKind::Running, &running))
+                .await
+            {
                 Ok(ack) => ack
                     .await
                     .map(drop)
@@ -162,7 +175,7 @@ impl Worker {
                 tracing::warn!(job = %id, error = %error, "cannot announce start");
             }
         };
-        let (outcome, ()) = tokio::join!(self.runner.run(&running, stops), announce);
+        let (outcome, ()) = tokio::join!(run, announce);
         // From here on the record changes because of this attempt's own outcome: the check of
         // held attempts must not take that for the attempt being taken away.
         self.held.finishing(id);

@@ -38,6 +38,10 @@ pub struct Worker {
     slots: Arc<Semaphore>,
     capacity: usize,
     ack_wait: Duration,
+    /// How long an attempt runs before its start is announced (see [`Config::announce_after`]).
+    ///
+    /// [`Config::announce_after`]: crate::Config::announce_after
+    announce_after: Duration,
     /// Attempts this instance holds.
     held: HeldAttempts,
     /// Set while the node is draining: new dispatches are handed back, not run.
@@ -46,7 +50,8 @@ pub struct Worker {
 
 impl Worker {
     /// A worker for `node` as `instance`, running up to `capacity` attempts at once with
-    /// `runner`; `ack_wait` is the dispatch consumer's, which its progress acks beat.
+    /// `runner`; `ack_wait` is the dispatch consumer's, which its progress acks beat; an attempt's
+    /// start is announced once it has run for `announce_after`.
     pub fn new(
         mesh: Mesh,
         node: NodeId,
@@ -54,6 +59,7 @@ impl Worker {
         runner: Runner,
         capacity: usize,
         ack_wait: Duration,
+        announce_after: Duration,
     ) -> Self {
         Self {
             mesh,
@@ -63,6 +69,7 @@ impl Worker {
             slots: Arc::new(Semaphore::new(capacity)),
             capacity,
             ack_wait,
+            announce_after,
             held: HeldAttempts::default(),
             draining: AtomicBool::new(false),
         }
