@@ -265,6 +265,40 @@ async fn a_start_is_announced_once_the_process_outlasts_the_announce_delay_and_a
 }
 
 #[tokio::test]
+async fn a_dispatch_made_over_the_unplaced_record_of_a_job_that_waited_is_claimed_with_its_node_and_runs_once()
+ {
+    let mesh = start(|_| {}).await;
+    let marker = mesh.work.path().join("runs");
+    // What a scheduler does for a job that waited for room: the record stays as its creation
+    // wrote it (pending, no node), and the dispatch carries it assigned, over that revision.
+    let waiting = JobRecord::new(
+        JobId::generate(),
+        shell(&format!("echo x >> {}; sleep 1.5", marker.display())),
+        Timestamp::now(),
+    );
+    let revision = mesh
+        .mesh
+        .jobs
+        .create(&waiting.id.to_string(), &waiting)
+        .await
+        .expect("record");
+    mesh.publish(&Dispatch {
+        record: waiting.assigned(mesh.node.clone(), Timestamp::now()),
+        revision,
+    })
+    .await;
+    let done = mesh.finished(waiting.id).await;
+    assert_eq!(
+        (done.status, done.attempt, done.node.as_ref()),
+        (JobStatus::Succeeded, 1, Some(&mesh.node))
+    );
+    assert!(done.dispatched_at.is_some() && done.started_at.is_some());
+    let runs = std::fs::read_to_string(&marker).expect("ran");
+    assert_eq!(runs.lines().count(), 1, "ran once, through the held checks");
+    mesh.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
 async fn stdin_env_and_cwd_reach_the_process_and_the_executors_own_environment_does_not() {
     let mesh = start(|_| {}).await;
     let mut spec = shell(

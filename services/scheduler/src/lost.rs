@@ -221,10 +221,7 @@ impl Scheduler {
             // A job placed after waiting keeps its unassigned record until its executor claims
             // it (the dispatch carries the assignment): still at the dispatch's revision, it
             // is this node's, not started.
-            let unclaimed = current.revision == dispatch.revision
-                && current.value.node.is_none()
-                && current.value.status == JobStatus::Pending;
-            let record = if unclaimed {
+            let record = if dispatch.over_unplaced(&current.value, current.revision) {
                 &dispatch.record
             } else {
                 &current.value

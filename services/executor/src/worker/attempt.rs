@@ -249,7 +249,12 @@ impl Worker {
         let Some(current) = self.mesh.jobs.get(&key).await? else {
             return Ok(Claimed::Settled);
         };
-        let record = &current.value;
+        // Never claimed, its record is still the unplaced one the dispatch was made over.
+        let record = if dispatch.over_unplaced(&current.value, current.revision) {
+            &dispatch.record
+        } else {
+            &current.value
+        };
         if record.attempt != dispatch.record.attempt
             || record.node.as_ref() != Some(&self.node)
             || !matches!(record.status, JobStatus::Pending | JobStatus::Running)

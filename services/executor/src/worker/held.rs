@@ -153,13 +153,20 @@ pub(super) fn held_check(
     node: &NodeId,
     instance: InstanceId,
 ) -> HeldCheck {
-    let ours = record.attempt == attempt
-        && record.node.as_ref() == Some(node)
-        && match record.status {
-            JobStatus::Pending => true,
-            JobStatus::Running => record.instance == Some(instance),
-            _ => false,
-        };
+    // Before the claim lands the record may still be the unplaced one of a job placed after
+    // waiting: pending, no node, the attempt before this one (the dispatch carries the
+    // assignment, and the claim writes it). That is this attempt on its way, not a loss.
+    let unclaimed = record.status == JobStatus::Pending
+        && record.node.is_none()
+        && record.attempt.checked_add(1) == Some(attempt);
+    let ours = unclaimed
+        || record.attempt == attempt
+            && record.node.as_ref() == Some(node)
+            && match record.status {
+                JobStatus::Pending => true,
+                JobStatus::Running => record.instance == Some(instance),
+                _ => false,
+            };
     if !ours {
         HeldCheck::Taken
     } else if record.cancel_requested_at.is_some() {
@@ -195,6 +202,30 @@ mod tests {
         assert_eq!(
             held_check(&record, record.attempt, &node, instance),
             HeldCheck::Cancel
+        );
+    }
+
+    #[test]
+    fn a_held_attempt_placed_after_waiting_and_not_yet_claimed_carries_on() {
+        let node = NodeId::new("exec-1").expect("a node id");
+        let instance = InstanceId::generate();
+        let now = Timestamp::now();
+        let waiting = JobRecord::new(JobId::generate(), JobSpec::shell("true"), now);
+        let dispatched = waiting.assigned(node.clone(), now);
+        assert_eq!(
+            held_check(&waiting, dispatched.attempt, &node, instance),
+            HeldCheck::Carry,
+            "the record the dispatch was made over, before the claim writes it"
+        );
+        assert_eq!(
+            held_check(&waiting.cancelled(now), dispatched.attempt, &node, instance),
+            HeldCheck::Taken,
+            "cancelled before the claim"
+        );
+        assert_eq!(
+            held_check(&waiting, dispatched.attempt + 1, &node, instance),
+            HeldCheck::Taken,
+            "not the attempt placed over it"
         );
     }
 
