@@ -7,10 +7,10 @@
 //! a dispatch is acknowledged only after its attempt is settled. So the scheduler reads them
 //! (without consuming them) and ends each attempt that the job's record still gives to that
 //! node (or, for a job placed after waiting and not yet claimed, whose record still has the
-//! revision the dispatch carries), by compare-and-swap, so a node that comes back and reports at the same moment cannot
-//! both win. The schedulers share one durable consumer on node events, so each event is
-//! handled once; a replica that dies mid-way leaves the event to be redelivered, and settling
-//! again is harmless.
+//! revision the dispatch carries), by compare-and-swap, so a node that comes back and reports
+//! at the same moment cannot both win. The schedulers share one durable consumer on node
+//! events, so each event is handled once; a replica that dies mid-way leaves the event to be
+//! redelivered, and settling again is harmless.
 
 use std::sync::Arc;
 use std::time::Duration;
