@@ -531,19 +531,15 @@ impl Traffic {
 
 /// GETs a JSON document from nats-server's monitoring endpoint on this host.
 async fn http_get_json(port: u16, path: &str) -> anyhow::Result<serde_json::Value> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
-        .await?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await?;
-    let text = String::from_utf8_lossy(&response);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body)
-        .context("no body in the monitoring endpoint's response")?;
-    Ok(serde_json::from_str(body)?)
+    let reply = capstan_testkit::http::HttpClient::new(format!("http://127.0.0.1:{port}"))
+        .get(path)
+        .await;
+    anyhow::ensure!(
+        reply.status.is_success(),
+        "nats-server's {path} answered {}",
+        reply.status
+    );
+    Ok(serde_json::from_slice(&reply.body)?)
 }
 
 /// What spawning `/bin/true` alone costs on this machine now.

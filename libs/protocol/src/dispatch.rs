@@ -32,9 +32,7 @@ impl Dispatch {
     /// True when `current`, read at `revision`, is still the unplaced record this dispatch was
     /// made over: its attempt is this dispatch's, on its way and not yet claimed.
     pub fn over_unplaced(&self, current: &JobRecord, revision: u64) -> bool {
-        revision == self.revision
-            && current.status == crate::job::JobStatus::Pending
-            && current.node.is_none()
+        revision == self.revision && current.is_unplaced()
     }
 }
 

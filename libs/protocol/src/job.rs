@@ -282,6 +282,12 @@ impl JobRecord {
         self.status == JobStatus::Pending && self.node.is_some()
     }
 
+    /// True while the job waits with no node: created unplaced, or placed after waiting and
+    /// not yet claimed (such a placement leaves the record as it is; see `Dispatch`).
+    pub fn is_unplaced(&self) -> bool {
+        self.status == JobStatus::Pending && self.node.is_none()
+    }
+
     /// The record after placing the next attempt on `node`.
     pub fn assigned(&self, node: NodeId, now: Timestamp) -> Self {
         Self {

@@ -190,14 +190,8 @@ impl Scheduler {
             .await
         {
             Ok(Accepted::Done) => Handled::Ack,
-            Ok(Accepted::Waiting(selector, known)) => {
-                self.waiting.push(
-                    message.clone(),
-                    id,
-                    selector,
-                    None,
-                    known.map(|known| *known),
-                );
+            Ok(Accepted::Waiting(known)) => {
+                self.waiting.push(message.clone(), *known, None);
                 Handled::Held
             }
             Ok(Accepted::Duplicate(existing)) => {
@@ -297,13 +291,10 @@ impl Scheduler {
                 tracing::debug!(job = %id, node = ?node, "job accepted");
                 Ok(match node {
                     Some(_) => Accepted::Done,
-                    None => Accepted::Waiting(
-                        record.spec.labels.clone(),
-                        Some(Box::new(Versioned {
-                            value: record,
-                            revision,
-                        })),
-                    ),
+                    None => Accepted::Waiting(Box::new(Versioned {
+                        value: record,
+                        revision,
+                    })),
                 })
             }
             Err(Error::AlreadyExists { .. }) => {
@@ -353,13 +344,10 @@ impl Scheduler {
             return Ok(Accepted::Done);
         }
         if record.status == JobStatus::Pending {
-            return Ok(Accepted::Waiting(
-                record.spec.labels.clone(),
-                Some(Box::new(Versioned {
-                    value: record,
-                    revision: current.revision,
-                })),
-            ));
+            return Ok(Accepted::Waiting(Box::new(Versioned {
+                value: record,
+                revision: current.revision,
+            })));
         }
         if record.status == JobStatus::Scheduled {
             // Its timer may not have been armed before the crash; arming replaces it.
@@ -412,8 +400,8 @@ impl Scheduler {
 enum Accepted {
     /// Created and dispatched, or nothing more to do.
     Done,
-    /// Created; waits for a node with room (the selector), its record as known here.
-    Waiting(capstan_protocol::Labels, Option<Box<Versioned<JobRecord>>>),
+    /// Created; waits for a node with room, its record as known here.
+    Waiting(Box<Versioned<JobRecord>>),
     /// The idempotency key names this existing job.
     Duplicate(JobId),
     /// The id is taken by a different job.

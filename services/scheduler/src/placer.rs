@@ -10,8 +10,7 @@ use bytes::Bytes;
 use capstan_mesh::{BucketView, Change, Error, Modified, Versioned, wire};
 use capstan_protocol::subjects;
 use capstan_protocol::{
-    Dispatch, JobEvent, JobEventKind, JobRecord, JobStatus, NodeId, NodeRecord, Timestamp, codec,
-    headers,
+    Dispatch, JobEvent, JobEventKind, JobRecord, NodeId, NodeRecord, Timestamp, codec, headers,
 };
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -146,90 +145,14 @@ impl Scheduler {
     }
 
     async fn place_held_in_span(self: &Arc<Self>, mut held: Held, node: NodeId) {
-        if held.timer.is_none()
+        let outcome = if held.timer.is_none()
             && let Some(known) = held.known.as_ref()
-            && known.value.status == JobStatus::Pending
-            && known.value.node.is_none()
+            && known.value.is_unplaced()
         {
-            // A new job, its record as its creation wrote it: the placement writes nothing.
-            // The dispatch carries the assigned record over the revision of the unassigned
-            // one, and the executor's claim writes both at once; a record changed meanwhile
-            // (cancelled) fails that claim, and the dispatch is dropped unrun.
-            let assigned = known.value.assigned(node.clone(), Timestamp::now());
-            match self.dispatch(&assigned, known.revision).await {
-                Ok(()) => {
-                    self.announce_dispatched(assigned);
-                    if let Err(error) = held.message.ack().await {
-                        tracing::warn!(job = %held.job, error = %error, "cannot acknowledge submission");
-                    }
-                    tracing::debug!(job = %held.job, node = %node, "waiting job placed");
-                }
-                Err(error) => {
-                    self.cluster.release(&node, held.job);
-                    tracing::warn!(job = %held.job, error = %error, "cannot place waiting job, will retry");
-                    self.waiting.push_front(held);
-                }
-            }
-            return;
-        }
-        let key = held.job.to_string();
-        // Written from the record as known here when it is (no read before the write), read
-        // first otherwise; a record changed meanwhile is read and decided on again.
-        let known = held.known.take();
-        let timer = held.timer;
-        let outcome = async {
-            let decide = |current: Option<&Versioned<JobRecord>>| {
-                let Some(current) = current else {
-                    // Created, then expired or removed.
-                    return Change::Stop(None);
-                };
-                let record = &current.value;
-                let placeable = match timer {
-                    Some(attempt) => record.awaits_timer(attempt),
-                    None => record.status == JobStatus::Pending && record.node.is_none(),
-                };
-                if placeable {
-                    Change::Write(record.assigned(node.clone(), Timestamp::now()))
-                } else {
-                    Change::Stop(Some(current.clone()))
-                }
-            };
-            let modified = match known {
-                Some(known) => {
-                    self.mesh
-                        .jobs
-                        .modify_from(&key, Some(known), decide)
-                        .await?
-                }
-                None => self.mesh.jobs.modify(&key, decide).await?,
-            };
-            let assigned = match modified {
-                Modified::Written { written, .. } => written,
-                Modified::Stopped(None) => return Ok(false),
-                Modified::Stopped(Some(current)) => {
-                    // The attempt this held message asked for was placed already: by an
-                    // earlier try here whose dispatch publish failed after the record was
-                    // written, or by another replica. Publishing its dispatch again is harmless
-                    // (deduplicated by `<job>.<attempt>`, and a claimed attempt is not claimed
-                    // twice); skipping it could leave the job assigned with no dispatch to run
-                    // it.
-                    let record = &current.value;
-                    let ours = timer.is_none_or(|attempt| record.attempt == attempt + 1);
-                    if record.is_dispatched() && ours {
-                        if let Some(assigned) = &record.node {
-                            self.cluster.observe_assigned(assigned.clone(), record.id);
-                        }
-                        self.dispatch(record, current.revision).await?;
-                    }
-                    // Otherwise it was cancelled or ended meanwhile.
-                    return Ok(false);
-                }
-            };
-            self.dispatch(&assigned.value, assigned.revision).await?;
-            self.announce_dispatched(assigned.value);
-            Ok::<bool, Error>(true)
-        }
-        .await;
+            self.place_unplaced(known, &node).await.map(|()| true)
+        } else {
+            self.place_by_record(&mut held, &node).await
+        };
         match outcome {
             Ok(placed) => {
                 if !placed {
@@ -246,6 +169,83 @@ impl Scheduler {
                 self.waiting.push_front(held);
             }
         }
+    }
+
+    /// Places a new job whose record is as its creation wrote it, writing nothing: the dispatch
+    /// carries the record assigned to `node` over the revision of the unplaced one, and the
+    /// executor's claim writes both at once. A record changed meanwhile (cancelled) fails that
+    /// claim, and the dispatch is dropped unrun.
+    async fn place_unplaced(
+        self: &Arc<Self>,
+        known: &Versioned<JobRecord>,
+        node: &NodeId,
+    ) -> Result<(), Error> {
+        let assigned = known.value.assigned(node.clone(), Timestamp::now());
+        self.dispatch(&assigned, known.revision).await?;
+        self.announce_dispatched(assigned);
+        Ok(())
+    }
+
+    /// Places `held` by writing its assignment to the record: from the record as known here when
+    /// it is (no read before the write), read first otherwise; a record changed meanwhile is
+    /// read and decided on again. False when there was nothing to place.
+    async fn place_by_record(
+        self: &Arc<Self>,
+        held: &mut Held,
+        node: &NodeId,
+    ) -> Result<bool, Error> {
+        let key = held.job.to_string();
+        let known = held.known.take();
+        let timer = held.timer;
+        let decide = |current: Option<&Versioned<JobRecord>>| {
+            let Some(current) = current else {
+                // Created, then expired or removed.
+                return Change::Stop(None);
+            };
+            let record = &current.value;
+            let placeable = match timer {
+                Some(attempt) => record.awaits_timer(attempt),
+                None => record.is_unplaced(),
+            };
+            if placeable {
+                Change::Write(record.assigned(node.clone(), Timestamp::now()))
+            } else {
+                Change::Stop(Some(current.clone()))
+            }
+        };
+        let modified = match known {
+            Some(known) => {
+                self.mesh
+                    .jobs
+                    .modify_from(&key, Some(known), decide)
+                    .await?
+            }
+            None => self.mesh.jobs.modify(&key, decide).await?,
+        };
+        let assigned = match modified {
+            Modified::Written { written, .. } => written,
+            Modified::Stopped(None) => return Ok(false),
+            Modified::Stopped(Some(current)) => {
+                // The attempt this held message asked for was placed already: by an earlier try
+                // here whose dispatch publish failed after the record was written, or by another
+                // replica. Publishing its dispatch again is harmless (deduplicated by
+                // `<job>.<attempt>`, and a claimed attempt is not claimed twice); skipping it
+                // could leave the job assigned with no dispatch to run it.
+                let record = &current.value;
+                let ours = timer.is_none_or(|attempt| record.attempt == attempt + 1);
+                if record.is_dispatched() && ours {
+                    if let Some(assigned) = &record.node {
+                        self.cluster.observe_assigned(assigned.clone(), record.id);
+                    }
+                    self.dispatch(record, current.revision).await?;
+                }
+                // Otherwise it was cancelled or ended meanwhile.
+                return Ok(false);
+            }
+        };
+        self.dispatch(&assigned.value, assigned.revision).await?;
+        self.announce_dispatched(assigned.value);
+        Ok(true)
     }
 
     /// Publishes the `dispatched` event of a placed job once it has gone `announce_after`

@@ -78,13 +78,7 @@ impl Scheduler {
             match self.mesh.jobs.get(&timer.job.to_string()).await {
                 Ok(Some(current)) if current.value.awaits_timer(timer.attempt) => {
                     tracing::debug!(job = %timer.job, "timer fired; placing the job");
-                    self.waiting.push(
-                        message,
-                        timer.job,
-                        current.value.spec.labels.clone(),
-                        Some(timer.attempt),
-                        Some(current),
-                    );
+                    self.waiting.push(message, current, Some(timer.attempt));
                     self.wake.notify_one();
                 }
                 Ok(Some(current))

@@ -54,15 +54,17 @@ impl Waiting {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Adds a job at the back of its group.
+    /// Adds a job at the back of its group, with its record as last read or written here (its
+    /// id and label selector are the record's).
     pub fn push(
         &self,
         message: jetstream::Message,
-        job: JobId,
-        selector: Labels,
+        known: Versioned<JobRecord>,
         timer: Option<u32>,
-        known: Option<Versioned<JobRecord>>,
     ) {
+        let job = known.value.id;
+        let selector = known.value.spec.labels.clone();
+        let known = Some(known);
         let mut inner = self.inner();
         let order = inner.next_order;
         inner.next_order += 1;

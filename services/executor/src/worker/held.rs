@@ -156,9 +156,7 @@ pub(super) fn held_check(
     // Before the claim lands the record may still be the unplaced one of a job placed after
     // waiting: pending, no node, the attempt before this one (the dispatch carries the
     // assignment, and the claim writes it). That is this attempt on its way, not a loss.
-    let unclaimed = record.status == JobStatus::Pending
-        && record.node.is_none()
-        && record.attempt.checked_add(1) == Some(attempt);
+    let unclaimed = record.is_unplaced() && record.attempt.checked_add(1) == Some(attempt);
     let ours = unclaimed
         || record.attempt == attempt
             && record.node.as_ref() == Some(node)
