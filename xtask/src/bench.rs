@@ -532,8 +532,9 @@ impl Traffic {
 /// GETs a JSON document from nats-server's monitoring endpoint on this host.
 async fn http_get_json(port: u16, path: &str) -> anyhow::Result<serde_json::Value> {
     let reply = capstan_testkit::http::HttpClient::new(format!("http://127.0.0.1:{port}"))
-        .get(path)
-        .await;
+        .try_get(path)
+        .await
+        .map_err(anyhow::Error::msg)?;
     anyhow::ensure!(
         reply.status.is_success(),
         "nats-server's {path} answered {}",
