@@ -275,15 +275,19 @@ async fn pipeline(bin: &Path, args: &Args) -> anyhow::Result<()> {
     let mut ends = Ends::subscribe(&client).await?;
 
     publish_and_wait(&js, &mut ends, WARM_UP, args.in_flight).await?;
+    ends.stages();
+    let mut throughput_stages = Stages::default();
     let mut runs = Vec::new();
     let mut traffic_before = Traffic::now(&js, monitor_port).await?;
     let mut traffic_total = Traffic::default();
     let mut cpu_before = cpu_of(&processes);
     let mut cpu_total: Vec<(String, f64)> = Vec::new();
     for run in 1..=args.repeat {
+        let machine_before = MachineCpu::now();
         let started = Instant::now();
         publish_and_wait(&js, &mut ends, args.jobs, args.in_flight).await?;
         let elapsed = started.elapsed();
+        let machine = MachineCpu::now().since(&machine_before);
         let cpu_after = cpu_of(&processes);
         let traffic = Traffic::now(&js, monitor_port)
             .await?
@@ -301,6 +305,7 @@ async fn pipeline(bin: &Path, args: &Args) -> anyhow::Result<()> {
                 *total += more;
             }
         }
+        let stages = ends.stages();
         // The history is off the measured path; say how far behind it was.
         let total = (WARM_UP + run * args.jobs) as i64;
         let lag = Instant::now();
@@ -308,15 +313,28 @@ async fn pipeline(bin: &Path, args: &Args) -> anyhow::Result<()> {
         let rate = args.jobs as f64 / elapsed.as_secs_f64();
         let cpu_ms = used.iter().map(|(_, s)| s).sum::<f64>() * 1000.0 / args.jobs as f64;
         eprintln!(
-            "run {run}: {rate:.0} jobs/s, {cpu_ms:.2} ms CPU per job ({}); {:.1} messages and {:.1} stored writes per job through nats-server; the SQL history held them all {} ms later",
+            "run {run}: {rate:.0} jobs/s, {cpu_ms:.2} ms CPU per job ({}); {:.1} messages and {:.1} stored writes per job through nats-server; the SQL history held them all {} ms later; the machine's cores were {:.0}% busy ({:.0}% stolen by the host); mean stages {}",
             used.iter()
                 .map(|(name, seconds)| format!("{name} {:.0} µs", seconds * 1e6 / args.jobs as f64))
                 .collect::<Vec<_>>()
                 .join(", "),
             traffic.messages as f64 / args.jobs as f64,
             traffic.stored() as f64 / args.jobs as f64,
-            lag.elapsed().as_millis()
+            lag.elapsed().as_millis(),
+            machine.busy * 100.0,
+            machine.steal * 100.0,
+            stages
+                .summary()
+                .iter()
+                .map(|(name, mean, _)| format!(
+                    "{:.1} ms ({})",
+                    mean,
+                    name.split(" (").next().unwrap_or(name)
+                ))
+                .collect::<Vec<_>>()
+                .join(", "),
         );
+        throughput_stages.extend(stages);
         runs.push((rate, elapsed));
         // The history check above is not part of the next run's CPU or traffic, nor is the
         // reading of the counts.
@@ -339,6 +357,7 @@ async fn pipeline(bin: &Path, args: &Args) -> anyhow::Result<()> {
         latencies.push(sent.elapsed());
     }
     latencies.sort();
+    let latency_stages = ends.stages();
     drop(processes);
     let floor = spawn_floor(args.jobs, (args.executors * args.slots) as usize).await?;
 
@@ -450,6 +469,22 @@ async fn pipeline(bin: &Path, args: &Args) -> anyhow::Result<()> {
          **{:.0} spawns/s**, {:.2} ms CPU per spawn ({:.2} ms of it the child's).",
         floor.concurrency, floor.rate, floor.cpu_ms, floor.child_cpu_ms
     );
+    println!();
+    println!(
+        "Where a job's time went, from the timestamps of its terminal event's record (mean, \
+         median; the records keep milliseconds; the first stage starts when JetStream stored the \
+         submission in the throughput runs, when the client published it one at a time):"
+    );
+    println!();
+    println!("| stage | throughput runs: mean | median | one at a time: mean | median |");
+    println!("|---|---|---|---|---|");
+    for ((name, mean, median), (_, one_mean, one_median)) in throughput_stages
+        .summary()
+        .into_iter()
+        .zip(latency_stages.summary())
+    {
+        println!("| {name} | {mean:.2} ms | {median} ms | {one_mean:.2} ms | {one_median} ms |");
+    }
     println!();
     println!("| process | CPU per job |");
     println!("|---|---|");
@@ -642,12 +677,130 @@ async fn succeeded(history: History) -> i64 {
         .map_or(0, |counts| counts.of(JobStatus::Succeeded))
 }
 
+/// The whole machine's CPU time so far, from `/proc/stat`: how busy its cores were during a
+/// run, and how much time the host took from them (a virtual machine's steal time).
+struct MachineCpu {
+    busy: f64,
+    steal: f64,
+    total: f64,
+}
+
+impl MachineCpu {
+    fn now() -> Self {
+        let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let fields: Vec<f64> = text
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|field| field.parse().ok())
+            .collect();
+        let at = |i: usize| fields.get(i).copied().unwrap_or(0.0);
+        // user nice system idle iowait irq softirq steal
+        let idle = at(3) + at(4);
+        let steal = at(7);
+        let total: f64 = fields.iter().take(8).sum();
+        Self {
+            busy: total - idle - steal,
+            steal,
+            total,
+        }
+    }
+
+    /// The shares of the time since `earlier` the cores were busy and stolen.
+    fn since(&self, earlier: &Self) -> Self {
+        let total = (self.total - earlier.total).max(1.0);
+        Self {
+            busy: (self.busy - earlier.busy) / total,
+            steal: (self.steal - earlier.steal) / total,
+            total,
+        }
+    }
+}
+
 /// The terminal events of every job, as they are published (a core subscription per terminal
 /// kind: what a client waiting for its jobs would read).
 struct Ends {
     events: futures::stream::SelectAll<async_nats::Subscriber>,
     /// Jobs whose end was seen (live events are at least once).
     seen: std::collections::HashSet<String>,
+    /// Where the time of the jobs seen since the last [`Ends::stages`] went.
+    stages: Stages,
+}
+
+/// Where each job's time went, from the timestamps its terminal event's record carries (the
+/// job id holds the instant JetStream stored the submission) and the instant the event
+/// arrived here. Milliseconds, as the records keep them: a single job's stage is ±1 ms, the
+/// mean over many is finer.
+#[derive(Default)]
+struct Stages {
+    /// Stored submission → record created (the scheduler's intake).
+    intake: Vec<i64>,
+    /// Record created → placed on a node (waiting for a free slot).
+    waiting: Vec<i64>,
+    /// Placed → claimed and started by the executor (the dispatch's trip and the claim).
+    start: Vec<i64>,
+    /// Started → the process ended and its outcome was decided.
+    run: Vec<i64>,
+    /// Ended → the terminal event reached the client (the outcome's write and the event).
+    report: Vec<i64>,
+}
+
+impl Stages {
+    fn add(&mut self, id: JobId, record: &JobRecord, received: Timestamp) {
+        let (Some(placed), Some(started), Some(finished)) =
+            (record.dispatched_at, record.started_at, record.finished_at)
+        else {
+            return;
+        };
+        let stored = i64::try_from(id.timestamp_ms()).unwrap_or(i64::MAX);
+        let created = record.created_at.as_millis();
+        self.intake.push(created - stored);
+        self.waiting.push(placed.as_millis() - created);
+        self.start.push(started.as_millis() - placed.as_millis());
+        self.run.push(finished.as_millis() - started.as_millis());
+        self.report
+            .push(received.as_millis() - finished.as_millis());
+    }
+
+    fn extend(&mut self, more: Self) {
+        self.intake.extend(more.intake);
+        self.waiting.extend(more.waiting);
+        self.start.extend(more.start);
+        self.run.extend(more.run);
+        self.report.extend(more.report);
+    }
+
+    /// Each stage's name, mean and median, in milliseconds.
+    fn summary(&self) -> Vec<(&'static str, f64, i64)> {
+        let stages = [
+            ("submission → record created (intake)", &self.intake),
+            (
+                "created → placed on a node (waiting for room)",
+                &self.waiting,
+            ),
+            (
+                "placed → started by the executor (dispatch, claim)",
+                &self.start,
+            ),
+            ("started → process ended", &self.run),
+            (
+                "ended → terminal event at the client (outcome, event)",
+                &self.report,
+            ),
+        ];
+        stages
+            .iter()
+            .map(|(name, values)| {
+                let mut sorted = (*values).clone();
+                sorted.sort_unstable();
+                let mean = sorted.iter().sum::<i64>() as f64 / sorted.len().max(1) as f64;
+                let median = sorted.get(sorted.len() / 2).copied().unwrap_or(0);
+                (*name, mean, median)
+            })
+            .collect()
+    }
 }
 
 impl Ends {
@@ -660,7 +813,13 @@ impl Ends {
         Ok(Self {
             events,
             seen: std::collections::HashSet::new(),
+            stages: Stages::default(),
         })
+    }
+
+    /// Where the time of the jobs ended since the last call went.
+    fn stages(&mut self) -> Stages {
+        std::mem::take(&mut self.stages)
     }
 
     /// The next job to end (a repeated event is skipped); a job that did not succeed is an
@@ -679,6 +838,13 @@ impl Ends {
             }
             if kind != JobEventKind::Succeeded.as_str() {
                 bail!("job {job} ended {kind}");
+            }
+            let received = Timestamp::now();
+            if let Ok(event) = capstan_protocol::codec::decode::<JobEvent>(
+                capstan_protocol::Encoding::MsgPack,
+                &event.payload,
+            ) {
+                self.stages.add(job, &event.record, received);
             }
             return Ok(job);
         }

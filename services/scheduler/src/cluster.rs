@@ -32,6 +32,10 @@ struct State {
     last_pick: HashMap<NodeId, Instant>,
     /// Nodes kept out of placement until the time given (see [`Cluster::fence`]).
     fenced: HashMap<NodeId, Instant>,
+    /// Jobs seen ending, with when, until they are assigned again or the record of it is older
+    /// than any heartbeat could be: a heartbeat written before a job ended still lists it, and
+    /// must not count it again.
+    ended: HashMap<JobId, Instant>,
 }
 
 impl State {
@@ -121,6 +125,7 @@ impl Cluster {
                     .entry(node.clone())
                     .or_default()
                     .insert(job, now);
+                state.ended.remove(&job);
                 state.last_pick.insert(node.clone(), now);
                 Ok(node)
             }
@@ -150,7 +155,9 @@ impl Cluster {
 
     /// Counts an assignment seen in an event (another replica's, or our own again).
     pub fn observe_assigned(&self, node: NodeId, job: JobId) {
-        self.state()
+        let mut state = self.state();
+        state.ended.remove(&job);
+        state
             .assigned
             .entry(node)
             .or_default()
@@ -166,9 +173,10 @@ impl Cluster {
             .is_some_and(|jobs| jobs.contains_key(&job))
     }
 
-    /// Forgets a job that ended.
+    /// Forgets a job that ended, and remembers that it did (see [`Cluster::reconcile`]).
     pub fn observe_finished(&self, node: Option<&NodeId>, job: JobId) {
         let mut state = self.state();
+        state.ended.insert(job, Instant::now());
         match node {
             Some(node) => {
                 if let Some(jobs) = state.assigned.get_mut(node) {
@@ -183,9 +191,10 @@ impl Cluster {
         }
     }
 
-    /// Aligns the counts with what each up node last reported: jobs it holds are counted, and
-    /// jobs it does not hold are kept only while they may still be on their way to it (younger
-    /// than the grace period, or among the newest `queued` it reported waiting).
+    /// Aligns the counts with what each up node last reported: jobs it holds are counted
+    /// (unless seen ending since: the report may predate the end), and jobs it does not hold
+    /// are kept only while they may still be on their way to it (younger than the grace
+    /// period, or among the newest `queued` it reported waiting).
     pub fn reconcile(&self) {
         let nodes: Vec<NodeRecord> = self.nodes.read(|entries| {
             entries
@@ -196,9 +205,23 @@ impl Cluster {
         });
         let now = Instant::now();
         let mut state = self.state();
+        // A heartbeat is written at most one grace period before it is read here (a node
+        // silent for longer is not up); older ends cannot be listed in one any more.
+        let grace = self.grace;
+        state
+            .ended
+            .retain(|_, at| now.duration_since(*at) < grace.saturating_mul(2));
+        let State {
+            assigned, ended, ..
+        } = &mut *state;
         for node in nodes {
-            let held: HashSet<JobId> = node.jobs.iter().copied().collect();
-            let jobs = state.assigned.entry(node.id.clone()).or_default();
+            let held: HashSet<JobId> = node
+                .jobs
+                .iter()
+                .copied()
+                .filter(|job| !ended.contains_key(job))
+                .collect();
+            let jobs = assigned.entry(node.id.clone()).or_default();
             let mut others: Vec<(JobId, Instant)> = jobs
                 .iter()
                 .filter(|(job, _)| !held.contains(job))
@@ -218,6 +241,15 @@ impl Cluster {
             }
             *jobs = kept;
         }
+    }
+
+    /// The jobs counted against `node`.
+    pub fn assigned_to(&self, node: &NodeId) -> Vec<JobId> {
+        self.state()
+            .assigned
+            .get(node)
+            .map(|jobs| jobs.keys().copied().collect())
+            .unwrap_or_default()
     }
 
     /// How many jobs each node is counted for.

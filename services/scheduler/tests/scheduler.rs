@@ -538,6 +538,83 @@ async fn a_fenced_node_gets_no_placement_until_its_fence_ends() {
 }
 
 #[tokio::test]
+async fn a_heartbeat_written_before_jobs_ended_does_not_count_them_again_but_counts_jobs_never_seen()
+ {
+    let server = NatsServer::start().await;
+    let mesh = mesh(&server).await;
+    let node = add_node(&mesh, "beat-a", 2, &[]).await;
+    let shutdown = CancellationToken::new();
+    let view = capstan_mesh::BucketView::start(mesh.nodes.clone(), shutdown.clone())
+        .await
+        .expect("a view");
+    assert!(view.wait_ready(Duration::from_secs(10)).await);
+    let cluster =
+        capstan_scheduler::cluster::Cluster::new(view.clone(), 1.0, Duration::from_secs(10));
+    let selector = Default::default();
+    wait_until("the node in the view", Duration::from_secs(10), || async {
+        cluster.reserve(&selector, JobId::generate()).ok()
+    })
+    .await;
+    let first = cluster.reserve(&selector, JobId::generate()).expect("room");
+    assert_eq!(first, node);
+    // Full now; the node's heartbeat lists both jobs it runs.
+    let held: Vec<JobId> = cluster.assigned_to(&node);
+    assert_eq!(held.len(), 2);
+    assert!(cluster.reserve(&selector, JobId::generate()).is_err());
+    let mut record = mesh
+        .nodes
+        .get("beat-a")
+        .await
+        .expect("read")
+        .expect("there")
+        .value;
+    record.jobs = held.clone();
+    mesh.nodes.put("beat-a", &record).await.expect("heartbeat");
+    wait_until(
+        "the heartbeat in the view",
+        Duration::from_secs(10),
+        || async {
+            view.get("beat-a")
+                .filter(|entry| entry.value.jobs.len() == 2)
+                .map(drop)
+        },
+    )
+    .await;
+    // Both end; the heartbeat still lists them, and is read again and again until the next.
+    for job in &held {
+        cluster.observe_finished(Some(&node), *job);
+    }
+    cluster.reconcile();
+    cluster.reconcile();
+    assert_eq!(
+        cluster.loads().get(&node),
+        Some(&0),
+        "ended jobs counted again"
+    );
+    assert_eq!(
+        cluster.reserve(&selector, JobId::generate()),
+        Ok(node.clone())
+    );
+    // A job the node holds that this replica never saw placed is counted from the heartbeat.
+    let unseen = JobId::generate();
+    record.jobs = vec![unseen];
+    mesh.nodes.put("beat-a", &record).await.expect("heartbeat");
+    wait_until("the second heartbeat", Duration::from_secs(10), || async {
+        view.get("beat-a")
+            .filter(|entry| entry.value.jobs == vec![unseen])
+            .map(drop)
+    })
+    .await;
+    cluster.reconcile();
+    assert!(cluster.is_assigned(&node, unseen));
+    assert!(
+        cluster.reserve(&selector, JobId::generate()).is_err(),
+        "the node is full again"
+    );
+    shutdown.cancel();
+}
+
+#[tokio::test]
 async fn a_scheduler_whose_intake_consumer_is_refused_exits_with_the_reason_instead_of_serving_without_intake()
  {
     let server = NatsServer::start().await;
