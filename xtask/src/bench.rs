@@ -8,6 +8,8 @@
 //! - Latency: jobs sent one at a time on an idle mesh; submit → the job's `succeeded` event.
 //! - CPU: seconds of CPU every process used during the throughput runs, per job: nats-server,
 //!   each service, the job processes (the executors' reaped children) and the client.
+//! - Where each job's time went, by stage, from the timestamps its terminal event's record
+//!   carries, and how busy the machine's cores were in each run (`/proc/stat`).
 //! - Messages and stored writes per job, as nats-server counts them: these do not change with
 //!   the machine's speed, so a step that removes work shows here even when the timings are
 //!   noisy.

@@ -75,6 +75,18 @@ async fn add_node(mesh: &Mesh, id: &str, capacity: u32, labels: &[(&str, &str)])
     node
 }
 
+/// A live view of the nodes bucket, loaded, until `shutdown`.
+async fn nodes_view(
+    mesh: &Mesh,
+    shutdown: &CancellationToken,
+) -> capstan_mesh::BucketView<NodeRecord> {
+    let view = capstan_mesh::BucketView::start(mesh.nodes.clone(), shutdown.clone())
+        .await
+        .expect("a view");
+    assert!(view.wait_ready(Duration::from_secs(10)).await);
+    view
+}
+
 /// Every dispatch currently in the stream, as (subject, dispatch), read by sequence so that
 /// nothing is consumed.
 async fn dispatches(mesh: &Mesh) -> Vec<(String, Dispatch)> {
@@ -501,10 +513,7 @@ async fn a_fenced_node_gets_no_placement_until_its_fence_ends() {
     let a = add_node(&mesh, "fence-a", 4, &[]).await;
     let b = add_node(&mesh, "fence-b", 4, &[]).await;
     let shutdown = CancellationToken::new();
-    let view = capstan_mesh::BucketView::start(mesh.nodes.clone(), shutdown.clone())
-        .await
-        .expect("a view");
-    assert!(view.wait_ready(Duration::from_secs(10)).await);
+    let view = nodes_view(&mesh, &shutdown).await;
     wait_until(
         "both nodes in the view",
         Duration::from_secs(10),
@@ -544,10 +553,7 @@ async fn a_heartbeat_written_before_jobs_ended_does_not_count_them_again_but_cou
     let mesh = mesh(&server).await;
     let node = add_node(&mesh, "beat-a", 2, &[]).await;
     let shutdown = CancellationToken::new();
-    let view = capstan_mesh::BucketView::start(mesh.nodes.clone(), shutdown.clone())
-        .await
-        .expect("a view");
-    assert!(view.wait_ready(Duration::from_secs(10)).await);
+    let view = nodes_view(&mesh, &shutdown).await;
     let cluster =
         capstan_scheduler::cluster::Cluster::new(view.clone(), 1.0, Duration::from_secs(10));
     let selector = Default::default();
