@@ -60,6 +60,11 @@ pub struct Args {
     /// Submissions published but not yet acknowledged by JetStream, at most.
     #[arg(long, default_value_t = 64)]
     in_flight: usize,
+    /// Keep at most this many jobs unfinished (published and not yet ended) instead of
+    /// publishing every job at once: a steady load, where jobs are placed as they arrive
+    /// rather than waiting for room.
+    #[arg(long)]
+    closed_loop: Option<usize>,
     /// Run NATS with `sync_interval: always` (fsync every write).
     #[arg(long)]
     durable: bool,
@@ -276,7 +281,7 @@ async fn pipeline(bin: &Path, args: &Args) -> anyhow::Result<()> {
     .await?;
     let mut ends = Ends::subscribe(&client).await?;
 
-    publish_and_wait(&js, &mut ends, WARM_UP, args.in_flight).await?;
+    publish_and_wait(&js, &mut ends, WARM_UP, args.in_flight, args.closed_loop).await?;
     ends.stages();
     let mut throughput_stages = Stages::default();
     let mut runs = Vec::new();
@@ -287,7 +292,7 @@ async fn pipeline(bin: &Path, args: &Args) -> anyhow::Result<()> {
     for run in 1..=args.repeat {
         let machine_before = MachineCpu::now();
         let started = Instant::now();
-        publish_and_wait(&js, &mut ends, args.jobs, args.in_flight).await?;
+        publish_and_wait(&js, &mut ends, args.jobs, args.in_flight, args.closed_loop).await?;
         let elapsed = started.elapsed();
         let machine = MachineCpu::now().since(&machine_before);
         let cpu_after = cpu_of(&processes);
@@ -400,9 +405,15 @@ async fn pipeline(bin: &Path, args: &Args) -> anyhow::Result<()> {
     );
     println!();
     println!(
-        "{} runs of {} jobs, published with at most {} unacknowledged, each run timed from its first \
+        "{} runs of {} jobs, published with at most {} unacknowledged{}, each run timed from its first \
          publish to its last terminal event; {} jobs one at a time for latency.",
-        args.repeat, args.jobs, args.in_flight, args.latency_jobs
+        args.repeat,
+        args.jobs,
+        args.in_flight,
+        args.closed_loop.map_or(String::new(), |unfinished| format!(
+            " and at most {unfinished} unfinished (a closed loop)"
+        )),
+        args.latency_jobs
     );
     println!();
     println!(
@@ -858,18 +869,25 @@ impl Ends {
     }
 }
 
-/// Publishes `count` jobs, at most `in_flight` awaiting JetStream's acknowledgement, and waits
-/// until each has ended.
+/// Publishes `count` jobs, at most `in_flight` awaiting JetStream's acknowledgement (and, with
+/// `unfinished`, at most that many published and not yet ended), and waits until each has
+/// ended.
 async fn publish_and_wait(
     js: &async_nats::jetstream::Context,
     ends: &mut Ends,
     count: usize,
     in_flight: usize,
+    unfinished: Option<usize>,
 ) -> anyhow::Result<()> {
     let js = js.clone();
+    let room = std::sync::Arc::new(tokio::sync::Semaphore::new(
+        unfinished.unwrap_or(count).max(1),
+    ));
+    let publisher_room = room.clone();
     let publisher = tokio::spawn(async move {
         let mut acks = futures::stream::FuturesUnordered::new();
         for _ in 0..count {
+            publisher_room.acquire().await?.forget();
             let ack = js.publish(subjects::SUBMIT, TRUE_JOB.into()).await?;
             acks.push(std::future::IntoFuture::into_future(ack));
             while acks.len() >= in_flight.max(1) {
@@ -885,6 +903,7 @@ async fn publish_and_wait(
     });
     for _ in 0..count {
         ends.next().await?;
+        room.add_permits(1);
     }
     publisher.await??;
     Ok(())
