@@ -103,13 +103,24 @@ impl Worker {
             node = %self.node,
         );
         capstan_telemetry::propagation::follow(&span, message.headers.as_ref());
-        self.carry(&message, dispatch, stops).instrument(span).await;
+        self.carry(&message, dispatch, stops, permit)
+            .instrument(span)
+            .await;
         self.held.release(id);
-        drop(permit);
     }
 
-    /// Claims, runs, records and announces one attempt, and settles its dispatch.
-    async fn carry(&self, message: &jetstream::Message, dispatch: Dispatch, stops: Stops) {
+    /// Claims, runs, records and announces one attempt, and settles its dispatch. `slot` is
+    /// given back as soon as the process has ended: recording and announcing the outcome are
+    /// NATS round trips (an fsync each in the durable mode), not a running process, and the
+    /// next dispatch need not wait for them. The attempt stays held until its dispatch is
+    /// settled, which is what a shutdown waits for.
+    async fn carry(
+        &self,
+        message: &jetstream::Message,
+        dispatch: Dispatch,
+        stops: Stops,
+        slot: OwnedSemaphorePermit,
+    ) {
         let id = dispatch.record.id;
         let attempt = dispatch.record.attempt;
         let delivered = message.info().map(|info| info.delivered).unwrap_or(1);
@@ -149,6 +160,7 @@ impl Worker {
         let run = async {
             let outcome = self.runner.run(&running, stops).await;
             ended.cancel();
+            drop(slot);
             outcome
         };
         let announce = async {

@@ -1,7 +1,8 @@
 //! Taking dispatches for this node and carrying each attempt through: claim it on the job's
 //! record, run it, record the outcome, announce it, and only then acknowledge the dispatch.
 //!
-//! The executor pulls only as many dispatches as it has free slots. While an attempt runs its
+//! The executor pulls only as many dispatches as it has free slots; a slot is the process, given
+//! back as soon as it ends, before the outcome is recorded. While an attempt runs its
 //! dispatch stays unacknowledged, kept alive with progress acks; if the executor dies, the
 //! dispatch is redelivered to the node's next instance, which finds the record claimed by its
 //! predecessor and settles it instead of running the job twice.
@@ -34,7 +35,7 @@ pub struct Worker {
     node: NodeId,
     instance: InstanceId,
     runner: Runner,
-    /// One permit per attempt that may run at once.
+    /// One permit per process that may run at once.
     slots: Arc<Semaphore>,
     capacity: usize,
     ack_wait: Duration,
