@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::Worker;
+use super::held::Hold;
 use crate::runner::Stops;
 
 /// What became of an attempt's outcome.
@@ -89,10 +90,23 @@ impl Worker {
             return;
         }
         let stops = Stops::default();
-        if !self.held.hold(record.id, record.attempt, stops.clone()) {
+        match self.held.hold(record.id, record.attempt, stops.clone()) {
+            Hold::Held => {}
             // Redelivered while we run it (a progress ack came late): the running attempt
             // acknowledges the message when it ends.
-            return;
+            Hold::AlreadyHeld => return,
+            Hold::OtherAttempt(previous) => {
+                // A retry at once reached this node while the previous attempt is still being
+                // settled here (its outcome written, or its process being stopped because the
+                // job moved on): back in a moment rather than after the ack wait, a second
+                // longer each time, so that a slow settlement does not spend the deliveries
+                // after which a dispatch is quarantined.
+                let delivered = message.info().map_or(1, |info| info.delivered.max(1));
+                let delay = Duration::from_secs(u64::try_from(delivered).unwrap_or(1));
+                tracing::debug!(job = %record.id, attempt = record.attempt, previous, "previous attempt still settling; dispatch handed back for a moment");
+                let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
+                return;
+            }
         }
         let id = record.id;
         let span = tracing::info_span!(

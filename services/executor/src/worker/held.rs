@@ -21,6 +21,20 @@ pub(crate) struct Held {
     finishing: bool,
 }
 
+/// What [`HeldAttempts::hold`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Hold {
+    /// The attempt is held now.
+    Held,
+    /// This attempt was held already: its dispatch was redelivered while it runs, and the
+    /// running attempt acknowledges the message when it ends.
+    AlreadyHeld,
+    /// Another attempt of the job (this number) is still held: typically the previous one,
+    /// its process ended and its outcome being settled, when a retry at once is dispatched to
+    /// the same node. The dispatch should come back once that attempt is released.
+    OtherAttempt(u32),
+}
+
 /// The attempts this instance holds, by job.
 #[derive(Default)]
 pub(crate) struct HeldAttempts {
@@ -34,12 +48,16 @@ impl HeldAttempts {
         self.held.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Holds attempt `attempt` of `job`, stopped through `stops`. False when the job is held
-    /// already (its dispatch was redelivered while the attempt runs): nothing changes.
-    pub(super) fn hold(&self, job: JobId, attempt: u32, stops: Stops) -> bool {
+    /// Holds attempt `attempt` of `job`, stopped through `stops`, unless the job is held
+    /// already: then nothing changes, and what is held says what to do with the dispatch.
+    pub(super) fn hold(&self, job: JobId, attempt: u32, stops: Stops) -> Hold {
         let mut held = self.lock();
-        if held.contains_key(&job) {
-            return false;
+        if let Some(current) = held.get(&job) {
+            return if current.attempt == attempt {
+                Hold::AlreadyHeld
+            } else {
+                Hold::OtherAttempt(current.attempt)
+            };
         }
         held.insert(
             job,
@@ -49,7 +67,7 @@ impl HeldAttempts {
                 finishing: false,
             },
         );
-        true
+        Hold::Held
     }
 
     /// Marks `job`'s attempt as having its outcome written: from now on its record changes
@@ -185,6 +203,19 @@ mod tests {
         JobRecord::new(JobId::generate(), JobSpec::shell("true"), now)
             .assigned(node.clone(), now)
             .started(instance, now)
+    }
+
+    #[test]
+    fn a_dispatch_for_a_held_job_is_told_apart_by_attempt_and_held_again_once_released() {
+        let held = HeldAttempts::default();
+        let job = JobId::generate();
+        assert_eq!(held.hold(job, 1, Stops::default()), Hold::Held);
+        // The same attempt again: a redelivery while it runs.
+        assert_eq!(held.hold(job, 1, Stops::default()), Hold::AlreadyHeld);
+        // The next attempt while the first is still settled here.
+        assert_eq!(held.hold(job, 2, Stops::default()), Hold::OtherAttempt(1));
+        held.release(job);
+        assert_eq!(held.hold(job, 2, Stops::default()), Hold::Held);
     }
 
     #[test]
