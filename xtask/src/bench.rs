@@ -294,7 +294,7 @@ async fn pipeline(bin: &Path, args: &Args) -> anyhow::Result<()> {
         let started = Instant::now();
         publish_and_wait(&js, &mut ends, args.jobs, args.in_flight, args.closed_loop).await?;
         let elapsed = started.elapsed();
-        let machine = MachineCpu::now().since(&machine_before);
+        let (busy, stolen) = MachineCpu::now().shares_since(&machine_before);
         let cpu_after = cpu_of(&processes);
         let traffic = Traffic::now(&js, monitor_port)
             .await?
@@ -328,8 +328,8 @@ async fn pipeline(bin: &Path, args: &Args) -> anyhow::Result<()> {
             traffic.messages as f64 / args.jobs as f64,
             traffic.stored() as f64 / args.jobs as f64,
             lag.elapsed().as_millis(),
-            machine.busy * 100.0,
-            machine.steal * 100.0,
+            busy * 100.0,
+            stolen * 100.0,
             stages
                 .summary()
                 .iter()
@@ -690,8 +690,8 @@ async fn succeeded(history: History) -> i64 {
         .map_or(0, |counts| counts.of(JobStatus::Succeeded))
 }
 
-/// The whole machine's CPU time so far, from `/proc/stat`: how busy its cores were during a
-/// run, and how much time the host took from them (a virtual machine's steal time).
+/// The whole machine's CPU time so far, in clock ticks from `/proc/stat`: busy, stolen by the
+/// host (a virtual machine's steal time), and in all.
 struct MachineCpu {
     busy: f64,
     steal: f64,
@@ -721,14 +721,13 @@ impl MachineCpu {
         }
     }
 
-    /// The shares of the time since `earlier` the cores were busy and stolen.
-    fn since(&self, earlier: &Self) -> Self {
+    /// The shares of the time since `earlier` that the cores were busy, and stolen.
+    fn shares_since(&self, earlier: &Self) -> (f64, f64) {
         let total = (self.total - earlier.total).max(1.0);
-        Self {
-            busy: (self.busy - earlier.busy) / total,
-            steal: (self.steal - earlier.steal) / total,
-            total,
-        }
+        (
+            (self.busy - earlier.busy) / total,
+            (self.steal - earlier.steal) / total,
+        )
     }
 }
 

@@ -28,6 +28,15 @@ impl NatsArgs {
     }
 }
 
+/// How long a short state may last without an event of its own (`--announce-after`, the same
+/// for the scheduler's placements and the executor's starts), as the option is written.
+pub const ANNOUNCE_AFTER: &str = "100ms";
+
+/// [`ANNOUNCE_AFTER`] as a duration (for tests and tools).
+pub fn default_announce_after() -> Duration {
+    parse_duration(ANNOUNCE_AFTER).expect("the default is a valid duration")
+}
+
 /// Parses a duration given as seconds (`30`, `1.5`) or with a unit (`500ms`, `30s`, `2m`, `1h`,
 /// `7d`).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -69,5 +78,6 @@ mod tests {
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("5 days").is_err());
+        assert_eq!(default_announce_after(), Duration::from_millis(100));
     }
 }

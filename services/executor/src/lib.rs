@@ -99,7 +99,7 @@ pub struct Config {
     /// that ends sooner is announced by its outcome's event alone, whose record carries when
     /// and where it started; its job record says `running` from the claim on either way.
     /// `0s` announces every start at once.
-    #[arg(long, env = "CAPSTAN_ANNOUNCE_AFTER", default_value = "100ms", value_parser = parse_duration)]
+    #[arg(long, env = "CAPSTAN_ANNOUNCE_AFTER", default_value = capstan_mesh::config::ANNOUNCE_AFTER, value_parser = parse_duration)]
     pub announce_after: Duration,
 }
 
@@ -131,7 +131,7 @@ impl Config {
             shutdown_timeout: Duration::from_secs(30),
             pass_env: DEFAULT_PASS_ENV.map(str::to_owned).to_vec(),
             ack_wait: Duration::from_secs(30),
-            announce_after: Duration::from_millis(100),
+            announce_after: capstan_mesh::config::default_announce_after(),
         }
     }
 }

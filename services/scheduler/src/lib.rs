@@ -74,7 +74,7 @@ pub struct Config {
     /// How long a job placed after waiting (for room, or for its timer) may go without ending
     /// before its `dispatched` event is published. A job that ends sooner is announced by its
     /// outcome's event, whose record names its node. `0s` announces every placement at once.
-    #[arg(long, env = "CAPSTAN_ANNOUNCE_AFTER", default_value = "100ms", value_parser = parse_duration)]
+    #[arg(long, env = "CAPSTAN_ANNOUNCE_AFTER", default_value = capstan_mesh::config::ANNOUNCE_AFTER, value_parser = parse_duration)]
     pub announce_after: Duration,
 }
 
@@ -88,7 +88,7 @@ impl Config {
             dispatch_depth: 2.0,
             ack_wait: Duration::from_secs(30),
             assignment_grace: Duration::from_secs(10),
-            announce_after: Duration::from_millis(100),
+            announce_after: capstan_mesh::config::default_announce_after(),
         }
     }
 }
