@@ -8,12 +8,14 @@
 //! `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set and
 //! `OTEL_TRACES_EXPORTER` is not `none`; the service name is `OTEL_SERVICE_NAME`, default
 //! `capstan-<service>`; the sampler is `OTEL_TRACES_SAMPLER` (default parent-based, always on).
-//! Without an endpoint nothing is exported, but spans still carry trace context, so a job
-//! submitted with a `traceparent` keeps it through every hop. [`propagation`] moves that
-//! context through NATS headers and HTTP headers.
+//! Without an endpoint nothing is exported and spans are not recorded for OpenTelemetry, but
+//! they still carry trace context (`relay`), so a job submitted with a `traceparent` keeps it
+//! through every hop. [`propagation`] moves that context through NATS headers and HTTP
+//! headers.
 
 mod otlp;
 pub mod propagation;
+mod relay;
 
 use std::io::IsTerminal;
 use std::time::Duration;
@@ -63,11 +65,14 @@ pub fn init(service: &str) -> Guard {
             .with_service_name(service_name.clone())
             .build(),
     );
-    let exporting = otlp::configured();
+    let mut exporting = otlp::configured();
     if exporting {
         match otlp::exporter() {
             Ok(exporter) => builder = builder.with_batch_exporter(exporter),
-            Err(error) => eprintln!("telemetry: no span export: {error}"),
+            Err(error) => {
+                eprintln!("telemetry: no span export: {error}");
+                exporting = false;
+            }
         }
     }
     let provider = builder.build();
@@ -82,8 +87,18 @@ pub fn init(service: &str) -> Guard {
         .with_tracked_inactivity(false)
         .with_context_activation(false)
         .with_threads(false);
+    // Without an exporter a recorded span is thrown away when it ends: the spans then only
+    // carry the trace context from hop to hop (see `relay`).
+    let (otel, relay) = if exporting {
+        (Some(otel), None)
+    } else {
+        (None, Some(relay::RelayLayer::default()))
+    };
 
-    let registry = tracing_subscriber::registry().with(filter).with(otel);
+    let registry = tracing_subscriber::registry()
+        .with(filter)
+        .with(otel)
+        .with(relay);
     let result = if json {
         registry
             .with(

@@ -25,9 +25,26 @@ impl Extractor for NatsExtractor<'_> {
     }
 }
 
+/// The trace context of `span`: its place from the relay layer when no spans are recorded,
+/// otherwise the recording layer's.
+fn context_of(span: &tracing::Span) -> opentelemetry::Context {
+    match crate::relay::place(span) {
+        Some(place) => opentelemetry::Context::new().with_remote_span_context(place),
+        None => span.context(),
+    }
+}
+
+/// Makes `span` a child of the remote `parent`, whichever layer keeps its context.
+fn set_parent(span: &tracing::Span, parent: opentelemetry::Context) {
+    let remote = parent.span().span_context().clone();
+    if remote.is_valid() && !crate::relay::adopt(span, &remote) {
+        let _ = span.set_parent(parent);
+    }
+}
+
 /// Writes the current span's trace context into `headers`.
 pub fn inject(headers: &mut async_nats::HeaderMap) {
-    let context = tracing::Span::current().context();
+    let context = context_of(&tracing::Span::current());
     opentelemetry::global::get_text_map_propagator(|propagator| {
         propagator.inject_context(&context, &mut NatsInjector(headers));
     });
@@ -45,10 +62,7 @@ pub fn extract(headers: Option<&async_nats::HeaderMap>) -> opentelemetry::Contex
 
 /// Makes `span` a child of the context carried by `headers` (no-op without one).
 pub fn follow(span: &tracing::Span, headers: Option<&async_nats::HeaderMap>) {
-    let parent = extract(headers);
-    if parent.span().span_context().is_valid() {
-        let _ = span.set_parent(parent);
-    }
+    set_parent(span, extract(headers));
 }
 
 /// Makes `span` a child of the context in an HTTP request's headers (no-op without one).
@@ -56,9 +70,7 @@ pub fn follow_http(span: &tracing::Span, headers: &http::HeaderMap) {
     let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
         propagator.extract(&opentelemetry_http::HeaderExtractor(headers))
     });
-    if parent.span().span_context().is_valid() {
-        let _ = span.set_parent(parent);
-    }
+    set_parent(span, parent);
 }
 
 /// The current span's context as a W3C `traceparent` value, if it has one.
@@ -72,7 +84,7 @@ pub fn traceparent() -> Option<String> {
 
 /// The trace id of the current span, as 32 hex digits, if it has one.
 pub fn trace_id() -> Option<String> {
-    let context = tracing::Span::current().context();
+    let context = context_of(&tracing::Span::current());
     let span = context.span();
     let span_context = span.span_context();
     span_context

@@ -46,10 +46,10 @@ async fn stack_on(db: TestDatabase) -> Stack {
         capstan_registry::Config::for_url(server.url()),
         shutdown.clone(),
     ));
-    tokio::spawn(capstan_scheduler::run(
-        capstan_scheduler::Config::for_url(server.url()),
-        shutdown.clone(),
-    ));
+    let mut scheduler = capstan_scheduler::Config::for_url(server.url());
+    // Every placement announced, however short: these tests count a job's events.
+    scheduler.announce_after = Duration::ZERO;
+    tokio::spawn(capstan_scheduler::run(scheduler, shutdown.clone()));
     let work = tempfile::tempdir().expect("work dir");
     let mut executor = capstan_executor::Config::for_url(
         server.url(),

@@ -69,7 +69,7 @@ impl Scheduler {
         Ok(())
     }
 
-    async fn process(&self, message: jetstream::Message) {
+    async fn process(self: &Arc<Self>, message: jetstream::Message) {
         let span = tracing::info_span!(
             "accept job",
             otel.kind = "consumer",
@@ -93,7 +93,7 @@ impl Scheduler {
         }
     }
 
-    async fn handle(&self, message: &jetstream::Message) -> Handled {
+    async fn handle(self: &Arc<Self>, message: &jetstream::Message) -> Handled {
         let Ok(info) = message.info() else {
             tracing::error!(subject = %message.subject, "submission without JetStream metadata");
             return Handled::Term;
@@ -228,7 +228,7 @@ impl Scheduler {
 
     /// Creates the job (placed if a node has room) or resumes it if it already exists.
     async fn accept(
-        &self,
+        self: &Arc<Self>,
         id: JobId,
         spec: JobSpec,
         submitted_by: SubmittedBy,
@@ -271,6 +271,17 @@ impl Scheduler {
         }
         let key = id.to_string();
         match self.mesh.jobs.create(&key, &record).await {
+            Ok(revision) if node.is_some() && !self.config.announce_after.is_zero() => {
+                // Placed at once: its `pending` lasts until the claim, a millisecond or two,
+                // so it is announced only if the job is still going a moment later.
+                if let Err(error) = self.dispatch(&record, revision).await {
+                    self.release(&record);
+                    return Err(error);
+                }
+                tracing::debug!(job = %id, node = ?node, "job accepted");
+                self.announce_placed(JobEventKind::Pending, record);
+                Ok(Accepted::Done)
+            }
             Ok(revision) => {
                 let pending = JobEvent::new(JobEventKind::Pending, &record);
                 let event = self.mesh.events.job_deferred(&pending);

@@ -71,9 +71,12 @@ pub struct Config {
     #[arg(long, env = "CAPSTAN_ASSIGNMENT_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub assignment_grace: Duration,
 
-    /// How long a job placed after waiting (for room, or for its timer) may go without ending
-    /// before its `dispatched` event is published. A job that ends sooner is announced by its
-    /// outcome's event, whose record names its node. `0s` announces every placement at once.
+    /// How long a placed job may go without ending before its placement is announced: the
+    /// `dispatched` event of a job placed after waiting (for room, or for its timer), and,
+    /// after half as long, the `pending` event of one placed as it is created (so that it
+    /// comes before the executor's `running`). A job that ends sooner is announced by its
+    /// outcome's event, whose record names its node; a job that waits for room is announced
+    /// at once. `0s` announces every placement at once.
     #[arg(long, env = "CAPSTAN_ANNOUNCE_AFTER", default_value = capstan_mesh::config::ANNOUNCE_AFTER, value_parser = parse_duration)]
     pub announce_after: Duration,
 }

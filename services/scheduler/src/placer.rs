@@ -182,7 +182,7 @@ impl Scheduler {
     ) -> Result<(), Error> {
         let assigned = known.value.assigned(node.clone(), Timestamp::now());
         self.dispatch(&assigned, known.revision).await?;
-        self.announce_dispatched(assigned);
+        self.announce_placed(JobEventKind::Dispatched, assigned);
         Ok(())
     }
 
@@ -244,18 +244,25 @@ impl Scheduler {
             }
         };
         self.dispatch(&assigned.value, assigned.revision).await?;
-        self.announce_dispatched(assigned.value);
+        self.announce_placed(JobEventKind::Dispatched, assigned.value);
         Ok(true)
     }
 
-    /// Publishes the `dispatched` event of a placed job once it has gone `announce_after`
-    /// without ending (at once when that is zero). A job that ends sooner is announced by its
-    /// outcome alone, whose record names its node. Replicas count one another's placements from
-    /// this event; the heartbeats correct what they have not seen yet.
-    fn announce_dispatched(self: &Arc<Self>, record: JobRecord) {
+    /// Publishes the `kind` event (`pending` for a job placed as it was created, `dispatched`
+    /// for one placed after waiting) of a placed job once it has gone `announce_after` without
+    /// ending (at once when that is zero). A job that ends sooner is announced by its outcome
+    /// alone, whose record names its node. Replicas count one another's placements from this
+    /// event; the heartbeats correct what they have not seen yet.
+    ///
+    /// A `pending` waits half as long: the executor announces the attempt's start once the
+    /// process has run `announce_after`, and the job's creation must come before its start.
+    pub(crate) fn announce_placed(self: &Arc<Self>, kind: JobEventKind, record: JobRecord) {
         let scheduler = self.clone();
         let announce = async move {
-            let wait = scheduler.config.announce_after;
+            let wait = match kind {
+                JobEventKind::Pending => scheduler.config.announce_after / 2,
+                _ => scheduler.config.announce_after,
+            };
             if !wait.is_zero() {
                 tokio::time::sleep(wait).await;
                 let Some(node) = &record.node else { return };
@@ -263,7 +270,7 @@ impl Scheduler {
                     return;
                 }
             }
-            let event = JobEvent::new(JobEventKind::Dispatched, &record);
+            let event = JobEvent::new(kind, &record);
             if let Err(error) = scheduler.mesh.events.job(&event).await {
                 tracing::warn!(job = %record.id, error = %error, "cannot announce placement");
             }

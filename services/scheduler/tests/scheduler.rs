@@ -815,6 +815,100 @@ async fn a_placement_after_waiting_is_announced_only_when_the_job_outlasts_the_a
 }
 
 #[tokio::test]
+async fn a_job_placed_as_it_is_created_announces_its_creation_only_when_it_outlasts_half_the_announce_delay()
+ {
+    let server = NatsServer::start().await;
+    let mesh = mesh(&server).await;
+    let delay = Duration::from_secs(2);
+    let scheduler = Scheduler::start_with(&server, |config| {
+        config.dispatch_depth = 1.0;
+        config.announce_after = delay;
+    });
+    let client = server.client().await;
+    add_node(&mesh, "eu-1", 4, &[("zone", "eu")]).await;
+    // Once a first job is dispatched, the scheduler knows the node: the next ones are placed
+    // as they are created.
+    let Reply::Ok(warm_up) = create(&client, r#"{"command": "x", "labels": {"zone": "eu"}}"#).await
+    else {
+        panic!("created");
+    };
+    let dispatched_job = |job: JobId| {
+        let mesh = mesh.clone();
+        async move {
+            dispatches(&mesh)
+                .await
+                .into_iter()
+                .find(|(_, d)| d.record.id == job)
+                .map(|(_, d)| d.record)
+        }
+    };
+    wait_until("the first dispatch", Duration::from_secs(20), || {
+        dispatched_job(warm_up.id)
+    })
+    .await;
+    let mut placed = Vec::new();
+    for _ in 0..2 {
+        let Reply::Ok(job) = create(&client, r#"{"command": "x", "labels": {"zone": "eu"}}"#).await
+        else {
+            panic!("created");
+        };
+        let record = wait_until("the job dispatched", Duration::from_secs(20), || {
+            dispatched_job(job.id)
+        })
+        .await;
+        assert!(record.node.is_some(), "placed as it was created");
+        placed.push(record);
+    }
+    // The first ends at once (its outcome published as an executor would); the second never.
+    let mut ended = placed[0].clone();
+    ended.status = JobStatus::Succeeded;
+    ended.finished_at = Some(Timestamp::now());
+    mesh.events
+        .job(&JobEvent::new(JobEventKind::Succeeded, &ended))
+        .await
+        .expect("outcome published");
+
+    let stream = mesh
+        .js
+        .get_stream(topology::EVENTS.name)
+        .await
+        .expect("events stream");
+    let pending = |job: JobId| subjects::job_event(job, JobEventKind::Pending);
+    let announced = wait_until(
+        "the second job's creation announced",
+        Duration::from_secs(30),
+        || async {
+            stream
+                .get_last_raw_message_by_subject(&pending(placed[1].id))
+                .await
+                .ok()
+        },
+    )
+    .await;
+    let event: JobEvent = codec::decode(Encoding::MsgPack, &announced.payload).expect("decodes");
+    assert_eq!(
+        event.record.node, placed[1].node,
+        "the event names the node"
+    );
+    let stored_at = Timestamp::from_millis(
+        i64::try_from(announced.time.unix_timestamp_nanos() / 1_000_000).expect("a time"),
+    );
+    let after = stored_at.since(event.record.created_at);
+    assert!(
+        after >= delay / 2 - Duration::from_millis(10),
+        "announced {after:?} after the creation"
+    );
+    let first_announced = stream
+        .get_last_raw_message_by_subject(&pending(placed[0].id))
+        .await;
+    assert!(
+        first_announced.is_err(),
+        "a job that ended within the delay had its creation announced"
+    );
+    scheduler.stop().await;
+}
+
+#[tokio::test]
 async fn a_job_placed_after_waiting_on_a_node_that_goes_down_before_claiming_it_is_placed_again_elsewhere()
  {
     let server = NatsServer::start().await;

@@ -25,24 +25,23 @@ async fn replicated() -> Cluster {
     cluster
 }
 
-/// Publishes like `nats pub`: no headers. Job ids come back through the pending events.
+/// Publishes like `nats pub`: no headers. Job ids come back through the jobs' events (a job
+/// placed and ended at once has only its end's).
 async fn publish_jobs(client: &async_nats::Client, bodies: &[String]) -> Vec<JobId> {
-    let mut pending = pending_events(client).await;
+    let mut events = job_events(client).await;
     publish(client, bodies).await;
     let mut ids = HashSet::new();
-    collect_ids(&mut pending, &mut ids, bodies.len()).await;
+    collect_ids(&mut events, &mut ids, bodies.len()).await;
     ids.into_iter().collect()
 }
 
-async fn pending_events(client: &async_nats::Client) -> async_nats::Subscriber {
-    let pending = client
-        .subscribe(subjects::job_events_of_kind(
-            capstan_protocol::JobEventKind::Pending,
-        ))
+async fn job_events(client: &async_nats::Client) -> async_nats::Subscriber {
+    let events = client
+        .subscribe(subjects::JOB_EVENTS_ALL)
         .await
         .expect("subscribe");
     client.flush().await.expect("flush");
-    pending
+    events
 }
 
 async fn publish(client: &async_nats::Client, bodies: &[String]) {
@@ -54,12 +53,12 @@ async fn publish(client: &async_nats::Client, bodies: &[String]) {
     }
 }
 
-/// Adds job ids from pending events to `ids` until it holds `count`. A live subscriber can see
-/// an event twice (a redelivered submission announces its job again; the stream keeps one
-/// copy), hence a set.
-async fn collect_ids(pending: &mut async_nats::Subscriber, ids: &mut HashSet<JobId>, count: usize) {
+/// Adds the ids of jobs with events to `ids` until it holds `count`. A job has several
+/// events, and a live subscriber can see one twice (a redelivered submission announces its job
+/// again; the stream keeps one copy), hence a set.
+async fn collect_ids(events: &mut async_nats::Subscriber, ids: &mut HashSet<JobId>, count: usize) {
     while ids.len() < count {
-        let message = tokio::time::timeout(Duration::from_secs(60), pending.next())
+        let message = tokio::time::timeout(Duration::from_secs(60), events.next())
             .await
             .expect("every job accepted in time")
             .expect("open");
@@ -294,13 +293,13 @@ async fn killing_one_of_two_schedulers_mid_burst_loses_no_job_and_runs_none_twic
         .map(|_| serde_json::json!({ "command": cluster.recording("sleep 0.02") }).to_string())
         .collect();
     let (first, rest) = bodies.split_at(100);
-    let mut pending = pending_events(&client).await;
+    let mut events = job_events(&client).await;
     let mut accepted = HashSet::new();
     publish(&client, first).await;
-    collect_ids(&mut pending, &mut accepted, 50).await;
+    collect_ids(&mut events, &mut accepted, 50).await;
     cluster.kill9("scheduler-1");
     publish(&client, rest).await;
-    collect_ids(&mut pending, &mut accepted, 300).await;
+    collect_ids(&mut events, &mut accepted, 300).await;
     let ids: Vec<JobId> = accepted.into_iter().collect();
     let records = cluster.wait_terminal(&ids, Duration::from_secs(180)).await;
     assert!(records.iter().all(|r| r.status == JobStatus::Succeeded));
