@@ -20,7 +20,7 @@ use crate::bench::{Process, ms, percentile, spawn};
 pub async fn run(bin: &Path, durable: bool, kills: usize, cancels: usize) -> anyhow::Result<()> {
     let nats = NatsServer::start_with(NatsOptions {
         sync_always: durable,
-        max_payload: None,
+        ..NatsOptions::default()
     })
     .await;
     let dir = tempfile::Builder::new()

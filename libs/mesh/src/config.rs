@@ -1,5 +1,6 @@
 //! Command-line and environment options every service shares.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// How to reach NATS.
@@ -16,6 +17,25 @@ pub struct NatsArgs {
     /// Largest job submission accepted, in bytes (the encoded spec, stdin included).
     #[arg(long, env = "CAPSTAN_MAX_JOB_BYTES", default_value_t = 256 * 1024)]
     pub max_job_bytes: usize,
+
+    /// Credentials file: the NKEY seed of this service's NATS identity. Without it the
+    /// connection is anonymous.
+    #[arg(long = "nats-creds", env = "CAPSTAN_NATS_CREDS")]
+    pub nats_creds: Option<PathBuf>,
+
+    /// CA certificates (PEM) the server's certificate must chain to. Given, the connection
+    /// requires TLS.
+    #[arg(long = "nats-ca", env = "CAPSTAN_NATS_CA")]
+    pub nats_ca: Option<PathBuf>,
+
+    /// Client certificate (PEM), for a server that verifies its clients (mutual TLS); with
+    /// `--nats-key`.
+    #[arg(long = "nats-cert", env = "CAPSTAN_NATS_CERT", requires = "nats_key")]
+    pub nats_cert: Option<PathBuf>,
+
+    /// The client certificate's private key (PEM); with `--nats-cert`.
+    #[arg(long = "nats-key", env = "CAPSTAN_NATS_KEY", requires = "nats_cert")]
+    pub nats_key: Option<PathBuf>,
 }
 
 impl NatsArgs {
@@ -24,6 +44,10 @@ impl NatsArgs {
         Self {
             nats_url: url.into(),
             max_job_bytes: 256 * 1024,
+            nats_creds: None,
+            nats_ca: None,
+            nats_cert: None,
+            nats_key: None,
         }
     }
 }

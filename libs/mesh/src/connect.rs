@@ -1,5 +1,7 @@
-//! Connecting to NATS and opening the mesh: topology ensured, typed stores opened.
+//! Connecting to NATS (as the service's NKEY identity, over TLS when configured) and opening
+//! the mesh: topology ensured, typed stores opened.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -7,31 +9,120 @@ use capstan_protocol::topology;
 use capstan_protocol::{JobRecord, NodeRecord, Revocation};
 use tokio_util::sync::CancellationToken;
 
+use crate::config::NatsArgs;
 use crate::error::Error;
 use crate::events::EventPublisher;
 use crate::store::Bucket;
 use crate::submit::Idempotency;
 
-/// Connects to NATS as `name`, retrying with backoff until it succeeds or `shutdown` fires.
-/// Once connected, the client reconnects by itself for as long as the process lives.
+/// How this service proves who it is to NATS, and how it checks the server: read once, at
+/// start, so a missing or malformed file fails the service at once instead of on every retry.
+struct Access {
+    seed: Option<String>,
+    ca: Option<PathBuf>,
+    client_cert: Option<(PathBuf, PathBuf)>,
+}
+
+impl Access {
+    fn load(nats: &NatsArgs) -> Result<Self, Error> {
+        let seed = match &nats.nats_creds {
+            Some(path) => Some(read_seed(path)?),
+            None => None,
+        };
+        for path in [&nats.nats_ca, &nats.nats_cert, &nats.nats_key]
+            .into_iter()
+            .flatten()
+        {
+            if let Err(error) = std::fs::metadata(path) {
+                return Err(Error::setup(
+                    format!("NATS TLS file {}", path.display()),
+                    error,
+                ));
+            }
+        }
+        Ok(Self {
+            seed,
+            ca: nats.nats_ca.clone(),
+            client_cert: nats.nats_cert.clone().zip(nats.nats_key.clone()),
+        })
+    }
+
+    fn apply(&self, mut options: async_nats::ConnectOptions) -> async_nats::ConnectOptions {
+        if let Some(seed) = &self.seed {
+            options = options.nkey(seed.clone());
+        }
+        if let Some(ca) = &self.ca {
+            options = options.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        if let Some((cert, key)) = &self.client_cert {
+            options = options
+                .add_client_certificate(cert.clone(), key.clone())
+                .require_tls(true);
+        }
+        options
+    }
+}
+
+/// The NKEY user seed in the credentials file at `path`: its first line that is not blank or
+/// a comment. The seed itself never appears in an error.
+fn read_seed(path: &Path) -> Result<String, Error> {
+    let what = || format!("NATS credentials file {}", path.display());
+    let text = std::fs::read_to_string(path).map_err(|e| Error::setup(what(), e))?;
+    if text.contains("BEGIN NATS USER JWT") {
+        return Err(Error::setup(
+            what(),
+            "it holds a JWT; Capstan's identities are NKEY users: give the file holding the seed",
+        ));
+    }
+    let seed = text
+        .lines()
+        .map(str::trim)
+        .find(|line| !line.is_empty() && !line.starts_with('#') && !line.starts_with("//"))
+        .ok_or_else(|| Error::setup(what(), "the file holds no seed"))?;
+    match nkeys::KeyPair::from_seed(seed) {
+        Ok(pair) if seed.starts_with("SU") => {
+            tracing::debug!(identity = %pair.public_key(), "NATS identity loaded");
+            Ok(seed.to_owned())
+        }
+        Ok(_) => Err(Error::setup(
+            what(),
+            "the seed is not a user's (it must start with SU)",
+        )),
+        Err(_) => Err(Error::setup(
+            what(),
+            "the file's first line is not a valid NKEY seed",
+        )),
+    }
+}
+
+/// Connects to NATS as `name` with the identity and TLS settings of `nats`, retrying with
+/// backoff until it succeeds or `shutdown` fires. Fails at once when a credentials or TLS file
+/// cannot be read. Once connected, the client reconnects by itself for as long as the process
+/// lives.
 pub async fn connect(
-    url: &str,
+    nats: &NatsArgs,
     name: &str,
     shutdown: &CancellationToken,
 ) -> Result<async_nats::Client, Error> {
+    let access = Access::load(nats)?;
+    let url = nats.nats_url.as_str();
     let mut delay = Duration::from_millis(100);
     loop {
-        let options = async_nats::ConnectOptions::new()
-            .name(name)
-            .connection_timeout(Duration::from_secs(5))
-            .max_reconnects(None)
-            .event_callback(|event| async move {
-                match event {
-                    async_nats::Event::Connected => tracing::info!("connected to NATS"),
-                    async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS"),
-                    other => tracing::debug!(event = %other, "NATS client event"),
-                }
-            });
+        let options = access.apply(
+            async_nats::ConnectOptions::new()
+                .name(name)
+                .connection_timeout(Duration::from_secs(5))
+                .max_reconnects(None)
+                .event_callback(|event| async move {
+                    match event {
+                        async_nats::Event::Connected => tracing::info!("connected to NATS"),
+                        async_nats::Event::Disconnected => {
+                            tracing::warn!("disconnected from NATS")
+                        }
+                        other => tracing::debug!(event = %other, "NATS client event"),
+                    }
+                }),
+        );
         match options.connect(url).await {
             Ok(client) => return Ok(client),
             Err(error) => {
@@ -90,11 +181,11 @@ impl Mesh {
 
     /// Connects (retrying until `shutdown`) and opens the mesh.
     pub async fn connect(
-        url: &str,
+        nats: &NatsArgs,
         name: &str,
         shutdown: &CancellationToken,
     ) -> Result<Self, Error> {
-        let client = connect(url, name, shutdown).await?;
+        let client = connect(nats, name, shutdown).await?;
         Self::open(client).await
     }
 }

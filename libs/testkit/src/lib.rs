@@ -12,12 +12,14 @@ pub mod oidc;
 pub mod otlp;
 pub mod process;
 pub mod server;
+pub mod tls;
 pub mod wait;
 
 pub use oidc::OidcIssuer;
 pub use otlp::{OtlpReceiver, ReceivedSpan};
 pub use process::{ServiceProcess, bin_path};
 pub use server::{NatsOptions, NatsServer};
+pub use tls::{TestCa, TlsFiles};
 pub use wait::{POLL_INTERVAL, wait_until};
 
 use std::path::PathBuf;

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+use crate::tls::TlsFiles;
 use crate::wait::POLL_INTERVAL;
 
 /// Server settings a test may change.
@@ -18,6 +19,29 @@ pub struct NatsOptions {
     pub sync_always: bool,
     /// Largest message the server accepts, in bytes (default: the server's 1 MiB).
     pub max_payload: Option<usize>,
+    /// NKEY user seeds: when any is given, only these users may connect (no anonymous
+    /// connection), and the harness itself connects as the first.
+    pub nkey_seeds: Vec<String>,
+    /// Serve TLS only, with these files, and require a client certificate signed by their CA.
+    pub tls: Option<TlsFiles>,
+}
+
+impl NatsOptions {
+    /// Connect options for this server: the first NKEY user, the TLS files' CA and client
+    /// certificate.
+    pub fn connect_options(&self) -> async_nats::ConnectOptions {
+        let mut options = async_nats::ConnectOptions::new();
+        if let Some(seed) = self.nkey_seeds.first() {
+            options = options.nkey(seed.clone());
+        }
+        if let Some(tls) = &self.tls {
+            options = options
+                .require_tls(true)
+                .add_root_certificates(tls.ca.clone())
+                .add_client_certificate(tls.client_cert.clone(), tls.client_key.clone());
+        }
+        options
+    }
 }
 
 /// A running server.
@@ -73,9 +97,11 @@ impl NatsServer {
         self.dir.path().join("store")
     }
 
-    /// A connected client.
+    /// A connected client (as the first NKEY user, over TLS, when the server requires it).
     pub async fn client(&self) -> async_nats::Client {
-        async_nats::connect(self.url())
+        self.options
+            .connect_options()
+            .connect(self.url())
             .await
             .expect("connect to the test nats-server")
     }
@@ -130,6 +156,20 @@ impl NatsServer {
         if let Some(max_payload) = self.options.max_payload {
             config.push_str(&format!("max_payload: {max_payload}\n"));
         }
+        if !self.options.nkey_seeds.is_empty() {
+            config.push_str("authorization {\n  users = [\n");
+            for seed in &self.options.nkey_seeds {
+                let user = nkeys::KeyPair::from_seed(seed).expect("a valid NKEY seed");
+                config.push_str(&format!("    {{ nkey: {} }}\n", user.public_key()));
+            }
+            config.push_str("  ]\n}\n");
+        }
+        if let Some(tls) = &self.options.tls {
+            config.push_str(&format!(
+                "tls {{\n  cert_file: {:?}\n  key_file: {:?}\n  ca_file: {:?}\n  verify: true\n}}\n",
+                tls.server_cert, tls.server_key, tls.ca
+            ));
+        }
         std::fs::write(&path, config).expect("write the server config");
         path
     }
@@ -158,7 +198,7 @@ impl NatsServer {
                 self.child = None;
                 return false;
             }
-            if jetstream_ready(&self.url()).await {
+            if jetstream_ready(&self.url(), self.options.connect_options()).await {
                 return true;
             }
             tokio::time::sleep(POLL_INTERVAL).await;
@@ -168,8 +208,8 @@ impl NatsServer {
     }
 }
 
-async fn jetstream_ready(url: &str) -> bool {
-    let Ok(client) = async_nats::ConnectOptions::new()
+async fn jetstream_ready(url: &str, options: async_nats::ConnectOptions) -> bool {
+    let Ok(client) = options
         .connection_timeout(Duration::from_secs(1))
         .connect(url)
         .await

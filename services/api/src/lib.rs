@@ -174,7 +174,7 @@ pub(crate) async fn assemble(
     };
     let history = History::connect(&database_url).await?;
     tracing::info!(database = %capstan_store::redact(&database_url), "history database ready");
-    let mesh = Mesh::connect(&config.nats.nats_url, "capstan-api", shutdown).await?;
+    let mesh = Mesh::connect(&config.nats, "capstan-api", shutdown).await?;
     let revocations = Arc::new(Revocations::load(mesh.revocations.clone()).await?);
     let auditor = Auditor::new(mesh.clone(), history.clone());
     bootstrap::first_admin(

@@ -175,12 +175,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), erro
         );
     }
 
-    let mesh = Mesh::connect(
-        &config.nats.nats_url,
-        &format!("capstan-executor-{node}"),
-        &shutdown,
-    )
-    .await?;
+    let mesh = Mesh::connect(&config.nats, &format!("capstan-executor-{node}"), &shutdown).await?;
     let consumer = dispatch_consumer(&mesh, &node, &config, &shutdown).await?;
     let instance = InstanceId::generate();
     let membership = Membership::new(

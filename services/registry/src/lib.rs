@@ -73,7 +73,7 @@ pub const MAX_CAPACITY: u32 = 10_000;
 
 /// Runs the registry until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
-    let mesh = Mesh::connect(&config.nats.nats_url, "capstan-registry", &shutdown).await?;
+    let mesh = Mesh::connect(&config.nats, "capstan-registry", &shutdown).await?;
     // The tally's consumer failing for good stops the registry, loudly.
     let stop = Stop::new(&shutdown);
     let shutdown = stop.token().clone();

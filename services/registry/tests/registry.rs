@@ -302,7 +302,8 @@ async fn job_outcomes_are_tallied_on_their_node_and_malformed_ones_rejected() {
     let node = reply.into_result().expect("registered").id;
 
     let shutdown = CancellationToken::new();
-    let mesh = capstan_mesh::Mesh::connect(&server.url(), "registry-test", &shutdown)
+    let nats = capstan_mesh::config::NatsArgs::for_url(server.url());
+    let mesh = capstan_mesh::Mesh::connect(&nats, "registry-test", &shutdown)
         .await
         .expect("connects");
     for status in [

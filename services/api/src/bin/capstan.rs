@@ -53,8 +53,7 @@ async fn main() -> anyhow::Result<()> {
             let url = config.database_url();
             let history = capstan_store::History::connect(&url).await?;
             let mesh =
-                capstan_mesh::Mesh::connect(&config.nats.nats_url, "capstan-admin", &shutdown)
-                    .await?;
+                capstan_mesh::Mesh::connect(&config.nats, "capstan-admin", &shutdown).await?;
             // Recorded however it ends; the command fails when the record cannot be stored.
             let mut record = AuditRecord::new(AuditAction::HistoryRebuild, AuditOutcome::Success);
             record.principal = Some(operator());

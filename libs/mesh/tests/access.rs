@@ -1,0 +1,200 @@
+//! Connecting as an identity against a real nats-server that requires one: an NKEY user from a
+//! credentials file, TLS with a CA and a client certificate, and the refusals when either is
+//! missing or wrong.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use capstan_mesh::{Error, Mesh, NatsArgs};
+use capstan_testkit::{NatsOptions, NatsServer, TestCa};
+use tokio_util::sync::CancellationToken;
+
+fn user_seed() -> String {
+    nkeys::KeyPair::new_user()
+        .seed()
+        .expect("a new key pair has a seed")
+}
+
+fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> PathBuf {
+    let path = dir.path().join(name);
+    std::fs::write(&path, text).expect("write");
+    path
+}
+
+/// Whether a connection with `options` to `server` is accepted.
+async fn accepted(server: &NatsServer, options: async_nats::ConnectOptions) -> bool {
+    let client = options
+        .connection_timeout(Duration::from_secs(2))
+        .connect(server.url())
+        .await;
+    match client {
+        Ok(client) => client.flush().await.is_ok(),
+        Err(_) => false,
+    }
+}
+
+#[tokio::test]
+async fn a_service_holding_its_nkey_seed_opens_the_mesh_where_anonymous_and_unknown_users_are_refused()
+ {
+    let service = user_seed();
+    let server = NatsServer::start_with(NatsOptions {
+        nkey_seeds: vec![user_seed(), service.clone()],
+        ..NatsOptions::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("dir");
+    let mut nats = NatsArgs::for_url(server.url());
+    nats.nats_creds = Some(write(
+        &dir,
+        "scheduler.nk",
+        &format!("# the scheduler's identity\n{service}\n"),
+    ));
+    let shutdown = CancellationToken::new();
+    let mesh = tokio::time::timeout(
+        Duration::from_secs(30),
+        Mesh::connect(&nats, "access-test", &shutdown),
+    )
+    .await
+    .expect("connects in time")
+    .expect("the mesh opens as the NKEY user");
+    mesh.jobs
+        .get("no-such-job")
+        .await
+        .expect("the identity reads the jobs bucket");
+
+    assert!(
+        accepted(&server, async_nats::ConnectOptions::new().nkey(service)).await,
+        "the known user is accepted"
+    );
+    assert!(
+        !accepted(&server, async_nats::ConnectOptions::new()).await,
+        "an anonymous connection was accepted"
+    );
+    assert!(
+        !accepted(&server, async_nats::ConnectOptions::new().nkey(user_seed())).await,
+        "an unknown NKEY user was accepted"
+    );
+}
+
+#[tokio::test]
+async fn a_credentials_file_that_is_missing_or_holds_no_user_seed_fails_at_once_without_showing_its_content()
+ {
+    let dir = tempfile::tempdir().expect("dir");
+    let account_seed = nkeys::KeyPair::new_account().seed().expect("a seed");
+    let cases = [
+        (dir.path().join("absent.nk"), "absent.nk"),
+        (write(&dir, "empty.nk", "# nothing here\n\n"), "no seed"),
+        (
+            write(&dir, "garbage.nk", "SUNOTASEED-secret-looking\n"),
+            "not a valid NKEY seed",
+        ),
+        (write(&dir, "account.nk", &account_seed), "not a user's"),
+        (
+            write(
+                &dir,
+                "user.creds",
+                "-----BEGIN NATS USER JWT-----\neyJ0eXAi.secret-jwt\n------END NATS USER JWT------\n",
+            ),
+            "JWT",
+        ),
+    ];
+    let shutdown = CancellationToken::new();
+    for (path, expected) in cases {
+        let mut nats = NatsArgs::for_url("nats://127.0.0.1:1");
+        nats.nats_creds = Some(path.clone());
+        let started = std::time::Instant::now();
+        let error = capstan_mesh::connect(&nats, "access-test", &shutdown)
+            .await
+            .expect_err("a bad credentials file is refused");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "refused at once, not after retries"
+        );
+        assert!(matches!(error, Error::Setup { .. }), "{error:?}");
+        let message = format!("{error}: {:?}", std::error::Error::source(&error));
+        assert!(
+            message.contains(&path.display().to_string()) && message.contains(expected),
+            "{message}"
+        );
+        for secret in [account_seed.as_str(), "secret-looking", "secret-jwt"] {
+            assert!(
+                !message.contains(secret),
+                "the error shows the file: {message}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_service_with_the_ca_and_a_client_certificate_connects_over_mutual_tls_and_a_client_without_them_is_refused()
+ {
+    let ca = TestCa::generate();
+    let seed = user_seed();
+    let server = NatsServer::start_with(NatsOptions {
+        nkey_seeds: vec![seed.clone()],
+        tls: Some(ca.files.clone()),
+        ..NatsOptions::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("dir");
+    let mut nats = NatsArgs::for_url(server.url());
+    nats.nats_creds = Some(write(&dir, "api.nk", &seed));
+    nats.nats_ca = Some(ca.files.ca.clone());
+    nats.nats_cert = Some(ca.files.client_cert.clone());
+    nats.nats_key = Some(ca.files.client_key.clone());
+    let shutdown = CancellationToken::new();
+    let mesh = tokio::time::timeout(
+        Duration::from_secs(30),
+        Mesh::connect(&nats, "access-test", &shutdown),
+    )
+    .await
+    .expect("connects in time")
+    .expect("the mesh opens over mutual TLS");
+    mesh.nodes
+        .get("no-such-node")
+        .await
+        .expect("the connection works");
+
+    let trusted = async_nats::ConnectOptions::new()
+        .nkey(seed.clone())
+        .require_tls(true)
+        .add_root_certificates(ca.files.ca.clone())
+        .add_client_certificate(ca.files.client_cert.clone(), ca.files.client_key.clone());
+    assert!(
+        accepted(&server, trusted).await,
+        "the trusted client is accepted"
+    );
+    let plain = async_nats::ConnectOptions::new().nkey(seed.clone());
+    assert!(
+        !accepted(&server, plain).await,
+        "a plain connection was accepted"
+    );
+    let no_client_certificate = async_nats::ConnectOptions::new()
+        .nkey(seed.clone())
+        .require_tls(true)
+        .add_root_certificates(ca.files.ca.clone());
+    assert!(
+        !accepted(&server, no_client_certificate).await,
+        "a TLS connection without a client certificate was accepted"
+    );
+    let other = TestCa::generate();
+    let untrusted_server = async_nats::ConnectOptions::new()
+        .nkey(seed)
+        .require_tls(true)
+        .add_root_certificates(other.files.ca.clone())
+        .add_client_certificate(
+            other.files.client_cert.clone(),
+            other.files.client_key.clone(),
+        );
+    assert!(
+        !accepted(&server, untrusted_server).await,
+        "a client trusting another CA connected"
+    );
+
+    let mut missing = NatsArgs::for_url(server.url());
+    missing.nats_ca = Some(ca.dir().join("no-such-ca.pem"));
+    let error = capstan_mesh::connect(&missing, "access-test", &shutdown)
+        .await
+        .expect_err("a missing CA file is refused");
+    assert!(error.to_string().contains("no-such-ca.pem"), "{error}");
+}
