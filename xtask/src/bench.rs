@@ -238,8 +238,14 @@ async fn pipeline(bin: &Path, args: &Args) -> anyhow::Result<()> {
     let monitor_port = capstan_testkit::server::free_port();
     let api_port = capstan_testkit::server::free_port();
     let nats_url = format!("nats://127.0.0.1:{nats_port}");
-    let mut nats_command =
-        crate::up::nats_command(&nats_binary, nats_port, &data.join("nats"), args.durable)?;
+    let identities = crate::up::identities(&dir.path().join("identities"), args.executors)?;
+    let mut nats_command = crate::up::nats_command(
+        &nats_binary,
+        nats_port,
+        &data.join("nats"),
+        args.durable,
+        &identities.authorization,
+    )?;
     // Its monitoring endpoint, for the message counts.
     nats_command.args(["-m", &monitor_port.to_string()]);
     let nats = start("nats-server", nats_command, logs)?;
@@ -253,8 +259,12 @@ async fn pipeline(bin: &Path, args: &Args) -> anyhow::Result<()> {
         slots: args.slots,
         api_listen: format!("127.0.0.1:{api_port}"),
         admin_password: capstan_api::TEST_ADMIN_PASSWORD.to_owned(),
+        identities: identities.clone(),
     };
-    let client = connect(&nats_url).await?;
+    // The administrator: the benchmark reads stream states besides submitting.
+    let seed =
+        std::fs::read_to_string(identities.seed_file(&capstan_mesh::identities::Identity::Admin))?;
+    let client = connect(&nats_url, seed.trim()).await?;
     let mut processes = vec![nats];
     for (name, command) in plan.services() {
         processes.push(start(&name, command, logs)?);
@@ -646,11 +656,12 @@ async fn spawn_floor(count: usize, concurrency: usize) -> anyhow::Result<Floor> 
     })
 }
 
-/// Connects the benchmark's client.
-async fn connect(url: &str) -> anyhow::Result<async_nats::Client> {
+/// Connects the benchmark's client as the NKEY user `seed`.
+async fn connect(url: &str, seed: &str) -> anyhow::Result<async_nats::Client> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        match async_nats::connect(url).await {
+        let options = async_nats::ConnectOptions::new().nkey(seed.to_owned());
+        match options.connect(url).await {
             Ok(client) => return Ok(client),
             Err(error) if Instant::now() > deadline => bail!("cannot reach nats-server: {error}"),
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,

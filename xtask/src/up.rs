@@ -7,6 +7,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use capstan_mesh::identities::{Identities, Identity};
+use capstan_protocol::NodeId;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
@@ -63,6 +65,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     let data = root.join(".capstan").join("data");
     std::fs::create_dir_all(data.join("nats"))?;
+    let identities = identities(&root.join(".capstan").join("nats"), args.executors)?;
     let port = match args.nats_port {
         Some(port) => port,
         None if port_free(4222) => 4222,
@@ -81,10 +84,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         slots: args.slots,
         api_listen: args.api_listen.clone(),
         admin_password: admin_password(&root.join(".capstan").join("admin-password"))?,
+        identities: identities.clone(),
     };
     running.push(spawn(
         "nats",
-        nats_command(&nats, port, &data.join("nats"), false)?,
+        nats_command(
+            &nats,
+            port,
+            &data.join("nats"),
+            false,
+            &identities.authorization,
+        )?,
     )?);
     wait_for_port(port, Duration::from_secs(20))?;
     for (name, command) in plan.services() {
@@ -95,12 +105,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     eprintln!();
     eprintln!("Capstan is up: NATS at {url}, store in {}", data.display());
+    let client_seed = identities.seed_file(&Identity::Client);
+    eprintln!(
+        "For the nats CLI (no anonymous connection is accepted; the `client` identity may \
+         submit, cancel, and read events and logs; `admin.nk` beside it may do anything):"
+    );
     if port != 4222 {
-        eprintln!("  (port 4222 is taken; for the nats CLI: export NATS_URL={url})");
+        eprintln!("  export NATS_URL={url}");
     }
+    eprintln!("  export NATS_NKEY={}", client_seed.display());
     eprintln!("  nats pub capstan.jobs.submit '{{\"command\": \"echo hello\"}}'");
     eprintln!("  nats sub 'capstan.events.>'");
-    eprintln!("  nats micro ls");
+    eprintln!(
+        "  nats micro ls --nkey {}   # as the administrator",
+        identities.seed_file(&Identity::Admin).display()
+    );
     eprintln!(
         "REST API at http://{}/api/v1 (Swagger UI at /docs); log in as `admin` with the \
          password in .capstan/admin-password:",
@@ -151,27 +170,37 @@ pub(crate) struct Plan {
     pub(crate) slots: u32,
     pub(crate) api_listen: String,
     pub(crate) admin_password: String,
+    /// The NATS identities; each service connects as its own.
+    pub(crate) identities: Identities,
 }
 
 impl Plan {
     /// Every service's name and command, in start order: registries, schedulers, executors
     /// (`exec-<n>`), the API.
     pub(crate) fn services(&self) -> Vec<(String, Command)> {
-        let service = |binary: &str| {
+        let service = |binary: &str, identity: Identity| {
             let mut command = Command::new(self.bin_dir.join(binary));
-            command.env("CAPSTAN_NATS_URL", &self.nats_url);
+            command
+                .env("CAPSTAN_NATS_URL", &self.nats_url)
+                .env("CAPSTAN_NATS_CREDS", self.identities.seed_file(&identity));
             command
         };
         let mut services = Vec::new();
         for n in 1..=self.registries {
-            services.push((format!("registry-{n}"), service("capstan-registry")));
+            services.push((
+                format!("registry-{n}"),
+                service("capstan-registry", Identity::Registry),
+            ));
         }
         for n in 1..=self.schedulers {
-            services.push((format!("scheduler-{n}"), service("capstan-scheduler")));
+            services.push((
+                format!("scheduler-{n}"),
+                service("capstan-scheduler", Identity::Scheduler),
+            ));
         }
         for n in 1..=self.executors {
             let node = format!("exec-{n}");
-            let mut command = service("capstan-executor");
+            let mut command = service("capstan-executor", Identity::Executor(node_id(&node)));
             command
                 .env("CAPSTAN_NODE_ID", &node)
                 .env("CAPSTAN_SLOTS", self.slots.to_string())
@@ -180,7 +209,7 @@ impl Plan {
         }
         // The API keeps its SQLite history and its generated signing key in the data
         // directory; the first administrator's password is generated once and kept beside it.
-        let mut api = service("capstan-api");
+        let mut api = service("capstan-api", Identity::Api);
         api.env("CAPSTAN_API_LISTEN", &self.api_listen)
             .env("CAPSTAN_DATA_DIR", &self.data)
             .env("CAPSTAN_ADMIN_PASSWORD", &self.admin_password);
@@ -189,37 +218,51 @@ impl Plan {
     }
 }
 
-/// The nats-server command: JetStream on `port` (loopback only) with its store in `store`;
-/// `sync_always` fsyncs every write (`sync_interval: always`, which only a configuration file
-/// can set).
+/// The nats-server command: JetStream on `port` (loopback only) with its store in `store`,
+/// admitting only the users of the `authorization` block; `sync_always` fsyncs every write
+/// (`sync_interval: always`).
 pub(crate) fn nats_command(
     binary: &Path,
     port: u16,
     store: &Path,
     sync_always: bool,
+    authorization: &Path,
 ) -> anyhow::Result<Command> {
-    let mut command = Command::new(binary);
-    command.args([
-        "-a",
-        "127.0.0.1",
-        "-p",
-        &port.to_string(),
-        "-js",
-        "-n",
-        "capstan-dev",
-    ]);
-    if sync_always {
-        let config = store.with_extension("conf");
-        std::fs::write(
-            &config,
-            format!("jetstream {{\n  store_dir: {store:?}\n  sync_interval: always\n}}\n"),
-        )
-        .with_context(|| format!("cannot write {}", config.display()))?;
-        command.arg("-c").arg(config);
+    let config = store.with_extension("conf");
+    // nats-server resolves an include beside the including file.
+    let included = config.with_file_name("authorization.conf");
+    std::fs::copy(authorization, &included)
+        .with_context(|| format!("cannot copy {}", authorization.display()))?;
+    let sync = if sync_always {
+        "  sync_interval: always\n"
     } else {
-        command.arg("-sd").arg(store);
-    }
+        ""
+    };
+    std::fs::write(
+        &config,
+        format!(
+            "listen: \"127.0.0.1:{port}\"\nserver_name: capstan-dev\n\
+             jetstream {{\n  store_dir: {store:?}\n{sync}}}\ninclude \"authorization.conf\"\n"
+        ),
+    )
+    .with_context(|| format!("cannot write {}", config.display()))?;
+    let mut command = Command::new(binary);
+    command.arg("-c").arg(config);
     Ok(command)
+}
+
+/// The mesh's NATS identities in `dir` for executors `exec-1` … `exec-<executors>`, kept from
+/// one run to the next.
+pub(crate) fn identities(dir: &Path, executors: u32) -> anyhow::Result<Identities> {
+    let nodes: Vec<NodeId> = (1..=executors)
+        .map(|n| node_id(&format!("exec-{n}")))
+        .collect();
+    capstan_mesh::identities::init(dir, &nodes)
+        .with_context(|| format!("cannot write the NATS identities into {}", dir.display()))
+}
+
+fn node_id(name: &str) -> NodeId {
+    NodeId::new(name).expect("exec-<n> is a valid node id")
 }
 
 fn target_dir(root: &Path) -> PathBuf {

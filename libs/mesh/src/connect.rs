@@ -65,7 +65,7 @@ impl Access {
 
 /// The NKEY user seed in the credentials file at `path`: its first line that is not blank or
 /// a comment. The seed itself never appears in an error.
-fn read_seed(path: &Path) -> Result<String, Error> {
+pub(crate) fn read_seed(path: &Path) -> Result<String, Error> {
     let what = || format!("NATS credentials file {}", path.display());
     let text = std::fs::read_to_string(path).map_err(|e| Error::setup(what(), e))?;
     if text.contains("BEGIN NATS USER JWT") {

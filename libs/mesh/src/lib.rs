@@ -1,4 +1,5 @@
-//! What every Capstan service does with NATS, written once: connect, create the streams and
+//! What every Capstan service does with NATS, written once: connect (as one of the mesh's
+//! [`identities`]), create the streams and
 //! buckets of [`capstan_protocol::topology`] idempotently, read typed KV records and change
 //! them by compare-and-swap (read, decide, write, decide again on a lost race:
 //! [`Bucket::modify`]), publish events and rejections, serve NATS micro endpoints, stop on a
@@ -12,6 +13,7 @@ pub mod connect;
 pub mod consume;
 pub mod error;
 pub mod events;
+pub mod identities;
 pub mod lifecycle;
 pub mod service;
 pub mod shutdown;

@@ -198,3 +198,114 @@ async fn a_service_with_the_ca_and_a_client_certificate_connects_over_mutual_tls
         .expect_err("a missing CA file is refused");
     assert!(error.to_string().contains("no-such-ca.pem"), "{error}");
 }
+
+#[tokio::test]
+async fn a_server_given_the_generated_identities_admits_each_one_and_the_client_only_to_submit_and_read()
+ {
+    use capstan_mesh::identities::{self, Identity};
+    use capstan_protocol::{NodeId, subjects};
+    use futures::StreamExt;
+
+    let dir = tempfile::tempdir().expect("dir");
+    let node = NodeId::new("exec-1").expect("valid");
+    let written = identities::init(dir.path(), std::slice::from_ref(&node)).expect("written");
+    let seed = |identity: &Identity| {
+        std::fs::read_to_string(written.seed_file(identity))
+            .expect("seed")
+            .trim()
+            .to_owned()
+    };
+    let server = NatsServer::start_with(NatsOptions {
+        include: Some(written.authorization.clone()),
+        connect_seed: Some(seed(&Identity::Admin)),
+        ..NatsOptions::default()
+    })
+    .await;
+    // The admin creates the topology.
+    let admin = server.client().await;
+    Mesh::open(admin.clone())
+        .await
+        .expect("the admin creates the topology");
+    for identity in Identity::all(std::slice::from_ref(&node)) {
+        assert!(
+            accepted(
+                &server,
+                async_nats::ConnectOptions::new().nkey(seed(&identity))
+            )
+            .await,
+            "{} refused",
+            identity.name()
+        );
+    }
+    assert!(
+        !accepted(&server, async_nats::ConnectOptions::new()).await,
+        "an anonymous connection was accepted"
+    );
+
+    let client = async_nats::ConnectOptions::new()
+        .nkey(seed(&Identity::Client))
+        .connect(server.url())
+        .await
+        .expect("the client connects");
+    let js = async_nats::jetstream::new(client.clone());
+    js.publish(subjects::SUBMIT, r#"{"command": "true"}"#.into())
+        .await
+        .expect("sent")
+        .await
+        .expect("the client's submission is stored");
+    let mut events = client
+        .subscribe(subjects::EVENTS_ALL)
+        .await
+        .expect("subscribed");
+    client.flush().await.expect("flushed");
+
+    // What the client may not do is dropped by the server: a dispatch and an event.
+    let dispatch = subjects::dispatch(&node);
+    let forged = subjects::job_event(
+        capstan_protocol::JobId::generate(),
+        capstan_protocol::JobEventKind::Succeeded,
+    );
+    for subject in [dispatch.clone(), forged.clone()] {
+        let stored = tokio::time::timeout(Duration::from_secs(2), async {
+            js.publish(subject.clone(), "{}".into())
+                .await
+                .ok()?
+                .await
+                .ok()
+        })
+        .await;
+        assert!(
+            !matches!(stored, Ok(Some(_))),
+            "the client stored a message on {subject}"
+        );
+    }
+    let admin_js = async_nats::jetstream::new(admin.clone());
+    for (stream, subject) in [
+        (capstan_protocol::topology::DISPATCH.name, dispatch),
+        (capstan_protocol::topology::EVENTS.name, forged),
+    ] {
+        let stream = admin_js.get_stream(stream).await.expect("stream");
+        assert!(
+            stream
+                .get_last_raw_message_by_subject(&subject)
+                .await
+                .is_err(),
+            "{subject} holds a message"
+        );
+    }
+    // An event the admin publishes reaches the client.
+    admin
+        .publish(
+            subjects::job_event(
+                capstan_protocol::JobId::generate(),
+                capstan_protocol::JobEventKind::Pending,
+            ),
+            "{}".into(),
+        )
+        .await
+        .expect("published");
+    let event = tokio::time::timeout(Duration::from_secs(10), events.next())
+        .await
+        .expect("an event in time");
+    assert!(event.is_some());
+}

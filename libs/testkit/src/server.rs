@@ -24,6 +24,11 @@ pub struct NatsOptions {
     pub nkey_seeds: Vec<String>,
     /// Serve TLS only, with these files, and require a client certificate signed by their CA.
     pub tls: Option<TlsFiles>,
+    /// A configuration file to include (an `authorization` block, say), copied beside the
+    /// server's.
+    pub include: Option<PathBuf>,
+    /// The NKEY seed the harness connects with, when not the first of `nkey_seeds`.
+    pub connect_seed: Option<String>,
 }
 
 impl NatsOptions {
@@ -31,7 +36,7 @@ impl NatsOptions {
     /// certificate.
     pub fn connect_options(&self) -> async_nats::ConnectOptions {
         let mut options = async_nats::ConnectOptions::new();
-        if let Some(seed) = self.nkey_seeds.first() {
+        if let Some(seed) = self.connect_seed.as_ref().or(self.nkey_seeds.first()) {
             options = options.nkey(seed.clone());
         }
         if let Some(tls) = &self.tls {
@@ -163,6 +168,12 @@ impl NatsServer {
                 config.push_str(&format!("    {{ nkey: {} }}\n", user.public_key()));
             }
             config.push_str("  ]\n}\n");
+        }
+        if let Some(include) = &self.options.include {
+            // nats-server resolves an include beside the including file, even an absolute path.
+            let local = self.dir.path().join("included.conf");
+            std::fs::copy(include, &local).expect("copy the included configuration");
+            config.push_str("include \"included.conf\"\n");
         }
         if let Some(tls) = &self.options.tls {
             config.push_str(&format!(

@@ -1,5 +1,6 @@
 //! `capstan`: administration commands. `capstan history rebuild --yes` empties the history
 //! tables and replays the events stream into them; it is audited like a request to the API.
+//! `capstan nats init --dir DIR --node N…` writes the mesh's NATS identities.
 
 use anyhow::Context;
 use capstan_protocol::{AuditAction, AuditOutcome, AuditRecord, AuthMethod};
@@ -19,6 +20,26 @@ enum Command {
         #[command(subcommand)]
         command: HistoryCommand,
     },
+    /// The mesh's NATS identities.
+    Nats {
+        #[command(subcommand)]
+        command: NatsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum NatsCommand {
+    /// Write an NKEY seed for each identity (the administrator, each service, each executor
+    /// node, and `client` for the `nats` CLI) into DIR, keeping the ones already there, and
+    /// the `authorization` block naming them for the server's configuration to include.
+    Init {
+        /// Where the seeds and the block go.
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        /// An executor node's id; repeat for each node.
+        #[arg(long = "node", required = true)]
+        nodes: Vec<capstan_protocol::NodeId>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -31,7 +52,7 @@ enum HistoryCommand {
         yes: bool,
         /// Where NATS and the database are (same options and variables as the API).
         #[command(flatten)]
-        config: capstan_api::Config,
+        config: Box<capstan_api::Config>,
     },
 }
 
@@ -40,6 +61,20 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let _telemetry = capstan_telemetry::init("admin");
     match cli.command {
+        Command::Nats {
+            command: NatsCommand::Init { dir, nodes },
+        } => {
+            let written = capstan_mesh::identities::init(&dir, &nodes)?;
+            println!(
+                "NATS identities in {}: give each service its `<name>.nk` (CAPSTAN_NATS_CREDS), \
+                 and add `include \"authorization.conf\"` to the server's configuration \
+                 (copied beside it). For the nats CLI: --nkey {}",
+                written.dir.display(),
+                written
+                    .seed_file(&capstan_mesh::identities::Identity::Client)
+                    .display()
+            );
+        }
         Command::History {
             command: HistoryCommand::Rebuild { yes, config },
         } => {
