@@ -13,7 +13,7 @@ use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use capstan_protocol::{NodeId, subjects};
+use capstan_protocol::{NodeId, subjects, topology};
 
 use crate::error::Error;
 
@@ -42,7 +42,8 @@ impl Identity {
             Self::Registry => "registry".to_owned(),
             Self::Scheduler => "scheduler".to_owned(),
             Self::Api => "api".to_owned(),
-            Self::Executor(node) => format!("executor-{node}"),
+            // Named as the node's dispatch consumer, `executor-<node>`.
+            Self::Executor(node) => topology::executor_consumer(node),
             Self::Client => "client".to_owned(),
         }
     }
@@ -171,16 +172,20 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let written = init(dir.path(), &nodes()).expect("written");
         let block = std::fs::read_to_string(&written.authorization).expect("block");
-        let names = [
-            "admin",
-            "registry",
-            "scheduler",
-            "api",
-            "executor-exec-1",
-            "executor-exec-2",
-            "client",
-        ];
-        for name in names {
+        let names: Vec<String> = Identity::all(&nodes()).iter().map(Identity::name).collect();
+        assert_eq!(
+            names,
+            [
+                "admin".to_owned(),
+                "registry".to_owned(),
+                "scheduler".to_owned(),
+                "api".to_owned(),
+                topology::executor_consumer(&nodes()[0]),
+                topology::executor_consumer(&nodes()[1]),
+                "client".to_owned(),
+            ]
+        );
+        for name in &names {
             let path = dir.path().join(format!("{name}.nk"));
             let mode = std::fs::metadata(&path)
                 .expect("seed file")
@@ -207,7 +212,8 @@ mod tests {
         more.push(NodeId::new("exec-3").expect("valid"));
         init(dir.path(), &more).expect("written again");
         assert_eq!(read("admin.nk"), admin, "a key changed");
-        assert!(dir.path().join("executor-exec-3.nk").exists());
+        let added = Identity::Executor(NodeId::new("exec-3").expect("valid"));
+        assert!(dir.path().join(format!("{}.nk", added.name())).exists());
     }
 
     #[test]

@@ -33,6 +33,18 @@ async fn accepted(server: &NatsServer, options: async_nats::ConnectOptions) -> b
     }
 }
 
+/// Opens the mesh with `nats`, in time.
+async fn open(nats: &NatsArgs) -> Mesh {
+    let shutdown = CancellationToken::new();
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        Mesh::connect(nats, "access-test", &shutdown),
+    )
+    .await
+    .expect("connects in time")
+    .expect("the mesh opens")
+}
+
 #[tokio::test]
 async fn a_service_holding_its_nkey_seed_opens_the_mesh_where_anonymous_and_unknown_users_are_refused()
  {
@@ -49,14 +61,7 @@ async fn a_service_holding_its_nkey_seed_opens_the_mesh_where_anonymous_and_unkn
         "scheduler.nk",
         &format!("# the scheduler's identity\n{service}\n"),
     ));
-    let shutdown = CancellationToken::new();
-    let mesh = tokio::time::timeout(
-        Duration::from_secs(30),
-        Mesh::connect(&nats, "access-test", &shutdown),
-    )
-    .await
-    .expect("connects in time")
-    .expect("the mesh opens as the NKEY user");
+    let mesh = open(&nats).await;
     mesh.jobs
         .get("no-such-job")
         .await
@@ -142,14 +147,7 @@ async fn a_service_with_the_ca_and_a_client_certificate_connects_over_mutual_tls
     nats.nats_ca = Some(ca.files.ca.clone());
     nats.nats_cert = Some(ca.files.client_cert.clone());
     nats.nats_key = Some(ca.files.client_key.clone());
-    let shutdown = CancellationToken::new();
-    let mesh = tokio::time::timeout(
-        Duration::from_secs(30),
-        Mesh::connect(&nats, "access-test", &shutdown),
-    )
-    .await
-    .expect("connects in time")
-    .expect("the mesh opens over mutual TLS");
+    let mesh = open(&nats).await;
     mesh.nodes
         .get("no-such-node")
         .await
@@ -191,6 +189,7 @@ async fn a_service_with_the_ca_and_a_client_certificate_connects_over_mutual_tls
         "a client trusting another CA connected"
     );
 
+    let shutdown = CancellationToken::new();
     let mut missing = NatsArgs::for_url(server.url());
     missing.nats_ca = Some(ca.dir().join("no-such-ca.pem"));
     let error = capstan_mesh::connect(&missing, "access-test", &shutdown)

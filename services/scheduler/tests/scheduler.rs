@@ -139,6 +139,49 @@ async fn create(client: &async_nats::Client, body: &str) -> Reply<Created> {
     serde_json::from_slice(&reply.payload).expect("JSON reply")
 }
 
+/// Publishes `record` ended `succeeded`, as its executor would.
+async fn end_as_an_executor_would(mesh: &Mesh, record: &JobRecord) {
+    let mut ended = record.clone();
+    ended.status = JobStatus::Succeeded;
+    ended.finished_at = Some(Timestamp::now());
+    mesh.events
+        .job(&JobEvent::new(JobEventKind::Succeeded, &ended))
+        .await
+        .expect("outcome published");
+}
+
+/// Waits for the `kind` event of `job` in the events stream: the event, and when it was stored.
+async fn stored_event(mesh: &Mesh, job: JobId, kind: JobEventKind) -> (JobEvent, Timestamp) {
+    let stream = mesh
+        .js
+        .get_stream(topology::EVENTS.name)
+        .await
+        .expect("events stream");
+    let subject = subjects::job_event(job, kind);
+    let stored = wait_until("the event stored", Duration::from_secs(30), || async {
+        stream.get_last_raw_message_by_subject(&subject).await.ok()
+    })
+    .await;
+    let event: JobEvent = codec::decode(Encoding::MsgPack, &stored.payload).expect("decodes");
+    let at = Timestamp::from_millis(
+        i64::try_from(stored.time.unix_timestamp_nanos() / 1_000_000).expect("a time"),
+    );
+    (event, at)
+}
+
+/// Whether `job` has a `kind` event in the events stream.
+async fn has_event(mesh: &Mesh, job: JobId, kind: JobEventKind) -> bool {
+    let stream = mesh
+        .js
+        .get_stream(topology::EVENTS.name)
+        .await
+        .expect("events stream");
+    stream
+        .get_last_raw_message_by_subject(&subjects::job_event(job, kind))
+        .await
+        .is_ok()
+}
+
 #[tokio::test]
 async fn a_json_job_published_without_headers_is_dispatched_to_a_node_carrying_its_labels() {
     let server = NatsServer::start().await;
@@ -765,38 +808,12 @@ async fn a_placement_after_waiting_is_announced_only_when_the_job_outlasts_the_a
         .copied()
         .find(|id| *id != first.id)
         .expect("the other job");
-    let mut ended = first.clone();
-    ended.status = JobStatus::Succeeded;
-    ended.finished_at = Some(Timestamp::now());
-    mesh.events
-        .job(&JobEvent::new(JobEventKind::Succeeded, &ended))
-        .await
-        .expect("outcome published");
+    end_as_an_executor_would(&mesh, &first).await;
 
-    let stream = mesh
-        .js
-        .get_stream(topology::EVENTS.name)
-        .await
-        .expect("events stream");
-    let dispatched = |job: JobId| subjects::job_event(job, JobEventKind::Dispatched);
-    let announced = wait_until(
-        "the second job's placement announced",
-        Duration::from_secs(30),
-        || async {
-            stream
-                .get_last_raw_message_by_subject(&dispatched(second))
-                .await
-                .ok()
-        },
-    )
-    .await;
-    let event: JobEvent = codec::decode(Encoding::MsgPack, &announced.payload).expect("decodes");
+    let (event, stored_at) = stored_event(&mesh, second, JobEventKind::Dispatched).await;
     assert_eq!(event.record.node.as_ref(), Some(&gpu));
     let placed_at = event.record.dispatched_at.expect("placed");
     assert_eq!(event.at, placed_at, "the event reports the placement");
-    let stored_at = Timestamp::from_millis(
-        i64::try_from(announced.time.unix_timestamp_nanos() / 1_000_000).expect("a time"),
-    );
     assert!(
         stored_at.since(placed_at) >= delay - Duration::from_millis(10),
         "announced {:?} after the placement",
@@ -804,11 +821,8 @@ async fn a_placement_after_waiting_is_announced_only_when_the_job_outlasts_the_a
     );
     // The first job was placed before the second, so its announcement would have been due
     // earlier; it ended first, so there is none.
-    let first_announced = stream
-        .get_last_raw_message_by_subject(&dispatched(first.id))
-        .await;
     assert!(
-        first_announced.is_err(),
+        !has_event(&mesh, first.id, JobEventKind::Dispatched).await,
         "a placement that ended within the delay was announced"
     );
     scheduler.stop().await;
@@ -859,50 +873,20 @@ async fn a_job_placed_as_it_is_created_announces_its_creation_only_when_it_outla
         assert!(record.node.is_some(), "placed as it was created");
         placed.push(record);
     }
-    // The first ends at once (its outcome published as an executor would); the second never.
-    let mut ended = placed[0].clone();
-    ended.status = JobStatus::Succeeded;
-    ended.finished_at = Some(Timestamp::now());
-    mesh.events
-        .job(&JobEvent::new(JobEventKind::Succeeded, &ended))
-        .await
-        .expect("outcome published");
-
-    let stream = mesh
-        .js
-        .get_stream(topology::EVENTS.name)
-        .await
-        .expect("events stream");
-    let pending = |job: JobId| subjects::job_event(job, JobEventKind::Pending);
-    let announced = wait_until(
-        "the second job's creation announced",
-        Duration::from_secs(30),
-        || async {
-            stream
-                .get_last_raw_message_by_subject(&pending(placed[1].id))
-                .await
-                .ok()
-        },
-    )
-    .await;
-    let event: JobEvent = codec::decode(Encoding::MsgPack, &announced.payload).expect("decodes");
+    // The first ends at once; the second never.
+    end_as_an_executor_would(&mesh, &placed[0]).await;
+    let (event, stored_at) = stored_event(&mesh, placed[1].id, JobEventKind::Pending).await;
     assert_eq!(
         event.record.node, placed[1].node,
         "the event names the node"
-    );
-    let stored_at = Timestamp::from_millis(
-        i64::try_from(announced.time.unix_timestamp_nanos() / 1_000_000).expect("a time"),
     );
     let after = stored_at.since(event.record.created_at);
     assert!(
         after >= delay / 2 - Duration::from_millis(10),
         "announced {after:?} after the creation"
     );
-    let first_announced = stream
-        .get_last_raw_message_by_subject(&pending(placed[0].id))
-        .await;
     assert!(
-        first_announced.is_err(),
+        !has_event(&mesh, placed[0].id, JobEventKind::Pending).await,
         "a job that ended within the delay had its creation announced"
     );
     scheduler.stop().await;
