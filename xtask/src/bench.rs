@@ -68,6 +68,10 @@ pub struct Args {
     /// Run NATS with `sync_interval: always` (fsync every write).
     #[arg(long)]
     durable: bool,
+    /// Connect everything to NATS over mutual TLS (a CA made for the run), as a deployment
+    /// would.
+    #[arg(long)]
+    tls: bool,
     /// Leave out the side-by-side run of Celery on Redis.
     #[arg(long)]
     no_celery: bool,
@@ -239,12 +243,15 @@ async fn pipeline(bin: &Path, args: &Args) -> anyhow::Result<()> {
     let api_port = capstan_testkit::server::free_port();
     let nats_url = format!("nats://127.0.0.1:{nats_port}");
     let identities = crate::up::identities(&dir.path().join("identities"), args.executors)?;
+    let ca = args.tls.then(capstan_testkit::TestCa::generate);
+    let tls = ca.as_ref().map(|ca| ca.files.clone());
     let mut nats_command = crate::up::nats_command(
         &nats_binary,
         nats_port,
         &data.join("nats"),
         args.durable,
         &identities.authorization,
+        tls.as_ref(),
     )?;
     // Its monitoring endpoint, for the message counts.
     nats_command.args(["-m", &monitor_port.to_string()]);
@@ -260,23 +267,25 @@ async fn pipeline(bin: &Path, args: &Args) -> anyhow::Result<()> {
         api_listen: format!("127.0.0.1:{api_port}"),
         admin_password: capstan_api::TEST_ADMIN_PASSWORD.to_owned(),
         identities: identities.clone(),
+        tls: tls.clone(),
     };
     // The administrator: the benchmark reads stream states besides submitting.
     let seed =
         std::fs::read_to_string(identities.seed_file(&capstan_mesh::identities::Identity::Admin))?;
-    let client = connect(&nats_url, seed.trim()).await?;
+    let client = connect(&nats_url, seed.trim(), tls.as_ref()).await?;
     let mut processes = vec![nats];
     for (name, command) in plan.services() {
         processes.push(start(&name, command, logs)?);
     }
     eprintln!(
-        "the mesh `cargo xtask up --release` runs, with its settings: nats-server (JetStream, {}), \
+        "the mesh `cargo xtask up --release` runs, with its settings: nats-server (JetStream, {}{}), \
          1 registry, {} scheduler(s), {} executors × {} slots, 1 API with its SQLite history",
         if args.durable {
             "sync_interval: always"
         } else {
             "default sync"
         },
+        if args.tls { ", mutual TLS" } else { "" },
         args.schedulers,
         args.executors,
         args.slots
@@ -403,7 +412,7 @@ async fn pipeline(bin: &Path, args: &Args) -> anyhow::Result<()> {
 
     println!();
     println!(
-        "## Pipeline: `/bin/true` jobs, the mesh of `cargo xtask up --release` ({} executors × {} slots, {} scheduler(s), 1 registry, 1 API on SQLite), NATS {}",
+        "## Pipeline: `/bin/true` jobs, the mesh of `cargo xtask up --release` ({} executors × {} slots, {} scheduler(s), 1 registry, 1 API on SQLite), NATS {}{}",
         args.executors,
         args.slots,
         args.schedulers,
@@ -411,7 +420,8 @@ async fn pipeline(bin: &Path, args: &Args) -> anyhow::Result<()> {
             "`sync_interval: always`"
         } else {
             "default sync"
-        }
+        },
+        if args.tls { " over mutual TLS" } else { "" }
     );
     println!();
     println!(
@@ -656,11 +666,21 @@ async fn spawn_floor(count: usize, concurrency: usize) -> anyhow::Result<Floor> 
     })
 }
 
-/// Connects the benchmark's client as the NKEY user `seed`.
-async fn connect(url: &str, seed: &str) -> anyhow::Result<async_nats::Client> {
+/// Connects the benchmark's client as the NKEY user `seed`, over mutual TLS with `tls`.
+async fn connect(
+    url: &str,
+    seed: &str,
+    tls: Option<&capstan_testkit::TlsFiles>,
+) -> anyhow::Result<async_nats::Client> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let options = async_nats::ConnectOptions::new().nkey(seed.to_owned());
+        let mut options = async_nats::ConnectOptions::new().nkey(seed.to_owned());
+        if let Some(tls) = tls {
+            options = options
+                .require_tls(true)
+                .add_root_certificates(tls.ca.clone())
+                .add_client_certificate(tls.client_cert.clone(), tls.client_key.clone());
+        }
         match options.connect(url).await {
             Ok(client) => return Ok(client),
             Err(error) if Instant::now() > deadline => bail!("cannot reach nats-server: {error}"),

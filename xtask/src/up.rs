@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use capstan_mesh::identities::{Identities, Identity};
 use capstan_protocol::NodeId;
+use capstan_testkit::TlsFiles;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
@@ -85,6 +86,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         api_listen: args.api_listen.clone(),
         admin_password: admin_password(&root.join(".capstan").join("admin-password"))?,
         identities: identities.clone(),
+        tls: None,
     };
     running.push(spawn(
         "nats",
@@ -94,6 +96,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             &data.join("nats"),
             false,
             &identities.authorization,
+            None,
         )?,
     )?);
     wait_for_port(port, Duration::from_secs(20))?;
@@ -172,6 +175,8 @@ pub(crate) struct Plan {
     pub(crate) admin_password: String,
     /// The NATS identities; each service connects as its own.
     pub(crate) identities: Identities,
+    /// The CA and client certificate for mutual TLS to NATS, when the server requires it.
+    pub(crate) tls: Option<TlsFiles>,
 }
 
 impl Plan {
@@ -183,6 +188,12 @@ impl Plan {
             command
                 .env("CAPSTAN_NATS_URL", &self.nats_url)
                 .env("CAPSTAN_NATS_CREDS", self.identities.seed_file(&identity));
+            if let Some(tls) = &self.tls {
+                command
+                    .env("CAPSTAN_NATS_CA", &tls.ca)
+                    .env("CAPSTAN_NATS_CERT", &tls.client_cert)
+                    .env("CAPSTAN_NATS_KEY", &tls.client_key);
+            }
             command
         };
         let mut services = Vec::new();
@@ -219,14 +230,15 @@ impl Plan {
 }
 
 /// The nats-server command: JetStream on `port` (loopback only) with its store in `store`,
-/// admitting only the users of the `authorization` block; `sync_always` fsyncs every write
-/// (`sync_interval: always`).
+/// admitting only the users of the `authorization` block, over mutual TLS with `tls`;
+/// `sync_always` fsyncs every write (`sync_interval: always`).
 pub(crate) fn nats_command(
     binary: &Path,
     port: u16,
     store: &Path,
     sync_always: bool,
     authorization: &Path,
+    tls: Option<&TlsFiles>,
 ) -> anyhow::Result<Command> {
     let config = store.with_extension("conf");
     // nats-server resolves an include beside the including file.
@@ -238,11 +250,18 @@ pub(crate) fn nats_command(
     } else {
         ""
     };
+    let tls = match tls {
+        Some(tls) => format!(
+            "tls {{\n  cert_file: {:?}\n  key_file: {:?}\n  ca_file: {:?}\n  verify: true\n}}\n",
+            tls.server_cert, tls.server_key, tls.ca
+        ),
+        None => String::new(),
+    };
     std::fs::write(
         &config,
         format!(
             "listen: \"127.0.0.1:{port}\"\nserver_name: capstan-dev\n\
-             jetstream {{\n  store_dir: {store:?}\n{sync}}}\ninclude \"authorization.conf\"\n"
+             jetstream {{\n  store_dir: {store:?}\n{sync}}}\ninclude \"authorization.conf\"\n{tls}"
         ),
     )
     .with_context(|| format!("cannot write {}", config.display()))?;
