@@ -26,9 +26,15 @@ struct Access {
 impl Access {
     fn load(nats: &NatsArgs) -> Result<Self, Error> {
         let seed = match &nats.nats_creds {
-            Some(path) => Some(read_seed(path)?),
+            Some(path) => Some(read_seed(path)?.seed),
             None => None,
         };
+        if nats.nats_cert.is_some() != nats.nats_key.is_some() {
+            return Err(Error::setup(
+                "NATS client certificate",
+                "a client certificate and its key go together: give both or neither",
+            ));
+        }
         for path in [&nats.nats_ca, &nats.nats_cert, &nats.nats_key]
             .into_iter()
             .flatten()
@@ -63,9 +69,17 @@ impl Access {
     }
 }
 
+/// An NKEY user's seed, as read from a credentials file, and its public key.
+pub(crate) struct UserSeed {
+    /// The seed: the secret.
+    pub(crate) seed: String,
+    /// The public key, which a server's configuration names.
+    pub(crate) public_key: String,
+}
+
 /// The NKEY user seed in the credentials file at `path`: its first line that is not blank or
 /// a comment. The seed itself never appears in an error.
-pub(crate) fn read_seed(path: &Path) -> Result<String, Error> {
+pub(crate) fn read_seed(path: &Path) -> Result<UserSeed, Error> {
     let what = || format!("NATS credentials file {}", path.display());
     let text = std::fs::read_to_string(path).map_err(|e| Error::setup(what(), e))?;
     if text.contains("BEGIN NATS USER JWT") {
@@ -81,8 +95,12 @@ pub(crate) fn read_seed(path: &Path) -> Result<String, Error> {
         .ok_or_else(|| Error::setup(what(), "the file holds no seed"))?;
     match nkeys::KeyPair::from_seed(seed) {
         Ok(pair) if seed.starts_with("SU") => {
-            tracing::debug!(identity = %pair.public_key(), "NATS identity loaded");
-            Ok(seed.to_owned())
+            let public_key = pair.public_key();
+            tracing::debug!(identity = %public_key, "NATS identity loaded");
+            Ok(UserSeed {
+                seed: seed.to_owned(),
+                public_key,
+            })
         }
         Ok(_) => Err(Error::setup(
             what(),

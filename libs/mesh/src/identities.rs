@@ -102,12 +102,7 @@ pub fn init(dir: &Path, nodes: &[NodeId]) -> Result<Identities, Error> {
     for identity in Identity::all(nodes) {
         let path = seed_path(dir, &identity);
         let public = if path.exists() {
-            crate::connect::read_seed(&path)
-                .and_then(|seed| {
-                    nkeys::KeyPair::from_seed(&seed)
-                        .map_err(|e| Error::setup(path.display().to_string(), e.to_string()))
-                })?
-                .public_key()
+            crate::connect::read_seed(&path)?.public_key
         } else {
             let pair = nkeys::KeyPair::new_user();
             let seed = pair
@@ -192,10 +187,8 @@ mod tests {
                 .permissions()
                 .mode();
             assert_eq!(mode & 0o777, 0o600, "{name}'s seed is private");
-            let seed = crate::connect::read_seed(&path).expect("a user seed");
-            let public = nkeys::KeyPair::from_seed(&seed)
-                .expect("valid")
-                .public_key();
+            let read = crate::connect::read_seed(&path).expect("a user seed");
+            let (seed, public) = (read.seed, read.public_key);
             assert!(block.contains(&public), "{name} missing from the block");
             assert!(!block.contains(&seed), "the block holds a seed");
         }

@@ -196,6 +196,13 @@ async fn a_service_with_the_ca_and_a_client_certificate_connects_over_mutual_tls
         .await
         .expect_err("a missing CA file is refused");
     assert!(error.to_string().contains("no-such-ca.pem"), "{error}");
+
+    let mut half = NatsArgs::for_url(server.url());
+    half.nats_cert = Some(ca.files.client_cert.clone());
+    let refused = capstan_mesh::connect(&half, "access-test", &shutdown)
+        .await
+        .expect_err("a certificate without its key is refused");
+    assert!(matches!(refused, Error::Setup { .. }), "{refused:?}");
 }
 
 #[tokio::test]

@@ -139,6 +139,14 @@ async fn create(client: &async_nats::Client, body: &str) -> Reply<Created> {
     serde_json::from_slice(&reply.payload).expect("JSON reply")
 }
 
+/// A scheduler placing one job per slot that announces placements `delay` late.
+fn announcing_after(server: &NatsServer, delay: Duration) -> Scheduler {
+    Scheduler::start_with(server, |config| {
+        config.dispatch_depth = 1.0;
+        config.announce_after = delay;
+    })
+}
+
 /// Publishes `record` ended `succeeded`, as its executor would.
 async fn end_as_an_executor_would(mesh: &Mesh, record: &JobRecord) {
     let mut ended = record.clone();
@@ -781,10 +789,7 @@ async fn a_placement_after_waiting_is_announced_only_when_the_job_outlasts_the_a
     let server = NatsServer::start().await;
     let mesh = mesh(&server).await;
     let delay = Duration::from_secs(2);
-    let scheduler = Scheduler::start_with(&server, |config| {
-        config.dispatch_depth = 1.0;
-        config.announce_after = delay;
-    });
+    let scheduler = announcing_after(&server, delay);
     let client = server.client().await;
     let mut created = Vec::new();
     for _ in 0..2 {
@@ -834,10 +839,7 @@ async fn a_job_placed_as_it_is_created_announces_its_creation_only_when_it_outla
     let server = NatsServer::start().await;
     let mesh = mesh(&server).await;
     let delay = Duration::from_secs(2);
-    let scheduler = Scheduler::start_with(&server, |config| {
-        config.dispatch_depth = 1.0;
-        config.announce_after = delay;
-    });
+    let scheduler = announcing_after(&server, delay);
     let client = server.client().await;
     add_node(&mesh, "eu-1", 4, &[("zone", "eu")]).await;
     // Once a first job is dispatched, the scheduler knows the node: the next ones are placed
