@@ -72,6 +72,10 @@ pub struct Args {
     /// would.
     #[arg(long)]
     tls: bool,
+    /// Give every NATS identity every permission (the server still admits only the mesh's
+    /// identities): the peer of the default, where each may do only what it needs.
+    #[arg(long)]
+    unrestricted: bool,
     /// Leave out the side-by-side run of Celery on Redis.
     #[arg(long)]
     no_celery: bool,
@@ -242,7 +246,13 @@ async fn pipeline(bin: &Path, args: &Args) -> anyhow::Result<()> {
     let monitor_port = capstan_testkit::server::free_port();
     let api_port = capstan_testkit::server::free_port();
     let nats_url = format!("nats://127.0.0.1:{nats_port}");
-    let identities = crate::up::identities(&dir.path().join("identities"), args.executors)?;
+    let grants = if args.unrestricted {
+        capstan_mesh::identities::Grants::All
+    } else {
+        capstan_mesh::identities::Grants::Least
+    };
+    let identities =
+        crate::up::identities_with(&dir.path().join("identities"), args.executors, grants)?;
     let ca = args.tls.then(capstan_testkit::TestCa::generate);
     let tls = ca.as_ref().map(|ca| ca.files.clone());
     let mut nats_command = crate::up::nats_command(
@@ -274,6 +284,7 @@ async fn pipeline(bin: &Path, args: &Args) -> anyhow::Result<()> {
         std::fs::read_to_string(identities.seed_file(&capstan_mesh::identities::Identity::Admin))?;
     let client = connect(&nats_url, seed.trim(), tls.as_ref()).await?;
     let mut processes = vec![nats];
+    plan.apply_topology()?;
     for (name, command) in plan.services() {
         processes.push(start(&name, command, logs)?);
     }
@@ -289,6 +300,14 @@ async fn pipeline(bin: &Path, args: &Args) -> anyhow::Result<()> {
         args.schedulers,
         args.executors,
         args.slots
+    );
+    eprintln!(
+        "each service connects as its own NATS identity, {}",
+        if args.unrestricted {
+            "every one allowed everything (--unrestricted)"
+        } else {
+            "allowed only what it needs, as `capstan nats init` writes"
+        }
     );
     let http = logged_in(api_port, logs).await?;
     wait_nodes_up(&http, args.executors as usize, logs).await?;
@@ -422,6 +441,14 @@ async fn pipeline(bin: &Path, args: &Args) -> anyhow::Result<()> {
             "default sync"
         },
         if args.tls { " over mutual TLS" } else { "" }
+    );
+    println!(
+        "NATS permissions: {}.",
+        if args.unrestricted {
+            "every identity allowed everything"
+        } else {
+            "each identity only what it needs"
+        }
     );
     println!();
     println!(

@@ -100,6 +100,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         )?,
     )?);
     wait_for_port(port, Duration::from_secs(20))?;
+    plan.apply_topology()?;
     for (name, command) in plan.services() {
         running.push(spawn(&name, command)?);
     }
@@ -180,22 +181,40 @@ pub(crate) struct Plan {
 }
 
 impl Plan {
+    /// A command of `binary` connecting to NATS as `identity`.
+    fn command(&self, binary: &str, identity: &Identity) -> Command {
+        let mut command = Command::new(self.bin_dir.join(binary));
+        command
+            .env("CAPSTAN_NATS_URL", &self.nats_url)
+            .env("CAPSTAN_NATS_CREDS", self.identities.seed_file(identity));
+        if let Some(tls) = &self.tls {
+            command
+                .env("CAPSTAN_NATS_CA", &tls.ca)
+                .env("CAPSTAN_NATS_CERT", &tls.client_cert)
+                .env("CAPSTAN_NATS_KEY", &tls.client_key);
+        }
+        command
+    }
+
+    /// Creates or upgrades the topology as the administrator (`capstan nats apply`), which
+    /// the services then only verify; fails if the command does.
+    pub(crate) fn apply_topology(&self) -> anyhow::Result<()> {
+        let mut command = self.command("capstan", &Identity::Admin);
+        command.args(["nats", "apply"]).stdin(Stdio::null());
+        let output = command.output().context("cannot run capstan nats apply")?;
+        if !output.status.success() {
+            bail!(
+                "capstan nats apply failed: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
     /// Every service's name and command, in start order: registries, schedulers, executors
     /// (`exec-<n>`), the API.
     pub(crate) fn services(&self) -> Vec<(String, Command)> {
-        let service = |binary: &str, identity: Identity| {
-            let mut command = Command::new(self.bin_dir.join(binary));
-            command
-                .env("CAPSTAN_NATS_URL", &self.nats_url)
-                .env("CAPSTAN_NATS_CREDS", self.identities.seed_file(&identity));
-            if let Some(tls) = &self.tls {
-                command
-                    .env("CAPSTAN_NATS_CA", &tls.ca)
-                    .env("CAPSTAN_NATS_CERT", &tls.client_cert)
-                    .env("CAPSTAN_NATS_KEY", &tls.client_key);
-            }
-            command
-        };
+        let service = |binary: &str, identity: Identity| self.command(binary, &identity);
         let mut services = Vec::new();
         for n in 1..=self.registries {
             services.push((
@@ -273,10 +292,19 @@ pub(crate) fn nats_command(
 /// The mesh's NATS identities in `dir` for executors `exec-1` … `exec-<executors>`, kept from
 /// one run to the next.
 pub(crate) fn identities(dir: &Path, executors: u32) -> anyhow::Result<Identities> {
+    identities_with(dir, executors, capstan_mesh::identities::Grants::Least)
+}
+
+/// [`identities`], granting `grants`.
+pub(crate) fn identities_with(
+    dir: &Path,
+    executors: u32,
+    grants: capstan_mesh::identities::Grants,
+) -> anyhow::Result<Identities> {
     let nodes: Vec<NodeId> = (1..=executors)
         .map(|n| node_id(&format!("exec-{n}")))
         .collect();
-    capstan_mesh::identities::init(dir, &nodes)
+    capstan_mesh::identities::init_with(dir, &nodes, grants)
         .with_context(|| format!("cannot write the NATS identities into {}", dir.display()))
 }
 

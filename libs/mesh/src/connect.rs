@@ -1,10 +1,12 @@
-//! Connecting to NATS (as the service's NKEY identity, over TLS when configured) and opening
-//! the mesh: topology ensured, typed stores opened.
+//! Connecting to NATS (as the service's NKEY identity, over TLS when configured, with the
+//! identity's own inbox prefix) and opening the mesh: topology verified (or, on a server with
+//! no authorization, created), typed stores opened.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_nats::jetstream;
+use capstan_protocol::access::Identity;
 use capstan_protocol::topology;
 use capstan_protocol::{JobRecord, NodeRecord, Revocation};
 use tokio_util::sync::CancellationToken;
@@ -113,22 +115,24 @@ pub(crate) fn read_seed(path: &Path) -> Result<UserSeed, Error> {
     }
 }
 
-/// Connects to NATS as `name` with the identity and TLS settings of `nats`, retrying with
+/// Connects to NATS as `who` with the credentials and TLS settings of `nats`, retrying with
 /// backoff until it succeeds or `shutdown` fires. Fails at once when a credentials or TLS file
-/// cannot be read. Once connected, the client reconnects by itself for as long as the process
-/// lives.
+/// cannot be read. Replies come to `who`'s inbox prefix, which its permissions let it read.
+/// Once connected, the client reconnects by itself for as long as the process lives.
 pub async fn connect(
     nats: &NatsArgs,
-    name: &str,
+    who: &Identity,
     shutdown: &CancellationToken,
 ) -> Result<async_nats::Client, Error> {
     let access = Access::load(nats)?;
     let url = nats.nats_url.as_str();
+    let name = format!("capstan-{}", who.name());
     let mut delay = Duration::from_millis(100);
     loop {
         let options = access.apply(
             async_nats::ConnectOptions::new()
-                .name(name)
+                .name(&name)
+                .custom_inbox_prefix(who.inbox_prefix())
                 .connection_timeout(Duration::from_secs(5))
                 .max_reconnects(None)
                 .event_callback(|event| async move {
@@ -175,10 +179,26 @@ pub struct Mesh {
 }
 
 impl Mesh {
-    /// Ensures the topology on `client`'s server and opens the buckets.
+    /// Ensures the topology on `client`'s server (creating what is missing, verifying the
+    /// rest) and opens the buckets: for a client allowed to create streams and buckets.
     pub async fn open(client: async_nats::Client) -> Result<Self, Error> {
         let js = jetstream::new(client.clone());
         let buckets = crate::topology::ensure(&js).await?;
+        Ok(Self::from_buckets(client, js, buckets))
+    }
+
+    /// Verifies the topology on `client`'s server, changing nothing, and opens the buckets.
+    pub async fn open_verified(client: async_nats::Client) -> Result<Self, Error> {
+        let js = jetstream::new(client.clone());
+        let buckets = crate::topology::verify(&js).await?;
+        Ok(Self::from_buckets(client, js, buckets))
+    }
+
+    fn from_buckets(
+        client: async_nats::Client,
+        js: jetstream::Context,
+        buckets: crate::topology::Buckets,
+    ) -> Self {
         let jobs = Bucket::new(buckets.jobs, js.clone(), topology::JOBS.name);
         let nodes = Bucket::new(buckets.nodes, js.clone(), topology::NODES.name);
         let idempotency = Idempotency::new(
@@ -186,7 +206,7 @@ impl Mesh {
             jobs.clone(),
         );
         let revocations = Bucket::new(buckets.revocations, js.clone(), topology::REVOCATIONS.name);
-        Ok(Self {
+        Self {
             client,
             events: EventPublisher::new(js.clone()),
             revocations,
@@ -194,16 +214,24 @@ impl Mesh {
             jobs,
             nodes,
             idempotency,
-        })
+        }
     }
 
-    /// Connects (retrying until `shutdown`) and opens the mesh.
+    /// Connects as `who` (retrying until `shutdown`) and opens the mesh. With an identity
+    /// (`--nats-creds`), the topology is the administrator's: it is verified, and a missing or
+    /// outdated one stops the service with an error that says so. Without one, the server has
+    /// no authorization (a development server): what is missing is created, and the rest
+    /// verified.
     pub async fn connect(
         nats: &NatsArgs,
-        name: &str,
+        who: &Identity,
         shutdown: &CancellationToken,
     ) -> Result<Self, Error> {
-        let client = connect(nats, name, shutdown).await?;
-        Self::open(client).await
+        let client = connect(nats, who, shutdown).await?;
+        if nats.nats_creds.is_some() {
+            Self::open_verified(client).await
+        } else {
+            Self::open(client).await
+        }
     }
 }

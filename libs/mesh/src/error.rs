@@ -59,9 +59,30 @@ pub enum Error {
         /// The server's answer, kept whole (its JetStream error code included).
         source: BoxError,
     },
+    /// A stream or bucket is at its size limit and refused the write: nothing was stored.
+    /// Retry once it has drained (or raise the limit with `capstan nats apply --max-bytes`).
+    #[error("{what} is full (at its size limit): nothing was stored")]
+    Full {
+        /// The stream or bucket, for a person.
+        what: &'static str,
+    },
     /// The service is shutting down.
     #[error("shutting down")]
     ShuttingDown,
+}
+
+/// Whether `error` (or an error it wraps) is a stream's or bucket's refusal for being at its
+/// size limit, as nats-server words it.
+pub fn is_full(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(error) = current {
+        let text = error.to_string();
+        if text.contains("maximum bytes exceeded") || text.contains("maximum messages exceeded") {
+            return true;
+        }
+        current = error.source();
+    }
+    false
 }
 
 /// The source of an [`Error::Unavailable`]: any error a client returned, or a sentence when

@@ -1,72 +1,22 @@
 //! The NATS identities of a mesh: one NKEY user for the administrator, one per service, one per
 //! executor node, and `client`, what a person with the `nats` CLI gets. [`init`] writes each
 //! identity's seed into a directory (kept on later runs, so re-running adds nodes without
-//! changing anyone's key) and the server's `authorization` block naming them, for a
-//! nats-server configuration to `include`.
+//! changing anyone's key) and the server's `authorization` block naming them, each with the
+//! permissions [`capstan_protocol::access`] gives it, for a nats-server configuration to
+//! `include`.
 //!
-//! No anonymous connection is accepted by a server using the block. The `client` identity may
-//! only submit (`capstan.jobs.submit`, `capstan.jobs.create`), cancel (`capstan.jobs.cancel`),
-//! and read events and logs; the others are not yet narrowed to what each service needs.
+//! No anonymous connection is accepted by a server using the block, and every identity but
+//! `admin` may do only what its service needs.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use capstan_protocol::{NodeId, subjects, topology};
+use capstan_protocol::NodeId;
+pub use capstan_protocol::access::Identity;
 
 use crate::error::Error;
-
-/// Who connects.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Identity {
-    /// Creates and upgrades the topology; runs administrative commands.
-    Admin,
-    /// The registry service.
-    Registry,
-    /// The scheduler service.
-    Scheduler,
-    /// The API service.
-    Api,
-    /// The executor of one node.
-    Executor(NodeId),
-    /// A person with the `nats` CLI, or a program submitting jobs.
-    Client,
-}
-
-impl Identity {
-    /// The identity's name: its seed file is `<name>.nk`.
-    pub fn name(&self) -> String {
-        match self {
-            Self::Admin => "admin".to_owned(),
-            Self::Registry => "registry".to_owned(),
-            Self::Scheduler => "scheduler".to_owned(),
-            Self::Api => "api".to_owned(),
-            // Named as the node's dispatch consumer, `executor-<node>`.
-            Self::Executor(node) => topology::executor_consumer(node),
-            Self::Client => "client".to_owned(),
-        }
-    }
-
-    /// Every identity of a mesh whose executor nodes are `nodes`.
-    pub fn all(nodes: &[NodeId]) -> Vec<Self> {
-        let mut all = vec![Self::Admin, Self::Registry, Self::Scheduler, Self::Api];
-        all.extend(nodes.iter().cloned().map(Self::Executor));
-        all.push(Self::Client);
-        all
-    }
-
-    /// What the identity may publish and subscribe to, or `None` for no restriction.
-    fn permissions(&self) -> Option<(Vec<&'static str>, Vec<&'static str>)> {
-        match self {
-            Self::Client => Some((
-                vec![subjects::SUBMIT, subjects::CREATE, subjects::CANCEL],
-                vec![subjects::EVENTS_ALL, subjects::LOGS_ALL, "_INBOX.>"],
-            )),
-            _ => None,
-        }
-    }
-}
 
 /// What [`init`] wrote.
 #[derive(Debug, Clone)]
@@ -88,9 +38,24 @@ fn seed_path(dir: &Path, identity: &Identity) -> PathBuf {
     dir.join(format!("{}.nk", identity.name()))
 }
 
+/// What the `authorization` block grants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grants {
+    /// Each identity only what its part needs (what `capstan nats init` writes).
+    Least,
+    /// Every identity everything: only for measuring what the permissions cost.
+    All,
+}
+
 /// Writes a seed for each of `nodes`' mesh identities into `dir` that has none yet (readable
-/// by its owner only), and the `authorization` block (`authorization.conf`) naming every one.
+/// by its owner only), and the `authorization` block (`authorization.conf`) naming every one
+/// with what it may do.
 pub fn init(dir: &Path, nodes: &[NodeId]) -> Result<Identities, Error> {
+    init_with(dir, nodes, Grants::Least)
+}
+
+/// [`init`], granting `grants`.
+pub fn init_with(dir: &Path, nodes: &[NodeId], grants: Grants) -> Result<Identities, Error> {
     let setup = |what: &str, error: std::io::Error| Error::setup(what.to_owned(), error);
     std::fs::create_dir_all(dir).map_err(|e| setup(&format!("directory {}", dir.display()), e))?;
     let mut block = String::from(
@@ -118,23 +83,32 @@ pub fn init(dir: &Path, nodes: &[NodeId]) -> Result<Identities, Error> {
             pair.public_key()
         };
         let _ = writeln!(block, "    # {}", identity.name());
-        match identity.permissions() {
+        let permissions = match grants {
+            Grants::Least => identity.permissions(),
+            Grants::All => None,
+        };
+        match permissions {
             None => {
                 let _ = writeln!(block, "    {{ nkey: {public} }}");
             }
-            Some((publish, subscribe)) => {
-                let list = |subjects: &[&str]| {
+            Some(permissions) => {
+                let list = |subjects: &[String]| {
                     subjects
                         .iter()
                         .map(|s| format!("{s:?}"))
                         .collect::<Vec<_>>()
-                        .join(", ")
+                        .join(",\n          ")
                 };
                 let _ = writeln!(
                     block,
-                    "    {{ nkey: {public}, permissions: {{\n        publish: {{ allow: [{}] }}\n        subscribe: {{ allow: [{}] }}\n    }} }}",
-                    list(&publish),
-                    list(&subscribe)
+                    "    {{ nkey: {public}, permissions: {{\n        publish: {{ allow: [\n          {}\n        ] }}\n        subscribe: {{ allow: [\n          {}\n        ] }}{}\n    }} }}",
+                    list(&permissions.publish),
+                    list(&permissions.subscribe),
+                    if permissions.answers {
+                        "\n        # answers requests made to it: one reply per request\n        allow_responses: true"
+                    } else {
+                        ""
+                    }
                 );
             }
         }
@@ -149,11 +123,59 @@ pub fn init(dir: &Path, nodes: &[NodeId]) -> Result<Identities, Error> {
     })
 }
 
+/// The server configuration [`server_config`] writes.
+pub const SERVER_CONFIG: &str = "nats-server.conf";
+
+/// Writes a complete nats-server configuration into the identities' directory, unless one is
+/// there already (an operator's edits are kept): the client port, JetStream with its store in
+/// `store_dir`, the monitoring port, the `authorization` block included, and TLS ready to
+/// uncomment. Returns its path.
+pub fn server_config(identities: &Identities, store_dir: &Path) -> Result<PathBuf, Error> {
+    let path = identities.dir.join(SERVER_CONFIG);
+    if path.exists() {
+        return Ok(path);
+    }
+    let text = format!(
+        "# nats-server configuration for a Capstan mesh, written by `capstan nats init`. Run the\n\
+         # server with `nats-server -c {SERVER_CONFIG}` from this directory's parent, or give the\n\
+         # full path; `include` paths resolve beside this file. Capstan needs nats-server 2.12.6\n\
+         # or newer.\n\
+         \n\
+         # Clients: the services, the executors, and the `nats` CLI.\n\
+         port: 4222\n\
+         \n\
+         # Monitoring (health checks: /healthz?js-enabled-only=true). Not authenticated: keep it\n\
+         # off public networks.\n\
+         http_port: 8222\n\
+         \n\
+         # JetStream keeps the streams and buckets. For fsync on every write (the durable mode),\n\
+         # add `sync_interval: always`.\n\
+         jetstream {{\n  store_dir: {store:?}\n}}\n\
+         \n\
+         # Who may connect, and what each identity may do: no anonymous connection.\n\
+         include \"authorization.conf\"\n\
+         \n\
+         # TLS: uncomment, give the server's certificate and key, and the CA that signs the\n\
+         # clients' certificates for mutual TLS (`verify: true`); then give every service\n\
+         # CAPSTAN_NATS_CA (and CAPSTAN_NATS_CERT / CAPSTAN_NATS_KEY).\n\
+         # tls {{\n\
+         #   cert_file: \"server-cert.pem\"\n\
+         #   key_file: \"server-key.pem\"\n\
+         #   ca_file: \"ca.pem\"\n\
+         #   verify: true\n\
+         # }}\n",
+        store = store_dir.display().to_string(),
+    );
+    std::fs::write(&path, text).map_err(|e| Error::setup(path.display().to_string(), e))?;
+    Ok(path)
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     use super::*;
+    use capstan_protocol::topology;
 
     fn nodes() -> Vec<NodeId> {
         ["exec-1", "exec-2"]
@@ -207,18 +229,5 @@ mod tests {
         assert_eq!(read("admin.nk"), admin, "a key changed");
         let added = Identity::Executor(NodeId::new("exec-3").expect("valid"));
         assert!(dir.path().join(format!("{}.nk", added.name())).exists());
-    }
-
-    #[test]
-    fn the_client_may_only_submit_cancel_and_read_events_and_logs() {
-        let (publish, subscribe) = Identity::Client.permissions().expect("restricted");
-        assert_eq!(
-            publish,
-            [subjects::SUBMIT, subjects::CREATE, subjects::CANCEL]
-        );
-        assert_eq!(
-            subscribe,
-            [subjects::EVENTS_ALL, subjects::LOGS_ALL, "_INBOX.>"]
-        );
     }
 }

@@ -138,13 +138,35 @@ pub async fn serve<Req, Res, F, Fut>(
     Fut: Future<Output = Result<Res, ServiceError>> + Send,
 {
     let handler = &handler;
+    serve_on(endpoint, shutdown, concurrency, rejections, |request, _| {
+        handler(request)
+    })
+    .await
+}
+
+/// Like [`serve`], for an endpoint on a wildcard subject: `handler` also gets the subject the
+/// request was made on.
+pub async fn serve_on<Req, Res, F, Fut>(
+    endpoint: service::endpoint::Endpoint,
+    shutdown: CancellationToken,
+    concurrency: usize,
+    rejections: (EventPublisher, Origin),
+    handler: F,
+) where
+    Req: DeserializeOwned + Send + 'static,
+    Res: Serialize + Send + 'static,
+    F: Fn(Req, String) -> Fut + Send + Sync,
+    Fut: Future<Output = Result<Res, ServiceError>> + Send,
+{
+    let handler = &handler;
     let rejections = &rejections;
     endpoint
         .take_until(shutdown.cancelled_owned())
         .for_each_concurrent(concurrency, |request| async move {
             match decode_request::<Req>(&request) {
                 Ok((body, encoding)) => {
-                    let result = handler(body).await;
+                    let subject = request.message.subject.to_string();
+                    let result = handler(body, subject).await;
                     reply(&request, encoding, result).await;
                 }
                 Err((error, encoding)) => {

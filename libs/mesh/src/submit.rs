@@ -184,12 +184,21 @@ impl Submitter {
             .payload(Bytes::from(codec::to_msgpack(spec)?))
             .headers(map)
             .message_id(id.to_string());
+        let refused = |e: async_nats::jetstream::context::PublishError| {
+            if crate::error::is_full(&e) {
+                Error::Full {
+                    what: "the submissions stream",
+                }
+            } else {
+                Error::unavailable("submit", e)
+            }
+        };
         self.js
             .send_publish(subjects::SUBMIT, publish)
             .await
-            .map_err(|e| Error::unavailable("submit", e))?
+            .map_err(refused)?
             .await
-            .map_err(|e| Error::unavailable("submit", e))?;
+            .map_err(refused)?;
         Ok(Created {
             id,
             duplicate: false,

@@ -33,16 +33,18 @@ async fn accepted(server: &NatsServer, options: async_nats::ConnectOptions) -> b
     }
 }
 
-/// Opens the mesh with `nats`, in time.
+/// Connects with `nats` as the administrator and opens the mesh (creating the topology), in
+/// time.
 async fn open(nats: &NatsArgs) -> Mesh {
     let shutdown = CancellationToken::new();
-    tokio::time::timeout(
+    let client = tokio::time::timeout(
         Duration::from_secs(30),
-        Mesh::connect(nats, "access-test", &shutdown),
+        capstan_mesh::connect(nats, &capstan_protocol::access::Identity::Admin, &shutdown),
     )
     .await
     .expect("connects in time")
-    .expect("the mesh opens")
+    .expect("connected");
+    Mesh::open(client).await.expect("the mesh opens")
 }
 
 #[tokio::test]
@@ -108,9 +110,10 @@ async fn a_credentials_file_that_is_missing_or_holds_no_user_seed_fails_at_once_
         let mut nats = NatsArgs::for_url("nats://127.0.0.1:1");
         nats.nats_creds = Some(path.clone());
         let started = std::time::Instant::now();
-        let error = capstan_mesh::connect(&nats, "access-test", &shutdown)
-            .await
-            .expect_err("a bad credentials file is refused");
+        let error =
+            capstan_mesh::connect(&nats, &capstan_protocol::access::Identity::Admin, &shutdown)
+                .await
+                .expect_err("a bad credentials file is refused");
         assert!(
             started.elapsed() < Duration::from_secs(5),
             "refused at once, not after retries"
@@ -192,16 +195,21 @@ async fn a_service_with_the_ca_and_a_client_certificate_connects_over_mutual_tls
     let shutdown = CancellationToken::new();
     let mut missing = NatsArgs::for_url(server.url());
     missing.nats_ca = Some(ca.dir().join("no-such-ca.pem"));
-    let error = capstan_mesh::connect(&missing, "access-test", &shutdown)
-        .await
-        .expect_err("a missing CA file is refused");
+    let error = capstan_mesh::connect(
+        &missing,
+        &capstan_protocol::access::Identity::Admin,
+        &shutdown,
+    )
+    .await
+    .expect_err("a missing CA file is refused");
     assert!(error.to_string().contains("no-such-ca.pem"), "{error}");
 
     let mut half = NatsArgs::for_url(server.url());
     half.nats_cert = Some(ca.files.client_cert.clone());
-    let refused = capstan_mesh::connect(&half, "access-test", &shutdown)
-        .await
-        .expect_err("a certificate without its key is refused");
+    let refused =
+        capstan_mesh::connect(&half, &capstan_protocol::access::Identity::Admin, &shutdown)
+            .await
+            .expect_err("a certificate without its key is refused");
     assert!(matches!(refused, Error::Setup { .. }), "{refused:?}");
 }
 
@@ -314,4 +322,101 @@ async fn a_server_given_the_generated_identities_admits_each_one_and_the_client_
         .await
         .expect("an event in time");
     assert!(event.is_some());
+}
+
+#[tokio::test]
+async fn the_server_configuration_init_writes_runs_a_server_that_admits_only_the_mesh_and_services_verify_its_topology()
+ {
+    use capstan_mesh::identities::{self, Identity};
+    use capstan_protocol::NodeId;
+
+    let dir = tempfile::tempdir().expect("dir");
+    let node = NodeId::new("exec-1").expect("valid");
+    let written = identities::init(dir.path(), std::slice::from_ref(&node)).expect("written");
+    let config = identities::server_config(&written, &dir.path().join("jetstream"))
+        .expect("a server configuration");
+    // Written once: an operator's edits are kept.
+    std::fs::write(
+        &config,
+        std::fs::read_to_string(&config).expect("read") + "# edited\n",
+    )
+    .expect("edit");
+    identities::server_config(&written, &dir.path().join("elsewhere")).expect("kept");
+    assert!(
+        std::fs::read_to_string(&config)
+            .expect("read")
+            .ends_with("# edited\n")
+    );
+
+    // The configuration as written (its client and monitoring ports moved off the defaults).
+    let binary = capstan_testkit::natsbin::ensure().expect("a nats-server");
+    let port = capstan_testkit::server::free_port();
+    let monitor = capstan_testkit::server::free_port();
+    let mut server = std::process::Command::new(binary)
+        .arg("-c")
+        .arg(&config)
+        .args(["-p", &port.to_string(), "-m", &monitor.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("nats-server runs");
+    let url = format!("nats://127.0.0.1:{port}");
+    let seed = |identity: &Identity| {
+        std::fs::read_to_string(written.seed_file(identity))
+            .expect("seed")
+            .trim()
+            .to_owned()
+    };
+    let admin =
+        capstan_testkit::wait_until("the server to admit admin", Duration::from_secs(30), || {
+            let options = async_nats::ConnectOptions::new().nkey(seed(&Identity::Admin));
+            let url = url.clone();
+            async move { options.connect(url).await.ok() }
+        })
+        .await;
+    let anonymous = async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(2))
+        .connect(url.clone())
+        .await;
+    assert!(anonymous.is_err(), "an anonymous connection was accepted");
+
+    // A service finds no topology, says so, and creates nothing.
+    let mut nats = NatsArgs::for_url(url.clone());
+    nats.nats_creds = Some(written.seed_file(&Identity::Scheduler));
+    let shutdown = CancellationToken::new();
+    let refused = tokio::time::timeout(
+        Duration::from_secs(60),
+        Mesh::connect(&nats, &Identity::Scheduler, &shutdown),
+    )
+    .await
+    .expect("in time")
+    .expect_err("no topology yet");
+    assert!(
+        refused.to_string().contains("capstan nats apply")
+            || format!("{:?}", std::error::Error::source(&refused)).contains("capstan nats apply"),
+        "{refused}: {:?}",
+        std::error::Error::source(&refused)
+    );
+    let js = async_nats::jetstream::new(admin.clone());
+    assert!(
+        js.get_stream(capstan_protocol::topology::EVENTS.name)
+            .await
+            .is_err(),
+        "the service created a stream"
+    );
+
+    // The administrator applies it; then the service opens the mesh.
+    let applied = capstan_mesh::topology::apply(&js, &Default::default())
+        .await
+        .expect("applied");
+    assert_eq!(applied.streams, capstan_protocol::topology::STREAMS.len());
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        Mesh::connect(&nats, &Identity::Scheduler, &shutdown),
+    )
+    .await
+    .expect("in time")
+    .expect("the scheduler opens the applied mesh");
+    let _ = server.kill();
+    let _ = server.wait();
 }

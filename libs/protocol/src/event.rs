@@ -159,6 +159,21 @@ pub struct JobEvent {
 }
 
 impl JobEvent {
+    /// Checks that the event's subject names the job and kind it carries: an event published
+    /// on one job's subject with another job's record, or as another kind, is not believed.
+    /// The error says what disagrees.
+    pub fn agrees_with(&self, subject: &str) -> Result<(), String> {
+        match crate::subjects::parse_job_event(subject) {
+            Some((job, kind)) if job == self.record.id && kind == self.kind.as_str() => Ok(()),
+            Some((job, kind)) => Err(format!(
+                "the subject names job {job} ({kind}), the event carries job {} ({})",
+                self.record.id,
+                self.kind.as_str()
+            )),
+            None => Err(format!("{subject} is not a job event subject")),
+        }
+    }
+
     /// The event of `kind` for `record`, dropping stdin unless this is the job's first event.
     pub fn new(kind: JobEventKind, record: &JobRecord) -> Self {
         let mut record = record.clone();
@@ -257,6 +272,9 @@ pub enum RejectionCode {
     Duplicate,
     /// Delivered to a consumer it was not meant for.
     Misrouted,
+    /// Claims to come from someone other than its sender: a node calling the registry about
+    /// another node.
+    Forged,
 }
 
 impl RejectionCode {
@@ -269,6 +287,7 @@ impl RejectionCode {
             Self::Conflict => "conflict",
             Self::Duplicate => "duplicate",
             Self::Misrouted => "misrouted",
+            Self::Forged => "forged",
         }
     }
 }
@@ -359,6 +378,19 @@ mod tests {
                 .stdin
                 .is_none()
         );
+    }
+
+    #[test]
+    fn an_event_agrees_with_its_subject_only_when_both_name_the_same_job_and_kind() {
+        let record = JobRecord::new(JobId::generate(), JobSpec::shell("true"), Timestamp::now());
+        let event = JobEvent::new(JobEventKind::Succeeded, &record);
+        let own = crate::subjects::job_event(record.id, JobEventKind::Succeeded);
+        assert_eq!(event.agrees_with(&own), Ok(()));
+        let other_job = crate::subjects::job_event(JobId::generate(), JobEventKind::Succeeded);
+        assert!(event.agrees_with(&other_job).is_err());
+        let other_kind = crate::subjects::job_event(record.id, JobEventKind::Failed);
+        assert!(event.agrees_with(&other_kind).is_err());
+        assert!(event.agrees_with("capstan.events.nodes.n1.down").is_err());
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! accepted wherever a person or a foreign client publishes (see [`codec::Encoding::detect`]).
 //! KV values are JSON so that `nats kv get` shows an operator the state as it is.
 
+pub mod access;
 pub mod auth;
 pub mod claim;
 pub mod codec;

@@ -23,6 +23,8 @@ pub enum ErrorCode {
     Conflict,
     /// Capstan could not complete it; retrying may succeed.
     Unavailable,
+    /// The caller may not make it: a node acting for another, say.
+    Forbidden,
 }
 
 impl ErrorCode {
@@ -34,6 +36,7 @@ impl ErrorCode {
             Self::Conflict => 409,
             Self::TooLarge => 413,
             Self::Unavailable => 503,
+            Self::Forbidden => 403,
         }
     }
 }
@@ -82,6 +85,7 @@ impl From<&Rejection> for ServiceError {
             RejectionCode::Malformed | RejectionCode::Invalid | RejectionCode::Misrouted => {
                 ErrorCode::BadRequest
             }
+            RejectionCode::Forged => ErrorCode::Forbidden,
         };
         Self {
             code,

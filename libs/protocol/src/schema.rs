@@ -69,19 +69,25 @@ pub fn messages() -> Vec<(&'static str, Value)> {
         written::<NodeEvent>("node-event", "capstan.events.nodes.<node>.<kind>".into()),
         read::<Registration>(
             "registration",
-            format!("request of {}", subjects::registry::REGISTER),
+            format!(
+                "request of {}",
+                subjects::registry::NodeCall::Register.subject_all()
+            ),
         ),
         read::<Heartbeat>(
             "heartbeat",
             format!(
                 "request of {} and {}",
-                subjects::registry::HEARTBEAT,
-                subjects::registry::DEREGISTER
+                subjects::registry::NodeCall::Heartbeat.subject_all(),
+                subjects::registry::NodeCall::Deregister.subject_all()
             ),
         ),
         written::<Reply<HeartbeatReply>>(
             "heartbeat-reply",
-            format!("reply of {}", subjects::registry::HEARTBEAT),
+            format!(
+                "reply of {}",
+                subjects::registry::NodeCall::Heartbeat.subject_all()
+            ),
         ),
         read::<NodeQuery>(
             "node-query",
@@ -89,7 +95,9 @@ pub fn messages() -> Vec<(&'static str, Value)> {
         ),
         written::<Reply<NodeRecord>>(
             "node-reply",
-            format!("reply of {registry}.register, {registry}.deregister and {registry}.nodes.get"),
+            format!(
+                "reply of {registry}.register.*, {registry}.deregister.* and {registry}.nodes.get"
+            ),
         ),
         written::<Reply<Vec<NodeRecord>>>(
             "node-list-reply",

@@ -142,12 +142,53 @@ pub fn timer_due(job: JobId) -> String {
 pub mod registry {
     /// Endpoint group.
     pub const GROUP: &str = "capstan.registry";
-    /// An executor registers (request: `Registration`, reply: `Reply<NodeRecord>`).
-    pub const REGISTER: &str = "capstan.registry.register";
-    /// An executor heartbeats (request: `Heartbeat`, reply: `Reply<HeartbeatReply>`).
-    pub const HEARTBEAT: &str = "capstan.registry.heartbeat";
-    /// An executor leaves (request: `Heartbeat`, reply: `Reply<NodeRecord>`).
-    pub const DEREGISTER: &str = "capstan.registry.deregister";
+    use crate::ids::NodeId;
+
+    /// What an executor node asks of the registry about itself. Each call has a subject per
+    /// node, so that the server's permissions let only that node's identity make it.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub enum NodeCall {
+        /// Registers (request: `Registration`, reply: `Reply<NodeRecord>`).
+        Register,
+        /// Heartbeats (request: `Heartbeat`, reply: `Reply<HeartbeatReply>`).
+        Heartbeat,
+        /// Leaves (request: `Heartbeat`, reply: `Reply<NodeRecord>`).
+        Deregister,
+    }
+
+    impl NodeCall {
+        /// Every call.
+        pub const ALL: [NodeCall; 3] = [Self::Register, Self::Heartbeat, Self::Deregister];
+
+        /// The subject token.
+        pub fn as_str(self) -> &'static str {
+            match self {
+                Self::Register => "register",
+                Self::Heartbeat => "heartbeat",
+                Self::Deregister => "deregister",
+            }
+        }
+
+        /// The call's subject for `node`: `capstan.registry.register.<node>`.
+        pub fn subject(self, node: &NodeId) -> String {
+            format!("capstan.registry.{}.{node}", self.as_str())
+        }
+
+        /// The call's subject for every node (what the registry serves).
+        pub fn subject_all(self) -> String {
+            format!("capstan.registry.{}.*", self.as_str())
+        }
+
+        /// The node a subject of this call names, if it is one.
+        pub fn node_of(self, subject: &str) -> Option<NodeId> {
+            let rest = subject
+                .strip_prefix("capstan.registry.")?
+                .strip_prefix(self.as_str())?
+                .strip_prefix('.')?;
+            NodeId::new(rest).ok()
+        }
+    }
+
     /// Lists nodes (any request body, reply: `Reply<Vec<NodeRecord>>`).
     pub const NODES_LIST: &str = "capstan.registry.nodes.list";
     /// Gets one node (request: `NodeQuery`, reply: `Reply<NodeRecord>`).
@@ -165,6 +206,22 @@ pub mod registry {
 /// Request/reply job cancellation: `{"id": "<job>"}`.
 pub const CANCEL: &str = "capstan.jobs.cancel";
 
+/// Whether the subject pattern `pattern` (a stream's subjects, a consumer's filter, a
+/// permission) covers `subject`, token by token: `*` matches one token, a final `>` the rest.
+pub fn covers(pattern: &str, subject: &str) -> bool {
+    let mut pattern = pattern.split('.');
+    let mut subject = subject.split('.');
+    loop {
+        match (pattern.next(), subject.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(_)) => {}
+            (Some(p), Some(s)) if p == s => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
 /// The subject a KV bucket stores `key` under (`$KV.<bucket>.<key>`): what a write with
 /// headers the KV client does not offer (a TTL on update) publishes to.
 pub fn kv_key(bucket: &str, key: &str) -> String {
@@ -175,6 +232,11 @@ pub fn kv_key(bucket: &str, key: &str) -> String {
 /// attempts by reading their records, so a missed command only delays the stop.
 pub fn control(node: &NodeId, command: &str) -> String {
     format!("capstan.control.{node}.{command}")
+}
+
+/// One command for every node (what a canceller may send).
+pub fn control_any(command: &str) -> String {
+    format!("capstan.control.*.{command}")
 }
 
 /// Every command for one node.
@@ -195,6 +257,22 @@ pub mod executor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_node_call_subject_names_its_node_and_parses_back_to_it() {
+        let node = NodeId::new("exec-1").expect("valid");
+        for call in registry::NodeCall::ALL {
+            let subject = call.subject(&node);
+            assert_eq!(call.node_of(&subject), Some(node.clone()));
+            assert!(subject.starts_with(call.subject_all().trim_end_matches('*')));
+        }
+        let register = registry::NodeCall::Register;
+        assert_eq!(
+            register.node_of(&registry::NodeCall::Heartbeat.subject(&node)),
+            None
+        );
+        assert_eq!(register.node_of("capstan.registry.register"), None);
+    }
 
     #[test]
     fn job_event_subjects_parse_back_to_job_and_kind() {

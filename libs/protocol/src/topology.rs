@@ -27,7 +27,9 @@ pub struct StreamSpec {
     pub retention: Retention,
     /// Age limit; zero keeps messages until other limits apply.
     pub max_age: Duration,
-    /// Size limit in bytes, the oldest messages dropped past it; -1 for none.
+    /// Default size limit in bytes (`capstan nats apply --max-bytes` sets another), so that a
+    /// flood cannot fill the disk. Past it a work queue refuses new messages, so nothing it
+    /// accepted is lost and the publisher is told; a limits stream drops its oldest.
     pub max_bytes: i64,
     /// Window in which a repeated `Nats-Msg-Id` is dropped.
     pub duplicate_window: Duration,
@@ -36,6 +38,8 @@ pub struct StreamSpec {
 }
 
 const DAY: Duration = Duration::from_secs(24 * 3600);
+const MIB: i64 = 1024 * 1024;
+const GIB: i64 = 1024 * MIB;
 const DEDUPE: Duration = Duration::from_secs(120);
 
 /// Submitted jobs waiting to be accepted and placed by a scheduler.
@@ -45,7 +49,7 @@ pub const SUBMISSIONS: StreamSpec = StreamSpec {
     subjects: &[subjects::SUBMIT],
     retention: Retention::WorkQueue,
     max_age: Duration::ZERO,
-    max_bytes: -1,
+    max_bytes: GIB,
     duplicate_window: DEDUPE,
     schedules: false,
 };
@@ -57,7 +61,7 @@ pub const DISPATCH: StreamSpec = StreamSpec {
     subjects: &[subjects::DISPATCH_ALL],
     retention: Retention::WorkQueue,
     max_age: Duration::ZERO,
-    max_bytes: -1,
+    max_bytes: GIB,
     duplicate_window: DEDUPE,
     schedules: false,
 };
@@ -69,7 +73,7 @@ pub const EVENTS: StreamSpec = StreamSpec {
     subjects: &[subjects::EVENTS_ALL],
     retention: Retention::Limits,
     max_age: Duration::from_secs(7 * 24 * 3600),
-    max_bytes: -1,
+    max_bytes: 8 * GIB,
     duplicate_window: DEDUPE,
     schedules: false,
 };
@@ -81,7 +85,7 @@ pub const LOGS: StreamSpec = StreamSpec {
     subjects: &[subjects::LOGS_ALL],
     retention: Retention::Limits,
     max_age: Duration::from_secs(7 * 24 * 3600),
-    max_bytes: -1,
+    max_bytes: 16 * GIB,
     duplicate_window: DEDUPE,
     schedules: false,
 };
@@ -95,7 +99,8 @@ pub const TIMERS: StreamSpec = StreamSpec {
     subjects: &[subjects::TIMERS_ALL],
     retention: Retention::WorkQueue,
     max_age: Duration::ZERO,
-    max_bytes: -1,
+    // One timer per waiting job: far below this while the jobs bucket is within its own.
+    max_bytes: GIB,
     duplicate_window: DEDUPE,
     schedules: true,
 };
@@ -110,7 +115,7 @@ pub const AUDIT: StreamSpec = StreamSpec {
     max_age: Duration::from_secs(90 * 24 * 3600),
     // Records are small; a flood of refused requests must not fill the disk. The
     // `audit` table keeps what the stream drops.
-    max_bytes: 1024 * 1024 * 1024,
+    max_bytes: GIB,
     duplicate_window: DEDUPE,
     schedules: false,
 };
@@ -131,6 +136,9 @@ pub struct BucketSpec {
     pub max_age: Duration,
     /// Whether entries may carry their own TTL.
     pub per_key_ttl: bool,
+    /// Default size limit in bytes (`capstan nats apply --max-bytes` sets another); past it,
+    /// writes are refused until entries expire or are purged.
+    pub max_bytes: i64,
 }
 
 /// Job records by job id (JSON [`crate::JobRecord`]).
@@ -140,6 +148,7 @@ pub const JOBS: BucketSpec = BucketSpec {
     history: 1,
     max_age: Duration::ZERO,
     per_key_ttl: true,
+    max_bytes: 8 * GIB,
 };
 
 /// How long a finished job's record stays in the jobs bucket; the API's history keeps it after.
@@ -152,6 +161,7 @@ pub const NODES: BucketSpec = BucketSpec {
     history: 1,
     max_age: Duration::ZERO,
     per_key_ttl: false,
+    max_bytes: 64 * MIB,
 };
 
 /// Idempotency keys to job ids, for the idempotency window.
@@ -161,6 +171,7 @@ pub const IDEMPOTENCY: BucketSpec = BucketSpec {
     history: 1,
     max_age: DAY,
     per_key_ttl: false,
+    max_bytes: GIB,
 };
 
 /// Revoked users, sessions and API tokens ([`crate::Revocation`] by
@@ -172,6 +183,7 @@ pub const REVOCATIONS: BucketSpec = BucketSpec {
     history: 1,
     max_age: DAY,
     per_key_ttl: false,
+    max_bytes: 64 * MIB,
 };
 
 /// The longest an access token may live: revocations are kept this long.
@@ -388,6 +400,17 @@ pub fn executor_consumer_spec(node: &crate::NodeId, slots: u32) -> ConsumerSpec 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::subjects::covers;
+
+    #[test]
+    fn every_stream_and_bucket_has_a_size_limit() {
+        for stream in STREAMS {
+            assert!(stream.max_bytes > 0, "{} is unbounded", stream.name);
+        }
+        for bucket in BUCKETS {
+            assert!(bucket.max_bytes > 0, "{} is unbounded", bucket.name);
+        }
+    }
 
     #[test]
     fn idempotency_keys_become_valid_kv_keys() {
@@ -446,21 +469,6 @@ mod tests {
                 .expect("its stream");
             if stream.retention == Retention::WorkQueue {
                 assert_eq!(consumer.start, StartAt::First, "{}", consumer.name);
-            }
-        }
-    }
-
-    /// Whether stream subject `pattern` covers filter `subject` (tokens, `*` and `>`).
-    fn covers(pattern: &str, subject: &str) -> bool {
-        let mut pattern = pattern.split('.');
-        let mut subject = subject.split('.');
-        loop {
-            match (pattern.next(), subject.next()) {
-                (Some(">"), Some(_)) => return true,
-                (Some("*"), Some(_)) => {}
-                (Some(p), Some(s)) if p == s => {}
-                (None, None) => return true,
-                _ => return false,
             }
         }
     }

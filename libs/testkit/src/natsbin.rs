@@ -1,5 +1,6 @@
-//! Finds or provisions a `nats-server` recent enough for Capstan (≥ 2.12: message schedules,
-//! per-message TTLs).
+//! Finds or provisions a `nats-server` recent enough for Capstan (≥ 2.12.6: message schedules,
+//! per-message TTLs, and the fix that strips a client-set `Nats-Request-Info` header,
+//! CVE-2026-33223).
 //!
 //! Order: `CAPSTAN_NATS_SERVER` if set; a `nats-server` on `PATH` if it is recent enough; the
 //! pinned version in the user's cache (`$XDG_CACHE_HOME/capstan/bin`, else
@@ -12,8 +13,8 @@ use std::process::Command;
 /// The version provisioned when none suitable is found.
 pub const PINNED_VERSION: &str = "2.14.6";
 
-/// The oldest server Capstan runs on.
-pub const MIN_VERSION: (u32, u32) = (2, 12);
+/// The oldest server Capstan runs on: `(major, minor, patch)`.
+pub const MIN_VERSION: (u32, u32, u32) = (2, 12, 6);
 
 /// The path of a suitable `nats-server`, provisioning it if needed.
 pub fn ensure() -> Result<PathBuf, String> {
@@ -22,12 +23,14 @@ pub fn ensure() -> Result<PathBuf, String> {
         return match version_of(&path) {
             Some(version) if recent_enough(version) => Ok(path),
             Some(version) => Err(format!(
-                "CAPSTAN_NATS_SERVER={} is version {}.{}, older than {}.{}",
+                "CAPSTAN_NATS_SERVER={} is version {}.{}.{}, older than {}.{}.{}",
                 path.display(),
                 version.0,
                 version.1,
+                version.2,
                 MIN_VERSION.0,
-                MIN_VERSION.1
+                MIN_VERSION.1,
+                MIN_VERSION.2
             )),
             None => Err(format!(
                 "CAPSTAN_NATS_SERVER={} does not run",
@@ -60,12 +63,12 @@ pub fn provisioned_path() -> PathBuf {
         .join(format!("nats-server-{PINNED_VERSION}"))
 }
 
-fn recent_enough(version: (u32, u32)) -> bool {
+fn recent_enough(version: (u32, u32, u32)) -> bool {
     version >= MIN_VERSION
 }
 
-/// `(major, minor)` of the server at `path`, if it runs.
-pub fn version_of(path: &Path) -> Option<(u32, u32)> {
+/// `(major, minor, patch)` of the server at `path`, if it runs.
+pub fn version_of(path: &Path) -> Option<(u32, u32, u32)> {
     let output = Command::new(path).arg("--version").output().ok()?;
     let text = String::from_utf8_lossy(&output.stdout);
     // "nats-server: v2.14.6"
@@ -73,7 +76,13 @@ pub fn version_of(path: &Path) -> Option<(u32, u32)> {
     let mut parts = version.split('.');
     let major = parts.next()?.parse().ok()?;
     let minor = parts.next()?.parse().ok()?;
-    Some((major, minor))
+    // A pre-release ("2.14.0-beta.1") counts as its patch.
+    let patch = parts
+        .next()
+        .and_then(|p| p.split('-').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    Some((major, minor, patch))
 }
 
 fn provision(target: &Path) -> Result<(), String> {

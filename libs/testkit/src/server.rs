@@ -141,6 +141,31 @@ impl NatsServer {
         panic!("nats-server did not restart:\n{}", self.log());
     }
 
+    /// Rewrites the configuration (copying the included file again, as it is now) and has the
+    /// running server reload it (SIGHUP), returning once the server has said it did.
+    pub async fn reload(&mut self) {
+        let before = self.log().matches(RELOADED).count();
+        self.request_reload();
+        crate::wait_until(
+            "nats-server to reload its configuration",
+            Duration::from_secs(30),
+            || async { (self.log().matches(RELOADED).count() > before).then_some(()) },
+        )
+        .await;
+    }
+
+    /// Rewrites the configuration and signals the server to reload it, without waiting.
+    pub fn request_reload(&mut self) {
+        self.write_config();
+        let pid = self.pid().expect("a running server");
+        let pid = i32::try_from(pid).expect("a process id");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .expect("signal the server");
+    }
+
     fn log_path(&self) -> PathBuf {
         self.dir.path().join("nats-server.log")
     }
@@ -218,6 +243,9 @@ impl NatsServer {
         false
     }
 }
+
+/// What nats-server logs once it has reloaded its configuration.
+const RELOADED: &str = "Reloaded server configuration";
 
 async fn jetstream_ready(url: &str, options: async_nats::ConnectOptions) -> bool {
     let Ok(client) = options

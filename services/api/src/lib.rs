@@ -13,6 +13,7 @@
 //! `metrics` renders Prometheus text; `rebuild` replays the event stream into empty tables
 //! (the `capstan history rebuild` command).
 
+pub mod admin;
 pub mod audit;
 pub mod auth;
 #[doc(hidden)]
@@ -174,7 +175,12 @@ pub(crate) async fn assemble(
     };
     let history = History::connect(&database_url).await?;
     tracing::info!(database = %capstan_store::redact(&database_url), "history database ready");
-    let mesh = Mesh::connect(&config.nats, "capstan-api", shutdown).await?;
+    let mesh = Mesh::connect(
+        &config.nats,
+        &capstan_protocol::access::Identity::Api,
+        shutdown,
+    )
+    .await?;
     let revocations = Arc::new(Revocations::load(mesh.revocations.clone()).await?);
     let auditor = Auditor::new(mesh.clone(), history.clone());
     bootstrap::first_admin(

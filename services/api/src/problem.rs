@@ -212,6 +212,7 @@ impl ApiError {
             ErrorCode::NotFound => Self::not_found(error.message),
             ErrorCode::Conflict => Self::conflict(error.message),
             ErrorCode::Unavailable => Self::unavailable(error.message),
+            ErrorCode::Forbidden => Self::forbidden(error.message),
         }
     }
 }
@@ -225,7 +226,16 @@ impl From<crate::auth::limits::Limited> for ApiError {
 impl From<capstan_mesh::Error> for ApiError {
     fn from(error: capstan_mesh::Error) -> Self {
         tracing::warn!(error = %error, "NATS operation failed");
-        Self::unavailable(error.to_string())
+        match error {
+            capstan_mesh::Error::Full { .. } => Self::Unavailable(problem(
+                "full",
+                "Capstan is full",
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("{error}; retry once jobs have drained"),
+                None,
+            )),
+            error => Self::unavailable(error.to_string()),
+        }
     }
 }
 

@@ -5,6 +5,10 @@
 //! `capstan_store::projection`), so replicas working side by side, redeliveries after a crash,
 //! and a NATS restart neither duplicate nor lose rows. Events are acknowledged only after
 //! their batch is committed.
+//!
+//! An event is believed only if its subject names the job and kind it carries, and, for a
+//! retry's attempt, if the job's record has come that far: the events stream takes attempt
+//! events from any executor node, so a forged `succeeded` for attempt 999 is refused here.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +16,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, AckKind};
 use capstan_mesh::{Mesh, consume, wire};
 use capstan_protocol::subjects::Origin;
-use capstan_protocol::{JobEvent, topology};
+use capstan_protocol::{JobEvent, RejectionCode, topology};
 use capstan_store::{History, Sequenced};
 use tokio_util::sync::CancellationToken;
 
@@ -56,6 +60,29 @@ async fn project(
             wire::decode::<JobEvent>(message.headers.as_ref(), &message.payload),
         ) {
             (Some(seq), Ok((event, _))) => {
+                match believe(mesh, &message.subject, &event).await {
+                    Belief::Believed => {}
+                    Belief::Forged(reason) => {
+                        tracing::warn!(job = %event.record.id, subject = %message.subject, reason, "forged job event ignored");
+                        mesh.events
+                            .reject_stored(
+                                Origin::History,
+                                &message,
+                                Some(event.record.id),
+                                RejectionCode::Forged,
+                                Some("record".to_owned()),
+                                reason,
+                            )
+                            .await;
+                        continue;
+                    }
+                    Belief::Unsure => {
+                        let _ = message
+                            .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                            .await;
+                        continue;
+                    }
+                }
                 let span = tracing::info_span!(
                     "record job event",
                     otel.kind = "consumer",
@@ -102,4 +129,41 @@ async fn project(
     }
     // The spans end here: when the events are durably recorded (or handed back).
     drop(spans);
+}
+
+/// What the projection makes of an event before recording it.
+enum Belief {
+    Believed,
+    /// Not what it claims to be: rejected, never recorded.
+    Forged(String),
+    /// The job's record could not be read to check it: handed back for later.
+    Unsure,
+}
+
+/// Whether `event`, read on `subject`, is believed. The first attempt's events need no
+/// lookup (a job's history starts there); a later attempt's are checked against the job's
+/// record, which every service writes before announcing, so a legitimate event never names an
+/// attempt its record has not reached.
+async fn believe(mesh: &Mesh, subject: &str, event: &JobEvent) -> Belief {
+    if let Err(reason) = event.agrees_with(subject) {
+        return Belief::Forged(reason);
+    }
+    if event.record.attempt <= 1 {
+        return Belief::Believed;
+    }
+    match mesh.jobs.get(&event.record.id.to_string()).await {
+        Ok(Some(current)) if current.value.attempt >= event.record.attempt => Belief::Believed,
+        Ok(Some(current)) => Belief::Forged(format!(
+            "attempt {} of a job whose record is at attempt {}",
+            event.record.attempt, current.value.attempt
+        )),
+        Ok(None) => Belief::Forged(format!(
+            "attempt {} of a job with no record",
+            event.record.attempt
+        )),
+        Err(error) => {
+            tracing::debug!(error = %error, "cannot read a job's record to check its event");
+            Belief::Unsure
+        }
+    }
 }

@@ -854,3 +854,99 @@ async fn delayed_and_retried_jobs_show_their_waits_attempts_and_events_over_rest
     assert_problem(&bad, StatusCode::UNPROCESSABLE_ENTITY, Some("run_at"));
     stack.stop().await;
 }
+
+#[tokio::test]
+async fn a_full_submissions_stream_refuses_new_jobs_with_a_clear_problem_and_runs_every_accepted_one()
+ {
+    let server = NatsServer::start().await;
+    // The administrator gives the submissions stream room for a few jobs only.
+    let js = async_nats::jetstream::new(server.client().await);
+    let mut limits = capstan_mesh::topology::Limits::default();
+    limits
+        .set(capstan_protocol::topology::SUBMISSIONS.name, 16 * 1024)
+        .expect("a valid limit");
+    capstan_mesh::topology::apply(&js, &limits)
+        .await
+        .expect("applied");
+    let shutdown = CancellationToken::new();
+    let db = TestDatabase::sqlite();
+    let (http, api) = start_api(&server, db.url(), &shutdown).await;
+
+    // No scheduler yet: submissions stay in the stream until it is full.
+    let stdin = "x".repeat(2048);
+    let mut accepted = Vec::new();
+    let mut refusal = None;
+    for n in 0..64 {
+        let body = json!({"command": "cat > /dev/null", "stdin": stdin, "name": format!("j{n}")});
+        let reply = http.post_json("/api/v1/jobs", &body.to_string()).await;
+        match reply.status {
+            StatusCode::ACCEPTED => {
+                accepted.push(reply.json()["id"].as_str().expect("id").to_owned())
+            }
+            _ => {
+                refusal = Some(reply);
+                break;
+            }
+        }
+    }
+    let refusal = refusal.expect("the stream filled up within 64 jobs");
+    assert_eq!(
+        refusal.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        refusal.text()
+    );
+    let problem = refusal.json();
+    assert!(
+        problem["type"].as_str().unwrap_or("").ends_with("full"),
+        "{problem}"
+    );
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("submissions stream is full"),
+        "{problem}"
+    );
+    assert!(accepted.len() >= 2, "only {} accepted", accepted.len());
+    let mut stream = js
+        .get_stream(capstan_protocol::topology::SUBMISSIONS.name)
+        .await
+        .expect("stream");
+    let held = stream.info().await.expect("info").state.messages;
+    assert_eq!(
+        held,
+        accepted.len() as u64,
+        "the stream lost or kept extra submissions"
+    );
+
+    // A scheduler and an executor start: every accepted job runs.
+    tokio::spawn(capstan_registry::run(
+        capstan_registry::Config::for_url(server.url()),
+        shutdown.clone(),
+    ));
+    tokio::spawn(capstan_scheduler::run(
+        capstan_scheduler::Config::for_url(server.url()),
+        shutdown.clone(),
+    ));
+    let work = tempfile::tempdir().expect("work dir");
+    let mut executor = capstan_executor::Config::for_url(
+        server.url(),
+        capstan_protocol::NodeId::new("full-test-node").expect("valid"),
+    );
+    executor.work_dir = Some(work.path().to_path_buf());
+    tokio::spawn(capstan_executor::run(executor, shutdown.clone()));
+    for id in &accepted {
+        wait_until(
+            &format!("{id} to succeed"),
+            Duration::from_secs(60),
+            || async {
+                let job = http.get(&format!("/api/v1/jobs/{id}")).await.json();
+                (job["status"] == "succeeded").then_some(())
+            },
+        )
+        .await;
+    }
+    shutdown.cancel();
+    api.await.expect("joins").expect("clean exit");
+}

@@ -175,7 +175,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), erro
         );
     }
 
-    let mesh = Mesh::connect(&config.nats, &format!("capstan-executor-{node}"), &shutdown).await?;
+    let mesh = Mesh::connect(
+        &config.nats,
+        &capstan_protocol::access::Identity::Executor(node.clone()),
+        &shutdown,
+    )
+    .await?;
     let consumer = dispatch_consumer(&mesh, &node, &config, &shutdown).await?;
     let instance = InstanceId::generate();
     let membership = Membership::new(

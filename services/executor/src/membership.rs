@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::PullConsumer;
-use capstan_protocol::subjects::registry as endpoints;
+use capstan_protocol::subjects::registry::NodeCall;
 use capstan_protocol::{
     ErrorCode, Heartbeat, HeartbeatReply, InstanceId, JobId, Labels, NodeId, NodeRecord,
     Registration,
@@ -58,7 +58,10 @@ impl Membership {
         let mut delay = Duration::from_millis(200);
         loop {
             match self
-                .request::<_, NodeRecord>(endpoints::REGISTER, &registration)
+                .request::<_, NodeRecord>(
+                    &NodeCall::Register.subject(&registration.node),
+                    &registration,
+                )
                 .await
             {
                 Ok(Ok(record)) => {
@@ -108,7 +111,7 @@ impl Membership {
                 queued,
             };
             match self
-                .request::<_, HeartbeatReply>(endpoints::HEARTBEAT, &beat)
+                .request::<_, HeartbeatReply>(&NodeCall::Heartbeat.subject(&beat.node), &beat)
                 .await
             {
                 Ok(Ok(HeartbeatReply::Ok)) => {}
@@ -138,7 +141,7 @@ impl Membership {
             queued: 0,
         };
         match self
-            .request::<_, NodeRecord>(endpoints::DEREGISTER, &beat)
+            .request::<_, NodeRecord>(&NodeCall::Deregister.subject(&beat.node), &beat)
             .await
         {
             Ok(Ok(_)) => tracing::info!("deregistered"),

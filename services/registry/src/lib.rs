@@ -19,10 +19,11 @@ use capstan_mesh::shutdown::Stop;
 use capstan_mesh::{BucketView, Change, Error, EventPublisher, Mesh, Modified, NatsArgs, service};
 use capstan_protocol::node::NodeQuery;
 use capstan_protocol::spec::validate_labels;
-use capstan_protocol::subjects::{self, Origin};
+use capstan_protocol::subjects::{self, Origin, registry::NodeCall};
 use capstan_protocol::{
     Availability, ErrorCode, Heartbeat, HeartbeatReply, NodeCommand, NodeEvent, NodeEventKind,
-    NodeRecord, NodeStatus, Registration, ServiceError, Timestamp,
+    NodeId, NodeRecord, NodeStatus, Registration, Rejection, RejectionCode, ServiceError,
+    Timestamp,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -73,7 +74,12 @@ pub const MAX_CAPACITY: u32 = 10_000;
 
 /// Runs the registry until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
-    let mesh = Mesh::connect(&config.nats, "capstan-registry", &shutdown).await?;
+    let mesh = Mesh::connect(
+        &config.nats,
+        &capstan_protocol::access::Identity::Registry,
+        &shutdown,
+    )
+    .await?;
     // The tally's consumer failing for good stops the registry, loudly.
     let stop = Stop::new(&shutdown);
     let shutdown = stop.token().clone();
@@ -102,28 +108,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         rejections: (mesh.events.clone(), Origin::Registry),
     };
     let register = endpoints
-        .serve(
-            "register",
-            subjects::registry::REGISTER,
-            64,
-            Registry::register,
-        )
+        .serve_node(NodeCall::Register, 64, Registry::register)
         .await?;
     let heartbeat = endpoints
-        .serve(
-            "heartbeat",
-            subjects::registry::HEARTBEAT,
-            64,
-            Registry::heartbeat,
-        )
+        .serve_node(NodeCall::Heartbeat, 64, Registry::heartbeat)
         .await?;
     let deregister = endpoints
-        .serve(
-            "deregister",
-            subjects::registry::DEREGISTER,
-            16,
-            Registry::deregister,
-        )
+        .serve_node(NodeCall::Deregister, 16, Registry::deregister)
         .await?;
     let list = endpoints
         .serve(
@@ -219,6 +210,75 @@ impl Endpoints<'_> {
             self.rejections.clone(),
             move |request| handle(registry.clone(), request),
         ))
+    }
+
+    /// Adds the endpoint of a node's `call` about itself, on the call's subject for every
+    /// node, and returns its serving. A request whose body names another node than its
+    /// subject does (which the server's permissions let only that node's identity publish
+    /// to) is refused as forged and published as a rejection; the named node is untouched.
+    async fn serve_node<Req, Res, Fut>(
+        &self,
+        call: NodeCall,
+        concurrency: usize,
+        handle: impl Fn(Arc<Registry>, Req) -> Fut + Send + Sync,
+    ) -> Result<impl Future<Output = ()>, Error>
+    where
+        Req: DeserializeOwned + ForNode + Send + 'static,
+        Res: Serialize + Send + 'static,
+        Fut: Future<Output = Result<Res, ServiceError>> + Send,
+    {
+        let endpoint = service::endpoint(self.micro, call.as_str(), &call.subject_all()).await?;
+        let registry = self.registry.clone();
+        let handle = Arc::new(handle);
+        let events = self.rejections.0.clone();
+        Ok(service::serve_on(
+            endpoint,
+            self.shutdown.clone(),
+            concurrency,
+            self.rejections.clone(),
+            move |request: Req, subject| {
+                let (registry, events, handle) = (registry.clone(), events.clone(), handle.clone());
+                async move {
+                    let caller = call.node_of(&subject);
+                    if caller.as_ref() != Some(request.node()) {
+                        let reason = format!(
+                            "a {} for node {} made on {subject}: a node may act only for itself",
+                            call.as_str(),
+                            request.node()
+                        );
+                        tracing::warn!(subject, node = %request.node(), "forged node call refused");
+                        let rejection = Rejection::new(
+                            subject.clone(),
+                            0,
+                            RejectionCode::Forged,
+                            Some("node".to_owned()),
+                            reason,
+                        );
+                        events.rejection(Origin::Registry, &rejection).await;
+                        return Err(ServiceError::from(&rejection));
+                    }
+                    handle(registry, request).await
+                }
+            },
+        ))
+    }
+}
+
+/// A node's request about itself.
+trait ForNode {
+    /// The node it is about.
+    fn node(&self) -> &NodeId;
+}
+
+impl ForNode for Registration {
+    fn node(&self) -> &NodeId {
+        &self.node
+    }
+}
+
+impl ForNode for Heartbeat {
+    fn node(&self) -> &NodeId {
+        &self.node
     }
 }
 

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use capstan_protocol::codec::{self, Encoding};
+use capstan_protocol::subjects::registry::NodeCall;
 use capstan_protocol::subjects::{self, registry as endpoints};
 use capstan_protocol::{
     ErrorCode, Heartbeat, HeartbeatReply, InstanceId, NodeEvent, NodeId, NodeRecord, NodeStatus,
@@ -88,7 +89,12 @@ async fn a_registered_node_is_stored_listed_and_announced() {
     let mut events = node_events(&client).await;
 
     let registration = registration("exec-a");
-    let reply: Reply<NodeRecord> = request(&client, endpoints::REGISTER, &registration).await;
+    let reply: Reply<NodeRecord> = request(
+        &client,
+        &NodeCall::Register.subject(&registration.node),
+        &registration,
+    )
+    .await;
     let record = reply.into_result().expect("registered");
     assert_eq!((record.status, record.capacity), (NodeStatus::Up, 4));
 
@@ -139,7 +145,12 @@ async fn a_node_that_stops_heartbeating_is_marked_down_once_and_up_again_when_it
     let client = server.client().await;
     let mut events = node_events(&client).await;
     let registration = registration("exec-b");
-    let _: Reply<NodeRecord> = request(&client, endpoints::REGISTER, &registration).await;
+    let _: Reply<NodeRecord> = request(
+        &client,
+        &NodeCall::Register.subject(&registration.node),
+        &registration,
+    )
+    .await;
     assert_eq!(next_event(&mut events).await.kind.as_str(), "registered");
 
     let down = next_event(&mut events).await;
@@ -157,7 +168,8 @@ async fn a_node_that_stops_heartbeating_is_marked_down_once_and_up_again_when_it
         jobs: vec![],
         queued: 0,
     };
-    let reply: Reply<HeartbeatReply> = request(&client, endpoints::HEARTBEAT, &beat).await;
+    let reply: Reply<HeartbeatReply> =
+        request(&client, &NodeCall::Heartbeat.subject(&beat.node), &beat).await;
     assert_eq!(reply.into_result().expect("ok"), HeartbeatReply::Ok);
     assert_eq!(next_event(&mut events).await.kind.as_str(), "up");
     first.stop().await;
@@ -170,12 +182,12 @@ async fn heartbeats_from_a_replaced_or_unknown_instance_are_told_so() {
     let registry = start(&server, Duration::from_secs(10));
     let client = server.client().await;
     let old = registration("exec-c");
-    let _: Reply<NodeRecord> = request(&client, endpoints::REGISTER, &old).await;
+    let _: Reply<NodeRecord> = request(&client, &NodeCall::Register.subject(&old.node), &old).await;
     let new = Registration {
         instance: InstanceId::generate(),
         ..old.clone()
     };
-    let _: Reply<NodeRecord> = request(&client, endpoints::REGISTER, &new).await;
+    let _: Reply<NodeRecord> = request(&client, &NodeCall::Register.subject(&new.node), &new).await;
 
     let stale = Heartbeat {
         node: old.node.clone(),
@@ -183,7 +195,8 @@ async fn heartbeats_from_a_replaced_or_unknown_instance_are_told_so() {
         jobs: vec![],
         queued: 0,
     };
-    let reply: Reply<HeartbeatReply> = request(&client, endpoints::HEARTBEAT, &stale).await;
+    let reply: Reply<HeartbeatReply> =
+        request(&client, &NodeCall::Heartbeat.subject(&stale.node), &stale).await;
     assert_eq!(reply.into_result().expect("ok"), HeartbeatReply::Superseded);
 
     let stranger = Heartbeat {
@@ -192,7 +205,12 @@ async fn heartbeats_from_a_replaced_or_unknown_instance_are_told_so() {
         jobs: vec![],
         queued: 0,
     };
-    let reply: Reply<HeartbeatReply> = request(&client, endpoints::HEARTBEAT, &stranger).await;
+    let reply: Reply<HeartbeatReply> = request(
+        &client,
+        &NodeCall::Heartbeat.subject(&stranger.node),
+        &stranger,
+    )
+    .await;
     assert_eq!(
         reply.into_result().expect("ok"),
         HeartbeatReply::UnknownNode
@@ -214,7 +232,10 @@ async fn malformed_and_invalid_requests_are_rejected_and_the_registry_keeps_serv
     let _: Reply<Vec<NodeRecord>> = request(&client, endpoints::NODES_LIST, &no_args).await;
 
     let reply = client
-        .request(endpoints::REGISTER, "{\"node\": ".into())
+        .request(
+            NodeCall::Register.subject(&NodeId::new("exec-d").expect("valid")),
+            "{\"node\": ".into(),
+        )
         .await
         .expect("answers");
     let error = serde_json::from_slice::<Reply<NodeRecord>>(&reply.payload)
@@ -236,13 +257,14 @@ async fn malformed_and_invalid_requests_are_rejected_and_the_registry_keeps_serv
 
     let mut bad = registration("exec-d");
     bad.capacity = 0;
-    let reply: Reply<NodeRecord> = request(&client, endpoints::REGISTER, &bad).await;
+    let reply: Reply<NodeRecord> =
+        request(&client, &NodeCall::Register.subject(&bad.node), &bad).await;
     let error = reply.into_result().expect_err("rejected");
     assert_eq!(error.field.as_deref(), Some("capacity"));
 
     let reply = client
         .request(
-            endpoints::HEARTBEAT,
+            NodeCall::Heartbeat.subject(&NodeId::new("exec-d").expect("valid")),
             r#"{"node": "a.b", "instance": "x"}"#.into(),
         )
         .await
@@ -255,8 +277,81 @@ async fn malformed_and_invalid_requests_are_rejected_and_the_registry_keeps_serv
 
     // Still serving.
     let good = registration("exec-e");
-    let reply: Reply<NodeRecord> = request(&client, endpoints::REGISTER, &good).await;
+    let reply: Reply<NodeRecord> =
+        request(&client, &NodeCall::Register.subject(&good.node), &good).await;
     assert!(reply.into_result().is_ok());
+    registry.stop().await;
+}
+
+#[tokio::test]
+async fn a_node_calling_about_another_node_is_refused_as_forged_and_the_other_keeps_its_record() {
+    let server = NatsServer::start().await;
+    let registry = start(&server, Duration::from_secs(10));
+    let client = server.client().await;
+    let real = registration("exec-real");
+    let reply: Reply<NodeRecord> =
+        request(&client, &NodeCall::Register.subject(&real.node), &real).await;
+    reply.into_result().expect("the real node registers");
+    let mut rejections = client
+        .subscribe(subjects::rejected(subjects::Origin::Registry))
+        .await
+        .expect("subscribes");
+    client.flush().await.expect("flushed");
+
+    // exec-evil, on its own subjects, claims to be exec-real: a new instance, then leaving.
+    let evil = NodeId::new("exec-evil").expect("valid");
+    let impostor = registration("exec-real");
+    let beat = Heartbeat {
+        node: real.node.clone(),
+        instance: real.instance,
+        jobs: Vec::new(),
+        queued: 0,
+    };
+    let calls = [
+        (
+            NodeCall::Register,
+            codec::to_msgpack(&impostor).expect("encodes"),
+        ),
+        (
+            NodeCall::Heartbeat,
+            codec::to_msgpack(&beat).expect("encodes"),
+        ),
+        (
+            NodeCall::Deregister,
+            codec::to_msgpack(&beat).expect("encodes"),
+        ),
+    ];
+    for (call, payload) in calls {
+        let reply = client
+            .request(call.subject(&evil), payload.into())
+            .await
+            .expect("answers");
+        let reply: Reply<serde_json::Value> =
+            codec::decode(Encoding::MsgPack, &reply.payload).expect("decodes");
+        let error = reply.into_result().expect_err("refused");
+        assert_eq!(error.code, ErrorCode::Forbidden, "{call:?}: {error}");
+        let rejection = tokio::time::timeout(Duration::from_secs(10), rejections.next())
+            .await
+            .expect("a rejection in time")
+            .expect("open");
+        let rejection: capstan_protocol::Rejection =
+            codec::decode(Encoding::MsgPack, &rejection.payload).expect("decodes");
+        assert_eq!(rejection.code, capstan_protocol::RejectionCode::Forged);
+        assert_eq!(rejection.subject, call.subject(&evil));
+    }
+    let kv = jetstream::new(client.clone())
+        .get_key_value("capstan_nodes")
+        .await
+        .expect("bucket");
+    let stored: NodeRecord =
+        serde_json::from_slice(&kv.get("exec-real").await.expect("read").expect("kept"))
+            .expect("a node record");
+    assert_eq!(
+        (stored.instance, stored.status),
+        (real.instance, NodeStatus::Up),
+        "the impostor changed the real node"
+    );
+    assert!(kv.get("exec-evil").await.expect("read").is_none());
     registry.stop().await;
 }
 
@@ -297,15 +392,23 @@ async fn job_outcomes_are_tallied_on_their_node_and_malformed_ones_rejected() {
         .subscribe(subjects::REJECTED_ALL)
         .await
         .expect("subscribes");
-    let reply: Reply<NodeRecord> =
-        request(&client, endpoints::REGISTER, &registration("exec-t")).await;
+    let reply: Reply<NodeRecord> = request(
+        &client,
+        &NodeCall::Register.subject(&registration("exec-t").node),
+        &registration("exec-t"),
+    )
+    .await;
     let node = reply.into_result().expect("registered").id;
 
     let shutdown = CancellationToken::new();
     let nats = capstan_mesh::config::NatsArgs::for_url(server.url());
-    let mesh = capstan_mesh::Mesh::connect(&nats, "registry-test", &shutdown)
-        .await
-        .expect("connects");
+    let mesh = capstan_mesh::Mesh::connect(
+        &nats,
+        &capstan_protocol::access::Identity::Registry,
+        &shutdown,
+    )
+    .await
+    .expect("connects");
     for status in [
         JobStatus::Succeeded,
         JobStatus::Succeeded,
@@ -366,7 +469,8 @@ async fn job_outcomes_are_tallied_on_their_node_and_malformed_ones_rejected() {
     // A heartbeat and a re-registration keep the tally.
     let mut again = registration("exec-t");
     again.instance = InstanceId::generate();
-    let reply: Reply<NodeRecord> = request(&client, endpoints::REGISTER, &again).await;
+    let reply: Reply<NodeRecord> =
+        request(&client, &NodeCall::Register.subject(&again.node), &again).await;
     assert_eq!(reply.into_result().expect("registered").finished.total(), 5);
     shutdown.cancel();
     registry.stop().await;

@@ -111,7 +111,12 @@ pub(crate) struct Scheduler {
 /// Runs a scheduler replica until `shutdown` is cancelled. On shutdown it stops taking
 /// submissions, finishes the ones in hand, and hands back the jobs still waiting for room.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
-    let mesh = Mesh::connect(&config.nats, "capstan-scheduler", &shutdown).await?;
+    let mesh = Mesh::connect(
+        &config.nats,
+        &capstan_protocol::access::Identity::Scheduler,
+        &shutdown,
+    )
+    .await?;
     // A consumer that cannot be created stops the whole replica, loudly.
     let stop = Stop::new(&shutdown);
     let shutdown = stop.token().clone();

@@ -12,8 +12,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use capstan_mesh::Mesh;
-use capstan_protocol::{JobId, JobRecord, NodeStatus};
-use capstan_testkit::{NatsServer, ServiceProcess, wait_until};
+use capstan_mesh::identities::{self, Identities, Identity};
+use capstan_protocol::{JobId, JobRecord, NodeId, NodeStatus};
+use capstan_testkit::{NatsOptions, NatsServer, ServiceProcess, wait_until};
 use nix::sys::signal::Signal;
 
 /// A mesh of service processes.
@@ -25,7 +26,22 @@ pub struct Cluster {
     mesh: Option<Mesh>,
     shared_env: Vec<(String, String)>,
     admin_token: Option<String>,
+    identities: Identities,
+    nodes: Vec<NodeId>,
+    violations_expected: bool,
 }
+
+/// The executor nodes every cluster has identities for from the start; another node's is
+/// added when its executor starts.
+const NODES: [&str; 8] = [
+    "exec-1", "exec-2", "exec-3", "exec-4", "exec-5", "exec-6", "exec-7", "exec-8",
+];
+
+/// What nats-server logs when it refuses a publish or a subscription for want of permission.
+pub const VIOLATION: &str = "Violation";
+
+/// What nats-server logs as it starts.
+const STARTING: &str = "Starting nats-server";
 
 /// Heartbeat settings that make liveness tests quick.
 pub const HEARTBEAT_INTERVAL: &str = "300ms";
@@ -33,14 +49,34 @@ pub const HEARTBEAT_INTERVAL: &str = "300ms";
 pub const HEARTBEAT_TIMEOUT: &str = "3s";
 
 impl Cluster {
-    /// A server and nothing else yet.
+    /// A server and nothing else yet. The server admits only the mesh's identities, each with
+    /// the permissions `capstan nats init` gives it; the administrator has applied the
+    /// topology, and each service process connects as its own identity. The harness's own
+    /// client is the administrator. A test that passes while the server refused anything to
+    /// anyone fails when the cluster is dropped, unless it said it expects refusals
+    /// ([`Cluster::expect_violations`]).
     pub async fn start() -> Self {
         remember_panics();
-        let nats = NatsServer::start().await;
         let dir = tempfile::Builder::new()
             .prefix("capstan-e2e-")
             .tempdir()
             .expect("a directory for logs and side effects");
+        let nodes: Vec<NodeId> = NODES
+            .iter()
+            .map(|n| NodeId::new(*n).expect("a valid node id"))
+            .collect();
+        let identities = identities::init(&dir.path().join("identities"), &nodes)
+            .expect("the mesh's identities");
+        let nats = NatsServer::start_with(NatsOptions {
+            include: Some(identities.authorization.clone()),
+            connect_seed: Some(read_seed(&identities, &Identity::Admin)),
+            ..NatsOptions::default()
+        })
+        .await;
+        let js = async_nats::jetstream::new(nats.client().await);
+        capstan_mesh::topology::apply(&js, &Default::default())
+            .await
+            .expect("the administrator applies the topology");
         Self {
             nats,
             dir,
@@ -48,7 +84,69 @@ impl Cluster {
             mesh: None,
             shared_env: Vec::new(),
             admin_token: None,
+            identities,
+            nodes,
+            violations_expected: false,
         }
+    }
+
+    /// The mesh's identities: their seed files and the server's authorization block.
+    pub fn identities(&self) -> &Identities {
+        &self.identities
+    }
+
+    /// The NKEY seed of `identity`.
+    pub fn seed(&self, identity: &Identity) -> String {
+        read_seed(&self.identities, identity)
+    }
+
+    /// Says the test provokes refusals from the server, so their presence in its log does not
+    /// fail the test.
+    pub fn expect_violations(&mut self) {
+        self.violations_expected = true;
+    }
+
+    /// The refusals the server logged so far.
+    pub fn violations(&self) -> Vec<String> {
+        self.nats
+            .log()
+            .lines()
+            .filter(|line| line.contains(VIOLATION))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// The refusals a correct mesh never causes: all of them but the replies refused after the
+    /// server restarted (a server forgets, with its connections, which requests each service
+    /// received, so an answer to a request made before the restart is refused; its asker had
+    /// lost it anyway).
+    fn unexpected_violations(&self) -> Vec<String> {
+        let mut starts = 0;
+        let mut found = Vec::new();
+        for line in self.nats.log().lines() {
+            if line.contains(STARTING) {
+                starts += 1;
+            }
+            let restarted = starts > 1;
+            if !line.contains(VIOLATION) {
+                continue;
+            }
+            let reply = ["\"_INBOX.", "\"_CAPSTAN_INBOX."]
+                .iter()
+                .any(|prefix| line.contains(&format!("Publish Violation - Subject {prefix}")));
+            if !(restarted && reply) {
+                found.push(line.to_owned());
+            }
+        }
+        found
+    }
+
+    /// The credentials variable for `identity`.
+    fn creds(&self, identity: &Identity) -> (&'static str, String) {
+        (
+            "CAPSTAN_NATS_CREDS",
+            self.identities.seed_file(identity).display().to_string(),
+        )
     }
 
     /// The working directory of this test: logs, executor work dirs, side-effect files.
@@ -91,6 +189,7 @@ impl Cluster {
         let port = capstan_testkit::server::free_port();
         let data = self.dir.path().join("data").join(name);
         let mut vars = vec![
+            self.creds(&Identity::Api),
             ("CAPSTAN_API_LISTEN", format!("127.0.0.1:{port}")),
             ("CAPSTAN_DATA_DIR", data.display().to_string()),
             ("CAPSTAN_JWT_KEY", capstan_api::TEST_JWT_KEY.to_owned()),
@@ -148,22 +247,32 @@ impl Cluster {
 
     /// Starts a registry process named `name`.
     pub fn registry(&mut self, name: &str) {
-        let env = self.env(&[]);
+        let env = self.env(&[self.creds(&Identity::Registry)]);
         let process = ServiceProcess::spawn(name, "capstan-registry", &[], &env, self.dir.path());
         self.processes.push(process);
     }
 
     /// Starts a scheduler process named `name`.
     pub fn scheduler(&mut self, name: &str) {
-        let env = self.env(&[]);
+        let env = self.env(&[self.creds(&Identity::Scheduler)]);
         let process = ServiceProcess::spawn(name, "capstan-scheduler", &[], &env, self.dir.path());
         self.processes.push(process);
     }
 
     /// Starts an executor process for `node` with `slots` and `labels` (`key=value`).
     pub fn executor(&mut self, node: &str, slots: u32, labels: &[&str]) {
+        let id = NodeId::new(node).expect("a valid node id");
+        if !self.nodes.contains(&id) {
+            // A new node: its identity is added and the server reloads its authorization;
+            // the executor keeps trying to connect until the server knows it.
+            self.nodes.push(id.clone());
+            self.identities = identities::init(&self.dir.path().join("identities"), &self.nodes)
+                .expect("the new node's identity");
+            self.nats.request_reload();
+        }
         let work = self.dir.path().join("work").join(node);
         let mut extra = vec![
+            self.creds(&Identity::Executor(id)),
             ("CAPSTAN_NODE_ID", node.to_owned()),
             ("CAPSTAN_SLOTS", slots.to_string()),
             ("CAPSTAN_WORK_DIR", work.display().to_string()),
@@ -360,6 +469,14 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        if !std::thread::panicking() && !self.violations_expected {
+            let violations = self.unexpected_violations();
+            assert!(
+                violations.is_empty(),
+                "the server refused what a service or the harness asked for:\n{}",
+                violations.join("\n")
+            );
+        }
         if std::thread::panicking() && std::env::var_os("CAPSTAN_E2E_KEEP").is_some() {
             let kept = self.dir.path().to_path_buf();
             eprintln!("keeping logs and work files in {}", kept.display());
@@ -422,6 +539,14 @@ fn remember_panics() {
             previous(info);
         }));
     });
+}
+
+/// The seed in `identity`'s file.
+fn read_seed(identities: &Identities, identity: &Identity) -> String {
+    std::fs::read_to_string(identities.seed_file(identity))
+        .expect("a seed file")
+        .trim()
+        .to_owned()
 }
 
 fn panics_so_far() -> Vec<String> {

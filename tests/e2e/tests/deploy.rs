@@ -2,7 +2,8 @@
 //! workspace builds (and the Dockerfile copies), sets only variables the services read, with
 //! values they accept, runs a NATS recent enough, with JetStream, and gives the services a
 //! database and a trace collector that it runs itself; `otel/collector.yaml` receives what the
-//! services send and forwards it to the Jaeger that compose runs.
+//! services send and forwards it to the Jaeger that compose runs; NATS admits only the
+//! identities `capstan nats init` writes, and each service connects as its own.
 //!
 //! These tests read files only: nothing here starts a container.
 
@@ -41,13 +42,36 @@ fn env_vars(command: clap::Command) -> HashSet<String> {
 }
 
 /// Every Capstan binary a compose service may run, with its configuration.
-fn known_binaries() -> [(&'static str, clap::Command); 4] {
+fn known_binaries() -> [(&'static str, clap::Command); 5] {
     [
         ("capstan-registry", capstan_registry::Config::command()),
         ("capstan-scheduler", capstan_scheduler::Config::command()),
         ("capstan-executor", capstan_executor::Config::command()),
         ("capstan-api", capstan_api::Config::command()),
+        ("capstan", capstan_api::admin::Cli::command()),
     ]
+}
+
+/// The (sub)command a compose service's `command` runs: for `capstan nats apply`, the `apply`
+/// subcommand of `nats`, whose options are the ones its variables stand for.
+fn leaf(command: &clap::Command, args: &[String]) -> clap::Command {
+    let mut leaf = command.clone();
+    for arg in args.iter().skip(1) {
+        match leaf.find_subcommand(arg) {
+            Some(sub) => leaf = sub.clone(),
+            None => break,
+        }
+    }
+    leaf
+}
+
+/// The known binary `name`'s service runs, and the (sub)command it runs.
+fn command_of(name: &str, binary: &str, service: &Yaml) -> clap::Command {
+    let (_, command) = known_binaries()
+        .into_iter()
+        .find(|(known, _)| *known == binary)
+        .unwrap_or_else(|| panic!("{name} runs {binary}, which the workspace does not build"));
+    leaf(&command, &strings(&service["command"]))
 }
 
 fn strings(yaml: &Yaml) -> Vec<String> {
@@ -71,8 +95,11 @@ fn scalar(yaml: &Yaml) -> Option<String> {
     }
 }
 
-/// A service's `environment` map as (name, value) pairs.
+/// A service's `environment` map as (name, value) pairs (none when it sets none).
 fn environment(name: &str, service: &Yaml) -> Vec<(String, String)> {
+    if service["environment"].is_badvalue() {
+        return Vec::new();
+    }
     service["environment"]
         .as_hash()
         .unwrap_or_else(|| panic!("{name}: environment must be a map"))
@@ -244,17 +271,10 @@ fn collector_http_port(config: &Yaml) -> u16 {
 fn compose_services_run_built_binaries_with_variables_they_read() {
     let compose = compose();
     let dockerfile = read("deploy/Dockerfile");
-    let known: Vec<(&str, HashSet<String>)> = known_binaries()
-        .into_iter()
-        .map(|(binary, command)| (binary, env_vars(command)))
-        .collect();
     let otel = telemetry_otel_variables();
     let mut seen = HashSet::new();
     for (name, binary, service) in capstan_services(&compose) {
-        let (_, vars) = known
-            .iter()
-            .find(|(known, _)| *known == binary)
-            .unwrap_or_else(|| panic!("{name} runs {binary}, which the workspace does not build"));
+        let vars = env_vars(command_of(&name, &binary, &service));
         assert!(
             dockerfile.contains(binary.as_str()),
             "the image lacks {binary}"
@@ -273,18 +293,96 @@ fn compose_services_run_built_binaries_with_variables_they_read() {
                 );
             }
         }
+        if vars.contains("CAPSTAN_NATS_URL") {
+            assert!(
+                variable(&name, &service, "CAPSTAN_NATS_URL").is_some(),
+                "{name} must be told where NATS is"
+            );
+        }
+    }
+    for (binary, _) in known_binaries() {
+        assert!(seen.contains(binary), "compose does not run {binary}");
+    }
+}
+
+/// `key` of a service, or of what it merges in (`<<: *capstan`) when it does not set it.
+fn merged<'a>(service: &'a Yaml, key: &str) -> &'a Yaml {
+    let own = &service[key];
+    if own.is_badvalue() {
+        &service["<<"][key]
+    } else {
+        own
+    }
+}
+
+/// The seed file compose gives `identity`, in the identities volume.
+fn seed_in_volume(identity: &capstan_mesh::identities::Identity) -> String {
+    format!("/identities/{}.nk", identity.name())
+}
+
+#[test]
+fn compose_nats_admits_only_the_identities_init_writes_and_each_service_connects_as_its_own() {
+    use capstan_mesh::identities::{Identity, SERVER_CONFIG};
+    let compose = compose();
+    let init = strings(&service(&compose, "nats-init")["command"]);
+    assert_eq!(init[..3], ["capstan", "nats", "init"], "{init:?}");
+    let dir = init
+        .windows(2)
+        .find(|pair| pair[0] == "--dir")
+        .map(|pair| pair[1].clone())
+        .expect("nats-init names its directory");
+    let nodes: Vec<String> = init
+        .windows(2)
+        .filter(|pair| pair[0] == "--node")
+        .map(|pair| pair[1].clone())
+        .collect();
+    // The server runs the configuration init writes, which includes the authorization block.
+    let nats = strings(&service(&compose, "nats")["command"]);
+    assert_eq!(nats, ["-c".to_owned(), format!("{dir}/{SERVER_CONFIG}")]);
+    // The administrator applies the topology; each service connects as its own identity.
+    let topology = service(&compose, "nats-topology");
+    assert_eq!(strings(&topology["command"]), ["capstan", "nats", "apply"]);
+    let mut executors = HashSet::new();
+    for (name, binary, service) in capstan_services(&compose) {
+        if binary == "capstan" && name == "nats-init" {
+            continue;
+        }
+        let identity = match binary.as_str() {
+            "capstan" => Identity::Admin,
+            "capstan-registry" => Identity::Registry,
+            "capstan-scheduler" => Identity::Scheduler,
+            "capstan-api" => Identity::Api,
+            "capstan-executor" => {
+                let node = variable(&name, &service, "CAPSTAN_NODE_ID")
+                    .unwrap_or_else(|| panic!("{name} names its node"));
+                assert!(
+                    nodes.contains(&node),
+                    "nats-init writes no identity for {node}"
+                );
+                assert!(executors.insert(node.clone()), "two executors are {node}");
+                Identity::Executor(capstan_protocol::NodeId::new(node).expect("valid"))
+            }
+            other => panic!("{name} runs {other}"),
+        };
+        assert_eq!(
+            variable(&name, &service, "CAPSTAN_NATS_CREDS"),
+            Some(seed_in_volume(&identity).replace("/identities", &dir)),
+            "{name} must connect as {}",
+            identity.name()
+        );
         assert!(
-            variable(&name, &service, "CAPSTAN_NATS_URL").is_some(),
-            "{name} must be told where NATS is"
+            strings(merged(&service, "volumes"))
+                .iter()
+                .any(|volume| volume.ends_with(&format!(":{dir}:ro"))),
+            "{name} must see the identities, read-only"
         );
     }
-    for (binary, _) in &known {
-        assert!(seen.contains(*binary), "compose does not run {binary}");
-    }
-    let replicas = service(&compose, "executor")["deploy"]["replicas"]
-        .as_i64()
-        .expect("executor replicas");
-    assert!(replicas >= 2, "the mesh runs several executors");
+    assert!(executors.len() >= 2, "the mesh runs several executor nodes");
+    let mut wanted: Vec<String> = executors.into_iter().collect();
+    wanted.sort();
+    let mut written = nodes.clone();
+    written.sort();
+    assert_eq!(written, wanted, "identities for nodes compose does not run");
 }
 
 #[test]
@@ -296,11 +394,13 @@ fn compose_variables_hold_values_the_services_accept() {
             .iter()
             .find(|(known, _)| *known == binary)
             .unwrap_or_else(|| panic!("{name} runs {binary}, which the workspace does not build"));
-        // Each variable becomes the flag it stands for, so clap parses the value as it would
-        // parse the variable, without touching this process's environment.
-        let mut args = vec![binary.clone()];
+        // The service's own arguments, then each variable as the flag it stands for, so clap
+        // parses the value as it would parse the variable, without touching this process's
+        // environment.
+        let mut args = strings(&service["command"]);
+        let command_leaf = leaf(command, &args);
         for (key, value) in environment(&name, &service) {
-            let flag = command
+            let flag = command_leaf
                 .get_arguments()
                 .find(|arg| arg.get_env().is_some_and(|env| env == key.as_str()))
                 .and_then(|arg| arg.get_long());
@@ -323,12 +423,51 @@ fn compose_runs_a_nats_server_with_jetstream_recent_enough_for_capstan() {
     let mut version = tag.split(['.', '-']);
     let major: u32 = version.next().and_then(|v| v.parse().ok()).expect("major");
     let minor: u32 = version.next().and_then(|v| v.parse().ok()).expect("minor");
+    // A tag without a patch (`2.14-alpine`) follows the newest patch of its minor version.
+    let patch: u32 = version
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(u32::MAX);
     assert!(
-        (major, minor) >= capstan_testkit::natsbin::MIN_VERSION,
+        (major, minor, patch) >= capstan_testkit::natsbin::MIN_VERSION,
         "{image} is older than {:?}",
         capstan_testkit::natsbin::MIN_VERSION
     );
-    assert!(strings(&nats["command"]).contains(&"-js".to_owned()));
+    // It runs the configuration `capstan nats init` writes, which turns JetStream on, keeps the
+    // store where compose mounts its volume, serves the monitoring port the health check asks,
+    // and includes the authorization block.
+    let init = strings(&service(&compose, "nats-init")["command"]);
+    let store = init
+        .windows(2)
+        .find(|pair| pair[0] == "--store-dir")
+        .map(|pair| pair[1].clone())
+        .expect("nats-init names the store");
+    assert!(
+        strings(&nats["volumes"])
+            .iter()
+            .any(|volume| volume.ends_with(&format!(":{store}"))),
+        "the store {store} is not on a volume"
+    );
+    let dir = tempfile::tempdir().expect("dir");
+    let node = capstan_protocol::NodeId::new("exec-1").expect("valid");
+    let written = capstan_mesh::identities::init(dir.path(), &[node]).expect("identities");
+    let config = capstan_mesh::identities::server_config(&written, Path::new(&store))
+        .expect("a server configuration");
+    let config = std::fs::read_to_string(config).expect("read");
+    assert!(config.contains("jetstream {"), "{config}");
+    assert!(
+        config.contains(&format!("store_dir: {store:?}")),
+        "{config}"
+    );
+    assert!(
+        config.contains("include \"authorization.conf\""),
+        "{config}"
+    );
+    let health = strings(&nats["healthcheck"]["test"]).join(" ");
+    assert!(
+        config.contains("http_port: 8222") && health.contains("localhost:8222"),
+        "the health check asks a port the server does not serve: {health}"
+    );
 }
 
 #[test]
@@ -442,7 +581,11 @@ fn every_capstan_service_in_compose_sends_traces_to_the_collector() {
     let port = collector_http_port(&load_yaml("otel/collector.yaml"));
     // The services export OTLP/HTTP (protobuf): the HTTP receiver's port, with an http URL.
     let expected = format!("http://{collector}:{port}");
-    let services = capstan_services(&compose);
+    // The administration command's one-shot runs (identities, topology) are not the mesh.
+    let services: Vec<_> = capstan_services(&compose)
+        .into_iter()
+        .filter(|(_, binary, _)| binary != "capstan")
+        .collect();
     assert!(services.len() >= 4, "compose runs every Capstan service");
     for (name, _, service) in services {
         assert_eq!(

@@ -390,6 +390,12 @@ async fn malformed_truncated_and_oversized_messages_on_every_consumed_subject_ar
     let registration = serde_json::json!({
         "node": "exec-9", "instance": JobId::generate().to_string(), "capacity": 1, "version": "0",
     });
+    let node_call = |call: subjects::registry::NodeCall, node: &str| {
+        call.subject(&capstan_protocol::NodeId::new(node).expect("valid"))
+    };
+    let register = node_call(subjects::registry::NodeCall::Register, "exec-9");
+    let heartbeat = node_call(subjects::registry::NodeCall::Heartbeat, "exec-1");
+    let deregister = node_call(subjects::registry::NodeCall::Deregister, "exec-1");
 
     // Stored subjects: the consumer must reject (and terminate) each message.
     let mut expected: Vec<(&str, String)> = Vec::new(); // (origin, subject), once per message
@@ -433,18 +439,18 @@ async fn malformed_truncated_and_oversized_messages_on_every_consumed_subject_ar
     // Request/reply endpoints: each must answer with an error, and report the rejection.
     let mut unanswered = Vec::new();
     for (subject, shape, field) in [
-        (subjects::CREATE, &spec, "stdin"),
+        (subjects::CREATE.to_owned(), &spec, "stdin"),
         (
-            subjects::CANCEL,
+            subjects::CANCEL.to_owned(),
             &serde_json::json!({ "id": some_job.to_string() }),
             "id",
         ),
-        (subjects::registry::REGISTER, &registration, "node"),
-        (subjects::registry::HEARTBEAT, &beat, "node"),
-        (subjects::registry::DEREGISTER, &beat, "node"),
+        (register, &registration, "node"),
+        (heartbeat, &beat, "node"),
+        (deregister, &beat, "node"),
     ] {
         for bad in bad_messages(shape, field) {
-            let reply = client.request(subject, bad.payload.into()).await;
+            let reply = client.request(subject.clone(), bad.payload.into()).await;
             let error = reply.ok().and_then(|reply| {
                 capstan_mesh::wire::decode::<serde_json::Value>(
                     reply.headers.as_ref(),
@@ -456,7 +462,7 @@ async fn malformed_truncated_and_oversized_messages_on_every_consumed_subject_ar
             if error.is_none() {
                 unanswered.push(format!("{} on {subject}: no error reply", bad.what));
             }
-            expected.push(("*", subject.to_owned()));
+            expected.push(("*", subject.clone()));
         }
     }
     // And the REST submission endpoint.

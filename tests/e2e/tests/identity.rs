@@ -1457,8 +1457,13 @@ async fn the_admin_purge_removes_finished_jobs_from_history_bucket_and_streams(b
         if yes {
             command.arg("--yes");
         }
+        let admin = capstan_mesh::identities::Identity::Admin;
         command
             .env("CAPSTAN_NATS_URL", site.cluster.nats.url())
+            .env(
+                "CAPSTAN_NATS_CREDS",
+                site.cluster.identities().seed_file(&admin),
+            )
             .env("CAPSTAN_DATABASE_URL", site.db.url())
             .env("CAPSTAN_LOG", "warn")
             .output()

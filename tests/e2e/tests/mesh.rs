@@ -330,17 +330,22 @@ async fn malformed_messages_on_every_consumed_subject_are_rejected_and_the_mesh_
         .await
         .expect("stored");
     for subject in [
-        subjects::CREATE,
-        subjects::registry::REGISTER,
-        subjects::registry::HEARTBEAT,
-        subjects::registry::NODES_GET,
+        subjects::CREATE.to_owned(),
+        subjects::registry::NodeCall::Register.subject(&node),
+        subjects::registry::NodeCall::Heartbeat.subject(&node),
+        subjects::registry::NODES_GET.to_owned(),
     ] {
         // The nodes being up says the registries answer; a scheduler's endpoint may still be
         // on its way: ask until one is there.
         let reply = wait_until(
             &format!("an endpoint on {subject}"),
             Duration::from_secs(30),
-            || async { client.request(subject, "{not json".into()).await.ok() },
+            || async {
+                client
+                    .request(subject.clone(), "{not json".into())
+                    .await
+                    .ok()
+            },
         )
         .await;
         let body: serde_json::Value = serde_json::from_slice(&reply.payload).expect("JSON error");

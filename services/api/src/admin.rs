@@ -1,0 +1,248 @@
+//! The `capstan` administration command, parsed and run here so that tests check deployment
+//! files against its real options (the binary only parses and calls [`run`]).
+//! `capstan history rebuild --yes` empties the history tables and replays the events stream
+//! into them; it is audited like a request to the API.
+//! `capstan nats init --dir DIR --node N…` writes the mesh's NATS identities; `capstan nats
+//! apply` (as the `admin` identity) creates or upgrades the streams, buckets and shared
+//! consumers, which the services, under their own identities, only verify.
+
+use anyhow::Context;
+use capstan_protocol::{AuditAction, AuditOutcome, AuditRecord, AuthMethod};
+use clap::{Parser, Subcommand};
+
+/// The `capstan` command line.
+#[derive(Parser)]
+#[command(name = "capstan", version, about = "Capstan administration")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The job history in SQL.
+    History {
+        #[command(subcommand)]
+        command: HistoryCommand,
+    },
+    /// The mesh's NATS identities.
+    Nats {
+        #[command(subcommand)]
+        command: NatsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum NatsCommand {
+    /// Write an NKEY seed for each identity (the administrator, each service, each executor
+    /// node, and `client` for the `nats` CLI) into DIR, keeping the ones already there, the
+    /// `authorization` block naming them with what each may do, and (unless there is one) a
+    /// complete nats-server configuration including it. Run it again with more `--node`s to
+    /// add nodes, then have the server reload (`nats-server --signal reload`).
+    Init {
+        /// Where the seeds, the block and the server configuration go.
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        /// An executor node's id; repeat for each node.
+        #[arg(long = "node", required = true)]
+        nodes: Vec<capstan_protocol::NodeId>,
+        /// The server's JetStream store directory, as the server configuration names it
+        /// (default: `jetstream` inside DIR).
+        #[arg(long)]
+        store_dir: Option<std::path::PathBuf>,
+    },
+    /// Create or upgrade the streams, KV buckets and shared durable consumers, as the `admin`
+    /// identity (`--nats-creds admin.nk`). Run it before the services start, and again after
+    /// an upgrade: a service with an identity only verifies the topology.
+    Apply {
+        /// Where NATS is and how to connect.
+        #[command(flatten)]
+        nats: capstan_mesh::NatsArgs,
+        /// A stream's or bucket's size limit, replacing its default (`CAPSTAN_LOGS=64GiB`,
+        /// `capstan_jobs=2GiB`); repeat for each. Past its limit a work queue refuses new
+        /// messages (a submission gets a clear error), a log-like stream drops its oldest.
+        #[arg(long = "max-bytes", value_name = "NAME=SIZE", value_parser = parse_limit)]
+        max_bytes: Vec<(String, i64)>,
+    },
+}
+
+#[derive(Subcommand)]
+enum HistoryCommand {
+    /// Empty the history tables and replay every job event the events stream holds.
+    Rebuild {
+        /// Confirm: the tables are emptied first, and jobs whose events the stream no longer
+        /// holds (older than its retention) leave the history for good.
+        #[arg(long)]
+        yes: bool,
+        /// Where NATS and the database are (same options and variables as the API).
+        #[command(flatten)]
+        config: Box<crate::Config>,
+    },
+}
+
+/// Runs the command `cli` names.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Nats {
+            command:
+                NatsCommand::Init {
+                    dir,
+                    nodes,
+                    store_dir,
+                },
+        } => {
+            let written = capstan_mesh::identities::init(&dir, &nodes)?;
+            let store = match store_dir {
+                Some(store) => store,
+                None => std::path::absolute(dir.join("jetstream"))?,
+            };
+            let config = capstan_mesh::identities::server_config(&written, &store)?;
+            println!(
+                "NATS identities in {}: give each service its `<name>.nk` (CAPSTAN_NATS_CREDS). \
+                 Start the server with `nats-server -c {}` (or include `authorization.conf` in \
+                 your own configuration), then run `capstan nats apply --nats-creds {}`. \
+                 For the nats CLI: --nkey {}",
+                written.dir.display(),
+                config.display(),
+                written
+                    .seed_file(&capstan_mesh::identities::Identity::Admin)
+                    .display(),
+                written
+                    .seed_file(&capstan_mesh::identities::Identity::Client)
+                    .display()
+            );
+        }
+        Command::Nats {
+            command: NatsCommand::Apply { nats, max_bytes },
+        } => {
+            let mut limits = capstan_mesh::topology::Limits::default();
+            for (name, bytes) in &max_bytes {
+                limits.set(name, *bytes).map_err(anyhow::Error::msg)?;
+            }
+            let shutdown = capstan_mesh::shutdown::on_signal();
+            let client =
+                capstan_mesh::connect(&nats, &capstan_protocol::access::Identity::Admin, &shutdown)
+                    .await?;
+            let js = async_nats::jetstream::new(client);
+            let applied = capstan_mesh::topology::apply(&js, &limits).await?;
+            println!(
+                "topology applied: {} streams, {} buckets, {} shared consumers",
+                applied.streams, applied.buckets, applied.consumers
+            );
+        }
+        Command::History {
+            command: HistoryCommand::Rebuild { yes, config },
+        } => {
+            if !yes {
+                anyhow::bail!(
+                    "this empties the history tables and replays the events stream, which keeps \
+                     jobs for its retention only: run again with --yes to go ahead"
+                );
+            }
+            let shutdown = capstan_mesh::shutdown::on_signal();
+            let url = config.database_url();
+            let history = capstan_store::History::connect(&url).await?;
+            let mesh = capstan_mesh::Mesh::connect(
+                &config.nats,
+                &capstan_protocol::access::Identity::Admin,
+                &shutdown,
+            )
+            .await?;
+            // Recorded however it ends; the command fails when the record cannot be stored.
+            let mut record = AuditRecord::new(AuditAction::HistoryRebuild, AuditOutcome::Success);
+            record.principal = Some(operator());
+            record.via = Some(AuthMethod::Cli);
+            record.resource = Some(format!("history/{}", capstan_store::redact(&url)));
+            let rebuilt = crate::rebuild::rebuild(&mesh, &history).await;
+            match &rebuilt {
+                Ok(rebuilt) => {
+                    record.detail = Some(format!(
+                        "{} events replayed, {} skipped",
+                        rebuilt.events, rebuilt.skipped
+                    ));
+                }
+                Err(error) => {
+                    record.outcome = AuditOutcome::Error;
+                    record.detail = Some(error.clone());
+                }
+            }
+            mesh.events
+                .audit(&record)
+                .await
+                .context("the rebuild ran but its audit record could not be stored")?;
+            let rebuilt = rebuilt.map_err(anyhow::Error::msg)?;
+            println!(
+                "rebuilt {} from {} events ({} skipped)",
+                capstan_store::redact(&url),
+                rebuilt.events,
+                rebuilt.skipped
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `NAME=SIZE`, the size in bytes or with a unit (`KiB`, `MiB`, `GiB`, `TiB`; `K`, `M`, `G`,
+/// `T` alike, powers of 1024).
+fn parse_limit(text: &str) -> Result<(String, i64), String> {
+    let (name, size) = text
+        .split_once('=')
+        .ok_or_else(|| format!("`{text}` is not NAME=SIZE"))?;
+    let size = size.trim();
+    let split = size
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(size.len());
+    let (number, unit) = size.split_at(split);
+    let number: i64 = number
+        .parse()
+        .map_err(|_| format!("`{size}` is not a size (e.g. 512MiB, 8GiB)"))?;
+    let scale: i64 = match unit.trim().trim_end_matches("iB").trim_end_matches('B') {
+        "" => 1,
+        "K" | "k" => 1 << 10,
+        "M" => 1 << 20,
+        "G" => 1 << 30,
+        "T" => 1 << 40,
+        other => return Err(format!("`{other}` is not a size unit (KiB, MiB, GiB, TiB)")),
+    };
+    let bytes = number
+        .checked_mul(scale)
+        .ok_or_else(|| format!("`{size}` is too large"))?;
+    Ok((name.trim().to_owned(), bytes))
+}
+
+/// Who runs the command, as the audit trail names them: the operating-system user and host.
+fn operator() -> String {
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "unknown".to_owned());
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default();
+    if host.is_empty() {
+        format!("cli:{user}")
+    } else {
+        format!("cli:{user}@{host}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn size_limits_parse_with_or_without_a_unit_and_bad_ones_are_refused() {
+        assert_eq!(
+            parse_limit("SOME_STREAM=64GiB"),
+            Ok(("SOME_STREAM".to_owned(), 64 << 30))
+        );
+        assert_eq!(
+            parse_limit("some_bucket=512M"),
+            Ok(("some_bucket".to_owned(), 512 << 20))
+        );
+        assert_eq!(parse_limit("X=4096"), Ok(("X".to_owned(), 4096)));
+        assert!(parse_limit("SOME_STREAM").is_err());
+        assert!(parse_limit("SOME_STREAM=lots").is_err());
+        assert!(parse_limit("SOME_STREAM=3PB").is_err());
+        assert!(parse_limit("SOME_STREAM=99999999999T").is_err());
+    }
+}

@@ -1,0 +1,438 @@
+//! Least privilege on NATS, against the server configured as `capstan nats init` writes it:
+//! each identity tries what it must not do; the server refuses it (and logs the refusal), and
+//! nothing changes in the streams and buckets. The rest of the suite runs under the same
+//! permissions, and fails if the server refuses a service anything.
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use capstan_e2e::Cluster;
+use capstan_mesh::identities::Identity;
+use capstan_protocol::codec::{self, Encoding};
+use capstan_protocol::reply::Created;
+use capstan_protocol::subjects::registry::NodeCall;
+use capstan_protocol::{
+    ErrorCode, Heartbeat, InstanceId, JobEventKind, JobId, JobStatus, NodeId, NodeRecord,
+    Registration, Rejection, RejectionCode, Reply, headers, subjects, topology,
+};
+use capstan_testkit::wait_until;
+use futures::StreamExt;
+
+/// How long a refused request is given before it counts as unanswered.
+const REFUSED_WITHIN: Duration = Duration::from_secs(2);
+
+fn node(name: &str) -> NodeId {
+    NodeId::new(name).expect("a valid node id")
+}
+
+/// A registry, a scheduler and the executors exec-1 and exec-2, up.
+async fn mesh() -> Cluster {
+    let mut cluster = Cluster::start().await;
+    cluster.expect_violations();
+    cluster.registry("registry-1");
+    cluster.scheduler("scheduler-1");
+    cluster.executor("exec-1", 2, &[]);
+    cluster.executor("exec-2", 2, &[]);
+    cluster.wait_nodes_up(&["exec-1", "exec-2"]).await;
+    cluster
+}
+
+/// A connection as `identity`, with its own inbox prefix, as the services connect.
+async fn connect_as(cluster: &Cluster, identity: &Identity) -> async_nats::Client {
+    async_nats::ConnectOptions::new()
+        .nkey(cluster.seed(identity))
+        .custom_inbox_prefix(identity.inbox_prefix())
+        .connect(cluster.nats.url())
+        .await
+        .unwrap_or_else(|e| panic!("{} connects: {e}", identity.name()))
+}
+
+/// Waits until the server has logged a refusal naming `subject`.
+async fn refused(cluster: &Cluster, subject: &str) {
+    let quoted = format!("\"{subject}\"");
+    wait_until(
+        &format!("the server to refuse {subject}"),
+        Duration::from_secs(10),
+        || async {
+            cluster
+                .violations()
+                .iter()
+                .any(|line| line.contains(&quoted))
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+/// Sends a JetStream publish and says whether it was stored.
+async fn stored(js: &jetstream::Context, subject: String, body: &str) -> bool {
+    let sent = tokio::time::timeout(REFUSED_WITHIN, async {
+        js.publish(subject, body.to_owned().into())
+            .await
+            .ok()?
+            .await
+            .ok()
+    })
+    .await;
+    matches!(sent, Ok(Some(_)))
+}
+
+/// Makes a request and returns its reply, if any came.
+async fn ask(client: &async_nats::Client, subject: String, body: Vec<u8>) -> Option<Vec<u8>> {
+    let reply = tokio::time::timeout(REFUSED_WITHIN, client.request(subject, body.into())).await;
+    match reply {
+        Ok(Ok(message)) => Some(message.payload.to_vec()),
+        _ => None,
+    }
+}
+
+async fn node_record(cluster: &mut Cluster, name: &str) -> NodeRecord {
+    cluster
+        .mesh()
+        .await
+        .nodes
+        .get(name)
+        .await
+        .expect("readable")
+        .expect("registered")
+        .value
+}
+
+#[tokio::test]
+async fn an_executor_node_cannot_dispatch_submit_act_for_another_node_or_administer_and_nothing_changes()
+ {
+    let mut cluster = mesh().await;
+    let api = cluster.api("api-1").await;
+    let (one, two) = (node("exec-1"), node("exec-2"));
+    let exec = connect_as(&cluster, &Identity::Executor(one.clone())).await;
+    let js = jetstream::new(exec.clone());
+    let before = node_record(&mut cluster, "exec-2").await;
+
+    // A dispatch to another node, and a submission.
+    let dispatch = subjects::dispatch(&two);
+    assert!(
+        !stored(&js, dispatch.clone(), "{}").await,
+        "dispatch stored"
+    );
+    refused(&cluster, &dispatch).await;
+    let job = JobId::generate();
+    let mut submission = async_nats::HeaderMap::new();
+    submission.insert(headers::JOB_ID, job.to_string().as_str());
+    let sent = tokio::time::timeout(REFUSED_WITHIN, async {
+        js.publish_with_headers(
+            subjects::SUBMIT,
+            submission,
+            "{\"command\": \"true\"}".into(),
+        )
+        .await
+        .ok()?
+        .await
+        .ok()
+    })
+    .await;
+    assert!(!matches!(sent, Ok(Some(_))), "submission stored");
+    refused(&cluster, subjects::SUBMIT).await;
+
+    // Registering, heartbeating and leaving as exec-2, on exec-2's subjects.
+    let impostor = Registration {
+        node: two.clone(),
+        instance: InstanceId::generate(),
+        labels: Default::default(),
+        capacity: 64,
+        version: "forged".into(),
+        hostname: "elsewhere".into(),
+    };
+    let beat = Heartbeat {
+        node: two.clone(),
+        instance: before.instance,
+        jobs: Vec::new(),
+        queued: 0,
+    };
+    for (call, body) in [
+        (
+            NodeCall::Register,
+            codec::to_msgpack(&impostor).expect("encodes"),
+        ),
+        (
+            NodeCall::Heartbeat,
+            codec::to_msgpack(&beat).expect("encodes"),
+        ),
+        (
+            NodeCall::Deregister,
+            codec::to_msgpack(&beat).expect("encodes"),
+        ),
+    ] {
+        let subject = call.subject(&two);
+        assert!(
+            ask(&exec, subject.clone(), body).await.is_none(),
+            "{subject} answered"
+        );
+        refused(&cluster, &subject).await;
+    }
+    // The same, on its own subject: the registry refuses it as forged and says so.
+    let mut rejections = cluster
+        .client()
+        .await
+        .subscribe(subjects::rejected(subjects::Origin::Registry))
+        .await
+        .expect("subscribed");
+    cluster.client().await.flush().await.expect("flushed");
+    let reply = ask(
+        &exec,
+        NodeCall::Register.subject(&one),
+        codec::to_msgpack(&impostor).expect("encodes"),
+    )
+    .await
+    .expect("the registry answers its own node");
+    let reply: Reply<NodeRecord> = codec::decode(Encoding::MsgPack, &reply).expect("a reply");
+    assert_eq!(
+        reply.into_result().expect_err("refused").code,
+        ErrorCode::Forbidden
+    );
+    let rejection = tokio::time::timeout(Duration::from_secs(10), rejections.next())
+        .await
+        .expect("a rejection in time")
+        .expect("open");
+    let rejection: Rejection =
+        codec::decode(Encoding::MsgPack, &rejection.payload).expect("a rejection");
+    assert_eq!(rejection.code, RejectionCode::Forged);
+
+    // Writing exec-2's record, reading exec-2's dispatches, administering JetStream.
+    let record = subjects::kv_key(topology::NODES.name, "exec-2");
+    assert!(
+        !stored(&js, record.clone(), "{}").await,
+        "node record written"
+    );
+    refused(&cluster, &record).await;
+    let spy = format!(
+        "$JS.API.CONSUMER.CREATE.{}.spy.{dispatch}",
+        topology::DISPATCH.name
+    );
+    assert!(ask(&exec, spy.clone(), b"{}".to_vec()).await.is_none());
+    refused(&cluster, &spy).await;
+    for verb in ["STREAM.DELETE", "STREAM.PURGE"] {
+        let subject = format!("$JS.API.{verb}.{}", topology::EVENTS.name);
+        assert!(ask(&exec, subject.clone(), Vec::new()).await.is_none());
+        refused(&cluster, &subject).await;
+    }
+    // Listening to another node's commands, or to another identity's replies.
+    for subject in [
+        subjects::control_all(&two),
+        format!("{}.>", Identity::Scheduler.inbox_prefix()),
+    ] {
+        let _subscription = exec.subscribe(subject.clone()).await.expect("sent");
+        refused(&cluster, &subject).await;
+    }
+
+    // Nothing changed: exec-2 is the same instance, up; the streams are all there; no consumer
+    // reads exec-2's dispatches but its own; the submitted job does not exist.
+    let after = node_record(&mut cluster, "exec-2").await;
+    assert_eq!(
+        (after.instance, after.capacity, after.status),
+        (
+            before.instance,
+            before.capacity,
+            capstan_protocol::NodeStatus::Up
+        )
+    );
+    let admin = jetstream::new(cluster.client().await);
+    for stream in topology::STREAMS {
+        admin
+            .get_stream(stream.name)
+            .await
+            .expect("the stream is there");
+    }
+    let dispatches = admin
+        .get_stream(topology::DISPATCH.name)
+        .await
+        .expect("stream");
+    assert!(
+        dispatches.consumer_info("spy").await.is_err(),
+        "a spy consumer exists"
+    );
+    assert!(
+        dispatches
+            .get_last_raw_message_by_subject(&dispatch)
+            .await
+            .is_err(),
+        "a forged dispatch is stored"
+    );
+    assert!(
+        cluster.job(job).await.is_none(),
+        "the executor's submission made a job"
+    );
+
+    // And the mesh still works, on both nodes.
+    let client = cluster.client().await;
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        let reply = client
+            .request(subjects::CREATE, "{\"command\": \"true\"}".into())
+            .await
+            .expect("created");
+        let reply: Reply<Created> = codec::decode(Encoding::Json, &reply.payload).expect("reply");
+        ids.push(reply.into_result().expect("a job").id);
+    }
+    let records = cluster.wait_terminal(&ids, Duration::from_secs(60)).await;
+    for record in &records {
+        assert_eq!(record.status, JobStatus::Succeeded);
+    }
+
+    // What permissions cannot stop, the history does: an executor node may publish attempt
+    // events, but not one whose subject and record disagree, nor an attempt the job never had.
+    let http = cluster.http(&api);
+    let events_of = |id: JobId| {
+        let http = &http;
+        async move {
+            wait_until("the job's history", Duration::from_secs(30), || async {
+                let reply = http.get(&format!("/api/v1/jobs/{id}/events")).await;
+                let items = reply.json()["events"].as_array().cloned()?;
+                (!items.is_empty()).then_some(items)
+            })
+            .await
+        }
+    };
+    let (victim, other) = (records[0].clone(), records[1].clone());
+    let before = events_of(victim.id).await;
+    let mut history_rejections = cluster
+        .client()
+        .await
+        .subscribe(subjects::rejected(subjects::Origin::History))
+        .await
+        .expect("subscribed");
+    cluster.client().await.flush().await.expect("flushed");
+    let mut far = victim.clone();
+    far.attempt = 999;
+    far.status = JobStatus::Failed;
+    let mismatched = capstan_protocol::JobEvent::new(JobEventKind::Failed, &other);
+    for (subject, event) in [
+        (
+            subjects::job_event(victim.id, JobEventKind::Failed),
+            capstan_protocol::JobEvent::new(JobEventKind::Failed, &far),
+        ),
+        (
+            subjects::job_event(victim.id, JobEventKind::Failed),
+            mismatched,
+        ),
+    ] {
+        let body = codec::to_msgpack(&event).expect("encodes");
+        let mut map = async_nats::HeaderMap::new();
+        map.insert(headers::CONTENT_TYPE, Encoding::MsgPack.content_type());
+        js.publish_with_headers(subject, map, body.into())
+            .await
+            .expect("an executor may publish attempt events")
+            .await
+            .expect("stored");
+        let rejection = tokio::time::timeout(Duration::from_secs(30), history_rejections.next())
+            .await
+            .expect("the history refuses it in time")
+            .expect("open");
+        let rejection: Rejection =
+            codec::decode(Encoding::MsgPack, &rejection.payload).expect("a rejection");
+        assert_eq!(
+            rejection.code,
+            RejectionCode::Forged,
+            "{}",
+            rejection.reason
+        );
+    }
+    assert_eq!(
+        events_of(victim.id).await,
+        before,
+        "a forged event entered the history"
+    );
+    assert_eq!(
+        cluster.job(victim.id).await.expect("record").status,
+        JobStatus::Succeeded
+    );
+}
+
+#[tokio::test]
+async fn the_client_submits_and_follows_its_jobs_but_cannot_forge_events_or_output_or_read_records()
+{
+    let mut cluster = mesh().await;
+    let client = connect_as(&cluster, &Identity::Client).await;
+    let js = jetstream::new(client.clone());
+    let mut events = client
+        .subscribe(subjects::JOB_EVENTS_ALL)
+        .await
+        .expect("subscribed");
+    client.flush().await.expect("flushed");
+
+    // What it may do: create a job by request, and see it end.
+    let reply = client
+        .request(subjects::CREATE, "{\"command\": \"echo hi\"}".into())
+        .await
+        .expect("the create endpoint answers the client");
+    let reply: Reply<Created> = codec::decode(Encoding::Json, &reply.payload).expect("reply");
+    let job = reply.into_result().expect("created").id;
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(message) = events.next().await {
+            if subjects::parse_job_event(&message.subject)
+                == Some((job, JobEventKind::Succeeded.as_str()))
+            {
+                return;
+            }
+        }
+        panic!("the events subscription ended");
+    })
+    .await
+    .expect("the job's end event in time");
+
+    // What it may not: an event, output, a record, a stream's content.
+    let forged_event = subjects::job_event(job, JobEventKind::Failed);
+    assert!(!stored(&js, forged_event.clone(), "{}").await);
+    refused(&cluster, &forged_event).await;
+    let forged_output = subjects::logs(job);
+    assert!(!stored(&js, forged_output.clone(), "forged output").await);
+    refused(&cluster, &forged_output).await;
+    let record = format!(
+        "$JS.API.DIRECT.GET.KV_{bucket}.{key}",
+        bucket = topology::JOBS.name,
+        key = subjects::kv_key(topology::JOBS.name, &job.to_string())
+    );
+    assert!(ask(&client, record.clone(), Vec::new()).await.is_none());
+    refused(&cluster, &record).await;
+    let read_events = format!("$JS.API.CONSUMER.CREATE.{}", topology::EVENTS.name);
+    assert!(
+        ask(&client, read_events.clone(), b"{}".to_vec())
+            .await
+            .is_none()
+    );
+    refused(&cluster, &read_events).await;
+
+    // The job's stored history is its own: succeeded, no forged failure or output.
+    let record = cluster.job(job).await.expect("the job");
+    assert_eq!(record.status, JobStatus::Succeeded);
+    let admin = jetstream::new(cluster.client().await);
+    let stream = admin
+        .get_stream(topology::EVENTS.name)
+        .await
+        .expect("stream");
+    assert!(
+        stream
+            .get_last_raw_message_by_subject(&forged_event)
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn an_anonymous_or_unknown_connection_is_refused() {
+    let mut cluster = Cluster::start().await;
+    cluster.expect_violations();
+    let anonymous = async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(2))
+        .max_reconnects(Some(0))
+        .connect(cluster.nats.url())
+        .await;
+    assert!(anonymous.is_err(), "an anonymous connection was accepted");
+    let stranger = nkeys::KeyPair::new_user().seed().expect("a seed");
+    let unknown = async_nats::ConnectOptions::new()
+        .nkey(stranger)
+        .connection_timeout(Duration::from_secs(2))
+        .max_reconnects(Some(0))
+        .connect(cluster.nats.url())
+        .await;
+    assert!(unknown.is_err(), "an unknown NKEY was accepted");
+}
