@@ -26,6 +26,15 @@ pub enum Error {
     /// error, named by the registry's answer.
     #[error("the registry refused this node: {0}")]
     Refused(#[source] ServiceError),
+    /// `--run-as` names no user, or the executor is not root and so cannot run jobs as
+    /// another user: a configuration error.
+    #[error("cannot run jobs as {user}: {reason}")]
+    RunAs {
+        /// The user as configured.
+        user: String,
+        /// Why.
+        reason: String,
+    },
     /// Another executor instance registered under this node id and owns the node's attempts
     /// now; this one stopped the attempts it held and left without deregistering. Nothing is
     /// misconfigured here: the node was taken (a second executor with the same id, or a

@@ -101,6 +101,13 @@ pub struct Config {
     /// `0s` announces every start at once.
     #[arg(long, env = "CAPSTAN_ANNOUNCE_AFTER", default_value = capstan_mesh::config::ANNOUNCE_AFTER, value_parser = parse_duration)]
     pub announce_after: Duration,
+
+    /// Run jobs as this user (a name, a uid, or `uid:gid`), with its primary group and no
+    /// other, so that a job cannot read the executor's NATS credentials or its `/proc` entries.
+    /// Needs the executor to run as root; an executor running as root without it runs jobs
+    /// as root, and says so at start.
+    #[arg(long, env = "CAPSTAN_RUN_AS")]
+    pub run_as: Option<String>,
 }
 
 /// The variables of the executor's environment a job gets unless `--pass-env` says otherwise.
@@ -132,8 +139,66 @@ impl Config {
             pass_env: DEFAULT_PASS_ENV.map(str::to_owned).to_vec(),
             ack_wait: Duration::from_secs(30),
             announce_after: capstan_mesh::config::default_announce_after(),
+            run_as: None,
         }
     }
+}
+
+/// Lets anyone pass through `dir` (search permission), without listing or writing it.
+fn traversable(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut permissions = std::fs::metadata(dir)?.permissions();
+    permissions.set_mode(permissions.mode() | 0o011);
+    std::fs::set_permissions(dir, permissions)
+}
+
+/// Resolves `--run-as` to the user and group jobs run as: a name looked up in the user
+/// database, a uid (with the group of that uid's entry, or the uid itself), or `uid:gid`.
+/// Refused unless the executor runs as root.
+fn job_user(run_as: Option<&str>) -> Result<Option<runner::JobUser>, error::Error> {
+    let root = nix::unistd::geteuid().is_root();
+    let Some(text) = run_as.map(str::trim).filter(|t| !t.is_empty()) else {
+        if root {
+            tracing::warn!(
+                "the executor runs as root and so do its jobs, which can read its NATS \
+                 credentials: set CAPSTAN_RUN_AS to run them as another user"
+            );
+        }
+        return Ok(None);
+    };
+    let refuse = |reason: &str| error::Error::RunAs {
+        user: text.to_owned(),
+        reason: reason.to_owned(),
+    };
+    if !root {
+        return Err(refuse(
+            "only an executor running as root can run jobs as another user",
+        ));
+    }
+    let user = if let Some((uid, gid)) = text.split_once(':') {
+        let uid = uid.parse().map_err(|_| refuse("not uid:gid"))?;
+        let gid = gid.parse().map_err(|_| refuse("not uid:gid"))?;
+        runner::JobUser { uid, gid }
+    } else if let Ok(uid) = text.parse::<u32>() {
+        let entry = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+            .map_err(|e| refuse(&e.to_string()))?;
+        runner::JobUser {
+            uid,
+            gid: entry.map_or(uid, |user| user.gid.as_raw()),
+        }
+    } else {
+        let entry = nix::unistd::User::from_name(text)
+            .map_err(|e| refuse(&e.to_string()))?
+            .ok_or_else(|| refuse("no such user"))?;
+        runner::JobUser {
+            uid: entry.uid.as_raw(),
+            gid: entry.gid.as_raw(),
+        }
+    };
+    if user.uid == 0 {
+        return Err(refuse("that is root"));
+    }
+    Ok(Some(user))
 }
 
 fn hostname() -> String {
@@ -156,6 +221,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), erro
         .clone()
         .unwrap_or_else(|| NodeId::from_hostname(&hostname));
     let labels: Labels = config.labels.iter().cloned().collect();
+    let run_as = job_user(config.run_as.as_deref())?;
     let work_dir = config.work_dir.clone().unwrap_or_else(|| {
         std::env::temp_dir()
             .join("capstan-executor")
@@ -165,6 +231,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), erro
         path: work_dir.clone(),
         source,
     })?;
+    if run_as.is_some() {
+        // Jobs running as another user must reach their own directory below these.
+        traversable(&work_dir).map_err(|source| error::Error::WorkDir {
+            path: work_dir.clone(),
+            source,
+        })?;
+    }
     let killed = orphans::reap(node.as_str(), &work_dir.join("jobs"));
     // Job directories a previous instance left behind (its processes are gone now).
     let _ = std::fs::remove_dir_all(work_dir.join("jobs"));
@@ -209,6 +282,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), erro
             cancel_grace: config.cancel_grace,
             js: mesh.js.clone(),
             directories: Default::default(),
+            run_as,
         },
         capacity,
         config.ack_wait,

@@ -6,7 +6,10 @@
 //! Spawning keeps to `posix_spawn`: the process group is set through `Command::process_group`,
 //! and the program is looked up in the job's `PATH` here, because the standard library falls
 //! back to a full `fork` (copying this process's page tables) when it has to search a `PATH`
-//! that the child's environment overrides. No code runs between fork and exec.
+//! that the child's environment overrides. No code of ours runs between fork and exec. A
+//! node that runs jobs as another user (`--run-as`) takes the standard library's fork path,
+//! which drops the supplementary groups and sets the group and user before exec; each job's
+//! directory then belongs to that user.
 
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
@@ -47,6 +50,17 @@ pub struct Runner {
     pub js: jetstream::Context,
     /// Clean job directories ready for reuse.
     pub directories: std::sync::Arc<DirectoryPool>,
+    /// The user jobs run as, when not the executor's own.
+    pub run_as: Option<JobUser>,
+}
+
+/// The user and group a job runs as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JobUser {
+    /// User id.
+    pub uid: u32,
+    /// Primary group id; the job has no other.
+    pub gid: u32,
 }
 
 /// Per-job working directories, recycled: creating and removing a directory for every job was
@@ -60,8 +74,8 @@ pub struct DirectoryPool {
 }
 
 impl DirectoryPool {
-    /// An empty directory under `work_dir`.
-    fn take(&self, work_dir: &std::path::Path) -> std::io::Result<PathBuf> {
+    /// An empty directory under `work_dir`, owned by `owner` when given.
+    fn take(&self, work_dir: &std::path::Path, owner: Option<JobUser>) -> std::io::Result<PathBuf> {
         if let Some(dir) = self.free.lock().ok().and_then(|mut free| free.pop()) {
             return Ok(dir);
         }
@@ -72,6 +86,15 @@ impl DirectoryPool {
             .join("jobs")
             .join(format!("{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
+        if let Some(owner) = owner {
+            use std::os::unix::fs::PermissionsExt;
+            std::os::unix::fs::chown(&dir, Some(owner.uid), Some(owner.gid))?;
+            // Its parent must let the job's user through, whatever the umask made of it.
+            let jobs = work_dir.join("jobs");
+            let mut permissions = std::fs::metadata(&jobs)?.permissions();
+            permissions.set_mode(permissions.mode() | 0o011);
+            std::fs::set_permissions(&jobs, permissions)?;
+        }
         Ok(dir)
     }
 
@@ -114,7 +137,7 @@ impl Runner {
     }
 
     async fn run_traced(&self, record: &JobRecord, stops: Stops) -> Outcome {
-        let job_dir = match self.directories.take(&self.work_dir) {
+        let job_dir = match self.directories.take(&self.work_dir, self.run_as) {
             Ok(dir) => dir,
             Err(error) => {
                 return failed_to_start(format!(
@@ -182,6 +205,9 @@ impl Runner {
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(false);
+        if let Some(user) = self.run_as {
+            command.uid(user.uid).gid(user.gid);
+        }
 
         let mut child = match command.spawn() {
             Ok(child) => child,

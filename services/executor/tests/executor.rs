@@ -112,6 +112,17 @@ impl Mesh3 {
     }
 
     /// Every log chunk of `id` as (stream, headers, bytes).
+    /// The job's stdout and stderr together, as text.
+    async fn output(&self, id: JobId) -> String {
+        let bytes: Vec<u8> = self
+            .logs(id)
+            .await
+            .into_iter()
+            .flat_map(|(.., bytes)| bytes.to_vec())
+            .collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
     async fn logs(&self, id: JobId) -> Vec<(String, async_nats::HeaderMap, Bytes)> {
         let stream = self
             .mesh
@@ -309,14 +320,8 @@ async fn stdin_env_and_cwd_reach_the_process_and_the_executors_own_environment_d
     spec.cwd = Some("/tmp".into());
     let id = mesh.dispatch(spec).await;
     assert_eq!(mesh.finished(id).await.status, JobStatus::Succeeded);
-    let text: Vec<u8> = mesh
-        .logs(id)
-        .await
-        .into_iter()
-        .flat_map(|(.., bytes)| bytes.to_vec())
-        .collect();
     assert_eq!(
-        String::from_utf8_lossy(&text),
+        mesh.output(id).await,
         format!("payload|hi|/tmp|unset|{id}\n")
     );
     mesh.stop().await.expect("clean stop");
@@ -825,4 +830,61 @@ async fn a_dispatch_delivered_too_often_without_being_settled_quarantines_its_jo
     again.cancel();
     task.await.expect("joins").expect("clean stop");
     mesh.registry.cancel();
+}
+
+#[tokio::test]
+async fn jobs_run_as_the_configured_user_cannot_read_the_executors_credentials_or_its_proc_entries()
+{
+    if !nix::unistd::geteuid().is_root() {
+        // Only root can run jobs as another user: anyone else is refused at start.
+        let server = NatsServer::start().await;
+        let mut config = Config::for_url(server.url(), NodeId::new("exec-runas").expect("valid"));
+        config.run_as = Some("nobody".into());
+        let error = capstan_executor::run(config, CancellationToken::new())
+            .await
+            .expect_err("refused without root");
+        assert!(
+            matches!(error, capstan_executor::error::Error::RunAs { .. }),
+            "{error}"
+        );
+        return;
+    }
+    // A file only the executor's user may read, as its NATS credentials are.
+    let secrets = tempfile::tempdir().expect("dir");
+    let credentials = secrets.path().join("executor.nk");
+    std::fs::write(&credentials, "CANARY-SEED\n").expect("written");
+    std::fs::set_permissions(
+        &credentials,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .expect("private");
+    let nobody = nix::unistd::User::from_name("nobody")
+        .expect("the user database")
+        .expect("a `nobody` user");
+    let mesh = start(|config| config.run_as = Some("nobody".into())).await;
+    let executor = std::process::id();
+    let id = mesh
+        .dispatch(shell(&format!(
+            "id -u; id -G; cat {} 2>/dev/null || echo no-credentials; \
+             cat /proc/{executor}/environ 2>/dev/null || echo no-environ; \
+             touch here && echo can-write",
+            credentials.display()
+        )))
+        .await;
+    assert_eq!(mesh.finished(id).await.status, JobStatus::Succeeded);
+    let text = mesh.output(id).await;
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            nobody.uid.to_string().as_str(),
+            nobody.gid.to_string().as_str(),
+            "no-credentials",
+            "no-environ",
+            "can-write"
+        ],
+        "{text}"
+    );
+    assert!(!text.contains("CANARY"));
+    mesh.stop().await.expect("clean stop");
 }
