@@ -121,8 +121,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let shutdown = capstan_mesh::shutdown::on_signal();
             let client =
-                capstan_mesh::connect(&nats, &capstan_protocol::access::Identity::Admin, &shutdown)
-                    .await?;
+                within_connect_time(&nats, capstan_mesh::connect(&nats, &ADMIN, &shutdown)).await?;
             let js = async_nats::jetstream::new(client);
             let applied = capstan_mesh::topology::apply(&js, &limits).await?;
             println!(
@@ -142,10 +141,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let shutdown = capstan_mesh::shutdown::on_signal();
             let url = config.database_url();
             let history = capstan_store::History::connect(&url).await?;
-            let mesh = capstan_mesh::Mesh::connect(
+            let mesh = within_connect_time(
                 &config.nats,
-                &capstan_protocol::access::Identity::Admin,
-                &shutdown,
+                capstan_mesh::Mesh::connect(&config.nats, &ADMIN, &shutdown),
             )
             .await?;
             // Recorded however it ends; the command fails when the record cannot be stored.
@@ -180,6 +178,29 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Who the commands connect to NATS as.
+const ADMIN: capstan_protocol::access::Identity = capstan_protocol::access::Identity::Admin;
+
+/// How long a command keeps trying to reach NATS before it gives up: a one-shot command
+/// should not wait forever on a wrong address or credentials, as a service may.
+const CONNECT_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// `connecting`, given up after [`CONNECT_WITHIN`] with an error naming where and as whom.
+async fn within_connect_time<T>(
+    nats: &capstan_mesh::NatsArgs,
+    connecting: impl std::future::Future<Output = Result<T, capstan_mesh::Error>>,
+) -> anyhow::Result<T> {
+    match tokio::time::timeout(CONNECT_WITHIN, connecting).await {
+        Ok(connected) => Ok(connected?),
+        Err(_) => anyhow::bail!(
+            "cannot reach NATS at {} as the administrator within {} s: check CAPSTAN_NATS_URL, \
+             and CAPSTAN_NATS_CREDS (the admin seed) when the server requires identities",
+            nats.nats_url,
+            CONNECT_WITHIN.as_secs()
+        ),
+    }
 }
 
 /// `NAME=SIZE`, the size in bytes or with a unit (`KiB`, `MiB`, `GiB`, `TiB`; `K`, `M`, `G`,

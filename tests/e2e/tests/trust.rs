@@ -436,3 +436,40 @@ async fn an_anonymous_or_unknown_connection_is_refused() {
         .await;
     assert!(unknown.is_err(), "an unknown NKEY was accepted");
 }
+
+#[tokio::test]
+async fn capstan_nats_apply_runs_as_the_administrator_and_gives_up_without_an_identity() {
+    let mut cluster = Cluster::start().await;
+    cluster.expect_violations();
+    let apply = |creds: Option<std::path::PathBuf>| {
+        let mut command = std::process::Command::new(capstan_testkit::bin_path("capstan"));
+        command
+            .args(["nats", "apply", "--max-bytes", "CAPSTAN_LOGS=64MiB"])
+            .env("CAPSTAN_NATS_URL", cluster.nats.url())
+            .env("CAPSTAN_LOG", "warn")
+            .env_remove("CAPSTAN_NATS_CREDS");
+        if let Some(creds) = creds {
+            command.env("CAPSTAN_NATS_CREDS", creds);
+        }
+        command.output().expect("capstan runs")
+    };
+    let refused = apply(None);
+    assert!(!refused.status.success());
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("CAPSTAN_NATS_CREDS"), "{said}");
+
+    let applied = apply(Some(cluster.identities().seed_file(&Identity::Admin)));
+    assert!(
+        applied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&applied.stderr)
+    );
+    assert!(String::from_utf8_lossy(&applied.stdout).contains("topology applied"));
+    let admin = jetstream::new(cluster.client().await);
+    let mut logs = admin.get_stream(topology::LOGS.name).await.expect("stream");
+    assert_eq!(
+        logs.info().await.expect("info").config.max_bytes,
+        64 * 1024 * 1024,
+        "the limit given to apply"
+    );
+}
