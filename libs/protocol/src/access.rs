@@ -117,13 +117,22 @@ impl Identity {
     }
 }
 
+/// The registry's micro-service name on `$SRV` (`nats micro ls`).
+pub const REGISTRY_SERVICE: &str = "capstan-registry";
+/// The scheduler's micro-service name.
+pub const SCHEDULER_SERVICE: &str = "capstan-scheduler";
+/// The API's micro-service name.
+pub const API_SERVICE: &str = "capstan-api";
+/// Every executor's micro-service name.
+pub const EXECUTOR_SERVICE: &str = "capstan-executor";
+
 /// The micro-service name each service announces on `$SRV`.
 pub fn service_name(identity: &Identity) -> Option<&'static str> {
     match identity {
-        Identity::Registry => Some("capstan-registry"),
-        Identity::Scheduler => Some("capstan-scheduler"),
-        Identity::Api => Some("capstan-api"),
-        Identity::Executor(_) => Some("capstan-executor"),
+        Identity::Registry => Some(REGISTRY_SERVICE),
+        Identity::Scheduler => Some(SCHEDULER_SERVICE),
+        Identity::Api => Some(API_SERVICE),
+        Identity::Executor(_) => Some(EXECUTOR_SERVICE),
         Identity::Admin | Identity::Client => None,
     }
 }
@@ -182,9 +191,7 @@ fn api(allowed: &mut Allowed) {
     ]);
     allowed.rejections([Origin::History, Origin::Audit]);
     // Counting its own replicas (each takes its share of the rate limits).
-    if let Some(name) = service_name(&Identity::Api) {
-        allowed.publish([format!("$SRV.PING.{name}")]);
-    }
+    allowed.publish([format!("$SRV.PING.{API_SERVICE}")]);
     allowed.open_mesh();
     for bucket in [
         &topology::JOBS,

@@ -306,7 +306,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     // no NATS endpoints, and its metadata says where to find it.
     let micro = capstan_mesh::service::start(
         &mesh.client,
-        "capstan-api",
+        capstan_protocol::access::API_SERVICE,
         "REST API, job history and metrics",
         std::collections::HashMap::from([
             ("listen".to_owned(), address.to_string()),
@@ -403,7 +403,7 @@ async fn housekeep(
         }
         match capstan_mesh::service::count_instances(
             &client,
-            "capstan-api",
+            capstan_protocol::access::API_SERVICE,
             Duration::from_millis(250),
         )
         .await

@@ -291,7 +291,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), erro
 
     let micro = service::start(
         &mesh.client,
-        "capstan-executor",
+        capstan_protocol::access::EXECUTOR_SERVICE,
         "Runs jobs on one node",
         HashMap::from([
             ("node".to_owned(), node.to_string()),

@@ -93,7 +93,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
 
     let micro = service::start(
         &mesh.client,
-        "capstan-registry",
+        capstan_protocol::access::REGISTRY_SERVICE,
         "Executor nodes: registration, heartbeats, liveness",
         HashMap::from([(
             "heartbeat_timeout_ms".to_owned(),

@@ -141,7 +141,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
 
     let micro = service::start(
         &mesh.client,
-        "capstan-scheduler",
+        capstan_protocol::access::SCHEDULER_SERVICE,
         "Accepts jobs and places them on executors",
         HashMap::new(),
     )
