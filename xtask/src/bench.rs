@@ -260,7 +260,7 @@ async fn pipeline(bin: &Path, args: &Args) -> anyhow::Result<()> {
         nats_port,
         &data.join("nats"),
         args.durable,
-        &identities.authorization,
+        &identities.accounts,
         tls.as_ref(),
     )?;
     // Its monitoring endpoint, for the message counts.

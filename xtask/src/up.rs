@@ -95,7 +95,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             port,
             &data.join("nats"),
             false,
-            &identities.authorization,
+            &identities.accounts,
             None,
         )?,
     )?);
@@ -109,7 +109,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     eprintln!();
     eprintln!("Capstan is up: NATS at {url}, store in {}", data.display());
-    let client_seed = identities.seed_file(&Identity::Client);
+    let client_seed = identities.seed_file(&Identity::client());
     eprintln!(
         "For the nats CLI (no anonymous connection is accepted; the `client` identity may \
          submit, cancel, and read events and logs; `admin.nk` beside it may do anything):"
@@ -249,21 +249,21 @@ impl Plan {
 }
 
 /// The nats-server command: JetStream on `port` (loopback only) with its store in `store`,
-/// admitting only the users of the `authorization` block, over mutual TLS with `tls`;
+/// admitting only the users of the `accounts` block, over mutual TLS with `tls`;
 /// `sync_always` fsyncs every write (`sync_interval: always`).
 pub(crate) fn nats_command(
     binary: &Path,
     port: u16,
     store: &Path,
     sync_always: bool,
-    authorization: &Path,
+    accounts: &Path,
     tls: Option<&TlsFiles>,
 ) -> anyhow::Result<Command> {
     let config = store.with_extension("conf");
     // nats-server resolves an include beside the including file.
-    let included = config.with_file_name("authorization.conf");
-    std::fs::copy(authorization, &included)
-        .with_context(|| format!("cannot copy {}", authorization.display()))?;
+    let included = config.with_file_name(capstan_mesh::identities::ACCOUNTS);
+    std::fs::copy(accounts, &included)
+        .with_context(|| format!("cannot copy {}", accounts.display()))?;
     let sync = if sync_always {
         "  sync_interval: always\n"
     } else {
@@ -280,7 +280,8 @@ pub(crate) fn nats_command(
         &config,
         format!(
             "listen: \"127.0.0.1:{port}\"\nserver_name: capstan-dev\n\
-             jetstream {{\n  store_dir: {store:?}\n{sync}}}\ninclude \"authorization.conf\"\n{tls}"
+             jetstream {{\n  store_dir: {store:?}\n{sync}}}\ninclude {accounts:?}\n{tls}",
+            accounts = capstan_mesh::identities::ACCOUNTS,
         ),
     )
     .with_context(|| format!("cannot write {}", config.display()))?;
@@ -304,7 +305,7 @@ pub(crate) fn identities_with(
     let nodes: Vec<NodeId> = (1..=executors)
         .map(|n| node_id(&format!("exec-{n}")))
         .collect();
-    capstan_mesh::identities::init_with(dir, &nodes, grants)
+    capstan_mesh::identities::init_with(dir, &Identity::all(&nodes), grants)
         .with_context(|| format!("cannot write the NATS identities into {}", dir.display()))
 }
 

@@ -1,12 +1,13 @@
 //! The NATS identities of a mesh: one NKEY user for the administrator, one per service, one per
-//! executor node, and `client`, what a person with the `nats` CLI gets. [`init`] writes each
-//! identity's seed into a directory (kept on later runs, so re-running adds nodes without
-//! changing anyone's key) and the server's `authorization` block naming them, each with the
-//! permissions [`capstan_protocol::access`] gives it, for a nats-server configuration to
-//! `include`.
+//! executor node, `client` (what a person with the `nats` CLI gets), and any other clients and
+//! viewers named. [`init`] writes each identity's seed into a directory (kept on later runs, so
+//! re-running adds identities without changing anyone's key) and the server's `accounts` block:
+//! the mesh's account with the administrator and the services, each with the permissions
+//! [`capstan_protocol::access`] gives it, and one account per client or viewer, which imports
+//! only what its role needs.
 //!
 //! No anonymous connection is accepted by a server using the block, and every identity but
-//! `admin` may do only what its service needs.
+//! `admin` may do only what its part needs.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -14,7 +15,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use capstan_protocol::NodeId;
-pub use capstan_protocol::access::Identity;
+use capstan_protocol::access::{self, MESH_ACCOUNT, Permissions, Share};
+pub use capstan_protocol::access::{ClientName, Identity};
 
 use crate::error::Error;
 
@@ -23,8 +25,8 @@ use crate::error::Error;
 pub struct Identities {
     /// The directory.
     pub dir: PathBuf,
-    /// The `authorization` block for the server's configuration.
-    pub authorization: PathBuf,
+    /// The `accounts` block for the server's configuration.
+    pub accounts: PathBuf,
 }
 
 impl Identities {
@@ -38,89 +40,150 @@ fn seed_path(dir: &Path, identity: &Identity) -> PathBuf {
     dir.join(format!("{}.nk", identity.name()))
 }
 
-/// What the `authorization` block grants.
+/// The file holding the `accounts` block, beside the seeds.
+pub const ACCOUNTS: &str = "accounts.conf";
+
+/// What the `accounts` block grants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Grants {
     /// Each identity only what its part needs (what `capstan nats init` writes).
     Least,
-    /// Every identity everything: only for measuring what the permissions cost.
+    /// Every mesh identity everything: only for measuring what the permissions cost.
     All,
 }
 
-/// Writes a seed for each of `nodes`' mesh identities into `dir` that has none yet (readable
-/// by its owner only), and the `authorization` block (`authorization.conf`) naming every one
+/// Writes a seed for each of `nodes`' mesh identities (and `client`) into `dir` that has none
+/// yet (readable by its owner only), and the `accounts` block ([`ACCOUNTS`]) naming every one
 /// with what it may do.
 pub fn init(dir: &Path, nodes: &[NodeId]) -> Result<Identities, Error> {
-    init_with(dir, nodes, Grants::Least)
+    init_with(dir, &Identity::all(nodes), Grants::Least)
 }
 
-/// [`init`], granting `grants`.
-pub fn init_with(dir: &Path, nodes: &[NodeId], grants: Grants) -> Result<Identities, Error> {
+/// [`init`] for `identities`, granting `grants`.
+pub fn init_with(dir: &Path, identities: &[Identity], grants: Grants) -> Result<Identities, Error> {
     let setup = |what: &str, error: std::io::Error| Error::setup(what.to_owned(), error);
     std::fs::create_dir_all(dir).map_err(|e| setup(&format!("directory {}", dir.display()), e))?;
-    let mut block = String::from(
+    let mut mesh = String::new();
+    let mut outside = String::new();
+    for identity in identities {
+        let public = public_key(dir, identity)?;
+        let permissions = match grants {
+            Grants::All if !identity.is_outside() => None,
+            _ => identity.permissions(),
+        };
+        let user = user(identity, &public, permissions.as_ref());
+        if identity.is_outside() {
+            let _ = write!(
+                outside,
+                "  # {role} {name}: its own account, which sees only what it imports.\n  \
+                 {account:?} {{\n    users = [\n{user}    ]\n    imports = [\n{imports}    ]\n  }}\n",
+                role = if matches!(identity, Identity::Viewer(_)) {
+                    "the viewer"
+                } else {
+                    "the client"
+                },
+                name = identity.name(),
+                account = identity.account(),
+                imports = shares(&identity.imports(), Some(MESH_ACCOUNT)),
+            );
+        } else {
+            mesh.push_str(&user);
+        }
+    }
+    let block = format!(
         "# The NATS identities of a Capstan mesh, written by `capstan nats init`; include it in\n\
          # the server's configuration. Each user is an NKEY whose seed is `<name>.nk` beside this\n\
          # file; no anonymous connection is accepted.\n\
-         authorization {\n  users = [\n",
+         accounts {{\n  \
+         # The administrator and the services: the streams and buckets live here.\n  \
+         {MESH_ACCOUNT} {{\n    jetstream: enabled\n    users = [\n{mesh}    ]\n    \
+         # What clients and viewers may import: each client's calls arrive on a subject\n    \
+         # naming it, which no one in this account may publish on.\n    \
+         exports = [\n{exports}    ]\n  }}\n{outside}}}\n",
+        exports = shares(&access::exports(), None),
     );
-    for identity in Identity::all(nodes) {
-        let path = seed_path(dir, &identity);
-        let public = if path.exists() {
-            crate::connect::read_seed(&path)?.public_key
-        } else {
-            let pair = nkeys::KeyPair::new_user();
-            let seed = pair
-                .seed()
-                .map_err(|e| Error::setup(path.display().to_string(), e.to_string()))?;
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path)
-                .map_err(|e| setup(&path.display().to_string(), e))?;
-            writeln!(file, "{seed}").map_err(|e| setup(&path.display().to_string(), e))?;
-            pair.public_key()
-        };
-        let _ = writeln!(block, "    # {}", identity.name());
-        let permissions = match grants {
-            Grants::Least => identity.permissions(),
-            Grants::All => None,
-        };
-        match permissions {
-            None => {
-                let _ = writeln!(block, "    {{ nkey: {public} }}");
-            }
-            Some(permissions) => {
-                let list = |subjects: &[String]| {
-                    subjects
-                        .iter()
-                        .map(|s| format!("{s:?}"))
-                        .collect::<Vec<_>>()
-                        .join(",\n          ")
-                };
-                let _ = writeln!(
-                    block,
-                    "    {{ nkey: {public}, permissions: {{\n        publish: {{ allow: [\n          {}\n        ] }}\n        subscribe: {{ allow: [\n          {}\n        ] }}{}\n    }} }}",
-                    list(&permissions.publish),
-                    list(&permissions.subscribe),
-                    if permissions.answers {
-                        "\n        # answers requests made to it: one reply per request\n        allow_responses: true"
-                    } else {
-                        ""
-                    }
-                );
-            }
-        }
-    }
-    block.push_str("  ]\n}\n");
-    let authorization = dir.join("authorization.conf");
-    std::fs::write(&authorization, block)
-        .map_err(|e| setup(&authorization.display().to_string(), e))?;
+    let accounts = dir.join(ACCOUNTS);
+    std::fs::write(&accounts, block).map_err(|e| setup(&accounts.display().to_string(), e))?;
     Ok(Identities {
         dir: dir.to_owned(),
-        authorization,
+        accounts,
     })
+}
+
+/// The public key of `identity`'s seed in `dir`, writing a new seed when there is none.
+fn public_key(dir: &Path, identity: &Identity) -> Result<String, Error> {
+    let path = seed_path(dir, identity);
+    if path.exists() {
+        return Ok(crate::connect::read_seed(&path)?.public_key);
+    }
+    let pair = nkeys::KeyPair::new_user();
+    let seed = pair
+        .seed()
+        .map_err(|e| Error::setup(path.display().to_string(), e.to_string()))?;
+    let setup = |error: std::io::Error| Error::setup(path.display().to_string(), error);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(setup)?;
+    writeln!(file, "{seed}").map_err(setup)?;
+    Ok(pair.public_key())
+}
+
+/// One entry of a `users` list.
+fn user(identity: &Identity, public: &str, permissions: Option<&Permissions>) -> String {
+    let name = identity.name();
+    let Some(permissions) = permissions else {
+        return format!("      # {name}\n      {{ nkey: {public} }}\n");
+    };
+    let list = |subjects: &[String]| {
+        subjects
+            .iter()
+            .map(|s| format!("{s:?}"))
+            .collect::<Vec<_>>()
+            .join(",\n            ")
+    };
+    let publish = if permissions.publish.is_empty() {
+        "publish: { deny: \">\" }".to_owned()
+    } else {
+        format!(
+            "publish: {{ allow: [\n            {}\n          ] }}",
+            list(&permissions.publish)
+        )
+    };
+    let answers = if permissions.answers {
+        "\n          # answers requests made to it: one reply per request\n          allow_responses: true"
+    } else {
+        ""
+    };
+    format!(
+        "      # {name}\n      {{ nkey: {public}, permissions: {{\n          {publish}\n          \
+         subscribe: {{ allow: [\n            {}\n          ] }}{answers}\n      }} }}\n",
+        list(&permissions.subscribe),
+    )
+}
+
+/// The entries of an `exports` list (`from` is `None`) or an `imports` list from `from`.
+fn shares(shares: &[Share], from: Option<&str>) -> String {
+    let mut text = String::new();
+    for share in shares {
+        let _ = match (share, from) {
+            (Share::Service { subject, .. }, None) => {
+                writeln!(text, "      {{ service: {subject:?} }}")
+            }
+            (Share::Stream { subject }, None) => writeln!(text, "      {{ stream: {subject:?} }}"),
+            (Share::Service { subject, to }, Some(account)) => writeln!(
+                text,
+                "      {{ service: {{ account: {account:?}, subject: {subject:?} }}, to: {to:?} }}"
+            ),
+            (Share::Stream { subject }, Some(account)) => writeln!(
+                text,
+                "      {{ stream: {{ account: {account:?}, subject: {subject:?} }} }}"
+            ),
+        };
+    }
+    text
 }
 
 /// The server configuration [`server_config`] writes.
@@ -128,7 +191,7 @@ pub const SERVER_CONFIG: &str = "nats-server.conf";
 
 /// Writes a complete nats-server configuration into the identities' directory, unless one is
 /// there already (an operator's edits are kept): the client port, JetStream with its store in
-/// `store_dir`, the monitoring port, the `authorization` block included, and TLS ready to
+/// `store_dir`, the monitoring port, the `accounts` block included, and TLS ready to
 /// uncomment. Returns its path.
 pub fn server_config(identities: &Identities, store_dir: &Path) -> Result<PathBuf, Error> {
     let path = identities.dir.join(SERVER_CONFIG);
@@ -153,7 +216,7 @@ pub fn server_config(identities: &Identities, store_dir: &Path) -> Result<PathBu
          jetstream {{\n  store_dir: {store:?}\n}}\n\
          \n\
          # Who may connect, and what each identity may do: no anonymous connection.\n\
-         include \"authorization.conf\"\n\
+         include \"{ACCOUNTS}\"\n\
          \n\
          # TLS: uncomment, give the server's certificate and key, and the CA that signs the\n\
          # clients' certificates for mutual TLS (`verify: true`); then give every service\n\
@@ -185,10 +248,10 @@ mod tests {
     }
 
     #[test]
-    fn init_writes_one_private_seed_per_identity_and_names_each_in_the_authorization_block() {
+    fn init_writes_one_private_seed_per_identity_and_names_each_in_the_accounts_block() {
         let dir = tempfile::tempdir().expect("dir");
         let written = init(dir.path(), &nodes()).expect("written");
-        let block = std::fs::read_to_string(&written.authorization).expect("block");
+        let block = std::fs::read_to_string(&written.accounts).expect("block");
         let names: Vec<String> = Identity::all(&nodes()).iter().map(Identity::name).collect();
         assert_eq!(
             names,

@@ -216,13 +216,17 @@ async fn a_service_with_the_ca_and_a_client_certificate_connects_over_mutual_tls
 #[tokio::test]
 async fn a_server_given_the_generated_identities_admits_each_one_and_the_client_only_to_submit_and_read()
  {
-    use capstan_mesh::identities::{self, Identity};
+    use capstan_mesh::identities::{self, ClientName, Grants, Identity};
+    use capstan_protocol::subjects::ClientCall;
     use capstan_protocol::{NodeId, subjects};
     use futures::StreamExt;
 
     let dir = tempfile::tempdir().expect("dir");
     let node = NodeId::new("exec-1").expect("valid");
-    let written = identities::init(dir.path(), std::slice::from_ref(&node)).expect("written");
+    let viewer = Identity::Viewer(ClientName::new("auditor").expect("valid"));
+    let mut all = Identity::all(std::slice::from_ref(&node));
+    all.push(viewer.clone());
+    let written = identities::init_with(dir.path(), &all, Grants::Least).expect("written");
     let seed = |identity: &Identity| {
         std::fs::read_to_string(written.seed_file(identity))
             .expect("seed")
@@ -230,7 +234,7 @@ async fn a_server_given_the_generated_identities_admits_each_one_and_the_client_
             .to_owned()
     };
     let server = NatsServer::start_with(NatsOptions {
-        include: Some(written.authorization.clone()),
+        include: Some(written.accounts.clone()),
         connect_seed: Some(seed(&Identity::Admin)),
         ..NatsOptions::default()
     })
@@ -240,11 +244,11 @@ async fn a_server_given_the_generated_identities_admits_each_one_and_the_client_
     Mesh::open(admin.clone())
         .await
         .expect("the admin creates the topology");
-    for identity in Identity::all(std::slice::from_ref(&node)) {
+    for identity in &all {
         assert!(
             accepted(
                 &server,
-                async_nats::ConnectOptions::new().nkey(seed(&identity))
+                async_nats::ConnectOptions::new().nkey(seed(identity))
             )
             .await,
             "{} refused",
@@ -257,16 +261,83 @@ async fn a_server_given_the_generated_identities_admits_each_one_and_the_client_
     );
 
     let client = async_nats::ConnectOptions::new()
-        .nkey(seed(&Identity::Client))
+        .nkey(seed(&Identity::client()))
         .connect(server.url())
         .await
         .expect("the client connects");
     let js = async_nats::jetstream::new(client.clone());
-    js.publish(subjects::SUBMIT, r#"{"command": "true"}"#.into())
+    // Stored on the subject that names the client, whatever header claims otherwise.
+    let mut claim = async_nats::HeaderMap::new();
+    claim.insert(
+        capstan_protocol::headers::SUBMITTED_BY,
+        r#"{"principal": "admin", "via": "password"}"#,
+    );
+    let ack = js
+        .publish_with_headers(subjects::SUBMIT, claim, r#"{"command": "true"}"#.into())
         .await
         .expect("sent")
         .await
         .expect("the client's submission is stored");
+    let admin_js = async_nats::jetstream::new(admin.clone());
+    let submissions = admin_js
+        .get_stream(capstan_protocol::topology::SUBMISSIONS.name)
+        .await
+        .expect("stream");
+    let stored = submissions
+        .get_raw_message(ack.sequence)
+        .await
+        .expect("the submission");
+    assert_eq!(
+        stored.subject.as_str(),
+        ClientCall::Submit.from("client"),
+        "the stored subject names the client"
+    );
+    // A plain publish (`nats pub`) arrives the same way.
+    client
+        .publish(subjects::SUBMIT, r#"{"command": "true"}"#.into())
+        .await
+        .expect("published");
+    client.flush().await.expect("flushed");
+    capstan_testkit::wait_until("the plain publish stored", Duration::from_secs(10), || {
+        let submissions = submissions.clone();
+        async move {
+            submissions
+                .get_raw_message(ack.sequence + 1)
+                .await
+                .is_ok_and(|message| message.subject.as_str() == ClientCall::Submit.from("client"))
+                .then_some(())
+        }
+    })
+    .await;
+
+    // A viewer follows events but cannot submit.
+    let viewing = async_nats::ConnectOptions::new()
+        .nkey(seed(&viewer))
+        .connect(server.url())
+        .await
+        .expect("the viewer connects");
+    let mut viewed = viewing
+        .subscribe(subjects::EVENTS_ALL)
+        .await
+        .expect("subscribed");
+    viewing.flush().await.expect("flushed");
+    let refused = tokio::time::timeout(Duration::from_secs(2), async {
+        async_nats::jetstream::new(viewing.clone())
+            .publish(subjects::SUBMIT, r#"{"command": "true"}"#.into())
+            .await
+            .ok()?
+            .await
+            .ok()
+    })
+    .await;
+    assert!(
+        !matches!(refused, Ok(Some(_))),
+        "the viewer's submission was stored"
+    );
+    assert!(
+        submissions.get_raw_message(ack.sequence + 2).await.is_err(),
+        "a third submission is stored"
+    );
     let mut events = client
         .subscribe(subjects::EVENTS_ALL)
         .await
@@ -293,7 +364,6 @@ async fn a_server_given_the_generated_identities_admits_each_one_and_the_client_
             "the client stored a message on {subject}"
         );
     }
-    let admin_js = async_nats::jetstream::new(admin.clone());
     for (stream, subject) in [
         (capstan_protocol::topology::DISPATCH.name, dispatch),
         (capstan_protocol::topology::EVENTS.name, forged),
@@ -321,6 +391,10 @@ async fn a_server_given_the_generated_identities_admits_each_one_and_the_client_
     let event = tokio::time::timeout(Duration::from_secs(10), events.next())
         .await
         .expect("an event in time");
+    assert!(event.is_some());
+    let event = tokio::time::timeout(Duration::from_secs(10), viewed.next())
+        .await
+        .expect("an event in time for the viewer");
     assert!(event.is_some());
 }
 

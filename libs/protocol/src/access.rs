@@ -15,20 +15,30 @@
 //!   rejections, output and retry timers; reads and writes job records.
 //! - Only schedulers publish dispatches and placement events; only registries write node
 //!   records and node events; only the API writes revocations and publishes audit records.
-//! - `client` may submit, create and cancel jobs, and read events and logs as they happen.
+//! - A client (`client`, and any added with `capstan nats init --client NAME`) may submit,
+//!   create and cancel jobs, and read events and logs as they happen; a viewer (`--viewer NAME`)
+//!   may only read them.
 //!
-//! Each identity's replies come to an inbox prefix of its own ([`Identity::inbox_prefix`]), so
-//! no identity can read the replies of another. `client` keeps the `nats` CLI's default,
-//! `_INBOX`, which no service uses.
+//! The administrator and the services share one NATS account, [`MESH_ACCOUNT`], which holds the
+//! streams and buckets. Each client and viewer has an account of its own, which sees only what
+//! the mesh's exports and its imports ([`Identity::imports`]) let through: events and logs, and
+//! for a client its calls, which arrive in the mesh's account on `<subject>.from.<client>`
+//! ([`ClientCall`]). That subject is how a job submitted over NATS is attributed to who sent it:
+//! nats-server fixes it, and no header a client sets can change it.
+//!
+//! Each mesh identity's replies come to an inbox prefix of its own ([`Identity::inbox_prefix`]),
+//! so none can read the replies of another. Clients keep the `nats` CLI's default, `_INBOX`,
+//! each in its own account.
 //!
 //! What permissions cannot say, the services check: a job record or job event names a job, not
 //! the node that may touch it, so an executor could still write any job's record or publish an
 //! attempt event for any job; executors claim attempts from the record in the bucket, not from
 //! the dispatch. See ARCHITECTURE.md, "Trust".
 
+use crate::auth::AuditAction;
 use crate::event::JobEventKind;
 use crate::ids::NodeId;
-use crate::subjects::{self, Origin, registry::NodeCall};
+use crate::subjects::{self, ClientCall, Origin, registry::NodeCall};
 use crate::topology::{self, BucketSpec, ConsumerSpec, StreamSpec};
 
 /// Who connects.
@@ -44,8 +54,87 @@ pub enum Identity {
     Api,
     /// The executor of one node.
     Executor(NodeId),
-    /// A person with the `nats` CLI, or a program submitting jobs.
-    Client,
+    /// A person with the `nats` CLI, or a program, that submits, creates and cancels jobs and
+    /// follows them: `client` ([`Identity::client`]), and any other named at init.
+    Client(ClientName),
+    /// One that only follows jobs' events and output.
+    Viewer(ClientName),
+}
+
+/// The NATS account of the administrator and the services, which holds the streams and
+/// buckets.
+pub const MESH_ACCOUNT: &str = "CAPSTAN";
+
+/// The name of a client or viewer identity: its seed file is `<name>.nk`, its account
+/// `CLIENT_<name>`, its calls arrive on `<subject>.from.<name>`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClientName(String);
+
+impl ClientName {
+    /// The longest name accepted.
+    pub const MAX_LEN: usize = 64;
+
+    /// Parses a name: letters, digits, `_` and `-`, not a mesh identity's name.
+    pub fn new(name: impl Into<String>) -> Result<Self, String> {
+        let name = name.into();
+        let charset = !name.is_empty()
+            && name.len() <= Self::MAX_LEN
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !charset {
+            return Err(format!(
+                "client name {name:?}: 1 to {} letters, digits, `_` or `-`",
+                Self::MAX_LEN
+            ));
+        }
+        let reserved = ["admin", "registry", "scheduler", "api"].contains(&name.as_str())
+            || name.starts_with("executor-");
+        if reserved {
+            return Err(format!(
+                "client name {name:?} is a mesh identity's: choose another"
+            ));
+        }
+        Ok(Self(name))
+    }
+
+    /// The name as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for ClientName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::str::FromStr for ClientName {
+    type Err = String;
+
+    fn from_str(name: &str) -> Result<Self, String> {
+        Self::new(name)
+    }
+}
+
+/// What an account shares with another.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Share {
+    /// Messages published on `to` in the importing account arrive on `subject` in the
+    /// exporting one; replies find their way back.
+    Service {
+        /// The subject in the exporting account.
+        subject: String,
+        /// The subject the importing account publishes on.
+        to: String,
+    },
+    /// Messages published on `subject` in the exporting account are delivered to the importing
+    /// account's subscribers too.
+    Stream {
+        /// The subjects.
+        subject: String,
+    },
 }
 
 /// What an identity may publish and subscribe to; nothing else.
@@ -70,24 +159,67 @@ impl Identity {
             Self::Api => "api".to_owned(),
             // Named as the node's dispatch consumer, `executor-<node>`.
             Self::Executor(node) => topology::executor_consumer(node),
-            Self::Client => "client".to_owned(),
+            Self::Client(name) | Self::Viewer(name) => name.as_str().to_owned(),
         }
     }
 
-    /// Every identity of a mesh whose executor nodes are `nodes`.
+    /// Every identity of a mesh whose executor nodes are `nodes`, with the one client every
+    /// mesh has.
     pub fn all(nodes: &[NodeId]) -> Vec<Self> {
         let mut all = vec![Self::Admin, Self::Registry, Self::Scheduler, Self::Api];
         all.extend(nodes.iter().cloned().map(Self::Executor));
-        all.push(Self::Client);
+        all.push(Self::client());
         all
     }
 
-    /// Where replies to this identity's requests come: `_CAPSTAN_INBOX.<name>` for the mesh's
-    /// own identities, the `nats` CLI's `_INBOX` for `client`.
-    pub fn inbox_prefix(&self) -> String {
+    /// `client`, the client identity every mesh has (what the `nats` CLI is given).
+    pub fn client() -> Self {
+        Self::Client(ClientName("client".to_owned()))
+    }
+
+    /// Whether the identity is outside the mesh: a client or a viewer.
+    pub fn is_outside(&self) -> bool {
+        matches!(self, Self::Client(_) | Self::Viewer(_))
+    }
+
+    /// The NATS account the identity connects in: [`MESH_ACCOUNT`], or for a client or a
+    /// viewer, `CLIENT_<name>`.
+    pub fn account(&self) -> String {
         match self {
-            Self::Client => "_INBOX".to_owned(),
-            other => format!("_CAPSTAN_INBOX.{}", other.name()),
+            Self::Client(name) | Self::Viewer(name) => format!("CLIENT_{name}"),
+            _ => MESH_ACCOUNT.to_owned(),
+        }
+    }
+
+    /// What the identity's account takes from the mesh's: for a client, its calls (each
+    /// arriving on its own `from` subject) and the events and logs; for a viewer, the events
+    /// and logs. Nothing for a mesh identity, which is in the mesh's account.
+    pub fn imports(&self) -> Vec<Share> {
+        let follow = [subjects::EVENTS_ALL, subjects::LOGS_ALL].map(|subject| Share::Stream {
+            subject: subject.to_owned(),
+        });
+        match self {
+            Self::Client(name) => ClientCall::ALL
+                .map(|call| Share::Service {
+                    subject: call.from(name.as_str()),
+                    to: call.subject().to_owned(),
+                })
+                .into_iter()
+                .chain(follow)
+                .collect(),
+            Self::Viewer(_) => follow.into(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Where replies to this identity's requests come: `_CAPSTAN_INBOX.<name>` for the mesh's
+    /// own identities, the `nats` CLI's `_INBOX` for clients and viewers (each in its own
+    /// account).
+    pub fn inbox_prefix(&self) -> String {
+        if self.is_outside() {
+            "_INBOX".to_owned()
+        } else {
+            format!("_CAPSTAN_INBOX.{}", self.name())
         }
     }
 
@@ -96,8 +228,11 @@ impl Identity {
         let mut allowed = Allowed::default();
         match self {
             Self::Admin => return None,
-            Self::Client => {
-                allowed.publish([subjects::SUBMIT, subjects::CREATE, subjects::CANCEL]);
+            Self::Client(_) => {
+                allowed.publish(ClientCall::ALL.map(ClientCall::subject));
+                allowed.subscribe([subjects::EVENTS_ALL, subjects::LOGS_ALL]);
+            }
+            Self::Viewer(_) => {
                 allowed.subscribe([subjects::EVENTS_ALL, subjects::LOGS_ALL]);
             }
             Self::Registry => registry(&mut allowed),
@@ -106,15 +241,30 @@ impl Identity {
             Self::Executor(node) => executor(&mut allowed, node),
         }
         allowed.subscribe([format!("{}.>", self.inbox_prefix())]);
-        if !matches!(self, Self::Client) {
-            allowed.service(self);
-        }
+        allowed.service(self);
         Some(Permissions {
             publish: allowed.publish,
             subscribe: allowed.subscribe,
-            answers: !matches!(self, Self::Client),
+            answers: !self.is_outside(),
         })
     }
+}
+
+/// What the mesh's account shares with the clients' and viewers': the calls of every client
+/// and the events and logs.
+pub fn exports() -> Vec<Share> {
+    ClientCall::ALL
+        .map(|call| Share::Service {
+            subject: call.from_all(),
+            to: call.from_all(),
+        })
+        .into_iter()
+        .chain(
+            [subjects::EVENTS_ALL, subjects::LOGS_ALL].map(|subject| Share::Stream {
+                subject: subject.to_owned(),
+            }),
+        )
+        .collect()
 }
 
 /// The registry's micro-service name on `$SRV` (`nats micro ls`).
@@ -133,7 +283,7 @@ pub fn service_name(identity: &Identity) -> Option<&'static str> {
         Identity::Scheduler => Some(SCHEDULER_SERVICE),
         Identity::Api => Some(API_SERVICE),
         Identity::Executor(_) => Some(EXECUTOR_SERVICE),
-        Identity::Admin | Identity::Client => None,
+        Identity::Admin | Identity::Client(_) | Identity::Viewer(_) => None,
     }
 }
 
@@ -150,6 +300,8 @@ fn registry(allowed: &mut Allowed) {
 
 fn scheduler(allowed: &mut Allowed) {
     allowed.subscribe([subjects::CREATE, subjects::CANCEL, subjects::JOB_EVENTS_ALL]);
+    // The clients' calls, each arriving on the caller's own subject.
+    allowed.subscribe([ClientCall::Create, ClientCall::Cancel].map(ClientCall::from_all));
     allowed.publish([
         subjects::SUBMIT,
         subjects::DISPATCH_ALL,
@@ -157,6 +309,8 @@ fn scheduler(allowed: &mut Allowed) {
         subjects::TIMERS_ALL,
     ]);
     allowed.publish([subjects::control_any("cancel")]);
+    // What clients do over NATS is audited by the scheduler that serves them.
+    allowed.publish([AuditAction::JobSubmit, AuditAction::JobCancel].map(subjects::audit));
     allowed.rejections([Origin::Submit, Origin::Create, Origin::Timer, Origin::Nodes]);
     allowed.open_mesh();
     for bucket in [&topology::JOBS, &topology::IDEMPOTENCY] {
@@ -398,7 +552,7 @@ mod tests {
 
     #[test]
     fn the_client_may_only_submit_cancel_and_read_events_and_logs() {
-        let permissions = Identity::Client.permissions().expect("restricted");
+        let permissions = Identity::client().permissions().expect("restricted");
         assert_eq!(
             permissions.publish,
             [subjects::SUBMIT, subjects::CREATE, subjects::CANCEL]
@@ -408,6 +562,85 @@ mod tests {
             [subjects::EVENTS_ALL, subjects::LOGS_ALL, "_INBOX.>"]
         );
         assert!(!permissions.answers);
+    }
+
+    #[test]
+    fn a_viewer_may_publish_nothing_and_imports_no_call() {
+        let viewer = Identity::Viewer(ClientName::new("auditor").expect("valid"));
+        let permissions = viewer.permissions().expect("restricted");
+        assert!(permissions.publish.is_empty());
+        assert_eq!(
+            permissions.subscribe,
+            [subjects::EVENTS_ALL, subjects::LOGS_ALL, "_INBOX.>"]
+        );
+        assert!(
+            viewer
+                .imports()
+                .iter()
+                .all(|share| matches!(share, Share::Stream { .. }))
+        );
+        assert_eq!(viewer.account(), "CLIENT_auditor");
+    }
+
+    #[test]
+    fn a_clients_calls_arrive_on_its_own_subjects_which_the_mesh_exports_and_no_one_else_publishes()
+    {
+        let alice = Identity::Client(ClientName::new("alice").expect("valid"));
+        let services: Vec<(String, String)> = alice
+            .imports()
+            .into_iter()
+            .filter_map(|share| match share {
+                Share::Service { subject, to } => Some((subject, to)),
+                Share::Stream { .. } => None,
+            })
+            .collect();
+        assert_eq!(services.len(), ClientCall::ALL.len());
+        for (call, (subject, to)) in ClientCall::ALL.into_iter().zip(&services) {
+            assert_eq!(to, call.subject());
+            assert_eq!(call.client_of(subject), Some("alice"));
+            assert!(exports().iter().any(|export| matches!(
+                export,
+                Share::Service { subject: exported, .. } if covers(exported, subject)
+            )));
+            for identity in Identity::all(&[node("exec-1")]) {
+                if identity == Identity::Admin {
+                    continue;
+                }
+                assert!(
+                    !may_publish(&identity, subject),
+                    "{} may publish {subject}",
+                    identity.name()
+                );
+            }
+        }
+        for identity in Identity::all(&[node("exec-1")]) {
+            assert_eq!(
+                identity.account() == MESH_ACCOUNT,
+                !identity.is_outside(),
+                "{}",
+                identity.name()
+            );
+        }
+    }
+
+    #[test]
+    fn a_client_name_is_a_subject_token_and_not_a_mesh_identitys() {
+        for good in ["alice", "ci-bot_2", "client"] {
+            assert!(ClientName::new(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "a.b",
+            "a*",
+            "a>",
+            "with space",
+            "admin",
+            "api",
+            "executor-exec-1",
+        ] {
+            assert!(ClientName::new(bad).is_err(), "{bad:?}");
+        }
+        assert!(ClientName::new("x".repeat(65)).is_err());
     }
 
     #[test]

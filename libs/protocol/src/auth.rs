@@ -67,14 +67,17 @@ impl std::str::FromStr for AuthMethod {
 /// Who submitted a job: kept in its record, its events and its history row.
 ///
 /// The API sets it from the request's principal, in the `Capstan-Submitted-By` header of the
-/// stored submission; a submission without that header came over NATS and is attributed to
+/// stored submission. A client identity's submission is attributed to it from the subject it
+/// arrives on ([`SubmittedBy::nats_client`], whatever its headers say); one without either
+/// came over NATS from the administrator or a server without identities, and is attributed to
 /// [`SubmittedBy::nats`].
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct SubmittedBy {
-    /// The principal: a user name, `oidc:<subject>` for a provider's user, or `nats` for a
-    /// message published on NATS. Operators own the jobs their principal submitted.
+    /// The principal: a user name, `oidc:<subject>` for a provider's user, `nats:<client>` for
+    /// a NATS client identity, or `nats` for a message published on NATS by no client
+    /// identity. Operators own the jobs their principal submitted.
     pub principal: String,
     /// How the principal authenticated.
     pub via: AuthMethod,
@@ -84,10 +87,20 @@ pub struct SubmittedBy {
 }
 
 impl SubmittedBy {
-    /// The attribution of a job published on NATS without one.
+    /// The attribution of a job published on NATS without one: on a server without identities,
+    /// or by the administrator.
     pub fn nats() -> Self {
         Self {
             principal: "nats".to_owned(),
+            via: AuthMethod::Nats,
+            token: None,
+        }
+    }
+
+    /// The attribution of a job a client identity sent over NATS: `nats:<client>`.
+    pub fn nats_client(client: &str) -> Self {
+        Self {
+            principal: format!("nats:{client}"),
             via: AuthMethod::Nats,
             token: None,
         }

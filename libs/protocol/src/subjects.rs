@@ -9,6 +9,10 @@ use crate::ids::{JobId, NodeId};
 /// forget: `nats pub capstan.jobs.submit '{"command": "echo hello"}'`.
 pub const SUBMIT: &str = "capstan.jobs.submit";
 
+/// Job submissions from client identities, each on `capstan.jobs.submit.from.<client>` (see
+/// [`ClientCall`]); the submissions stream holds them beside [`SUBMIT`].
+pub const SUBMIT_FROM_ALL: &str = "capstan.jobs.submit.from.*";
+
 /// Request/reply job creation: replies with the new job's id once the submission is stored.
 pub const CREATE: &str = "capstan.jobs.create";
 
@@ -206,6 +210,56 @@ pub mod registry {
 /// Request/reply job cancellation: `{"id": "<job>"}`.
 pub const CANCEL: &str = "capstan.jobs.cancel";
 
+/// What a client outside the mesh asks of it: submit, create or cancel a job.
+///
+/// A client identity publishes on the plain subject ([`SUBMIT`], [`CREATE`], [`CANCEL`]) in a
+/// NATS account of its own, and the server carries the message into the mesh's account as
+/// `<subject>.from.<client>` (a service import the administrator's configuration fixes). No
+/// identity can publish on a `from` subject in the mesh's account, so the subject says who sent
+/// the message, whatever its headers claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ClientCall {
+    /// [`SUBMIT`].
+    Submit,
+    /// [`CREATE`].
+    Create,
+    /// [`CANCEL`].
+    Cancel,
+}
+
+impl ClientCall {
+    /// Every call.
+    pub const ALL: [ClientCall; 3] = [Self::Submit, Self::Create, Self::Cancel];
+
+    /// The subject a client publishes on, and the mesh's own services too.
+    pub fn subject(self) -> &'static str {
+        match self {
+            Self::Submit => SUBMIT,
+            Self::Create => CREATE,
+            Self::Cancel => CANCEL,
+        }
+    }
+
+    /// The subject the call of `client` arrives on in the mesh's account.
+    pub fn from(self, client: &str) -> String {
+        format!("{}.from.{client}", self.subject())
+    }
+
+    /// The calls of every client.
+    pub fn from_all(self) -> String {
+        self.from("*")
+    }
+
+    /// The client whose call arrived on `subject`; `None` for the plain subject (a service of
+    /// the mesh, or a server without identities) and for any other subject.
+    pub fn client_of(self, subject: &str) -> Option<&str> {
+        let client = subject
+            .strip_prefix(self.subject())?
+            .strip_prefix(".from.")?;
+        (!client.is_empty() && !client.contains(['.', '*', '>'])).then_some(client)
+    }
+}
+
 /// Whether the subject pattern `pattern` (a stream's subjects, a consumer's filter, a
 /// permission) covers `subject`, token by token: `*` matches one token, a final `>` the rest.
 pub fn covers(pattern: &str, subject: &str) -> bool {
@@ -272,6 +326,26 @@ mod tests {
             None
         );
         assert_eq!(register.node_of("capstan.registry.register"), None);
+    }
+
+    #[test]
+    fn a_client_call_subject_names_its_client_and_the_plain_subject_names_none() {
+        for call in ClientCall::ALL {
+            let subject = call.from("alice");
+            assert_eq!(call.client_of(&subject), Some("alice"));
+            assert!(covers(&call.from_all(), &subject));
+            assert_eq!(call.client_of(call.subject()), None);
+            assert_eq!(call.client_of(&format!("{}.from.", call.subject())), None);
+            assert_eq!(
+                call.client_of(&format!("{}.from.a.b", call.subject())),
+                None
+            );
+        }
+        assert_eq!(
+            ClientCall::Submit.client_of(&ClientCall::Cancel.from("alice")),
+            None
+        );
+        assert_eq!(ClientCall::Submit.from_all(), SUBMIT_FROM_ALL);
     }
 
     #[test]

@@ -46,7 +46,7 @@ const DEDUPE: Duration = Duration::from_secs(120);
 pub const SUBMISSIONS: StreamSpec = StreamSpec {
     name: "CAPSTAN_SUBMISSIONS",
     description: "Job submissions waiting for a scheduler",
-    subjects: &[subjects::SUBMIT],
+    subjects: &[subjects::SUBMIT, subjects::SUBMIT_FROM_ALL],
     retention: Retention::WorkQueue,
     max_age: Duration::ZERO,
     max_bytes: GIB,
@@ -304,7 +304,10 @@ pub fn scheduler_consumer() -> ConsumerSpec {
         SCHEDULER_CONSUMER,
         &SUBMISSIONS,
         "Schedulers accepting and placing submitted jobs",
-        [subjects::SUBMIT.to_owned()],
+        [
+            subjects::SUBMIT.to_owned(),
+            subjects::SUBMIT_FROM_ALL.to_owned(),
+        ],
     )
 }
 

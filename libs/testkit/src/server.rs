@@ -24,7 +24,7 @@ pub struct NatsOptions {
     pub nkey_seeds: Vec<String>,
     /// Serve TLS only, with these files, and require a client certificate signed by their CA.
     pub tls: Option<TlsFiles>,
-    /// A configuration file to include (an `authorization` block, say), copied beside the
+    /// A configuration file to include (an `accounts` block, say), copied beside the
     /// server's.
     pub include: Option<PathBuf>,
     /// The NKEY seed the harness connects with, when not the first of `nkey_seeds`.

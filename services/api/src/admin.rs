@@ -35,10 +35,11 @@ enum Command {
 #[derive(Subcommand)]
 enum NatsCommand {
     /// Write an NKEY seed for each identity (the administrator, each service, each executor
-    /// node, and `client` for the `nats` CLI) into DIR, keeping the ones already there, the
-    /// `authorization` block naming them with what each may do, and (unless there is one) a
-    /// complete nats-server configuration including it. Run it again with more `--node`s to
-    /// add nodes, then have the server reload (`nats-server --signal reload`).
+    /// node, `client` for the `nats` CLI, and each client and viewer named) into DIR, keeping
+    /// the ones already there, the `accounts` block naming them with what each may do, and
+    /// (unless there is one) a complete nats-server configuration including it. Run it again
+    /// with more `--node`s, `--client`s or `--viewer`s (and all the earlier ones) to add them,
+    /// then have the server reload (`nats-server --signal reload`).
     Init {
         /// Where the seeds, the block and the server configuration go.
         #[arg(long)]
@@ -46,6 +47,13 @@ enum NatsCommand {
         /// An executor node's id; repeat for each node.
         #[arg(long = "node", required = true)]
         nodes: Vec<capstan_protocol::NodeId>,
+        /// Another client identity, beside `client`: may submit, create and cancel jobs and
+        /// follow events and output; its jobs are attributed to `nats:<NAME>`. Repeat for each.
+        #[arg(long = "client", value_name = "NAME")]
+        clients: Vec<capstan_protocol::access::ClientName>,
+        /// A viewer identity: may only follow events and output. Repeat for each.
+        #[arg(long = "viewer", value_name = "NAME")]
+        viewers: Vec<capstan_protocol::access::ClientName>,
         /// The server's JetStream store directory, as the server configuration names it
         /// (default: `jetstream` inside DIR).
         #[arg(long)]
@@ -88,10 +96,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 NatsCommand::Init {
                     dir,
                     nodes,
+                    clients,
+                    viewers,
                     store_dir,
                 },
         } => {
-            let written = capstan_mesh::identities::init(&dir, &nodes)?;
+            use capstan_mesh::identities::{Grants, Identity};
+            let mut identities = Identity::all(&nodes);
+            identities.extend(clients.into_iter().map(Identity::Client));
+            identities.extend(viewers.into_iter().map(Identity::Viewer));
+            let mut names = std::collections::HashSet::new();
+            if let Some(twice) = identities.iter().find(|i| !names.insert(i.name())) {
+                anyhow::bail!("the identity {} is named twice", twice.name());
+            }
+            let written = capstan_mesh::identities::init_with(&dir, &identities, Grants::Least)?;
             let store = match store_dir {
                 Some(store) => store,
                 None => std::path::absolute(dir.join("jetstream"))?,
@@ -99,17 +117,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let config = capstan_mesh::identities::server_config(&written, &store)?;
             println!(
                 "NATS identities in {}: give each service its `<name>.nk` (CAPSTAN_NATS_CREDS). \
-                 Start the server with `nats-server -c {}` (or include `authorization.conf` in \
-                 your own configuration), then run `capstan nats apply --nats-creds {}`. \
+                 Start the server with `nats-server -c {}` (or include `{}` in your own \
+                 configuration), then run `capstan nats apply --nats-creds {}`. \
                  For the nats CLI: --nkey {}",
                 written.dir.display(),
                 config.display(),
-                written
-                    .seed_file(&capstan_mesh::identities::Identity::Admin)
-                    .display(),
-                written
-                    .seed_file(&capstan_mesh::identities::Identity::Client)
-                    .display()
+                capstan_mesh::identities::ACCOUNTS,
+                written.seed_file(&Identity::Admin).display(),
+                written.seed_file(&Identity::client()).display()
             );
         }
         Command::Nats {
@@ -265,5 +280,35 @@ mod tests {
         assert!(parse_limit("SOME_STREAM=lots").is_err());
         assert!(parse_limit("SOME_STREAM=3PB").is_err());
         assert!(parse_limit("SOME_STREAM=99999999999T").is_err());
+    }
+
+    #[tokio::test]
+    async fn nats_init_writes_the_named_clients_and_viewers_and_refuses_a_name_taken_twice() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().display().to_string();
+        let init = |extra: &[&str]| {
+            let mut args = vec![
+                "capstan", "nats", "init", "--dir", &path, "--node", "exec-1",
+            ];
+            args.extend_from_slice(extra);
+            Cli::try_parse_from(args)
+        };
+        run(init(&["--client", "ci", "--viewer", "ops"]).expect("parses"))
+            .await
+            .expect("written");
+        for name in ["ci", "ops", "client", "admin"] {
+            assert!(dir.path().join(format!("{name}.nk")).exists(), "{name}");
+        }
+        let accounts = std::fs::read_to_string(dir.path().join(capstan_mesh::identities::ACCOUNTS))
+            .expect("the accounts block");
+        assert!(accounts.contains("\"CLIENT_ci\""), "{accounts}");
+        assert!(accounts.contains("\"CLIENT_ops\""), "{accounts}");
+        assert!(
+            init(&["--client", "admin"]).is_err(),
+            "a mesh identity's name"
+        );
+        assert!(init(&["--client", "a.b"]).is_err(), "not a subject token");
+        let twice = run(init(&["--client", "ops", "--viewer", "ops"]).expect("parses")).await;
+        assert!(twice.is_err_and(|e| e.to_string().contains("named twice")));
     }
 }

@@ -32,10 +32,12 @@ struct State {
     last_pick: HashMap<NodeId, Instant>,
     /// Nodes kept out of placement until the time given (see [`Cluster::fence`]).
     fenced: HashMap<NodeId, Instant>,
-    /// Jobs seen ending, with when, until they are assigned again or the record of it is older
-    /// than any heartbeat could be: a heartbeat written before a job ended still lists it, and
-    /// must not count it again.
-    ended: HashMap<JobId, Instant>,
+    /// Jobs seen ending, with the attempt that ended and when, until they are assigned again
+    /// or the record of it is older than any heartbeat could be: a heartbeat written before a
+    /// job ended still lists it, and an announcement of its placement that arrives after its
+    /// end (published before it, or by a replica that had not seen it yet), and neither may
+    /// count it again.
+    ended: HashMap<JobId, (u32, Instant)>,
 }
 
 impl State {
@@ -153,10 +155,17 @@ impl Cluster {
         }
     }
 
-    /// Counts an assignment seen in an event (another replica's, or our own again).
-    pub fn observe_assigned(&self, node: NodeId, job: JobId) {
+    /// Counts an assignment of `attempt` (when known) seen in an event (another replica's, or
+    /// our own again), unless that attempt, or a later one, was seen ending: an assignment
+    /// counted after its end would hold a slot of the node until the grace period ran out.
+    pub fn observe_assigned(&self, node: NodeId, job: JobId, attempt: Option<u32>) {
         let mut state = self.state();
-        state.ended.remove(&job);
+        if let Some((ended, _)) = state.ended.get(&job) {
+            if attempt.is_none_or(|attempt| attempt <= *ended) {
+                return;
+            }
+            state.ended.remove(&job);
+        }
         state
             .assigned
             .entry(node)
@@ -173,10 +182,17 @@ impl Cluster {
             .is_some_and(|jobs| jobs.contains_key(&job))
     }
 
-    /// Forgets a job that ended, and remembers that it did (see [`Cluster::reconcile`]).
-    pub fn observe_finished(&self, node: Option<&NodeId>, job: JobId) {
+    /// Forgets a job whose `attempt` (every attempt, when not known) ended, and remembers that
+    /// it did (see [`Cluster::reconcile`]).
+    pub fn observe_finished(&self, node: Option<&NodeId>, job: JobId, attempt: Option<u32>) {
         let mut state = self.state();
-        state.ended.insert(job, Instant::now());
+        let attempt = attempt.unwrap_or(u32::MAX);
+        let now = Instant::now();
+        state
+            .ended
+            .entry(job)
+            .and_modify(|ended| *ended = (ended.0.max(attempt), now))
+            .or_insert((attempt, now));
         match node {
             Some(node) => {
                 if let Some(jobs) = state.assigned.get_mut(node) {
@@ -210,7 +226,7 @@ impl Cluster {
         let grace = self.grace;
         state
             .ended
-            .retain(|_, at| now.duration_since(*at) < grace.saturating_mul(2));
+            .retain(|_, (_, at)| now.duration_since(*at) < grace.saturating_mul(2));
         let State {
             assigned, ended, ..
         } = &mut *state;

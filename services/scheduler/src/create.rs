@@ -1,24 +1,26 @@
 //! `capstan.jobs.create`: request/reply job submission. The reply comes once the submission is
 //! stored, and carries the job's id (the existing job's when the idempotency key names one).
+//! A client identity's request arrives on a subject naming it, and its job is attributed (and
+//! the creation audited) under that name.
 
 use capstan_mesh::{EventPublisher, Submitter, wire};
 use capstan_protocol::codec::{self, largest_field};
 use capstan_protocol::reply::Created;
-use capstan_protocol::subjects::Origin;
-use capstan_protocol::{ErrorCode, Rejection, RejectionCode, ServiceError};
+use capstan_protocol::subjects::{ClientCall, Origin};
+use capstan_protocol::{
+    AuditAction, AuditOutcome, ErrorCode, Rejection, RejectionCode, ServiceError, SubmittedBy,
+};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 /// Serves the endpoint until `shutdown`.
 pub(crate) async fn serve(
     endpoint: async_nats::service::endpoint::Endpoint,
-    submitter: Submitter,
-    events: EventPublisher,
+    submitter: &Submitter,
+    events: &EventPublisher,
     max_job_bytes: usize,
     shutdown: CancellationToken,
 ) {
-    let submitter = &submitter;
-    let events = &events;
     capstan_mesh::service::serve_raw(endpoint, shutdown, 256, move |request| async move {
         let message = &request.message;
         let map = message.headers.as_ref();
@@ -68,9 +70,24 @@ async fn create(
     };
     let span = tracing::info_span!("create job", otel.kind = "server");
     capstan_telemetry::propagation::follow(&span, map);
-    submitter
-        .submit(&spec)
-        .instrument(span)
+    let client = ClientCall::Create.client_of(&message.subject);
+    let submitted_by = client.map(SubmittedBy::nats_client);
+    let created = submitter
+        .submit_as(&spec, submitted_by.as_ref())
+        .instrument(span.clone())
         .await
-        .map_err(|e| ServiceError::new(ErrorCode::Unavailable, e.to_string()))
+        .map_err(|e| ServiceError::new(ErrorCode::Unavailable, e.to_string()))?;
+    if let Some(by) = &submitted_by
+        && !created.duplicate
+    {
+        let _entered = span.enter();
+        crate::audit_client(
+            events,
+            AuditAction::JobSubmit,
+            by,
+            created.id,
+            AuditOutcome::Success,
+        );
+    }
+    Ok(created)
 }

@@ -12,11 +12,11 @@ use std::time::Duration;
 use async_nats::jetstream::{self, AckKind};
 use capstan_mesh::{Claim, Error, Versioned, consume, lifecycle, wire};
 use capstan_protocol::codec::{self, largest_field};
-use capstan_protocol::subjects::Origin;
+use capstan_protocol::subjects::{ClientCall, Origin};
 use capstan_protocol::topology;
 use capstan_protocol::{
-    DecodeError, JobEvent, JobEventKind, JobId, JobRecord, JobSpec, JobStatus, Rejection,
-    RejectionCode, SubmittedBy, Timestamp, headers,
+    AuditAction, AuditOutcome, DecodeError, JobEvent, JobEventKind, JobId, JobRecord, JobSpec,
+    JobStatus, Rejection, RejectionCode, SubmittedBy, Timestamp, headers,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -123,10 +123,14 @@ impl Scheduler {
             None => JobId::derived(published_ms, seq),
         };
         tracing::Span::current().record("job_id", tracing::field::display(id));
-        // NOTE: until NATS permissions say who may set it, the header is taken as written;
-        // the API is what sets it, from the request's principal.
-        let submitted_by = match wire::header(map, headers::SUBMITTED_BY) {
-            Some(text) => match codec::decode::<SubmittedBy>(
+        // A client's submission arrives on a subject naming it, which only the server's
+        // import for that client delivers on: that, not a header, says who sent it. On the
+        // plain subject, only the API and the schedulers may publish (the API sets the header
+        // from the request's principal); a server without identities trusts everyone anyway.
+        let client = ClientCall::Submit.client_of(&message.subject);
+        let submitted_by = match (client, wire::header(map, headers::SUBMITTED_BY)) {
+            (Some(client), _) => SubmittedBy::nats_client(client),
+            (None, Some(text)) => match codec::decode::<SubmittedBy>(
                 capstan_protocol::Encoding::Json,
                 text.as_bytes(),
             ) {
@@ -144,7 +148,7 @@ impl Scheduler {
                         .await;
                 }
             },
-            None => SubmittedBy::nats(),
+            (None, None) => SubmittedBy::nats(),
         };
         let encoding = wire::encoding_of(map, payload);
         let limit = self.config.nats.max_job_bytes;
@@ -179,16 +183,25 @@ impl Scheduler {
             }
         };
 
-        match self
+        let accepted = self
             .accept(
                 id,
                 spec,
-                submitted_by,
+                submitted_by.clone(),
                 seq,
                 Timestamp::from_millis(published_ms as i64),
             )
-            .await
-        {
+            .await;
+        if client.is_some() && matches!(accepted, Ok(Accepted::Done | Accepted::Waiting(_))) {
+            crate::audit_client(
+                &self.mesh.events,
+                AuditAction::JobSubmit,
+                &submitted_by,
+                id,
+                AuditOutcome::Success,
+            );
+        }
+        match accepted {
             Ok(Accepted::Done) => Handled::Ack,
             Ok(Accepted::Waiting(known)) => {
                 self.waiting.push(message.clone(), *known, None);
@@ -349,7 +362,8 @@ impl Scheduler {
         }
         if record.is_dispatched() {
             if let Some(node) = &record.node {
-                self.cluster.observe_assigned(node.clone(), id);
+                self.cluster
+                    .observe_assigned(node.clone(), id, Some(record.attempt));
             }
             self.dispatch(&record, current.revision).await?;
             return Ok(Accepted::Done);

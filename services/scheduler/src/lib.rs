@@ -26,9 +26,13 @@ use std::time::Duration;
 
 use capstan_mesh::config::parse_duration;
 use capstan_mesh::shutdown::Stop;
-use capstan_mesh::{BucketView, Error, Mesh, NatsArgs, Submitter, service, task};
+use capstan_mesh::{BucketView, Error, EventPublisher, Mesh, NatsArgs, Submitter, service, task};
 use capstan_protocol::reply::Cancelled;
-use capstan_protocol::{ErrorCode, JobRef, ServiceError, subjects};
+use capstan_protocol::subjects::ClientCall;
+use capstan_protocol::{
+    AuditAction, AuditOutcome, AuditRecord, ErrorCode, JobId, JobRef, ServiceError, SubmittedBy,
+    subjects,
+};
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
@@ -148,6 +152,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     .await?;
     let create = service::endpoint(&micro, "create", subjects::CREATE).await?;
     let cancel = service::endpoint(&micro, "cancel", subjects::CANCEL).await?;
+    // The clients' calls, each on a subject naming the client (see `ClientCall`).
+    let create_from =
+        service::endpoint(&micro, "create-from", &ClientCall::Create.from_all()).await?;
+    let cancel_from =
+        service::endpoint(&micro, "cancel-from", &ClientCall::Cancel.from_all()).await?;
     let submitter = Submitter::new(mesh.js.clone(), mesh.idempotency.clone());
 
     let events = tokio::spawn(scheduler.clone().follow_events(tasks.clone()));
@@ -162,26 +171,35 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         let lost = scheduler.clone().consume_node_events(shutdown.clone());
         async move { stop.watch(lost).await }
     });
-    let create = tokio::spawn(create::serve(
-        create,
-        submitter,
-        mesh.events.clone(),
-        config.nats.max_job_bytes,
-        shutdown.clone(),
-    ));
-    let cancel = tokio::spawn(service::serve(
-        cancel,
-        shutdown.clone(),
-        64,
-        (mesh.events.clone(), subjects::Origin::Create),
-        {
-            let mesh = mesh.clone();
-            move |job: JobRef| {
-                let mesh = mesh.clone();
-                async move { cancel_job(&mesh, job).await }
-            }
-        },
-    ));
+    let create = tokio::spawn({
+        let (submitter, events, shutdown) =
+            (submitter.clone(), mesh.events.clone(), shutdown.clone());
+        let max = config.nats.max_job_bytes;
+        async move {
+            tokio::join!(
+                create::serve(create, &submitter, &events, max, shutdown.clone()),
+                create::serve(create_from, &submitter, &events, max, shutdown),
+            );
+        }
+    });
+    let cancel = tokio::spawn({
+        let (mesh, shutdown) = (mesh.clone(), shutdown.clone());
+        async move {
+            let serve = |endpoint| {
+                service::serve_on(
+                    endpoint,
+                    shutdown.clone(),
+                    64,
+                    (mesh.events.clone(), subjects::Origin::Create),
+                    |job: JobRef, subject: String| {
+                        let mesh = mesh.clone();
+                        async move { cancel_job(&mesh, job, &subject).await }
+                    },
+                )
+            };
+            tokio::join!(serve(cancel), serve(cancel_from));
+        }
+    });
     tracing::info!("scheduler ready");
 
     stop.watch(scheduler.clone().consume(shutdown.clone()))
@@ -202,9 +220,51 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     stop.outcome()
 }
 
-async fn cancel_job(mesh: &Mesh, job: JobRef) -> Result<Cancelled, ServiceError> {
+/// Cancels `job`, asked on `subject`; a client's cancel is audited under its name.
+async fn cancel_job(mesh: &Mesh, job: JobRef, subject: &str) -> Result<Cancelled, ServiceError> {
+    let cancelled = cancel_job_now(mesh, job.id).await;
+    if let Some(client) = ClientCall::Cancel.client_of(subject) {
+        let outcome = match &cancelled {
+            Ok(_) => AuditOutcome::Success,
+            Err(error) if error.code == ErrorCode::Unavailable => AuditOutcome::Error,
+            Err(_) => AuditOutcome::Failure,
+        };
+        audit_client(
+            &mesh.events,
+            AuditAction::JobCancel,
+            &SubmittedBy::nats_client(client),
+            job.id,
+            outcome,
+        );
+    }
+    cancelled
+}
+
+/// Records in the audit trail what a client identity did over NATS (the API records what is
+/// done through it), without waiting for the record to be stored.
+pub(crate) fn audit_client(
+    events: &EventPublisher,
+    action: AuditAction,
+    by: &SubmittedBy,
+    job: JobId,
+    outcome: AuditOutcome,
+) {
+    let mut record = AuditRecord::new(action, outcome);
+    record.principal = Some(by.principal.clone());
+    record.via = Some(by.via);
+    record.resource = Some(format!("job/{job}"));
+    record.trace_id = capstan_telemetry::propagation::trace_id();
+    let events = events.clone();
+    tokio::spawn(async move {
+        if let Err(error) = events.audit(&record).await {
+            tracing::warn!(error = %error, action = record.action.as_str(), "cannot record an audit record");
+        }
+    });
+}
+
+async fn cancel_job_now(mesh: &Mesh, job: JobId) -> Result<Cancelled, ServiceError> {
     use capstan_mesh::lifecycle::{CancelError, cancel};
-    match cancel(mesh, job.id).await {
+    match cancel(mesh, job).await {
         Ok((outcome, record)) => Ok(Cancelled {
             outcome,
             status: record.status,

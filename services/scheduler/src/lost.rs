@@ -221,11 +221,7 @@ impl Scheduler {
             // A job placed after waiting keeps its unassigned record until its executor claims
             // it (the dispatch carries the assignment): still at the dispatch's revision, it
             // is this node's, not started.
-            let record = if dispatch.over_unplaced(&current.value, current.revision) {
-                &dispatch.record
-            } else {
-                &current.value
-            };
+            let record = &dispatch.basis(&current.value, current.revision);
             if record.attempt != dispatch.record.attempt || record.node.as_ref() != Some(node) {
                 return Change::Stop(None);
             }

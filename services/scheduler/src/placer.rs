@@ -84,14 +84,16 @@ impl Scheduler {
             // Headers carry what is needed here; no need to decode the body.
             let node = wire::header(event.headers.as_ref(), headers::NODE)
                 .and_then(|text| text.parse::<NodeId>().ok());
+            let attempt = wire::header(event.headers.as_ref(), headers::ATTEMPT)
+                .and_then(|text| text.parse::<u32>().ok());
             match kind {
                 "pending" | "dispatched" | "running" => {
                     if let Some(node) = node {
-                        self.cluster.observe_assigned(node, job);
+                        self.cluster.observe_assigned(node, job, attempt);
                     }
                 }
                 kind if kind.parse::<Kind>().is_ok_and(Kind::ends_attempt) => {
-                    self.cluster.observe_finished(node.as_ref(), job);
+                    self.cluster.observe_finished(node.as_ref(), job, attempt);
                     self.wake.notify_one();
                 }
                 _ => {}
@@ -235,7 +237,11 @@ impl Scheduler {
                 let ours = timer.is_none_or(|attempt| record.attempt == attempt + 1);
                 if record.is_dispatched() && ours {
                     if let Some(assigned) = &record.node {
-                        self.cluster.observe_assigned(assigned.clone(), record.id);
+                        self.cluster.observe_assigned(
+                            assigned.clone(),
+                            record.id,
+                            Some(record.attempt),
+                        );
                     }
                     self.dispatch(record, current.revision).await?;
                 }

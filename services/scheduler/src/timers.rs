@@ -91,7 +91,11 @@ impl Scheduler {
                     match self.dispatch(&record, current.revision).await {
                         Ok(()) => {
                             if let Some(node) = &record.node {
-                                self.cluster.observe_assigned(node.clone(), record.id);
+                                self.cluster.observe_assigned(
+                                    node.clone(),
+                                    record.id,
+                                    Some(record.attempt),
+                                );
                             }
                             let _ = message.ack().await;
                         }

@@ -639,7 +639,7 @@ async fn a_heartbeat_written_before_jobs_ended_does_not_count_them_again_but_cou
     .await;
     // Both end; the heartbeat still lists them, and is read again and again until the next.
     for job in &held {
-        cluster.observe_finished(Some(&node), *job);
+        cluster.observe_finished(Some(&node), *job, Some(1));
     }
     cluster.reconcile();
     cluster.reconcile();
@@ -667,6 +667,41 @@ async fn a_heartbeat_written_before_jobs_ended_does_not_count_them_again_but_cou
     assert!(
         cluster.reserve(&selector, JobId::generate()).is_err(),
         "the node is full again"
+    );
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn a_placement_announced_after_its_attempt_ended_holds_no_slot_but_a_later_attempt_does() {
+    let server = NatsServer::start().await;
+    let mesh = mesh(&server).await;
+    let node = add_node(&mesh, "late-a", 1, &[]).await;
+    let shutdown = CancellationToken::new();
+    let view = nodes_view(&mesh, &shutdown).await;
+    let cluster = capstan_scheduler::cluster::Cluster::new(view, 1.0, Duration::from_secs(10));
+    let selector = Default::default();
+    let job = JobId::generate();
+    wait_until("the node in the view", Duration::from_secs(10), || async {
+        cluster.reserve(&selector, job).ok()
+    })
+    .await;
+    // The attempt ends, then its placement's announcement arrives (published before the end
+    // reached its publisher, or by a replica that had not seen the end yet).
+    cluster.observe_finished(Some(&node), job, Some(1));
+    cluster.observe_assigned(node.clone(), job, Some(1));
+    assert!(!cluster.is_assigned(&node, job), "the ended attempt counts");
+    assert_eq!(
+        cluster.reserve(&selector, JobId::generate()),
+        Ok(node.clone()),
+        "the node's slot is held by an ended attempt"
+    );
+    // Its retry, placed on the node by another replica, counts.
+    let other = JobId::generate();
+    cluster.observe_finished(Some(&node), other, Some(1));
+    cluster.observe_assigned(node.clone(), other, Some(2));
+    assert!(
+        cluster.is_assigned(&node, other),
+        "the retry is not counted"
     );
     shutdown.cancel();
 }

@@ -65,10 +65,9 @@ impl Cluster {
             .iter()
             .map(|n| NodeId::new(*n).expect("a valid node id"))
             .collect();
-        let identities = identities::init(&dir.path().join("identities"), &nodes)
-            .expect("the mesh's identities");
+        let identities = write_identities(&dir.path().join("identities"), &nodes);
         let nats = NatsServer::start_with(NatsOptions {
-            include: Some(identities.authorization.clone()),
+            include: Some(identities.accounts.clone()),
             connect_seed: Some(read_seed(&identities, &Identity::Admin)),
             ..NatsOptions::default()
         })
@@ -90,7 +89,12 @@ impl Cluster {
         }
     }
 
-    /// The mesh's identities: their seed files and the server's authorization block.
+    /// The viewer identity every test mesh has beside `client`: it may only follow jobs.
+    pub fn viewer() -> Identity {
+        Identity::Viewer(identities::ClientName::new("viewer").expect("a valid name"))
+    }
+
+    /// The mesh's identities: their seed files and the server's accounts block.
     pub fn identities(&self) -> &Identities {
         &self.identities
     }
@@ -263,11 +267,10 @@ impl Cluster {
     pub fn executor(&mut self, node: &str, slots: u32, labels: &[&str]) {
         let id = NodeId::new(node).expect("a valid node id");
         if !self.nodes.contains(&id) {
-            // A new node: its identity is added and the server reloads its authorization;
+            // A new node: its identity is added and the server reloads its accounts;
             // the executor keeps trying to connect until the server knows it.
             self.nodes.push(id.clone());
-            self.identities = identities::init(&self.dir.path().join("identities"), &self.nodes)
-                .expect("the new node's identity");
+            self.identities = write_identities(&self.dir.path().join("identities"), &self.nodes);
             self.nats.request_reload();
         }
         let work = self.dir.path().join("work").join(node);
@@ -539,6 +542,13 @@ fn remember_panics() {
             previous(info);
         }));
     });
+}
+
+/// The identities of a mesh of `nodes`, with [`Cluster::viewer`], written into `dir`.
+fn write_identities(dir: &std::path::Path, nodes: &[NodeId]) -> Identities {
+    let mut all = Identity::all(nodes);
+    all.push(Cluster::viewer());
+    identities::init_with(dir, &all, identities::Grants::Least).expect("the mesh's identities")
 }
 
 /// The seed in `identity`'s file.

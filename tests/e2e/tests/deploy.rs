@@ -336,7 +336,7 @@ fn compose_nats_admits_only_the_identities_init_writes_and_each_service_connects
         .filter(|pair| pair[0] == "--node")
         .map(|pair| pair[1].clone())
         .collect();
-    // The server runs the configuration init writes, which includes the authorization block.
+    // The server runs the configuration init writes, which includes the accounts block.
     let nats = strings(&service(&compose, "nats")["command"]);
     assert_eq!(nats, ["-c".to_owned(), format!("{dir}/{SERVER_CONFIG}")]);
     // The administrator applies the topology; each service connects as its own identity.
@@ -435,7 +435,7 @@ fn compose_runs_a_nats_server_with_jetstream_recent_enough_for_capstan() {
     );
     // It runs the configuration `capstan nats init` writes, which turns JetStream on, keeps the
     // store where compose mounts its volume, serves the monitoring port the health check asks,
-    // and includes the authorization block.
+    // and includes the accounts block.
     let init = strings(&service(&compose, "nats-init")["command"]);
     let store = init
         .windows(2)
@@ -460,7 +460,7 @@ fn compose_runs_a_nats_server_with_jetstream_recent_enough_for_capstan() {
         "{config}"
     );
     assert!(
-        config.contains("include \"authorization.conf\""),
+        config.contains(&format!("include {:?}", capstan_mesh::identities::ACCOUNTS)),
         "{config}"
     );
     let health = strings(&nats["healthcheck"]["test"]).join(" ");

@@ -351,7 +351,7 @@ async fn an_executor_node_cannot_dispatch_submit_act_for_another_node_or_adminis
 async fn the_client_submits_and_follows_its_jobs_but_cannot_forge_events_or_output_or_read_records()
 {
     let mut cluster = mesh().await;
-    let client = connect_as(&cluster, &Identity::Client).await;
+    let client = connect_as(&cluster, &Identity::client()).await;
     let js = jetstream::new(client.clone());
     let mut events = client
         .subscribe(subjects::JOB_EVENTS_ALL)
@@ -471,5 +471,131 @@ async fn capstan_nats_apply_runs_as_the_administrator_and_gives_up_without_an_id
         logs.info().await.expect("info").config.max_bytes,
         64 * 1024 * 1024,
         "the limit given to apply"
+    );
+}
+
+#[tokio::test]
+async fn a_job_sent_by_a_client_is_attributed_to_it_whatever_its_header_claims_and_a_viewer_cannot_submit()
+ {
+    let mut cluster = mesh().await;
+    let client = connect_as(&cluster, &Identity::client()).await;
+    let js = jetstream::new(client.clone());
+    let mut events = client
+        .subscribe(subjects::JOB_EVENTS_ALL)
+        .await
+        .expect("subscribed");
+    client.flush().await.expect("flushed");
+
+    // A stored submission claiming to come from the API's administrator, and a created job.
+    let forged = JobId::generate();
+    let mut claim = async_nats::HeaderMap::new();
+    claim.insert(headers::JOB_ID, forged.to_string().as_str());
+    claim.insert(
+        headers::SUBMITTED_BY,
+        r#"{"principal": "admin", "via": "password"}"#,
+    );
+    js.publish_with_headers(subjects::SUBMIT, claim, r#"{"command": "true"}"#.into())
+        .await
+        .expect("sent")
+        .await
+        .expect("stored");
+    let reply = client
+        .request(subjects::CREATE, r#"{"command": "true"}"#.into())
+        .await
+        .expect("the create endpoint answers the client");
+    let reply: Reply<Created> = codec::decode(Encoding::Json, &reply.payload).expect("reply");
+    let created = reply.into_result().expect("created").id;
+    let mut ended = std::collections::HashSet::new();
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while ended.len() < 2 {
+            let message = events
+                .next()
+                .await
+                .expect("the events subscription is open");
+            if let Some((job, kind)) = subjects::parse_job_event(&message.subject)
+                && kind == JobEventKind::Succeeded.as_str()
+                && (job == forged || job == created)
+            {
+                ended.insert(job);
+            }
+        }
+    })
+    .await
+    .expect("both jobs end in time");
+    for job in [forged, created] {
+        let record = cluster.job(job).await.expect("the job");
+        let by = record.submitted_by.expect("attributed");
+        assert_eq!(by.principal, "nats:client", "{job}");
+        assert_eq!(by.via, capstan_protocol::AuthMethod::Nats);
+    }
+
+    // The audit trail names the client for each.
+    let admin = jetstream::new(cluster.client().await);
+    let audit = admin
+        .get_stream(topology::AUDIT.name)
+        .await
+        .expect("the audit stream");
+    let submit = subjects::audit(capstan_protocol::AuditAction::JobSubmit);
+    wait_until("both submissions audited", Duration::from_secs(10), || {
+        let mut audit = audit.clone();
+        let submit = submit.clone();
+        async move {
+            let Ok(state) = audit.info().await.map(|info| info.state.clone()) else {
+                return None;
+            };
+            let mut found = 0;
+            for seq in state.first_sequence..=state.last_sequence {
+                let Ok(message) = audit.get_raw_message(seq).await else {
+                    continue;
+                };
+                if message.subject.as_str() != submit {
+                    continue;
+                }
+                let record: capstan_protocol::AuditRecord =
+                    codec::decode(Encoding::MsgPack, &message.payload).expect("a record");
+                if record.principal.as_deref() == Some("nats:client") {
+                    found += 1;
+                }
+            }
+            (found >= 2).then_some(())
+        }
+    })
+    .await;
+
+    // A viewer follows events, and its submission is refused by the server.
+    let viewer = connect_as(&cluster, &Cluster::viewer()).await;
+    let mut viewed = viewer
+        .subscribe(subjects::JOB_EVENTS_ALL)
+        .await
+        .expect("subscribed");
+    viewer.flush().await.expect("flushed");
+    let refused_job = JobId::generate();
+    let mut named = async_nats::HeaderMap::new();
+    named.insert(headers::JOB_ID, refused_job.to_string().as_str());
+    viewer
+        .publish_with_headers(subjects::SUBMIT, named, r#"{"command": "true"}"#.into())
+        .await
+        .expect("published");
+    viewer.flush().await.expect("flushed");
+    refused(&cluster, subjects::SUBMIT).await;
+    let reply = client
+        .request(subjects::CREATE, r#"{"command": "true"}"#.into())
+        .await
+        .expect("the create endpoint answers the client");
+    let reply: Reply<Created> = codec::decode(Encoding::Json, &reply.payload).expect("reply");
+    let seen = reply.into_result().expect("created").id;
+    tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let message = viewed.next().await.expect("open");
+            if subjects::parse_job_event(&message.subject).is_some_and(|(job, _)| job == seen) {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the viewer sees the client's job");
+    assert!(
+        cluster.job(refused_job).await.is_none(),
+        "the viewer's job exists"
     );
 }

@@ -276,11 +276,7 @@ impl Worker {
             return Ok(Claimed::Settled);
         };
         // Never claimed, its record is still the unplaced one the dispatch was made over.
-        let record = if dispatch.over_unplaced(&current.value, current.revision) {
-            &dispatch.record
-        } else {
-            &current.value
-        };
+        let record = &dispatch.basis(&current.value, current.revision);
         if record.attempt != dispatch.record.attempt
             || record.node.as_ref() != Some(&self.node)
             || !matches!(record.status, JobStatus::Pending | JobStatus::Running)
@@ -321,22 +317,20 @@ impl Worker {
         done
     }
 
-    /// Moves the record to `running` for this instance, by CAS on the dispatch's revision. When
-    /// the record changed since, does what [`claim::decide`] makes of it now.
-    ///
-    /// The first decision is made on the dispatch's own copy of the record, which is always
-    /// `pending` on this node (schedulers dispatch only such records), so it takes the attempt
-    /// without reading the bucket.
+    /// Moves the record to `running` for this instance, by CAS on the revision read. Decides
+    /// with [`claim::decide`] on the record in the bucket (with the dispatch's placement
+    /// applied when the bucket still holds the job as created: [`Dispatch::basis`]), never on
+    /// the dispatch's own copy: the spec that runs is the one the bucket holds.
     async fn claim(&self, dispatch: Dispatch) -> Result<Claimed, Error> {
         let id = dispatch.record.id;
         let attempt = dispatch.record.attempt;
-        let known = Versioned {
-            value: dispatch.record,
-            revision: dispatch.revision,
-        };
-        let claimed = lifecycle::modify(&self.mesh, id, Some(known), |current| {
+        let claimed = lifecycle::modify(&self.mesh, id, None, |stored| {
+            let current = stored.map(|c| Versioned {
+                value: dispatch.basis(&c.value, c.revision),
+                revision: c.revision,
+            });
             let decision = claim::decide(
-                current.map(|c| &c.value),
+                current.as_ref().map(|c| &c.value),
                 attempt,
                 &self.node,
                 self.instance,
