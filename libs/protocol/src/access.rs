@@ -388,7 +388,9 @@ fn executor(allowed: &mut Allowed, node: &NodeId) {
             .filter(|kind| !matches!(kind, JobEventKind::Pending | JobEventKind::Dispatched))
             .map(subjects::job_events_of_kind),
     );
-    allowed.publish([subjects::LOGS_ALL, subjects::TIMERS_ALL]);
+    // Output only under its own name: readers keep a chunk only from the node that ran its
+    // attempt.
+    allowed.publish([subjects::node_logs(node), subjects::TIMERS_ALL.to_owned()]);
     allowed.rejections([Origin::Dispatch, Origin::Control]);
     allowed.open_mesh();
     allowed.bucket_write(&topology::JOBS, "*");
@@ -722,7 +724,8 @@ mod tests {
             &exec,
             &subjects::job_event(job, JobEventKind::Succeeded)
         ));
-        assert!(may_publish(&exec, &subjects::logs(job)));
+        assert!(may_publish(&exec, &subjects::logs(job, &node("exec-1"))));
+        assert!(!may_publish(&exec, &subjects::logs(job, &node("exec-2"))));
     }
 
     #[test]

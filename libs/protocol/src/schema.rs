@@ -17,7 +17,7 @@
 //! required.
 //!
 //! Left out: the idempotency bucket's entries (`capstan-mesh` owns that type) and the raw
-//! bytes of `capstan.logs.<job>`, which are not JSON.
+//! bytes of `capstan.logs.<job>.<node>`, which are not JSON.
 
 use std::borrow::Cow;
 

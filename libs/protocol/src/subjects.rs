@@ -108,13 +108,32 @@ pub fn rejected(origin: Origin) -> String {
     format!("capstan.events.rejected.{}", origin.as_str())
 }
 
-/// Every job's output (the logs stream's subjects).
-pub const LOGS_ALL: &str = "capstan.logs.*";
+/// Every job's output (the logs stream's subjects): `capstan.logs.<job>.<node>`.
+pub const LOGS_ALL: &str = "capstan.logs.*.*";
 
-/// One job's stdout and stderr, chunk by chunk as produced; the body is the raw bytes and
-/// headers say which stream and attempt (see [`crate::headers`]).
-pub fn logs(job: JobId) -> String {
-    format!("capstan.logs.{job}")
+/// One job's stdout and stderr as written by `node`, chunk by chunk as produced; the body is
+/// the raw bytes and headers say which stream and attempt (see [`crate::headers`]). The node is
+/// in the subject so that permissions bind output to its writer: a node may publish only under
+/// its own name, and readers keep only the chunks of the node that ran each attempt.
+pub fn logs(job: JobId, node: &NodeId) -> String {
+    format!("capstan.logs.{job}.{node}")
+}
+
+/// All of one job's output, whichever node wrote it (to subscribe, or to filter a consumer).
+pub fn job_logs(job: JobId) -> String {
+    format!("capstan.logs.{job}.*")
+}
+
+/// Everything `node` may write as output: any job's, under its own name.
+pub fn node_logs(node: &NodeId) -> String {
+    format!("capstan.logs.*.{node}")
+}
+
+/// The job and the writing node of an output subject.
+pub fn parse_logs(subject: &str) -> Option<(JobId, NodeId)> {
+    let rest = subject.strip_prefix("capstan.logs.")?;
+    let (job, node) = rest.split_once('.')?;
+    Some((job.parse().ok()?, NodeId::new(node).ok()?))
 }
 
 /// Every audit record (the audit stream's subjects).
@@ -346,6 +365,20 @@ mod tests {
             None
         );
         assert_eq!(ClientCall::Submit.from_all(), SUBMIT_FROM_ALL);
+    }
+
+    #[test]
+    fn an_output_subject_names_its_job_and_writer_and_parses_back_to_them() {
+        let job = JobId::generate();
+        let node = NodeId::new("exec-1").expect("valid");
+        let subject = logs(job, &node);
+        assert_eq!(parse_logs(&subject), Some((job, node.clone())));
+        assert!(covers(&job_logs(job), &subject));
+        assert!(covers(&node_logs(&node), &subject));
+        assert!(covers(LOGS_ALL, &subject));
+        let other = NodeId::new("exec-2").expect("valid");
+        assert!(!covers(&node_logs(&other), &subject));
+        assert_eq!(parse_logs(&format!("capstan.logs.{job}")), None);
     }
 
     #[test]

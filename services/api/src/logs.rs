@@ -3,13 +3,18 @@
 //!
 //! The executor stores all of an attempt's output before it records the attempt's end, so
 //! once a job is seen finished, reading the log subject to its current end reads everything.
+//!
+//! Output is stored on `capstan.logs.<job>.<node>`, and a node may publish only under its own
+//! name; a chunk is kept only when its node is the one that ran its attempt (from the live
+//! record, or the history's attempts), so no other node can put words in a job's output.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{DeliverPolicy, pull};
 use async_nats::jetstream::kv::Operation;
 use capstan_mesh::{Mesh, wire};
-use capstan_protocol::{JobId, JobRecord, headers, subjects, topology};
+use capstan_protocol::{JobId, JobRecord, NodeId, headers, subjects, topology};
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use tokio::sync::mpsc;
@@ -29,6 +34,37 @@ pub struct JobState {
     pub truncated: bool,
     /// The live record, while the jobs bucket still has it.
     pub record: Option<JobRecord>,
+    /// The node of each attempt known so far.
+    pub nodes: BTreeMap<u32, NodeId>,
+}
+
+impl JobState {
+    /// Whether `chunk` was written by the node that ran its attempt.
+    fn wrote(&self, chunk: &Chunk) -> bool {
+        chunk.node.is_some() && self.nodes.get(&chunk.attempt) == chunk.node.as_ref()
+    }
+
+    /// Learns the node of the record's attempt.
+    fn learn(&mut self, record: &JobRecord) {
+        if let Some(node) = &record.node {
+            self.nodes.insert(record.attempt, node.clone());
+        }
+    }
+}
+
+/// The node of each attempt the history knows.
+async fn attempt_nodes(state: &State, id: JobId) -> Result<BTreeMap<u32, NodeId>, ApiError> {
+    Ok(state
+        .history
+        .attempts(id)
+        .await?
+        .into_iter()
+        .filter_map(|row| {
+            let attempt = u32::try_from(row.attempt).ok()?;
+            let node = row.node.as_deref().and_then(|n| NodeId::new(n).ok())?;
+            Some((attempt, node))
+        })
+        .collect())
 }
 
 /// The job's current attempt and whether it ended, from the live record or the history;
@@ -36,12 +72,22 @@ pub struct JobState {
 pub(crate) async fn job_state(state: &State, id: JobId) -> Result<JobState, ApiError> {
     if let Some(live) = state.mesh.jobs.get(&id.to_string()).await? {
         let record = live.value;
-        return Ok(JobState {
+        // Earlier attempts' nodes from the history; the current one's from the record.
+        let nodes = if record.attempt > 1 {
+            attempt_nodes(state, id).await?
+        } else {
+            BTreeMap::new()
+        };
+        let mut job = JobState {
             attempt: record.attempt,
             finished: record.status.is_terminal(),
             truncated: record.output.is_some_and(|o| o.truncated),
-            record: Some(record),
-        });
+            record: None,
+            nodes,
+        };
+        job.learn(&record);
+        job.record = Some(record);
+        return Ok(job);
     }
     match state.history.get(id).await? {
         Some(row) => Ok(JobState {
@@ -52,6 +98,7 @@ pub(crate) async fn job_state(state: &State, id: JobId) -> Result<JobState, ApiE
                 .is_ok_and(|s| s.is_terminal()),
             truncated: row.truncated.unwrap_or(false),
             record: None,
+            nodes: attempt_nodes(state, id).await?,
         }),
         None => Err(ApiError::not_found(format!("no job {id}"))),
     }
@@ -90,11 +137,14 @@ struct Chunk {
     attempt: u32,
     truncated: bool,
     data: bytes::Bytes,
+    /// The node that wrote it, from its subject.
+    node: Option<NodeId>,
 }
 
 fn chunk_of(message: &async_nats::Message) -> Chunk {
     let map = message.headers.as_ref();
     Chunk {
+        node: subjects::parse_logs(&message.subject).map(|(_, node)| node),
         stream: Stream::of(wire::header(map, headers::LOG_STREAM)),
         attempt: wire::header(map, headers::ATTEMPT)
             .and_then(|a| a.parse().ok())
@@ -118,7 +168,7 @@ async fn last_sequence(
 ) -> Result<u64, String> {
     use async_nats::jetstream::stream::LastRawMessageErrorKind;
     match stream
-        .get_last_raw_message_by_subject(&subjects::logs(id))
+        .get_last_raw_message_by_subject(&subjects::job_logs(id))
         .await
     {
         Ok(message) => Ok(message.sequence),
@@ -134,7 +184,7 @@ async fn ordered(
     let stream = logs_stream(mesh).await?;
     let consumer = stream
         .create_consumer(pull::OrderedConfig {
-            filter_subject: subjects::logs(id),
+            filter_subject: subjects::job_logs(id),
             deliver_policy: DeliverPolicy::All,
             ..Default::default()
         })
@@ -189,7 +239,7 @@ pub async fn captured(
     for chunk in stored(mesh, id)
         .await?
         .into_iter()
-        .filter(|c| c.attempt == attempt)
+        .filter(|c| c.attempt == attempt && state.wrote(c))
     {
         if chunk.truncated {
             truncated = true;
@@ -228,7 +278,7 @@ pub fn follow(mesh: Mesh, id: JobId, state: JobState) -> BoxStream<'static, LogE
 async fn pump(
     mesh: &Mesh,
     id: JobId,
-    state: JobState,
+    mut state: JobState,
     sender: &mpsc::Sender<LogEvent>,
 ) -> Result<(), String> {
     let stream = logs_stream(mesh).await.map_err(|e| format!("{e:?}"))?;
@@ -282,7 +332,13 @@ async fn pump(
                     delivered = delivered.max(info.stream_sequence);
                 }
                 let chunk = chunk_of(&message.message);
-                if chunk.truncated {
+                if !state.nodes.contains_key(&chunk.attempt)
+                    && let Ok(Some(live)) = mesh.jobs.get(&key).await
+                {
+                    // An attempt newer than what this follow has seen of the record.
+                    state.learn(&live.value);
+                }
+                if chunk.truncated || !state.wrote(&chunk) {
                     continue;
                 }
                 let event = LogEvent {
@@ -303,11 +359,13 @@ async fn pump(
                 if entry.operation != Operation::Put {
                     continue;
                 }
-                if let Ok(record) = mesh.jobs.decode(&entry.key, &entry.value)
-                    && record.status.is_terminal() {
+                if let Ok(record) = mesh.jobs.decode(&entry.key, &entry.value) {
+                    state.learn(&record);
+                    if record.status.is_terminal() {
                         ended = Some((record.status.into(), record.exit_code, record.attempt));
                         last = Some(last_sequence(&stream, id).await?);
                     }
+                }
             }
         }
     }

@@ -92,7 +92,7 @@ pub(crate) async fn purge(
                         .await
                         .map_err(|e| failed("events", e.to_string()))?;
                     logs.purge()
-                        .filter(subjects::logs(job))
+                        .filter(subjects::job_logs(job))
                         .await
                         .map_err(|e| failed("output", e.to_string()))?;
                     Ok(Some(id))

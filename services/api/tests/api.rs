@@ -202,6 +202,45 @@ async fn a_submitted_job_is_accepted_with_its_location_runs_and_is_recorded() {
 }
 
 #[tokio::test]
+async fn output_written_under_another_nodes_name_or_for_an_attempt_it_did_not_run_is_not_shown() {
+    use capstan_protocol::{JobId, NodeId, headers, subjects};
+
+    let stack = stack().await;
+    let id = stack.submit(json!({"command": "echo real"})).await;
+    stack.finished(&id).await;
+    let job: JobId = id.parse().expect("a job id");
+    let ran = NodeId::new("api-test-node").expect("valid");
+    let other = NodeId::new("other-node").expect("valid");
+    let js = async_nats::jetstream::new(stack.server.client().await);
+    // Another node's words for attempt 1, and the running node's for an attempt it never had.
+    for (node, attempt) in [(&other, "1"), (&ran, "2")] {
+        let mut map = async_nats::HeaderMap::new();
+        map.insert(headers::LOG_STREAM, "stdout");
+        map.insert(headers::ATTEMPT, attempt);
+        js.publish_with_headers(subjects::logs(job, node), map, "forged\n".into())
+            .await
+            .expect("sent")
+            .await
+            .expect("stored");
+    }
+    let logs = stack
+        .http
+        .get(&format!("/api/v1/jobs/{id}/logs"))
+        .await
+        .json();
+    assert_eq!(logs["stdout"], "real\n", "{logs}");
+    let (_, followed) = stack
+        .http
+        .read_stream(&format!("/api/v1/jobs/{id}/logs?follow=true"), |text| {
+            text.contains("event: end")
+        })
+        .await;
+    assert!(followed.contains("real"), "{followed}");
+    assert!(!followed.contains("forged"), "{followed}");
+    stack.stop().await;
+}
+
+#[tokio::test]
 async fn the_same_idempotency_key_returns_the_existing_job_with_200() {
     let stack = stack().await;
     let body = json!({"command": "true", "idempotency_key": "invoice-17"}).to_string();

@@ -227,7 +227,12 @@ impl Runner {
                 let _ = stdin.shutdown().await;
             });
         }
-        let sink = Arc::new(LogSink::new(self.js.clone(), record, self.max_output_bytes));
+        let sink = Arc::new(LogSink::new(
+            self.js.clone(),
+            record,
+            &self.node,
+            self.max_output_bytes,
+        ));
         let stdout = child
             .stdout
             .take()
@@ -417,10 +422,10 @@ struct SinkState {
 const MAX_PENDING_LOG_ACKS: usize = 64;
 
 impl LogSink {
-    fn new(js: jetstream::Context, record: &JobRecord, cap: u64) -> Self {
+    fn new(js: jetstream::Context, record: &JobRecord, node: &NodeId, cap: u64) -> Self {
         Self {
             js,
-            subject: subjects::logs(record.id),
+            subject: subjects::logs(record.id, node),
             attempt: record.attempt.to_string(),
             cap,
             kept: AtomicU64::new(0),

@@ -132,7 +132,7 @@ impl Mesh3 {
             .expect("logs stream");
         let consumer = stream
             .create_consumer(jetstream::consumer::pull::Config {
-                filter_subject: subjects::logs(id),
+                filter_subject: subjects::job_logs(id),
                 ..Default::default()
             })
             .await

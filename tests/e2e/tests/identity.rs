@@ -1425,7 +1425,7 @@ async fn the_admin_purge_removes_finished_jobs_from_history_bucket_and_streams(b
         assert!(mesh.jobs.get(id).await.expect("read").is_none());
         for (stream, subject) in [
             ("CAPSTAN_EVENTS", format!("capstan.events.jobs.{id}.>")),
-            ("CAPSTAN_LOGS", format!("capstan.logs.{id}")),
+            ("CAPSTAN_LOGS", format!("capstan.logs.{id}.*")),
         ] {
             let stream = js.get_stream(stream).await.expect("a stream");
             let info = stream

@@ -132,7 +132,7 @@ async fn a_job_can_be_followed_through_events_logs_and_the_jobs_bucket() {
     let created: Reply<Created> = serde_json::from_slice(&reply.payload).expect("JSON reply");
     let id = created.into_result().expect("created").id;
     let mut logs = client
-        .subscribe(subjects::logs(id))
+        .subscribe(subjects::job_logs(id))
         .await
         .expect("subscribe to logs");
 
@@ -187,7 +187,7 @@ async fn a_job_can_be_followed_through_events_logs_and_the_jobs_bucket() {
         .get_stream("CAPSTAN_LOGS")
         .await
         .expect("stream")
-        .get_last_raw_message_by_subject(&subjects::logs(id))
+        .get_last_raw_message_by_subject(&subjects::job_logs(id))
         .await
         .expect("output stored");
     assert!(!stored.payload.is_empty());

@@ -133,6 +133,14 @@ async fn an_executor_node_cannot_dispatch_submit_act_for_another_node_or_adminis
     assert!(!matches!(sent, Ok(Some(_))), "submission stored");
     refused(&cluster, subjects::SUBMIT).await;
 
+    // Output under exec-2's name.
+    let foreign_output = subjects::logs(JobId::generate(), &two);
+    assert!(
+        !stored(&js, foreign_output.clone(), "forged output").await,
+        "output stored under another node's name"
+    );
+    refused(&cluster, &foreign_output).await;
+
     // Registering, heartbeating and leaving as exec-2, on exec-2's subjects.
     let impostor = Registration {
         node: two.clone(),
@@ -383,7 +391,7 @@ async fn the_client_submits_and_follows_its_jobs_but_cannot_forge_events_or_outp
     let forged_event = subjects::job_event(job, JobEventKind::Failed);
     assert!(!stored(&js, forged_event.clone(), "{}").await);
     refused(&cluster, &forged_event).await;
-    let forged_output = subjects::logs(job);
+    let forged_output = subjects::logs(job, &node("exec-1"));
     assert!(!stored(&js, forged_output.clone(), "forged output").await);
     refused(&cluster, &forged_output).await;
     let record = format!(
@@ -598,4 +606,74 @@ async fn a_job_sent_by_a_client_is_attributed_to_it_whatever_its_header_claims_a
         cluster.job(refused_job).await.is_none(),
         "the viewer's job exists"
     );
+}
+
+#[tokio::test]
+async fn a_forged_dispatch_over_a_stolen_revision_runs_the_stored_spec_not_its_own() {
+    let mut cluster = mesh().await;
+    // A job that waits for a node no one has: its record stays as its creation wrote it.
+    let job = JobId::generate();
+    let mut named = async_nats::HeaderMap::new();
+    named.insert(headers::JOB_ID, job.to_string().as_str());
+    let body = serde_json::json!({
+        "command": cluster.recording("true"),
+        "labels": {"zone": "nowhere"},
+    })
+    .to_string();
+    jetstream::new(cluster.client().await)
+        .publish_with_headers(subjects::SUBMIT, named, body.into())
+        .await
+        .expect("sent")
+        .await
+        .expect("stored");
+    let mesh = cluster.mesh().await;
+    let stored = wait_until("the job waiting", Duration::from_secs(30), || async {
+        mesh.jobs
+            .get(&job.to_string())
+            .await
+            .expect("read")
+            .filter(|entry| entry.value.is_unplaced())
+    })
+    .await;
+
+    // A dispatch with that revision carrying a spec of its own, sent with the only grant
+    // that may dispatch (a scheduler's).
+    let forged_marker = cluster.runs_file().with_file_name("forged");
+    let mut forged = stored
+        .value
+        .assigned(node("exec-1"), capstan_protocol::Timestamp::now());
+    forged.spec = capstan_protocol::JobSpec::shell(format!("touch {}", forged_marker.display()));
+    let dispatch = capstan_protocol::Dispatch {
+        record: forged,
+        revision: stored.revision,
+    };
+    let scheduler = connect_as(&cluster, &Identity::Scheduler).await;
+    let mut map = capstan_mesh::wire::msgpack_headers();
+    map.insert(headers::JOB_ID, job.to_string().as_str());
+    map.insert(headers::ATTEMPT, "1");
+    jetstream::new(scheduler)
+        .publish_with_headers(
+            subjects::dispatch(&node("exec-1")),
+            map,
+            codec::to_msgpack(&dispatch).expect("encodes").into(),
+        )
+        .await
+        .expect("sent")
+        .await
+        .expect("stored");
+
+    // The attempt runs what the bucket holds: the submitted command, once.
+    let ended = wait_until("the job to end", Duration::from_secs(60), || async {
+        mesh.jobs
+            .get(&job.to_string())
+            .await
+            .expect("read")
+            .map(|entry| entry.value)
+            .filter(|record| record.status.is_terminal())
+    })
+    .await;
+    assert_eq!(ended.status, JobStatus::Succeeded);
+    assert_eq!(ended.spec, stored.value.spec, "the stored spec changed");
+    assert_eq!(cluster.runs().get(&job.to_string()), Some(&1));
+    assert!(!forged_marker.exists(), "the forged command ran");
 }
