@@ -276,6 +276,7 @@ async fn pipeline(bin: &Path, args: &Args) -> anyhow::Result<()> {
         slots: args.slots,
         api_listen: format!("127.0.0.1:{api_port}"),
         admin_password: capstan_api::TEST_ADMIN_PASSWORD.to_owned(),
+        secret_keys: crate::up::secret_keys(&dir.path().join("secret-keys"))?,
         identities: identities.clone(),
         tls: tls.clone(),
     };

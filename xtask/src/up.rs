@@ -85,6 +85,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         slots: args.slots,
         api_listen: args.api_listen.clone(),
         admin_password: admin_password(&root.join(".capstan").join("admin-password"))?,
+        secret_keys: secret_keys(&root.join(".capstan").join("secret-keys"))?,
         identities: identities.clone(),
         tls: None,
     };
@@ -174,6 +175,8 @@ pub(crate) struct Plan {
     pub(crate) slots: u32,
     pub(crate) api_listen: String,
     pub(crate) admin_password: String,
+    /// The file of keys sealing job secrets, shared by the API and the executors.
+    pub(crate) secret_keys: PathBuf,
     /// The NATS identities; each service connects as its own.
     pub(crate) identities: Identities,
     /// The CA and client certificate for mutual TLS to NATS, when the server requires it.
@@ -234,7 +237,8 @@ impl Plan {
             command
                 .env("CAPSTAN_NODE_ID", &node)
                 .env("CAPSTAN_SLOTS", self.slots.to_string())
-                .env("CAPSTAN_WORK_DIR", self.data.join("work").join(&node));
+                .env("CAPSTAN_WORK_DIR", self.data.join("work").join(&node))
+                .env("CAPSTAN_SECRET_KEYS_FILE", &self.secret_keys);
             services.push((node, command));
         }
         // The API keeps its SQLite history and its generated signing key in the data
@@ -242,7 +246,8 @@ impl Plan {
         let mut api = service("capstan-api", Identity::Api);
         api.env("CAPSTAN_API_LISTEN", &self.api_listen)
             .env("CAPSTAN_DATA_DIR", &self.data)
-            .env("CAPSTAN_ADMIN_PASSWORD", &self.admin_password);
+            .env("CAPSTAN_ADMIN_PASSWORD", &self.admin_password)
+            .env("CAPSTAN_SECRET_KEYS_FILE", &self.secret_keys);
         services.push(("api".to_owned(), api));
         services
     }
@@ -425,6 +430,24 @@ fn admin_password(path: &Path) -> anyhow::Result<String> {
         .and_then(|mut file| file.write_all(password.as_bytes()))
         .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(password)
+}
+
+/// The file of secret keys at `path`, with one key (`local`) written into it (readable by its
+/// owner only) when there is none yet.
+pub(crate) fn secret_keys(path: &Path) -> anyhow::Result<PathBuf> {
+    if !path.exists() {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let entry = capstan_secrets::KeyRing::generate_entry("local")?;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .and_then(|mut file| file.write_all(entry.as_bytes()))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(path.to_owned())
 }
 
 /// Logs in as the first administrator once the API answers and makes an API token for this

@@ -155,6 +155,18 @@ impl Submitter {
         spec: &JobSpec,
         submitted_by: Option<&SubmittedBy>,
     ) -> Result<Created, Error> {
+        self.submit_with_id(JobId::generate(), spec, submitted_by)
+            .await
+    }
+
+    /// Like [`Submitter::submit_as`], as job `id` (a fresh id the caller chose, for instance to
+    /// bind the job's sealed secrets to it).
+    pub async fn submit_with_id(
+        &self,
+        id: JobId,
+        spec: &JobSpec,
+        submitted_by: Option<&SubmittedBy>,
+    ) -> Result<Created, Error> {
         if let Some(key) = &spec.idempotency_key
             && let Some(existing) = self.idempotency.lookup(key).await?
         {
@@ -163,7 +175,6 @@ impl Submitter {
                 duplicate: true,
             });
         }
-        let id = JobId::generate();
         if let Some(key) = &spec.idempotency_key
             && let Claim::Existing(existing) = self.idempotency.claim(key, id).await?
         {

@@ -25,6 +25,7 @@ pub mod reply;
 pub mod retry;
 #[cfg(feature = "schema")]
 pub mod schema;
+pub mod secret;
 pub mod spec;
 pub mod subjects;
 pub mod timer;
@@ -45,6 +46,7 @@ pub use node::{
 };
 pub use reply::{CancelNotice, CancelOutcome, ErrorCode, JobRef, Reply, ServiceError};
 pub use retry::{RetryOn, RetryPolicy};
+pub use secret::SealedSecret;
 pub use spec::{JobSpec, Labels, Program, SpecError, Start};
 pub use timer::Timer;
 pub use timestamp::Timestamp;

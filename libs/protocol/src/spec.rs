@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::retry::{RetryPolicy, RetryPolicyWire};
+use crate::secret::SealedSecret;
 use crate::timestamp::Timestamp;
 
 /// Labels of an executor, and a job's selector over them: `key = value` pairs.
@@ -52,6 +53,8 @@ pub struct JobSpec {
     pub program: Program,
     /// Environment variables added for the process.
     pub env: BTreeMap<String, String>,
+    /// Secret environment variables, sealed: opened only by the executor running an attempt.
+    pub secrets: BTreeMap<String, SealedSecret>,
     /// Working directory (absolute); the executor's per-job directory when absent.
     pub cwd: Option<String>,
     /// Written to the process's standard input, which is then closed. The job's payload.
@@ -110,6 +113,10 @@ pub struct JobSpecWire {
     /// Environment variables for the process.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub env: Option<BTreeMap<String, String>>,
+    /// Secret environment variables: name → sealed value (`sealed:v1:…`). The REST API
+    /// seals values given in clear; anything else must send them sealed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secrets: Option<BTreeMap<String, String>>,
     /// Absolute working directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cwd: Option<String>,
@@ -256,6 +263,29 @@ impl TryFrom<JobSpecWire> for JobSpec {
             no_nul(&format!("env.{key}"), value)?;
         }
 
+        let mut secrets = BTreeMap::new();
+        for (name, value) in wire.secrets.unwrap_or_default() {
+            let field = format!("secrets.{name}");
+            if name.is_empty() || name.contains('=') || name.contains('\0') {
+                return Err(SpecError::new(
+                    field,
+                    "a variable name must be non-empty without `=` or NUL",
+                ));
+            }
+            if env.contains_key(&name) {
+                return Err(SpecError::new(field, "also set in `env`: give it once"));
+            }
+            let sealed =
+                SealedSecret::parse(value).map_err(|reason| SpecError::new(&field, reason))?;
+            secrets.insert(name, sealed);
+        }
+        if env.len() + secrets.len() > limits::MAX_ENV {
+            return Err(SpecError::new(
+                "secrets",
+                format!("at most {} variables with `env`", limits::MAX_ENV),
+            ));
+        }
+
         if let Some(cwd) = &wire.cwd {
             if !cwd.starts_with('/') {
                 return Err(SpecError::new("cwd", "must be an absolute path"));
@@ -379,6 +409,7 @@ impl TryFrom<JobSpecWire> for JobSpec {
         Ok(JobSpec {
             program,
             env,
+            secrets,
             cwd: wire.cwd,
             stdin: wire.stdin,
             timeout,
@@ -440,6 +471,12 @@ impl From<JobSpec> for JobSpecWire {
             command,
             argv,
             env: non_empty(spec.env),
+            secrets: (!spec.secrets.is_empty()).then(|| {
+                spec.secrets
+                    .into_iter()
+                    .map(|(name, sealed)| (name, sealed.into()))
+                    .collect()
+            }),
             cwd: spec.cwd,
             stdin: spec.stdin,
             timeout: spec.timeout.map(|t| t.as_secs_f64()),
@@ -466,6 +503,7 @@ impl JobSpec {
         Self {
             program: Program::Shell(command.into()),
             env: BTreeMap::new(),
+            secrets: BTreeMap::new(),
             cwd: None,
             stdin: None,
             timeout: None,
@@ -508,8 +546,32 @@ mod tests {
     }
 
     #[test]
+    fn a_secret_is_accepted_only_sealed_and_only_once() {
+        let spec = parse(r#"{"command": "true", "secrets": {"TOKEN": "sealed:v1:k1:QUJD"}}"#)
+            .expect("valid");
+        assert_eq!(spec.secrets["TOKEN"].key_id(), "k1");
+        assert_eq!(
+            field_of(r#"{"command": "true", "secrets": {"TOKEN": "hunter2"}}"#),
+            "secrets.TOKEN"
+        );
+        let clear =
+            parse(r#"{"command": "true", "secrets": {"TOKEN": "hunter2"}}"#).expect_err("clear");
+        assert!(!clear.to_string().contains("hunter2"), "{clear}");
+        assert_eq!(
+            field_of(
+                r#"{"command": "true", "env": {"TOKEN": "x"}, "secrets": {"TOKEN": "sealed:v1:k1:QUJD"}}"#
+            ),
+            "secrets.TOKEN"
+        );
+        assert_eq!(
+            field_of(r#"{"command": "true", "secrets": {"A=B": "sealed:v1:k1:QUJD"}}"#),
+            "secrets.A=B"
+        );
+    }
+
+    #[test]
     fn every_field_round_trips_through_json_and_msgpack() {
-        let json = r#"{"argv":["/bin/echo","hi"],"env":{"A":"1"},"cwd":"/tmp","stdin":"payload",
+        let json = r#"{"argv":["/bin/echo","hi"],"env":{"A":"1"},"secrets":{"S":"sealed:v1:k1:QUJD"},"cwd":"/tmp","stdin":"payload",
             "timeout":1.5,"labels":{"zone":"eu"},"name":"n","metadata":{"k":"v"},
             "idempotency_key":"order-1"}"#;
         let spec = parse(json).expect("valid");

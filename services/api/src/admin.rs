@@ -30,6 +30,23 @@ enum Command {
         #[command(subcommand)]
         command: NatsCommand,
     },
+    /// Keys for job secrets.
+    Secrets {
+        #[command(subcommand)]
+        command: SecretsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum SecretsCommand {
+    /// Print a new random key, `<id>:<base64 of 32 bytes>`, for CAPSTAN_SECRET_KEYS. Put it
+    /// first in the list the API and every executor get; keep the old keys after it while
+    /// live jobs hold secrets sealed with them.
+    Key {
+        /// The key's id, named in every value it seals (1 to 32 letters, digits, `-`, `_`).
+        #[arg(long)]
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -126,6 +143,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 written.seed_file(&Identity::Admin).display(),
                 written.seed_file(&Identity::client()).display()
             );
+        }
+        Command::Secrets {
+            command: SecretsCommand::Key { id },
+        } => {
+            println!("{}", capstan_secrets::KeyRing::generate_entry(&id)?);
         }
         Command::Nats {
             command: NatsCommand::Apply { nats, max_bytes },

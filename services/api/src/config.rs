@@ -39,6 +39,10 @@ pub struct Config {
     /// Identity, access and rate limits.
     #[command(flatten)]
     pub auth: AuthArgs,
+
+    /// The keys sealing job secrets.
+    #[command(flatten)]
+    pub secret_keys: capstan_secrets::SecretKeyArgs,
 }
 
 /// Identity and access.
@@ -206,6 +210,7 @@ impl Config {
             database_url: Some(database_url.into()),
             data_dir: PathBuf::from(".capstan/data"),
             auth: AuthArgs::for_tests(TEST_JWT_KEY, TEST_ADMIN_PASSWORD),
+            secret_keys: capstan_secrets::SecretKeyArgs::default(),
         }
     }
 

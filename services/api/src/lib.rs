@@ -97,6 +97,8 @@ pub(crate) struct State {
     pub metrics: Arc<Metrics>,
     pub security: Arc<Security>,
     pub access: AccessSettings,
+    /// The keys sealing job secrets given in clear; without them such jobs are refused.
+    pub secret_keys: Option<capstan_secrets::KeyRing>,
 }
 
 /// The OpenAPI document of the REST API, as JSON.
@@ -224,6 +226,10 @@ pub(crate) async fn assemble(
             password_min_length: config.auth.password_min_length,
             refresh_token_ttl: config.auth.refresh_token_ttl,
         },
+        secret_keys: config
+            .secret_keys
+            .load()
+            .map_err(|e| Error::Config(e.to_string()))?,
     });
     Ok(Assembled {
         state,

@@ -1,10 +1,12 @@
 //! The body of `POST /jobs`: documented as [`JobSubmission`], parsed with the protocol's own
 //! decoder so that an error names its field (`timeout: invalid type: string "soon", expected
-//! f64`) — a type error is `400`, a value that parses but makes no sense is `422`.
+//! f64`) — a type error is `400`, a value that parses but makes no sense is `422`. Secrets,
+//! given in clear, are sealed before the spec is checked ([`SubmissionBody::seal_and_check`]).
 
 use capstan_protocol::codec::{self, Encoding};
 use capstan_protocol::spec::JobSpecWire;
-use capstan_protocol::{JobSpec, RejectionCode};
+use capstan_protocol::{JobId, JobSpec, RejectionCode};
+use capstan_secrets::KeyRing;
 use poem::{FromRequest, IntoResponse, Request, RequestBody};
 use poem_openapi::payload::{ParsePayload, Payload};
 use poem_openapi::registry::{MetaMediaType, MetaRequest, MetaSchemaRef, Registry};
@@ -14,8 +16,8 @@ use poem_openapi::{ApiExtractor, ApiExtractorType, ExtractParamOptions};
 use crate::model::JobSubmission;
 use crate::problem::ApiError;
 
-/// A validated job spec from a request body.
-pub struct SubmissionBody(pub JobSpec);
+/// A job spec from a request body, parsed, not yet sealed and checked.
+pub struct SubmissionBody(pub JobSpecWire);
 
 fn reject(error: ApiError) -> poem::Error {
     poem::Error::from_response(error.into_response())
@@ -50,9 +52,33 @@ impl ParsePayload for SubmissionBody {
                 _ => ApiError::bad_request(detail, error.field.as_deref()),
             })
         })?;
+        Ok(SubmissionBody(wire))
+    }
+}
+
+impl SubmissionBody {
+    /// The spec of job `id`, its secrets sealed with `keys` (every value a REST client gives is
+    /// taken as clear text), checked as any spec is.
+    pub fn seal_and_check(self, id: JobId, keys: Option<&KeyRing>) -> Result<JobSpec, ApiError> {
+        let mut wire = self.0;
+        if let Some(secrets) = wire.secrets.as_mut().filter(|s| !s.is_empty()) {
+            let Some(keys) = keys else {
+                return Err(ApiError::invalid(
+                    "this API has no secret keys (CAPSTAN_SECRET_KEYS), so it cannot take \
+                     secrets",
+                    Some("secrets".into()),
+                ));
+            };
+            for (name, value) in secrets.iter_mut() {
+                let clear = zeroize::Zeroizing::new(std::mem::take(value));
+                let sealed = keys.seal(id, name, &clear).map_err(|e| {
+                    ApiError::unavailable(format!("cannot seal secret `{name}`: {e}"))
+                })?;
+                *value = sealed.into();
+            }
+        }
         JobSpec::try_from(wire)
-            .map(SubmissionBody)
-            .map_err(|error| reject(ApiError::invalid(error.to_string(), Some(error.field))))
+            .map_err(|error| ApiError::invalid(error.to_string(), Some(error.field)))
     }
 }
 
@@ -92,5 +118,49 @@ impl<'a> ApiExtractor<'a> for SubmissionBody {
             .into()),
             None => Err(poem_openapi::error::ContentTypeError::ExpectContentType.into()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(json: &str) -> SubmissionBody {
+        SubmissionBody(codec::decode(Encoding::Json, json.as_bytes()).expect("a wire spec"))
+    }
+
+    #[test]
+    fn secrets_are_sealed_for_their_job_and_refused_without_keys() {
+        let json = r#"{"command": "true", "secrets": {"TOKEN": "hunter2"}}"#;
+        let refused = body(json)
+            .seal_and_check(JobId::generate(), None)
+            .expect_err("no keys");
+        let ApiError::Invalid(problem) = refused else {
+            panic!("not a 422: {refused:?}");
+        };
+        assert_eq!(problem.0.field.as_deref(), Some("secrets"));
+        let keys: KeyRing = KeyRing::generate_entry("k1")
+            .expect("a key")
+            .parse()
+            .expect("keys");
+        let id = JobId::generate();
+        let spec = body(json).seal_and_check(id, Some(&keys)).expect("sealed");
+        let sealed = &spec.secrets["TOKEN"];
+        assert!(!sealed.as_str().contains("hunter2"));
+        assert_eq!(
+            keys.open(id, "TOKEN", sealed).expect("opens").as_str(),
+            "hunter2"
+        );
+        // What a client sends is always its clear value, even one shaped like a sealed value.
+        let shaped = r#"{"command": "true", "secrets": {"TOKEN": "sealed:v1:k1:QUJD"}}"#;
+        let spec = body(shaped)
+            .seal_and_check(id, Some(&keys))
+            .expect("sealed");
+        assert_eq!(
+            keys.open(id, "TOKEN", &spec.secrets["TOKEN"])
+                .expect("opens")
+                .as_str(),
+            "sealed:v1:k1:QUJD"
+        );
     }
 }

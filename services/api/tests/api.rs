@@ -20,6 +20,15 @@ struct Stack {
     _work: tempfile::TempDir,
 }
 
+/// The secret keys the API and the executor of these tests share.
+fn test_keys() -> capstan_secrets::KeyRing {
+    static ENTRY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ENTRY
+        .get_or_init(|| capstan_secrets::KeyRing::generate_entry("test").expect("a key"))
+        .parse()
+        .expect("a key list")
+}
+
 async fn start_api(
     server: &NatsServer,
     database_url: &str,
@@ -30,6 +39,7 @@ async fn start_api(
 ) {
     let mut config = capstan_api::Config::for_urls(server.url(), database_url);
     config.nats.max_job_bytes = 64 * 1024;
+    config.secret_keys.keys = Some(test_keys());
     let running = capstan_api::start(config, shutdown.clone())
         .await
         .expect("the API starts");
@@ -60,6 +70,7 @@ async fn stack_on(db: TestDatabase) -> Stack {
     executor.heartbeat_interval = Duration::from_millis(300);
     // Every start announced, however short: these tests count a job's events.
     executor.announce_after = Duration::ZERO;
+    executor.secret_keys.keys = Some(test_keys());
     tokio::spawn(capstan_executor::run(executor, shutdown.clone()));
     let database_url = db.url().to_owned();
     let (http, api) = start_api(&server, &database_url, &shutdown).await;
@@ -237,6 +248,95 @@ async fn output_written_under_another_nodes_name_or_for_an_attempt_it_did_not_ru
         .await;
     assert!(followed.contains("real"), "{followed}");
     assert!(!followed.contains("forged"), "{followed}");
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn a_secret_reaches_the_process_and_is_stored_and_shown_nowhere_in_clear() {
+    const CANARY: &str = "canary-5f3a9c1e-secret";
+    let stack = stack().await;
+    let reply = stack
+        .http
+        .post_json(
+            "/api/v1/jobs",
+            &json!({
+                // Compared in two halves, so the command itself does not hold the secret.
+                "command": format!(
+                    "test \"$TOKEN\" = \"{}\"\"{}\" && echo matched",
+                    &CANARY[..10],
+                    &CANARY[10..]
+                ),
+                "secrets": {"TOKEN": CANARY},
+            })
+            .to_string(),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.text());
+    assert!(!reply.text().contains(CANARY));
+    let id = reply.json()["id"].as_str().expect("id").to_owned();
+    let job = stack.finished(&id).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["spec"]["secrets"], json!(["TOKEN"]), "{job}");
+    let logs = stack
+        .http
+        .get(&format!("/api/v1/jobs/{id}/logs"))
+        .await
+        .json();
+    assert_eq!(
+        logs["stdout"], "matched\n",
+        "the process did not get its secret: {logs}"
+    );
+
+    // Nowhere in clear: every response about the job, every stream, every bucket, the table.
+    for path in [
+        format!("/api/v1/jobs/{id}"),
+        format!("/api/v1/jobs/{id}/events"),
+        "/api/v1/jobs?limit=10".to_owned(),
+        "/api/v1/audit?limit=100".to_owned(),
+    ] {
+        let text = stack.http.get(&path).await.text();
+        assert!(!text.contains(CANARY), "{path}: {text}");
+    }
+    let js = async_nats::jetstream::new(stack.server.client().await);
+    let mut streams = js.stream_names();
+    let mut names = Vec::new();
+    while let Some(name) = futures::StreamExt::next(&mut streams).await {
+        names.push(name.expect("a stream name"));
+    }
+    assert!(names.len() >= 6, "{names:?}");
+    for name in names {
+        let mut stream = js.get_stream(&name).await.expect("the stream");
+        let state = stream.info().await.expect("info").state.clone();
+        for seq in state.first_sequence..=state.last_sequence {
+            if let Ok(message) = stream.get_raw_message(seq).await {
+                let headers = format!("{:?}", message.headers);
+                assert!(
+                    !String::from_utf8_lossy(&message.payload).contains(CANARY)
+                        && !headers.contains(CANARY),
+                    "{name} #{seq} ({}) holds the secret",
+                    message.subject
+                );
+            }
+        }
+    }
+    let path = stack
+        .database_url
+        .trim_start_matches("sqlite://")
+        .split('?')
+        .next()
+        .expect("a path")
+        .to_owned();
+    let mut scanned = 0;
+    for file in [path.clone(), format!("{path}-wal")] {
+        if let Ok(bytes) = std::fs::read(&file) {
+            scanned += bytes.len();
+            assert!(
+                !String::from_utf8_lossy(&bytes).contains(CANARY),
+                "{file} holds the secret"
+            );
+        }
+    }
+    assert!(scanned > 0, "no history file at {path}");
     stack.stop().await;
 }
 

@@ -35,6 +35,10 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// The secret keys (`CAPSTAN_SECRET_KEYS` or its file) cannot be read: a configuration
+    /// error, named without any key.
+    #[error("{0}")]
+    SecretKeys(#[from] capstan_secrets::Error),
     /// Another executor instance registered under this node id and owns the node's attempts
     /// now; this one stopped the attempts it held and left without deregistering. Nothing is
     /// misconfigured here: the node was taken (a second executor with the same id, or a

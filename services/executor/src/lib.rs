@@ -108,6 +108,11 @@ pub struct Config {
     /// as root, and says so at start.
     #[arg(long, env = "CAPSTAN_RUN_AS")]
     pub run_as: Option<String>,
+
+    /// The keys opening job secrets: an attempt whose secrets cannot be opened here fails
+    /// before its process starts.
+    #[command(flatten)]
+    pub secret_keys: capstan_secrets::SecretKeyArgs,
 }
 
 /// The variables of the executor's environment a job gets unless `--pass-env` says otherwise.
@@ -140,6 +145,7 @@ impl Config {
             ack_wait: Duration::from_secs(30),
             announce_after: capstan_mesh::config::default_announce_after(),
             run_as: None,
+            secret_keys: capstan_secrets::SecretKeyArgs::default(),
         }
     }
 }
@@ -222,6 +228,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), erro
         .unwrap_or_else(|| NodeId::from_hostname(&hostname));
     let labels: Labels = config.labels.iter().cloned().collect();
     let run_as = job_user(config.run_as.as_deref())?;
+    let secret_keys = config.secret_keys.load()?;
     let work_dir = config.work_dir.clone().unwrap_or_else(|| {
         std::env::temp_dir()
             .join("capstan-executor")
@@ -283,6 +290,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), erro
             js: mesh.js.clone(),
             directories: Default::default(),
             run_as,
+            secret_keys,
         },
         capacity,
         config.ack_wait,

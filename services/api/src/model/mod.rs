@@ -27,6 +27,11 @@ pub struct JobSubmission {
     pub argv: Option<Vec<String>>,
     /// Environment variables for the process.
     pub env: Option<BTreeMap<String, String>>,
+    /// Secret environment variables for the process, given here in clear: the API seals each
+    /// (XChaCha20-Poly1305, bound to the job and the name) before anything is stored, only the
+    /// executor running an attempt opens them, and no response shows them again (the job lists
+    /// their names). Needs the API to have secret keys (`CAPSTAN_SECRET_KEYS`).
+    pub secrets: Option<BTreeMap<String, String>>,
     /// Absolute working directory; a fresh per-job directory when absent.
     pub cwd: Option<String>,
     /// The job's payload, written to its standard input.
@@ -143,6 +148,7 @@ impl From<JobSubmission> for JobSpecWire {
             command: body.command,
             argv: body.argv,
             env: body.env,
+            secrets: body.secrets,
             cwd: body.cwd,
             stdin: body.stdin,
             timeout: body.timeout,
@@ -166,6 +172,8 @@ pub struct JobSpecView {
     pub argv: Option<Vec<String>>,
     /// Environment.
     pub env: BTreeMap<String, String>,
+    /// The names of its secret variables (their values are never shown).
+    pub secrets: Vec<String>,
     /// Working directory.
     pub cwd: Option<String>,
     /// Timeout in seconds.
@@ -192,6 +200,7 @@ impl From<JobSpecWire> for JobSpecView {
             command: wire.command,
             argv: wire.argv,
             env: wire.env.unwrap_or_default(),
+            secrets: wire.secrets.unwrap_or_default().into_keys().collect(),
             cwd: wire.cwd,
             timeout: wire.timeout,
             labels: wire.labels.unwrap_or_default(),

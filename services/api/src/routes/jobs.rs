@@ -60,10 +60,12 @@ impl JobsApi {
     async fn submit(&self, auth: BearerAuth, body: SubmissionBody) -> Result<Submitted, ApiError> {
         let state = served(&self.0)?;
         let caller = auth.allow(Permission::JobsSubmit, AuditAction::JobSubmit, None)?;
-        let spec = body.0;
+        // The id is chosen first: sealed secrets are bound to it.
+        let id = JobId::generate();
+        let spec = body.seal_and_check(id, state.secret_keys.as_ref())?;
         let created = state
             .submitter
-            .submit_as(&spec, Some(&caller.submitted_by()))
+            .submit_with_id(id, &spec, Some(&caller.submitted_by()))
             .await?;
         auth.resource(format!("job/{}", created.id));
         let location = format!("/api/v1/jobs/{}", created.id);
