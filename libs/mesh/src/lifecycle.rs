@@ -134,7 +134,7 @@ pub async fn write(mesh: &Mesh, next: &JobRecord, revision: u64) -> Result<u64, 
 /// [`write`] does: a finished record gets the finished-job TTL, and a write that failed for
 /// want of NATS is read back and, when the record holds it, counts as written.
 ///
-/// `known` is the record as the caller already holds it (a dispatch's copy): the first
+/// `known` is the record as the caller already holds it (the one its last write stored): the first
 /// decision is made on it and its write costs no read; `None` reads first. What the change
 /// causes (a timer, an event) is the caller's to do afterwards ([`follow_up`]).
 pub async fn modify<S>(

@@ -2,9 +2,11 @@
 //! as it reads it. Like [`JobRecord::settled`], it is a pure function of its inputs; the
 //! executor performs what it decides (the compare-and-swap, the follow-up, the ack).
 //!
-//! The executor first writes its claim over the record the dispatch carries (its revision
-//! saves a read); only when that compare-and-swap loses does it read the record and ask
-//! [`decide`] again. What the record can have become in between is the list of [`Decision`]s.
+//! The executor reads the job's record, applies the dispatch's placement to it when it is still
+//! the unplaced record the dispatch was made over ([`crate::Dispatch::basis`]; never the
+//! dispatch's copy of the spec), and asks [`decide`]; when its compare-and-swap loses, it reads
+//! again and asks again. What the record can have become since the dispatch is the list of
+//! [`Decision`]s.
 
 use crate::ids::{InstanceId, NodeId};
 use crate::job::{JobRecord, JobStatus};
