@@ -420,6 +420,12 @@ fn admin_password(path: &Path) -> anyhow::Result<String> {
         .and_then(|mut random| std::io::Read::read_exact(&mut random, &mut bytes))
         .context("cannot read random bytes")?;
     let password: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    write_private(path, &password)?;
+    Ok(password)
+}
+
+/// Writes `text` into a new file at `path`, readable by its owner only.
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()
@@ -427,25 +433,15 @@ fn admin_password(path: &Path) -> anyhow::Result<String> {
         .create_new(true)
         .mode(0o600)
         .open(path)
-        .and_then(|mut file| file.write_all(password.as_bytes()))
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(password)
+        .and_then(|mut file| file.write_all(text.as_bytes()))
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// The file of secret keys at `path`, with one key (`local`) written into it (readable by its
 /// owner only) when there is none yet.
 pub(crate) fn secret_keys(path: &Path) -> anyhow::Result<PathBuf> {
     if !path.exists() {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let entry = capstan_secrets::KeyRing::generate_entry("local")?;
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .and_then(|mut file| file.write_all(entry.as_bytes()))
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        write_private(path, &capstan_secrets::KeyRing::generate_entry("local")?)?;
     }
     Ok(path.to_owned())
 }

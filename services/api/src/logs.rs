@@ -306,6 +306,7 @@ async fn pump(
         None => None,
     };
     let mut delivered = 0u64;
+    let mut looked_up = state.attempt;
     loop {
         if let (Some((status, exit_code, attempt)), Some(last)) = (ended, last)
             && delivered >= last
@@ -332,11 +333,14 @@ async fn pump(
                     delivered = delivered.max(info.stream_sequence);
                 }
                 let chunk = chunk_of(&message.message);
-                if !state.nodes.contains_key(&chunk.attempt)
-                    && let Ok(Some(live)) = mesh.jobs.get(&key).await
-                {
-                    // An attempt newer than what this follow has seen of the record.
-                    state.learn(&live.value);
+                // An attempt newer than what this follow has seen of the record: read it once
+                // per attempt number, so chunks claiming unknown attempts cost one read each
+                // number, not each chunk.
+                if !state.nodes.contains_key(&chunk.attempt) && chunk.attempt > looked_up {
+                    looked_up = chunk.attempt;
+                    if let Ok(Some(live)) = mesh.jobs.get(&key).await {
+                        state.learn(&live.value);
+                    }
                 }
                 if chunk.truncated || !state.wrote(&chunk) {
                     continue;
