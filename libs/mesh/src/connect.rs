@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 use capstan_protocol::access::Identity;
 use capstan_protocol::topology;
-use capstan_protocol::{JobRecord, NodeRecord, Revocation};
+use capstan_protocol::{JobRecord, NodeRecord, Revocation, StoredSecret};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::NatsArgs;
@@ -174,6 +174,8 @@ pub struct Mesh {
     pub idempotency: Idempotency,
     /// Revoked users, sessions and API tokens (written and watched by the API).
     pub revocations: Bucket<Revocation>,
+    /// Secrets stored by administrators, sealed (written by the API, read by executors).
+    pub secrets: Bucket<StoredSecret>,
     /// Event and audit publishing.
     pub events: EventPublisher,
 }
@@ -206,7 +208,9 @@ impl Mesh {
             jobs.clone(),
         );
         let revocations = Bucket::new(buckets.revocations, js.clone(), topology::REVOCATIONS.name);
+        let secrets = Bucket::new(buckets.secrets, js.clone(), topology::SECRETS.name);
         Self {
+            secrets,
             client,
             events: EventPublisher::new(js.clone()),
             revocations,

@@ -28,6 +28,8 @@ pub struct Buckets {
     pub idempotency: kv::Store,
     /// Revoked users, sessions and API tokens.
     pub revocations: kv::Store,
+    /// Secrets stored by administrators.
+    pub secrets: kv::Store,
 }
 
 /// Creates the streams and buckets that are missing (with their default size limits), leaves
@@ -134,6 +136,7 @@ pub async fn verify(js: &jetstream::Context) -> Result<Buckets, Error> {
         nodes: verify_bucket(js, &spec::NODES).await?,
         idempotency: verify_bucket(js, &spec::IDEMPOTENCY).await?,
         revocations: verify_bucket(js, &spec::REVOCATIONS).await?,
+        secrets: verify_bucket(js, &spec::SECRETS).await?,
     })
 }
 

@@ -351,10 +351,13 @@ fn api(allowed: &mut Allowed) {
         &topology::JOBS,
         &topology::IDEMPOTENCY,
         &topology::REVOCATIONS,
+        &topology::SECRETS,
     ] {
         allowed.bucket_write(bucket, "*");
         allowed.bucket_read(bucket, "*");
     }
+    // Listing the stored secrets (names and users, never values).
+    allowed.bucket_watch(&topology::SECRETS);
     allowed.bucket_read(&topology::NODES, "*");
     // Listing nodes reads the whole bucket through a consumer of its own.
     allowed.bucket_watch(&topology::NODES);
@@ -396,6 +399,9 @@ fn executor(allowed: &mut Allowed, node: &NodeId) {
     allowed.bucket_write(&topology::JOBS, "*");
     allowed.bucket_read(&topology::JOBS, "*");
     allowed.bucket_read(&topology::NODES, node.as_str());
+    // The stored secrets a job names, opened for its attempt; each opening is audited.
+    allowed.bucket_read(&topology::SECRETS, "*");
+    allowed.publish([subjects::audit(AuditAction::SecretRead)]);
     allowed.durable(&topology::executor_consumer_spec(node, 1));
 }
 

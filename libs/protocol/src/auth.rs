@@ -177,6 +177,18 @@ pub enum AuditAction {
     /// The history tables rebuilt from the event stream.
     #[serde(rename = "history.rebuild")]
     HistoryRebuild,
+    /// A stored secret created or given a new value or new users.
+    #[serde(rename = "secret.put")]
+    SecretPut,
+    /// A stored secret deleted.
+    #[serde(rename = "secret.delete")]
+    SecretDelete,
+    /// A stored secret opened by an executor for a job (or refused to it).
+    #[serde(rename = "secret.read")]
+    SecretRead,
+    /// Stored secrets sealed again under the current key (`capstan secrets rotate`).
+    #[serde(rename = "secret.rotate")]
+    SecretRotate,
     /// A changing request no operation claimed (an unknown route, a body refused before
     /// it reached one).
     #[serde(rename = "http.request")]
@@ -185,7 +197,7 @@ pub enum AuditAction {
 
 impl AuditAction {
     /// Every action.
-    pub const ALL: [AuditAction; 23] = [
+    pub const ALL: [AuditAction; 27] = [
         Self::AuthLogin,
         Self::AuthRefresh,
         Self::AuthRefreshReuse,
@@ -208,6 +220,10 @@ impl AuditAction {
         Self::NodeUncordon,
         Self::NodeDrain,
         Self::HistoryRebuild,
+        Self::SecretPut,
+        Self::SecretDelete,
+        Self::SecretRead,
+        Self::SecretRotate,
         Self::HttpRequest,
     ];
 
@@ -236,6 +252,10 @@ impl AuditAction {
             Self::NodeUncordon => "node.uncordon",
             Self::NodeDrain => "node.drain",
             Self::HistoryRebuild => "history.rebuild",
+            Self::SecretPut => "secret.put",
+            Self::SecretDelete => "secret.delete",
+            Self::SecretRead => "secret.read",
+            Self::SecretRotate => "secret.rotate",
             Self::HttpRequest => "http.request",
         }
     }

@@ -46,7 +46,7 @@ pub use node::{
 };
 pub use reply::{CancelNotice, CancelOutcome, ErrorCode, JobRef, Reply, ServiceError};
 pub use retry::{RetryOn, RetryPolicy};
-pub use secret::SealedSecret;
+pub use secret::{SealedSecret, StoredSecret};
 pub use spec::{JobSpec, Labels, Program, SpecError, Start};
 pub use timer::Timer;
 pub use timestamp::Timestamp;

@@ -11,6 +11,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::timestamp::Timestamp;
+
 /// A sealed secret value.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
@@ -79,6 +81,54 @@ pub fn valid_key_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
 }
 
+/// What a stored secret's name may be.
+pub const SECRET_NAME_RULE: &str = "a stored secret's name is 1 to 64 letters, digits, `-` or `_`";
+
+/// Whether `name` may name a stored secret (it is also its key in the secrets bucket).
+pub fn valid_secret_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
+}
+
+/// Who may use a stored secret: in [`StoredSecret::usable_by`], every submitter.
+pub const EVERY_SUBMITTER: &str = "*";
+
+/// A secret an administrator stored, by name, in the secrets bucket. Its value is sealed to its
+/// name (not to a job) and never leaves the bucket in clear: the executor running an attempt
+/// whose spec names it in `secret_refs` opens it, if the job's submitter is one it may serve.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct StoredSecret {
+    /// Its name, and key in the bucket.
+    pub name: String,
+    /// The value, sealed.
+    pub sealed: SealedSecret,
+    /// The submitters whose jobs may use it, as jobs record them (`submitted_by`: a user's
+    /// name, `oidc:<subject>`, `nats:<client>`), or `*` for every one.
+    pub usable_by: Vec<String>,
+    /// What it is for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// When it was first stored.
+    pub created_at: Timestamp,
+    /// When its value or its users last changed.
+    pub updated_at: Timestamp,
+    /// Who stored it last.
+    pub updated_by: String,
+}
+
+impl StoredSecret {
+    /// Whether a job submitted by `submitter` (`None`: unattributed) may use it.
+    pub fn usable_by(&self, submitter: Option<&str>) -> bool {
+        self.usable_by
+            .iter()
+            .any(|who| who == EVERY_SUBMITTER || Some(who.as_str()) == submitter)
+    }
+}
+
 impl TryFrom<String> for SealedSecret {
     type Error = String;
 
@@ -119,6 +169,29 @@ mod tests {
         ] {
             assert!(SealedSecret::parse(clear).is_err(), "{clear}");
         }
+    }
+
+    #[test]
+    fn a_stored_secret_serves_the_submitters_it_names_or_everyone_with_a_star() {
+        let mut stored = StoredSecret {
+            name: "db".into(),
+            sealed: SealedSecret::parse("sealed:v1:k1:QUJD").expect("sealed"),
+            usable_by: vec!["alice".into(), "nats:ci".into()],
+            description: None,
+            created_at: Timestamp::from_millis(1),
+            updated_at: Timestamp::from_millis(1),
+            updated_by: "admin".into(),
+        };
+        assert!(stored.usable_by(Some("alice")));
+        assert!(stored.usable_by(Some("nats:ci")));
+        assert!(!stored.usable_by(Some("bob")));
+        assert!(!stored.usable_by(None));
+        stored.usable_by = vec![EVERY_SUBMITTER.into()];
+        assert!(stored.usable_by(None));
+        assert!(valid_secret_name("db-main_2"));
+        assert!(!valid_secret_name("db.main"));
+        assert!(!valid_secret_name(""));
+        assert!(!valid_secret_name(&"x".repeat(65)));
     }
 
     #[test]

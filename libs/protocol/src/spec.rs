@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::retry::{RetryPolicy, RetryPolicyWire};
-use crate::secret::SealedSecret;
+use crate::secret::{SECRET_NAME_RULE, SealedSecret, valid_secret_name};
 use crate::timestamp::Timestamp;
 
 /// Labels of an executor, and a job's selector over them: `key = value` pairs.
@@ -55,6 +55,10 @@ pub struct JobSpec {
     pub env: BTreeMap<String, String>,
     /// Secret environment variables, sealed: opened only by the executor running an attempt.
     pub secrets: BTreeMap<String, SealedSecret>,
+    /// Secret environment variables taken from secrets an administrator stored
+    /// (`/api/v1/secrets`): variable name → stored secret's name. The executor running an
+    /// attempt reads and opens them, if the job's submitter may use them.
+    pub secret_refs: BTreeMap<String, String>,
     /// Working directory (absolute); the executor's per-job directory when absent.
     pub cwd: Option<String>,
     /// Written to the process's standard input, which is then closed. The job's payload.
@@ -117,6 +121,10 @@ pub struct JobSpecWire {
     /// seals values given in clear; anything else must send them sealed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secrets: Option<BTreeMap<String, String>>,
+    /// Secret environment variables from secrets an administrator stored: variable name →
+    /// stored secret's name. What a job sent as plain JSON on NATS uses for its secrets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_refs: Option<BTreeMap<String, String>>,
     /// Absolute working directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cwd: Option<String>,
@@ -279,10 +287,33 @@ impl TryFrom<JobSpecWire> for JobSpec {
                 SealedSecret::parse(value).map_err(|reason| SpecError::new(&field, reason))?;
             secrets.insert(name, sealed);
         }
-        if env.len() + secrets.len() > limits::MAX_ENV {
+        let mut secret_refs = BTreeMap::new();
+        for (name, stored) in wire.secret_refs.unwrap_or_default() {
+            let field = format!("secret_refs.{name}");
+            if name.is_empty() || name.contains('=') || name.contains('\0') {
+                return Err(SpecError::new(
+                    field,
+                    "a variable name must be non-empty without `=` or NUL",
+                ));
+            }
+            if env.contains_key(&name) || secrets.contains_key(&name) {
+                return Err(SpecError::new(
+                    field,
+                    "also set in `env` or `secrets`: give it once",
+                ));
+            }
+            if !valid_secret_name(&stored) {
+                return Err(SpecError::new(field, SECRET_NAME_RULE));
+            }
+            secret_refs.insert(name, stored);
+        }
+        if env.len() + secrets.len() + secret_refs.len() > limits::MAX_ENV {
             return Err(SpecError::new(
                 "secrets",
-                format!("at most {} variables with `env`", limits::MAX_ENV),
+                format!(
+                    "at most {} variables with `env` and `secret_refs`",
+                    limits::MAX_ENV
+                ),
             ));
         }
 
@@ -410,6 +441,7 @@ impl TryFrom<JobSpecWire> for JobSpec {
             program,
             env,
             secrets,
+            secret_refs,
             cwd: wire.cwd,
             stdin: wire.stdin,
             timeout,
@@ -477,6 +509,7 @@ impl From<JobSpec> for JobSpecWire {
                     .map(|(name, sealed)| (name, sealed.into()))
                     .collect()
             }),
+            secret_refs: non_empty(spec.secret_refs),
             cwd: spec.cwd,
             stdin: spec.stdin,
             timeout: spec.timeout.map(|t| t.as_secs_f64()),
@@ -504,6 +537,7 @@ impl JobSpec {
             program: Program::Shell(command.into()),
             env: BTreeMap::new(),
             secrets: BTreeMap::new(),
+            secret_refs: BTreeMap::new(),
             cwd: None,
             stdin: None,
             timeout: None,
@@ -570,8 +604,35 @@ mod tests {
     }
 
     #[test]
+    fn a_secret_ref_names_a_stored_secret_under_a_variable_given_once() {
+        let spec = parse(r#"{"command": "true", "secret_refs": {"DB_PASSWORD": "db-main"}}"#)
+            .expect("valid");
+        assert_eq!(spec.secret_refs["DB_PASSWORD"], "db-main");
+        for (json, field) in [
+            (
+                r#"{"command": "true", "secret_refs": {"DB": "no spaces"}}"#,
+                "secret_refs.DB",
+            ),
+            (
+                r#"{"command": "true", "env": {"DB": "x"}, "secret_refs": {"DB": "db"}}"#,
+                "secret_refs.DB",
+            ),
+            (
+                r#"{"command": "true", "secrets": {"DB": "sealed:v1:k1:QUJD"}, "secret_refs": {"DB": "db"}}"#,
+                "secret_refs.DB",
+            ),
+            (
+                r#"{"command": "true", "secret_refs": {"": "db"}}"#,
+                "secret_refs.",
+            ),
+        ] {
+            assert_eq!(field_of(json), field, "{json}");
+        }
+    }
+
+    #[test]
     fn every_field_round_trips_through_json_and_msgpack() {
-        let json = r#"{"argv":["/bin/echo","hi"],"env":{"A":"1"},"secrets":{"S":"sealed:v1:k1:QUJD"},"cwd":"/tmp","stdin":"payload",
+        let json = r#"{"argv":["/bin/echo","hi"],"env":{"A":"1"},"secrets":{"S":"sealed:v1:k1:QUJD"},"secret_refs":{"R":"stored"},"cwd":"/tmp","stdin":"payload",
             "timeout":1.5,"labels":{"zone":"eu"},"name":"n","metadata":{"k":"v"},
             "idempotency_key":"order-1"}"#;
         let spec = parse(json).expect("valid");

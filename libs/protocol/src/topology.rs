@@ -189,8 +189,19 @@ pub const REVOCATIONS: BucketSpec = BucketSpec {
 /// The longest an access token may live: revocations are kept this long.
 pub const MAX_ACCESS_TOKEN_TTL: Duration = DAY;
 
+/// Secrets stored by administrators, by name (JSON [`crate::StoredSecret`]), their values
+/// sealed: written by the API, read by the executors that open them for a job.
+pub const SECRETS: BucketSpec = BucketSpec {
+    name: "capstan_secrets",
+    description: "Secrets stored by administrators, sealed, by name",
+    history: 1,
+    max_age: Duration::ZERO,
+    per_key_ttl: false,
+    max_bytes: 64 * MIB,
+};
+
 /// Every bucket.
-pub const BUCKETS: [BucketSpec; 4] = [JOBS, NODES, IDEMPOTENCY, REVOCATIONS];
+pub const BUCKETS: [BucketSpec; 5] = [JOBS, NODES, IDEMPOTENCY, REVOCATIONS, SECRETS];
 
 /// The key of an idempotency key in the idempotency bucket: its bytes in hex, because KV keys
 /// allow only a few characters and idempotency keys allow any printable text.

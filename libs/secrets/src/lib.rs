@@ -1,7 +1,8 @@
 //! Sealing job secrets. A secret's value is encrypted with XChaCha20-Poly1305 under one of the
 //! mesh's secret keys, with a fresh random 192-bit nonce, and bound to its job and its name as
 //! associated data: a sealed value copied into another job, or under another name, does not
-//! open. Only the API (which seals what a REST client sends in clear) and the executors (which
+//! open. A secret an administrator stores is bound to its stored name instead, and opens only
+//! as that stored secret. Only the API (which seals what a REST client sends in clear) and the executors (which
 //! open what an attempt needs, in memory) hold the keys.
 //!
 //! Keys come from `CAPSTAN_SECRET_KEYS` (or a file holding the same text): comma-separated
@@ -137,10 +138,59 @@ impl KeyRing {
 
     /// Seals `value`, the secret `name` of `job`.
     pub fn seal(&self, job: JobId, name: &str, value: &str) -> Result<SealedSecret, Error> {
+        self.seal_to(&Binding::Job(job, name), value)
+    }
+
+    /// Opens `sealed`, the secret `name` of `job`. The value is wiped from memory when dropped.
+    pub fn open(
+        &self,
+        job: JobId,
+        name: &str,
+        sealed: &SealedSecret,
+    ) -> Result<Zeroizing<String>, Error> {
+        self.open_from(&Binding::Job(job, name), sealed)
+    }
+
+    /// Seals `value` again under the current sealing key, if it was sealed with another:
+    /// what a key rotation does to each stored secret. `None` when it is current already.
+    pub fn reseal(
+        &self,
+        job: JobId,
+        name: &str,
+        sealed: &SealedSecret,
+    ) -> Result<Option<SealedSecret>, Error> {
+        self.reseal_to(&Binding::Job(job, name), sealed)
+    }
+
+    /// Seals `value`, the secret an administrator stores as `name` (bound to that name, not to
+    /// a job: a stored value copied into a job's `secrets` does not open).
+    pub fn seal_stored(&self, name: &str, value: &str) -> Result<SealedSecret, Error> {
+        self.seal_to(&Binding::Stored(name), value)
+    }
+
+    /// Opens the stored secret `name`.
+    pub fn open_stored(
+        &self,
+        name: &str,
+        sealed: &SealedSecret,
+    ) -> Result<Zeroizing<String>, Error> {
+        self.open_from(&Binding::Stored(name), sealed)
+    }
+
+    /// [`KeyRing::reseal`] for the stored secret `name`.
+    pub fn reseal_stored(
+        &self,
+        name: &str,
+        sealed: &SealedSecret,
+    ) -> Result<Option<SealedSecret>, Error> {
+        self.reseal_to(&Binding::Stored(name), sealed)
+    }
+
+    fn seal_to(&self, binding: &Binding<'_>, value: &str) -> Result<SealedSecret, Error> {
         let key = &self.keys[0];
         let mut nonce = [0u8; NONCE_LEN];
         getrandom::fill(&mut nonce).map_err(|e| Error::Seal(e.to_string()))?;
-        let aad = associated(job, name, &key.id);
+        let aad = binding.associated(&key.id);
         let sealed = key
             .cipher
             .encrypt(
@@ -163,11 +213,9 @@ impl KeyRing {
         SealedSecret::parse(text).map_err(Error::Seal)
     }
 
-    /// Opens `sealed`, the secret `name` of `job`. The value is wiped from memory when dropped.
-    pub fn open(
+    fn open_from(
         &self,
-        job: JobId,
-        name: &str,
+        binding: &Binding<'_>,
         sealed: &SealedSecret,
     ) -> Result<Zeroizing<String>, Error> {
         let key = self
@@ -182,7 +230,7 @@ impl KeyRing {
             return Err(Error::Tampered);
         }
         let (nonce, ciphertext) = payload.split_at(NONCE_LEN);
-        let aad = associated(job, name, &key.id);
+        let aad = binding.associated(&key.id);
         let opened = Zeroizing::new(
             key.cipher
                 .decrypt(
@@ -198,19 +246,16 @@ impl KeyRing {
         Ok(Zeroizing::new(text.to_owned()))
     }
 
-    /// Seals `value` again under the current sealing key, if it was sealed with another:
-    /// what a key rotation does to each stored secret. `None` when it is current already.
-    pub fn reseal(
+    fn reseal_to(
         &self,
-        job: JobId,
-        name: &str,
+        binding: &Binding<'_>,
         sealed: &SealedSecret,
     ) -> Result<Option<SealedSecret>, Error> {
         if sealed.key_id() == self.sealing_key() {
             return Ok(None);
         }
-        let value = self.open(job, name, sealed)?;
-        self.seal(job, name, &value).map(Some)
+        let value = self.open_from(binding, sealed)?;
+        self.seal_to(binding, &value).map(Some)
     }
 }
 
@@ -243,9 +288,22 @@ impl SecretKeyArgs {
     }
 }
 
-/// What a sealed value is bound to: its format, its job, its name and its key.
-fn associated(job: JobId, name: &str, key: &str) -> String {
-    format!("capstan-secret/v1\n{job}\n{name}\n{key}")
+/// What a sealed value belongs to.
+enum Binding<'a> {
+    /// The secret of this name in this job's spec.
+    Job(JobId, &'a str),
+    /// The secret an administrator stored under this name.
+    Stored(&'a str),
+}
+
+impl Binding<'_> {
+    /// The associated data: the format, what the value belongs to, and the key.
+    fn associated(&self, key: &str) -> String {
+        match self {
+            Self::Job(job, name) => format!("capstan-secret/v1\n{job}\n{name}\n{key}"),
+            Self::Stored(name) => format!("capstan-stored-secret/v1\n{name}\n{key}"),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -331,6 +389,31 @@ mod tests {
             .expect("was on the old key");
         assert_eq!(resealed.key_id(), "k2");
         assert_eq!(rotated.reseal(job, "A", &resealed), Ok(None));
+    }
+
+    #[test]
+    fn a_stored_secret_opens_under_its_name_only_and_never_as_a_jobs() {
+        let keys = ring(&["k1"]);
+        let sealed = keys.seal_stored("db", "canary-value").expect("sealed");
+        assert!(!sealed.as_str().contains("canary-value"));
+        assert_eq!(
+            keys.open_stored("db", &sealed).expect("opens").as_str(),
+            "canary-value"
+        );
+        assert_eq!(keys.open_stored("other", &sealed), Err(Error::Tampered));
+        let job = JobId::generate();
+        assert_eq!(keys.open(job, "db", &sealed), Err(Error::Tampered));
+        let for_job = keys.seal(job, "db", "value").expect("sealed");
+        assert_eq!(keys.open_stored("db", &for_job), Err(Error::Tampered));
+        let rotated: KeyRing = format!(
+            "{},{}",
+            KeyRing::generate_entry("k2").expect("a key"),
+            "k1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
+        )
+        .parse()
+        .expect("keys");
+        // Another k1: does not open, so it is not resealed either.
+        assert_eq!(rotated.reseal_stored("db", &sealed), Err(Error::Tampered));
     }
 
     #[test]

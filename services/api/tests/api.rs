@@ -129,6 +129,56 @@ impl Stack {
         .await
     }
 
+    /// Asserts `canary` is in no response of `paths` (and of the job list and audit trail), no
+    /// message of any stream (buckets included), and nowhere in the history's file and WAL.
+    async fn assert_nowhere_in_clear(&self, canary: &str, paths: &[String]) {
+        let listed = ["/api/v1/jobs?limit=10", "/api/v1/audit?limit=100"];
+        for path in paths.iter().map(String::as_str).chain(listed) {
+            let text = self.http.get(path).await.text();
+            assert!(!text.contains(canary), "{path}: {text}");
+        }
+        let js = async_nats::jetstream::new(self.server.client().await);
+        let mut streams = js.stream_names();
+        let mut names = Vec::new();
+        while let Some(name) = futures::StreamExt::next(&mut streams).await {
+            names.push(name.expect("a stream name"));
+        }
+        assert!(names.len() >= 6, "{names:?}");
+        for name in names {
+            let mut stream = js.get_stream(&name).await.expect("the stream");
+            let state = stream.info().await.expect("info").state.clone();
+            for seq in state.first_sequence..=state.last_sequence {
+                if let Ok(message) = stream.get_raw_message(seq).await {
+                    let headers = format!("{:?}", message.headers);
+                    assert!(
+                        !String::from_utf8_lossy(&message.payload).contains(canary)
+                            && !headers.contains(canary),
+                        "{name} #{seq} ({}) holds the secret",
+                        message.subject
+                    );
+                }
+            }
+        }
+        let path = self
+            .database_url
+            .trim_start_matches("sqlite://")
+            .split('?')
+            .next()
+            .expect("a path")
+            .to_owned();
+        let mut scanned = 0;
+        for file in [path.clone(), format!("{path}-wal")] {
+            if let Ok(bytes) = std::fs::read(&file) {
+                scanned += bytes.len();
+                assert!(
+                    !String::from_utf8_lossy(&bytes).contains(canary),
+                    "{file} holds the secret"
+                );
+            }
+        }
+        assert!(scanned > 0, "no history file at {path}");
+    }
+
     async fn stop(self) {
         self.shutdown.cancel();
         self.api.await.expect("joins").expect("clean exit");
@@ -288,55 +338,181 @@ async fn a_secret_reaches_the_process_and_is_stored_and_shown_nowhere_in_clear()
     );
 
     // Nowhere in clear: every response about the job, every stream, every bucket, the table.
-    for path in [
-        format!("/api/v1/jobs/{id}"),
-        format!("/api/v1/jobs/{id}/events"),
-        "/api/v1/jobs?limit=10".to_owned(),
-        "/api/v1/audit?limit=100".to_owned(),
-    ] {
-        let text = stack.http.get(&path).await.text();
-        assert!(!text.contains(CANARY), "{path}: {text}");
-    }
-    let js = async_nats::jetstream::new(stack.server.client().await);
-    let mut streams = js.stream_names();
-    let mut names = Vec::new();
-    while let Some(name) = futures::StreamExt::next(&mut streams).await {
-        names.push(name.expect("a stream name"));
-    }
-    assert!(names.len() >= 6, "{names:?}");
-    for name in names {
-        let mut stream = js.get_stream(&name).await.expect("the stream");
-        let state = stream.info().await.expect("info").state.clone();
-        for seq in state.first_sequence..=state.last_sequence {
-            if let Ok(message) = stream.get_raw_message(seq).await {
-                let headers = format!("{:?}", message.headers);
-                assert!(
-                    !String::from_utf8_lossy(&message.payload).contains(CANARY)
-                        && !headers.contains(CANARY),
-                    "{name} #{seq} ({}) holds the secret",
-                    message.subject
-                );
-            }
+    stack
+        .assert_nowhere_in_clear(
+            CANARY,
+            &[
+                format!("/api/v1/jobs/{id}"),
+                format!("/api/v1/jobs/{id}/events"),
+            ],
+        )
+        .await;
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn a_stored_secret_reaches_only_the_jobs_of_the_submitters_it_lists_and_each_use_is_audited()
+{
+    const CANARY: &str = "canary-7d41b2e0-stored";
+    let stack = stack().await;
+    let put = |name: &str, body: Value| {
+        let http = stack.http.clone();
+        let path = format!("/api/v1/secrets/{name}");
+        async move {
+            http.send(
+                http::Method::PUT,
+                &path,
+                &[("content-type", "application/json")],
+                body.to_string(),
+            )
+            .await
         }
-    }
-    let path = stack
-        .database_url
-        .trim_start_matches("sqlite://")
-        .split('?')
-        .next()
-        .expect("a path")
-        .to_owned();
-    let mut scanned = 0;
-    for file in [path.clone(), format!("{path}-wal")] {
-        if let Ok(bytes) = std::fs::read(&file) {
-            scanned += bytes.len();
-            assert!(
-                !String::from_utf8_lossy(&bytes).contains(CANARY),
-                "{file} holds the secret"
-            );
-        }
-    }
-    assert!(scanned > 0, "no history file at {path}");
+    };
+    assert_problem(
+        &put("db", json!({"value": CANARY, "usable_by": []})).await,
+        StatusCode::BAD_REQUEST,
+        Some("usable_by"),
+    );
+    assert_problem(
+        &put("db.main", json!({"value": CANARY, "usable_by": ["admin"]})).await,
+        StatusCode::BAD_REQUEST,
+        Some("name"),
+    );
+    let created = put(
+        "db",
+        json!({"value": "first", "usable_by": ["admin"], "description": "the main database"}),
+    )
+    .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.text());
+    let replaced = put("db", json!({"value": CANARY, "usable_by": ["admin"]})).await;
+    assert_eq!(replaced.status, StatusCode::OK, "{}", replaced.text());
+    let shown = replaced.json();
+    assert_eq!(shown["key_id"], "test", "{shown}");
+    assert_eq!(shown["usable_by"], json!(["admin"]), "{shown}");
+    assert!(shown.get("value").is_none(), "{shown}");
+    assert_eq!(shown["created_at"], created.json()["created_at"], "{shown}");
+    let listed = stack.http.get("/api/v1/secrets").await.json();
+    assert_eq!(listed["secrets"][0]["name"], "db", "{listed}");
+
+    // The admin's job, over REST, gets it.
+    let id = stack
+        .submit(json!({
+            "command": format!(
+                "test \"$DB\" = \"{}\"\"{}\" && echo matched",
+                &CANARY[..10],
+                &CANARY[10..]
+            ),
+            "secret_refs": {"DB": "db"},
+        }))
+        .await;
+    let job = stack.finished(&id).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["spec"]["secret_refs"], json!({"DB": "db"}), "{job}");
+    let logs = stack
+        .http
+        .get(&format!("/api/v1/jobs/{id}/logs"))
+        .await
+        .json();
+    assert_eq!(
+        logs["stdout"], "matched\n",
+        "the process did not get it: {logs}"
+    );
+
+    // A stored secret that is not there is refused at once, naming the variable.
+    let missing = stack
+        .http
+        .post_json(
+            "/api/v1/jobs",
+            &json!({"command": "true", "secret_refs": {"DB": "nope"}}).to_string(),
+        )
+        .await;
+    assert_problem(
+        &missing,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        Some("secret_refs.DB"),
+    );
+
+    // A job sent on NATS by no one it lists fails to start, saying why, without the value.
+    let client = stack.server.client().await;
+    let reply = client
+        .request(
+            capstan_protocol::subjects::CREATE,
+            json!({"command": "echo ran", "secret_refs": {"DB": "db"}})
+                .to_string()
+                .into(),
+        )
+        .await
+        .expect("a reply");
+    let reply: Value = serde_json::from_slice(&reply.payload).expect("JSON");
+    let foreign = reply["ok"]["id"].as_str().expect("an id").to_owned();
+    let job = stack.finished(&foreign).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    let error = job["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("secret_refs.DB") && error.contains("is not for jobs submitted by"),
+        "{job}"
+    );
+    let logs = stack
+        .http
+        .get(&format!("/api/v1/jobs/{foreign}/logs"))
+        .await
+        .json();
+    assert_eq!(logs["stdout"], "", "it ran: {logs}");
+
+    // Each use and each refusal is on the audit trail, and so is each change.
+    let audit = wait_until(
+        "the uses of the secret audited",
+        Duration::from_secs(30),
+        || async {
+            let audit = stack
+                .http
+                .get("/api/v1/audit?resource=secret/db&limit=50")
+                .await
+                .json();
+            let records = audit["records"].as_array()?.clone();
+            let read = |outcome: &str| {
+                records
+                    .iter()
+                    .any(|r| r["action"] == "secret.read" && r["outcome"] == outcome)
+            };
+            (read("success") && read("denied")).then_some(records)
+        },
+    )
+    .await;
+    let puts = audit.iter().filter(|r| r["action"] == "secret.put").count();
+    assert!(puts >= 2, "{audit:?}");
+    let used = audit
+        .iter()
+        .find(|r| r["action"] == "secret.read" && r["outcome"] == "success")
+        .expect("a use");
+    assert_eq!(used["principal"], "admin", "{used}");
+    assert!(
+        used["detail"].as_str().unwrap_or_default().contains(&id),
+        "{used}"
+    );
+
+    stack
+        .assert_nowhere_in_clear(
+            CANARY,
+            &[
+                "/api/v1/secrets".to_owned(),
+                "/api/v1/secrets/db".to_owned(),
+                format!("/api/v1/jobs/{id}"),
+                format!("/api/v1/jobs/{foreign}"),
+                "/api/v1/audit?resource=secret/db&limit=50".to_owned(),
+            ],
+        )
+        .await;
+
+    let gone = stack
+        .http
+        .send(http::Method::DELETE, "/api/v1/secrets/db", &[], "")
+        .await;
+    assert_eq!(gone.status, StatusCode::NO_CONTENT, "{}", gone.text());
+    assert_eq!(
+        stack.http.get("/api/v1/secrets/db").await.status,
+        StatusCode::NOT_FOUND
+    );
     stack.stop().await;
 }
 

@@ -4,7 +4,7 @@
 //!
 //! Module map: `membership` talks to the registry; `worker` pulls dispatches and carries each
 //! attempt from claim to acknowledgement (its modules: `pull`, `attempt`, `control`, `held`);
-//! `runner` supervises one process; `orphans` finds the job processes a crashed predecessor
+//! `runner` supervises one process, with the secrets `secrets` opens for it; `orphans` finds the job processes a crashed predecessor
 //! left running, so a restarted executor can kill them; [`error`] says why the executor
 //! stopped when it was not asked to.
 
@@ -12,6 +12,7 @@ pub mod error;
 mod membership;
 pub mod orphans;
 pub mod runner;
+pub mod secrets;
 mod worker;
 
 use std::collections::HashMap;
@@ -290,7 +291,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), erro
             js: mesh.js.clone(),
             directories: Default::default(),
             run_as,
-            secret_keys,
+            secrets: crate::secrets::Secrets {
+                keys: secret_keys,
+                stored: mesh.secrets.clone(),
+                events: mesh.events.clone(),
+                node: node.clone(),
+            },
         },
         capacity,
         config.ack_wait,

@@ -52,8 +52,8 @@ pub struct Runner {
     pub directories: std::sync::Arc<DirectoryPool>,
     /// The user jobs run as, when not the executor's own.
     pub run_as: Option<JobUser>,
-    /// The keys opening job secrets.
-    pub secret_keys: Option<capstan_secrets::KeyRing>,
+    /// Opens job secrets.
+    pub secrets: crate::secrets::Secrets,
 }
 
 /// The user and group a job runs as.
@@ -183,25 +183,14 @@ impl Runner {
         }
         command.envs(&spec.env);
         // Secrets are opened here, in memory, and handed to the process only.
-        for (name, sealed) in &spec.secrets {
-            let opened = match &self.secret_keys {
-                Some(keys) => keys.open(record.id, name, sealed),
-                None => {
-                    return failed_to_start(format!(
-                        "secret `{name}` cannot be opened: this executor has no secret keys \
-                         (CAPSTAN_SECRET_KEYS)"
-                    ));
-                }
-            };
-            match opened {
-                Ok(value) => {
-                    command.env(name, value.as_str());
-                }
-                Err(error) => {
-                    return failed_to_start(format!("secret `{name}` cannot be opened: {error}"));
-                }
-            }
+        let secrets = match self.secrets.open(record).await {
+            Ok(secrets) => secrets,
+            Err(error) => return failed_to_start(error),
+        };
+        for (name, value) in &secrets {
+            command.env(name, value.as_str());
         }
+        drop(secrets);
         command
             .env(job_env::JOB_ID, record.id.to_string())
             .env(job_env::ATTEMPT, record.attempt.to_string())

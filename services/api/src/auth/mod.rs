@@ -54,11 +54,15 @@ pub enum Permission {
     UsersManage,
     /// Read the audit trail.
     AuditRead,
+    /// List the stored secrets (names and users, never values).
+    SecretsRead,
+    /// Store, replace and delete secrets.
+    SecretsManage,
 }
 
 impl Permission {
     /// Every permission.
-    pub const ALL: [Permission; 13] = [
+    pub const ALL: [Permission; 15] = [
         Self::JobsRead,
         Self::JobsSecrets,
         Self::JobsSubmit,
@@ -72,6 +76,8 @@ impl Permission {
         Self::TokensManage,
         Self::UsersManage,
         Self::AuditRead,
+        Self::SecretsRead,
+        Self::SecretsManage,
     ];
 
     /// The permission's name, as problems and documentation show it.
@@ -90,6 +96,8 @@ impl Permission {
             Self::TokensManage => "tokens:manage",
             Self::UsersManage => "users:manage",
             Self::AuditRead => "audit:read",
+            Self::SecretsRead => "secrets:read",
+            Self::SecretsManage => "secrets:manage",
         }
     }
 }
@@ -105,7 +113,7 @@ impl fmt::Display for Permission {
 pub enum Role {
     /// Reads jobs, output, events and nodes.
     Viewer,
-    /// A viewer who also submits jobs and cancels its own.
+    /// A viewer who also submits jobs, cancels its own, and lists the stored secrets.
     Operator,
     /// Everything.
     Admin,
@@ -121,6 +129,7 @@ const OPERATOR: &[Permission] = &[
     P::TokensCreate,
     P::JobsSubmit,
     P::JobsCancelOwn,
+    P::SecretsRead,
 ];
 
 impl Role {

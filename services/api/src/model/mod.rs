@@ -4,6 +4,7 @@
 //! types.
 
 pub mod access;
+pub mod secrets;
 
 use std::collections::BTreeMap;
 
@@ -32,6 +33,10 @@ pub struct JobSubmission {
     /// executor running an attempt opens them, and no response shows them again (the job lists
     /// their names). Needs the API to have secret keys (`CAPSTAN_SECRET_KEYS`).
     pub secrets: Option<BTreeMap<String, String>>,
+    /// Secret environment variables from secrets an administrator stored
+    /// (`/api/v1/secrets`): variable name → stored secret's name. The executor running an
+    /// attempt opens them, if the stored secret lists the job's submitter in `usable_by`.
+    pub secret_refs: Option<BTreeMap<String, String>>,
     /// Absolute working directory; a fresh per-job directory when absent.
     pub cwd: Option<String>,
     /// The job's payload, written to its standard input.
@@ -149,6 +154,7 @@ impl From<JobSubmission> for JobSpecWire {
             argv: body.argv,
             env: body.env,
             secrets: body.secrets,
+            secret_refs: body.secret_refs,
             cwd: body.cwd,
             stdin: body.stdin,
             timeout: body.timeout,
@@ -174,6 +180,8 @@ pub struct JobSpecView {
     pub env: BTreeMap<String, String>,
     /// The names of its secret variables (their values are never shown).
     pub secrets: Vec<String>,
+    /// Its variables from stored secrets: variable name → stored secret's name.
+    pub secret_refs: BTreeMap<String, String>,
     /// Working directory.
     pub cwd: Option<String>,
     /// Timeout in seconds.
@@ -201,6 +209,7 @@ impl From<JobSpecWire> for JobSpecView {
             argv: wire.argv,
             env: wire.env.unwrap_or_default(),
             secrets: wire.secrets.unwrap_or_default().into_keys().collect(),
+            secret_refs: wire.secret_refs.unwrap_or_default(),
             cwd: wire.cwd,
             timeout: wire.timeout,
             labels: wire.labels.unwrap_or_default(),

@@ -63,9 +63,11 @@ impl JobsApi {
         // The id is chosen first: sealed secrets are bound to it.
         let id = JobId::generate();
         let spec = body.seal_and_check(id, state.secret_keys.as_ref())?;
+        let submitted_by = caller.submitted_by();
+        super::secrets::check_refs(state, &auth, &spec, &submitted_by.principal).await?;
         let created = state
             .submitter
-            .submit_with_id(id, &spec, Some(&caller.submitted_by()))
+            .submit_with_id(id, &spec, Some(&submitted_by))
             .await?;
         auth.resource(format!("job/{}", created.id));
         let location = format!("/api/v1/jobs/{}", created.id);

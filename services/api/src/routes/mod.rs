@@ -8,13 +8,14 @@
 //! role.
 //!
 //! Module map: `jobs`, `nodes`, `operations` (health, metrics), `auth` (login, refresh,
-//! logout), `users`, `tokens`, `audit`.
+//! logout), `users`, `tokens`, `secrets`, `audit`.
 
 mod audit;
 mod auth;
 mod jobs;
 mod nodes;
 mod operations;
+mod secrets;
 mod tokens;
 mod users;
 
@@ -44,6 +45,8 @@ enum Tag {
     Users,
     /// API tokens for machines.
     Tokens,
+    /// Secrets stored for jobs to name.
+    Secrets,
     /// The audit trail.
     Audit,
     /// Health, readiness and metrics.
@@ -63,6 +66,7 @@ type Apis = (
     auth::AuthApi,
     users::UsersApi,
     tokens::TokensApi,
+    secrets::SecretsApi,
     audit::AuditApi,
     operations::OperationsApi,
 );
@@ -74,6 +78,7 @@ fn apis(state: Option<Arc<State>>) -> Apis {
         auth::AuthApi(state.clone()),
         users::UsersApi(state.clone()),
         tokens::TokensApi(state.clone()),
+        secrets::SecretsApi(state.clone()),
         audit::AuditApi(state.clone()),
         operations::OperationsApi(state),
     )
