@@ -47,6 +47,22 @@ enum SecretsCommand {
         #[arg(long)]
         id: String,
     },
+    /// Seal again, under the first secret key, every stored secret and the secrets of every
+    /// job that has not ended, so that the keys after it can be retired. Run it as the admin
+    /// identity after giving the API and every executor the new list (new key first, old keys
+    /// after it); retire an old key once this reports nothing left under it. Audited.
+    Rotate {
+        /// Where NATS is, and as whom (the admin identity).
+        #[command(flatten)]
+        nats: capstan_mesh::NatsArgs,
+        /// The key list, new key first.
+        #[command(flatten)]
+        keys: capstan_secrets::SecretKeyArgs,
+        /// How long to wait for jobs waiting unplaced (whose placement may be under way) to
+        /// move on before reporting them, e.g. `60s`.
+        #[arg(long, default_value = "60s", value_parser = capstan_mesh::config::parse_duration)]
+        wait: std::time::Duration,
+    },
 }
 
 #[derive(Subcommand)]
@@ -148,6 +164,54 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             command: SecretsCommand::Key { id },
         } => {
             println!("{}", capstan_secrets::KeyRing::generate_entry(&id)?);
+        }
+        Command::Secrets {
+            command: SecretsCommand::Rotate { nats, keys, wait },
+        } => {
+            let keys = keys.load()?.ok_or_else(|| {
+                anyhow::anyhow!(
+                    "give the key list: CAPSTAN_SECRET_KEYS or CAPSTAN_SECRET_KEYS_FILE"
+                )
+            })?;
+            let shutdown = capstan_mesh::shutdown::on_signal();
+            let mesh =
+                within_connect_time(&nats, capstan_mesh::Mesh::connect(&nats, &ADMIN, &shutdown))
+                    .await?;
+            let rotated = crate::rotate::rotate(&mesh, &keys, wait).await;
+            let mut record = AuditRecord::new(AuditAction::SecretRotate, AuditOutcome::Success);
+            record.principal = Some(operator());
+            record.via = Some(AuthMethod::Cli);
+            record.resource = Some(format!("key/{}", keys.sealing_key()));
+            match &rotated {
+                Ok(rotated) => {
+                    record.detail = Some(rotated.summary(keys.sealing_key()));
+                    if !rotated.complete() {
+                        record.outcome = AuditOutcome::Failure;
+                    }
+                }
+                Err(error) => {
+                    record.outcome = AuditOutcome::Error;
+                    record.detail = Some(error.to_string());
+                }
+            }
+            mesh.events
+                .audit(&record)
+                .await
+                .context("the rotation could not be audited")?;
+            let rotated = rotated?;
+            println!("{}", rotated.summary(keys.sealing_key()));
+            for job in &rotated.waiting {
+                println!("still waiting unplaced: job {job}");
+            }
+            for what in &rotated.unopenable {
+                println!("does not open: {what}");
+            }
+            if !rotated.complete() {
+                anyhow::bail!(
+                    "some values are still sealed under older keys: keep those keys listed, and \
+                     run this again"
+                );
+            }
         }
         Command::Nats {
             command: NatsCommand::Apply { nats, max_bytes },

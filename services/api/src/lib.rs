@@ -28,6 +28,7 @@ pub mod problem;
 pub mod projection;
 mod purge;
 pub mod rebuild;
+pub mod rotate;
 mod routes;
 mod submission;
 

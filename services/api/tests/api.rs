@@ -20,13 +20,15 @@ struct Stack {
     _work: tempfile::TempDir,
 }
 
+/// The secret key the API and the executor of these tests share, as a key list entry.
+fn test_key_entry() -> &'static str {
+    static ENTRY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ENTRY.get_or_init(|| capstan_secrets::KeyRing::generate_entry("test").expect("a key"))
+}
+
 /// The secret keys the API and the executor of these tests share.
 fn test_keys() -> capstan_secrets::KeyRing {
-    static ENTRY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    ENTRY
-        .get_or_init(|| capstan_secrets::KeyRing::generate_entry("test").expect("a key"))
-        .parse()
-        .expect("a key list")
+    test_key_entry().parse().expect("a key list")
 }
 
 async fn start_api(
@@ -513,6 +515,101 @@ async fn a_stored_secret_reaches_only_the_jobs_of_the_submitters_it_lists_and_ea
         stack.http.get("/api/v1/secrets/db").await.status,
         StatusCode::NOT_FOUND
     );
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn a_rotation_seals_stored_secrets_and_waiting_jobs_under_the_new_key_and_leaves_the_rest() {
+    let stack = stack().await;
+    let stored = stack
+        .http
+        .send(
+            http::Method::PUT,
+            "/api/v1/secrets/db",
+            &[("content-type", "application/json")],
+            json!({"value": "stored-value", "usable_by": ["*"]}).to_string(),
+        )
+        .await;
+    assert_eq!(stored.status, StatusCode::CREATED, "{}", stored.text());
+    let done = stack
+        .submit(json!({"command": "true", "secrets": {"A": "done-value"}}))
+        .await;
+    assert_eq!(stack.finished(&done).await["status"], "succeeded");
+    let later = stack
+        .submit(json!({"command": "true", "delay": 3600, "secrets": {"A": "later-value"}}))
+        .await;
+    // No node has this label: the job waits unplaced, where a placement may be under way.
+    let nowhere = stack
+        .submit(json!({"command": "true", "labels": {"zone": "mars"}, "secrets": {"A": "x"}}))
+        .await;
+    let mesh = capstan_mesh::Mesh::open(stack.server.client().await)
+        .await
+        .expect("the mesh");
+    let record = |id: String| {
+        let jobs = mesh.jobs.clone();
+        async move { jobs.get(&id).await.expect("read").expect("a record").value }
+    };
+    wait_until("the jobs to wait", Duration::from_secs(30), || async {
+        let waiting = record(later.clone()).await.status == capstan_protocol::JobStatus::Scheduled
+            && record(nowhere.clone()).await.is_unplaced();
+        waiting.then_some(())
+    })
+    .await;
+
+    let new_entry = capstan_secrets::KeyRing::generate_entry("k2").expect("a key");
+    let rotating: capstan_secrets::KeyRing = format!("{new_entry},{}", test_key_entry())
+        .parse()
+        .expect("keys");
+    let rotated = capstan_api::rotate::rotate(&mesh, &rotating, Duration::ZERO)
+        .await
+        .expect("rotates");
+    assert_eq!(rotated.stored, 1, "{rotated:?}");
+    assert_eq!((rotated.jobs, rotated.job_secrets), (1, 1), "{rotated:?}");
+    assert_eq!(rotated.finished, 1, "{rotated:?}");
+    assert_eq!(rotated.waiting.len(), 1, "{rotated:?}");
+    assert_eq!(rotated.waiting[0].to_string(), nowhere, "{rotated:?}");
+    assert!(rotated.unopenable.is_empty(), "{rotated:?}");
+    assert!(!rotated.complete());
+
+    // What was sealed again opens with the new key alone.
+    let only_new: capstan_secrets::KeyRing = new_entry.parse().expect("keys");
+    let waiting = record(later.clone()).await;
+    let sealed = &waiting.spec.secrets["A"];
+    assert_eq!(sealed.key_id(), "k2");
+    assert_eq!(
+        only_new
+            .open(waiting.id, "A", sealed)
+            .expect("opens")
+            .as_str(),
+        "later-value"
+    );
+    assert_eq!(
+        waiting.status,
+        capstan_protocol::JobStatus::Scheduled,
+        "nothing else changed"
+    );
+    let secret = mesh
+        .secrets
+        .get("db")
+        .await
+        .expect("read")
+        .expect("stored")
+        .value;
+    assert_eq!(
+        only_new
+            .open_stored("db", &secret.sealed)
+            .expect("opens")
+            .as_str(),
+        "stored-value"
+    );
+    assert_eq!(
+        stack.http.get("/api/v1/secrets/db").await.json()["key_id"],
+        "k2"
+    );
+    let again = capstan_api::rotate::rotate(&mesh, &rotating, Duration::ZERO)
+        .await
+        .expect("rotates");
+    assert_eq!((again.stored, again.jobs), (0, 0), "{again:?}");
     stack.stop().await;
 }
 
