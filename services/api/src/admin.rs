@@ -46,6 +46,11 @@ enum SecretsCommand {
         /// The key's id, named in every value it seals (1 to 32 letters, digits, `-`, `_`).
         #[arg(long)]
         id: String,
+        /// Write the key list to this file (readable by its owner only) instead of printing
+        /// it, unless the file holds a key list already, which is kept: what a deployment's
+        /// first start runs, for CAPSTAN_SECRET_KEYS_FILE.
+        #[arg(long, value_name = "FILE")]
+        out: Option<std::path::PathBuf>,
     },
     /// Seal again, under the first secret key, every stored secret and the secrets of every
     /// job that has not ended, so that the keys after it can be retired. Run it as the admin
@@ -161,9 +166,33 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Command::Secrets {
-            command: SecretsCommand::Key { id },
+            command: SecretsCommand::Key { id, out: None },
         } => {
             println!("{}", capstan_secrets::KeyRing::generate_entry(&id)?);
+        }
+        Command::Secrets {
+            command:
+                SecretsCommand::Key {
+                    id,
+                    out: Some(path),
+                },
+        } => {
+            if path.exists() {
+                let kept = capstan_secrets::KeyRing::from_file(&path)?;
+                println!(
+                    "{} holds secret keys already (sealing with `{}`): kept",
+                    path.display(),
+                    kept.sealing_key()
+                );
+            } else {
+                let entry = zeroize::Zeroizing::new(capstan_secrets::KeyRing::generate_entry(&id)?);
+                write_private(&path, entry.as_bytes())
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+                println!(
+                    "{}: a new secret key list, sealing with `{id}`",
+                    path.display()
+                );
+            }
         }
         Command::Secrets {
             command: SecretsCommand::Rotate { nats, keys, wait },
@@ -333,6 +362,20 @@ fn parse_limit(text: &str) -> Result<(String, i64), String> {
 }
 
 /// Who runs the command, as the audit trail names them: the operating-system user and host.
+/// Writes `bytes` to a new file at `path` that only its owner may read.
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(bytes)?;
+    file.write_all(b"\n")?;
+    file.sync_all()
+}
+
 fn operator() -> String {
     let user = std::env::var("USER")
         .or_else(|_| std::env::var("LOGNAME"))

@@ -1362,3 +1362,32 @@ async fn a_full_submissions_stream_refuses_new_jobs_with_a_clear_problem_and_run
     shutdown.cancel();
     api.await.expect("joins").expect("clean exit");
 }
+
+#[tokio::test]
+async fn a_secret_key_file_is_written_once_for_its_owner_only_and_kept_after() {
+    use clap::Parser as _;
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().expect("a dir");
+    let path = dir.path().join("keys");
+    let key = |id: &str| {
+        let cli = capstan_api::admin::Cli::try_parse_from([
+            "capstan",
+            "secrets",
+            "key",
+            "--id",
+            id,
+            "--out",
+            path.to_str().expect("a path"),
+        ])
+        .expect("the command parses");
+        capstan_api::admin::run(cli)
+    };
+    key("k1").await.expect("writes");
+    let first = std::fs::read_to_string(&path).expect("written");
+    let mode = std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let keys = capstan_secrets::KeyRing::from_file(&path).expect("a key list");
+    assert_eq!(keys.sealing_key(), "k1");
+    key("k2").await.expect("keeps");
+    assert_eq!(std::fs::read_to_string(&path).expect("kept"), first);
+}

@@ -344,7 +344,8 @@ fn compose_nats_admits_only_the_identities_init_writes_and_each_service_connects
     assert_eq!(strings(&topology["command"]), ["capstan", "nats", "apply"]);
     let mut executors = HashSet::new();
     for (name, binary, service) in capstan_services(&compose) {
-        if binary == "capstan" && name == "nats-init" {
+        // These two write files and connect to nothing.
+        if binary == "capstan" && ["nats-init", "secret-keys"].contains(&name.as_str()) {
             continue;
         }
         let identity = match binary.as_str() {
@@ -383,6 +384,43 @@ fn compose_nats_admits_only_the_identities_init_writes_and_each_service_connects
     let mut written = nodes.clone();
     written.sort();
     assert_eq!(written, wanted, "identities for nodes compose does not run");
+}
+
+#[test]
+fn compose_gives_the_secret_keys_to_the_api_and_the_executors_only() {
+    let compose = compose();
+    let keys = strings(&service(&compose, "secret-keys")["command"]);
+    assert_eq!(keys[..3], ["capstan", "secrets", "key"], "{keys:?}");
+    let file = keys
+        .windows(2)
+        .find(|pair| pair[0] == "--out")
+        .map(|pair| pair[1].clone())
+        .expect("secret-keys names its file");
+    let dir = file.rsplit_once('/').expect("a directory").0.to_owned();
+    for (name, binary, service) in capstan_services(&compose) {
+        let holds = matches!(binary.as_str(), "capstan-api" | "capstan-executor");
+        let mounted = strings(merged(&service, "volumes"))
+            .iter()
+            .any(|volume| volume.ends_with(&format!(":{dir}:ro")));
+        let variable = variable(&name, &service, "CAPSTAN_SECRET_KEYS_FILE");
+        if holds {
+            assert_eq!(
+                variable.as_deref(),
+                Some(file.as_str()),
+                "{name} needs the keys"
+            );
+            assert!(mounted, "{name} must see the keys, read-only");
+            assert!(
+                !merged(&service, "depends_on")["secret-keys"].is_badvalue(),
+                "{name} must start after the keys are written"
+            );
+        } else if name != "secret-keys" {
+            assert!(
+                variable.is_none() && !mounted,
+                "{name} must not hold the keys"
+            );
+        }
+    }
 }
 
 #[test]
