@@ -32,6 +32,7 @@ pub struct ReceivedSpan {
 pub struct OtlpReceiver {
     port: u16,
     spans: Arc<Mutex<Vec<ReceivedSpan>>>,
+    raw: Arc<Mutex<Vec<u8>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -43,13 +44,19 @@ impl OtlpReceiver {
             .expect("a loopback port for the OTLP receiver");
         let port = listener.local_addr().expect("bound").port();
         let spans = Arc::new(Mutex::new(Vec::new()));
-        let kept = spans.clone();
+        let raw = Arc::new(Mutex::new(Vec::new()));
+        let (kept, kept_raw) = (spans.clone(), raw.clone());
         let task = tokio::spawn(async move {
             while let Ok((connection, _)) = listener.accept().await {
-                tokio::spawn(serve(connection, kept.clone()));
+                tokio::spawn(serve(connection, kept.clone(), kept_raw.clone()));
             }
         });
-        Self { port, spans, task }
+        Self {
+            port,
+            spans,
+            raw,
+            task,
+        }
     }
 
     /// The value for `OTEL_EXPORTER_OTLP_ENDPOINT`.
@@ -60,6 +67,12 @@ impl OtlpReceiver {
     /// Every span received so far.
     pub fn spans(&self) -> Vec<ReceivedSpan> {
         self.spans.lock().expect("not poisoned").clone()
+    }
+
+    /// Every export request's body as received (protobuf, which keeps strings as they are):
+    /// for scanning everything the services exported, span events and attributes included.
+    pub fn raw(&self) -> Vec<u8> {
+        self.raw.lock().expect("not poisoned").clone()
     }
 
     /// The spans of one trace.
@@ -78,7 +91,11 @@ impl Drop for OtlpReceiver {
 }
 
 /// Serves one keep-alive connection: requests with a `Content-Length` or chunked body.
-async fn serve(connection: TcpStream, spans: Arc<Mutex<Vec<ReceivedSpan>>>) {
+async fn serve(
+    connection: TcpStream,
+    spans: Arc<Mutex<Vec<ReceivedSpan>>>,
+    raw: Arc<Mutex<Vec<u8>>>,
+) {
     let (read, mut write) = connection.into_split();
     let mut reader = BufReader::new(read);
     loop {
@@ -120,6 +137,7 @@ async fn serve(connection: TcpStream, spans: Arc<Mutex<Vec<ReceivedSpan>>>) {
             body
         };
         let status = if request_line.starts_with("POST /v1/traces") {
+            raw.lock().expect("not poisoned").extend_from_slice(&body);
             match ExportTraceServiceRequest::decode(body.as_slice()) {
                 Ok(request) => {
                     let decoded = decode(request);

@@ -677,3 +677,205 @@ async fn a_forged_dispatch_over_a_stolen_revision_runs_the_stored_spec_not_its_o
     assert_eq!(cluster.runs().get(&job.to_string()), Some(&1));
     assert!(!forged_marker.exists(), "the forged command ran");
 }
+
+/// Fails if any of `canaries` is in `text`, naming `what`.
+fn assert_clear_of(canaries: &[&str], what: &str, text: &[u8]) {
+    let text = String::from_utf8_lossy(text);
+    for canary in canaries {
+        assert!(!text.contains(canary), "{what} holds a secret in clear");
+    }
+}
+
+/// Every file under `dir`, recursively.
+fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    files
+}
+
+#[tokio::test]
+async fn canaries_sent_over_rest_and_nats_reach_their_processes_and_no_log_span_stream_or_file_holds_them()
+ {
+    const OVER_REST: &str = "canary-rest-9a41c7e0";
+    const OVER_NATS: &str = "canary-nats-2e88b0f3";
+    const STORED: &str = "canary-stored-5d13fa6b";
+    let canaries = [OVER_REST, OVER_NATS, STORED];
+    let otlp = capstan_testkit::OtlpReceiver::start().await;
+    let entry = capstan_secrets::KeyRing::generate_entry("e2e").expect("a key");
+    let keys: capstan_secrets::KeyRing = entry.parse().expect("a key list");
+    let mut cluster = Cluster::start().await;
+    cluster.set_env("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.endpoint());
+    cluster.set_env("OTEL_BSP_SCHEDULE_DELAY", "100");
+    // Everything the services log at debug, where a leak would most likely be.
+    cluster.set_env(
+        "CAPSTAN_LOG",
+        "debug,async_nats=info,hyper=info,hyper_util=info,h2=info,sqlx=info,sea_orm=info,\
+         reqwest=info",
+    );
+    cluster.set_env("CAPSTAN_SECRET_KEYS", entry.clone());
+    cluster.registry("registry-1");
+    cluster.scheduler("scheduler-1");
+    cluster.executor("exec-1", 2, &[]);
+    let base = cluster.api("api-1").await;
+    cluster.wait_nodes_up(&["exec-1"]).await;
+    let http = cluster.http(&base);
+    // Each job compares its variables in two halves: no command holds a canary.
+    let check = |variable: &str, canary: &str| {
+        format!(
+            "test \"${variable}\" = \"{}\"\"{}\"",
+            &canary[..8],
+            &canary[8..]
+        )
+    };
+
+    let stored = http
+        .send(
+            http::Method::PUT,
+            "/api/v1/secrets/db",
+            &[("content-type", "application/json")],
+            serde_json::json!({"value": STORED, "usable_by": ["nats:client"]}).to_string(),
+        )
+        .await;
+    assert_eq!(
+        stored.status,
+        http::StatusCode::CREATED,
+        "{}",
+        stored.text()
+    );
+    let over_rest = http
+        .post_json(
+            "/api/v1/jobs",
+            &serde_json::json!({
+                "command": format!("{} && echo matched", check("TOKEN", OVER_REST)),
+                "secrets": {"TOKEN": OVER_REST},
+            })
+            .to_string(),
+        )
+        .await;
+    assert_eq!(
+        over_rest.status,
+        http::StatusCode::ACCEPTED,
+        "{}",
+        over_rest.text()
+    );
+    let over_rest: JobId = over_rest.json()["id"]
+        .as_str()
+        .expect("an id")
+        .parse()
+        .expect("a job id");
+
+    // A client holding a key seals its own secret for the id it picks, and names the stored one.
+    let over_nats = JobId::generate();
+    let sealed = keys.seal(over_nats, "T", OVER_NATS).expect("sealed");
+    let client = connect_as(&cluster, &Identity::client()).await;
+    let mut id = async_nats::HeaderMap::new();
+    id.insert(headers::JOB_ID, over_nats.to_string().as_str());
+    let body = serde_json::json!({
+        "command": format!("{} && {} && echo matched", check("T", OVER_NATS), check("DB", STORED)),
+        "secrets": {"T": sealed.as_str()},
+        "secret_refs": {"DB": "db"},
+    });
+    jetstream::new(client.clone())
+        .publish_with_headers(subjects::SUBMIT, id, body.to_string().into())
+        .await
+        .expect("sent")
+        .await
+        .expect("stored");
+
+    let ended = cluster
+        .wait_terminal(&[over_rest, over_nats], Duration::from_secs(60))
+        .await;
+    for record in &ended {
+        assert_eq!(record.status, JobStatus::Succeeded, "{record:?}");
+    }
+    for job in [over_rest, over_nats] {
+        wait_until("the job's output", Duration::from_secs(30), || async {
+            let logs = http.get(&format!("/api/v1/jobs/{job}/logs")).await.json();
+            (logs["stdout"] == "matched\n").then_some(())
+        })
+        .await;
+    }
+    // The spans of both jobs' executions are exported.
+    wait_until(
+        "the executor's spans of both jobs",
+        Duration::from_secs(30),
+        || async {
+            let spans = otlp.spans();
+            let ran = |job: JobId| {
+                spans.iter().any(|span| {
+                    span.service == "capstan-executor"
+                        && span.attributes.get("job_id") == Some(&job.to_string())
+                })
+            };
+            (ran(over_rest) && ran(over_nats)).then_some(())
+        },
+    )
+    .await;
+
+    // Nowhere in clear: any service's log, the server's, every exported span, every stream
+    // and bucket, every file the services wrote, and what the API answers.
+    for name in ["registry-1", "scheduler-1", "exec-1", "api-1"] {
+        let log = cluster.process_log(name);
+        assert!(!log.is_empty(), "{name} logged nothing");
+        assert_clear_of(&canaries, &format!("the log of {name}"), log.as_bytes());
+    }
+    assert_clear_of(&canaries, "the server's log", cluster.nats.log().as_bytes());
+    let exported = otlp.raw();
+    assert!(!exported.is_empty());
+    assert_clear_of(&canaries, "the exported spans", &exported);
+    let js = jetstream::new(cluster.client().await);
+    let mut names = js.stream_names();
+    let mut scanned = 0;
+    while let Some(name) = names.next().await {
+        let name = name.expect("a stream name");
+        let mut stream = js.get_stream(&name).await.expect("the stream");
+        let state = stream.info().await.expect("info").state.clone();
+        for seq in state.first_sequence..=state.last_sequence {
+            if let Ok(message) = stream.get_raw_message(seq).await {
+                scanned += 1;
+                let what = format!("{name} #{seq} ({})", message.subject);
+                assert_clear_of(&canaries, &what, &message.payload);
+                assert_clear_of(
+                    &canaries,
+                    &what,
+                    format!("{:?}", message.headers).as_bytes(),
+                );
+            }
+        }
+    }
+    assert!(scanned > 10, "only {scanned} messages");
+    let files = files_under(&cluster.dir());
+    assert!(files.iter().any(|f| f.to_string_lossy().contains("api-1")));
+    for file in files {
+        if let Ok(bytes) = std::fs::read(&file) {
+            assert_clear_of(&canaries, &file.display().to_string(), &bytes);
+        }
+    }
+    for path in [
+        format!("/api/v1/jobs/{over_rest}"),
+        format!("/api/v1/jobs/{over_nats}"),
+        format!("/api/v1/jobs/{over_nats}/events"),
+        "/api/v1/jobs?limit=10".to_owned(),
+        "/api/v1/secrets".to_owned(),
+        "/api/v1/audit?limit=200".to_owned(),
+    ] {
+        assert_clear_of(&canaries, &path, http.get(&path).await.text().as_bytes());
+    }
+    // The client's use of the stored secret is on the audit trail, in its name.
+    let audit = http
+        .get("/api/v1/audit?action=secret.read&limit=10")
+        .await
+        .json();
+    assert_eq!(audit["records"][0]["principal"], "nats:client", "{audit}");
+    assert_eq!(audit["records"][0]["outcome"], "success", "{audit}");
+}
