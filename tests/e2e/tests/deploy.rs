@@ -397,6 +397,12 @@ fn compose_gives_the_secret_keys_to_the_api_and_the_executors_only() {
         .map(|pair| pair[1].clone())
         .expect("secret-keys names its file");
     let dir = file.rsplit_once('/').expect("a directory").0.to_owned();
+    // A new volume takes its mount point's owner from the image: the unprivileged user must
+    // own it to write the keys there.
+    let owned = read("deploy/Dockerfile")
+        .lines()
+        .any(|line| line.contains("chown capstan") && line.contains(dir.as_str()));
+    assert!(owned, "the image must give {dir} to its user");
     for (name, binary, service) in capstan_services(&compose) {
         let holds = matches!(binary.as_str(), "capstan-api" | "capstan-executor");
         let mounted = strings(merged(&service, "volumes"))

@@ -871,6 +871,10 @@ async fn canaries_sent_over_rest_and_nats_reach_their_processes_and_no_log_span_
     ] {
         assert_clear_of(&canaries, &path, http.get(&path).await.text().as_bytes());
     }
+    // Listing the stored secrets works under the API's permissions, and shows no value.
+    let listed = http.get("/api/v1/secrets").await.json();
+    assert_eq!(listed["secrets"][0]["name"], "db", "{listed}");
+    assert_eq!(listed["secrets"][0]["key_id"], "e2e", "{listed}");
     // The client's use of the stored secret is on the audit trail, in its name.
     let audit = http
         .get("/api/v1/audit?action=secret.read&limit=10")
