@@ -35,8 +35,17 @@ fn seq_of(seq: u64) -> i64 {
 
 fn job_row(item: &Sequenced) -> job::ActiveModel {
     let record = &item.event.record;
-    let mut spec = record.spec.clone();
+    let mut spec = capstan_protocol::spec::JobSpecWire::from(record.spec.clone());
     spec.stdin = None;
+    // The names of its secrets, not their sealed values: nothing opens a secret from the
+    // history, and a retired key then leaves nothing behind here.
+    for sealed in spec
+        .secrets
+        .iter_mut()
+        .flat_map(|secrets| secrets.values_mut())
+    {
+        sealed.clear();
+    }
     let output = record.output;
     job::ActiveModel {
         id: Set(record.id.to_string()),

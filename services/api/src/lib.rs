@@ -296,11 +296,13 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
             address: config.listen.clone(),
             source: std::io::Error::other("no socket address"),
         })?;
+    // Boxed: assembling is a deep, one-off future, kept off the caller's stack (a test's
+    // runtime polls every service it starts on one thread).
     let Assembled {
         state,
         revocations,
         limits,
-    } = assemble(&config, address, &shutdown).await?;
+    } = Box::pin(assemble(&config, address, &shutdown)).await?;
     let app = app(&state, &config);
     let (mesh, history, metrics) = (
         state.mesh.clone(),
