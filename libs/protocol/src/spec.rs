@@ -309,7 +309,11 @@ impl TryFrom<JobSpecWire> for JobSpec {
         }
         if env.len() + secrets.len() + secret_refs.len() > limits::MAX_ENV {
             return Err(SpecError::new(
-                "secrets",
+                if secret_refs.is_empty() {
+                    "secrets"
+                } else {
+                    "secret_refs"
+                },
                 format!(
                     "at most {} variables with `env` and `secret_refs`",
                     limits::MAX_ENV

@@ -361,7 +361,6 @@ fn parse_limit(text: &str) -> Result<(String, i64), String> {
     Ok((name.trim().to_owned(), bytes))
 }
 
-/// Who runs the command, as the audit trail names them: the operating-system user and host.
 /// Writes `bytes` to a new file at `path` that only its owner may read.
 fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write as _;
@@ -376,6 +375,7 @@ fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     file.sync_all()
 }
 
+/// Who runs the command, as the audit trail names them: the operating-system user and host.
 fn operator() -> String {
     let user = std::env::var("USER")
         .or_else(|_| std::env::var("LOGNAME"))

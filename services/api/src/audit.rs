@@ -140,6 +140,25 @@ pub async fn project(
                 let mut accepted = Vec::with_capacity(messages.len());
                 for message in messages {
                     match wire::decode::<AuditRecord>(message.headers.as_ref(), &message.payload) {
+                        // Each identity may publish only some actions' subjects: a record
+                        // whose action is not its subject's is one it could not publish.
+                        Ok((record, _))
+                            if message.subject.as_str() != subjects::audit(record.action) =>
+                        {
+                            mesh.events
+                                .reject_stored(
+                                    subjects::Origin::Audit,
+                                    &message,
+                                    None,
+                                    capstan_protocol::RejectionCode::Forged,
+                                    Some("action".into()),
+                                    format!(
+                                        "an audit record of `{}` on another action's subject",
+                                        record.action
+                                    ),
+                                )
+                                .await;
+                        }
                         Ok((record, _)) => {
                             records.push(record);
                             accepted.push(message);

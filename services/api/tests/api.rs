@@ -146,11 +146,13 @@ impl Stack {
             names.push(name.expect("a stream name"));
         }
         assert!(names.len() >= 6, "{names:?}");
+        let mut scanned = 0;
         for name in names {
             let mut stream = js.get_stream(&name).await.expect("the stream");
             let state = stream.info().await.expect("info").state.clone();
             for seq in state.first_sequence..=state.last_sequence {
                 if let Ok(message) = stream.get_raw_message(seq).await {
+                    scanned += 1;
                     let headers = format!("{:?}", message.headers);
                     assert!(
                         !String::from_utf8_lossy(&message.payload).contains(canary)
@@ -161,6 +163,7 @@ impl Stack {
                 }
             }
         }
+        assert!(scanned > 5, "only {scanned} messages read");
         assert!(!self.history_holds(canary), "the history holds the secret");
     }
 
@@ -443,24 +446,49 @@ async fn a_stored_secret_reaches_only_the_jobs_of_the_submitters_it_lists_and_ea
         Some("secret_refs.DB"),
     );
 
-    // A job sent on NATS by no one it lists fails to start, saying why, without the value.
+    // Over REST, one the caller may not use is refused at once.
+    let theirs = put(
+        "theirs",
+        json!({"value": "x", "usable_by": ["someone-else"]}),
+    )
+    .await;
+    assert_eq!(theirs.status, StatusCode::CREATED, "{}", theirs.text());
+    let refused = stack
+        .http
+        .post_json(
+            "/api/v1/jobs",
+            &json!({"command": "true", "secret_refs": {"T": "theirs"}}).to_string(),
+        )
+        .await;
+    assert_problem(&refused, StatusCode::FORBIDDEN, None);
+
+    // A job sent on NATS by a submitter it does not list (this mesh has no NATS identities,
+    // so the header is believed) fails to start, saying why, without the value.
     let client = stack.server.client().await;
-    let reply = client
-        .request(
-            capstan_protocol::subjects::CREATE,
+    let foreign = capstan_protocol::JobId::generate().to_string();
+    let mut bob = async_nats::HeaderMap::new();
+    bob.insert(capstan_protocol::headers::JOB_ID, foreign.as_str());
+    bob.insert(
+        capstan_protocol::headers::SUBMITTED_BY,
+        r#"{"principal": "bob", "via": "password"}"#,
+    );
+    async_nats::jetstream::new(client)
+        .publish_with_headers(
+            capstan_protocol::subjects::SUBMIT,
+            bob,
             json!({"command": "echo ran", "secret_refs": {"DB": "db"}})
                 .to_string()
                 .into(),
         )
         .await
-        .expect("a reply");
-    let reply: Value = serde_json::from_slice(&reply.payload).expect("JSON");
-    let foreign = reply["ok"]["id"].as_str().expect("an id").to_owned();
+        .expect("sent")
+        .await
+        .expect("stored");
     let job = stack.finished(&foreign).await;
     assert_eq!(job["status"], "failed", "{job}");
     let error = job["error"].as_str().unwrap_or_default();
     assert!(
-        error.contains("secret_refs.DB") && error.contains("is not for jobs submitted by"),
+        error.contains("secret_refs.DB") && error.contains("is not for jobs submitted by `bob`"),
         "{job}"
     );
     let logs = stack
@@ -1399,4 +1427,48 @@ async fn a_secret_key_file_is_written_once_for_its_owner_only_and_kept_after() {
     assert_eq!(keys.sealing_key(), "k1");
     key("k2").await.expect("keeps");
     assert_eq!(std::fs::read_to_string(&path).expect("kept"), first);
+}
+
+#[tokio::test]
+async fn an_audit_record_on_another_actions_subject_is_refused_as_forged() {
+    use capstan_protocol::{AuditAction, AuditOutcome, AuditRecord, subjects};
+    let stack = stack().await;
+    let js = async_nats::jetstream::new(stack.server.client().await);
+    let publish = |subject: String, resource: &str| {
+        let mut record = AuditRecord::new(AuditAction::UserDelete, AuditOutcome::Success);
+        record.principal = Some("admin".into());
+        record.resource = Some(resource.to_owned());
+        let payload = capstan_protocol::codec::to_msgpack(&record).expect("encoded");
+        let js = js.clone();
+        async move {
+            js.publish(subject, payload.into())
+                .await
+                .expect("sent")
+                .await
+                .expect("stored");
+        }
+    };
+    // An executor may publish `secret.read` records only; this one claims a user's deletion.
+    publish(subjects::audit(AuditAction::SecretRead), "user/forged").await;
+    publish(subjects::audit(AuditAction::UserDelete), "user/genuine").await;
+    wait_until(
+        "the genuine record projected",
+        Duration::from_secs(30),
+        || async {
+            let audit = stack
+                .http
+                .get("/api/v1/audit?resource=user/genuine")
+                .await
+                .json();
+            (!audit["records"].as_array()?.is_empty()).then_some(())
+        },
+    )
+    .await;
+    let forged = stack
+        .http
+        .get("/api/v1/audit?resource=user/forged")
+        .await
+        .json();
+    assert_eq!(forged["records"], json!([]), "{forged}");
+    stack.stop().await;
 }

@@ -1,13 +1,19 @@
 //! Opening an attempt's secrets: the sealed values its spec carries (`secrets`), and the
 //! secrets an administrator stored that it names (`secret_refs`), read from the secrets bucket,
 //! served only to the submitters each one lists, and audited one by one (`secret.read`) before
-//! the value is handed over. Values exist in clear only in what [`Secrets::open`] returns,
-//! wiped from memory when it is dropped; no error names more than a secret's name.
+//! the value is handed over. Values exist in clear only in what [`Secrets::open`] returns
+//! (wiped from memory when it is dropped) and in the copy the process's command keeps until it
+//! is spawned; no error names more than a secret's name.
 
 use capstan_mesh::Bucket;
 use capstan_mesh::events::EventPublisher;
 use capstan_protocol::{AuditAction, AuditOutcome, AuditRecord, JobRecord, NodeId, StoredSecret};
 use zeroize::Zeroizing;
+
+/// Reads and audit publishes tried per stored secret before the attempt fails: with the
+/// delays doubling from [`FIRST_RETRY`], about six seconds of NATS trouble are waited out.
+const TRIES: u32 = 5;
+const FIRST_RETRY: std::time::Duration = std::time::Duration::from_millis(400);
 
 /// Environment variables holding secret values, for one process.
 pub type Opened = Vec<(String, Zeroizing<String>)>;
@@ -52,7 +58,20 @@ impl Secrets {
             opened.push((name.clone(), value));
         }
         for (variable, name) in &spec.secret_refs {
-            let read = self.read(keys, record, name).await;
+            // A passing NATS failure is waited out, not made the job's failure.
+            let mut read = self.read(keys, record, name).await;
+            let mut delay = FIRST_RETRY;
+            for _ in 1..TRIES {
+                if !read
+                    .as_ref()
+                    .is_err_and(|refused| refused.outcome == AuditOutcome::Error)
+                {
+                    break;
+                }
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+                read = self.read(keys, record, name).await;
+            }
             self.audit(record, variable, name, &read).await?;
             let value = read.map_err(|refused| {
                 format!(
@@ -126,8 +145,22 @@ impl Secrets {
             detail.push_str(&format!(": {}", refused.reason));
         }
         audit.detail = Some(detail);
-        self.events.audit(&audit).await.map_err(|error| {
-            format!("secret_refs.{variable}: the use of stored secret `{name}` cannot be audited: {error}")
+        let mut delay = FIRST_RETRY;
+        let mut published = self.events.audit(&audit).await;
+        for _ in 1..TRIES {
+            if published.is_ok() {
+                break;
+            }
+            tokio::time::sleep(delay).await;
+            delay *= 2;
+            // The same record id: the audit stream keeps one copy.
+            published = self.events.audit(&audit).await;
+        }
+        published.map_err(|error| {
+            format!(
+                "secret_refs.{variable}: the use of stored secret `{name}` cannot be audited: \
+                 {error}"
+            )
         })
     }
 }

@@ -408,10 +408,10 @@ fn compose_gives_the_secret_keys_to_the_api_and_the_executors_only() {
         let mounted = strings(merged(&service, "volumes"))
             .iter()
             .any(|volume| volume.ends_with(&format!(":{dir}:ro")));
-        let variable = variable(&name, &service, "CAPSTAN_SECRET_KEYS_FILE");
+        let keys_file = variable(&name, &service, "CAPSTAN_SECRET_KEYS_FILE");
         if holds {
             assert_eq!(
-                variable.as_deref(),
+                keys_file.as_deref(),
                 Some(file.as_str()),
                 "{name} needs the keys"
             );
@@ -420,9 +420,22 @@ fn compose_gives_the_secret_keys_to_the_api_and_the_executors_only() {
                 !merged(&service, "depends_on")["secret-keys"].is_badvalue(),
                 "{name} must start after the keys are written"
             );
+            // Its jobs must not run as the user that owns the keys and the seeds.
+            if binary == "capstan-executor" {
+                let run_as = variable(&name, &service, "CAPSTAN_RUN_AS");
+                assert!(
+                    run_as.as_deref().is_some_and(|user| user != "capstan"),
+                    "{name} must run its jobs as another user: {run_as:?}"
+                );
+                assert_eq!(
+                    scalar(merged(&service, "user")).as_deref(),
+                    Some("root"),
+                    "{name} must be root to run jobs as another user"
+                );
+            }
         } else if name != "secret-keys" {
             assert!(
-                variable.is_none() && !mounted,
+                keys_file.is_none() && !mounted,
                 "{name} must not hold the keys"
             );
         }
