@@ -271,15 +271,20 @@ impl<T: Serialize + DeserializeOwned> Bucket<T> {
         }
     }
 
-    /// Every current value. Reads key by key: meant for small buckets (nodes).
-    pub async fn values(&self) -> Result<Vec<Versioned<T>>, Error> {
-        let keys: Vec<String> = match self.kv.keys().await {
+    /// Every key that holds a value.
+    pub async fn keys(&self) -> Result<Vec<String>, Error> {
+        match self.kv.keys().await {
             Ok(keys) => keys
                 .try_collect()
                 .await
-                .map_err(|e| Error::unavailable("kv keys", e))?,
-            Err(e) => return Err(Error::unavailable("kv keys", e)),
-        };
+                .map_err(|e| Error::unavailable("kv keys", e)),
+            Err(e) => Err(Error::unavailable("kv keys", e)),
+        }
+    }
+
+    /// Every current value. Reads key by key: meant for small buckets (nodes).
+    pub async fn values(&self) -> Result<Vec<Versioned<T>>, Error> {
+        let keys = self.keys().await?;
         let mut values = Vec::with_capacity(keys.len());
         for key in keys {
             if let Some(value) = self.get(&key).await? {

@@ -14,7 +14,6 @@ use std::time::Duration;
 use capstan_mesh::{Change, Mesh, Modified};
 use capstan_protocol::{JobId, JobRecord, StoredSecret};
 use capstan_secrets::KeyRing;
-use futures::TryStreamExt;
 
 /// What a rotation did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -74,7 +73,7 @@ pub async fn rotate(
     wait: Duration,
 ) -> Result<Rotated, capstan_mesh::Error> {
     let mut rotated = Rotated::default();
-    for name in keys_of(mesh.secrets.kv()).await? {
+    for name in mesh.secrets.keys().await? {
         let changed = mesh
             .secrets
             .modify(&name, |current| {
@@ -98,7 +97,7 @@ pub async fn rotate(
         }
     }
 
-    let mut pending: Vec<String> = keys_of(mesh.jobs.kv()).await?;
+    let mut pending: Vec<String> = mesh.jobs.keys().await?;
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         let mut unplaced = Vec::new();
@@ -169,17 +168,4 @@ fn resealed_record(keys: &KeyRing, record: &JobRecord) -> Result<(JobRecord, usi
         }
     }
     Ok((next, count))
-}
-
-/// Every key of a bucket.
-async fn keys_of(
-    kv: &async_nats::jetstream::kv::Store,
-) -> Result<Vec<String>, capstan_mesh::Error> {
-    let keys = kv
-        .keys()
-        .await
-        .map_err(|e| capstan_mesh::Error::unavailable("kv keys", e))?;
-    keys.try_collect()
-        .await
-        .map_err(|e| capstan_mesh::Error::unavailable("kv keys", e))
 }

@@ -408,6 +408,47 @@ async fn a_stored_secret_reaches_only_the_jobs_of_the_submitters_it_lists_and_ea
     let listed = stack.http.get("/api/v1/secrets").await.json();
     assert_eq!(listed["secrets"][0]["name"], "db", "{listed}");
 
+    // An operator lists names but may not store, replace or delete; a viewer may not list.
+    for (name, role) in [("olivia", "operator"), ("victor", "viewer")] {
+        let made = stack
+            .http
+            .post_json(
+                "/api/v1/users",
+                &json!({"name": name, "password": "a long enough password", "role": role})
+                    .to_string(),
+            )
+            .await;
+        assert_eq!(made.status, StatusCode::CREATED, "{}", made.text());
+    }
+    let operator = stack
+        .http
+        .anonymous()
+        .login("olivia", "a long enough password")
+        .await;
+    let viewer = stack
+        .http
+        .anonymous()
+        .login("victor", "a long enough password")
+        .await;
+    assert_eq!(operator.get("/api/v1/secrets").await.status, StatusCode::OK);
+    assert_eq!(
+        viewer.get("/api/v1/secrets").await.status,
+        StatusCode::FORBIDDEN
+    );
+    let overwrite = operator
+        .send(
+            http::Method::PUT,
+            "/api/v1/secrets/db",
+            &[("content-type", "application/json")],
+            json!({"value": "mine now", "usable_by": ["olivia"]}).to_string(),
+        )
+        .await;
+    assert_problem(&overwrite, StatusCode::FORBIDDEN, None);
+    let removal = operator
+        .send(http::Method::DELETE, "/api/v1/secrets/db", &[], "")
+        .await;
+    assert_problem(&removal, StatusCode::FORBIDDEN, None);
+
     // The admin's job, over REST, gets it.
     let id = stack
         .submit(json!({
