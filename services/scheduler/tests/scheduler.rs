@@ -384,18 +384,28 @@ async fn bad_submissions_are_rejected_naming_the_field_and_later_jobs_are_still_
         vec![created.id.to_string()],
         "only the good job is stored"
     );
-    let pending = mesh
-        .js
-        .get_stream(topology::SUBMISSIONS.name)
-        .await
-        .expect("stream")
-        .info()
-        .await
-        .expect("info")
-        .state
-        .messages;
+    // A submission is acknowledged after the record it makes is written: the queue empties
+    // a moment after the last record appears.
+    let pending = || async {
+        mesh.js
+            .get_stream(topology::SUBMISSIONS.name)
+            .await
+            .expect("stream")
+            .info()
+            .await
+            .expect("info")
+            .state
+            .messages
+    };
+    wait_until(
+        "every submission, good or bad, to leave the work queue",
+        Duration::from_secs(20),
+        || async { (pending().await == 0).then_some(()) },
+    )
+    .await;
     assert_eq!(
-        pending, 0,
+        pending().await,
+        0,
         "every submission, good or bad, left the work queue"
     );
     scheduler.stop().await;
