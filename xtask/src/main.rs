@@ -13,6 +13,7 @@ mod bench;
 mod failover;
 mod postgres;
 mod schemas;
+mod sshd;
 mod up;
 
 use std::process::{Command, ExitCode};
@@ -88,12 +89,15 @@ fn test(args: &[String]) -> anyhow::Result<()> {
         .next()
         .unwrap_or("the configured server");
     eprintln!("using PostgreSQL at {server}");
+    let sshd = sshd::ensure()?;
+    eprintln!("using sshd at {}", sshd.display());
     let status = cargo()
         .current_dir(capstan_testkit::workspace_root())
         .args(["test", "--workspace", "--locked"])
         .args(args)
         .env("CAPSTAN_NATS_SERVER", &nats)
         .env("CAPSTAN_TEST_POSTGRES_URL", &postgres)
+        .env("CAPSTAN_SSHD", &sshd)
         .status()
         .context("cannot run cargo test")?;
     if !status.success() {

@@ -2,7 +2,8 @@
 //! suite: a real `nats-server` per test (free port, its own store directory, removed
 //! afterwards), service binaries run as child processes, and waiting on conditions with
 //! generous deadlines instead of fixed sleeps; an OTLP receiver collects the spans the
-//! service processes export; an OpenID Connect issuer signs tokens for the API's tests.
+//! service processes export; an OpenID Connect issuer signs tokens for the API's tests; real
+//! OpenSSH servers on loopback stand in for remote systems.
 //!
 //! `xtask` uses [`natsbin`] too, to provision the server for the local mesh.
 
@@ -12,6 +13,7 @@ pub mod oidc;
 pub mod otlp;
 pub mod process;
 pub mod server;
+pub mod sshd;
 pub mod tls;
 pub mod wait;
 
