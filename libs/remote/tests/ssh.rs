@@ -1,0 +1,315 @@
+//! The SSH connector against real OpenSSH servers (testkit `SshHost`): logging in by key and
+//! by password, the host key checked before any credential is sent, unreachable and silent
+//! hosts, output and exit codes, and stops that leave no remote process behind (checked with
+//! `ps` on the test host).
+
+use std::time::{Duration, Instant};
+
+use capstan_remote::{
+    Connector, Credential, Ended, HostKeyCheck, Output, RemoteCommand, RemoteError, SshConnector,
+    Stop, Target,
+};
+use capstan_testkit::sshd::{LOGIN_USER, SshHost};
+use capstan_testkit::wait_until;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use zeroize::Zeroizing;
+
+fn key_of(host: &SshHost) -> Credential {
+    Credential::PrivateKey {
+        key: Zeroizing::new(std::fs::read_to_string(host.client_key()).expect("the client key")),
+        passphrase: None,
+    }
+}
+
+fn target(host: &SshHost, credential: Credential, host_key: HostKeyCheck) -> Target {
+    Target {
+        name: "web-1".into(),
+        hostname: "127.0.0.1".into(),
+        port: host.port(),
+        username: LOGIN_USER.into(),
+        credential,
+        host_key,
+    }
+}
+
+fn pinned(host: &SshHost) -> HostKeyCheck {
+    HostKeyCheck::Pinned(host.host_key_fingerprint())
+}
+
+fn command(line: &str) -> RemoteCommand {
+    RemoteCommand {
+        command: line.into(),
+        ..RemoteCommand::default()
+    }
+}
+
+struct Run {
+    result: Result<Ended, RemoteError>,
+    stdout: String,
+    stderr: String,
+}
+
+async fn run_with(
+    connector: &SshConnector,
+    target: &Target,
+    command: &RemoteCommand,
+    stop: &Stop,
+) -> Run {
+    let (sender, mut receiver) = mpsc::channel(64);
+    let collect = tokio::spawn(async move {
+        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        while let Some(chunk) = receiver.recv().await {
+            match chunk {
+                Output::Stdout(data) => stdout.extend_from_slice(&data),
+                Output::Stderr(data) => stderr.extend_from_slice(&data),
+            }
+        }
+        (stdout, stderr)
+    });
+    let result = connector.run(target, command, sender, stop).await;
+    let (stdout, stderr) = collect.await.expect("collector");
+    Run {
+        result,
+        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&stderr).into_owned(),
+    }
+}
+
+fn no_stop() -> Stop {
+    Stop {
+        token: CancellationToken::new(),
+        grace: Duration::from_secs(1),
+    }
+}
+
+async fn run(target: &Target, command: &RemoteCommand) -> Run {
+    run_with(&SshConnector::default(), target, command, &no_stop()).await
+}
+
+/// The test user's live processes whose command line is `args` (zombies left out).
+fn remote_processes(args: &str) -> Vec<String> {
+    let output = std::process::Command::new("ps")
+        .args(["-u", LOGIN_USER, "-o", "stat=,args="])
+        .output()
+        .expect("ps runs");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| line.trim_start().split_once(' '))
+        .filter(|(stat, command)| !stat.starts_with('Z') && command.trim() == args)
+        .map(|(_, command)| command.to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_command_runs_with_its_environment_and_input_and_reports_its_output_and_exit_code() {
+    let host = SshHost::start().expect("sshd");
+    let target = target(&host, key_of(&host), pinned(&host));
+    let command = RemoteCommand {
+        command: "read line; echo \"got $line from $WHO\"; echo oops >&2; exit 3".into(),
+        env: vec![("WHO".into(), "it's `capstan`".into())],
+        stdin: Some("hello\n".into()),
+    };
+    let run = run(&target, &command).await;
+    let ended = run.result.expect("it ran");
+    assert_eq!(run.stdout, "got hello from it's `capstan`\n");
+    assert_eq!(run.stderr, "oops\n");
+    assert_eq!(ended.exit_code, Some(3));
+    assert!(!ended.stopped);
+    assert_eq!(ended.host_key.fingerprint, host.host_key_fingerprint());
+}
+
+#[tokio::test]
+async fn a_password_logs_in_and_a_wrong_one_is_an_authentication_failure() {
+    let host = SshHost::start().expect("sshd");
+    let good = target(
+        &host,
+        Credential::Password(Zeroizing::new(host.password().into())),
+        pinned(&host),
+    );
+    let logged_in = run(&good, &command("id -un")).await;
+    assert_eq!(logged_in.result.expect("it ran").exit_code, Some(0));
+    assert_eq!(logged_in.stdout.trim(), LOGIN_USER);
+
+    let wrong = target(
+        &host,
+        Credential::Password(Zeroizing::new("wrong-password-canary".into())),
+        pinned(&host),
+    );
+    let error = run(&wrong, &command("id -un"))
+        .await
+        .result
+        .expect_err("refused");
+    assert!(matches!(error, RemoteError::AuthFailed { .. }), "{error:?}");
+    assert!(!error.to_string().contains("canary"));
+}
+
+#[tokio::test]
+async fn a_host_key_that_is_not_the_pinned_one_fails_before_any_credential_is_sent() {
+    let host = SshHost::start().expect("sshd");
+    let other = SshHost::start().expect("another sshd");
+    let password = Credential::Password(Zeroizing::new(host.password().into()));
+    for pin in [other.host_key_fingerprint(), other.host_key()] {
+        let target = target(&host, password.clone(), HostKeyCheck::Pinned(pin));
+        let error = run(&target, &command("true"))
+            .await
+            .result
+            .expect_err("refused");
+        match error {
+            RemoteError::HostKeyMismatch { seen, .. } => {
+                assert_eq!(seen, host.host_key_fingerprint());
+            }
+            other => panic!("expected a host key mismatch, got {other:?}"),
+        }
+    }
+    // The server never saw a login attempt.
+    let log = host.log();
+    assert!(!log.contains("password for"), "{log}");
+    assert!(!log.contains("Accepted"), "{log}");
+
+    // The right key, pinned as a public key, is accepted.
+    let target = target(&host, password, HostKeyCheck::Pinned(host.host_key()));
+    assert_eq!(
+        run(&target, &command("true"))
+            .await
+            .result
+            .expect("ran")
+            .exit_code,
+        Some(0)
+    );
+}
+
+#[tokio::test]
+async fn trust_on_first_use_reports_the_key_the_server_showed_for_pinning() {
+    let host = SshHost::start().expect("sshd");
+    let target = target(&host, key_of(&host), HostKeyCheck::TrustOnFirstUse);
+    let ended = run(&target, &command("true")).await.result.expect("ran");
+    assert_eq!(ended.host_key.public_key, host.host_key());
+    assert_eq!(ended.host_key.fingerprint, host.host_key_fingerprint());
+}
+
+#[tokio::test]
+async fn a_closed_port_and_a_host_that_never_greets_are_unreachable_within_the_connect_timeout() {
+    let host = SshHost::start().expect("sshd");
+    let connector = SshConnector {
+        connect_timeout: Duration::from_secs(2),
+        ..SshConnector::default()
+    };
+    let mut closed = target(&host, key_of(&host), pinned(&host));
+    closed.port = capstan_testkit::server::free_port();
+    let error = run_with(&connector, &closed, &command("true"), &no_stop())
+        .await
+        .result
+        .expect_err("nothing listens");
+    assert!(
+        matches!(error, RemoteError::Unreachable { .. }),
+        "{error:?}"
+    );
+
+    // Accepts the connection and never says a word.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = silent.local_addr().expect("address").port();
+    let held = tokio::spawn(async move {
+        let mut kept = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            kept.push(socket);
+        }
+    });
+    let mut hanging = target(&host, key_of(&host), pinned(&host));
+    hanging.port = port;
+    let started = Instant::now();
+    let error = run_with(&connector, &hanging, &command("true"), &no_stop())
+        .await
+        .result
+        .expect_err("never greets");
+    assert!(
+        matches!(error, RemoteError::Unreachable { .. }),
+        "{error:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+    held.abort();
+}
+
+#[tokio::test]
+async fn a_key_that_does_not_parse_is_a_credential_error_that_does_not_show_it() {
+    let host = SshHost::start().expect("sshd");
+    let broken = Credential::PrivateKey {
+        key: Zeroizing::new("-----BEGIN OPENSSH PRIVATE KEY-----\nkey-canary\n".into()),
+        passphrase: Some(Zeroizing::new("passphrase-canary".into())),
+    };
+    let target = target(&host, broken, pinned(&host));
+    let error = run(&target, &command("true"))
+        .await
+        .result
+        .expect_err("unusable");
+    assert!(
+        matches!(error, RemoteError::BadCredential { .. }),
+        "{error:?}"
+    );
+    let shown = format!("{error} {error:?} {target:?}");
+    assert!(!shown.contains("canary"), "{shown}");
+}
+
+#[tokio::test]
+async fn a_stop_ends_the_remote_process_group_and_kills_a_child_that_ignores_sigterm() {
+    let host = SshHost::start().expect("sshd");
+    let target = target(&host, key_of(&host), pinned(&host));
+    let stop = Stop {
+        token: CancellationToken::new(),
+        grace: Duration::from_secs(1),
+    };
+    // Sleeps named after this host's port, so that no other run's processes are counted.
+    let (ignoring, plain) = (
+        format!("sleep {}1", host.port()),
+        format!("sleep {}2", host.port()),
+    );
+    let line = command(&format!(
+        "(trap '' TERM; exec {ignoring}) & {plain}; echo not reached"
+    ));
+    let connector = SshConnector::default();
+    let running = run_with(&connector, &target, &line, &stop);
+    let stopper = async {
+        wait_until(
+            "both remote sleeps to run",
+            Duration::from_secs(20),
+            || async {
+                (remote_processes(&ignoring).len() == 1 && remote_processes(&plain).len() == 1)
+                    .then_some(())
+            },
+        )
+        .await;
+        stop.token.cancel();
+    };
+    let (run, ()) = tokio::join!(running, stopper);
+    let ended = run.result.expect("stopped cleanly");
+    assert!(ended.stopped);
+    assert!(!run.stdout.contains("not reached"));
+    wait_until("no remote sleep left", Duration::from_secs(20), || async {
+        (remote_processes(&ignoring).is_empty() && remote_processes(&plain).is_empty())
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_command_that_exits_leaves_nothing_running_in_its_group() {
+    let host = SshHost::start().expect("sshd");
+    let target = target(&host, key_of(&host), pinned(&host));
+    let background = format!("sleep {}3", host.port());
+    let run = run(
+        &target,
+        &command(&format!("{background} >/dev/null 2>&1 & echo started")),
+    )
+    .await;
+    let ended = run.result.expect("ran");
+    assert_eq!(ended.exit_code, Some(0));
+    assert_eq!(run.stdout, "started\n");
+    wait_until(
+        "the background sleep to end",
+        Duration::from_secs(20),
+        || async { remote_processes(&background).is_empty().then_some(()) },
+    )
+    .await;
+}
