@@ -28,6 +28,7 @@ pub mod schema;
 pub mod secret;
 pub mod spec;
 pub mod subjects;
+pub mod system;
 pub mod timer;
 pub mod timestamp;
 pub mod topology;
@@ -48,6 +49,7 @@ pub use reply::{CancelNotice, CancelOutcome, ErrorCode, JobRef, Reply, ServiceEr
 pub use retry::{RetryOn, RetryPolicy};
 pub use secret::{SealedSecret, StoredSecret};
 pub use spec::{JobSpec, Labels, Program, SpecError, Start};
+pub use system::SystemHealth;
 pub use timer::Timer;
 pub use timestamp::Timestamp;
 

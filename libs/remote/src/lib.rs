@@ -12,6 +12,7 @@
 //! Credentials arrive opened (the caller holds the sealing keys) and are kept in zeroizing
 //! buffers; no error, log line or `Debug` output of this crate holds one.
 
+pub mod probe;
 pub mod script;
 pub mod ssh;
 
@@ -24,6 +25,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use zeroize::Zeroizing;
 
+pub use probe::{Probe, probe};
 pub use ssh::SshConnector;
 
 /// A remote system and how to log in to it.
@@ -80,7 +82,7 @@ impl fmt::Debug for Credential {
 }
 
 /// Which server key a connection accepts.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum HostKeyCheck {
     /// Only this key: its public key as `known_hosts` writes it (`ssh-ed25519 AAAA…`) or its
     /// SHA-256 fingerprint (`SHA256:…`).
@@ -196,6 +198,20 @@ pub enum RemoteError {
         /// What failed.
         reason: String,
     },
+}
+
+impl RemoteError {
+    /// What this failure says about the system's health.
+    pub fn health(&self) -> capstan_protocol::SystemHealth {
+        use capstan_protocol::SystemHealth;
+        match self {
+            Self::Unreachable { .. } | Self::Session { .. } | Self::BadCommand { .. } => {
+                SystemHealth::Unreachable
+            }
+            Self::HostKeyMismatch { .. } => SystemHealth::HostKeyMismatch,
+            Self::AuthFailed { .. } | Self::BadCredential { .. } => SystemHealth::AuthFailed,
+        }
+    }
 }
 
 /// Runs commands on remote systems.

@@ -1,10 +1,15 @@
-//! The SSH connector. Each run opens a connection, checks the server's key against the pin
-//! (before any credential goes out: a mismatch ends the handshake), logs in with a password
-//! or a key, and runs the wrapped command ([`crate::script`]) on one session channel, reading
+//! The SSH connector. A run takes a connection to its target from the connector's pool, or
+//! opens one: checks the server's key against the pin (before any credential goes out: a
+//! mismatch ends the handshake) and logs in with a password or a key. Connections are kept
+//! for reuse by later runs with the same host, account, credential and pin (one connection,
+//! a channel per command), probed by keepalives, and dropped once idle for longer than the
+//! connector's idle time or found closed. A run executes the wrapped command
+//! ([`crate::script`]) on one session channel, reading
 //! the process group's id from the wrapper's first line. A stop sends `SIGTERM` to that group
 //! over a second channel, then `SIGKILL` after the grace period; when the command has ended,
 //! a last `SIGKILL` to the group takes whatever it left running in the background.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -21,13 +26,66 @@ use crate::{
     Target,
 };
 
-/// Connects over SSH.
-#[derive(Debug, Clone)]
+/// Connects over SSH, keeping connections for reuse.
+#[derive(Clone)]
 pub struct SshConnector {
-    /// How long the TCP connection and the SSH handshake may take together.
-    pub connect_timeout: Duration,
-    /// How often an idle connection is probed; three probes unanswered end it.
-    pub keepalive: Duration,
+    connect_timeout: Duration,
+    keepalive: Duration,
+    idle: Duration,
+    pool: Arc<Mutex<HashMap<PoolKey, Pooled>>>,
+}
+
+/// What makes two targets share a connection: the same server, account, pin and credential
+/// (the credential by digest).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct PoolKey {
+    hostname: String,
+    port: u16,
+    username: String,
+    host_key: HostKeyCheck,
+    credential: [u8; 32],
+}
+
+impl PoolKey {
+    fn of(target: &Target) -> Self {
+        use sha2::Digest;
+        let mut digest = sha2::Sha256::new();
+        match &target.credential {
+            Credential::Password(password) => {
+                digest.update(b"password\0");
+                digest.update(password.as_bytes());
+            }
+            Credential::PrivateKey { key, passphrase } => {
+                digest.update(b"key\0");
+                digest.update(key.as_bytes());
+                digest.update(b"\0");
+                digest.update(passphrase.as_ref().map_or(&b""[..], |p| p.as_bytes()));
+            }
+        }
+        Self {
+            hostname: target.hostname.clone(),
+            port: target.port,
+            username: target.username.clone(),
+            host_key: target.host_key.clone(),
+            credential: digest.finalize().into(),
+        }
+    }
+}
+
+struct Pooled {
+    handle: Arc<Handle<Checker>>,
+    host_key: SeenKey,
+    last_used: Instant,
+}
+
+impl std::fmt::Debug for SshConnector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SshConnector")
+            .field("connect_timeout", &self.connect_timeout)
+            .field("keepalive", &self.keepalive)
+            .field("idle", &self.idle)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for SshConnector {
@@ -35,7 +93,78 @@ impl Default for SshConnector {
         Self {
             connect_timeout: Duration::from_secs(10),
             keepalive: Duration::from_secs(15),
+            idle: Duration::from_secs(60),
+            pool: Arc::default(),
         }
+    }
+}
+
+impl SshConnector {
+    /// How long the TCP connection and the SSH handshake may take together (10 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// How often an idle connection is probed; three probes unanswered end it (15 s).
+    pub fn keepalive(mut self, interval: Duration) -> Self {
+        self.keepalive = interval;
+        self
+    }
+
+    /// How long a connection no run uses is kept (60 s).
+    pub fn idle(mut self, idle: Duration) -> Self {
+        self.idle = idle;
+        self
+    }
+
+    /// Connections kept for reuse (open ones only).
+    pub fn pooled(&self) -> usize {
+        let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
+        pool.retain(|_, pooled| !pooled.handle.is_closed());
+        pool.len()
+    }
+
+    /// A connection to `target`: a kept one when there is one (and whether it was), else a
+    /// new one, kept for the next run.
+    async fn connection(
+        &self,
+        target: &Target,
+    ) -> Result<(Arc<Handle<Checker>>, SeenKey, bool), RemoteError> {
+        let key = PoolKey::of(target);
+        {
+            let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
+            let now = Instant::now();
+            pool.retain(|_, pooled| {
+                !pooled.handle.is_closed() && now.duration_since(pooled.last_used) < self.idle
+            });
+            if let Some(pooled) = pool.get_mut(&key) {
+                pooled.last_used = now;
+                return Ok((pooled.handle.clone(), pooled.host_key.clone(), true));
+            }
+        }
+        let (handle, host_key) = self.login(target).await?;
+        let handle = Arc::new(handle);
+        self.pool
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(
+                key,
+                Pooled {
+                    handle: handle.clone(),
+                    host_key: host_key.clone(),
+                    last_used: Instant::now(),
+                },
+            );
+        Ok((handle, host_key, false))
+    }
+
+    /// Forgets the kept connection to `target` (it failed under a run).
+    fn forget(&self, target: &Target) {
+        self.pool
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&PoolKey::of(target));
     }
 }
 
@@ -249,12 +378,24 @@ impl Connector for SshConnector {
                 reason: error.to_string(),
             }
         })?;
-        let (handle, host_key) = self.login(target).await?;
         let session = |error: russh::Error| RemoteError::Session {
             system: system(),
             reason: error.to_string(),
         };
-        let mut channel = handle.channel_open_session().await.map_err(session)?;
+        let (mut handle, mut host_key, reused) = self.connection(target).await?;
+        let mut channel = match handle.channel_open_session().await {
+            Ok(channel) => channel,
+            // A kept connection can die between keepalives: once more on a new one.
+            Err(_) if reused => {
+                self.forget(target);
+                (handle, host_key, _) = self.connection(target).await?;
+                handle.channel_open_session().await.map_err(session)?
+            }
+            Err(error) => {
+                self.forget(target);
+                return Err(session(error));
+            }
+        };
         channel.exec(true, line).await.map_err(session)?;
         if let Some(stdin) = &command.stdin {
             channel.data(&stdin[..]).await.map_err(session)?;
@@ -331,9 +472,6 @@ impl Connector for SshConnector {
         if let Some(pid) = head.group() {
             let _ = side_command(&handle, &script::signal_group("KILL", pid)).await;
         }
-        let _ = handle
-            .disconnect(russh::Disconnect::ByApplication, "", "en")
-            .await;
         Ok(Ended {
             exit_code,
             signal,

@@ -191,10 +191,7 @@ async fn trust_on_first_use_reports_the_key_the_server_showed_for_pinning() {
 #[tokio::test]
 async fn a_closed_port_and_a_host_that_never_greets_are_unreachable_within_the_connect_timeout() {
     let host = SshHost::start().expect("sshd");
-    let connector = SshConnector {
-        connect_timeout: Duration::from_secs(2),
-        ..SshConnector::default()
-    };
+    let connector = SshConnector::default().connect_timeout(Duration::from_secs(2));
     let mut closed = target(&host, key_of(&host), pinned(&host));
     closed.port = capstan_testkit::server::free_port();
     let error = run_with(&connector, &closed, &command("true"), &no_stop())
@@ -312,4 +309,102 @@ async fn a_command_that_exits_leaves_nothing_running_in_its_group() {
         || async { remote_processes(&background).is_empty().then_some(()) },
     )
     .await;
+}
+
+#[tokio::test]
+async fn a_health_check_tells_healthy_unreachable_auth_failed_and_host_key_mismatch_apart() {
+    use capstan_protocol::SystemHealth;
+    use capstan_remote::probe;
+
+    let host = SshHost::start().expect("sshd");
+    let other = SshHost::start().expect("another sshd");
+    let connector = SshConnector::default();
+    let deadline = Duration::from_secs(15);
+
+    let healthy = probe(
+        &connector,
+        &target(&host, key_of(&host), pinned(&host)),
+        deadline,
+    )
+    .await;
+    assert_eq!(healthy.health, SystemHealth::Healthy, "{healthy:?}");
+    assert!(healthy.round_trip.is_some_and(|rtt| rtt > Duration::ZERO));
+    assert_eq!(
+        healthy.host_key.map(|key| key.fingerprint),
+        Some(host.host_key_fingerprint())
+    );
+
+    let wrong = Credential::Password(Zeroizing::new("wrong-password-canary".into()));
+    let refused = probe(&connector, &target(&host, wrong, pinned(&host)), deadline).await;
+    assert_eq!(refused.health, SystemHealth::AuthFailed, "{refused:?}");
+    assert!(!format!("{refused:?}").contains("canary"));
+
+    let mismatched = probe(
+        &connector,
+        &target(&host, key_of(&host), pinned(&other)),
+        deadline,
+    )
+    .await;
+    assert_eq!(
+        mismatched.health,
+        SystemHealth::HostKeyMismatch,
+        "{mismatched:?}"
+    );
+
+    let mut closed = target(&host, key_of(&host), pinned(&host));
+    closed.port = capstan_testkit::server::free_port();
+    let unreachable = probe(&connector, &closed, deadline).await;
+    assert_eq!(
+        unreachable.health,
+        SystemHealth::Unreachable,
+        "{unreachable:?}"
+    );
+    assert!(unreachable.error.is_some());
+}
+
+#[tokio::test]
+async fn runs_on_one_host_share_one_connection_with_a_channel_each_until_it_idles_out() {
+    let host = SshHost::start().expect("sshd");
+    let target = target(&host, key_of(&host), pinned(&host));
+    let connector = SshConnector::default();
+    let true_ = command("true");
+    for _ in 0..3 {
+        let run = run_with(&connector, &target, &true_, &no_stop()).await;
+        assert_eq!(run.result.expect("ran").exit_code, Some(0));
+    }
+    let (echo_a, echo_b, echo_c) = (command("echo a"), command("echo b"), command("echo c"));
+    let stop = no_stop();
+    let (a, b, c) = tokio::join!(
+        run_with(&connector, &target, &echo_a, &stop),
+        run_with(&connector, &target, &echo_b, &stop),
+        run_with(&connector, &target, &echo_c, &stop),
+    );
+    assert_eq!(
+        (a.stdout, b.stdout, c.stdout),
+        ("a\n".into(), "b\n".into(), "c\n".into())
+    );
+    assert_eq!(connector.pooled(), 1);
+    assert_eq!(
+        host.log().matches("Accepted publickey").count(),
+        1,
+        "{}",
+        host.log()
+    );
+
+    // A connector that keeps nothing idle logs in for every run.
+    let other = SshHost::start().expect("sshd");
+    let target = self::target(&other, key_of(&other), pinned(&other));
+    let fresh = SshConnector::default().idle(Duration::ZERO);
+    for _ in 0..2 {
+        run_with(&fresh, &target, &true_, &no_stop())
+            .await
+            .result
+            .expect("ran");
+    }
+    assert_eq!(
+        other.log().matches("Accepted publickey").count(),
+        2,
+        "{}",
+        other.log()
+    );
 }
