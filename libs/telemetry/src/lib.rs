@@ -2,7 +2,10 @@
 //!
 //! Logs are structured: `CAPSTAN_LOG_FORMAT=json` prints one JSON object a line, anything else
 //! human-readable text. The filter comes from `CAPSTAN_LOG` (then `RUST_LOG`), default
-//! `info,async_nats=warn`.
+//! `info,async_nats=warn`, and filters the logs only: spans are kept for tracing at `info`
+//! and above whatever the log level ([`TRACE_DIRECTIVES`]), so quieting the logs neither stops
+//! the export nor breaks the trace context a job carries. What is exported is the sampler's
+//! to decide.
 //!
 //! Traces follow the OpenTelemetry conventions: spans are exported over OTLP/HTTP when
 //! `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set and
@@ -25,6 +28,7 @@ use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer as _;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -44,6 +48,10 @@ impl Drop for Guard {
         }
     }
 }
+
+/// The spans kept for tracing (exported, or relayed for their context), whatever the logs'
+/// filter says.
+pub const TRACE_DIRECTIVES: &str = "info,async_nats=warn";
 
 /// Installs logging and tracing for `service` (e.g. `registry`). Call once, first thing in
 /// `main`, inside the tokio runtime (the exporter sends on it). Later calls install nothing and
@@ -89,23 +97,26 @@ pub fn init(service: &str) -> Guard {
         .with_threads(false);
     // Without an exporter a recorded span is thrown away when it ends: the spans then only
     // carry the trace context from hop to hop (see `relay`).
+    // Each layer has its own filter: the logs' level must not decide which spans exist.
+    let traces = || EnvFilter::new(TRACE_DIRECTIVES);
     let (otel, relay) = if exporting {
-        (Some(otel), None)
+        (Some(otel.with_filter(traces())), None)
     } else {
-        (None, Some(relay::RelayLayer::default()))
+        (
+            None,
+            Some(relay::RelayLayer::default().with_filter(traces())),
+        )
     };
 
-    let registry = tracing_subscriber::registry()
-        .with(filter)
-        .with(otel)
-        .with(relay);
+    let registry = tracing_subscriber::registry().with(otel).with(relay);
     let result = if json {
         registry
             .with(
                 tracing_subscriber::fmt::layer()
                     .json()
                     .with_current_span(false)
-                    .with_writer(std::io::stderr),
+                    .with_writer(std::io::stderr)
+                    .with_filter(filter),
             )
             .try_init()
     } else {
@@ -113,7 +124,8 @@ pub fn init(service: &str) -> Guard {
             .with(
                 tracing_subscriber::fmt::layer()
                     .with_ansi(std::io::stderr().is_terminal())
-                    .with_writer(std::io::stderr),
+                    .with_writer(std::io::stderr)
+                    .with_filter(filter),
             )
             .try_init()
     };

@@ -1,7 +1,9 @@
 //! One job is one trace: the service processes export their spans over OTLP/HTTP to a receiver
 //! in the test, and the spans of a job, whether submitted over REST or over NATS with a
 //! caller's `traceparent`, come from all four services, share one trace id, and link parent
-//! to child in the order of the hops.
+//! to child in the order of the hops. Quieting the logs (`CAPSTAN_LOG=warn`) changes the logs
+//! only: the spans are still exported, and without an exporter the trace context still reaches
+//! the job's process.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -13,10 +15,21 @@ use http::StatusCode;
 use serde_json::json;
 
 async fn traced_cluster(otlp: &OtlpReceiver) -> (Cluster, HttpClient) {
+    cluster_with(Some(otlp), &[]).await
+}
+
+/// A cluster of one of each service with `env` set for every process, exporting its spans to
+/// `otlp` when there is one.
+async fn cluster_with(otlp: Option<&OtlpReceiver>, env: &[(&str, &str)]) -> (Cluster, HttpClient) {
     let mut cluster = Cluster::start().await;
-    cluster.set_env("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.endpoint());
-    // Export within a fraction of a second instead of the default five.
-    cluster.set_env("OTEL_BSP_SCHEDULE_DELAY", "100");
+    if let Some(otlp) = otlp {
+        cluster.set_env("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.endpoint());
+        // Export within a fraction of a second instead of the default five.
+        cluster.set_env("OTEL_BSP_SCHEDULE_DELAY", "100");
+    }
+    for (key, value) in env {
+        cluster.set_env(key, *value);
+    }
     cluster.registry("registry-1");
     cluster.scheduler("scheduler-1");
     cluster.executor("exec-1", 4, &[]);
@@ -133,7 +146,60 @@ fn assert_chain(trace: &Trace, hops: &Hops, entry_span_id: &str) {
 #[tokio::test]
 async fn a_job_submitted_over_rest_is_one_trace_through_all_four_services() {
     let otlp = OtlpReceiver::start().await;
-    let (mut cluster, http) = traced_cluster(&otlp).await;
+    let (cluster, http) = traced_cluster(&otlp).await;
+    a_rest_job_is_one_trace(&otlp, cluster, &http).await;
+}
+
+#[tokio::test]
+async fn quiet_logs_quiet_the_logs_only_and_a_job_is_still_one_trace_through_all_four_services() {
+    let otlp = OtlpReceiver::start().await;
+    let (cluster, http) = cluster_with(Some(&otlp), &[("CAPSTAN_LOG", "warn")]).await;
+    a_rest_job_is_one_trace(&otlp, cluster, &http).await;
+}
+
+#[tokio::test]
+async fn with_quiet_logs_and_no_exporter_a_callers_trace_still_reaches_the_job_process() {
+    let (cluster, _http) = cluster_with(None, &[("CAPSTAN_LOG", "warn")]).await;
+    let seen = cluster.dir().join("traceparent.txt");
+    let trace_id = "0af7651916cd43dd8448eb211c80319c";
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(
+        "traceparent",
+        format!("00-{trace_id}-b7ad6b7169203331-01").as_str(),
+    );
+    let body = json!({"command": format!("echo \"$TRACEPARENT\" > {}", seen.display())});
+    let js = async_nats::jetstream::new(cluster.client().await);
+    js.publish_with_headers(
+        capstan_protocol::subjects::SUBMIT,
+        headers,
+        body.to_string().into(),
+    )
+    .await
+    .expect("published")
+    .await
+    .expect("stored");
+    let handed = wait_until(
+        "the job to write its TRACEPARENT",
+        Duration::from_secs(60),
+        || {
+            let seen = seen.clone();
+            async move {
+                std::fs::read_to_string(&seen)
+                    .ok()
+                    .filter(|text| text.ends_with('\n'))
+            }
+        },
+    )
+    .await;
+    let parts: Vec<&str> = handed.trim().split('-').collect();
+    assert_eq!(parts.len(), 4, "{handed}");
+    assert_eq!(parts[1], trace_id, "the process is in the caller's trace");
+    assert_ne!(parts[2], "b7ad6b7169203331", "with a span of its own");
+}
+
+/// Submits a job over REST and checks that its spans make one trace through all four
+/// services, and that its process was handed its own span's context.
+async fn a_rest_job_is_one_trace(otlp: &OtlpReceiver, mut cluster: Cluster, http: &HttpClient) {
     let seen = cluster.dir().join("traceparent.txt");
     let body = json!({"command": format!("echo \"$TRACEPARENT\" > {}", seen.display())});
     let reply = http.post_json("/api/v1/jobs", &body.to_string()).await;
@@ -151,7 +217,7 @@ async fn a_job_submitted_over_rest_is_one_trace_through_all_four_services() {
         .expect("a trace id")
         .to_owned();
 
-    let (trace, hops) = hops(&otlp, &trace_id, &job).await;
+    let (trace, hops) = hops(otlp, &trace_id, &job).await;
     let entry = wait_until(
         "the API's request span",
         Duration::from_secs(30),
