@@ -113,8 +113,10 @@ mod tests {
         assert_eq!(lines.next(), Some("done"));
     }
 
-    #[test]
-    fn the_group_signal_reaches_every_process_of_the_group() {
+    #[tokio::test]
+    async fn the_group_signal_reaches_every_process_of_the_group() {
+        use capstan_testkit::wait_until;
+        use std::time::Duration;
         // setsid (not a group leader here, so it does not fork) makes the shell lead a new
         // group; its background children stay in it.
         let mut leader = std::process::Command::new("setsid")
@@ -122,21 +124,19 @@ mod tests {
             .spawn()
             .expect("setsid runs");
         let group = leader.id();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while sleeps_in(group) < 2 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the sleeps never started"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        wait_until("both sleeps to start", Duration::from_secs(10), || async {
+            (sleeps_in(group) == 2).then_some(())
+        })
+        .await;
         sh(&signal_group("TERM", group));
         let status = leader.wait().expect("the leader ends");
         assert!(!status.success());
-        while sleeps_in(group) > 0 {
-            assert!(std::time::Instant::now() < deadline, "a sleep survived");
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        wait_until(
+            "every sleep of the group to end",
+            Duration::from_secs(10),
+            || async { (sleeps_in(group) == 0).then_some(()) },
+        )
+        .await;
     }
 
     /// Live `sleep` processes in process group `group`.

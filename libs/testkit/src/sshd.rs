@@ -86,7 +86,7 @@ impl SshHost {
             {
                 return Ok(());
             }
-            std::thread::sleep(Duration::from_millis(25));
+            std::thread::sleep(crate::wait::POLL_INTERVAL);
         }
         Err(format!(
             "sshd did not answer on port {}: {}",
