@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 use capstan_protocol::access::Identity;
 use capstan_protocol::topology;
-use capstan_protocol::{JobRecord, NodeRecord, Revocation, StoredSecret};
+use capstan_protocol::{JobRecord, NodeRecord, Revocation, StoredSecret, System, SystemStatus};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::NatsArgs;
@@ -176,6 +176,10 @@ pub struct Mesh {
     pub revocations: Bucket<Revocation>,
     /// Secrets stored by administrators, sealed (written by the API, read by executors).
     pub secrets: Bucket<StoredSecret>,
+    /// Remote systems, credentials sealed (written by the API, read by the gateways).
+    pub systems: Bucket<System>,
+    /// What the gateways found of the remote systems (written by the gateways).
+    pub system_status: Bucket<SystemStatus>,
     /// Event and audit publishing.
     pub events: EventPublisher,
 }
@@ -209,8 +213,16 @@ impl Mesh {
         );
         let revocations = Bucket::new(buckets.revocations, js.clone(), topology::REVOCATIONS.name);
         let secrets = Bucket::new(buckets.secrets, js.clone(), topology::SECRETS.name);
+        let systems = Bucket::new(buckets.systems, js.clone(), topology::SYSTEMS.name);
+        let system_status = Bucket::new(
+            buckets.system_status,
+            js.clone(),
+            topology::SYSTEM_STATUS.name,
+        );
         Self {
             secrets,
+            systems,
+            system_status,
             client,
             events: EventPublisher::new(js.clone()),
             revocations,

@@ -1,4 +1,4 @@
-//! Publishing job events, node events and rejections to the events stream, and audit records
+//! Publishing job, node and system events and rejections to the events stream, and audit records
 //! to the audit stream.
 //!
 //! Job events are published after the KV write they describe, with a deduplication id, so a
@@ -10,7 +10,7 @@ use async_nats::jetstream::{self, context::PublishAckFuture, message::PublishMes
 use bytes::Bytes;
 use capstan_protocol::codec;
 use capstan_protocol::subjects::{self, Origin};
-use capstan_protocol::{AuditRecord, JobEvent, NodeEvent, Rejection, headers};
+use capstan_protocol::{AuditRecord, JobEvent, NodeEvent, Rejection, SystemEvent, headers};
 
 use crate::error::Error;
 use crate::wire::{header_text, msgpack_headers};
@@ -82,6 +82,18 @@ impl EventPublisher {
         let payload = Bytes::from(codec::to_msgpack(event)?);
         let subject = subjects::node_event(&event.node.id, event.kind);
         self.publish_stored(subject, map, payload, "node event")
+            .await
+    }
+
+    /// Publishes a system's health change and waits until it is stored.
+    pub async fn system(&self, event: &SystemEvent) -> Result<(), Error> {
+        let mut map = msgpack_headers();
+        map.insert(headers::EVENT, event.health.as_str());
+        map.insert(headers::STATUS, event.health.as_str());
+        capstan_telemetry::propagation::inject(&mut map);
+        let payload = Bytes::from(codec::to_msgpack(event)?);
+        let subject = subjects::system_event(&event.system, event.health);
+        self.publish_stored(subject, map, payload, "system event")
             .await
     }
 

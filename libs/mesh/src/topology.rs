@@ -30,6 +30,10 @@ pub struct Buckets {
     pub revocations: kv::Store,
     /// Secrets stored by administrators.
     pub secrets: kv::Store,
+    /// Remote systems.
+    pub systems: kv::Store,
+    /// What the gateways found of the remote systems.
+    pub system_status: kv::Store,
 }
 
 /// Creates the streams and buckets that are missing (with their default size limits), leaves
@@ -137,6 +141,8 @@ pub async fn verify(js: &jetstream::Context) -> Result<Buckets, Error> {
         idempotency: verify_bucket(js, &spec::IDEMPOTENCY).await?,
         revocations: verify_bucket(js, &spec::REVOCATIONS).await?,
         secrets: verify_bucket(js, &spec::SECRETS).await?,
+        systems: verify_bucket(js, &spec::SYSTEMS).await?,
+        system_status: verify_bucket(js, &spec::SYSTEM_STATUS).await?,
     })
 }
 

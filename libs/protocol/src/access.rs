@@ -358,6 +358,18 @@ fn api(allowed: &mut Allowed) {
     }
     // Listing the stored secrets (names and users, never values).
     allowed.bucket_watch(&topology::SECRETS);
+    // The catalogue of remote systems: written here (administrators' changes), with the
+    // gateways' findings read beside it, and removed with a system.
+    for bucket in [&topology::SYSTEMS, &topology::SYSTEM_STATUS] {
+        allowed.bucket_write(bucket, "*");
+        allowed.bucket_read(bucket, "*");
+        allowed.bucket_watch(bucket);
+    }
+    // Listing the systems for `nats` users, on the plain subject and on each client's.
+    allowed.subscribe([
+        subjects::SYSTEMS_LIST.to_owned(),
+        ClientCall::ListSystems.from_all(),
+    ]);
     allowed.bucket_read(&topology::NODES, "*");
     // Listing nodes reads the whole bucket through a consumer of its own.
     allowed.bucket_watch(&topology::NODES);
@@ -402,6 +414,17 @@ fn executor(allowed: &mut Allowed, node: &NodeId) {
     // The stored secrets a job names, opened for its attempt; each opening is audited.
     allowed.bucket_read(&topology::SECRETS, "*");
     allowed.publish([subjects::audit(AuditAction::SecretRead)]);
+    // As a gateway to remote systems: reading the catalogue (credentials sealed), writing what
+    // its checks find, announcing health changes, and auditing a host key pinned on first use.
+    // Granted to every executor: whether a node is a gateway is its label, not its identity.
+    allowed.bucket_read(&topology::SYSTEMS, "*");
+    allowed.bucket_watch(&topology::SYSTEMS);
+    allowed.bucket_read(&topology::SYSTEM_STATUS, "*");
+    allowed.bucket_write(&topology::SYSTEM_STATUS, "*");
+    allowed.publish([
+        subjects::SYSTEM_EVENTS_ALL.to_owned(),
+        subjects::audit(AuditAction::SystemPin),
+    ]);
     allowed.durable(&topology::executor_consumer_spec(node, 1));
 }
 
@@ -559,17 +582,54 @@ mod tests {
     }
 
     #[test]
-    fn the_client_may_only_submit_cancel_and_read_events_and_logs() {
+    fn the_client_may_only_submit_cancel_list_systems_and_read_events_and_logs() {
         let permissions = Identity::client().permissions().expect("restricted");
         assert_eq!(
             permissions.publish,
-            [subjects::SUBMIT, subjects::CREATE, subjects::CANCEL]
+            [
+                subjects::SUBMIT,
+                subjects::CREATE,
+                subjects::CANCEL,
+                subjects::SYSTEMS_LIST
+            ]
         );
         assert_eq!(
             permissions.subscribe,
             [subjects::EVENTS_ALL, subjects::LOGS_ALL, "_INBOX.>"]
         );
         assert!(!permissions.answers);
+    }
+
+    #[test]
+    fn only_the_api_writes_the_systems_catalogue_and_executors_write_only_its_status() {
+        let api = Identity::Api;
+        let executor = Identity::Executor(node("gw-1"));
+        let catalogue = subjects::kv_key(topology::SYSTEMS.name, "web-1");
+        let status = subjects::kv_key(topology::SYSTEM_STATUS.name, "web-1");
+        assert!(may_publish(&api, &catalogue) && may_publish(&api, &status));
+        assert!(
+            !may_publish(&executor, &catalogue),
+            "a gateway rewrites no system"
+        );
+        assert!(may_publish(&executor, &status));
+        for identity in [Identity::Scheduler, Identity::Registry, Identity::client()] {
+            assert!(!may_publish(&identity, &catalogue), "{identity:?}");
+            assert!(!may_publish(&identity, &status), "{identity:?}");
+        }
+        let event = subjects::system_event("web-1", crate::SystemHealth::Healthy);
+        assert!(may_publish(&executor, &event));
+        assert!(!may_publish(&api, &event));
+        assert!(may_publish(
+            &executor,
+            &subjects::audit(AuditAction::SystemPin)
+        ));
+        assert!(!may_publish(
+            &executor,
+            &subjects::audit(AuditAction::SystemCreate)
+        ));
+        assert!(may_subscribe(&api, subjects::SYSTEMS_LIST));
+        assert!(may_subscribe(&api, &ClientCall::ListSystems.from("ci")));
+        assert!(!may_subscribe(&executor, subjects::SYSTEMS_LIST));
     }
 
     #[test]

@@ -189,6 +189,18 @@ pub enum AuditAction {
     /// Stored secrets sealed again under the current key (`capstan secrets rotate`).
     #[serde(rename = "secret.rotate")]
     SecretRotate,
+    /// A remote system added to the catalogue.
+    #[serde(rename = "system.create")]
+    SystemCreate,
+    /// A remote system changed (address, account, credential, host key, labels, state).
+    #[serde(rename = "system.update")]
+    SystemUpdate,
+    /// A remote system removed from the catalogue.
+    #[serde(rename = "system.delete")]
+    SystemDelete,
+    /// A system's host key pinned on first use by the gateway that saw it.
+    #[serde(rename = "system.pin")]
+    SystemPin,
     /// A changing request no operation claimed (an unknown route, a body refused before
     /// it reached one).
     #[serde(rename = "http.request")]
@@ -197,7 +209,7 @@ pub enum AuditAction {
 
 impl AuditAction {
     /// Every action.
-    pub const ALL: [AuditAction; 27] = [
+    pub const ALL: [AuditAction; 31] = [
         Self::AuthLogin,
         Self::AuthRefresh,
         Self::AuthRefreshReuse,
@@ -224,6 +236,10 @@ impl AuditAction {
         Self::SecretDelete,
         Self::SecretRead,
         Self::SecretRotate,
+        Self::SystemCreate,
+        Self::SystemUpdate,
+        Self::SystemDelete,
+        Self::SystemPin,
         Self::HttpRequest,
     ];
 
@@ -256,6 +272,10 @@ impl AuditAction {
             Self::SecretDelete => "secret.delete",
             Self::SecretRead => "secret.read",
             Self::SecretRotate => "secret.rotate",
+            Self::SystemCreate => "system.create",
+            Self::SystemUpdate => "system.update",
+            Self::SystemDelete => "system.delete",
+            Self::SystemPin => "system.pin",
             Self::HttpRequest => "http.request",
         }
     }

@@ -49,7 +49,7 @@ pub use reply::{CancelNotice, CancelOutcome, ErrorCode, JobRef, Reply, ServiceEr
 pub use retry::{RetryOn, RetryPolicy};
 pub use secret::{SealedSecret, StoredSecret};
 pub use spec::{JobSpec, Labels, Program, SpecError, Start};
-pub use system::SystemHealth;
+pub use system::{System, SystemAuth, SystemEvent, SystemHealth, SystemStatus, SystemSummary};
 pub use timer::Timer;
 pub use timestamp::Timestamp;
 

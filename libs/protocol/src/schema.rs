@@ -34,6 +34,7 @@ use crate::node::{Heartbeat, HeartbeatReply, NodeCommand, NodeQuery, NodeRecord,
 use crate::reply::{CancelNotice, Cancelled, Created, JobRef, Reply};
 use crate::spec::JobSpec;
 use crate::subjects;
+use crate::system::{System, SystemEvent, SystemStatus, SystemSummary};
 use crate::timer::Timer;
 use crate::timestamp::Timestamp;
 
@@ -121,6 +122,22 @@ pub fn messages() -> Vec<(&'static str, Value)> {
         written::<Revocation>(
             "revocation",
             "$KV.capstan_revocations.<kind>_<id> (bucket capstan_revocations)".into(),
+        ),
+        written::<System>(
+            "system",
+            "$KV.capstan_systems.<name> (bucket capstan_systems)".into(),
+        ),
+        written::<SystemStatus>(
+            "system-status",
+            "$KV.capstan_system_status.<name> (bucket capstan_system_status)".into(),
+        ),
+        written::<SystemEvent>(
+            "system-event",
+            "capstan.events.systems.<name>.<health>".into(),
+        ),
+        written::<Reply<Vec<SystemSummary>>>(
+            "system-list-reply",
+            format!("reply of {}", subjects::SYSTEMS_LIST),
         ),
     ]
 }

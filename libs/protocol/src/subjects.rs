@@ -229,7 +229,19 @@ pub mod registry {
 /// Request/reply job cancellation: `{"id": "<job>"}`.
 pub const CANCEL: &str = "capstan.jobs.cancel";
 
-/// What a client outside the mesh asks of it: submit, create or cancel a job.
+/// Lists the remote systems, without credentials (request: anything, reply:
+/// `Reply<Vec<SystemSummary>>`), answered by the API.
+pub const SYSTEMS_LIST: &str = "capstan.systems.list";
+
+/// Every system health change.
+pub const SYSTEM_EVENTS_ALL: &str = "capstan.events.systems.>";
+
+/// A change of `system`'s health (`capstan.events.systems.<name>.<health>`).
+pub fn system_event(system: &str, health: crate::system::SystemHealth) -> String {
+    format!("capstan.events.systems.{system}.{health}")
+}
+
+/// What a client outside the mesh asks of it: submit, create or cancel a job, list systems.
 ///
 /// A client identity publishes on the plain subject ([`SUBMIT`], [`CREATE`], [`CANCEL`]) in a
 /// NATS account of its own, and the server carries the message into the mesh's account as
@@ -244,11 +256,13 @@ pub enum ClientCall {
     Create,
     /// [`CANCEL`].
     Cancel,
+    /// [`SYSTEMS_LIST`].
+    ListSystems,
 }
 
 impl ClientCall {
     /// Every call.
-    pub const ALL: [ClientCall; 3] = [Self::Submit, Self::Create, Self::Cancel];
+    pub const ALL: [ClientCall; 4] = [Self::Submit, Self::Create, Self::Cancel, Self::ListSystems];
 
     /// The subject a client publishes on, and the mesh's own services too.
     pub fn subject(self) -> &'static str {
@@ -256,6 +270,7 @@ impl ClientCall {
             Self::Submit => SUBMIT,
             Self::Create => CREATE,
             Self::Cancel => CANCEL,
+            Self::ListSystems => SYSTEMS_LIST,
         }
     }
 

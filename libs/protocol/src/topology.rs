@@ -200,8 +200,38 @@ pub const SECRETS: BucketSpec = BucketSpec {
     max_bytes: 64 * MIB,
 };
 
+/// Remote systems as administrators describe them, by name (JSON [`crate::system::System`],
+/// credentials sealed): written by the API, read by the gateways that connect to them.
+pub const SYSTEMS: BucketSpec = BucketSpec {
+    name: "capstan_systems",
+    description: "Remote systems reached over SSH, credentials sealed, by name",
+    history: 1,
+    max_age: Duration::ZERO,
+    per_key_ttl: false,
+    max_bytes: 64 * MIB,
+};
+
+/// What the gateways found of each system, by name (JSON [`crate::system::SystemStatus`]):
+/// written by the gateways that check them, read by the API.
+pub const SYSTEM_STATUS: BucketSpec = BucketSpec {
+    name: "capstan_system_status",
+    description: "Health of remote systems and host keys pinned on first use, by name",
+    history: 1,
+    max_age: Duration::ZERO,
+    per_key_ttl: false,
+    max_bytes: 64 * MIB,
+};
+
 /// Every bucket.
-pub const BUCKETS: [BucketSpec; 5] = [JOBS, NODES, IDEMPOTENCY, REVOCATIONS, SECRETS];
+pub const BUCKETS: [BucketSpec; 7] = [
+    JOBS,
+    NODES,
+    IDEMPOTENCY,
+    REVOCATIONS,
+    SECRETS,
+    SYSTEMS,
+    SYSTEM_STATUS,
+];
 
 /// The key of an idempotency key in the idempotency bucket: its bytes in hex, because KV keys
 /// allow only a few characters and idempotency keys allow any printable text.

@@ -186,6 +186,37 @@ impl KeyRing {
         self.reseal_to(&Binding::Stored(name), sealed)
     }
 
+    /// Seals the credential field `field` (`password`, `private_key`, `passphrase`) of the
+    /// remote system `system` (bound to both: it opens for no other system, field or job).
+    pub fn seal_system(
+        &self,
+        system: &str,
+        field: &str,
+        value: &str,
+    ) -> Result<SealedSecret, Error> {
+        self.seal_to(&Binding::System(system, field), value)
+    }
+
+    /// Opens the credential field `field` of the remote system `system`.
+    pub fn open_system(
+        &self,
+        system: &str,
+        field: &str,
+        sealed: &SealedSecret,
+    ) -> Result<Zeroizing<String>, Error> {
+        self.open_from(&Binding::System(system, field), sealed)
+    }
+
+    /// [`KeyRing::reseal`] for a remote system's credential field.
+    pub fn reseal_system(
+        &self,
+        system: &str,
+        field: &str,
+        sealed: &SealedSecret,
+    ) -> Result<Option<SealedSecret>, Error> {
+        self.reseal_to(&Binding::System(system, field), sealed)
+    }
+
     fn seal_to(&self, binding: &Binding<'_>, value: &str) -> Result<SealedSecret, Error> {
         let key = &self.keys[0];
         let mut nonce = [0u8; NONCE_LEN];
@@ -294,6 +325,8 @@ enum Binding<'a> {
     Job(JobId, &'a str),
     /// The secret an administrator stored under this name.
     Stored(&'a str),
+    /// A credential field of the remote system of this name.
+    System(&'a str, &'a str),
 }
 
 impl Binding<'_> {
@@ -302,6 +335,9 @@ impl Binding<'_> {
         match self {
             Self::Job(job, name) => format!("capstan-secret/v1\n{job}\n{name}\n{key}"),
             Self::Stored(name) => format!("capstan-stored-secret/v1\n{name}\n{key}"),
+            Self::System(system, field) => {
+                format!("capstan-system-credential/v1\n{system}\n{field}\n{key}")
+            }
         }
     }
 }
@@ -414,6 +450,36 @@ mod tests {
         .expect("keys");
         // Another k1: does not open, so it is not resealed either.
         assert_eq!(rotated.reseal_stored("db", &sealed), Err(Error::Tampered));
+    }
+
+    #[test]
+    fn a_systems_credential_opens_for_its_system_and_field_only() {
+        let k1 = KeyRing::generate_entry("k1").expect("a key");
+        let keys: KeyRing = k1.parse().expect("keys");
+        let sealed = keys
+            .seal_system("web-1", "password", "canary-value")
+            .expect("sealed");
+        assert!(!sealed.as_str().contains("canary-value"));
+        let opened = keys.open_system("web-1", "password", &sealed);
+        assert_eq!(opened.expect("opens").as_str(), "canary-value");
+        for (system, field) in [("web-2", "password"), ("web-1", "passphrase")] {
+            let opened = keys.open_system(system, field, &sealed);
+            assert_eq!(opened, Err(Error::Tampered), "{system} {field}");
+        }
+        assert_eq!(keys.open_stored("web-1", &sealed), Err(Error::Tampered));
+        let stored = keys.seal_stored("web-1", "value").expect("sealed");
+        let opened = keys.open_system("web-1", "password", &stored);
+        assert_eq!(opened, Err(Error::Tampered));
+        let rotated: KeyRing = format!("{},{k1}", KeyRing::generate_entry("k2").expect("a key"))
+            .parse()
+            .expect("keys");
+        let resealed = rotated
+            .reseal_system("web-1", "password", &sealed)
+            .expect("opens")
+            .expect("was on the old key");
+        assert_eq!(resealed.key_id(), "k2");
+        let opened = rotated.open_system("web-1", "password", &resealed);
+        assert_eq!(opened.expect("opens").as_str(), "canary-value");
     }
 
     #[test]

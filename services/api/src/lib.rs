@@ -19,6 +19,7 @@ pub mod auth;
 #[doc(hidden)]
 pub mod bench;
 mod bootstrap;
+mod catalogue;
 pub mod config;
 pub mod guard;
 pub mod logs;
@@ -330,6 +331,16 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         ]),
     )
     .await?;
+    let [list_systems, list_systems_from] = catalogue::endpoints(&micro).await?;
+    let systems_listing = tokio::spawn({
+        let (mesh, shutdown) = (mesh.clone(), shutdown.clone());
+        async move {
+            tokio::join!(
+                catalogue::serve(list_systems, mesh.clone(), shutdown.clone()),
+                catalogue::serve(list_systems_from, mesh, shutdown),
+            );
+        }
+    });
     let projection = tokio::spawn({
         let stop = stop.clone();
         let projection = projection::run(
@@ -373,6 +384,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
             audit_projection.await,
             revocation_watch.await,
             housekeeping.await,
+            systems_listing.await,
         ];
         if let Some(open_metrics) = open_metrics {
             joined.push(open_metrics.await);

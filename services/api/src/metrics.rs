@@ -166,6 +166,9 @@ pub(crate) async fn render(state: &State) -> String {
             pending + in_hand as u64
         );
     }
+    if let Ok(systems) = crate::catalogue::summaries(&state.mesh).await {
+        render_systems(&mut out, &systems);
+    }
     let metrics = &state.metrics;
     let _ = writeln!(
         out,
@@ -195,9 +198,73 @@ pub(crate) async fn render(state: &State) -> String {
     out
 }
 
+/// The health of each remote system (1 for the health its last check found, 0 for the others)
+/// and the round trip of its last successful check.
+fn render_systems(out: &mut String, systems: &[capstan_protocol::SystemSummary]) {
+    use capstan_protocol::SystemHealth;
+    out.push_str(
+        "# HELP capstan_system_health What the last check of each remote system found (1 for \
+         its health, 0 for the others).\n# TYPE capstan_system_health gauge\n",
+    );
+    for system in systems {
+        for health in SystemHealth::ALL {
+            let _ = writeln!(
+                out,
+                "capstan_system_health{{system=\"{}\",health=\"{health}\"}} {}",
+                system.name,
+                u8::from(system.health == health)
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP capstan_systems Remote systems in the catalogue, by health.\n# TYPE capstan_systems gauge"
+    );
+    for health in SystemHealth::ALL {
+        let count = systems.iter().filter(|s| s.health == health).count();
+        let _ = writeln!(out, "capstan_systems{{health=\"{health}\"}} {count}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_system_reports_one_health_and_the_totals_count_them() {
+        let system = |name: &str, health| capstan_protocol::SystemSummary {
+            name: name.into(),
+            hostname: "h".into(),
+            port: 22,
+            username: "u".into(),
+            auth_method: "password".into(),
+            labels: Default::default(),
+            active: true,
+            health,
+            checked_at: None,
+        };
+        use capstan_protocol::SystemHealth::{AuthFailed, Healthy};
+        let mut out = String::new();
+        render_systems(
+            &mut out,
+            &[
+                system("a", Healthy),
+                system("b", Healthy),
+                system("c", AuthFailed),
+            ],
+        );
+        assert!(out.contains("capstan_system_health{system=\"a\",health=\"healthy\"} 1\n"));
+        assert!(out.contains("capstan_system_health{system=\"a\",health=\"unreachable\"} 0\n"));
+        assert!(out.contains("capstan_system_health{system=\"c\",health=\"auth_failed\"} 1\n"));
+        assert!(
+            out.contains("capstan_systems{health=\"healthy\"} 2\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("capstan_systems{health=\"auth_failed\"} 1\n"),
+            "{out}"
+        );
+    }
 
     #[test]
     fn histograms_are_cumulative_with_sum_and_count() {

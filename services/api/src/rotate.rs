@@ -1,6 +1,6 @@
 //! `capstan secrets rotate`: seals again, under the first of the secret keys, every secret that
 //! something may still open — each stored secret, and the secrets of every job that has not
-//! ended — so that the keys after it can be retired. Each record changes by compare-and-swap,
+//! ended, and the credentials of the remote systems — so that the keys after it can be retired. Each record changes by compare-and-swap,
 //! its revision checked, like every other write of a job.
 //!
 //! A job waiting unplaced (pending, no node) is left for a moment: a placement may be on its
@@ -12,7 +12,7 @@
 use std::time::Duration;
 
 use capstan_mesh::{Change, Mesh, Modified};
-use capstan_protocol::{JobId, JobRecord, StoredSecret};
+use capstan_protocol::{JobId, JobRecord, StoredSecret, System, SystemAuth};
 use capstan_secrets::KeyRing;
 
 /// What a rotation did.
@@ -20,6 +20,8 @@ use capstan_secrets::KeyRing;
 pub struct Rotated {
     /// Stored secrets sealed again.
     pub stored: usize,
+    /// Remote systems whose credentials were sealed again.
+    pub systems: usize,
     /// Jobs whose secrets were sealed again.
     pub jobs: usize,
     /// Their secrets, counted one by one.
@@ -36,9 +38,11 @@ impl Rotated {
     /// One line for the operator.
     pub fn summary(&self, key: &str) -> String {
         format!(
-            "sealed under `{key}`: {} stored secrets, {} secrets of {} jobs; {} jobs still \
-             waiting unplaced, {} finished jobs left as they are, {} values that do not open",
+            "sealed under `{key}`: {} stored secrets, {} system credentials, {} secrets of {} \
+             jobs; {} jobs still waiting unplaced, {} finished jobs left as they are, {} values \
+             that do not open",
             self.stored,
+            self.systems,
             self.job_secrets,
             self.jobs,
             self.waiting.len(),
@@ -92,6 +96,27 @@ pub async fn rotate(
             .await?;
         match changed {
             Modified::Written { .. } => rotated.stored += 1,
+            Modified::Stopped(Err(reason)) => rotated.unopenable.push(reason),
+            Modified::Stopped(Ok(())) => {}
+        }
+    }
+
+    for name in mesh.systems.keys().await? {
+        let changed = mesh
+            .systems
+            .modify(&name, |current| {
+                let Some(current) = current else {
+                    return Change::Stop(Ok(()));
+                };
+                match resealed_system(keys, &current.value) {
+                    Ok(None) => Change::Stop(Ok(())),
+                    Ok(Some(system)) => Change::Write(system),
+                    Err(reason) => Change::Stop(Err(reason)),
+                }
+            })
+            .await?;
+        match changed {
+            Modified::Written { .. } => rotated.systems += 1,
             Modified::Stopped(Err(reason)) => rotated.unopenable.push(reason),
             Modified::Stopped(Ok(())) => {}
         }
@@ -168,4 +193,40 @@ fn resealed_record(keys: &KeyRing, record: &JobRecord) -> Result<(JobRecord, usi
         }
     }
     Ok((next, count))
+}
+
+/// `system` with its credential sealed under the first key; `None` when it already is.
+fn resealed_system(keys: &KeyRing, system: &System) -> Result<Option<System>, String> {
+    let reseal = |field: &str, sealed| {
+        keys.reseal_system(&system.name, field, sealed)
+            .map_err(|error| format!("system {} {field}: {error}", system.name))
+    };
+    let auth = match &system.auth {
+        SystemAuth::Password { password } => match reseal("password", password)? {
+            None => return Ok(None),
+            Some(password) => SystemAuth::Password { password },
+        },
+        SystemAuth::PrivateKey {
+            private_key,
+            passphrase,
+        } => {
+            let key = reseal("private_key", private_key)?;
+            let phrase = passphrase
+                .as_ref()
+                .map(|p| reseal("passphrase", p))
+                .transpose()?
+                .flatten();
+            if key.is_none() && phrase.is_none() {
+                return Ok(None);
+            }
+            SystemAuth::PrivateKey {
+                private_key: key.unwrap_or_else(|| private_key.clone()),
+                passphrase: phrase.or_else(|| passphrase.clone()),
+            }
+        }
+    };
+    Ok(Some(System {
+        auth,
+        ..system.clone()
+    }))
 }

@@ -5,7 +5,8 @@
 //! Module map: `membership` talks to the registry; `worker` pulls dispatches and carries each
 //! attempt from claim to acknowledgement (its modules: `pull`, `attempt`, `control`, `held`);
 //! `runner` supervises one process, with the secrets `secrets` opens for it; `orphans` finds the job processes a crashed predecessor
-//! left running, so a restarted executor can kill them; [`error`] says why the executor
+//! left running, so a restarted executor can kill them; `systems` checks the health of remote
+//! systems when the node is a gateway (`capstan.io/ssh=true`); [`error`] says why the executor
 //! stopped when it was not asked to.
 
 pub mod error;
@@ -13,6 +14,7 @@ mod membership;
 pub mod orphans;
 pub mod runner;
 pub mod secrets;
+pub mod systems;
 mod worker;
 
 use std::collections::HashMap;
@@ -114,6 +116,15 @@ pub struct Config {
     /// before its process starts.
     #[command(flatten)]
     pub secret_keys: capstan_secrets::SecretKeyArgs,
+
+    /// On a gateway (label `capstan.io/ssh=true`): how often each remote system is checked
+    /// (connect, verify the host key, log in, run `true`). Gateways share the checks.
+    #[arg(long, env = "CAPSTAN_SYSTEM_CHECK_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    pub system_check_interval: Duration,
+
+    /// How long one check of a remote system may take before it counts as unreachable.
+    #[arg(long, env = "CAPSTAN_SYSTEM_CHECK_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub system_check_timeout: Duration,
 }
 
 /// The variables of the executor's environment a job gets unless `--pass-env` says otherwise.
@@ -147,6 +158,8 @@ impl Config {
             announce_after: capstan_mesh::config::default_announce_after(),
             run_as: None,
             secret_keys: capstan_secrets::SecretKeyArgs::default(),
+            system_check_interval: Duration::from_secs(60),
+            system_check_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -228,6 +241,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), erro
         .clone()
         .unwrap_or_else(|| NodeId::from_hostname(&hostname));
     let labels: Labels = config.labels.iter().cloned().collect();
+    let gateway = systems::is_gateway(&labels);
     let run_as = job_user(config.run_as.as_deref())?;
     let secret_keys = config.secret_keys.load()?;
     let work_dir = config.work_dir.clone().unwrap_or_else(|| {
@@ -292,7 +306,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), erro
             directories: Default::default(),
             run_as,
             secrets: crate::secrets::Secrets {
-                keys: secret_keys,
+                keys: secret_keys.clone(),
                 stored: mesh.secrets.clone(),
                 events: mesh.events.clone(),
                 node: node.clone(),
@@ -325,6 +339,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), erro
             .pull_until(consumer.clone(), stop_pulling.clone()),
     );
     let cancellations = tokio::spawn(worker.clone().follow_cancellations(background.clone()));
+    let checks = gateway.then(|| {
+        let checker = systems::Checker {
+            systems: mesh.systems.clone(),
+            status: mesh.system_status.clone(),
+            events: mesh.events.clone(),
+            keys: secret_keys,
+            node: node.clone(),
+            interval: config.system_check_interval,
+            timeout: config.system_check_timeout,
+        };
+        tokio::spawn(checker.run(background.clone()))
+    });
     let endpoint = tokio::spawn({
         let worker = worker.clone();
         let rejections = (mesh.events.clone(), subjects::Origin::Dispatch);
@@ -349,7 +375,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), erro
             background.clone(),
         )
     };
-    tracing::info!(node = %node, instance = %instance, slots = config.slots, work_dir = %work_dir.display(), "executor ready");
+    tracing::info!(node = %node, instance = %instance, slots = config.slots, gateway, work_dir = %work_dir.display(), "executor ready");
 
     // Before shutdown, heartbeats end only with an error (the node taken over, or registering
     // again refused).
@@ -381,6 +407,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), erro
     }
     background.cancel();
     let (endpoint, cancellations) = tokio::join!(endpoint, cancellations);
+    if let Some(checks) = checks {
+        task::joined(checks.await);
+    }
     if let Err(error) = micro.stop().await {
         tracing::debug!(error = %error, "stopping the micro service");
     }

@@ -318,7 +318,80 @@ fn samples() -> Vec<(&'static str, Value)> {
     for kind in JobEventKind::ALL {
         samples.push(("job-event", to_json(&JobEvent::new(kind, &record))));
     }
+    samples.extend(system_samples());
     samples
+}
+
+/// A system by password, one by key with a passphrase, their status before and after a check,
+/// a health change and the listing.
+fn system_samples() -> Vec<(&'static str, Value)> {
+    use capstan_protocol::system::{CheckLease, SystemAuth, SystemHealth, SystemSummary};
+    use capstan_protocol::{SealedSecret, System, SystemEvent, SystemStatus};
+    let sealed = SealedSecret::parse("sealed:v1:k1:QUJD").expect("sealed");
+    let by_password = System {
+        name: "web-1".into(),
+        hostname: "10.0.0.5".into(),
+        port: 22,
+        username: "deploy".into(),
+        auth: SystemAuth::Password {
+            password: sealed.clone(),
+        },
+        host_key: Some("SHA256:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU".into()),
+        trust_on_first_use: false,
+        labels: [("role".to_owned(), "web".to_owned())].into(),
+        active: true,
+        created_at: Timestamp::now(),
+        updated_at: Timestamp::now(),
+        updated_by: "admin".into(),
+    };
+    let by_key = System {
+        name: "db-1".into(),
+        auth: SystemAuth::PrivateKey {
+            private_key: sealed.clone(),
+            passphrase: Some(sealed),
+        },
+        host_key: None,
+        trust_on_first_use: true,
+        ..by_password.clone()
+    };
+    let unknown = SystemStatus::unknown("db-1");
+    let checked = SystemStatus {
+        health: SystemHealth::Healthy,
+        checked_at: Some(Timestamp::now()),
+        rtt_ms: Some(38),
+        error: None,
+        checked_by: Some("gw-1".into()),
+        checking: Some(CheckLease {
+            node: "gw-1".into(),
+            until: Timestamp::now(),
+        }),
+        pinned_host_key: Some(
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsab".into(),
+        ),
+        pinned_at: Some(Timestamp::now()),
+        ..unknown.clone()
+    };
+    let event = SystemEvent {
+        system: "web-1".into(),
+        health: SystemHealth::AuthFailed,
+        previous: SystemHealth::Healthy,
+        checked_at: Timestamp::now(),
+        rtt_ms: None,
+        error: Some("web-1: authentication as deploy refused".into()),
+        node: "gw-1".into(),
+    };
+    let listing = capstan_protocol::Reply::Ok(vec![
+        SystemSummary::of(&by_password, Some(&checked)),
+        SystemSummary::of(&by_key, None),
+    ]);
+    vec![
+        ("system", to_json(&by_password)),
+        ("system", to_json(&by_key)),
+        ("system-status", to_json(&unknown)),
+        ("system-status", to_json(&checked)),
+        ("system-event", to_json(&event)),
+        ("system-list-reply", to_json(&listing)),
+    ]
 }
 
 #[test]

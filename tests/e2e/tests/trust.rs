@@ -883,3 +883,77 @@ async fn canaries_sent_over_rest_and_nats_reach_their_processes_and_no_log_span_
     assert_eq!(audit["records"][0]["principal"], "nats:client", "{audit}");
     assert_eq!(audit["records"][0]["outcome"], "success", "{audit}");
 }
+
+#[tokio::test]
+async fn a_gateway_checks_a_system_under_its_permissions_and_a_client_lists_it_without_credentials()
+{
+    let host = capstan_testkit::sshd::SshHost::start().expect("sshd starts");
+    let entry = capstan_secrets::KeyRing::generate_entry("e2e").expect("a key");
+    let mut cluster = Cluster::start().await;
+    cluster.expect_violations();
+    cluster.set_env("CAPSTAN_SECRET_KEYS", entry);
+    cluster.set_env("CAPSTAN_SYSTEM_CHECK_INTERVAL", "500ms");
+    cluster.registry("registry-1");
+    cluster.executor("gw-1", 1, &["capstan.io/ssh=true"]);
+    let base = cluster.api("api-1").await;
+    cluster.wait_nodes_up(&["gw-1"]).await;
+    let http = cluster.http(&base);
+    let added = http
+        .post_json(
+            "/api/v1/systems",
+            &serde_json::json!({
+                "name": "web-1",
+                "hostname": "127.0.0.1",
+                "port": host.port(),
+                "username": capstan_testkit::sshd::LOGIN_USER,
+                "auth": {"method": "password", "password": host.password()},
+                "host_key": host.host_key_fingerprint(),
+            })
+            .to_string(),
+        )
+        .await;
+    assert_eq!(added.status, http::StatusCode::CREATED, "{}", added.text());
+    wait_until(
+        "the gateway process to find web-1 healthy",
+        Duration::from_secs(60),
+        || async {
+            let shown = http.get("/api/v1/systems/web-1").await.json();
+            (shown["health"]["status"] == "healthy").then_some(())
+        },
+    )
+    .await;
+
+    // A client lists it over NATS, from its own account: no credential, not even sealed.
+    let client = connect_as(&cluster, &Identity::client()).await;
+    let reply = client
+        .request(subjects::SYSTEMS_LIST, "{}".into())
+        .await
+        .expect("the API answers the client");
+    let text = String::from_utf8_lossy(&reply.payload).to_string();
+    let listed: Reply<Vec<capstan_protocol::SystemSummary>> =
+        codec::decode(Encoding::Json, &reply.payload).expect("a listing");
+    let listed = listed.into_result().expect("listed");
+    assert_eq!(listed.len(), 1, "{text}");
+    assert_eq!(listed[0].health, capstan_protocol::SystemHealth::Healthy);
+    assert!(
+        !text.contains("sealed:") && !text.contains(host.password()),
+        "{text}"
+    );
+    // It cannot read the catalogue itself.
+    let record = format!(
+        "$JS.API.DIRECT.GET.KV_{}.{}",
+        topology::SYSTEMS.name,
+        subjects::kv_key(topology::SYSTEMS.name, "web-1")
+    );
+    assert!(ask(&client, record.clone(), Vec::new()).await.is_none());
+    refused(&cluster, &record).await;
+
+    // The gateway may not rewrite where a system is or how it logs in.
+    let gateway = connect_as(&cluster, &Identity::Executor(node("gw-1"))).await;
+    let catalogue = subjects::kv_key(topology::SYSTEMS.name, "web-1");
+    let js = jetstream::new(gateway);
+    assert!(!stored(&js, catalogue.clone(), "{\"hostname\": \"evil\"}").await);
+    refused(&cluster, &catalogue).await;
+    let kept = http.get("/api/v1/systems/web-1").await.json();
+    assert_eq!(kept["hostname"], "127.0.0.1", "{kept}");
+}

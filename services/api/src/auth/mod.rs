@@ -58,11 +58,15 @@ pub enum Permission {
     SecretsRead,
     /// Store, replace and delete secrets.
     SecretsManage,
+    /// List the remote systems and their health (never their credentials).
+    SystemsRead,
+    /// Add, change and remove remote systems.
+    SystemsManage,
 }
 
 impl Permission {
     /// Every permission.
-    pub const ALL: [Permission; 15] = [
+    pub const ALL: [Permission; 17] = [
         Self::JobsRead,
         Self::JobsSecrets,
         Self::JobsSubmit,
@@ -78,6 +82,8 @@ impl Permission {
         Self::AuditRead,
         Self::SecretsRead,
         Self::SecretsManage,
+        Self::SystemsRead,
+        Self::SystemsManage,
     ];
 
     /// The permission's name, as problems and documentation show it.
@@ -98,6 +104,8 @@ impl Permission {
             Self::AuditRead => "audit:read",
             Self::SecretsRead => "secrets:read",
             Self::SecretsManage => "secrets:manage",
+            Self::SystemsRead => "systems:read",
+            Self::SystemsManage => "systems:manage",
         }
     }
 }
@@ -111,7 +119,7 @@ impl fmt::Display for Permission {
 /// A named set of permissions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Role {
-    /// Reads jobs, output, events and nodes.
+    /// Reads jobs, output, events, nodes and systems.
     Viewer,
     /// A viewer who also submits jobs, cancels its own, and lists the stored secrets.
     Operator,
@@ -121,10 +129,17 @@ pub enum Role {
 
 use Permission as P;
 
-const VIEWER: &[Permission] = &[P::JobsRead, P::NodesRead, P::MetricsRead, P::TokensCreate];
+const VIEWER: &[Permission] = &[
+    P::JobsRead,
+    P::NodesRead,
+    P::SystemsRead,
+    P::MetricsRead,
+    P::TokensCreate,
+];
 const OPERATOR: &[Permission] = &[
     P::JobsRead,
     P::NodesRead,
+    P::SystemsRead,
     P::MetricsRead,
     P::TokensCreate,
     P::JobsSubmit,

@@ -5,6 +5,7 @@
 
 pub mod access;
 pub mod secrets;
+pub mod systems;
 
 use std::collections::BTreeMap;
 

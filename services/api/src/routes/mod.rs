@@ -16,6 +16,7 @@ mod jobs;
 mod nodes;
 mod operations;
 mod secrets;
+mod systems;
 mod tokens;
 mod users;
 
@@ -47,6 +48,8 @@ enum Tag {
     Tokens,
     /// Secrets stored for jobs to name.
     Secrets,
+    /// Remote systems reached over SSH, and their health.
+    Systems,
     /// The audit trail.
     Audit,
     /// Health, readiness and metrics.
@@ -67,6 +70,7 @@ type Apis = (
     users::UsersApi,
     tokens::TokensApi,
     secrets::SecretsApi,
+    systems::SystemsApi,
     audit::AuditApi,
     operations::OperationsApi,
 );
@@ -79,6 +83,7 @@ fn apis(state: Option<Arc<State>>) -> Apis {
         users::UsersApi(state.clone()),
         tokens::TokensApi(state.clone()),
         secrets::SecretsApi(state.clone()),
+        systems::SystemsApi(state.clone()),
         audit::AuditApi(state.clone()),
         operations::OperationsApi(state),
     )

@@ -1,0 +1,517 @@
+//! The catalogue of remote systems over real HTTP, with a gateway executor checking real
+//! OpenSSH servers (testkit `SshHost`) through a real nats-server: credentials that never
+//! come back, health as the checks find it (healthy, a refused login, a changed host key, a
+//! closed port), a host key pinned on first use and audited, the `nats` listing, the metrics,
+//! and who may do what.
+
+use std::time::Duration;
+
+use capstan_protocol::NodeId;
+use capstan_store::testing::TestDatabase;
+use capstan_testkit::http::serde_json_value::{Value, json};
+use capstan_testkit::http::{HttpClient, Reply};
+use capstan_testkit::sshd::{LOGIN_USER, SshHost};
+use capstan_testkit::{NatsServer, wait_until};
+use futures::StreamExt;
+use http::StatusCode;
+use tokio_util::sync::CancellationToken;
+
+const GATEWAY: &str = "gateway-1";
+const PASSWORD_CANARY: &str = "canary-in-no-reply-7f3a";
+
+struct Stack {
+    server: NatsServer,
+    http: HttpClient,
+    shutdown: CancellationToken,
+    api: tokio::task::JoinHandle<Result<(), capstan_api::Error>>,
+    _db: TestDatabase,
+    _work: tempfile::TempDir,
+}
+
+fn keys() -> capstan_secrets::KeyRing {
+    static ENTRY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ENTRY
+        .get_or_init(|| capstan_secrets::KeyRing::generate_entry("test").expect("a key"))
+        .parse()
+        .expect("a key list")
+}
+
+/// A registry, a gateway executor checking every 300 ms, and the API.
+async fn stack() -> Stack {
+    let server = NatsServer::start().await;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(capstan_registry::run(
+        capstan_registry::Config::for_url(server.url()),
+        shutdown.clone(),
+    ));
+    let work = tempfile::tempdir().expect("work dir");
+    let mut executor =
+        capstan_executor::Config::for_url(server.url(), NodeId::new(GATEWAY).expect("valid"));
+    executor.work_dir = Some(work.path().to_path_buf());
+    executor.labels = vec![("capstan.io/ssh".into(), "true".into())];
+    executor.heartbeat_interval = Duration::from_millis(300);
+    executor.secret_keys.keys = Some(keys());
+    executor.system_check_interval = Duration::from_millis(300);
+    executor.system_check_timeout = Duration::from_secs(5);
+    tokio::spawn(capstan_executor::run(executor, shutdown.clone()));
+    let db = TestDatabase::sqlite();
+    let mut config = capstan_api::Config::for_urls(server.url(), db.url());
+    config.secret_keys.keys = Some(keys());
+    let running = capstan_api::start(config, shutdown.clone())
+        .await
+        .expect("the API starts");
+    let http = HttpClient::new(format!("http://{}", running.address))
+        .login("admin", capstan_api::TEST_ADMIN_PASSWORD)
+        .await;
+    Stack {
+        server,
+        http,
+        shutdown,
+        api: running.task,
+        _db: db,
+        _work: work,
+    }
+}
+
+impl Stack {
+    async fn add(&self, body: Value) -> Reply {
+        self.http
+            .post_json("/api/v1/systems", &body.to_string())
+            .await
+    }
+
+    async fn patch(&self, name: &str, body: Value) -> Reply {
+        self.http
+            .send(
+                http::Method::PATCH,
+                &format!("/api/v1/systems/{name}"),
+                &[("content-type", "application/json")],
+                body.to_string(),
+            )
+            .await
+    }
+
+    /// Waits until the system's health is `health`, and returns the system.
+    async fn health_becomes(&self, name: &str, health: &str) -> Value {
+        wait_until(
+            &format!("system {name} to be {health}"),
+            Duration::from_secs(30),
+            || async {
+                let shown = self
+                    .http
+                    .get(&format!("/api/v1/systems/{name}"))
+                    .await
+                    .json();
+                (shown["health"]["status"] == health).then_some(shown)
+            },
+        )
+        .await
+    }
+
+    async fn audit(&self, action: &str) -> Vec<Value> {
+        let trail = self
+            .http
+            .get(&format!("/api/v1/audit?action={action}&limit=100"))
+            .await
+            .json();
+        trail["records"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Waits until the audit trail holds `count` records of `action` (records published by
+    /// other services reach the table through the API's projection).
+    async fn audited(&self, action: &str, count: usize) -> Vec<Value> {
+        wait_until(
+            &format!("{count} {action} audit records"),
+            Duration::from_secs(30),
+            || async {
+                let records = self.audit(action).await;
+                (records.len() >= count).then_some(records)
+            },
+        )
+        .await
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.api.await.expect("joins").expect("clean exit");
+    }
+}
+
+fn password_system(name: &str, host: &SshHost, password: &str, host_key: &str) -> Value {
+    json!({
+        "name": name,
+        "hostname": "127.0.0.1",
+        "port": host.port(),
+        "username": LOGIN_USER,
+        "auth": {"method": "password", "password": password},
+        "host_key": host_key,
+        "labels": {"role": "web"},
+    })
+}
+
+fn assert_problem(reply: &Reply, status: StatusCode, field: Option<&str>) {
+    assert_eq!(reply.status, status, "{}", reply.text());
+    assert!(
+        reply.content_type().starts_with("application/problem+json"),
+        "{}",
+        reply.content_type()
+    );
+    if let Some(field) = field {
+        assert_eq!(reply.json()["field"], field, "{}", reply.text());
+    }
+}
+
+#[tokio::test]
+async fn a_system_is_checked_healthy_and_shown_listed_and_measured_without_its_credential() {
+    let host = SshHost::start().expect("sshd starts");
+    let stack = stack().await;
+    let client = stack.server.client().await;
+    let mut events = client
+        .subscribe("capstan.events.systems.>")
+        .await
+        .expect("subscribes");
+
+    // One system logs in with the host's password; a second one's password is a canary that
+    // must come back nowhere (and that the server refuses).
+    let added = stack
+        .add(password_system(
+            "web-1",
+            &host,
+            host.password(),
+            &format!("{} root@web-1", host.host_key()),
+        ))
+        .await;
+    assert_eq!(added.status, StatusCode::CREATED, "{}", added.text());
+    let shown = added.json();
+    assert_eq!(shown["auth_method"], "password", "{shown}");
+    assert_eq!(shown["host_key"], host.host_key(), "the comment is dropped");
+    assert_eq!(shown["host_key_source"], "pinned", "{shown}");
+    assert_eq!(shown["key_id"], "test", "{shown}");
+    assert!(
+        shown["auth"].is_null() && shown["password"].is_null(),
+        "{shown}"
+    );
+    let canary = stack
+        .add(password_system(
+            "web-2",
+            &host,
+            PASSWORD_CANARY,
+            &host.host_key(),
+        ))
+        .await;
+    assert_eq!(canary.status, StatusCode::CREATED, "{}", canary.text());
+
+    let healthy = stack.health_becomes("web-1", "healthy").await;
+    assert_eq!(healthy["health"]["checked_by"], GATEWAY, "{healthy}");
+    assert!(healthy["health"]["rtt_ms"].as_u64().is_some(), "{healthy}");
+    assert!(healthy["health"]["checked_at"].is_string(), "{healthy}");
+    let refused = stack.health_becomes("web-2", "auth_failed").await;
+    let error = refused["health"]["last_error"].as_str().unwrap_or_default();
+    assert!(error.contains("refused"), "{refused}");
+
+    // The change is announced, once per change, on the system's subject.
+    let event = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let message = events.next().await.expect("an event");
+            if message.subject.as_str() == "capstan.events.systems.web-1.healthy" {
+                return message;
+            }
+        }
+    })
+    .await
+    .expect("web-1's change is announced");
+    let event: capstan_protocol::SystemEvent =
+        capstan_protocol::codec::decode(capstan_protocol::Encoding::MsgPack, &event.payload)
+            .expect("a system event");
+    assert_eq!(
+        event.previous,
+        capstan_protocol::SystemHealth::Unknown,
+        "{event:?}"
+    );
+    assert_eq!(event.node, GATEWAY, "{event:?}");
+    assert!(event.rtt_ms.is_some(), "{event:?}");
+
+    // `nats` users list the systems, with their health, and no credential even sealed.
+    let reply = client
+        .request("capstan.systems.list", "".into())
+        .await
+        .expect("the API answers");
+    let listed: Value = serde_json::from_slice(&reply.payload).expect("JSON, as asked");
+    let text = listed.to_string();
+    assert_eq!(listed["ok"][0]["name"], "web-1", "{text}");
+    assert_eq!(listed["ok"][0]["health"], "healthy", "{text}");
+    assert_eq!(listed["ok"][1]["health"], "auth_failed", "{text}");
+    assert!(
+        !text.contains("sealed:") && !text.contains(host.password()),
+        "{text}"
+    );
+
+    // The metrics give each system its health.
+    let metrics = stack.http.get("/metrics").await.text();
+    assert!(
+        metrics.contains("capstan_system_health{system=\"web-1\",health=\"healthy\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("capstan_systems{health=\"auth_failed\"} 1"),
+        "{metrics}"
+    );
+
+    // Nowhere in clear: not in a reply, not in any stream or bucket.
+    for path in [
+        "/api/v1/systems",
+        "/api/v1/systems/web-2",
+        "/api/v1/audit?limit=100",
+    ] {
+        let text = stack.http.get(path).await.text();
+        assert!(!text.contains(PASSWORD_CANARY), "{path}: {text}");
+    }
+    let js = async_nats::jetstream::new(client.clone());
+    let mut scanned = 0;
+    for name in [
+        "KV_capstan_systems",
+        "KV_capstan_system_status",
+        "CAPSTAN_EVENTS",
+        "CAPSTAN_AUDIT",
+    ] {
+        let mut stream = js.get_stream(name).await.expect("the stream");
+        let state = stream.info().await.expect("info").state.clone();
+        for seq in state.first_sequence..=state.last_sequence {
+            if let Ok(message) = stream.get_raw_message(seq).await {
+                scanned += 1;
+                let payload = String::from_utf8_lossy(&message.payload);
+                assert!(
+                    !payload.contains(PASSWORD_CANARY),
+                    "{name} #{seq}: {payload}"
+                );
+            }
+        }
+    }
+    assert!(scanned >= 6, "only {scanned} messages read");
+
+    // Both additions are audited, naming the system and never the credential.
+    let created = stack.audit("system.create").await;
+    assert_eq!(created.len(), 2, "{created:?}");
+    assert!(
+        created
+            .iter()
+            .any(|r| r["resource"] == "system/web-2" && r["principal"] == "admin"),
+        "{created:?}"
+    );
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn a_key_login_a_changed_host_key_and_a_closed_port_each_show_as_their_health() {
+    let mut host = SshHost::start().expect("sshd starts");
+    let other = SshHost::start().expect("sshd starts");
+    let stack = stack().await;
+    let key = std::fs::read_to_string(host.client_key()).expect("the client key");
+    let by_key = json!({
+        "name": "by-key",
+        "hostname": "127.0.0.1",
+        "port": host.port(),
+        "username": LOGIN_USER,
+        "auth": {"method": "private_key", "private_key": key},
+        "host_key": host.host_key_fingerprint(),
+    });
+    assert_eq!(stack.add(by_key).await.status, StatusCode::CREATED);
+    // Pinned to another server's key: refused before any credential is sent.
+    let mismatch = password_system("mismatch", &host, host.password(), &other.host_key());
+    assert_eq!(stack.add(mismatch).await.status, StatusCode::CREATED);
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+    let closed_port = closed.local_addr().expect("an address").port();
+    drop(closed);
+    let mut unreachable = password_system("gone", &host, "x", &host.host_key());
+    unreachable["port"] = json!(closed_port);
+    assert_eq!(stack.add(unreachable).await.status, StatusCode::CREATED);
+
+    stack.health_becomes("by-key", "healthy").await;
+    let mismatched = stack.health_becomes("mismatch", "host_key_mismatch").await;
+    let error = mismatched["health"]["last_error"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(error.contains("host key mismatch"), "{mismatched}");
+    stack.health_becomes("gone", "unreachable").await;
+
+    // The server's key changes: the pinned system turns host_key_mismatch.
+    host.change_host_key()
+        .expect("sshd restarts with a new key");
+    stack.health_becomes("by-key", "host_key_mismatch").await;
+
+    // Its administrator pins the new key: healthy again, and the change is audited as such.
+    let repinned = stack
+        .patch("by-key", json!({"host_key": host.host_key()}))
+        .await;
+    assert_eq!(repinned.status, StatusCode::OK, "{}", repinned.text());
+    assert_eq!(
+        repinned.json()["health"]["status"],
+        "unknown",
+        "the old finding is forgotten"
+    );
+    stack.health_becomes("by-key", "healthy").await;
+    let updates = stack.audit("system.update").await;
+    assert_eq!(updates.len(), 1, "{updates:?}");
+    assert_eq!(updates[0]["detail"], "changed host_key", "{updates:?}");
+
+    // An inactive system is left alone; removing one removes its status with it.
+    let removed = stack
+        .http
+        .send(http::Method::DELETE, "/api/v1/systems/gone", &[], "")
+        .await;
+    assert_eq!(removed.status, StatusCode::NO_CONTENT, "{}", removed.text());
+    let js = async_nats::jetstream::new(stack.server.client().await);
+    let status = js
+        .get_key_value("capstan_system_status")
+        .await
+        .expect("the bucket");
+    assert!(status.get("gone").await.expect("reads").is_none());
+    let missing = stack.http.get("/api/v1/systems/gone").await;
+    assert_problem(&missing, StatusCode::NOT_FOUND, None);
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn trust_on_first_use_pins_the_first_key_audits_it_and_then_refuses_another() {
+    let mut host = SshHost::start().expect("sshd starts");
+    let stack = stack().await;
+    let mut body = password_system("tofu", &host, host.password(), "");
+    body.as_object_mut().expect("an object").remove("host_key");
+    let refused = stack.add(body.clone()).await;
+    assert_problem(&refused, StatusCode::UNPROCESSABLE_ENTITY, Some("host_key"));
+
+    body["trust_on_first_use"] = json!(true);
+    let added = stack.add(body).await;
+    assert_eq!(added.status, StatusCode::CREATED, "{}", added.text());
+    assert!(added.json()["host_key"].is_null(), "{}", added.text());
+    let pinned = stack.health_becomes("tofu", "healthy").await;
+    assert_eq!(pinned["host_key"], host.host_key(), "{pinned}");
+    assert_eq!(pinned["host_key_source"], "first_use", "{pinned}");
+    let audited = stack.audited("system.pin", 1).await;
+    assert_eq!(audited.len(), 1, "{audited:?}");
+    assert_eq!(audited[0]["resource"], "system/tofu", "{audited:?}");
+    assert_eq!(
+        audited[0]["principal"],
+        format!("node:{GATEWAY}"),
+        "{audited:?}"
+    );
+    let detail = audited[0]["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains(&host.host_key_fingerprint()), "{detail}");
+
+    // The pin holds: a new key is a mismatch, not a new pin.
+    host.change_host_key()
+        .expect("sshd restarts with a new key");
+    stack.health_becomes("tofu", "host_key_mismatch").await;
+    let still = stack.http.get("/api/v1/systems/tofu").await.json();
+    assert_ne!(still["host_key"], host.host_key(), "{still}");
+    assert_eq!(stack.audit("system.pin").await.len(), 1);
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn only_administrators_change_systems_and_bad_input_names_its_field_and_stores_nothing() {
+    let host = SshHost::start().expect("sshd starts");
+    let stack = stack().await;
+    let good = password_system("web-1", &host, "pw", &host.host_key());
+    let cases: Vec<(Value, &str)> = vec![
+        (json!({"name": "web.1"}), "name"),
+        (json!({"hostname": "-oProxyCommand=x"}), "hostname"),
+        (json!({"port": 0}), "port"),
+        (json!({"username": "a b"}), "username"),
+        (json!({"host_key": "MD5:aa:bb"}), "host_key"),
+        (json!({"auth": {"method": "password"}}), "auth.password"),
+        (
+            json!({"auth": {"method": "private_key", "private_key": "not a key"}}),
+            "auth.private_key",
+        ),
+        (
+            json!({"auth": {"method": "password", "password": "x", "private_key": "y"}}),
+            "auth.private_key",
+        ),
+        (json!({"labels": {"bad key": "v"}}), "labels.bad key"),
+    ];
+    for (change, field) in cases {
+        let mut body = good.clone();
+        for (key, value) in change.as_object().expect("an object") {
+            body[key] = value.clone();
+        }
+        let refused = stack.add(body).await;
+        assert_problem(&refused, StatusCode::UNPROCESSABLE_ENTITY, Some(field));
+    }
+    let unknown_field = stack.add(json!({"name": "x", "shell": "/bin/sh"})).await;
+    assert!(
+        unknown_field.status.is_client_error(),
+        "{}",
+        unknown_field.text()
+    );
+    let listed = stack.http.get("/api/v1/systems").await.json();
+    assert_eq!(listed["systems"], json!([]), "nothing stored: {listed}");
+
+    assert_eq!(stack.add(good.clone()).await.status, StatusCode::CREATED);
+    let again = stack.add(good.clone()).await;
+    assert_problem(&again, StatusCode::CONFLICT, None);
+    let nobody = stack.patch("nobody", json!({"active": false})).await;
+    assert_problem(&nobody, StatusCode::NOT_FOUND, None);
+    let unpinned = stack.patch("web-1", json!({"host_key": null})).await;
+    assert_problem(
+        &unpinned,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        Some("host_key"),
+    );
+
+    // An operator and a viewer read the catalogue, and change nothing in it.
+    for (name, role) in [("olivia", "operator"), ("victor", "viewer")] {
+        let made = stack
+            .http
+            .post_json(
+                "/api/v1/users",
+                &json!({"name": name, "password": "a long enough password", "role": role})
+                    .to_string(),
+            )
+            .await;
+        assert_eq!(made.status, StatusCode::CREATED, "{}", made.text());
+        let user = stack
+            .http
+            .anonymous()
+            .login(name, "a long enough password")
+            .await;
+        assert_eq!(user.get("/api/v1/systems").await.status, StatusCode::OK);
+        let mut other = good.clone();
+        other["name"] = json!(format!("{name}-box"));
+        let added = user.post_json("/api/v1/systems", &other.to_string()).await;
+        assert_problem(&added, StatusCode::FORBIDDEN, None);
+        assert_eq!(
+            added.json()["permission"],
+            "systems:manage",
+            "{}",
+            added.text()
+        );
+        let changed = user
+            .send(
+                http::Method::PATCH,
+                "/api/v1/systems/web-1",
+                &[("content-type", "application/json")],
+                json!({"hostname": "10.0.0.66"}).to_string(),
+            )
+            .await;
+        assert_problem(&changed, StatusCode::FORBIDDEN, None);
+        let removed = user
+            .send(http::Method::DELETE, "/api/v1/systems/web-1", &[], "")
+            .await;
+        assert_problem(&removed, StatusCode::FORBIDDEN, None);
+    }
+    let kept = stack.http.get("/api/v1/systems/web-1").await.json();
+    assert_eq!(kept["hostname"], "127.0.0.1", "{kept}");
+    // Every refusal is audited (under `auth.denied`, naming the system).
+    let denied = stack.audit("auth.denied").await;
+    let on_systems = denied
+        .iter()
+        .filter(|r| {
+            r["resource"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("system/"))
+        })
+        .count();
+    assert_eq!(on_systems, 6, "{denied:?}");
+    stack.stop().await;
+}
