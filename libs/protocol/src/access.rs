@@ -319,6 +319,8 @@ fn scheduler(allowed: &mut Allowed) {
     }
     allowed.bucket_read(&topology::NODES, "*");
     allowed.bucket_watch(&topology::NODES);
+    // A job on a remote system is accepted only when the system exists and is active.
+    allowed.bucket_read(&topology::SYSTEMS, "*");
     allowed.purge(&topology::TIMERS);
     // Settling a lost node reads the dispatches it still had, without consuming them.
     allowed.stream_read(&topology::DISPATCH, subjects::DISPATCH_ALL);

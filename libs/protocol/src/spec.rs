@@ -67,6 +67,9 @@ pub struct JobSpec {
     pub timeout: Option<Duration>,
     /// Selector: the job runs only on executors carrying all of these labels.
     pub labels: Labels,
+    /// The remote system (`/api/v1/systems`) the command runs on over SSH, through a gateway
+    /// executor; on the executor itself when absent.
+    pub system: Option<String>,
     /// A human name, for listing and filtering.
     pub name: Option<String>,
     /// Free-form annotations kept with the job.
@@ -141,6 +144,10 @@ pub struct JobSpecWire {
     /// Selector over executor labels.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub labels: Option<Labels>,
+    /// Run on this remote system (by name, over SSH through a gateway executor) instead of
+    /// on an executor. Takes no `secrets`, `secret_refs` or `cwd`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system: Option<String>,
     /// A human name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
@@ -321,6 +328,32 @@ impl TryFrom<JobSpecWire> for JobSpec {
             ));
         }
 
+        if let Some(system) = &wire.system {
+            if !crate::system::valid_system_name(system) {
+                return Err(SpecError::new("system", crate::system::SYSTEM_NAME_RULE));
+            }
+            // A remote command gets its variables on its command line, where the remote host's
+            // other users can read them: secrets are not sent that way.
+            if !secrets.is_empty() || !secret_refs.is_empty() {
+                return Err(SpecError::new(
+                    if secrets.is_empty() {
+                        "secret_refs"
+                    } else {
+                        "secrets"
+                    },
+                    "a job on a remote system takes no secrets: its variables travel on the \
+                     remote command line",
+                ));
+            }
+            if wire.cwd.is_some() {
+                return Err(SpecError::new(
+                    "cwd",
+                    "a job on a remote system starts in its account's home directory: `cd` \
+                     in the command instead",
+                ));
+            }
+        }
+
         if let Some(cwd) = &wire.cwd {
             if !cwd.starts_with('/') {
                 return Err(SpecError::new("cwd", "must be an absolute path"));
@@ -450,6 +483,7 @@ impl TryFrom<JobSpecWire> for JobSpec {
             stdin: wire.stdin,
             timeout,
             labels,
+            system: wire.system,
             name: wire.name,
             metadata,
             idempotency_key: wire.idempotency_key,
@@ -518,6 +552,7 @@ impl From<JobSpec> for JobSpecWire {
             stdin: spec.stdin,
             timeout: spec.timeout.map(|t| t.as_secs_f64()),
             labels: non_empty(spec.labels),
+            system: spec.system,
             name: spec.name,
             metadata: non_empty(spec.metadata),
             idempotency_key: spec.idempotency_key,
@@ -546,12 +581,23 @@ impl JobSpec {
             stdin: None,
             timeout: None,
             labels: Labels::new(),
+            system: None,
             name: None,
             metadata: BTreeMap::new(),
             idempotency_key: None,
             retry: RetryPolicy::default(),
             start: None,
         }
+    }
+
+    /// The labels a node must carry to run the job: its own selector, and for a job on a
+    /// remote system the gateway label ([`crate::system::SSH_GATEWAY_LABEL`]` = true`).
+    pub fn placement(&self) -> Labels {
+        let mut selector = self.labels.clone();
+        if self.system.is_some() {
+            selector.insert(crate::system::SSH_GATEWAY_LABEL.into(), "true".into());
+        }
+        selector
     }
 
     /// The program as an argv vector: `["sh", "-c", command]` for a shell command.
@@ -574,6 +620,41 @@ mod tests {
 
     fn field_of(json: &str) -> String {
         parse(json).expect_err("must be rejected").field
+    }
+
+    #[test]
+    fn a_job_on_a_system_is_placed_on_a_gateway_and_takes_no_secrets_or_cwd() {
+        let spec = parse(r#"{"command": "df -h", "system": "web-1", "labels": {"zone": "eu"}}"#)
+            .expect("valid");
+        assert_eq!(spec.system.as_deref(), Some("web-1"));
+        let placement = spec.placement();
+        assert_eq!(placement.get("zone").map(String::as_str), Some("eu"));
+        assert_eq!(
+            placement
+                .get(crate::system::SSH_GATEWAY_LABEL)
+                .map(String::as_str),
+            Some("true")
+        );
+        assert!(
+            parse(r#"{"command": "true"}"#)
+                .expect("valid")
+                .placement()
+                .is_empty()
+        );
+        assert_eq!(
+            field_of(r#"{"command": "true", "system": "web.1"}"#),
+            "system"
+        );
+        assert_eq!(
+            field_of(r#"{"command": "true", "system": "web-1", "secret_refs": {"A": "db"}}"#),
+            "secret_refs"
+        );
+        assert_eq!(
+            field_of(r#"{"command": "true", "system": "web-1", "cwd": "/tmp"}"#),
+            "cwd"
+        );
+        let round = JobSpecWire::from(spec.clone());
+        assert_eq!(JobSpec::try_from(round).expect("valid"), spec);
     }
 
     #[test]

@@ -112,13 +112,43 @@ pub enum Output {
     Stderr(Bytes),
 }
 
-/// How a stop is asked for, and how long the command gets between `SIGTERM` and `SIGKILL`.
+/// How a stop is asked for, and how long the command gets between `SIGTERM` and `SIGKILL`
+/// (which the one who stops it may choose when it does: a cancel may allow less than a
+/// timeout).
 #[derive(Debug, Clone)]
 pub struct Stop {
     /// Cancelled to stop the command.
     pub token: CancellationToken,
-    /// Time between `SIGTERM` and `SIGKILL` to its process group.
-    pub grace: Duration,
+    grace_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Stop {
+    /// A stop that `token` fires, allowing `grace` between `SIGTERM` and `SIGKILL`.
+    pub fn new(token: CancellationToken, grace: Duration) -> Self {
+        let stop = Self {
+            token,
+            grace_ms: std::sync::Arc::default(),
+        };
+        stop.set_grace(grace);
+        stop
+    }
+
+    /// Stops the command now, allowing it `grace` between `SIGTERM` and `SIGKILL`.
+    pub fn stop_with(&self, grace: Duration) {
+        self.set_grace(grace);
+        self.token.cancel();
+    }
+
+    /// The time between `SIGTERM` and `SIGKILL`.
+    pub fn grace(&self) -> Duration {
+        Duration::from_millis(self.grace_ms.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    fn set_grace(&self, grace: Duration) {
+        let millis = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
+        self.grace_ms
+            .store(millis, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// The key a server showed.

@@ -31,10 +31,7 @@ pub async fn probe<C: Connector>(connector: &C, target: &Target, deadline: Durat
     };
     // `true` writes nothing; the receiver only keeps the channel open.
     let (output, _receiver) = mpsc::channel(1);
-    let stop = Stop {
-        token: CancellationToken::new(),
-        grace: Duration::from_secs(1),
-    };
+    let stop = Stop::new(CancellationToken::new(), Duration::from_secs(1));
     let started = Instant::now();
     let checked = tokio::time::timeout(deadline, connector.run(target, &command, output, &stop));
     match checked.await {

@@ -382,7 +382,17 @@ impl Connector for SshConnector {
             system: system(),
             reason: error.to_string(),
         };
-        let (mut handle, mut host_key, reused) = self.connection(target).await?;
+        let connect = tracing::info_span!(
+            "ssh connect",
+            system = %target.name,
+            address = %format_args!("{}:{}", target.hostname, target.port),
+            reused = tracing::field::Empty,
+        );
+        let (mut handle, mut host_key, reused) = {
+            use tracing::Instrument;
+            self.connection(target).instrument(connect.clone()).await?
+        };
+        connect.record("reused", reused);
         let mut channel = match handle.channel_open_session().await {
             Ok(channel) => channel,
             // A kept connection can die between keepalives: once more on a new one.
@@ -414,7 +424,7 @@ impl Connector for SshConnector {
                 message = channel.wait() => message,
                 () = stop.token.cancelled(), if !stopped => {
                     stopped = true;
-                    kill_at = Some(Instant::now() + stop.grace);
+                    kill_at = Some(Instant::now() + stop.grace());
                     if let Some(pid) = head.group() {
                         termed = true;
                         let _ = side_command(&handle, &script::signal_group("TERM", pid)).await;

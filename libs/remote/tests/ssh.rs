@@ -77,10 +77,7 @@ async fn run_with(
 }
 
 fn no_stop() -> Stop {
-    Stop {
-        token: CancellationToken::new(),
-        grace: Duration::from_secs(1),
-    }
+    Stop::new(CancellationToken::new(), Duration::from_secs(1))
 }
 
 async fn run(target: &Target, command: &RemoteCommand) -> Run {
@@ -253,10 +250,7 @@ async fn a_key_that_does_not_parse_is_a_credential_error_that_does_not_show_it()
 async fn a_stop_ends_the_remote_process_group_and_kills_a_child_that_ignores_sigterm() {
     let host = SshHost::start().expect("sshd");
     let target = target(&host, key_of(&host), pinned(&host));
-    let stop = Stop {
-        token: CancellationToken::new(),
-        grace: Duration::from_secs(1),
-    };
+    let stop = Stop::new(CancellationToken::new(), Duration::from_secs(1));
     // Sleeps named after this host's port, so that no other run's processes are counted.
     let (ignoring, plain) = (
         format!("sleep {}1", host.port()),

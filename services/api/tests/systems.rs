@@ -2,7 +2,8 @@
 //! OpenSSH servers (testkit `SshHost`) through a real nats-server: credentials that never
 //! come back, health as the checks find it (healthy, a refused login, a changed host key, a
 //! closed port), a host key pinned on first use and audited, the `nats` listing, the metrics,
-//! and who may do what.
+//! who may do what, and jobs on a system: output, exit code, environment and input, a timeout
+//! and a cancel that leave no remote process, a changed host key, and unknown systems refused.
 
 use std::time::Duration;
 
@@ -36,12 +37,16 @@ fn keys() -> capstan_secrets::KeyRing {
         .expect("a key list")
 }
 
-/// A registry, a gateway executor checking every 300 ms, and the API.
+/// A registry, a scheduler, a gateway executor checking every 300 ms, and the API.
 async fn stack() -> Stack {
     let server = NatsServer::start().await;
     let shutdown = CancellationToken::new();
     tokio::spawn(capstan_registry::run(
         capstan_registry::Config::for_url(server.url()),
+        shutdown.clone(),
+    ));
+    tokio::spawn(capstan_scheduler::run(
+        capstan_scheduler::Config::for_url(server.url()),
         shutdown.clone(),
     ));
     let work = tempfile::tempdir().expect("work dir");
@@ -126,6 +131,28 @@ impl Stack {
             || async {
                 let records = self.audit(action).await;
                 (records.len() >= count).then_some(records)
+            },
+        )
+        .await
+    }
+
+    async fn submit(&self, body: Value) -> String {
+        let reply = self.http.post_json("/api/v1/jobs", &body.to_string()).await;
+        assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.text());
+        reply.json()["id"].as_str().expect("an id").to_owned()
+    }
+
+    /// Waits until the job has ended, and returns it.
+    async fn finished(&self, id: &str) -> Value {
+        wait_until(
+            &format!("job {id} to end"),
+            Duration::from_secs(60),
+            || async {
+                let job = self.http.get(&format!("/api/v1/jobs/{id}")).await.json();
+                let status = job["status"].as_str().unwrap_or_default();
+                ["succeeded", "failed", "timed_out", "cancelled"]
+                    .contains(&status)
+                    .then_some(job)
             },
         )
         .await
@@ -513,5 +540,243 @@ async fn only_administrators_change_systems_and_bad_input_names_its_field_and_st
         })
         .count();
     assert_eq!(on_systems, 6, "{denied:?}");
+    stack.stop().await;
+}
+
+/// The test user's live processes whose command line is `args` (zombies left out).
+fn remote_processes(args: &str) -> usize {
+    let output = std::process::Command::new("ps")
+        .args(["-u", LOGIN_USER, "-o", "stat=,args="])
+        .output()
+        .expect("ps runs");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| line.trim_start().split_once(' '))
+        .filter(|(stat, command)| !stat.starts_with('Z') && command.trim() == args)
+        .count()
+}
+
+#[tokio::test]
+async fn a_job_on_a_system_runs_there_with_its_environment_and_input_and_reports_output_and_exit() {
+    let host = SshHost::start().expect("sshd starts");
+    let stack = stack().await;
+    let added = stack
+        .add(password_system(
+            "web-1",
+            &host,
+            host.password(),
+            &host.host_key(),
+        ))
+        .await;
+    assert_eq!(added.status, StatusCode::CREATED, "{}", added.text());
+    let id = stack
+        .submit(json!({
+            "command": "read line; echo \"$line to $GREETING as $(id -un) for $CAPSTAN_JOB_ID\"; \
+                        echo oops >&2; exit 3",
+            "system": "web-1",
+            "env": {"GREETING": "it's `web`"},
+            "stdin": "payload\n",
+        }))
+        .await;
+    let job = stack.finished(&id).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(job["exit_code"], 3, "{job}");
+    assert_eq!(job["node"], GATEWAY, "{job}");
+    assert_eq!(job["spec"]["system"], "web-1", "{job}");
+    let logs = wait_until("the job's output", Duration::from_secs(30), || async {
+        let logs = stack
+            .http
+            .get(&format!("/api/v1/jobs/{id}/logs"))
+            .await
+            .json();
+        (logs["complete"] == true).then_some(logs)
+    })
+    .await;
+    assert_eq!(
+        logs["stdout"],
+        format!("payload to it's `web` as {LOGIN_USER} for {id}\n"),
+        "{logs}"
+    );
+    assert_eq!(logs["stderr"], "oops\n", "{logs}");
+
+    // An argv is quoted for the remote shell, argument by argument.
+    let id = stack
+        .submit(json!({"argv": ["printf", "%s|", "a b", "$HOME", "it's"], "system": "web-1"}))
+        .await;
+    let job = stack.finished(&id).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let logs = stack
+        .http
+        .get(&format!("/api/v1/jobs/{id}/logs"))
+        .await
+        .json();
+    assert_eq!(logs["stdout"], "a b|$HOME|it's|", "{logs}");
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn a_remote_job_past_its_timeout_or_cancelled_leaves_no_remote_process() {
+    let host = SshHost::start().expect("sshd starts");
+    let stack = stack().await;
+    let added = stack
+        .add(password_system(
+            "web-1",
+            &host,
+            host.password(),
+            &host.host_key(),
+        ))
+        .await;
+    assert_eq!(added.status, StatusCode::CREATED, "{}", added.text());
+    // Sleeps named after this host's port, so that no other test's processes are counted; the
+    // first ignores SIGTERM, so only the SIGKILL after the grace ends it.
+    let (stubborn, plain) = (
+        format!("sleep {}1", host.port()),
+        format!("sleep {}2", host.port()),
+    );
+    let id = stack
+        .submit(json!({
+            "command": format!("(trap '' TERM; exec {stubborn}) & exec {plain}"),
+            "system": "web-1",
+            "timeout": 1.5,
+        }))
+        .await;
+    wait_until(
+        "both remote sleeps to run",
+        Duration::from_secs(30),
+        || async {
+            (remote_processes(&stubborn) == 1 && remote_processes(&plain) == 1).then_some(())
+        },
+    )
+    .await;
+    let job = stack.finished(&id).await;
+    assert_eq!(job["status"], "timed_out", "{job}");
+    wait_until("no remote sleep left", Duration::from_secs(30), || async {
+        (remote_processes(&stubborn) == 0 && remote_processes(&plain) == 0).then_some(())
+    })
+    .await;
+
+    let id = stack
+        .submit(json!({"command": format!("exec {plain}"), "system": "web-1"}))
+        .await;
+    wait_until(
+        "the remote sleep to run",
+        Duration::from_secs(30),
+        || async { (remote_processes(&plain) == 1).then_some(()) },
+    )
+    .await;
+    let cancelled = stack
+        .http
+        .post_json(&format!("/api/v1/jobs/{id}/cancel"), "")
+        .await;
+    assert_eq!(
+        cancelled.status,
+        StatusCode::ACCEPTED,
+        "{}",
+        cancelled.text()
+    );
+    let asked = std::time::Instant::now();
+    let job = stack.finished(&id).await;
+    assert_eq!(job["status"], "cancelled", "{job}");
+    wait_until(
+        "the remote sleep to end",
+        Duration::from_secs(10),
+        || async { (remote_processes(&plain) == 0).then_some(()) },
+    )
+    .await;
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "stopped {:?} after the cancel",
+        asked.elapsed()
+    );
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_or_inactive_systems_are_refused_and_a_changed_host_key_fails_the_job() {
+    let mut host = SshHost::start().expect("sshd starts");
+    let stack = stack().await;
+    let refused = stack
+        .http
+        .post_json(
+            "/api/v1/jobs",
+            &json!({"command": "true", "system": "nope"}).to_string(),
+        )
+        .await;
+    assert_problem(&refused, StatusCode::UNPROCESSABLE_ENTITY, Some("system"));
+    let with_secret = stack
+        .http
+        .post_json(
+            "/api/v1/jobs",
+            &json!({"command": "true", "system": "web-1", "secret_refs": {"A": "db"}}).to_string(),
+        )
+        .await;
+    assert_problem(
+        &with_secret,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        Some("secret_refs"),
+    );
+
+    // Over NATS: the scheduler refuses it, and says why on the rejections subject.
+    let client = stack.server.client().await;
+    let mut rejections = client
+        .subscribe("capstan.events.rejected.submit")
+        .await
+        .expect("subscribes");
+    client.flush().await.expect("flushed");
+    let js = async_nats::jetstream::new(client.clone());
+    js.publish(
+        "capstan.jobs.submit",
+        json!({"command": "true", "system": "nope"})
+            .to_string()
+            .into(),
+    )
+    .await
+    .expect("sent")
+    .await
+    .expect("stored");
+    let rejection = tokio::time::timeout(Duration::from_secs(30), rejections.next())
+        .await
+        .expect("a rejection in time")
+        .expect("a message");
+    let rejection: capstan_protocol::Rejection =
+        capstan_protocol::codec::decode(capstan_protocol::Encoding::MsgPack, &rejection.payload)
+            .expect("a rejection");
+    assert_eq!(rejection.field.as_deref(), Some("system"), "{rejection:?}");
+    assert!(
+        rejection.reason.contains("no system `nope`"),
+        "{rejection:?}"
+    );
+
+    let mut inactive = password_system("idle", &host, host.password(), &host.host_key());
+    inactive["active"] = json!(false);
+    assert_eq!(stack.add(inactive).await.status, StatusCode::CREATED);
+    let refused = stack
+        .http
+        .post_json(
+            "/api/v1/jobs",
+            &json!({"command": "true", "system": "idle"}).to_string(),
+        )
+        .await;
+    assert_problem(&refused, StatusCode::UNPROCESSABLE_ENTITY, Some("system"));
+
+    // The server's key changes: the job fails before any credential is sent.
+    let added = stack
+        .add(password_system(
+            "web-1",
+            &host,
+            host.password(),
+            &host.host_key(),
+        ))
+        .await;
+    assert_eq!(added.status, StatusCode::CREATED, "{}", added.text());
+    host.change_host_key()
+        .expect("sshd restarts with a new key");
+    let id = stack
+        .submit(json!({"command": "echo should not run", "system": "web-1"}))
+        .await;
+    let job = stack.finished(&id).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    let error = job["error"].as_str().unwrap_or_default();
+    assert!(error.contains("host key mismatch"), "{job}");
     stack.stop().await;
 }

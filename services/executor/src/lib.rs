@@ -4,7 +4,8 @@
 //!
 //! Module map: `membership` talks to the registry; `worker` pulls dispatches and carries each
 //! attempt from claim to acknowledgement (its modules: `pull`, `attempt`, `control`, `held`);
-//! `runner` supervises one process, with the secrets `secrets` opens for it; `orphans` finds the job processes a crashed predecessor
+//! `runner` supervises one process, with the secrets `secrets` opens for it, or hands a job on
+//! a remote system to `remote`; `orphans` finds the job processes a crashed predecessor
 //! left running, so a restarted executor can kill them; `systems` checks the health of remote
 //! systems when the node is a gateway (`capstan.io/ssh=true`); [`error`] says why the executor
 //! stopped when it was not asked to.
@@ -12,6 +13,7 @@
 pub mod error;
 mod membership;
 pub mod orphans;
+pub mod remote;
 pub mod runner;
 pub mod secrets;
 pub mod systems;
@@ -291,6 +293,22 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), erro
     membership.register(&shutdown).await?;
 
     let capacity = usize::try_from(config.slots.max(1)).unwrap_or(1);
+    let checker = gateway.then(|| systems::Checker {
+        systems: mesh.systems.clone(),
+        status: mesh.system_status.clone(),
+        events: mesh.events.clone(),
+        keys: secret_keys.clone(),
+        node: node.clone(),
+        interval: config.system_check_interval,
+        timeout: config.system_check_timeout,
+    });
+    let remote = checker.clone().map(|checker| {
+        Arc::new(remote::Remote {
+            connector: capstan_remote::SshConnector::default()
+                .connect_timeout(config.system_check_timeout),
+            checker,
+        })
+    });
     let worker = Arc::new(Worker::new(
         mesh.clone(),
         node.clone(),
@@ -311,6 +329,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), erro
                 events: mesh.events.clone(),
                 node: node.clone(),
             },
+            remote,
         },
         capacity,
         config.ack_wait,
@@ -339,18 +358,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), erro
             .pull_until(consumer.clone(), stop_pulling.clone()),
     );
     let cancellations = tokio::spawn(worker.clone().follow_cancellations(background.clone()));
-    let checks = gateway.then(|| {
-        let checker = systems::Checker {
-            systems: mesh.systems.clone(),
-            status: mesh.system_status.clone(),
-            events: mesh.events.clone(),
-            keys: secret_keys,
-            node: node.clone(),
-            interval: config.system_check_interval,
-            timeout: config.system_check_timeout,
-        };
-        tokio::spawn(checker.run(background.clone()))
-    });
+    let checks = checker.map(|checker| tokio::spawn(checker.run(background.clone())));
     let endpoint = tokio::spawn({
         let worker = worker.clone();
         let rejections = (mesh.events.clone(), subjects::Origin::Dispatch);

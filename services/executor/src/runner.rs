@@ -54,6 +54,8 @@ pub struct Runner {
     pub run_as: Option<JobUser>,
     /// Opens job secrets.
     pub secrets: crate::secrets::Secrets,
+    /// Runs jobs on remote systems, on a gateway node.
+    pub remote: Option<std::sync::Arc<crate::remote::Remote>>,
 }
 
 /// The user and group a job runs as.
@@ -139,6 +141,16 @@ impl Runner {
     }
 
     async fn run_traced(&self, record: &JobRecord, stops: Stops) -> Outcome {
+        if let Some(system) = &record.spec.system {
+            return match &self.remote {
+                Some(remote) => remote.run(self, record, system, stops).await,
+                None => failed_to_start(format!(
+                    "node {} is no gateway to remote systems (label capstan.io/ssh=true): \
+                     cannot run on system `{system}`",
+                    self.node
+                )),
+            };
+        }
         let job_dir = match self.directories.take(&self.work_dir, self.run_as) {
             Ok(dir) => dir,
             Err(error) => {
@@ -375,7 +387,7 @@ pub struct Stops {
     pub shutdown: CancellationToken,
 }
 
-fn failed_to_start(error: String) -> Outcome {
+pub(crate) fn failed_to_start(error: String) -> Outcome {
     Outcome {
         status: JobStatus::Failed,
         exit_code: None,
@@ -386,7 +398,7 @@ fn failed_to_start(error: String) -> Outcome {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stream {
+pub(crate) enum Stream {
     Stdout,
     Stderr,
 }
@@ -411,7 +423,7 @@ async fn pump(mut reader: impl AsyncRead + Unpin, sink: Arc<LogSink>, stream: St
 }
 
 /// Publishes output chunks to the job's log subject, keeping at most the cap.
-struct LogSink {
+pub(crate) struct LogSink {
     js: jetstream::Context,
     subject: String,
     attempt: String,
@@ -433,7 +445,7 @@ struct SinkState {
 const MAX_PENDING_LOG_ACKS: usize = 64;
 
 impl LogSink {
-    fn new(js: jetstream::Context, record: &JobRecord, node: &NodeId, cap: u64) -> Self {
+    pub(crate) fn new(js: jetstream::Context, record: &JobRecord, node: &NodeId, cap: u64) -> Self {
         Self {
             js,
             subject: subjects::logs(record.id, node),
@@ -453,7 +465,7 @@ impl LogSink {
         }
     }
 
-    async fn write(&self, stream: Stream, chunk: &[u8]) {
+    pub(crate) async fn write(&self, stream: Stream, chunk: &[u8]) {
         let offset = self
             .counter(stream)
             .fetch_add(chunk.len() as u64, Ordering::Relaxed);
@@ -511,7 +523,7 @@ impl LogSink {
     }
 
     /// Waits until every chunk is stored, so the job's end is announced after its output.
-    async fn finish(&self) {
+    pub(crate) async fn finish(&self) {
         let mut state = self.state.lock().await;
         while let Some(ack) = state.pending.pop_front() {
             if let Err(error) = ack.await {
@@ -520,7 +532,7 @@ impl LogSink {
         }
     }
 
-    fn summary(&self) -> OutputSummary {
+    pub(crate) fn summary(&self) -> OutputSummary {
         let stdout_bytes = self.stdout_bytes.load(Ordering::Relaxed);
         let stderr_bytes = self.stderr_bytes.load(Ordering::Relaxed);
         OutputSummary {

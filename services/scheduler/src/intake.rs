@@ -183,6 +183,32 @@ impl Scheduler {
             }
         };
 
+        if let Some(name) = &spec.system {
+            let refused = match self.mesh.systems.get(name).await {
+                Ok(Some(system)) if system.value.active => None,
+                Ok(Some(_)) => Some(format!(
+                    "system `{name}` is inactive: an administrator must activate it first"
+                )),
+                Ok(None) => Some(format!("no system `{name}` in the catalogue")),
+                Err(error) => {
+                    tracing::warn!(error = %error, "cannot read the systems catalogue");
+                    return Handled::Retry(Duration::from_secs(1));
+                }
+            };
+            if let Some(reason) = refused {
+                return self
+                    .reject(
+                        message,
+                        seq,
+                        Some(id),
+                        RejectionCode::Invalid,
+                        Some("system"),
+                        reason,
+                    )
+                    .await;
+            }
+        }
+
         let accepted = self
             .accept(
                 id,
@@ -277,7 +303,7 @@ impl Scheduler {
                 Err(error) => Err(error),
             };
         }
-        let node = self.cluster.reserve(&record.spec.labels, id).ok();
+        let node = self.cluster.reserve(&record.spec.placement(), id).ok();
         if let Some(node) = &node {
             record = record.assigned(node.clone(), now);
             tracing::Span::current().record("node", node.as_str());

@@ -63,7 +63,7 @@ impl Waiting {
         timer: Option<u32>,
     ) {
         let job = known.value.id;
-        let selector = known.value.spec.labels.clone();
+        let selector = known.value.spec.placement();
         let known = Some(known);
         let mut inner = self.inner();
         let order = inner.next_order;

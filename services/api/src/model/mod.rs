@@ -46,6 +46,9 @@ pub struct JobSubmission {
     pub timeout: Option<f64>,
     /// Run only on executors carrying all these labels.
     pub labels: Option<BTreeMap<String, String>>,
+    /// Run on this remote system (`/api/v1/systems`) over SSH, through a gateway executor,
+    /// instead of on an executor. Takes no `secrets`, `secret_refs` or `cwd`.
+    pub system: Option<String>,
     /// A human name.
     pub name: Option<String>,
     /// Free-form annotations.
@@ -160,6 +163,7 @@ impl From<JobSubmission> for JobSpecWire {
             stdin: body.stdin,
             timeout: body.timeout,
             labels: body.labels,
+            system: body.system,
             name: body.name,
             metadata: body.metadata,
             idempotency_key: body.idempotency_key,
@@ -189,6 +193,8 @@ pub struct JobSpecView {
     pub timeout: Option<f64>,
     /// Label selector.
     pub labels: BTreeMap<String, String>,
+    /// The remote system it runs on.
+    pub system: Option<String>,
     /// Name.
     pub name: Option<String>,
     /// Annotations.
@@ -214,6 +220,7 @@ impl From<JobSpecWire> for JobSpecView {
             cwd: wire.cwd,
             timeout: wire.timeout,
             labels: wire.labels.unwrap_or_default(),
+            system: wire.system,
             name: wire.name,
             metadata: wire.metadata.unwrap_or_default(),
             idempotency_key: wire.idempotency_key,

@@ -65,6 +65,7 @@ impl JobsApi {
         let spec = body.seal_and_check(id, state.secret_keys.as_ref())?;
         let submitted_by = caller.submitted_by();
         super::secrets::check_refs(state, &auth, &spec, &submitted_by.principal).await?;
+        super::systems::check_system(state, &spec).await?;
         let created = state
             .submitter
             .submit_with_id(id, &spec, Some(&submitted_by))

@@ -469,3 +469,26 @@ fn sealed(state: &crate::State, name: &str, auth: AuthInput) -> Result<SystemAut
         },
     })
 }
+
+/// Checks, at submission, that the system a job names exists and is active (the schedulers
+/// check again, and refuse the submission otherwise), so the caller hears of it at once.
+pub(crate) async fn check_system(
+    state: &crate::State,
+    spec: &capstan_protocol::JobSpec,
+) -> Result<(), ApiError> {
+    let Some(name) = &spec.system else {
+        return Ok(());
+    };
+    let field = Some("system".to_owned());
+    match state.mesh.systems.get(name).await? {
+        None => Err(ApiError::invalid(
+            format!("no system `{name}` in the catalogue (GET /api/v1/systems lists them)"),
+            field,
+        )),
+        Some(system) if !system.value.active => Err(ApiError::invalid(
+            format!("system `{name}` is inactive: an administrator must activate it first"),
+            field,
+        )),
+        Some(_) => Ok(()),
+    }
+}
