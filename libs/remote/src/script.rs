@@ -1,7 +1,16 @@
 //! The line a connector asks the remote login shell to run: a POSIX `sh` that first reports
 //! its process id (which is its process group's, since the SSH server makes each command a
-//! session leader), then exports the job's environment and replaces itself with the job's
-//! command. The process group is what a stop signals, so a job's children end with it.
+//! session leader), starts a watchdog, then exports the job's environment and replaces itself
+//! with the job's command. The process group is what a stop signals, so a job's children end
+//! with it.
+//!
+//! The watchdog is for the connection that goes away without a stop (the gateway killed, the
+//! network cut): the SSH server then ends the session, but a command without a terminal gets no
+//! hangup and would run on unseen. The watchdog, in the same group with its output on
+//! `/dev/null` (so it holds no channel open), checks once a second that the session's server
+//! process is still there; once it is gone it sends the group `SIGTERM`, then `SIGKILL`
+//! [`ORPHAN_GRACE`] later. It ignores `SIGTERM` itself, and dies with the group's `SIGKILL`
+//! that ends every command.
 
 /// The first line of standard output a wrapped command writes, before the job's own output.
 pub const PID_MARKER: &str = "capstan-remote-pid ";
@@ -32,6 +41,9 @@ pub fn quote(text: &str) -> String {
     quoted
 }
 
+/// Seconds between the watchdog's `SIGTERM` and `SIGKILL` to a group whose connection went.
+pub const ORPHAN_GRACE: u32 = 5;
+
 fn is_identifier(name: &str) -> bool {
     let mut chars = name.chars();
     chars
@@ -46,7 +58,12 @@ pub fn wrap(command: &str, env: &[(String, String)]) -> Result<String, ScriptErr
     if command.contains('\0') {
         return Err(ScriptError::Nul("the command"));
     }
-    let mut inner = format!("printf '{PID_MARKER}%s\\n' \"$$\"; ");
+    let mut inner = format!(
+        "printf '{PID_MARKER}%s\\n' \"$$\"; \
+         p=$PPID; g=$$; (trap '' TERM; while kill -0 \"$p\" 2>/dev/null; do sleep 1; done; \
+         kill -TERM -\"$g\"; sleep {ORPHAN_GRACE}; kill -KILL -\"$g\") \
+         </dev/null >/dev/null 2>&1 & "
+    );
     for (name, value) in env {
         if !is_identifier(name) {
             return Err(ScriptError::BadName(name.clone()));

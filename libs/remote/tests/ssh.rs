@@ -306,6 +306,44 @@ async fn a_command_that_exits_leaves_nothing_running_in_its_group() {
 }
 
 #[tokio::test]
+async fn a_command_whose_connection_goes_away_is_stopped_on_the_remote_host() {
+    let host = SshHost::start().expect("sshd");
+    let target = target(&host, key_of(&host), pinned(&host));
+    // The second sleep ignores SIGTERM: only the watchdog's SIGKILL after its grace ends it.
+    let (plain, stubborn) = (
+        format!("sleep {}4", host.port()),
+        format!("sleep {}5", host.port()),
+    );
+    let line = command(&format!("(trap '' TERM; exec {stubborn}) & exec {plain}"));
+    {
+        // The gateway goes away mid-run: its connection is dropped with the run, no stop sent.
+        let (connector, stop) = (SshConnector::default(), no_stop());
+        let running = run_with(&connector, &target, &line, &stop);
+        let started = wait_until(
+            "both remote sleeps to run",
+            Duration::from_secs(20),
+            || async {
+                (remote_processes(&plain).len() == 1 && remote_processes(&stubborn).len() == 1)
+                    .then_some(())
+            },
+        );
+        tokio::select! {
+            run = running => panic!("the run ended by itself: {:?}", run.result),
+            () = started => {}
+        }
+    }
+    wait_until(
+        "no remote sleep left once the connection is gone",
+        Duration::from_secs(30),
+        || async {
+            (remote_processes(&plain).is_empty() && remote_processes(&stubborn).is_empty())
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn a_health_check_tells_healthy_unreachable_auth_failed_and_host_key_mismatch_apart() {
     use capstan_protocol::SystemHealth;
     use capstan_remote::probe;

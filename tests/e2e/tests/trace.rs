@@ -287,3 +287,85 @@ async fn a_job_published_on_nats_with_a_traceparent_joins_the_callers_trace() {
     let (trace, hops) = hops(&otlp, trace_id, &job).await;
     assert_chain(&trace, &hops, caller);
 }
+
+#[tokio::test]
+async fn a_job_on_a_remote_system_is_one_trace_with_its_ssh_connection_and_remote_command() {
+    let host = capstan_testkit::sshd::SshHost::start().expect("sshd starts");
+    let otlp = OtlpReceiver::start().await;
+    let mut cluster = Cluster::start().await;
+    cluster.set_env("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.endpoint());
+    cluster.set_env("OTEL_BSP_SCHEDULE_DELAY", "100");
+    cluster.set_env(
+        "CAPSTAN_SECRET_KEYS",
+        capstan_secrets::KeyRing::generate_entry("e2e").expect("a key"),
+    );
+    cluster.registry("registry-1");
+    cluster.scheduler("scheduler-1");
+    cluster.executor("gw-1", 2, &["capstan.io/ssh=true"]);
+    let base = cluster.api("api-1").await;
+    cluster.wait_nodes_up(&["gw-1"]).await;
+    let http = cluster.http(&base);
+    let system = json!({
+        "name": "web-1",
+        "hostname": "127.0.0.1",
+        "port": host.port(),
+        "username": capstan_testkit::sshd::LOGIN_USER,
+        "auth": {"method": "password", "password": host.password()},
+        "host_key": host.host_key(),
+    });
+    let added = http.post_json("/api/v1/systems", &system.to_string()).await;
+    assert_eq!(added.status, StatusCode::CREATED, "{}", added.text());
+
+    let body = json!({"command": "echo \"$TRACEPARENT\"", "system": "web-1"});
+    let reply = http.post_json("/api/v1/jobs", &body.to_string()).await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.text());
+    let job = reply.json()["id"].as_str().expect("an id").to_owned();
+    let record = cluster
+        .wait_terminal(&[job.parse().expect("a job id")], Duration::from_secs(60))
+        .await
+        .remove(0);
+    assert_eq!(record.status.as_str(), "succeeded", "{:?}", record.error);
+    let traceparent = record.traceparent.expect("the record keeps its trace");
+    let trace_id = traceparent
+        .split('-')
+        .nth(1)
+        .expect("a trace id")
+        .to_owned();
+
+    let (trace, run, remote, connect) = wait_until(
+        "the remote job's spans",
+        Duration::from_secs(60),
+        || async {
+            let trace = Trace::of(otlp.trace(&trace_id));
+            let run = trace.find("capstan-executor", "run attempt", &job)?.clone();
+            let remote = trace
+                .find("capstan-executor", "remote command", &job)?
+                .clone();
+            let connect = trace.find("capstan-executor", "ssh connect", &job)?.clone();
+            Some((trace, run, remote, connect))
+        },
+    )
+    .await;
+    assert!(trace.descends(&remote, &run), "{remote:?}");
+    assert_eq!(connect.parent_span_id, remote.span_id, "{connect:?}");
+    assert_eq!(
+        remote.attributes.get("system").map(String::as_str),
+        Some("web-1")
+    );
+    assert_eq!(
+        connect.attributes.get("reused").map(String::as_str),
+        Some("false")
+    );
+
+    // The remote command was handed the context of the span that ran it.
+    let logs = http.get(&format!("/api/v1/jobs/{job}/logs")).await.json();
+    let handed = logs["stdout"]
+        .as_str()
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    let span = handed.split('-').nth(2).unwrap_or_default();
+    assert!(handed.contains(&trace_id), "{handed}");
+    let holder = trace.0.get(span).expect("a span of this trace");
+    assert!(trace.descends(holder, &run), "{holder:?}");
+}
