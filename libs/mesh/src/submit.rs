@@ -205,7 +205,7 @@ impl Submitter {
             }
         };
         self.js
-            .send_publish(subjects::SUBMIT, publish)
+            .send_publish(subjects::submit_job(id), publish)
             .await
             .map_err(refused)?
             .await

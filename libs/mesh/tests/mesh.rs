@@ -243,7 +243,7 @@ async fn a_submission_is_stored_with_its_job_id_and_a_repeated_key_returns_the_s
         .await
         .expect("fetch");
     let message = messages.next().await.expect("one message").expect("ok");
-    assert_eq!(message.subject.as_str(), subjects::SUBMIT);
+    assert_eq!(message.subject.as_str(), subjects::submit_job(first.id));
     let id = message
         .headers
         .as_ref()

@@ -302,8 +302,9 @@ fn scheduler(allowed: &mut Allowed) {
     allowed.subscribe([subjects::CREATE, subjects::CANCEL, subjects::JOB_EVENTS_ALL]);
     // The clients' calls, each arriving on the caller's own subject.
     allowed.subscribe([ClientCall::Create, ClientCall::Cancel].map(ClientCall::from_all));
+    // Submissions of the create endpoint, each on its job's own subject.
     allowed.publish([
-        subjects::SUBMIT,
+        subjects::SUBMIT_JOB_ALL,
         subjects::DISPATCH_ALL,
         subjects::JOB_EVENTS_ALL,
         subjects::TIMERS_ALL,
@@ -335,7 +336,8 @@ fn scheduler(allowed: &mut Allowed) {
 
 fn api(allowed: &mut Allowed) {
     allowed.publish([
-        subjects::SUBMIT.to_owned(),
+        // Submissions, each on its job's own subject.
+        subjects::SUBMIT_JOB_ALL.to_owned(),
         subjects::AUDIT_ALL.to_owned(),
         subjects::job_events_of_kind(JobEventKind::Cancelled),
         subjects::control_any("cancel"),
@@ -380,6 +382,8 @@ fn api(allowed: &mut Allowed) {
     allowed.bucket_watch(&topology::JOBS);
     allowed.stream_read(&topology::LOGS, subjects::LOGS_ALL);
     allowed.stream_watch(&topology::LOGS);
+    // Showing an accepted job that no scheduler has created yet, from its stored submission.
+    allowed.stream_read(&topology::SUBMISSIONS, subjects::SUBMIT_JOB_ALL);
     // The purge of finished jobs, and a cancelled job's timer.
     for stream in [&topology::EVENTS, &topology::LOGS, &topology::TIMERS] {
         allowed.purge(stream);
@@ -776,6 +780,7 @@ mod tests {
         for subject in [
             subjects::dispatch(&node("exec-1")),
             subjects::SUBMIT.to_owned(),
+            subjects::submit_job(job),
             subjects::CREATE.to_owned(),
             subjects::job_event(job, JobEventKind::Pending),
             subjects::job_event(job, JobEventKind::Dispatched),

@@ -47,8 +47,9 @@ pub fn messages() -> Vec<(&'static str, Value)> {
         read::<JobSpec>(
             "job-spec",
             format!(
-                "{} (stored submission); request of {}",
+                "{} and {} (stored submissions); request of {}",
                 subjects::SUBMIT,
+                subjects::SUBMIT_JOB_ALL,
                 subjects::CREATE
             ),
         ),

@@ -13,6 +13,16 @@ pub const SUBMIT: &str = "capstan.jobs.submit";
 /// [`ClientCall`]); the submissions stream holds them beside [`SUBMIT`].
 pub const SUBMIT_FROM_ALL: &str = "capstan.jobs.submit.from.*";
 
+/// Job submissions the mesh stores itself (the API's, the create endpoint's), each on
+/// `capstan.jobs.submit.job.<job>`, so that an accepted job can be found by its id before a
+/// scheduler has created its record.
+pub const SUBMIT_JOB_ALL: &str = "capstan.jobs.submit.job.*";
+
+/// The subject of the stored submission of job `id`.
+pub fn submit_job(id: JobId) -> String {
+    format!("capstan.jobs.submit.job.{id}")
+}
+
 /// Request/reply job creation: replies with the new job's id once the submission is stored.
 pub const CREATE: &str = "capstan.jobs.create";
 

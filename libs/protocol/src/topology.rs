@@ -46,7 +46,11 @@ const DEDUPE: Duration = Duration::from_secs(120);
 pub const SUBMISSIONS: StreamSpec = StreamSpec {
     name: "CAPSTAN_SUBMISSIONS",
     description: "Job submissions waiting for a scheduler",
-    subjects: &[subjects::SUBMIT, subjects::SUBMIT_FROM_ALL],
+    subjects: &[
+        subjects::SUBMIT,
+        subjects::SUBMIT_FROM_ALL,
+        subjects::SUBMIT_JOB_ALL,
+    ],
     retention: Retention::WorkQueue,
     max_age: Duration::ZERO,
     max_bytes: GIB,
@@ -348,6 +352,7 @@ pub fn scheduler_consumer() -> ConsumerSpec {
         [
             subjects::SUBMIT.to_owned(),
             subjects::SUBMIT_FROM_ALL.to_owned(),
+            subjects::SUBMIT_JOB_ALL.to_owned(),
         ],
     )
 }

@@ -1513,3 +1513,70 @@ async fn an_audit_record_on_another_actions_subject_is_refused_as_forged() {
     assert_eq!(forged["records"], json!([]), "{forged}");
     stack.stop().await;
 }
+
+#[tokio::test]
+async fn an_accepted_job_is_shown_from_the_moment_it_is_accepted_even_before_a_scheduler_runs() {
+    // No scheduler yet: the submissions wait in their stream.
+    let server = NatsServer::start().await;
+    let shutdown = CancellationToken::new();
+    let db = TestDatabase::sqlite();
+    let (http, api) = start_api(&server, db.url(), &shutdown).await;
+    let reply = http
+        .post_json(
+            "/api/v1/jobs",
+            &json!({"command": "echo accepted", "name": "early"}).to_string(),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.text());
+    let id = reply.json()["id"].as_str().expect("an id").to_owned();
+    let shown = http.get(&format!("/api/v1/jobs/{id}")).await;
+    assert_eq!(shown.status, StatusCode::OK, "{}", shown.text());
+    let job = shown.json();
+    assert_eq!(job["status"], "pending", "{job}");
+    assert_eq!(job["attempt"], 0, "{job}");
+    assert_eq!(job["attempts"], json!([]), "{job}");
+    assert_eq!(job["spec"]["command"], "echo accepted", "{job}");
+    assert_eq!(job["submitted_by"]["principal"], "admin", "{job}");
+    let later = http
+        .post_json(
+            "/api/v1/jobs",
+            &json!({"command": "true", "delay": 3600}).to_string(),
+        )
+        .await;
+    let later = later.json()["id"].as_str().expect("an id").to_owned();
+    let job = http.get(&format!("/api/v1/jobs/{later}")).await.json();
+    assert_eq!(job["status"], "scheduled", "{job}");
+    let unknown = http
+        .get(&format!(
+            "/api/v1/jobs/{}",
+            capstan_protocol::JobId::generate()
+        ))
+        .await;
+    assert_problem(&unknown, StatusCode::NOT_FOUND, None);
+
+    // A scheduler and an executor arrive: the same job runs and ends.
+    tokio::spawn(capstan_registry::run(
+        capstan_registry::Config::for_url(server.url()),
+        shutdown.clone(),
+    ));
+    tokio::spawn(capstan_scheduler::run(
+        capstan_scheduler::Config::for_url(server.url()),
+        shutdown.clone(),
+    ));
+    let work = tempfile::tempdir().expect("work dir");
+    let mut executor = capstan_executor::Config::for_url(
+        server.url(),
+        capstan_protocol::NodeId::new("late-node").expect("valid"),
+    );
+    executor.work_dir = Some(work.path().to_path_buf());
+    tokio::spawn(capstan_executor::run(executor, shutdown.clone()));
+    let job = wait_until("the job to end", Duration::from_secs(60), || async {
+        let job = http.get(&format!("/api/v1/jobs/{id}")).await.json();
+        (job["status"] == "succeeded").then_some(job)
+    })
+    .await;
+    assert_eq!(job["attempts"][0]["attempt"], 1, "{job}");
+    assert_eq!(job["attempts"][0]["status"], "succeeded", "{job}");
+    shutdown.cancel();
+    api.await.expect("joins").expect("clean exit");
+}

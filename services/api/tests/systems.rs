@@ -780,3 +780,50 @@ async fn unknown_or_inactive_systems_are_refused_and_a_changed_host_key_fails_th
     assert!(error.contains("host key mismatch"), "{job}");
     stack.stop().await;
 }
+
+#[tokio::test]
+async fn a_refused_login_a_silent_host_and_a_flood_of_output_each_end_a_remote_job_clearly() {
+    let host = SshHost::start().expect("sshd starts");
+    let stack = stack().await;
+    let wrong = password_system("wrong", &host, "not the password", &host.host_key());
+    assert_eq!(stack.add(wrong).await.status, StatusCode::CREATED);
+    // A host that accepts connections and never says a word.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+    let mut quiet = password_system("silent", &host, host.password(), &host.host_key());
+    quiet["port"] = json!(silent.local_addr().expect("an address").port());
+    assert_eq!(stack.add(quiet).await.status, StatusCode::CREATED);
+    let good = password_system("web-1", &host, host.password(), &host.host_key());
+    assert_eq!(stack.add(good).await.status, StatusCode::CREATED);
+
+    let refused = stack
+        .submit(json!({"command": "true", "system": "wrong"}))
+        .await;
+    let silenced = stack
+        .submit(json!({"command": "true", "system": "silent"}))
+        .await;
+    // 32 MiB of output: the first MiB is kept, the rest counted, and the job still ends.
+    let flood = stack
+        .submit(json!({"command": "head -c 33554432 /dev/zero", "system": "web-1"}))
+        .await;
+
+    let job = stack.finished(&refused).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    let error = job["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("authentication") && error.contains("refused"),
+        "{job}"
+    );
+    assert!(!job.to_string().contains("not the password"), "{job}");
+
+    let job = stack.finished(&silenced).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    let error = job["error"].as_str().unwrap_or_default();
+    assert!(error.contains("cannot connect"), "{job}");
+
+    let job = stack.finished(&flood).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["output"]["stdout_bytes"], 33_554_432, "{job}");
+    assert_eq!(job["output"]["truncated"], true, "{job}");
+    drop(silent);
+    stack.stop().await;
+}

@@ -440,6 +440,39 @@ impl From<attempt::Model> for Attempt {
     }
 }
 
+impl Attempt {
+    /// The current attempt of `record`, as the live record has it; `None` before any attempt
+    /// (accepted, or scheduled to start later).
+    pub fn current(record: &JobRecord) -> Option<Self> {
+        use capstan_protocol::JobStatus as S;
+        if record.attempt == 0 || record.status == S::Scheduled {
+            return None;
+        }
+        // A retrying job's record tells how its last attempt ended in `attempt_status`.
+        let status = match (record.status, record.attempt_status) {
+            (S::Retrying, Some(ended)) => ended.into(),
+            (S::Retrying, None) => Status::Failed,
+            (status, _) => status.into(),
+        };
+        Some(Attempt {
+            attempt: record.attempt,
+            status,
+            node: record.node.as_ref().map(ToString::to_string),
+            dispatched_at: record.dispatched_at.map(Timestamp::to_rfc3339),
+            started_at: record.started_at.map(Timestamp::to_rfc3339),
+            finished_at: record.finished_at.map(Timestamp::to_rfc3339),
+            exit_code: record.exit_code,
+            signal: record.signal,
+            error: record.error.clone(),
+            output: record.output.as_ref().map(|o| Output {
+                stdout_bytes: o.stdout_bytes,
+                stderr_bytes: o.stderr_bytes,
+                truncated: o.truncated,
+            }),
+        })
+    }
+}
+
 fn output_of(stdout: Option<i64>, stderr: Option<i64>, truncated: Option<bool>) -> Option<Output> {
     Some(Output {
         stdout_bytes: u64::try_from(stdout?).unwrap_or(0),
@@ -496,7 +529,14 @@ pub struct Job {
 
 impl Job {
     /// From the live record (the jobs bucket), with attempts from history.
-    pub fn from_record(record: JobRecord, attempts: Vec<Attempt>) -> Self {
+    pub fn from_record(record: JobRecord, mut attempts: Vec<Attempt>) -> Self {
+        // The current attempt as the live record has it: the history may not have caught up
+        // with it yet, and one response must agree with itself.
+        if let Some(current) = Attempt::current(&record) {
+            attempts.retain(|a| a.attempt != current.attempt);
+            attempts.push(current);
+            attempts.sort_by_key(|a| a.attempt);
+        }
         let spec: JobSpecWire = {
             let mut spec = record.spec.clone();
             spec.stdin = None;
@@ -944,6 +984,66 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    fn ended_attempt(attempt: u32, status: Status) -> Attempt {
+        Attempt {
+            attempt,
+            status,
+            node: Some("exec-1".into()),
+            dispatched_at: None,
+            started_at: None,
+            finished_at: None,
+            exit_code: None,
+            signal: None,
+            error: None,
+            output: None,
+        }
+    }
+
+    #[test]
+    fn the_current_attempt_is_listed_from_the_live_record_when_the_history_lags_behind_it() {
+        let mut record = JobRecord::new(
+            capstan_protocol::JobId::generate(),
+            capstan_protocol::JobSpec::shell("true"),
+            capstan_protocol::Timestamp::now(),
+        );
+        record.status = JobStatus::Succeeded;
+        record.attempt = 3;
+        record.exit_code = Some(0);
+        record.node = Some(capstan_protocol::NodeId::new("exec-2").expect("valid"));
+        // The history has the first two attempts, and the third still running.
+        let history = vec![
+            ended_attempt(1, Status::Failed),
+            ended_attempt(2, Status::Failed),
+            ended_attempt(3, Status::Running),
+        ];
+        let job = Job::from_record(record.clone(), history[..2].to_vec());
+        let listed: Vec<(u32, Status)> =
+            job.attempts.iter().map(|a| (a.attempt, a.status)).collect();
+        assert_eq!(
+            listed,
+            [
+                (1, Status::Failed),
+                (2, Status::Failed),
+                (3, Status::Succeeded)
+            ]
+        );
+        assert_eq!(job.attempts[2].node.as_deref(), Some("exec-2"));
+        let job = Job::from_record(record.clone(), history);
+        assert_eq!(job.attempts.len(), 3);
+        assert_eq!(job.attempts[2].status, Status::Succeeded);
+        assert_eq!(job.attempts[2].exit_code, Some(0));
+
+        // Waiting for its next attempt, a job lists how the last one ended.
+        record.status = JobStatus::Retrying;
+        record.attempt_status = Some(JobStatus::TimedOut);
+        let job = Job::from_record(record.clone(), Vec::new());
+        assert_eq!(job.attempts[0].status, Status::TimedOut);
+        // Accepted, or waiting for its start time: no attempt yet.
+        record.attempt = 0;
+        record.status = JobStatus::Pending;
+        assert!(Job::from_record(record, Vec::new()).attempts.is_empty());
+    }
 
     #[test]
     fn every_job_status_in_a_history_row_reads_as_itself() {

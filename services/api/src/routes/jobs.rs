@@ -165,7 +165,10 @@ impl JobsApi {
         let job = match (live?, row?) {
             (Some(live), _) => Job::from_record(live.value, attempts),
             (None, Some(row)) => Job::from_row(row, attempts),
-            (None, None) => return Err(ApiError::not_found(format!("no job {id}"))),
+            (None, None) => match accepted(state, id).await? {
+                Some(record) => Job::from_record(record, Vec::new()),
+                None => return Err(ApiError::not_found(format!("no job {id}"))),
+            },
         };
         let submitter = job.submitted_by.as_ref().and_then(|s| s.to_protocol());
         if caller.can(Permission::JobsSecrets) || caller.owns(submitter.as_ref()) {
@@ -351,4 +354,52 @@ async fn submitter_of(state: &crate::State, id: JobId) -> Result<Option<Submitte
             .and_then(|s| s.to_protocol())),
         None => Err(ApiError::not_found(format!("no job {id}"))),
     }
+}
+
+/// A job accepted but not yet created by a scheduler, from its stored submission: pending (or
+/// scheduled), no attempt yet. A scheduler creates the record before it removes the
+/// submission, so when neither is found the record is read once more, in case it came between
+/// the two reads.
+async fn accepted(
+    state: &crate::State,
+    id: capstan_protocol::JobId,
+) -> Result<Option<capstan_protocol::JobRecord>, ApiError> {
+    use capstan_protocol::{JobRecord, SubmittedBy, Timestamp, codec, headers, subjects, topology};
+    let unavailable = |e: &dyn std::fmt::Display| {
+        ApiError::unavailable(format!("cannot read the submissions stream: {e}"))
+    };
+    let stream = state
+        .mesh
+        .js
+        .get_stream(topology::SUBMISSIONS.name)
+        .await
+        .map_err(|e| unavailable(&e))?;
+    let message = match stream
+        .get_last_raw_message_by_subject(&subjects::submit_job(id))
+        .await
+    {
+        Ok(message) => message,
+        Err(error)
+            if error.kind()
+                == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
+        {
+            return Ok(state.mesh.jobs.get(&id.to_string()).await?.map(|v| v.value));
+        }
+        Err(error) => return Err(unavailable(&error)),
+    };
+    let map = Some(&message.headers);
+    let encoding = capstan_mesh::wire::encoding_of(map, &message.payload);
+    let Ok(spec) = codec::decode_spec(encoding, &message.payload) else {
+        // A submission the schedulers will refuse: not a job.
+        return Ok(None);
+    };
+    let at = Timestamp::from_millis((message.time.unix_timestamp_nanos() / 1_000_000) as i64);
+    let mut record = match spec.start {
+        Some(start) => JobRecord::scheduled(id, spec, at, start.due(at)),
+        None => JobRecord::new(id, spec, at),
+    };
+    record.submitted_by = capstan_mesh::wire::header(map, headers::SUBMITTED_BY).and_then(|text| {
+        codec::decode::<SubmittedBy>(capstan_protocol::Encoding::Json, text.as_bytes()).ok()
+    });
+    Ok(Some(record))
 }
