@@ -91,6 +91,14 @@ pub struct Args {
     /// group gone.
     #[arg(long)]
     failover: bool,
+    /// Instead of the pipeline, measure jobs on a remote system over SSH: a gateway executor
+    /// and a real sshd on loopback (`--jobs` jobs one at a time, then at once over
+    /// `--systems` names of the same host).
+    #[arg(long)]
+    ssh: bool,
+    /// Names the sshd is registered under in the SSH run.
+    #[arg(long, default_value_t = 50)]
+    systems: usize,
     /// Rounds of kill -9 in the failover run.
     #[arg(long, default_value_t = 3)]
     kills: usize,
@@ -147,7 +155,7 @@ fn cpu_times(pid: u32) -> (f64, f64) {
 }
 
 /// Starts `command` as `name`, its output in `<logs>/<name>.log`, at its default log level.
-fn start(name: &str, mut command: Command, logs: &Path) -> anyhow::Result<Process> {
+pub(crate) fn start(name: &str, mut command: Command, logs: &Path) -> anyhow::Result<Process> {
     let log = std::fs::File::create(logs.join(format!("{name}.log")))?;
     let child = command
         .stdin(Stdio::null())
@@ -224,6 +232,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             args.kills,
             args.cancels,
         )),
+        None if args.ssh => runtime.block_on(crate::bench_ssh::run(&bin, args.jobs, args.systems)),
         None => runtime.block_on(pipeline(&bin, &args)),
     }
 }
@@ -695,7 +704,7 @@ async fn spawn_floor(count: usize, concurrency: usize) -> anyhow::Result<Floor> 
 }
 
 /// Connects the benchmark's client as the NKEY user `seed`, over mutual TLS with `tls`.
-async fn connect(
+pub(crate) async fn connect(
     url: &str,
     seed: &str,
     tls: Option<&capstan_testkit::TlsFiles>,
@@ -718,7 +727,11 @@ async fn connect(
 }
 
 /// Waits until the API lists `count` nodes up.
-async fn wait_nodes_up(http: &HttpClient, count: usize, logs: &Path) -> anyhow::Result<()> {
+pub(crate) async fn wait_nodes_up(
+    http: &HttpClient,
+    count: usize,
+    logs: &Path,
+) -> anyhow::Result<()> {
     let ready = Instant::now();
     loop {
         let up = match http.try_get("/api/v1/nodes").await {
@@ -792,7 +805,7 @@ impl MachineCpu {
 
 /// The terminal events of every job, as they are published (a core subscription per terminal
 /// kind: what a client waiting for its jobs would read).
-struct Ends {
+pub(crate) struct Ends {
     events: futures::stream::SelectAll<async_nats::Subscriber>,
     /// Jobs whose end was seen (live events are at least once).
     seen: std::collections::HashSet<String>,
@@ -875,7 +888,7 @@ impl Stages {
 }
 
 impl Ends {
-    async fn subscribe(client: &async_nats::Client) -> anyhow::Result<Self> {
+    pub(crate) async fn subscribe(client: &async_nats::Client) -> anyhow::Result<Self> {
         let mut events = futures::stream::SelectAll::new();
         for kind in JobEventKind::TERMINAL {
             events.push(client.subscribe(subjects::job_events_of_kind(kind)).await?);
@@ -895,7 +908,7 @@ impl Ends {
 
     /// The next job to end (a repeated event is skipped); a job that did not succeed is an
     /// error.
-    async fn next(&mut self) -> anyhow::Result<JobId> {
+    pub(crate) async fn next(&mut self) -> anyhow::Result<JobId> {
         loop {
             let event = tokio::time::timeout(Duration::from_secs(60), self.events.next())
                 .await
@@ -921,7 +934,7 @@ impl Ends {
         }
     }
 
-    async fn wait_for(&mut self, id: JobId) -> anyhow::Result<()> {
+    pub(crate) async fn wait_for(&mut self, id: JobId) -> anyhow::Result<()> {
         while self.next().await? != id {}
         Ok(())
     }

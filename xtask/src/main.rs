@@ -10,6 +10,7 @@
 //!   the ones that drifted and fails).
 
 mod bench;
+mod bench_ssh;
 mod failover;
 mod postgres;
 mod schemas;

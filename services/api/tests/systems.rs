@@ -39,6 +39,11 @@ fn keys() -> capstan_secrets::KeyRing {
 
 /// A registry, a scheduler, a gateway executor checking every 300 ms, and the API.
 async fn stack() -> Stack {
+    stack_checking_every(Duration::from_millis(300)).await
+}
+
+/// The same, the gateway checking each system every `interval`.
+async fn stack_checking_every(interval: Duration) -> Stack {
     let server = NatsServer::start().await;
     let shutdown = CancellationToken::new();
     tokio::spawn(capstan_registry::run(
@@ -56,7 +61,7 @@ async fn stack() -> Stack {
     executor.labels = vec![("capstan.io/ssh".into(), "true".into())];
     executor.heartbeat_interval = Duration::from_millis(300);
     executor.secret_keys.keys = Some(keys());
-    executor.system_check_interval = Duration::from_millis(300);
+    executor.system_check_interval = interval;
     executor.system_check_timeout = Duration::from_secs(5);
     tokio::spawn(capstan_executor::run(executor, shutdown.clone()));
     let db = TestDatabase::sqlite();
@@ -825,5 +830,28 @@ async fn a_refused_login_a_silent_host_and_a_flood_of_output_each_end_a_remote_j
     assert_eq!(job["output"]["stdout_bytes"], 33_554_432, "{job}");
     assert_eq!(job["output"]["truncated"], true, "{job}");
     drop(silent);
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn a_job_that_connects_before_any_check_pins_a_first_use_key_and_audits_it() {
+    let host = SshHost::start().expect("sshd starts");
+    // Checks an hour apart: the gateway looks again only 15 s after it started.
+    let stack = stack_checking_every(Duration::from_secs(3600)).await;
+    let mut body = password_system("tofu", &host, host.password(), "");
+    body.as_object_mut().expect("an object").remove("host_key");
+    body["trust_on_first_use"] = json!(true);
+    assert_eq!(stack.add(body).await.status, StatusCode::CREATED);
+    let id = stack
+        .submit(json!({"command": "true", "system": "tofu"}))
+        .await;
+    let job = stack.finished(&id).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let shown = stack.http.get("/api/v1/systems/tofu").await.json();
+    assert_eq!(shown["host_key"], host.host_key(), "{shown}");
+    assert_eq!(shown["host_key_source"], "first_use", "{shown}");
+    assert_eq!(shown["health"]["status"], "unknown", "no check ran: {shown}");
+    let audited = stack.audited("system.pin", 1).await;
+    assert_eq!(audited[0]["resource"], "system/tofu", "{audited:?}");
     stack.stop().await;
 }

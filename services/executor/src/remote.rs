@@ -120,6 +120,13 @@ impl Remote {
                 std::panic::resume_unwind(error.into_panic());
             }
             sink.finish().await;
+            if let (Ok(ended), capstan_remote::HostKeyCheck::TrustOnFirstUse) =
+                (&ended, &target.host_key)
+            {
+                self.checker
+                    .pin_first_use(&catalogue, &ended.host_key)
+                    .await;
+            }
             let mut outcome = outcome(runner, record, ended_by, ended);
             outcome.output = sink.summary();
             outcome

@@ -255,6 +255,35 @@ impl Checker {
         })
     }
 
+    /// Pins `seen` as the host key of `system`, which trusts its first key and has none pinned
+    /// yet: for a job that connected before any check did. Audited like a check's pin; a key
+    /// pinned meanwhile is kept.
+    pub async fn pin_first_use(&self, system: &System, seen: &capstan_remote::SeenKey) {
+        let now = Timestamp::now();
+        let pinned = self
+            .status
+            .modify(&system.name, |current| {
+                let mut status = current
+                    .map_or_else(|| SystemStatus::unknown(&system.name), |c| c.value.clone());
+                if status.pinned_host_key.is_some() {
+                    return Change::Stop(());
+                }
+                status.pinned_host_key = Some(seen.public_key.clone());
+                status.pinned_at = Some(now);
+                Change::Write(status)
+            })
+            .await;
+        match pinned {
+            Ok(Modified::Written { .. }) => {
+                self.audit_pin(system, &seen.public_key, Some(seen)).await;
+            }
+            Ok(Modified::Stopped(())) => {}
+            Err(error) => {
+                tracing::warn!(system = %system.name, error = %error, "cannot pin the host key");
+            }
+        }
+    }
+
     async fn audit_pin(&self, system: &System, key: &str, seen: Option<&capstan_remote::SeenKey>) {
         let mut audit = AuditRecord::new(AuditAction::SystemPin, AuditOutcome::Success);
         audit.principal = Some(format!("node:{}", self.node));

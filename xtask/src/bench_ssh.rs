@@ -1,0 +1,190 @@
+//! `cargo xtask bench --ssh`: jobs on a remote system, measured on the mesh `up` runs (one
+//! registry, one scheduler, the API) with its one executor labelled as an SSH gateway, and a
+//! real `sshd` on loopback standing in for the remote host.
+//!
+//! It reports the latency of a remote `true`, submit to terminal event, one job at a time
+//! over the gateway's kept connection (warm); the round trip of a fresh connection, login and
+//! `true` (cold: the gateway's health checks, which never reuse a connection); and the time
+//! from submitting one `true` on each of `systems` names of the host, all at once, to the
+//! last one ending.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use capstan_protocol::{JobId, headers, subjects};
+use serde_json::json;
+
+use crate::bench::{Ends, connect, logged_in, ms, percentile, start, wait_nodes_up};
+
+/// Runs the SSH benchmark with `jobs` one-at-a-time jobs and `systems` names.
+pub async fn run(bin: &Path, jobs: usize, systems: usize) -> anyhow::Result<()> {
+    crate::sshd::ensure()?;
+    let host = capstan_testkit::sshd::SshHost::start().map_err(anyhow::Error::msg)?;
+    let dir = tempfile::Builder::new()
+        .prefix("capstan-bench-ssh-")
+        .tempdir()?;
+    let logs = dir.path();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(data.join("nats"))?;
+    let nats_binary = capstan_testkit::natsbin::ensure().map_err(anyhow::Error::msg)?;
+    let nats_port = capstan_testkit::server::free_port();
+    let api_port = capstan_testkit::server::free_port();
+    let nats_url = format!("nats://127.0.0.1:{nats_port}");
+    let identities = crate::up::identities_with(
+        &dir.path().join("identities"),
+        1,
+        capstan_mesh::identities::Grants::Least,
+    )?;
+    let nats_command = crate::up::nats_command(
+        &nats_binary,
+        nats_port,
+        &data.join("nats"),
+        false,
+        &identities.accounts,
+        None,
+    )?;
+    let mut processes = vec![start("nats-server", nats_command, logs)?];
+    let plan = crate::up::Plan {
+        bin_dir: bin.to_owned(),
+        nats_url: nats_url.clone(),
+        data: data.clone(),
+        registries: 1,
+        schedulers: 1,
+        executors: 1,
+        slots: crate::up::DEFAULT_SLOTS,
+        api_listen: format!("127.0.0.1:{api_port}"),
+        admin_password: capstan_api::TEST_ADMIN_PASSWORD.to_owned(),
+        secret_keys: crate::up::secret_keys(&dir.path().join("secret-keys"))?,
+        identities: identities.clone(),
+        tls: None,
+    };
+    plan.apply_topology()?;
+    for (name, mut command) in plan.services() {
+        if name.starts_with("exec-") {
+            command
+                .env("CAPSTAN_LABELS", "capstan.io/ssh=true")
+                .env("CAPSTAN_SYSTEM_CHECK_INTERVAL", "1s");
+        }
+        processes.push(start(&name, command, logs)?);
+    }
+    eprintln!(
+        "the mesh `cargo xtask up --release` runs (1 registry, 1 scheduler, 1 API), its one \
+         executor ({} slots) a gateway (capstan.io/ssh=true); one sshd on loopback, registered \
+         under {systems} names",
+        crate::up::DEFAULT_SLOTS
+    );
+    let seed =
+        std::fs::read_to_string(identities.seed_file(&capstan_mesh::identities::Identity::Admin))?;
+    let client = connect(&nats_url, seed.trim(), None).await?;
+    let http = logged_in(api_port, logs).await?;
+    wait_nodes_up(&http, 1, logs).await?;
+    let names: Vec<String> = (1..=systems.max(1)).map(|n| format!("web-{n}")).collect();
+    for name in &names {
+        let body = json!({
+            "name": name,
+            "hostname": "127.0.0.1",
+            "port": host.port(),
+            "username": capstan_testkit::sshd::LOGIN_USER,
+            "auth": {"method": "password", "password": host.password()},
+            "host_key": host.host_key(),
+        });
+        let added = http.post_json("/api/v1/systems", &body.to_string()).await;
+        if !added.status.is_success() {
+            bail!("cannot add system {name}: {}", added.text());
+        }
+    }
+
+    let js = async_nats::jetstream::new(client.clone());
+    let mut ends = Ends::subscribe(&client).await?;
+    let submit = |system: &str| {
+        let id = JobId::generate();
+        let mut map = async_nats::HeaderMap::new();
+        map.insert(headers::JOB_ID, id.to_string().as_str());
+        let body = json!({"argv": ["true"], "system": system}).to_string();
+        (id, map, body)
+    };
+    // Warm-up: the gateway's connection is made.
+    for _ in 0..5 {
+        let (id, map, body) = submit(&names[0]);
+        js.publish_with_headers(subjects::SUBMIT, map, body.into())
+            .await?
+            .await?;
+        ends.wait_for(id).await?;
+    }
+    let mut warm = Vec::with_capacity(jobs);
+    for _ in 0..jobs {
+        let (id, map, body) = submit(&names[0]);
+        let sent = Instant::now();
+        js.publish_with_headers(subjects::SUBMIT, map, body.into())
+            .await?
+            .await?;
+        ends.wait_for(id).await?;
+        warm.push(sent.elapsed());
+    }
+    warm.sort();
+
+    // One job on every name at once.
+    let started = Instant::now();
+    let mut pending = std::collections::HashSet::new();
+    for name in &names {
+        let (id, map, body) = submit(name);
+        js.publish_with_headers(subjects::SUBMIT, map, body.into())
+            .await?
+            .await?;
+        pending.insert(id);
+    }
+    while !pending.is_empty() {
+        let id = ends.next().await?;
+        pending.remove(&id);
+    }
+    let burst = started.elapsed();
+
+    // Cold: the round trips the health checks recorded (a fresh connection each).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let cold = loop {
+        let listed = http.get("/api/v1/systems").await.json();
+        let rtts: Vec<Duration> = listed["systems"]
+            .as_array()
+            .context("a systems list")?
+            .iter()
+            .filter_map(|s| s["health"]["rtt_ms"].as_u64())
+            .map(Duration::from_millis)
+            .collect();
+        if rtts.len() == names.len() {
+            break rtts;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the systems were not all checked within 60 s; logs in {}",
+                logs.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let mut cold = cold;
+    cold.sort();
+    drop(processes);
+
+    println!("## Jobs on a remote system over SSH");
+    println!();
+    println!("| measure | value |");
+    println!("|---|---|");
+    println!(
+        "| remote `true`, submit → terminal event, warm connection ({jobs} jobs, one at a time) | p50 {}, p99 {} |",
+        ms(percentile(&warm, 0.50)),
+        ms(percentile(&warm, 0.99)),
+    );
+    println!(
+        "| fresh connection + login + `true` (the gateway's health checks, {} samples) | p50 {}, p99 {} |",
+        cold.len(),
+        ms(percentile(&cold, 0.50)),
+        ms(percentile(&cold, 0.99)),
+    );
+    println!(
+        "| one `true` on each of {} names of the host, submitted at once, to the last one ended | {} ms |",
+        names.len(),
+        burst.as_millis()
+    );
+    Ok(())
+}
