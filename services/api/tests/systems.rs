@@ -850,7 +850,10 @@ async fn a_job_that_connects_before_any_check_pins_a_first_use_key_and_audits_it
     let shown = stack.http.get("/api/v1/systems/tofu").await.json();
     assert_eq!(shown["host_key"], host.host_key(), "{shown}");
     assert_eq!(shown["host_key_source"], "first_use", "{shown}");
-    assert_eq!(shown["health"]["status"], "unknown", "no check ran: {shown}");
+    assert_eq!(
+        shown["health"]["status"], "unknown",
+        "no check ran: {shown}"
+    );
     let audited = stack.audited("system.pin", 1).await;
     assert_eq!(audited[0]["resource"], "system/tofu", "{audited:?}");
     stack.stop().await;

@@ -616,3 +616,79 @@ async fn an_executor_shut_down_under_load_hands_back_what_it_cannot_finish_and_l
     }
     assert!(handed_back > 0, "exec-1 was stopped with jobs running");
 }
+
+/// The test user's live processes on the SSH test host whose command line is `args`.
+fn remote_processes(args: &str) -> usize {
+    let output = std::process::Command::new("ps")
+        .args(["-u", capstan_testkit::sshd::LOGIN_USER, "-o", "stat=,args="])
+        .output()
+        .expect("ps runs");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| line.trim_start().split_once(' '))
+        .filter(|(stat, command)| !stat.starts_with('Z') && command.trim() == args)
+        .count()
+}
+
+#[tokio::test]
+async fn a_remote_job_whose_gateway_is_killed_is_lost_rerun_by_another_and_leaves_no_remote_process()
+ {
+    let host = capstan_testkit::sshd::SshHost::start().expect("sshd starts");
+    let mut cluster = Cluster::start().await;
+    cluster.set_env(
+        "CAPSTAN_SECRET_KEYS",
+        capstan_secrets::KeyRing::generate_entry("e2e").expect("a key"),
+    );
+    cluster.registry("registry-1");
+    cluster.scheduler("scheduler-1");
+    cluster.executor("gw-1", 1, &["capstan.io/ssh=true"]);
+    let base = cluster.api("api-1").await;
+    cluster.wait_nodes_up(&["gw-1"]).await;
+    let http = cluster.http(&base);
+    let system = json!({
+        "name": "web-1",
+        "hostname": "127.0.0.1",
+        "port": host.port(),
+        "username": capstan_testkit::sshd::LOGIN_USER,
+        "auth": {"method": "password", "password": host.password()},
+        "host_key": host.host_key(),
+    });
+    let added = http.post_json("/api/v1/systems", &system.to_string()).await;
+    assert_eq!(added.status, http::StatusCode::CREATED, "{}", added.text());
+
+    // The first attempt hangs on the remote host; the second ends at once.
+    let hang = format!("sleep {}7", host.port());
+    let body = json!({
+        "command": format!("if [ \"$CAPSTAN_ATTEMPT\" = 1 ]; then exec {hang}; fi; echo second"),
+        "system": "web-1",
+    });
+    let reply = http.post_json("/api/v1/jobs", &body.to_string()).await;
+    assert_eq!(reply.status, http::StatusCode::ACCEPTED, "{}", reply.text());
+    let id: JobId = reply.json()["id"]
+        .as_str()
+        .expect("an id")
+        .parse()
+        .expect("a job id");
+    wait_until(
+        "the remote sleep to run",
+        Duration::from_secs(60),
+        || async { (remote_processes(&hang) == 1).then_some(()) },
+    )
+    .await;
+    cluster.executor("gw-2", 1, &["capstan.io/ssh=true"]);
+    cluster.wait_nodes_up(&["gw-2"]).await;
+
+    cluster.kill9("gw-1");
+    let done = cluster.wait_terminal(&[id], Duration::from_secs(90)).await;
+    assert_eq!(done[0].status, JobStatus::Succeeded, "{:?}", done[0]);
+    assert_eq!(done[0].attempt, 2, "{:?}", done[0]);
+    assert_eq!(done[0].lost_attempts, 1, "{:?}", done[0]);
+    assert_eq!(done[0].node.as_ref().map(|n| n.as_str()), Some("gw-2"));
+    // The dead gateway's connection went with it: the remote command was stopped on its host.
+    wait_until(
+        "the orphaned remote sleep to end",
+        Duration::from_secs(30),
+        || async { (remote_processes(&hang) == 0).then_some(()) },
+    )
+    .await;
+}
