@@ -6,7 +6,9 @@
 //! over the gateway's kept connection (warm); the round trip of a fresh connection, login and
 //! `true` (cold: the gateway's health checks, which never reuse a connection); and the time
 //! from submitting one `true` on each of `systems` names of the host, all at once, to the
-//! last one ending.
+//! last one ending. The names share one host, account and credential, so the gateway runs
+//! them over one kept connection, a channel each: that figure is the gateway's slots and the
+//! channels' multiplexing, not many hosts' handshakes.
 
 use std::path::Path;
 use std::time::{Duration, Instant};

@@ -4,13 +4,16 @@
 //! with the job's command. The process group is what a stop signals, so a job's children end
 //! with it.
 //!
-//! The watchdog is for the connection that goes away without a stop (the gateway killed, the
-//! network cut): the SSH server then ends the session, but a command without a terminal gets no
-//! hangup and would run on unseen. The watchdog, in the same group with its output on
-//! `/dev/null` (so it holds no channel open), checks once a second that the session's server
-//! process is still there; once it is gone it sends the group `SIGTERM`, then `SIGKILL`
-//! [`ORPHAN_GRACE`] later. It ignores `SIGTERM` itself, and dies with the group's `SIGKILL`
-//! that ends every command.
+//! The watchdog is for the connection that goes away without a stop (the gateway killed): the
+//! SSH server then ends the session, but a command without a terminal gets no hangup and would
+//! run on unseen. The watchdog, in the same group with its output on `/dev/null` (so it holds
+//! no channel open), checks once a second that the command's parent is still the session's
+//! server process (`ps -o ppid=`; where `ps` cannot say, that the process still answers
+//! `kill -0`); once the command has been handed to another parent it sends the group
+//! `SIGTERM`, then `SIGKILL` [`ORPHAN_GRACE`] later. It ignores `SIGTERM` itself, and dies with
+//! the group's `SIGKILL` that ends every command. A network that is cut without either end
+//! closing the connection is noticed by the server only as its `ClientAliveInterval` says
+//! (off by default): until then the session, and the command, live on.
 
 /// The first line of standard output a wrapped command writes, before the job's own output.
 pub const PID_MARKER: &str = "capstan-remote-pid ";
@@ -59,8 +62,12 @@ pub fn wrap(command: &str, env: &[(String, String)]) -> Result<String, ScriptErr
         return Err(ScriptError::Nul("the command"));
     }
     let mut inner = format!(
-        "printf '{PID_MARKER}%s\\n' \"$$\"; \
-         p=$PPID; g=$$; (trap '' TERM; while kill -0 \"$p\" 2>/dev/null; do sleep 1; done; \
+        "printf '{PID_MARKER}%s\\n' \"$$\"; p=$PPID; g=$$; (trap '' TERM; \
+         while sleep 1; do \
+         pp=$(ps -o ppid= -p \"$g\" 2>/dev/null | tr -d ' '); \
+         if [ -n \"$pp\" ]; then [ \"$pp\" = \"$p\" ] || break; \
+         else kill -0 \"$g\" 2>/dev/null || exit 0; kill -0 \"$p\" 2>/dev/null || break; fi; \
+         done; \
          kill -TERM -\"$g\"; sleep {ORPHAN_GRACE}; kill -KILL -\"$g\") \
          </dev/null >/dev/null 2>&1 & "
     );

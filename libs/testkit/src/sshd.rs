@@ -263,7 +263,7 @@ fn login_password() -> Result<&'static str, String> {
                     ));
                 }
             }
-            let password = random_password();
+            let password = shared_password()?;
             let mut chpasswd = Command::new("chpasswd")
                 .stdin(Stdio::piped())
                 .spawn()
@@ -285,6 +285,49 @@ fn login_password() -> Result<&'static str, String> {
         .as_ref()
         .map(String::as_str)
         .map_err(Clone::clone)
+}
+
+/// The login user's password, the same for every test process on the machine (test binaries
+/// and test runners may run at once, and each sets it): made once at random and kept in a
+/// file only its owner reads, in the temporary directory.
+fn shared_password() -> Result<String, String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = std::env::temp_dir().join("capstan-ssh-test-password");
+    let read = |path: &std::path::Path| {
+        std::fs::read_to_string(path)
+            .map(|text| text.trim().to_owned())
+            .map_err(|e| format!("reading {}: {e}", path.display()))
+    };
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+    {
+        Ok(mut file) => {
+            let password = random_password();
+            file.write_all(password.as_bytes())
+                .map_err(|e| format!("writing {}: {e}", path.display()))?;
+            Ok(password)
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
+            // Another process is writing it: wait until it holds a whole password.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                let password = read(&path)?;
+                if password.len() >= 24 || Instant::now() > deadline {
+                    return if password.len() >= 24 {
+                        Ok(password)
+                    } else {
+                        Err(format!("{} holds no password", path.display()))
+                    };
+                }
+                std::thread::sleep(crate::wait::POLL_INTERVAL);
+            }
+        }
+        Err(error) => Err(format!("creating {}: {error}", path.display())),
+    }
 }
 
 fn random_password() -> String {

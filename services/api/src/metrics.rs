@@ -198,8 +198,8 @@ pub(crate) async fn render(state: &State) -> String {
     out
 }
 
-/// The health of each remote system (1 for the health its last check found, 0 for the others)
-/// and the round trip of its last successful check.
+/// The health of each remote system (1 for the health its last check found, 0 for the others),
+/// and how many systems are in each health.
 fn render_systems(out: &mut String, systems: &[capstan_protocol::SystemSummary]) {
     use capstan_protocol::SystemHealth;
     out.push_str(

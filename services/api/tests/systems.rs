@@ -642,7 +642,7 @@ async fn a_remote_job_past_its_timeout_or_cancelled_leaves_no_remote_process() {
         .submit(json!({
             "command": format!("(trap '' TERM; exec {stubborn}) & exec {plain}"),
             "system": "web-1",
-            "timeout": 1.5,
+            "timeout": 4,
         }))
         .await;
     wait_until(

@@ -59,7 +59,6 @@ impl Remote {
             Ok(target) => target,
             Err(reason) => return failed_to_start(format!("system `{system}`: {reason}")),
         };
-        let command = remote_command(runner, record);
         let span = tracing::info_span!(
             "remote command",
             system = %system,
@@ -67,6 +66,8 @@ impl Remote {
             username = %target.username,
         );
         async {
+            // Built inside the span, so the command's TRACEPARENT is this span's.
+            let command = remote_command(runner, record);
             let sink = Arc::new(LogSink::new(
                 runner.js.clone(),
                 record,
@@ -113,11 +114,13 @@ impl Remote {
                     }
                 }
             };
-            // The sender went with the run; the pump drains what is left and ends.
-            if let Ok(Err(error)) = tokio::time::timeout(Duration::from_secs(5), pump).await
-                && error.is_panic()
-            {
-                std::panic::resume_unwind(error.into_panic());
+            // The sender went with the run; the pump drains what is left and ends (or is ended,
+            // so that nothing is published after the summary).
+            let abort = pump.abort_handle();
+            match tokio::time::timeout(Duration::from_secs(5), pump).await {
+                Ok(Err(error)) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+                Ok(_) => {}
+                Err(_) => abort.abort(),
             }
             sink.finish().await;
             if let (Ok(ended), capstan_remote::HostKeyCheck::TrustOnFirstUse) =

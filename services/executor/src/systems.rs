@@ -23,6 +23,7 @@ use capstan_protocol::{
 use capstan_remote::{Credential, HostKeyCheck, SshConnector, Target};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 /// Checks run at once by one gateway.
 const CONCURRENT_CHECKS: usize = 8;
@@ -56,14 +57,32 @@ impl Checker {
     pub async fn run(self, shutdown: CancellationToken) {
         let this = Arc::new(self);
         let permits = Arc::new(Semaphore::new(CONCURRENT_CHECKS));
-        // Looked at four times per interval, so a due check waits at most a quarter of it.
-        let tick = (this.interval / 4).clamp(Duration::from_millis(200), Duration::from_secs(15));
+        // Checks in flight, ended with the checker (a panic in one is raised here).
+        let mut checks = tokio::task::JoinSet::new();
+        // Looked at four times per interval (at most once a minute), so a due check waits at
+        // most a quarter of the interval.
+        let tick = (this.interval / 4).clamp(Duration::from_millis(200), Duration::from_secs(60));
         let mut ticker = tokio::time::interval(tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = shutdown.cancelled() => {
+                    checks.abort_all();
+                    while let Some(ended) = checks.join_next().await {
+                        if let Err(error) = ended && error.is_panic() {
+                            std::panic::resume_unwind(error.into_panic());
+                        }
+                    }
+                    return;
+                }
                 _ = ticker.tick() => {}
+            }
+            while let Some(ended) = checks.try_join_next() {
+                if let Err(error) = ended
+                    && error.is_panic()
+                {
+                    std::panic::resume_unwind(error.into_panic());
+                }
             }
             let systems = match this.systems.values().await {
                 Ok(systems) => systems,
@@ -79,10 +98,14 @@ impl Checker {
                 match this.take(&system.name).await {
                     Ok(Some(lease)) => {
                         let this = this.clone();
-                        tokio::spawn(async move {
-                            this.check(system, lease).await;
-                            drop(permit);
-                        });
+                        let span = tracing::info_span!("check system", system = %system.name);
+                        checks.spawn(
+                            async move {
+                                this.check(system, lease).await;
+                                drop(permit);
+                            }
+                            .instrument(span),
+                        );
                     }
                     Ok(None) => {}
                     Err(error) => {
@@ -117,8 +140,6 @@ impl Checker {
 
     /// Checks `system` under `lease` and records what it found.
     async fn check(&self, system: System, lease: CheckLease) {
-        let span = tracing::info_span!("check system", system = %system.name);
-        let _entered = span.enter();
         let pinned = match self.status.get(&system.name).await {
             Ok(status) => status.and_then(|s| s.value.pinned_host_key),
             Err(error) => {
@@ -141,6 +162,13 @@ impl Checker {
                 host_key: None,
             },
         };
+        // An administrator's change since the check began (a new address, pin or credential, or
+        // the system removed) makes its finding stale: it is dropped, and the next check is of
+        // the system as it is now.
+        if !self.unchanged(&system).await {
+            tracing::debug!("the system changed during its check; the finding is dropped");
+            return;
+        }
         let first_use = system.host_key.is_none() && system.trust_on_first_use && pinned.is_none();
         let pin = probe
             .host_key
@@ -255,10 +283,25 @@ impl Checker {
         })
     }
 
+    /// Whether the catalogue still describes `system` as it was read (same last change).
+    async fn unchanged(&self, system: &System) -> bool {
+        match self.systems.get(&system.name).await {
+            Ok(Some(now)) => now.value.updated_at == system.updated_at,
+            Ok(None) => false,
+            Err(error) => {
+                tracing::warn!(system = %system.name, error = %error, "cannot read the system");
+                false
+            }
+        }
+    }
+
     /// Pins `seen` as the host key of `system`, which trusts its first key and has none pinned
     /// yet: for a job that connected before any check did. Audited like a check's pin; a key
-    /// pinned meanwhile is kept.
+    /// pinned meanwhile is kept, and nothing is pinned for a system changed since it was read.
     pub async fn pin_first_use(&self, system: &System, seen: &capstan_remote::SeenKey) {
+        if !self.unchanged(system).await {
+            return;
+        }
         let now = Timestamp::now();
         let pinned = self
             .status

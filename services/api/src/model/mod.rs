@@ -448,12 +448,12 @@ impl Attempt {
         if record.attempt == 0 || record.status == S::Scheduled {
             return None;
         }
-        // A retrying job's record tells how its last attempt ended in `attempt_status`.
-        let status = match (record.status, record.attempt_status) {
-            (S::Retrying, Some(ended)) => ended.into(),
-            (S::Retrying, None) => Status::Failed,
-            (status, _) => status.into(),
-        };
+        // How the attempt itself ended, once it has (`attempt_status`: it stays `failed` while
+        // the job is retrying, or is cancelled waiting for its next attempt); else where the
+        // job is.
+        let status = record
+            .attempt_status
+            .map_or_else(|| record.status.into(), Into::into);
         Some(Attempt {
             attempt: record.attempt,
             status,
@@ -1034,11 +1034,16 @@ mod tests {
         assert_eq!(job.attempts[2].status, Status::Succeeded);
         assert_eq!(job.attempts[2].exit_code, Some(0));
 
-        // Waiting for its next attempt, a job lists how the last one ended.
+        // Waiting for its next attempt, a job lists how the last one ended; cancelled while
+        // waiting, too.
         record.status = JobStatus::Retrying;
         record.attempt_status = Some(JobStatus::TimedOut);
         let job = Job::from_record(record.clone(), Vec::new());
         assert_eq!(job.attempts[0].status, Status::TimedOut);
+        record.status = JobStatus::Cancelled;
+        let job = Job::from_record(record.clone(), Vec::new());
+        assert_eq!(job.attempts[0].status, Status::TimedOut);
+        record.attempt_status = None;
         // Accepted, or waiting for its start time: no attempt yet.
         record.attempt = 0;
         record.status = JobStatus::Pending;

@@ -91,7 +91,7 @@ impl SystemsApi {
         let caller = auth.allow(
             Permission::SystemsManage,
             AuditAction::SystemCreate,
-            Some(format!("system/{}", body.0.name)),
+            Some(resource(&body.0.name)),
         )?;
         let input = body.0;
         let name = checked_name(&input.name)?.to_owned();
@@ -141,12 +141,12 @@ impl SystemsApi {
         let caller = auth.allow(
             Permission::SystemsManage,
             AuditAction::SystemUpdate,
-            Some(format!("system/{}", name.0)),
+            Some(resource(&name.0)),
         )?;
         let name = checked_name(&name.0)?.to_owned();
         let patch = body.0;
-        let current = existing(state, &name).await?;
-        // Everything is checked, and the credential sealed, before anything is written.
+        existing(state, &name).await?;
+        // Everything given is checked, and the credential sealed, before anything is written.
         let hostname = patch
             .hostname
             .as_deref()
@@ -160,50 +160,28 @@ impl SystemsApi {
             .transpose()?;
         let credential = patch.auth.map(|a| sealed(state, &name, a)).transpose()?;
         let labels = patch.labels.map(checked_labels).transpose()?;
-        let trust = patch
-            .trust_on_first_use
-            .unwrap_or(current.trust_on_first_use);
-        let host_key = match &patch.host_key {
-            MaybeUndefined::Undefined => checked_pin(current.host_key.as_deref(), trust)?,
-            MaybeUndefined::Null => checked_pin(None, trust)?,
-            MaybeUndefined::Value(pin) => checked_pin(Some(pin), trust)?,
+        let pin = match &patch.host_key {
+            MaybeUndefined::Value(pin) => MaybeUndefined::Value(
+                normalize_host_key(pin)
+                    .ok_or_else(|| ApiError::invalid(HOST_KEY_RULE, Some("host_key".into())))?,
+            ),
+            MaybeUndefined::Null => MaybeUndefined::Null,
+            MaybeUndefined::Undefined => MaybeUndefined::Undefined,
         };
-        let mut changed: Vec<&str> = Vec::new();
-        let mut note = |field: &'static str, differs: bool| {
-            if differs {
-                changed.push(field);
-            }
-        };
-        note(
-            "hostname",
-            hostname.as_ref().is_some_and(|h| *h != current.hostname),
-        );
-        note("port", port.is_some_and(|p| p != current.port));
-        note(
-            "username",
-            username.as_ref().is_some_and(|u| *u != current.username),
-        );
-        note("auth", credential.is_some());
-        note("host_key", host_key != current.host_key);
-        note("trust_on_first_use", trust != current.trust_on_first_use);
-        note(
-            "labels",
-            labels.as_ref().is_some_and(|l| *l != current.labels),
-        );
-        note("active", patch.active.is_some_and(|a| a != current.active));
-        let forget = changed
-            .iter()
-            .any(|f| matches!(*f, "hostname" | "port" | "host_key" | "trust_on_first_use"));
         let now = Timestamp::now();
         let by = caller.name.clone();
+        // The change is applied to the record as each compare-and-swap reads it, so that a
+        // concurrent change of another field is kept; what changed is told against that read.
+        let mut changed: Vec<&'static str> = Vec::new();
         let written = state
             .mesh
             .systems
             .modify(&name, |stored| {
                 let Some(stored) = stored else {
-                    return Change::Stop(());
+                    return Change::Stop(None);
                 };
-                let mut system = stored.value.clone();
+                let before = &stored.value;
+                let mut system = before.clone();
                 if let Some(hostname) = &hostname {
                     system.hostname.clone_from(hostname);
                 }
@@ -222,17 +200,53 @@ impl SystemsApi {
                 if let Some(active) = patch.active {
                     system.active = active;
                 }
-                system.host_key.clone_from(&host_key);
-                system.trust_on_first_use = trust;
+                if let Some(trust) = patch.trust_on_first_use {
+                    system.trust_on_first_use = trust;
+                }
+                match &pin {
+                    MaybeUndefined::Value(pin) => system.host_key = Some(pin.clone()),
+                    MaybeUndefined::Null => system.host_key = None,
+                    MaybeUndefined::Undefined => {}
+                }
+                if let Err(refused) =
+                    checked_pin(system.host_key.as_deref(), system.trust_on_first_use)
+                {
+                    return Change::Stop(Some(refused));
+                }
+                changed = [
+                    ("hostname", system.hostname != before.hostname),
+                    ("port", system.port != before.port),
+                    ("username", system.username != before.username),
+                    ("auth", credential.is_some()),
+                    ("host_key", system.host_key != before.host_key),
+                    (
+                        "trust_on_first_use",
+                        system.trust_on_first_use != before.trust_on_first_use,
+                    ),
+                    ("labels", system.labels != before.labels),
+                    ("active", system.active != before.active),
+                ]
+                .into_iter()
+                .filter_map(|(field, differs)| differs.then_some(field))
+                .collect();
                 system.updated_at = now;
                 system.updated_by.clone_from(&by);
                 Change::Write(system)
             })
             .await?;
-        let Modified::Written { written, .. } = written else {
-            return Err(ApiError::not_found(format!("no system `{name}`")));
+        let written = match written {
+            Modified::Written { written, .. } => written,
+            Modified::Stopped(Some(refused)) => return Err(refused),
+            Modified::Stopped(None) => {
+                return Err(ApiError::not_found(format!("no system `{name}`")));
+            }
         };
-        if forget {
+        // A new address or pin makes what the checks found, and a key pinned on first use,
+        // about another server.
+        if changed
+            .iter()
+            .any(|f| matches!(*f, "hostname" | "port" | "host_key" | "trust_on_first_use"))
+        {
             forget_status(state, &name).await?;
         }
         auth.detail(if changed.is_empty() {
@@ -252,7 +266,7 @@ impl SystemsApi {
         auth.allow(
             Permission::SystemsManage,
             AuditAction::SystemDelete,
-            Some(format!("system/{}", name.0)),
+            Some(resource(&name.0)),
         )?;
         let system = existing(state, checked_name(&name.0)?).await?;
         state
@@ -266,6 +280,12 @@ impl SystemsApi {
         auth.detail(describe(&system));
         Ok(Deleted::Done)
     }
+}
+
+/// The audit record's resource for the system `name` as asked (cut to a name's length: it is
+/// recorded before the name is checked).
+fn resource(name: &str) -> String {
+    format!("system/{}", name.chars().take(64).collect::<String>())
 }
 
 async fn existing(state: &crate::State, name: &str) -> Result<System, ApiError> {
@@ -405,7 +425,11 @@ fn sealed(state: &crate::State, name: &str, auth: AuthInput) -> Result<SystemAut
         AuthMethodName::Password => {
             if private_key.is_some() || passphrase.is_some() {
                 return Err(invalid(
-                    "auth.private_key",
+                    if private_key.is_some() {
+                        "auth.private_key"
+                    } else {
+                        "auth.passphrase"
+                    },
                     "a password login takes `password` only".into(),
                 ));
             }
