@@ -858,3 +858,70 @@ async fn a_job_that_connects_before_any_check_pins_a_first_use_key_and_audits_it
     assert_eq!(audited[0]["resource"], "system/tofu", "{audited:?}");
     stack.stop().await;
 }
+
+/// The pids of the test user's live processes whose command line is `args`.
+fn remote_pids(args: &str) -> Vec<i32> {
+    let output = std::process::Command::new("ps")
+        .args(["-u", LOGIN_USER, "-o", "pid=,stat=,args="])
+        .output()
+        .expect("ps runs");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let pid = fields.next()?.parse().ok()?;
+            let stat = fields.next()?;
+            let command = fields.collect::<Vec<_>>().join(" ");
+            (!stat.starts_with('Z') && command == args).then_some(pid)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_remote_job_whose_ssh_server_dies_mid_run_fails_saying_so_and_leaves_no_process() {
+    let host = SshHost::start().expect("sshd starts");
+    let stack = stack().await;
+    let added = stack
+        .add(password_system(
+            "web-1",
+            &host,
+            host.password(),
+            &host.host_key(),
+        ))
+        .await;
+    assert_eq!(added.status, StatusCode::CREATED, "{}", added.text());
+    let hang = format!("sleep {}8", host.port());
+    let id = stack
+        .submit(json!({"command": format!("exec {hang}"), "system": "web-1"}))
+        .await;
+    let pid = wait_until(
+        "the remote sleep to run",
+        Duration::from_secs(30),
+        || async { remote_pids(&hang).first().copied() },
+    )
+    .await;
+    // The server's process for this session is the command's parent: it dies.
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("its status");
+    let parent: i32 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("PPid:"))
+        .and_then(|ppid| ppid.trim().parse().ok())
+        .expect("a parent");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(parent),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("the session's server process is killed");
+
+    let job = stack.finished(&id).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    let error = job["error"].as_str().unwrap_or_default();
+    assert!(error.contains("without the command's exit status"), "{job}");
+    wait_until(
+        "the remote sleep to end",
+        Duration::from_secs(30),
+        || async { remote_pids(&hang).is_empty().then_some(()) },
+    )
+    .await;
+    stack.stop().await;
+}

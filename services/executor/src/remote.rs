@@ -207,10 +207,16 @@ fn outcome(
         (None, Ok(ended)) if ended.exit_code == Some(0) => (JobStatus::Succeeded, None),
         (None, Ok(ended)) => (
             JobStatus::Failed,
-            ended
-                .signal
-                .as_ref()
-                .map(|signal| format!("killed by signal {signal}")),
+            // An exit code says it all, as for a local process.
+            match (&ended.signal, ended.exit_code) {
+                (Some(signal), _) => Some(format!("killed by signal {signal}")),
+                (None, Some(_)) => None,
+                (None, None) => Some(
+                    "the SSH session ended without the command's exit status: the server or \
+                     the connection went away"
+                        .to_owned(),
+                ),
+            },
         ),
     };
     Outcome {
