@@ -241,6 +241,18 @@ async fn a_system_is_checked_healthy_and_shown_listed_and_measured_without_its_c
     let error = refused["health"]["last_error"].as_str().unwrap_or_default();
     assert!(error.contains("refused"), "{refused}");
 
+    // Listing by label.
+    let web = stack
+        .http
+        .get("/api/v1/systems?label=role=web")
+        .await
+        .json();
+    assert_eq!(web["systems"].as_array().map(Vec::len), Some(2), "{web}");
+    let none = stack.http.get("/api/v1/systems?label=role=db").await.json();
+    assert_eq!(none["systems"], json!([]), "{none}");
+    let bad = stack.http.get("/api/v1/systems?label=role").await;
+    assert_problem(&bad, StatusCode::BAD_REQUEST, Some("label"));
+
     // The change is announced, once per change, on the system's subject.
     let event = tokio::time::timeout(Duration::from_secs(10), async {
         loop {

@@ -11,7 +11,7 @@ use capstan_protocol::system::{
     HOST_KEY_RULE, SYSTEM_NAME_RULE, System, SystemAuth, normalize_host_key, valid_system_name,
 };
 use capstan_protocol::{AuditAction, Timestamp};
-use poem_openapi::param::Path;
+use poem_openapi::param::{Path, Query};
 use poem_openapi::payload::Json;
 use poem_openapi::types::MaybeUndefined;
 use poem_openapi::{ApiResponse, OpenApi};
@@ -51,13 +51,30 @@ enum Deleted {
 
 #[OpenApi(prefix_path = "/api/v1", tag = "Tag::Systems")]
 impl SystemsApi {
-    /// List the remote systems, without credentials, with their health. Needs `systems:read`.
+    /// List the remote systems, without credentials, with their health, by name. Needs
+    /// `systems:read`.
     #[oai(path = "/systems", method = "get")]
-    async fn list(&self, auth: BearerAuth) -> Result<Json<SystemList>, ApiError> {
+    async fn list(
+        &self,
+        auth: BearerAuth,
+        /// Only systems carrying this label, as `key=value`; repeat for several (all must
+        /// match).
+        label: Query<Vec<String>>,
+    ) -> Result<Json<SystemList>, ApiError> {
         let state = served(&self.0)?;
         auth.allow_read(Permission::SystemsRead)?;
+        let mut selector = capstan_protocol::Labels::new();
+        for pair in &label.0 {
+            let (key, value) = pair.split_once('=').ok_or_else(|| {
+                ApiError::bad_request(format!("label `{pair}` is not key=value"), Some("label"))
+            })?;
+            selector.insert(key.to_owned(), value.to_owned());
+        }
         let mut systems = Vec::new();
         for system in state.mesh.systems.values().await? {
+            if !capstan_protocol::spec::selects(&selector, &system.value.labels) {
+                continue;
+            }
             let status = state.mesh.system_status.get(&system.value.name).await?;
             systems.push(SystemView::of(system.value, status.map(|s| s.value)));
         }
