@@ -426,6 +426,7 @@ fn executor(allowed: &mut Allowed, node: &NodeId) {
     allowed.bucket_read(&topology::SYSTEMS, "*");
     allowed.bucket_watch(&topology::SYSTEMS);
     allowed.bucket_read(&topology::SYSTEM_STATUS, "*");
+    allowed.bucket_watch(&topology::SYSTEM_STATUS);
     allowed.bucket_write(&topology::SYSTEM_STATUS, "*");
     allowed.publish([
         subjects::SYSTEM_EVENTS_ALL.to_owned(),

@@ -84,14 +84,14 @@ impl Checker {
                     std::panic::resume_unwind(error.into_panic());
                 }
             }
-            let systems = match this.systems.values().await {
+            let systems = match this.due_first().await {
                 Ok(systems) => systems,
                 Err(error) => {
                     tracing::warn!(error = %error, "cannot read the systems catalogue");
                     continue;
                 }
             };
-            for system in systems.into_iter().map(|s| s.value).filter(|s| s.active) {
+            for system in systems {
                 let Ok(permit) = permits.clone().try_acquire_owned() else {
                     break;
                 };
@@ -114,6 +114,28 @@ impl Checker {
                 }
             }
         }
+    }
+
+    /// The active systems, those checked longest ago first (never checked before all): when
+    /// checks take longer than the interval allows, every system still gets its turn.
+    async fn due_first(&self) -> Result<Vec<System>, capstan_mesh::Error> {
+        let checked: std::collections::HashMap<String, Option<Timestamp>> = self
+            .status
+            .values()
+            .await?
+            .into_iter()
+            .map(|status| (status.value.name, status.value.checked_at))
+            .collect();
+        let mut systems: Vec<System> = self
+            .systems
+            .values()
+            .await?
+            .into_iter()
+            .map(|system| system.value)
+            .filter(|system| system.active)
+            .collect();
+        systems.sort_by_key(|system| checked.get(&system.name).copied().flatten());
+        Ok(systems)
     }
 
     /// Takes the next check of `name` when it is due: writes this gateway's lease.
