@@ -62,7 +62,9 @@ impl Checker {
         // Looked at four times per interval (at most once a minute), so a due check waits at
         // most a quarter of the interval.
         let tick = (this.interval / 4).clamp(Duration::from_millis(200), Duration::from_secs(60));
-        let mut ticker = tokio::time::interval(tick);
+        // The first look is one tick after start, not at once: a gateway that starts with its
+        // node does not add its checks to the start-up.
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + tick, tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
