@@ -9,7 +9,7 @@ use capstan_remote::{
     Connector, Credential, Ended, HostKeyCheck, Output, RemoteCommand, RemoteError, SshConnector,
     Stop, Target,
 };
-use capstan_testkit::sshd::{LOGIN_USER, SshHost};
+use capstan_testkit::sshd::{LOGIN_USER, SshHost, login_processes};
 use capstan_testkit::wait_until;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -82,20 +82,6 @@ fn no_stop() -> Stop {
 
 async fn run(target: &Target, command: &RemoteCommand) -> Run {
     run_with(&SshConnector::default(), target, command, &no_stop()).await
-}
-
-/// The test user's live processes whose command line is `args` (zombies left out).
-fn remote_processes(args: &str) -> Vec<String> {
-    let output = std::process::Command::new("ps")
-        .args(["-u", LOGIN_USER, "-o", "stat=,args="])
-        .output()
-        .expect("ps runs");
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter_map(|line| line.trim_start().split_once(' '))
-        .filter(|(stat, command)| !stat.starts_with('Z') && command.trim() == args)
-        .map(|(_, command)| command.to_owned())
-        .collect()
 }
 
 #[tokio::test]
@@ -266,7 +252,7 @@ async fn a_stop_ends_the_remote_process_group_and_kills_a_child_that_ignores_sig
             "both remote sleeps to run",
             Duration::from_secs(20),
             || async {
-                (remote_processes(&ignoring).len() == 1 && remote_processes(&plain).len() == 1)
+                (login_processes(&ignoring).len() == 1 && login_processes(&plain).len() == 1)
                     .then_some(())
             },
         )
@@ -278,8 +264,7 @@ async fn a_stop_ends_the_remote_process_group_and_kills_a_child_that_ignores_sig
     assert!(ended.stopped);
     assert!(!run.stdout.contains("not reached"));
     wait_until("no remote sleep left", Duration::from_secs(20), || async {
-        (remote_processes(&ignoring).is_empty() && remote_processes(&plain).is_empty())
-            .then_some(())
+        (login_processes(&ignoring).is_empty() && login_processes(&plain).is_empty()).then_some(())
     })
     .await;
 }
@@ -300,7 +285,7 @@ async fn a_command_that_exits_leaves_nothing_running_in_its_group() {
     wait_until(
         "the background sleep to end",
         Duration::from_secs(20),
-        || async { remote_processes(&background).is_empty().then_some(()) },
+        || async { login_processes(&background).is_empty().then_some(()) },
     )
     .await;
 }
@@ -323,7 +308,7 @@ async fn a_command_whose_connection_goes_away_is_stopped_on_the_remote_host() {
             "both remote sleeps to run",
             Duration::from_secs(20),
             || async {
-                (remote_processes(&plain).len() == 1 && remote_processes(&stubborn).len() == 1)
+                (login_processes(&plain).len() == 1 && login_processes(&stubborn).len() == 1)
                     .then_some(())
             },
         );
@@ -336,7 +321,7 @@ async fn a_command_whose_connection_goes_away_is_stopped_on_the_remote_host() {
         "no remote sleep left once the connection is gone",
         Duration::from_secs(30),
         || async {
-            (remote_processes(&plain).is_empty() && remote_processes(&stubborn).is_empty())
+            (login_processes(&plain).is_empty() && login_processes(&stubborn).is_empty())
                 .then_some(())
         },
     )

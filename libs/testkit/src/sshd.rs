@@ -171,6 +171,26 @@ impl SshHost {
     }
 }
 
+/// The process ids of the login user's live processes (zombies left out) whose command line
+/// is exactly `args`: what a remote command left running on the test host. Tests name their
+/// commands after their host's port (`sleep <port>1`), so no other test's are counted.
+pub fn login_processes(args: &str) -> Vec<i32> {
+    let output = Command::new("ps")
+        .args(["-u", LOGIN_USER, "-o", "pid=,stat=,args="])
+        .output()
+        .expect("ps runs");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let pid = fields.next()?.parse().ok()?;
+            let stat = fields.next()?;
+            let command = fields.collect::<Vec<_>>().join(" ");
+            (!stat.starts_with('Z') && command == args).then_some(pid)
+        })
+        .collect()
+}
+
 impl Drop for SshHost {
     fn drop(&mut self) {
         self.stop();

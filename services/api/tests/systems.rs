@@ -11,7 +11,7 @@ use capstan_protocol::NodeId;
 use capstan_store::testing::TestDatabase;
 use capstan_testkit::http::serde_json_value::{Value, json};
 use capstan_testkit::http::{HttpClient, Reply};
-use capstan_testkit::sshd::{LOGIN_USER, SshHost};
+use capstan_testkit::sshd::{LOGIN_USER, SshHost, login_processes};
 use capstan_testkit::{NatsServer, wait_until};
 use futures::StreamExt;
 use http::StatusCode;
@@ -560,19 +560,6 @@ async fn only_administrators_change_systems_and_bad_input_names_its_field_and_st
     stack.stop().await;
 }
 
-/// The test user's live processes whose command line is `args` (zombies left out).
-fn remote_processes(args: &str) -> usize {
-    let output = std::process::Command::new("ps")
-        .args(["-u", LOGIN_USER, "-o", "stat=,args="])
-        .output()
-        .expect("ps runs");
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter_map(|line| line.trim_start().split_once(' '))
-        .filter(|(stat, command)| !stat.starts_with('Z') && command.trim() == args)
-        .count()
-}
-
 #[tokio::test]
 async fn a_job_on_a_system_runs_there_with_its_environment_and_input_and_reports_output_and_exit() {
     let host = SshHost::start().expect("sshd starts");
@@ -661,14 +648,15 @@ async fn a_remote_job_past_its_timeout_or_cancelled_leaves_no_remote_process() {
         "both remote sleeps to run",
         Duration::from_secs(30),
         || async {
-            (remote_processes(&stubborn) == 1 && remote_processes(&plain) == 1).then_some(())
+            (login_processes(&stubborn).len() == 1 && login_processes(&plain).len() == 1)
+                .then_some(())
         },
     )
     .await;
     let job = stack.finished(&id).await;
     assert_eq!(job["status"], "timed_out", "{job}");
     wait_until("no remote sleep left", Duration::from_secs(30), || async {
-        (remote_processes(&stubborn) == 0 && remote_processes(&plain) == 0).then_some(())
+        (login_processes(&stubborn).is_empty() && login_processes(&plain).is_empty()).then_some(())
     })
     .await;
 
@@ -678,7 +666,7 @@ async fn a_remote_job_past_its_timeout_or_cancelled_leaves_no_remote_process() {
     wait_until(
         "the remote sleep to run",
         Duration::from_secs(30),
-        || async { (remote_processes(&plain) == 1).then_some(()) },
+        || async { (login_processes(&plain).len() == 1).then_some(()) },
     )
     .await;
     let cancelled = stack
@@ -697,7 +685,7 @@ async fn a_remote_job_past_its_timeout_or_cancelled_leaves_no_remote_process() {
     wait_until(
         "the remote sleep to end",
         Duration::from_secs(10),
-        || async { (remote_processes(&plain) == 0).then_some(()) },
+        || async { (login_processes(&plain).is_empty()).then_some(()) },
     )
     .await;
     assert!(
@@ -871,24 +859,6 @@ async fn a_job_that_connects_before_any_check_pins_a_first_use_key_and_audits_it
     stack.stop().await;
 }
 
-/// The pids of the test user's live processes whose command line is `args`.
-fn remote_pids(args: &str) -> Vec<i32> {
-    let output = std::process::Command::new("ps")
-        .args(["-u", LOGIN_USER, "-o", "pid=,stat=,args="])
-        .output()
-        .expect("ps runs");
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter_map(|line| {
-            let mut fields = line.split_whitespace();
-            let pid = fields.next()?.parse().ok()?;
-            let stat = fields.next()?;
-            let command = fields.collect::<Vec<_>>().join(" ");
-            (!stat.starts_with('Z') && command == args).then_some(pid)
-        })
-        .collect()
-}
-
 #[tokio::test]
 async fn a_remote_job_whose_ssh_server_dies_mid_run_fails_saying_so_and_leaves_no_process() {
     let host = SshHost::start().expect("sshd starts");
@@ -909,7 +879,7 @@ async fn a_remote_job_whose_ssh_server_dies_mid_run_fails_saying_so_and_leaves_n
     let pid = wait_until(
         "the remote sleep to run",
         Duration::from_secs(30),
-        || async { remote_pids(&hang).first().copied() },
+        || async { login_processes(&hang).first().copied() },
     )
     .await;
     // The server's process for this session is the command's parent: it dies.
@@ -932,7 +902,7 @@ async fn a_remote_job_whose_ssh_server_dies_mid_run_fails_saying_so_and_leaves_n
     wait_until(
         "the remote sleep to end",
         Duration::from_secs(30),
-        || async { remote_pids(&hang).is_empty().then_some(()) },
+        || async { login_processes(&hang).is_empty().then_some(()) },
     )
     .await;
     stack.stop().await;

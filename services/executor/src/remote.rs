@@ -185,24 +185,7 @@ fn outcome(
         Err(_) => (None, None),
     };
     let (status, error) = match (ended_by, &ended) {
-        (Some(JobStatus::TimedOut), _) => (
-            JobStatus::TimedOut,
-            Some(format!(
-                "timed out after {:.3}s",
-                record.spec.timeout.unwrap_or_default().as_secs_f64()
-            )),
-        ),
-        (Some(JobStatus::Cancelled), _) => (
-            JobStatus::Cancelled,
-            Some("cancelled by request".to_owned()),
-        ),
-        (Some(_), _) => (
-            JobStatus::Lost,
-            Some(format!(
-                "handed back: node {} stopped the attempt before it finished (shutdown or drain)",
-                runner.node
-            )),
-        ),
+        (Some(stopped), _) => runner.stopped(stopped, record.spec.timeout),
         (None, Err(error)) => (JobStatus::Failed, Some(error.to_string())),
         (None, Ok(ended)) if ended.exit_code == Some(0) => (JobStatus::Succeeded, None),
         (None, Ok(ended)) => (

@@ -304,24 +304,7 @@ impl Runner {
             Err(_) => (None, None),
         };
         let (status, error) = match (ended_by, &status) {
-            (Some(JobStatus::TimedOut), _) => (
-                JobStatus::TimedOut,
-                Some(format!(
-                    "timed out after {:.3}s",
-                    spec.timeout.unwrap_or_default().as_secs_f64()
-                )),
-            ),
-            (Some(JobStatus::Cancelled), _) => (
-                JobStatus::Cancelled,
-                Some("cancelled by request".to_owned()),
-            ),
-            (Some(_), _) => (
-                JobStatus::Lost,
-                Some(format!(
-                    "handed back: node {} stopped the attempt before it finished (shutdown or drain)",
-                    self.node
-                )),
-            ),
+            (Some(stopped), _) => self.stopped(stopped, spec.timeout),
             (None, Err(error)) => (
                 JobStatus::Failed,
                 Some(format!("lost track of the process: {error}")),
@@ -340,6 +323,36 @@ impl Runner {
             signal,
             error,
             output,
+        }
+    }
+
+    /// How an attempt stopped before it ended by itself ended: `TimedOut` at its `timeout`,
+    /// `Cancelled` on request, anything else handed back (`Lost`) by this node.
+    pub(crate) fn stopped(
+        &self,
+        by: JobStatus,
+        timeout: Option<Duration>,
+    ) -> (JobStatus, Option<String>) {
+        match by {
+            JobStatus::TimedOut => (
+                JobStatus::TimedOut,
+                Some(format!(
+                    "timed out after {:.3}s",
+                    timeout.unwrap_or_default().as_secs_f64()
+                )),
+            ),
+            JobStatus::Cancelled => (
+                JobStatus::Cancelled,
+                Some("cancelled by request".to_owned()),
+            ),
+            _ => (
+                JobStatus::Lost,
+                Some(format!(
+                    "handed back: node {} stopped the attempt before it finished (shutdown or \
+                     drain)",
+                    self.node
+                )),
+            ),
         }
     }
 

@@ -585,7 +585,7 @@ async fn the_executor_runs_no_more_jobs_at_once_than_its_slots_and_reports_them_
     let ids: Vec<JobId> = {
         let mut ids = Vec::new();
         for _ in 0..5 {
-            ids.push(mesh.dispatch(shell("sleep 0.6")).await);
+            ids.push(mesh.dispatch(shell("sleep 1.5")).await);
         }
         ids
     };

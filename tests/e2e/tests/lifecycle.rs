@@ -617,19 +617,6 @@ async fn an_executor_shut_down_under_load_hands_back_what_it_cannot_finish_and_l
     assert!(handed_back > 0, "exec-1 was stopped with jobs running");
 }
 
-/// The test user's live processes on the SSH test host whose command line is `args`.
-fn remote_processes(args: &str) -> usize {
-    let output = std::process::Command::new("ps")
-        .args(["-u", capstan_testkit::sshd::LOGIN_USER, "-o", "stat=,args="])
-        .output()
-        .expect("ps runs");
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter_map(|line| line.trim_start().split_once(' '))
-        .filter(|(stat, command)| !stat.starts_with('Z') && command.trim() == args)
-        .count()
-}
-
 #[tokio::test]
 async fn a_remote_job_whose_gateway_is_killed_is_lost_rerun_by_another_and_leaves_no_remote_process()
  {
@@ -672,7 +659,7 @@ async fn a_remote_job_whose_gateway_is_killed_is_lost_rerun_by_another_and_leave
     wait_until(
         "the remote sleep to run",
         Duration::from_secs(60),
-        || async { (remote_processes(&hang) == 1).then_some(()) },
+        || async { (capstan_testkit::sshd::login_processes(&hang).len() == 1).then_some(()) },
     )
     .await;
     cluster.executor("gw-2", 1, &["capstan.io/ssh=true"]);
@@ -688,7 +675,7 @@ async fn a_remote_job_whose_gateway_is_killed_is_lost_rerun_by_another_and_leave
     wait_until(
         "the orphaned remote sleep to end",
         Duration::from_secs(30),
-        || async { (remote_processes(&hang) == 0).then_some(()) },
+        || async { (capstan_testkit::sshd::login_processes(&hang).is_empty()).then_some(()) },
     )
     .await;
 }
