@@ -628,9 +628,11 @@ async fn a_remote_job_whose_gateway_is_killed_is_lost_rerun_by_another_and_leave
     );
     cluster.registry("registry-1");
     cluster.scheduler("scheduler-1");
-    cluster.executor("gw-1", 1, &["capstan.io/ssh=true"]);
+    // Gateways under the harness's own node names: a new name would make the server reload
+    // its accounts while the services connect.
+    cluster.executor("exec-1", 1, &["capstan.io/ssh=true"]);
     let base = cluster.api("api-1").await;
-    cluster.wait_nodes_up(&["gw-1"]).await;
+    cluster.wait_nodes_up(&["exec-1"]).await;
     let http = cluster.http(&base);
     let system = json!({
         "name": "web-1",
@@ -662,15 +664,15 @@ async fn a_remote_job_whose_gateway_is_killed_is_lost_rerun_by_another_and_leave
         || async { (capstan_testkit::sshd::login_processes(&hang).len() == 1).then_some(()) },
     )
     .await;
-    cluster.executor("gw-2", 1, &["capstan.io/ssh=true"]);
-    cluster.wait_nodes_up(&["gw-2"]).await;
+    cluster.executor("exec-2", 1, &["capstan.io/ssh=true"]);
+    cluster.wait_nodes_up(&["exec-2"]).await;
 
-    cluster.kill9("gw-1");
+    cluster.kill9("exec-1");
     let done = cluster.wait_terminal(&[id], Duration::from_secs(90)).await;
     assert_eq!(done[0].status, JobStatus::Succeeded, "{:?}", done[0]);
     assert_eq!(done[0].attempt, 2, "{:?}", done[0]);
     assert_eq!(done[0].lost_attempts, 1, "{:?}", done[0]);
-    assert_eq!(done[0].node.as_ref().map(|n| n.as_str()), Some("gw-2"));
+    assert_eq!(done[0].node.as_ref().map(|n| n.as_str()), Some("exec-2"));
     // The dead gateway's connection went with it: the remote command was stopped on its host.
     wait_until(
         "the orphaned remote sleep to end",

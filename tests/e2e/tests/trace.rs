@@ -301,9 +301,9 @@ async fn a_job_on_a_remote_system_is_one_trace_with_its_ssh_connection_and_remot
     );
     cluster.registry("registry-1");
     cluster.scheduler("scheduler-1");
-    cluster.executor("gw-1", 2, &["capstan.io/ssh=true"]);
+    cluster.executor("exec-1", 2, &["capstan.io/ssh=true"]);
     let base = cluster.api("api-1").await;
-    cluster.wait_nodes_up(&["gw-1"]).await;
+    cluster.wait_nodes_up(&["exec-1"]).await;
     let http = cluster.http(&base);
     let system = json!({
         "name": "web-1",

@@ -894,9 +894,9 @@ async fn a_gateway_checks_a_system_under_its_permissions_and_a_client_lists_it_w
     cluster.set_env("CAPSTAN_SECRET_KEYS", entry);
     cluster.set_env("CAPSTAN_SYSTEM_CHECK_INTERVAL", "500ms");
     cluster.registry("registry-1");
-    cluster.executor("gw-1", 1, &["capstan.io/ssh=true"]);
+    cluster.executor("exec-1", 1, &["capstan.io/ssh=true"]);
     let base = cluster.api("api-1").await;
-    cluster.wait_nodes_up(&["gw-1"]).await;
+    cluster.wait_nodes_up(&["exec-1"]).await;
     let http = cluster.http(&base);
     let added = http
         .post_json(
@@ -949,7 +949,7 @@ async fn a_gateway_checks_a_system_under_its_permissions_and_a_client_lists_it_w
     refused(&cluster, &record).await;
 
     // The gateway may not rewrite where a system is or how it logs in.
-    let gateway = connect_as(&cluster, &Identity::Executor(node("gw-1"))).await;
+    let gateway = connect_as(&cluster, &Identity::Executor(node("exec-1"))).await;
     let catalogue = subjects::kv_key(topology::SYSTEMS.name, "web-1");
     let js = jetstream::new(gateway);
     assert!(!stored(&js, catalogue.clone(), "{\"hostname\": \"evil\"}").await);
