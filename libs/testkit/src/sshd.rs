@@ -309,45 +309,37 @@ fn login_password() -> Result<&'static str, String> {
 
 /// The login user's password, the same for every test process on the machine (test binaries
 /// and test runners may run at once, and each sets it): made once at random and kept in a
-/// file only its owner reads, in the temporary directory.
+/// file only its owner reads, in the temporary directory. A process writes its candidate in
+/// a file of its own and links it into place; the first link wins, and every process reads
+/// the winner's whole file.
 fn shared_password() -> Result<String, String> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let path = std::env::temp_dir().join("capstan-ssh-test-password");
-    let read = |path: &std::path::Path| {
-        std::fs::read_to_string(path)
-            .map(|text| text.trim().to_owned())
-            .map_err(|e| format!("reading {}: {e}", path.display()))
-    };
-    match std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)
-    {
-        Ok(mut file) => {
-            let password = random_password();
-            file.write_all(password.as_bytes())
-                .map_err(|e| format!("writing {}: {e}", path.display()))?;
-            Ok(password)
+    if !path.exists() {
+        let candidate =
+            std::env::temp_dir().join(format!("capstan-ssh-test-password.{}", std::process::id()));
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&candidate)
+            .map_err(|e| format!("creating {}: {e}", candidate.display()))?;
+        file.write_all(random_password().as_bytes())
+            .map_err(|e| format!("writing {}: {e}", candidate.display()))?;
+        drop(file);
+        let linked = std::fs::hard_link(&candidate, &path);
+        let _ = std::fs::remove_file(&candidate);
+        match linked {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(error) => return Err(format!("linking {}: {error}", path.display())),
         }
-        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
-            // Another process is writing it: wait until it holds a whole password.
-            let deadline = Instant::now() + Duration::from_secs(5);
-            loop {
-                let password = read(&path)?;
-                if password.len() >= 24 || Instant::now() > deadline {
-                    return if password.len() >= 24 {
-                        Ok(password)
-                    } else {
-                        Err(format!("{} holds no password", path.display()))
-                    };
-                }
-                std::thread::sleep(crate::wait::POLL_INTERVAL);
-            }
-        }
-        Err(error) => Err(format!("creating {}: {error}", path.display())),
     }
+    std::fs::read_to_string(&path)
+        .map(|text| text.trim().to_owned())
+        .map_err(|e| format!("reading {}: {e}", path.display()))
 }
 
 fn random_password() -> String {

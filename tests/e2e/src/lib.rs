@@ -562,3 +562,22 @@ fn read_seed(identities: &Identities, identity: &Identity) -> String {
 fn panics_so_far() -> Vec<String> {
     PANICS.with(|panics| panics.borrow().clone())
 }
+
+/// Adds `host` to the catalogue as the system `name` (a password login, its key pinned) through
+/// the API at `http`: the remote system of the gateway tests.
+pub async fn add_ssh_system(
+    http: &capstan_testkit::http::HttpClient,
+    name: &str,
+    host: &capstan_testkit::sshd::SshHost,
+) {
+    let system = serde_json::json!({
+        "name": name,
+        "hostname": "127.0.0.1",
+        "port": host.port(),
+        "username": capstan_testkit::sshd::LOGIN_USER,
+        "auth": {"method": "password", "password": host.password()},
+        "host_key": host.host_key(),
+    });
+    let added = http.post_json("/api/v1/systems", &system.to_string()).await;
+    assert_eq!(added.status.as_u16(), 201, "{}", added.text());
+}

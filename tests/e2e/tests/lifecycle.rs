@@ -634,16 +634,7 @@ async fn a_remote_job_whose_gateway_is_killed_is_lost_rerun_by_another_and_leave
     let base = cluster.api("api-1").await;
     cluster.wait_nodes_up(&["exec-1"]).await;
     let http = cluster.http(&base);
-    let system = json!({
-        "name": "web-1",
-        "hostname": "127.0.0.1",
-        "port": host.port(),
-        "username": capstan_testkit::sshd::LOGIN_USER,
-        "auth": {"method": "password", "password": host.password()},
-        "host_key": host.host_key(),
-    });
-    let added = http.post_json("/api/v1/systems", &system.to_string()).await;
-    assert_eq!(added.status, http::StatusCode::CREATED, "{}", added.text());
+    capstan_e2e::add_ssh_system(&http, "web-1", &host).await;
 
     // The first attempt hangs on the remote host; the second ends at once.
     let hang = format!("sleep {}7", host.port());

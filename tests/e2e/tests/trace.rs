@@ -305,16 +305,7 @@ async fn a_job_on_a_remote_system_is_one_trace_with_its_ssh_connection_and_remot
     let base = cluster.api("api-1").await;
     cluster.wait_nodes_up(&["exec-1"]).await;
     let http = cluster.http(&base);
-    let system = json!({
-        "name": "web-1",
-        "hostname": "127.0.0.1",
-        "port": host.port(),
-        "username": capstan_testkit::sshd::LOGIN_USER,
-        "auth": {"method": "password", "password": host.password()},
-        "host_key": host.host_key(),
-    });
-    let added = http.post_json("/api/v1/systems", &system.to_string()).await;
-    assert_eq!(added.status, StatusCode::CREATED, "{}", added.text());
+    capstan_e2e::add_ssh_system(&http, "web-1", &host).await;
 
     let body = json!({"command": "echo \"$TRACEPARENT\"", "system": "web-1"});
     let reply = http.post_json("/api/v1/jobs", &body.to_string()).await;

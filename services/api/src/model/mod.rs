@@ -398,6 +398,16 @@ pub struct Output {
     pub truncated: bool,
 }
 
+impl From<capstan_protocol::OutputSummary> for Output {
+    fn from(summary: capstan_protocol::OutputSummary) -> Self {
+        Output {
+            stdout_bytes: summary.stdout_bytes,
+            stderr_bytes: summary.stderr_bytes,
+            truncated: summary.truncated,
+        }
+    }
+}
+
 /// One attempt at running a job.
 #[derive(Debug, Clone, Object)]
 pub struct Attempt {
@@ -464,11 +474,7 @@ impl Attempt {
             exit_code: record.exit_code,
             signal: record.signal,
             error: record.error.clone(),
-            output: record.output.as_ref().map(|o| Output {
-                stdout_bytes: o.stdout_bytes,
-                stderr_bytes: o.stderr_bytes,
-                truncated: o.truncated,
-            }),
+            output: record.output.map(Into::into),
         })
     }
 }
@@ -555,11 +561,7 @@ impl Job {
             exit_code: record.exit_code,
             signal: record.signal,
             error: record.error,
-            output: record.output.map(|o| Output {
-                stdout_bytes: o.stdout_bytes,
-                stderr_bytes: o.stderr_bytes,
-                truncated: o.truncated,
-            }),
+            output: record.output.map(Into::into),
             cancel_requested_at: record.cancel_requested_at.map(Timestamp::to_rfc3339),
             next_attempt_at: record.next_attempt_at.map(Timestamp::to_rfc3339),
             attempt_status: record.attempt_status.map(Into::into),
