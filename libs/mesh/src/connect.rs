@@ -8,7 +8,9 @@ use std::time::Duration;
 use async_nats::jetstream;
 use capstan_protocol::access::Identity;
 use capstan_protocol::topology;
-use capstan_protocol::{JobRecord, NodeRecord, Revocation, StoredSecret, System, SystemStatus};
+use capstan_protocol::{
+    FanOutRecord, JobRecord, NodeRecord, Revocation, StoredSecret, System, SystemStatus,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::NatsArgs;
@@ -180,6 +182,8 @@ pub struct Mesh {
     pub systems: Bucket<System>,
     /// What the gateways found of the remote systems (written by the gateways).
     pub system_status: Bucket<SystemStatus>,
+    /// Fan-out parents and their targets (written by schedulers and the API's cancel).
+    pub fanouts: Bucket<FanOutRecord>,
     /// Event and audit publishing.
     pub events: EventPublisher,
 }
@@ -219,7 +223,9 @@ impl Mesh {
             js.clone(),
             topology::SYSTEM_STATUS.name,
         );
+        let fanouts = Bucket::new(buckets.fanouts, js.clone(), topology::FANOUTS.name);
         Self {
+            fanouts,
             secrets,
             systems,
             system_status,

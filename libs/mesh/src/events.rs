@@ -10,7 +10,9 @@ use async_nats::jetstream::{self, context::PublishAckFuture, message::PublishMes
 use bytes::Bytes;
 use capstan_protocol::codec;
 use capstan_protocol::subjects::{self, Origin};
-use capstan_protocol::{AuditRecord, JobEvent, NodeEvent, Rejection, SystemEvent, headers};
+use capstan_protocol::{
+    AuditRecord, FanOutEvent, JobEvent, NodeEvent, Rejection, SystemEvent, headers,
+};
 
 use crate::error::Error;
 use crate::wire::{header_text, msgpack_headers};
@@ -47,6 +49,13 @@ impl EventPublisher {
         if let Some(node) = &record.node {
             map.insert(headers::NODE, node.as_str());
         }
+        if let Some(parent) = record
+            .spec
+            .metadata
+            .get(capstan_protocol::fanout::PARENT_KEY)
+        {
+            map.insert(headers::FANOUT, header_text(parent).as_str());
+        }
         if let Some(code) = record.exit_code {
             map.insert(headers::EXIT_CODE, code.to_string().as_str());
         }
@@ -82,6 +91,19 @@ impl EventPublisher {
         let payload = Bytes::from(codec::to_msgpack(event)?);
         let subject = subjects::node_event(&event.node.id, event.kind);
         self.publish_stored(subject, map, payload, "node event")
+            .await
+    }
+
+    /// Publishes a fan-out parent's start or end and waits until it is stored.
+    pub async fn fanout(&self, event: &FanOutEvent) -> Result<(), Error> {
+        let mut map = msgpack_headers();
+        map.insert(headers::EVENT, event.status.as_str());
+        map.insert(headers::STATUS, event.status.as_str());
+        map.insert(headers::MSG_ID, event.message_id().as_str());
+        capstan_telemetry::propagation::inject(&mut map);
+        let payload = Bytes::from(codec::to_msgpack(event)?);
+        let subject = subjects::fanout_event(event.job, event.status);
+        self.publish_stored(subject, map, payload, "fan-out event")
             .await
     }
 

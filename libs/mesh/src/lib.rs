@@ -13,6 +13,7 @@ pub mod connect;
 pub mod consume;
 pub mod error;
 pub mod events;
+pub mod fanout;
 pub mod identities;
 pub mod lifecycle;
 pub mod service;

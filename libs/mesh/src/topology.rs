@@ -34,6 +34,8 @@ pub struct Buckets {
     pub systems: kv::Store,
     /// What the gateways found of the remote systems.
     pub system_status: kv::Store,
+    /// Fan-out parents.
+    pub fanouts: kv::Store,
 }
 
 /// Creates the streams and buckets that are missing (with their default size limits), leaves
@@ -143,6 +145,7 @@ pub async fn verify(js: &jetstream::Context) -> Result<Buckets, Error> {
         secrets: verify_bucket(js, &spec::SECRETS).await?,
         systems: verify_bucket(js, &spec::SYSTEMS).await?,
         system_status: verify_bucket(js, &spec::SYSTEM_STATUS).await?,
+        fanouts: verify_bucket(js, &spec::FANOUTS).await?,
     })
 }
 

@@ -307,6 +307,7 @@ fn scheduler(allowed: &mut Allowed) {
         subjects::SUBMIT_JOB_ALL,
         subjects::DISPATCH_ALL,
         subjects::JOB_EVENTS_ALL,
+        subjects::FANOUT_EVENTS_ALL,
         subjects::TIMERS_ALL,
     ]);
     allowed.publish([subjects::control_any("cancel")]);
@@ -314,14 +315,18 @@ fn scheduler(allowed: &mut Allowed) {
     allowed.publish([AuditAction::JobSubmit, AuditAction::JobCancel].map(subjects::audit));
     allowed.rejections([Origin::Submit, Origin::Create, Origin::Timer, Origin::Nodes]);
     allowed.open_mesh();
-    for bucket in [&topology::JOBS, &topology::IDEMPOTENCY] {
+    for bucket in [&topology::JOBS, &topology::IDEMPOTENCY, &topology::FANOUTS] {
         allowed.bucket_write(bucket, "*");
         allowed.bucket_read(bucket, "*");
     }
+    // Finding the fan-outs still running when it starts.
+    allowed.bucket_watch(&topology::FANOUTS);
     allowed.bucket_read(&topology::NODES, "*");
     allowed.bucket_watch(&topology::NODES);
-    // A job on a remote system is accepted only when the system exists and is active.
+    // A job on a remote system is accepted only when the system exists and is active; a
+    // fan-out over systems by labels lists them.
     allowed.bucket_read(&topology::SYSTEMS, "*");
+    allowed.bucket_watch(&topology::SYSTEMS);
     allowed.purge(&topology::TIMERS);
     // Settling a lost node reads the dispatches it still had, without consuming them.
     allowed.stream_read(&topology::DISPATCH, subjects::DISPATCH_ALL);
@@ -340,6 +345,8 @@ fn api(allowed: &mut Allowed) {
         subjects::SUBMIT_JOB_ALL.to_owned(),
         subjects::AUDIT_ALL.to_owned(),
         subjects::job_events_of_kind(JobEventKind::Cancelled),
+        // A fan-out cancelled before any target ran ends here.
+        subjects::FANOUT_EVENTS_ALL.to_owned(),
         subjects::control_any("cancel"),
         subjects::registry::NODES_LIST.to_owned(),
         subjects::registry::NODES_GET.to_owned(),
@@ -356,6 +363,7 @@ fn api(allowed: &mut Allowed) {
         &topology::IDEMPOTENCY,
         &topology::REVOCATIONS,
         &topology::SECRETS,
+        &topology::FANOUTS,
     ] {
         allowed.bucket_write(bucket, "*");
         allowed.bucket_read(bucket, "*");

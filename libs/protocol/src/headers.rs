@@ -14,6 +14,8 @@ pub const JOB_ID: &str = "Capstan-Job-Id";
 pub const SUBMITTED_BY: &str = "Capstan-Submitted-By";
 /// The attempt a message is about.
 pub const ATTEMPT: &str = "Capstan-Attempt";
+/// On a fan-out target's job events: the parent job's id.
+pub const FANOUT: &str = "Capstan-Fanout";
 /// A job event's kind, or a node event's kind.
 pub const EVENT: &str = "Capstan-Event";
 /// The job's status after an event.

@@ -16,6 +16,7 @@ pub mod claim;
 pub mod codec;
 pub mod dispatch;
 pub mod event;
+pub mod fanout;
 pub mod headers;
 pub mod ids;
 pub mod job;
@@ -39,6 +40,9 @@ pub use auth::{
 pub use codec::{DecodeError, Encoding};
 pub use dispatch::Dispatch;
 pub use event::{JobEvent, JobEventKind, NodeEvent, NodeEventKind, Rejection, RejectionCode};
+pub use fanout::{
+    FanOut, FanOutEvent, FanOutRecord, FanOutStatus, Target, TargetKind, TargetStatus,
+};
 pub use ids::{AuditId, IdError, InstanceId, JobId, NodeId};
 pub use job::{JobRecord, JobStatus, OutputSummary};
 pub use node::{

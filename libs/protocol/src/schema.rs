@@ -28,6 +28,7 @@ use serde_json::Value;
 use crate::auth::{AuditRecord, Revocation};
 use crate::dispatch::Dispatch;
 use crate::event::{JobEvent, NodeEvent, Rejection};
+use crate::fanout::{FanOutEvent, FanOutRecord};
 use crate::ids::{AuditId, InstanceId, JobId, NodeId};
 use crate::job::JobRecord;
 use crate::node::{Heartbeat, HeartbeatReply, NodeCommand, NodeQuery, NodeRecord, Registration};
@@ -135,6 +136,14 @@ pub fn messages() -> Vec<(&'static str, Value)> {
         written::<SystemEvent>(
             "system-event",
             "capstan.events.systems.<name>.<health>".into(),
+        ),
+        written::<FanOutRecord>(
+            "fanout",
+            "$KV.capstan_fanouts.<job> (bucket capstan_fanouts)".into(),
+        ),
+        written::<FanOutEvent>(
+            "fanout-event",
+            "capstan.events.fanouts.<job>.<status>".into(),
         ),
         written::<Reply<Vec<SystemSummary>>>(
             "system-list-reply",

@@ -24,6 +24,19 @@ pub fn selects(selector: &Labels, labels: &Labels) -> bool {
         .all(|(key, value)| labels.get(key) == Some(value))
 }
 
+/// True when node `node`, carrying `labels`, has every `key = value` of `selector`; the key
+/// [`crate::fanout::NODE_LABEL`] (`capstan.io/node`) matches the node's id, whatever its
+/// labels say.
+pub fn selects_node(selector: &Labels, node: &str, labels: &Labels) -> bool {
+    selector.iter().all(|(key, value)| {
+        if key == crate::fanout::NODE_LABEL {
+            value == node
+        } else {
+            labels.get(key) == Some(value)
+        }
+    })
+}
+
 /// What to execute.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Program {
@@ -70,6 +83,9 @@ pub struct JobSpec {
     /// The remote system (`/api/v1/systems`) the command runs on over SSH, through a gateway
     /// executor; on the executor itself when absent.
     pub system: Option<String>,
+    /// Run once on each of several systems or nodes, as a parent of one job per target
+    /// (`crate::fanout`).
+    pub fanout: Option<crate::fanout::FanOut>,
     /// A human name, for listing and filtering.
     pub name: Option<String>,
     /// Free-form annotations kept with the job.
@@ -148,6 +164,23 @@ pub struct JobSpecWire {
     /// on an executor. Takes no `secrets`, `secret_refs` or `cwd`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub system: Option<String>,
+    /// Fan out over remote systems: run once on each system named, or on each active system
+    /// carrying the labels. The job becomes a parent of one job per system
+    /// (`GET /api/v1/jobs/{id}/targets`). At most one of `system`, `systems` and `nodes`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub systems: Option<crate::fanout::SystemTargetsWire>,
+    /// Fan out over executor nodes: run once on each node that is up and carries the labels
+    /// (every node when none are given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<crate::fanout::NodeTargetsWire>,
+    /// With `systems` or `nodes`: most targets running at once (all when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "schema", schemars(range(min = 1, max = 1000)))]
+    pub max_parallel: Option<u32>,
+    /// With `systems` or `nodes`: a target that ends unsuccessfully cancels the running ones
+    /// and skips those not started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fail_fast: Option<bool>,
     /// A human name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
@@ -328,10 +361,53 @@ impl TryFrom<JobSpecWire> for JobSpec {
             ));
         }
 
-        if let Some(system) = &wire.system {
-            if !crate::system::valid_system_name(system) {
-                return Err(SpecError::new("system", crate::system::SYSTEM_NAME_RULE));
+        let fanout = crate::fanout::FanOut::from_wire(
+            wire.systems,
+            wire.nodes,
+            wire.max_parallel,
+            wire.fail_fast,
+        )?;
+        if let Some(fanout) = &fanout {
+            if wire.system.is_some() {
+                return Err(SpecError::new(
+                    "system",
+                    "give one of `system` (one system) and `systems` or `nodes` (a fan-out)",
+                ));
             }
+            // Sealed secrets are bound to the job they were sealed for: a fan-out's targets
+            // are jobs of their own.
+            if !secrets.is_empty() {
+                return Err(SpecError::new(
+                    "secrets",
+                    "a fan-out takes no sealed `secrets`: store them and use `secret_refs`",
+                ));
+            }
+            if !fanout.on_systems() && wire.labels.as_ref().is_some_and(|l| !l.is_empty()) {
+                return Err(SpecError::new(
+                    "labels",
+                    "a fan-out over nodes selects them with `nodes.labels`",
+                ));
+            }
+            if wire.metadata.as_ref().map_or(0, BTreeMap::len)
+                > limits::MAX_METADATA - crate::fanout::CHILD_METADATA
+            {
+                return Err(SpecError::new(
+                    "metadata",
+                    format!(
+                        "a fan-out has at most {} entries (each target's job adds its parent's \
+                         and its target's)",
+                        limits::MAX_METADATA - crate::fanout::CHILD_METADATA
+                    ),
+                ));
+            }
+        }
+        let remote = wire.system.is_some() || fanout.as_ref().is_some_and(|f| f.on_systems());
+        if let Some(system) = &wire.system
+            && !crate::system::valid_system_name(system)
+        {
+            return Err(SpecError::new("system", crate::system::SYSTEM_NAME_RULE));
+        }
+        if remote {
             // A remote command gets its variables on its command line, where the remote host's
             // other users can read them: secrets are not sent that way.
             if !secrets.is_empty() || !secret_refs.is_empty() {
@@ -484,6 +560,7 @@ impl TryFrom<JobSpecWire> for JobSpec {
             timeout,
             labels,
             system: wire.system,
+            fanout,
             name: wire.name,
             metadata,
             idempotency_key: wire.idempotency_key,
@@ -537,7 +614,15 @@ impl From<JobSpec> for JobSpecWire {
             Program::Argv(argv) => (None, Some(argv)),
         };
         let non_empty = |map: BTreeMap<String, String>| (!map.is_empty()).then_some(map);
+        let (systems, nodes, max_parallel, fail_fast) = match &spec.fanout {
+            Some(fanout) => fanout.to_wire(),
+            None => (None, None, None, None),
+        };
         JobSpecWire {
+            systems,
+            nodes,
+            max_parallel,
+            fail_fast,
             command,
             argv,
             env: non_empty(spec.env),
@@ -582,6 +667,7 @@ impl JobSpec {
             timeout: None,
             labels: Labels::new(),
             system: None,
+            fanout: None,
             name: None,
             metadata: BTreeMap::new(),
             idempotency_key: None,

@@ -246,6 +246,14 @@ pub const SYSTEMS_LIST: &str = "capstan.systems.list";
 /// Every system health change.
 pub const SYSTEM_EVENTS_ALL: &str = "capstan.events.systems.>";
 
+/// Every fan-out parent's events.
+pub const FANOUT_EVENTS_ALL: &str = "capstan.events.fanouts.>";
+
+/// A fan-out parent started or ended (`capstan.events.fanouts.<job>.<status>`).
+pub fn fanout_event(job: crate::ids::JobId, status: crate::fanout::FanOutStatus) -> String {
+    format!("capstan.events.fanouts.{job}.{}", status.as_str())
+}
+
 /// A change of `system`'s health (`capstan.events.systems.<name>.<health>`).
 pub fn system_event(system: &str, health: crate::system::SystemHealth) -> String {
     format!("capstan.events.systems.{system}.{health}")

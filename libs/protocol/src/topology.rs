@@ -226,8 +226,20 @@ pub const SYSTEM_STATUS: BucketSpec = BucketSpec {
     max_bytes: 64 * MIB,
 };
 
+/// Fan-out parents by job id (JSON [`crate::fanout::FanOutRecord`]): their targets and where
+/// each stands, written by schedulers (and the API's cancel) by compare-and-swap; a finished
+/// parent expires like a finished job.
+pub const FANOUTS: BucketSpec = BucketSpec {
+    name: "capstan_fanouts",
+    description: "Fan-out parents and their targets, by job id",
+    history: 1,
+    max_age: Duration::ZERO,
+    per_key_ttl: true,
+    max_bytes: GIB,
+};
+
 /// Every bucket.
-pub const BUCKETS: [BucketSpec; 7] = [
+pub const BUCKETS: [BucketSpec; 8] = [
     JOBS,
     NODES,
     IDEMPOTENCY,
@@ -235,6 +247,7 @@ pub const BUCKETS: [BucketSpec; 7] = [
     SECRETS,
     SYSTEMS,
     SYSTEM_STATUS,
+    FANOUTS,
 ];
 
 /// The key of an idempotency key in the idempotency bucket: its bytes in hex, because KV keys

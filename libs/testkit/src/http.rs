@@ -182,6 +182,17 @@ impl HttpClient {
         .await
     }
 
+    /// PATCH with a JSON body.
+    pub async fn patch_json(&self, path: &str, body: &str) -> Reply {
+        self.send(
+            Method::PATCH,
+            path,
+            &[("content-type", "application/json")],
+            body.to_owned(),
+        )
+        .await
+    }
+
     /// GET a streaming response and read it until `until` returns true for the text so far
     /// (or the stream ends); returns the text. Panics if that takes longer than 60 seconds.
     pub async fn read_stream(

@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use capstan_mesh::BucketView;
-use capstan_protocol::spec::selects;
+use capstan_protocol::spec::selects_node;
 use capstan_protocol::{JobId, Labels, NodeId, NodeRecord, NodeStatus};
 
 /// Nodes and their assignments.
@@ -68,6 +68,23 @@ impl Cluster {
         }
     }
 
+    /// The nodes that are up and schedulable and carry `selector`'s labels, by id: the
+    /// targets of a fan-out over nodes.
+    pub fn schedulable_matching(&self, selector: &Labels) -> Vec<NodeId> {
+        let mut found = self.nodes.read(|entries| {
+            entries
+                .values()
+                .map(|entry| &entry.value)
+                .filter(|node| {
+                    node.is_schedulable() && selects_node(selector, node.id.as_str(), &node.labels)
+                })
+                .map(|node| node.id.clone())
+                .collect::<Vec<_>>()
+        });
+        found.sort();
+        found
+    }
+
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state
             .lock()
@@ -92,7 +109,7 @@ impl Cluster {
                 .filter(|node| {
                     node.is_schedulable()
                         && !state.fenced.contains_key(&node.id)
-                        && selects(selector, &node.labels)
+                        && selects_node(selector, node.id.as_str(), &node.labels)
                 })
                 .inspect(|_| matched = true)
                 .filter_map(|node| {

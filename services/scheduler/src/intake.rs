@@ -183,6 +183,90 @@ impl Scheduler {
             }
         };
 
+        if let Some(fanout) = &spec.fanout {
+            let targets = match self.resolve_targets(fanout).await {
+                Ok(targets) => targets,
+                Err(crate::fanouts::Unresolved::Refused(field, reason)) => {
+                    return self
+                        .reject(
+                            message,
+                            seq,
+                            Some(id),
+                            RejectionCode::Invalid,
+                            Some(field),
+                            reason,
+                        )
+                        .await;
+                }
+                Err(crate::fanouts::Unresolved::Unavailable(error)) => {
+                    tracing::warn!(error = %error, "cannot resolve a fan-out's targets");
+                    return Handled::Retry(retry_delay(delivered));
+                }
+            };
+            if let Some(key) = &spec.idempotency_key {
+                match self.mesh.idempotency.claim(key, id).await {
+                    Ok(Claim::Claimed) => {}
+                    Ok(Claim::Existing(existing)) => {
+                        let reason =
+                            format!("the idempotency key names job {existing}; no new job created");
+                        self.report(
+                            message,
+                            seq,
+                            Some(existing),
+                            RejectionCode::Duplicate,
+                            Some("idempotency_key"),
+                            reason,
+                        )
+                        .await;
+                        return Handled::Ack;
+                    }
+                    Err(error) => {
+                        tracing::warn!(job = %id, error = %error, "cannot claim an idempotency key");
+                        return Handled::Retry(retry_delay(delivered));
+                    }
+                }
+            }
+            let accepted = self
+                .accept_fanout(
+                    id,
+                    spec,
+                    targets,
+                    submitted_by.clone(),
+                    seq,
+                    Timestamp::from_millis(published_ms as i64),
+                )
+                .await;
+            return match accepted {
+                Ok(true) => {
+                    if client.is_some() {
+                        crate::audit_client(
+                            &self.mesh.events,
+                            AuditAction::JobSubmit,
+                            &submitted_by,
+                            id,
+                            AuditOutcome::Success,
+                        );
+                    }
+                    Handled::Ack
+                }
+                Ok(false) => {
+                    self.reject(
+                        message,
+                        seq,
+                        Some(id),
+                        RejectionCode::Conflict,
+                        Some(headers::JOB_ID),
+                        format!("job id {id} belongs to another submission"),
+                    )
+                    .await
+                }
+                Err(error) => {
+                    tracing::warn!(job = %id, error = %error, delivered, "cannot accept a fan-out yet");
+                    Handled::Retry(retry_delay(delivered))
+                }
+            };
+        }
+
         if let Some(name) = &spec.system {
             let refused = match self.mesh.systems.get(name).await {
                 Ok(Some(system)) if system.value.active => None,

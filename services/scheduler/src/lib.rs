@@ -10,10 +10,12 @@
 //! [`waiting`] holds jobs that found no room; `intake` consumes submissions; `timers` wakes
 //! delayed and retried jobs when their durable timer fires; `lost` settles the attempts of
 //! nodes that went down or restarted; `placer` places waiting jobs as room appears and follows
-//! job events; `create` serves the request/reply endpoint.
+//! job events; `create` serves the request/reply endpoint; `fanouts` accepts fan-out parents
+//! and carries them forward as their targets' jobs end.
 
 pub mod cluster;
 mod create;
+mod fanouts;
 mod intake;
 mod lost;
 mod placer;
@@ -110,6 +112,8 @@ pub(crate) struct Scheduler {
     wake: Notify,
     /// Bounds submissions handled at once.
     permits: Arc<Semaphore>,
+    /// The fan-out parents this replica carries forward.
+    fanouts: fanouts::FanOuts,
 }
 
 /// Runs a scheduler replica until `shutdown` is cancelled. On shutdown it stops taking
@@ -139,6 +143,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         waiting: Waiting::default(),
         wake: Notify::new(),
         permits: Arc::new(Semaphore::new(config.concurrency.max(1))),
+        fanouts: fanouts::FanOuts::default(),
         mesh: mesh.clone(),
         config: config.clone(),
     });
@@ -161,6 +166,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
 
     let events = tokio::spawn(scheduler.clone().follow_events(tasks.clone()));
     let placer = tokio::spawn(scheduler.clone().place_waiting(nodes, tasks.clone()));
+    let fanouts = tokio::spawn(scheduler.clone().carry_fanouts(tasks.clone()));
     let timers = tokio::spawn({
         let stop = stop.clone();
         let timers = scheduler.clone().consume_timers(shutdown.clone());
@@ -207,13 +213,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let (create, cancel, timers, lost) = tokio::join!(create, cancel, timers, lost);
     scheduler.hand_back_waiting().await;
     tasks.cancel();
-    let (events, placer) = tokio::join!(events, placer);
+    let (events, placer, fanouts) = tokio::join!(events, placer, fanouts);
     if let Err(error) = micro.stop().await {
         tracing::debug!(error = %error, "stopping the micro service");
     }
     // Every task has been waited for and the waiting jobs handed back; a task that panicked
     // raises its panic now rather than passing for a clean stop.
-    for result in [create, cancel, timers, lost, events, placer] {
+    for result in [create, cancel, timers, lost, events, placer, fanouts] {
         task::joined(result);
     }
     tracing::info!("scheduler stopped");
@@ -265,14 +271,29 @@ pub(crate) fn audit_client(
 async fn cancel_job_now(mesh: &Mesh, job: JobId) -> Result<Cancelled, ServiceError> {
     use capstan_mesh::lifecycle::{CancelError, cancel};
     match cancel(mesh, job).await {
+        // Not a job: perhaps a fan-out parent.
+        Err(CancelError::NotFound(_)) => match capstan_mesh::fanout::cancel(mesh, job).await {
+            Ok(Some((record, true))) => Ok(Cancelled {
+                outcome: capstan_protocol::CancelOutcome::Requested,
+                status: record.status.job_status(),
+            }),
+            Ok(Some((record, false))) => Err(ServiceError::new(
+                ErrorCode::Conflict,
+                format!(
+                    "fan-out {job} was cancelled already or has ended: {}",
+                    record.status.as_str()
+                ),
+            )),
+            Ok(None) => Err(ServiceError {
+                code: ErrorCode::NotFound,
+                message: CancelError::NotFound(job).to_string(),
+                field: Some("id".into()),
+            }),
+            Err(error) => Err(ServiceError::new(ErrorCode::Unavailable, error.to_string())),
+        },
         Ok((outcome, record)) => Ok(Cancelled {
             outcome,
             status: record.status,
-        }),
-        Err(error @ CancelError::NotFound(_)) => Err(ServiceError {
-            code: ErrorCode::NotFound,
-            message: error.to_string(),
-            field: Some("id".into()),
         }),
         Err(error @ CancelError::Finished { .. }) => {
             Err(ServiceError::new(ErrorCode::Conflict, error.to_string()))

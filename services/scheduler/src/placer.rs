@@ -10,7 +10,8 @@ use bytes::Bytes;
 use capstan_mesh::{BucketView, Change, Error, Modified, Versioned, wire};
 use capstan_protocol::subjects;
 use capstan_protocol::{
-    Dispatch, JobEvent, JobEventKind, JobRecord, NodeId, NodeRecord, Timestamp, codec, headers,
+    Dispatch, Encoding, JobEvent, JobEventKind, JobId, JobRecord, NodeId, NodeRecord, Timestamp,
+    codec, headers,
 };
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -95,6 +96,17 @@ impl Scheduler {
                 kind if kind.parse::<Kind>().is_ok_and(Kind::ends_attempt) => {
                     self.cluster.observe_finished(node.as_ref(), job, attempt);
                     self.wake.notify_one();
+                    // A fan-out target's job: its parent decides what comes next.
+                    if let Some(parent) = wire::header(event.headers.as_ref(), headers::FANOUT)
+                        .and_then(|text| text.parse::<JobId>().ok())
+                    {
+                        match codec::decode::<JobEvent>(Encoding::MsgPack, &event.payload) {
+                            Ok(decoded) => self.fanouts.heard(parent, decoded.record),
+                            Err(error) => {
+                                tracing::debug!(error = %error, "undecodable job event")
+                            }
+                        }
+                    }
                 }
                 _ => {}
             }

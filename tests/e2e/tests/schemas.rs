@@ -319,7 +319,63 @@ fn samples() -> Vec<(&'static str, Value)> {
         samples.push(("job-event", to_json(&JobEvent::new(kind, &record))));
     }
     samples.extend(system_samples());
+    samples.extend(fanout_samples());
     samples
+}
+
+/// A fan-out over systems as it starts, stepped once (its first targets submitted), and one
+/// over nodes that ended partial, with their events.
+fn fanout_samples() -> Vec<(&'static str, Value)> {
+    use capstan_protocol::fanout::{ChildState, FanOutEvent, FanOutRecord, Target, TargetKind};
+    use capstan_protocol::{JobId, JobSpec, JobStatus, SubmittedBy, Timestamp};
+    let spec = |json: Value| -> JobSpec { serde_json::from_value(json).expect("a valid spec") };
+    let now = Timestamp::now();
+    let on_systems = spec(serde_json::json!({
+        "command": "systemctl restart app",
+        "systems": {"labels": {"role": "web"}},
+        "max_parallel": 2,
+        "fail_fast": true,
+    }));
+    let targets = ["web-1", "web-2", "web-3"]
+        .map(|name| Target::waiting(name, TargetKind::System))
+        .to_vec();
+    let mut started = FanOutRecord::new(JobId::generate(), on_systems, targets, None, now);
+    started.submitted_by = Some(SubmittedBy::nats());
+    let stepped = started
+        .step(false, now, JobId::generate)
+        .next
+        .expect("targets start");
+    let on_nodes = spec(serde_json::json!({"argv": ["uptime"], "nodes": {}}));
+    let targets = ["exec-1", "exec-2"]
+        .map(|name| Target::waiting(name, TargetKind::Node))
+        .to_vec();
+    let mut ended = FanOutRecord::new(JobId::generate(), on_nodes, targets, Some(now), now);
+    ended = ended
+        .step(false, now, JobId::generate)
+        .next
+        .expect("targets start");
+    let children: Vec<ChildState> = ended
+        .targets
+        .iter()
+        .zip([JobStatus::Succeeded, JobStatus::Failed])
+        .map(|(target, status)| ChildState {
+            job: target.job.expect("started"),
+            status,
+            exit_code: Some(i32::from(status == JobStatus::Failed)),
+        })
+        .collect();
+    ended.observe(&children);
+    ended = ended
+        .step(true, now, JobId::generate)
+        .next
+        .expect("it ends");
+    vec![
+        ("fanout", to_json(&started)),
+        ("fanout", to_json(&stepped)),
+        ("fanout", to_json(&ended)),
+        ("fanout-event", to_json(&FanOutEvent::of(&started))),
+        ("fanout-event", to_json(&FanOutEvent::of(&ended))),
+    ]
 }
 
 /// A system by password, one by key with a passphrase, their status before and after a check,

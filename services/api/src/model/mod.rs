@@ -4,6 +4,7 @@
 //! types.
 
 pub mod access;
+pub mod fanout;
 pub mod secrets;
 pub mod systems;
 
@@ -49,6 +50,19 @@ pub struct JobSubmission {
     /// Run on this remote system (`/api/v1/systems`) over SSH, through a gateway executor,
     /// instead of on an executor. Takes no `secrets`, `secret_refs` or `cwd`.
     pub system: Option<String>,
+    /// Fan out over remote systems: run once on each system named, or on each active system
+    /// carrying the labels, as a parent of one job per system (`GET
+    /// /api/v1/jobs/{id}/targets`). Takes no `secrets`, `secret_refs` or `cwd`.
+    pub systems: Option<fanout::SystemTargets>,
+    /// Fan out over executor nodes: run once on each node that is up and carries the labels
+    /// (every such node when none are given). Takes no `labels` or sealed `secrets`.
+    pub nodes: Option<fanout::NodeTargets>,
+    /// With `systems` or `nodes`: most targets running at once (all when absent).
+    #[oai(validator(minimum(value = "1"), maximum(value = "1000")))]
+    pub max_parallel: Option<u32>,
+    /// With `systems` or `nodes`: a target that ends unsuccessfully cancels the running
+    /// ones and skips those not started.
+    pub fail_fast: Option<bool>,
     /// A human name.
     pub name: Option<String>,
     /// Free-form annotations.
@@ -164,6 +178,10 @@ impl From<JobSubmission> for JobSpecWire {
             timeout: body.timeout,
             labels: body.labels,
             system: body.system,
+            systems: body.systems.map(Into::into),
+            nodes: body.nodes.map(Into::into),
+            max_parallel: body.max_parallel,
+            fail_fast: body.fail_fast,
             name: body.name,
             metadata: body.metadata,
             idempotency_key: body.idempotency_key,
@@ -195,6 +213,14 @@ pub struct JobSpecView {
     pub labels: BTreeMap<String, String>,
     /// The remote system it runs on.
     pub system: Option<String>,
+    /// The systems it fans out over.
+    pub systems: Option<fanout::SystemTargets>,
+    /// The nodes it fans out over.
+    pub nodes: Option<fanout::NodeTargets>,
+    /// Most of its targets running at once.
+    pub max_parallel: Option<u32>,
+    /// Whether a failed target stops the others.
+    pub fail_fast: Option<bool>,
     /// Name.
     pub name: Option<String>,
     /// Annotations.
@@ -221,6 +247,10 @@ impl From<JobSpecWire> for JobSpecView {
             timeout: wire.timeout,
             labels: wire.labels.unwrap_or_default(),
             system: wire.system,
+            systems: wire.systems.map(Into::into),
+            nodes: wire.nodes.map(Into::into),
+            max_parallel: wire.max_parallel,
+            fail_fast: wire.fail_fast,
             name: wire.name,
             metadata: wire.metadata.unwrap_or_default(),
             idempotency_key: wire.idempotency_key,
@@ -531,6 +561,9 @@ pub struct Job {
     pub spec: JobSpecView,
     /// Every attempt, first to last (from history).
     pub attempts: Vec<Attempt>,
+    /// For a fan-out (a job with `systems` or `nodes`): its outcome and its targets by
+    /// status; each target is a job of its own (`GET /api/v1/jobs/{id}/targets`).
+    pub fanout: Option<fanout::FanOutSummary>,
 }
 
 impl Job {
@@ -569,6 +602,7 @@ impl Job {
             submitted_by: record.submitted_by.as_ref().map(Submitter::from),
             spec: spec.into(),
             attempts,
+            fanout: None,
         }
     }
 
@@ -606,6 +640,7 @@ impl Job {
             }),
             spec: spec.into(),
             attempts,
+            fanout: None,
         }
     }
 

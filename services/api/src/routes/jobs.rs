@@ -1,7 +1,8 @@
 //! `/api/v1/jobs`: submit, list, read, follow, cancel, and purge jobs.
 
 use capstan_mesh::lifecycle::{CancelError, cancel};
-use capstan_protocol::{AuditAction, JobId, JobStatus, SubmittedBy};
+use capstan_protocol::fanout::{FanOutRecord, FanOutStatus};
+use capstan_protocol::{AuditAction, JobId, JobRecord, JobStatus, SubmittedBy};
 use capstan_store::JobQuery;
 use poem_openapi::param::{Path, Query};
 use poem_openapi::payload::{EventStream, Json};
@@ -10,6 +11,7 @@ use poem_openapi::{ApiResponse, OpenApi};
 use super::{BearerAuth, Tag, job_id, page, parse_cursor, served, time_parameter, timestamp};
 use crate::auth::Permission;
 use crate::model::access::Purged;
+use crate::model::fanout::{FanOutSummary, JobTargets, TargetView};
 use crate::model::{
     Attempt, CancelAccepted, Job, JobCreated, JobEvents, JobLogs, JobPage, LogEvent, Status,
 };
@@ -165,9 +167,15 @@ impl JobsApi {
         let job = match (live?, row?) {
             (Some(live), _) => Job::from_record(live.value, attempts),
             (None, Some(row)) => Job::from_row(row, attempts),
-            (None, None) => match accepted(state, id).await? {
-                Some(record) => Job::from_record(record, Vec::new()),
-                None => return Err(ApiError::not_found(format!("no job {id}"))),
+            (None, None) => match state.mesh.fanouts.get(&key).await? {
+                Some(parent) => {
+                    let targets = target_views(state, &parent.value).await?;
+                    parent_job(&parent.value, &targets)
+                }
+                None => match accepted(state, id).await? {
+                    Some(record) => Job::from_record(record, Vec::new()),
+                    None => return Err(ApiError::not_found(format!("no job {id}"))),
+                },
             },
         };
         let submitter = job.submitted_by.as_ref().and_then(|s| s.to_protocol());
@@ -212,6 +220,36 @@ impl JobsApi {
         }
         let logs = crate::logs::captured(&served.mesh, id, attempt.0, &state).await?;
         Ok(LogsResponse::Captured(Json(logs)))
+    }
+
+    /// Get a fan-out's targets.
+    ///
+    /// A job submitted with `systems` or `nodes` runs once per target, each target a job of
+    /// its own with its own attempts and retries: this lists them in the order they start,
+    /// with each one's status, exit code and output sizes (its output is at
+    /// `/api/v1/jobs/{job}/logs`), and the fan-out's outcome. `404` for a job that is not a
+    /// fan-out. Needs `jobs:read`.
+    #[oai(path = "/jobs/:id/targets", method = "get")]
+    async fn targets(
+        &self,
+        auth: BearerAuth,
+        id: Path<String>,
+    ) -> Result<Json<JobTargets>, ApiError> {
+        let state = served(&self.0)?;
+        auth.allow_read(Permission::JobsRead)?;
+        let id = job_id(&id.0)?;
+        let Some(parent) = state.mesh.fanouts.get(&id.to_string()).await? else {
+            return Err(ApiError::not_found(format!(
+                "no fan-out {id} (a job has targets only when submitted with `systems` or \
+                 `nodes`; a fan-out is kept 7 days after it ends)"
+            )));
+        };
+        let targets = target_views(state, &parent.value).await?;
+        Ok(Json(JobTargets {
+            job: id.to_string(),
+            outcome: parent.value.status.into(),
+            targets,
+        }))
     }
 
     /// Get a job's events, in the order they happened. Needs `jobs:read`.
@@ -266,7 +304,19 @@ impl JobsApi {
                 outcome: outcome.into(),
                 status: record.status.into(),
             }))),
-            Err(CancelError::NotFound(_)) => Err(ApiError::not_found(format!("no job {id}"))),
+            Err(CancelError::NotFound(_)) => {
+                match capstan_mesh::fanout::cancel(&state.mesh, id).await? {
+                    Some((record, true)) => Ok(CancelResponse::Accepted(Json(CancelAccepted {
+                        outcome: capstan_protocol::CancelOutcome::Requested.into(),
+                        status: record.status.job_status().into(),
+                    }))),
+                    Some((record, false)) => Err(ApiError::conflict(format!(
+                        "fan-out {id} was cancelled already or has ended: {}",
+                        record.status.as_str()
+                    ))),
+                    None => Err(ApiError::not_found(format!("no job {id}"))),
+                }
+            }
             Err(error @ CancelError::Finished { .. }) => Err(ApiError::conflict(error.to_string())),
             Err(CancelError::Mesh(error)) => Err(error.into()),
         }
@@ -348,12 +398,57 @@ async fn submitter_of(state: &crate::State, id: JobId) -> Result<Option<Submitte
     if let Some(live) = state.mesh.jobs.get(&id.to_string()).await? {
         return Ok(live.value.submitted_by);
     }
+    if let Some(parent) = state.mesh.fanouts.get(&id.to_string()).await? {
+        return Ok(parent.value.submitted_by);
+    }
     match state.history.get(id).await? {
         Some(row) => Ok(Job::from_row(row, Vec::new())
             .submitted_by
             .and_then(|s| s.to_protocol())),
         None => Err(ApiError::not_found(format!("no job {id}"))),
     }
+}
+
+/// The targets of fan-out `parent`, each brought up to date from its job's live record.
+async fn target_views(
+    state: &crate::State,
+    parent: &FanOutRecord,
+) -> Result<Vec<TargetView>, ApiError> {
+    let mut views = Vec::with_capacity(parent.targets.len());
+    for target in &parent.targets {
+        let record = match target.job {
+            Some(job) => state.mesh.jobs.get(&job.to_string()).await?,
+            None => None,
+        };
+        views.push(TargetView::of(target, record.as_ref().map(|r| &r.value)));
+    }
+    Ok(views)
+}
+
+/// A fan-out parent as a job: its outcome as a job status (`partial` is `failed`, with the
+/// count in `error`), no attempt of its own, and the summary of its targets.
+fn parent_job(parent: &FanOutRecord, targets: &[TargetView]) -> Job {
+    let mut record = JobRecord::new(parent.id, parent.spec.clone(), parent.created_at);
+    record.status = parent.status.job_status();
+    record.updated_at = parent.updated_at;
+    record.finished_at = parent.finished_at;
+    record.cancel_requested_at = parent.cancel_requested_at;
+    record.submitted_by = parent.submitted_by.clone();
+    if matches!(parent.status, FanOutStatus::Partial | FanOutStatus::Failed) {
+        let succeeded = parent
+            .targets
+            .iter()
+            .filter(|t| t.status == capstan_protocol::TargetStatus::Succeeded)
+            .count();
+        record.error = Some(format!(
+            "{}: {succeeded} of {} targets succeeded",
+            parent.status.as_str(),
+            parent.targets.len()
+        ));
+    }
+    let mut job = Job::from_record(record, Vec::new());
+    job.fanout = Some(FanOutSummary::of(parent, targets));
+    job
 }
 
 /// A job accepted but not yet created by a scheduler, from its stored submission: pending (or

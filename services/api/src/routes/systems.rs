@@ -517,10 +517,54 @@ pub(crate) async fn check_system(
     state: &crate::State,
     spec: &capstan_protocol::JobSpec,
 ) -> Result<(), ApiError> {
+    use capstan_protocol::fanout::Targets;
+    if let Some(fanout) = &spec.fanout {
+        match &fanout.targets {
+            Targets::SystemNames(names) => {
+                for (index, name) in names.iter().enumerate() {
+                    active_system(state, name, format!("systems.names[{index}]")).await?;
+                }
+            }
+            Targets::SystemLabels(labels) => {
+                let any = state.mesh.systems.values().await?.iter().any(|system| {
+                    system.value.active
+                        && capstan_protocol::spec::selects(labels, &system.value.labels)
+                });
+                if !any {
+                    return Err(ApiError::invalid(
+                        "no active system carries these labels: the fan-out would run nowhere",
+                        Some("systems.labels".to_owned()),
+                    ));
+                }
+            }
+            Targets::Nodes(labels) => {
+                let any = state.mesh.nodes.values().await?.iter().any(|node| {
+                    node.value.is_schedulable()
+                        && capstan_protocol::spec::selects_node(
+                            labels,
+                            node.value.id.as_str(),
+                            &node.value.labels,
+                        )
+                });
+                if !any {
+                    return Err(ApiError::invalid(
+                        "no node that is up and schedulable carries these labels: the fan-out \
+                         would run nowhere",
+                        Some("nodes.labels".to_owned()),
+                    ));
+                }
+            }
+        }
+    }
     let Some(name) = &spec.system else {
         return Ok(());
     };
-    let field = Some("system".to_owned());
+    active_system(state, name, "system".to_owned()).await
+}
+
+/// Refuses a job naming system `name` (in `field`) unless the catalogue has it active.
+async fn active_system(state: &crate::State, name: &str, field: String) -> Result<(), ApiError> {
+    let field = Some(field);
     match state.mesh.systems.get(name).await? {
         None => Err(ApiError::invalid(
             format!("no system `{name}` in the catalogue (GET /api/v1/systems lists them)"),
