@@ -6,7 +6,8 @@
 //! over the gateway's kept connection (warm); the round trip of a fresh connection, login and
 //! `true` (cold: the gateway's health checks, which never reuse a connection); and the time
 //! from submitting one `true` on each of `systems` names of the host, all at once, to the
-//! last one ending. The names share one host, account and credential, so the gateway runs
+//! last one ending, and the same as one fan-out (`systems` by label), from its submission to
+//! its end. The names share one host, account and credential, so the gateway runs
 //! them over one kept connection, a channel each: that figure is the gateway's slots and the
 //! channels' multiplexing, not many hosts' handshakes.
 
@@ -15,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use capstan_protocol::{JobId, headers, subjects};
+use futures::StreamExt;
 use serde_json::json;
 
 use crate::bench::{Ends, connect, logged_in, ms, percentile, start, wait_nodes_up};
@@ -92,6 +94,7 @@ pub async fn run(bin: &Path, jobs: usize, systems: usize) -> anyhow::Result<()> 
             "username": capstan_testkit::sshd::LOGIN_USER,
             "auth": {"method": "password", "password": host.password()},
             "host_key": host.host_key(),
+            "labels": {"bench": "ssh"},
         });
         let added = http.post_json("/api/v1/systems", &body.to_string()).await;
         if !added.status.is_success() {
@@ -143,6 +146,29 @@ pub async fn run(bin: &Path, jobs: usize, systems: usize) -> anyhow::Result<()> 
         pending.remove(&id);
     }
     let burst = started.elapsed();
+
+    // The same as one fan-out: one parent, a target per name, each its own job.
+    let mut fanouts = client.subscribe(subjects::FANOUT_EVENTS_ALL).await?;
+    client.flush().await?;
+    let (parent, map, _) = submit(&names[0]);
+    let body = json!({"argv": ["true"], "systems": {"labels": {"bench": "ssh"}}}).to_string();
+    let started = Instant::now();
+    js.publish_with_headers(subjects::SUBMIT, map, body.into())
+        .await?
+        .await?;
+    let fanned = loop {
+        let event = tokio::time::timeout(Duration::from_secs(120), fanouts.next())
+            .await
+            .context("the fan-out did not end within 120 s")?
+            .context("the fan-out events ended")?;
+        let ours = event.subject.as_str().contains(&parent.to_string());
+        if ours && !event.subject.ends_with(".running") {
+            if !event.subject.ends_with(".succeeded") {
+                bail!("the fan-out ended as {}", event.subject);
+            }
+            break started.elapsed();
+        }
+    };
 
     // Cold: the round trips the health checks recorded (a fresh connection each), the first
     // healthy one of each name.
@@ -200,6 +226,11 @@ pub async fn run(bin: &Path, jobs: usize, systems: usize) -> anyhow::Result<()> 
         "| one `true` on each of {} names of the host, submitted at once, to the last one ended | {} ms |",
         names.len(),
         burst.as_millis()
+    );
+    println!(
+        "| one fan-out of `true` over the {} names (`systems` by label), submitted → its `succeeded` event | {} ms |",
+        names.len(),
+        fanned.as_millis()
     );
     Ok(())
 }

@@ -12,7 +12,11 @@
 //! - no job process is left behind: none of the processes whose environment marks them as a
 //!   job of this test's executors survives its job;
 //! - the SQL history, as the API lists it, equals the jobs bucket: the same jobs, with the
-//!   same status, attempt, node and exit code.
+//!   same status, attempt, node and exit code;
+//! - every fan-out has ended, each of its targets names one job, a child of it, whose status
+//!   the target shows; no other job names it as its parent (a target never runs as a second
+//!   job: its reruns are attempts of its one job, each lost one recorded); and its outcome is
+//!   the aggregate of its targets ([`fanout_differences`]).
 //!
 //! It leaves the scenarios themselves (which processes run, what is injected when) to
 //! `tests/faults.rs`, and starting processes to [`Cluster`].
@@ -420,6 +424,9 @@ pub async fn check(cluster: &mut Cluster, api: &str, accepted: &[JobId]) -> Summ
     // (d) The SQL history equals the jobs bucket.
     violations.extend(history_differences(&cluster.http(api), &records).await);
 
+    // (e) Fan-outs agree with their targets' jobs.
+    violations.extend(fanout_differences(&mesh, &records).await);
+
     if !violations.is_empty() {
         let shown = violations.len().min(40);
         panic!(
@@ -429,6 +436,105 @@ pub async fn check(cluster: &mut Cluster, api: &str, accepted: &[JobId]) -> Summ
         );
     }
     summary
+}
+
+/// What is wrong with the fan-outs in the bucket, given every job's final record: waits (up
+/// to [`SETTLE_TIMEOUT`]) for every parent to end, then checks each against its targets' jobs.
+pub async fn fanout_differences(mesh: &Mesh, records: &HashMap<JobId, JobRecord>) -> Vec<String> {
+    use capstan_protocol::fanout::{FanOutStatus, TargetStatus};
+    let deadline = Instant::now() + SETTLE_TIMEOUT;
+    let parents = loop {
+        match mesh.fanouts.values().await {
+            Ok(parents) if parents.iter().all(|p| p.value.status.is_terminal()) => break parents,
+            Ok(parents) if Instant::now() >= deadline => {
+                return parents
+                    .iter()
+                    .filter(|p| !p.value.status.is_terminal())
+                    .map(|p| {
+                        format!(
+                            "fan-out {}: still running: {:?}",
+                            p.value.id,
+                            p.value.tally()
+                        )
+                    })
+                    .collect();
+            }
+            Err(error) if Instant::now() >= deadline => {
+                return vec![format!("cannot read the fan-outs: {error}")];
+            }
+            _ => tokio::time::sleep(POLL_INTERVAL).await,
+        }
+    };
+    let mut violations = Vec::new();
+    let mut named = HashSet::new();
+    for parent in parents.iter().map(|p| &p.value) {
+        let id = parent.id;
+        let mut succeeded = 0;
+        for target in &parent.targets {
+            succeeded += usize::from(target.status == TargetStatus::Succeeded);
+            let Some(job) = target.job else {
+                if target.status != TargetStatus::Skipped {
+                    violations.push(format!(
+                        "fan-out {id}: target {} has no job but is {}",
+                        target.name,
+                        target.status.as_str()
+                    ));
+                }
+                continue;
+            };
+            named.insert(job);
+            match records.get(&job) {
+                None if target.error.is_some() => {}
+                None => violations.push(format!(
+                    "fan-out {id}: target {}'s job {job} is in no record",
+                    target.name
+                )),
+                Some(record) => {
+                    if record.spec.fanout_parent() != Some(id) {
+                        violations.push(format!(
+                            "fan-out {id}: target {}'s job {job} names another parent",
+                            target.name
+                        ));
+                    }
+                    if TargetStatus::from(record.status) != target.status {
+                        violations.push(format!(
+                            "fan-out {id}: target {} shows {} but its job {job} is {}",
+                            target.name,
+                            target.status.as_str(),
+                            record.status
+                        ));
+                    }
+                }
+            }
+        }
+        let expected = if parent.cancel_requested_at.is_some() {
+            FanOutStatus::Cancelled
+        } else if succeeded == parent.targets.len() {
+            FanOutStatus::Succeeded
+        } else if succeeded == 0 {
+            FanOutStatus::Failed
+        } else {
+            FanOutStatus::Partial
+        };
+        if parent.status != expected {
+            violations.push(format!(
+                "fan-out {id}: ended {} but its targets make it {} ({:?})",
+                parent.status.as_str(),
+                expected.as_str(),
+                parent.tally()
+            ));
+        }
+    }
+    for (job, record) in records {
+        if let Some(parent) = record.spec.fanout_parent()
+            && !named.contains(job)
+        {
+            violations.push(format!(
+                "job {job} names fan-out {parent} as its parent, but no target of it names the job"
+            ));
+        }
+    }
+    violations
 }
 
 fn describe(record: &JobRecord) -> String {

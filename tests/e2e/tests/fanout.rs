@@ -392,3 +392,84 @@ async fn a_fan_out_selector_matching_nothing_is_refused_naming_the_field_over_re
     let job = wait_outcome(&http, id, Duration::from_secs(60)).await;
     assert_eq!(job["fanout"]["outcome"], "succeeded", "{job}");
 }
+
+#[tokio::test]
+async fn a_gateway_killed_mid_fan_out_loses_only_its_targets_attempts_which_run_again_elsewhere() {
+    let host = capstan_testkit::sshd::SshHost::start().expect("sshd starts");
+    let (mut cluster, http) = gateway_mesh(&["exec-1", "exec-2"]).await;
+    let names: Vec<String> = (1..=6).map(|n| format!("web-{n}")).collect();
+    for name in &names {
+        capstan_e2e::add_ssh_system(&http, name, &host).await;
+    }
+    // Named after the host's port, so that only this test's remote commands are counted.
+    let command = format!("sleep 4.{}", host.port());
+    let id = submit(
+        &http,
+        json!({"command": format!("exec {command}"), "systems": {"names": names}}),
+    )
+    .await;
+    wait_until(
+        "targets to run on both gateways",
+        Duration::from_secs(60),
+        || async {
+            let listed = targets(&http, id).await;
+            let on = |node: &str| {
+                listed
+                    .iter()
+                    .any(|t| t["status"] == "running" && t["node"] == node)
+            };
+            (on("exec-1") && on("exec-2")).then_some(())
+        },
+    )
+    .await;
+    let listed = targets(&http, id).await;
+    let running_on = |node: &str| -> Vec<JobId> {
+        listed
+            .iter()
+            .filter(|t| t["status"] == "running" && t["node"] == node)
+            .map(|t| t["job"].as_str().expect("a job").parse().expect("an id"))
+            .collect()
+    };
+    let (on_killed, on_kept) = (running_on("exec-1"), running_on("exec-2"));
+    cluster.kill9("exec-1");
+
+    let job = wait_outcome(&http, id, Duration::from_secs(120)).await;
+    assert_eq!(job["fanout"]["outcome"], "succeeded", "{job}");
+    for target in targets(&http, id).await {
+        let child: JobId = target["job"]
+            .as_str()
+            .expect("a job")
+            .parse()
+            .expect("an id");
+        let record = cluster.job(child).await.expect("the target's job");
+        assert_eq!(
+            record.status,
+            capstan_protocol::JobStatus::Succeeded,
+            "{record:?}"
+        );
+        if on_killed.contains(&child) {
+            assert_eq!(record.lost_attempts, 1, "lost with its gateway: {record:?}");
+            assert_eq!(record.attempt, 2, "{record:?}");
+            assert_eq!(record.node.as_ref().map(|n| n.as_str()), Some("exec-2"));
+        } else if on_kept.contains(&child) {
+            assert_eq!(record.attempt, 1, "the other targets ran once: {record:?}");
+        }
+    }
+    // The killed gateway's remote commands were stopped on the host.
+    wait_until(
+        "the killed gateway's remote commands to end",
+        Duration::from_secs(30),
+        || async {
+            capstan_testkit::sshd::login_processes(&command)
+                .is_empty()
+                .then_some(())
+        },
+    )
+    .await;
+    let mesh = cluster.mesh().await;
+    let records = capstan_e2e::faults::job_records(&mesh)
+        .await
+        .expect("records");
+    let violations = capstan_e2e::faults::fanout_differences(&mesh, &records).await;
+    assert!(violations.is_empty(), "{violations:#?}");
+}

@@ -227,8 +227,9 @@ impl JobsApi {
     /// A job submitted with `systems` or `nodes` runs once per target, each target a job of
     /// its own with its own attempts and retries: this lists them in the order they start,
     /// with each one's status, exit code and output sizes (its output is at
-    /// `/api/v1/jobs/{job}/logs`), and the fan-out's outcome. `404` for a job that is not a
-    /// fan-out. Needs `jobs:read`.
+    /// `/api/v1/jobs/{job}/logs`), and the fan-out's outcome. The list is empty until a
+    /// scheduler has resolved the targets (a moment after the submission). `404` for a job
+    /// that is not a fan-out. Needs `jobs:read`.
     #[oai(path = "/jobs/:id/targets", method = "get")]
     async fn targets(
         &self,
@@ -239,6 +240,16 @@ impl JobsApi {
         auth.allow_read(Permission::JobsRead)?;
         let id = job_id(&id.0)?;
         let Some(parent) = state.mesh.fanouts.get(&id.to_string()).await? else {
+            // Accepted, and no scheduler has resolved its targets yet.
+            if let Some(record) = accepted(state, id).await?
+                && record.spec.fanout.is_some()
+            {
+                return Ok(Json(JobTargets {
+                    job: id.to_string(),
+                    outcome: FanOutStatus::Running.into(),
+                    targets: Vec::new(),
+                }));
+            }
             return Err(ApiError::not_found(format!(
                 "no fan-out {id} (a job has targets only when submitted with `systems` or \
                  `nodes`; a fan-out is kept 7 days after it ends)"
