@@ -14,6 +14,10 @@ use crate::secret::SealedSecret;
 use crate::spec::Labels;
 use crate::timestamp::Timestamp;
 
+/// The label naming where a system or a node is (`zone=eu-1`): a job on a system prefers a
+/// gateway carrying its system's zone, and takes another when none of those has room.
+pub const ZONE_LABEL: &str = "zone";
+
 /// The label that makes an executor a gateway to remote systems (`capstan.io/ssh=true`).
 pub const SSH_GATEWAY_LABEL: &str = "capstan.io/ssh";
 
@@ -97,6 +101,18 @@ pub struct System {
     pub updated_at: Timestamp,
     /// Who changed it last.
     pub updated_by: String,
+}
+
+impl System {
+    /// The labels a gateway running its jobs should preferably carry: its zone
+    /// ([`ZONE_LABEL`]), when it has one.
+    pub fn zone_preference(&self) -> crate::spec::Labels {
+        self.labels
+            .get_key_value(ZONE_LABEL)
+            .map(|(key, value)| (key.clone(), value.clone()))
+            .into_iter()
+            .collect()
+    }
 }
 
 /// How a gateway logs in to a system, its secrets sealed (each bound to the system's name and

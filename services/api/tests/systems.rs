@@ -806,9 +806,9 @@ async fn a_refused_login_a_silent_host_and_a_flood_of_output_each_end_a_remote_j
     let silenced = stack
         .submit(json!({"command": "true", "system": "silent"}))
         .await;
-    // 32 MiB of output: the first MiB is kept, the rest counted, and the job still ends.
+    // 1 GiB of output: the first MiB is kept, the rest counted, and the job still ends.
     let flood = stack
-        .submit(json!({"command": "head -c 33554432 /dev/zero", "system": "web-1"}))
+        .submit(json!({"command": "head -c 1073741824 /dev/zero", "system": "web-1"}))
         .await;
 
     let job = stack.finished(&refused).await;
@@ -827,7 +827,7 @@ async fn a_refused_login_a_silent_host_and_a_flood_of_output_each_end_a_remote_j
 
     let job = stack.finished(&flood).await;
     assert_eq!(job["status"], "succeeded", "{job}");
-    assert_eq!(job["output"]["stdout_bytes"], 33_554_432, "{job}");
+    assert_eq!(job["output"]["stdout_bytes"], 1_073_741_824_u64, "{job}");
     assert_eq!(job["output"]["truncated"], true, "{job}");
     drop(silent);
     stack.stop().await;

@@ -98,6 +98,17 @@ impl Cluster {
     /// Picks the up node that carries `selector`'s labels, has room, and is least loaded
     /// relative to its slots (ties: the one picked longest ago), and counts `job` against it.
     pub fn reserve(&self, selector: &Labels, job: JobId) -> Result<NodeId, Shortage> {
+        self.reserve_preferring(selector, &Labels::new(), job)
+    }
+
+    /// Like [`Cluster::reserve`], preferring, among the nodes with room, those that also carry
+    /// `preferred`'s labels (a job on a remote system: the gateways in the system's zone).
+    pub fn reserve_preferring(
+        &self,
+        selector: &Labels,
+        preferred: &Labels,
+        job: JobId,
+    ) -> Result<NodeId, Shortage> {
         let mut state = self.state();
         let mut matched = false;
         let now = Instant::now();
@@ -120,13 +131,15 @@ impl Cluster {
                             load as u64,
                             u64::from(node.capacity.max(1)),
                             state.last_pick.get(&node.id).copied(),
+                            !selects_node(preferred, node.id.as_str(), &node.labels),
                         )
                     })
                 })
                 .min_by(|a, b| {
-                    // Compare load/capacity as fractions, then least recently picked first.
-                    (a.1 * b.2)
-                        .cmp(&(b.1 * a.2))
+                    // Preferred nodes first; then load/capacity as fractions, then least
+                    // recently picked first.
+                    a.4.cmp(&b.4)
+                        .then_with(|| (a.1 * b.2).cmp(&(b.1 * a.2)))
                         .then_with(|| match (a.3, b.3) {
                             (None, None) => Ordering::Equal,
                             (None, Some(_)) => Ordering::Less,

@@ -314,7 +314,8 @@ impl Scheduler {
         match accepted {
             Ok(Accepted::Done) => Handled::Ack,
             Ok(Accepted::Waiting(known)) => {
-                self.waiting.push(message.clone(), *known, None);
+                let preferred = self.preferred(&known.value.spec);
+                self.waiting.push(message.clone(), *known, None, preferred);
                 Handled::Held
             }
             Ok(Accepted::Duplicate(existing)) => {
@@ -387,7 +388,10 @@ impl Scheduler {
                 Err(error) => Err(error),
             };
         }
-        let node = self.cluster.reserve(&record.spec.placement(), id).ok();
+        let node = self
+            .cluster
+            .reserve_preferring(&record.spec.placement(), &self.preferred(&record.spec), id)
+            .ok();
         if let Some(node) = &node {
             record = record.assigned(node.clone(), now);
             tracing::Span::current().record("node", node.as_str());

@@ -114,6 +114,20 @@ pub(crate) struct Scheduler {
     permits: Arc<Semaphore>,
     /// The fan-out parents this replica carries forward.
     fanouts: fanouts::FanOuts,
+    /// The remote systems' catalogue (for the zone a job on a system prefers).
+    systems: BucketView<capstan_protocol::System>,
+}
+
+impl Scheduler {
+    /// The labels `spec` prefers its node to carry: for a job on a remote system whose
+    /// catalogue entry has a zone label, gateways in that zone.
+    pub(crate) fn preferred(&self, spec: &capstan_protocol::JobSpec) -> capstan_protocol::Labels {
+        spec.system
+            .as_deref()
+            .and_then(|name| self.systems.get(name))
+            .map(|system| system.value.zone_preference())
+            .unwrap_or_default()
+    }
 }
 
 /// Runs a scheduler replica until `shutdown` is cancelled. On shutdown it stops taking
@@ -131,6 +145,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     // Background tasks stop with `tasks`, after the intake has drained.
     let tasks = CancellationToken::new();
     let nodes = BucketView::start(mesh.nodes.clone(), tasks.clone()).await?;
+    let systems = BucketView::start(mesh.systems.clone(), tasks.clone()).await?;
     if !nodes.wait_ready(Duration::from_secs(5)).await {
         tracing::warn!("node view incomplete after 5s; placing with what is known");
     }
@@ -144,6 +159,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         wake: Notify::new(),
         permits: Arc::new(Semaphore::new(config.concurrency.max(1))),
         fanouts: fanouts::FanOuts::default(),
+        systems,
         mesh: mesh.clone(),
         config: config.clone(),
     });

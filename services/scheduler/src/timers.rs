@@ -78,7 +78,8 @@ impl Scheduler {
             match self.mesh.jobs.get(&timer.job.to_string()).await {
                 Ok(Some(current)) if current.value.awaits_timer(timer.attempt) => {
                     tracing::debug!(job = %timer.job, "timer fired; placing the job");
-                    self.waiting.push(message, current, Some(timer.attempt));
+                    let preferred = self.preferred(&current.value.spec);
+                    self.waiting.push(message, current, Some(timer.attempt), preferred);
                     self.wake.notify_one();
                 }
                 Ok(Some(current))

@@ -24,6 +24,8 @@ pub struct Held {
     pub job: JobId,
     /// Its label selector.
     pub selector: Labels,
+    /// Labels it prefers its node to carry (see [`Cluster::reserve_preferring`]).
+    pub preferred: Labels,
     /// For a job woken by its timer: the attempt number the timer names (the job is placed
     /// only if it still waits with it). `None` for a new submission.
     pub timer: Option<u32>,
@@ -61,6 +63,7 @@ impl Waiting {
         message: jetstream::Message,
         known: Versioned<JobRecord>,
         timer: Option<u32>,
+        preferred: Labels,
     ) {
         let job = known.value.id;
         let selector = known.value.spec.placement();
@@ -77,6 +80,7 @@ impl Waiting {
                 message,
                 job,
                 selector,
+                preferred,
                 timer,
                 known,
                 order,
@@ -110,7 +114,7 @@ impl Waiting {
                 continue;
             };
             while let Some(front) = queue.front() {
-                match cluster.reserve(&selector, front.job) {
+                match cluster.reserve_preferring(&selector, &front.preferred, front.job) {
                     Ok(node) => {
                         let held = queue.pop_front().expect("front exists");
                         placed.push((held, node));

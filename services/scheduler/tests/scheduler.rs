@@ -10,7 +10,7 @@ use capstan_protocol::codec::{self, Encoding};
 use capstan_protocol::reply::Created;
 use capstan_protocol::topology;
 use capstan_protocol::{
-    Dispatch, InstanceId, JobEvent, JobEventKind, JobId, JobRecord, JobStatus, NodeEvent,
+    Dispatch, InstanceId, JobEvent, JobEventKind, JobId, JobRecord, JobStatus, Labels, NodeEvent,
     NodeEventKind, NodeId, NodeRecord, NodeStatus, Rejection, RejectionCode, Reply, Timestamp,
     headers, subjects,
 };
@@ -1012,4 +1012,33 @@ async fn a_job_placed_after_waiting_on_a_node_that_goes_down_before_claiming_it_
         "the next attempt goes to the node that is up"
     );
     scheduler.stop().await;
+}
+
+#[tokio::test]
+async fn a_preferred_node_with_room_is_picked_first_and_another_takes_the_job_when_it_is_full() {
+    let server = NatsServer::start().await;
+    let mesh = mesh(&server).await;
+    let near = add_node(&mesh, "zone-near", 1, &[("zone", "eu-1")]).await;
+    let far = add_node(&mesh, "zone-far", 4, &[("zone", "us-1")]).await;
+    let shutdown = CancellationToken::new();
+    let view = nodes_view(&mesh, &shutdown).await;
+    wait_until(
+        "both nodes in the view",
+        Duration::from_secs(10),
+        || async { (view.values().len() == 2).then_some(()) },
+    )
+    .await;
+    let cluster = capstan_scheduler::cluster::Cluster::new(view, 1.0, Duration::from_secs(10));
+    let zone: Labels = [("zone".to_owned(), "eu-1".to_owned())].into();
+    // The far node is emptier relative to its slots, yet the near one is picked while it
+    // has room.
+    let first = cluster
+        .reserve_preferring(&Labels::new(), &zone, JobId::generate())
+        .expect("room");
+    assert_eq!(first, near);
+    let second = cluster
+        .reserve_preferring(&Labels::new(), &zone, JobId::generate())
+        .expect("room elsewhere");
+    assert_eq!(second, far, "a preference is not a requirement");
+    shutdown.cancel();
 }

@@ -473,3 +473,43 @@ async fn a_gateway_killed_mid_fan_out_loses_only_its_targets_attempts_which_run_
     let violations = capstan_e2e::faults::fanout_differences(&mesh, &records).await;
     assert!(violations.is_empty(), "{violations:#?}");
 }
+
+#[tokio::test]
+async fn each_target_runs_on_a_gateway_in_its_systems_zone_when_one_has_room() {
+    let host = capstan_testkit::sshd::SshHost::start().expect("sshd starts");
+    let mut cluster = Cluster::start().await;
+    cluster.set_env(
+        "CAPSTAN_SECRET_KEYS",
+        capstan_secrets::KeyRing::generate_entry("e2e").expect("a key"),
+    );
+    cluster.registry("registry-1");
+    cluster.scheduler("scheduler-1");
+    cluster.executor("exec-1", 4, &["capstan.io/ssh=true", "zone=eu"]);
+    cluster.executor("exec-2", 4, &["capstan.io/ssh=true", "zone=us"]);
+    let base = cluster.api("api-1").await;
+    cluster.wait_nodes_up(&["exec-1", "exec-2"]).await;
+    let http = cluster.http(&base);
+    let zones = [("web-eu", "eu"), ("web-us", "us")];
+    for (name, zone) in zones {
+        capstan_e2e::add_ssh_system(&http, name, &host).await;
+        label_system(&http, name, json!({ "zone": zone })).await;
+    }
+    // Several rounds, so that a placement that ignored zones would be caught.
+    for _ in 0..3 {
+        let id = submit(
+            &http,
+            json!({"command": "true", "systems": {"names": ["web-eu", "web-us"]}}),
+        )
+        .await;
+        let job = wait_outcome(&http, id, Duration::from_secs(60)).await;
+        assert_eq!(job["fanout"]["outcome"], "succeeded", "{job}");
+        for target in targets(&http, id).await {
+            let expected = if target["target"] == "web-eu" {
+                "exec-1"
+            } else {
+                "exec-2"
+            };
+            assert_eq!(target["node"], expected, "{target}");
+        }
+    }
+}
