@@ -35,8 +35,10 @@ pub async fn run(bin: &Path, jobs: usize, systems: usize) -> anyhow::Result<()> 
     let nats_port = capstan_testkit::server::free_port();
     let api_port = capstan_testkit::server::free_port();
     let nats_url = format!("nats://127.0.0.1:{nats_port}");
-    let identities = crate::up::identities_with(
+    // Its one executor is a gateway, with a gateway's identity.
+    let identities = crate::up::identities_of(
         &dir.path().join("identities"),
+        1,
         1,
         capstan_mesh::identities::Grants::Least,
     )?;

@@ -307,10 +307,22 @@ pub(crate) fn identities_with(
     executors: u32,
     grants: capstan_mesh::identities::Grants,
 ) -> anyhow::Result<Identities> {
+    identities_of(dir, executors, 0, grants)
+}
+
+/// [`identities_with`], the first `gateways` executors gateways to remote systems.
+pub(crate) fn identities_of(
+    dir: &Path,
+    executors: u32,
+    gateways: u32,
+    grants: capstan_mesh::identities::Grants,
+) -> anyhow::Result<Identities> {
     let nodes: Vec<NodeId> = (1..=executors)
         .map(|n| node_id(&format!("exec-{n}")))
         .collect();
-    capstan_mesh::identities::init_with(dir, &Identity::all(&nodes), grants)
+    let gateways = &nodes[..(gateways.min(executors) as usize)];
+    let all = Identity::all_with_gateways(&nodes, gateways);
+    capstan_mesh::identities::init_with(dir, &all, grants)
         .with_context(|| format!("cannot write the NATS identities into {}", dir.display()))
 }
 

@@ -13,6 +13,8 @@
 //!   leaves as itself only (the registry calls carry the node in the subject); reads its own
 //!   node record; publishes attempt events (never a placement: `pending`, `dispatched`), its
 //!   rejections, output and retry timers; reads and writes job records.
+//! - Only gateways (`Identity::Gateway`) read the remote systems' catalogue and record their
+//!   health; a plain executor does not.
 //! - Only schedulers publish dispatches and placement events; only registries write node
 //!   records and node events; only the API writes revocations and publishes audit records.
 //! - A client (`client`, and any added with `capstan nats init --client NAME`) may submit,
@@ -54,6 +56,10 @@ pub enum Identity {
     Api,
     /// The executor of one node.
     Executor(NodeId),
+    /// The executor of one node that is also a gateway to remote systems (`capstan nats init
+    /// --gateway`): what an executor may do, and reading the systems' catalogue, writing what
+    /// its checks find, announcing health changes. Its seed is the node's executor seed.
+    Gateway(NodeId),
     /// A person with the `nats` CLI, or a program, that submits, creates and cancels jobs and
     /// follows them: `client` ([`Identity::client`]), and any other named at init.
     Client(ClientName),
@@ -158,7 +164,7 @@ impl Identity {
             Self::Scheduler => "scheduler".to_owned(),
             Self::Api => "api".to_owned(),
             // Named as the node's dispatch consumer, `executor-<node>`.
-            Self::Executor(node) => topology::executor_consumer(node),
+            Self::Executor(node) | Self::Gateway(node) => topology::executor_consumer(node),
             Self::Client(name) | Self::Viewer(name) => name.as_str().to_owned(),
         }
     }
@@ -166,10 +172,32 @@ impl Identity {
     /// Every identity of a mesh whose executor nodes are `nodes`, with the one client every
     /// mesh has.
     pub fn all(nodes: &[NodeId]) -> Vec<Self> {
+        Self::all_with_gateways(nodes, &[])
+    }
+
+    /// Like [`Identity::all`], the nodes in `gateways` (added to `nodes` when missing) as
+    /// gateways to remote systems.
+    pub fn all_with_gateways(nodes: &[NodeId], gateways: &[NodeId]) -> Vec<Self> {
         let mut all = vec![Self::Admin, Self::Registry, Self::Scheduler, Self::Api];
-        all.extend(nodes.iter().cloned().map(Self::Executor));
+        let missing = gateways.iter().filter(|gateway| !nodes.contains(gateway));
+        for node in nodes.iter().chain(missing) {
+            all.push(if gateways.contains(node) {
+                Self::Gateway(node.clone())
+            } else {
+                Self::Executor(node.clone())
+            });
+        }
         all.push(Self::client());
         all
+    }
+
+    /// The identity of node `node`'s executor: a gateway's when `gateway`.
+    pub fn executor(node: NodeId, gateway: bool) -> Self {
+        if gateway {
+            Self::Gateway(node)
+        } else {
+            Self::Executor(node)
+        }
     }
 
     /// `client`, the client identity every mesh has (what the `nats` CLI is given).
@@ -239,6 +267,10 @@ impl Identity {
             Self::Scheduler => scheduler(&mut allowed),
             Self::Api => api(&mut allowed),
             Self::Executor(node) => executor(&mut allowed, node),
+            Self::Gateway(node) => {
+                executor(&mut allowed, node);
+                gateway(&mut allowed);
+            }
         }
         allowed.subscribe([format!("{}.>", self.inbox_prefix())]);
         allowed.service(self);
@@ -282,7 +314,7 @@ pub fn service_name(identity: &Identity) -> Option<&'static str> {
         Identity::Registry => Some(REGISTRY_SERVICE),
         Identity::Scheduler => Some(SCHEDULER_SERVICE),
         Identity::Api => Some(API_SERVICE),
-        Identity::Executor(_) => Some(EXECUTOR_SERVICE),
+        Identity::Executor(_) | Identity::Gateway(_) => Some(EXECUTOR_SERVICE),
         Identity::Admin | Identity::Client(_) | Identity::Viewer(_) => None,
     }
 }
@@ -428,9 +460,13 @@ fn executor(allowed: &mut Allowed, node: &NodeId) {
     // The stored secrets a job names, opened for its attempt; each opening is audited.
     allowed.bucket_read(&topology::SECRETS, "*");
     allowed.publish([subjects::audit(AuditAction::SecretRead)]);
-    // As a gateway to remote systems: reading the catalogue (credentials sealed), writing what
-    // its checks find, announcing health changes, and auditing a host key pinned on first use.
-    // Granted to every executor: whether a node is a gateway is its label, not its identity.
+    allowed.durable(&topology::executor_consumer_spec(node, 1));
+}
+
+/// What a gateway may do beside an executor's: reading the catalogue of remote systems
+/// (credentials sealed), writing what its checks find, announcing health changes, and auditing
+/// a host key pinned on first use.
+fn gateway(allowed: &mut Allowed) {
     allowed.bucket_read(&topology::SYSTEMS, "*");
     allowed.bucket_watch(&topology::SYSTEMS);
     allowed.bucket_read(&topology::SYSTEM_STATUS, "*");
@@ -440,7 +476,6 @@ fn executor(allowed: &mut Allowed, node: &NodeId) {
         subjects::SYSTEM_EVENTS_ALL.to_owned(),
         subjects::audit(AuditAction::SystemPin),
     ]);
-    allowed.durable(&topology::executor_consumer_spec(node, 1));
 }
 
 /// An identity's lists as they are built.
@@ -616,9 +651,33 @@ mod tests {
     }
 
     #[test]
-    fn only_the_api_writes_the_systems_catalogue_and_executors_write_only_its_status() {
+    fn only_the_api_writes_the_systems_catalogue_and_only_gateways_read_it_and_write_its_status() {
         let api = Identity::Api;
-        let executor = Identity::Executor(node("gw-1"));
+        let executor = Identity::Gateway(node("gw-1"));
+        let plain = Identity::Executor(node("exec-1"));
+        let record = format!(
+            "$JS.API.DIRECT.GET.KV_{}.{}",
+            topology::SYSTEMS.name,
+            subjects::kv_key(topology::SYSTEMS.name, "web-1")
+        );
+        assert!(
+            may_publish(&executor, &record),
+            "a gateway reads the catalogue"
+        );
+        assert!(!may_publish(&plain, &record), "an executor does not");
+        assert!(!may_publish(
+            &plain,
+            &subjects::kv_key(topology::SYSTEM_STATUS.name, "web-1")
+        ));
+        assert!(!may_publish(
+            &plain,
+            &subjects::system_event("web-1", crate::SystemHealth::Healthy)
+        ));
+        assert_eq!(executor.name(), plain.name().replace("exec-1", "gw-1"));
+        assert_eq!(
+            Identity::all_with_gateways(&[node("exec-1")], &[node("gw-1")])[4..6],
+            [plain.clone(), executor.clone()]
+        );
         let catalogue = subjects::kv_key(topology::SYSTEMS.name, "web-1");
         let status = subjects::kv_key(topology::SYSTEM_STATUS.name, "web-1");
         assert!(may_publish(&api, &catalogue) && may_publish(&api, &status));

@@ -83,8 +83,13 @@ enum NatsCommand {
         #[arg(long)]
         dir: std::path::PathBuf,
         /// An executor node's id; repeat for each node.
-        #[arg(long = "node", required = true)]
+        #[arg(long = "node", required_unless_present = "gateways")]
         nodes: Vec<capstan_protocol::NodeId>,
+        /// An executor node that is also a gateway to remote systems (its executor runs with
+        /// `capstan.io/ssh=true`): its identity may read the systems' catalogue and record
+        /// their health, which a plain node's may not. Repeat for each.
+        #[arg(long = "gateway", value_name = "NODE")]
+        gateways: Vec<capstan_protocol::NodeId>,
         /// Another client identity, beside `client`: may submit, create and cancel jobs and
         /// follow events and output; its jobs are attributed to `nats:<NAME>`. Repeat for each.
         #[arg(long = "client", value_name = "NAME")]
@@ -134,13 +139,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 NatsCommand::Init {
                     dir,
                     nodes,
+                    gateways,
                     clients,
                     viewers,
                     store_dir,
                 },
         } => {
             use capstan_mesh::identities::{Grants, Identity};
-            let mut identities = Identity::all(&nodes);
+            let mut identities = Identity::all_with_gateways(&nodes, &gateways);
             identities.extend(clients.into_iter().map(Identity::Client));
             identities.extend(viewers.into_iter().map(Identity::Viewer));
             let mut names = std::collections::HashSet::new();
@@ -439,5 +445,36 @@ mod tests {
         assert!(init(&["--client", "a.b"]).is_err(), "not a subject token");
         let twice = run(init(&["--client", "ops", "--viewer", "ops"]).expect("parses")).await;
         assert!(twice.is_err_and(|e| e.to_string().contains("named twice")));
+    }
+
+    #[tokio::test]
+    async fn nats_init_gives_a_gateway_node_the_systems_catalogue_and_a_plain_node_not() {
+        let status =
+            capstan_protocol::subjects::kv_key(capstan_protocol::topology::SYSTEM_STATUS.name, "*");
+        let writers = |extra: &[&str]| {
+            let dir = tempfile::tempdir().expect("dir");
+            let path = dir.path().display().to_string();
+            let mut args = vec!["capstan", "nats", "init", "--dir", &path];
+            args.extend_from_slice(extra);
+            let cli = Cli::try_parse_from(args).expect("parses");
+            let status = status.clone();
+            async move {
+                run(cli).await.expect("written");
+                let accounts =
+                    std::fs::read_to_string(dir.path().join(capstan_mesh::identities::ACCOUNTS))
+                        .expect("the accounts block");
+                assert!(dir.path().join("executor-exec-1.nk").exists());
+                accounts.matches(&format!("\"{status}\"")).count()
+            }
+        };
+        let plain = writers(&["--node", "exec-1"]).await;
+        let with_gateway = writers(&["--node", "exec-1", "--gateway", "gw-1"]).await;
+        assert_eq!(
+            with_gateway,
+            plain + 1,
+            "only the gateway is added as a writer"
+        );
+        let only_gateways = writers(&["--gateway", "exec-1"]).await;
+        assert_eq!(only_gateways, plain + 1, "exec-1 as a gateway");
     }
 }

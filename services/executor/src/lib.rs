@@ -274,7 +274,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), erro
 
     let mesh = Mesh::connect(
         &config.nats,
-        &capstan_protocol::access::Identity::Executor(node.clone()),
+        // A gateway's identity may read the systems' catalogue; a plain executor's may not.
+        &capstan_protocol::access::Identity::executor(node.clone(), gateway),
         &shutdown,
     )
     .await?;

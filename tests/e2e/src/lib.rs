@@ -37,6 +37,11 @@ const NODES: [&str; 8] = [
     "exec-1", "exec-2", "exec-3", "exec-4", "exec-5", "exec-6", "exec-7", "exec-8",
 ];
 
+/// The nodes whose identities are gateways' (may read the remote systems' catalogue): a test
+/// runs its gateways (`capstan.io/ssh=true`) under these names; the others are plain
+/// executors, whose identities may not.
+pub const GATEWAYS: [&str; 4] = ["exec-1", "exec-2", "exec-3", "exec-4"];
+
 /// What nats-server logs when it refuses a publish or a subscription for want of permission.
 pub const VIOLATION: &str = "Violation";
 
@@ -544,9 +549,15 @@ fn remember_panics() {
     });
 }
 
-/// The identities of a mesh of `nodes`, with [`Cluster::viewer`], written into `dir`.
+/// The identities of a mesh of `nodes`, with [`Cluster::viewer`], written into `dir`; the
+/// nodes in [`GATEWAYS`] are gateways to remote systems.
 fn write_identities(dir: &std::path::Path, nodes: &[NodeId]) -> Identities {
-    let mut all = Identity::all(nodes);
+    let gateways: Vec<NodeId> = nodes
+        .iter()
+        .filter(|node| GATEWAYS.contains(&node.as_str()))
+        .cloned()
+        .collect();
+    let mut all = Identity::all_with_gateways(nodes, &gateways);
     all.push(Cluster::viewer());
     identities::init_with(dir, &all, identities::Grants::Least).expect("the mesh's identities")
 }

@@ -949,11 +949,19 @@ async fn a_gateway_checks_a_system_under_its_permissions_and_a_client_lists_it_w
     refused(&cluster, &record).await;
 
     // The gateway may not rewrite where a system is or how it logs in.
-    let gateway = connect_as(&cluster, &Identity::Executor(node("exec-1"))).await;
+    let gateway = connect_as(&cluster, &Identity::Gateway(node("exec-1"))).await;
     let catalogue = subjects::kv_key(topology::SYSTEMS.name, "web-1");
     let js = jetstream::new(gateway);
     assert!(!stored(&js, catalogue.clone(), "{\"hostname\": \"evil\"}").await);
     refused(&cluster, &catalogue).await;
     let kept = http.get("/api/v1/systems/web-1").await.json();
     assert_eq!(kept["hostname"], "127.0.0.1", "{kept}");
+
+    // An executor that is no gateway neither reads the catalogue nor records a finding.
+    let plain = connect_as(&cluster, &Identity::Executor(node("exec-5"))).await;
+    assert!(ask(&plain, record, Vec::new()).await.is_none());
+    let status = subjects::kv_key(topology::SYSTEM_STATUS.name, "web-1");
+    let js = jetstream::new(plain);
+    assert!(!stored(&js, status.clone(), "{\"health\": \"healthy\"}").await);
+    refused(&cluster, &status).await;
 }
