@@ -463,7 +463,9 @@ mod tests {
                 let accounts =
                     std::fs::read_to_string(dir.path().join(capstan_mesh::identities::ACCOUNTS))
                         .expect("the accounts block");
-                assert!(dir.path().join("executor-exec-1.nk").exists());
+                let node = capstan_protocol::NodeId::new("exec-1").expect("valid");
+                let seed = capstan_protocol::access::Identity::Executor(node).name();
+                assert!(dir.path().join(format!("{seed}.nk")).exists());
                 accounts.matches(&format!("\"{status}\"")).count()
             }
         };

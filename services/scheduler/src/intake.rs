@@ -207,18 +207,7 @@ impl Scheduler {
                 match self.mesh.idempotency.claim(key, id).await {
                     Ok(Claim::Claimed) => {}
                     Ok(Claim::Existing(existing)) => {
-                        let reason =
-                            format!("the idempotency key names job {existing}; no new job created");
-                        self.report(
-                            message,
-                            seq,
-                            Some(existing),
-                            RejectionCode::Duplicate,
-                            Some("idempotency_key"),
-                            reason,
-                        )
-                        .await;
-                        return Handled::Ack;
+                        return self.duplicate(message, seq, existing).await;
                     }
                     Err(error) => {
                         tracing::warn!(job = %id, error = %error, "cannot claim an idempotency key");
@@ -318,20 +307,7 @@ impl Scheduler {
                 self.waiting.push(message.clone(), *known, None, preferred);
                 Handled::Held
             }
-            Ok(Accepted::Duplicate(existing)) => {
-                let reason =
-                    format!("the idempotency key names job {existing}; no new job created");
-                self.report(
-                    message,
-                    seq,
-                    Some(existing),
-                    RejectionCode::Duplicate,
-                    Some("idempotency_key"),
-                    reason,
-                )
-                .await;
-                Handled::Ack
-            }
+            Ok(Accepted::Duplicate(existing)) => self.duplicate(message, seq, existing).await,
             Ok(Accepted::Conflict(reason)) => {
                 self.reject(
                     message,
@@ -506,6 +482,22 @@ impl Scheduler {
     ) -> Handled {
         self.report(message, seq, job, code, field, reason).await;
         Handled::Term
+    }
+
+    /// Reports a submission whose idempotency key names job `existing`, and acknowledges it:
+    /// no new job is created.
+    async fn duplicate(&self, message: &jetstream::Message, seq: u64, existing: JobId) -> Handled {
+        let reason = format!("the idempotency key names job {existing}; no new job created");
+        self.report(
+            message,
+            seq,
+            Some(existing),
+            RejectionCode::Duplicate,
+            Some("idempotency_key"),
+            reason,
+        )
+        .await;
+        Handled::Ack
     }
 
     async fn report(

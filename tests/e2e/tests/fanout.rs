@@ -63,8 +63,9 @@ fn most_at_once(records: &[JobRecord]) -> i32 {
     most
 }
 
-/// A mesh with a gateway executor and the API, with secret keys for the systems' credentials.
-async fn gateway_mesh(gateways: &[&str]) -> (Cluster, HttpClient) {
+/// A mesh with gateway executors (4 slots each, with their extra labels) and the API, with
+/// secret keys for the systems' credentials.
+async fn gateway_mesh(gateways: &[(&str, &[&str])]) -> (Cluster, HttpClient) {
     let mut cluster = Cluster::start().await;
     cluster.set_env(
         "CAPSTAN_SECRET_KEYS",
@@ -72,11 +73,14 @@ async fn gateway_mesh(gateways: &[&str]) -> (Cluster, HttpClient) {
     );
     cluster.registry("registry-1");
     cluster.scheduler("scheduler-1");
-    for gateway in gateways {
-        cluster.executor(gateway, 4, &["capstan.io/ssh=true"]);
+    for (gateway, labels) in gateways {
+        let mut all = vec!["capstan.io/ssh=true"];
+        all.extend_from_slice(labels);
+        cluster.executor(gateway, 4, &all);
     }
     let base = cluster.api("api-1").await;
-    cluster.wait_nodes_up(gateways).await;
+    let names: Vec<&str> = gateways.iter().map(|(name, _)| *name).collect();
+    cluster.wait_nodes_up(&names).await;
     let http = cluster.http(&base);
     (cluster, http)
 }
@@ -96,7 +100,7 @@ async fn label_system(http: &HttpClient, name: &str, labels: Value) {
 async fn a_fan_out_over_systems_runs_once_on_each_at_most_max_parallel_at_once_even_when_its_scheduler_is_killed()
  {
     let host = capstan_testkit::sshd::SshHost::start().expect("sshd starts");
-    let (mut cluster, http) = gateway_mesh(&["exec-1"]).await;
+    let (mut cluster, http) = gateway_mesh(&[("exec-1", &[])]).await;
     for name in ["web-1", "web-2", "web-3", "db-1"] {
         capstan_e2e::add_ssh_system(&http, name, &host).await;
         let role = if name.starts_with("web") { "web" } else { "db" };
@@ -168,8 +172,21 @@ async fn a_fan_out_over_systems_runs_once_on_each_at_most_max_parallel_at_once_e
             "{}",
             logs.text()
         );
+        let name = target["target"].as_str().expect("a name");
+        let by_target = http
+            .get(&format!("/api/v1/jobs/{id}/targets/{name}/logs"))
+            .await;
+        assert_eq!(
+            by_target.text(),
+            logs.text(),
+            "the target's output is its job's"
+        );
         records.push(record);
     }
+    let missing = http
+        .get(&format!("/api/v1/jobs/{id}/targets/db-1/logs"))
+        .await;
+    assert_eq!(missing.status.as_u16(), 404, "{}", missing.text());
     let most = most_at_once(&records);
     assert!(most <= 2, "{most} targets ran at once with max_parallel 2");
 }
@@ -177,7 +194,7 @@ async fn a_fan_out_over_systems_runs_once_on_each_at_most_max_parallel_at_once_e
 #[tokio::test]
 async fn a_fan_out_with_an_unreachable_system_ends_partial_without_rerunning_the_others() {
     let host = capstan_testkit::sshd::SshHost::start().expect("sshd starts");
-    let (_cluster, http) = gateway_mesh(&["exec-1"]).await;
+    let (_cluster, http) = gateway_mesh(&[("exec-1", &[])]).await;
     capstan_e2e::add_ssh_system(&http, "web-1", &host).await;
     // A port nothing listens on.
     let closed = std::net::TcpListener::bind("127.0.0.1:0")
@@ -396,7 +413,7 @@ async fn a_fan_out_selector_matching_nothing_is_refused_naming_the_field_over_re
 #[tokio::test]
 async fn a_gateway_killed_mid_fan_out_loses_only_its_targets_attempts_which_run_again_elsewhere() {
     let host = capstan_testkit::sshd::SshHost::start().expect("sshd starts");
-    let (mut cluster, http) = gateway_mesh(&["exec-1", "exec-2"]).await;
+    let (mut cluster, http) = gateway_mesh(&[("exec-1", &[]), ("exec-2", &[])]).await;
     let names: Vec<String> = (1..=6).map(|n| format!("web-{n}")).collect();
     for name in &names {
         capstan_e2e::add_ssh_system(&http, name, &host).await;
@@ -477,18 +494,8 @@ async fn a_gateway_killed_mid_fan_out_loses_only_its_targets_attempts_which_run_
 #[tokio::test]
 async fn each_target_runs_on_a_gateway_in_its_systems_zone_when_one_has_room() {
     let host = capstan_testkit::sshd::SshHost::start().expect("sshd starts");
-    let mut cluster = Cluster::start().await;
-    cluster.set_env(
-        "CAPSTAN_SECRET_KEYS",
-        capstan_secrets::KeyRing::generate_entry("e2e").expect("a key"),
-    );
-    cluster.registry("registry-1");
-    cluster.scheduler("scheduler-1");
-    cluster.executor("exec-1", 4, &["capstan.io/ssh=true", "zone=eu"]);
-    cluster.executor("exec-2", 4, &["capstan.io/ssh=true", "zone=us"]);
-    let base = cluster.api("api-1").await;
-    cluster.wait_nodes_up(&["exec-1", "exec-2"]).await;
-    let http = cluster.http(&base);
+    let (_cluster, http) =
+        gateway_mesh(&[("exec-1", &["zone=eu"]), ("exec-2", &["zone=us"])]).await;
     let zones = [("web-eu", "eu"), ("web-us", "us")];
     for (name, zone) in zones {
         capstan_e2e::add_ssh_system(&http, name, &host).await;

@@ -205,21 +205,7 @@ impl JobsApi {
         let served = served(&self.0)?;
         auth.allow_read(Permission::JobsRead)?;
         let id = job_id(&id.0)?;
-        let state = crate::logs::job_state(served, id).await?;
-        if follow.0 {
-            let events = crate::logs::follow(served.mesh.clone(), id, state);
-            let stream = EventStream::new(events)
-                .keep_alive(std::time::Duration::from_secs(15))
-                .to_event(|event| {
-                    poem::web::sse::Event::message(poem_openapi::types::ToJSON::to_json_string(
-                        &event,
-                    ))
-                    .event_type(event.kind.as_str())
-                });
-            return Ok(LogsResponse::Follow(stream));
-        }
-        let logs = crate::logs::captured(&served.mesh, id, attempt.0, &state).await?;
-        Ok(LogsResponse::Captured(Json(logs)))
+        job_logs(served, id, attempt.0, follow.0).await
     }
 
     /// Get a fan-out's targets.
@@ -261,6 +247,44 @@ impl JobsApi {
             outcome: parent.value.status.into(),
             targets,
         }))
+    }
+
+    /// Get the output of one target of a fan-out: its job's, as
+    /// `/api/v1/jobs/{job}/logs` gives it (with `attempt` and `follow` alike). `404` when the
+    /// fan-out has no such target, or the target has not started. Needs `jobs:read`.
+    #[oai(path = "/jobs/:id/targets/:target/logs", method = "get")]
+    async fn target_logs(
+        &self,
+        auth: BearerAuth,
+        id: Path<String>,
+        /// The system's name or the node's id.
+        target: Path<String>,
+        /// The attempt (default: the current one).
+        attempt: Query<Option<u32>>,
+        /// Stream output as server-sent events until the target's job ends.
+        #[oai(default)]
+        follow: Query<bool>,
+    ) -> Result<LogsResponse, ApiError> {
+        let served = served(&self.0)?;
+        auth.allow_read(Permission::JobsRead)?;
+        let id = job_id(&id.0)?;
+        let Some(parent) = served.mesh.fanouts.get(&id.to_string()).await? else {
+            return Err(ApiError::not_found(format!("no fan-out {id}")));
+        };
+        let Some(found) = parent.value.targets.iter().find(|t| t.name == target.0) else {
+            return Err(ApiError::not_found(format!(
+                "fan-out {id} has no target `{}`",
+                target.0
+            )));
+        };
+        let Some(job) = found.job else {
+            return Err(ApiError::not_found(format!(
+                "target `{}` of fan-out {id} has not started ({})",
+                found.name,
+                found.status.as_str()
+            )));
+        };
+        job_logs(served, job, attempt.0, follow.0).await
     }
 
     /// Get a job's events, in the order they happened. Needs `jobs:read`.
@@ -418,6 +442,29 @@ async fn submitter_of(state: &crate::State, id: JobId) -> Result<Option<Submitte
             .and_then(|s| s.to_protocol())),
         None => Err(ApiError::not_found(format!("no job {id}"))),
     }
+}
+
+/// The output of job `id`: captured so far (of `attempt`, default the current), or followed
+/// as server-sent events until it ends.
+async fn job_logs(
+    served: &crate::State,
+    id: JobId,
+    attempt: Option<u32>,
+    follow: bool,
+) -> Result<LogsResponse, ApiError> {
+    let state = crate::logs::job_state(served, id).await?;
+    if follow {
+        let events = crate::logs::follow(served.mesh.clone(), id, state);
+        let stream = EventStream::new(events)
+            .keep_alive(std::time::Duration::from_secs(15))
+            .to_event(|event| {
+                poem::web::sse::Event::message(poem_openapi::types::ToJSON::to_json_string(&event))
+                    .event_type(event.kind.as_str())
+            });
+        return Ok(LogsResponse::Follow(stream));
+    }
+    let logs = crate::logs::captured(&served.mesh, id, attempt, &state).await?;
+    Ok(LogsResponse::Captured(Json(logs)))
 }
 
 /// The targets of fan-out `parent`, each brought up to date from its job's live record.
