@@ -146,7 +146,7 @@ pub async fn cancel(mesh: &Mesh, id: JobId) -> Result<Option<(FanOutRecord, bool
     Ok(Some((record, asked)))
 }
 
-/// Announces a parent's start.
+/// Announces a parent as it stands: its start, or how it ended.
 pub async fn announce(mesh: &Mesh, record: &FanOutRecord) {
     if let Err(error) = mesh.events.fanout(&FanOutEvent::of(record)).await {
         tracing::warn!(error = %error, job = %record.id, "cannot announce a fan-out");

@@ -12,14 +12,15 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use capstan_mesh::Error;
 use capstan_mesh::fanout::{self, Seen};
+use capstan_mesh::{Claim, Error};
 use capstan_protocol::fanout::{FanOut, FanOutRecord, Target, TargetKind, Targets};
 use capstan_protocol::{JobId, JobRecord, JobSpec, SubmittedBy, Timestamp};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::Scheduler;
+use crate::intake::Accepted;
 
 /// How often every open parent is read in full.
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
@@ -124,9 +125,8 @@ impl Scheduler {
         }
     }
 
-    /// Stores the parent `id` over `targets` (or finds it stored by an earlier delivery of
-    /// the same submission) and starts its first targets. `Ok(false)`: the id belongs to
-    /// another submission.
+    /// Claims the parent's idempotency key, stores the parent `id` over `targets` (or finds it
+    /// stored by an earlier delivery of the same submission) and starts its first targets.
     pub(crate) async fn accept_fanout(
         &self,
         id: JobId,
@@ -135,7 +135,12 @@ impl Scheduler {
         submitted_by: SubmittedBy,
         seq: u64,
         submitted: Timestamp,
-    ) -> Result<bool, Error> {
+    ) -> Result<Accepted, Error> {
+        if let Some(key) = &spec.idempotency_key
+            && let Claim::Existing(existing) = self.mesh.idempotency.claim(key, id).await?
+        {
+            return Ok(Accepted::Duplicate(existing));
+        }
         let now = Timestamp::now();
         let start_at = spec.start.map(|start| start.due(submitted));
         let mut record = FanOutRecord::new(id, spec, targets, start_at, now);
@@ -147,17 +152,19 @@ impl Scheduler {
             Err(Error::AlreadyExists { .. }) => {
                 let Some(stored) = self.mesh.fanouts.get(&id.to_string()).await? else {
                     // Created, ended and expired: nothing left to do.
-                    return Ok(true);
+                    return Ok(Accepted::Done);
                 };
                 if stored.value.submission_seq != Some(seq) && stored.value.spec != record.spec {
-                    return Ok(false);
+                    return Ok(Accepted::Conflict(format!(
+                        "job id {id} belongs to another submission"
+                    )));
                 }
             }
             Err(error) => return Err(error),
         }
         self.fanouts.open(id);
         fanout::reconcile(&self.mesh, id, Seen::Nothing).await?;
-        Ok(true)
+        Ok(Accepted::Done)
     }
 
     /// Carries every open parent forward until `shutdown`: at once when a child's event was

@@ -183,9 +183,11 @@ impl Scheduler {
             }
         };
 
-        if let Some(fanout) = &spec.fanout {
-            let targets = match self.resolve_targets(fanout).await {
-                Ok(targets) => targets,
+        // A fan-out's targets, resolved once, here.
+        let targets = match &spec.fanout {
+            None => None,
+            Some(fanout) => match self.resolve_targets(fanout).await {
+                Ok(targets) => Some(targets),
                 Err(crate::fanouts::Unresolved::Refused(field, reason)) => {
                     return self
                         .reject(
@@ -202,59 +204,8 @@ impl Scheduler {
                     tracing::warn!(error = %error, "cannot resolve a fan-out's targets");
                     return Handled::Retry(retry_delay(delivered));
                 }
-            };
-            if let Some(key) = &spec.idempotency_key {
-                match self.mesh.idempotency.claim(key, id).await {
-                    Ok(Claim::Claimed) => {}
-                    Ok(Claim::Existing(existing)) => {
-                        return self.duplicate(message, seq, existing).await;
-                    }
-                    Err(error) => {
-                        tracing::warn!(job = %id, error = %error, "cannot claim an idempotency key");
-                        return Handled::Retry(retry_delay(delivered));
-                    }
-                }
-            }
-            let accepted = self
-                .accept_fanout(
-                    id,
-                    spec,
-                    targets,
-                    submitted_by.clone(),
-                    seq,
-                    Timestamp::from_millis(published_ms as i64),
-                )
-                .await;
-            return match accepted {
-                Ok(true) => {
-                    if client.is_some() {
-                        crate::audit_client(
-                            &self.mesh.events,
-                            AuditAction::JobSubmit,
-                            &submitted_by,
-                            id,
-                            AuditOutcome::Success,
-                        );
-                    }
-                    Handled::Ack
-                }
-                Ok(false) => {
-                    self.reject(
-                        message,
-                        seq,
-                        Some(id),
-                        RejectionCode::Conflict,
-                        Some(headers::JOB_ID),
-                        format!("job id {id} belongs to another submission"),
-                    )
-                    .await
-                }
-                Err(error) => {
-                    tracing::warn!(job = %id, error = %error, delivered, "cannot accept a fan-out yet");
-                    Handled::Retry(retry_delay(delivered))
-                }
-            };
-        }
+            },
+        };
 
         if let Some(name) = &spec.system {
             let refused = match self.mesh.systems.get(name).await {
@@ -282,15 +233,17 @@ impl Scheduler {
             }
         }
 
-        let accepted = self
-            .accept(
-                id,
-                spec,
-                submitted_by.clone(),
-                seq,
-                Timestamp::from_millis(published_ms as i64),
-            )
-            .await;
+        let submitted = Timestamp::from_millis(published_ms as i64);
+        let accepted = match targets {
+            Some(targets) => {
+                self.accept_fanout(id, spec, targets, submitted_by.clone(), seq, submitted)
+                    .await
+            }
+            None => {
+                self.accept(id, spec, submitted_by.clone(), seq, submitted)
+                    .await
+            }
+        };
         if client.is_some() && matches!(accepted, Ok(Accepted::Done | Accepted::Waiting(_))) {
             crate::audit_client(
                 &self.mesh.events,
@@ -528,7 +481,7 @@ impl Scheduler {
     }
 }
 
-enum Accepted {
+pub(crate) enum Accepted {
     /// Created and dispatched, or nothing more to do.
     Done,
     /// Created; waits for a node with room, its record as known here.

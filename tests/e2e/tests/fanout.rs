@@ -313,6 +313,51 @@ async fn a_fan_out_over_nodes_runs_once_per_matching_node_and_fail_fast_and_canc
         },
     )
     .await;
+    // As others would try it: an operator may not cancel the administrator's fan-out (refused
+    // and audited), a viewer may read its targets but not submit one.
+    let password = "a-long-enough-password";
+    for (name, role) in [("olga", "operator"), ("vic", "viewer")] {
+        let body = json!({"name": name, "password": password, "role": role});
+        let created = http.post_json("/api/v1/users", &body.to_string()).await;
+        assert_eq!(created.status.as_u16(), 201, "{}", created.text());
+    }
+    let olga = HttpClient::new(base.clone()).login("olga", password).await;
+    let vic = HttpClient::new(base.clone()).login("vic", password).await;
+    let refused = olga
+        .post_json(&format!("/api/v1/jobs/{id}/cancel"), "{}")
+        .await;
+    assert_eq!(refused.status.as_u16(), 403, "{}", refused.text());
+    wait_until(
+        "the refusal in the audit trail",
+        Duration::from_secs(30),
+        || async {
+            let records = http
+                .get("/api/v1/audit?action=auth.denied&principal=olga")
+                .await
+                .json();
+            let found = records["records"]
+                .as_array()?
+                .iter()
+                .any(|r| r["resource"] == format!("job/{id}").as_str());
+            found.then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        vic.get(&format!("/api/v1/jobs/{id}/targets"))
+            .await
+            .status
+            .as_u16(),
+        200
+    );
+    let fanned = vic
+        .post_json(
+            "/api/v1/jobs",
+            &json!({"command": "true", "nodes": {}}).to_string(),
+        )
+        .await;
+    assert_eq!(fanned.status.as_u16(), 403, "{}", fanned.text());
+
     let cancelled = http
         .post_json(&format!("/api/v1/jobs/{id}/cancel"), "{}")
         .await;
@@ -404,10 +449,15 @@ async fn a_fan_out_selector_matching_nothing_is_refused_naming_the_field_over_re
         "{rejection:?}"
     );
 
-    // The mesh keeps working.
-    let id = submit(&http, json!({"command": "true", "nodes": {}})).await;
+    // The mesh keeps working, and an idempotency key makes a second submission the same
+    // fan-out.
+    let body = json!({"command": "true", "nodes": {}, "idempotency_key": "fan-once"});
+    let id = submit(&http, body.clone()).await;
     let job = wait_outcome(&http, id, Duration::from_secs(60)).await;
     assert_eq!(job["fanout"]["outcome"], "succeeded", "{job}");
+    let again = http.post_json("/api/v1/jobs", &body.to_string()).await;
+    assert_eq!(again.status.as_u16(), 200, "{}", again.text());
+    assert_eq!(again.json()["id"], id.to_string(), "{}", again.text());
 }
 
 #[tokio::test]

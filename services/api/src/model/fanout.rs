@@ -194,6 +194,14 @@ pub struct TargetView {
     pub stderr_bytes: Option<u64>,
 }
 
+/// Where `target` stands: its job's live status while its parent has not seen it end.
+pub fn live_status(target: &Target, record: Option<&JobRecord>) -> TargetStatus {
+    match record {
+        Some(record) if !target.status.is_terminal() => record.status.into(),
+        _ => target.status,
+    }
+}
+
 impl TargetView {
     /// `target` as its parent knows it, brought up to date by its job's live `record`.
     pub fn of(target: &Target, record: Option<&JobRecord>) -> Self {
@@ -203,7 +211,7 @@ impl TargetView {
                 TargetKind::System => TargetKindView::System,
                 TargetKind::Node => TargetKindView::Node,
             },
-            status: target.status.into(),
+            status: live_status(target, record).into(),
             job: target.job.map(|job| job.to_string()),
             attempt: None,
             node: None,
@@ -214,11 +222,6 @@ impl TargetView {
             stdout_bytes: None,
             stderr_bytes: None,
         };
-        if let Some(record) = record
-            && !target.status.is_terminal()
-        {
-            view.status = TargetStatus::from(record.status).into();
-        }
         if let Some(record) = record {
             view.attempt = Some(record.attempt);
             view.node = record.node.as_ref().map(ToString::to_string);
@@ -245,19 +248,16 @@ pub struct JobTargets {
 }
 
 impl FanOutSummary {
-    /// The summary of `record`, its targets counted as `targets` show them.
-    pub fn of(record: &FanOutRecord, targets: &[TargetView]) -> Self {
+    /// The summary of `record`, its targets counted by their live `statuses`.
+    pub fn of(record: &FanOutRecord, statuses: &[TargetStatus]) -> Self {
         let mut counts = BTreeMap::new();
-        for target in targets {
-            let status = poem_openapi::types::ToJSON::to_json(&target.status)
-                .and_then(|value| value.as_str().map(str::to_owned))
-                .unwrap_or_default();
-            *counts.entry(status).or_insert(0) += 1;
+        for status in statuses {
+            *counts.entry(status.as_str().to_owned()).or_insert(0) += 1;
         }
         let fanout = record.fanout();
         FanOutSummary {
             outcome: record.status.into(),
-            total: u32::try_from(targets.len()).unwrap_or(u32::MAX),
+            total: u32::try_from(statuses.len()).unwrap_or(u32::MAX),
             targets: counts,
             max_parallel: fanout.and_then(|f| f.max_parallel),
             fail_fast: fanout.is_some_and(|f| f.fail_fast),

@@ -1,7 +1,7 @@
 //! `/api/v1/jobs`: submit, list, read, follow, cancel, and purge jobs.
 
 use capstan_mesh::lifecycle::{CancelError, cancel};
-use capstan_protocol::fanout::{FanOutRecord, FanOutStatus};
+use capstan_protocol::fanout::{FanOutRecord, FanOutStatus, TargetStatus};
 use capstan_protocol::{AuditAction, JobId, JobRecord, JobStatus, SubmittedBy};
 use capstan_store::JobQuery;
 use poem_openapi::param::{Path, Query};
@@ -11,7 +11,7 @@ use poem_openapi::{ApiResponse, OpenApi};
 use super::{BearerAuth, Tag, job_id, page, parse_cursor, served, time_parameter, timestamp};
 use crate::auth::Permission;
 use crate::model::access::Purged;
-use crate::model::fanout::{FanOutSummary, JobTargets, TargetView};
+use crate::model::fanout::{FanOutSummary, JobTargets, TargetView, live_status};
 use crate::model::{
     Attempt, CancelAccepted, Job, JobCreated, JobEvents, JobLogs, JobPage, LogEvent, Status,
 };
@@ -169,8 +169,12 @@ impl JobsApi {
             (None, Some(row)) => Job::from_row(row, attempts),
             (None, None) => match state.mesh.fanouts.get(&key).await? {
                 Some(parent) => {
-                    let targets = target_views(state, &parent.value).await?;
-                    parent_job(&parent.value, &targets)
+                    let statuses: Vec<TargetStatus> = target_views(state, &parent.value)
+                        .await?
+                        .into_iter()
+                        .map(|(status, _)| status)
+                        .collect();
+                    parent_job(&parent.value, &statuses)
                 }
                 None => match accepted(state, id).await? {
                     Some(record) => Job::from_record(record, Vec::new()),
@@ -245,7 +249,7 @@ impl JobsApi {
         Ok(Json(JobTargets {
             job: id.to_string(),
             outcome: parent.value.status.into(),
-            targets,
+            targets: targets.into_iter().map(|(_, view)| view).collect(),
         }))
     }
 
@@ -467,25 +471,40 @@ async fn job_logs(
     Ok(LogsResponse::Captured(Json(logs)))
 }
 
-/// The targets of fan-out `parent`, each brought up to date from its job's live record.
+/// The targets of fan-out `parent`, each brought up to date from its job's live record (read
+/// a few at a time), with the live status of each.
 async fn target_views(
     state: &crate::State,
     parent: &FanOutRecord,
-) -> Result<Vec<TargetView>, ApiError> {
-    let mut views = Vec::with_capacity(parent.targets.len());
-    for target in &parent.targets {
-        let record = match target.job {
-            Some(job) => state.mesh.jobs.get(&job.to_string()).await?,
-            None => None,
-        };
-        views.push(TargetView::of(target, record.as_ref().map(|r| &r.value)));
-    }
-    Ok(views)
+) -> Result<Vec<(TargetStatus, TargetView)>, ApiError> {
+    use futures::{StreamExt, TryStreamExt};
+    let reads: Vec<_> = parent
+        .targets
+        .iter()
+        .map(|target| target_view(state, target))
+        .collect();
+    futures::stream::iter(reads)
+        .buffered(16)
+        .try_collect()
+        .await
+}
+
+/// `target`'s live status and view, from its job's record.
+async fn target_view(
+    state: &crate::State,
+    target: &capstan_protocol::Target,
+) -> Result<(TargetStatus, TargetView), ApiError> {
+    let record = match target.job {
+        Some(job) => state.mesh.jobs.get(&job.to_string()).await?,
+        None => None,
+    };
+    let record = record.as_ref().map(|r| &r.value);
+    Ok((live_status(target, record), TargetView::of(target, record)))
 }
 
 /// A fan-out parent as a job: its outcome as a job status (`partial` is `failed`, with the
 /// count in `error`), no attempt of its own, and the summary of its targets.
-fn parent_job(parent: &FanOutRecord, targets: &[TargetView]) -> Job {
+fn parent_job(parent: &FanOutRecord, statuses: &[TargetStatus]) -> Job {
     let mut record = JobRecord::new(parent.id, parent.spec.clone(), parent.created_at);
     record.status = parent.status.job_status();
     record.updated_at = parent.updated_at;
@@ -496,7 +515,7 @@ fn parent_job(parent: &FanOutRecord, targets: &[TargetView]) -> Job {
         let succeeded = parent
             .targets
             .iter()
-            .filter(|t| t.status == capstan_protocol::TargetStatus::Succeeded)
+            .filter(|t| t.status == TargetStatus::Succeeded)
             .count();
         record.error = Some(format!(
             "{}: {succeeded} of {} targets succeeded",
@@ -505,7 +524,7 @@ fn parent_job(parent: &FanOutRecord, targets: &[TargetView]) -> Job {
         ));
     }
     let mut job = Job::from_record(record, Vec::new());
-    job.fanout = Some(FanOutSummary::of(parent, targets));
+    job.fanout = Some(FanOutSummary::of(parent, statuses));
     job
 }
 
