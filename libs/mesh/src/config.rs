@@ -52,6 +52,16 @@ impl NatsArgs {
     }
 }
 
+/// Where a service serves its metrics.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct MetricsArgs {
+    /// Address on which to serve Prometheus metrics at `/metrics`, with `/healthz` and
+    /// `/readyz`, without a credential (e.g. `0.0.0.0:9464`; port 0 picks a free one). Unset,
+    /// nothing is served.
+    #[arg(long = "metrics-listen", env = "CAPSTAN_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
+}
+
 /// How long a short state may last without an event of its own (`--announce-after`, the same
 /// for the scheduler's placements and the executor's starts), as the option is written.
 pub const ANNOUNCE_AFTER: &str = "100ms";

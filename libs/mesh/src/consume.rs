@@ -148,7 +148,10 @@ impl<'a> Pull<'a> {
                 next = messages.next() => next,
             };
             match next {
-                Some(Ok(message)) => return Some(message),
+                Some(Ok(message)) => {
+                    crate::metrics::mesh().delivered(self.consumer, &message);
+                    return Some(message);
+                }
                 Some(Err(error)) => {
                     tracing::debug!(error = %error, "pull interrupted, subscribing again");
                     self.messages = None;

@@ -101,6 +101,10 @@ impl Error {
     /// An [`Error::Unavailable`] during `op`, caused by `error`: any client error (kept as the
     /// source, so `source()` reaches it), or a `String`/`&str` saying why.
     pub fn unavailable(op: &'static str, error: impl Into<BoxError>) -> Self {
+        crate::metrics::mesh()
+            .errors
+            .get_or_create(&crate::metrics::label("op", op))
+            .inc();
         Self::Unavailable {
             op,
             source: error.into(),

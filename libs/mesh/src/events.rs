@@ -31,10 +31,12 @@ impl EventPublisher {
 
     /// Publishes a job event and waits until the stream has stored it.
     pub async fn job(&self, event: &JobEvent) -> Result<(), Error> {
+        let started = std::time::Instant::now();
         self.job_deferred(event)
             .await?
             .await
             .map_err(|e| Error::unavailable("event publish", e))?;
+        crate::metrics::mesh().request("event publish", started);
         Ok(())
     }
 
@@ -181,6 +183,13 @@ impl EventPublisher {
         if let Some(job) = rejection.job {
             map.insert(headers::JOB_ID, job.to_string().as_str());
         }
+        crate::metrics::mesh()
+            .rejections
+            .get_or_create(&[
+                ("origin", origin.as_str().to_owned()),
+                ("code", rejection.code.as_str().to_owned()),
+            ])
+            .inc();
         tracing::warn!(
             origin = origin.as_str(),
             subject = %rejection.subject,
@@ -233,12 +242,14 @@ impl EventPublisher {
         payload: Bytes,
         op: &'static str,
     ) -> Result<(), Error> {
+        let started = std::time::Instant::now();
         self.js
             .publish_with_headers(subject, map, payload)
             .await
             .map_err(|e| Error::unavailable(op, e))?
             .await
             .map_err(|e| Error::unavailable(op, e))?;
+        crate::metrics::mesh().request(op, started);
         Ok(())
     }
 }

@@ -16,6 +16,7 @@ pub mod events;
 pub mod fanout;
 pub mod identities;
 pub mod lifecycle;
+pub mod metrics;
 pub mod service;
 pub mod shutdown;
 pub mod store;
@@ -25,7 +26,7 @@ pub mod topology;
 pub mod view;
 pub mod wire;
 
-pub use config::NatsArgs;
+pub use config::{MetricsArgs, NatsArgs};
 pub use connect::{Mesh, connect};
 pub use error::Error;
 pub use events::EventPublisher;

@@ -7,7 +7,7 @@
 
 use std::fmt;
 use std::marker::PhantomData;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::kv::{self, CreateErrorKind, Operation, UpdateErrorKind};
@@ -20,6 +20,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::error::Error;
+use crate::metrics;
 
 /// A value and the KV revision it was read at (or written as).
 #[derive(Debug, Clone, PartialEq)]
@@ -104,11 +105,13 @@ impl<T: Serialize + DeserializeOwned> Bucket<T> {
 
     /// The current value of `key`, or `None` if absent or deleted.
     pub async fn get(&self, key: &str) -> Result<Option<Versioned<T>>, Error> {
+        let started = Instant::now();
         let entry = self
             .kv
             .entry(key)
             .await
             .map_err(|e| Error::unavailable("kv get", e))?;
+        metrics::mesh().request("kv get", started);
         match entry {
             Some(entry) if entry.operation == Operation::Put => Ok(Some(Versioned {
                 value: self.decode(key, &entry.value)?,
@@ -139,10 +142,12 @@ impl<T: Serialize + DeserializeOwned> Bucket<T> {
         ttl: Option<Duration>,
     ) -> Result<u64, Error> {
         let bytes = self.encode(value)?;
+        let started = Instant::now();
         let created = match ttl {
             Some(ttl) => self.kv.create_with_ttl(key, bytes, ttl).await,
             None => self.kv.create(key, bytes).await,
         };
+        metrics::mesh().request("kv create", started);
         created.map_err(|e| match e.kind() {
             CreateErrorKind::AlreadyExists => Error::AlreadyExists {
                 key: key.to_owned(),
@@ -154,16 +159,16 @@ impl<T: Serialize + DeserializeOwned> Bucket<T> {
     /// Writes `value` over revision `revision` of `key`; [`Error::Conflict`] if it changed.
     pub async fn update(&self, key: &str, value: &T, revision: u64) -> Result<u64, Error> {
         let bytes = self.encode(value)?;
-        self.kv
-            .update(key, bytes, revision)
-            .await
-            .map_err(|e| match e.kind() {
-                UpdateErrorKind::WrongLastRevision => Error::Conflict {
-                    key: key.to_owned(),
-                    revision,
-                },
-                _ => Error::unavailable("kv update", e),
-            })
+        let started = Instant::now();
+        let updated = self.kv.update(key, bytes, revision).await;
+        metrics::mesh().request("kv update", started);
+        updated.map_err(|e| match e.kind() {
+            UpdateErrorKind::WrongLastRevision => Error::Conflict {
+                key: key.to_owned(),
+                revision,
+            },
+            _ => Error::unavailable("kv update", e),
+        })
     }
 
     /// Like [`Bucket::update`], and the entry expires `ttl` after this write. Needs a bucket
@@ -183,12 +188,15 @@ impl<T: Serialize + DeserializeOwned> Bucket<T> {
             .payload(bytes)
             .expected_last_subject_sequence(revision)
             .ttl(ttl);
+        let started = Instant::now();
         let ack = self
             .js
             .send_publish(subject, publish)
             .await
-            .map_err(|e| Error::unavailable("kv update", e))?;
-        match ack.await {
+            .map_err(|e| Error::unavailable("kv update", e))?
+            .await;
+        metrics::mesh().request("kv update", started);
+        match ack {
             Ok(ack) => Ok(ack.sequence),
             Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Err(Error::Conflict {
                 key: key.to_owned(),
@@ -201,10 +209,10 @@ impl<T: Serialize + DeserializeOwned> Bucket<T> {
     /// Writes `value` under `key` whatever was there.
     pub async fn put(&self, key: &str, value: &T) -> Result<u64, Error> {
         let bytes = self.encode(value)?;
-        self.kv
-            .put(key, bytes)
-            .await
-            .map_err(|e| Error::unavailable("kv put", e))
+        let started = Instant::now();
+        let put = self.kv.put(key, bytes).await;
+        metrics::mesh().request("kv put", started);
+        put.map_err(|e| Error::unavailable("kv put", e))
     }
 
     /// Changes `key` by compare-and-swap on what it holds: reads it, asks `decide` what to do

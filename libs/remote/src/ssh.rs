@@ -33,7 +33,22 @@ pub struct SshConnector {
     keepalive: Duration,
     idle: Duration,
     pool: Arc<Mutex<HashMap<PoolKey, Pooled>>>,
+    observer: Option<Observer>,
 }
+
+/// How a run got its connection, told to the connector's observer (for metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Connected {
+    /// A kept connection was reused.
+    Reused,
+    /// A new connection was made and logged in, in this long.
+    Made(Duration),
+    /// Connecting or logging in failed after this long.
+    Failed(Duration),
+}
+
+/// Told how each run got its connection.
+pub type Observer = Arc<dyn Fn(Connected) + Send + Sync>;
 
 /// What makes two targets share a connection: the same server, account, pin and credential
 /// (the credential by digest).
@@ -95,11 +110,18 @@ impl Default for SshConnector {
             keepalive: Duration::from_secs(15),
             idle: Duration::from_secs(60),
             pool: Arc::default(),
+            observer: None,
         }
     }
 }
 
 impl SshConnector {
+    /// Tells `observer` how each run got its connection.
+    pub fn observe(mut self, observer: Observer) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
     /// How long the TCP connection and the SSH handshake may take together (10 s).
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
@@ -140,10 +162,17 @@ impl SshConnector {
             });
             if let Some(pooled) = pool.get_mut(&key) {
                 pooled.last_used = now;
+                self.tell(Connected::Reused);
                 return Ok((pooled.handle.clone(), pooled.host_key.clone(), true));
             }
         }
-        let (handle, host_key) = self.login(target).await?;
+        let started = Instant::now();
+        let login = self.login(target).await;
+        self.tell(match login {
+            Ok(_) => Connected::Made(started.elapsed()),
+            Err(_) => Connected::Failed(started.elapsed()),
+        });
+        let (handle, host_key) = login?;
         let handle = Arc::new(handle);
         self.pool
             .lock()
@@ -157,6 +186,12 @@ impl SshConnector {
                 },
             );
         Ok((handle, host_key, false))
+    }
+
+    fn tell(&self, connected: Connected) {
+        if let Some(observer) = &self.observer {
+            observer(connected);
+        }
     }
 
     /// Forgets the kept connection to `target` (it failed under a run).

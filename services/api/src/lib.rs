@@ -218,11 +218,12 @@ pub(crate) async fn assemble(
         ),
         trusted_proxies: config.auth.trusted_proxies.clone(),
     });
+    let metrics = Arc::new(Metrics::new(&mesh, history.clone()));
     let state = Arc::new(State {
         submitter: Submitter::new(mesh.js.clone(), mesh.idempotency.clone()),
         mesh,
         history,
-        metrics: Arc::new(Metrics::default()),
+        metrics,
         security,
         access: AccessSettings {
             password_min_length: config.auth.password_min_length,
@@ -241,11 +242,27 @@ pub(crate) async fn assemble(
 }
 
 /// The routes, behind the body limit, the guard, CORS when configured, and a server span.
+/// Every answer is counted in the metrics, by method and status.
 pub(crate) fn app(state: &Arc<State>, config: &Config) -> poem::endpoint::BoxEndpoint<'static> {
+    let metrics = state.metrics.clone();
     outer(
         routes_app(state, config).with(Guard(state.security.clone())),
         config,
     )
+    .around(move |endpoint, request| {
+        let metrics = metrics.clone();
+        async move {
+            let (method, started) = (request.method().clone(), std::time::Instant::now());
+            let response = endpoint.call(request).await?;
+            metrics.request(
+                method.as_str(),
+                response.status().as_u16(),
+                started.elapsed(),
+            );
+            Ok(response)
+        }
+    })
+    .boxed()
 }
 
 /// The routes and the documents describing them, behind the body limit.
@@ -367,7 +384,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         shutdown.clone(),
     ));
     let open_metrics = match &config.auth.metrics_listen {
-        Some(listen) => Some(serve_metrics(listen, state.clone(), shutdown.clone()).await?),
+        Some(listen) => Some(state.metrics.serve(listen, shutdown.clone()).await?),
         None => None,
     };
     tracing::info!(%address, "api ready");
@@ -453,44 +470,4 @@ async fn housekeep(
         }
         ticks += 1;
     }
-}
-
-/// Serves `/metrics` without a credential on `listen` (`CAPSTAN_METRICS_LISTEN`), for
-/// Prometheus inside the cluster; nothing else is served there.
-async fn serve_metrics(
-    listen: &str,
-    state: Arc<State>,
-    shutdown: CancellationToken,
-) -> Result<tokio::task::JoinHandle<()>, Error> {
-    let acceptor = TcpListener::bind(listen.to_owned())
-        .into_acceptor()
-        .await
-        .map_err(|source| Error::Listen {
-            address: listen.to_owned(),
-            source,
-        })?;
-    tracing::info!(address = listen, "open metrics listener ready");
-    let app = Route::new().at(
-        "/metrics",
-        poem::get(poem::endpoint::make(move |_| {
-            let state = state.clone();
-            async move {
-                poem::Response::builder()
-                    .content_type("text/plain; version=0.0.4")
-                    .body(crate::metrics::render(&state).await)
-            }
-        })),
-    );
-    Ok(tokio::spawn(async move {
-        let served = Server::new_with_acceptor(acceptor)
-            .run_with_graceful_shutdown(
-                app,
-                shutdown.cancelled_owned(),
-                Some(Duration::from_secs(5)),
-            )
-            .await;
-        if let Err(error) = served {
-            tracing::warn!(error = %error, "the open metrics listener failed");
-        }
-    }))
 }

@@ -961,7 +961,7 @@ async fn lists_filter_and_page_newest_first() {
     // The metric counts it too, apart from the statuses this version knows.
     let metrics = stack.http.get("/metrics").await.text();
     assert!(
-        metrics.contains("capstan_jobs{status=\"unknown\"} 1"),
+        metrics.contains("capstan_history_jobs{status=\"unknown\"} 1"),
         "{metrics}"
     );
     stack.stop().await;
@@ -1105,7 +1105,7 @@ async fn nodes_health_metrics_and_the_api_description_are_served() {
         Duration::from_secs(20),
         || async {
             let text = stack.http.get("/metrics").await.text();
-            text.contains("capstan_jobs{status=\"succeeded\"} 1")
+            text.contains("capstan_history_jobs{status=\"succeeded\"} 1")
                 .then_some(text)
         },
     )

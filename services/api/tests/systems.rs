@@ -297,7 +297,7 @@ async fn a_system_is_checked_healthy_and_shown_listed_and_measured_without_its_c
         "{metrics}"
     );
     assert!(
-        metrics.contains("capstan_systems{health=\"auth_failed\"} 1"),
+        metrics.contains("capstan_remote_systems{health=\"auth_failed\"} 1"),
         "{metrics}"
     );
 

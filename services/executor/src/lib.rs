@@ -12,6 +12,7 @@
 
 pub mod error;
 mod membership;
+mod metrics;
 pub mod orphans;
 pub mod remote;
 pub mod runner;
@@ -47,6 +48,10 @@ pub struct Config {
     /// NATS connection.
     #[command(flatten)]
     pub nats: NatsArgs,
+
+    /// Where to serve metrics and health.
+    #[command(flatten)]
+    pub metrics: capstan_mesh::MetricsArgs,
 
     /// This node's id: stable across restarts, unique in the mesh. Default: the host name.
     #[arg(long, env = "CAPSTAN_NODE_ID")]
@@ -146,6 +151,7 @@ impl Config {
     pub fn for_url(nats_url: impl Into<String>, node: NodeId) -> Self {
         Self {
             nats: NatsArgs::for_url(nats_url),
+            metrics: capstan_mesh::MetricsArgs::default(),
             node_id: Some(node),
             labels: Vec::new(),
             slots: 8,
@@ -280,6 +286,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), erro
     )
     .await?;
     let consumer = dispatch_consumer(&mesh, &node, &config, &shutdown).await?;
+    let consumer_name = consumer.cached_info().name.clone();
     let instance = InstanceId::generate();
     let membership = Membership::new(
         mesh.client.clone(),
@@ -306,7 +313,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), erro
     let remote = checker.clone().map(|checker| {
         Arc::new(remote::Remote {
             connector: capstan_remote::SshConnector::default()
-                .connect_timeout(config.system_check_timeout),
+                .connect_timeout(config.system_check_timeout)
+                .observe(Arc::new(|connected| metrics::executor().ssh(connected))),
             checker,
         })
     });
@@ -384,6 +392,23 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), erro
             background.clone(),
         )
     };
+    let metrics_listener = match &config.metrics.metrics_listen {
+        Some(listen) => {
+            let busy: Arc<dyn Fn() -> usize + Send + Sync> = {
+                let worker = worker.clone();
+                Arc::new(move || worker.held_jobs().len())
+            };
+            let pooled = worker.pooled_connections();
+            let exporter = metrics::exporter(&mesh, consumer_name, config.slots, busy, pooled);
+            Some(
+                Arc::new(exporter)
+                    .serve(listen, background.clone())
+                    .await?
+                    .1,
+            )
+        }
+        None => None,
+    };
     tracing::info!(node = %node, instance = %instance, slots = config.slots, gateway, work_dir = %work_dir.display(), "executor ready");
 
     // Before shutdown, heartbeats end only with an error (the node taken over, or registering
@@ -416,6 +441,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), erro
     }
     background.cancel();
     let (endpoint, cancellations) = tokio::join!(endpoint, cancellations);
+    if let Some(listener) = metrics_listener {
+        task::joined(listener.await);
+    }
     if let Some(checks) = checks {
         task::joined(checks.await);
     }

@@ -126,10 +126,16 @@ impl Runner {
             signal = tracing::field::Empty,
             status = tracing::field::Empty,
         );
+        let started = std::time::Instant::now();
         let outcome = self
             .run_traced(record, stops)
             .instrument(span.clone())
             .await;
+        crate::metrics::executor().attempt(
+            outcome.status.as_str(),
+            record.spec.system.is_some(),
+            started.elapsed(),
+        );
         if let Some(code) = outcome.exit_code {
             span.record("exit_code", code);
         }
@@ -232,7 +238,10 @@ impl Runner {
             command.uid(user.uid).gid(user.gid);
         }
 
-        let mut child = match command.spawn() {
+        let spawning = std::time::Instant::now();
+        let spawned = command.spawn();
+        crate::metrics::executor().spawned(spawning.elapsed());
+        let mut child = match spawned {
             Ok(child) => child,
             Err(error) => {
                 return failed_to_start(format!("cannot start `{}`: {error}", argv[0]));

@@ -29,6 +29,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 
+mod metrics;
 pub mod tally;
 
 /// The registry's configuration.
@@ -42,6 +43,10 @@ pub struct Config {
     /// NATS connection.
     #[command(flatten)]
     pub nats: NatsArgs,
+
+    /// Where to serve metrics and health.
+    #[command(flatten)]
+    pub metrics: capstan_mesh::MetricsArgs,
 
     /// A node that has not heartbeated for this long is marked down.
     #[arg(long, env = "CAPSTAN_HEARTBEAT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
@@ -57,6 +62,7 @@ impl Config {
     pub fn for_url(nats_url: impl Into<String>) -> Self {
         Self {
             nats: NatsArgs::for_url(nats_url),
+            metrics: capstan_mesh::MetricsArgs::default(),
             heartbeat_timeout: Duration::from_secs(10),
             sweep_interval: Duration::from_secs(1),
         }
@@ -84,6 +90,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let stop = Stop::new(&shutdown);
     let shutdown = stop.token().clone();
     let view = BucketView::start(mesh.nodes.clone(), shutdown.clone()).await?;
+    let metrics_listener = match &config.metrics.metrics_listen {
+        Some(listen) => {
+            let exporter = Arc::new(metrics::exporter(&mesh, view.clone()));
+            Some(exporter.serve(listen, shutdown.clone()).await?.1)
+        }
+        None => None,
+    };
     let registry = Arc::new(Registry {
         mesh: mesh.clone(),
         view,
@@ -172,6 +185,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     );
     if let Err(error) = micro.stop().await {
         tracing::debug!(error = %error, "stopping the micro service");
+    }
+    if let Some(listener) = metrics_listener {
+        capstan_mesh::task::joined(listener.await);
     }
     tracing::info!("registry stopped");
     stop.outcome()
@@ -376,6 +392,7 @@ impl Registry {
     }
 
     async fn heartbeat(self: Arc<Self>, beat: Heartbeat) -> Result<HeartbeatReply, ServiceError> {
+        metrics::registry().heartbeat();
         let key = beat.node.to_string();
         let beaten = self
             .mesh
@@ -604,6 +621,7 @@ impl Registry {
     }
 
     async fn announce(&self, kind: NodeEventKind, record: &NodeRecord) {
+        metrics::registry().event(kind.as_str());
         let event = NodeEvent {
             kind,
             at: Timestamp::now(),

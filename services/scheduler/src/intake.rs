@@ -253,6 +253,12 @@ impl Scheduler {
                 AuditOutcome::Success,
             );
         }
+        crate::metrics::scheduler().submission(match &accepted {
+            Ok(Accepted::Done | Accepted::Waiting(_)) => "accepted",
+            Ok(Accepted::Duplicate(_)) => "duplicate",
+            Ok(Accepted::Conflict(_)) => "conflict",
+            Err(_) => "retry",
+        });
         match accepted {
             Ok(Accepted::Done) => Handled::Ack,
             Ok(Accepted::Waiting(known)) => {
@@ -433,6 +439,9 @@ impl Scheduler {
         field: Option<&str>,
         reason: String,
     ) -> Handled {
+        if code != RejectionCode::Conflict {
+            crate::metrics::scheduler().submission("rejected");
+        }
         self.report(message, seq, job, code, field, reason).await;
         Handled::Term
     }

@@ -18,6 +18,7 @@ mod create;
 mod fanouts;
 mod intake;
 mod lost;
+mod metrics;
 mod placer;
 mod timers;
 pub mod waiting;
@@ -52,6 +53,10 @@ pub struct Config {
     /// NATS connection and submission limits.
     #[command(flatten)]
     pub nats: NatsArgs,
+
+    /// Where to serve metrics and health.
+    #[command(flatten)]
+    pub metrics: capstan_mesh::MetricsArgs,
 
     /// Submissions processed at once by this replica.
     #[arg(long, env = "CAPSTAN_SCHEDULER_CONCURRENCY", default_value_t = 256)]
@@ -92,6 +97,7 @@ impl Config {
     pub fn for_url(nats_url: impl Into<String>) -> Self {
         Self {
             nats: NatsArgs::for_url(nats_url),
+            metrics: capstan_mesh::MetricsArgs::default(),
             concurrency: 256,
             max_waiting: 10_000,
             dispatch_depth: 2.0,
@@ -222,6 +228,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             tokio::join!(serve(cancel), serve(cancel_from));
         }
     });
+    let metrics_listener = match &config.metrics.metrics_listen {
+        Some(listen) => {
+            let waiting: Arc<dyn Fn() -> usize + Send + Sync> = {
+                let scheduler = scheduler.clone();
+                Arc::new(move || scheduler.waiting.len())
+            };
+            let exporter = Arc::new(metrics::exporter(&mesh, waiting));
+            Some(exporter.serve(listen, tasks.clone()).await?.1)
+        }
+        None => None,
+    };
     tracing::info!("scheduler ready");
 
     stop.watch(scheduler.clone().consume(shutdown.clone()))
@@ -230,6 +247,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     scheduler.hand_back_waiting().await;
     tasks.cancel();
     let (events, placer, fanouts) = tokio::join!(events, placer, fanouts);
+    if let Some(listener) = metrics_listener {
+        task::joined(listener.await);
+    }
     if let Err(error) = micro.stop().await {
         tracing::debug!(error = %error, "stopping the micro service");
     }

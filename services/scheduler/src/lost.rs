@@ -251,6 +251,7 @@ impl Scheduler {
         .await?;
         match settled {
             Modified::Written { written, .. } => {
+                crate::metrics::scheduler().lost();
                 lifecycle::follow_up(&self.mesh, &written.value).await?;
                 tracing::info!(job = %written.value.id, attempt = written.value.attempt, status = %written.value.status, "attempt lost");
                 Ok(true)

@@ -40,6 +40,7 @@ impl Scheduler {
             .payload(Bytes::from(codec::to_msgpack(&dispatch)?))
             .headers(map)
             .message_id(dispatch.message_id());
+        let started = std::time::Instant::now();
         self.mesh
             .js
             .send_publish(subjects::dispatch(node), publish)
@@ -47,6 +48,11 @@ impl Scheduler {
             .map_err(|e| Error::unavailable("dispatch", e))?
             .await
             .map_err(|e| Error::unavailable("dispatch", e))?;
+        capstan_mesh::metrics::mesh().request("dispatch", started);
+        if record.attempt == 1 {
+            crate::metrics::scheduler()
+                .placed(capstan_protocol::Timestamp::now().since(record.created_at));
+        }
         Ok(())
     }
 

@@ -49,6 +49,7 @@ impl Scheduler {
     }
 
     async fn wake(&self, message: jetstream::Message) {
+        crate::metrics::scheduler().timer();
         let timer: Timer = match wire::decode(message.headers.as_ref(), &message.payload) {
             Ok((timer, _)) => timer,
             Err(error) => {

@@ -790,3 +790,73 @@ fn the_api_in_compose_answers_its_own_healthcheck_and_keeps_its_key_on_a_volume(
         );
     }
 }
+
+/// The `host:port` targets each job of the Prometheus configuration scrapes: its static
+/// targets, and `name:port` for each DNS name it discovers.
+fn scrape_targets(config: &Yaml) -> Vec<(String, HashSet<String>)> {
+    config["scrape_configs"]
+        .as_vec()
+        .expect("scrape_configs")
+        .iter()
+        .map(|job| {
+            let name = job["job_name"].as_str().expect("job_name").to_owned();
+            let mut targets = HashSet::new();
+            for group in job["static_configs"].as_vec().into_iter().flatten() {
+                targets.extend(strings(&group["targets"]));
+            }
+            for discovery in job["dns_sd_configs"].as_vec().into_iter().flatten() {
+                let port = discovery["port"].as_i64().expect("a port");
+                for host in strings(&discovery["names"]) {
+                    targets.insert(format!("{host}:{port}"));
+                }
+            }
+            (name, targets)
+        })
+        .collect()
+}
+
+#[test]
+fn prometheus_scrapes_every_capstan_service_in_compose_where_it_serves_its_metrics() {
+    let compose = compose();
+    let jobs = scrape_targets(&load_yaml("deploy/prometheus/prometheus.yml"));
+    let services: Vec<_> = capstan_services(&compose)
+        .into_iter()
+        .filter(|(_, binary, _)| binary != "capstan")
+        .collect();
+    assert!(services.len() >= 4, "compose runs every Capstan service");
+    for (name, binary, service) in services {
+        let listen = variable(&name, &service, "CAPSTAN_METRICS_LISTEN")
+            .unwrap_or_else(|| panic!("{name} serves no metrics (CAPSTAN_METRICS_LISTEN)"));
+        let (_, port) = host_and_port(&listen);
+        let target = format!("{name}:{port}");
+        // The job is named after the service the binary runs: capstan-executor → executor.
+        let job = binary.trim_start_matches("capstan-");
+        let scraped = jobs
+            .iter()
+            .find(|(job_name, _)| job_name == job)
+            .unwrap_or_else(|| panic!("prometheus has no job {job}"));
+        assert!(
+            scraped.1.contains(&target),
+            "prometheus job {job} does not scrape {target}: {:?}",
+            scraped.1
+        );
+    }
+    // Prometheus and Grafana, with the dashboard and its provisioning, run beside the mesh.
+    let prometheus = service(&compose, "prometheus");
+    assert!(
+        strings(&prometheus["volumes"])
+            .iter()
+            .any(|volume| volume.starts_with("./deploy/prometheus/prometheus.yml:")),
+        "compose's prometheus must use deploy/prometheus/prometheus.yml"
+    );
+    let grafana = strings(&service(&compose, "grafana")["volumes"]);
+    for mounted in [
+        "./deploy/grafana/provisioning:",
+        "./deploy/grafana/capstan.json:",
+    ] {
+        assert!(
+            grafana.iter().any(|volume| volume.starts_with(mounted)),
+            "compose's grafana must mount {mounted}"
+        );
+    }
+}

@@ -51,6 +51,6 @@ impl OperationsApi {
     async fn metrics(&self, auth: BearerAuth) -> Result<PlainText<String>, ApiError> {
         let state = served(&self.0)?;
         auth.allow_read(Permission::MetricsRead)?;
-        Ok(PlainText(crate::metrics::render(state).await))
+        Ok(PlainText(state.metrics.render().await))
     }
 }

@@ -76,6 +76,12 @@ impl Worker {
         }
     }
 
+    /// How many SSH connections the gateway keeps open, on a gateway.
+    pub fn pooled_connections(&self) -> Option<std::sync::Arc<dyn Fn() -> usize + Send + Sync>> {
+        let remote = self.runner.remote.clone()?;
+        Some(std::sync::Arc::new(move || remote.connector.pooled()))
+    }
+
     /// The jobs this instance holds.
     pub fn held_jobs(&self) -> Vec<JobId> {
         self.held.jobs()

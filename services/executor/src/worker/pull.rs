@@ -53,10 +53,14 @@ impl Worker {
             };
             let worker = self.clone();
             let stop = stop.clone();
+            let consumer = consumer.clone();
             tokio::spawn(async move {
                 while let Some(message) = batch.next().await {
                     let message = match message {
-                        Ok(message) => message,
+                        Ok(message) => {
+                            capstan_mesh::metrics::mesh().delivered(&consumer, &message);
+                            message
+                        }
                         Err(error) => {
                             tracing::debug!(error = %error, "dispatch pull ended");
                             break;
