@@ -3,7 +3,8 @@
 //! afterwards), service binaries run as child processes, and waiting on conditions with
 //! generous deadlines instead of fixed sleeps; an OTLP receiver collects the spans the
 //! service processes export; an OpenID Connect issuer signs tokens for the API's tests; real
-//! OpenSSH servers on loopback stand in for remote systems.
+//! OpenSSH servers on loopback stand in for remote systems; Python tools from PyPI
+//! ([`pyenv`]) check what the project serves and ships.
 //!
 //! `xtask` uses [`natsbin`] too, to provision the server for the local mesh.
 
@@ -12,6 +13,7 @@ pub mod natsbin;
 pub mod oidc;
 pub mod otlp;
 pub mod process;
+pub mod pyenv;
 pub mod server;
 pub mod sshd;
 pub mod tls;

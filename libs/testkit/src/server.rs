@@ -170,11 +170,14 @@ impl NatsServer {
         self.dir.path().join("nats-server.log")
     }
 
+    /// The store's limit is set, not left to the server: by default it is three quarters of
+    /// the free disk, and the topology's streams and buckets reserve their limits (tens of
+    /// GiB) however little a test writes, so a machine with less free disk would refuse them.
     fn write_config(&self) -> PathBuf {
         let path = self.dir.path().join("nats-server.conf");
         let mut config = format!(
             "listen: 127.0.0.1:{port}\nserver_name: capstan-test-{port}\n\
-             jetstream {{\n  store_dir: {store:?}\n{sync}}}\n",
+             jetstream {{\n  store_dir: {store:?}\n  max_file_store: 1TB\n{sync}}}\n",
             port = self.port,
             store = self.store_dir(),
             sync = if self.options.sync_always {

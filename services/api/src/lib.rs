@@ -105,7 +105,7 @@ pub(crate) struct State {
 
 /// The OpenAPI document of the REST API, as JSON.
 pub fn openapi_json() -> String {
-    routes::service_description().spec()
+    routes::spec_json()
 }
 
 /// A started API: where it listens, and the task serving it.
@@ -242,18 +242,29 @@ pub(crate) async fn assemble(
 }
 
 /// The routes, behind the body limit, the guard, CORS when configured, and a server span.
-/// Every answer is counted in the metrics, by method and status.
+/// Every answer is counted in the metrics, by method and status; a `405` says in `Allow`
+/// which methods the path takes.
 pub(crate) fn app(state: &Arc<State>, config: &Config) -> poem::endpoint::BoxEndpoint<'static> {
     let metrics = state.metrics.clone();
+    let methods = Arc::new(routes::PathMethods::of_description());
     outer(
         routes_app(state, config).with(Guard(state.security.clone())),
         config,
     )
     .around(move |endpoint, request| {
-        let metrics = metrics.clone();
+        let (metrics, methods) = (metrics.clone(), methods.clone());
         async move {
             let (method, started) = (request.method().clone(), std::time::Instant::now());
-            let response = endpoint.call(request).await?;
+            let path = request.uri().path().to_owned();
+            let mut response = endpoint.call(request).await?;
+            if response.status() == poem::http::StatusCode::METHOD_NOT_ALLOWED
+                && let Some(allowed) = methods.allowed(&path)
+                && let Ok(value) = poem::http::HeaderValue::from_str(&allowed)
+            {
+                response
+                    .headers_mut()
+                    .insert(poem::http::header::ALLOW, value);
+            }
             metrics.request(
                 method.as_str(),
                 response.status().as_u16(),
@@ -270,7 +281,14 @@ pub(crate) fn routes_app(state: &Arc<State>, config: &Config) -> impl poem::Endp
     let description = routes::service_description();
     Route::new()
         .nest("/", routes::service(state.clone()))
-        .at("/openapi.json", description.spec_endpoint())
+        .at("/openapi.json", {
+            let spec = routes::spec_json();
+            poem::endpoint::make_sync(move |_| {
+                poem::Response::builder()
+                    .content_type("application/json; charset=utf-8")
+                    .body(spec.clone())
+            })
+        })
         .nest("/docs", description.swagger_ui())
         .with(routes::BodyLimit(config.nats.max_job_bytes))
 }

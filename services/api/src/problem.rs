@@ -9,6 +9,7 @@ use poem_openapi::{ApiResponse, Object};
 
 /// The problem document.
 #[derive(Debug, Clone, PartialEq, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct Problem {
     /// A URI naming the kind of problem.
     #[oai(rename = "type")]
@@ -52,6 +53,10 @@ pub enum ApiError {
     /// The body is larger than allowed.
     #[oai(status = 413, content_type = "application/problem+json")]
     TooLarge(Json<Box<Problem>>),
+    /// The body is not in a media type the operation reads (send `Content-Type:
+    /// application/json`).
+    #[oai(status = 415, content_type = "application/problem+json")]
+    UnsupportedMediaType(Json<Box<Problem>>),
     /// The request parsed but its content is invalid.
     #[oai(status = 422, content_type = "application/problem+json")]
     Invalid(Json<Box<Problem>>),
@@ -273,15 +278,32 @@ pub fn render(error: poem::Error) -> poem::Response {
             "the request body is larger than the limit (CAPSTAN_MAX_JOB_BYTES)",
             None,
         ),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::UnsupportedMediaType(problem(
+            "unsupported-media-type",
+            "Unsupported media type",
+            status,
+            format!("{detail}: send the body as `Content-Type: application/json`"),
+            None,
+        )),
         status if status.is_server_error() => {
             tracing::error!(status = status.as_u16(), error = %detail, "request failed");
             ApiError::unavailable("internal error")
         }
+        // A parameter the description constrains (a pattern, a range), refused before the
+        // operation runs: the problem names it, as the operation's own checks do.
+        StatusCode::BAD_REQUEST if parameter_of(&detail).is_some() => {
+            ApiError::bad_request(detail.clone(), parameter_of(&detail))
+        }
         status => {
             let mut response = ApiError::bad_request(detail.clone(), None).into_response();
             response.set_status(status);
+            let kind = if status == StatusCode::METHOD_NOT_ALLOWED {
+                "urn:capstan:problem:method-not-allowed"
+            } else {
+                "urn:capstan:problem:bad-request"
+            };
             if let Ok(body) = serde_json::to_vec(&serde_json::json!({
-                "type": "urn:capstan:problem:bad-request",
+                "type": kind,
                 "title": status.canonical_reason().unwrap_or("Bad request"),
                 "status": status.as_u16(),
                 "detail": detail,
@@ -292,4 +314,10 @@ pub fn render(error: poem::Error) -> poem::Response {
         }
     };
     api_error.into_response()
+}
+
+/// The parameter poem-openapi names in a refusal ("failed to parse parameter `name`: …").
+fn parameter_of(detail: &str) -> Option<&str> {
+    let rest = detail.strip_prefix("failed to parse parameter `")?;
+    rest.split_once('`').map(|(name, _)| name)
 }

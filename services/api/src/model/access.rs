@@ -8,7 +8,7 @@ use super::rfc3339;
 
 /// A login with a password.
 #[derive(Clone, Object)]
-#[oai(deny_unknown_fields)]
+#[oai(skip_serializing_if_is_none, deny_unknown_fields)]
 pub struct LoginRequest {
     /// The user name.
     pub username: String,
@@ -27,7 +27,7 @@ impl std::fmt::Debug for LoginRequest {
 
 /// A refresh token, to exchange for new tokens or to end its session.
 #[derive(Clone, Object)]
-#[oai(deny_unknown_fields)]
+#[oai(skip_serializing_if_is_none, deny_unknown_fields)]
 pub struct RefreshRequest {
     /// The refresh token from the login or the last refresh.
     #[oai(write_only)]
@@ -42,6 +42,7 @@ impl std::fmt::Debug for RefreshRequest {
 
 /// Tokens from a login or a refresh.
 #[derive(Debug, Clone, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct TokenPair {
     /// A short-lived JWT: send it as `Authorization: Bearer <access_token>`.
     pub access_token: String,
@@ -55,6 +56,7 @@ pub struct TokenPair {
 
 /// A user, as the API shows it (never the password or its hash).
 #[derive(Debug, Clone, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct User {
     /// The user name.
     pub name: String,
@@ -82,6 +84,7 @@ impl From<user::Model> for User {
 
 /// The users.
 #[derive(Debug, Clone, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct UserList {
     /// By name.
     pub users: Vec<User>,
@@ -89,7 +92,7 @@ pub struct UserList {
 
 /// A new user.
 #[derive(Clone, Object)]
-#[oai(deny_unknown_fields)]
+#[oai(skip_serializing_if_is_none, deny_unknown_fields)]
 pub struct NewUser {
     /// 1 to 64 characters from A-Z, a-z, 0-9, `.`, `_`, `-` and `@`.
     pub name: String,
@@ -115,7 +118,7 @@ impl std::fmt::Debug for NewUser {
 
 /// Changes to a user; absent fields stay as they are.
 #[derive(Clone, Default, Object)]
-#[oai(deny_unknown_fields)]
+#[oai(skip_serializing_if_is_none, deny_unknown_fields)]
 pub struct UserPatch {
     /// A new role.
     pub role: Option<String>,
@@ -137,7 +140,7 @@ impl std::fmt::Debug for UserPatch {
 
 /// A user changing their own password.
 #[derive(Clone, Object)]
-#[oai(deny_unknown_fields)]
+#[oai(skip_serializing_if_is_none, deny_unknown_fields)]
 pub struct PasswordChange {
     /// The current password.
     #[oai(write_only)]
@@ -155,6 +158,7 @@ impl std::fmt::Debug for PasswordChange {
 
 /// Who the caller is.
 #[derive(Debug, Clone, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct Me {
     /// The principal's name.
     pub name: String,
@@ -170,7 +174,7 @@ pub struct Me {
 
 /// A new API token.
 #[derive(Debug, Clone, Object)]
-#[oai(deny_unknown_fields)]
+#[oai(skip_serializing_if_is_none, deny_unknown_fields)]
 pub struct NewToken {
     /// A name, to recognise it in lists (1 to 128 characters).
     pub name: String,
@@ -182,6 +186,7 @@ pub struct NewToken {
 
 /// An API token, as lists show it (never the secret).
 #[derive(Debug, Clone, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct Token {
     /// Its id: revoke it with `DELETE /api/v1/tokens/{id}`.
     pub id: String,
@@ -215,6 +220,7 @@ impl From<api_token::Model> for Token {
 
 /// A created API token: the only time its secret is shown.
 #[derive(Debug, Clone, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct CreatedToken {
     /// The secret: send it as `Authorization: Bearer <token>`. Keep it; it is not shown again.
     pub token: String,
@@ -225,6 +231,7 @@ pub struct CreatedToken {
 
 /// API tokens.
 #[derive(Debug, Clone, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct TokenList {
     /// Newest first.
     pub tokens: Vec<Token>,
@@ -232,6 +239,7 @@ pub struct TokenList {
 
 /// One audit record.
 #[derive(Debug, Clone, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct AuditEntry {
     /// Its id (a ULID).
     pub id: String,
@@ -283,6 +291,7 @@ impl From<audit::Model> for AuditEntry {
 
 /// A page of the audit trail, newest first.
 #[derive(Debug, Clone, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct AuditPage {
     /// The records.
     pub records: Vec<AuditEntry>,
@@ -292,6 +301,7 @@ pub struct AuditPage {
 
 /// What a purge removed.
 #[derive(Debug, Clone, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct Purged {
     /// Jobs removed from the history, the jobs bucket, and the events and logs streams.
     pub purged: u64,

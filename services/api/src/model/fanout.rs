@@ -12,7 +12,7 @@ use poem_openapi::{Enum, Object};
 
 /// Remote systems to fan out over: exactly one of `names` and `labels`.
 #[derive(Debug, Clone, Default, Object)]
-#[oai(deny_unknown_fields)]
+#[oai(skip_serializing_if_is_none, deny_unknown_fields)]
 pub struct SystemTargets {
     /// The systems, by name (1 to 1000, each once).
     pub names: Option<Vec<String>>,
@@ -40,7 +40,7 @@ impl From<SystemTargetsWire> for SystemTargets {
 
 /// Executor nodes to fan out over.
 #[derive(Debug, Clone, Default, Object)]
-#[oai(deny_unknown_fields)]
+#[oai(skip_serializing_if_is_none, deny_unknown_fields)]
 pub struct NodeTargets {
     /// Every node that is up and schedulable and carries all of these labels (none: every
     /// such node).
@@ -93,6 +93,7 @@ impl From<FanOutStatus> for FanOutOutcome {
 
 /// A fan-out's outcome and its targets by status, on its job.
 #[derive(Debug, Clone, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct FanOutSummary {
     /// The outcome: `partial` when some targets succeeded and others did not.
     pub outcome: FanOutOutcome,
@@ -167,6 +168,7 @@ impl From<TargetStatus> for TargetStatusView {
 
 /// One target of a fan-out and its job.
 #[derive(Debug, Clone, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct TargetView {
     /// The system's name or the node's id.
     pub target: String,
@@ -238,6 +240,7 @@ impl TargetView {
 
 /// A fan-out's targets.
 #[derive(Debug, Clone, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct JobTargets {
     /// The parent job.
     pub job: String,

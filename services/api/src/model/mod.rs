@@ -22,7 +22,7 @@ fn rfc3339(millis: i64) -> String {
 
 /// A job to run. Exactly one of `command` and `argv`.
 #[derive(Debug, Clone, Default, Object)]
-#[oai(deny_unknown_fields)]
+#[oai(skip_serializing_if_is_none, deny_unknown_fields)]
 pub struct JobSubmission {
     /// A command line, run with `sh -c`.
     pub command: Option<String>,
@@ -81,7 +81,7 @@ pub struct JobSubmission {
 
 /// How unsuccessful attempts of a job are retried. Every field is optional.
 #[derive(Debug, Clone, Default, Object)]
-#[oai(deny_unknown_fields)]
+#[oai(skip_serializing_if_is_none, deny_unknown_fields)]
 pub struct RetryPolicyBody {
     /// Attempts in all, the first included (1 to 100; default 3).
     pub max_attempts: Option<u32>,
@@ -95,7 +95,7 @@ pub struct RetryPolicyBody {
 
 /// Exponential backoff between attempts, in seconds.
 #[derive(Debug, Clone, Default, Object)]
-#[oai(deny_unknown_fields)]
+#[oai(skip_serializing_if_is_none, deny_unknown_fields)]
 pub struct BackoffBody {
     /// Wait before the second attempt (default 1).
     pub initial: Option<f64>,
@@ -194,6 +194,7 @@ impl From<JobSubmission> for JobSpecWire {
 
 /// A job as submitted, without its payload.
 #[derive(Debug, Clone, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct JobSpecView {
     /// Shell command.
     pub command: Option<String>,
@@ -419,6 +420,7 @@ fn event_kind_of(text: &str) -> EventKind {
 
 /// Output sizes of an attempt.
 #[derive(Debug, Clone, Copy, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct Output {
     /// Bytes written to standard output.
     pub stdout_bytes: u64,
@@ -440,6 +442,7 @@ impl From<capstan_protocol::OutputSummary> for Output {
 
 /// One attempt at running a job.
 #[derive(Debug, Clone, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct Attempt {
     /// Attempt number, from 1.
     pub attempt: u32,
@@ -519,6 +522,7 @@ fn output_of(stdout: Option<i64>, stderr: Option<i64>, truncated: Option<bool>) 
 
 /// A job: its spec and where it is.
 #[derive(Debug, Clone, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct Job {
     /// The job's id (a ULID).
     pub id: String,
@@ -655,6 +659,7 @@ impl Job {
 
 /// Who submitted a job.
 #[derive(Debug, Clone, PartialEq, Eq, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct Submitter {
     /// The principal: a user name, `oidc:<subject>`, or `nats` for a job published on NATS.
     pub principal: String,
@@ -687,6 +692,7 @@ impl Submitter {
 
 /// A job in a list.
 #[derive(Debug, Clone, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct JobSummary {
     /// Id.
     pub id: String,
@@ -726,6 +732,7 @@ impl From<job::Model> for JobSummary {
 
 /// A page of jobs, newest first.
 #[derive(Debug, Clone, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct JobPage {
     /// The jobs.
     pub jobs: Vec<JobSummary>,
@@ -735,6 +742,7 @@ pub struct JobPage {
 
 /// The id of a created job.
 #[derive(Debug, Clone, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct JobCreated {
     /// The job's id.
     pub id: String,
@@ -744,6 +752,7 @@ pub struct JobCreated {
 
 /// One event in a job's history.
 #[derive(Debug, Clone, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct JobEventView {
     /// Sequence in the event stream.
     pub seq: i64,
@@ -780,6 +789,7 @@ impl From<event::Model> for JobEventView {
 
 /// A job's events.
 #[derive(Debug, Clone, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct JobEvents {
     /// In the order they happened.
     pub events: Vec<JobEventView>,
@@ -787,6 +797,7 @@ pub struct JobEvents {
 
 /// What the job printed.
 #[derive(Debug, Clone, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct JobLogs {
     /// The job.
     pub job_id: String,
@@ -827,6 +838,7 @@ impl LogEventKind {
 
 /// One message of a followed log.
 #[derive(Debug, Clone, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct LogEvent {
     /// `stdout`, `stderr`, or `end` (the last message).
     pub kind: LogEventKind,
@@ -861,6 +873,7 @@ impl From<capstan_protocol::CancelOutcome> for CancelOutcome {
 
 /// What a cancel request did.
 #[derive(Debug, Clone, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct CancelAccepted {
     /// `cancelled` (it had not started) or `requested` (its executor is stopping it).
     pub outcome: CancelOutcome,
@@ -919,6 +932,7 @@ impl From<capstan_protocol::Availability> for NodeAvailability {
 
 /// An executor node.
 #[derive(Debug, Clone, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct Node {
     /// Node id.
     pub id: String,
@@ -952,6 +966,7 @@ pub struct Node {
 
 /// How the jobs a node ran ended, counted by the registry (at least once).
 #[derive(Debug, Clone, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct NodeFinished {
     /// Exited 0.
     pub succeeded: u64,
@@ -1000,6 +1015,7 @@ impl From<NodeRecord> for Node {
 
 /// The nodes.
 #[derive(Debug, Clone, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct NodeList {
     /// By id.
     pub nodes: Vec<Node>,
@@ -1007,6 +1023,7 @@ pub struct NodeList {
 
 /// A health answer.
 #[derive(Debug, Clone, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct Health {
     /// `ok`.
     pub status: String,

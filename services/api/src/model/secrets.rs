@@ -6,7 +6,7 @@ use poem_openapi::Object;
 
 /// A stored secret's value and its users, as an administrator sets them.
 #[derive(Clone, Object)]
-#[oai(deny_unknown_fields)]
+#[oai(skip_serializing_if_is_none, deny_unknown_fields)]
 pub struct SecretInput {
     /// The value, in clear: sealed before it is stored, and never shown again.
     #[oai(write_only)]
@@ -29,6 +29,7 @@ impl std::fmt::Debug for SecretInput {
 
 /// A stored secret, without its value.
 #[derive(Debug, Clone, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct Secret {
     /// Its name: what jobs give in `secret_refs`.
     pub name: String,
@@ -62,6 +63,7 @@ impl From<StoredSecret> for Secret {
 
 /// The stored secrets, by name.
 #[derive(Debug, Clone, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct SecretList {
     /// Every stored secret, without values.
     pub secrets: Vec<Secret>,

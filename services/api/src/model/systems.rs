@@ -21,7 +21,7 @@ pub enum AuthMethodName {
 /// A system's credential, as an administrator sends it: sealed before it is stored, and never
 /// shown again.
 #[derive(Clone, Object)]
-#[oai(deny_unknown_fields)]
+#[oai(skip_serializing_if_is_none, deny_unknown_fields)]
 pub struct AuthInput {
     /// `password` or `private_key`.
     pub method: AuthMethodName,
@@ -46,7 +46,7 @@ impl std::fmt::Debug for AuthInput {
 
 /// A system to add to the catalogue.
 #[derive(Debug, Clone, Object)]
-#[oai(deny_unknown_fields)]
+#[oai(skip_serializing_if_is_none, deny_unknown_fields)]
 pub struct SystemInput {
     /// Its name (1 to 64 of A-Z, a-z, 0-9, `-`, `_`): what jobs give in `system`.
     pub name: String,
@@ -73,7 +73,7 @@ pub struct SystemInput {
 
 /// A change to a system: the fields given are replaced, the others kept.
 #[derive(Debug, Clone, Object)]
-#[oai(deny_unknown_fields)]
+#[oai(skip_serializing_if_is_none, deny_unknown_fields)]
 pub struct SystemPatch {
     /// Host name or address (a new address forgets a key pinned on first use).
     pub hostname: Option<String>,
@@ -133,6 +133,7 @@ pub enum HostKeySource {
 
 /// What the gateways' checks found of a system.
 #[derive(Debug, Clone, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct SystemHealthView {
     /// What the last check found.
     pub status: HealthName,
@@ -148,7 +149,7 @@ pub struct SystemHealthView {
 
 /// A remote system, without its credential.
 #[derive(Debug, Clone, Object)]
-#[oai(rename = "System")]
+#[oai(skip_serializing_if_is_none, rename = "System")]
 pub struct SystemView {
     /// Its name.
     pub name: String,
@@ -238,6 +239,7 @@ impl SystemView {
 
 /// The remote systems, by name.
 #[derive(Debug, Clone, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct SystemList {
     /// Every system, without credentials.
     pub systems: Vec<SystemView>,

@@ -18,7 +18,7 @@ pub(crate) struct AuditApi(pub Option<std::sync::Arc<crate::State>>);
 impl AuditApi {
     /// Read the audit trail: every changing request and every security event, newest first.
     /// Needs `audit:read`.
-    #[oai(path = "/audit", method = "get")]
+    #[oai(path = "/audit", method = "get", operation_id = "listAudit")]
     #[allow(clippy::too_many_arguments)]
     async fn list(
         &self,

@@ -37,7 +37,7 @@ impl AuthApi {
     /// Returns a short-lived access token (a JWT) and a refresh token. Repeated attempts for
     /// one user name, or from one address, are locked out for a while: `429` with
     /// `Retry-After`.
-    #[oai(path = "/auth/login", method = "post")]
+    #[oai(path = "/auth/login", method = "post", operation_id = "login")]
     async fn login(
         &self,
         request: &Request,
@@ -82,7 +82,11 @@ impl AuthApi {
     ///
     /// The refresh token is used up: the answer carries the next one. Presenting a used
     /// refresh token again ends its whole session (whoever copied it is logged out too).
-    #[oai(path = "/auth/refresh", method = "post")]
+    #[oai(
+        path = "/auth/refresh",
+        method = "post",
+        operation_id = "refreshSession"
+    )]
     async fn refresh(
         &self,
         request: &Request,
@@ -169,7 +173,7 @@ impl AuthApi {
     ///
     /// Its refresh tokens stop working at once, and so do its access tokens, on every API
     /// replica.
-    #[oai(path = "/auth/logout", method = "post")]
+    #[oai(path = "/auth/logout", method = "post", operation_id = "logout")]
     async fn logout(
         &self,
         request: &Request,

@@ -58,7 +58,7 @@ impl JobsApi {
     /// Returns `202` with the new job's id once it is stored; `200` with the existing job's id
     /// when `idempotency_key` names one submitted within 24 hours. The job is attributed to the
     /// caller (`submitted_by`). Needs `jobs:submit`.
-    #[oai(path = "/jobs", method = "post")]
+    #[oai(path = "/jobs", method = "post", operation_id = "submitJob")]
     async fn submit(&self, auth: BearerAuth, body: SubmissionBody) -> Result<Submitted, ApiError> {
         let state = served(&self.0)?;
         let caller = auth.allow(Permission::JobsSubmit, AuditAction::JobSubmit, None)?;
@@ -91,7 +91,7 @@ impl JobsApi {
     ///
     /// Filters combine. Pages follow `next_cursor`; a page is stable however many jobs are
     /// submitted meanwhile. Needs `jobs:read`.
-    #[oai(path = "/jobs", method = "get")]
+    #[oai(path = "/jobs", method = "get", operation_id = "listJobs")]
     #[allow(clippy::too_many_arguments)]
     async fn list(
         &self,
@@ -99,6 +99,7 @@ impl JobsApi {
         /// Only jobs in this status.
         status: Query<Option<Status>>,
         /// Only jobs selecting this label, as `key=value`; repeat for several.
+        #[oai(default)]
         label: Query<Vec<String>>,
         /// Only jobs with this name.
         name: Query<Option<String>>,
@@ -152,8 +153,12 @@ impl JobsApi {
     /// A job that is still active is read from the live state and merged with its history.
     /// `env` values read `***` unless the caller submitted the job or holds `jobs:secrets`.
     /// Needs `jobs:read`.
-    #[oai(path = "/jobs/:id", method = "get")]
-    async fn get(&self, auth: BearerAuth, id: Path<String>) -> Result<Json<Job>, ApiError> {
+    #[oai(path = "/jobs/:id", method = "get", operation_id = "getJob")]
+    async fn get(
+        &self,
+        auth: BearerAuth,
+        #[oai(validator(pattern = "^[0-7][0-9A-HJKMNP-TV-Za-hjkmnp-tv-z]{25}$"))] id: Path<String>,
+    ) -> Result<Json<Job>, ApiError> {
         let state = served(&self.0)?;
         let caller = auth.allow_read(Permission::JobsRead)?;
         let id = job_id(&id.0)?;
@@ -195,11 +200,11 @@ impl JobsApi {
     /// Without `follow`, the output captured so far of one attempt (default: the current).
     /// With `follow=true`, server-sent events: output as it is produced, then an `end` event
     /// when the job finishes. Needs `jobs:read`.
-    #[oai(path = "/jobs/:id/logs", method = "get")]
+    #[oai(path = "/jobs/:id/logs", method = "get", operation_id = "getJobLogs")]
     async fn logs(
         &self,
         auth: BearerAuth,
-        id: Path<String>,
+        #[oai(validator(pattern = "^[0-7][0-9A-HJKMNP-TV-Za-hjkmnp-tv-z]{25}$"))] id: Path<String>,
         /// The attempt (default: the current one).
         attempt: Query<Option<u32>>,
         /// Stream output as server-sent events until the job ends.
@@ -220,11 +225,15 @@ impl JobsApi {
     /// `/api/v1/jobs/{job}/logs`), and the fan-out's outcome. The list is empty until a
     /// scheduler has resolved the targets (a moment after the submission). `404` for a job
     /// that is not a fan-out. Needs `jobs:read`.
-    #[oai(path = "/jobs/:id/targets", method = "get")]
+    #[oai(
+        path = "/jobs/:id/targets",
+        method = "get",
+        operation_id = "listJobTargets"
+    )]
     async fn targets(
         &self,
         auth: BearerAuth,
-        id: Path<String>,
+        #[oai(validator(pattern = "^[0-7][0-9A-HJKMNP-TV-Za-hjkmnp-tv-z]{25}$"))] id: Path<String>,
     ) -> Result<Json<JobTargets>, ApiError> {
         let state = served(&self.0)?;
         auth.allow_read(Permission::JobsRead)?;
@@ -256,11 +265,15 @@ impl JobsApi {
     /// Get the output of one target of a fan-out: its job's, as
     /// `/api/v1/jobs/{job}/logs` gives it (with `attempt` and `follow` alike). `404` when the
     /// fan-out has no such target, or the target has not started. Needs `jobs:read`.
-    #[oai(path = "/jobs/:id/targets/:target/logs", method = "get")]
+    #[oai(
+        path = "/jobs/:id/targets/:target/logs",
+        method = "get",
+        operation_id = "getJobTargetLogs"
+    )]
     async fn target_logs(
         &self,
         auth: BearerAuth,
-        id: Path<String>,
+        #[oai(validator(pattern = "^[0-7][0-9A-HJKMNP-TV-Za-hjkmnp-tv-z]{25}$"))] id: Path<String>,
         /// The system's name or the node's id.
         target: Path<String>,
         /// The attempt (default: the current one).
@@ -292,11 +305,15 @@ impl JobsApi {
     }
 
     /// Get a job's events, in the order they happened. Needs `jobs:read`.
-    #[oai(path = "/jobs/:id/events", method = "get")]
+    #[oai(
+        path = "/jobs/:id/events",
+        method = "get",
+        operation_id = "listJobEvents"
+    )]
     async fn events(
         &self,
         auth: BearerAuth,
-        id: Path<String>,
+        #[oai(validator(pattern = "^[0-7][0-9A-HJKMNP-TV-Za-hjkmnp-tv-z]{25}$"))] id: Path<String>,
     ) -> Result<Json<JobEvents>, ApiError> {
         let state = served(&self.0)?;
         auth.allow_read(Permission::JobsRead)?;
@@ -316,8 +333,12 @@ impl JobsApi {
     /// executor (its process group is killed) and then recorded `cancelled`. `409` when the
     /// job already finished. Needs `jobs:cancel:any`, or `jobs:cancel:own` for a job the
     /// caller submitted.
-    #[oai(path = "/jobs/:id/cancel", method = "post")]
-    async fn cancel(&self, auth: BearerAuth, id: Path<String>) -> Result<CancelResponse, ApiError> {
+    #[oai(path = "/jobs/:id/cancel", method = "post", operation_id = "cancelJob")]
+    async fn cancel(
+        &self,
+        auth: BearerAuth,
+        #[oai(validator(pattern = "^[0-7][0-9A-HJKMNP-TV-Za-hjkmnp-tv-z]{25}$"))] id: Path<String>,
+    ) -> Result<CancelResponse, ApiError> {
         let state = served(&self.0)?;
         let id = job_id(&id.0)?;
         let caller = auth.allow(
@@ -366,7 +387,7 @@ impl JobsApi {
     /// Removes jobs that ended before `finished_before` (and, if given, in `status`) from the
     /// history, the jobs bucket, and the events and logs streams, in batches of 500, at most
     /// `limit` per request; `more` says whether others remain. Needs `jobs:purge`.
-    #[oai(path = "/jobs", method = "delete")]
+    #[oai(path = "/jobs", method = "delete", operation_id = "purgeJobs")]
     async fn purge(
         &self,
         auth: BearerAuth,

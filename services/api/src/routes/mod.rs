@@ -99,6 +99,60 @@ pub(crate) fn service_description() -> OpenApiService<Apis, ()> {
     describe(apis(None))
 }
 
+/// The OpenAPI document as served at `/openapi.json` and written to `schemas/`: the
+/// description poem-openapi makes, with each documented reference written as the reference
+/// beside its description (poem-openapi wraps it as `allOf: [{$ref}, {description}]`, which
+/// client generators cannot take when the reference is an enum).
+pub(crate) fn spec_json() -> String {
+    let mut spec: serde_json::Value =
+        serde_json::from_str(&service_description().spec()).expect("poem-openapi writes JSON");
+    inline_documented_refs(&mut spec);
+    serde_json::to_string_pretty(&spec).expect("a JSON value prints")
+}
+
+/// Rewrites every `{"allOf": [{"$ref": r}, {annotations}]}` under `value` as
+/// `{"$ref": r, annotations}`.
+fn inline_documented_refs(value: &mut serde_json::Value) {
+    use serde_json::Value;
+    match value {
+        Value::Object(object) => {
+            let rewritten = match object.get("allOf").and_then(Value::as_array) {
+                Some(parts) if parts.len() == 2 => {
+                    let reference = parts[0]
+                        .as_object()
+                        .filter(|r| r.len() == 1)
+                        .and_then(|r| r.get("$ref"))
+                        .cloned();
+                    let annotations = parts[1].as_object().filter(|a| {
+                        a.keys().all(|key| {
+                            [
+                                "description",
+                                "default",
+                                "readOnly",
+                                "writeOnly",
+                                "deprecated",
+                            ]
+                            .contains(&key.as_str())
+                        })
+                    });
+                    reference.zip(annotations.cloned())
+                }
+                _ => None,
+            };
+            if let Some((reference, annotations)) = rewritten {
+                object.remove("allOf");
+                object.insert("$ref".into(), reference);
+                for (key, annotation) in annotations {
+                    object.entry(key).or_insert(annotation);
+                }
+            }
+            object.values_mut().for_each(inline_documented_refs);
+        }
+        Value::Array(items) => items.iter_mut().for_each(inline_documented_refs),
+        _ => {}
+    }
+}
+
 fn describe(apis: Apis) -> OpenApiService<Apis, ()> {
     OpenApiService::new(apis, "Capstan", capstan_protocol::VERSION)
         .description(
@@ -358,5 +412,49 @@ impl<E: Endpoint> Endpoint for BodyLimitEndpoint<E> {
             None => {}
         }
         self.inner.call(request).await
+    }
+}
+
+/// The methods each documented path takes, from the OpenAPI description: what a `405`
+/// lists in its `Allow` header.
+pub(crate) struct PathMethods(Vec<(Vec<String>, Vec<String>)>);
+
+impl PathMethods {
+    /// The table of the served description.
+    pub(crate) fn of_description() -> Self {
+        let spec: serde_json::Value = serde_json::from_str(&spec_json()).unwrap_or_default();
+        let mut table = Vec::new();
+        if let Some(paths) = spec["paths"].as_object() {
+            for (path, operations) in paths {
+                let methods = operations
+                    .as_object()
+                    .map(|operations| {
+                        operations
+                            .keys()
+                            .map(|method| method.to_ascii_uppercase())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                table.push((path.split('/').map(str::to_owned).collect(), methods));
+            }
+        }
+        Self(table)
+    }
+
+    /// The methods `path` takes, comma separated; `None` for a path not described. A path
+    /// matching several templates takes the most literal one's (`/users/me` before
+    /// `/users/{name}`).
+    pub(crate) fn allowed(&self, path: &str) -> Option<String> {
+        let segments: Vec<&str> = path.split('/').collect();
+        self.0
+            .iter()
+            .filter(|(template, _)| {
+                template.len() == segments.len()
+                    && template.iter().zip(&segments).all(|(part, segment)| {
+                        part == segment || (part.starts_with('{') && !segment.is_empty())
+                    })
+            })
+            .max_by_key(|(template, _)| template.iter().filter(|p| !p.starts_with('{')).count())
+            .map(|(_, methods)| methods.join(", "))
     }
 }

@@ -16,7 +16,7 @@ pub(crate) struct NodesApi(pub Option<std::sync::Arc<crate::State>>);
 #[OpenApi(prefix_path = "/api/v1", tag = "Tag::Nodes")]
 impl NodesApi {
     /// List executor nodes. Needs `nodes:read`.
-    #[oai(path = "/nodes", method = "get")]
+    #[oai(path = "/nodes", method = "get", operation_id = "listNodes")]
     async fn list(&self, auth: BearerAuth) -> Result<Json<NodeList>, ApiError> {
         let state = served(&self.0)?;
         auth.allow_read(Permission::NodesRead)?;
@@ -33,8 +33,12 @@ impl NodesApi {
     }
 
     /// Get an executor node. Needs `nodes:read`.
-    #[oai(path = "/nodes/:id", method = "get")]
-    async fn get(&self, auth: BearerAuth, id: Path<String>) -> Result<Json<Node>, ApiError> {
+    #[oai(path = "/nodes/:id", method = "get", operation_id = "getNode")]
+    async fn get(
+        &self,
+        auth: BearerAuth,
+        #[oai(validator(pattern = "^[A-Za-z0-9_-]{1,64}$"))] id: Path<String>,
+    ) -> Result<Json<Node>, ApiError> {
         let state = served(&self.0)?;
         auth.allow_read(Permission::NodesRead)?;
         let node = NodeId::new(id.0.clone())
@@ -47,8 +51,16 @@ impl NodesApi {
 
     /// Cordon a node: no new jobs are placed on it; what it runs finishes normally. Needs
     /// `nodes:manage`.
-    #[oai(path = "/nodes/:id/cordon", method = "post")]
-    async fn cordon(&self, auth: BearerAuth, id: Path<String>) -> Result<Json<Node>, ApiError> {
+    #[oai(
+        path = "/nodes/:id/cordon",
+        method = "post",
+        operation_id = "cordonNode"
+    )]
+    async fn cordon(
+        &self,
+        auth: BearerAuth,
+        #[oai(validator(pattern = "^[A-Za-z0-9_-]{1,64}$"))] id: Path<String>,
+    ) -> Result<Json<Node>, ApiError> {
         auth.allow(
             Permission::NodesManage,
             AuditAction::NodeCordon,
@@ -59,8 +71,16 @@ impl NodesApi {
     }
 
     /// Uncordon a node: it takes new jobs again (also ends a drain). Needs `nodes:manage`.
-    #[oai(path = "/nodes/:id/uncordon", method = "post")]
-    async fn uncordon(&self, auth: BearerAuth, id: Path<String>) -> Result<Json<Node>, ApiError> {
+    #[oai(
+        path = "/nodes/:id/uncordon",
+        method = "post",
+        operation_id = "uncordonNode"
+    )]
+    async fn uncordon(
+        &self,
+        auth: BearerAuth,
+        #[oai(validator(pattern = "^[A-Za-z0-9_-]{1,64}$"))] id: Path<String>,
+    ) -> Result<Json<Node>, ApiError> {
         auth.allow(
             Permission::NodesManage,
             AuditAction::NodeUncordon,
@@ -76,11 +96,11 @@ impl NodesApi {
     /// placed elsewhere; running jobs may finish until the deadline, when they are stopped
     /// and handed back for another attempt elsewhere. The node reports `drained` once it holds
     /// nothing. Needs `nodes:manage`.
-    #[oai(path = "/nodes/:id/drain", method = "post")]
+    #[oai(path = "/nodes/:id/drain", method = "post", operation_id = "drainNode")]
     async fn drain(
         &self,
         auth: BearerAuth,
-        id: Path<String>,
+        #[oai(validator(pattern = "^[A-Za-z0-9_-]{1,64}$"))] id: Path<String>,
         /// Seconds running jobs may take before they are stopped and handed back (default
         /// 300).
         deadline_seconds: Query<Option<u64>>,

@@ -14,7 +14,7 @@ pub(crate) struct OperationsApi(pub Option<std::sync::Arc<crate::State>>);
 #[OpenApi(tag = "Tag::Operations")]
 impl OperationsApi {
     /// Liveness: the process is up. No credential needed.
-    #[oai(path = "/healthz", method = "get")]
+    #[oai(path = "/healthz", method = "get", operation_id = "getHealth")]
     async fn healthz(&self) -> Json<Health> {
         Json(Health {
             status: "ok".into(),
@@ -23,7 +23,7 @@ impl OperationsApi {
     }
 
     /// Readiness: NATS and the history database are reachable. No credential needed.
-    #[oai(path = "/readyz", method = "get")]
+    #[oai(path = "/readyz", method = "get", operation_id = "getReadiness")]
     async fn readyz(&self) -> Result<Json<Health>, ApiError> {
         let state = served(&self.0)?;
         let nats = state.mesh.client.connection_state();
@@ -47,7 +47,7 @@ impl OperationsApi {
 
     /// Prometheus metrics: jobs by status, queue depths, latencies. Needs `metrics:read`
     /// (or use the open listener of `CAPSTAN_METRICS_LISTEN`).
-    #[oai(path = "/metrics", method = "get")]
+    #[oai(path = "/metrics", method = "get", operation_id = "getMetrics")]
     async fn metrics(&self, auth: BearerAuth) -> Result<PlainText<String>, ApiError> {
         let state = served(&self.0)?;
         auth.allow_read(Permission::MetricsRead)?;

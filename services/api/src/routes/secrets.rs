@@ -44,7 +44,7 @@ enum Deleted {
 #[OpenApi(prefix_path = "/api/v1", tag = "Tag::Secrets")]
 impl SecretsApi {
     /// List the stored secrets: names, users and history, never values. Needs `secrets:read`.
-    #[oai(path = "/secrets", method = "get")]
+    #[oai(path = "/secrets", method = "get", operation_id = "listSecrets")]
     async fn list(&self, auth: BearerAuth) -> Result<Json<SecretList>, ApiError> {
         let state = served(&self.0)?;
         auth.allow_read(Permission::SecretsRead)?;
@@ -61,8 +61,12 @@ impl SecretsApi {
     }
 
     /// Get a stored secret, without its value. Needs `secrets:read`.
-    #[oai(path = "/secrets/:name", method = "get")]
-    async fn get(&self, auth: BearerAuth, name: Path<String>) -> Result<Json<Secret>, ApiError> {
+    #[oai(path = "/secrets/:name", method = "get", operation_id = "getSecret")]
+    async fn get(
+        &self,
+        auth: BearerAuth,
+        #[oai(validator(pattern = "^[A-Za-z0-9_-]{1,64}$"))] name: Path<String>,
+    ) -> Result<Json<Secret>, ApiError> {
         let state = served(&self.0)?;
         auth.allow_read(Permission::SecretsRead)?;
         checked_name(&name.0)?;
@@ -81,11 +85,11 @@ impl SecretsApi {
     /// stored, and no response, log or audit record holds it. Jobs name it in `secret_refs`;
     /// those of a submitter `usable_by` does not list fail to start. Needs `secrets:manage` and
     /// the API's secret keys (`CAPSTAN_SECRET_KEYS`).
-    #[oai(path = "/secrets/:name", method = "put")]
+    #[oai(path = "/secrets/:name", method = "put", operation_id = "putSecret")]
     async fn put(
         &self,
         auth: BearerAuth,
-        name: Path<String>,
+        #[oai(validator(pattern = "^[A-Za-z0-9_-]{1,64}$"))] name: Path<String>,
         body: Json<SecretInput>,
     ) -> Result<Stored, ApiError> {
         let state = served(&self.0)?;
@@ -163,8 +167,16 @@ impl SecretsApi {
 
     /// Delete a stored secret. Jobs that name it and have not started fail to start. Needs
     /// `secrets:manage`.
-    #[oai(path = "/secrets/:name", method = "delete")]
-    async fn delete(&self, auth: BearerAuth, name: Path<String>) -> Result<Deleted, ApiError> {
+    #[oai(
+        path = "/secrets/:name",
+        method = "delete",
+        operation_id = "deleteSecret"
+    )]
+    async fn delete(
+        &self,
+        auth: BearerAuth,
+        #[oai(validator(pattern = "^[A-Za-z0-9_-]{1,64}$"))] name: Path<String>,
+    ) -> Result<Deleted, ApiError> {
         let state = served(&self.0)?;
         auth.allow(
             Permission::SecretsManage,

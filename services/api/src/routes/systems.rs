@@ -53,12 +53,13 @@ enum Deleted {
 impl SystemsApi {
     /// List the remote systems, without credentials, with their health, by name. Needs
     /// `systems:read`.
-    #[oai(path = "/systems", method = "get")]
+    #[oai(path = "/systems", method = "get", operation_id = "listSystems")]
     async fn list(
         &self,
         auth: BearerAuth,
         /// Only systems carrying this label, as `key=value`; repeat for several (all must
         /// match).
+        #[oai(default)]
         label: Query<Vec<String>>,
     ) -> Result<Json<SystemList>, ApiError> {
         let state = served(&self.0)?;
@@ -83,11 +84,11 @@ impl SystemsApi {
     }
 
     /// Get a remote system, without its credential. Needs `systems:read`.
-    #[oai(path = "/systems/:name", method = "get")]
+    #[oai(path = "/systems/:name", method = "get", operation_id = "getSystem")]
     async fn get(
         &self,
         auth: BearerAuth,
-        name: Path<String>,
+        #[oai(validator(pattern = "^[A-Za-z0-9_-]{1,64}$"))] name: Path<String>,
     ) -> Result<Json<SystemView>, ApiError> {
         let state = served(&self.0)?;
         auth.allow_read(Permission::SystemsRead)?;
@@ -102,7 +103,7 @@ impl SystemsApi {
     /// field) before it is stored; no response, log, event or audit record holds it. Without
     /// `host_key`, the system is refused unless `trust_on_first_use` asks for the first key a
     /// gateway sees to be pinned. Needs `systems:manage` and the API's secret keys.
-    #[oai(path = "/systems", method = "post")]
+    #[oai(path = "/systems", method = "post", operation_id = "createSystem")]
     async fn create(&self, auth: BearerAuth, body: Json<SystemInput>) -> Result<Created, ApiError> {
         let state = served(&self.0)?;
         let caller = auth.allow(
@@ -147,11 +148,15 @@ impl SystemsApi {
     /// Change a remote system: the fields given are replaced. A new address, port or pinned
     /// key forgets what the checks found and any key pinned on first use. Needs
     /// `systems:manage` (and the secret keys for a new credential).
-    #[oai(path = "/systems/:name", method = "patch")]
+    #[oai(
+        path = "/systems/:name",
+        method = "patch",
+        operation_id = "updateSystem"
+    )]
     async fn update(
         &self,
         auth: BearerAuth,
-        name: Path<String>,
+        #[oai(validator(pattern = "^[A-Za-z0-9_-]{1,64}$"))] name: Path<String>,
         body: Json<SystemPatch>,
     ) -> Result<Json<SystemView>, ApiError> {
         let state = served(&self.0)?;
@@ -277,8 +282,16 @@ impl SystemsApi {
 
     /// Remove a remote system, with what its checks found. Jobs naming it fail to start from
     /// now on. Needs `systems:manage`.
-    #[oai(path = "/systems/:name", method = "delete")]
-    async fn delete(&self, auth: BearerAuth, name: Path<String>) -> Result<Deleted, ApiError> {
+    #[oai(
+        path = "/systems/:name",
+        method = "delete",
+        operation_id = "deleteSystem"
+    )]
+    async fn delete(
+        &self,
+        auth: BearerAuth,
+        #[oai(validator(pattern = "^[A-Za-z0-9_-]{1,64}$"))] name: Path<String>,
+    ) -> Result<Deleted, ApiError> {
         let state = served(&self.0)?;
         auth.allow(
             Permission::SystemsManage,

@@ -48,7 +48,7 @@ fn db_error(error: impl Into<capstan_store::Error>) -> ApiError {
 impl TokensApi {
     /// Create an API token acting for the caller, with at most the caller's role. Needs
     /// `tokens:create` and a password login: tokens and a provider's users make none.
-    #[oai(path = "/tokens", method = "post")]
+    #[oai(path = "/tokens", method = "post", operation_id = "createToken")]
     async fn create(&self, auth: BearerAuth, body: Json<NewToken>) -> Result<Created, ApiError> {
         let state = served(&self.0)?;
         let caller = auth
@@ -127,7 +127,7 @@ impl TokensApi {
 
     /// List API tokens: the caller's own, or with `tokens:manage` anyone's (`owner` picks one
     /// user's). Never shows a secret.
-    #[oai(path = "/tokens", method = "get")]
+    #[oai(path = "/tokens", method = "get", operation_id = "listTokens")]
     async fn list(
         &self,
         auth: BearerAuth,
@@ -159,7 +159,7 @@ impl TokensApi {
 
     /// Revoke an API token: one's own with no more permissions than the caller's, or any with
     /// `tokens:manage`. Every replica refuses it from now on.
-    #[oai(path = "/tokens/:id", method = "delete")]
+    #[oai(path = "/tokens/:id", method = "delete", operation_id = "revokeToken")]
     async fn revoke(&self, auth: BearerAuth, id: Path<String>) -> Result<Revoked, ApiError> {
         let state = served(&self.0)?;
         let id = id.0;

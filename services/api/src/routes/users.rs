@@ -49,7 +49,7 @@ fn parse_role(text: &str) -> Result<Role, ApiError> {
 #[OpenApi(prefix_path = "/api/v1", tag = "Tag::Users")]
 impl UsersApi {
     /// List users. Needs `users:manage`.
-    #[oai(path = "/users", method = "get")]
+    #[oai(path = "/users", method = "get", operation_id = "listUsers")]
     async fn list(&self, auth: BearerAuth) -> Result<Json<UserList>, ApiError> {
         let state = served(&self.0)?;
         auth.allow_read(Permission::UsersManage)?;
@@ -62,7 +62,7 @@ impl UsersApi {
     }
 
     /// Create a user. Needs `users:manage`.
-    #[oai(path = "/users", method = "post")]
+    #[oai(path = "/users", method = "post", operation_id = "createUser")]
     async fn create(&self, auth: BearerAuth, body: Json<NewUser>) -> Result<Created, ApiError> {
         let state = served(&self.0)?;
         let NewUser {
@@ -110,7 +110,7 @@ impl UsersApi {
 
     /// Who the caller is: name, role, how it authenticated, and its permissions. Needs only a
     /// valid credential.
-    #[oai(path = "/users/me", method = "get")]
+    #[oai(path = "/users/me", method = "get", operation_id = "getCurrentUser")]
     async fn me(&self, auth: BearerAuth) -> Result<Json<Me>, ApiError> {
         served(&self.0)?;
         let caller = auth.principal();
@@ -131,7 +131,11 @@ impl UsersApi {
     /// Change one's own password, giving the current one. Every session of the user ends,
     /// this one included: log in again with the new password. Only for users who logged in
     /// with a password.
-    #[oai(path = "/users/me/password", method = "post")]
+    #[oai(
+        path = "/users/me/password",
+        method = "post",
+        operation_id = "changePassword"
+    )]
     async fn change_password(
         &self,
         auth: BearerAuth,
@@ -188,7 +192,7 @@ impl UsersApi {
     }
 
     /// Change a user: role, disabled, or a password reset. Needs `users:manage`.
-    #[oai(path = "/users/:name", method = "patch")]
+    #[oai(path = "/users/:name", method = "patch", operation_id = "updateUser")]
     async fn update(
         &self,
         auth: BearerAuth,
@@ -268,7 +272,7 @@ impl UsersApi {
 
     /// Delete a user. Their sessions and API tokens stop working at once; the jobs they
     /// submitted keep their attribution. Needs `users:manage`.
-    #[oai(path = "/users/:name", method = "delete")]
+    #[oai(path = "/users/:name", method = "delete", operation_id = "deleteUser")]
     async fn delete(&self, auth: BearerAuth, name: Path<String>) -> Result<Done, ApiError> {
         let state = served(&self.0)?;
         let name = name.0;
