@@ -103,7 +103,7 @@ impl Error {
     pub fn unavailable(op: &'static str, error: impl Into<BoxError>) -> Self {
         crate::metrics::mesh()
             .errors
-            .get_or_create(&crate::metrics::label("op", op))
+            .get_or_create(&[("op", op)])
             .inc();
         Self::Unavailable {
             op,

@@ -38,6 +38,9 @@ pub type Counters = Family<[Label; 1], Counter>;
 pub type Counters2 = Family<[Label; 2], Counter>;
 /// A family of gauges with one label.
 pub type Gauges = Family<[Label; 1], Gauge>;
+/// A label whose value is fixed in the code (an operation's name): no allocation to count.
+pub type StaticLabel = [(&'static str, &'static str); 1];
+
 /// A family of latency histograms with one label (see [`latency`]).
 pub type Histograms = Family<[Label; 1], Histogram, fn() -> Histogram>;
 
@@ -76,9 +79,9 @@ const COMMON_OPS: [&str; 5] = [
 pub struct MeshMetrics {
     /// Request round trips (a KV read or write, a publish awaiting its acknowledgement), by
     /// operation.
-    pub requests: Histograms,
+    pub requests: Family<StaticLabel, Histogram, fn() -> Histogram>,
     /// NATS operations that failed for want of the server, by operation.
-    pub errors: Counters,
+    pub errors: Family<StaticLabel, Counter>,
     /// Rejections published, by origin and code.
     pub rejections: Counters2,
     /// Messages a consumer received again (delivered more than once), by consumer.
@@ -86,8 +89,8 @@ pub struct MeshMetrics {
 }
 
 static MESH: LazyLock<MeshMetrics> = LazyLock::new(|| MeshMetrics {
-    requests: latencies(),
-    errors: Counters::default(),
+    requests: Family::new_with_constructor(latency as fn() -> Histogram),
+    errors: Family::default(),
     rejections: Counters2::default(),
     redeliveries: Counters::default(),
 });
@@ -101,7 +104,7 @@ impl MeshMetrics {
     /// Records one round trip of `op` that took from `started` until now.
     pub fn request(&self, op: &'static str, started: Instant) {
         self.requests
-            .get_or_create(&label("op", op))
+            .get_or_create(&[("op", op)])
             .observe(started.elapsed().as_secs_f64());
     }
 
@@ -122,7 +125,7 @@ impl MeshMetrics {
         // The common operations' error counts read zero before the first error, so a rate
         // over them is defined from the start.
         for op in COMMON_OPS {
-            drop(self.errors.get_or_create(&label("op", op)));
+            drop(self.errors.get_or_create(&[("op", op)]));
         }
         registry.register(
             "capstan_nats_request_seconds",

@@ -136,8 +136,14 @@ impl Metrics {
         self.submitted.inc();
     }
 
-    /// A request was answered with `status` after `took`.
+    /// A request was answered with `status` after `took`. Methods other than the standard
+    /// ones count as `other`: a client inventing methods must not grow the series.
     pub fn request(&self, method: &str, status: u16, took: Duration) {
+        const KNOWN: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
+        let method = KNOWN
+            .into_iter()
+            .find(|known| *known == method)
+            .unwrap_or("other");
         self.requests
             .get_or_create(&[
                 ("method", method.to_owned()),

@@ -7,11 +7,14 @@
 //!
 //! These tests read files only: nothing here starts a container.
 
+#[path = "shared/deployment.rs"]
+mod deployment;
+use deployment::{env_vars, known_binaries, service_binaries, telemetry_otel_variables};
+
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::Path;
 
-use clap::CommandFactory;
 use yaml_rust2::{Yaml, YamlLoader};
 
 /// Variables read by the shared telemetry set-up rather than by a flag.
@@ -31,25 +34,6 @@ fn load_yaml(relative: &str) -> Yaml {
 
 fn compose() -> Yaml {
     load_yaml("docker-compose.yml")
-}
-
-fn env_vars(command: clap::Command) -> HashSet<String> {
-    command
-        .get_arguments()
-        .filter_map(|arg| arg.get_env())
-        .map(|env| env.to_string_lossy().into_owned())
-        .collect()
-}
-
-/// Every Capstan binary a compose service may run, with its configuration.
-fn known_binaries() -> [(&'static str, clap::Command); 5] {
-    [
-        ("capstan-registry", capstan_registry::Config::command()),
-        ("capstan-scheduler", capstan_scheduler::Config::command()),
-        ("capstan-executor", capstan_executor::Config::command()),
-        ("capstan-api", capstan_api::Config::command()),
-        ("capstan", capstan_api::admin::Cli::command()),
-    ]
 }
 
 /// The (sub)command a compose service's `command` runs: for `capstan nats apply`, the `apply`
@@ -144,65 +128,6 @@ fn service<'a>(compose: &'a Yaml, name: &str) -> &'a Yaml {
     service
 }
 
-/// The `OTEL_*` variables libs/telemetry reads: every string literal naming one in its sources.
-/// Scanning keeps this in step with the crate; documentation mentions (in backticks, such as
-/// variables the OpenTelemetry SDK reads by itself) do not count.
-fn telemetry_otel_variables() -> HashSet<String> {
-    fn scan(dir: &Path, found: &mut HashSet<String>) {
-        for entry in std::fs::read_dir(dir)
-            .expect("readable directory")
-            .flatten()
-        {
-            let path = entry.path();
-            if path.is_dir() {
-                scan(&path, found);
-            } else if path.extension().is_some_and(|e| e == "rs") {
-                let text = std::fs::read_to_string(&path).expect("readable source");
-                for (start, _) in text.match_indices("\"OTEL_") {
-                    let rest = &text[start + 1..];
-                    if let Some(end) = rest.find('"') {
-                        found.insert(rest[..end].to_owned());
-                    }
-                }
-            }
-        }
-    }
-    let mut found = HashSet::new();
-    scan(
-        &capstan_testkit::workspace_root().join("libs/telemetry/src"),
-        &mut found,
-    );
-    assert!(
-        found.contains("OTEL_EXPORTER_OTLP_ENDPOINT"),
-        "libs/telemetry no longer names OTEL_EXPORTER_OTLP_ENDPOINT; found {found:?}"
-    );
-    found
-}
-
-/// The `[[bin]]` names declared by the services' manifests.
-fn service_binaries() -> Vec<String> {
-    let root = capstan_testkit::workspace_root();
-    let mut binaries = Vec::new();
-    for entry in std::fs::read_dir(root.join("services"))
-        .expect("services directory")
-        .flatten()
-    {
-        let Ok(manifest) = std::fs::read_to_string(entry.path().join("Cargo.toml")) else {
-            continue;
-        };
-        let mut in_bin = false;
-        for line in manifest.lines().map(str::trim) {
-            if line.starts_with('[') {
-                in_bin = line == "[[bin]]";
-            } else if in_bin && let Some(value) = line.strip_prefix("name") {
-                let name = value.trim_start().trim_start_matches('=').trim();
-                binaries.push(name.trim_matches('"').to_owned());
-            }
-        }
-    }
-    binaries
-}
-
 /// `host` and `port` of an address such as `http://otel-collector:4318`, `jaeger:4317` or
 /// `0.0.0.0:4318`.
 fn host_and_port(address: &str) -> (String, u16) {
@@ -274,7 +199,7 @@ fn compose_services_run_built_binaries_with_variables_they_read() {
     let otel = telemetry_otel_variables();
     let mut seen = HashSet::new();
     for (name, binary, service) in capstan_services(&compose) {
-        let vars = env_vars(command_of(&name, &binary, &service));
+        let vars = env_vars(&command_of(&name, &binary, &service));
         assert!(
             dockerfile.contains(binary.as_str()),
             "the image lacks {binary}"

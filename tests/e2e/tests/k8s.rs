@@ -17,6 +17,10 @@
 //! Nothing here needs a cluster or a Docker engine. A tool that cannot be installed fails the
 //! tests that need it, saying why.
 
+#[path = "shared/deployment.rs"]
+mod deployment;
+use deployment::{env_vars, known_binaries, service_binaries, telemetry_otel_variables};
+
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -26,7 +30,6 @@ use std::sync::OnceLock;
 use capstan_mesh::identities::{ACCOUNTS, Identity};
 use capstan_protocol::NodeId;
 use capstan_testkit::pyenv::{captured, printed};
-use clap::CommandFactory;
 use yaml_rust2::{Yaml, YamlLoader};
 
 /// What the venv holds, every version pinned (the tools and what they depend on), so that every
@@ -429,17 +432,6 @@ fn value_of(environment: &[(String, Source)], key: &str) -> Option<String> {
     })
 }
 
-/// Every Capstan binary a manifest may run, with its configuration.
-fn known_binaries() -> [(&'static str, clap::Command); 5] {
-    [
-        ("capstan-registry", capstan_registry::Config::command()),
-        ("capstan-scheduler", capstan_scheduler::Config::command()),
-        ("capstan-executor", capstan_executor::Config::command()),
-        ("capstan-api", capstan_api::Config::command()),
-        ("capstan", capstan_api::admin::Cli::command()),
-    ]
-}
-
 /// The command line of the binary `argv` runs.
 fn root(argv: &[String]) -> clap::Command {
     known_binaries()
@@ -460,71 +452,6 @@ fn leaf(argv: &[String]) -> clap::Command {
         }
     }
     leaf
-}
-
-fn env_vars(command: &clap::Command) -> HashSet<String> {
-    command
-        .get_arguments()
-        .filter_map(|arg| arg.get_env())
-        .map(|env| env.to_string_lossy().into_owned())
-        .collect()
-}
-
-/// The `OTEL_*` variables libs/telemetry reads: every string literal naming one in its sources.
-fn telemetry_otel_variables() -> HashSet<String> {
-    fn scan(dir: &Path, found: &mut HashSet<String>) {
-        for entry in std::fs::read_dir(dir)
-            .expect("readable directory")
-            .flatten()
-        {
-            let path = entry.path();
-            if path.is_dir() {
-                scan(&path, found);
-            } else if path.extension().is_some_and(|e| e == "rs") {
-                let text = std::fs::read_to_string(&path).expect("readable source");
-                for (start, _) in text.match_indices("\"OTEL_") {
-                    let rest = &text[start + 1..];
-                    if let Some(end) = rest.find('"') {
-                        found.insert(rest[..end].to_owned());
-                    }
-                }
-            }
-        }
-    }
-    let mut found = HashSet::new();
-    scan(
-        &capstan_testkit::workspace_root().join("libs/telemetry/src"),
-        &mut found,
-    );
-    assert!(
-        found.contains("OTEL_EXPORTER_OTLP_ENDPOINT"),
-        "libs/telemetry no longer names OTEL_EXPORTER_OTLP_ENDPOINT; found {found:?}"
-    );
-    found
-}
-
-/// The `[[bin]]` names declared by the services' manifests.
-fn service_binaries() -> Vec<String> {
-    let root = capstan_testkit::workspace_root();
-    let mut binaries = Vec::new();
-    for entry in std::fs::read_dir(root.join("services"))
-        .expect("services directory")
-        .flatten()
-    {
-        let Ok(manifest) = std::fs::read_to_string(entry.path().join("Cargo.toml")) else {
-            continue;
-        };
-        let mut in_bin = false;
-        for line in manifest.lines().map(str::trim) {
-            if line.starts_with('[') {
-                in_bin = line == "[[bin]]";
-            } else if in_bin && let Some(value) = line.strip_prefix("name") {
-                let name = value.trim_start().trim_start_matches('=').trim();
-                binaries.push(name.trim_matches('"').to_owned());
-            }
-        }
-    }
-    binaries
 }
 
 /// The uid deploy/Dockerfile gives the image's user.
