@@ -313,6 +313,9 @@ pub enum AuditOutcome {
 }
 
 impl AuditOutcome {
+    /// Every outcome.
+    pub const ALL: [AuditOutcome; 4] = [Self::Success, Self::Failure, Self::Denied, Self::Error];
+
     /// The snake_case name.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -327,7 +330,7 @@ impl AuditOutcome {
 impl std::str::FromStr for AuditOutcome {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        [Self::Success, Self::Failure, Self::Denied, Self::Error]
+        Self::ALL
             .into_iter()
             .find(|outcome| outcome.as_str() == s)
             .ok_or_else(|| format!("`{s}` is not an audit outcome"))

@@ -11,6 +11,9 @@ use capstan_mesh::config::parse_duration;
 use crate::auth::Role;
 use crate::auth::secret::Secret;
 
+/// The shortest password taken unless `CAPSTAN_PASSWORD_MIN_LENGTH` says otherwise.
+pub const DEFAULT_PASSWORD_MIN_LENGTH: usize = 12;
+
 /// The API's configuration.
 #[derive(Debug, Clone, clap::Parser)]
 #[command(
@@ -89,7 +92,7 @@ pub struct AuthArgs {
     pub admin_password: Option<Secret>,
 
     /// The shortest password accepted.
-    #[arg(long, env = "CAPSTAN_PASSWORD_MIN_LENGTH", default_value_t = 12)]
+    #[arg(long, env = "CAPSTAN_PASSWORD_MIN_LENGTH", default_value_t = DEFAULT_PASSWORD_MIN_LENGTH)]
     pub password_min_length: usize,
 
     /// Requests per second per principal (0: no limit); each replica enforces its share.
@@ -176,7 +179,7 @@ impl AuthArgs {
             access_token_ttl: Duration::from_secs(900),
             refresh_token_ttl: Duration::from_secs(7 * 86_400),
             admin_password: Some(Secret::new(admin_password)),
-            password_min_length: 12,
+            password_min_length: DEFAULT_PASSWORD_MIN_LENGTH,
             rate_limit: 0,
             rate_limit_burst: 200,
             login_burst: 10,

@@ -126,6 +126,18 @@ impl ApiError {
         ))
     }
 
+    /// 403 for a proof the request carries that does not hold (a current password), naming
+    /// the field.
+    pub fn forbidden_field(detail: impl Into<String>, field: &str) -> Self {
+        Self::Forbidden(problem(
+            "forbidden",
+            "Forbidden",
+            StatusCode::FORBIDDEN,
+            detail.into(),
+            Some(field.to_owned()),
+        ))
+    }
+
     /// 429, retry after `retry_after`.
     pub fn too_many_requests(detail: impl Into<String>, retry_after: std::time::Duration) -> Self {
         Self::TooManyRequests(

@@ -82,8 +82,13 @@ async fn schemathesis_finds_every_answer_of_the_running_api_as_its_document_desc
         .await;
     assert_eq!(reply.status.as_u16(), 202, "{}", reply.text());
 
+    // schemathesis keeps a cache of what it found where it runs: in a directory of its own,
+    // each run starts afresh and the checkout stays clean.
+    let work = tempfile::tempdir().expect("a temporary directory");
+    let cwd = work.path().to_owned();
     let run = tokio::task::spawn_blocking(move || {
         Command::new(&schemathesis)
+            .current_dir(&cwd)
             .args(["run", &format!("{base}/openapi.json")])
             .args([
                 "--checks",

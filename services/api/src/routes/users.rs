@@ -168,9 +168,9 @@ impl UsersApi {
             || !password::verify(current_password, Some(user.password_hash.clone())).await
         {
             auth.detail("wrong current password");
-            return Err(ApiError::bad_request(
+            return Err(ApiError::forbidden_field(
                 "the current password is wrong",
-                Some("current_password"),
+                "current_password",
             ));
         }
         check_password(&new_password, state.access.password_min_length)
