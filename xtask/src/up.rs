@@ -281,14 +281,15 @@ pub(crate) fn nats_command(
         ),
         None => String::new(),
     };
-    // The store's limit is set: the server's default, three quarters of the free disk, can
-    // be less than the streams and buckets reserve (their limits, tens of GiB) on a laptop.
+    // The store's limit is what the streams and buckets reserve: the server's default, three
+    // quarters of the free disk, can be less on a laptop.
     std::fs::write(
         &config,
         format!(
             "listen: \"127.0.0.1:{port}\"\nserver_name: capstan-dev\n\
-             jetstream {{\n  store_dir: {store:?}\n  max_file_store: 1TB\n{sync}}}\ninclude {accounts:?}\n{tls}",
+             jetstream {{\n  store_dir: {store:?}\n  max_file_store: {reserved}\n{sync}}}\ninclude {accounts:?}\n{tls}",
             accounts = capstan_mesh::identities::ACCOUNTS,
+            reserved = capstan_protocol::topology::reserved_bytes(),
         ),
     )
     .with_context(|| format!("cannot write {}", config.display()))?;

@@ -211,9 +211,11 @@ pub fn server_config(identities: &Identities, store_dir: &Path) -> Result<PathBu
          # off public networks.\n\
          http_port: 8222\n\
          \n\
-         # JetStream keeps the streams and buckets. For fsync on every write (the durable mode),\n\
-         # add `sync_interval: always`.\n\
-         jetstream {{\n  store_dir: {store:?}\n}}\n\
+         # JetStream keeps the streams and buckets. Its store is sized to what their limits\n\
+         # reserve together (raise it with any limit `capstan nats apply --max-bytes` raises);\n\
+         # the disk must have room for what is actually written. For fsync on every write (the\n\
+         # durable mode), add `sync_interval: always`.\n\
+         jetstream {{\n  store_dir: {store:?}\n  max_file_store: {reserved}\n}}\n\
          \n\
          # Who may connect, and what each identity may do: no anonymous connection.\n\
          include \"{ACCOUNTS}\"\n\
@@ -228,6 +230,7 @@ pub fn server_config(identities: &Identities, store_dir: &Path) -> Result<PathBu
          #   verify: true\n\
          # }}\n",
         store = store_dir.display().to_string(),
+        reserved = capstan_protocol::topology::reserved_bytes(),
     );
     std::fs::write(&path, text).map_err(|e| Error::setup(path.display().to_string(), e))?;
     Ok(path)

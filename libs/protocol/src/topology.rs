@@ -250,6 +250,14 @@ pub const BUCKETS: [BucketSpec; 8] = [
     FANOUTS,
 ];
 
+/// The file store the topology reserves: every stream's and bucket's byte limit together.
+/// A JetStream server must be given at least this much (`max_file_store`) to create them;
+/// its default, three quarters of the disk's free space when it starts, can be less.
+pub fn reserved_bytes() -> i64 {
+    STREAMS.iter().map(|stream| stream.max_bytes).sum::<i64>()
+        + BUCKETS.iter().map(|bucket| bucket.max_bytes).sum::<i64>()
+}
+
 /// The key of an idempotency key in the idempotency bucket: its bytes in hex, because KV keys
 /// allow only a few characters and idempotency keys allow any printable text.
 pub fn idempotency_bucket_key(key: &str) -> String {
