@@ -503,7 +503,8 @@ impl Drop for Cluster {
             for process in &self.processes {
                 eprintln!("==== {} log (tail) ====", process.name());
                 let log = process.log();
-                let lines: Vec<&str> = log.lines().collect();
+                // A backtrace's frames would push the error they follow out of the tail.
+                let lines: Vec<&str> = log.lines().filter(|line| !backtrace_frame(line)).collect();
                 for line in &lines[lines.len().saturating_sub(60)..] {
                     eprintln!("{line}");
                 }
@@ -515,6 +516,17 @@ impl Drop for Cluster {
             }
         }
     }
+}
+
+/// Whether `line` is a frame of a printed backtrace (`  12: name` or `      at file:line`).
+fn backtrace_frame(line: &str) -> bool {
+    let trimmed = line.trim_start();
+    let indented = trimmed.len() < line.len();
+    indented
+        && (trimmed.starts_with("at ")
+            || trimmed
+                .split_once(": ")
+                .is_some_and(|(number, _)| number.parse::<u32>().is_ok()))
 }
 
 thread_local! {
