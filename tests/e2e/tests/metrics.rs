@@ -112,11 +112,11 @@ async fn every_service_serves_metrics_that_count_its_work_and_cover_the_dashboar
     listen(&mut cluster, "scheduler");
     cluster.scheduler("scheduler-1");
     listen(&mut cluster, "executor");
-    cluster.executor("metrics-1", 2, &[]);
+    cluster.executor("exec-1", 2, &[]);
     listen(&mut cluster, "api");
     let base = cluster.api("api-1").await;
     let http = cluster.http(&base);
-    cluster.wait_nodes_up(&["metrics-1"]).await;
+    cluster.wait_nodes_up(&["exec-1"]).await;
 
     // Each listener answers its health without a credential.
     for (service, client) in &listeners {

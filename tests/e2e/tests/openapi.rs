@@ -70,7 +70,7 @@ async fn schemathesis_finds_every_answer_of_the_running_api_as_its_document_desc
 
     // Requests without a credential are part of the checks: the address's allowance for
     // refused credentials is raised so that they get their `401`, not a `429`.
-    let (cluster, base) = mesh("openapi-1").await;
+    let (cluster, base) = mesh("exec-1").await;
     let login = HttpClient::new(base.clone())
         .login("admin", capstan_api::TEST_ADMIN_PASSWORD)
         .await;
@@ -116,6 +116,8 @@ async fn schemathesis_finds_every_answer_of_the_running_api_as_its_document_desc
 }
 
 /// A mesh with one executor and an API that answers every refused credential with `401`.
+/// The node is one the cluster's identities already know: a new one makes the server reload
+/// its accounts, and a service starting during the reload finds no topology.
 async fn mesh(node: &str) -> (Cluster, String) {
     let mut cluster = Cluster::start().await;
     cluster.registry("registry-1");
@@ -139,7 +141,7 @@ async fn a_python_client_generated_from_the_document_runs_a_job_and_reads_what_i
     .await
     .expect("provisioning ran")
     .unwrap_or_else(|error| panic!("cannot provision openapi-python-client: {error}"));
-    let (_cluster, base) = mesh("client-1").await;
+    let (_cluster, base) = mesh("exec-1").await;
 
     // The client is generated from the document the running API serves.
     let work = tempfile::tempdir().expect("a temporary directory");
