@@ -9,7 +9,9 @@
 
 #[path = "shared/deployment.rs"]
 mod deployment;
-use deployment::{env_vars, known_binaries, service_binaries, telemetry_otel_variables};
+use deployment::{
+    env_vars, known_binaries, nats_version, service_binaries, telemetry_otel_variables,
+};
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -402,16 +404,8 @@ fn compose_runs_a_nats_server_with_jetstream_recent_enough_for_capstan() {
     let nats = service(&compose, "nats");
     let image = nats["image"].as_str().expect("nats image");
     let tag = image.split(':').nth(1).expect("a pinned tag");
-    let mut version = tag.split(['.', '-']);
-    let major: u32 = version.next().and_then(|v| v.parse().ok()).expect("major");
-    let minor: u32 = version.next().and_then(|v| v.parse().ok()).expect("minor");
-    // A tag without a patch (`2.14-alpine`) follows the newest patch of its minor version.
-    let patch: u32 = version
-        .next()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(u32::MAX);
     assert!(
-        (major, minor, patch) >= capstan_testkit::natsbin::MIN_VERSION,
+        nats_version(tag) >= capstan_testkit::natsbin::MIN_VERSION,
         "{image} is older than {:?}",
         capstan_testkit::natsbin::MIN_VERSION
     );

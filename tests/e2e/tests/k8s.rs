@@ -19,7 +19,9 @@
 
 #[path = "shared/deployment.rs"]
 mod deployment;
-use deployment::{env_vars, known_binaries, service_binaries, telemetry_otel_variables};
+use deployment::{
+    env_vars, known_binaries, nats_version, service_binaries, telemetry_otel_variables,
+};
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -1368,15 +1370,8 @@ fn the_nats_cluster_routes_each_server_admits_the_identities_init_writes_and_hol
         // A recent enough server.
         let image = nats.container["image"].as_str().expect("an image");
         let tag = repository(image).1.expect("a pinned tag");
-        let mut version = tag.split(['.', '-']);
-        let major: u32 = version.next().and_then(|v| v.parse().ok()).expect("major");
-        let minor: u32 = version.next().and_then(|v| v.parse().ok()).expect("minor");
-        let patch: u32 = version
-            .next()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(u32::MAX);
         assert!(
-            (major, minor, patch) >= capstan_testkit::natsbin::MIN_VERSION,
+            nats_version(tag) >= capstan_testkit::natsbin::MIN_VERSION,
             "{at}: {image} is older than {:?}",
             capstan_testkit::natsbin::MIN_VERSION
         );

@@ -84,3 +84,16 @@ pub fn service_binaries() -> Vec<String> {
     }
     binaries
 }
+
+/// The (major, minor, patch) a NATS image tag names (`2.14.6`, `2.14.6-alpine`); a tag
+/// without a patch (`2.14-alpine`) follows the newest patch of its minor version.
+pub fn nats_version(tag: &str) -> (u32, u32, u32) {
+    let mut version = tag.split(['.', '-']);
+    let major: u32 = version.next().and_then(|v| v.parse().ok()).expect("major");
+    let minor: u32 = version.next().and_then(|v| v.parse().ok()).expect("minor");
+    let patch: u32 = version
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(u32::MAX);
+    (major, minor, patch)
+}
