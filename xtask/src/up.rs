@@ -147,6 +147,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "  curl -s -XPOST http://{}/api/v1/jobs -H \"Authorization: Bearer $CAPSTAN_TOKEN\" -H 'content-type: application/json' -d '{{\"command\": \"echo hello\"}}'",
         args.api_listen
     );
+    eprintln!(
+        "The `capstan` command (target/debug/capstan) reads the same token, or logs in itself:"
+    );
+    eprintln!("  export CAPSTAN_URL=http://{}", args.api_listen);
+    eprintln!("  capstan run -- uname -a        # or: capstan login -u admin");
     eprintln!("Ctrl-C stops everything.");
     eprintln!();
 

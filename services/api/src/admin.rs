@@ -12,14 +12,38 @@ use clap::{Parser, Subcommand};
 
 /// The `capstan` command line.
 #[derive(Parser)]
-#[command(name = "capstan", version, about = "Capstan administration")]
+#[command(
+    name = "capstan",
+    version,
+    about = "Capstan: run jobs on the fleet, follow them, and administer the mesh",
+    after_help = "Start with `capstan login --url <API URL>`, then `capstan run -- <command>`."
+)]
 pub struct Cli {
+    #[command(flatten)]
+    globals: capstan_client::Globals,
     #[command(subcommand)]
     command: Command,
 }
 
+impl Cli {
+    /// Whether the command is one of the administration commands, which talk to NATS or
+    /// the database directly and report through telemetry (the user commands talk to the
+    /// API only and print nothing but their results).
+    pub fn is_administration(&self) -> bool {
+        !matches!(self.command, Command::User(_) | Command::Completions { .. })
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
+    #[command(flatten)]
+    User(capstan_client::Command),
+    /// Print a completion script for a shell (`capstan completions bash >
+    /// /etc/bash_completion.d/capstan`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
     /// The job history in SQL.
     History {
         #[command(subcommand)]
@@ -131,9 +155,20 @@ enum HistoryCommand {
     },
 }
 
-/// Runs the command `cli` names.
-pub async fn run(cli: Cli) -> anyhow::Result<()> {
+/// Runs the command `cli` names; a user command's exit code is the one it chose (`run`
+/// exits with its job's), an administration command's is 0 once it has succeeded.
+pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     match cli.command {
+        Command::User(command) => return Ok(capstan_client::run(cli.globals, command).await),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "capstan",
+                &mut std::io::stdout(),
+            );
+        }
         Command::Nats {
             command:
                 NatsCommand::Init {
@@ -313,7 +348,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
     }
-    Ok(())
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 /// Who the commands connect to NATS as.

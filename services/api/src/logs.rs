@@ -67,8 +67,9 @@ async fn attempt_nodes(state: &State, id: JobId) -> Result<BTreeMap<u32, NodeId>
         .collect())
 }
 
-/// The job's current attempt and whether it ended, from the live record or the history;
-/// `404` when neither knows the job.
+/// The job's current attempt and whether it ended, from the live record, the history, or
+/// its stored submission (a job accepted that no scheduler has created yet: no output so
+/// far, and a follow waits for its record); `404` when none knows the job.
 pub(crate) async fn job_state(state: &State, id: JobId) -> Result<JobState, ApiError> {
     if let Some(live) = state.mesh.jobs.get(&id.to_string()).await? {
         let record = live.value;
@@ -100,7 +101,21 @@ pub(crate) async fn job_state(state: &State, id: JobId) -> Result<JobState, ApiE
             record: None,
             nodes: attempt_nodes(state, id).await?,
         }),
-        None => Err(ApiError::not_found(format!("no job {id}"))),
+        None => match crate::routes::accepted(state, id).await? {
+            Some(record) => {
+                let mut job = JobState {
+                    attempt: record.attempt,
+                    finished: record.status.is_terminal(),
+                    truncated: false,
+                    record: None,
+                    nodes: BTreeMap::new(),
+                };
+                job.learn(&record);
+                job.record = Some(record);
+                Ok(job)
+            }
+            None => Err(ApiError::not_found(format!("no job {id}"))),
+        },
     }
 }
 

@@ -1537,6 +1537,18 @@ async fn an_accepted_job_is_shown_from_the_moment_it_is_accepted_even_before_a_s
     assert_eq!(job["attempts"], json!([]), "{job}");
     assert_eq!(job["spec"]["command"], "echo accepted", "{job}");
     assert_eq!(job["submitted_by"]["principal"], "admin", "{job}");
+    // Its output too: none yet, and a follow that starts now sees all of it and the end.
+    let captured = http.get(&format!("/api/v1/jobs/{id}/logs")).await;
+    assert_eq!(captured.status, StatusCode::OK, "{}", captured.text());
+    assert_eq!(captured.json()["stdout"], "", "{}", captured.text());
+    let following = {
+        let http = http.clone();
+        let path = format!("/api/v1/jobs/{id}/logs?follow=true");
+        tokio::spawn(async move {
+            http.read_stream(&path, |text| text.contains("event: end"))
+                .await
+        })
+    };
     let later = http
         .post_json(
             "/api/v1/jobs",
@@ -1577,6 +1589,10 @@ async fn an_accepted_job_is_shown_from_the_moment_it_is_accepted_even_before_a_s
     .await;
     assert_eq!(job["attempts"][0]["attempt"], 1, "{job}");
     assert_eq!(job["attempts"][0]["status"], "succeeded", "{job}");
+    let (status, followed) = following.await.expect("the follow ends");
+    assert_eq!(status, StatusCode::OK, "{followed}");
+    assert!(followed.contains("accepted"), "{followed}");
+    assert!(followed.contains("\"status\":\"succeeded\""), "{followed}");
     shutdown.cancel();
     api.await.expect("joins").expect("clean exit");
 }

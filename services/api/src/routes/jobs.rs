@@ -553,7 +553,7 @@ fn parent_job(parent: &FanOutRecord, statuses: &[TargetStatus]) -> Job {
 /// scheduled), no attempt yet. A scheduler creates the record before it removes the
 /// submission, so when neither is found the record is read once more, in case it came between
 /// the two reads.
-async fn accepted(
+pub(crate) async fn accepted(
     state: &crate::State,
     id: capstan_protocol::JobId,
 ) -> Result<Option<capstan_protocol::JobRecord>, ApiError> {

@@ -13,6 +13,7 @@
 mod audit;
 mod auth;
 mod jobs;
+pub(crate) use jobs::accepted;
 mod nodes;
 mod operations;
 mod secrets;
