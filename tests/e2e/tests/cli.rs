@@ -261,6 +261,25 @@ async fn a_user_logs_in_and_runs_commands_through_the_fleet_as_if_they_ran_local
     assert!(table.contains(&id), "{table}");
     assert!(!table.contains('\u{1b}'), "no colour in a pipe: {table:?}");
 
+    // `logs -f` follows a job from the start to its end.
+    let detached = capstan
+        .run(
+            &[
+                "run",
+                "-d",
+                "--",
+                "sh",
+                "-c",
+                "echo one; sleep 1; echo two >&2; echo three",
+            ],
+            None,
+        )
+        .await;
+    let followed_id = detached.ok().stdout.trim().to_owned();
+    let followed = capstan.run(&["logs", "-f", &followed_id], None).await;
+    assert_eq!(followed.ok().stdout, "one\nthree\n");
+    assert!(followed.stderr.contains("two"), "{}", followed.stderr);
+
     // A bad job file is refused before anything is sent, saying why.
     std::fs::write(&file, "argv: [unclosed\n").expect("written");
     let bad = capstan
