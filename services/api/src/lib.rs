@@ -290,6 +290,7 @@ pub(crate) fn routes_app(state: &Arc<State>, config: &Config) -> impl poem::Endp
             })
         })
         .nest("/docs", description.swagger_ui())
+        .with(routes::StrictTypes::of_description())
         .with(routes::BodyLimit(config.nats.max_job_bytes))
 }
 

@@ -12,6 +12,9 @@
 
 mod audit;
 mod auth;
+mod document;
+mod strict;
+pub(crate) use strict::StrictTypes;
 mod jobs;
 pub(crate) use jobs::accepted;
 mod nodes;
@@ -108,6 +111,7 @@ pub(crate) fn spec_json() -> String {
     let mut spec: serde_json::Value =
         serde_json::from_str(&service_description().spec()).expect("poem-openapi writes JSON");
     inline_documented_refs(&mut spec);
+    document::tighten(&mut spec);
     serde_json::to_string_pretty(&spec).expect("a JSON value prints")
 }
 
