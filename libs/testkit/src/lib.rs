@@ -1,7 +1,8 @@
 //! The shared test harness, reused by every crate's integration tests and by the end-to-end
 //! suite: a real `nats-server` per test (free port, its own store directory, removed
-//! afterwards), service binaries run as child processes, and waiting on conditions with
-//! generous deadlines instead of fixed sleeps; an OTLP receiver collects the spans the
+//! afterwards; or three routed into one JetStream cluster, [`NatsCluster`]), service binaries
+//! run as child processes, and waiting on conditions with generous deadlines instead of fixed
+//! sleeps; an OTLP receiver collects the spans the
 //! service processes export; an OpenID Connect issuer signs tokens for the API's tests; real
 //! OpenSSH servers on loopback stand in for remote systems; Python tools from PyPI
 //! ([`pyenv`]) check what the project serves and ships.
@@ -22,7 +23,7 @@ pub mod wait;
 pub use oidc::OidcIssuer;
 pub use otlp::{OtlpReceiver, ReceivedSpan};
 pub use process::{ServiceProcess, bin_path};
-pub use server::{NatsOptions, NatsServer};
+pub use server::{NatsCluster, NatsOptions, NatsServer};
 pub use tls::{TestCa, TlsFiles};
 pub use wait::{POLL_INTERVAL, wait_until};
 

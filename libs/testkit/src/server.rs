@@ -1,5 +1,7 @@
 //! A real `nats-server` for one test: JetStream on, a free port on loopback, its own store
-//! directory, killed and removed on drop.
+//! directory, killed and removed on drop; or [`NatsCluster`], three (or more) of them routed into
+//! one JetStream cluster, each with its own ports and store, any of which a test may kill and
+//! start again.
 
 use std::fs::File;
 use std::net::TcpListener;
@@ -56,6 +58,18 @@ pub struct NatsServer {
     dir: TempDir,
     binary: PathBuf,
     options: NatsOptions,
+    route: Option<Route>,
+}
+
+/// A clustered server's place in its cluster.
+#[derive(Debug, Clone)]
+struct Route {
+    /// The cluster's name, the same on every server.
+    cluster: String,
+    /// This server's route port.
+    port: u16,
+    /// The other servers' route ports.
+    peers: Vec<u16>,
 }
 
 impl NatsServer {
@@ -66,18 +80,7 @@ impl NatsServer {
 
     /// Starts a server with `options` and waits until JetStream answers.
     pub async fn start_with(options: NatsOptions) -> Self {
-        let binary = crate::natsbin::ensure().unwrap_or_else(|e| panic!("no nats-server: {e}"));
-        let dir = tempfile::Builder::new()
-            .prefix("capstan-nats-")
-            .tempdir()
-            .expect("a temporary directory for the server");
-        let mut server = Self {
-            child: None,
-            port: 0,
-            dir,
-            binary,
-            options,
-        };
+        let mut server = Self::unstarted(options, None);
         for _ in 0..5 {
             server.port = free_port();
             if server.launch().await {
@@ -87,9 +90,36 @@ impl NatsServer {
         panic!("nats-server did not start:\n{}", server.log());
     }
 
+    /// A server not started yet, with a store directory of its own.
+    fn unstarted(options: NatsOptions, route: Option<Route>) -> Self {
+        let binary = crate::natsbin::ensure().unwrap_or_else(|e| panic!("no nats-server: {e}"));
+        let dir = tempfile::Builder::new()
+            .prefix("capstan-nats-")
+            .tempdir()
+            .expect("a temporary directory for the server");
+        Self {
+            child: None,
+            port: 0,
+            dir,
+            binary,
+            options,
+            route,
+        }
+    }
+
+    /// The server's name, unique among the servers of its cluster.
+    pub fn name(&self) -> String {
+        format!("capstan-test-{}", self.port)
+    }
+
     /// `nats://127.0.0.1:<port>`.
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The options it was started with.
+    pub fn options(&self) -> &NatsOptions {
+        &self.options
     }
 
     /// The port.
@@ -176,9 +206,10 @@ impl NatsServer {
     fn write_config(&self) -> PathBuf {
         let path = self.dir.path().join("nats-server.conf");
         let mut config = format!(
-            "listen: 127.0.0.1:{port}\nserver_name: capstan-test-{port}\n\
+            "listen: 127.0.0.1:{port}\nserver_name: {name}\n\
              jetstream {{\n  store_dir: {store:?}\n  max_file_store: 1TB\n{sync}}}\n",
             port = self.port,
+            name = self.name(),
             store = self.store_dir(),
             sync = if self.options.sync_always {
                 "  sync_interval: always\n"
@@ -186,6 +217,20 @@ impl NatsServer {
                 ""
             },
         );
+        if let Some(route) = &self.route {
+            // Loopback routes, not authenticated: only this machine reaches them.
+            let routes: Vec<String> = route
+                .peers
+                .iter()
+                .map(|port| format!("    nats-route://127.0.0.1:{port}\n"))
+                .collect();
+            config.push_str(&format!(
+                "cluster {{\n  name: {}\n  listen: 127.0.0.1:{}\n  routes: [\n{}  ]\n}}\n",
+                route.cluster,
+                route.port,
+                routes.concat()
+            ));
+        }
         if let Some(max_payload) = self.options.max_payload {
             config.push_str(&format!("max_payload: {max_payload}\n"));
         }
@@ -215,6 +260,13 @@ impl NatsServer {
 
     /// Starts the process and waits for JetStream; false if it exited (port taken).
     async fn launch(&mut self) -> bool {
+        self.spawn();
+        self.wait_ready(Instant::now() + Duration::from_secs(30))
+            .await
+    }
+
+    /// Starts the process, without waiting for it.
+    fn spawn(&mut self) {
         let config = self.write_config();
         let log = File::options()
             .create(true)
@@ -229,7 +281,12 @@ impl NatsServer {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot run {}: {e}", self.binary.display()));
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
+    }
+
+    /// Waits until the server answers a JetStream request (a clustered one: once the cluster
+    /// has elected its leader); false if it exited (its port taken) or `deadline` passed, in
+    /// which case it is killed.
+    async fn wait_ready(&mut self, deadline: Instant) -> bool {
         while Instant::now() < deadline {
             if let Some(child) = self.child.as_mut()
                 && let Ok(Some(_)) = child.try_wait()
@@ -260,6 +317,143 @@ async fn jetstream_ready(url: &str, options: async_nats::ConnectOptions) -> bool
     };
     let js = async_nats::jetstream::new(client);
     js.query_account().await.is_ok()
+}
+
+/// Servers routed into one JetStream cluster on loopback: each with its own client and route
+/// port and its own store, every stream placed by the cluster. Killed and removed on drop.
+pub struct NatsCluster {
+    servers: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Starts `size` servers (three at least: a JetStream cluster needs a majority) with
+    /// `options` each, and waits until each answers JetStream and knows all the others.
+    pub async fn start_with(options: NatsOptions, size: usize) -> Self {
+        assert!(
+            size >= 3,
+            "a JetStream cluster of {size} cannot lose a server"
+        );
+        let mut logs = String::new();
+        for _ in 0..5 {
+            let mut ports = std::collections::BTreeSet::new();
+            while ports.len() < 2 * size {
+                ports.insert(free_port());
+            }
+            let ports: Vec<u16> = ports.into_iter().collect();
+            let (clients, routes) = ports.split_at(size);
+            let name = format!("capstan-test-{}", clients[0]);
+            let mut servers: Vec<NatsServer> = (0..size)
+                .map(|i| {
+                    let route = Route {
+                        cluster: name.clone(),
+                        port: routes[i],
+                        peers: [&routes[..i], &routes[i + 1..]].concat(),
+                    };
+                    let mut server = NatsServer::unstarted(options.clone(), Some(route));
+                    server.port = clients[i];
+                    server
+                })
+                .collect();
+            // Together: none is ready before a majority has elected the cluster's leader.
+            for server in &mut servers {
+                server.spawn();
+            }
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let mut ready = true;
+            for server in &mut servers {
+                ready = ready && server.wait_ready(deadline).await;
+            }
+            let cluster = Self { servers };
+            if ready && cluster.wait_routed(deadline).await {
+                return cluster;
+            }
+            // A port was taken in between: start again on others.
+            logs = cluster.servers.iter().map(NatsServer::log).collect();
+        }
+        panic!("the nats-server cluster did not start:\n{logs}");
+    }
+
+    /// Waits until every running server's INFO names every server of the cluster (the routes are
+    /// up); false if `deadline` passes first.
+    async fn wait_routed(&self, deadline: Instant) -> bool {
+        let size = self.servers.len();
+        while Instant::now() < deadline {
+            let mut routed = true;
+            for server in self.servers.iter().filter(|s| s.child.is_some()) {
+                let known = match server
+                    .options
+                    .connect_options()
+                    .connection_timeout(Duration::from_secs(1))
+                    .connect(server.url())
+                    .await
+                {
+                    Ok(client) => client.server_info().connect_urls.len(),
+                    Err(_) => 0,
+                };
+                routed = routed && known >= size;
+            }
+            if routed {
+                return true;
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+        false
+    }
+
+    /// The servers' URLs, comma separated (what `CAPSTAN_NATS_URL` takes).
+    pub fn urls(&self) -> String {
+        self.servers
+            .iter()
+            .map(NatsServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Server number `index` (from 0).
+    pub fn server(&self, index: usize) -> &NatsServer {
+        &self.servers[index]
+    }
+
+    /// Every server.
+    pub fn servers(&self) -> &[NatsServer] {
+        &self.servers
+    }
+
+    /// Kills server `index` (SIGKILL); its store stays.
+    pub fn kill(&mut self, index: usize) {
+        self.servers[index].kill();
+    }
+
+    /// Starts server `index` again, on its ports with its store, and waits until it answers
+    /// JetStream and is routed to the others again.
+    pub async fn restart(&mut self, index: usize) {
+        self.servers[index].restart().await;
+        let routed = self
+            .wait_routed(Instant::now() + Duration::from_secs(60))
+            .await;
+        assert!(routed, "the restarted server did not rejoin its cluster");
+    }
+
+    /// A client of the cluster: it connects to any server and moves to another when that one
+    /// goes away.
+    pub async fn client(&self) -> async_nats::Client {
+        let addresses: Vec<async_nats::ServerAddr> = self
+            .servers
+            .iter()
+            .map(|server| server.url().parse().expect("a server address"))
+            .collect();
+        self.servers[0]
+            .options
+            .connect_options()
+            .connect(addresses)
+            .await
+            .expect("connect to the test nats-server cluster")
+    }
+
+    /// The servers, to be kept apart (each still killed and removed when dropped).
+    pub fn into_servers(self) -> Vec<NatsServer> {
+        self.servers
+    }
 }
 
 impl Drop for NatsServer {
