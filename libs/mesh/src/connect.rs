@@ -128,6 +128,7 @@ pub async fn connect(
 ) -> Result<async_nats::Client, Error> {
     let access = Access::load(nats)?;
     let url = nats.nats_url.as_str();
+    let servers = server_addresses(url)?;
     let name = format!("capstan-{}", who.name());
     let mut delay = Duration::from_millis(100);
     loop {
@@ -147,7 +148,7 @@ pub async fn connect(
                     }
                 }),
         );
-        match options.connect(url).await {
+        match options.connect(servers.clone()).await {
             Ok(client) => return Ok(client),
             Err(error) => {
                 tracing::warn!(url, error = %error, retry_in_ms = delay.as_millis() as u64, "cannot connect to NATS");
@@ -159,6 +160,28 @@ pub async fn connect(
         }
         delay = (delay * 2).min(Duration::from_secs(5));
     }
+}
+
+/// The servers of `urls`, separated by commas (blanks around each ignored): the client tries
+/// them in turn until one answers, and moves to another when its server goes away. A cluster's
+/// servers tell the client of each other too, but only once it has reached one of them.
+pub fn server_addresses(urls: &str) -> Result<Vec<async_nats::ServerAddr>, Error> {
+    let servers = urls
+        .split(',')
+        .map(str::trim)
+        .filter(|url| !url.is_empty())
+        .map(|url| {
+            url.parse::<async_nats::ServerAddr>()
+                .map_err(|e| Error::setup(format!("NATS server address {url}"), e))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if servers.is_empty() {
+        return Err(Error::setup(
+            "NATS server address",
+            "none given: name at least one server",
+        ));
+    }
+    Ok(servers)
 }
 
 /// A connected mesh: the client, JetStream, and the typed buckets.
@@ -255,5 +278,34 @@ impl Mesh {
         } else {
             Self::open(client).await
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_comma_separated_list_names_every_server_of_a_cluster() {
+        let servers =
+            server_addresses("nats://10.0.0.1:4222, nats://10.0.0.2:4223,nats-3").expect("valid");
+        let ports: Vec<u16> = servers.iter().map(|s| s.port()).collect();
+        assert_eq!(ports, [4222, 4223, 4222]);
+        assert_eq!(servers[2].host(), "nats-3");
+        assert_eq!(
+            server_addresses("nats://127.0.0.1:4222")
+                .expect("valid")
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn an_empty_or_malformed_server_list_is_refused() {
+        assert!(matches!(server_addresses(" , "), Err(Error::Setup { .. })));
+        assert!(matches!(
+            server_addresses("nats://127.0.0.1:4222,nats://bad host:1"),
+            Err(Error::Setup { .. })
+        ));
     }
 }

@@ -1,5 +1,5 @@
-//! The mesh layer against a real nats-server: topology, compare-and-swap (and the
-//! read-decide-write loop over it), TTLs, idempotency and submission.
+//! The mesh layer against a real nats-server: topology (and its copies on a cluster of three),
+//! compare-and-swap (and the read-decide-write loop over it), TTLs, idempotency and submission.
 
 use std::time::Duration;
 
@@ -39,6 +39,87 @@ async fn racing_services_create_the_topology_once_and_agree_on_it() {
     for bucket in topology::BUCKETS {
         js.get_key_value(bucket.name).await.expect("bucket exists");
     }
+}
+
+/// Waits until every stream, bucket and shared consumer keeps `copies` copies (a consumer
+/// follows its stream a moment after the stream changes).
+async fn wait_copies(js: &jetstream::Context, copies: usize) {
+    wait_until(
+        &format!("every stream, bucket and consumer at {copies} copies"),
+        Duration::from_secs(60),
+        || async {
+            let found = capstan_mesh::topology::replicas_of(js).await.ok()?;
+            found.iter().all(|(_, n)| *n == copies).then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_lone_server_keeps_one_copy_of_each_stream_when_apply_is_told_no_count() {
+    let server = NatsServer::start().await;
+    let js = jetstream::new(server.client().await);
+    let applied = capstan_mesh::topology::apply(&js, &Default::default())
+        .await
+        .expect("applied");
+    assert_eq!(applied.replicas, topology::Replicas::ONE);
+    assert_eq!(applied.servers, Some(1));
+    wait_copies(&js, 1).await;
+}
+
+#[tokio::test]
+async fn apply_keeps_three_copies_on_three_servers_raises_a_topology_of_one_and_services_verify_either()
+ {
+    use capstan_mesh::topology::{apply_with, verify};
+    use topology::Replicas;
+    let cluster = capstan_testkit::NatsCluster::start_with(Default::default(), 3).await;
+    let js = jetstream::new(cluster.client().await);
+    let limits = Default::default();
+
+    let applied = apply_with(&js, &limits, Some(Replicas::ONE))
+        .await
+        .expect("applied with one copy");
+    assert_eq!((applied.replicas, applied.servers), (Replicas::ONE, None));
+    wait_copies(&js, 1).await;
+    verify(&js).await.expect("a service verifies one copy");
+
+    // Told no count, apply counts the servers that answer and raises every stream and bucket.
+    let applied = apply_with(&js, &limits, None).await.expect("applied");
+    assert_eq!(applied.replicas, Replicas::THREE);
+    assert_eq!(applied.servers, Some(3));
+    wait_copies(&js, 3).await;
+    verify(&js).await.expect("a service verifies three copies");
+    // With copies, a bucket is read from its leader (but the nodes, read from any copy).
+    for bucket in topology::BUCKETS {
+        let store = js.get_key_value(bucket.name).await.expect("the bucket");
+        assert_eq!(
+            store.stream.cached_info().config.allow_direct,
+            !bucket.leader_reads(Replicas::THREE),
+            "{}",
+            bucket.name
+        );
+    }
+
+    // Idempotent; and with a server down, the automatic count takes no copy away.
+    apply_with(&js, &limits, None).await.expect("applied again");
+    let mut cluster = cluster;
+    cluster.kill(2);
+    // Once the streams the killed server led have elected another leader.
+    wait_until(
+        "every stream to answer on two servers",
+        Duration::from_secs(60),
+        || async { capstan_mesh::topology::replicas_of(&js).await.ok() },
+    )
+    .await;
+    let applied = apply_with(&js, &limits, None)
+        .await
+        .expect("applied with a server down");
+    assert_eq!(applied.replicas, Replicas::THREE);
+    assert_eq!(applied.servers, Some(2));
+    let found = capstan_mesh::topology::replicas_of(&js)
+        .await
+        .expect("the copies");
+    assert!(found.iter().all(|(_, n)| *n == 3), "{found:?}");
 }
 
 #[tokio::test]

@@ -536,11 +536,17 @@ impl Allowed {
         );
     }
 
-    /// Reading the entries of `bucket` whose keys match `keys` (a key or `*`).
+    /// Reading the entries of `bucket` whose keys match `keys` (a key or `*`): from any copy
+    /// (a direct get, whose subject names the key), and, for all its keys, from the leader of
+    /// a bucket read there once it has copies ([`BucketSpec::leader_reads`]; the request names
+    /// the key in its body, so it cannot be granted for one key).
     fn bucket_read(&mut self, bucket: &BucketSpec, keys: &str) {
         let stream = kv_stream(bucket);
         let key = subjects::kv_key(bucket.name, keys);
         self.publish([js_api(&format!("DIRECT.GET.{stream}.{key}"))]);
+        if keys == "*" && bucket.read_from_leader {
+            self.publish([js_api(&format!("STREAM.MSG.GET.{stream}"))]);
+        }
     }
 
     /// Writing the entries of `bucket` whose keys match `keys`.

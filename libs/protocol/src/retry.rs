@@ -115,6 +115,18 @@ pub mod limits {
     /// took it and vanished, or could not reach NATS to claim it) before the job is
     /// quarantined rather than left to JetStream's delivery limit (10).
     pub const MAX_DISPATCH_DELIVERIES: i64 = 8;
+
+    /// How long a dispatch its executor could not claim (NATS unavailable: a JetStream leader
+    /// being elected after its server went away, a server restarting) waits before it is
+    /// delivered again, after its `delivered`-th delivery: 1 s, doubling, at most 30 s. The
+    /// [`MAX_DISPATCH_DELIVERIES`] before quarantine then span two minutes, which a cluster's
+    /// election fits in many times over, rather than the eight seconds a fixed second gave.
+    pub fn unclaimed_dispatch_delay(delivered: i64) -> Duration {
+        let doublings = u32::try_from(delivered.saturating_sub(1))
+            .unwrap_or(0)
+            .min(5);
+        Duration::from_secs(1 << doublings).min(Duration::from_secs(30))
+    }
 }
 
 impl RetryPolicy {
@@ -268,6 +280,23 @@ impl From<RetryPolicy> for RetryPolicyWire {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unclaimed_dispatch_waits_longer_each_time_so_its_deliveries_outlast_an_election() {
+        use limits::{MAX_DISPATCH_DELIVERIES, unclaimed_dispatch_delay};
+        assert_eq!(unclaimed_dispatch_delay(1), Duration::from_secs(1));
+        assert_eq!(unclaimed_dispatch_delay(2), Duration::from_secs(2));
+        assert_eq!(unclaimed_dispatch_delay(5), Duration::from_secs(16));
+        assert_eq!(unclaimed_dispatch_delay(9), Duration::from_secs(30));
+        assert_eq!(unclaimed_dispatch_delay(0), Duration::from_secs(1));
+        let before_quarantine: Duration = (1..=MAX_DISPATCH_DELIVERIES)
+            .map(unclaimed_dispatch_delay)
+            .sum();
+        assert!(
+            before_quarantine >= Duration::from_secs(60),
+            "{before_quarantine:?}"
+        );
+    }
 
     fn parse(json: &str) -> Result<RetryPolicy, SpecError> {
         RetryPolicy::try_from(serde_json::from_str::<RetryPolicyWire>(json).expect("parses"))

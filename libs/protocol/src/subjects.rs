@@ -249,6 +249,13 @@ pub const SYSTEM_EVENTS_ALL: &str = "capstan.events.systems.>";
 /// Every fan-out parent's events.
 pub const FANOUT_EVENTS_ALL: &str = "capstan.events.fanouts.>";
 
+/// The server's own request (not Capstan's) that every server of the cluster answers with its
+/// statistics for the requester's account, each naming itself, its cluster and whether it runs
+/// JetStream, when asked with `{"include_unused": true}`. Every account may ask it (the server
+/// imports it from the system account into each); `capstan nats apply` counts the JetStream
+/// servers by it to choose how many copies of each stream to keep.
+pub const SERVER_ACCOUNT_STATS_PING: &str = "$SYS.REQ.ACCOUNT.PING.STATZ";
+
 /// A fan-out parent started or ended (`capstan.events.fanouts.<job>.<status>`).
 pub fn fanout_event(job: crate::ids::JobId, status: crate::fanout::FanOutStatus) -> String {
     format!("capstan.events.fanouts.{job}.{}", status.as_str())

@@ -1,5 +1,7 @@
 //! The streams and KV buckets of a Capstan mesh, described without a NATS client so that the
-//! protocol stays the single source of truth; `capstan-mesh` creates them idempotently.
+//! protocol stays the single source of truth; `capstan-mesh` creates them idempotently. How
+//! many servers keep a copy of each ([`Replicas`]) is the deployment's, decided here from what
+//! the servers report.
 
 use std::time::Duration;
 
@@ -143,6 +145,22 @@ pub struct BucketSpec {
     /// Default size limit in bytes (`capstan nats apply --max-bytes` sets another); past it,
     /// writes are refused until entries expire or are purged.
     pub max_bytes: i64,
+    /// Whether, kept in more than one copy, its entries are read from the stream's leader
+    /// ([`BucketSpec::leader_reads`]).
+    pub read_from_leader: bool,
+}
+
+impl BucketSpec {
+    /// Whether entries are read from the leader of the bucket's stream, kept in `replicas`
+    /// copies, rather than from whichever copy answers first (a JetStream "direct get"). A
+    /// follower's copy may lag the leader, and JetStream does not yet promise a write is seen
+    /// by a read that follows it there: a reader that decides from what it read (an executor
+    /// dropping a dispatch whose job it finds changed or gone) must read the leader's. Only
+    /// the nodes bucket is read from any copy: an executor may read its own node's record alone,
+    /// which only a direct get's subject can say, and a record read late only delays a drain.
+    pub fn leader_reads(&self, replicas: Replicas) -> bool {
+        self.read_from_leader && replicas > Replicas::ONE
+    }
 }
 
 /// Job records by job id (JSON [`crate::JobRecord`]).
@@ -153,6 +171,7 @@ pub const JOBS: BucketSpec = BucketSpec {
     max_age: Duration::ZERO,
     per_key_ttl: true,
     max_bytes: 8 * GIB,
+    read_from_leader: true,
 };
 
 /// How long a finished job's record stays in the jobs bucket; the API's history keeps it after.
@@ -166,6 +185,7 @@ pub const NODES: BucketSpec = BucketSpec {
     max_age: Duration::ZERO,
     per_key_ttl: false,
     max_bytes: 64 * MIB,
+    read_from_leader: false,
 };
 
 /// Idempotency keys to job ids, for the idempotency window.
@@ -176,6 +196,7 @@ pub const IDEMPOTENCY: BucketSpec = BucketSpec {
     max_age: DAY,
     per_key_ttl: false,
     max_bytes: GIB,
+    read_from_leader: true,
 };
 
 /// Revoked users, sessions and API tokens ([`crate::Revocation`] by
@@ -188,6 +209,7 @@ pub const REVOCATIONS: BucketSpec = BucketSpec {
     max_age: DAY,
     per_key_ttl: false,
     max_bytes: 64 * MIB,
+    read_from_leader: true,
 };
 
 /// The longest an access token may live: revocations are kept this long.
@@ -202,6 +224,7 @@ pub const SECRETS: BucketSpec = BucketSpec {
     max_age: Duration::ZERO,
     per_key_ttl: false,
     max_bytes: 64 * MIB,
+    read_from_leader: true,
 };
 
 /// Remote systems as administrators describe them, by name (JSON [`crate::system::System`],
@@ -213,6 +236,7 @@ pub const SYSTEMS: BucketSpec = BucketSpec {
     max_age: Duration::ZERO,
     per_key_ttl: false,
     max_bytes: 64 * MIB,
+    read_from_leader: true,
 };
 
 /// What the gateways found of each system, by name (JSON [`crate::system::SystemStatus`]):
@@ -224,6 +248,7 @@ pub const SYSTEM_STATUS: BucketSpec = BucketSpec {
     max_age: Duration::ZERO,
     per_key_ttl: false,
     max_bytes: 64 * MIB,
+    read_from_leader: true,
 };
 
 /// Fan-out parents by job id (JSON [`crate::fanout::FanOutRecord`]): their targets and where
@@ -236,6 +261,7 @@ pub const FANOUTS: BucketSpec = BucketSpec {
     max_age: Duration::ZERO,
     per_key_ttl: true,
     max_bytes: GIB,
+    read_from_leader: true,
 };
 
 /// Every bucket.
@@ -249,6 +275,79 @@ pub const BUCKETS: [BucketSpec; 8] = [
     SYSTEM_STATUS,
     FANOUTS,
 ];
+
+/// How many servers keep a copy of each stream and bucket: 1 to [`Replicas::MOST`] (what
+/// JetStream allows). A shared durable consumer keeps as many as its stream (it is created
+/// without a count of its own, so it follows its stream when that is raised). The topology's
+/// shapes above do not say it: it is the deployment's choice, made when `capstan nats apply`
+/// runs ([`Replicas::automatic`] when the operator does not say).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Replicas(u8);
+
+/// A replica count JetStream does not allow.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0} replicas: a stream has 1 to {most} copies", most = Replicas::MOST)]
+pub struct InvalidReplicas(pub u64);
+
+impl Replicas {
+    /// The most copies JetStream keeps of a stream.
+    pub const MOST: u8 = 5;
+
+    /// One copy: a single server, or a cluster that shares its streams out without copying
+    /// them.
+    pub const ONE: Replicas = Replicas(1);
+
+    /// Three copies: a cluster of three servers or more keeps every stream while one is down.
+    pub const THREE: Replicas = Replicas(3);
+
+    /// `count` copies, if JetStream allows it.
+    pub fn new(count: u64) -> Result<Self, InvalidReplicas> {
+        match u8::try_from(count) {
+            Ok(count @ 1..=Self::MOST) => Ok(Self(count)),
+            _ => Err(InvalidReplicas(count)),
+        }
+    }
+
+    /// The count.
+    pub fn get(self) -> u8 {
+        self.0
+    }
+
+    /// What a cluster of `servers` JetStream servers can hold with one of them down: three
+    /// copies from three servers on (a copy on a majority survives), else one (two copies
+    /// would stop the stream whenever either server is away).
+    pub fn for_servers(servers: usize) -> Self {
+        if servers >= 3 { Self::THREE } else { Self::ONE }
+    }
+
+    /// The count `capstan nats apply` uses when the operator names none: what the servers that
+    /// answered can hold ([`Replicas::for_servers`]), but never fewer than a stream or bucket
+    /// of the topology already has (`existing`): an apply run while a server is down, or
+    /// answering slowly, does not take copies away. Lowering is the operator's explicit choice.
+    pub fn automatic(servers: usize, existing: impl IntoIterator<Item = Replicas>) -> Self {
+        existing
+            .into_iter()
+            .fold(Self::for_servers(servers), Ord::max)
+    }
+}
+
+impl std::fmt::Display for Replicas {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::str::FromStr for Replicas {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let count: u64 = text
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{text}` is not a number of replicas (1 to {})", Self::MOST))?;
+        Self::new(count).map_err(|e| e.to_string())
+    }
+}
 
 /// The file store the topology reserves: every stream's and bucket's byte limit together.
 /// A JetStream server must be given at least this much (`max_file_store`) to create them;
@@ -280,7 +379,8 @@ pub enum StartAt {
 }
 
 /// A durable pull consumer's shape. Every consumer acknowledges each message explicitly and
-/// gives up on a message after `max_deliver` deliveries, so none redelivers forever.
+/// gives up on a message after `max_deliver` deliveries, so none redelivers forever. It keeps
+/// as many copies as its stream ([`Replicas`]).
 ///
 /// `ack_wait` and `max_ack_pending` are defaults: a service may set them from its own
 /// configuration (how long its work may take, how much it holds at once).
@@ -480,6 +580,53 @@ mod tests {
         for bucket in BUCKETS {
             assert!(bucket.max_bytes > 0, "{} is unbounded", bucket.name);
         }
+    }
+
+    #[test]
+    fn every_bucket_but_the_nodes_is_read_from_its_leader_once_it_has_copies() {
+        for bucket in BUCKETS {
+            assert!(!bucket.leader_reads(Replicas::ONE), "{}", bucket.name);
+            assert_eq!(
+                bucket.leader_reads(Replicas::THREE),
+                bucket.name != NODES.name,
+                "{}",
+                bucket.name
+            );
+        }
+    }
+
+    #[test]
+    fn replicas_are_one_to_five() {
+        assert_eq!("3".parse::<Replicas>(), Ok(Replicas::THREE));
+        assert_eq!(Replicas::new(1), Ok(Replicas::ONE));
+        assert_eq!(Replicas::new(5).map(Replicas::get), Ok(5));
+        assert!(Replicas::new(0).is_err());
+        assert!(Replicas::new(6).is_err());
+        assert!(Replicas::new(256).is_err());
+        assert!("three".parse::<Replicas>().is_err());
+    }
+
+    #[test]
+    fn a_cluster_of_three_servers_or_more_keeps_three_copies_and_a_smaller_one_keeps_one() {
+        assert_eq!(Replicas::for_servers(0), Replicas::ONE);
+        assert_eq!(Replicas::for_servers(1), Replicas::ONE);
+        assert_eq!(Replicas::for_servers(2), Replicas::ONE);
+        assert_eq!(Replicas::for_servers(3), Replicas::THREE);
+        assert_eq!(Replicas::for_servers(7), Replicas::THREE);
+    }
+
+    #[test]
+    fn an_automatic_count_never_takes_copies_away_from_a_stream_that_has_them() {
+        // A server of three down while apply runs: two answer, the streams keep three copies.
+        assert_eq!(
+            Replicas::automatic(2, [Replicas::THREE, Replicas::ONE]),
+            Replicas::THREE
+        );
+        // A single server's first apply, and an R1 topology raised once the cluster has three.
+        assert_eq!(Replicas::automatic(1, []), Replicas::ONE);
+        assert_eq!(Replicas::automatic(3, [Replicas::ONE]), Replicas::THREE);
+        let five = Replicas::new(5).expect("valid");
+        assert_eq!(Replicas::automatic(3, [five]), five);
     }
 
     #[test]

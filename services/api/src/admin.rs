@@ -138,6 +138,12 @@ enum NatsCommand {
         /// messages (a submission gets a clear error), a log-like stream drops its oldest.
         #[arg(long = "max-bytes", value_name = "NAME=SIZE", value_parser = parse_limit)]
         max_bytes: Vec<(String, i64)>,
+        /// Servers keeping a copy of each stream and bucket (1 to 5; their consumers keep as
+        /// many), raised or lowered to it. Default: 3 when three JetStream servers or more of
+        /// the cluster answer, else 1, and never fewer than a stream already has (an apply
+        /// while a server is down takes no copy away).
+        #[arg(long, env = "CAPSTAN_NATS_REPLICAS", value_name = "N")]
+        replicas: Option<capstan_protocol::topology::Replicas>,
     },
 }
 
@@ -284,7 +290,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             }
         }
         Command::Nats {
-            command: NatsCommand::Apply { nats, max_bytes },
+            command:
+                NatsCommand::Apply {
+                    nats,
+                    max_bytes,
+                    replicas,
+                },
         } => {
             let mut limits = capstan_mesh::topology::Limits::default();
             for (name, bytes) in &max_bytes {
@@ -294,10 +305,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             let client =
                 within_connect_time(&nats, capstan_mesh::connect(&nats, &ADMIN, &shutdown)).await?;
             let js = async_nats::jetstream::new(client);
-            let applied = capstan_mesh::topology::apply(&js, &limits).await?;
+            let applied = capstan_mesh::topology::apply_with(&js, &limits, replicas).await?;
+            let chosen = match applied.servers {
+                None => "as asked".to_owned(),
+                Some(1) => "one JetStream server".to_owned(),
+                Some(servers) => format!("{servers} JetStream servers answered"),
+            };
             println!(
-                "topology applied: {} streams, {} buckets, {} shared consumers",
-                applied.streams, applied.buckets, applied.consumers
+                "topology applied: {} streams, {} buckets, {} shared consumers, {} replicas \
+                 each ({chosen})",
+                applied.streams, applied.buckets, applied.consumers, applied.replicas
             );
         }
         Command::History {

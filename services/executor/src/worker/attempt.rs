@@ -153,9 +153,10 @@ impl Worker {
             }
             Err(error) => {
                 tracing::warn!(job = %id, attempt, error = %error, "cannot claim attempt; it will be redelivered");
-                let _ = message
-                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                    .await;
+                // Longer each time: NATS may be electing a leader for the jobs bucket for
+                // seconds, and each delivery counts towards quarantine.
+                let delay = retry::limits::unclaimed_dispatch_delay(delivered);
+                let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
                 return;
             }
         };
