@@ -1,6 +1,6 @@
-//! The end-to-end harness: a real nats-server and the Capstan service binaries, each a
-//! separate process with its own log, started and stopped (gracefully, or with kill -9) by
-//! the tests. On a failing test the logs of every process are printed.
+//! The end-to-end harness: a real nats-server (or a cluster of three) and the Capstan service
+//! binaries, each a separate process with its own log, started and stopped (gracefully, or with
+//! kill -9) by the tests. On a failing test the logs of every process are printed.
 //!
 //! [`schemas`] renders the files under `schemas/` that are generated from the code.
 
@@ -14,13 +14,18 @@ use std::time::Duration;
 use capstan_mesh::Mesh;
 use capstan_mesh::identities::{self, Identities, Identity};
 use capstan_protocol::{JobId, JobRecord, NodeId, NodeStatus};
-use capstan_testkit::{NatsOptions, NatsServer, ServiceProcess, wait_until};
+use capstan_testkit::{NatsCluster, NatsOptions, NatsServer, ServiceProcess, wait_until};
 use nix::sys::signal::Signal;
 
 /// A mesh of service processes.
 pub struct Cluster {
-    /// The server.
+    /// The server (the first of a NATS cluster's).
     pub nats: NatsServer,
+    /// The NATS cluster's other servers, if it has any.
+    peers: Vec<NatsServer>,
+    /// Whether the test killed a server of the NATS cluster (see
+    /// [`Cluster::unexpected_violations`]).
+    nats_killed: bool,
     dir: tempfile::TempDir,
     processes: Vec<ServiceProcess>,
     mesh: Option<Mesh>,
@@ -61,6 +66,24 @@ impl Cluster {
     /// anyone fails when the cluster is dropped, unless it said it expects refusals
     /// ([`Cluster::expect_violations`]).
     pub async fn start() -> Self {
+        let cluster = Self::prepare(1).await;
+        let js = async_nats::jetstream::new(cluster.client().await);
+        capstan_mesh::topology::apply(&js, &Default::default())
+            .await
+            .expect("the administrator applies the topology");
+        cluster
+    }
+
+    /// Like [`Cluster::start`] on a NATS cluster of `servers` servers (three at least), routed
+    /// together on loopback, each with its own store; every process is given all their URLs.
+    /// The topology is the test's to apply ([`Cluster::capstan`] `nats apply`): none exists yet.
+    pub async fn start_clustered(servers: usize) -> Self {
+        Self::prepare(servers).await
+    }
+
+    /// The servers (one, or a cluster of `servers`) admitting the mesh's identities, and the
+    /// rest of the harness.
+    async fn prepare(servers: usize) -> Self {
         remember_panics();
         let dir = tempfile::Builder::new()
             .prefix("capstan-e2e-")
@@ -71,18 +94,24 @@ impl Cluster {
             .map(|n| NodeId::new(*n).expect("a valid node id"))
             .collect();
         let identities = write_identities(&dir.path().join("identities"), &nodes);
-        let nats = NatsServer::start_with(NatsOptions {
+        let options = NatsOptions {
             include: Some(identities.accounts.clone()),
             connect_seed: Some(read_seed(&identities, &Identity::Admin)),
             ..NatsOptions::default()
-        })
-        .await;
-        let js = async_nats::jetstream::new(nats.client().await);
-        capstan_mesh::topology::apply(&js, &Default::default())
-            .await
-            .expect("the administrator applies the topology");
+        };
+        let (nats, peers) = if servers <= 1 {
+            (NatsServer::start_with(options).await, Vec::new())
+        } else {
+            let mut all = NatsCluster::start_with(options, servers)
+                .await
+                .into_servers();
+            let first = all.remove(0);
+            (first, all)
+        };
         Self {
             nats,
+            peers,
+            nats_killed: false,
             dir,
             processes: Vec::new(),
             mesh: None,
@@ -115,28 +144,116 @@ impl Cluster {
         self.violations_expected = true;
     }
 
-    /// The refusals the server logged so far.
+    /// The refusals the servers logged so far.
     pub fn violations(&self) -> Vec<String> {
-        self.nats
-            .log()
-            .lines()
-            .filter(|line| line.contains(VIOLATION))
-            .map(str::to_owned)
+        self.servers()
+            .flat_map(|server| {
+                server
+                    .log()
+                    .lines()
+                    .filter(|line| line.contains(VIOLATION))
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
             .collect()
+    }
+
+    /// Every NATS server: the first, then the cluster's others.
+    fn servers(&self) -> impl Iterator<Item = &NatsServer> {
+        std::iter::once(&self.nats).chain(&self.peers)
+    }
+
+    /// The URLs of every NATS server, comma separated: what each process is given.
+    pub fn nats_urls(&self) -> String {
+        self.servers()
+            .map(NatsServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// NATS server number `index` (0 is [`Cluster::nats`]).
+    pub fn nats_server(&mut self, index: usize) -> &mut NatsServer {
+        match index {
+            0 => &mut self.nats,
+            other => &mut self.peers[other - 1],
+        }
+    }
+
+    /// Kills NATS server number `index` with SIGKILL; its store stays.
+    pub fn kill_nats(&mut self, index: usize) {
+        self.nats_killed = true;
+        self.nats_server(index).kill();
+    }
+
+    /// Starts NATS server number `index` again on its ports with its store, and waits until it
+    /// answers JetStream (in a cluster: until it has rejoined the others).
+    pub async fn restart_nats(&mut self, index: usize) {
+        self.nats_killed = true;
+        self.nats_server(index).restart().await;
+        if !self.peers.is_empty() {
+            let size = self.peers.len() + 1;
+            let server = self.nats_server(index);
+            let (url, options) = (server.url(), server.options().clone());
+            wait_until(
+                "the restarted server to rejoin its cluster",
+                Duration::from_secs(60),
+                || {
+                    let (url, options) = (url.clone(), options.connect_options());
+                    async move {
+                        let client = options.connect(url).await.ok()?;
+                        (client.server_info().connect_urls.len() >= size).then_some(())
+                    }
+                },
+            )
+            .await;
+        }
+    }
+
+    /// Runs the `capstan` command with `args` as the administrator, on every NATS server's URL,
+    /// and returns its output; panics, showing it, when it fails.
+    pub fn capstan(&self, args: &[&str]) -> std::process::Output {
+        let output = std::process::Command::new(capstan_testkit::bin_path("capstan"))
+            .args(args)
+            .env("CAPSTAN_NATS_URL", self.nats_urls())
+            .env(
+                self.creds(&Identity::Admin).0,
+                self.creds(&Identity::Admin).1,
+            )
+            .env_remove("CAPSTAN_NATS_REPLICAS")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("capstan runs");
+        assert!(
+            output.status.success(),
+            "capstan {args:?} failed:\n{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        output
     }
 
     /// The refusals a correct mesh never causes: all of them but the replies refused after the
     /// server restarted (a server forgets, with its connections, which requests each service
     /// received, so an answer to a request made before the restart is refused; its asker had
-    /// lost it anyway).
+    /// lost it anyway). In a NATS cluster, once a server was killed, its clients answer through
+    /// another server, which never saw the request: such replies are refused on any server.
     fn unexpected_violations(&self) -> Vec<String> {
+        let mut found = Vec::new();
+        for server in self.servers() {
+            found.extend(self.unexpected_violations_of(server));
+        }
+        found
+    }
+
+    fn unexpected_violations_of(&self, server: &NatsServer) -> Vec<String> {
         let mut starts = 0;
         let mut found = Vec::new();
-        for line in self.nats.log().lines() {
+        let moved = !self.peers.is_empty() && self.nats_killed;
+        for line in server.log().lines() {
             if line.contains(STARTING) {
                 starts += 1;
             }
-            let restarted = starts > 1;
+            let restarted = starts > 1 || moved;
             if !line.contains(VIOLATION) {
                 continue;
             }
@@ -165,7 +282,7 @@ impl Cluster {
 
     fn env(&self, extra: &[(&str, String)]) -> Vec<(String, String)> {
         let mut env = vec![
-            ("CAPSTAN_NATS_URL".to_owned(), self.nats.url()),
+            ("CAPSTAN_NATS_URL".to_owned(), self.nats_urls()),
             (
                 "CAPSTAN_HEARTBEAT_TIMEOUT".to_owned(),
                 HEARTBEAT_TIMEOUT.to_owned(),
@@ -277,6 +394,9 @@ impl Cluster {
             self.nodes.push(id.clone());
             self.identities = write_identities(&self.dir.path().join("identities"), &self.nodes);
             self.nats.request_reload();
+            for peer in &mut self.peers {
+                peer.request_reload();
+            }
         }
         let work = self.dir.path().join("work").join(node);
         let mut extra = vec![
@@ -321,17 +441,28 @@ impl Cluster {
         process.kill();
     }
 
-    /// A connected client.
+    /// A connected client (of every server of a NATS cluster: it moves to another when its
+    /// server goes away).
     pub async fn client(&self) -> async_nats::Client {
-        self.nats.client().await
+        if self.peers.is_empty() {
+            return self.nats.client().await;
+        }
+        let addresses: Vec<async_nats::ServerAddr> = self
+            .servers()
+            .map(|server| server.url().parse().expect("a server address"))
+            .collect();
+        self.nats
+            .options()
+            .connect_options()
+            .connect(addresses)
+            .await
+            .expect("connect to the test NATS cluster")
     }
 
     /// The mesh, for reading buckets.
     pub async fn mesh(&mut self) -> Mesh {
         if self.mesh.is_none() {
-            let mesh = Mesh::open(self.nats.client().await)
-                .await
-                .expect("mesh opens");
+            let mesh = Mesh::open(self.client().await).await.expect("mesh opens");
             self.mesh = Some(mesh);
         }
         self.mesh.clone().expect("opened")
@@ -420,7 +551,7 @@ impl Cluster {
 
     /// The dispatch stream's and its consumers' state, for failure reports.
     pub async fn dispatch_state(&self) -> String {
-        let js = async_nats::jetstream::new(self.nats.client().await);
+        let js = async_nats::jetstream::new(self.client().await);
         let Ok(mut stream) = js.get_stream("CAPSTAN_DISPATCH").await else {
             return "no dispatch stream".into();
         };
@@ -494,11 +625,13 @@ impl Drop for Cluster {
             ));
         }
         if std::thread::panicking() {
-            eprintln!("==== nats-server log (tail) ====");
-            let log = self.nats.log();
-            let lines: Vec<&str> = log.lines().collect();
-            for line in &lines[lines.len().saturating_sub(40)..] {
-                eprintln!("{line}");
+            for server in self.servers() {
+                eprintln!("==== nats-server {} log (tail) ====", server.name());
+                let log = server.log();
+                let lines: Vec<&str> = log.lines().collect();
+                for line in &lines[lines.len().saturating_sub(40)..] {
+                    eprintln!("{line}");
+                }
             }
             for process in &self.processes {
                 eprintln!("==== {} log (tail) ====", process.name());

@@ -3,17 +3,22 @@
 //! values they accept, runs a NATS recent enough, with JetStream, and gives the services a
 //! database and a trace collector that it runs itself; `otel/collector.yaml` receives what the
 //! services send and forwards it to the Jaeger that compose runs; NATS admits only the
-//! identities `capstan nats init` writes, and each service connects as its own.
+//! identities `capstan nats init` writes, and each service connects as its own. The three
+//! servers of `deploy/nats` form one cluster (each routed to the two others), each with room
+//! for a copy of every stream, and nats-server accepts each beside the accounts block init
+//! writes; the README says how to run them.
 //!
-//! These tests read files only: nothing here starts a container.
+//! These tests read files only (and ask `nats-server -t` about them): nothing here starts a
+//! container or a server.
 
 #[path = "shared/deployment.rs"]
 mod deployment;
 use deployment::{
-    env_vars, known_binaries, nats_version, service_binaries, telemetry_otel_variables,
+    env_vars, known_binaries, nats_bytes, nats_settings, nats_version, service_binaries,
+    telemetry_otel_variables,
 };
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::Path;
 
@@ -778,4 +783,126 @@ fn prometheus_scrapes_every_capstan_service_in_compose_where_it_serves_its_metri
             "compose's grafana must mount {mounted}"
         );
     }
+}
+
+/// The servers of `deploy/nats`: each file's name (`nats-1.conf`…) and text, in name order.
+fn nats_cluster_files() -> Vec<(String, String)> {
+    let dir = capstan_testkit::workspace_root().join("deploy/nats");
+    let mut files: Vec<(String, String)> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "conf"))
+        .map(|path| {
+            let name = path
+                .file_name()
+                .and_then(|name| name.to_str())
+                .expect("a file name")
+                .to_owned();
+            let text = std::fs::read_to_string(&path).expect("readable");
+            (name, text)
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn the_nats_cluster_files_route_each_of_three_servers_to_the_two_others_in_one_named_cluster() {
+    let files = nats_cluster_files();
+    let names: Vec<&str> = files.iter().map(|(name, _)| name.as_str()).collect();
+    assert_eq!(names, ["nats-1.conf", "nats-2.conf", "nats-3.conf"]);
+    let servers: Vec<(String, HashMap<String, String>, Vec<String>)> = files
+        .iter()
+        .map(|(file, text)| {
+            let (settings, routes) = nats_settings(text);
+            (file.clone(), settings, routes)
+        })
+        .collect();
+    let setting = |(file, settings, _): &(String, HashMap<String, String>, Vec<String>),
+                   key: &str| {
+        settings
+            .get(key)
+            .unwrap_or_else(|| panic!("{file} sets no {key}"))
+            .clone()
+    };
+    let server_names: Vec<String> = servers.iter().map(|s| setting(s, "server_name")).collect();
+    assert_eq!(
+        server_names,
+        ["nats-1", "nats-2", "nats-3"],
+        "each server is named after its file"
+    );
+    // One cluster, one set of ports: each server runs on a host of its own.
+    for key in ["cluster.name", "cluster.port", "port", "http_port"] {
+        let values: HashSet<String> = servers.iter().map(|s| setting(s, key)).collect();
+        assert_eq!(values.len(), 1, "the servers differ in {key}: {values:?}");
+    }
+    let cluster_port = setting(&servers[0], "cluster.port");
+    for (index, server) in servers.iter().enumerate() {
+        let (file, _, routes) = server;
+        let others: HashSet<String> = server_names
+            .iter()
+            .enumerate()
+            .filter(|(other, _)| *other != index)
+            .map(|(_, name)| format!("nats://{name}:{cluster_port}"))
+            .collect();
+        let routes: HashSet<String> = routes.iter().cloned().collect();
+        assert_eq!(
+            routes, others,
+            "{file}: the routes name the two other servers"
+        );
+        // Three copies on three servers: each server holds every stream and bucket.
+        let max_store = nats_bytes(&setting(server, "jetstream.max_file_store"));
+        assert!(
+            max_store >= capstan_protocol::topology::reserved_bytes(),
+            "{file}: {max_store} bytes cannot hold a copy of every stream and bucket"
+        );
+        assert!(!setting(server, "jetstream.store_dir").is_empty());
+    }
+}
+
+#[test]
+fn nats_server_accepts_each_cluster_file_beside_the_accounts_block_init_writes() {
+    let dir = tempfile::tempdir().expect("dir");
+    let node = capstan_protocol::NodeId::new("exec-1").expect("valid");
+    capstan_mesh::identities::init(dir.path(), &[node]).expect("identities");
+    let server = capstan_testkit::natsbin::ensure().expect("a nats-server");
+    for (file, text) in nats_cluster_files() {
+        assert!(
+            text.contains(&format!("include {:?}", capstan_mesh::identities::ACCOUNTS)),
+            "{file} includes the accounts block"
+        );
+        let path = dir.path().join(&file);
+        std::fs::write(&path, &text).expect("write");
+        let output = std::process::Command::new(&server)
+            .arg("-t")
+            .arg("-c")
+            .arg(&path)
+            .output()
+            .expect("run nats-server");
+        assert!(
+            output.status.success(),
+            "nats-server refuses {file}:\n{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
+#[test]
+fn the_readme_tells_how_to_run_the_nats_cluster_and_apply_three_copies() {
+    let readme = read("README.md");
+    let section = readme
+        .split("\n## NATS cluster\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\n## ").next())
+        .expect("the README has a NATS cluster section");
+    for (file, _) in nats_cluster_files() {
+        assert!(
+            section.contains(&format!("deploy/nats/{file}")),
+            "the section names {file}"
+        );
+    }
+    assert!(section.contains("capstan nats apply"), "{section}");
+    assert!(section.contains("--replicas"), "{section}");
 }

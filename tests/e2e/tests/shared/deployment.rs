@@ -1,8 +1,9 @@
-//! What the deployment-file tests (`deploy.rs` for compose, `k8s.rs` for Kubernetes) read
-//! from the code the files must agree with: the binaries the workspace builds, their
-//! configuration, and the variables the telemetry crate reads.
+//! What the deployment-file tests (`deploy.rs` for compose and `deploy/nats`, `k8s.rs` for
+//! Kubernetes) read from the code the files must agree with: the binaries the workspace builds,
+//! their configuration, and the variables the telemetry crate reads; and how they read a
+//! nats-server configuration.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use clap::CommandFactory;
@@ -96,4 +97,75 @@ pub fn nats_version(tag: &str) -> (u32, u32, u32) {
         .and_then(|v| v.parse().ok())
         .unwrap_or(u32::MAX);
     (major, minor, patch)
+}
+
+/// A nats-server configuration's settings, read line by line: `block.key` → value (blocks
+/// joined by dots; top-level keys alone), and the quoted URLs of `cluster.routes`.
+pub fn nats_settings(config: &str) -> (HashMap<String, String>, Vec<String>) {
+    let mut settings = HashMap::new();
+    let mut routes = Vec::new();
+    let mut blocks: Vec<String> = Vec::new();
+    let mut in_routes = false;
+    for line in config.lines() {
+        let line = line.split('#').next().unwrap_or_default().trim();
+        if line.is_empty() {
+            continue;
+        }
+        if in_routes {
+            if line.starts_with(']') {
+                in_routes = false;
+            } else {
+                routes.push(line.trim_matches(['"', ',']).to_owned());
+            }
+            continue;
+        }
+        if line == "}" {
+            blocks.pop();
+            continue;
+        }
+        if let Some(block) = line.strip_suffix('{') {
+            blocks.push(block.trim().trim_end_matches(':').trim().to_owned());
+            continue;
+        }
+        if let Some((key, value)) = line.split_once([':', ' ']) {
+            let key = key.trim();
+            let value = value.trim().trim_start_matches(':').trim();
+            let path = blocks
+                .iter()
+                .map(String::as_str)
+                .chain(std::iter::once(key))
+                .collect::<Vec<_>>()
+                .join(".");
+            if value == "[" {
+                in_routes = path == "cluster.routes";
+                continue;
+            }
+            settings.insert(path, value.trim_matches('"').to_owned());
+        }
+    }
+    (settings, routes)
+}
+
+/// Bytes of a nats-server size (`45GB`: NATS counts `K`, `M`, `G` in thousands, `KB`, `MB`, `GB`
+/// in powers of 1024).
+pub fn nats_bytes(size: &str) -> i64 {
+    let upper = size.to_ascii_uppercase();
+    let split = upper
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(upper.len());
+    let (number, unit) = upper.split_at(split);
+    let number: i64 = number.parse().expect("a size");
+    let factor = match unit {
+        "" => 1,
+        "K" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "T" => 1_000_000_000_000,
+        "KB" | "KIB" => 1 << 10,
+        "MB" | "MIB" => 1 << 20,
+        "GB" | "GIB" => 1 << 30,
+        "TB" | "TIB" => 1 << 40,
+        other => panic!("unknown size unit {other}"),
+    };
+    number * factor
 }
