@@ -230,6 +230,15 @@ pub fn text(value: &Value, pointer: &str) -> String {
     }
 }
 
+/// The array under `key` of `value` (none when absent): a list answer's items.
+pub fn items(value: &Value, key: &str) -> Vec<Value> {
+    value
+        .get(key)
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default()
+}
+
 /// An RFC 3339 instant at `pointer`, shortened to the second and in UTC (`2026-12-03 16:20:01`).
 pub fn instant(value: &Value, pointer: &str) -> String {
     let raw = text(value, pointer);

@@ -1040,6 +1040,27 @@ impl Prng {
     }
 }
 
+/// Waits until a scheduler serves `capstan.jobs.create` (a scheduler registers its endpoint a
+/// moment after it starts), so that the first submissions of a load are not refused.
+pub async fn wait_create_answers(cluster: &Cluster) {
+    let client = cluster.client().await;
+    wait_until(
+        "a scheduler to answer create",
+        Duration::from_secs(60),
+        || {
+            let client = client.clone();
+            async move {
+                // An invalid spec: answered with an error, creates nothing.
+                client
+                    .request(subjects::CREATE, r#"{"timeout": -1}"#.into())
+                    .await
+                    .ok()
+            }
+        },
+    )
+    .await;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use capstan_e2e::Cluster;
 use capstan_e2e::faults::{self, Load, LoadPlan};
-use capstan_protocol::{JobStatus, subjects, topology};
+use capstan_protocol::{JobStatus, topology};
 use capstan_testkit::wait_until;
 
 /// Servers in the cluster.
@@ -101,27 +101,6 @@ async fn jobs_bucket_leader(cluster: &mut Cluster) -> usize {
         .unwrap_or_else(|| panic!("{leader} is none of the test's servers"))
 }
 
-/// Waits until a scheduler serves `capstan.jobs.create`, so that the load's first requests are
-/// answered.
-async fn wait_create_answers(cluster: &Cluster) {
-    let client = cluster.client().await;
-    wait_until(
-        "a scheduler to answer create",
-        Duration::from_secs(60),
-        || {
-            let client = client.clone();
-            async move {
-                // An invalid spec: answered with an error, creates nothing.
-                client
-                    .request(subjects::CREATE, r#"{"timeout": -1}"#.into())
-                    .await
-                    .ok()
-            }
-        },
-    )
-    .await;
-}
-
 #[tokio::test]
 async fn a_mesh_on_three_nats_servers_loses_no_job_and_runs_none_twice_when_one_is_killed_under_load_and_restarted()
  {
@@ -158,7 +137,7 @@ async fn a_mesh_on_three_nats_servers_loses_no_job_and_runs_none_twice_when_one_
     }
     let api = cluster.api("api-1").await;
     cluster.wait_nodes_up(&nodes).await;
-    wait_create_answers(&cluster).await;
+    capstan_e2e::faults::wait_create_answers(&cluster).await;
 
     // A first load, during which the server leading the jobs bucket is killed: submissions
     // made while the cluster elects another leader (seconds) are refused, and are owed nothing.

@@ -47,33 +47,12 @@ async fn fleet(executors: usize, slots: u32) -> (Cluster, String) {
     let api = cluster.api("api-1").await;
     let nodes: Vec<&str> = nodes.iter().map(String::as_str).collect();
     cluster.wait_nodes_up(&nodes).await;
-    wait_create_answers(&cluster).await;
+    capstan_e2e::faults::wait_create_answers(&cluster).await;
     (cluster, api)
 }
 
 fn node_names(count: usize) -> Vec<String> {
     (1..=count).map(|n| format!("exec-{n}")).collect()
-}
-
-/// Waits until a scheduler serves `capstan.jobs.create` (a scheduler registers its endpoint a
-/// moment after it starts), so that the first submissions of a load are not refused.
-async fn wait_create_answers(cluster: &Cluster) {
-    let client = cluster.client().await;
-    wait_until(
-        "a scheduler to answer create",
-        Duration::from_secs(60),
-        || {
-            let client = client.clone();
-            async move {
-                // An invalid spec: answered with an error, creates nothing.
-                client
-                    .request(subjects::CREATE, r#"{"timeout": -1}"#.into())
-                    .await
-                    .ok()
-            }
-        },
-    )
-    .await;
 }
 
 /// `count` short jobs that record their runs, submitted every way.

@@ -621,11 +621,7 @@ pub(super) async fn events(context: &Context, id: &str) -> Result<ExitCode, Erro
         .get(&format!("/api/v1/jobs/{}/events", encode(id)))
         .await?;
     context.out.print(&events, |out| {
-        let list = events
-            .get("events")
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default();
+        let list = crate::output::items(&events, "events");
         out.table(
             &["seq", "at", "kind", "attempt", "node", "exit", "error"],
             list.iter()

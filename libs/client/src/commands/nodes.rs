@@ -87,11 +87,7 @@ pub(super) async fn show(context: &Context, id: Option<&str>) -> Result<ExitCode
         }
         None => {
             let list: Value = api.get("/api/v1/nodes").await?;
-            let nodes = list
-                .get("nodes")
-                .and_then(Value::as_array)
-                .cloned()
-                .unwrap_or_default();
+            let nodes = crate::output::items(&list, "nodes");
             context.out.print(&list, |out| node_rows(out, &nodes))?;
         }
     }
@@ -192,11 +188,7 @@ pub(super) async fn systems(context: &Context, name: Option<&str>) -> Result<Exi
         }
         None => {
             let list: Value = api.get("/api/v1/systems").await?;
-            let systems = list
-                .get("systems")
-                .and_then(Value::as_array)
-                .cloned()
-                .unwrap_or_default();
+            let systems = crate::output::items(&list, "systems");
             context.out.print(&list, |out| system_rows(out, &systems))?;
         }
     }

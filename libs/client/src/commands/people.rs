@@ -94,11 +94,7 @@ pub(super) async fn tokens(context: &Context, command: TokensCommand) -> Result<
     match command {
         TokensCommand::Ls => {
             let list: Value = api.get("/api/v1/tokens").await?;
-            let tokens = list
-                .get("tokens")
-                .and_then(Value::as_array)
-                .cloned()
-                .unwrap_or_default();
+            let tokens = crate::output::items(&list, "tokens");
             context.out.print(&list, |out| {
                 out.table(
                     &[
@@ -164,11 +160,7 @@ pub(super) async fn users(context: &Context, command: UsersCommand) -> Result<Ex
     match command {
         UsersCommand::Ls => {
             let list: Value = api.get("/api/v1/users").await?;
-            let users = list
-                .get("users")
-                .and_then(Value::as_array)
-                .cloned()
-                .unwrap_or_default();
+            let users = crate::output::items(&list, "users");
             context.out.print(&list, |out| {
                 out.table(
                     &["name", "role", "disabled", "created", "updated"],

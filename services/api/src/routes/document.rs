@@ -171,17 +171,21 @@ fn other_checks(spec: &mut Value) {
     }
 }
 
+/// Labels as `spec::validate_labels` takes them: at least `at_least`, at most
+/// `MAX_LABELS`, keys and values of A-Z, a-z, 0-9, `-`, `_`, `.`, `/` (a key not empty).
+/// NOTE: OpenAPI 3.0 tools may ignore `propertyNames` (a JSON Schema draft 6 keyword).
+fn label_map(at_least: usize) -> Value {
+    json!({
+        "minProperties": at_least,
+        "maxProperties": limits::MAX_LABELS,
+        "propertyNames": {"pattern": format!("^[A-Za-z0-9._/-]{{1,{}}}$", limits::MAX_LABEL_LEN)},
+        "additionalProperties": {"type": "string", "pattern": format!("^[A-Za-z0-9._/-]{{0,{}}}$", limits::MAX_LABEL_LEN)},
+    })
+}
+
 /// A fan-out's targets: systems by name (1 to 1000, each once) or by labels (at least one);
 /// nodes by labels. Host names as the systems routes check them.
 fn targets_and_hosts(spec: &mut Value) {
-    let label_map = |at_least: usize| {
-        json!({
-            "minProperties": at_least,
-            "maxProperties": limits::MAX_LABELS,
-            "propertyNames": {"pattern": format!("^[A-Za-z0-9._/-]{{1,{}}}$", limits::MAX_LABEL_LEN)},
-            "additionalProperties": {"type": "string", "pattern": format!("^[A-Za-z0-9._/-]{{0,{}}}$", limits::MAX_LABEL_LEN)},
-        })
-    };
     let systems = spec["components"]["schemas"]["SystemTargets"]
         .as_object_mut()
         .expect("SystemTargets");
@@ -389,12 +393,6 @@ fn job_submission(spec: &mut Value) {
             {"required": ["run_at", "delay"]}
         ]}),
     );
-    let label = json!({
-        "type": "object",
-        "maxProperties": limits::MAX_LABELS,
-        "propertyNames": {"pattern": format!("^[A-Za-z0-9._/-]{{1,{}}}$", limits::MAX_LABEL_LEN)},
-        "additionalProperties": {"type": "string", "pattern": format!("^[A-Za-z0-9._/-]{{0,{}}}$", limits::MAX_LABEL_LEN)},
-    });
     let variables = json!({
         "maxProperties": limits::MAX_ENV,
         "propertyNames": {"pattern": "^[^=\\x00]+$"},
@@ -430,7 +428,7 @@ fn job_submission(spec: &mut Value) {
     for (field, rule) in rules {
         extend(property(spec, "JobSubmission", field), rule);
     }
-    extend(property(spec, "JobSubmission", "labels"), label);
+    extend(property(spec, "JobSubmission", "labels"), label_map(0));
     extend(property(spec, "JobSubmission", "env"), variables.clone());
     extend(
         property(spec, "JobSubmission", "secrets"),
