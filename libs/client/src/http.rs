@@ -522,6 +522,28 @@ mod tests {
     }
 
     #[test]
+    fn a_private_certificate_authority_is_trusted_from_its_pem_file_and_a_file_without_one_is_refused()
+     {
+        let ca = capstan_testkit::tls::TestCa::generate();
+        assert!(Api::new("https://127.0.0.1:8443", Some(&ca.files.ca)).is_ok());
+        let dir = tempfile::tempdir().expect("temp dir");
+        let empty = dir.path().join("not-a-ca.pem");
+        std::fs::write(&empty, "not a certificate\n").expect("written");
+        match Api::new("https://127.0.0.1:8443", Some(&empty)) {
+            Err(Error::Config(reason)) => {
+                assert!(reason.contains("holds no certificate"), "{reason}")
+            }
+            Err(other) => panic!("refused for another reason: {other}"),
+            Ok(_) => panic!("a file without a certificate was accepted"),
+        }
+        let missing = dir.path().join("missing.pem");
+        assert!(matches!(
+            Api::new("https://127.0.0.1:8443", Some(&missing)),
+            Err(Error::Config(_))
+        ));
+    }
+
+    #[test]
     fn a_url_that_is_not_http_is_refused_before_anything_is_sent() {
         assert!(matches!(Api::new("ftp://x", None), Err(Error::Usage(_))));
         assert!(matches!(Api::new("not a url", None), Err(Error::Usage(_))));
