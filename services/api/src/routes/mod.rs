@@ -106,13 +106,37 @@ pub(crate) fn service_description() -> OpenApiService<Apis, ()> {
 /// The OpenAPI document as served at `/openapi.json` and written to `schemas/`: the
 /// description poem-openapi makes, with each documented reference written as the reference
 /// beside its description (poem-openapi wraps it as `allOf: [{$ref}, {description}]`, which
-/// client generators cannot take when the reference is an enum).
+/// client generators cannot take when the reference is an enum), and the handlers' own rules
+/// written in (`document`). Built once per process: it depends on nothing but the code.
 pub(crate) fn spec_json() -> String {
-    let mut spec: serde_json::Value =
-        serde_json::from_str(&service_description().spec()).expect("poem-openapi writes JSON");
-    inline_documented_refs(&mut spec);
-    document::tighten(&mut spec);
-    serde_json::to_string_pretty(&spec).expect("a JSON value prints")
+    serde_json::to_string_pretty(spec()).expect("a JSON value prints")
+}
+
+/// The document of [`spec_json`], as JSON, for the `Allow` table and the type check.
+pub(crate) fn spec() -> &'static serde_json::Value {
+    static SPEC: std::sync::OnceLock<serde_json::Value> = std::sync::OnceLock::new();
+    SPEC.get_or_init(|| {
+        let mut spec: serde_json::Value =
+            serde_json::from_str(&service_description().spec()).expect("poem-openapi writes JSON");
+        inline_documented_refs(&mut spec);
+        document::tighten(&mut spec);
+        spec
+    })
+}
+
+/// The template of `paths` that `path` matches (`/users/{name}` for `/users/bob`); a path
+/// matching several takes the most literal one (`/users/me` before `/users/{name}`).
+pub(crate) fn template_of<'a>(paths: impl Iterator<Item = &'a str>, path: &str) -> Option<&'a str> {
+    let segments: Vec<&str> = path.split('/').collect();
+    paths
+        .filter(|template| {
+            let parts = template.split('/');
+            parts.clone().count() == segments.len()
+                && parts.zip(&segments).all(|(part, segment)| {
+                    part == *segment || (part.starts_with('{') && !segment.is_empty())
+                })
+        })
+        .max_by_key(|template| template.split('/').filter(|p| !p.starts_with('{')).count())
 }
 
 /// Rewrites every `{"allOf": [{"$ref": r}, {annotations}]}` under `value` as
@@ -422,16 +446,15 @@ impl<E: Endpoint> Endpoint for BodyLimitEndpoint<E> {
 
 /// The methods each documented path takes, from the OpenAPI description: what a `405`
 /// lists in its `Allow` header.
-pub(crate) struct PathMethods(Vec<(Vec<String>, Vec<String>)>);
+pub(crate) struct PathMethods(Vec<(String, String)>);
 
 impl PathMethods {
     /// The table of the served description.
     pub(crate) fn of_description() -> Self {
-        let spec: serde_json::Value = serde_json::from_str(&spec_json()).unwrap_or_default();
         let mut table = Vec::new();
-        if let Some(paths) = spec["paths"].as_object() {
+        if let Some(paths) = spec()["paths"].as_object() {
             for (path, operations) in paths {
-                let methods = operations
+                let methods: Vec<String> = operations
                     .as_object()
                     .map(|operations| {
                         operations
@@ -440,26 +463,18 @@ impl PathMethods {
                             .collect()
                     })
                     .unwrap_or_default();
-                table.push((path.split('/').map(str::to_owned).collect(), methods));
+                table.push((path.clone(), methods.join(", ")));
             }
         }
         Self(table)
     }
 
-    /// The methods `path` takes, comma separated; `None` for a path not described. A path
-    /// matching several templates takes the most literal one's (`/users/me` before
-    /// `/users/{name}`).
+    /// The methods `path` takes, comma separated; `None` for a path not described.
     pub(crate) fn allowed(&self, path: &str) -> Option<String> {
-        let segments: Vec<&str> = path.split('/').collect();
+        let template = template_of(self.0.iter().map(|(t, _)| t.as_str()), path)?;
         self.0
             .iter()
-            .filter(|(template, _)| {
-                template.len() == segments.len()
-                    && template.iter().zip(&segments).all(|(part, segment)| {
-                        part == segment || (part.starts_with('{') && !segment.is_empty())
-                    })
-            })
-            .max_by_key(|(template, _)| template.iter().filter(|p| !p.starts_with('{')).count())
-            .map(|(_, methods)| methods.join(", "))
+            .find(|(t, _)| t == template)
+            .map(|(_, methods)| methods.clone())
     }
 }

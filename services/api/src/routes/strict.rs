@@ -9,22 +9,18 @@
 //! the document says `nullable` (an optional field without a default, written inline), and
 //! nowhere else. Everything else the handlers check.
 
-use std::sync::Arc;
-
 use poem::{Endpoint, IntoResponse, Middleware, Request, Response};
 use serde_json::Value;
 
 use crate::problem::ApiError;
 
 /// The middleware.
-pub(crate) struct StrictTypes(Arc<Value>);
+pub(crate) struct StrictTypes(&'static Value);
 
 impl StrictTypes {
     /// Over the served document.
     pub(crate) fn of_description() -> Self {
-        Self(Arc::new(
-            serde_json::from_str(&super::spec_json()).expect("the document is JSON"),
-        ))
+        Self(super::spec())
     }
 }
 
@@ -34,14 +30,14 @@ impl<E: Endpoint> Middleware<E> for StrictTypes {
     fn transform(&self, inner: E) -> Self::Output {
         StrictTypesEndpoint {
             inner,
-            spec: self.0.clone(),
+            spec: self.0,
         }
     }
 }
 
 pub(crate) struct StrictTypesEndpoint<E> {
     inner: E,
-    spec: Arc<Value>,
+    spec: &'static Value,
 }
 
 impl<E: Endpoint> Endpoint for StrictTypesEndpoint<E> {
@@ -52,12 +48,12 @@ impl<E: Endpoint> Endpoint for StrictTypesEndpoint<E> {
             .content_type()
             .is_some_and(|t| t.starts_with("application/json"));
         let schema = is_json
-            .then(|| body_schema(&self.spec, request.method().as_str(), request.uri().path()))
+            .then(|| body_schema(self.spec, request.method().as_str(), request.uri().path()))
             .flatten();
         if let Some(schema) = schema {
             let body = request.take_body().into_bytes().await?;
             if let Ok(value) = serde_json::from_slice::<Value>(&body)
-                && let Err((field, expected)) = check(&self.spec, &value, schema, "")
+                && let Err((field, expected)) = check(self.spec, &value, schema, "")
             {
                 let field = if field.is_empty() { None } else { Some(field) };
                 let detail = match &field {
@@ -77,18 +73,9 @@ impl<E: Endpoint> Endpoint for StrictTypesEndpoint<E> {
 
 /// The JSON body schema of `method path`, if the document declares one.
 fn body_schema<'a>(spec: &'a Value, method: &str, path: &str) -> Option<&'a Value> {
-    let segments: Vec<&str> = path.split('/').collect();
-    let (_, operations) = spec["paths"]
-        .as_object()?
-        .iter()
-        .filter(|(template, _)| {
-            let parts: Vec<&str> = template.split('/').collect();
-            parts.len() == segments.len()
-                && parts.iter().zip(&segments).all(|(part, segment)| {
-                    part == segment || (part.starts_with('{') && !segment.is_empty())
-                })
-        })
-        .max_by_key(|(template, _)| template.split('/').filter(|p| !p.starts_with('{')).count())?;
+    let paths = spec["paths"].as_object()?;
+    let template = super::template_of(paths.keys().map(String::as_str), path)?;
+    let operations = &paths[template];
     let content = operations[method.to_ascii_lowercase()]["requestBody"]["content"].as_object()?;
     content
         .iter()
