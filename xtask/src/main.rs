@@ -3,7 +3,8 @@
 //! - `up`: the whole mesh on this machine — a provisioned nats-server with its store under
 //!   `.capstan/`, and every service as a child process, logs prefixed by service — until Ctrl-C.
 //! - `test`: every test of the workspace, with what they need provisioned first (nats-server,
-//!   and a PostgreSQL server answering for the history store's tests).
+//!   a PostgreSQL server answering for the history store's tests, sshd for the remote
+//!   systems' tests, and Chromium with its chromedriver for the dashboard's).
 //! - `nats-server`: provisions nats-server and prints its path.
 //! - `bench`: measures a fresh release-built mesh (numbers in `docs/BENCHMARKS.md`).
 //! - `schemas`: writes the files under `schemas/` generated from the code (`--check`: lists
@@ -11,6 +12,7 @@
 
 mod bench;
 mod bench_ssh;
+mod chromium;
 mod failover;
 mod postgres;
 mod schemas;
@@ -92,6 +94,12 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     eprintln!("using PostgreSQL at {server}");
     let sshd = sshd::ensure()?;
     eprintln!("using sshd at {}", sshd.display());
+    let (chromium, chromedriver) = chromium::ensure()?;
+    eprintln!(
+        "using chromium at {} and chromedriver at {}",
+        chromium.display(),
+        chromedriver.display()
+    );
     let status = cargo()
         .current_dir(capstan_testkit::workspace_root())
         .args(["test", "--workspace", "--locked"])
@@ -99,6 +107,8 @@ fn test(args: &[String]) -> anyhow::Result<()> {
         .env("CAPSTAN_NATS_SERVER", &nats)
         .env("CAPSTAN_TEST_POSTGRES_URL", &postgres)
         .env("CAPSTAN_SSHD", &sshd)
+        .env("CAPSTAN_CHROMIUM", &chromium)
+        .env("CAPSTAN_CHROMEDRIVER", &chromedriver)
         .status()
         .context("cannot run cargo test")?;
     if !status.success() {

@@ -387,8 +387,17 @@ fn api(allowed: &mut Allowed) {
         subjects::registry::NODES_DRAIN.to_owned(),
     ]);
     allowed.rejections([Origin::History, Origin::Audit]);
-    // Counting its own replicas (each takes its share of the rate limits).
-    allowed.publish([format!("$SRV.PING.{API_SERVICE}")]);
+    // Counting its own replicas (each takes its share of the rate limits), and every
+    // service's for the dashboard's view of the mesh.
+    allowed.publish(
+        [
+            REGISTRY_SERVICE,
+            SCHEDULER_SERVICE,
+            EXECUTOR_SERVICE,
+            API_SERVICE,
+        ]
+        .map(|service| format!("$SRV.PING.{service}")),
+    );
     allowed.open_mesh();
     for bucket in [
         &topology::JOBS,
@@ -421,6 +430,8 @@ fn api(allowed: &mut Allowed) {
     // Following a job's output watches its record.
     allowed.bucket_watch(&topology::JOBS);
     allowed.stream_read(&topology::LOGS, subjects::LOGS_ALL);
+    // The dashboard's live view follows the events as they are stored.
+    allowed.stream_watch(&topology::EVENTS);
     allowed.stream_watch(&topology::LOGS);
     // Showing an accepted job that no scheduler has created yet, from its stored submission.
     allowed.stream_read(&topology::SUBMISSIONS, subjects::SUBMIT_JOB_ALL);

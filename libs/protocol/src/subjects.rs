@@ -70,6 +70,12 @@ pub fn node_event(node: &NodeId, kind: NodeEventKind) -> String {
     format!("capstan.events.nodes.{node}.{kind}")
 }
 
+/// The node id and event kind of a node event subject.
+pub fn parse_node_event(subject: &str) -> Option<(&str, &str)> {
+    let rest = subject.strip_prefix("capstan.events.nodes.")?;
+    rest.split_once('.')
+}
+
 /// Where a rejected message was consumed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Origin {
@@ -427,5 +433,16 @@ mod tests {
         let subject = job_event(job, JobEventKind::TimedOut);
         assert_eq!(parse_job_event(&subject), Some((job, "timed_out")));
         assert_eq!(parse_job_event("capstan.events.nodes.n1.down"), None);
+    }
+
+    #[test]
+    fn node_event_subjects_parse_back_to_node_and_kind() {
+        let node = NodeId::new("exec-1").expect("valid");
+        let subject = node_event(&node, NodeEventKind::Down);
+        assert_eq!(parse_node_event(&subject), Some(("exec-1", "down")));
+        assert_eq!(
+            parse_node_event(&job_event(JobId::generate(), JobEventKind::Running)),
+            None
+        );
     }
 }

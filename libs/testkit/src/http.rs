@@ -200,9 +200,19 @@ impl HttpClient {
         path: &str,
         until: impl Fn(&str) -> bool,
     ) -> (StatusCode, String) {
+        self.read_stream_with(path, &[], until).await
+    }
+
+    /// [`HttpClient::read_stream`] with more request headers (a cookie, say).
+    pub async fn read_stream_with(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+        until: impl Fn(&str) -> bool,
+    ) -> (StatusCode, String) {
         tokio::time::timeout(
             std::time::Duration::from_secs(60),
-            self.read_stream_unbounded(path, until),
+            self.read_stream_unbounded(path, headers, until),
         )
         .await
         .unwrap_or_else(|_| panic!("reading the stream of {path} took over 60 seconds"))
@@ -211,11 +221,15 @@ impl HttpClient {
     async fn read_stream_unbounded(
         &self,
         path: &str,
+        headers: &[(&str, &str)],
         until: impl Fn(&str) -> bool,
     ) -> (StatusCode, String) {
         let mut builder = Request::builder().uri(format!("{}{path}", self.base));
         if let Some(token) = &self.bearer {
             builder = builder.header("authorization", format!("Bearer {token}"));
+        }
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
         }
         let request = builder
             .body(Full::new(Bytes::new()))

@@ -21,6 +21,7 @@ pub mod bench;
 mod bootstrap;
 mod catalogue;
 pub mod config;
+mod dashboard;
 pub mod guard;
 pub mod logs;
 pub mod metrics;
@@ -101,6 +102,8 @@ pub(crate) struct State {
     pub access: AccessSettings,
     /// The keys sealing job secrets given in clear; without them such jobs are refused.
     pub secret_keys: Option<capstan_secrets::KeyRing>,
+    /// What keeps the dashboard's open pages current.
+    pub live: Arc<dashboard::Live>,
 }
 
 /// The OpenAPI document of the REST API, as JSON.
@@ -220,6 +223,7 @@ pub(crate) async fn assemble(
     });
     let metrics = Arc::new(Metrics::new(&mesh, history.clone()));
     let state = Arc::new(State {
+        live: Arc::new(dashboard::Live::new(mesh.clone(), shutdown.clone())),
         submitter: Submitter::new(mesh.js.clone(), mesh.idempotency.clone()),
         mesh,
         history,
@@ -247,33 +251,35 @@ pub(crate) async fn assemble(
 pub(crate) fn app(state: &Arc<State>, config: &Config) -> poem::endpoint::BoxEndpoint<'static> {
     let metrics = state.metrics.clone();
     let methods = Arc::new(routes::PathMethods::of_description());
-    outer(
+    let api: dashboard::Api = Arc::new(poem::endpoint::ToDynEndpoint(
         routes_app(state, config).with(Guard(state.security.clone())),
-        config,
-    )
-    .around(move |endpoint, request| {
-        let (metrics, methods) = (metrics.clone(), methods.clone());
-        async move {
-            let (method, started) = (request.method().clone(), std::time::Instant::now());
-            let path = request.uri().path().to_owned();
-            let mut response = endpoint.call(request).await?;
-            if response.status() == poem::http::StatusCode::METHOD_NOT_ALLOWED
-                && let Some(allowed) = methods.allowed(&path)
-                && let Ok(value) = poem::http::HeaderValue::from_str(&allowed)
-            {
-                response
-                    .headers_mut()
-                    .insert(poem::http::header::ALLOW, value);
+    ));
+    let pages = Arc::new(dashboard::Dashboard::new(api.clone(), state));
+    let routes = dashboard::Front { api, pages };
+    outer(routes, config)
+        .around(move |endpoint, request| {
+            let (metrics, methods) = (metrics.clone(), methods.clone());
+            async move {
+                let (method, started) = (request.method().clone(), std::time::Instant::now());
+                let path = request.uri().path().to_owned();
+                let mut response = endpoint.call(request).await?;
+                if response.status() == poem::http::StatusCode::METHOD_NOT_ALLOWED
+                    && let Some(allowed) = methods.allowed(&path)
+                    && let Ok(value) = poem::http::HeaderValue::from_str(&allowed)
+                {
+                    response
+                        .headers_mut()
+                        .insert(poem::http::header::ALLOW, value);
+                }
+                metrics.request(
+                    method.as_str(),
+                    response.status().as_u16(),
+                    started.elapsed(),
+                );
+                Ok(response)
             }
-            metrics.request(
-                method.as_str(),
-                response.status().as_u16(),
-                started.elapsed(),
-            );
-            Ok(response)
-        }
-    })
-    .boxed()
+        })
+        .boxed()
 }
 
 /// The routes and the documents describing them, behind the body limit.

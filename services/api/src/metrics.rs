@@ -22,6 +22,15 @@ type Requests = Family<[Label; 2], Counter>;
 /// System health gauges, by system and health.
 type Healths = Family<[Label; 2], Gauge>;
 
+/// An open live stream of a dashboard page, counted while it lives.
+pub struct LivePage(Gauge);
+
+impl Drop for LivePage {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// This replica's metrics and their exporter.
 pub struct Metrics {
     exporter: Arc<Exporter>,
@@ -33,6 +42,7 @@ pub struct Metrics {
     lag: Histogram,
     requests: Requests,
     request_seconds: Histograms,
+    pages: Gauge,
 }
 
 impl Metrics {
@@ -46,6 +56,7 @@ impl Metrics {
         let (submitted, recorded) = (Counter::default(), Counter::default());
         let (wait, run, turnaround, lag) = (latency(), latency(), latency(), latency());
         let (requests, request_seconds) = (Requests::default(), latencies());
+        let pages = Gauge::default();
         let registry = exporter.registry();
         registry.register(
             "capstan_history_jobs",
@@ -107,6 +118,11 @@ impl Metrics {
             "How long this API replica took to answer, by method",
             request_seconds.clone(),
         );
+        registry.register(
+            "capstan_dashboard_live_pages",
+            "Dashboard pages with a live stream of changes open on this API replica",
+            pages.clone(),
+        );
         let scraped = Arc::new(metrics);
         let reader = (mesh.clone(), history);
         exporter.on_scrape(move || {
@@ -123,7 +139,15 @@ impl Metrics {
             lag,
             requests,
             request_seconds,
+            pages,
         }
+    }
+
+    /// A dashboard page opened its live stream; the stream is counted until the returned
+    /// guard is dropped (when the page is left or the stream ends).
+    pub fn live_page(&self) -> LivePage {
+        self.pages.inc();
+        LivePage(self.pages.clone())
     }
 
     /// The metrics text.

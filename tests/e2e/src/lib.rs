@@ -2,8 +2,10 @@
 //! binaries, each a separate process with its own log, started and stopped (gracefully, or with
 //! kill -9) by the tests. On a failing test the logs of every process are printed.
 //!
-//! [`schemas`] renders the files under `schemas/` that are generated from the code.
+//! [`schemas`] renders the files under `schemas/` that are generated from the code;
+//! [`browser`] drives a headless Chromium for the dashboard's tests.
 
+pub mod browser;
 pub mod faults;
 pub mod schemas;
 
