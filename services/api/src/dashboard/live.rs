@@ -201,6 +201,8 @@ mod tests {
         let node = NodeId::new("exec-1").expect("valid");
         let hint = Hint::of(&subjects::node_event(&node, NodeEventKind::Down)).expect("a node's");
         assert_eq!((hint.topic, hint.id.as_str()), ("node", "exec-1"));
-        assert_eq!(Hint::of("capstan.events.rejections.x"), None);
+        let system =
+            subjects::system_event("db-1", capstan_protocol::system::SystemHealth::Healthy);
+        assert_eq!(Hint::of(&system), None);
     }
 }
