@@ -59,8 +59,8 @@ fn install() -> anyhow::Result<()> {
     installed
 }
 
-/// Runs `apt-get args…` without questions, failing when it does.
-fn apt_get(args: &[&str]) -> anyhow::Result<()> {
+/// Runs `apt-get args…` without questions, failing when it does (also `axe`'s, for npm).
+pub(crate) fn apt_get(args: &[&str]) -> anyhow::Result<()> {
     let status = Command::new("apt-get")
         .args(args)
         .env("DEBIAN_FRONTEND", "noninteractive")

@@ -4,12 +4,14 @@
 //!   `.capstan/`, and every service as a child process, logs prefixed by service — until Ctrl-C.
 //! - `test`: every test of the workspace, with what they need provisioned first (nats-server,
 //!   a PostgreSQL server answering for the history store's tests, sshd for the remote
-//!   systems' tests, and Chromium with its chromedriver for the dashboard's).
+//!   systems' tests, and Chromium with its chromedriver and axe-core, from the npm registry,
+//!   for the dashboard's).
 //! - `nats-server`: provisions nats-server and prints its path.
 //! - `bench`: measures a fresh release-built mesh (numbers in `docs/BENCHMARKS.md`).
 //! - `schemas`: writes the files under `schemas/` generated from the code (`--check`: lists
 //!   the ones that drifted and fails).
 
+mod axe;
 mod bench;
 mod bench_ssh;
 mod chromium;
@@ -100,6 +102,8 @@ fn test(args: &[String]) -> anyhow::Result<()> {
         chromium.display(),
         chromedriver.display()
     );
+    let axe = axe::ensure()?;
+    eprintln!("using axe-core at {}", axe.display());
     let status = cargo()
         .current_dir(capstan_testkit::workspace_root())
         .args(["test", "--workspace", "--locked"])
@@ -109,6 +113,7 @@ fn test(args: &[String]) -> anyhow::Result<()> {
         .env("CAPSTAN_SSHD", &sshd)
         .env("CAPSTAN_CHROMIUM", &chromium)
         .env("CAPSTAN_CHROMEDRIVER", &chromedriver)
+        .env("CAPSTAN_AXE", &axe)
         .status()
         .context("cannot run cargo test")?;
     if !status.success() {

@@ -168,6 +168,9 @@ async fn a_browser_logs_in_with_cookies_no_script_can_read_and_is_sent_to_the_lo
         "/ui/login?next=%2Fui%2Fjobs%3Fstatus%3Dfailed"
     );
     assert_eq!(location(&browser.get("/").await), "/ui/jobs");
+    // The icon every browser asks for is the dashboard's, not a refused API request.
+    let icon = browser.get("/favicon.ico").await;
+    assert_eq!((icon.status, icon.content_type()), (StatusCode::OK, "image/svg+xml"));
 
     let page = browser.get("/ui/login").await;
     assert!(page.text().contains(r#"id="login""#), "{}", page.text());
@@ -281,6 +284,32 @@ async fn a_form_without_the_browsers_csrf_token_is_refused_and_changes_nothing()
         .await;
     assert_eq!(cross.status, StatusCode::FORBIDDEN, "{}", cross.text());
     assert_eq!(jobs_named(&stack, "forged").await, 0);
+    // The refusals are in the audit trail.
+    let denied = stack
+        .admin
+        .get("/api/v1/audit?action=auth.denied")
+        .await
+        .json();
+    let forged = denied["records"]
+        .as_array()
+        .expect("records")
+        .iter()
+        .filter(|r| r["resource"] == "POST /ui/jobs")
+        .count();
+    assert!(forged >= 2, "{denied}");
+    let foreign = stack
+        .admin
+        .get("/api/v1/audit?action=auth.host_refused")
+        .await
+        .json();
+    assert!(
+        foreign["records"]
+            .as_array()
+            .expect("records")
+            .iter()
+            .any(|r| r["resource"] == "POST /ui/jobs"),
+        "{foreign}"
+    );
 
     let submitted = browser
         .post_form(

@@ -7,17 +7,22 @@
 //!
 //! The binaries come from `CAPSTAN_CHROMEDRIVER` and `CAPSTAN_CHROMIUM` (set by
 //! `cargo xtask test`, which installs Debian's packages when they are missing), else Debian's
-//! places for them. What is served, and how a page should look, is the tests' business.
+//! places for them. [`Browser::accessibility`] runs axe-core, the script `CAPSTAN_AXE` names
+//! (set by `cargo xtask test`, which fetches it from the npm registry), in the page. What is
+//! served, and how a page should look, is the tests' business.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use capstan_testkit::http::HttpClient;
+use fantoccini::actions::{InputSource, KeyAction, KeyActions};
 use fantoccini::elements::Element;
+use fantoccini::key::Key;
 use fantoccini::{Client, ClientBuilder, Locator};
 use hyper_util::client::legacy::connect::HttpConnector;
 use nix::sys::signal::{Signal, killpg};
@@ -89,6 +94,37 @@ pub fn chromium_path() -> PathBuf {
     std::env::var_os("CAPSTAN_CHROMIUM")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"))
+}
+
+/// The WCAG levels [`Browser::accessibility`] checks, as axe-core tags them: 2.0 and 2.1,
+/// levels A and AA.
+pub const WCAG_TAGS: [&str; 4] = ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa"];
+
+/// How many of a violation's elements [`Browser::accessibility`] names.
+const TARGETS_SHOWN: usize = 3;
+
+/// axe-core's script, read once from the file `CAPSTAN_AXE` names. Panics, saying to run the
+/// tests with `cargo xtask test`, when the variable is unset or the file cannot be read: the
+/// accessibility check is never skipped.
+fn axe_script() -> &'static str {
+    static SCRIPT: OnceLock<String> = OnceLock::new();
+    SCRIPT.get_or_init(|| {
+        let path = std::env::var_os("CAPSTAN_AXE").unwrap_or_else(|| {
+            panic!(
+                "CAPSTAN_AXE is not set: run the tests with `cargo xtask test` (it fetches \
+                 axe-core from the npm registry and names its axe.min.js), or point CAPSTAN_AXE \
+                 at an axe.min.js"
+            )
+        });
+        let path = PathBuf::from(path);
+        std::fs::read_to_string(&path).unwrap_or_else(|e| {
+            panic!(
+                "CAPSTAN_AXE={} cannot be read ({e}): run the tests with `cargo xtask test`, \
+                 which fetches axe-core into its cache",
+                path.display()
+            )
+        })
+    })
 }
 
 /// Where [`Browser::screenshot`] writes: `target/screenshots/` under the workspace's root.
@@ -374,6 +410,53 @@ impl Browser {
             .unwrap_or_else(|e| panic!("the script failed: {e}\n{script}"))
     }
 
+    /// Checks the page shown against WCAG 2.0 and 2.1, levels A and AA ([`WCAG_TAGS`]), with
+    /// axe-core (injected unless the page has it already), and returns one line per rule
+    /// violated: the rule, its impact, what it asks, the first few elements failing it (as CSS
+    /// selectors) and why the first one fails. Empty when the page passes. Panics when
+    /// `CAPSTAN_AXE` names no script (see `cargo xtask test`) or axe-core cannot run.
+    pub async fn accessibility(&self) -> Vec<String> {
+        let loaded = self
+            .execute("return typeof window.axe === 'object';", Vec::new())
+            .await;
+        if loaded != json!(true) {
+            self.client
+                .execute(axe_script(), Vec::new())
+                .await
+                .unwrap_or_else(|e| panic!("axe-core could not be injected: {e}"));
+        }
+        // The last argument of an asynchronous script is the callback that returns its
+        // result; axe's own failure is returned too, to be reported with the page.
+        let script = r"
+            const [tags, done] = arguments;
+            axe.run(document, {runOnly: {type: 'tag', values: tags}, resultTypes: ['violations']})
+                .then(
+                    (results) => done({violations: results.violations.map((rule) => ({
+                        id: rule.id,
+                        impact: rule.impact,
+                        help: rule.help,
+                        nodes: rule.nodes.map((node) => ({
+                            target: node.target.map((part) => [].concat(part).join(' >>> ')),
+                            summary: node.failureSummary,
+                        })),
+                    }))}),
+                    (error) => done({error: String((error && error.stack) || error)}),
+                );
+        ";
+        let result = self
+            .client
+            .execute_async(script, vec![json!(WCAG_TAGS)])
+            .await
+            .unwrap_or_else(|e| panic!("axe-core could not run: {e}\n{}", self.describe().await));
+        if let Some(error) = result.get("error") {
+            panic!("axe-core failed: {error}\n{}", self.describe().await);
+        }
+        let violations = result["violations"]
+            .as_array()
+            .unwrap_or_else(|| panic!("axe-core returned no violations list: {result}"));
+        violations.iter().map(violation_line).collect()
+    }
+
     /// The first element matching `css`, if there is one now.
     pub async fn find(&self, css: &str) -> Option<Element> {
         self.client.find(Locator::Css(css)).await.ok()
@@ -455,6 +538,18 @@ impl Browser {
                 Err(_) => tokio::time::sleep(PROBE_INTERVAL).await,
             }
         }
+    }
+
+    /// Presses and releases `key` on the keyboard, on whatever holds the focus (the page
+    /// itself when nothing does), as a person would.
+    pub async fn press(&self, key: Key) {
+        let keys = KeyActions::new("keyboard".to_owned())
+            .then(KeyAction::Down { value: key.into() })
+            .then(KeyAction::Up { value: key.into() });
+        self.client
+            .perform_actions(keys)
+            .await
+            .unwrap_or_else(|e| panic!("cannot press {key:?}: {e}"));
     }
 
     /// Waits (up to [`DEADLINE`]) until the text of the first element matching `css` satisfies
@@ -545,6 +640,44 @@ impl Browser {
             Err(e) => format!("the page could not be described: {e}"),
         }
     }
+}
+
+/// One of [`Browser::accessibility`]'s lines, from the violation axe-core reported as
+/// `{id, impact, help, nodes: [{target, summary}]}`.
+fn violation_line(rule: &Value) -> String {
+    let text = |value: &Value| value.as_str().unwrap_or("?").to_owned();
+    let nodes = rule["nodes"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+    let mut targets: Vec<String> = nodes
+        .iter()
+        .take(TARGETS_SHOWN)
+        .map(|node| {
+            let parts: Vec<String> = node["target"]
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or(&[])
+                .iter()
+                .map(text)
+                .collect();
+            // Parts past the first are inside a frame.
+            parts.join(" >>> ")
+        })
+        .collect();
+    if nodes.len() > TARGETS_SHOWN {
+        targets.push(format!("{} more", nodes.len() - TARGETS_SHOWN));
+    }
+    let summary = nodes
+        .first()
+        .map(|node| text(&node["summary"]))
+        .unwrap_or_default();
+    // One line: axe's summary lists its reasons on lines of their own.
+    let summary = summary.split_whitespace().collect::<Vec<_>>().join(" ");
+    format!(
+        "{} ({}): {} at {}: {summary}",
+        text(&rule["id"]),
+        text(&rule["impact"]),
+        text(&rule["help"]),
+        targets.join(", ")
+    )
 }
 
 impl Drop for Browser {

@@ -3,7 +3,8 @@
 //! each a process of its own). Users log in through the form, submit and cancel jobs, watch a
 //! job's status and output change without reloading, drain and uncordon a node; a viewer is
 //! shown no button it may not use; a form posted without its CSRF token is refused; and every
-//! page is captured light and dark, wide and narrow, with no horizontal scrolling on a phone.
+//! page is captured light and dark, wide and narrow, with no horizontal scrolling on a phone
+//! and no WCAG 2.1 AA violation axe-core can find, and Tab first reaches the skip link.
 //!
 //! The first test checks only the harness (a `data:` page, no mesh). Statuses are the API's
 //! names: a job's (`succeeded`, `running`, `cancelled`, …) and, on the nodes page, a node's
@@ -15,6 +16,7 @@ use capstan_e2e::Cluster;
 use capstan_e2e::browser::{Browser, DEADLINE, NARROW, Theme, WIDE};
 use capstan_testkit::http::HttpClient;
 use capstan_testkit::wait_until;
+use fantoccini::key::Key;
 use http::{Method, StatusCode};
 use serde_json::json;
 
@@ -313,14 +315,14 @@ async fn every_page_is_captured_light_and_dark_wide_and_narrow() {
         ("systems", "/ui/systems".to_owned(), "#mesh".to_owned()),
         ("audit", "/ui/audit".to_owned(), "#mesh".to_owned()),
     ];
-    let mut overflowing = Vec::new();
+    let mut findings = Findings::default();
     for theme in [Theme::Light, Theme::Dark] {
         let browser = Browser::open(theme, WIDE).await;
         for (size, size_name) in [(WIDE, "wide"), (NARROW, "narrow")] {
             browser.set_size(size).await;
             browser.goto(&format!("{base}/ui/login")).await;
             browser.wait_for("form#login", DEADLINE).await;
-            capture(&browser, "login", size_name, &mut overflowing).await;
+            capture(&browser, "login", size_name, &mut findings).await;
         }
         browser.set_size(WIDE).await;
         log_in(&browser, &base, "admin", capstan_api::TEST_ADMIN_PASSWORD).await;
@@ -329,15 +331,24 @@ async fn every_page_is_captured_light_and_dark_wide_and_narrow() {
                 browser.set_size(size).await;
                 browser.goto(&format!("{base}{path}")).await;
                 browser.wait_for(loaded, DEADLINE).await;
-                capture(&browser, page, size_name, &mut overflowing).await;
+                capture(&browser, page, size_name, &mut findings).await;
             }
+        }
+        if theme == Theme::Light {
+            browser.set_size(WIDE).await;
+            assert_tab_first_reaches_the_skip_link(&browser, &base).await;
         }
     }
     assert!(
-        overflowing.is_empty(),
+        findings.overflowing.is_empty(),
         "pages wider than a {}-pixel phone (see target/screenshots/):\n{}",
         NARROW.0,
-        overflowing.join("\n")
+        findings.overflowing.join("\n")
+    );
+    assert!(
+        findings.inaccessible.is_empty(),
+        "WCAG 2.1 AA violations found by axe-core (see target/screenshots/):\n{}",
+        findings.inaccessible.join("\n")
     );
 }
 
@@ -482,9 +493,18 @@ async fn assert_no_job_runs(admin: &HttpClient, marker: &str) {
     }
 }
 
-/// Writes `<page>-<theme>-<size>.png`; on a narrow viewport, records the page if it scrolls
-/// sideways.
-async fn capture(browser: &Browser, page: &str, size: &str, overflowing: &mut Vec<String>) {
+/// What the captures found wrong, each line naming the capture (`<page>-<theme>-<size>`).
+#[derive(Default)]
+struct Findings {
+    /// Narrow pages that scroll sideways.
+    overflowing: Vec<String>,
+    /// axe-core's WCAG 2.1 AA violations.
+    inaccessible: Vec<String>,
+}
+
+/// Writes `<page>-<theme>-<size>.png`; records the page's WCAG 2.1 AA violations and, on a
+/// narrow viewport, whether it scrolls sideways.
+async fn capture(browser: &Browser, page: &str, size: &str, findings: &mut Findings) {
     let name = format!("{page}-{}-{size}", browser.theme().name());
     browser.screenshot(&name).await;
     if size == "narrow" {
@@ -495,9 +515,44 @@ async fn capture(browser: &Browser, page: &str, size: &str, overflowing: &mut Ve
             .as_u64()
             .is_none_or(|width| width > u64::from(NARROW.0))
         {
-            overflowing.push(format!("{name}: scrollWidth {width}"));
+            findings
+                .overflowing
+                .push(format!("{name}: scrollWidth {width}"));
         }
     }
+    for violation in browser.accessibility().await {
+        findings.inaccessible.push(format!("{name}: {violation}"));
+    }
+}
+
+/// Opens the jobs page afresh and presses Tab once: the first thing focused must be the
+/// "Skip to content" link, so that a keyboard user can pass the header.
+async fn assert_tab_first_reaches_the_skip_link(browser: &Browser, base: &str) {
+    browser.goto(&format!("{base}/ui/jobs")).await;
+    browser.wait_for("table#jobs", DEADLINE).await;
+    let focused = "const el = document.activeElement; \
+                   return el ? el.tagName.toLowerCase() + (el.className ? '.' + el.className : '') \
+                   : null;";
+    let before = browser.execute(focused, Vec::new()).await;
+    assert_eq!(
+        before,
+        json!("body"),
+        "the jobs page focuses something before any key is pressed"
+    );
+    browser.press(Key::Tab).await;
+    let skip = browser
+        .execute(
+            "return document.activeElement.matches('a.skip');",
+            Vec::new(),
+        )
+        .await;
+    let after = browser.execute(focused, Vec::new()).await;
+    assert_eq!(
+        skip,
+        json!(true),
+        "Tab on a fresh jobs page focused {after}, not the skip link a.skip\n{}",
+        browser.describe().await
+    );
 }
 
 /// The path of `url` (`http://host:port/ui/jobs?x#y` → `/ui/jobs`).

@@ -138,6 +138,8 @@ impl Endpoint for Dashboard {
             .hosts
             .check(request.headers(), authority.as_deref())
         {
+            let action = capstan_protocol::AuditAction::AuthHostRefused;
+            self.refused(&request, action, reason.clone()).await;
             return Ok(html_page(StatusCode::FORBIDDEN, html::alert(&reason)));
         }
         let secure = over_tls(&request, &self.security.trusted_proxies);
@@ -400,6 +402,12 @@ impl Dashboard {
             .ok_or_else(|| self.failure("the form could not be read", StatusCode::BAD_REQUEST))?;
         let expected = cookie(request.headers(), CSRF_COOKIE);
         if !csrf_matches(expected.as_deref(), form.get("csrf").map(String::as_str)) {
+            self.refused(
+                request,
+                capstan_protocol::AuditAction::AuthDenied,
+                "a dashboard form without this browser's CSRF token".into(),
+            )
+            .await;
             return Err(self.failure(
                 "This form was refused: its CSRF token is missing or does not match this \
                  browser's session. Reload the page and try again.",
@@ -407,6 +415,32 @@ impl Dashboard {
             ));
         }
         Ok(form)
+    }
+
+    /// Files a request the dashboard refused itself in the audit trail: a form without its
+    /// CSRF token (what a forged cross-site post looks like), a foreign host or origin.
+    async fn refused(
+        &self,
+        request: &Request,
+        action: capstan_protocol::AuditAction,
+        detail: String,
+    ) {
+        let client = crate::guard::client_address(
+            request.remote_addr().as_socket_addr().map(|a| a.ip()),
+            request.headers(),
+            &self.security.trusted_proxies,
+        );
+        let mut record =
+            capstan_protocol::AuditRecord::new(action, capstan_protocol::AuditOutcome::Denied);
+        let path: String = request.uri().path().chars().take(200).collect();
+        record.resource = Some(format!("{} {path}", request.method()));
+        record.status = Some(StatusCode::FORBIDDEN.as_u16());
+        record.client = client.map(|ip| ip.to_string());
+        record.trace_id = capstan_telemetry::propagation::trace_id();
+        record.detail = Some(detail.chars().take(1000).collect());
+        if let Err(error) = self.security.auditor.record(&record).await {
+            tracing::error!(error = %error, "cannot store an audit record");
+        }
     }
 
     async fn login(&self, mut request: Request) -> Outcome {
