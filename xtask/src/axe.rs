@@ -20,8 +20,7 @@ pub const VERSION: &str = "4.14.1";
 
 /// The registry's integrity of that release's tarball (`npm view axe-core@<version>
 /// dist.integrity`): a tarball that does not match is refused.
-const INTEGRITY: &str =
-    "sha512-FHfa+lmNjQZfJz1q8wKqIDwC6DExcHt/pkjNQb09a3NPjCKg2rhu5qb2S4r76ASyFNNtuFooJpZe37OgudVGtQ==";
+const INTEGRITY: &str = "sha512-FHfa+lmNjQZfJz1q8wKqIDwC6DExcHt/pkjNQb09a3NPjCKg2rhu5qb2S4r76ASyFNNtuFooJpZe37OgudVGtQ==";
 
 /// Makes sure axe-core [`VERSION`] is in the cache and returns the path of its
 /// `axe.min.js`. One process fetches at a time (a lock file beside it); the package's
@@ -44,7 +43,10 @@ pub fn ensure() -> anyhow::Result<PathBuf> {
         return Ok(script);
     }
     ensure_npm()?;
-    eprintln!("fetching axe-core {VERSION} from the npm registry into {}", dir.display());
+    eprintln!(
+        "fetching axe-core {VERSION} from the npm registry into {}",
+        dir.display()
+    );
     let staging = tempfile::Builder::new()
         .prefix("axe-core-download")
         .tempdir_in(&cache)

@@ -170,7 +170,10 @@ async fn a_browser_logs_in_with_cookies_no_script_can_read_and_is_sent_to_the_lo
     assert_eq!(location(&browser.get("/").await), "/ui/jobs");
     // The icon every browser asks for is the dashboard's, not a refused API request.
     let icon = browser.get("/favicon.ico").await;
-    assert_eq!((icon.status, icon.content_type()), (StatusCode::OK, "image/svg+xml"));
+    assert_eq!(
+        (icon.status, icon.content_type()),
+        (StatusCode::OK, "image/svg+xml")
+    );
 
     let page = browser.get("/ui/login").await;
     assert!(page.text().contains(r#"id="login""#), "{}", page.text());

@@ -22,12 +22,14 @@ use std::time::{Duration, Instant};
 use capstan_testkit::http::HttpClient;
 use fantoccini::actions::{InputSource, KeyAction, KeyActions};
 use fantoccini::elements::Element;
-use fantoccini::key::Key;
 use fantoccini::{Client, ClientBuilder, Locator};
 use hyper_util::client::legacy::connect::HttpConnector;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
+
+/// The keys [`Browser::press`] takes.
+pub use fantoccini::key::Key;
 
 /// A wide desktop viewport, in CSS pixels.
 pub const WIDE: (u32, u32) = (1280, 900);
@@ -443,11 +445,14 @@ impl Browser {
                     (error) => done({error: String((error && error.stack) || error)}),
                 );
         ";
-        let result = self
+        let result = match self
             .client
             .execute_async(script, vec![json!(WCAG_TAGS)])
             .await
-            .unwrap_or_else(|e| panic!("axe-core could not run: {e}\n{}", self.describe().await));
+        {
+            Ok(result) => result,
+            Err(e) => panic!("axe-core could not run: {e}\n{}", self.describe().await),
+        };
         if let Some(error) = result.get("error") {
             panic!("axe-core failed: {error}\n{}", self.describe().await);
         }
@@ -669,8 +674,14 @@ fn violation_line(rule: &Value) -> String {
         .first()
         .map(|node| text(&node["summary"]))
         .unwrap_or_default();
-    // One line: axe's summary lists its reasons on lines of their own.
-    let summary = summary.split_whitespace().collect::<Vec<_>>().join(" ");
+    // One line: axe's summary is a heading ("Fix any of the following:") and a line per
+    // reason.
+    let mut lines = summary
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty());
+    let heading = lines.next().unwrap_or_default();
+    let summary = format!("{heading} {}", lines.collect::<Vec<_>>().join("; "));
     format!(
         "{} ({}): {} at {}: {summary}",
         text(&rule["id"]),

@@ -13,10 +13,9 @@
 use std::time::Duration;
 
 use capstan_e2e::Cluster;
-use capstan_e2e::browser::{Browser, DEADLINE, NARROW, Theme, WIDE};
+use capstan_e2e::browser::{Browser, DEADLINE, Key, NARROW, Theme, WIDE};
 use capstan_testkit::http::HttpClient;
 use capstan_testkit::wait_until;
-use fantoccini::key::Key;
 use http::{Method, StatusCode};
 use serde_json::json;
 
@@ -64,6 +63,28 @@ async fn the_browser_harness_reports_the_dark_theme_to_pages() {
             "the viewport follows the size set"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_accessibility_check_reports_what_a_broken_page_violates() {
+    // Grey on white (about 1.6:1) and an input without a label; a clean page reports nothing.
+    let broken = "data:text/html,<html lang=en><title>broken</title><main>\
+                  <p style='color:%23ccc;background:%23fff'>faint</p><input id=x></main></html>";
+    let clean = "data:text/html,<html lang=en><title>clean</title><main><h1>clean</h1>\
+                 <label for=x>Name</label><input id=x></main></html>";
+    let browser = Browser::open(Theme::Light, WIDE).await;
+    browser.goto(broken).await;
+    let violations = browser.accessibility().await;
+    for rule in ["color-contrast", "label"] {
+        assert!(
+            violations
+                .iter()
+                .any(|line| line.starts_with(&format!("{rule} "))),
+            "{rule} is not among {violations:#?}"
+        );
+    }
+    browser.goto(clean).await;
+    assert_eq!(browser.accessibility().await, Vec::<String>::new());
 }
 
 #[tokio::test(flavor = "multi_thread")]

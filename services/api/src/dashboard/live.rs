@@ -6,6 +6,7 @@
 //! then asks the dashboard again for the parts it shows, through the API and its
 //! permissions. A forged event can at worst make a page reload a fragment.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -62,6 +63,7 @@ pub struct Live {
     sender: broadcast::Sender<Hint>,
     started: std::sync::Once,
     health: Mutex<Option<(Instant, Arc<Health>)>>,
+    counting: AtomicBool,
 }
 
 impl Live {
@@ -73,6 +75,7 @@ impl Live {
             sender: broadcast::channel(HINTS_BUFFERED).0,
             started: std::sync::Once::new(),
             health: Mutex::new(None),
+            counting: AtomicBool::new(false),
         }
     }
 
@@ -94,17 +97,33 @@ impl Live {
         self.sender.subscribe()
     }
 
-    /// The mesh's health: NATS, and how many replicas of each service answer.
-    pub async fn health(&self) -> Arc<Health> {
-        if let Some((at, health)) = self
+    /// The mesh's health: NATS, and how many replicas of each service answer. Counting takes
+    /// a quarter of a second, so a page is never kept waiting for it but the first: once
+    /// the last count is older than a few seconds, it is shown while a new one is made in
+    /// the background.
+    pub async fn health(self: &Arc<Self>) -> Arc<Health> {
+        let known = self
             .health
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .as_ref()
-            && at.elapsed() < HEALTH_KEPT
-        {
-            return health.clone();
+            .clone();
+        match known {
+            Some((at, health)) => {
+                if at.elapsed() >= HEALTH_KEPT && !self.counting.swap(true, Ordering::AcqRel) {
+                    let live = self.clone();
+                    tokio::spawn(async move {
+                        live.count().await;
+                        live.counting.store(false, Ordering::Release);
+                    });
+                }
+                health
+            }
+            None => self.count().await,
         }
+    }
+
+    /// Counts the services now.
+    async fn count(&self) -> Arc<Health> {
         let client = &self.mesh.client;
         let connected = client.connection_state() == async_nats::connection::State::Connected;
         let names = [

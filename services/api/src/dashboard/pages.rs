@@ -316,7 +316,7 @@ pub fn job(
     }
     let _ = write!(
         out,
-        r#"<section id="summary" data-refresh class="card" aria-label="State">
+        r#"<section id="summary" data-refresh class="card" aria-label="State" aria-live="polite">
 <dl class="facts">
 <dt>Status</dt><dd id="status" data-status="{status_attr}">{status_badge}</dd>
 <dt>Attempt</dt><dd>{attempt}</dd>
