@@ -254,6 +254,13 @@ impl Dashboard {
         }
     }
 
+    /// The browser's session and who it is, or the redirect to the login page.
+    async fn open(&self, request: &Request) -> Result<(Session<'_>, Reader), Outcome> {
+        let mut session = Session::of(request, &self.api, &self.renewals);
+        let reader = self.reader(&mut session, request).await?;
+        Ok((session, reader))
+    }
+
     /// The reader of `session`, or the redirect to the login page.
     async fn reader(
         &self,
@@ -369,11 +376,8 @@ impl Dashboard {
                 (token, vec![set])
             }
         };
-        let next = request
-            .uri()
-            .query()
-            .and_then(|q| serde_urlencoded::from_str::<HashMap<String, String>>(q).ok())
-            .and_then(|mut q| q.remove("next"))
+        let next = query_of::<HashMap<String, String>>(request)
+            .remove("next")
             .unwrap_or_default();
         let frame = html::Frame {
             title: "Log in",
@@ -500,16 +504,11 @@ impl Dashboard {
     }
 
     async fn jobs(&self, request: Request, notice: Option<&str>) -> Outcome {
-        let mut session = Session::of(&request, &self.api, &self.renewals);
-        let reader = match self.reader(&mut session, &request).await {
-            Ok(reader) => reader,
+        let (mut session, reader) = match self.open(&request).await {
+            Ok(opened) => opened,
             Err(outcome) => return outcome,
         };
-        let filters: JobFilters = request
-            .uri()
-            .query()
-            .and_then(|q| serde_urlencoded::from_str(q).ok())
-            .unwrap_or_default();
+        let filters: JobFilters = query_of(&request);
         let mut query: Vec<(&str, String)> = vec![("limit", "50".into())];
         for (key, value) in [
             ("status", &filters.status),
@@ -588,9 +587,8 @@ impl Dashboard {
     }
 
     async fn job(&self, request: Request, id: &str, notice: Option<&str>) -> Outcome {
-        let mut session = Session::of(&request, &self.api, &self.renewals);
-        let reader = match self.reader(&mut session, &request).await {
-            Ok(reader) => reader,
+        let (mut session, reader) = match self.open(&request).await {
+            Ok(opened) => opened,
             Err(outcome) => return outcome,
         };
         let id = path_part(id);
@@ -703,11 +701,7 @@ impl Dashboard {
                     .into();
             }
         };
-        let only: Option<String> = request
-            .uri()
-            .query()
-            .and_then(|q| serde_urlencoded::from_str::<HashMap<String, String>>(q).ok())
-            .and_then(|mut q| q.remove("job"));
+        let only = query_of::<HashMap<String, String>>(&request).remove("job");
         let (jobs, nodes) = (reader.can("jobs:read"), reader.can("nodes:read"));
         let counted = self.metrics.live_page();
         let hints = tokio_stream_of(self.live.subscribe());
@@ -745,9 +739,8 @@ impl Dashboard {
     }
 
     async fn nodes(&self, request: Request, notice: Option<&str>) -> Outcome {
-        let mut session = Session::of(&request, &self.api, &self.renewals);
-        let reader = match self.reader(&mut session, &request).await {
-            Ok(reader) => reader,
+        let (mut session, reader) = match self.open(&request).await {
+            Ok(opened) => opened,
             Err(outcome) => return outcome,
         };
         let answer = session.call(Method::GET, "/api/v1/nodes", None).await;
@@ -809,9 +802,8 @@ impl Dashboard {
     }
 
     async fn systems(&self, request: Request) -> Outcome {
-        let mut session = Session::of(&request, &self.api, &self.renewals);
-        let reader = match self.reader(&mut session, &request).await {
-            Ok(reader) => reader,
+        let (mut session, reader) = match self.open(&request).await {
+            Ok(opened) => opened,
             Err(outcome) => return outcome,
         };
         let answer = session.call(Method::GET, "/api/v1/systems", None).await;
@@ -836,16 +828,11 @@ impl Dashboard {
     }
 
     async fn audit(&self, request: Request) -> Outcome {
-        let mut session = Session::of(&request, &self.api, &self.renewals);
-        let reader = match self.reader(&mut session, &request).await {
-            Ok(reader) => reader,
+        let (mut session, reader) = match self.open(&request).await {
+            Ok(opened) => opened,
             Err(outcome) => return outcome,
         };
-        let filters: AuditFilters = request
-            .uri()
-            .query()
-            .and_then(|q| serde_urlencoded::from_str(q).ok())
-            .unwrap_or_default();
+        let filters: AuditFilters = query_of(&request);
         let mut query: Vec<(&str, &str)> = vec![("limit", "100")];
         for (key, value) in [
             ("principal", filters.principal.trim()),
@@ -881,6 +868,15 @@ impl Dashboard {
         )
         .await
     }
+}
+
+/// The query string of `request` read as `T`; `T`'s default when it does not read.
+fn query_of<T: serde::de::DeserializeOwned + Default>(request: &Request) -> T {
+    request
+        .uri()
+        .query()
+        .and_then(|q| serde_urlencoded::from_str(q).ok())
+        .unwrap_or_default()
 }
 
 fn renewed(session: &Session<'_>, dashboard: &Dashboard) -> Vec<HeaderValue> {

@@ -119,6 +119,22 @@ impl JobFilters {
     }
 }
 
+/// The `<option>`s of a filter: "any" first, then each `(value, label)`, the `current`
+/// one selected.
+fn option_list<const N: usize>(any: &str, choices: [(&str, &str); N], current: &str) -> String {
+    let mut out = format!(r#"<option value="">{}</option>"#, esc(any));
+    for (value, label) in choices {
+        let selected = if current == value { " selected" } else { "" };
+        let _ = write!(
+            out,
+            r#"<option value="{}"{selected}>{}</option>"#,
+            attr(value),
+            esc(label)
+        );
+    }
+    out
+}
+
 /// The login page.
 pub fn login(csrf: &str, next: &str, error: Option<&str>) -> String {
     let mut out = String::new();
@@ -176,18 +192,7 @@ pub fn jobs(
         );
     }
     out.push_str(r#"<form class="filters" method="get" action="/ui/jobs" role="search" aria-label="Filter jobs">"#);
-    let mut options = String::from(r#"<option value="">any status</option>"#);
-    for status in STATUSES {
-        let selected = if filters.status == status {
-            " selected"
-        } else {
-            ""
-        };
-        let _ = write!(
-            options,
-            r#"<option value="{status}"{selected}>{status}</option>"#
-        );
-    }
+    let options = option_list("any status", STATUSES.map(|s| (s, s)), &filters.status);
     let _ = write!(
         out,
         r#"<div><label for="f-status">Status</label><select id="f-status" name="status">{options}</select></div>"#
@@ -204,18 +209,11 @@ pub fn jobs(
             value = attr(value)
         );
     }
-    let mut ranges = String::from(r#"<option value="">any time</option>"#);
-    for (key, label, _) in RANGES {
-        let selected = if filters.range == key {
-            " selected"
-        } else {
-            ""
-        };
-        let _ = write!(
-            ranges,
-            r#"<option value="{key}"{selected}>{label}</option>"#
-        );
-    }
+    let ranges = option_list(
+        "any time",
+        RANGES.map(|(key, label, _)| (key, label)),
+        &filters.range,
+    );
     let _ = write!(
         out,
         r#"<div><label for="f-range">Created</label><select id="f-range" name="range">{ranges}</select></div>
@@ -670,18 +668,8 @@ pub fn audit(filters: &AuditFilters, page: &Value) -> String {
             attr(value)
         );
     }
-    let mut options = String::from(r#"<option value="">any outcome</option>"#);
-    for outcome in ["success", "failure", "denied", "error"] {
-        let selected = if filters.outcome == outcome {
-            " selected"
-        } else {
-            ""
-        };
-        let _ = write!(
-            options,
-            r#"<option value="{outcome}"{selected}>{outcome}</option>"#
-        );
-    }
+    let outcomes = ["success", "failure", "denied", "error"].map(|o| (o, o));
+    let options = option_list("any outcome", outcomes, &filters.outcome);
     let _ = write!(
         out,
         r#"<div><label for="a-outcome">Outcome</label><select id="a-outcome" name="outcome">{options}</select></div><div class="actions"><button type="submit">Filter</button> <a href="/ui/audit">Clear</a></div></form>"#
