@@ -34,6 +34,8 @@ async fn mesh() -> Cluster {
     cluster.executor("exec-1", 2, &[]);
     cluster.executor("exec-2", 2, &[]);
     cluster.wait_nodes_up(&["exec-1", "exec-2"]).await;
+    // The scheduler's create endpoint may start after the nodes are up.
+    capstan_e2e::faults::wait_create_answers(&cluster).await;
     cluster
 }
 
