@@ -135,6 +135,18 @@ fn option_list<const N: usize>(any: &str, choices: [(&str, &str); N], current: &
     out
 }
 
+/// The `labels` of `value` as `key=value` code spans.
+fn labels_of(value: &Value) -> String {
+    let Some(labels) = value.get("labels").and_then(Value::as_object) else {
+        return String::new();
+    };
+    labels
+        .iter()
+        .map(|(k, v)| format!("<code>{}={}</code>", esc(k), esc(v.as_str().unwrap_or(""))))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// The login page.
 pub fn login(csrf: &str, next: &str, error: Option<&str>) -> String {
     let mut out = String::new();
@@ -516,17 +528,7 @@ pub fn nodes(reader: &Reader, csrf: &str, list: &Value, notice: Option<&str>) ->
     for node in all {
         let id = field(node, "id");
         let availability = field(node, "availability");
-        let labels: Vec<String> = node
-            .get("labels")
-            .and_then(Value::as_object)
-            .map(|m| {
-                m.iter()
-                    .map(|(k, v)| {
-                        format!("<code>{}={}</code>", esc(k), esc(v.as_str().unwrap_or("")))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let labels = labels_of(node);
         let finished = node.get("finished").unwrap_or(&Value::Null);
         let _ = write!(
             out,
@@ -539,7 +541,7 @@ pub fn nodes(reader: &Reader, csrf: &str, list: &Value, notice: Option<&str>) ->
             running = shown(node, "running"),
             capacity = shown(node, "capacity"),
             queued = shown(node, "queued"),
-            labels = labels.join(" "),
+            labels = labels,
             ok = shown(finished, "succeeded"),
             failed = shown(finished, "failed"),
             timed_out = shown(finished, "timed_out"),
@@ -606,17 +608,7 @@ pub fn systems(list: &Value) -> String {
             "" => String::new(),
             e => format!(r#"<br><small class="problem">{}</small>"#, esc(e)),
         };
-        let labels: Vec<String> = system
-            .get("labels")
-            .and_then(Value::as_object)
-            .map(|m| {
-                m.iter()
-                    .map(|(k, v)| {
-                        format!("<code>{}={}</code>", esc(k), esc(v.as_str().unwrap_or("")))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let labels = labels_of(system);
         let rtt = health
             .get("rtt_ms")
             .and_then(Value::as_u64)
@@ -632,7 +624,7 @@ pub fn systems(list: &Value) -> String {
             user = esc(field(system, "username")),
             method = esc(field(system, "auth_method")),
             checked = time(field(health, "checked_at")),
-            labels = labels.join(" "),
+            labels = labels,
         );
     }
     out.push_str("</tbody></table></div>");
