@@ -207,6 +207,8 @@ pub struct Mesh {
     pub system_status: Bucket<SystemStatus>,
     /// Fan-out parents and their targets (written by schedulers and the API's cancel).
     pub fanouts: Bucket<FanOutRecord>,
+    /// Schedules (written by the API and, for what their ticks did, by schedulers).
+    pub schedules: Bucket<capstan_protocol::schedule::ScheduleRecord>,
     /// Event and audit publishing.
     pub events: EventPublisher,
 }
@@ -247,8 +249,10 @@ impl Mesh {
             topology::SYSTEM_STATUS.name,
         );
         let fanouts = Bucket::new(buckets.fanouts, js.clone(), topology::FANOUTS.name);
+        let schedules = Bucket::new(buckets.schedules, js.clone(), topology::SCHEDULES.name);
         Self {
             fanouts,
+            schedules,
             secrets,
             systems,
             system_status,

@@ -58,6 +58,9 @@ impl EventPublisher {
         {
             map.insert(headers::FANOUT, header_text(parent).as_str());
         }
+        if let Some(schedule) = capstan_protocol::schedule::schedule_of(&record.spec.metadata) {
+            map.insert(headers::SCHEDULE_NAME, header_text(schedule).as_str());
+        }
         if let Some(code) = record.exit_code {
             map.insert(headers::EXIT_CODE, code.to_string().as_str());
         }
@@ -106,6 +109,21 @@ impl EventPublisher {
         let payload = Bytes::from(codec::to_msgpack(event)?);
         let subject = subjects::fanout_event(event.job, event.status);
         self.publish_stored(subject, map, payload, "fan-out event")
+            .await
+    }
+
+    /// Publishes what a schedule's tick did and waits until it is stored.
+    pub async fn schedule(
+        &self,
+        event: &capstan_protocol::schedule::ScheduleEvent,
+    ) -> Result<(), Error> {
+        let mut map = msgpack_headers();
+        map.insert(headers::EVENT, event.outcome.as_str());
+        map.insert(headers::MSG_ID, event.message_id().as_str());
+        capstan_telemetry::propagation::inject(&mut map);
+        let payload = Bytes::from(codec::to_msgpack(event)?);
+        let subject = subjects::schedule_event(&event.schedule, event.outcome);
+        self.publish_stored(subject, map, payload, "schedule event")
             .await
     }
 

@@ -17,6 +17,7 @@ pub mod fanout;
 pub mod identities;
 pub mod lifecycle;
 pub mod metrics;
+pub mod schedules;
 pub mod service;
 pub mod shutdown;
 pub mod store;

@@ -43,6 +43,8 @@ pub struct Buckets {
     pub system_status: kv::Store,
     /// Fan-out parents.
     pub fanouts: kv::Store,
+    /// Schedules.
+    pub schedules: kv::Store,
 }
 
 /// Creates the streams and buckets that are missing (with their default size limits), leaves
@@ -357,6 +359,7 @@ pub async fn verify(js: &jetstream::Context) -> Result<Buckets, Error> {
         systems: verify_bucket(js, &spec::SYSTEMS).await?,
         system_status: verify_bucket(js, &spec::SYSTEM_STATUS).await?,
         fanouts: verify_bucket(js, &spec::FANOUTS).await?,
+        schedules: verify_bucket(js, &spec::SCHEDULES).await?,
     })
 }
 

@@ -340,6 +340,7 @@ fn scheduler(allowed: &mut Allowed) {
         subjects::DISPATCH_ALL,
         subjects::JOB_EVENTS_ALL,
         subjects::FANOUT_EVENTS_ALL,
+        subjects::SCHEDULE_EVENTS_ALL,
         subjects::TIMERS_ALL,
     ]);
     allowed.publish([subjects::control_any("cancel")]);
@@ -347,12 +348,19 @@ fn scheduler(allowed: &mut Allowed) {
     allowed.publish([AuditAction::JobSubmit, AuditAction::JobCancel].map(subjects::audit));
     allowed.rejections([Origin::Submit, Origin::Create, Origin::Timer, Origin::Nodes]);
     allowed.open_mesh();
-    for bucket in [&topology::JOBS, &topology::IDEMPOTENCY, &topology::FANOUTS] {
+    for bucket in [
+        &topology::JOBS,
+        &topology::IDEMPOTENCY,
+        &topology::FANOUTS,
+        &topology::SCHEDULES,
+    ] {
         allowed.bucket_write(bucket, "*");
         allowed.bucket_read(bucket, "*");
     }
-    // Finding the fan-outs still running when it starts.
+    // Finding the fan-outs still running when it starts, and the schedules whose tick is
+    // overdue.
     allowed.bucket_watch(&topology::FANOUTS);
+    allowed.bucket_watch(&topology::SCHEDULES);
     allowed.bucket_read(&topology::NODES, "*");
     allowed.bucket_watch(&topology::NODES);
     // A job on a remote system is accepted only when the system exists and is active; a
@@ -365,6 +373,7 @@ fn scheduler(allowed: &mut Allowed) {
     for consumer in [
         topology::scheduler_consumer(),
         topology::timers_consumer(),
+        topology::ticks_consumer(),
         topology::nodes_consumer(),
     ] {
         allowed.durable(&consumer);
@@ -379,6 +388,8 @@ fn api(allowed: &mut Allowed) {
         subjects::job_events_of_kind(JobEventKind::Cancelled),
         // A fan-out cancelled before any target ran ends here.
         subjects::FANOUT_EVENTS_ALL.to_owned(),
+        // Arming a schedule's next tick when it is created, changed or resumed.
+        subjects::SCHEDULE_TIMERS_ALL.to_owned(),
         subjects::control_any("cancel"),
         subjects::registry::NODES_LIST.to_owned(),
         subjects::registry::NODES_GET.to_owned(),
@@ -405,10 +416,13 @@ fn api(allowed: &mut Allowed) {
         &topology::REVOCATIONS,
         &topology::SECRETS,
         &topology::FANOUTS,
+        &topology::SCHEDULES,
     ] {
         allowed.bucket_write(bucket, "*");
         allowed.bucket_read(bucket, "*");
     }
+    // Listing the schedules.
+    allowed.bucket_watch(&topology::SCHEDULES);
     // Listing the stored secrets (names and users, never values).
     allowed.bucket_watch(&topology::SECRETS);
     // The catalogue of remote systems: written here (administrators' changes), with the

@@ -201,6 +201,18 @@ pub enum AuditAction {
     /// A system's host key pinned on first use by the gateway that saw it.
     #[serde(rename = "system.pin")]
     SystemPin,
+    /// A schedule created.
+    #[serde(rename = "schedule.create")]
+    ScheduleCreate,
+    /// A schedule's definition or job changed, or it was paused or resumed.
+    #[serde(rename = "schedule.update")]
+    ScheduleUpdate,
+    /// A schedule deleted.
+    #[serde(rename = "schedule.delete")]
+    ScheduleDelete,
+    /// A schedule's job run at once, outside its ticks.
+    #[serde(rename = "schedule.trigger")]
+    ScheduleTrigger,
     /// A changing request no operation claimed (an unknown route, a body refused before
     /// it reached one).
     #[serde(rename = "http.request")]
@@ -209,7 +221,7 @@ pub enum AuditAction {
 
 impl AuditAction {
     /// Every action.
-    pub const ALL: [AuditAction; 31] = [
+    pub const ALL: [AuditAction; 35] = [
         Self::AuthLogin,
         Self::AuthRefresh,
         Self::AuthRefreshReuse,
@@ -240,6 +252,10 @@ impl AuditAction {
         Self::SystemUpdate,
         Self::SystemDelete,
         Self::SystemPin,
+        Self::ScheduleCreate,
+        Self::ScheduleUpdate,
+        Self::ScheduleDelete,
+        Self::ScheduleTrigger,
         Self::HttpRequest,
     ];
 
@@ -276,6 +292,10 @@ impl AuditAction {
             Self::SystemUpdate => "system.update",
             Self::SystemDelete => "system.delete",
             Self::SystemPin => "system.pin",
+            Self::ScheduleCreate => "schedule.create",
+            Self::ScheduleUpdate => "schedule.update",
+            Self::ScheduleDelete => "schedule.delete",
+            Self::ScheduleTrigger => "schedule.trigger",
             Self::HttpRequest => "http.request",
         }
     }

@@ -16,6 +16,8 @@ pub const SUBMITTED_BY: &str = "Capstan-Submitted-By";
 pub const ATTEMPT: &str = "Capstan-Attempt";
 /// On a fan-out target's job events: the parent job's id.
 pub const FANOUT: &str = "Capstan-Fanout";
+/// The schedule a job's run belongs to, on its events (from its metadata).
+pub const SCHEDULE_NAME: &str = "Capstan-Schedule";
 /// A job event's kind, or a node event's kind.
 pub const EVENT: &str = "Capstan-Event";
 /// The job's status after an event.

@@ -14,6 +14,7 @@ pub mod access;
 pub mod auth;
 pub mod claim;
 pub mod codec;
+pub mod cron;
 pub mod dispatch;
 pub mod event;
 pub mod fanout;
@@ -24,6 +25,7 @@ pub mod job_env;
 pub mod node;
 pub mod reply;
 pub mod retry;
+pub mod schedule;
 #[cfg(feature = "schema")]
 pub mod schema;
 pub mod secret;

@@ -177,6 +177,31 @@ pub fn timer_due(job: JobId) -> String {
     format!("capstan.timers.due.{job}")
 }
 
+/// The next tick of one schedule: a message with a `Nats-Schedule` header, fired by the
+/// server onto [`schedule_tick`]. One per schedule: arming it again replaces it.
+pub fn schedule_timer(schedule: &str) -> String {
+    format!("capstan.timers.schedule.{schedule}")
+}
+
+/// Every schedule's armed tick.
+pub const SCHEDULE_TIMERS_ALL: &str = "capstan.timers.schedule.*";
+
+/// One schedule's fired tick.
+pub fn schedule_tick(schedule: &str) -> String {
+    format!("capstan.timers.tick.{schedule}")
+}
+
+/// Every fired tick (the schedulers' consumer).
+pub const SCHEDULE_TICKS_ALL: &str = "capstan.timers.tick.*";
+
+/// Every schedule event.
+pub const SCHEDULE_EVENTS_ALL: &str = "capstan.events.schedules.>";
+
+/// A schedule's tick handled (`capstan.events.schedules.<name>.<outcome>`).
+pub fn schedule_event(schedule: &str, outcome: crate::schedule::TickOutcome) -> String {
+    format!("capstan.events.schedules.{schedule}.{}", outcome.as_str())
+}
+
 /// The registry's request/reply endpoints.
 pub mod registry {
     /// Endpoint group.

@@ -57,6 +57,11 @@ impl Timestamp {
                 .saturating_add(i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)),
         )
     }
+
+    /// `duration` earlier.
+    pub fn minus(self, duration: Duration) -> Self {
+        Self(self.0.saturating_sub(i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)))
+    }
 }
 
 impl From<SystemTime> for Timestamp {

@@ -96,9 +96,10 @@ pub const LOGS: StreamSpec = StreamSpec {
     schedules: false,
 };
 
-/// Durable timers: the start of delayed jobs and the next attempt of retried ones. A timer is
-/// a scheduled message on `capstan.timers.set.<job>` that the server publishes onto
-/// `capstan.timers.due.<job>` at its time, and removes; schedulers consume the due ones.
+/// Durable timers: the start of delayed jobs, the next attempt of retried ones, and the next
+/// tick of each schedule. A timer is a scheduled message on `capstan.timers.set.<job>` (or
+/// `capstan.timers.schedule.<name>`) that the server publishes onto `capstan.timers.due.<job>`
+/// (`capstan.timers.tick.<name>`) at its time, and removes; schedulers consume the fired ones.
 pub const TIMERS: StreamSpec = StreamSpec {
     name: "CAPSTAN_TIMERS",
     description: "Timers of delayed and retried jobs",
@@ -264,8 +265,20 @@ pub const FANOUTS: BucketSpec = BucketSpec {
     read_from_leader: true,
 };
 
+/// Schedules by name (JSON [`crate::schedule::ScheduleRecord`]): their definitions, written by
+/// the API, and what their ticks did, written by schedulers, both by compare-and-swap.
+pub const SCHEDULES: BucketSpec = BucketSpec {
+    name: "capstan_schedules",
+    description: "Schedules and what their last tick did, by name",
+    history: 1,
+    max_age: Duration::ZERO,
+    per_key_ttl: false,
+    max_bytes: GIB,
+    read_from_leader: true,
+};
+
 /// Every bucket.
-pub const BUCKETS: [BucketSpec; 8] = [
+pub const BUCKETS: [BucketSpec; 9] = [
     JOBS,
     NODES,
     IDEMPOTENCY,
@@ -274,6 +287,7 @@ pub const BUCKETS: [BucketSpec; 8] = [
     SYSTEMS,
     SYSTEM_STATUS,
     FANOUTS,
+    SCHEDULES,
 ];
 
 /// How many servers keep a copy of each stream and bucket: 1 to [`Replicas::MOST`] (what
@@ -410,6 +424,9 @@ pub const SCHEDULER_CONSUMER: &str = "scheduler";
 /// The durable consumer the schedulers share on fired timers.
 pub const TIMERS_CONSUMER: &str = "scheduler-timers";
 
+/// The durable consumer the schedulers share on fired schedule ticks.
+pub const TICKS_CONSUMER: &str = "scheduler-ticks";
+
 /// The durable consumer the schedulers share on node events, to settle the attempts of
 /// nodes that went down or restarted.
 pub const NODES_CONSUMER: &str = "scheduler-nodes";
@@ -424,9 +441,10 @@ pub const AUDIT_CONSUMER: &str = "api-audit";
 pub const REGISTRY_CONSUMER: &str = "registry-tally";
 
 /// Every shared durable consumer's name (each executor node's own is [`executor_consumer`]).
-pub const CONSUMERS: [&str; 6] = [
+pub const CONSUMERS: [&str; 7] = [
     SCHEDULER_CONSUMER,
     TIMERS_CONSUMER,
+    TICKS_CONSUMER,
     NODES_CONSUMER,
     HISTORY_CONSUMER,
     AUDIT_CONSUMER,
@@ -488,6 +506,16 @@ pub fn timers_consumer() -> ConsumerSpec {
     )
 }
 
+/// Schedulers handling the fired ticks of schedules ([`TICKS_CONSUMER`]).
+pub fn ticks_consumer() -> ConsumerSpec {
+    shared(
+        TICKS_CONSUMER,
+        &TIMERS,
+        "Schedulers running the ticks of schedules",
+        [subjects::SCHEDULE_TICKS_ALL.to_owned()],
+    )
+}
+
 /// Schedulers settling the attempts of lost nodes ([`NODES_CONSUMER`]). It starts from its
 /// creation: events from before the mesh had it were settled by the executors' own restarts.
 pub fn nodes_consumer() -> ConsumerSpec {
@@ -539,10 +567,11 @@ pub fn registry_consumer() -> ConsumerSpec {
 }
 
 /// The shared durable consumers, in [`CONSUMERS`]' order.
-pub fn consumers() -> [ConsumerSpec; 6] {
+pub fn consumers() -> [ConsumerSpec; 7] {
     [
         scheduler_consumer(),
         timers_consumer(),
+        ticks_consumer(),
         nodes_consumer(),
         history_consumer(),
         audit_consumer(),

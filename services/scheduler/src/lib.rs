@@ -11,7 +11,8 @@
 //! delayed and retried jobs when their durable timer fires; `lost` settles the attempts of
 //! nodes that went down or restarted; `placer` places waiting jobs as room appears and follows
 //! job events; `create` serves the request/reply endpoint; `fanouts` accepts fan-out parents
-//! and carries them forward as their targets' jobs end.
+//! and carries them forward as their targets' jobs end; `schedules` runs the ticks of
+//! schedules.
 
 pub mod cluster;
 mod create;
@@ -20,6 +21,7 @@ mod intake;
 mod lost;
 mod metrics;
 mod placer;
+mod schedules;
 mod timers;
 pub mod waiting;
 
@@ -199,6 +201,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         let lost = scheduler.clone().consume_node_events(shutdown.clone());
         async move { stop.watch(lost).await }
     });
+    let ticks = tokio::spawn({
+        let stop = stop.clone();
+        let ticks = scheduler
+            .clone()
+            .consume_ticks(submitter.clone(), shutdown.clone());
+        async move { stop.watch(ticks).await }
+    });
+    let sweep = tokio::spawn(scheduler.clone().sweep_schedules(tasks.clone()));
     let create = tokio::spawn({
         let (submitter, events, shutdown) =
             (submitter.clone(), mesh.events.clone(), shutdown.clone());
@@ -243,10 +253,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
 
     stop.watch(scheduler.clone().consume(shutdown.clone()))
         .await;
-    let (create, cancel, timers, lost) = tokio::join!(create, cancel, timers, lost);
+    let (create, cancel, timers, lost, ticks) = tokio::join!(create, cancel, timers, lost, ticks);
     scheduler.hand_back_waiting().await;
     tasks.cancel();
-    let (events, placer, fanouts) = tokio::join!(events, placer, fanouts);
+    let (events, placer, fanouts, sweep) = tokio::join!(events, placer, fanouts, sweep);
     if let Some(listener) = metrics_listener {
         task::joined(listener.await);
     }
@@ -255,7 +265,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     }
     // Every task has been waited for and the waiting jobs handed back; a task that panicked
     // raises its panic now rather than passing for a clean stop.
-    for result in [create, cancel, timers, lost, events, placer, fanouts] {
+    for result in [create, cancel, timers, lost, ticks, events, placer, fanouts, sweep] {
         task::joined(result);
     }
     tracing::info!("scheduler stopped");

@@ -1,6 +1,6 @@
 //! The scheduler's metrics, beside the mesh's: submissions by what the intake made of them,
 //! how long a job took from its acceptance to its first dispatch (waiting for room included),
-//! the jobs held waiting for room, timers fired, attempts settled as lost, and the lag of the
+//! the jobs held waiting for room, timers fired, schedules' ticks by outcome, attempts settled as lost, and the lag of the
 //! scheduler's three consumers.
 
 use std::sync::{Arc, LazyLock};
@@ -18,6 +18,7 @@ pub(crate) struct SchedulerMetrics {
     placement_seconds: Histogram,
     timers: Counter,
     lost: Counter,
+    ticks: Counters,
 }
 
 static SCHEDULER: LazyLock<SchedulerMetrics> = LazyLock::new(|| SchedulerMetrics {
@@ -25,6 +26,7 @@ static SCHEDULER: LazyLock<SchedulerMetrics> = LazyLock::new(|| SchedulerMetrics
     placement_seconds: latency(),
     timers: Counter::default(),
     lost: Counter::default(),
+    ticks: Counters::default(),
 });
 
 /// The process's scheduler metrics.
@@ -51,6 +53,11 @@ impl SchedulerMetrics {
         self.timers.inc();
     }
 
+    /// A schedule's tick was handled here: `ran`, `skipped`, `queued` or `missed`.
+    pub(crate) fn schedule_tick(&self, outcome: &'static str) {
+        self.ticks.get_or_create(&label("outcome", outcome)).inc();
+    }
+
     /// An attempt was settled as lost with its node.
     pub(crate) fn lost(&self) {
         self.lost.inc();
@@ -68,6 +75,7 @@ pub(crate) fn exporter(
     for spec in [
         topology::scheduler_consumer(),
         topology::timers_consumer(),
+        topology::ticks_consumer(),
         topology::nodes_consumer(),
     ] {
         exporter.watch_consumer(spec.stream, spec.name);
@@ -82,6 +90,11 @@ pub(crate) fn exporter(
         "capstan_scheduler_placement_seconds",
         "From a job's acceptance to its first dispatch, waiting for room included",
         metrics.placement_seconds.clone(),
+    );
+    registry.register(
+        "capstan_scheduler_schedule_ticks",
+        "Schedules' ticks handled here, by outcome",
+        metrics.ticks.clone(),
     );
     registry.register(
         "capstan_scheduler_timers",

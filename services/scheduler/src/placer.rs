@@ -113,6 +113,21 @@ impl Scheduler {
                             }
                         }
                     }
+                    // A schedule's run: a run queued behind it may start now.
+                    if let Some(schedule) =
+                        wire::header(event.headers.as_ref(), headers::SCHEDULE_NAME)
+                    {
+                        let (scheduler, schedule) = (self.clone(), schedule.to_owned());
+                        tokio::spawn(async move {
+                            let submitter = capstan_mesh::Submitter::new(
+                                scheduler.mesh.js.clone(),
+                                scheduler.mesh.idempotency.clone(),
+                            );
+                            if let Err(error) = scheduler.start_queued(&submitter, &schedule).await {
+                                tracing::debug!(schedule = %schedule, error = %error, "cannot start a queued run; the next tick will");
+                            }
+                        });
+                    }
                 }
                 _ => {}
             }
