@@ -19,6 +19,7 @@
 //! - History queries (`--history-rows`): `GET /api/v1/jobs?status=…` against a database
 //!   seeded with that many jobs.
 //! - Recovery (`--failover`, in `failover`): kill -9 → rerun elsewhere, cancel → group gone.
+//! - Schedules (`--schedules`, in `bench_schedules`): ticks held by one scheduler replica.
 //! - Authentication (`--auth`): what the guard adds to `GET /api/v1/jobs/{id}` (the
 //!   `auth` bench of `capstan-api`).
 
@@ -105,6 +106,13 @@ pub struct Args {
     /// Rounds of cancel in the failover run.
     #[arg(long, default_value_t = 20)]
     cancels: usize,
+    /// Instead of the pipeline, measure schedules: for each count given (`1000,10000`), that
+    /// many schedules ticking once a minute each, held by one scheduler replica.
+    #[arg(long, value_delimiter = ',')]
+    schedules: Vec<usize>,
+    /// Seconds of ticks observed in the schedules run.
+    #[arg(long, default_value_t = 120)]
+    schedule_window: u64,
     /// Instead of the pipeline, measure what authentication adds to a request:
     /// `GET /api/v1/jobs/{id}` with an access token against the same without the guard
     /// (`cargo bench -p capstan-api --bench auth`, optimised).
@@ -135,6 +143,12 @@ impl Drop for Process {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// CPU seconds `pid` used so far, its reaped children's included.
+pub(crate) fn cpu_seconds(pid: u32) -> f64 {
+    let (own, children) = cpu_times(pid);
+    own + children
 }
 
 /// CPU seconds (user + system) of `pid` so far: its own, and its reaped children's.
@@ -233,6 +247,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             args.cancels,
         )),
         None if args.ssh => runtime.block_on(crate::bench_ssh::run(&bin, args.jobs, args.systems)),
+        None if !args.schedules.is_empty() => runtime.block_on(crate::bench_schedules::run(
+            &bin,
+            &args.schedules,
+            Duration::from_secs(args.schedule_window),
+        )),
         None => runtime.block_on(pipeline(&bin, &args)),
     }
 }

@@ -19,54 +19,14 @@ use capstan_protocol::{JobId, headers, subjects};
 use futures::StreamExt;
 use serde_json::json;
 
-use crate::bench::{Ends, connect, logged_in, ms, percentile, start, wait_nodes_up};
+use crate::bench::{Ends, ms, percentile};
 
 /// Runs the SSH benchmark with `jobs` one-at-a-time jobs and `systems` names.
 pub async fn run(bin: &Path, jobs: usize, systems: usize) -> anyhow::Result<()> {
     crate::sshd::ensure()?;
     let host = capstan_testkit::sshd::SshHost::start().map_err(anyhow::Error::msg)?;
-    let dir = tempfile::Builder::new()
-        .prefix("capstan-bench-ssh-")
-        .tempdir()?;
-    let logs = dir.path();
-    let data = dir.path().join("data");
-    std::fs::create_dir_all(data.join("nats"))?;
-    let nats_binary = capstan_testkit::natsbin::ensure().map_err(anyhow::Error::msg)?;
-    let nats_port = capstan_testkit::server::free_port();
-    let api_port = capstan_testkit::server::free_port();
-    let nats_url = format!("nats://127.0.0.1:{nats_port}");
     // Its one executor is a gateway, with a gateway's identity.
-    let identities = crate::up::identities_of(
-        &dir.path().join("identities"),
-        1,
-        1,
-        capstan_mesh::identities::Grants::Least,
-    )?;
-    let nats_command = crate::up::nats_command(
-        &nats_binary,
-        nats_port,
-        &data.join("nats"),
-        false,
-        &identities.accounts,
-        None,
-    )?;
-    let mut processes = vec![start("nats-server", nats_command, logs)?];
-    let plan = crate::up::Plan {
-        bin_dir: bin.to_owned(),
-        nats_url: nats_url.clone(),
-        data: data.clone(),
-        registries: 1,
-        schedulers: 1,
-        executors: 1,
-        slots: crate::up::DEFAULT_SLOTS,
-        api_listen: format!("127.0.0.1:{api_port}"),
-        admin_password: capstan_api::TEST_ADMIN_PASSWORD.to_owned(),
-        secret_keys: crate::up::secret_keys(&dir.path().join("secret-keys"))?,
-        identities: identities.clone(),
-        tls: None,
-    };
-    plan.apply_topology()?;
-    for (name, mut command) in plan.services() {
+    let mesh = crate::small_mesh::SmallMesh::start(bin, "capstan-bench-ssh-", 1, 1, |name, command| {
         if name.starts_with("exec-") {
             command
                 .env("CAPSTAN_LABELS", "capstan.io/ssh=true")
@@ -74,19 +34,15 @@ pub async fn run(bin: &Path, jobs: usize, systems: usize) -> anyhow::Result<()> 
                 // each time): 50 names every 10 s keep the host's CPU mostly for the jobs.
                 .env("CAPSTAN_SYSTEM_CHECK_INTERVAL", "10s");
         }
-        processes.push(start(&name, command, logs)?);
-    }
+    })
+    .await?;
     eprintln!(
         "the mesh `cargo xtask up --release` runs (1 registry, 1 scheduler, 1 API), its one \
          executor ({} slots) a gateway (capstan.io/ssh=true); one sshd on loopback, registered \
          under {systems} names",
         crate::up::DEFAULT_SLOTS
     );
-    let seed =
-        std::fs::read_to_string(identities.seed_file(&capstan_mesh::identities::Identity::Admin))?;
-    let client = connect(&nats_url, seed.trim(), None).await?;
-    let http = logged_in(api_port, logs).await?;
-    wait_nodes_up(&http, 1, logs).await?;
+    let (client, http) = (mesh.client.clone(), mesh.http.clone());
     let names: Vec<String> = (1..=systems.max(1)).map(|n| format!("web-{n}")).collect();
     for name in &names {
         let body = json!({
@@ -207,7 +163,7 @@ pub async fn run(bin: &Path, jobs: usize, systems: usize) -> anyhow::Result<()> 
     };
     let mut cold = cold;
     cold.sort();
-    drop(processes);
+    drop(mesh);
 
     println!("## Jobs on a remote system over SSH");
     println!();

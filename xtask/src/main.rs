@@ -13,11 +13,13 @@
 
 mod axe;
 mod bench;
+mod bench_schedules;
 mod bench_ssh;
 mod chromium;
 mod failover;
 mod postgres;
 mod schemas;
+mod small_mesh;
 mod sshd;
 mod up;
 

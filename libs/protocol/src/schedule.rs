@@ -181,7 +181,7 @@ pub fn validate_job(job: &JobSpec) -> Result<(), SpecError> {
 }
 
 /// What one tick did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum TickOutcome {
@@ -707,6 +707,60 @@ mod tests {
             Some(run_key("nightly", 7, tick).as_str())
         );
         assert_ne!(run_key("nightly", 7, tick), run_key("nightly", 8, tick));
+    }
+
+    /// Follows a schedule tick by tick, as schedulers would, from `from`.
+    fn fired_chain(record: &mut ScheduleRecord, from: Timestamp, count: usize) -> Vec<Timestamp> {
+        record.next = record.next_after(from);
+        let mut fired = Vec::new();
+        while fired.len() < count {
+            let tick = record.armed(from).expect("armed");
+            let Decision::Act { label, next, .. } = record.decide(&tick, tick.at, tick.at, false)
+            else {
+                panic!("a tick on time must act");
+            };
+            record.record_tick(label, TickOutcome::Ran, None, next, tick.at);
+            fired.push(label);
+        }
+        fired
+    }
+
+    #[test]
+    fn what_fires_across_daylight_saving_changes_is_what_the_preview_shows() {
+        for (cron, zone, from, expected) in [
+            (
+                "30 2 * * *",
+                "America/New_York",
+                "2026-03-07T00:00:00Z",
+                // 02:30 EST, then the skipped 02:30 at the jump (03:00 EDT), then 02:30 EDT.
+                ["2026-03-07T07:30:00Z", "2026-03-08T07:00:00Z", "2026-03-09T06:30:00Z"],
+            ),
+            (
+                "30 1 * * *",
+                "America/New_York",
+                "2026-10-31T00:00:00Z",
+                // 01:30 EDT, then the repeated 01:30 once (EDT), then 01:30 EST.
+                ["2026-10-31T05:30:00Z", "2026-11-01T05:30:00Z", "2026-11-02T06:30:00Z"],
+            ),
+            (
+                "0 * * * *",
+                "Europe/Berlin",
+                "2026-10-25T00:00:00Z",
+                // 02:00 CEST, 03:00 CET: the repeated 02:00 runs once.
+                ["2026-10-25T00:00:00Z", "2026-10-25T02:00:00Z", "2026-10-25T03:00:00Z"],
+            ),
+        ] {
+            let mut record = record("10s", Overlap::Skip, Catchup::Last);
+            record.definition.every = None;
+            record.definition.cron = Some(cron.into());
+            record.definition.timezone = zone.into();
+            let from = at(from).minus(Duration::from_millis(1));
+            let preview = record.preview(from, 3);
+            let fired = fired_chain(&mut record, from, 3);
+            let expected: Vec<Timestamp> = expected.iter().map(|text| at(text)).collect();
+            assert_eq!(preview, expected, "{cron} in {zone}: preview");
+            assert_eq!(fired, expected, "{cron} in {zone}: fired");
+        }
     }
 
     #[test]
