@@ -209,6 +209,8 @@ pub struct Mesh {
     pub fanouts: Bucket<FanOutRecord>,
     /// Schedules (written by the API and, for what their ticks did, by schedulers).
     pub schedules: Bucket<capstan_protocol::schedule::ScheduleRecord>,
+    /// Concurrency slots by key (written by schedulers).
+    pub concurrency: Bucket<capstan_protocol::concurrency::Slots>,
     /// Event and audit publishing.
     pub events: EventPublisher,
 }
@@ -250,7 +252,9 @@ impl Mesh {
         );
         let fanouts = Bucket::new(buckets.fanouts, js.clone(), topology::FANOUTS.name);
         let schedules = Bucket::new(buckets.schedules, js.clone(), topology::SCHEDULES.name);
+        let concurrency = Bucket::new(buckets.concurrency, js.clone(), topology::CONCURRENCY.name);
         Self {
+            concurrency,
             fanouts,
             schedules,
             secrets,

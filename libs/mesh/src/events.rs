@@ -61,6 +61,9 @@ impl EventPublisher {
         if let Some(schedule) = capstan_protocol::schedule::schedule_of(&record.spec.metadata) {
             map.insert(headers::SCHEDULE_NAME, header_text(schedule).as_str());
         }
+        if let Some(concurrency) = &record.spec.concurrency {
+            map.insert(headers::CONCURRENCY_KEY, concurrency.key.as_str());
+        }
         if let Some(code) = record.exit_code {
             map.insert(headers::EXIT_CODE, code.to_string().as_str());
         }

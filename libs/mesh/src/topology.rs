@@ -45,6 +45,8 @@ pub struct Buckets {
     pub fanouts: kv::Store,
     /// Schedules.
     pub schedules: kv::Store,
+    /// Concurrency slots.
+    pub concurrency: kv::Store,
 }
 
 /// Creates the streams and buckets that are missing (with their default size limits), leaves
@@ -360,6 +362,7 @@ pub async fn verify(js: &jetstream::Context) -> Result<Buckets, Error> {
         system_status: verify_bucket(js, &spec::SYSTEM_STATUS).await?,
         fanouts: verify_bucket(js, &spec::FANOUTS).await?,
         schedules: verify_bucket(js, &spec::SCHEDULES).await?,
+        concurrency: verify_bucket(js, &spec::CONCURRENCY).await?,
     })
 }
 

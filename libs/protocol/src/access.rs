@@ -353,14 +353,16 @@ fn scheduler(allowed: &mut Allowed) {
         &topology::IDEMPOTENCY,
         &topology::FANOUTS,
         &topology::SCHEDULES,
+        &topology::CONCURRENCY,
     ] {
         allowed.bucket_write(bucket, "*");
         allowed.bucket_read(bucket, "*");
     }
-    // Finding the fan-outs still running when it starts, and the schedules whose tick is
-    // overdue.
+    // Finding the fan-outs still running when it starts, the schedules whose tick is
+    // overdue, and the slots freed under concurrency keys.
     allowed.bucket_watch(&topology::FANOUTS);
     allowed.bucket_watch(&topology::SCHEDULES);
+    allowed.bucket_watch(&topology::CONCURRENCY);
     allowed.bucket_read(&topology::NODES, "*");
     allowed.bucket_watch(&topology::NODES);
     // A job on a remote system is accepted only when the system exists and is active; a
@@ -423,6 +425,8 @@ fn api(allowed: &mut Allowed) {
     }
     // Listing the schedules.
     allowed.bucket_watch(&topology::SCHEDULES);
+    // Saying why a job waits for a concurrency slot.
+    allowed.bucket_read(&topology::CONCURRENCY, "*");
     // Listing the stored secrets (names and users, never values).
     allowed.bucket_watch(&topology::SECRETS);
     // The catalogue of remote systems: written here (administrators' changes), with the

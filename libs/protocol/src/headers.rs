@@ -18,6 +18,8 @@ pub const ATTEMPT: &str = "Capstan-Attempt";
 pub const FANOUT: &str = "Capstan-Fanout";
 /// The schedule a job's run belongs to, on its events (from its metadata).
 pub const SCHEDULE_NAME: &str = "Capstan-Schedule";
+/// The concurrency key a job shares, on its events (from its spec).
+pub const CONCURRENCY_KEY: &str = "Capstan-Concurrency";
 /// A job event's kind, or a node event's kind.
 pub const EVENT: &str = "Capstan-Event";
 /// The job's status after an event.

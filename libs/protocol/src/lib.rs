@@ -14,6 +14,7 @@ pub mod access;
 pub mod auth;
 pub mod claim;
 pub mod codec;
+pub mod concurrency;
 pub mod cron;
 pub mod dispatch;
 pub mod event;
@@ -54,7 +55,7 @@ pub use node::{
 pub use reply::{CancelNotice, CancelOutcome, ErrorCode, JobRef, Reply, ServiceError};
 pub use retry::{RetryOn, RetryPolicy};
 pub use secret::{SealedSecret, StoredSecret};
-pub use spec::{JobSpec, Labels, Program, SpecError, Start};
+pub use spec::{Concurrency, JobSpec, Labels, Program, SpecError, Start};
 pub use system::{System, SystemAuth, SystemEvent, SystemHealth, SystemStatus, SystemSummary};
 pub use timer::Timer;
 pub use timestamp::Timestamp;

@@ -96,6 +96,65 @@ pub struct JobSpec {
     pub retry: RetryPolicy,
     /// When the first attempt may start; at once when absent.
     pub start: Option<Start>,
+    /// Among jobs waiting for room, higher goes first (0 to 9).
+    pub priority: u8,
+    /// At most `limit` jobs sharing `key` run at once across the mesh.
+    pub concurrency: Option<Concurrency>,
+}
+
+/// The priority of a job that gives none: the middle, so that a job can be put before or
+/// after the others.
+pub const DEFAULT_PRIORITY: u8 = 5;
+/// The highest priority.
+pub const MAX_PRIORITY: u8 = 9;
+
+/// A limit on how many jobs sharing a key run at once, across the whole mesh.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Concurrency {
+    /// The key jobs share: letters, digits, `_`, `-` and `.` (not first or last), at most 128.
+    pub key: String,
+    /// How many of them may run at once (1 to 10,000). Jobs sharing a key should give the
+    /// same limit; each job is admitted under its own.
+    pub limit: u32,
+}
+
+impl Concurrency {
+    /// The largest limit.
+    pub const MAX_LIMIT: u32 = 10_000;
+    /// The longest key.
+    pub const MAX_KEY_LEN: usize = 128;
+
+    /// Checks the key and the limit, naming the field that is wrong.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        let key = &self.key;
+        let charset = key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+        if key.is_empty()
+            || key.len() > Self::MAX_KEY_LEN
+            || !charset
+            || key.starts_with('.')
+            || key.ends_with('.')
+            || key.contains("..")
+        {
+            return Err(SpecError::new(
+                "concurrency.key",
+                format!(
+                    "1 to {} letters, digits, `_`, `-` or `.` (not first, last or twice in a row)",
+                    Self::MAX_KEY_LEN
+                ),
+            ));
+        }
+        if !(1..=Self::MAX_LIMIT).contains(&self.limit) {
+            return Err(SpecError::new(
+                "concurrency.limit",
+                format!("must be 1 to {}, got {}", Self::MAX_LIMIT, self.limit),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// When a delayed job's first attempt may start.
@@ -205,6 +264,15 @@ pub struct JobSpecWire {
         schemars(extend("minimum" = 0, "maximum" = limits::MAX_DELAY.as_secs()))
     )]
     pub delay: Option<f64>,
+    /// Among jobs waiting for room, higher goes first; equal ones in submission order
+    /// (0 to 9, default 5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "schema", schemars(range(min = 0, max = 9)))]
+    pub priority: Option<u8>,
+    /// At most `limit` jobs sharing `key` run at once across the mesh; the others wait
+    /// `pending`, in priority and then submission order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<Concurrency>,
 }
 
 /// A spec that parsed but does not make sense. `field` names the offending field.
@@ -550,6 +618,20 @@ impl TryFrom<JobSpecWire> for JobSpec {
             (None, None) => None,
         };
 
+        let priority = match wire.priority {
+            Some(priority) if priority > MAX_PRIORITY => {
+                return Err(SpecError::new(
+                    "priority",
+                    format!("must be 0 to {MAX_PRIORITY}, got {priority}"),
+                ));
+            }
+            Some(priority) => priority,
+            None => DEFAULT_PRIORITY,
+        };
+        if let Some(concurrency) = &wire.concurrency {
+            concurrency.validate()?;
+        }
+
         Ok(JobSpec {
             program,
             env,
@@ -566,6 +648,8 @@ impl TryFrom<JobSpecWire> for JobSpec {
             idempotency_key: wire.idempotency_key,
             retry,
             start,
+            priority,
+            concurrency: wire.concurrency,
         })
     }
 }
@@ -650,6 +734,8 @@ impl From<JobSpec> for JobSpecWire {
                 Some(Start::After(delay)) => Some(delay.as_secs_f64()),
                 _ => None,
             },
+            priority: (spec.priority != DEFAULT_PRIORITY).then_some(spec.priority),
+            concurrency: spec.concurrency,
         }
     }
 }
@@ -673,6 +759,8 @@ impl JobSpec {
             idempotency_key: None,
             retry: RetryPolicy::default(),
             start: None,
+            priority: DEFAULT_PRIORITY,
+            concurrency: None,
         }
     }
 

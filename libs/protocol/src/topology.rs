@@ -277,8 +277,20 @@ pub const SCHEDULES: BucketSpec = BucketSpec {
     read_from_leader: true,
 };
 
+/// Concurrency limits by key (JSON [`crate::concurrency::Slots`]): the jobs holding a slot
+/// and those waiting for one, written by schedulers by compare-and-swap.
+pub const CONCURRENCY: BucketSpec = BucketSpec {
+    name: "capstan_concurrency",
+    description: "Jobs running and waiting under each concurrency key",
+    history: 1,
+    max_age: Duration::ZERO,
+    per_key_ttl: false,
+    max_bytes: GIB,
+    read_from_leader: true,
+};
+
 /// Every bucket.
-pub const BUCKETS: [BucketSpec; 9] = [
+pub const BUCKETS: [BucketSpec; 10] = [
     JOBS,
     NODES,
     IDEMPOTENCY,
@@ -288,6 +300,7 @@ pub const BUCKETS: [BucketSpec; 9] = [
     SYSTEM_STATUS,
     FANOUTS,
     SCHEDULES,
+    CONCURRENCY,
 ];
 
 /// How many servers keep a copy of each stream and bucket: 1 to [`Replicas::MOST`] (what

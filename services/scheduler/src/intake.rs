@@ -263,7 +263,11 @@ impl Scheduler {
             Ok(Accepted::Done) => Handled::Ack,
             Ok(Accepted::Waiting(known)) => {
                 let preferred = self.preferred(&known.value.spec);
+                let gated = known.value.spec.concurrency.is_some();
                 self.waiting.push(message.clone(), *known, None, preferred);
+                if gated {
+                    self.gate.notify_one();
+                }
                 Handled::Held
             }
             Ok(Accepted::Duplicate(existing)) => self.duplicate(message, seq, existing).await,
@@ -323,10 +327,14 @@ impl Scheduler {
                 Err(error) => Err(error),
             };
         }
-        let node = self
-            .cluster
-            .reserve_preferring(&record.spec.placement(), &self.preferred(&record.spec), id)
-            .ok();
+        // A job under a concurrency limit waits for its slot before it is placed.
+        let node = if record.spec.concurrency.is_some() {
+            None
+        } else {
+            self.cluster
+                .reserve_preferring(&record.spec.placement(), &self.preferred(&record.spec), id)
+                .ok()
+        };
         if let Some(node) = &node {
             record = record.assigned(node.clone(), now);
             tracing::Span::current().record("node", node.as_str());

@@ -12,7 +12,7 @@
 //! nodes that went down or restarted; `placer` places waiting jobs as room appears and follows
 //! job events; `create` serves the request/reply endpoint; `fanouts` accepts fan-out parents
 //! and carries them forward as their targets' jobs end; `schedules` runs the ticks of
-//! schedules.
+//! schedules; `slots` admits jobs under their concurrency limits.
 
 pub mod cluster;
 mod create;
@@ -22,6 +22,7 @@ mod lost;
 mod metrics;
 mod placer;
 mod schedules;
+mod slots;
 mod timers;
 pub mod waiting;
 
@@ -118,6 +119,8 @@ pub(crate) struct Scheduler {
     waiting: Waiting,
     /// Wakes the placer: a job ended, a node changed, a placement failed.
     wake: Notify,
+    /// Wakes the admission of jobs waiting for a concurrency slot.
+    gate: Notify,
     /// Bounds submissions handled at once.
     permits: Arc<Semaphore>,
     /// The fan-out parents this replica carries forward.
@@ -154,6 +157,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let tasks = CancellationToken::new();
     let nodes = BucketView::start(mesh.nodes.clone(), tasks.clone()).await?;
     let systems = BucketView::start(mesh.systems.clone(), tasks.clone()).await?;
+    let slots = BucketView::start(mesh.concurrency.clone(), tasks.clone()).await?;
     if !nodes.wait_ready(Duration::from_secs(5)).await {
         tracing::warn!("node view incomplete after 5s; placing with what is known");
     }
@@ -165,6 +169,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         ),
         waiting: Waiting::default(),
         wake: Notify::new(),
+        gate: Notify::new(),
         permits: Arc::new(Semaphore::new(config.concurrency.max(1))),
         fanouts: fanouts::FanOuts::default(),
         systems,
@@ -209,6 +214,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         async move { stop.watch(ticks).await }
     });
     let sweep = tokio::spawn(scheduler.clone().sweep_schedules(tasks.clone()));
+    let gate = tokio::spawn(scheduler.clone().admit_gated(slots, tasks.clone()));
     let create = tokio::spawn({
         let (submitter, events, shutdown) =
             (submitter.clone(), mesh.events.clone(), shutdown.clone());
@@ -256,7 +262,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let (create, cancel, timers, lost, ticks) = tokio::join!(create, cancel, timers, lost, ticks);
     scheduler.hand_back_waiting().await;
     tasks.cancel();
-    let (events, placer, fanouts, sweep) = tokio::join!(events, placer, fanouts, sweep);
+    let (events, placer, fanouts, sweep, gate) =
+        tokio::join!(events, placer, fanouts, sweep, gate);
     if let Some(listener) = metrics_listener {
         task::joined(listener.await);
     }
@@ -265,7 +272,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     }
     // Every task has been waited for and the waiting jobs handed back; a task that panicked
     // raises its panic now rather than passing for a clean stop.
-    for result in [create, cancel, timers, lost, ticks, events, placer, fanouts, sweep] {
+    for result in [
+        create, cancel, timers, lost, ticks, events, placer, fanouts, sweep, gate,
+    ] {
         task::joined(result);
     }
     tracing::info!("scheduler stopped");

@@ -113,6 +113,13 @@ impl Scheduler {
                             }
                         }
                     }
+                    // A job under a concurrency limit: its slot is free again.
+                    if let Some(key) =
+                        wire::header(event.headers.as_ref(), headers::CONCURRENCY_KEY)
+                    {
+                        let (scheduler, key) = (self.clone(), key.to_owned());
+                        tokio::spawn(async move { scheduler.release_slot(&key, job).await });
+                    }
                     // A schedule's run: a run queued behind it may start now.
                     if let Some(schedule) =
                         wire::header(event.headers.as_ref(), headers::SCHEDULE_NAME)

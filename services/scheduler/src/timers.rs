@@ -82,6 +82,7 @@ impl Scheduler {
                     let preferred = self.preferred(&current.value.spec);
                     self.waiting.push(message, current, Some(timer.attempt), preferred);
                     self.wake.notify_one();
+                    self.gate.notify_one();
                 }
                 Ok(Some(current))
                     if current.value.is_dispatched()

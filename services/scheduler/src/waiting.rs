@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use capstan_mesh::Versioned;
-use capstan_protocol::{JobId, JobRecord, Labels, NodeId};
+use capstan_protocol::{Concurrency, JobId, JobRecord, Labels, NodeId};
 
 use crate::cluster::Cluster;
 
@@ -32,8 +32,34 @@ pub struct Held {
     /// The job's record as last read or written here, so the placement can write before it
     /// reads; `None` when not known (the placement reads it).
     pub known: Option<Versioned<JobRecord>>,
+    /// Its priority: higher is placed first.
+    pub priority: u8,
+    /// Its concurrency limit, if it has one.
+    pub concurrency: Option<Concurrency>,
+    /// Whether it holds a slot under its concurrency limit (always, without one).
+    pub admitted: bool,
     order: u64,
     last_progress: Instant,
+}
+
+impl Held {
+    /// The order jobs are placed in: higher priority first, then arrival.
+    fn rank(&self) -> (std::cmp::Reverse<u8>, u64) {
+        (std::cmp::Reverse(self.priority), self.order)
+    }
+}
+
+/// A waiting job that needs a concurrency slot before it can be placed.
+#[derive(Debug, Clone)]
+pub struct Gated {
+    /// The job.
+    pub job: JobId,
+    /// The attempt it will run.
+    pub attempt: u32,
+    /// Its priority.
+    pub priority: u8,
+    /// Its limit.
+    pub concurrency: Concurrency,
 }
 
 /// The waiting jobs.
@@ -47,6 +73,16 @@ struct Inner {
     groups: HashMap<Labels, VecDeque<Held>>,
     next_order: u64,
     len: usize,
+}
+
+impl Inner {
+    /// Adds `held` to its group, in rank order.
+    fn insert(&mut self, held: Held) {
+        self.len += 1;
+        let queue = self.groups.entry(held.selector.clone()).or_default();
+        let position = queue.partition_point(|other| other.rank() < held.rank());
+        queue.insert(position, held);
+    }
 }
 
 impl Waiting {
@@ -67,56 +103,97 @@ impl Waiting {
     ) {
         let job = known.value.id;
         let selector = known.value.spec.placement();
+        let priority = known.value.spec.priority;
+        let concurrency = known.value.spec.concurrency.clone();
+        let admitted = concurrency.is_none();
         let known = Some(known);
         let mut inner = self.inner();
         let order = inner.next_order;
         inner.next_order += 1;
-        inner.len += 1;
-        inner
-            .groups
-            .entry(selector.clone())
-            .or_default()
-            .push_back(Held {
-                message,
-                job,
-                selector,
-                preferred,
-                timer,
-                known,
-                order,
-                last_progress: Instant::now(),
-            });
+        inner.insert(Held {
+            message,
+            job,
+            selector,
+            preferred,
+            timer,
+            known,
+            priority,
+            concurrency,
+            admitted,
+            order,
+            last_progress: Instant::now(),
+        });
     }
 
-    /// Puts back a job whose placement failed, at the front of its group.
+    /// Puts back a job whose placement failed, in its place.
     pub fn push_front(&self, held: Held) {
-        let mut inner = self.inner();
-        inner.len += 1;
-        inner
+        self.inner().insert(held);
+    }
+
+    /// The jobs waiting for a concurrency slot.
+    pub fn gated(&self) -> Vec<Gated> {
+        let inner = self.inner();
+        let mut gated: Vec<(std::cmp::Reverse<u8>, u64, Gated)> = inner
             .groups
-            .entry(held.selector.clone())
-            .or_default()
-            .push_front(held);
+            .values()
+            .flatten()
+            .filter(|held| !held.admitted)
+            .filter_map(|held| {
+                let concurrency = held.concurrency.clone()?;
+                let attempt = held.known.as_ref().map_or(1, |k| k.value.attempt + 1);
+                let gated = Gated {
+                    job: held.job,
+                    attempt,
+                    priority: held.priority,
+                    concurrency,
+                };
+                Some((std::cmp::Reverse(held.priority), held.order, gated))
+            })
+            .collect();
+        gated.sort_by_key(|(priority, order, _)| (*priority, *order));
+        gated.into_iter().map(|(_, _, gated)| gated).collect()
+    }
+
+    /// Marks `job` as holding its concurrency slot; false when it no longer waits here.
+    pub fn admitted(&self, job: JobId) -> bool {
+        let mut inner = self.inner();
+        for held in inner.groups.values_mut().flatten() {
+            if held.job == job {
+                held.admitted = true;
+                return true;
+            }
+        }
+        false
     }
 
     /// Removes and returns every job that now has a node, reserving the node in `cluster`.
+    /// A job still waiting for its concurrency slot is passed over.
     pub fn take_placeable(&self, cluster: &Cluster) -> Vec<(Held, NodeId)> {
         let mut inner = self.inner();
-        let mut fronts: Vec<(u64, Labels)> = inner
+        let mut fronts: Vec<((std::cmp::Reverse<u8>, u64), Labels)> = inner
             .groups
             .iter()
-            .filter_map(|(selector, queue)| queue.front().map(|h| (h.order, selector.clone())))
+            .filter_map(|(selector, queue)| {
+                let first = queue.iter().find(|h| h.admitted)?;
+                Some((first.rank(), selector.clone()))
+            })
             .collect();
-        fronts.sort_by_key(|(order, _)| *order);
+        fronts.sort_by_key(|(rank, _)| *rank);
         let mut placed = Vec::new();
         for (_, selector) in fronts {
             let Some(queue) = inner.groups.get_mut(&selector) else {
                 continue;
             };
-            while let Some(front) = queue.front() {
-                match cluster.reserve_preferring(&selector, &front.preferred, front.job) {
+            let mut index = 0;
+            while index < queue.len() {
+                let held = &queue[index];
+                if !held.admitted {
+                    index += 1;
+                    continue;
+                }
+                match cluster.reserve_preferring(&selector, &held.preferred, held.job) {
                     Ok(node) => {
-                        let held = queue.pop_front().expect("front exists");
+                        let held = queue.remove(index).expect("index is in range");
                         placed.push((held, node));
                     }
                     Err(_) => break,

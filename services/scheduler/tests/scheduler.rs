@@ -1042,3 +1042,138 @@ async fn a_preferred_node_with_room_is_picked_first_and_another_takes_the_job_wh
     assert_eq!(second, far, "a preference is not a requirement");
     shutdown.cancel();
 }
+
+/// Creates the jobs described by `bodies`, one after the other, and returns their ids.
+async fn create_all(client: &async_nats::Client, bodies: &[String]) -> Vec<JobId> {
+    let mut ids = Vec::new();
+    for body in bodies {
+        let Reply::Ok(created) = create(client, body).await else {
+            panic!("{body} refused");
+        };
+        ids.push(created.id);
+    }
+    ids
+}
+
+/// The jobs dispatched so far, in dispatch order.
+async fn dispatched_jobs(mesh: &Mesh) -> Vec<JobId> {
+    dispatches(mesh)
+        .await
+        .into_iter()
+        .map(|(_, dispatch)| dispatch.record.id)
+        .collect()
+}
+
+/// Ends `job`'s dispatched attempt as its executor would: the record, then the event.
+async fn end_dispatched(mesh: &Mesh, job: JobId) {
+    let found = dispatches(mesh).await;
+    let (_, dispatch) = found
+        .iter()
+        .find(|(_, d)| d.record.id == job)
+        .expect("dispatched");
+    let mut ended = dispatch.record.clone();
+    ended.status = JobStatus::Succeeded;
+    ended.finished_at = Some(Timestamp::now());
+    mesh.jobs
+        .put(&job.to_string(), &ended)
+        .await
+        .expect("the end written");
+    end_as_an_executor_would(mesh, &dispatch.record).await;
+}
+
+#[tokio::test]
+async fn jobs_sharing_a_concurrency_key_run_at_most_limit_at_once_in_submission_order_under_two_schedulers()
+ {
+    let server = NatsServer::start().await;
+    let mesh = mesh(&server).await;
+    add_node(&mesh, "big", 8, &[]).await;
+    let first = Scheduler::start(&server, 2.0);
+    let second = Scheduler::start(&server, 2.0);
+    let client = server.client().await;
+    let bodies: Vec<String> = (0..6)
+        .map(|n| {
+            format!(r#"{{"command": "migrate {n}", "concurrency": {{"key": "db.main", "limit": 2}}}}"#)
+        })
+        .collect();
+    let jobs = create_all(&client, &bodies).await;
+
+    let mut ended = Vec::new();
+    for step in 0..jobs.len() {
+        // The next job in line gets the slot that freed, and no other starts meanwhile.
+        let expected: Vec<JobId> = jobs[..(step + 2).min(jobs.len())].to_vec();
+        let dispatched = wait_until(
+            &format!("{} jobs dispatched", expected.len()),
+            Duration::from_secs(30),
+            || async {
+                let dispatched = dispatched_jobs(&mesh).await;
+                (dispatched.len() >= expected.len()).then_some(dispatched)
+            },
+        )
+        .await;
+        let mut sorted = dispatched.clone();
+        sorted.sort();
+        assert_eq!(sorted, expected, "dispatched out of submission order");
+        if step + 2 < jobs.len() {
+            // Everyone else is in line, and still no more than two run.
+            wait_until("the others in line", Duration::from_secs(30), || async {
+                let slots = mesh.concurrency.get("db.main").await.ok()??.value;
+                (slots.waiting.len() == jobs.len() - expected.len()).then_some(())
+            })
+            .await;
+            let slots = mesh
+                .concurrency
+                .get("db.main")
+                .await
+                .expect("readable")
+                .expect("slots")
+                .value;
+            assert_eq!(slots.holders.len(), 2, "{slots:?}");
+            assert_eq!(dispatched_jobs(&mesh).await.len(), expected.len());
+        }
+        let running: Vec<JobId> = sorted
+            .into_iter()
+            .filter(|job| !ended.contains(job))
+            .collect();
+        assert!(running.len() <= 2, "{running:?} run at once");
+        end_dispatched(&mesh, running[0]).await;
+        ended.push(running[0]);
+    }
+    first.stop().await;
+    second.stop().await;
+}
+
+#[tokio::test]
+async fn among_jobs_waiting_for_room_a_higher_priority_goes_first_and_equal_ones_in_submission_order()
+ {
+    let server = NatsServer::start().await;
+    let mesh = mesh(&server).await;
+    add_node(&mesh, "small", 1, &[]).await;
+    let scheduler = Scheduler::start(&server, 1.0);
+    let client = server.client().await;
+    let running = create_all(&client, &[r#"{"command": "first"}"#.to_owned()]).await[0];
+    wait_until("the first job dispatched", Duration::from_secs(30), || async {
+        (dispatched_jobs(&mesh).await == vec![running]).then_some(())
+    })
+    .await;
+    let bodies: Vec<String> = [("low", 1), ("normal-a", 5), ("high", 9), ("normal-b", 5)]
+        .iter()
+        .map(|(name, priority)| format!(r#"{{"command": "{name}", "priority": {priority}}}"#))
+        .collect();
+    let waiting = create_all(&client, &bodies).await;
+    let (low, normal_a, high, normal_b) = (waiting[0], waiting[1], waiting[2], waiting[3]);
+    let mut order = Vec::new();
+    let mut current = running;
+    for _ in 0..waiting.len() {
+        // Counted before the end: the next job may be dispatched as soon as it is heard.
+        let before = dispatched_jobs(&mesh).await.len();
+        end_dispatched(&mesh, current).await;
+        current = wait_until("the next job dispatched", Duration::from_secs(30), || async {
+            let dispatched = dispatched_jobs(&mesh).await;
+            (dispatched.len() > before).then(|| dispatched[before])
+        })
+        .await;
+        order.push(current);
+    }
+    assert_eq!(order, vec![high, normal_a, normal_b, low]);
+    scheduler.stop().await;
+}
