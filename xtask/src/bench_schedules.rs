@@ -152,10 +152,9 @@ async fn one(bin: &Path, count: usize, window: Duration) -> anyhow::Result<Strin
     handled_after.sort();
     started_after.sort();
     let cpu = match (cpu_start, cpu_end) {
-        (Some(a), Some(b)) if handled_count > 0 => format!(
-            "{:.0} µs",
-            (b - a) * 1_000_000.0 / handled_count as f64
-        ),
+        (Some(a), Some(b)) if handled_count > 0 => {
+            format!("{:.0} µs", (b - a) * 1_000_000.0 / handled_count as f64)
+        }
         _ => "—".to_owned(),
     };
     let max = handled_after.last().copied().unwrap_or_default();

@@ -26,16 +26,17 @@ pub async fn run(bin: &Path, jobs: usize, systems: usize) -> anyhow::Result<()> 
     crate::sshd::ensure()?;
     let host = capstan_testkit::sshd::SshHost::start().map_err(anyhow::Error::msg)?;
     // Its one executor is a gateway, with a gateway's identity.
-    let mesh = crate::small_mesh::SmallMesh::start(bin, "capstan-bench-ssh-", 1, 1, |name, command| {
-        if name.starts_with("exec-") {
-            command
-                .env("CAPSTAN_LABELS", "capstan.io/ssh=true")
-                // Each check is a fresh connection and login (the host hashes the password
-                // each time): 50 names every 10 s keep the host's CPU mostly for the jobs.
-                .env("CAPSTAN_SYSTEM_CHECK_INTERVAL", "10s");
-        }
-    })
-    .await?;
+    let mesh =
+        crate::small_mesh::SmallMesh::start(bin, "capstan-bench-ssh-", 1, 1, |name, command| {
+            if name.starts_with("exec-") {
+                command
+                    .env("CAPSTAN_LABELS", "capstan.io/ssh=true")
+                    // Each check is a fresh connection and login (the host hashes the password
+                    // each time): 50 names every 10 s keep the host's CPU mostly for the jobs.
+                    .env("CAPSTAN_SYSTEM_CHECK_INTERVAL", "10s");
+            }
+        })
+        .await?;
     eprintln!(
         "the mesh `cargo xtask up --release` runs (1 registry, 1 scheduler, 1 API), its one \
          executor ({} slots) a gateway (capstan.io/ssh=true); one sshd on loopback, registered \

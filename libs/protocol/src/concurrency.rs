@@ -107,7 +107,13 @@ impl Slots {
         let free = (limit as usize).saturating_sub(self.holders.len());
         if position < free {
             self.waiting.remove(position);
-            self.holders.insert(job, Holder { attempt, since: now });
+            self.holders.insert(
+                job,
+                Holder {
+                    attempt,
+                    since: now,
+                },
+            );
             (Admission::Admitted, true)
         } else {
             (
@@ -192,7 +198,10 @@ mod tests {
         assert!(!slots.admit(job(4), 1, 5, 2, now).1);
         assert!(slots.release(job(1)));
         // The slot goes to the first in line, not to whoever asks first.
-        assert!(matches!(slots.admit(job(4), 1, 5, 2, now).0, Admission::Waiting { .. }));
+        assert!(matches!(
+            slots.admit(job(4), 1, 5, 2, now).0,
+            Admission::Waiting { .. }
+        ));
         assert_eq!(slots.admit(job(3), 1, 5, 2, now).0, Admission::Admitted);
         assert_eq!(slots.holders.len(), 2);
     }
@@ -214,7 +223,10 @@ mod tests {
         let mut slots = Slots::default();
         let now = Timestamp::from_millis(0);
         slots.admit(job(1), 1, 5, 1, now);
-        assert_eq!(slots.admit(job(1), 2, 5, 1, now), (Admission::Admitted, true));
+        assert_eq!(
+            slots.admit(job(1), 2, 5, 1, now),
+            (Admission::Admitted, true)
+        );
         assert_eq!(slots.holders[&job(1)].attempt, 2);
         assert!(slots.release(job(1)));
         assert!(!slots.release(job(1)));
@@ -233,7 +245,10 @@ mod tests {
             Admission::Waiting { running: 3, .. }
         ));
         slots.release(job(1));
-        assert!(matches!(slots.admit(job(4), 1, 5, 2, now).0, Admission::Waiting { .. }));
+        assert!(matches!(
+            slots.admit(job(4), 1, 5, 2, now).0,
+            Admission::Waiting { .. }
+        ));
         slots.release(job(2));
         assert_eq!(slots.admit(job(4), 1, 5, 2, now).0, Admission::Admitted);
     }

@@ -110,17 +110,14 @@ pub enum When {
 impl ScheduleDefinition {
     /// Parses and checks `cron`/`every` and `timezone`, naming the field that is wrong.
     pub fn when(&self) -> Result<When, SpecError> {
-        let zone = Zone::parse(&self.timezone)
-            .map_err(|e| SpecError::new("timezone", e.to_string()))?;
+        let zone =
+            Zone::parse(&self.timezone).map_err(|e| SpecError::new("timezone", e.to_string()))?;
         match (&self.cron, &self.every) {
             (Some(_), Some(_)) => Err(SpecError::new(
                 "every",
                 "give either `cron` or `every`, not both",
             )),
-            (None, None) => Err(SpecError::new(
-                "cron",
-                "a schedule needs `cron` or `every`",
-            )),
+            (None, None) => Err(SpecError::new("cron", "a schedule needs `cron` or `every`")),
             (Some(expr), None) => {
                 let cron = Cron::parse(expr).map_err(|e| SpecError::new("cron", e.to_string()))?;
                 Ok(When::Cron(cron, zone))
@@ -403,7 +400,9 @@ impl ScheduleRecord {
         now: Timestamp,
         previous_running: bool,
     ) -> Decision {
-        if self.definition.paused || tick.generation != self.generation || self.next != Some(tick.at)
+        if self.definition.paused
+            || tick.generation != self.generation
+            || self.next != Some(tick.at)
         {
             return Decision::Stale;
         }
@@ -535,11 +534,9 @@ mod tests {
     }
 
     fn record(every: &str, overlap: Overlap, catchup: Catchup) -> ScheduleRecord {
-        let job: JobSpec = crate::codec::decode_spec(
-            crate::Encoding::Json,
-            br#"{"argv": ["/bin/true"]}"#,
-        )
-        .expect("valid job");
+        let job: JobSpec =
+            crate::codec::decode_spec(crate::Encoding::Json, br#"{"argv": ["/bin/true"]}"#)
+                .expect("valid job");
         let anchor = at("2030-01-01T00:00:00Z");
         let mut record = ScheduleRecord {
             name: "nightly".into(),
@@ -580,7 +577,12 @@ mod tests {
         let record = record("10s", Overlap::Skip, Catchup::Last);
         let tick = fired(&record);
         assert_eq!(tick.at, at("2030-01-01T00:00:10Z"));
-        let decision = record.decide(&tick, tick.at, tick.at.plus(Duration::from_millis(3)), false);
+        let decision = record.decide(
+            &tick,
+            tick.at,
+            tick.at.plus(Duration::from_millis(3)),
+            false,
+        );
         assert_eq!(
             decision,
             Decision::Act {
@@ -596,18 +598,33 @@ mod tests {
     fn a_tick_the_record_has_moved_past_or_of_another_generation_is_stale() {
         let mut record = record("10s", Overlap::Skip, Catchup::Last);
         let tick = fired(&record);
-        record.record_tick(tick.at, TickOutcome::Ran, None, record.next_after(tick.at), tick.at);
-        assert_eq!(record.decide(&tick, tick.at, tick.at, false), Decision::Stale);
+        record.record_tick(
+            tick.at,
+            TickOutcome::Ran,
+            None,
+            record.next_after(tick.at),
+            tick.at,
+        );
+        assert_eq!(
+            record.decide(&tick, tick.at, tick.at, false),
+            Decision::Stale
+        );
         let mut other = fired(&record);
         other.generation += 1;
-        assert_eq!(record.decide(&other, other.at, other.at, false), Decision::Stale);
+        assert_eq!(
+            record.decide(&other, other.at, other.at, false),
+            Decision::Stale
+        );
         record.definition.paused = true;
         let tick = fired(&{
             let mut r = record.clone();
             r.definition.paused = false;
             r
         });
-        assert_eq!(record.decide(&tick, tick.at, tick.at, false), Decision::Stale);
+        assert_eq!(
+            record.decide(&tick, tick.at, tick.at, false),
+            Decision::Stale
+        );
     }
 
     #[test]
@@ -733,21 +750,33 @@ mod tests {
                 "America/New_York",
                 "2026-03-07T00:00:00Z",
                 // 02:30 EST, then the skipped 02:30 at the jump (03:00 EDT), then 02:30 EDT.
-                ["2026-03-07T07:30:00Z", "2026-03-08T07:00:00Z", "2026-03-09T06:30:00Z"],
+                [
+                    "2026-03-07T07:30:00Z",
+                    "2026-03-08T07:00:00Z",
+                    "2026-03-09T06:30:00Z",
+                ],
             ),
             (
                 "30 1 * * *",
                 "America/New_York",
                 "2026-10-31T00:00:00Z",
                 // 01:30 EDT, then the repeated 01:30 once (EDT), then 01:30 EST.
-                ["2026-10-31T05:30:00Z", "2026-11-01T05:30:00Z", "2026-11-02T06:30:00Z"],
+                [
+                    "2026-10-31T05:30:00Z",
+                    "2026-11-01T05:30:00Z",
+                    "2026-11-02T06:30:00Z",
+                ],
             ),
             (
                 "0 * * * *",
                 "Europe/Berlin",
                 "2026-10-25T00:00:00Z",
                 // 02:00 CEST, 03:00 CET: the repeated 02:00 runs once.
-                ["2026-10-25T00:00:00Z", "2026-10-25T02:00:00Z", "2026-10-25T03:00:00Z"],
+                [
+                    "2026-10-25T00:00:00Z",
+                    "2026-10-25T02:00:00Z",
+                    "2026-10-25T03:00:00Z",
+                ],
             ),
         ] {
             let mut record = record("10s", Overlap::Skip, Catchup::Last);
@@ -774,7 +803,9 @@ mod tests {
             paused: false,
         };
         assert!(base.when().is_ok());
-        let field = |definition: ScheduleDefinition| definition.when().map(|_| ()).expect_err("invalid").field;
+        let field = |definition: ScheduleDefinition| {
+            definition.when().map(|_| ()).expect_err("invalid").field
+        };
         assert_eq!(
             field(ScheduleDefinition {
                 cron: Some("61 * * * *".into()),

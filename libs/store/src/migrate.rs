@@ -237,6 +237,16 @@ fn identity() -> Vec<Step> {
     ]
 }
 
+/// The schedule each job is a run of (`capstan.io/schedule` in its metadata), so that a
+/// schedule's runs are listed through an index: the spec is stored as text, and reading JSON
+/// inside it is spelled differently by SQLite and PostgreSQL.
+fn schedule_runs() -> Vec<Step> {
+    vec![
+        add_column("jobs", col("schedule").string_len(64).null().to_owned()),
+        index("jobs_schedule_id", "jobs", &["schedule", "id"]),
+    ]
+}
+
 /// Every migration, in order.
 pub const MIGRATIONS: &[Migration] = &[
     Migration {
@@ -248,6 +258,11 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 2,
         name: "users, sessions, tokens, audit, job submitters",
         statements: identity,
+    },
+    Migration {
+        version: 3,
+        name: "the schedule of each job",
+        statements: schedule_runs,
     },
 ];
 

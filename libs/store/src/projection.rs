@@ -72,7 +72,17 @@ fn job_row(item: &Sequenced) -> job::ActiveModel {
             .as_ref()
             .map(|by| by.via.as_str().to_owned())),
         submitted_token: Set(record.submitted_by.as_ref().and_then(|by| by.token.clone())),
+        schedule: Set(schedule_of(&record.spec)),
     }
+}
+
+/// The schedule a job is a run of, from its metadata. Anyone may write the entry into a job
+/// they submit; only a value that can name a schedule is kept (it fits the column).
+fn schedule_of(spec: &capstan_protocol::JobSpec) -> Option<String> {
+    use capstan_protocol::schedule;
+    schedule::schedule_of(&spec.metadata)
+        .filter(|name| schedule::validate_name(name).is_ok())
+        .map(str::to_owned)
 }
 
 fn attempt_row(item: &Sequenced) -> attempt::ActiveModel {

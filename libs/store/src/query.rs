@@ -22,6 +22,8 @@ pub struct JobQuery {
     pub node: Option<String>,
     /// Only jobs submitted by this principal.
     pub submitted_by: Option<String>,
+    /// Only runs of this schedule.
+    pub schedule: Option<String>,
     /// Only jobs whose selector has all these labels.
     pub labels: Vec<(String, String)>,
     /// Only jobs submitted at or after this time.
@@ -84,6 +86,9 @@ pub async fn list(db: &DatabaseConnection, query: &JobQuery) -> Result<Vec<job::
     }
     if let Some(submitted_by) = &query.submitted_by {
         condition = condition.add(job::Column::SubmittedBy.eq(submitted_by.as_str()));
+    }
+    if let Some(schedule) = &query.schedule {
+        condition = condition.add(job::Column::Schedule.eq(schedule.as_str()));
     }
     // Further labels: a correlated EXISTS, one primary-key probe per candidate row.
     for (key, value) in other_labels {

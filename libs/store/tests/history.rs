@@ -525,3 +525,75 @@ on_both_backends!(
         );
     }
 );
+
+on_both_backends!(
+    a_schedules_runs_are_listed_by_its_name_and_a_value_naming_no_schedule_is_not_kept,
+    |url: String| async move {
+        let history = History::connect(&url).await.expect("connects");
+        let with_metadata = |n: u64, value: Option<&str>| {
+            let id = JobId::from(ulid::Ulid::from_parts(1_700_000_000_000 + n * 1000, 0));
+            let mut events = life(id, &[], JobStatus::Succeeded, n * 10 + 1);
+            for item in &mut events {
+                if let Some(value) = value {
+                    item.event
+                        .record
+                        .spec
+                        .metadata
+                        .insert("capstan.io/schedule".into(), value.to_owned());
+                }
+            }
+            (id, events)
+        };
+        let long = "x".repeat(300);
+        let mut runs = Vec::new();
+        for (n, value) in [
+            (1, Some("nightly")),
+            (2, Some("hourly")),
+            (3, Some("nightly")),
+            (4, None),
+            (5, Some("not a name")),
+            (6, Some(long.as_str())),
+        ] {
+            let (id, events) = with_metadata(n, value);
+            history.apply(&events).await.expect("applied");
+            if value == Some("nightly") {
+                runs.push(id.to_string());
+            }
+        }
+        runs.reverse();
+        let listed: Vec<String> = history
+            .list(&JobQuery {
+                schedule: Some("nightly".into()),
+                limit: 10,
+                ..Default::default()
+            })
+            .await
+            .expect("listed")
+            .into_iter()
+            .map(|row| {
+                assert_eq!(row.schedule.as_deref(), Some("nightly"));
+                row.id
+            })
+            .collect();
+        assert_eq!(listed, runs, "the schedule's runs, newest first");
+        let all = history
+            .list(&JobQuery {
+                limit: 10,
+                ..Default::default()
+            })
+            .await
+            .expect("all");
+        let kept: Vec<Option<String>> = all.into_iter().map(|row| row.schedule).collect();
+        assert_eq!(
+            kept,
+            [
+                None,
+                None,
+                None,
+                Some("nightly".to_owned()),
+                Some("hourly".to_owned()),
+                Some("nightly".to_owned())
+            ]
+        );
+    }
+);

@@ -262,8 +262,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let (create, cancel, timers, lost, ticks) = tokio::join!(create, cancel, timers, lost, ticks);
     scheduler.hand_back_waiting().await;
     tasks.cancel();
-    let (events, placer, fanouts, sweep, gate) =
-        tokio::join!(events, placer, fanouts, sweep, gate);
+    let (events, placer, fanouts, sweep, gate) = tokio::join!(events, placer, fanouts, sweep, gate);
     if let Some(listener) = metrics_listener {
         task::joined(listener.await);
     }

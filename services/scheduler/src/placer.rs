@@ -130,7 +130,8 @@ impl Scheduler {
                                 scheduler.mesh.js.clone(),
                                 scheduler.mesh.idempotency.clone(),
                             );
-                            if let Err(error) = scheduler.start_queued(&submitter, &schedule).await {
+                            if let Err(error) = scheduler.start_queued(&submitter, &schedule).await
+                            {
                                 tracing::debug!(schedule = %schedule, error = %error, "cannot start a queued run; the next tick will");
                             }
                         });

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use capstan_mesh::{Error, Submitter, Versioned, consume, schedules, wire};
+use capstan_mesh::{BucketView, Error, Submitter, Versioned, consume, schedules, wire};
 use capstan_protocol::schedule::{Decision, ScheduleEvent, ScheduleRecord, Tick, TickOutcome};
 use capstan_protocol::subjects::Origin;
 use capstan_protocol::{JobId, Timestamp, topology};
@@ -85,7 +85,9 @@ impl Scheduler {
         let fired_at = message
             .info()
             .ok()
-            .map(|info| Timestamp::from_millis((info.published.unix_timestamp_nanos() / 1_000_000) as i64))
+            .map(|info| {
+                Timestamp::from_millis((info.published.unix_timestamp_nanos() / 1_000_000) as i64)
+            })
             .unwrap_or_else(Timestamp::now);
         let span = tracing::info_span!(
             "schedule tick",
@@ -149,7 +151,12 @@ impl Scheduler {
                 };
                 let next = record.next;
                 record.record_tick(label, TickOutcome::Ran, Some(job), next, now);
-                match self.mesh.schedules.update(&tick.schedule, &record, revision).await {
+                match self
+                    .mesh
+                    .schedules
+                    .update(&tick.schedule, &record, revision)
+                    .await
+                {
                     Ok(_) => return Ok(()),
                     Err(Error::Conflict { .. }) => continue,
                     Err(error) => return Err(error),
@@ -157,10 +164,11 @@ impl Scheduler {
             };
             let mut job = None;
             if outcome == TickOutcome::Ran {
-                if cancel_previous && let Some(previous) = record.last_job {
-                    if let Err(error) = crate::cancel_job_now(&self.mesh, previous).await {
-                        tracing::debug!(job = %previous, error = %error.message, "cannot cancel the previous run");
-                    }
+                if cancel_previous
+                    && let Some(previous) = record.last_job
+                    && let Err(error) = crate::cancel_job_now(&self.mesh, previous).await
+                {
+                    tracing::debug!(job = %previous, error = %error.message, "cannot cancel the previous run");
                 }
                 let created = submitter
                     .submit_as(&record.run_spec(label), Some(&record.owner))
@@ -246,7 +254,12 @@ impl Scheduler {
             let now = Timestamp::now();
             let next = record.next;
             record.record_tick(tick, TickOutcome::Ran, Some(created.id), next, now);
-            match self.mesh.schedules.update(schedule, &record, revision).await {
+            match self
+                .mesh
+                .schedules
+                .update(schedule, &record, revision)
+                .await
+            {
                 Ok(_) => {
                     crate::metrics::scheduler().schedule_tick(TickOutcome::Ran.as_str());
                     let event = ScheduleEvent {
@@ -271,8 +284,16 @@ impl Scheduler {
     }
 
     /// Re-arms, every [`SWEEP_EVERY`], the schedules whose next tick is more than
-    /// [`OVERDUE`] past: their arming was lost, or no scheduler ran when it fired.
+    /// [`OVERDUE`] past: their arming was lost, or no scheduler ran when it fired. Reads the
+    /// schedules from a live view of their bucket, not key by key.
     pub(crate) async fn sweep_schedules(self: Arc<Self>, shutdown: CancellationToken) {
+        let view = match BucketView::start(self.mesh.schedules.clone(), shutdown.clone()).await {
+            Ok(view) => view,
+            Err(error) => {
+                tracing::error!(error = %error, "cannot watch the schedules; overdue ones will not be re-armed");
+                return;
+            }
+        };
         let mut every = tokio::time::interval(SWEEP_EVERY);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -280,19 +301,15 @@ impl Scheduler {
                 _ = shutdown.cancelled() => return,
                 _ = every.tick() => {}
             }
-            let records = match self.mesh.schedules.values().await {
-                Ok(records) => records,
-                Err(error) => {
-                    tracing::debug!(error = %error, "cannot list the schedules");
-                    continue;
-                }
-            };
             let now = Timestamp::now();
-            for Versioned { value: record, .. } in records {
-                if let Some(tick) = overdue(&record, now)
-                    && let Err(error) = schedules::arm(&self.mesh, &tick).await
-                {
-                    tracing::debug!(schedule = %record.name, error = %error, "cannot re-arm a schedule");
+            let due: Vec<Tick> = view.read(|all| {
+                all.values()
+                    .filter_map(|versioned| overdue(&versioned.value, now))
+                    .collect()
+            });
+            for tick in due {
+                if let Err(error) = schedules::arm(&self.mesh, &tick).await {
+                    tracing::debug!(schedule = %tick.schedule, error = %error, "cannot re-arm a schedule");
                 }
             }
         }

@@ -1092,7 +1092,9 @@ async fn jobs_sharing_a_concurrency_key_run_at_most_limit_at_once_in_submission_
     let client = server.client().await;
     let bodies: Vec<String> = (0..6)
         .map(|n| {
-            format!(r#"{{"command": "migrate {n}", "concurrency": {{"key": "db.main", "limit": 2}}}}"#)
+            format!(
+                r#"{{"command": "migrate {n}", "concurrency": {{"key": "db.main", "limit": 2}}}}"#
+            )
         })
         .collect();
     let jobs = create_all(&client, &bodies).await;
@@ -1151,9 +1153,11 @@ async fn among_jobs_waiting_for_room_a_higher_priority_goes_first_and_equal_ones
     let scheduler = Scheduler::start(&server, 1.0);
     let client = server.client().await;
     let running = create_all(&client, &[r#"{"command": "first"}"#.to_owned()]).await[0];
-    wait_until("the first job dispatched", Duration::from_secs(30), || async {
-        (dispatched_jobs(&mesh).await == vec![running]).then_some(())
-    })
+    wait_until(
+        "the first job dispatched",
+        Duration::from_secs(30),
+        || async { (dispatched_jobs(&mesh).await == vec![running]).then_some(()) },
+    )
     .await;
     let bodies: Vec<String> = [("low", 1), ("normal-a", 5), ("high", 9), ("normal-b", 5)]
         .iter()
@@ -1167,10 +1171,14 @@ async fn among_jobs_waiting_for_room_a_higher_priority_goes_first_and_equal_ones
         // Counted before the end: the next job may be dispatched as soon as it is heard.
         let before = dispatched_jobs(&mesh).await.len();
         end_dispatched(&mesh, current).await;
-        current = wait_until("the next job dispatched", Duration::from_secs(30), || async {
-            let dispatched = dispatched_jobs(&mesh).await;
-            (dispatched.len() > before).then(|| dispatched[before])
-        })
+        current = wait_until(
+            "the next job dispatched",
+            Duration::from_secs(30),
+            || async {
+                let dispatched = dispatched_jobs(&mesh).await;
+                (dispatched.len() > before).then(|| dispatched[before])
+            },
+        )
         .await;
         order.push(current);
     }

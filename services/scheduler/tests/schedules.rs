@@ -119,10 +119,17 @@ async fn two_schedulers_run_each_tick_once_labelled_with_its_schedule_and_tick()
     assert_eq!(distinct.len(), ticks.len(), "a tick ran twice: {ticks:?}");
     let sorted: Vec<_> = distinct.into_iter().collect();
     for pair in sorted.windows(2) {
-        assert_eq!(pair[1].as_millis() - pair[0].as_millis(), 1000, "{sorted:?}");
+        assert_eq!(
+            pair[1].as_millis() - pair[0].as_millis(),
+            1000,
+            "{sorted:?}"
+        );
     }
     for run in &runs {
-        assert_eq!(run.submitted_by.as_ref().map(|by| by.principal.as_str()), Some("alice"));
+        assert_eq!(
+            run.submitted_by.as_ref().map(|by| by.principal.as_str()),
+            Some("alice")
+        );
     }
     let record = stored(&mesh, "twice-served").await;
     assert!(record.counts.ran >= 5, "{record:?}");
@@ -157,10 +164,14 @@ async fn with_overlap_queue_one_tick_waits_and_runs_when_the_previous_run_ends()
     start_scheduler(&server, &shutdown);
     schedule(&mesh, "queued", Overlap::Queue).await;
 
-    let record = wait_until("a queued tick and a skipped one", Duration::from_secs(60), || async {
-        let record = stored(&mesh, "queued").await;
-        (record.queued.is_some() && record.counts.skipped >= 1).then_some(record)
-    })
+    let record = wait_until(
+        "a queued tick and a skipped one",
+        Duration::from_secs(60),
+        || async {
+            let record = stored(&mesh, "queued").await;
+            (record.queued.is_some() && record.counts.skipped >= 1).then_some(record)
+        },
+    )
     .await;
     assert_eq!(record.counts.ran, 1, "{record:?}");
     let first = runs(&mesh, "queued").await.pop().expect("the first run");
@@ -225,9 +236,11 @@ async fn a_malformed_tick_is_rejected_and_the_schedule_still_runs() {
         "{rejection:?}"
     );
     schedule(&mesh, "after-the-bad-one", Overlap::Allow).await;
-    wait_until("a run after the malformed tick", Duration::from_secs(30), || async {
-        (!runs(&mesh, "after-the-bad-one").await.is_empty()).then_some(())
-    })
+    wait_until(
+        "a run after the malformed tick",
+        Duration::from_secs(30),
+        || async { (!runs(&mesh, "after-the-bad-one").await.is_empty()).then_some(()) },
+    )
     .await;
     shutdown.cancel();
 }

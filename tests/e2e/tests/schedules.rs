@@ -44,7 +44,10 @@ async fn ticks_of(cluster: &mut Cluster, jobs: &[JobId], schedule: &str) -> Vec<
     for record in records {
         assert_eq!(record.status.as_str(), "succeeded", "{record:?}");
         let metadata = &record.spec.metadata;
-        assert_eq!(metadata.get(SCHEDULE_KEY).map(String::as_str), Some(schedule));
+        assert_eq!(
+            metadata.get(SCHEDULE_KEY).map(String::as_str),
+            Some(schedule)
+        );
         let tick = metadata.get(TICK_KEY).expect("a run names its tick");
         ticks.push(Timestamp::parse_rfc3339(tick).expect("an RFC 3339 tick"));
     }
@@ -125,11 +128,19 @@ async fn a_schedule_ticking_every_second_runs_once_per_tick_and_loses_none_while
     wait_runs(&cluster, 60).await;
     pause(&http, "every-second").await;
     // Every run the schedule submitted has run (none is still on its way to the file).
-    let ran = wait_until("every run submitted to have run", Duration::from_secs(60), || async {
-        let view = http.try_get("/api/v1/schedules/every-second").await.ok()?.json();
-        let ran = view["counts"]["ran"].as_u64()?;
-        (cluster.runs().len() as u64 == ran).then_some(ran)
-    })
+    let ran = wait_until(
+        "every run submitted to have run",
+        Duration::from_secs(60),
+        || async {
+            let view = http
+                .try_get("/api/v1/schedules/every-second")
+                .await
+                .ok()?
+                .json();
+            let ran = view["counts"]["ran"].as_u64()?;
+            (cluster.runs().len() as u64 == ran).then_some(ran)
+        },
+    )
     .await;
 
     let jobs = runs_once(&cluster);
@@ -184,23 +195,37 @@ async fn ticks_that_fall_while_the_nats_server_is_down_run_once_with_catchup_las
     let down_at = Timestamp::now();
     let before = (count(&cluster, "catch-last"), count(&cluster, "catch-none"));
     // Down for longer than the grace a late firing gets: several ticks fall meanwhile.
-    wait_until("the outage to last 20 s", Duration::from_secs(60), || async {
-        (Timestamp::now().since(down_at) >= Duration::from_secs(20)).then_some(())
-    })
+    wait_until(
+        "the outage to last 20 s",
+        Duration::from_secs(60),
+        || async { (Timestamp::now().since(down_at) >= Duration::from_secs(20)).then_some(()) },
+    )
     .await;
     cluster.restart_nats(0).await;
 
-    let views = wait_until("both schedules to handle the missed ticks", Duration::from_secs(120), || async {
-        let last = http.try_get("/api/v1/schedules/catch-last").await.ok()?.json();
-        let none = http.try_get("/api/v1/schedules/catch-none").await.ok()?.json();
-        let handled = |view: &Value| {
-            view["last"]["handled_at"]
-                .as_str()
-                .and_then(|at| Timestamp::parse_rfc3339(at).ok())
-                .is_some_and(|at| at > down_at.plus(Duration::from_secs(20)))
-        };
-        (handled(&last) && handled(&none)).then_some((last, none))
-    })
+    let views = wait_until(
+        "both schedules to handle the missed ticks",
+        Duration::from_secs(120),
+        || async {
+            let last = http
+                .try_get("/api/v1/schedules/catch-last")
+                .await
+                .ok()?
+                .json();
+            let none = http
+                .try_get("/api/v1/schedules/catch-none")
+                .await
+                .ok()?
+                .json();
+            let handled = |view: &Value| {
+                view["last"]["handled_at"]
+                    .as_str()
+                    .and_then(|at| Timestamp::parse_rfc3339(at).ok())
+                    .is_some_and(|at| at > down_at.plus(Duration::from_secs(20)))
+            };
+            (handled(&last) && handled(&none)).then_some((last, none))
+        },
+    )
     .await;
     let (last, none) = views;
     assert!(none["counts"]["missed"].as_u64() >= Some(1), "{none}");
@@ -208,7 +233,10 @@ async fn ticks_that_fall_while_the_nats_server_is_down_run_once_with_catchup_las
     // Until the schedules are back on their two-second beat, `last` ran once for the outage
     // and `none` not at all.
     let after = (count(&cluster, "catch-last"), count(&cluster, "catch-none"));
-    assert!(after.0 >= before.0 + 1, "catch-last ran {before:?} → {after:?}");
+    assert!(
+        after.0 > before.0,
+        "catch-last ran {before:?} → {after:?}"
+    );
     assert!(
         after.0 - before.0 <= after.1 - before.1 + 2,
         "catch-last ran more than once for the outage: {before:?} → {after:?}"

@@ -51,6 +51,9 @@ pub struct Model {
     pub submitted_via: Option<String>,
     /// The API token the submitter used, by name.
     pub submitted_token: Option<String>,
+    /// The schedule it is a run of (`capstan.io/schedule` in its metadata, when that is a
+    /// schedule's name).
+    pub schedule: Option<String>,
 }
 
 /// No relations are navigated through sea-orm.

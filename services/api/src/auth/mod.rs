@@ -62,11 +62,18 @@ pub enum Permission {
     SystemsRead,
     /// Add, change and remove remote systems.
     SystemsManage,
+    /// List and read schedules, and preview their ticks.
+    SchedulesRead,
+    /// Create schedules (their runs are submitted as oneself, so this also needs
+    /// `jobs:submit`); change, pause, resume, trigger and delete one's own.
+    SchedulesManage,
+    /// Change, pause, resume, trigger and delete anyone's schedules.
+    SchedulesManageAny,
 }
 
 impl Permission {
     /// Every permission.
-    pub const ALL: [Permission; 17] = [
+    pub const ALL: [Permission; 20] = [
         Self::JobsRead,
         Self::JobsSecrets,
         Self::JobsSubmit,
@@ -84,6 +91,9 @@ impl Permission {
         Self::SecretsManage,
         Self::SystemsRead,
         Self::SystemsManage,
+        Self::SchedulesRead,
+        Self::SchedulesManage,
+        Self::SchedulesManageAny,
     ];
 
     /// The permission's name, as problems and documentation show it.
@@ -106,6 +116,9 @@ impl Permission {
             Self::SecretsManage => "secrets:manage",
             Self::SystemsRead => "systems:read",
             Self::SystemsManage => "systems:manage",
+            Self::SchedulesRead => "schedules:read",
+            Self::SchedulesManage => "schedules:manage",
+            Self::SchedulesManageAny => "schedules:manage:any",
         }
     }
 }
@@ -119,9 +132,10 @@ impl fmt::Display for Permission {
 /// A named set of permissions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Role {
-    /// Reads jobs, output, events, nodes and systems.
+    /// Reads jobs, output, events, nodes, systems and schedules.
     Viewer,
-    /// A viewer who also submits jobs, cancels its own, and lists the stored secrets.
+    /// A viewer who also submits jobs, cancels its own, manages its own schedules, and lists
+    /// the stored secrets.
     Operator,
     /// Everything.
     Admin,
@@ -133,6 +147,7 @@ const VIEWER: &[Permission] = &[
     P::JobsRead,
     P::NodesRead,
     P::SystemsRead,
+    P::SchedulesRead,
     P::MetricsRead,
     P::TokensCreate,
 ];
@@ -140,10 +155,12 @@ const OPERATOR: &[Permission] = &[
     P::JobsRead,
     P::NodesRead,
     P::SystemsRead,
+    P::SchedulesRead,
     P::MetricsRead,
     P::TokensCreate,
     P::JobsSubmit,
     P::JobsCancelOwn,
+    P::SchedulesManage,
     P::SecretsRead,
 ];
 
@@ -281,6 +298,25 @@ mod tests {
         assert!(!Role::Operator.grants(Permission::JobsCancelAny));
         assert!(!Role::Operator.grants(Permission::NodesManage));
         assert!(Permission::ALL.iter().all(|p| Role::Admin.grants(*p)));
+    }
+
+    #[test]
+    fn whoever_reads_jobs_reads_schedules_and_operators_manage_only_their_own() {
+        for role in Role::ALL {
+            assert_eq!(
+                role.grants(Permission::SchedulesRead),
+                role.grants(Permission::JobsRead),
+                "{role}"
+            );
+        }
+        assert!(!Role::Viewer.grants(Permission::SchedulesManage));
+        assert!(Role::Operator.grants(Permission::SchedulesManage));
+        assert!(Role::Operator.grants(Permission::JobsSubmit));
+        assert!(!Role::Operator.grants(Permission::SchedulesManageAny));
+        assert!(Role::Admin.grants(Permission::SchedulesManageAny));
+        let names: std::collections::HashSet<&str> =
+            Permission::ALL.iter().map(|p| p.as_str()).collect();
+        assert_eq!(names.len(), Permission::ALL.len(), "each name once");
     }
 
     #[test]

@@ -1,10 +1,11 @@
 //! The REST API's resources, as poem-openapi objects, and their conversions from the protocol
 //! and history types. OpenAPI types live only here (jobs and nodes in this file; identity,
-//! tokens and the audit trail in `access`); the rest of the service works with the protocol's
-//! types.
+//! tokens and the audit trail in `access`; fan-outs, secrets, systems and schedules in their
+//! own modules); the rest of the service works with the protocol's types.
 
 pub mod access;
 pub mod fanout;
+pub mod schedules;
 pub mod secrets;
 pub mod systems;
 
@@ -77,6 +78,57 @@ pub struct JobSubmission {
     pub run_at: Option<String>,
     /// Do not start before this many seconds after submission.
     pub delay: Option<f64>,
+    /// Among jobs waiting for room, higher goes first; equal ones in submission order (0 to
+    /// 9, default 5).
+    #[oai(validator(minimum(value = "0"), maximum(value = "9")))]
+    pub priority: Option<u8>,
+    /// At most `limit` jobs sharing `key` run at once across the mesh; the others wait
+    /// `pending`, in priority and then submission order.
+    pub concurrency: Option<ConcurrencyBody>,
+}
+
+/// A limit on how many jobs sharing a key run at once.
+#[derive(Debug, Clone, Object)]
+#[oai(deny_unknown_fields)]
+pub struct ConcurrencyBody {
+    /// The key: 1 to 128 letters, digits, `_`, `-` or `.` (not first, last or twice in a
+    /// row).
+    #[oai(validator(min_length = 1, max_length = 128))]
+    pub key: String,
+    /// How many may run at once (1 to 10,000).
+    #[oai(validator(minimum(value = "1"), maximum(value = "10000")))]
+    pub limit: u32,
+}
+
+impl From<ConcurrencyBody> for capstan_protocol::Concurrency {
+    fn from(body: ConcurrencyBody) -> Self {
+        Self {
+            key: body.key,
+            limit: body.limit,
+        }
+    }
+}
+
+impl From<capstan_protocol::Concurrency> for ConcurrencyBody {
+    fn from(limit: capstan_protocol::Concurrency) -> Self {
+        Self {
+            key: limit.key,
+            limit: limit.limit,
+        }
+    }
+}
+
+/// Why a pending job has not started: it waits for a slot under its concurrency key.
+#[derive(Debug, Clone, Object)]
+pub struct WaitingView {
+    /// The key.
+    pub concurrency_key: String,
+    /// Its limit, as the job gives it.
+    pub limit: u32,
+    /// Jobs holding a slot now.
+    pub running: u32,
+    /// Jobs that get a slot before this one.
+    pub ahead: u32,
 }
 
 /// How unsuccessful attempts of a job are retried. Every field is optional.
@@ -188,6 +240,8 @@ impl From<JobSubmission> for JobSpecWire {
             retry: body.retry.map(Into::into),
             run_at: body.run_at,
             delay: body.delay,
+            priority: body.priority,
+            concurrency: body.concurrency.map(Into::into),
         }
     }
 }
@@ -234,6 +288,10 @@ pub struct JobSpecView {
     pub run_at: Option<String>,
     /// Delay asked for, in seconds.
     pub delay: Option<f64>,
+    /// Priority among waiting jobs, when not the default.
+    pub priority: Option<u8>,
+    /// Its concurrency limit.
+    pub concurrency: Option<ConcurrencyBody>,
 }
 
 impl From<JobSpecWire> for JobSpecView {
@@ -258,6 +316,8 @@ impl From<JobSpecWire> for JobSpecView {
             retry: wire.retry.map(Into::into),
             run_at: wire.run_at,
             delay: wire.delay,
+            priority: wire.priority,
+            concurrency: wire.concurrency.map(Into::into),
         }
     }
 }
@@ -568,6 +628,10 @@ pub struct Job {
     /// For a fan-out (a job with `systems` or `nodes`): its outcome and its targets by
     /// status; each target is a job of its own (`GET /api/v1/jobs/{id}/targets`).
     pub fanout: Option<fanout::FanOutSummary>,
+    /// The schedule it is a run of (`capstan.io/schedule` in its metadata), if any.
+    pub schedule: Option<String>,
+    /// Why a `pending` job has not started: it waits for a slot under its concurrency key.
+    pub waiting: Option<WaitingView>,
 }
 
 impl Job {
@@ -585,6 +649,8 @@ impl Job {
             spec.stdin = None;
             spec.into()
         };
+        let schedule =
+            capstan_protocol::schedule::schedule_of(&record.spec.metadata).map(str::to_owned);
         Job {
             id: record.id.to_string(),
             status: record.status.into(),
@@ -607,12 +673,20 @@ impl Job {
             spec: spec.into(),
             attempts,
             fanout: None,
+            schedule,
+            waiting: None,
         }
     }
 
     /// From history alone (the live record has expired).
     pub fn from_row(row: job::Model, attempts: Vec<Attempt>) -> Self {
         let spec: JobSpecWire = serde_json::from_str(&row.spec).unwrap_or_default();
+        let schedule = row.schedule.or_else(|| {
+            spec.metadata
+                .as_ref()
+                .and_then(|metadata| capstan_protocol::schedule::schedule_of(metadata))
+                .map(str::to_owned)
+        });
         Job {
             id: row.id,
             status: status_of(&row.status),
@@ -645,6 +719,8 @@ impl Job {
             spec: spec.into(),
             attempts,
             fanout: None,
+            schedule,
+            waiting: None,
         }
     }
 
@@ -712,6 +788,8 @@ pub struct JobSummary {
     pub exit_code: Option<i32>,
     /// Who submitted it.
     pub submitted_by: Option<String>,
+    /// The schedule it is a run of, if any.
+    pub schedule: Option<String>,
 }
 
 impl From<job::Model> for JobSummary {
@@ -726,6 +804,7 @@ impl From<job::Model> for JobSummary {
             finished_at: row.finished_at.map(rfc3339),
             exit_code: row.exit_code,
             submitted_by: row.submitted_by,
+            schedule: row.schedule,
         }
     }
 }

@@ -1,6 +1,7 @@
 //! `/api/v1/jobs`: submit, list, read, follow, cancel, and purge jobs.
 
 use capstan_mesh::lifecycle::{CancelError, cancel};
+use capstan_protocol::concurrency::Admission;
 use capstan_protocol::fanout::{FanOutRecord, FanOutStatus, TargetStatus};
 use capstan_protocol::{AuditAction, JobId, JobRecord, JobStatus, SubmittedBy};
 use capstan_store::JobQuery;
@@ -14,6 +15,7 @@ use crate::model::access::Purged;
 use crate::model::fanout::{FanOutSummary, JobTargets, TargetView, live_status};
 use crate::model::{
     Attempt, CancelAccepted, Job, JobCreated, JobEvents, JobLogs, JobPage, LogEvent, Status,
+    WaitingView,
 };
 use crate::problem::ApiError;
 use crate::submission::SubmissionBody;
@@ -66,8 +68,7 @@ impl JobsApi {
         let id = JobId::generate();
         let spec = body.seal_and_check(id, state.secret_keys.as_ref())?;
         let submitted_by = caller.submitted_by();
-        super::secrets::check_refs(state, &auth, &spec, &submitted_by.principal).await?;
-        super::systems::check_system(state, &spec).await?;
+        check_submission(state, &auth, &spec, &submitted_by.principal).await?;
         let created = state
             .submitter
             .submit_with_id(id, &spec, Some(&submitted_by))
@@ -107,6 +108,8 @@ impl JobsApi {
         node: Query<Option<String>>,
         /// Only jobs submitted by this principal (a user name, `oidc:<subject>`, or `nats`).
         submitted_by: Query<Option<String>>,
+        /// Only the runs of this schedule.
+        schedule: Query<Option<String>>,
         /// Only jobs submitted at or after this time (RFC 3339).
         since: Query<Option<String>>,
         /// Only jobs submitted before this time (RFC 3339).
@@ -134,6 +137,7 @@ impl JobsApi {
             name: name.0,
             node: node.0,
             submitted_by: submitted_by.0,
+            schedule: schedule.0,
             labels,
             since: time_parameter(since.0.as_deref(), "since")?,
             until: time_parameter(until.0.as_deref(), "until")?,
@@ -170,7 +174,13 @@ impl JobsApi {
         );
         let attempts: Vec<Attempt> = attempts?.into_iter().map(Into::into).collect();
         let job = match (live?, row?) {
-            (Some(live), _) => Job::from_record(live.value, attempts),
+            (Some(live), _) => {
+                let waiting = waiting_for_slot(state, &live.value).await;
+                Job {
+                    waiting,
+                    ..Job::from_record(live.value, attempts)
+                }
+            }
             (None, Some(row)) => Job::from_row(row, attempts),
             (None, None) => match state.mesh.fanouts.get(&key).await? {
                 Some(parent) => {
@@ -436,6 +446,20 @@ impl JobsApi {
     }
 }
 
+/// The checks of a job spec that need the mesh, made before it is submitted as `submitter`:
+/// the stored secrets it names exist and are for `submitter`'s jobs, and the systems it runs on
+/// exist and are active. A schedule's job is checked by this too, so that a job `POST /jobs`
+/// refuses is refused as a schedule's.
+pub(crate) async fn check_submission(
+    state: &crate::State,
+    auth: &BearerAuth,
+    spec: &capstan_protocol::JobSpec,
+    submitter: &str,
+) -> Result<(), ApiError> {
+    super::secrets::check_refs(state, auth, spec, submitter).await?;
+    super::systems::check_system(state, spec).await
+}
+
 /// A `status` parameter as the job status to filter on; `unknown`, which only marks history
 /// rows a newer version wrote, is refused.
 fn status_filter(status: Option<Status>) -> Result<Option<JobStatus>, ApiError> {
@@ -595,4 +619,32 @@ pub(crate) async fn accepted(
         codec::decode::<SubmittedBy>(capstan_protocol::Encoding::Json, text.as_bytes()).ok()
     });
     Ok(Some(record))
+}
+
+/// Why `record`, a job under a concurrency limit, waits, if it does: its place in its key's
+/// line. Best effort: a bucket that cannot be read leaves it unsaid.
+async fn waiting_for_slot(state: &crate::State, record: &JobRecord) -> Option<WaitingView> {
+    let concurrency = record.spec.concurrency.as_ref()?;
+    if record.status != JobStatus::Pending || record.node.is_some() {
+        return None;
+    }
+    let slots = state
+        .mesh
+        .concurrency
+        .get(&concurrency.key)
+        .await
+        .ok()
+        .flatten();
+    let (running, ahead) = match slots.and_then(|slots| slots.value.standing(record.id)) {
+        Some(Admission::Admitted) => return None,
+        Some(Admission::Waiting { ahead, running }) => (running, ahead),
+        // Not in line yet: the scheduler that took it has not asked for a slot.
+        None => (0, 0),
+    };
+    Some(WaitingView {
+        concurrency_key: concurrency.key.clone(),
+        limit: concurrency.limit,
+        running: u32::try_from(running).unwrap_or(u32::MAX),
+        ahead: u32::try_from(ahead).unwrap_or(u32::MAX),
+    })
 }

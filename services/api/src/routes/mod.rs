@@ -8,7 +8,7 @@
 //! role.
 //!
 //! Module map: `jobs`, `nodes`, `operations` (health, metrics), `auth` (login, refresh,
-//! logout), `users`, `tokens`, `secrets`, `audit`.
+//! logout), `users`, `tokens`, `secrets`, `systems`, `schedules`, `audit`.
 
 mod audit;
 mod auth;
@@ -19,6 +19,7 @@ mod jobs;
 pub(crate) use jobs::accepted;
 mod nodes;
 mod operations;
+mod schedules;
 mod secrets;
 mod systems;
 mod tokens;
@@ -54,6 +55,8 @@ enum Tag {
     Secrets,
     /// Remote systems reached over SSH, and their health.
     Systems,
+    /// Jobs run on a cron expression or every so often.
+    Schedules,
     /// The audit trail.
     Audit,
     /// Health, readiness and metrics.
@@ -75,6 +78,7 @@ type Apis = (
     tokens::TokensApi,
     secrets::SecretsApi,
     systems::SystemsApi,
+    schedules::SchedulesApi,
     audit::AuditApi,
     operations::OperationsApi,
 );
@@ -88,6 +92,7 @@ fn apis(state: Option<Arc<State>>) -> Apis {
         tokens::TokensApi(state.clone()),
         secrets::SecretsApi(state.clone()),
         systems::SystemsApi(state.clone()),
+        schedules::SchedulesApi(state.clone()),
         audit::AuditApi(state.clone()),
         operations::OperationsApi(state),
     )
