@@ -142,6 +142,24 @@ impl EventPublisher {
             .await
     }
 
+    /// Decodes a message consumed from a stream, or rejects it (see
+    /// [`EventPublisher::reject_stored`]) and returns `None` when it does not decode.
+    pub async fn decode_stored<T: serde::de::DeserializeOwned>(
+        &self,
+        origin: Origin,
+        message: &async_nats::jetstream::Message,
+    ) -> Option<T> {
+        match crate::wire::decode(message.headers.as_ref(), &message.payload) {
+            Ok((value, _)) => Some(value),
+            Err(error) => {
+                let reason = error.to_string();
+                self.reject_stored(origin, message, None, error.code, error.field, reason)
+                    .await;
+                None
+            }
+        }
+    }
+
     /// Rejects a message consumed from a stream: publishes why (see
     /// [`EventPublisher::rejection`]) and terminates it, so it is never delivered again.
     pub async fn reject_stored(

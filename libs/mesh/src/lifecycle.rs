@@ -40,26 +40,54 @@ pub async fn arm_timer(mesh: &Mesh, record: &JobRecord) -> Result<(), Error> {
     map.insert(headers::ATTEMPT, record.attempt.to_string().as_str());
     capstan_telemetry::propagation::inject(&mut map);
     let payload = Bytes::from(codec::to_msgpack(&timer)?);
-    let immediate = at <= Timestamp::now().plus(IMMEDIATE);
-    let subject = if immediate {
-        subjects::timer_due(record.id)
+    let due = Due {
+        at,
+        set: subjects::timer_set(record.id),
+        fired: subjects::timer_due(record.id),
+        message_id: timer.message_id(),
+    };
+    publish_due(mesh, due, map, payload, "timer").await
+}
+
+/// Where and when a durable timer fires.
+pub(crate) struct Due {
+    /// When.
+    pub(crate) at: Timestamp,
+    /// The subject its schedule is set on (one per timer: setting it again replaces it).
+    pub(crate) set: String,
+    /// The subject the server fires it onto.
+    pub(crate) fired: String,
+    /// Its deduplication id.
+    pub(crate) message_id: String,
+}
+
+/// Publishes a durable timer: scheduled on the server for `due.at`, or published as fired
+/// when that is now; waits until it is stored.
+pub(crate) async fn publish_due(
+    mesh: &Mesh,
+    due: Due,
+    mut map: async_nats::HeaderMap,
+    payload: Bytes,
+    what: &'static str,
+) -> Result<(), Error> {
+    let subject = if due.at <= Timestamp::now().plus(IMMEDIATE) {
+        due.fired
     } else {
-        let schedule = timer.schedule();
-        let target = subjects::timer_due(record.id);
+        let schedule = capstan_protocol::timer::at_schedule(due.at);
         map.insert(headers::SCHEDULE, schedule.as_str());
-        map.insert(headers::SCHEDULE_TARGET, target.as_str());
-        subjects::timer_set(record.id)
+        map.insert(headers::SCHEDULE_TARGET, due.fired.as_str());
+        due.set
     };
     let publish = PublishMessage::build()
         .payload(payload)
         .headers(map)
-        .message_id(timer.message_id());
+        .message_id(due.message_id);
     mesh.js
         .send_publish(subject, publish)
         .await
-        .map_err(|e| Error::unavailable("timer", e))?
+        .map_err(|e| Error::unavailable(what, e))?
         .await
-        .map_err(|e| Error::unavailable("timer", e))?;
+        .map_err(|e| Error::unavailable(what, e))?;
     Ok(())
 }
 

@@ -292,11 +292,6 @@ impl Tick {
             self.at.as_millis()
         )
     }
-
-    /// The `Nats-Schedule` header value that fires it.
-    pub fn schedule_header(&self) -> String {
-        format!("@at {}", self.at.to_rfc3339())
-    }
 }
 
 /// A tick handled (`capstan.events.schedules.<name>.<outcome>`).

@@ -28,11 +28,11 @@ impl Timer {
     pub fn message_id(&self) -> String {
         format!("{}.{}.timer", self.job, self.attempt)
     }
+}
 
-    /// The `Nats-Schedule` header value that fires at `at`.
-    pub fn schedule(&self) -> String {
-        format!("@at {}", self.at.to_rfc3339())
-    }
+/// The `Nats-Schedule` header value of a message the server fires once, at `at`.
+pub fn at_schedule(at: Timestamp) -> String {
+    format!("@at {}", at.to_rfc3339())
 }
 
 #[cfg(test)]
@@ -46,7 +46,7 @@ mod tests {
             attempt: 2,
             at: Timestamp::parse_rfc3339("2030-01-02T03:04:05.250Z").expect("valid"),
         };
-        assert_eq!(timer.schedule(), "@at 2030-01-02T03:04:05.25Z");
+        assert_eq!(at_schedule(timer.at), "@at 2030-01-02T03:04:05.25Z");
         assert!(timer.message_id().ends_with(".2.timer"));
     }
 }

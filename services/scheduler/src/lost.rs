@@ -61,23 +61,13 @@ impl Scheduler {
     }
 
     async fn node_event(&self, message: jetstream::Message) {
-        let event: NodeEvent = match wire::decode(message.headers.as_ref(), &message.payload) {
-            Ok((event, _)) => event,
-            Err(error) => {
-                let reason = error.to_string();
-                self.mesh
-                    .events
-                    .reject_stored(
-                        Origin::Nodes,
-                        &message,
-                        None,
-                        error.code,
-                        error.field,
-                        reason,
-                    )
-                    .await;
-                return;
-            }
+        let Some(event) = self
+            .mesh
+            .events
+            .decode_stored::<NodeEvent>(Origin::Nodes, &message)
+            .await
+        else {
+            return;
         };
         let node = event.node.id.clone();
         let (keep, reason) = match event.kind {

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use capstan_mesh::{BucketView, Error, Submitter, Versioned, consume, schedules, wire};
+use capstan_mesh::{BucketView, Error, Submitter, Versioned, consume, schedules};
 use capstan_protocol::schedule::{Decision, ScheduleEvent, ScheduleRecord, Tick, TickOutcome};
 use capstan_protocol::subjects::Origin;
 use capstan_protocol::{JobId, Timestamp, topology};
@@ -64,23 +64,13 @@ impl Scheduler {
     }
 
     async fn tick(&self, submitter: &Submitter, message: jetstream::Message) {
-        let tick: Tick = match wire::decode(message.headers.as_ref(), &message.payload) {
-            Ok((tick, _)) => tick,
-            Err(error) => {
-                let reason = error.to_string();
-                self.mesh
-                    .events
-                    .reject_stored(
-                        Origin::Timer,
-                        &message,
-                        None,
-                        error.code,
-                        error.field,
-                        reason,
-                    )
-                    .await;
-                return;
-            }
+        let Some(tick) = self
+            .mesh
+            .events
+            .decode_stored::<Tick>(Origin::Timer, &message)
+            .await
+        else {
+            return;
         };
         let fired_at = message
             .info()
@@ -127,7 +117,7 @@ impl Scheduler {
                 return Ok(());
             };
             let Versioned {
-                value: mut record,
+                value: record,
                 revision,
             } = current;
             let previous_running = self.running(record.last_job).await?;
@@ -149,18 +139,18 @@ impl Scheduler {
                 let Some((label, job)) = submitted else {
                     return Ok(());
                 };
+                let handled = ScheduleEvent {
+                    schedule: record.name.clone(),
+                    tick: label,
+                    outcome: TickOutcome::Ran,
+                    job: Some(job),
+                    at: now,
+                };
                 let next = record.next;
-                record.record_tick(label, TickOutcome::Ran, Some(job), next, now);
-                match self
-                    .mesh
-                    .schedules
-                    .update(&tick.schedule, &record, revision)
-                    .await
-                {
-                    Ok(_) => return Ok(()),
-                    Err(Error::Conflict { .. }) => continue,
-                    Err(error) => return Err(error),
+                if self.record(record, revision, &handled, next).await? {
+                    return Ok(());
                 }
+                continue;
             };
             let mut job = None;
             if outcome == TickOutcome::Ran {
@@ -185,36 +175,50 @@ impl Scheduler {
                 };
                 schedules::arm(&self.mesh, &following).await?;
             }
-            record.record_tick(label, outcome, job, next, now);
-            match self
-                .mesh
-                .schedules
-                .update(&tick.schedule, &record, revision)
-                .await
-            {
-                Ok(_) => {
-                    crate::metrics::scheduler().schedule_tick(outcome.as_str());
-                    let event = ScheduleEvent {
-                        schedule: record.name.clone(),
-                        tick: label,
-                        outcome,
-                        job,
-                        at: now,
-                    };
-                    if let Err(error) = self.mesh.events.schedule(&event).await {
-                        tracing::debug!(error = %error, "cannot announce a schedule's tick");
-                    }
-                    return Ok(());
-                }
-                // Changed meanwhile (a person's change, or another replica with the same tick):
-                // read it again; what was done is idempotent.
-                Err(Error::Conflict { .. }) => continue,
-                Err(error) => return Err(error),
+            let handled = ScheduleEvent {
+                schedule: record.name.clone(),
+                tick: label,
+                outcome,
+                job,
+                at: now,
+            };
+            // Changed meanwhile (a person's change, or another replica with the same tick):
+            // read it again; what was done is idempotent.
+            if self.record(record, revision, &handled, next).await? {
+                return Ok(());
             }
         }
         Err(Error::KeptChanging {
             key: tick.schedule.clone(),
         })
+    }
+
+    /// Records `handled` in `record` (read at `revision`), its next tick `next`, and announces
+    /// it: false when the record changed meanwhile and nothing was written.
+    async fn record(
+        &self,
+        mut record: ScheduleRecord,
+        revision: u64,
+        handled: &ScheduleEvent,
+        next: Option<Timestamp>,
+    ) -> Result<bool, Error> {
+        record.record_tick(handled.tick, handled.outcome, handled.job, next, handled.at);
+        match self
+            .mesh
+            .schedules
+            .update(&handled.schedule, &record, revision)
+            .await
+        {
+            Ok(_) => {
+                crate::metrics::scheduler().schedule_tick(handled.outcome.as_str());
+                if let Err(error) = self.mesh.events.schedule(handled).await {
+                    tracing::debug!(error = %error, "cannot announce a schedule's tick");
+                }
+                Ok(true)
+            }
+            Err(Error::Conflict { .. }) => Ok(false),
+            Err(error) => Err(error),
+        }
     }
 
     /// Whether `job` has not ended yet.
@@ -236,7 +240,7 @@ impl Scheduler {
     ) -> Result<(), Error> {
         for _ in 0..ATTEMPTS {
             let Some(Versioned {
-                value: mut record,
+                value: record,
                 revision,
             }) = self.mesh.schedules.get(schedule).await?
             else {
@@ -251,31 +255,16 @@ impl Scheduler {
             let created = submitter
                 .submit_as(&record.run_spec(tick), Some(&record.owner))
                 .await?;
-            let now = Timestamp::now();
+            let handled = ScheduleEvent {
+                schedule: record.name.clone(),
+                tick,
+                outcome: TickOutcome::Ran,
+                job: Some(created.id),
+                at: Timestamp::now(),
+            };
             let next = record.next;
-            record.record_tick(tick, TickOutcome::Ran, Some(created.id), next, now);
-            match self
-                .mesh
-                .schedules
-                .update(schedule, &record, revision)
-                .await
-            {
-                Ok(_) => {
-                    crate::metrics::scheduler().schedule_tick(TickOutcome::Ran.as_str());
-                    let event = ScheduleEvent {
-                        schedule: record.name.clone(),
-                        tick,
-                        outcome: TickOutcome::Ran,
-                        job: Some(created.id),
-                        at: now,
-                    };
-                    if let Err(error) = self.mesh.events.schedule(&event).await {
-                        tracing::debug!(error = %error, "cannot announce a schedule's tick");
-                    }
-                    return Ok(());
-                }
-                Err(Error::Conflict { .. }) => continue,
-                Err(error) => return Err(error),
+            if self.record(record, revision, &handled, next).await? {
+                return Ok(());
             }
         }
         Err(Error::KeptChanging {

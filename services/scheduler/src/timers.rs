@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use capstan_mesh::{Error, consume, wire};
+use capstan_mesh::{Error, consume};
 use capstan_protocol::subjects::Origin;
 use capstan_protocol::{Timer, topology};
 use tokio_util::sync::CancellationToken;
@@ -50,23 +50,13 @@ impl Scheduler {
 
     async fn wake(&self, message: jetstream::Message) {
         crate::metrics::scheduler().timer();
-        let timer: Timer = match wire::decode(message.headers.as_ref(), &message.payload) {
-            Ok((timer, _)) => timer,
-            Err(error) => {
-                let reason = error.to_string();
-                self.mesh
-                    .events
-                    .reject_stored(
-                        Origin::Timer,
-                        &message,
-                        None,
-                        error.code,
-                        error.field,
-                        reason,
-                    )
-                    .await;
-                return;
-            }
+        let Some(timer) = self
+            .mesh
+            .events
+            .decode_stored::<Timer>(Origin::Timer, &message)
+            .await
+        else {
+            return;
         };
         let span = tracing::info_span!(
             "wake job",

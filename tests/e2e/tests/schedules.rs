@@ -233,10 +233,7 @@ async fn ticks_that_fall_while_the_nats_server_is_down_run_once_with_catchup_las
     // Until the schedules are back on their two-second beat, `last` ran once for the outage
     // and `none` not at all.
     let after = (count(&cluster, "catch-last"), count(&cluster, "catch-none"));
-    assert!(
-        after.0 > before.0,
-        "catch-last ran {before:?} → {after:?}"
-    );
+    assert!(after.0 > before.0, "catch-last ran {before:?} → {after:?}");
     assert!(
         after.0 - before.0 <= after.1 - before.1 + 2,
         "catch-last ran more than once for the outage: {before:?} → {after:?}"
