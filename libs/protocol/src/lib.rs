@@ -36,6 +36,7 @@ pub mod system;
 pub mod timer;
 pub mod timestamp;
 pub mod topology;
+pub mod workflow;
 
 pub use auth::{
     AuditAction, AuditOutcome, AuditRecord, AuthMethod, Revocation, RevocationKey, SubmittedBy,
