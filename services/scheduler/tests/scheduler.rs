@@ -1099,47 +1099,65 @@ async fn jobs_sharing_a_concurrency_key_run_at_most_limit_at_once_in_submission_
         .collect();
     let jobs = create_all(&client, &bodies).await;
 
-    let mut ended = Vec::new();
-    for step in 0..jobs.len() {
-        // The next job in line gets the slot that freed, and no other starts meanwhile.
-        let expected: Vec<JobId> = jobs[..(step + 2).min(jobs.len())].to_vec();
-        let dispatched = wait_until(
-            &format!("{} jobs dispatched", expected.len()),
-            Duration::from_secs(30),
-            || async {
-                let dispatched = dispatched_jobs(&mesh).await;
-                (dispatched.len() >= expected.len()).then_some(dispatched)
-            },
-        )
-        .await;
-        let mut sorted = dispatched.clone();
-        sorted.sort();
-        assert_eq!(sorted, expected, "dispatched out of submission order");
-        if step + 2 < jobs.len() {
-            // Everyone else is in line, and still no more than two run.
-            wait_until("the others in line", Duration::from_secs(30), || async {
-                let slots = mesh.concurrency.get("db.main").await.ok()??.value;
-                (slots.waiting.len() == jobs.len() - expected.len()).then_some(())
-            })
-            .await;
-            let slots = mesh
-                .concurrency
+    // Two take the slots as they arrive; the other four wait in line, oldest first.
+    let line = |mesh: &Mesh| {
+        let mesh = mesh.clone();
+        async move {
+            mesh.concurrency
                 .get("db.main")
                 .await
                 .expect("readable")
-                .expect("slots")
-                .value;
-            assert_eq!(slots.holders.len(), 2, "{slots:?}");
-            assert_eq!(dispatched_jobs(&mesh).await.len(), expected.len());
+                .map(|slots| slots.value)
+                .unwrap_or_default()
         }
-        let running: Vec<JobId> = sorted
-            .into_iter()
+    };
+    wait_until(
+        "two running and four in line",
+        Duration::from_secs(30),
+        || async {
+            let slots = line(&mesh).await;
+            (slots.holders.len() == 2 && slots.waiting.len() == 4).then_some(())
+        },
+    )
+    .await;
+    let mut ended: Vec<JobId> = Vec::new();
+    loop {
+        let slots = line(&mesh).await;
+        let waiting: Vec<JobId> = slots.waiting.iter().map(|w| w.job).collect();
+        let mut in_order = waiting.clone();
+        in_order.sort();
+        assert_eq!(waiting, in_order, "the line is in submission order");
+        let dispatched = dispatched_jobs(&mesh).await;
+        let running: Vec<JobId> = dispatched
+            .iter()
+            .copied()
             .filter(|job| !ended.contains(job))
             .collect();
         assert!(running.len() <= 2, "{running:?} run at once");
-        end_dispatched(&mesh, running[0]).await;
-        ended.push(running[0]);
+        let Some(oldest) = running.iter().min().copied() else {
+            break;
+        };
+        // A freed slot goes to the first in line, whichever replica holds it.
+        let before = dispatched.len();
+        end_dispatched(&mesh, oldest).await;
+        ended.push(oldest);
+        if let Some(next) = waiting.first() {
+            let got = wait_until(
+                "the next in line dispatched",
+                Duration::from_secs(30),
+                || async {
+                    let dispatched = dispatched_jobs(&mesh).await;
+                    (dispatched.len() > before).then(|| dispatched[before])
+                },
+            )
+            .await;
+            assert_eq!(&got, next, "the slot went to the first in line");
+        }
     }
+    let (mut all, mut submitted) = (ended.clone(), jobs.clone());
+    all.sort();
+    submitted.sort();
+    assert_eq!(all, submitted, "every job ran once");
     first.stop().await;
     second.stop().await;
 }
@@ -1150,7 +1168,11 @@ async fn among_jobs_waiting_for_room_a_higher_priority_goes_first_and_equal_ones
     let server = NatsServer::start().await;
     let mesh = mesh(&server).await;
     add_node(&mesh, "small", 1, &[]).await;
-    let scheduler = Scheduler::start(&server, 1.0);
+    let port = capstan_testkit::server::free_port();
+    let scheduler = Scheduler::start_with(&server, |config| {
+        config.dispatch_depth = 1.0;
+        config.metrics.metrics_listen = Some(format!("127.0.0.1:{port}"));
+    });
     let client = server.client().await;
     let running = create_all(&client, &[r#"{"command": "first"}"#.to_owned()]).await[0];
     wait_until(
@@ -1165,6 +1187,19 @@ async fn among_jobs_waiting_for_room_a_higher_priority_goes_first_and_equal_ones
         .collect();
     let waiting = create_all(&client, &bodies).await;
     let (low, normal_a, high, normal_b) = (waiting[0], waiting[1], waiting[2], waiting[3]);
+    // All four are in the scheduler's queue before room appears.
+    let metrics = capstan_testkit::http::HttpClient::new(format!("http://127.0.0.1:{port}"));
+    wait_until(
+        "four jobs waiting for room",
+        Duration::from_secs(30),
+        || async {
+            let text = metrics.try_get("/metrics").await.ok()?.text();
+            text.lines()
+                .any(|line| line == "capstan_scheduler_waiting 4")
+                .then_some(())
+        },
+    )
+    .await;
     let mut order = Vec::new();
     let mut current = running;
     for _ in 0..waiting.len() {
