@@ -343,6 +343,38 @@ pub enum Decision {
 }
 
 impl ScheduleRecord {
+    /// A new schedule created at `now`: its generation is the creation time in milliseconds
+    /// (so a schedule deleted and created again under the same name never shares one with
+    /// its predecessor), `every` counts from `now`, and its first tick is the first after
+    /// `now` unless it is paused.
+    pub fn new(
+        name: String,
+        definition: ScheduleDefinition,
+        job: JobSpec,
+        owner: SubmittedBy,
+        now: Timestamp,
+    ) -> Self {
+        let mut record = Self {
+            name,
+            definition,
+            job,
+            owner,
+            generation: u64::try_from(now.as_millis()).unwrap_or(0),
+            next: None,
+            anchor: now,
+            last: None,
+            last_job: None,
+            queued: None,
+            counts: TickCounts::default(),
+            created_at: now,
+            updated_at: now,
+        };
+        if !record.definition.paused {
+            record.next = record.next_after(now);
+        }
+        record
+    }
+
     /// When it ticks. A stored record was checked when written, so this fails only for a
     /// record written by hand.
     pub fn when(&self) -> Result<When, SpecError> {
@@ -532,10 +564,9 @@ mod tests {
         let job: JobSpec =
             crate::codec::decode_spec(crate::Encoding::Json, br#"{"argv": ["/bin/true"]}"#)
                 .expect("valid job");
-        let anchor = at("2030-01-01T00:00:00Z");
-        let mut record = ScheduleRecord {
-            name: "nightly".into(),
-            definition: ScheduleDefinition {
+        let mut record = ScheduleRecord::new(
+            "nightly".into(),
+            ScheduleDefinition {
                 cron: None,
                 every: Some(every.into()),
                 timezone: "UTC".into(),
@@ -544,22 +575,14 @@ mod tests {
                 paused: false,
             },
             job,
-            owner: SubmittedBy {
+            SubmittedBy {
                 principal: "alice".into(),
                 via: AuthMethod::Password,
                 token: None,
             },
-            generation: 7,
-            next: None,
-            anchor,
-            last: None,
-            last_job: None,
-            queued: None,
-            counts: TickCounts::default(),
-            created_at: anchor,
-            updated_at: anchor,
-        };
-        record.next = record.next_after(anchor);
+            at("2030-01-01T00:00:00Z"),
+        );
+        record.generation = 7;
         record
     }
 

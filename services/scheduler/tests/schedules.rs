@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use capstan_mesh::Mesh;
 use capstan_protocol::schedule::{
-    Catchup, Overlap, SCHEDULE_KEY, ScheduleDefinition, ScheduleRecord, TICK_KEY, TickCounts,
+    Catchup, Overlap, SCHEDULE_KEY, ScheduleDefinition, ScheduleRecord, TICK_KEY,
 };
 use capstan_protocol::{
     AuthMethod, JobEvent, JobEventKind, JobRecord, JobStatus, SubmittedBy, Timestamp, codec,
@@ -37,9 +37,9 @@ async fn schedule(mesh: &Mesh, name: &str, overlap: Overlap) -> ScheduleRecord {
     let job = codec::decode_spec(codec::Encoding::Json, br#"{"argv": ["/bin/true"]}"#)
         .expect("a valid job");
     let now = Timestamp::now();
-    let mut record = ScheduleRecord {
-        name: name.to_owned(),
-        definition: ScheduleDefinition {
+    let record = ScheduleRecord::new(
+        name.to_owned(),
+        ScheduleDefinition {
             cron: None,
             every: Some("1s".to_owned()),
             timezone: "UTC".to_owned(),
@@ -48,22 +48,13 @@ async fn schedule(mesh: &Mesh, name: &str, overlap: Overlap) -> ScheduleRecord {
             paused: false,
         },
         job,
-        owner: SubmittedBy {
+        SubmittedBy {
             principal: "alice".to_owned(),
             via: AuthMethod::Password,
             token: None,
         },
-        generation: now.as_millis() as u64,
-        next: None,
-        anchor: now,
-        last: None,
-        last_job: None,
-        queued: None,
-        counts: TickCounts::default(),
-        created_at: now,
-        updated_at: now,
-    };
-    record.next = record.next_after(now);
+        now,
+    );
     mesh.schedules
         .create(name, &record)
         .await

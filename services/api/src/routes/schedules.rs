@@ -14,7 +14,7 @@
 
 use capstan_mesh::{Change, Modified, Versioned};
 use capstan_protocol::codec::{self, Encoding};
-use capstan_protocol::schedule::{ScheduleDefinition, ScheduleRecord, TickCounts};
+use capstan_protocol::schedule::{ScheduleDefinition, ScheduleRecord};
 use capstan_protocol::spec::JobSpecWire;
 use capstan_protocol::{AuditAction, JobId, JobSpec, RejectionCode, SpecError, Timestamp};
 use poem::{FromRequest, IntoResponse, Request, RequestBody};
@@ -131,22 +131,7 @@ impl SchedulesApi {
         let owner = caller.submitted_by();
         let job = checked_job(state, &auth, input.job, &owner.principal).await?;
         let now = Timestamp::now();
-        let mut record = ScheduleRecord {
-            name: input.name,
-            definition,
-            job,
-            owner,
-            generation: millis(now),
-            next: None,
-            anchor: now,
-            last: None,
-            last_job: None,
-            queued: None,
-            counts: TickCounts::default(),
-            created_at: now,
-            updated_at: now,
-        };
-        record.next = next_of(&record, now);
+        let record = ScheduleRecord::new(input.name, definition, job, owner, now);
         checked_run(&record, now)?;
         // A create, not a put: of two requests for one name, one wins and the other is told.
         match state.mesh.schedules.create(&record.name, &record).await {
@@ -735,9 +720,9 @@ mod tests {
         let job: JobSpec =
             codec::decode_spec(Encoding::Json, br#"{"argv": ["/bin/true"]}"#).expect("a job");
         let anchor = Timestamp::parse_rfc3339("2030-01-01T00:00:00Z").expect("a time");
-        ScheduleRecord {
-            name: "nightly".into(),
-            definition: ScheduleDefinition {
+        let mut record = ScheduleRecord::new(
+            "nightly".into(),
+            ScheduleDefinition {
                 cron: None,
                 every: Some("10s".into()),
                 timezone: "UTC".into(),
@@ -746,21 +731,16 @@ mod tests {
                 paused,
             },
             job,
-            owner: capstan_protocol::SubmittedBy {
+            capstan_protocol::SubmittedBy {
                 principal: "olivia".into(),
                 via: AuthMethod::Password,
                 token: None,
             },
-            generation: millis(anchor),
-            next: None,
             anchor,
-            last: None,
-            last_job: None,
-            queued: Some(anchor),
-            counts: TickCounts::default(),
-            created_at: anchor,
-            updated_at: anchor,
-        }
+        );
+        record.next = None;
+        record.queued = Some(anchor);
+        record
     }
 
     #[test]
