@@ -45,6 +45,12 @@ impl Scheduler {
                 _ = sweep.tick() => self.sweep_slots(&slots).await,
             }
             for gated in self.waiting.gated() {
+                // A job already in line that the view shows still behind the free slots
+                // would only read the record to learn the same: skip the round trip. A
+                // change of the record wakes this loop again.
+                if still_behind(&slots, &gated) {
+                    continue;
+                }
                 match self.admit(&gated).await {
                     Ok(Admission::Admitted) => {
                         if self.waiting.admitted(gated.job) {
@@ -138,5 +144,19 @@ impl Scheduler {
                 }
             }
         }
+    }
+}
+
+/// Whether the live view shows `gated` in its key's line, with at least as many jobs before it
+/// as there are free slots under its limit.
+fn still_behind(slots: &BucketView<Slots>, gated: &Gated) -> bool {
+    let Some(current) = slots.get(&gated.concurrency.key) else {
+        return false;
+    };
+    match current.value.standing(gated.job) {
+        Some(Admission::Waiting { ahead, running }) => {
+            ahead >= (gated.concurrency.limit as usize).saturating_sub(running)
+        }
+        _ => false,
     }
 }
