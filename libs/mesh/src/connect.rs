@@ -211,6 +211,8 @@ pub struct Mesh {
     pub schedules: Bucket<capstan_protocol::schedule::ScheduleRecord>,
     /// Concurrency slots by key (written by schedulers).
     pub concurrency: Bucket<capstan_protocol::concurrency::Slots>,
+    /// Workflows (created by the API, carried forward by schedulers and the API's cancel).
+    pub workflows: Bucket<capstan_protocol::workflow::WorkflowRecord>,
     /// Event and audit publishing.
     pub events: EventPublisher,
 }
@@ -253,8 +255,10 @@ impl Mesh {
         let fanouts = Bucket::new(buckets.fanouts, js.clone(), topology::FANOUTS.name);
         let schedules = Bucket::new(buckets.schedules, js.clone(), topology::SCHEDULES.name);
         let concurrency = Bucket::new(buckets.concurrency, js.clone(), topology::CONCURRENCY.name);
+        let workflows = Bucket::new(buckets.workflows, js.clone(), topology::WORKFLOWS.name);
         Self {
             concurrency,
+            workflows,
             fanouts,
             schedules,
             secrets,

@@ -58,6 +58,13 @@ impl EventPublisher {
         {
             map.insert(headers::FANOUT, header_text(parent).as_str());
         }
+        if let Some(workflow) = record
+            .spec
+            .metadata
+            .get(capstan_protocol::workflow::WORKFLOW_KEY)
+        {
+            map.insert(headers::WORKFLOW, header_text(workflow).as_str());
+        }
         if let Some(schedule) = capstan_protocol::schedule::schedule_of(&record.spec.metadata) {
             map.insert(headers::SCHEDULE_NAME, header_text(schedule).as_str());
         }
@@ -112,6 +119,36 @@ impl EventPublisher {
         let payload = Bytes::from(codec::to_msgpack(event)?);
         let subject = subjects::fanout_event(event.job, event.status);
         self.publish_stored(subject, map, payload, "fan-out event")
+            .await
+    }
+
+    /// Publishes a workflow's or a step's start or end and waits until it is stored.
+    pub async fn workflow(
+        &self,
+        event: &capstan_protocol::workflow::WorkflowEvent,
+    ) -> Result<(), Error> {
+        let mut map = msgpack_headers();
+        map.insert(headers::STATUS, event.status.as_str());
+        map.insert(headers::MSG_ID, event.message_id().as_str());
+        let subject = match &event.step {
+            Some(step) => {
+                map.insert(headers::EVENT, step.status.as_str());
+                if let Some(job) = step.job {
+                    map.insert(headers::JOB_ID, job.to_string().as_str());
+                }
+                if let Some(code) = step.exit_code {
+                    map.insert(headers::EXIT_CODE, code.to_string().as_str());
+                }
+                subjects::workflow_step_event(event.workflow, &step.name, step.status)
+            }
+            None => {
+                map.insert(headers::EVENT, event.status.as_str());
+                subjects::workflow_event(event.workflow, event.status)
+            }
+        };
+        capstan_telemetry::propagation::inject(&mut map);
+        let payload = Bytes::from(codec::to_msgpack(event)?);
+        self.publish_stored(subject, map, payload, "workflow event")
             .await
     }
 

@@ -26,6 +26,7 @@ pub mod task;
 pub mod topology;
 pub mod view;
 pub mod wire;
+pub mod workflow;
 
 pub use config::{MetricsArgs, NatsArgs};
 pub use connect::{Mesh, connect};

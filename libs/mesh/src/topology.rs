@@ -47,6 +47,8 @@ pub struct Buckets {
     pub schedules: kv::Store,
     /// Concurrency slots.
     pub concurrency: kv::Store,
+    /// Workflows.
+    pub workflows: kv::Store,
 }
 
 /// Creates the streams and buckets that are missing (with their default size limits), leaves
@@ -363,6 +365,7 @@ pub async fn verify(js: &jetstream::Context) -> Result<Buckets, Error> {
         fanouts: verify_bucket(js, &spec::FANOUTS).await?,
         schedules: verify_bucket(js, &spec::SCHEDULES).await?,
         concurrency: verify_bucket(js, &spec::CONCURRENCY).await?,
+        workflows: verify_bucket(js, &spec::WORKFLOWS).await?,
     })
 }
 

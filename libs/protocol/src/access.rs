@@ -341,6 +341,7 @@ fn scheduler(allowed: &mut Allowed) {
         subjects::JOB_EVENTS_ALL,
         subjects::FANOUT_EVENTS_ALL,
         subjects::SCHEDULE_EVENTS_ALL,
+        subjects::WORKFLOW_EVENTS_ALL,
         subjects::TIMERS_ALL,
     ]);
     allowed.publish([subjects::control_any("cancel")]);
@@ -354,13 +355,17 @@ fn scheduler(allowed: &mut Allowed) {
         &topology::FANOUTS,
         &topology::SCHEDULES,
         &topology::CONCURRENCY,
+        &topology::WORKFLOWS,
     ] {
         allowed.bucket_write(bucket, "*");
         allowed.bucket_read(bucket, "*");
     }
-    // Finding the fan-outs still running when it starts, the schedules whose tick is
-    // overdue, and the slots freed under concurrency keys.
+    // Finding the fan-outs and workflows still running, the schedules whose tick is overdue,
+    // and the slots freed under concurrency keys.
     allowed.bucket_watch(&topology::FANOUTS);
+    allowed.bucket_watch(&topology::WORKFLOWS);
+    // A workflow step's dependants receive the end of its standard output.
+    allowed.stream_watch(&topology::LOGS);
     allowed.bucket_watch(&topology::SCHEDULES);
     allowed.bucket_watch(&topology::CONCURRENCY);
     allowed.bucket_read(&topology::NODES, "*");
@@ -388,8 +393,10 @@ fn api(allowed: &mut Allowed) {
         subjects::SUBMIT_JOB_ALL.to_owned(),
         subjects::AUDIT_ALL.to_owned(),
         subjects::job_events_of_kind(JobEventKind::Cancelled),
-        // A fan-out cancelled before any target ran ends here.
+        // A fan-out cancelled before any target ran ends here; a workflow starts here, and
+        // may end here when it is cancelled.
         subjects::FANOUT_EVENTS_ALL.to_owned(),
+        subjects::WORKFLOW_EVENTS_ALL.to_owned(),
         // Arming a schedule's next tick when it is created, changed or resumed.
         subjects::SCHEDULE_TIMERS_ALL.to_owned(),
         subjects::control_any("cancel"),
@@ -419,12 +426,14 @@ fn api(allowed: &mut Allowed) {
         &topology::SECRETS,
         &topology::FANOUTS,
         &topology::SCHEDULES,
+        &topology::WORKFLOWS,
     ] {
         allowed.bucket_write(bucket, "*");
         allowed.bucket_read(bucket, "*");
     }
-    // Listing the schedules.
+    // Listing the schedules and the workflows.
     allowed.bucket_watch(&topology::SCHEDULES);
+    allowed.bucket_watch(&topology::WORKFLOWS);
     // Saying why a job waits for a concurrency slot.
     allowed.bucket_read(&topology::CONCURRENCY, "*");
     // Listing the stored secrets (names and users, never values).

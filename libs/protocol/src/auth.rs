@@ -213,6 +213,12 @@ pub enum AuditAction {
     /// A schedule's job run at once, outside its ticks.
     #[serde(rename = "schedule.trigger")]
     ScheduleTrigger,
+    /// A workflow created.
+    #[serde(rename = "workflow.create")]
+    WorkflowCreate,
+    /// A workflow cancelled.
+    #[serde(rename = "workflow.cancel")]
+    WorkflowCancel,
     /// A changing request no operation claimed (an unknown route, a body refused before
     /// it reached one).
     #[serde(rename = "http.request")]
@@ -221,7 +227,7 @@ pub enum AuditAction {
 
 impl AuditAction {
     /// Every action.
-    pub const ALL: [AuditAction; 35] = [
+    pub const ALL: [AuditAction; 37] = [
         Self::AuthLogin,
         Self::AuthRefresh,
         Self::AuthRefreshReuse,
@@ -256,6 +262,8 @@ impl AuditAction {
         Self::ScheduleUpdate,
         Self::ScheduleDelete,
         Self::ScheduleTrigger,
+        Self::WorkflowCreate,
+        Self::WorkflowCancel,
         Self::HttpRequest,
     ];
 
@@ -296,6 +304,8 @@ impl AuditAction {
             Self::ScheduleUpdate => "schedule.update",
             Self::ScheduleDelete => "schedule.delete",
             Self::ScheduleTrigger => "schedule.trigger",
+            Self::WorkflowCreate => "workflow.create",
+            Self::WorkflowCancel => "workflow.cancel",
             Self::HttpRequest => "http.request",
         }
     }

@@ -16,6 +16,8 @@ pub const SUBMITTED_BY: &str = "Capstan-Submitted-By";
 pub const ATTEMPT: &str = "Capstan-Attempt";
 /// On a fan-out target's job events: the parent job's id.
 pub const FANOUT: &str = "Capstan-Fanout";
+/// On a workflow step's job events: the workflow's id (from its metadata).
+pub const WORKFLOW: &str = "Capstan-Workflow";
 /// The schedule a job's run belongs to, on its events (from its metadata).
 pub const SCHEDULE_NAME: &str = "Capstan-Schedule";
 /// The concurrency key a job shares, on its events (from its spec).

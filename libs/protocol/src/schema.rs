@@ -145,6 +145,14 @@ pub fn messages() -> Vec<(&'static str, Value)> {
             "fanout-event",
             "capstan.events.fanouts.<job>.<status>".into(),
         ),
+        written::<crate::workflow::WorkflowRecord>(
+            "workflow",
+            "$KV.capstan_workflows.<id> (bucket capstan_workflows)".into(),
+        ),
+        written::<crate::workflow::WorkflowEvent>(
+            "workflow-event",
+            "capstan.events.workflows.<id>.<status> and capstan.events.workflows.<id>.steps.<step>.<status>".into(),
+        ),
         written::<Reply<Vec<SystemSummary>>>(
             "system-list-reply",
             format!("reply of {}", subjects::SYSTEMS_LIST),

@@ -202,6 +202,27 @@ pub fn schedule_event(schedule: &str, outcome: crate::schedule::TickOutcome) -> 
     format!("capstan.events.schedules.{schedule}.{}", outcome.as_str())
 }
 
+/// Every workflow event.
+pub const WORKFLOW_EVENTS_ALL: &str = "capstan.events.workflows.>";
+
+/// A workflow started or ended (`capstan.events.workflows.<id>.<status>`).
+pub fn workflow_event(workflow: JobId, status: crate::workflow::WorkflowStatus) -> String {
+    format!("capstan.events.workflows.{workflow}.{}", status.as_str())
+}
+
+/// A workflow's step started or ended
+/// (`capstan.events.workflows.<id>.steps.<step>.<status>`); step names are subject tokens.
+pub fn workflow_step_event(
+    workflow: JobId,
+    step: &str,
+    status: crate::workflow::StepStatus,
+) -> String {
+    format!(
+        "capstan.events.workflows.{workflow}.steps.{step}.{}",
+        status.as_str()
+    )
+}
+
 /// The registry's request/reply endpoints.
 pub mod registry {
     /// Endpoint group.

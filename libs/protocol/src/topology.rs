@@ -289,8 +289,21 @@ pub const CONCURRENCY: BucketSpec = BucketSpec {
     read_from_leader: true,
 };
 
+/// Workflows by id (JSON [`crate::workflow::WorkflowRecord`]): their graphs and where each
+/// step stands, created by the API and carried forward by schedulers (and the API's cancel) by
+/// compare-and-swap; a finished workflow expires like a finished job.
+pub const WORKFLOWS: BucketSpec = BucketSpec {
+    name: "capstan_workflows",
+    description: "Workflows and where each of their steps stands, by id",
+    history: 1,
+    max_age: Duration::ZERO,
+    per_key_ttl: true,
+    max_bytes: GIB,
+    read_from_leader: true,
+};
+
 /// Every bucket.
-pub const BUCKETS: [BucketSpec; 10] = [
+pub const BUCKETS: [BucketSpec; 11] = [
     JOBS,
     NODES,
     IDEMPOTENCY,
@@ -301,6 +314,7 @@ pub const BUCKETS: [BucketSpec; 10] = [
     FANOUTS,
     SCHEDULES,
     CONCURRENCY,
+    WORKFLOWS,
 ];
 
 /// How many servers keep a copy of each stream and bucket: 1 to [`Replicas::MOST`] (what

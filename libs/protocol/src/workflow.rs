@@ -19,12 +19,14 @@
 //!   clean-up happens. Cancelling the workflow cancels the running steps and skips every
 //!   waiting step but the `always` ones.
 //! - The workflow ends when every step has: `cancelled` if it was cancelled, `failed` if a
-//!   step failed (a clean-up step that ran does not undo that), `succeeded` otherwise.
+//!   step failed or its job was cancelled (a clean-up step that ran does not undo that),
+//!   `succeeded` otherwise.
 
 use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 
+use crate::auth::SubmittedBy;
 use crate::ids::JobId;
 use crate::job::JobStatus;
 use crate::spec::{JobSpec, SpecError};
@@ -32,6 +34,9 @@ use crate::timestamp::Timestamp;
 
 /// The most steps one workflow may have.
 pub const MAX_STEPS: usize = 100;
+/// The most steps one step may depend on (each passes on three variables, one of up to
+/// [`OUTPUT_TAIL_BYTES`]).
+pub const MAX_DEPENDENCIES: usize = 32;
 /// The longest step name.
 pub const MAX_STEP_NAME: usize = 64;
 /// How much of the end of a step's standard output its dependants receive.
@@ -130,6 +135,19 @@ impl WorkflowSpec {
             }
         }
         for (i, step) in self.steps.iter().enumerate() {
+            let passed = 3 * step.depends_on.len();
+            if step.depends_on.len() > MAX_DEPENDENCIES
+                || step.job.env.len() + passed > crate::spec::limits::MAX_ENV
+            {
+                return Err(SpecError::new(
+                    format!("steps[{i}].depends_on"),
+                    format!(
+                        "at most {MAX_DEPENDENCIES} dependencies, and {} variables with the \
+                         three each passes on",
+                        crate::spec::limits::MAX_ENV
+                    ),
+                ));
+            }
             for (j, dependency) in step.depends_on.iter().enumerate() {
                 if dependency == &step.name {
                     return Err(SpecError::new(
@@ -222,6 +240,18 @@ pub enum StepStatus {
 }
 
 impl StepStatus {
+    /// The name, as on the wire and in subjects.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Waiting => "waiting",
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+            Self::Skipped => "skipped",
+        }
+    }
+
     /// True once the step will not change again.
     pub fn is_terminal(self) -> bool {
         !matches!(self, Self::Waiting | Self::Running)
@@ -252,6 +282,15 @@ pub struct StepState {
     /// The end of its standard output (at most [`OUTPUT_TAIL_BYTES`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<String>,
+    /// When its job was submitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<Timestamp>,
+    /// When it ended (or was skipped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_at: Option<Timestamp>,
+    /// Why it failed without its job saying so (its job was never accepted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// Where a workflow stands.
@@ -267,6 +306,23 @@ pub enum WorkflowStatus {
     Failed,
     /// It was cancelled.
     Cancelled,
+}
+
+impl WorkflowStatus {
+    /// The name, as on the wire and in subjects.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    /// True once the workflow will not change again.
+    pub fn is_terminal(self) -> bool {
+        self != Self::Running
+    }
 }
 
 /// A workflow as stored: its definition and where each step stands.
@@ -291,6 +347,13 @@ pub struct WorkflowRecord {
     /// When it ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<Timestamp>,
+    /// Who created it: its steps' jobs are submitted as them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub submitted_by: Option<SubmittedBy>,
+    /// The trace it belongs to (W3C `traceparent` of the request that created it): every
+    /// step's job joins it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// What [`WorkflowRecord::advance`] asks of its caller.
@@ -316,6 +379,9 @@ impl WorkflowRecord {
                 job: None,
                 exit_code: None,
                 output: None,
+                started_at: None,
+                ended_at: None,
+                error: None,
             })
             .collect();
         Self {
@@ -327,6 +393,8 @@ impl WorkflowRecord {
             created_at: now,
             updated_at: now,
             finished_at: None,
+            submitted_by: None,
+            traceparent: None,
         }
     }
 
@@ -338,6 +406,7 @@ impl WorkflowRecord {
         status: JobStatus,
         exit_code: Option<i32>,
         output: Option<&str>,
+        now: Timestamp,
     ) -> bool {
         let Some(step) = self.steps.iter_mut().find(|s| s.job == Some(job)) else {
             return false;
@@ -351,8 +420,32 @@ impl WorkflowRecord {
         }
         step.status = status;
         step.exit_code = exit_code;
-        step.output = output.map(|text| tail(text, OUTPUT_TAIL_BYTES).to_owned());
+        // An environment variable cannot hold a NUL.
+        step.output = output.map(|text| tail(text, OUTPUT_TAIL_BYTES).replace('\0', ""));
+        if status.is_terminal() {
+            step.ended_at = Some(now);
+        }
         true
+    }
+
+    /// Fails the running steps whose jobs (`jobs`) were never accepted, saying `why`. Returns
+    /// whether anything changed.
+    pub fn never_accepted(&mut self, jobs: &[JobId], why: &str, now: Timestamp) -> bool {
+        let mut changed = false;
+        for step in &mut self.steps {
+            if step.status == StepStatus::Running && step.job.is_some_and(|j| jobs.contains(&j)) {
+                step.status = StepStatus::Failed;
+                step.error = Some(why.to_owned());
+                step.ended_at = Some(now);
+                changed = true;
+            }
+        }
+        changed
+    }
+
+    /// The step that runs `job`, by index.
+    pub fn step_of(&self, job: JobId) -> Option<usize> {
+        self.steps.iter().position(|s| s.job == Some(job))
     }
 
     /// Asks for a cancel. Returns whether the record changed (false once asked or ended).
@@ -409,6 +502,7 @@ impl WorkflowRecord {
                 };
                 if stopped {
                     self.steps[i].status = StepStatus::Skipped;
+                    self.steps[i].ended_at = Some(now);
                     moved = true;
                     continue;
                 }
@@ -429,9 +523,11 @@ impl WorkflowRecord {
                 if runs {
                     self.steps[i].status = StepStatus::Running;
                     self.steps[i].job = Some(new_job());
+                    self.steps[i].started_at = Some(now);
                     advance.start.push(i);
                 } else {
                     self.steps[i].status = StepStatus::Skipped;
+                    self.steps[i].ended_at = Some(now);
                 }
                 moved = true;
             }
@@ -443,7 +539,11 @@ impl WorkflowRecord {
         if self.steps.iter().all(|s| s.status.is_terminal()) {
             self.status = if self.cancel_requested_at.is_some() {
                 WorkflowStatus::Cancelled
-            } else if self.steps.iter().any(|s| s.status == StepStatus::Failed) {
+            } else if self
+                .steps
+                .iter()
+                .any(|s| matches!(s.status, StepStatus::Failed | StepStatus::Cancelled))
+            {
                 WorkflowStatus::Failed
             } else {
                 WorkflowStatus::Succeeded
@@ -498,6 +598,89 @@ impl WorkflowRecord {
     }
 }
 
+/// A workflow's start or end, or one of its steps' (`capstan.events.workflows.…`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct WorkflowEvent {
+    /// The workflow.
+    pub workflow: JobId,
+    /// Its name.
+    pub name: String,
+    /// Where it stands.
+    pub status: WorkflowStatus,
+    /// The step this event is about; none for the workflow's own start and end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<StepEvent>,
+    /// When it was written.
+    pub at: Timestamp,
+}
+
+/// A step's part of a [`WorkflowEvent`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct StepEvent {
+    /// Its name.
+    pub name: String,
+    /// Where it stands.
+    pub status: StepStatus,
+    /// Its job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<JobId>,
+    /// Its job's exit code.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+}
+
+impl WorkflowEvent {
+    /// The deduplication id: one event per workflow or step status.
+    pub fn message_id(&self) -> String {
+        match &self.step {
+            Some(step) => format!(
+                "workflow:{}:{}:{}",
+                self.workflow,
+                step.name,
+                step.status.as_str()
+            ),
+            None => format!("workflow:{}:{}", self.workflow, self.status.as_str()),
+        }
+    }
+
+    /// The events a change of a workflow from `before` (none: it was just created) to `after`
+    /// announces: its start, each step that started or ended, its end.
+    pub fn between(before: Option<&WorkflowRecord>, after: &WorkflowRecord) -> Vec<Self> {
+        let event = |step: Option<StepEvent>| Self {
+            workflow: after.id,
+            name: after.spec.name.clone(),
+            status: after.status,
+            step,
+            at: after.updated_at,
+        };
+        let mut events = Vec::new();
+        if before.is_none() {
+            events.push(Self {
+                status: WorkflowStatus::Running,
+                ..event(None)
+            });
+        }
+        for (i, state) in after.steps.iter().enumerate() {
+            let was = before.and_then(|b| b.steps.get(i)).map(|s| s.status);
+            if state.status == StepStatus::Waiting || was == Some(state.status) {
+                continue;
+            }
+            events.push(event(Some(StepEvent {
+                name: after.spec.steps[i].name.clone(),
+                status: state.status,
+                job: state.job,
+                exit_code: state.exit_code,
+            })));
+        }
+        if after.status.is_terminal() && before.is_none_or(|b| !b.status.is_terminal()) {
+            events.push(event(None));
+        }
+        events
+    }
+}
+
 /// A step name as part of an environment variable's name.
 fn env_name(step: &str) -> String {
     step.chars()
@@ -512,7 +695,7 @@ fn env_name(step: &str) -> String {
 }
 
 /// The last `max` bytes of `text`, cut at a character boundary.
-fn tail(text: &str, max: usize) -> &str {
+pub fn tail(text: &str, max: usize) -> &str {
     if text.len() <= max {
         return text;
     }
@@ -526,6 +709,8 @@ fn tail(text: &str, max: usize) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const T: Timestamp = Timestamp::from_millis(5);
 
     fn job() -> JobSpec {
         JobSpec::shell("true")
@@ -584,7 +769,7 @@ mod tests {
                 .map(|i| record.spec.steps[*i].name.clone())
                 .collect();
             for job in advance.cancel {
-                record.observe(job, JobStatus::Cancelled, None, None);
+                record.observe(job, JobStatus::Cancelled, None, None, T);
             }
             let running: Vec<(String, JobId)> = record
                 .steps
@@ -599,7 +784,13 @@ mod tests {
                     .find(|(n, _)| *n == name)
                     .map_or(JobStatus::Succeeded, |(_, s)| *s);
                 let code = i32::from(status != JobStatus::Succeeded);
-                record.observe(job, status, Some(code), Some(&format!("out of {name}\n")));
+                record.observe(
+                    job,
+                    status,
+                    Some(code),
+                    Some(&format!("out of {name}\n")),
+                    T,
+                );
             }
             if !started.is_empty() {
                 rounds.push(started);
@@ -657,15 +848,16 @@ mod tests {
         assert_eq!(first.start, vec![0, 1]);
         let fail = record.steps[0].job.expect("a job");
         let slow = record.steps[1].job.expect("a job");
-        record.observe(fail, JobStatus::Failed, Some(1), None);
+        record.observe(fail, JobStatus::Failed, Some(1), None, T);
         let next = record.advance(Timestamp::from_millis(2), JobId::generate);
         assert_eq!(next.cancel, vec![slow]);
         assert_eq!(record.steps[2].status, StepStatus::Skipped);
-        record.observe(slow, JobStatus::Cancelled, None, None);
+        assert_eq!(record.steps[2].ended_at, Some(Timestamp::from_millis(2)));
+        record.observe(slow, JobStatus::Cancelled, None, None, T);
         let last = record.advance(Timestamp::from_millis(3), JobId::generate);
         assert_eq!(last.start, vec![3], "the `always` step still runs");
         let report = record.steps[3].job.expect("a job");
-        record.observe(report, JobStatus::Succeeded, Some(0), None);
+        record.observe(report, JobStatus::Succeeded, Some(0), None, T);
         record.advance(Timestamp::from_millis(4), JobId::generate);
         assert_eq!(record.status, WorkflowStatus::Failed);
     }
@@ -695,7 +887,7 @@ mod tests {
         assert!(!record.request_cancel(Timestamp::from_millis(3)));
         let mut advance = record.advance(Timestamp::from_millis(3), JobId::generate);
         assert_eq!(advance.cancel, vec![build]);
-        record.observe(build, JobStatus::Cancelled, None, None);
+        record.observe(build, JobStatus::Cancelled, None, None, T);
         let mut started = Vec::new();
         for _ in 0..5 {
             // `clean-up` depends only on `deploy`, skipped at once: it may start while
@@ -703,7 +895,7 @@ mod tests {
             for i in std::mem::take(&mut advance.start) {
                 started.push(record.spec.steps[i].name.clone());
                 let job = record.steps[i].job.expect("a job");
-                record.observe(job, JobStatus::Succeeded, Some(0), None);
+                record.observe(job, JobStatus::Succeeded, Some(0), None, T);
             }
             advance = record.advance(Timestamp::from_millis(4), JobId::generate);
         }
@@ -722,7 +914,7 @@ mod tests {
         record.advance(Timestamp::from_millis(1), JobId::generate);
         let build = record.steps[0].job.expect("a job");
         let long = "x".repeat(OUTPUT_TAIL_BYTES) + "version=1.2.3\n";
-        record.observe(build, JobStatus::Succeeded, Some(0), Some(&long));
+        record.observe(build, JobStatus::Succeeded, Some(0), Some(&long), T);
         record.advance(Timestamp::from_millis(2), JobId::generate);
         let job = record.step_job(1);
         assert_eq!(job.env["CAPSTAN_STEP_BUILD_STATUS"], "succeeded");
@@ -787,12 +979,93 @@ mod tests {
         let mut record =
             WorkflowRecord::new(JobId::generate(), diamond(false), Timestamp::from_millis(0));
         record.advance(Timestamp::from_millis(1), JobId::generate);
-        assert!(!record.observe(JobId::generate(), JobStatus::Failed, Some(1), None));
+        assert!(!record.observe(JobId::generate(), JobStatus::Failed, Some(1), None, T));
         let build = record.steps[0].job.expect("a job");
-        assert!(record.observe(build, JobStatus::Succeeded, Some(0), None));
+        assert!(record.observe(build, JobStatus::Succeeded, Some(0), None, T));
         assert!(
-            !record.observe(build, JobStatus::Failed, Some(1), None),
+            !record.observe(build, JobStatus::Failed, Some(1), None, T),
             "an end stays"
         );
+    }
+
+    #[test]
+    fn a_workflow_announces_its_start_each_step_that_moved_and_its_end() {
+        let spec = workflow(
+            vec![
+                step("a", &[], When::OnSuccess),
+                step("b", &["a"], When::OnSuccess),
+            ],
+            false,
+        );
+        let mut record = WorkflowRecord::new(JobId::generate(), spec, Timestamp::from_millis(0));
+        record.advance(Timestamp::from_millis(1), JobId::generate);
+        let created = WorkflowEvent::between(None, &record);
+        let names: Vec<String> = created.iter().map(WorkflowEvent::message_id).collect();
+        let id = record.id;
+        assert_eq!(
+            names,
+            vec![
+                format!("workflow:{id}:running"),
+                format!("workflow:{id}:a:running")
+            ]
+        );
+        let before = record.clone();
+        let a = record.steps[0].job.expect("a job");
+        record.observe(a, JobStatus::Failed, Some(3), None, T);
+        record.advance(Timestamp::from_millis(2), JobId::generate);
+        let moved = WorkflowEvent::between(Some(&before), &record);
+        let names: Vec<String> = moved.iter().map(WorkflowEvent::message_id).collect();
+        assert_eq!(
+            names,
+            vec![
+                format!("workflow:{id}:a:failed"),
+                format!("workflow:{id}:b:skipped"),
+                format!("workflow:{id}:failed"),
+            ]
+        );
+        assert_eq!(moved[0].step.as_ref().and_then(|s| s.exit_code), Some(3));
+        assert!(WorkflowEvent::between(Some(&record), &record).is_empty());
+    }
+
+    #[test]
+    fn a_step_whose_job_was_cancelled_or_never_accepted_fails_the_workflow() {
+        let spec = workflow(
+            vec![
+                step("a", &[], When::OnSuccess),
+                step("b", &[], When::OnSuccess),
+            ],
+            false,
+        );
+        let mut record = WorkflowRecord::new(JobId::generate(), spec, Timestamp::from_millis(0));
+        record.advance(Timestamp::from_millis(1), JobId::generate);
+        let (a, b) = (
+            record.steps[0].job.expect("a job"),
+            record.steps[1].job.expect("a job"),
+        );
+        record.observe(a, JobStatus::Cancelled, None, None, T);
+        assert!(record.never_accepted(&[b], "refused", T));
+        assert_eq!(record.steps[1].error.as_deref(), Some("refused"));
+        record.advance(Timestamp::from_millis(2), JobId::generate);
+        assert_eq!(record.status, WorkflowStatus::Failed);
+        assert_eq!(record.step_of(b), Some(1));
+    }
+
+    #[test]
+    fn a_step_output_loses_its_nul_bytes_and_too_many_dependencies_are_refused() {
+        let mut record =
+            WorkflowRecord::new(JobId::generate(), diamond(false), Timestamp::from_millis(0));
+        record.advance(Timestamp::from_millis(1), JobId::generate);
+        let build = record.steps[0].job.expect("a job");
+        record.observe(build, JobStatus::Succeeded, Some(0), Some("a\0b"), T);
+        assert_eq!(record.steps[0].output.as_deref(), Some("ab"));
+        let mut steps: Vec<StepSpec> = (0..=MAX_DEPENDENCIES)
+            .map(|i| step(&format!("s{i}"), &[], When::OnSuccess))
+            .collect();
+        let names: Vec<String> = steps.iter().map(|s| s.name.clone()).collect();
+        let mut join = step("join", &[], When::OnSuccess);
+        join.depends_on = names;
+        steps.push(join);
+        let (path, _) = field(&workflow(steps, false));
+        assert_eq!(path, format!("steps[{}].depends_on", MAX_DEPENDENCIES + 1));
     }
 }

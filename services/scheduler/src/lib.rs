@@ -12,7 +12,8 @@
 //! nodes that went down or restarted; `placer` places waiting jobs as room appears and follows
 //! job events; `create` serves the request/reply endpoint; `fanouts` accepts fan-out parents
 //! and carries them forward as their targets' jobs end; `schedules` runs the ticks of
-//! schedules; `slots` admits jobs under their concurrency limits.
+//! schedules; `slots` admits jobs under their concurrency limits; `workflows` carries
+//! workflows forward as their steps' jobs end.
 
 pub mod cluster;
 mod create;
@@ -25,6 +26,7 @@ mod schedules;
 mod slots;
 mod timers;
 pub mod waiting;
+mod workflows;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -125,6 +127,8 @@ pub(crate) struct Scheduler {
     permits: Arc<Semaphore>,
     /// The fan-out parents this replica carries forward.
     fanouts: fanouts::FanOuts,
+    /// What this replica heard of the workflows' steps.
+    workflows: workflows::Workflows,
     /// The remote systems' catalogue (for the zone a job on a system prefers).
     systems: BucketView<capstan_protocol::System>,
 }
@@ -172,6 +176,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         gate: Notify::new(),
         permits: Arc::new(Semaphore::new(config.concurrency.max(1))),
         fanouts: fanouts::FanOuts::default(),
+        workflows: workflows::Workflows::default(),
         systems,
         mesh: mesh.clone(),
         config: config.clone(),
@@ -196,6 +201,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let events = tokio::spawn(scheduler.clone().follow_events(tasks.clone()));
     let placer = tokio::spawn(scheduler.clone().place_waiting(nodes, tasks.clone()));
     let fanouts = tokio::spawn(scheduler.clone().carry_fanouts(tasks.clone()));
+    let workflows = tokio::spawn(scheduler.clone().carry_workflows(tasks.clone()));
     let timers = tokio::spawn({
         let stop = stop.clone();
         let timers = scheduler.clone().consume_timers(shutdown.clone());
@@ -262,7 +268,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let (create, cancel, timers, lost, ticks) = tokio::join!(create, cancel, timers, lost, ticks);
     scheduler.hand_back_waiting().await;
     tasks.cancel();
-    let (events, placer, fanouts, sweep, gate) = tokio::join!(events, placer, fanouts, sweep, gate);
+    let (events, placer, fanouts, workflows, sweep, gate) =
+        tokio::join!(events, placer, fanouts, workflows, sweep, gate);
     if let Some(listener) = metrics_listener {
         task::joined(listener.await);
     }
@@ -272,7 +279,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     // Every task has been waited for and the waiting jobs handed back; a task that panicked
     // raises its panic now rather than passing for a clean stop.
     for result in [
-        create, cancel, timers, lost, ticks, events, placer, fanouts, sweep, gate,
+        create, cancel, timers, lost, ticks, events, placer, fanouts, workflows, sweep, gate,
     ] {
         task::joined(result);
     }

@@ -102,12 +102,22 @@ impl Scheduler {
                 kind if kind.parse::<Kind>().is_ok_and(Kind::ends_attempt) => {
                     self.cluster.observe_finished(node.as_ref(), job, attempt);
                     self.wake.notify_one();
-                    // A fan-out target's job: its parent decides what comes next.
-                    if let Some(parent) = wire::header(event.headers.as_ref(), headers::FANOUT)
-                        .and_then(|text| text.parse::<JobId>().ok())
-                    {
+                    // A fan-out target's job: its parent decides what comes next; a
+                    // workflow step's job: its workflow does.
+                    let parent = wire::header(event.headers.as_ref(), headers::FANOUT)
+                        .and_then(|text| text.parse::<JobId>().ok());
+                    let workflow = wire::header(event.headers.as_ref(), headers::WORKFLOW)
+                        .and_then(|text| text.parse::<JobId>().ok());
+                    if parent.is_some() || workflow.is_some() {
                         match codec::decode::<JobEvent>(Encoding::MsgPack, &event.payload) {
-                            Ok(decoded) => self.fanouts.heard(parent, decoded.record),
+                            Ok(decoded) => {
+                                if let Some(parent) = parent {
+                                    self.fanouts.heard(parent, decoded.record.clone());
+                                }
+                                if let Some(workflow) = workflow {
+                                    self.workflows.heard(workflow, decoded.record);
+                                }
+                            }
                             Err(error) => {
                                 tracing::debug!(error = %error, "undecodable job event")
                             }

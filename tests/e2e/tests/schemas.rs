@@ -320,6 +320,60 @@ fn samples() -> Vec<(&'static str, Value)> {
     }
     samples.extend(system_samples());
     samples.extend(fanout_samples());
+    samples.extend(workflow_samples());
+    samples
+}
+
+/// A workflow as created, one carried to its end through a failure, and the events of both.
+fn workflow_samples() -> Vec<(&'static str, Value)> {
+    use capstan_protocol::workflow::{WorkflowEvent, WorkflowRecord, WorkflowSpec};
+    use capstan_protocol::{JobId, JobStatus, SubmittedBy, Timestamp};
+    let spec: WorkflowSpec = serde_json::from_value(json!({
+        "name": "release",
+        "fail_fast": true,
+        "steps": [
+            {"name": "build", "job": {"command": "make"}},
+            {"name": "test", "job": {"argv": ["make", "test"]}, "depends_on": ["build"]},
+            {"name": "clean-up", "job": {"command": "make clean"}, "depends_on": ["test"],
+             "when": "always"},
+        ],
+    }))
+    .expect("a valid workflow");
+    let now = Timestamp::now();
+    let mut created = WorkflowRecord::new(JobId::generate(), spec, now);
+    created.submitted_by = Some(SubmittedBy::nats());
+    created.traceparent =
+        Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".to_owned());
+    let mut ended = created.clone();
+    ended.advance(now, JobId::generate);
+    let started = ended.clone();
+    let build = ended.steps[0].job.expect("build runs");
+    ended.observe(
+        build,
+        JobStatus::Succeeded,
+        Some(0),
+        Some("version=1.2.3\n"),
+        now,
+    );
+    ended.advance(now, JobId::generate);
+    let test = ended.steps[1].job.expect("test runs");
+    ended.observe(test, JobStatus::Failed, Some(2), Some(""), now);
+    ended.never_accepted(&[], "unused", now);
+    ended.advance(now, JobId::generate);
+    let clean = ended.steps[2].job.expect("clean-up runs");
+    ended.observe(clean, JobStatus::Succeeded, Some(0), None, now);
+    ended.advance(now, JobId::generate);
+    let mut samples = vec![
+        ("workflow", to_json(&created)),
+        ("workflow", to_json(&started)),
+        ("workflow", to_json(&ended)),
+    ];
+    for event in WorkflowEvent::between(None, &started)
+        .into_iter()
+        .chain(WorkflowEvent::between(Some(&started), &ended))
+    {
+        samples.push(("workflow-event", to_json(&event)));
+    }
     samples
 }
 

@@ -3,7 +3,8 @@
 //! caller's `traceparent`, come from all four services, share one trace id, and link parent
 //! to child in the order of the hops. Quieting the logs (`CAPSTAN_LOG=warn`) changes the logs
 //! only: the spans are still exported, and without an exporter the trace context still reaches
-//! the job's process.
+//! the job's process. A workflow is one trace too: its steps' jobs join the trace of the
+//! request that created it, the later ones through the scheduler that carried it on.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -356,4 +357,91 @@ async fn a_job_on_a_remote_system_is_one_trace_with_its_ssh_connection_and_remot
         .trim()
         .to_owned();
     assert_eq!(handed, format!("00-{trace_id}-{}-01", remote.span_id));
+}
+
+#[tokio::test]
+async fn a_workflow_is_one_trace_from_its_request_through_every_steps_job() {
+    let otlp = OtlpReceiver::start().await;
+    let (mut cluster, http) = traced_cluster(&otlp).await;
+    let body = json!({
+        "name": "traced",
+        "steps": [
+            {"name": "first", "job": {"command": "echo one"}},
+            {"name": "second", "job": {"command": "true"}, "depends_on": ["first"]},
+        ],
+    });
+    let reply = http.post_json("/api/v1/workflows", &body.to_string()).await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
+    let id = reply.json()["id"].as_str().expect("an id").to_owned();
+    let view = wait_until("the workflow ends", Duration::from_secs(60), || async {
+        let view = http.get(&format!("/api/v1/workflows/{id}")).await.json();
+        (view["status"] != "running").then_some(view)
+    })
+    .await;
+    assert_eq!(view["status"], "succeeded", "{view}");
+    let jobs: Vec<String> = view["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .map(|step| step["job"].as_str().expect("a job").to_owned())
+        .collect();
+    let records = cluster
+        .wait_terminal(
+            &jobs
+                .iter()
+                .map(|job| job.parse().expect("a job id"))
+                .collect::<Vec<_>>(),
+            Duration::from_secs(60),
+        )
+        .await;
+    let trace_ids: Vec<String> = records
+        .iter()
+        .map(|record| {
+            let traceparent = record.traceparent.as_deref().expect("a trace");
+            traceparent
+                .split('-')
+                .nth(1)
+                .expect("a trace id")
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(
+        trace_ids[0], trace_ids[1],
+        "both steps' jobs share one trace"
+    );
+    let trace_id = &trace_ids[0];
+
+    let (trace, entry, first, second, carried) =
+        wait_until("the workflow's spans", Duration::from_secs(60), || async {
+            let trace = Trace::of(otlp.trace(trace_id));
+            let entry = trace
+                .0
+                .values()
+                .find(|s| s.service == "capstan-api" && s.name == "POST /api/v1/workflows")?
+                .clone();
+            let first = trace.find("capstan-executor", "process", &jobs[0])?.clone();
+            let second = trace.find("capstan-executor", "process", &jobs[1])?.clone();
+            // Of the scheduler's passes over the workflow, the one that started the second.
+            let carried = trace
+                .0
+                .values()
+                .find(|s| {
+                    s.service == "capstan-scheduler"
+                        && s.name == "workflow"
+                        && trace.descends(&second, s)
+                })?
+                .clone();
+            Some((trace, entry, first, second, carried))
+        })
+        .await;
+    assert_eq!(entry.parent_span_id, "", "the request starts the trace");
+    assert!(
+        trace.descends(&first, &entry),
+        "the first step runs inside the request"
+    );
+    assert!(
+        trace.descends(&carried, &entry),
+        "the scheduler carrying the workflow follows its trace"
+    );
+    assert!(trace.descends(&second, &carried));
 }

@@ -1,13 +1,14 @@
 //! The REST API's resources, as poem-openapi objects, and their conversions from the protocol
 //! and history types. OpenAPI types live only here (jobs and nodes in this file; identity,
-//! tokens and the audit trail in `access`; fan-outs, secrets, systems and schedules in their
-//! own modules); the rest of the service works with the protocol's types.
+//! tokens and the audit trail in `access`; fan-outs, secrets, systems, schedules and
+//! workflows in their own modules); the rest of the service works with the protocol's types.
 
 pub mod access;
 pub mod fanout;
 pub mod schedules;
 pub mod secrets;
 pub mod systems;
+pub mod workflows;
 
 use std::collections::BTreeMap;
 

@@ -8,7 +8,7 @@
 //! role.
 //!
 //! Module map: `jobs`, `nodes`, `operations` (health, metrics), `auth` (login, refresh,
-//! logout), `users`, `tokens`, `secrets`, `systems`, `schedules`, `audit`.
+//! logout), `users`, `tokens`, `secrets`, `systems`, `schedules`, `workflows`, `audit`.
 
 mod audit;
 mod auth;
@@ -24,6 +24,7 @@ mod secrets;
 mod systems;
 mod tokens;
 mod users;
+mod workflows;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -57,6 +58,8 @@ enum Tag {
     Systems,
     /// Jobs run on a cron expression or every so often.
     Schedules,
+    /// Graphs of jobs, each step starting once the steps it depends on have ended.
+    Workflows,
     /// The audit trail.
     Audit,
     /// Health, readiness and metrics.
@@ -79,6 +82,7 @@ type Apis = (
     secrets::SecretsApi,
     systems::SystemsApi,
     schedules::SchedulesApi,
+    workflows::WorkflowsApi,
     audit::AuditApi,
     operations::OperationsApi,
 );
@@ -93,6 +97,7 @@ fn apis(state: Option<Arc<State>>) -> Apis {
         secrets::SecretsApi(state.clone()),
         systems::SystemsApi(state.clone()),
         schedules::SchedulesApi(state.clone()),
+        workflows::WorkflowsApi(state.clone()),
         audit::AuditApi(state.clone()),
         operations::OperationsApi(state),
     )
