@@ -20,6 +20,8 @@
 //!   seeded with that many jobs.
 //! - Recovery (`--failover`, in `failover`): kill -9 → rerun elsewhere, cancel → group gone.
 //! - Schedules (`--schedules`, in `bench_schedules`): ticks held by one scheduler replica.
+//! - Workflows (`--workflows`, in `bench_workflows`): diamonds of jobs carried by one scheduler
+//!   replica, and how long a step waits once the steps before it ended.
 //! - Authentication (`--auth`): what the guard adds to `GET /api/v1/jobs/{id}` (the
 //!   `auth` bench of `capstan-api`).
 
@@ -113,6 +115,11 @@ pub struct Args {
     /// Seconds of ticks observed in the schedules run.
     #[arg(long, default_value_t = 120)]
     schedule_window: u64,
+    /// Instead of the pipeline, measure workflows: for each count given (`100,1000`), that many
+    /// workflows of four `/bin/true` steps (`a → (b, c) → d`) created at once over REST and run
+    /// to their end by one scheduler replica.
+    #[arg(long, value_delimiter = ',')]
+    workflows: Vec<usize>,
     /// Instead of the pipeline, measure what authentication adds to a request:
     /// `GET /api/v1/jobs/{id}` with an access token against the same without the guard
     /// (`cargo bench -p capstan-api --bench auth`, optimised).
@@ -252,6 +259,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             &args.schedules,
             Duration::from_secs(args.schedule_window),
         )),
+        None if !args.workflows.is_empty() => {
+            runtime.block_on(crate::bench_workflows::run(&bin, &args.workflows))
+        }
         None => runtime.block_on(pipeline(&bin, &args)),
     }
 }

@@ -15,6 +15,7 @@ mod axe;
 mod bench;
 mod bench_schedules;
 mod bench_ssh;
+mod bench_workflows;
 mod chromium;
 mod failover;
 mod postgres;

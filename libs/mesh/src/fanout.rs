@@ -120,25 +120,15 @@ pub async fn reconcile(mesh: &Mesh, id: JobId, seen: Seen) -> Result<Option<FanO
 /// `None` when there is no such parent; otherwise the parent, and whether this asked (false:
 /// it had ended or was asked already).
 pub async fn cancel(mesh: &Mesh, id: JobId) -> Result<Option<(FanOutRecord, bool)>, Error> {
-    let key = id.to_string();
-    let modified = mesh
+    let asked = match mesh
         .fanouts
-        .modify(&key, |found| {
-            let Some(found) = found else {
-                return Change::Stop(None);
-            };
-            let mut record = found.value.clone();
-            if record.request_cancel(Timestamp::now()) {
-                Change::Write(record)
-            } else {
-                Change::Stop(Some(found.value.clone()))
-            }
+        .mark(&id.to_string(), |record| {
+            record.request_cancel(Timestamp::now())
         })
-        .await?;
-    let asked = match modified {
-        Modified::Stopped(None) => return Ok(None),
-        Modified::Stopped(Some(_)) => false,
-        Modified::Written { .. } => true,
+        .await?
+    {
+        None => return Ok(None),
+        Some(asked) => asked,
     };
     let record = reconcile(mesh, id, Seen::ReadAll)
         .await?

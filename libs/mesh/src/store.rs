@@ -233,6 +233,37 @@ impl<T: Serialize + DeserializeOwned> Bucket<T> {
         self.modify_from(key, current, decide).await
     }
 
+    /// Applies `mark` to the value at `key` and writes it when `mark` says it changed it (a
+    /// request to stop, say, asked once). `None` when there is no such key; otherwise whether
+    /// this wrote.
+    pub async fn mark(
+        &self,
+        key: &str,
+        mut mark: impl FnMut(&mut T) -> bool,
+    ) -> Result<Option<bool>, Error>
+    where
+        T: Clone,
+    {
+        let modified = self
+            .modify(key, |found| {
+                let Some(found) = found else {
+                    return Change::Stop(false);
+                };
+                let mut value = found.value.clone();
+                if mark(&mut value) {
+                    Change::Write(value)
+                } else {
+                    Change::Stop(true)
+                }
+            })
+            .await?;
+        Ok(match modified {
+            Modified::Stopped(false) => None,
+            Modified::Stopped(true) => Some(false),
+            Modified::Written { .. } => Some(true),
+        })
+    }
+
     /// Like [`Bucket::modify`], starting from `known`, what the caller already holds of the
     /// key (a copy carried by a message; `None`: the key is taken to be absent), so the first
     /// write costs no read. When `known` was out of date its write loses, and the key is read

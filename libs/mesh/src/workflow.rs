@@ -148,25 +148,15 @@ pub async fn reconcile(
 /// but for `always` steps. `None` when there is no such workflow; otherwise the workflow as it
 /// stands, and whether this asked (false: it had ended or was asked already).
 pub async fn cancel(mesh: &Mesh, id: JobId) -> Result<Option<(WorkflowRecord, bool)>, Error> {
-    let key = id.to_string();
-    let modified = mesh
+    let asked = match mesh
         .workflows
-        .modify(&key, |found| {
-            let Some(found) = found else {
-                return Change::Stop(None);
-            };
-            let mut record = found.value.clone();
-            if record.request_cancel(Timestamp::now()) {
-                Change::Write(record)
-            } else {
-                Change::Stop(Some(found.value.clone()))
-            }
+        .mark(&id.to_string(), |record| {
+            record.request_cancel(Timestamp::now())
         })
-        .await?;
-    let asked = match modified {
-        Modified::Stopped(None) => return Ok(None),
-        Modified::Stopped(Some(_)) => false,
-        Modified::Written { .. } => true,
+        .await?
+    {
+        None => return Ok(None),
+        Some(asked) => asked,
     };
     match reconcile(mesh, id, Seen::ReadAll).await? {
         Some(record) => Ok(Some((record, asked))),
