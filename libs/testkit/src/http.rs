@@ -37,7 +37,23 @@ impl Reply {
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
     }
+
+    /// Asserts a problem+json reply of `status`, naming `field` when one is given.
+    pub fn assert_problem(&self, status: StatusCode, field: Option<&str>) {
+        assert_eq!(self.status, status, "{}", self.text());
+        assert!(
+            self.content_type().starts_with("application/problem+json"),
+            "{}",
+            self.content_type()
+        );
+        if let Some(field) = field {
+            assert_eq!(self.json()["field"], field, "{}", self.text());
+        }
+    }
 }
+
+/// The password [`HttpClient::new_user`] gives the users it makes.
+pub const TEST_USER_PASSWORD: &str = "a long enough password";
 
 /// JSON values, re-exported so tests need no extra dependency.
 pub mod serde_json_value {
@@ -103,6 +119,24 @@ impl HttpClient {
             .expect("an access token")
             .to_owned();
         self.with_bearer(token)
+    }
+
+    /// As an administrator: makes a user `name` of `role` (password [`TEST_USER_PASSWORD`])
+    /// and returns a client logged in as them; panics if either is refused.
+    pub async fn new_user(&self, name: &str, role: &str) -> Self {
+        let body = serde_json::json!({"name": name, "password": TEST_USER_PASSWORD, "role": role});
+        let made = self.post_json("/api/v1/users", &body.to_string()).await;
+        assert_eq!(made.status, StatusCode::CREATED, "{}", made.text());
+        self.anonymous().login(name, TEST_USER_PASSWORD).await
+    }
+
+    /// As an auditor: the newest 100 audit records of `action`.
+    pub async fn audit(&self, action: &str) -> Vec<serde_json_value::Value> {
+        let trail = self
+            .get(&format!("/api/v1/audit?action={action}&limit=100"))
+            .await
+            .json();
+        trail["records"].as_array().cloned().unwrap_or_default()
     }
 
     /// The base URL.

@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use capstan_store::testing::TestDatabase;
+use capstan_testkit::http::HttpClient;
 use capstan_testkit::http::serde_json_value::{Value, json};
-use capstan_testkit::http::{HttpClient, Reply};
 use capstan_testkit::{NatsServer, wait_until};
 use http::StatusCode;
 use tokio_util::sync::CancellationToken;
@@ -194,22 +194,6 @@ impl Stack {
     }
 }
 
-fn assert_problem(reply: &Reply, status: StatusCode, field: Option<&str>) {
-    assert_eq!(reply.status, status, "{}", reply.text());
-    assert!(
-        reply.content_type().starts_with("application/problem+json"),
-        "content type {}: {}",
-        reply.content_type(),
-        reply.text()
-    );
-    let body = reply.json();
-    assert_eq!(body["status"], status.as_u16());
-    assert!(!body["detail"].as_str().unwrap_or("").is_empty(), "{body}");
-    if let Some(field) = field {
-        assert_eq!(body["field"], field, "{body}");
-    }
-}
-
 #[tokio::test]
 async fn a_submitted_job_is_accepted_with_its_location_runs_and_is_recorded() {
     let stack = stack().await;
@@ -382,16 +366,12 @@ async fn a_stored_secret_reaches_only_the_jobs_of_the_submitters_it_lists_and_ea
             .await
         }
     };
-    assert_problem(
-        &put("db", json!({"value": CANARY, "usable_by": []})).await,
-        StatusCode::BAD_REQUEST,
-        Some("usable_by"),
-    );
-    assert_problem(
-        &put("db.main", json!({"value": CANARY, "usable_by": ["admin"]})).await,
-        StatusCode::BAD_REQUEST,
-        Some("name"),
-    );
+    put("db", json!({"value": CANARY, "usable_by": []}))
+        .await
+        .assert_problem(StatusCode::BAD_REQUEST, Some("usable_by"));
+    put("db.main", json!({"value": CANARY, "usable_by": ["admin"]}))
+        .await
+        .assert_problem(StatusCode::BAD_REQUEST, Some("name"));
     let created = put(
         "db",
         json!({"value": "first", "usable_by": ["admin"], "description": "the main database"}),
@@ -409,27 +389,8 @@ async fn a_stored_secret_reaches_only_the_jobs_of_the_submitters_it_lists_and_ea
     assert_eq!(listed["secrets"][0]["name"], "db", "{listed}");
 
     // An operator lists names but may not store, replace or delete; a viewer may not list.
-    for (name, role) in [("olivia", "operator"), ("victor", "viewer")] {
-        let made = stack
-            .http
-            .post_json(
-                "/api/v1/users",
-                &json!({"name": name, "password": "a long enough password", "role": role})
-                    .to_string(),
-            )
-            .await;
-        assert_eq!(made.status, StatusCode::CREATED, "{}", made.text());
-    }
-    let operator = stack
-        .http
-        .anonymous()
-        .login("olivia", "a long enough password")
-        .await;
-    let viewer = stack
-        .http
-        .anonymous()
-        .login("victor", "a long enough password")
-        .await;
+    let operator = stack.http.new_user("olivia", "operator").await;
+    let viewer = stack.http.new_user("victor", "viewer").await;
     assert_eq!(operator.get("/api/v1/secrets").await.status, StatusCode::OK);
     assert_eq!(
         viewer.get("/api/v1/secrets").await.status,
@@ -443,11 +404,11 @@ async fn a_stored_secret_reaches_only_the_jobs_of_the_submitters_it_lists_and_ea
             json!({"value": "mine now", "usable_by": ["olivia"]}).to_string(),
         )
         .await;
-    assert_problem(&overwrite, StatusCode::FORBIDDEN, None);
+    overwrite.assert_problem(StatusCode::FORBIDDEN, None);
     let removal = operator
         .send(http::Method::DELETE, "/api/v1/secrets/db", &[], "")
         .await;
-    assert_problem(&removal, StatusCode::FORBIDDEN, None);
+    removal.assert_problem(StatusCode::FORBIDDEN, None);
 
     // The admin's job, over REST, gets it.
     let id = stack
@@ -481,11 +442,7 @@ async fn a_stored_secret_reaches_only_the_jobs_of_the_submitters_it_lists_and_ea
             &json!({"command": "true", "secret_refs": {"DB": "nope"}}).to_string(),
         )
         .await;
-    assert_problem(
-        &missing,
-        StatusCode::UNPROCESSABLE_ENTITY,
-        Some("secret_refs.DB"),
-    );
+    missing.assert_problem(StatusCode::UNPROCESSABLE_ENTITY, Some("secret_refs.DB"));
 
     // Over REST, one the caller may not use is refused at once.
     let theirs = put(
@@ -501,7 +458,7 @@ async fn a_stored_secret_reaches_only_the_jobs_of_the_submitters_it_lists_and_ea
             &json!({"command": "true", "secret_refs": {"T": "theirs"}}).to_string(),
         )
         .await;
-    assert_problem(&refused, StatusCode::FORBIDDEN, None);
+    refused.assert_problem(StatusCode::FORBIDDEN, None);
 
     // A job sent on NATS by a submitter it does not list (this mesh has no NATS identities,
     // so the header is believed) fails to start, saying why, without the value.
@@ -711,14 +668,14 @@ async fn bad_requests_get_precise_problems_and_store_nothing() {
         let http = stack.http.clone();
         async move { http.post_json("/api/v1/jobs", &body).await }
     };
-    assert_problem(
-        &post("{\"command\": ".into()).await,
-        StatusCode::BAD_REQUEST,
-        None,
-    );
-    assert_problem(&post("[1, 2]".into()).await, StatusCode::BAD_REQUEST, None);
+    post("{\"command\": ".into())
+        .await
+        .assert_problem(StatusCode::BAD_REQUEST, None);
+    post("[1, 2]".into())
+        .await
+        .assert_problem(StatusCode::BAD_REQUEST, None);
     let wrong_type = post(r#"{"command": "true", "timeout": "soon"}"#.into()).await;
-    assert_problem(&wrong_type, StatusCode::BAD_REQUEST, None);
+    wrong_type.assert_problem(StatusCode::BAD_REQUEST, None);
     assert!(
         wrong_type.json()["detail"]
             .as_str()
@@ -728,7 +685,7 @@ async fn bad_requests_get_precise_problems_and_store_nothing() {
         wrong_type.text()
     );
     let unknown = post(r#"{"command": "true", "comand": "x"}"#.into()).await;
-    assert_problem(&unknown, StatusCode::BAD_REQUEST, None);
+    unknown.assert_problem(StatusCode::BAD_REQUEST, None);
     assert!(
         unknown.json()["detail"]
             .as_str()
@@ -737,23 +694,19 @@ async fn bad_requests_get_precise_problems_and_store_nothing() {
         "{}",
         unknown.text()
     );
-    assert_problem(
-        &post(r#"{"command": "true", "argv": ["true"]}"#.into()).await,
-        StatusCode::UNPROCESSABLE_ENTITY,
-        Some("command"),
-    );
-    assert_problem(
-        &post(r#"{"command": "true", "timeout": -5}"#.into()).await,
-        StatusCode::UNPROCESSABLE_ENTITY,
-        Some("timeout"),
-    );
-    assert_problem(
-        &post(r#"{"name": "no program"}"#.into()).await,
-        StatusCode::UNPROCESSABLE_ENTITY,
-        Some("command"),
-    );
+    post(r#"{"command": "true", "argv": ["true"]}"#.into())
+        .await
+        .assert_problem(StatusCode::UNPROCESSABLE_ENTITY, Some("command"));
+    post(r#"{"command": "true", "timeout": -5}"#.into())
+        .await
+        .assert_problem(StatusCode::UNPROCESSABLE_ENTITY, Some("timeout"));
+    post(r#"{"name": "no program"}"#.into())
+        .await
+        .assert_problem(StatusCode::UNPROCESSABLE_ENTITY, Some("command"));
     let huge = json!({"command": "cat", "stdin": "x".repeat(100 * 1024)}).to_string();
-    assert_problem(&post(huge).await, StatusCode::PAYLOAD_TOO_LARGE, None);
+    post(huge)
+        .await
+        .assert_problem(StatusCode::PAYLOAD_TOO_LARGE, None);
     let chunked = stack
         .http
         .send(
@@ -766,100 +719,88 @@ async fn bad_requests_get_precise_problems_and_store_nothing() {
             json!({"command": "cat", "stdin": "y".repeat(100 * 1024)}).to_string(),
         )
         .await;
-    assert_problem(&chunked, StatusCode::PAYLOAD_TOO_LARGE, None);
-    assert_problem(
-        &stack
-            .http
-            .send(
-                http::Method::POST,
-                "/api/v1/jobs",
-                &[("content-type", "text/plain")],
-                "true",
-            )
-            .await,
-        StatusCode::UNSUPPORTED_MEDIA_TYPE,
-        None,
-    );
+    chunked.assert_problem(StatusCode::PAYLOAD_TOO_LARGE, None);
+    stack
+        .http
+        .send(
+            http::Method::POST,
+            "/api/v1/jobs",
+            &[("content-type", "text/plain")],
+            "true",
+        )
+        .await
+        .assert_problem(StatusCode::UNSUPPORTED_MEDIA_TYPE, None);
 
-    assert_problem(
-        &stack.http.get("/api/v1/jobs/not-an-id").await,
-        StatusCode::BAD_REQUEST,
-        Some("id"),
-    );
-    assert_problem(
-        &stack
-            .http
-            .get("/api/v1/jobs/01ARZ3NDEKTSV4RRFFQ69G5FAV")
-            .await,
-        StatusCode::NOT_FOUND,
-        None,
-    );
-    assert_problem(
-        &stack
-            .http
-            .get("/api/v1/jobs/01ARZ3NDEKTSV4RRFFQ69G5FAV/logs")
-            .await,
-        StatusCode::NOT_FOUND,
-        None,
-    );
-    assert_problem(
-        &stack
-            .http
-            .get("/api/v1/jobs/01ARZ3NDEKTSV4RRFFQ69G5FAV/events")
-            .await,
-        StatusCode::NOT_FOUND,
-        None,
-    );
-    assert_problem(
-        &stack.http.get("/api/v1/jobs?cursor=%27%3B%20drop").await,
-        StatusCode::BAD_REQUEST,
-        Some("cursor"),
-    );
-    assert_problem(
-        &stack.http.get("/api/v1/jobs?status=done").await,
-        StatusCode::BAD_REQUEST,
-        None,
-    );
-    assert_problem(
-        &stack.http.get("/api/v1/jobs?status=unknown").await,
-        StatusCode::BAD_REQUEST,
-        Some("status"),
-    );
-    assert_problem(
-        &stack.http.get("/api/v1/jobs?limit=0").await,
-        StatusCode::BAD_REQUEST,
-        None,
-    );
-    assert_problem(
-        &stack.http.get("/api/v1/jobs?limit=100000").await,
-        StatusCode::BAD_REQUEST,
-        None,
-    );
-    assert_problem(
-        &stack.http.get("/api/v1/jobs?label=zone").await,
-        StatusCode::BAD_REQUEST,
-        Some("label"),
-    );
-    assert_problem(
-        &stack.http.get("/api/v1/jobs?since=yesterday").await,
-        StatusCode::BAD_REQUEST,
-        Some("since"),
-    );
-    assert_problem(
-        &stack.http.get("/api/v1/nodes/bad.node").await,
-        StatusCode::BAD_REQUEST,
-        Some("id"),
-    );
-    assert_problem(
-        &stack.http.get("/api/v1/nodes/nobody").await,
-        StatusCode::NOT_FOUND,
-        None,
-    );
-    assert_problem(
-        &stack.http.get("/api/v1/nothing-here").await,
-        StatusCode::NOT_FOUND,
-        None,
-    );
+    stack
+        .http
+        .get("/api/v1/jobs/not-an-id")
+        .await
+        .assert_problem(StatusCode::BAD_REQUEST, Some("id"));
+    stack
+        .http
+        .get("/api/v1/jobs/01ARZ3NDEKTSV4RRFFQ69G5FAV")
+        .await
+        .assert_problem(StatusCode::NOT_FOUND, None);
+    stack
+        .http
+        .get("/api/v1/jobs/01ARZ3NDEKTSV4RRFFQ69G5FAV/logs")
+        .await
+        .assert_problem(StatusCode::NOT_FOUND, None);
+    stack
+        .http
+        .get("/api/v1/jobs/01ARZ3NDEKTSV4RRFFQ69G5FAV/events")
+        .await
+        .assert_problem(StatusCode::NOT_FOUND, None);
+    stack
+        .http
+        .get("/api/v1/jobs?cursor=%27%3B%20drop")
+        .await
+        .assert_problem(StatusCode::BAD_REQUEST, Some("cursor"));
+    stack
+        .http
+        .get("/api/v1/jobs?status=done")
+        .await
+        .assert_problem(StatusCode::BAD_REQUEST, None);
+    stack
+        .http
+        .get("/api/v1/jobs?status=unknown")
+        .await
+        .assert_problem(StatusCode::BAD_REQUEST, Some("status"));
+    stack
+        .http
+        .get("/api/v1/jobs?limit=0")
+        .await
+        .assert_problem(StatusCode::BAD_REQUEST, None);
+    stack
+        .http
+        .get("/api/v1/jobs?limit=100000")
+        .await
+        .assert_problem(StatusCode::BAD_REQUEST, None);
+    stack
+        .http
+        .get("/api/v1/jobs?label=zone")
+        .await
+        .assert_problem(StatusCode::BAD_REQUEST, Some("label"));
+    stack
+        .http
+        .get("/api/v1/jobs?since=yesterday")
+        .await
+        .assert_problem(StatusCode::BAD_REQUEST, Some("since"));
+    stack
+        .http
+        .get("/api/v1/nodes/bad.node")
+        .await
+        .assert_problem(StatusCode::BAD_REQUEST, Some("id"));
+    stack
+        .http
+        .get("/api/v1/nodes/nobody")
+        .await
+        .assert_problem(StatusCode::NOT_FOUND, None);
+    stack
+        .http
+        .get("/api/v1/nothing-here")
+        .await
+        .assert_problem(StatusCode::NOT_FOUND, None);
 
     // Nothing was stored: no job in the live state, none in the history.
     let mesh = capstan_mesh::Mesh::open(stack.server.client().await)
@@ -1040,22 +981,16 @@ async fn cancel_stops_a_running_job_and_refuses_a_finished_one() {
     assert_eq!(reply.json()["outcome"], "requested");
     let job = stack.finished(&id).await;
     assert_eq!(job["status"], "cancelled");
-    assert_problem(
-        &stack
-            .http
-            .post_json(&format!("/api/v1/jobs/{id}/cancel"), "")
-            .await,
-        StatusCode::CONFLICT,
-        None,
-    );
-    assert_problem(
-        &stack
-            .http
-            .post_json("/api/v1/jobs/01ARZ3NDEKTSV4RRFFQ69G5FAV/cancel", "")
-            .await,
-        StatusCode::NOT_FOUND,
-        None,
-    );
+    stack
+        .http
+        .post_json(&format!("/api/v1/jobs/{id}/cancel"), "")
+        .await
+        .assert_problem(StatusCode::CONFLICT, None);
+    stack
+        .http
+        .post_json("/api/v1/jobs/01ARZ3NDEKTSV4RRFFQ69G5FAV/cancel", "")
+        .await
+        .assert_problem(StatusCode::NOT_FOUND, None);
 
     // A job that cannot be placed (no node carries its label) is cancelled at once.
     let waiting = stack
@@ -1332,16 +1267,12 @@ async fn delayed_and_retried_jobs_show_their_waits_attempts_and_events_over_rest
             r#"{"command": "true", "retry": {"max_attempts": 0}}"#,
         )
         .await;
-    assert_problem(
-        &bad,
-        StatusCode::UNPROCESSABLE_ENTITY,
-        Some("retry.max_attempts"),
-    );
+    bad.assert_problem(StatusCode::UNPROCESSABLE_ENTITY, Some("retry.max_attempts"));
     let bad = stack
         .http
         .post_json("/api/v1/jobs", r#"{"command": "true", "run_at": "soon"}"#)
         .await;
-    assert_problem(&bad, StatusCode::UNPROCESSABLE_ENTITY, Some("run_at"));
+    bad.assert_problem(StatusCode::UNPROCESSABLE_ENTITY, Some("run_at"));
     stack.stop().await;
 }
 
@@ -1564,7 +1495,7 @@ async fn an_accepted_job_is_shown_from_the_moment_it_is_accepted_even_before_a_s
             capstan_protocol::JobId::generate()
         ))
         .await;
-    assert_problem(&unknown, StatusCode::NOT_FOUND, None);
+    unknown.assert_problem(StatusCode::NOT_FOUND, None);
 
     // A scheduler and an executor arrive: the same job runs and ends.
     tokio::spawn(capstan_registry::run(

@@ -106,15 +106,6 @@ impl Stack {
         .await
     }
 
-    async fn audit(&self, action: &str) -> Vec<Value> {
-        let trail = self
-            .http
-            .get(&format!("/api/v1/audit?action={action}&limit=100"))
-            .await
-            .json();
-        trail["records"].as_array().cloned().unwrap_or_default()
-    }
-
     /// Waits until the job has ended, and returns it.
     async fn finished(&self, id: &str) -> Value {
         wait_until(
@@ -131,23 +122,6 @@ impl Stack {
         .await
     }
 
-    /// Makes a user of `role` and returns a client logged in as them.
-    async fn user(&self, name: &str, role: &str) -> HttpClient {
-        let made = self
-            .http
-            .post_json(
-                "/api/v1/users",
-                &json!({"name": name, "password": "a long enough password", "role": role})
-                    .to_string(),
-            )
-            .await;
-        assert_eq!(made.status, StatusCode::CREATED, "{}", made.text());
-        self.http
-            .anonymous()
-            .login(name, "a long enough password")
-            .await
-    }
-
     async fn stop(self) {
         self.shutdown.cancel();
         self.api.await.expect("joins").expect("clean exit");
@@ -160,18 +134,6 @@ async fn post(client: &HttpClient, path: &str) -> Reply {
 
 async fn delete(client: &HttpClient, path: &str) -> Reply {
     client.send(http::Method::DELETE, path, &[], "").await
-}
-
-fn assert_problem(reply: &Reply, status: StatusCode, field: Option<&str>) {
-    assert_eq!(reply.status, status, "{}", reply.text());
-    assert!(
-        reply.content_type().starts_with("application/problem+json"),
-        "{}",
-        reply.content_type()
-    );
-    if let Some(field) = field {
-        assert_eq!(reply.json()["field"], field, "{}", reply.text());
-    }
 }
 
 fn ran(view: &Value) -> u64 {
@@ -280,9 +242,9 @@ async fn a_schedule_every_second_runs_until_paused_runs_again_once_resumed_and_e
     let deleted = delete(&stack.http, "/api/v1/schedules/heartbeat").await;
     assert_eq!(deleted.status, StatusCode::NO_CONTENT, "{}", deleted.text());
     let gone = stack.http.get("/api/v1/schedules/heartbeat").await;
-    assert_problem(&gone, StatusCode::NOT_FOUND, None);
+    gone.assert_problem(StatusCode::NOT_FOUND, None);
     let again = delete(&stack.http, "/api/v1/schedules/heartbeat").await;
-    assert_problem(&again, StatusCode::NOT_FOUND, None);
+    again.assert_problem(StatusCode::NOT_FOUND, None);
     let listed = stack.http.get("/api/v1/schedules").await.json();
     assert_eq!(listed["items"], json!([]), "{listed}");
     let kept = stack
@@ -384,14 +346,14 @@ async fn an_invalid_definition_or_job_is_refused_naming_its_field_and_nothing_is
         let name = format!("bad-{index}");
         body["name"] = json!(name);
         let refused = stack.create(&body).await;
-        assert_problem(&refused, status, Some(field));
+        refused.assert_problem(status, Some(field));
         let absent = stack.http.get(&format!("/api/v1/schedules/{name}")).await;
-        assert_problem(&absent, StatusCode::NOT_FOUND, None);
+        absent.assert_problem(StatusCode::NOT_FOUND, None);
     }
     let badly_named = stack
         .create(&json!({"name": "a.b", "every": "5s", "job": job}))
         .await;
-    assert_problem(&badly_named, StatusCode::UNPROCESSABLE_ENTITY, Some("name"));
+    badly_named.assert_problem(StatusCode::UNPROCESSABLE_ENTITY, Some("name"));
     let listed = stack.http.get("/api/v1/schedules").await.json();
     assert_eq!(listed["items"], json!([]), "nothing stored: {listed}");
 
@@ -400,7 +362,7 @@ async fn an_invalid_definition_or_job_is_refused_naming_its_field_and_nothing_is
     let good = json!({"name": "good", "cron": YEARLY, "job": job});
     assert_eq!(stack.create(&good).await.status, StatusCode::CREATED);
     let taken = stack.create(&good).await;
-    assert_problem(&taken, StatusCode::CONFLICT, None);
+    taken.assert_problem(StatusCode::CONFLICT, None);
     let before = stack.schedule("good").await;
     for (patch, field) in [
         (json!({"cron": "61 * * * *"}), "cron"),
@@ -416,14 +378,14 @@ async fn an_invalid_definition_or_job_is_refused_naming_its_field_and_nothing_is
             .http
             .patch_json("/api/v1/schedules/good", &patch.to_string())
             .await;
-        assert_problem(&refused, StatusCode::UNPROCESSABLE_ENTITY, Some(field));
+        refused.assert_problem(StatusCode::UNPROCESSABLE_ENTITY, Some(field));
     }
     assert_eq!(stack.schedule("good").await, before, "unchanged");
     let nobody = stack
         .http
         .patch_json("/api/v1/schedules/nobody", r#"{"paused": true}"#)
         .await;
-    assert_problem(&nobody, StatusCode::NOT_FOUND, None);
+    nobody.assert_problem(StatusCode::NOT_FOUND, None);
     stack.stop().await;
 }
 
@@ -501,10 +463,10 @@ async fn a_cron_in_berlin_previews_its_weekday_ticks_in_utc_through_daylight_sav
             .http
             .get(&format!("/api/v1/schedules/standup/next?count={count}"))
             .await;
-        assert_problem(&refused, StatusCode::BAD_REQUEST, Some("count"));
+        refused.assert_problem(StatusCode::BAD_REQUEST, Some("count"));
     }
     let missing = stack.http.get("/api/v1/schedules/nobody/next").await;
-    assert_problem(&missing, StatusCode::NOT_FOUND, None);
+    missing.assert_problem(StatusCode::NOT_FOUND, None);
     stack.stop().await;
 }
 
@@ -618,6 +580,7 @@ async fn a_trigger_runs_the_job_at_once_as_the_schedules_run_and_every_change_is
         ("schedule.delete", 1),
     ] {
         let records: Vec<Value> = stack
+            .http
             .audit(action)
             .await
             .into_iter()
@@ -626,7 +589,7 @@ async fn a_trigger_runs_the_job_at_once_as_the_schedules_run_and_every_change_is
         assert_eq!(records.len(), count, "{action}: {records:?}");
         assert!(records.iter().all(|r| r["principal"] == "admin"));
     }
-    let triggers = stack.audit("schedule.trigger").await;
+    let triggers = stack.http.audit("schedule.trigger").await;
     assert!(
         triggers
             .iter()
@@ -637,8 +600,9 @@ async fn a_trigger_runs_the_job_at_once_as_the_schedules_run_and_every_change_is
     let refused = stack
         .create(&json!({"name": "report", "cron": "61 * * * *", "job": {"command": "true"}}))
         .await;
-    assert_problem(&refused, StatusCode::UNPROCESSABLE_ENTITY, Some("cron"));
+    refused.assert_problem(StatusCode::UNPROCESSABLE_ENTITY, Some("cron"));
     let failures: Vec<Value> = stack
+        .http
         .audit("schedule.create")
         .await
         .into_iter()
@@ -651,9 +615,9 @@ async fn a_trigger_runs_the_job_at_once_as_the_schedules_run_and_every_change_is
 #[tokio::test]
 async fn viewers_read_schedules_and_operators_change_only_their_own() {
     let stack = stack().await;
-    let olivia = stack.user("olivia", "operator").await;
-    let oscar = stack.user("oscar", "operator").await;
-    let victor = stack.user("victor", "viewer").await;
+    let olivia = stack.http.new_user("olivia", "operator").await;
+    let oscar = stack.http.new_user("oscar", "operator").await;
+    let victor = stack.http.new_user("victor", "viewer").await;
     let body = json!({
         "name": "olivias",
         "cron": YEARLY,
@@ -682,20 +646,20 @@ async fn viewers_read_schedules_and_operators_change_only_their_own() {
     let refused = victor
         .post_json("/api/v1/schedules", &own.to_string())
         .await;
-    assert_problem(&refused, StatusCode::FORBIDDEN, None);
+    refused.assert_problem(StatusCode::FORBIDDEN, None);
     assert_eq!(refused.json()["permission"], "schedules:manage");
     // Nor does an operator change another operator's schedule.
     let changed = oscar
         .patch_json("/api/v1/schedules/olivias", r#"{"paused": true}"#)
         .await;
-    assert_problem(&changed, StatusCode::FORBIDDEN, None);
+    changed.assert_problem(StatusCode::FORBIDDEN, None);
     assert_eq!(changed.json()["permission"], "schedules:manage:any");
     for path in ["pause", "resume", "trigger"] {
         let refused = post(&oscar, &format!("/api/v1/schedules/olivias/{path}")).await;
-        assert_problem(&refused, StatusCode::FORBIDDEN, None);
+        refused.assert_problem(StatusCode::FORBIDDEN, None);
     }
     let removed = delete(&oscar, "/api/v1/schedules/olivias").await;
-    assert_problem(&removed, StatusCode::FORBIDDEN, None);
+    removed.assert_problem(StatusCode::FORBIDDEN, None);
     assert_eq!(
         oscar.get("/api/v1/schedules/olivias").await.json()["job"]["env"]["TOKEN"],
         "***"
@@ -717,7 +681,7 @@ async fn viewers_read_schedules_and_operators_change_only_their_own() {
     );
 
     // Every refusal is audited (under `auth.denied`, naming the schedule).
-    let denied = stack.audit("auth.denied").await;
+    let denied = stack.http.audit("auth.denied").await;
     let on_schedules = denied
         .iter()
         .filter(|r| {

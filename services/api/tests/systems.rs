@@ -118,15 +118,6 @@ impl Stack {
         .await
     }
 
-    async fn audit(&self, action: &str) -> Vec<Value> {
-        let trail = self
-            .http
-            .get(&format!("/api/v1/audit?action={action}&limit=100"))
-            .await
-            .json();
-        trail["records"].as_array().cloned().unwrap_or_default()
-    }
-
     /// Waits until the audit trail holds `count` records of `action` (records published by
     /// other services reach the table through the API's projection).
     async fn audited(&self, action: &str, count: usize) -> Vec<Value> {
@@ -134,7 +125,7 @@ impl Stack {
             &format!("{count} {action} audit records"),
             Duration::from_secs(30),
             || async {
-                let records = self.audit(action).await;
+                let records = self.http.audit(action).await;
                 (records.len() >= count).then_some(records)
             },
         )
@@ -179,18 +170,6 @@ fn password_system(name: &str, host: &SshHost, password: &str, host_key: &str) -
         "host_key": host_key,
         "labels": {"role": "web"},
     })
-}
-
-fn assert_problem(reply: &Reply, status: StatusCode, field: Option<&str>) {
-    assert_eq!(reply.status, status, "{}", reply.text());
-    assert!(
-        reply.content_type().starts_with("application/problem+json"),
-        "{}",
-        reply.content_type()
-    );
-    if let Some(field) = field {
-        assert_eq!(reply.json()["field"], field, "{}", reply.text());
-    }
 }
 
 #[tokio::test]
@@ -251,7 +230,7 @@ async fn a_system_is_checked_healthy_and_shown_listed_and_measured_without_its_c
     let none = stack.http.get("/api/v1/systems?label=role=db").await.json();
     assert_eq!(none["systems"], json!([]), "{none}");
     let bad = stack.http.get("/api/v1/systems?label=role").await;
-    assert_problem(&bad, StatusCode::BAD_REQUEST, Some("label"));
+    bad.assert_problem(StatusCode::BAD_REQUEST, Some("label"));
 
     // The change is announced, once per change, on the system's subject.
     let event = tokio::time::timeout(Duration::from_secs(10), async {
@@ -334,7 +313,7 @@ async fn a_system_is_checked_healthy_and_shown_listed_and_measured_without_its_c
     assert!(scanned >= 6, "only {scanned} messages read");
 
     // Both additions are audited, naming the system and never the credential.
-    let created = stack.audit("system.create").await;
+    let created = stack.http.audit("system.create").await;
     assert_eq!(created.len(), 2, "{created:?}");
     assert!(
         created
@@ -394,7 +373,7 @@ async fn a_key_login_a_changed_host_key_and_a_closed_port_each_show_as_their_hea
         "the old finding is forgotten"
     );
     stack.health_becomes("by-key", "healthy").await;
-    let updates = stack.audit("system.update").await;
+    let updates = stack.http.audit("system.update").await;
     assert_eq!(updates.len(), 1, "{updates:?}");
     assert_eq!(updates[0]["detail"], "changed host_key", "{updates:?}");
 
@@ -411,7 +390,7 @@ async fn a_key_login_a_changed_host_key_and_a_closed_port_each_show_as_their_hea
         .expect("the bucket");
     assert!(status.get("gone").await.expect("reads").is_none());
     let missing = stack.http.get("/api/v1/systems/gone").await;
-    assert_problem(&missing, StatusCode::NOT_FOUND, None);
+    missing.assert_problem(StatusCode::NOT_FOUND, None);
     stack.stop().await;
 }
 
@@ -422,7 +401,7 @@ async fn trust_on_first_use_pins_the_first_key_audits_it_and_then_refuses_anothe
     let mut body = password_system("tofu", &host, host.password(), "");
     body.as_object_mut().expect("an object").remove("host_key");
     let refused = stack.add(body.clone()).await;
-    assert_problem(&refused, StatusCode::UNPROCESSABLE_ENTITY, Some("host_key"));
+    refused.assert_problem(StatusCode::UNPROCESSABLE_ENTITY, Some("host_key"));
 
     body["trust_on_first_use"] = json!(true);
     let added = stack.add(body).await;
@@ -448,7 +427,7 @@ async fn trust_on_first_use_pins_the_first_key_audits_it_and_then_refuses_anothe
     stack.health_becomes("tofu", "host_key_mismatch").await;
     let still = stack.http.get("/api/v1/systems/tofu").await.json();
     assert_ne!(still["host_key"], host.host_key(), "{still}");
-    assert_eq!(stack.audit("system.pin").await.len(), 1);
+    assert_eq!(stack.http.audit("system.pin").await.len(), 1);
     stack.stop().await;
 }
 
@@ -480,7 +459,7 @@ async fn only_administrators_change_systems_and_bad_input_names_its_field_and_st
             body[key] = value.clone();
         }
         let refused = stack.add(body).await;
-        assert_problem(&refused, StatusCode::UNPROCESSABLE_ENTITY, Some(field));
+        refused.assert_problem(StatusCode::UNPROCESSABLE_ENTITY, Some(field));
     }
     let unknown_field = stack.add(json!({"name": "x", "shell": "/bin/sh"})).await;
     assert!(
@@ -493,37 +472,20 @@ async fn only_administrators_change_systems_and_bad_input_names_its_field_and_st
 
     assert_eq!(stack.add(good.clone()).await.status, StatusCode::CREATED);
     let again = stack.add(good.clone()).await;
-    assert_problem(&again, StatusCode::CONFLICT, None);
+    again.assert_problem(StatusCode::CONFLICT, None);
     let nobody = stack.patch("nobody", json!({"active": false})).await;
-    assert_problem(&nobody, StatusCode::NOT_FOUND, None);
+    nobody.assert_problem(StatusCode::NOT_FOUND, None);
     let unpinned = stack.patch("web-1", json!({"host_key": null})).await;
-    assert_problem(
-        &unpinned,
-        StatusCode::UNPROCESSABLE_ENTITY,
-        Some("host_key"),
-    );
+    unpinned.assert_problem(StatusCode::UNPROCESSABLE_ENTITY, Some("host_key"));
 
     // An operator and a viewer read the catalogue, and change nothing in it.
     for (name, role) in [("olivia", "operator"), ("victor", "viewer")] {
-        let made = stack
-            .http
-            .post_json(
-                "/api/v1/users",
-                &json!({"name": name, "password": "a long enough password", "role": role})
-                    .to_string(),
-            )
-            .await;
-        assert_eq!(made.status, StatusCode::CREATED, "{}", made.text());
-        let user = stack
-            .http
-            .anonymous()
-            .login(name, "a long enough password")
-            .await;
+        let user = stack.http.new_user(name, role).await;
         assert_eq!(user.get("/api/v1/systems").await.status, StatusCode::OK);
         let mut other = good.clone();
         other["name"] = json!(format!("{name}-box"));
         let added = user.post_json("/api/v1/systems", &other.to_string()).await;
-        assert_problem(&added, StatusCode::FORBIDDEN, None);
+        added.assert_problem(StatusCode::FORBIDDEN, None);
         assert_eq!(
             added.json()["permission"],
             "systems:manage",
@@ -538,16 +500,16 @@ async fn only_administrators_change_systems_and_bad_input_names_its_field_and_st
                 json!({"hostname": "10.0.0.66"}).to_string(),
             )
             .await;
-        assert_problem(&changed, StatusCode::FORBIDDEN, None);
+        changed.assert_problem(StatusCode::FORBIDDEN, None);
         let removed = user
             .send(http::Method::DELETE, "/api/v1/systems/web-1", &[], "")
             .await;
-        assert_problem(&removed, StatusCode::FORBIDDEN, None);
+        removed.assert_problem(StatusCode::FORBIDDEN, None);
     }
     let kept = stack.http.get("/api/v1/systems/web-1").await.json();
     assert_eq!(kept["hostname"], "127.0.0.1", "{kept}");
     // Every refusal is audited (under `auth.denied`, naming the system).
-    let denied = stack.audit("auth.denied").await;
+    let denied = stack.http.audit("auth.denied").await;
     let on_systems = denied
         .iter()
         .filter(|r| {
@@ -707,7 +669,7 @@ async fn unknown_or_inactive_systems_are_refused_and_a_changed_host_key_fails_th
             &json!({"command": "true", "system": "nope"}).to_string(),
         )
         .await;
-    assert_problem(&refused, StatusCode::UNPROCESSABLE_ENTITY, Some("system"));
+    refused.assert_problem(StatusCode::UNPROCESSABLE_ENTITY, Some("system"));
     let with_secret = stack
         .http
         .post_json(
@@ -715,11 +677,7 @@ async fn unknown_or_inactive_systems_are_refused_and_a_changed_host_key_fails_th
             &json!({"command": "true", "system": "web-1", "secret_refs": {"A": "db"}}).to_string(),
         )
         .await;
-    assert_problem(
-        &with_secret,
-        StatusCode::UNPROCESSABLE_ENTITY,
-        Some("secret_refs"),
-    );
+    with_secret.assert_problem(StatusCode::UNPROCESSABLE_ENTITY, Some("secret_refs"));
 
     // Over NATS: the scheduler refuses it, and says why on the rejections subject.
     let client = stack.server.client().await;
@@ -762,7 +720,7 @@ async fn unknown_or_inactive_systems_are_refused_and_a_changed_host_key_fails_th
             &json!({"command": "true", "system": "idle"}).to_string(),
         )
         .await;
-    assert_problem(&refused, StatusCode::UNPROCESSABLE_ENTITY, Some("system"));
+    refused.assert_problem(StatusCode::UNPROCESSABLE_ENTITY, Some("system"));
 
     // The server's key changes: the job fails before any credential is sent.
     let added = stack

@@ -64,32 +64,6 @@ impl Stack {
         reply.json()["items"].as_array().cloned().expect("items")
     }
 
-    async fn audit(&self, action: &str) -> Vec<Value> {
-        let trail = self
-            .http
-            .get(&format!("/api/v1/audit?action={action}&limit=100"))
-            .await
-            .json();
-        trail["records"].as_array().cloned().unwrap_or_default()
-    }
-
-    /// Makes a user of `role` and returns a client logged in as them.
-    async fn user(&self, name: &str, role: &str) -> HttpClient {
-        let made = self
-            .http
-            .post_json(
-                "/api/v1/users",
-                &json!({"name": name, "password": "a long enough password", "role": role})
-                    .to_string(),
-            )
-            .await;
-        assert_eq!(made.status, StatusCode::CREATED, "{}", made.text());
-        self.http
-            .anonymous()
-            .login(name, "a long enough password")
-            .await
-    }
-
     async fn stop(self) {
         self.shutdown.cancel();
         self.api.await.expect("joins").expect("clean exit");
@@ -118,18 +92,6 @@ async fn cancel(client: &HttpClient, id: &str) -> Reply {
             "",
         )
         .await
-}
-
-fn assert_problem(reply: &Reply, status: StatusCode, field: Option<&str>) {
-    assert_eq!(reply.status, status, "{}", reply.text());
-    assert!(
-        reply.content_type().starts_with("application/problem+json"),
-        "{}",
-        reply.content_type()
-    );
-    if let Some(field) = field {
-        assert_eq!(reply.json()["field"], field, "{}", reply.text());
-    }
 }
 
 /// The step named `name` of a workflow's view.
@@ -273,7 +235,7 @@ async fn a_diamond_starts_its_root_step_as_a_job_of_its_creator_naming_its_workf
     assert_eq!(stack.listed("?status=running").await.len(), 2);
     assert_eq!(stack.listed("?status=succeeded").await, Vec::<Value>::new());
     let bad_filter = stack.http.get("/api/v1/workflows?status=sometimes").await;
-    assert_problem(&bad_filter, StatusCode::BAD_REQUEST, None);
+    bad_filter.assert_problem(StatusCode::BAD_REQUEST, None);
     stack.stop().await;
 }
 
@@ -430,7 +392,7 @@ async fn an_invalid_workflow_is_refused_naming_the_wrong_path_and_nothing_is_sto
         .count();
     for (body, status, field, says) in cases {
         let refused = create(&stack.http, &body).await;
-        assert_problem(&refused, status, field);
+        refused.assert_problem(status, field);
         let detail = refused.json()["detail"]
             .as_str()
             .unwrap_or_default()
@@ -442,7 +404,7 @@ async fn an_invalid_workflow_is_refused_naming_the_wrong_path_and_nothing_is_sto
         .http
         .post_json("/api/v1/workflows", r#"{"name": "w", "steps": ["#)
         .await;
-    assert_problem(&malformed, StatusCode::BAD_REQUEST, None);
+    malformed.assert_problem(StatusCode::BAD_REQUEST, None);
     assert!(malformed.json()["field"].is_null(), "{}", malformed.text());
     let text = stack
         .http
@@ -453,7 +415,7 @@ async fn an_invalid_workflow_is_refused_naming_the_wrong_path_and_nothing_is_sto
             "name: w",
         )
         .await;
-    assert_problem(&text, StatusCode::UNSUPPORTED_MEDIA_TYPE, None);
+    text.assert_problem(StatusCode::UNSUPPORTED_MEDIA_TYPE, None);
 
     // Nothing was stored, and no step's job was submitted.
     assert_eq!(stack.listed("").await, Vec::<Value>::new());
@@ -461,6 +423,7 @@ async fn an_invalid_workflow_is_refused_naming_the_wrong_path_and_nothing_is_sto
     assert_eq!(jobs["jobs"], json!([]), "{jobs}");
     // The refusals the handler made are audited as failed creations.
     let failures = stack
+        .http
         .audit("workflow.create")
         .await
         .into_iter()
@@ -473,13 +436,13 @@ async fn an_invalid_workflow_is_refused_naming_the_wrong_path_and_nothing_is_sto
 #[tokio::test]
 async fn viewers_cannot_create_and_operators_cancel_only_their_own_workflows() {
     let stack = stack(false).await;
-    let olivia = stack.user("olivia", "operator").await;
-    let oscar = stack.user("oscar", "operator").await;
-    let victor = stack.user("victor", "viewer").await;
+    let olivia = stack.http.new_user("olivia", "operator").await;
+    let oscar = stack.http.new_user("oscar", "operator").await;
+    let victor = stack.http.new_user("victor", "viewer").await;
 
     // A viewer reads workflows and creates none.
     let refused = create(&victor, &diamond("victors")).await;
-    assert_problem(&refused, StatusCode::FORBIDDEN, None);
+    refused.assert_problem(StatusCode::FORBIDDEN, None);
     assert_eq!(refused.json()["permission"], "jobs:submit");
     let olivias = created(&olivia, &diamond("olivias")).await;
     let olivias_id = olivias["id"].as_str().expect("an id").to_owned();
@@ -490,17 +453,17 @@ async fn viewers_cannot_create_and_operators_cancel_only_their_own_workflows() {
     assert_eq!(listed.status, StatusCode::OK, "{}", listed.text());
     assert_eq!(listed.json()["items"].as_array().map(Vec::len), Some(1));
     let refused = cancel(&victor, &olivias_id).await;
-    assert_problem(&refused, StatusCode::FORBIDDEN, None);
+    refused.assert_problem(StatusCode::FORBIDDEN, None);
     assert_eq!(refused.json()["permission"], "jobs:cancel:own");
 
     // An operator does not cancel another operator's workflow.
     let refused = cancel(&oscar, &olivias_id).await;
-    assert_problem(&refused, StatusCode::FORBIDDEN, None);
+    refused.assert_problem(StatusCode::FORBIDDEN, None);
     assert_eq!(refused.json()["permission"], "jobs:cancel:any");
     let untouched = stack.workflow(&olivias_id).await;
     assert!(untouched["cancel_requested_at"].is_null(), "{untouched}");
     let unknown = cancel(&oscar, "01ARZ3NDEKTSV4RRFFQ69G5FAV").await;
-    assert_problem(&unknown, StatusCode::NOT_FOUND, None);
+    unknown.assert_problem(StatusCode::NOT_FOUND, None);
 
     // Its owner does: the waiting steps are skipped but for the `always` one, which starts
     // at once (the step it waits for was skipped), and the root step's job (no scheduler took
@@ -545,6 +508,7 @@ async fn viewers_cannot_create_and_operators_cancel_only_their_own_workflows() {
     // Creations and cancels are audited by workflow, refusals under `auth.denied`.
     let resource = |id: &str| json!(format!("workflow/{id}"));
     let creations: Vec<Value> = stack
+        .http
         .audit("workflow.create")
         .await
         .into_iter()
@@ -565,6 +529,7 @@ async fn viewers_cannot_create_and_operators_cancel_only_their_own_workflows() {
             .contains("do-not-show")
     }));
     let cancels: Vec<(Value, Value)> = stack
+        .http
         .audit("workflow.cancel")
         .await
         .into_iter()
@@ -580,7 +545,7 @@ async fn viewers_cannot_create_and_operators_cancel_only_their_own_workflows() {
         2
     );
     assert!(cancels.contains(&(resource(&oscars_id), json!("admin"))));
-    let denied = stack.audit("auth.denied").await;
+    let denied = stack.http.audit("auth.denied").await;
     let on_workflows = denied
         .iter()
         .filter(|r| {
@@ -598,9 +563,9 @@ async fn an_unknown_or_malformed_workflow_id_is_not_found() {
     let stack = stack(false).await;
     for id in ["01ARZ3NDEKTSV4RRFFQ69G5FAV", "not-an-id", "a.b"] {
         let missing = stack.http.get(&format!("/api/v1/workflows/{id}")).await;
-        assert_problem(&missing, StatusCode::NOT_FOUND, None);
+        missing.assert_problem(StatusCode::NOT_FOUND, None);
         let missing = cancel(&stack.http, id).await;
-        assert_problem(&missing, StatusCode::NOT_FOUND, None);
+        missing.assert_problem(StatusCode::NOT_FOUND, None);
     }
     stack.stop().await;
 }
@@ -642,7 +607,7 @@ async fn a_cancelled_workflow_ends_cancelled_and_a_cancel_after_its_end_is_a_con
     let job = stack.http.get(&format!("/api/v1/jobs/{job}")).await.json();
     assert_eq!(job["status"], "cancelled", "{job}");
     let late = cancel(&stack.http, &id).await;
-    assert_problem(&late, StatusCode::CONFLICT, None);
+    late.assert_problem(StatusCode::CONFLICT, None);
     assert!(
         late.json()["detail"]
             .as_str()
