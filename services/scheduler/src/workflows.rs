@@ -2,8 +2,9 @@
 //!
 //! The API creates a workflow and starts its first steps; from then on, schedulers carry it.
 //! A step's job events carry its workflow in a header (`Capstan-Workflow`), so the end of a
-//! step is heard by every replica at once and queued per workflow; one task handles the queue,
-//! a workflow at a time. Because those events come over core NATS and may be missed, every
+//! step is heard by every replica at once and queued per workflow; one task takes the queue
+//! and carries up to [`CARRIED_AT_ONCE`] workflows side by side, never one workflow twice at
+//! once. Because those events come over core NATS and may be missed, every
 //! running workflow in a live view of the bucket is also read in full every
 //! [`SWEEP_INTERVAL`]: that is also how a replica started after every other one died picks up
 //! the workflows they left. Replicas do all of this side by side: each step is a
@@ -16,6 +17,7 @@ use std::time::Duration;
 use capstan_mesh::BucketView;
 use capstan_mesh::workflow::{self, Seen};
 use capstan_protocol::{JobId, JobRecord};
+use futures::StreamExt;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -23,6 +25,11 @@ use crate::Scheduler;
 
 /// How often every running workflow is read in full.
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How many workflows one replica carries forward at once: a reconcile mostly waits on NATS
+/// (reads, a compare-and-swap, a submission), so carrying one at a time would queue every
+/// step's hand-off behind every other workflow's.
+pub const CARRIED_AT_ONCE: usize = 16;
 
 /// What this replica heard of the workflows' steps and has not handled yet.
 #[derive(Default)]
@@ -81,11 +88,10 @@ impl Scheduler {
                     .filter(|found| !found.value.status.is_terminal())
                     .map(|found| found.value.id)
                     .collect();
-                for id in running {
-                    if shutdown.is_cancelled() {
-                        return;
-                    }
-                    self.carry_workflow(id, Seen::ReadAll).await;
+                let swept = self.carry_all(running.into_iter().map(|id| (id, Seen::ReadAll)));
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = swept => {}
                 }
             }
         }
@@ -102,9 +108,16 @@ impl Scheduler {
     }
 
     async fn carry_heard(&self) {
-        for (id, jobs) in self.workflows.take() {
-            self.carry_workflow(id, Seen::Jobs(jobs)).await;
-        }
+        let heard = self.workflows.take();
+        self.carry_all(heard.into_iter().map(|(id, jobs)| (id, Seen::Jobs(jobs))))
+            .await;
+    }
+
+    /// Carries each of `workflows` (distinct ids), [`CARRIED_AT_ONCE`] at a time.
+    async fn carry_all(&self, workflows: impl Iterator<Item = (JobId, Seen)>) {
+        futures::stream::iter(workflows)
+            .for_each_concurrent(CARRIED_AT_ONCE, |(id, seen)| self.carry_workflow(id, seen))
+            .await;
     }
 
     async fn carry_workflow(&self, id: JobId, seen: Seen) {
