@@ -693,3 +693,84 @@ async fn viewers_read_schedules_and_operators_change_only_their_own() {
     assert_eq!(on_schedules, 6, "{denied:?}");
     stack.stop().await;
 }
+
+#[tokio::test]
+async fn disabling_or_deleting_an_owner_pauses_their_schedules_which_stay_paused_until_they_are_enabled()
+ {
+    let stack = stack().await;
+    let olivia = stack.http.new_user("olivia", "operator").await;
+    let oscar = stack.http.new_user("oscar", "operator").await;
+    for (owner, name) in [
+        (&olivia, "olivias"),
+        (&oscar, "oscars"),
+        (&stack.http, "admins"),
+    ] {
+        let body = json!({"name": name, "every": "1h", "job": {"argv": ["/bin/true"]}});
+        let created = owner
+            .post_json("/api/v1/schedules", &body.to_string())
+            .await;
+        assert_eq!(created.status, StatusCode::CREATED, "{}", created.text());
+        assert_eq!(created.json()["paused"], false);
+    }
+
+    // Disabling olivia pauses her schedule, and only hers; the audit record says so.
+    let disabled = stack
+        .http
+        .patch_json("/api/v1/users/olivia", r#"{"disabled": true}"#)
+        .await;
+    assert_eq!(disabled.status, StatusCode::OK, "{}", disabled.text());
+    let olivias = stack.schedule("olivias").await;
+    assert_eq!(olivias["paused"], true, "{olivias}");
+    assert!(olivias["next"].is_null(), "no tick to come: {olivias}");
+    assert_eq!(stack.schedule("oscars").await["paused"], false);
+    assert_eq!(stack.schedule("admins").await["paused"], false);
+    let updates = stack.http.audit("user.update").await;
+    assert!(
+        updates.iter().any(|r| r["detail"].as_str().is_some_and(
+            |d| d.contains("disabled") && d.contains("paused their schedules olivias")
+        )),
+        "{updates:?}"
+    );
+
+    // Not even an administrator resumes it, by either route, while she stays disabled.
+    post(&stack.http, "/api/v1/schedules/olivias/resume")
+        .await
+        .assert_problem(StatusCode::CONFLICT, None);
+    stack
+        .http
+        .patch_json("/api/v1/schedules/olivias", r#"{"paused": false}"#)
+        .await
+        .assert_problem(StatusCode::CONFLICT, None);
+    // Changing it while it stays paused is fine.
+    let changed = stack
+        .http
+        .patch_json("/api/v1/schedules/olivias", r#"{"every": "2h"}"#)
+        .await;
+    assert_eq!(changed.status, StatusCode::OK, "{}", changed.text());
+    assert_eq!(stack.schedule("olivias").await["paused"], true);
+
+    // Enabled again, she is not resumed by herself; resuming works again.
+    let enabled = stack
+        .http
+        .patch_json("/api/v1/users/olivia", r#"{"disabled": false}"#)
+        .await;
+    assert_eq!(enabled.status, StatusCode::OK, "{}", enabled.text());
+    assert_eq!(stack.schedule("olivias").await["paused"], true);
+    let resumed = post(&stack.http, "/api/v1/schedules/olivias/resume").await;
+    assert_eq!(resumed.status, StatusCode::OK, "{}", resumed.text());
+    assert_eq!(resumed.json()["paused"], false);
+
+    // Deleting oscar pauses his, for good.
+    let deleted = delete(&stack.http, "/api/v1/users/oscar").await;
+    assert_eq!(deleted.status, StatusCode::NO_CONTENT, "{}", deleted.text());
+    assert_eq!(stack.schedule("oscars").await["paused"], true);
+    let refused = post(&stack.http, "/api/v1/schedules/oscars/resume").await;
+    refused.assert_problem(StatusCode::CONFLICT, None);
+    assert!(
+        refused.text().contains("no longer exists"),
+        "{}",
+        refused.text()
+    );
+    assert_eq!(stack.schedule("admins").await["paused"], false);
+    stack.stop().await;
+}

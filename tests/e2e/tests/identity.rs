@@ -562,12 +562,14 @@ async fn roles_decide_who_submits_cancels_manages_and_reads_secrets(backend: Bac
         (admin.get(&format!("/api/v1/jobs/{second}")).await.status == StatusCode::OK).then_some(())
     })
     .await;
+    let cancelled = admin
+        .post_json(&format!("/api/v1/jobs/{second}/cancel"), "")
+        .await;
     assert_eq!(
-        admin
-            .post_json(&format!("/api/v1/jobs/{second}/cancel"), "")
-            .await
-            .status,
-        StatusCode::ACCEPTED
+        cancelled.status,
+        StatusCode::ACCEPTED,
+        "{}",
+        cancelled.text()
     );
 
     // Nodes, users and the audit trail are the administrators'.

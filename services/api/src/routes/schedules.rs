@@ -11,12 +11,18 @@
 //! `schedules:manage` for one's own and `schedules:manage:any` for another's. Every change is
 //! audited (`schedule.create`, `schedule.update` — pause and resume too —, `schedule.delete`,
 //! `schedule.trigger`) with `schedule/<name>` as its resource.
+//!
+//! Disabling or deleting a local user pauses their schedules ([`pause_owned_by`]), and none of
+//! them may be resumed while the owner stays disabled ([`owner_may_run`]): a run carries its
+//! owner's authority (their secrets, their systems), which the owner no longer has.
 
 use capstan_mesh::{Change, Modified, Versioned};
 use capstan_protocol::codec::{self, Encoding};
 use capstan_protocol::schedule::{ScheduleDefinition, ScheduleRecord};
 use capstan_protocol::spec::JobSpecWire;
-use capstan_protocol::{AuditAction, JobId, JobSpec, RejectionCode, SpecError, Timestamp};
+use capstan_protocol::{
+    AuditAction, AuthMethod, JobId, JobSpec, RejectionCode, SpecError, Timestamp,
+};
 use poem::{FromRequest, IntoResponse, Request, RequestBody};
 use poem_openapi::param::{Path, Query};
 use poem_openapi::payload::Json;
@@ -174,6 +180,9 @@ impl SchedulesApi {
         let patch = body.0;
         let stored = existing(state, &name).await?;
         may_change(&auth, caller, &stored.value)?;
+        if !patch.paused.unwrap_or(stored.value.definition.paused) {
+            owner_may_run(state, &stored.value).await?;
+        }
         let job = match patch.job {
             Some(wire) => {
                 auth.allow_read(Permission::JobsSubmit)?;
@@ -314,8 +323,9 @@ impl SchedulesApi {
     }
 
     /// Resume a schedule: its next tick is counted from now (ticks missed while it was paused
-    /// are not run). Audited as `schedule.update`. Needs `schedules:manage` for one's own
-    /// schedule, `schedules:manage:any` for another's.
+    /// are not run). Refused (409) while its owner's account is disabled or deleted. Audited
+    /// as `schedule.update`. Needs `schedules:manage` for one's own schedule,
+    /// `schedules:manage:any` for another's.
     #[oai(
         path = "/schedules/:name/resume",
         method = "post",
@@ -564,6 +574,71 @@ async fn arm(state: &crate::State, record: &ScheduleRecord, now: Timestamp) {
     }
 }
 
+/// True when `owner` is a local user (password or API token), whom an administrator can
+/// disable; a provider's user is the provider's to disable, and NATS publishers have no account.
+fn local_user(owner: &capstan_protocol::SubmittedBy) -> bool {
+    matches!(owner.via, AuthMethod::Password | AuthMethod::Token)
+}
+
+/// Refuses to let `record` tick when its owner is a local user who was disabled or deleted:
+/// its runs would be submitted with an authority the owner no longer has.
+async fn owner_may_run(state: &crate::State, record: &ScheduleRecord) -> Result<(), ApiError> {
+    let owner = &record.owner;
+    if !local_user(owner) {
+        return Ok(());
+    }
+    let user = capstan_store::identity::user(state.history.identity(), &owner.principal)
+        .await
+        .map_err(|error| ApiError::from(capstan_store::Error::from(error)))?;
+    let why = match user {
+        Some(user) if !user.disabled => return Ok(()),
+        Some(_) => "is disabled",
+        None => "no longer exists",
+    };
+    Err(ApiError::conflict(format!(
+        "schedule `{}` runs as `{}`, who {why}: it stays paused until its owner is enabled again",
+        record.name, owner.principal
+    )))
+}
+
+/// Pauses every schedule of local user `name`, who was just disabled or deleted, so that no
+/// run goes on with an authority they lost. Returns the names of those it paused.
+pub(crate) async fn pause_owned_by(
+    state: &crate::State,
+    name: &str,
+) -> Result<Vec<String>, ApiError> {
+    let now = Timestamp::now();
+    let mut paused = Vec::new();
+    for stored in state.mesh.schedules.values().await? {
+        let record = &stored.value;
+        if record.definition.paused || record.owner.principal != name || !local_user(&record.owner)
+        {
+            continue;
+        }
+        let schedule = record.name.clone();
+        let written = state
+            .mesh
+            .schedules
+            .modify_from(&schedule, Some(stored), |current| {
+                let Some(current) = current else {
+                    return Change::Stop(());
+                };
+                if current.value.definition.paused {
+                    return Change::Stop(());
+                }
+                let mut record = current.value.clone();
+                record.definition.paused = true;
+                moved_on(&mut record, &current.value, now);
+                Change::Write(record)
+            })
+            .await?;
+        if let Modified::Written { .. } = written {
+            paused.push(schedule);
+        }
+    }
+    Ok(paused)
+}
+
 /// Pauses (`paused`) or resumes schedule `name`.
 async fn set_paused(
     state: &crate::State,
@@ -578,6 +653,9 @@ async fn set_paused(
     )?;
     let stored = existing(state, name).await?;
     may_change(auth, caller, &stored.value)?;
+    if !paused {
+        owner_may_run(state, &stored.value).await?;
+    }
     let now = Timestamp::now();
     let written = state
         .mesh

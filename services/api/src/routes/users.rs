@@ -191,7 +191,8 @@ impl UsersApi {
         Ok(Done::Done)
     }
 
-    /// Change a user: role, disabled, or a password reset. Needs `users:manage`.
+    /// Change a user: role, disabled, or a password reset. Disabling a user pauses their
+    /// schedules, which stay paused until they are enabled again. Needs `users:manage`.
     #[oai(path = "/users/:name", method = "patch", operation_id = "updateUser")]
     async fn update(
         &self,
@@ -266,12 +267,20 @@ impl UsersApi {
         if !changed.is_empty() {
             auth.detail(changed.join(", "));
             revoke_user(state, &name, updated.disabled, "user.update").await?;
+            // Asking again pauses what an interrupted earlier request left running.
+            if disabled == Some(true) {
+                let paused = super::schedules::pause_owned_by(state, &name).await?;
+                if !paused.is_empty() {
+                    changed.push(format!("paused their schedules {}", paused.join(", ")));
+                    auth.detail(changed.join(", "));
+                }
+            }
         }
         Ok(Json(updated.into()))
     }
 
-    /// Delete a user. Their sessions and API tokens stop working at once; the jobs they
-    /// submitted keep their attribution. Needs `users:manage`.
+    /// Delete a user. Their sessions and API tokens stop working at once, and their schedules
+    /// are paused; the jobs they submitted keep their attribution. Needs `users:manage`.
     #[oai(path = "/users/:name", method = "delete", operation_id = "deleteUser")]
     async fn delete(&self, auth: BearerAuth, name: Path<String>) -> Result<Done, ApiError> {
         let state = served(&self.0)?;
@@ -304,6 +313,10 @@ impl UsersApi {
             identity::delete_user(db, &name).await.map_err(db_error)?;
         }
         revoke_user(state, &name, true, "user.delete").await?;
+        let paused = super::schedules::pause_owned_by(state, &name).await?;
+        if !paused.is_empty() {
+            auth.detail(format!("paused their schedules {}", paused.join(", ")));
+        }
         Ok(Done::Done)
     }
 }
