@@ -257,13 +257,7 @@ impl HandOffs {
     fn of(records: &[WorkflowRecord], jobs: &HashMap<JobId, JobRecord>) -> Self {
         let mut hand_offs = Self::default();
         for record in records.iter().filter(|r| r.status.is_terminal()) {
-            let index: HashMap<&str, usize> = record
-                .spec
-                .steps
-                .iter()
-                .enumerate()
-                .map(|(i, s)| (s.name.as_str(), i))
-                .collect();
+            let index = record.spec.step_indices();
             for (i, step) in record.spec.steps.iter().enumerate() {
                 if step.depends_on.is_empty() {
                     continue;

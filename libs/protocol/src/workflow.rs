@@ -91,6 +91,15 @@ pub struct WorkflowSpec {
 }
 
 impl WorkflowSpec {
+    /// Each step's place in `steps`, by name.
+    pub fn step_indices(&self) -> HashMap<&str, usize> {
+        self.steps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.name.as_str(), i))
+            .collect()
+    }
+
     /// Checks the graph, naming the path that is wrong: at least one step and at most
     /// [`MAX_STEPS`], unique valid names, known dependencies, no step depending on itself, no
     /// cycle, and jobs that start when their step does.
@@ -479,13 +488,7 @@ impl WorkflowRecord {
                 .filter_map(|s| s.job)
                 .collect();
         }
-        let index: HashMap<&str, usize> = self
-            .spec
-            .steps
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (s.name.as_str(), i))
-            .collect();
+        let index = self.spec.step_indices();
         // Skipping a step can decide the steps after it: go round until nothing moves.
         loop {
             let mut moved = false;

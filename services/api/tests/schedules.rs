@@ -695,7 +695,7 @@ async fn viewers_read_schedules_and_operators_change_only_their_own() {
 }
 
 #[tokio::test]
-async fn disabling_or_deleting_an_owner_pauses_their_schedules_which_stay_paused_until_they_are_enabled()
+async fn disabling_demoting_or_deleting_an_owner_pauses_their_schedules_which_stay_paused_until_undone()
  {
     let stack = stack().await;
     let olivia = stack.http.new_user("olivia", "operator").await;
@@ -759,6 +759,21 @@ async fn disabling_or_deleting_an_owner_pauses_their_schedules_which_stay_paused
     let resumed = post(&stack.http, "/api/v1/schedules/olivias/resume").await;
     assert_eq!(resumed.status, StatusCode::OK, "{}", resumed.text());
     assert_eq!(resumed.json()["paused"], false);
+
+    // Demoted to viewer (who may not submit jobs), she is paused again, and stays so.
+    let demoted = stack
+        .http
+        .patch_json("/api/v1/users/olivia", r#"{"role": "viewer"}"#)
+        .await;
+    assert_eq!(demoted.status, StatusCode::OK, "{}", demoted.text());
+    assert_eq!(stack.schedule("olivias").await["paused"], true);
+    let refused = post(&stack.http, "/api/v1/schedules/olivias/resume").await;
+    refused.assert_problem(StatusCode::CONFLICT, None);
+    assert!(
+        refused.text().contains("may no longer submit jobs"),
+        "{}",
+        refused.text()
+    );
 
     // Deleting oscar pauses his, for good.
     let deleted = delete(&stack.http, "/api/v1/users/oscar").await;

@@ -12,8 +12,8 @@
 //! audited (`schedule.create`, `schedule.update` — pause and resume too —, `schedule.delete`,
 //! `schedule.trigger`) with `schedule/<name>` as its resource.
 //!
-//! Disabling or deleting a local user pauses their schedules ([`pause_owned_by`]), and none of
-//! them may be resumed while the owner stays disabled ([`owner_may_run`]): a run carries its
+//! Disabling, deleting or demoting (below `jobs:submit`) a local user pauses their schedules
+//! ([`pause_owned_by`]), and none of them may be resumed while that lasts ([`owner_may_run`]): a run carries its
 //! owner's authority (their secrets, their systems), which the owner no longer has.
 
 use capstan_mesh::{Change, Modified, Versioned};
@@ -32,7 +32,7 @@ use poem_openapi::{ApiExtractor, ApiExtractorType, ApiResponse, ExtractParamOpti
 use serde::de::DeserializeOwned;
 
 use super::{BearerAuth, Tag, served};
-use crate::auth::{Permission, Principal};
+use crate::auth::{Permission, Principal, Role};
 use crate::model::schedules::{
     Schedule, ScheduleInput, ScheduleInputWire, ScheduleList, SchedulePatch, SchedulePatchWire,
     ScheduleTicks, ScheduleTriggered,
@@ -323,7 +323,8 @@ impl SchedulesApi {
     }
 
     /// Resume a schedule: its next tick is counted from now (ticks missed while it was paused
-    /// are not run). Refused (409) while its owner's account is disabled or deleted. Audited
+    /// are not run). Refused (409) while its owner is disabled, deleted, or may not submit
+    /// jobs. Audited
     /// as `schedule.update`. Needs `schedules:manage` for one's own schedule,
     /// `schedules:manage:any` for another's.
     #[oai(
@@ -580,8 +581,24 @@ fn local_user(owner: &capstan_protocol::SubmittedBy) -> bool {
     matches!(owner.via, AuthMethod::Password | AuthMethod::Token)
 }
 
-/// Refuses to let `record` tick when its owner is a local user who was disabled or deleted:
-/// its runs would be submitted with an authority the owner no longer has.
+/// Why schedules owned by `user` may not run, if they may not: their runs are submitted as
+/// the owner, so the owner must still be able to sign in and to submit jobs.
+pub(crate) fn why_runs_refused(user: &capstan_store::entity::user::Model) -> Option<&'static str> {
+    if user.disabled {
+        Some("is disabled")
+    } else if !user
+        .role
+        .parse::<Role>()
+        .is_ok_and(|role| role.grants(Permission::JobsSubmit))
+    {
+        Some("may no longer submit jobs")
+    } else {
+        None
+    }
+}
+
+/// Refuses to let `record` tick when its owner is a local user who was disabled, deleted or
+/// demoted below submitting jobs: its runs would carry an authority the owner no longer has.
 async fn owner_may_run(state: &crate::State, record: &ScheduleRecord) -> Result<(), ApiError> {
     let owner = &record.owner;
     if !local_user(owner) {
@@ -590,19 +607,21 @@ async fn owner_may_run(state: &crate::State, record: &ScheduleRecord) -> Result<
     let user = capstan_store::identity::user(state.history.identity(), &owner.principal)
         .await
         .map_err(|error| ApiError::from(capstan_store::Error::from(error)))?;
-    let why = match user {
-        Some(user) if !user.disabled => return Ok(()),
-        Some(_) => "is disabled",
+    let why = match &user {
+        Some(user) => match why_runs_refused(user) {
+            Some(why) => why,
+            None => return Ok(()),
+        },
         None => "no longer exists",
     };
     Err(ApiError::conflict(format!(
-        "schedule `{}` runs as `{}`, who {why}: it stays paused until its owner is enabled again",
+        "schedule `{}` runs as `{}`, who {why}: it stays paused until its owner may run it again",
         record.name, owner.principal
     )))
 }
 
-/// Pauses every schedule of local user `name`, who was just disabled or deleted, so that no
-/// run goes on with an authority they lost. Returns the names of those it paused.
+/// Pauses every schedule of local user `name`, who was just disabled, deleted or demoted
+/// below submitting jobs, so that no run goes on with an authority they lost. Returns the names of those it paused.
 pub(crate) async fn pause_owned_by(
     state: &crate::State,
     name: &str,

@@ -191,8 +191,9 @@ impl UsersApi {
         Ok(Done::Done)
     }
 
-    /// Change a user: role, disabled, or a password reset. Disabling a user pauses their
-    /// schedules, which stay paused until they are enabled again. Needs `users:manage`.
+    /// Change a user: role, disabled, or a password reset. Disabling a user, or giving them a
+    /// role that may not submit jobs, pauses their schedules, which nobody may resume until
+    /// that is undone. Needs `users:manage`.
     #[oai(path = "/users/:name", method = "patch", operation_id = "updateUser")]
     async fn update(
         &self,
@@ -268,7 +269,7 @@ impl UsersApi {
             auth.detail(changed.join(", "));
             revoke_user(state, &name, updated.disabled, "user.update").await?;
             // Asking again pauses what an interrupted earlier request left running.
-            if disabled == Some(true) {
+            if super::schedules::why_runs_refused(&updated).is_some() {
                 let paused = super::schedules::pause_owned_by(state, &name).await?;
                 if !paused.is_empty() {
                     changed.push(format!("paused their schedules {}", paused.join(", ")));
