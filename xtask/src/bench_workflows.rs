@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use async_nats::jetstream::kv::Store;
 use capstan_protocol::workflow::{WorkflowRecord, WorkflowStatus};
-use capstan_protocol::{JobId, JobRecord, Timestamp, topology};
+use capstan_protocol::{JobId, JobRecord, Timestamp, subjects, topology};
 use capstan_testkit::http::HttpClient;
 use futures::StreamExt;
 use serde_json::json;
@@ -117,9 +117,7 @@ struct Ends {
 
 impl Ends {
     async fn subscribe(client: &async_nats::Client) -> anyhow::Result<Self> {
-        // `capstan.events.workflows.<id>.<status>`: the workflow's own start and end, not its
-        // steps' (those have more tokens).
-        let events = client.subscribe("capstan.events.workflows.*.*").await?;
+        let events = client.subscribe(subjects::WORKFLOW_RUN_EVENTS_ALL).await?;
         client.flush().await?;
         Ok(Self {
             events,

@@ -205,6 +205,10 @@ pub fn schedule_event(schedule: &str, outcome: crate::schedule::TickOutcome) -> 
 /// Every workflow event.
 pub const WORKFLOW_EVENTS_ALL: &str = "capstan.events.workflows.>";
 
+/// Every workflow's own start and end, without its steps' events (which have more tokens):
+/// [`workflow_event`]'s subjects.
+pub const WORKFLOW_RUN_EVENTS_ALL: &str = "capstan.events.workflows.*.*";
+
 /// A workflow started or ended (`capstan.events.workflows.<id>.<status>`).
 pub fn workflow_event(workflow: JobId, status: crate::workflow::WorkflowStatus) -> String {
     format!("capstan.events.workflows.{workflow}.{}", status.as_str())
