@@ -431,9 +431,11 @@ fn api(allowed: &mut Allowed) {
         allowed.bucket_write(bucket, "*");
         allowed.bucket_read(bucket, "*");
     }
-    // Listing the schedules and the workflows.
+    // Listing the schedules and the workflows; finding a user's open fan-outs, to cancel them
+    // when the user may no longer submit jobs.
     allowed.bucket_watch(&topology::SCHEDULES);
     allowed.bucket_watch(&topology::WORKFLOWS);
+    allowed.bucket_watch(&topology::FANOUTS);
     // Saying why a job waits for a concurrency slot.
     allowed.bucket_read(&topology::CONCURRENCY, "*");
     // Listing the stored secrets (names and users, never values).

@@ -2,7 +2,8 @@
 //! created and starts its root step (a job submitted as its creator, naming its workflow and
 //! step), shown step by step and listed newest first; invalid definitions are refused naming
 //! the wrong path, and nothing is stored; who may create and cancel whose workflows, and the
-//! audit trail of both; unknown ids. The API alone carries these: it stores a workflow and
+//! audit trail of both; a creator disabled, demoted or deleted has theirs cancelled; unknown
+//! ids. The API alone carries these: it stores a workflow and
 //! submits its first steps. One test adds a scheduler, which carries a cancelled workflow to
 //! its end.
 
@@ -616,5 +617,79 @@ async fn a_cancelled_workflow_ends_cancelled_and_a_cancel_after_its_end_is_a_con
     let ended_list = stack.listed("?status=cancelled").await;
     assert_eq!(ended_list.len(), 1, "{ended_list:?}");
     assert_eq!(ended_list[0]["steps"]["skipped"], 1);
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn disabling_demoting_or_deleting_its_creator_cancels_a_running_workflow_and_no_other() {
+    let stack = stack(false).await;
+    let olivia = stack.http.new_user("olivia", "operator").await;
+    let oscar = stack.http.new_user("oscar", "operator").await;
+    let dora = stack.http.new_user("dora", "operator").await;
+    let mut ids = std::collections::BTreeMap::new();
+    for (creator, name) in [
+        (&olivia, "olivias"),
+        (&oscar, "oscars"),
+        (&dora, "doras"),
+        (&stack.http, "admins"),
+    ] {
+        let workflow = created(creator, &diamond(name)).await;
+        ids.insert(name, workflow["id"].as_str().expect("an id").to_owned());
+    }
+    let cancel_asked = |view: &Value| view["cancel_requested_at"].is_string();
+
+    // Disabled, olivia's workflow is cancelled: its waiting steps are skipped but for the
+    // `always` clean-up. Only hers, and the audit record names it.
+    let disabled = stack
+        .http
+        .patch_json("/api/v1/users/olivia", r#"{"disabled": true}"#)
+        .await;
+    assert_eq!(disabled.status, StatusCode::OK, "{}", disabled.text());
+    let olivias = stack.workflow(&ids["olivias"]).await;
+    assert!(cancel_asked(&olivias), "{olivias}");
+    for name in ["test-a", "test-b", "deploy"] {
+        assert_eq!(step(&olivias, name)["status"], "skipped", "{olivias}");
+    }
+    for other in ["oscars", "doras", "admins"] {
+        let view = stack.workflow(&ids[other]).await;
+        assert!(!cancel_asked(&view), "{view}");
+    }
+    let detail = format!("cancelled their workflows {}", ids["olivias"]);
+    let updates = stack.http.audit("user.update").await;
+    assert!(
+        updates.iter().any(|r| r["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("disabled") && d.contains(&detail))),
+        "{updates:?}"
+    );
+
+    // Demoted to a viewer, who may not submit jobs, oscar's is cancelled too.
+    let demoted = stack
+        .http
+        .patch_json("/api/v1/users/oscar", r#"{"role": "viewer"}"#)
+        .await;
+    assert_eq!(demoted.status, StatusCode::OK, "{}", demoted.text());
+    let oscars = stack.workflow(&ids["oscars"]).await;
+    assert!(cancel_asked(&oscars), "{oscars}");
+
+    // Deleted, dora's is cancelled; the administrator's still runs untouched.
+    let deleted = stack
+        .http
+        .send(http::Method::DELETE, "/api/v1/users/dora", &[], "")
+        .await;
+    assert_eq!(deleted.status, StatusCode::NO_CONTENT, "{}", deleted.text());
+    let doras = stack.workflow(&ids["doras"]).await;
+    assert!(cancel_asked(&doras), "{doras}");
+    let deletions = stack.http.audit("user.delete").await;
+    let detail = format!("cancelled their workflows {}", ids["doras"]);
+    assert!(
+        deletions
+            .iter()
+            .any(|r| r["detail"].as_str().is_some_and(|d| d.contains(&detail))),
+        "{deletions:?}"
+    );
+    let admins = stack.workflow(&ids["admins"]).await;
+    assert!(!cancel_asked(&admins), "{admins}");
+    assert_eq!(step(&admins, "test-a")["status"], "waiting", "{admins}");
     stack.stop().await;
 }

@@ -1,7 +1,7 @@
 //! Fan-out, with every service a separate process: one command run once on each of several
 //! remote systems (a real sshd under several names) or executor nodes, each target a job of
-//! its own, with `max_parallel`, `fail_fast`, cancel, an aggregate outcome, bad selectors, and
-//! a scheduler killed mid-way.
+//! its own, with `max_parallel`, `fail_fast`, cancel (asked, or by disabling its creator), an
+//! aggregate outcome, bad selectors, and a scheduler killed mid-way.
 
 use std::time::Duration;
 
@@ -42,6 +42,31 @@ async fn targets(http: &HttpClient, id: JobId) -> Vec<Value> {
     let reply = http.get(&format!("/api/v1/jobs/{id}/targets")).await;
     assert_eq!(reply.status.as_u16(), 200, "{}", reply.text());
     reply.json()["targets"].as_array().expect("a list").clone()
+}
+
+/// The status of each target of fan-out `id`, in order.
+async fn target_statuses(http: &HttpClient, id: JobId) -> Vec<Value> {
+    targets(http, id)
+        .await
+        .iter()
+        .map(|t| t["status"].clone())
+        .collect()
+}
+
+/// Waits until the first target of fan-out `id` runs.
+async fn first_target_running(http: &HttpClient, id: JobId) {
+    wait_until(
+        "the first target to run",
+        Duration::from_secs(60),
+        || async {
+            targets(http, id)
+                .await
+                .first()
+                .filter(|t| t["status"] == "running")
+                .map(|_| ())
+        },
+    )
+    .await;
 }
 
 /// The most of `records` that ran at once, from their own start and finish times.
@@ -246,7 +271,8 @@ async fn a_fan_out_with_an_unreachable_system_ends_partial_without_rerunning_the
 }
 
 #[tokio::test]
-async fn a_fan_out_over_nodes_runs_once_per_matching_node_and_fail_fast_and_cancel_stop_the_rest() {
+async fn a_fan_out_over_nodes_runs_once_per_matching_node_and_fail_fast_cancel_or_its_creator_disabled_stop_the_rest()
+ {
     let mut cluster = Cluster::start().await;
     cluster.registry("registry-1");
     cluster.scheduler("scheduler-1");
@@ -288,11 +314,7 @@ async fn a_fan_out_over_nodes_runs_once_per_matching_node_and_fail_fast_and_canc
     .await;
     let job = wait_outcome(&http, id, Duration::from_secs(60)).await;
     assert_eq!(job["fanout"]["outcome"], "failed", "{job}");
-    let statuses: Vec<Value> = targets(&http, id)
-        .await
-        .iter()
-        .map(|t| t["status"].clone())
-        .collect();
+    let statuses = target_statuses(&http, id).await;
     assert_eq!(statuses, ["failed", "cancelled", "skipped"], "{job}");
 
     // A cancel of the parent stops the running target and skips the others.
@@ -301,18 +323,7 @@ async fn a_fan_out_over_nodes_runs_once_per_matching_node_and_fail_fast_and_canc
         json!({"command": "sleep 60", "nodes": {}, "max_parallel": 1}),
     )
     .await;
-    wait_until(
-        "the first target to run",
-        Duration::from_secs(60),
-        || async {
-            targets(&http, id)
-                .await
-                .first()
-                .filter(|t| t["status"] == "running")
-                .map(|_| ())
-        },
-    )
-    .await;
+    first_target_running(&http, id).await;
     // As others would try it: an operator may not cancel the administrator's fan-out (refused
     // and audited), a viewer may read its targets but not submit one.
     let password = "a-long-enough-password";
@@ -365,16 +376,40 @@ async fn a_fan_out_over_nodes_runs_once_per_matching_node_and_fail_fast_and_canc
     let job = wait_outcome(&http, id, Duration::from_secs(60)).await;
     assert_eq!(job["fanout"]["outcome"], "cancelled", "{job}");
     assert_eq!(job["status"], "cancelled", "{job}");
-    let statuses: Vec<Value> = targets(&http, id)
-        .await
-        .iter()
-        .map(|t| t["status"].clone())
-        .collect();
+    let statuses = target_statuses(&http, id).await;
     assert_eq!(statuses, ["cancelled", "skipped", "skipped"], "{job}");
     let again = http
         .post_json(&format!("/api/v1/jobs/{id}/cancel"), "{}")
         .await;
     assert_eq!(again.status.as_u16(), 409, "{}", again.text());
+
+    // Disabling its creator cancels a fan-out that would go on submitting targets as her.
+    let id = submit(
+        &olga,
+        json!({"command": "sleep 60", "nodes": {}, "max_parallel": 1}),
+    )
+    .await;
+    first_target_running(&http, id).await;
+    let disabled = http
+        .patch_json("/api/v1/users/olga", r#"{"disabled": true}"#)
+        .await;
+    assert_eq!(disabled.status.as_u16(), 200, "{}", disabled.text());
+    let job = wait_outcome(&http, id, Duration::from_secs(60)).await;
+    assert_eq!(job["fanout"]["outcome"], "cancelled", "{job}");
+    let statuses = target_statuses(&http, id).await;
+    assert_eq!(statuses, ["cancelled", "skipped", "skipped"], "{job}");
+    let updates = http
+        .get("/api/v1/audit?action=user.update&principal=admin")
+        .await
+        .json();
+    let named = updates["records"].as_array().is_some_and(|records| {
+        records.iter().any(|r| {
+            r["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains(&format!("cancelled their fan-outs {id}")))
+        })
+    });
+    assert!(named, "{updates}");
 }
 
 #[tokio::test]

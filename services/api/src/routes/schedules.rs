@@ -577,7 +577,7 @@ async fn arm(state: &crate::State, record: &ScheduleRecord, now: Timestamp) {
 
 /// True when `owner` is a local user (password or API token), whom an administrator can
 /// disable; a provider's user is the provider's to disable, and NATS publishers have no account.
-fn local_user(owner: &capstan_protocol::SubmittedBy) -> bool {
+pub(crate) fn local_user(owner: &capstan_protocol::SubmittedBy) -> bool {
     matches!(owner.via, AuthMethod::Password | AuthMethod::Token)
 }
 

@@ -4,9 +4,12 @@
 //! A change that matters for credentials already handed out (a new role, disabling, a new
 //! password, deletion) ends the user's sessions and revokes their earlier access tokens on
 //! every replica; disabling or deleting also revokes their API tokens. The last enabled
-//! administrator cannot be demoted, disabled or deleted.
+//! administrator cannot be demoted, disabled or deleted. A user who may no longer submit jobs
+//! (disabled, deleted, or given a role without `jobs:submit`) has their schedules paused and
+//! their running workflows and fan-outs cancelled ([`stop_owned`]): each would otherwise go on
+//! submitting jobs as them.
 
-use capstan_protocol::{AuditAction, RevocationKey, Timestamp};
+use capstan_protocol::{AuditAction, JobId, RevocationKey, SubmittedBy, Timestamp};
 use capstan_store::entity::user;
 use capstan_store::identity::{self, UserChanges};
 use poem_openapi::param::Path;
@@ -193,7 +196,7 @@ impl UsersApi {
 
     /// Change a user: role, disabled, or a password reset. Disabling a user, or giving them a
     /// role that may not submit jobs, pauses their schedules, which nobody may resume until
-    /// that is undone. Needs `users:manage`.
+    /// that is undone, and cancels their running workflows and fan-outs. Needs `users:manage`.
     #[oai(path = "/users/:name", method = "patch", operation_id = "updateUser")]
     async fn update(
         &self,
@@ -270,18 +273,16 @@ impl UsersApi {
             revoke_user(state, &name, updated.disabled, "user.update").await?;
             // Asking again pauses what an interrupted earlier request left running.
             if super::schedules::why_runs_refused(&updated).is_some() {
-                let paused = super::schedules::pause_owned_by(state, &name).await?;
-                if !paused.is_empty() {
-                    changed.push(format!("paused their schedules {}", paused.join(", ")));
-                    auth.detail(changed.join(", "));
-                }
+                changed.extend(stop_owned(state, &name).await?);
+                auth.detail(changed.join(", "));
             }
         }
         Ok(Json(updated.into()))
     }
 
-    /// Delete a user. Their sessions and API tokens stop working at once, and their schedules
-    /// are paused; the jobs they submitted keep their attribution. Needs `users:manage`.
+    /// Delete a user. Their sessions and API tokens stop working at once, their schedules
+    /// are paused and their running workflows and fan-outs cancelled; the jobs they submitted keep their
+    /// attribution. Needs `users:manage`.
     #[oai(path = "/users/:name", method = "delete", operation_id = "deleteUser")]
     async fn delete(&self, auth: BearerAuth, name: Path<String>) -> Result<Done, ApiError> {
         let state = served(&self.0)?;
@@ -314,12 +315,81 @@ impl UsersApi {
             identity::delete_user(db, &name).await.map_err(db_error)?;
         }
         revoke_user(state, &name, true, "user.delete").await?;
-        let paused = super::schedules::pause_owned_by(state, &name).await?;
-        if !paused.is_empty() {
-            auth.detail(format!("paused their schedules {}", paused.join(", ")));
+        let stopped = stop_owned(state, &name).await?;
+        if !stopped.is_empty() {
+            auth.detail(stopped.join(", "));
         }
         Ok(Done::Done)
     }
+}
+
+/// Pauses the schedules and cancels the running workflows and fan-outs of local user `name`,
+/// who may no longer submit jobs: each would go on submitting jobs as them (a fan-out holding
+/// waiting targets, by `max_parallel` or a start to come, submits them later). Says what it
+/// did, for the audit record's detail (nothing when there was nothing to stop).
+async fn stop_owned(state: &State, name: &str) -> Result<Vec<String>, ApiError> {
+    let mesh = &state.mesh;
+    let paused = super::schedules::pause_owned_by(state, name).await?;
+    let workflows = open_owned(mesh.workflows.values().await?, name, |w| {
+        let stopping = w.status.is_terminal() || w.cancel_requested_at.is_some();
+        (w.id, w.submitted_by.as_ref(), stopping)
+    });
+    let workflows = cancel_each(workflows, |id| async move {
+        let asked = capstan_mesh::workflow::cancel(mesh, id).await?;
+        Ok(matches!(asked, Some((_, true))))
+    })
+    .await?;
+    let fanouts = open_owned(mesh.fanouts.values().await?, name, |f| {
+        let stopping = f.status.is_terminal() || f.cancel_requested_at.is_some();
+        (f.id, f.submitted_by.as_ref(), stopping)
+    });
+    let fanouts = cancel_each(fanouts, |id| async move {
+        let asked = capstan_mesh::fanout::cancel(mesh, id).await?;
+        Ok(matches!(asked, Some((_, true))))
+    })
+    .await?;
+    Ok([
+        ("paused their schedules", paused),
+        ("cancelled their workflows", workflows),
+        ("cancelled their fan-outs", fanouts),
+    ]
+    .into_iter()
+    .filter(|(_, names)| !names.is_empty())
+    .map(|(what, names)| format!("{what} {}", names.join(", ")))
+    .collect())
+}
+
+/// The ids of `records` created by local user `name` that are still going and were not asked
+/// to stop; `of` gives a record's id, creator, and whether it ended or was asked to stop.
+fn open_owned<T>(
+    records: Vec<capstan_mesh::Versioned<T>>,
+    name: &str,
+    of: impl Fn(&T) -> (JobId, Option<&SubmittedBy>, bool),
+) -> Vec<JobId> {
+    records
+        .iter()
+        .filter_map(|stored| {
+            let (id, by, stopping) = of(&stored.value);
+            let owned =
+                by.is_some_and(|by| by.principal == name && super::schedules::local_user(by));
+            (owned && !stopping).then_some(id)
+        })
+        .collect()
+}
+
+/// Asks `cancel` to stop each of `ids`; returns those it stopped (for which it says true).
+async fn cancel_each<F, Fut>(ids: Vec<JobId>, cancel: F) -> Result<Vec<String>, ApiError>
+where
+    F: Fn(JobId) -> Fut,
+    Fut: std::future::Future<Output = Result<bool, capstan_mesh::Error>>,
+{
+    let mut cancelled = Vec::new();
+    for id in ids {
+        if cancel(id).await? {
+            cancelled.push(id.to_string());
+        }
+    }
+    Ok(cancelled)
 }
 
 /// The user after a change that must keep an enabled administrator, or the refusal.
