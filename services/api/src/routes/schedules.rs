@@ -13,8 +13,9 @@
 //! `schedule.trigger`) with `schedule/<name>` as its resource.
 //!
 //! Disabling, deleting or demoting (below `jobs:submit`) a local user pauses their schedules
-//! ([`pause_owned_by`]), and none of them may be resumed while that lasts ([`owner_may_run`]): a run carries its
-//! owner's authority (their secrets, their systems), which the owner no longer has.
+//! ([`pause_owned_by`]), and none of them may be resumed while that lasts
+//! ([`owner_may_run`]): a run carries its owner's authority (their secrets, their systems),
+//! which the owner no longer has.
 
 use capstan_mesh::{Change, Modified, Versioned};
 use capstan_protocol::codec::{self, Encoding};
@@ -324,8 +325,7 @@ impl SchedulesApi {
 
     /// Resume a schedule: its next tick is counted from now (ticks missed while it was paused
     /// are not run). Refused (409) while its owner is disabled, deleted, or may not submit
-    /// jobs. Audited
-    /// as `schedule.update`. Needs `schedules:manage` for one's own schedule,
+    /// jobs. Audited as `schedule.update`. Needs `schedules:manage` for one's own schedule,
     /// `schedules:manage:any` for another's.
     #[oai(
         path = "/schedules/:name/resume",
@@ -577,8 +577,13 @@ async fn arm(state: &crate::State, record: &ScheduleRecord, now: Timestamp) {
 
 /// True when `owner` is a local user (password or API token), whom an administrator can
 /// disable; a provider's user is the provider's to disable, and NATS publishers have no account.
-pub(crate) fn local_user(owner: &capstan_protocol::SubmittedBy) -> bool {
+fn local_user(owner: &capstan_protocol::SubmittedBy) -> bool {
     matches!(owner.via, AuthMethod::Password | AuthMethod::Token)
+}
+
+/// True when `owner` is local user `name`: what a change to that user stops.
+pub(crate) fn is_local_user(owner: &capstan_protocol::SubmittedBy, name: &str) -> bool {
+    owner.principal == name && local_user(owner)
 }
 
 /// Why schedules owned by `user` may not run, if they may not: their runs are submitted as
@@ -621,7 +626,8 @@ async fn owner_may_run(state: &crate::State, record: &ScheduleRecord) -> Result<
 }
 
 /// Pauses every schedule of local user `name`, who was just disabled, deleted or demoted
-/// below submitting jobs, so that no run goes on with an authority they lost. Returns the names of those it paused.
+/// below submitting jobs, so that no run goes on with an authority they lost. Returns the
+/// names of those it paused.
 pub(crate) async fn pause_owned_by(
     state: &crate::State,
     name: &str,
@@ -630,8 +636,7 @@ pub(crate) async fn pause_owned_by(
     let mut paused = Vec::new();
     for stored in state.mesh.schedules.values().await? {
         let record = &stored.value;
-        if record.definition.paused || record.owner.principal != name || !local_user(&record.owner)
-        {
+        if record.definition.paused || !is_local_user(&record.owner, name) {
             continue;
         }
         let schedule = record.name.clone();

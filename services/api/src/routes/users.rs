@@ -271,7 +271,7 @@ impl UsersApi {
         if !changed.is_empty() {
             auth.detail(changed.join(", "));
             revoke_user(state, &name, updated.disabled, "user.update").await?;
-            // Asking again pauses what an interrupted earlier request left running.
+            // Asking again stops what an interrupted earlier request left running.
             if super::schedules::why_runs_refused(&updated).is_some() {
                 changed.extend(stop_owned(state, &name).await?);
                 auth.detail(changed.join(", "));
@@ -281,8 +281,8 @@ impl UsersApi {
     }
 
     /// Delete a user. Their sessions and API tokens stop working at once, their schedules
-    /// are paused and their running workflows and fan-outs cancelled; the jobs they submitted keep their
-    /// attribution. Needs `users:manage`.
+    /// are paused and their running workflows and fan-outs cancelled; the jobs they submitted
+    /// keep their attribution. Needs `users:manage`.
     #[oai(path = "/users/:name", method = "delete", operation_id = "deleteUser")]
     async fn delete(&self, auth: BearerAuth, name: Path<String>) -> Result<Done, ApiError> {
         let state = served(&self.0)?;
@@ -370,8 +370,7 @@ fn open_owned<T>(
         .iter()
         .filter_map(|stored| {
             let (id, by, stopping) = of(&stored.value);
-            let owned =
-                by.is_some_and(|by| by.principal == name && super::schedules::local_user(by));
+            let owned = by.is_some_and(|by| super::schedules::is_local_user(by, name));
             (owned && !stopping).then_some(id)
         })
         .collect()
