@@ -22,6 +22,8 @@
 //! - Schedules (`--schedules`, in `bench_schedules`): ticks held by one scheduler replica.
 //! - Workflows (`--workflows`, in `bench_workflows`): diamonds of jobs carried by one scheduler
 //!   replica, and how long a step waits once the steps before it ended.
+//! - Atomic batches (`--atomic-batch`, in `bench_batch`): one state change written as one
+//!   batch of record and event against two acknowledged writes, on nats-server alone.
 //! - Authentication (`--auth`): what the guard adds to `GET /api/v1/jobs/{id}` (the
 //!   `auth` bench of `capstan-api`).
 
@@ -125,6 +127,10 @@ pub struct Args {
     /// (`cargo bench -p capstan-api --bench auth`, optimised).
     #[arg(long)]
     auth: bool,
+    /// Instead of the pipeline, measure on nats-server alone what one job state change costs
+    /// written as an atomic batch (record and event) against two acknowledged writes.
+    #[arg(long)]
+    atomic_batch: bool,
 }
 
 pub(crate) struct Process {
@@ -229,6 +235,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         return Ok(());
     }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    if args.atomic_batch {
+        return runtime.block_on(crate::bench_batch::run());
+    }
     eprintln!("building release binaries");
     let status = super::cargo()
         .current_dir(&root)
@@ -241,10 +254,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"))
         .join("release");
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
     match args.history_rows {
         Some(rows) => runtime.block_on(history_queries(&bin, rows, args.database_url.clone())),
         None if args.failover => runtime.block_on(crate::failover::run(

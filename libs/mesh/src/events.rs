@@ -293,6 +293,13 @@ impl EventPublisher {
     /// Unlike a rejection, a failure is returned: an action whose record cannot be stored must
     /// not be reported as done.
     pub async fn audit(&self, record: &AuditRecord) -> Result<(), Error> {
+        self.audit_keyed(record, &record.id.to_string()).await
+    }
+
+    /// [`audit`](Self::audit) with `key` as the deduplication id instead of the record's: an
+    /// action seen again, such as a redelivered submission, audited under the same key within
+    /// the audit stream's deduplication window is stored once.
+    pub async fn audit_keyed(&self, record: &AuditRecord, key: &str) -> Result<(), Error> {
         let mut map = msgpack_headers();
         map.insert(headers::EVENT, record.action.as_str());
         map.insert(headers::STATUS, record.outcome.as_str());
@@ -301,7 +308,7 @@ impl EventPublisher {
         let publish = PublishMessage::build()
             .payload(payload)
             .headers(map)
-            .message_id(record.id.to_string());
+            .message_id(key);
         self.js
             .send_publish(subjects::audit(record.action), publish)
             .await

@@ -80,14 +80,18 @@ async fn create(
     if let Some(by) = &submitted_by
         && !created.duplicate
     {
-        let _entered = span.enter();
-        crate::audit_client(
+        // The job exists: it is answered even if its record could not be stored (the
+        // failure is logged).
+        let _ = crate::audit_client(
             events,
             AuditAction::JobSubmit,
             by,
             created.id,
             AuditOutcome::Success,
-        );
+            None,
+        )
+        .instrument(span)
+        .await;
     }
     Ok(created)
 }

@@ -244,14 +244,23 @@ impl Scheduler {
                     .await
             }
         };
-        if client.is_some() && matches!(accepted, Ok(Accepted::Done | Accepted::Waiting(_))) {
-            crate::audit_client(
+        // A client's submission is on the audit trail before it is acknowledged: if the record
+        // cannot be stored, the submission comes back, finds its job, and is audited again
+        // under the same key.
+        if client.is_some()
+            && matches!(accepted, Ok(Accepted::Done | Accepted::Waiting(_)))
+            && crate::audit_client(
                 &self.mesh.events,
                 AuditAction::JobSubmit,
                 &submitted_by,
                 id,
                 AuditOutcome::Success,
-            );
+                Some(format!("job.submit.{id}.{seq}")),
+            )
+            .await
+            .is_err()
+        {
+            return Handled::Retry(retry_delay(delivered));
         }
         crate::metrics::scheduler().submission(match &accepted {
             Ok(Accepted::Done | Accepted::Waiting(_)) => "accepted",

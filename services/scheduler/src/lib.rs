@@ -296,37 +296,45 @@ async fn cancel_job(mesh: &Mesh, job: JobRef, subject: &str) -> Result<Cancelled
             Err(error) if error.code == ErrorCode::Unavailable => AuditOutcome::Error,
             Err(_) => AuditOutcome::Failure,
         };
-        audit_client(
+        // The cancel has happened: it is answered even if its record could not be stored
+        // (the failure is logged).
+        let _ = audit_client(
             &mesh.events,
             AuditAction::JobCancel,
             &SubmittedBy::nats_client(client),
             job.id,
             outcome,
-        );
+            None,
+        )
+        .await;
     }
     cancelled
 }
 
 /// Records in the audit trail what a client identity did over NATS (the API records what is
-/// done through it), without waiting for the record to be stored.
-pub(crate) fn audit_client(
+/// done through it) and waits until the audit stream has stored it, so that an acknowledged
+/// submission or an answered request is on the trail. `key`, when given, is the record's
+/// deduplication id: a redelivered submission audited again within the stream's window is
+/// stored once. A failure is logged and returned.
+pub(crate) async fn audit_client(
     events: &EventPublisher,
     action: AuditAction,
     by: &SubmittedBy,
     job: JobId,
     outcome: AuditOutcome,
-) {
+    key: Option<String>,
+) -> Result<(), Error> {
     let mut record = AuditRecord::new(action, outcome);
     record.principal = Some(by.principal.clone());
     record.via = Some(by.via);
     record.resource = Some(format!("job/{job}"));
     record.trace_id = capstan_telemetry::propagation::trace_id();
-    let events = events.clone();
-    tokio::spawn(async move {
-        if let Err(error) = events.audit(&record).await {
-            tracing::warn!(error = %error, action = record.action.as_str(), "cannot record an audit record");
-        }
-    });
+    let key = key.unwrap_or_else(|| record.id.to_string());
+    let stored = events.audit_keyed(&record, &key).await;
+    if let Err(error) = &stored {
+        tracing::warn!(error = %error, action = record.action.as_str(), job = %job, "cannot record an audit record");
+    }
+    stored
 }
 
 async fn cancel_job_now(mesh: &Mesh, job: JobId) -> Result<Cancelled, ServiceError> {

@@ -9,11 +9,11 @@ use async_nats::jetstream;
 use capstan_e2e::Cluster;
 use capstan_mesh::identities::Identity;
 use capstan_protocol::codec::{self, Encoding};
-use capstan_protocol::reply::Created;
+use capstan_protocol::reply::{Cancelled, Created};
 use capstan_protocol::subjects::registry::NodeCall;
 use capstan_protocol::{
-    ErrorCode, Heartbeat, InstanceId, JobEventKind, JobId, JobStatus, NodeId, NodeRecord,
-    Registration, Rejection, RejectionCode, Reply, headers, subjects, topology,
+    AuditAction, AuditRecord, ErrorCode, Heartbeat, InstanceId, JobEventKind, JobId, JobStatus,
+    NodeId, NodeRecord, Registration, Rejection, RejectionCode, Reply, headers, subjects, topology,
 };
 use capstan_testkit::wait_until;
 use futures::StreamExt;
@@ -86,6 +86,37 @@ async fn ask(client: &async_nats::Client, subject: String, body: Vec<u8>) -> Opt
         Ok(Ok(message)) => Some(message.payload.to_vec()),
         _ => None,
     }
+}
+
+/// The audit records of `action` the audit stream holds, oldest first.
+async fn audit_records(admin: &jetstream::Context, action: AuditAction) -> Vec<AuditRecord> {
+    let Ok(mut stream) = admin.get_stream(topology::AUDIT.name).await else {
+        return Vec::new();
+    };
+    let Ok(state) = stream.info().await.map(|info| info.state.clone()) else {
+        return Vec::new();
+    };
+    let subject = subjects::audit(action);
+    let mut records = Vec::new();
+    for seq in state.first_sequence..=state.last_sequence {
+        let Ok(message) = stream.get_raw_message(seq).await else {
+            continue;
+        };
+        if message.subject.as_str() == subject {
+            records.push(codec::decode(Encoding::MsgPack, &message.payload).expect("a record"));
+        }
+    }
+    records
+}
+
+/// How many records of `action` the audit stream holds for `job`.
+async fn audited(admin: &jetstream::Context, action: AuditAction, job: JobId) -> usize {
+    let resource = format!("job/{job}");
+    audit_records(admin, action)
+        .await
+        .iter()
+        .filter(|record| record.resource.as_deref() == Some(resource.as_str()))
+        .count()
 }
 
 async fn node_record(cluster: &mut Cluster, name: &str) -> NodeRecord {
@@ -541,35 +572,18 @@ async fn a_job_sent_by_a_client_is_attributed_to_it_whatever_its_header_claims_a
 
     // The audit trail names the client for each.
     let admin = jetstream::new(cluster.client().await);
-    let audit = admin
-        .get_stream(topology::AUDIT.name)
-        .await
-        .expect("the audit stream");
-    let submit = subjects::audit(capstan_protocol::AuditAction::JobSubmit);
-    wait_until("both submissions audited", Duration::from_secs(10), || {
-        let mut audit = audit.clone();
-        let submit = submit.clone();
-        async move {
-            let Ok(state) = audit.info().await.map(|info| info.state.clone()) else {
-                return None;
-            };
-            let mut found = 0;
-            for seq in state.first_sequence..=state.last_sequence {
-                let Ok(message) = audit.get_raw_message(seq).await else {
-                    continue;
-                };
-                if message.subject.as_str() != submit {
-                    continue;
-                }
-                let record: capstan_protocol::AuditRecord =
-                    codec::decode(Encoding::MsgPack, &message.payload).expect("a record");
-                if record.principal.as_deref() == Some("nats:client") {
-                    found += 1;
-                }
-            }
-            (found >= 2).then_some(())
-        }
-    })
+    wait_until(
+        "both submissions audited",
+        Duration::from_secs(10),
+        || async {
+            let by_client = audit_records(&admin, AuditAction::JobSubmit)
+                .await
+                .iter()
+                .filter(|record| record.principal.as_deref() == Some("nats:client"))
+                .count();
+            (by_client >= 2).then_some(())
+        },
+    )
     .await;
 
     // A viewer follows events, and its submission is refused by the server.
@@ -966,4 +980,74 @@ async fn a_gateway_checks_a_system_under_its_permissions_and_a_client_lists_it_w
     let js = jetstream::new(plain);
     assert!(!stored(&js, status.clone(), "{\"health\": \"healthy\"}").await);
     refused(&cluster, &status).await;
+}
+
+#[tokio::test]
+async fn a_clients_create_cancel_and_submission_are_audited_once_before_they_are_answered_or_acknowledged()
+ {
+    let cluster = mesh().await;
+    let client = connect_as(&cluster, &Identity::client()).await;
+    let admin = jetstream::new(cluster.client().await);
+
+    // Created and cancelled over request/reply: each record is stored when its answer
+    // arrives, so the trail is read at once, without waiting.
+    let reply = client
+        .request(subjects::CREATE, r#"{"command": "sleep 30"}"#.into())
+        .await
+        .expect("the create endpoint answers the client");
+    let reply: Reply<Created> = codec::decode(Encoding::Json, &reply.payload).expect("reply");
+    let created = reply.into_result().expect("created").id;
+    assert_eq!(
+        audited(&admin, AuditAction::JobSubmit, created).await,
+        1,
+        "the created job {created} is audited once when the client is answered"
+    );
+    let reply = client
+        .request(
+            subjects::CANCEL,
+            serde_json::json!({"id": created.to_string()})
+                .to_string()
+                .into(),
+        )
+        .await
+        .expect("the cancel endpoint answers the client");
+    let reply: Reply<Cancelled> = codec::decode(Encoding::Json, &reply.payload).expect("reply");
+    reply.into_result().expect("cancelled");
+    assert_eq!(
+        audited(&admin, AuditAction::JobCancel, created).await,
+        1,
+        "the cancel of {created} is audited once when the client is answered"
+    );
+
+    // Submitted to the stream: the scheduler acknowledges the submission only once its
+    // record is stored.
+    let js = jetstream::new(client.clone());
+    let job = JobId::generate();
+    let mut named = async_nats::HeaderMap::new();
+    named.insert(headers::JOB_ID, job.to_string().as_str());
+    let stored = js
+        .publish_with_headers(subjects::SUBMIT, named, r#"{"command": "true"}"#.into())
+        .await
+        .expect("sent")
+        .await
+        .expect("stored");
+    wait_until(
+        "the scheduler to acknowledge the submission",
+        Duration::from_secs(30),
+        || async {
+            let stream = admin.get_stream(topology::SUBMISSIONS.name).await.ok()?;
+            let mut consumer = stream
+                .get_consumer::<jetstream::consumer::pull::Config>(topology::SCHEDULER_CONSUMER)
+                .await
+                .ok()?;
+            let info = consumer.info().await.ok()?;
+            (info.ack_floor.stream_sequence >= stored.sequence).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        audited(&admin, AuditAction::JobSubmit, job).await,
+        1,
+        "the submission of {job} is audited once by the time it is acknowledged"
+    );
 }
