@@ -1527,3 +1527,90 @@ async fn an_accepted_job_is_shown_from_the_moment_it_is_accepted_even_before_a_s
     shutdown.cancel();
     api.await.expect("joins").expect("clean exit");
 }
+
+#[tokio::test]
+async fn disabling_or_demoting_a_user_cancels_their_waiting_and_running_jobs_and_no_one_elses() {
+    let stack = stack().await;
+    let olivia = stack.http.new_user("olivia", "operator").await;
+    let oscar = stack.http.new_user("oscar", "operator").await;
+    let submit = |client: &HttpClient, body: Value| {
+        let client = client.clone();
+        async move {
+            let reply = client.post_json("/api/v1/jobs", &body.to_string()).await;
+            assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.text());
+            reply.json()["id"].as_str().expect("an id").to_owned()
+        }
+    };
+    let later = json!({"command": "true", "delay": 600});
+    let olivias_later = submit(&olivia, later.clone()).await;
+    let olivias_running = submit(&olivia, json!({"command": "sleep 60"})).await;
+    let oscars_later = submit(&oscar, later.clone()).await;
+    let admins_later = submit(&stack.http, later).await;
+    // The history shows each as it is: the delayed ones scheduled, the sleep running.
+    for (id, status) in [
+        (&olivias_later, "scheduled"),
+        (&olivias_running, "running"),
+        (&oscars_later, "scheduled"),
+        (&admins_later, "scheduled"),
+    ] {
+        wait_until(
+            &format!("{id} to be {status} in the history"),
+            Duration::from_secs(30),
+            || async {
+                let page = stack
+                    .http
+                    .get(&format!("/api/v1/jobs?status={status}&limit=100"))
+                    .await
+                    .json();
+                page["jobs"]
+                    .as_array()?
+                    .iter()
+                    .any(|job| job["id"] == id.as_str())
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+
+    // Disabled, olivia has both her jobs cancelled, and the audit record names them.
+    let disabled = stack
+        .http
+        .patch_json("/api/v1/users/olivia", r#"{"disabled": true}"#)
+        .await;
+    assert_eq!(disabled.status, StatusCode::OK, "{}", disabled.text());
+    for id in [&olivias_later, &olivias_running] {
+        assert_eq!(stack.finished(id).await["status"], "cancelled", "{id}");
+    }
+    let updates = stack.http.audit("user.update").await;
+    assert!(
+        updates
+            .iter()
+            .any(|r| r["detail"].as_str().is_some_and(|d| {
+                d.contains("disabled")
+                    && d.contains("cancelled their jobs")
+                    && d.contains(olivias_later.as_str())
+                    && d.contains(olivias_running.as_str())
+            })),
+        "{updates:?}"
+    );
+    for id in [&oscars_later, &admins_later] {
+        let job = stack.http.get(&format!("/api/v1/jobs/{id}")).await.json();
+        assert_eq!(job["status"], "scheduled", "{job}");
+    }
+
+    // Demoted to a viewer, who may not submit jobs, oscar has his cancelled; the
+    // administrator's waits on.
+    let demoted = stack
+        .http
+        .patch_json("/api/v1/users/oscar", r#"{"role": "viewer"}"#)
+        .await;
+    assert_eq!(demoted.status, StatusCode::OK, "{}", demoted.text());
+    assert_eq!(stack.finished(&oscars_later).await["status"], "cancelled");
+    let job = stack
+        .http
+        .get(&format!("/api/v1/jobs/{admins_later}"))
+        .await
+        .json();
+    assert_eq!(job["status"], "scheduled", "{job}");
+    stack.stop().await;
+}

@@ -6,10 +6,13 @@
 //! every replica; disabling or deleting also revokes their API tokens. The last enabled
 //! administrator cannot be demoted, disabled or deleted. A user who may no longer submit jobs
 //! (disabled, deleted, or given a role without `jobs:submit`) has their schedules paused and
-//! their running workflows and fan-outs cancelled ([`stop_owned`]): each would otherwise go on
-//! submitting jobs as them.
+//! their running workflows, fan-outs and unfinished jobs cancelled ([`stop_owned`]): each would
+//! otherwise go on starting processes as them.
 
-use capstan_protocol::{AuditAction, JobId, RevocationKey, SubmittedBy, Timestamp};
+use capstan_protocol::{
+    AuditAction, AuthMethod, JobId, JobStatus, RevocationKey, SubmittedBy, Timestamp,
+};
+use capstan_store::JobQuery;
 use capstan_store::entity::user;
 use capstan_store::identity::{self, UserChanges};
 use poem_openapi::param::Path;
@@ -196,7 +199,8 @@ impl UsersApi {
 
     /// Change a user: role, disabled, or a password reset. Disabling a user, or giving them a
     /// role that may not submit jobs, pauses their schedules, which nobody may resume until
-    /// that is undone, and cancels their running workflows and fan-outs. Needs `users:manage`.
+    /// that is undone, and cancels their running workflows and fan-outs and their unfinished
+    /// jobs. Needs `users:manage`.
     #[oai(path = "/users/:name", method = "patch", operation_id = "updateUser")]
     async fn update(
         &self,
@@ -281,8 +285,8 @@ impl UsersApi {
     }
 
     /// Delete a user. Their sessions and API tokens stop working at once, their schedules
-    /// are paused and their running workflows and fan-outs cancelled; the jobs they submitted
-    /// keep their attribution. Needs `users:manage`.
+    /// are paused and their running workflows, fan-outs and unfinished jobs cancelled; the jobs
+    /// they submitted keep their attribution. Needs `users:manage`.
     #[oai(path = "/users/:name", method = "delete", operation_id = "deleteUser")]
     async fn delete(&self, auth: BearerAuth, name: Path<String>) -> Result<Done, ApiError> {
         let state = served(&self.0)?;
@@ -325,8 +329,10 @@ impl UsersApi {
 
 /// Pauses the schedules and cancels the running workflows and fan-outs of local user `name`,
 /// who may no longer submit jobs: each would go on submitting jobs as them (a fan-out holding
-/// waiting targets, by `max_parallel` or a start to come, submits them later). Says what it
-/// did, for the audit record's detail (nothing when there was nothing to stop).
+/// waiting targets, by `max_parallel` or a start to come, submits them later). Cancels their
+/// unfinished jobs too, as the history lists them: a job waiting for its start, a concurrency
+/// slot or a retry would start a process as them, and a running one would earn retries. Says
+/// what it did, for the audit record's detail (nothing when there was nothing to stop).
 async fn stop_owned(state: &State, name: &str) -> Result<Vec<String>, ApiError> {
     let mesh = &state.mesh;
     let paused = super::schedules::pause_owned_by(state, name).await?;
@@ -348,15 +354,62 @@ async fn stop_owned(state: &State, name: &str) -> Result<Vec<String>, ApiError> 
         Ok(matches!(asked, Some((_, true))))
     })
     .await?;
+    let jobs = cancel_each(unfinished_jobs_of(state, name).await?, |id| async move {
+        use capstan_mesh::lifecycle::{CancelError, cancel};
+        let asked = Timestamp::now();
+        match cancel(mesh, id).await {
+            // Stopped now, unless its stop had been asked before (as a workflow's step).
+            Ok((_, record)) => Ok(record.cancel_requested_at.is_none_or(|at| at >= asked)),
+            // Ended meanwhile, perhaps as a step of a workflow cancelled above.
+            Err(CancelError::NotFound(_) | CancelError::Finished { .. }) => Ok(false),
+            Err(CancelError::Mesh(error)) => Err(error),
+        }
+    })
+    .await?;
     Ok([
         ("paused their schedules", paused),
         ("cancelled their workflows", workflows),
         ("cancelled their fan-outs", fanouts),
+        ("cancelled their jobs", jobs),
     ]
     .into_iter()
     .filter(|(_, names)| !names.is_empty())
     .map(|(what, names)| format!("{what} {}", names.join(", ")))
     .collect())
+}
+
+/// The jobs local user `name` submitted (with a password or one of their tokens) that the
+/// history shows unfinished: waiting for their start, for an executor or for a retry, or
+/// running.
+async fn unfinished_jobs_of(state: &State, name: &str) -> Result<Vec<JobId>, ApiError> {
+    const PAGE: u64 = 500;
+    let mut ids = Vec::new();
+    for status in JobStatus::ALL.into_iter().filter(|s| !s.is_terminal()) {
+        let mut query = JobQuery {
+            status: Some(status),
+            submitted_by: Some(name.to_owned()),
+            limit: PAGE,
+            ..JobQuery::default()
+        };
+        loop {
+            let page = state.history.list(&query).await?;
+            query.before = page.last().and_then(|job| job.id.parse().ok());
+            let local = |via: &Option<String>| {
+                [AuthMethod::Password, AuthMethod::Token]
+                    .iter()
+                    .any(|method| via.as_deref() == Some(method.as_str()))
+            };
+            ids.extend(
+                page.iter()
+                    .filter(|job| local(&job.submitted_via))
+                    .filter_map(|job| job.id.parse::<JobId>().ok()),
+            );
+            if (page.len() as u64) < PAGE || query.before.is_none() {
+                break;
+            }
+        }
+    }
+    Ok(ids)
 }
 
 /// The ids of `records` created by local user `name` that are still going and were not asked
