@@ -578,7 +578,12 @@ async fn arm(state: &crate::State, record: &ScheduleRecord, now: Timestamp) {
 /// True when `owner` is a local user (password or API token), whom an administrator can
 /// disable; a provider's user is the provider's to disable, and NATS publishers have no account.
 fn local_user(owner: &capstan_protocol::SubmittedBy) -> bool {
-    matches!(owner.via, AuthMethod::Password | AuthMethod::Token)
+    is_local_method(owner.via)
+}
+
+/// True for the ways a local user authenticates: a password, or one of their tokens.
+pub(crate) fn is_local_method(via: AuthMethod) -> bool {
+    matches!(via, AuthMethod::Password | AuthMethod::Token)
 }
 
 /// True when `owner` is local user `name`: what a change to that user stops.

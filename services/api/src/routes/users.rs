@@ -9,9 +9,7 @@
 //! their running workflows, fan-outs and unfinished jobs cancelled ([`stop_owned`]): each would
 //! otherwise go on starting processes as them.
 
-use capstan_protocol::{
-    AuditAction, AuthMethod, JobId, JobStatus, RevocationKey, SubmittedBy, Timestamp,
-};
+use capstan_protocol::{AuditAction, JobId, JobStatus, RevocationKey, SubmittedBy, Timestamp};
 use capstan_store::JobQuery;
 use capstan_store::entity::user;
 use capstan_store::identity::{self, UserChanges};
@@ -394,14 +392,14 @@ async fn unfinished_jobs_of(state: &State, name: &str) -> Result<Vec<JobId>, Api
         loop {
             let page = state.history.list(&query).await?;
             query.before = page.last().and_then(|job| job.id.parse().ok());
-            let local = |via: &Option<String>| {
-                [AuthMethod::Password, AuthMethod::Token]
-                    .iter()
-                    .any(|method| via.as_deref() == Some(method.as_str()))
-            };
             ids.extend(
                 page.iter()
-                    .filter(|job| local(&job.submitted_via))
+                    .filter(|job| {
+                        job.submitted_via
+                            .as_deref()
+                            .and_then(|via| via.parse().ok())
+                            .is_some_and(super::schedules::is_local_method)
+                    })
                     .filter_map(|job| job.id.parse::<JobId>().ok()),
             );
             if (page.len() as u64) < PAGE || query.before.is_none() {
