@@ -50,7 +50,7 @@ pub async fn reconcile(mesh: &Mesh, id: JobId, seen: Seen) -> Result<Option<FanO
         return Ok(Some(current.value));
     }
     let span = tracing::info_span!("fan out", job_id = %id);
-    follow_traceparent(&span, current.value.traceparent.as_deref());
+    capstan_telemetry::propagation::follow_traceparent(&span, current.value.traceparent.as_deref());
     async move {
         let now = Timestamp::now();
         let (children, missing) = match seen {
@@ -210,11 +210,3 @@ async fn read_children(
     Ok((children, missing))
 }
 
-/// Makes `span` part of the trace a stored record names (a fan-out parent's, a workflow's).
-pub(crate) fn follow_traceparent(span: &tracing::Span, traceparent: Option<&str>) {
-    if let Some(traceparent) = traceparent {
-        let mut map = async_nats::HeaderMap::new();
-        map.insert(capstan_protocol::headers::TRACEPARENT, traceparent);
-        capstan_telemetry::propagation::follow(span, Some(&map));
-    }
-}

@@ -80,7 +80,7 @@ pub async fn reconcile(
         workflow_id = %id,
         workflow = %current.value.spec.name
     );
-    crate::fanout::follow_traceparent(&span, current.value.traceparent.as_deref());
+    capstan_telemetry::propagation::follow_traceparent(&span, current.value.traceparent.as_deref());
     async move {
         let now = Timestamp::now();
         let (jobs, missing) = match seen {

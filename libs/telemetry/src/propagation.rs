@@ -65,6 +65,16 @@ pub fn follow(span: &tracing::Span, headers: Option<&async_nats::HeaderMap>) {
     set_parent(span, extract(headers));
 }
 
+/// Makes `span` part of the trace a stored `traceparent` names (a job's, a fan-out parent's,
+/// a workflow's, kept in its record): for the hops no message leads to (no-op without one).
+pub fn follow_traceparent(span: &tracing::Span, traceparent: Option<&str>) {
+    if let Some(traceparent) = traceparent {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("traceparent", traceparent);
+        follow(span, Some(&headers));
+    }
+}
+
 /// Makes `span` a child of the context in an HTTP request's headers (no-op without one).
 pub fn follow_http(span: &tracing::Span, headers: &http::HeaderMap) {
     let parent = opentelemetry::global::get_text_map_propagator(|propagator| {

@@ -7,7 +7,7 @@
 //! deduplication id.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind};
 use capstan_mesh::{Claim, Error, Versioned, consume, lifecycle, wire};
@@ -248,7 +248,7 @@ impl Scheduler {
         // cannot be stored, the submission comes back, finds its job, and is audited again
         // under the same key.
         if client.is_some()
-            && matches!(accepted, Ok(Accepted::Done | Accepted::Waiting(_)))
+            && matches!(accepted, Ok(Accepted::Done | Accepted::Waiting { .. }))
             && crate::audit_client(
                 &self.mesh.events,
                 AuditAction::JobSubmit,
@@ -263,17 +263,21 @@ impl Scheduler {
             return Handled::Retry(retry_delay(delivered));
         }
         crate::metrics::scheduler().submission(match &accepted {
-            Ok(Accepted::Done | Accepted::Waiting(_)) => "accepted",
+            Ok(Accepted::Done | Accepted::Waiting { .. }) => "accepted",
             Ok(Accepted::Duplicate(_)) => "duplicate",
             Ok(Accepted::Conflict(_)) => "conflict",
             Err(_) => "retry",
         });
         match accepted {
             Ok(Accepted::Done) => Handled::Ack,
-            Ok(Accepted::Waiting(known)) => {
+            Ok(Accepted::Waiting { known, announced }) => {
                 let preferred = self.preferred(&known.value.spec);
                 let gated = known.value.spec.concurrency.is_some();
-                self.waiting.push(message.clone(), *known, None, preferred);
+                // A creation not yet announced is, if the job still waits half of
+                // `--announce-after` from now (before any start of it could be).
+                let announce = (!announced).then(|| Instant::now() + self.config.announce_after / 2);
+                self.waiting
+                    .push(message.clone(), *known, None, preferred, announce);
                 if gated {
                     self.gate.notify_one();
                 }
@@ -361,6 +365,19 @@ impl Scheduler {
                 self.announce_placed(JobEventKind::Pending, record);
                 Ok(Accepted::Done)
             }
+            Ok(revision) if node.is_none() && !self.config.announce_after.is_zero() => {
+                // Waiting for room: like a placement, its `pending` is announced only if it
+                // lasts (`Waiting::due_announcements`); a job placed within half of
+                // `--announce-after` is announced by its later events alone.
+                tracing::debug!(job = %id, "job accepted; waiting for room");
+                Ok(Accepted::Waiting {
+                    known: Box::new(Versioned {
+                        value: record,
+                        revision,
+                    }),
+                    announced: false,
+                })
+            }
             Ok(revision) => {
                 let pending = JobEvent::new(JobEventKind::Pending, &record);
                 let event = self.mesh.events.job_deferred(&pending);
@@ -381,10 +398,13 @@ impl Scheduler {
                 tracing::debug!(job = %id, node = ?node, "job accepted");
                 Ok(match node {
                     Some(_) => Accepted::Done,
-                    None => Accepted::Waiting(Box::new(Versioned {
-                        value: record,
-                        revision,
-                    })),
+                    None => Accepted::Waiting {
+                        known: Box::new(Versioned {
+                            value: record,
+                            revision,
+                        }),
+                        announced: true,
+                    },
                 })
             }
             Err(Error::AlreadyExists { .. }) => {
@@ -435,10 +455,13 @@ impl Scheduler {
             return Ok(Accepted::Done);
         }
         if record.status == JobStatus::Pending {
-            return Ok(Accepted::Waiting(Box::new(Versioned {
-                value: record,
-                revision: current.revision,
-            })));
+            return Ok(Accepted::Waiting {
+                known: Box::new(Versioned {
+                    value: record,
+                    revision: current.revision,
+                }),
+                announced: true,
+            });
         }
         if record.status == JobStatus::Scheduled {
             // Its timer may not have been armed before the crash; arming replaces it.
@@ -511,7 +534,12 @@ pub(crate) enum Accepted {
     /// Created and dispatched, or nothing more to do.
     Done,
     /// Created; waits for a node with room, its record as known here.
-    Waiting(Box<Versioned<JobRecord>>),
+    Waiting {
+        /// The record as created or read here.
+        known: Box<Versioned<JobRecord>>,
+        /// Whether its `pending` event has been published.
+        announced: bool,
+    },
     /// The idempotency key names this existing job.
     Duplicate(JobId),
     /// The id is taken by a different job.

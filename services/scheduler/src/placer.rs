@@ -163,9 +163,18 @@ impl Scheduler {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let progress_every = self.config.ack_wait / 3;
+        // Waiting jobs' creations are announced within a quarter of `--announce-after` of
+        // falling due.
+        let announce_every = self.config.announce_after / 4;
+        let mut announce = tokio::time::interval(announce_every.max(Duration::from_millis(1)));
+        announce.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
+                _ = announce.tick(), if !announce_every.is_zero() => {
+                    self.announce_waiting();
+                    continue;
+                }
                 _ = self.wake.notified() => {}
                 _ = node_changes.notified() => {}
                 _ = tick.tick() => {
@@ -182,6 +191,26 @@ impl Scheduler {
                 let scheduler = self.clone();
                 tokio::spawn(async move { scheduler.place_held(held, node).await });
             }
+        }
+    }
+
+    /// Publishes the `pending` event of each job that has waited long enough for room
+    /// ([`crate::waiting::Waiting::due_announcements`]), in the job's trace.
+    fn announce_waiting(self: &Arc<Self>) {
+        for record in self.waiting.due_announcements(std::time::Instant::now()) {
+            let span = tracing::info_span!("announce waiting job", job_id = %record.id);
+            capstan_telemetry::propagation::follow_traceparent(
+                &span,
+                record.traceparent.as_deref(),
+            );
+            let scheduler = self.clone();
+            let announce = async move {
+                let event = JobEvent::new(JobEventKind::Pending, &record);
+                if let Err(error) = scheduler.mesh.events.job(&event).await {
+                    tracing::warn!(job = %record.id, error = %error, "cannot announce a waiting job");
+                }
+            };
+            tokio::spawn(announce.instrument(span));
         }
     }
 

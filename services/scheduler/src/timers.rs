@@ -70,7 +70,8 @@ impl Scheduler {
                 Ok(Some(current)) if current.value.awaits_timer(timer.attempt) => {
                     tracing::debug!(job = %timer.job, "timer fired; placing the job");
                     let preferred = self.preferred(&current.value.spec);
-                    self.waiting.push(message, current, Some(timer.attempt), preferred);
+                    self.waiting
+                        .push(message, current, Some(timer.attempt), preferred, None);
                     self.wake.notify_one();
                     self.gate.notify_one();
                 }

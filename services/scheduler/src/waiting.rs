@@ -5,6 +5,11 @@
 //! them to another one once the ack wait passes. Jobs are grouped by label selector so a job
 //! nobody can run does not hold up the jobs behind it; within a group they are placed in
 //! arrival order, and the group whose oldest job is oldest goes first.
+//!
+//! A new job's `pending` event is published only if it is still waiting here a moment after
+//! its creation ([`Waiting::due_announcements`]): under load most jobs wait a few
+//! milliseconds for a slot, and announcing each would cost a stored write and five messages
+//! for a state no one watches.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -38,6 +43,9 @@ pub struct Held {
     pub concurrency: Option<Concurrency>,
     /// Whether it holds a slot under its concurrency limit (always, without one).
     pub admitted: bool,
+    /// When its creation is to be announced if it still waits; `None` once announced, or
+    /// when there is nothing to announce.
+    announce_at: Option<Instant>,
     order: u64,
     last_progress: Instant,
 }
@@ -73,12 +81,15 @@ struct Inner {
     groups: HashMap<Labels, VecDeque<Held>>,
     next_order: u64,
     len: usize,
+    /// How many held jobs have an announcement to come.
+    unannounced: usize,
 }
 
 impl Inner {
     /// Adds `held` to its group, in rank order.
     fn insert(&mut self, held: Held) {
         self.len += 1;
+        self.unannounced += usize::from(held.announce_at.is_some());
         let queue = self.groups.entry(held.selector.clone()).or_default();
         let position = queue.partition_point(|other| other.rank() < held.rank());
         queue.insert(position, held);
@@ -93,13 +104,15 @@ impl Waiting {
     }
 
     /// Adds a job at the back of its group, with its record as last read or written here (its
-    /// id and label selector are the record's).
+    /// id and label selector are the record's). `announce_at`: when its `pending` event is
+    /// due if it still waits (`None`: nothing to announce).
     pub fn push(
         &self,
         message: jetstream::Message,
         known: Versioned<JobRecord>,
         timer: Option<u32>,
         preferred: Labels,
+        announce_at: Option<Instant>,
     ) {
         let job = known.value.id;
         let selector = known.value.spec.placement();
@@ -120,6 +133,7 @@ impl Waiting {
             priority,
             concurrency,
             admitted,
+            announce_at,
             order,
             last_progress: Instant::now(),
         });
@@ -180,6 +194,7 @@ impl Waiting {
             .collect();
         fronts.sort_by_key(|(rank, _)| *rank);
         let mut placed = Vec::new();
+        let mut placed_unannounced = 0;
         for (_, selector) in fronts {
             let Some(queue) = inner.groups.get_mut(&selector) else {
                 continue;
@@ -194,6 +209,7 @@ impl Waiting {
                 match cluster.reserve_preferring(&selector, &held.preferred, held.job) {
                     Ok(node) => {
                         let held = queue.remove(index).expect("index is in range");
+                        placed_unannounced += usize::from(held.announce_at.is_some());
                         placed.push((held, node));
                     }
                     Err(_) => break,
@@ -204,7 +220,31 @@ impl Waiting {
             }
         }
         inner.len -= placed.len();
+        inner.unannounced -= placed_unannounced;
         placed
+    }
+
+    /// The records of jobs still waiting whose creation is due to be announced at `now`; each
+    /// is returned once.
+    pub fn due_announcements(&self, now: Instant) -> Vec<JobRecord> {
+        let mut inner = self.inner();
+        if inner.unannounced == 0 {
+            return Vec::new();
+        }
+        let mut due = Vec::new();
+        let mut cleared = 0;
+        for held in inner.groups.values_mut().flatten() {
+            if held.announce_at.is_some_and(|at| at <= now) {
+                held.announce_at = None;
+                cleared += 1;
+                // Its creation, as long as it is still the record it was created as.
+                if let Some(known) = held.known.as_ref().filter(|k| k.value.is_unplaced()) {
+                    due.push(known.value.clone());
+                }
+            }
+        }
+        inner.unannounced -= cleared;
+        due
     }
 
     /// Reply subjects of held submissions not progress-acked for `every`; marks them done.
@@ -229,6 +269,7 @@ impl Waiting {
     pub fn drain(&self) -> Vec<Held> {
         let mut inner = self.inner();
         inner.len = 0;
+        inner.unannounced = 0;
         inner.groups.drain().flat_map(|(_, queue)| queue).collect()
     }
 

@@ -940,6 +940,58 @@ async fn a_job_placed_as_it_is_created_announces_its_creation_only_when_it_outla
 }
 
 #[tokio::test]
+async fn a_job_waiting_for_room_announces_its_creation_only_when_it_outlasts_half_the_announce_delay()
+ {
+    let server = NatsServer::start().await;
+    let mesh = mesh(&server).await;
+    let delay = Duration::from_secs(2);
+    let scheduler = announcing_after(&server, delay);
+    let client = server.client().await;
+    // No node carries either label yet: both wait.
+    let Reply::Ok(stuck) = create(&client, r#"{"command": "x", "labels": {"gpu": "yes"}}"#).await
+    else {
+        panic!("created");
+    };
+    let Reply::Ok(brief) = create(&client, r#"{"command": "x", "labels": {"zone": "eu"}}"#).await
+    else {
+        panic!("created");
+    };
+    // A node for the second arrives well within half the delay.
+    let eu = add_node(&mesh, "eu-1", 1, &[("zone", "eu")]).await;
+    let placed = wait_until("the second job placed", Duration::from_secs(20), || async {
+        dispatches(&mesh)
+            .await
+            .into_iter()
+            .find(|(_, d)| d.record.id == brief.id)
+            .map(|(_, d)| d.record)
+    })
+    .await;
+    assert_eq!(placed.node.as_ref(), Some(&eu));
+    assert!(
+        Timestamp::now().since(placed.created_at) < delay / 2,
+        "the test placed the job too slowly to say anything"
+    );
+
+    // The job nothing can run is announced, waiting, once it has waited half the delay.
+    let (event, stored_at) = stored_event(&mesh, stuck.id, JobEventKind::Pending).await;
+    assert!(event.record.is_unplaced(), "announced as created");
+    let after = stored_at.since(event.record.created_at);
+    assert!(
+        after >= delay / 2 - Duration::from_millis(10),
+        "announced {after:?} after the creation"
+    );
+    // The placed one is announced by its placement, a full delay after it: later than its
+    // creation's announcement would have been due, had it still waited.
+    let (dispatched, _) = stored_event(&mesh, brief.id, JobEventKind::Dispatched).await;
+    assert_eq!(dispatched.record.node.as_ref(), Some(&eu));
+    assert!(
+        !has_event(&mesh, brief.id, JobEventKind::Pending).await,
+        "a job placed within half the delay had its creation announced"
+    );
+    scheduler.stop().await;
+}
+
+#[tokio::test]
 async fn a_job_placed_after_waiting_on_a_node_that_goes_down_before_claiming_it_is_placed_again_elsewhere()
  {
     let server = NatsServer::start().await;
