@@ -209,4 +209,3 @@ async fn read_children(
     }
     Ok((children, missing))
 }
-

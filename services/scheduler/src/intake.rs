@@ -275,7 +275,8 @@ impl Scheduler {
                 let gated = known.value.spec.concurrency.is_some();
                 // A creation not yet announced is, if the job still waits half of
                 // `--announce-after` from now (before any start of it could be).
-                let announce = (!announced).then(|| Instant::now() + self.config.announce_after / 2);
+                let announce =
+                    (!announced).then(|| Instant::now() + self.config.announce_after / 2);
                 self.waiting
                     .push(message.clone(), *known, None, preferred, announce);
                 if gated {

@@ -635,3 +635,192 @@ async fn on_a_terminal_run_streams_output_live_ctrl_c_cancels_the_job_and_tables
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn schedules_and_workflows_are_made_followed_and_stopped_with_the_command() {
+    let (_cluster, base) = mesh().await;
+    let capstan = Capstan::new();
+    capstan
+        .login(&base, "admin", capstan_api::TEST_ADMIN_PASSWORD)
+        .await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let write = |name: &str, content: &str| {
+        let file = dir.path().join(name);
+        std::fs::write(&file, content).expect("written");
+        file.to_str().expect("utf-8").to_owned()
+    };
+
+    // A schedule from a YAML file: listed, previewed, paused, resumed, run now, deleted.
+    let schedule = write(
+        "nightly.yaml",
+        "name: nightly\ncron: \"0 3 * * *\"\ntimezone: Europe/Paris\njob:\n  argv: [/bin/true]\n",
+    );
+    let created = capstan
+        .run(&["schedules", "create", "-f", &schedule], None)
+        .await;
+    assert!(
+        created
+            .ok()
+            .stdout
+            .starts_with("nightly created; next tick 20"),
+        "{}",
+        created.stdout
+    );
+    let listed = capstan.run(&["schedules", "ls"], None).await;
+    let row = listed
+        .ok()
+        .stdout
+        .lines()
+        .find(|line| line.starts_with("nightly"))
+        .unwrap_or_else(|| panic!("no row for the schedule: {}", listed.stdout))
+        .to_owned();
+    for column in ["0 3 * * *", "Europe/Paris", "active", "admin"] {
+        assert!(row.contains(column), "{column} missing from {row}");
+    }
+    let next = capstan
+        .run(&["schedules", "next", "nightly", "-n", "3"], None)
+        .await;
+    let ticks: Vec<&str> = next.ok().stdout.lines().collect();
+    assert_eq!(ticks.len(), 3, "{}", next.stdout);
+    // 03:00 in Paris is 01:00 or 02:00 UTC, a day apart.
+    assert!(
+        ticks
+            .iter()
+            .all(|tick| tick.ends_with(":00:00 UTC")
+                && (tick.contains(" 01:") || tick.contains(" 02:"))),
+        "{ticks:?}"
+    );
+    assert!(ticks.windows(2).all(|pair| pair[0] < pair[1]), "{ticks:?}");
+    let paused = capstan.run(&["schedules", "pause", "nightly"], None).await;
+    assert_eq!(paused.ok().stdout.trim_end(), "nightly paused");
+    let shown = capstan
+        .run(&["schedules", "get", "nightly", "-o", "json"], None)
+        .await;
+    assert_eq!(shown.ok().json()["paused"], true);
+    let resumed = capstan.run(&["schedules", "resume", "nightly"], None).await;
+    assert_eq!(resumed.ok().stdout.trim_end(), "nightly active");
+    let triggered = capstan
+        .run(&["schedules", "trigger", "nightly"], None)
+        .await;
+    let job = triggered.ok().stdout.trim_end().to_owned();
+    wait_until(
+        "the triggered run to succeed",
+        Duration::from_secs(60),
+        || async {
+            let got = capstan.run(&["get", &job, "-o", "json"], None).await;
+            (got.code == 0 && got.json()["status"] == "succeeded").then_some(())
+        },
+    )
+    .await;
+    let detail = capstan.run(&["schedules", "get", "nightly"], None).await;
+    for field in [
+        "0 3 * * *",
+        "Europe/Paris",
+        "/bin/true",
+        "0 ran, 0 skipped, 0 missed",
+    ] {
+        assert!(
+            detail.ok().stdout.contains(field),
+            "{field} missing: {}",
+            detail.stdout
+        );
+    }
+    capstan
+        .run(&["schedules", "delete", "nightly"], None)
+        .await
+        .ok();
+    let gone = capstan.run(&["schedules", "get", "nightly"], None).await;
+    assert_eq!(gone.code, 1, "{}", gone.stdout);
+    assert!(gone.stderr.contains("nightly"), "{}", gone.stderr);
+    let bad = write("bad.yaml", "- not\n- a mapping\n");
+    let refused = capstan
+        .run(&["schedules", "create", "-f", &bad], None)
+        .await;
+    assert_ne!(refused.code, 0);
+    assert!(
+        refused.stderr.contains("must hold one schedule"),
+        "{}",
+        refused.stderr
+    );
+
+    // A workflow followed to its end: the exit code says how it went, every step is shown.
+    let passing = write(
+        "pass.yaml",
+        "name: release\nsteps:\n  - name: build\n    job: {argv: [/bin/true]}\n  \
+         - name: ship\n    depends_on: [build]\n    job: {argv: [/bin/true]}\n",
+    );
+    let passed = capstan
+        .run(&["workflows", "submit", "-f", &passing, "--wait"], None)
+        .await;
+    let out = &passed.ok().stdout;
+    assert!(out.contains("succeeded"), "{out}");
+    for step in ["build", "ship"] {
+        let line = out
+            .lines()
+            .find(|line| line.starts_with(step))
+            .unwrap_or_else(|| panic!("no row for step {step}: {out}"));
+        assert!(line.contains("succeeded"), "{line}");
+    }
+    let failing = write(
+        "fail.json",
+        r#"{"name": "broken", "steps": [
+            {"name": "fail", "job": {"argv": ["/bin/false"]}},
+            {"name": "after", "depends_on": ["fail"], "job": {"argv": ["/bin/true"]}}]}"#,
+    );
+    let failed = capstan
+        .run(
+            &[
+                "workflows",
+                "submit",
+                "-f",
+                &failing,
+                "--wait",
+                "-o",
+                "json",
+            ],
+            None,
+        )
+        .await;
+    assert_eq!(failed.code, 1, "{}", failed.stderr);
+    assert_eq!(failed.json()["status"], "failed");
+
+    // A running workflow cancelled: its step is cancelled, and the list says so.
+    let slow = write(
+        "slow.yaml",
+        "name: slow\nsteps:\n  - name: wait\n    job: {argv: [sleep, \"60\"]}\n",
+    );
+    let submitted = capstan
+        .run(&["workflows", "submit", "-f", &slow], None)
+        .await;
+    let id = submitted.ok().stdout.trim_end().to_owned();
+    wait_until("the step to run", Duration::from_secs(60), || async {
+        let got = capstan
+            .run(&["workflows", "get", &id, "-o", "json"], None)
+            .await;
+        (got.code == 0 && got.json()["steps"][0]["status"] == "running").then_some(())
+    })
+    .await;
+    let cancelled = capstan.run(&["workflows", "cancel", &id], None).await;
+    assert_eq!(cancelled.ok().stdout.trim_end(), format!("{id} cancelled"));
+    let ended = wait_until("the workflow to end", Duration::from_secs(60), || async {
+        let got = capstan
+            .run(&["workflows", "get", &id, "-o", "json"], None)
+            .await;
+        let view = got.json();
+        (view["status"] != "running").then_some(view)
+    })
+    .await;
+    assert_eq!(ended["status"], "cancelled");
+    assert_eq!(ended["steps"][0]["status"], "cancelled");
+    let listed = capstan
+        .run(&["workflows", "ls", "--status", "cancelled"], None)
+        .await;
+    let rows: Vec<&str> = listed.ok().stdout.lines().skip(1).collect();
+    assert_eq!(rows.len(), 1, "{}", listed.stdout);
+    assert!(
+        rows[0].starts_with(&id) && rows[0].contains("slow"),
+        "{rows:?}"
+    );
+    let all = capstan.run(&["workflows", "ls", "-o", "json"], None).await;
+    assert_eq!(all.ok().json()["items"].as_array().map(Vec::len), Some(3));
+}

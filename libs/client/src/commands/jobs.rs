@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde_json::{Map, Value, json};
 
-use super::{encode, parse_duration, parse_pair, query};
+use super::{encode, parse_duration, parse_pair, query, read_document};
 use crate::http::Api;
 use crate::output::{Format, Output, instant, pairs, text, write_stdout};
 use crate::{Context, Error};
@@ -310,16 +310,7 @@ pub struct SubmitArgs {
 }
 
 pub(super) async fn submit(context: &Context, args: SubmitArgs) -> Result<ExitCode, Error> {
-    let (name, source) = if args.file.as_os_str() == "-" {
-        let mut source = String::new();
-        std::io::stdin().read_to_string(&mut source)?;
-        ("standard input".to_owned(), source)
-    } else {
-        let source = std::fs::read_to_string(&args.file)
-            .map_err(|e| Error::Usage(format!("cannot read {}: {e}", args.file.display())))?;
-        (args.file.display().to_string(), source)
-    };
-    let job = parse_job(&name, &source)?;
+    let job = read_document(&args.file, "one job (a mapping with `argv` or `command`)")?;
     let api = context.api()?;
     let created: Value = api.post("/api/v1/jobs", Some(&job)).await?;
     let id = text(&created, "/id");
@@ -343,26 +334,6 @@ pub(super) async fn submit(context: &Context, args: SubmitArgs) -> Result<ExitCo
         }
     })?;
     Ok(ExitCode::SUCCESS)
-}
-
-/// A job file's content as the API's JSON: JSON when it parses as JSON, else YAML.
-fn parse_job(name: &str, source: &str) -> Result<Value, Error> {
-    let value: Value = match serde_json::from_str(source) {
-        Ok(value) => value,
-        Err(json_error) if source.trim_start().starts_with('{') => {
-            return Err(Error::Usage(format!(
-                "{name} is not valid JSON: {json_error}"
-            )));
-        }
-        Err(_) => serde_norway::from_str(source)
-            .map_err(|e| Error::Usage(format!("{name} is not valid YAML: {e}")))?,
-    };
-    if !value.is_object() {
-        return Err(Error::Usage(format!(
-            "{name} must hold one job (a mapping with `argv` or `command`)"
-        )));
-    }
-    Ok(value)
 }
 
 /// What `capstan ls` takes: the API's filters.
@@ -824,20 +795,6 @@ mod tests {
             1,
             "a code that does not fit a process exit code is a plain failure"
         );
-    }
-
-    #[test]
-    fn a_job_file_may_be_yaml_or_json_but_must_be_one_mapping() {
-        let yaml = parse_job("job.yaml", "argv: [echo, hi]\nlabels:\n  zone: eu\n").expect("yaml");
-        assert_eq!(
-            yaml,
-            json!({"argv": ["echo", "hi"], "labels": {"zone": "eu"}})
-        );
-        let json_job = parse_job("job.json", r#"{"command": "true"}"#).expect("json");
-        assert_eq!(json_job, json!({"command": "true"}));
-        let broken = parse_job("job.json", r#"{"command": "#).expect_err("broken json");
-        assert!(broken.to_string().contains("not valid JSON"), "{broken}");
-        assert!(parse_job("list.yaml", "- a\n- b\n").is_err());
     }
 
     #[test]

@@ -4,7 +4,9 @@
 mod jobs;
 mod nodes;
 mod people;
+mod schedules;
 mod session;
+mod workflows;
 
 use std::process::ExitCode;
 
@@ -93,6 +95,18 @@ pub enum Command {
     },
     /// Change your password.
     Passwd(people::PasswdArgs),
+    /// Schedules: jobs submitted on a cron expression or an interval.
+    Schedules {
+        /// What to do.
+        #[command(subcommand)]
+        command: schedules::SchedulesCommand,
+    },
+    /// Workflows: jobs run as the steps of a graph.
+    Workflows {
+        /// What to do.
+        #[command(subcommand)]
+        command: workflows::WorkflowsCommand,
+    },
 }
 
 /// Runs `command`.
@@ -117,6 +131,8 @@ pub async fn run(context: &Context, command: Command) -> Result<ExitCode, Error>
         Command::Tokens { command } => people::tokens(context, command).await,
         Command::Users { command } => people::users(context, command).await,
         Command::Passwd(args) => people::passwd(context, args).await,
+        Command::Schedules { command } => schedules::run(context, command).await,
+        Command::Workflows { command } => workflows::run(context, command).await,
     }
 }
 
@@ -193,6 +209,38 @@ pub fn encode(segment: &str) -> String {
     text
 }
 
+/// The YAML or JSON document in `file` (`-`: standard input) as the API's JSON: JSON when it
+/// parses as JSON, else YAML. It must be one mapping: `what` says what it should hold.
+pub fn read_document(file: &std::path::Path, what: &str) -> Result<serde_json::Value, Error> {
+    let (name, source) = if file.as_os_str() == "-" {
+        let mut source = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut source)?;
+        ("standard input".to_owned(), source)
+    } else {
+        let source = std::fs::read_to_string(file)
+            .map_err(|e| Error::Usage(format!("cannot read {}: {e}", file.display())))?;
+        (file.display().to_string(), source)
+    };
+    parse_document(&name, &source, what)
+}
+
+fn parse_document(name: &str, source: &str, what: &str) -> Result<serde_json::Value, Error> {
+    let value: serde_json::Value = match serde_json::from_str(source) {
+        Ok(value) => value,
+        Err(json_error) if source.trim_start().starts_with('{') => {
+            return Err(Error::Usage(format!(
+                "{name} is not valid JSON: {json_error}"
+            )));
+        }
+        Err(_) => serde_norway::from_str(source)
+            .map_err(|e| Error::Usage(format!("{name} is not valid YAML: {e}")))?,
+    };
+    if !value.is_object() {
+        return Err(Error::Usage(format!("{name} must hold {what}")));
+    }
+    Ok(value)
+}
+
 /// Reads a secret: the first line of standard input with `from_stdin`, else asked on the
 /// terminal without echo.
 pub fn read_secret(prompt: &str, from_stdin: bool, flag: &str) -> Result<String, Error> {
@@ -235,6 +283,24 @@ mod tests {
             "?label=env%3Dprod&name=a%20b%26c"
         );
         assert_eq!(query(&[]), "");
+    }
+
+    #[test]
+    fn a_document_may_be_yaml_or_json_but_must_be_one_mapping() {
+        use serde_json::json;
+        let what = "one job";
+        let yaml = parse_document("job.yaml", "argv: [echo, hi]\nlabels:\n  zone: eu\n", what)
+            .expect("yaml");
+        assert_eq!(
+            yaml,
+            json!({"argv": ["echo", "hi"], "labels": {"zone": "eu"}})
+        );
+        let json_job = parse_document("job.json", r#"{"command": "true"}"#, what).expect("json");
+        assert_eq!(json_job, json!({"command": "true"}));
+        let broken = parse_document("job.json", r#"{"command": "#, what).expect_err("broken json");
+        assert!(broken.to_string().contains("not valid JSON"), "{broken}");
+        let list = parse_document("list.yaml", "- a\n- b\n", what).expect_err("a list");
+        assert!(list.to_string().contains("must hold one job"), "{list}");
     }
 
     #[test]
