@@ -214,6 +214,43 @@ async fn a_node_is_drained_from_the_nodes_page() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_viewer_follows_a_workflow_from_the_list_to_its_failed_step_and_that_steps_job() {
+    let (cluster, base) = mesh().await;
+    let admin = cluster.http(&base);
+    let workflow = release_workflow(&admin).await;
+    add_user(&cluster, &base, "vera", "viewer").await;
+    let browser = Browser::open(Theme::Light, WIDE).await;
+    log_in(&browser, &base, "vera", PASSWORD).await;
+
+    browser.goto(&format!("{base}/ui/workflows")).await;
+    let row = format!("tr[data-workflow=\"{workflow}\"]");
+    let listed = browser.wait_text(&row, |text| !text.is_empty()).await;
+    assert!(
+        listed.contains("release") && listed.contains("1 of 2 succeeded, 1 failed"),
+        "{listed}"
+    );
+    browser.click(&format!("{row} a")).await;
+    browser.wait_for("tr[data-step=ship]", DEADLINE).await;
+    let status = browser.wait_text("#status", |text| !text.is_empty()).await;
+    assert_eq!(status, "failed");
+    let ship = browser
+        .wait_text("tr[data-step=ship]", |text| !text.is_empty())
+        .await;
+    assert!(ship.contains("failed") && ship.contains("build"), "{ship}");
+    // The failed step's job is one click away.
+    browser.click("tr[data-step=ship] a").await;
+    let job_status = browser
+        .wait_text_within("#status", DEADLINE, |text| !text.is_empty())
+        .await;
+    assert_eq!(job_status, "failed");
+    assert!(
+        job_id_in(&browser.url().await).is_some(),
+        "not on a job's page: {}",
+        browser.url().await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_viewer_sees_no_button_it_cannot_use() {
     let (cluster, base) = mesh().await;
     add_user(&cluster, &base, "vic", "viewer").await;
@@ -323,6 +360,13 @@ async fn every_page_is_captured_light_and_dark_wide_and_narrow() {
         (job.json()["status"] == "succeeded").then_some(())
     })
     .await;
+    let workflow = release_workflow(&admin).await;
+    let schedule = json!({"name": "nightly", "cron": "0 3 * * *", "timezone": "Europe/Paris",
+        "job": {"argv": ["/bin/true"]}});
+    let created = admin
+        .post_json("/api/v1/schedules", &schedule.to_string())
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.text());
 
     // Each page, with what shows it has loaded.
     let pages = [
@@ -334,6 +378,21 @@ async fn every_page_is_captured_light_and_dark_wide_and_narrow() {
         ("job", format!("/ui/jobs/{id}"), "#status".to_owned()),
         ("nodes", "/ui/nodes".to_owned(), "tr[data-node]".to_owned()),
         ("systems", "/ui/systems".to_owned(), "#mesh".to_owned()),
+        (
+            "schedules",
+            "/ui/schedules".to_owned(),
+            "tr[data-schedule=nightly]".to_owned(),
+        ),
+        (
+            "workflows",
+            "/ui/workflows".to_owned(),
+            format!("tr[data-workflow=\"{workflow}\"]"),
+        ),
+        (
+            "workflow",
+            format!("/ui/workflows/{workflow}"),
+            "tr[data-step=ship]".to_owned(),
+        ),
         ("audit", "/ui/audit".to_owned(), "#mesh".to_owned()),
     ];
     let mut findings = Findings::default();
@@ -441,6 +500,22 @@ async fn add_user(cluster: &Cluster, base: &str, name: &str, role: &str) {
         .post_json("/api/v1/users", &body.to_string())
         .await;
     assert_eq!(created.status, StatusCode::CREATED, "{}", created.text());
+}
+
+/// Creates the workflow `release` (build, then ship), waits for its end, and returns its id.
+async fn release_workflow(http: &HttpClient) -> String {
+    let body = json!({"name": "release", "steps": [
+        {"name": "build", "job": {"argv": ["/bin/true"]}},
+        {"name": "ship", "depends_on": ["build"], "job": {"argv": ["/bin/false"]}}]});
+    let reply = http.post_json("/api/v1/workflows", &body.to_string()).await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
+    let id = reply.json()["id"].as_str().expect("an id").to_owned();
+    wait_until("the workflow to end", JOB_DEADLINE, || async {
+        let view = http.get(&format!("/api/v1/workflows/{id}")).await;
+        (view.json()["status"] == "failed").then_some(())
+    })
+    .await;
+    id
 }
 
 /// Submits `command` through the API and returns the job's id.

@@ -146,6 +146,8 @@ pub fn page(frame: &Frame<'_>, body: &str) -> String {
         let nav = [
             ("jobs", "/ui/jobs", "Jobs", true),
             ("nodes", "/ui/nodes", "Nodes", true),
+            ("schedules", "/ui/schedules", "Schedules", true),
+            ("workflows", "/ui/workflows", "Workflows", true),
             ("systems", "/ui/systems", "Systems", true),
             ("audit", "/ui/audit", "Audit", frame.audit),
         ];

@@ -9,8 +9,10 @@
 //! form, and pages.
 //!
 //! Module map: `session` (cookies, CSRF, the in-process calls), `html` (escaping, layout),
-//! `pages` (each page), `live` (the events follower and the mesh's health).
+//! `pages` (each page), `automation` (the schedules' and workflows' pages), `live` (the events
+//! follower and the mesh's health).
 
+mod automation;
 mod html;
 mod live;
 mod pages;
@@ -242,6 +244,12 @@ impl Dashboard {
                 self.node_action(request, &id, &action).await
             }
             (&Method::GET, ["ui", "systems"]) => self.systems(request).await,
+            (&Method::GET, ["ui", "schedules"]) => self.schedules(request).await,
+            (&Method::GET, ["ui", "workflows"]) => self.workflows(request).await,
+            (&Method::GET, ["ui", "workflows", id]) => {
+                let id = (*id).to_owned();
+                self.workflow(request, &id).await
+            }
             (&Method::GET, ["ui", "audit"]) => self.audit(request).await,
             (_, ["ui", "assets", ..]) | (&Method::GET, _) => {
                 html_page(StatusCode::NOT_FOUND, html::alert("There is no such page.")).into()
@@ -802,24 +810,80 @@ impl Dashboard {
     }
 
     async fn systems(&self, request: Request) -> Outcome {
+        let place = Place {
+            title: "Remote systems",
+            section: "systems",
+            live: Some("/ui/live".into()),
+        };
+        self.listing(request, "/api/v1/systems", pages::systems, place)
+            .await
+    }
+
+    /// A page of one API answer read at `path`, rendered by `page` (a problem above it when
+    /// the answer is one).
+    async fn listing(
+        &self,
+        request: Request,
+        path: &str,
+        page: fn(&Value) -> String,
+        place: Place<'_>,
+    ) -> Outcome {
         let (mut session, reader) = match self.open(&request).await {
             Ok(opened) => opened,
             Err(outcome) => return outcome,
         };
-        let answer = session.call(Method::GET, "/api/v1/systems", None).await;
+        let answer = session.call(Method::GET, path, None).await;
         let mut body = String::new();
         if !answer.status.is_success() {
             body.push_str(&html::alert(&answer.problem()));
         }
-        body.push_str(&pages::systems(&answer.body));
+        body.push_str(&page(&answer.body));
+        let csrf = cookie(request.headers(), CSRF_COOKIE).unwrap_or_default();
+        self.render(&session, &reader, &csrf, place, &body).await
+    }
+
+    async fn schedules(&self, request: Request) -> Outcome {
+        let place = Place {
+            title: "Schedules",
+            section: "schedules",
+            live: Some("/ui/live".into()),
+        };
+        self.listing(request, "/api/v1/schedules", automation::schedules, place)
+            .await
+    }
+
+    async fn workflows(&self, request: Request) -> Outcome {
+        let place = Place {
+            title: "Workflows",
+            section: "workflows",
+            live: Some("/ui/live".into()),
+        };
+        self.listing(request, "/api/v1/workflows", automation::workflows, place)
+            .await
+    }
+
+    async fn workflow(&self, request: Request, id: &str) -> Outcome {
+        let (mut session, reader) = match self.open(&request).await {
+            Ok(opened) => opened,
+            Err(outcome) => return outcome,
+        };
+        let id = path_part(id);
+        let answer = session
+            .call(Method::GET, &format!("/api/v1/workflows/{id}"), None)
+            .await;
+        if !answer.status.is_success() {
+            return self.failure(&answer.problem(), answer.status);
+        }
+        let title = format!("Workflow {}", html::field(&answer.body, "name"));
+        let body = automation::workflow(&answer.body);
         let csrf = cookie(request.headers(), CSRF_COOKIE).unwrap_or_default();
         self.render(
             &session,
             &reader,
             &csrf,
             Place {
-                title: "Remote systems",
-                section: "systems",
+                title: &title,
+                section: "workflows",
                 live: Some("/ui/live".into()),
             },
             &body,
