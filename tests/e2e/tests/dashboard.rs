@@ -214,6 +214,74 @@ async fn a_node_is_drained_from_the_nodes_page() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_schedule_is_paused_resumed_and_run_now_and_a_running_workflow_cancelled_from_their_pages()
+ {
+    let (cluster, base) = mesh().await;
+    let admin = cluster.http(&base);
+    let schedule = json!({"name": "nightly", "cron": "0 3 * * *",
+        "job": {"argv": ["/bin/true"]}});
+    let created = admin
+        .post_json("/api/v1/schedules", &schedule.to_string())
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.text());
+    let browser = Browser::open(Theme::Light, WIDE).await;
+    log_in(&browser, &base, "admin", capstan_api::TEST_ADMIN_PASSWORD).await;
+
+    browser.goto(&format!("{base}/ui/schedules")).await;
+    let row = "tr[data-schedule=nightly]";
+    browser
+        .wait_text(&format!("{row} .status"), |state| state == "active")
+        .await;
+    browser.click(&format!("{row} form.pause button")).await;
+    browser
+        .wait_text(&format!("{row} .status"), |state| state == "paused")
+        .await;
+    let paused = admin.get("/api/v1/schedules/nightly").await;
+    assert_eq!(paused.json()["paused"], true, "{}", paused.text());
+    browser.click(&format!("{row} form.resume button")).await;
+    browser
+        .wait_text(&format!("{row} .status"), |state| state == "active")
+        .await;
+    // Run now: the page that follows is the run's job, which succeeds.
+    browser.click(&format!("{row} form.trigger button")).await;
+    browser
+        .wait_text_within("#status", JOB_DEADLINE, |status| status == "succeeded")
+        .await;
+    let url = browser.url().await;
+    let job = job_id_in(&url).unwrap_or_else(|| panic!("not on a job's page: {url}"));
+    let ran = admin.get(&format!("/api/v1/jobs/{job}")).await;
+    assert_eq!(ran.json()["status"], "succeeded", "{}", ran.text());
+
+    let body = json!({"name": "slow", "steps": [
+        {"name": "wait", "job": {"argv": ["sleep", "60"]}},
+        {"name": "after", "depends_on": ["wait"], "job": {"argv": ["/bin/true"]}}]});
+    let reply = admin
+        .post_json("/api/v1/workflows", &body.to_string())
+        .await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
+    let workflow = reply.json()["id"].as_str().expect("an id").to_owned();
+    browser
+        .goto(&format!("{base}/ui/workflows/{workflow}"))
+        .await;
+    browser
+        .wait_text_within("tr[data-step=wait] .status", JOB_DEADLINE, |status| {
+            status == "running"
+        })
+        .await;
+    browser.click("form#cancel button").await;
+    // The page refreshes itself as the step's job ends, and now and then.
+    browser
+        .wait_text_within("#status", JOB_DEADLINE, |status| status == "cancelled")
+        .await;
+    let ended = admin.get(&format!("/api/v1/workflows/{workflow}")).await;
+    assert_eq!(ended.json()["status"], "cancelled", "{}", ended.text());
+    assert!(
+        !browser.exists("form#cancel").await,
+        "an ended workflow offers no Cancel"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_viewer_follows_a_workflow_from_the_list_to_its_failed_step_and_that_steps_job() {
     let (cluster, base) = mesh().await;
     let admin = cluster.http(&base);

@@ -1,26 +1,41 @@
 //! The pages of what runs jobs on its own: the schedules (when each fires, its state, its next
-//! and last tick) and the workflows (each with how far its steps got, and one workflow's
-//! graph of steps with their jobs). Read-only: changing them is the API's and the command's.
+//! and last tick; *Pause*, *Resume* and *Run now*) and the workflows (each with how far its
+//! steps got, and one workflow's graph of steps with their jobs; *Cancel*). Buttons are shown
+//! to readers who hold the permission; the API checks again, ownership included.
 
 use std::fmt::Write as _;
 
 use serde_json::Value;
 
-use super::html::{attr, badge, esc, field, shown, time};
+use super::html::{attr, badge, button_form, esc, field, shown, time};
+use super::pages::Reader;
 
-/// The schedules, by name.
-pub fn schedules(list: &Value) -> String {
+/// The schedules, by name, with their actions for a reader who may manage schedules.
+pub fn schedules(reader: &Reader, csrf: &str, list: &Value, notice: Option<&str>) -> String {
     let empty = Vec::new();
     let all = list
         .get("items")
         .and_then(Value::as_array)
         .unwrap_or(&empty);
-    let mut out = String::from(
+    let manage = reader.can("schedules:manage");
+    let mut out = String::new();
+    if let Some(notice) = notice {
+        out.push_str(&super::html::alert(notice));
+    }
+    out.push_str(
         r#"<div class="scroll" id="schedules-table" data-refresh><table id="schedules"><caption class="sr">Schedules, by name</caption>
-<thead><tr><th scope="col">Schedule</th><th scope="col">State</th><th scope="col">When</th><th scope="col" class="opt">Time zone</th><th scope="col">Next tick</th><th scope="col" class="opt">Last tick</th><th scope="col" class="opt">Last job</th><th scope="col" class="opt">Owner</th></tr></thead><tbody>"#,
+<thead><tr><th scope="col">Schedule</th><th scope="col">State</th><th scope="col">When</th><th scope="col" class="opt">Time zone</th><th scope="col">Next tick</th><th scope="col" class="opt">Last tick</th><th scope="col" class="opt">Last job</th><th scope="col" class="opt">Owner</th>"#,
     );
+    if manage {
+        out.push_str(r#"<th scope="col">Actions</th>"#);
+    }
+    out.push_str("</tr></thead><tbody>");
     if all.is_empty() {
-        out.push_str(r#"<tr><td colspan="8" class="empty">No schedule is defined.</td></tr>"#);
+        let _ = write!(
+            out,
+            r#"<tr><td colspan="{}" class="empty">No schedule is defined.</td></tr>"#,
+            if manage { 9 } else { 8 }
+        );
     }
     for schedule in all {
         let state = if schedule.get("paused").and_then(Value::as_bool) == Some(true) {
@@ -47,7 +62,7 @@ pub fn schedules(list: &Value) -> String {
         };
         let _ = write!(
             out,
-            r#"<tr data-schedule="{name_attr}"><th scope="row">{name}</th><td class="status">{state}</td><td>{when}</td><td class="opt">{zone}</td><td>{next}</td><td class="opt">{last_tick}</td><td class="opt">{last_job}</td><td class="opt">{owner}</td></tr>"#,
+            r#"<tr data-schedule="{name_attr}"><th scope="row">{name}</th><td class="status">{state}</td><td>{when}</td><td class="opt">{zone}</td><td>{next}</td><td class="opt">{last_tick}</td><td class="opt">{last_job}</td><td class="opt">{owner}</td>"#,
             name_attr = attr(field(schedule, "name")),
             name = esc(field(schedule, "name")),
             state = badge(state),
@@ -55,6 +70,31 @@ pub fn schedules(list: &Value) -> String {
             next = time(field(schedule, "next")),
             owner = shown(schedule, "owner"),
         );
+        if manage {
+            let base = format!("/ui/schedules/{}", field(schedule, "name"));
+            out.push_str(r#"<td class="actions">"#);
+            let (action, label) = if state == "paused" {
+                ("resume", "Resume")
+            } else {
+                ("pause", "Pause")
+            };
+            out.push_str(&button_form(
+                &format!("{base}/{action}"),
+                action,
+                label,
+                csrf,
+                false,
+            ));
+            out.push_str(&button_form(
+                &format!("{base}/trigger"),
+                "trigger",
+                "Run now",
+                csrf,
+                false,
+            ));
+            out.push_str("</td>");
+        }
+        out.push_str("</tr>");
     }
     out.push_str("</tbody></table></div>");
     out
@@ -108,14 +148,37 @@ pub fn workflows(list: &Value) -> String {
     out
 }
 
-/// One workflow: its state, then each step in order with what it waits for and its job.
-pub fn workflow(workflow: &Value) -> String {
+/// One workflow: its state (and *Cancel* while it runs, for a reader who may cancel), then
+/// each step in order with what it waits for and its job.
+pub fn workflow(reader: &Reader, csrf: &str, workflow: &Value, notice: Option<&str>) -> String {
     let mut out = String::new();
+    if let Some(notice) = notice {
+        out.push_str(&super::html::alert(notice));
+    }
+    let status = field(workflow, "status");
+    let actions = if status == "running"
+        && workflow
+            .get("cancel_requested_at")
+            .is_none_or(Value::is_null)
+        && reader.can("jobs:cancel:own")
+    {
+        let form = button_form(
+            &format!("/ui/workflows/{}/cancel", field(workflow, "id")),
+            "cancel",
+            "Cancel",
+            csrf,
+            true,
+        );
+        form.replacen("<form ", r#"<form id="cancel" "#, 1)
+    } else {
+        String::new()
+    };
     let _ = write!(
         out,
-        r#"<section id="summary" data-refresh class="card" aria-label="State" aria-live="polite"><dl class="facts"><dt>Status</dt><dd id="status" data-status="{status_attr}">{status}</dd><dt>Owner</dt><dd>{owner}</dd><dt>Created</dt><dd>{created}</dd><dt>Finished</dt><dd>{finished}</dd><dt>Stops at the first failure</dt><dd>{fail_fast}</dd></dl></section>"#,
-        status_attr = attr(field(workflow, "status")),
-        status = badge(field(workflow, "status")),
+        r#"<section id="summary" data-refresh class="card" aria-label="State" aria-live="polite"><dl class="facts"><dt>Status</dt><dd id="status" data-status="{status_attr}">{status}</dd><dt>Owner</dt><dd>{owner}</dd><dt>Created</dt><dd>{created}</dd><dt>Finished</dt><dd>{finished}</dd><dt>Stops at the first failure</dt><dd>{fail_fast}</dd><dt>Cancel asked</dt><dd>{cancel_asked}</dd></dl><div class="actions">{actions}</div></section>"#,
+        cancel_asked = time(field(workflow, "cancel_requested_at")),
+        status_attr = attr(status),
+        status = badge(status),
         owner = shown(workflow, "owner"),
         created = time(field(workflow, "created_at")),
         finished = time(field(workflow, "finished_at")),
@@ -189,7 +252,29 @@ mod tests {
              "owner": "<b>"},
             {"name": "poll", "every": "5m", "timezone": "UTC", "paused": false},
         ]});
-        let page = schedules(&list);
+        let viewer = Reader::of(&json!({"name": "v", "role": "viewer",
+            "permissions": ["schedules:read"]}));
+        let page = schedules(&viewer, "token", &list, None);
+        assert!(!page.contains("<form"), "a viewer gets no button: {page}");
+        let operator = Reader::of(&json!({"name": "o", "role": "operator",
+            "permissions": ["schedules:read", "schedules:manage"]}));
+        let managed = schedules(&operator, "token", &list, Some("no"));
+        assert!(
+            managed.contains(r#"action="/ui/schedules/nightly/resume""#),
+            "{managed}"
+        );
+        assert!(
+            managed.contains(r#"action="/ui/schedules/poll/pause""#),
+            "{managed}"
+        );
+        assert!(
+            managed.contains(r#"action="/ui/schedules/poll/trigger""#),
+            "{managed}"
+        );
+        assert!(
+            managed.contains(r#"role="alert""#),
+            "the notice is shown: {managed}"
+        );
         assert!(page.contains(r#"data-status="paused""#), "{page}");
         assert!(page.contains(r#"data-status="active""#), "{page}");
         assert!(page.contains("<code>0 3 * * *</code>"), "{page}");
@@ -199,7 +284,10 @@ mod tests {
             page.contains("&lt;b&gt;") && !page.contains("<b>"),
             "{page}"
         );
-        assert!(schedules(&json!({"items": []})).contains("No schedule is defined."));
+        assert!(
+            schedules(&viewer, "token", &json!({"items": []}), None)
+                .contains("No schedule is defined.")
+        );
     }
 
     #[test]
@@ -211,7 +299,23 @@ mod tests {
             {"name": "ship", "status": "skipped", "depends_on": ["build"],
              "when": "on_success"},
         ]});
-        let page = workflow(&view);
+        let canceller = Reader::of(&json!({"name": "o", "role": "operator",
+            "permissions": ["jobs:read", "jobs:cancel:own"]}));
+        let page = workflow(&canceller, "token", &view, None);
+        assert!(
+            !page.contains(r#"id="cancel""#),
+            "an ended workflow has no Cancel: {page}"
+        );
+        let mut running = view.clone();
+        running["status"] = json!("running");
+        let live = workflow(&canceller, "token", &running, None);
+        assert!(
+            live.contains(r#"action="/ui/workflows/01W/cancel""#),
+            "{live}"
+        );
+        let viewer =
+            Reader::of(&json!({"name": "v", "role": "viewer", "permissions": ["jobs:read"]}));
+        assert!(!workflow(&viewer, "token", &running, None).contains("<form"));
         assert!(page.contains(r#"<tr data-step="build">"#), "{page}");
         assert!(page.contains(r#"href="/ui/jobs/01A""#), "{page}");
         assert!(page.contains(r#"data-status="skipped""#), "{page}");

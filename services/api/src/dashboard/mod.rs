@@ -244,11 +244,27 @@ impl Dashboard {
                 self.node_action(request, &id, &action).await
             }
             (&Method::GET, ["ui", "systems"]) => self.systems(request).await,
-            (&Method::GET, ["ui", "schedules"]) => self.schedules(request).await,
+            (&Method::GET, ["ui", "schedules"]) => self.schedules(request, None).await,
+            (
+                &Method::POST,
+                [
+                    "ui",
+                    "schedules",
+                    name,
+                    action @ ("pause" | "resume" | "trigger"),
+                ],
+            ) => {
+                let (name, action) = ((*name).to_owned(), (*action).to_owned());
+                self.schedule_action(request, &name, &action).await
+            }
             (&Method::GET, ["ui", "workflows"]) => self.workflows(request).await,
             (&Method::GET, ["ui", "workflows", id]) => {
                 let id = (*id).to_owned();
-                self.workflow(request, &id).await
+                self.workflow(request, &id, None).await
+            }
+            (&Method::POST, ["ui", "workflows", id, "cancel"]) => {
+                let id = (*id).to_owned();
+                self.workflow_cancel(request, &id).await
             }
             (&Method::GET, ["ui", "audit"]) => self.audit(request).await,
             (_, ["ui", "assets", ..]) | (&Method::GET, _) => {
@@ -842,14 +858,52 @@ impl Dashboard {
         self.render(&session, &reader, &csrf, place, &body).await
     }
 
-    async fn schedules(&self, request: Request) -> Outcome {
-        let place = Place {
-            title: "Schedules",
-            section: "schedules",
-            live: Some("/ui/live".into()),
+    async fn schedules(&self, request: Request, notice: Option<&str>) -> Outcome {
+        let (mut session, reader) = match self.open(&request).await {
+            Ok(opened) => opened,
+            Err(outcome) => return outcome,
         };
-        self.listing(request, "/api/v1/schedules", automation::schedules, place)
-            .await
+        let answer = session.call(Method::GET, "/api/v1/schedules", None).await;
+        let (list, notice) = if answer.status.is_success() {
+            (answer.body, notice.map(str::to_owned))
+        } else {
+            (json!({"items": []}), Some(answer.problem()))
+        };
+        let csrf = cookie(request.headers(), CSRF_COOKIE).unwrap_or_default();
+        let body = automation::schedules(&reader, &csrf, &list, notice.as_deref());
+        self.render(
+            &session,
+            &reader,
+            &csrf,
+            Place {
+                title: "Schedules",
+                section: "schedules",
+                live: Some("/ui/live".into()),
+            },
+            &body,
+        )
+        .await
+    }
+
+    /// Pauses, resumes or runs now (`action`) the schedule `name`; a run now leads to its job.
+    async fn schedule_action(&self, mut request: Request, name: &str, action: &str) -> Outcome {
+        if let Err(refused) = self.form(&mut request).await {
+            return refused;
+        }
+        let mut session = Session::of(&request, &self.api, &self.renewals);
+        let path = format!("/api/v1/schedules/{}/{action}", path_part(name));
+        let answer = session.call(Method::POST, &path, None).await;
+        if !answer.status.is_success() {
+            return self.schedules(request, Some(&answer.problem())).await;
+        }
+        let next = match answer.body.get("id").and_then(Value::as_str) {
+            Some(job) if action == "trigger" => format!("/ui/jobs/{}", path_part(job)),
+            _ => "/ui/schedules".to_owned(),
+        };
+        Outcome {
+            response: see_other(&next),
+            cookies: renewed(&session, self),
+        }
     }
 
     async fn workflows(&self, request: Request) -> Outcome {
@@ -862,7 +916,7 @@ impl Dashboard {
             .await
     }
 
-    async fn workflow(&self, request: Request, id: &str) -> Outcome {
+    async fn workflow(&self, request: Request, id: &str, notice: Option<&str>) -> Outcome {
         let (mut session, reader) = match self.open(&request).await {
             Ok(opened) => opened,
             Err(outcome) => return outcome,
@@ -875,8 +929,8 @@ impl Dashboard {
             return self.failure(&answer.problem(), answer.status);
         }
         let title = format!("Workflow {}", html::field(&answer.body, "name"));
-        let body = automation::workflow(&answer.body);
         let csrf = cookie(request.headers(), CSRF_COOKIE).unwrap_or_default();
+        let body = automation::workflow(&reader, &csrf, &answer.body, notice);
         self.render(
             &session,
             &reader,
@@ -889,6 +943,29 @@ impl Dashboard {
             &body,
         )
         .await
+    }
+
+    async fn workflow_cancel(&self, mut request: Request, id: &str) -> Outcome {
+        if let Err(refused) = self.form(&mut request).await {
+            return refused;
+        }
+        let mut session = Session::of(&request, &self.api, &self.renewals);
+        let id = path_part(id);
+        let answer = session
+            .call(
+                Method::POST,
+                &format!("/api/v1/workflows/{id}/cancel"),
+                None,
+            )
+            .await;
+        if answer.status.is_success() {
+            Outcome {
+                response: see_other(&format!("/ui/workflows/{id}")),
+                cookies: renewed(&session, self),
+            }
+        } else {
+            self.workflow(request, &id, Some(&answer.problem())).await
+        }
     }
 
     async fn audit(&self, request: Request) -> Outcome {
