@@ -691,6 +691,32 @@ async fn schedules_and_workflows_are_made_followed_and_stopped_with_the_command(
         "{ticks:?}"
     );
     assert!(ticks.windows(2).all(|pair| pair[0] < pair[1]), "{ticks:?}");
+    let change = write("change.yaml", "every: 90s\n");
+    let updated = capstan
+        .run(&["schedules", "update", "nightly", "-f", &change], None)
+        .await;
+    assert!(
+        updated
+            .ok()
+            .stdout
+            .starts_with("nightly updated; next tick 20"),
+        "{}",
+        updated.stdout
+    );
+    let changed = capstan
+        .run(&["schedules", "get", "nightly", "-o", "json"], None)
+        .await;
+    let changed = changed.ok().json();
+    assert_eq!(changed["every"], "90s", "{changed}");
+    assert!(
+        changed["cron"].is_null(),
+        "`every` replaces `cron`: {changed}"
+    );
+    let back = write("back.yaml", "cron: \"0 3 * * *\"\n");
+    capstan
+        .run(&["schedules", "update", "nightly", "-f", &back], None)
+        .await
+        .ok();
     let paused = capstan.run(&["schedules", "pause", "nightly"], None).await;
     assert_eq!(paused.ok().stdout.trim_end(), "nightly paused");
     let shown = capstan

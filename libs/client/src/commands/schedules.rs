@@ -1,5 +1,5 @@
-//! Schedule commands: `schedules ls`, `get`, `create` (from a YAML or JSON file), `pause`,
-//! `resume`, `trigger`, `next` and `delete`, over `/api/v1/schedules`.
+//! Schedule commands: `schedules ls`, `get`, `create` and `update` (from a YAML or JSON
+//! file), `pause`, `resume`, `trigger`, `next` and `delete`, over `/api/v1/schedules`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -25,6 +25,16 @@ pub enum SchedulesCommand {
     /// `POST /api/v1/schedules`; `-` reads standard input).
     Create {
         /// The schedule's file.
+        #[arg(short = 'f', long = "file", value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// Change a schedule: the fields in a YAML or JSON file (the body of
+    /// `PATCH /api/v1/schedules/{name}`; `-` reads standard input) replace its own, and its
+    /// next tick is counted from now.
+    Update {
+        /// Its name.
+        name: String,
+        /// The fields to change.
         #[arg(short = 'f', long = "file", value_name = "FILE")]
         file: PathBuf,
     },
@@ -75,13 +85,14 @@ pub(super) async fn run(context: &Context, command: SchedulesCommand) -> Result<
         SchedulesCommand::Create { file } => {
             let body = read_document(&file, "one schedule (a mapping with `name` and `job`)")?;
             let schedule: Value = api.post("/api/v1/schedules", Some(&body)).await?;
-            context.out.print(&schedule, |out| {
-                format!(
-                    "{} created; next tick {}\n",
-                    out.bold(&text(&schedule, "/name")),
-                    next_of(&schedule)
-                )
-            })?;
+            print_changed(context, &schedule, "created")?;
+        }
+        SchedulesCommand::Update { name, file } => {
+            let body = read_document(&file, "the fields to change, as one mapping")?;
+            let schedule: Value = api
+                .call(Method::PATCH, &path(&name, ""), Some(&body))
+                .await?;
+            print_changed(context, &schedule, "updated")?;
         }
         SchedulesCommand::Pause { name } => change(context, &api, &path(&name, "/pause")).await?,
         SchedulesCommand::Resume { name } => {
@@ -121,6 +132,17 @@ pub(super) async fn run(context: &Context, command: SchedulesCommand) -> Result<
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Prints `<name> <what>; next tick <time>` for a schedule just created or changed.
+fn print_changed(context: &Context, schedule: &Value, what: &str) -> Result<(), Error> {
+    context.out.print(schedule, |out| {
+        format!(
+            "{} {what}; next tick {}\n",
+            out.bold(&text(schedule, "/name")),
+            next_of(schedule)
+        )
+    })
 }
 
 /// Pauses or resumes (the route `path`), printing the schedule's state after.
