@@ -416,6 +416,55 @@ async fn a_forged_form_post_without_the_csrf_token_is_refused() {
         .await;
     assert_eq!(refused.status, StatusCode::FORBIDDEN, "{}", refused.text());
     assert_no_job_runs(&admin, "forged-by-hand").await;
+
+    // The schedules' and workflows' actions are refused the same way, and change nothing.
+    let schedule = json!({"name": "nightly", "cron": "0 3 * * *",
+        "job": {"argv": ["/bin/true"]}});
+    let created = admin
+        .post_json("/api/v1/schedules", &schedule.to_string())
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.text());
+    let body =
+        json!({"name": "slow", "steps": [{"name": "wait", "job": {"argv": ["sleep", "60"]}}]});
+    let reply = admin
+        .post_json("/api/v1/workflows", &body.to_string())
+        .await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
+    let workflow = reply.json()["id"].as_str().expect("an id").to_owned();
+    for path in [
+        "/ui/schedules/nightly/pause".to_owned(),
+        "/ui/schedules/nightly/trigger".to_owned(),
+        format!("/ui/workflows/{workflow}/cancel"),
+    ] {
+        let refused = plain
+            .send(
+                Method::POST,
+                &path,
+                &[
+                    ("cookie", &cookies),
+                    ("content-type", "application/x-www-form-urlencoded"),
+                ],
+                "csrf=not-the-token",
+            )
+            .await;
+        assert_eq!(
+            refused.status,
+            StatusCode::FORBIDDEN,
+            "{path}: {}",
+            refused.text()
+        );
+    }
+    let kept = admin.get("/api/v1/schedules/nightly").await;
+    assert_eq!(kept.json()["paused"], false, "{}", kept.text());
+    let runs = admin.get("/api/v1/jobs?schedule=nightly").await;
+    assert_eq!(runs.json()["jobs"], json!([]), "{}", runs.text());
+    let going = admin.get(&format!("/api/v1/workflows/{workflow}")).await;
+    assert_eq!(going.json()["status"], "running", "{}", going.text());
+    assert!(
+        going.json()["cancel_requested_at"].is_null(),
+        "{}",
+        going.text()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

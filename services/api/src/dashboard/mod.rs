@@ -763,30 +763,13 @@ impl Dashboard {
     }
 
     async fn nodes(&self, request: Request, notice: Option<&str>) -> Outcome {
-        let (mut session, reader) = match self.open(&request).await {
-            Ok(opened) => opened,
-            Err(outcome) => return outcome,
+        let place = Place {
+            title: "Nodes",
+            section: "nodes",
+            live: Some("/ui/live".into()),
         };
-        let answer = session.call(Method::GET, "/api/v1/nodes", None).await;
-        let (list, notice) = if answer.status.is_success() {
-            (answer.body, notice.map(str::to_owned))
-        } else {
-            (json!({"nodes": []}), Some(answer.problem()))
-        };
-        let csrf = cookie(request.headers(), CSRF_COOKIE).unwrap_or_default();
-        let body = pages::nodes(&reader, &csrf, &list, notice.as_deref());
-        self.render(
-            &session,
-            &reader,
-            &csrf,
-            Place {
-                title: "Nodes",
-                section: "nodes",
-                live: Some("/ui/live".into()),
-            },
-            &body,
-        )
-        .await
+        self.listing(request, "/api/v1/nodes", notice, place, pages::nodes)
+            .await
     }
 
     async fn node_action(&self, mut request: Request, id: &str, action: &str) -> Outcome {
@@ -831,56 +814,54 @@ impl Dashboard {
             section: "systems",
             live: Some("/ui/live".into()),
         };
-        self.listing(request, "/api/v1/systems", pages::systems, place)
-            .await
+        self.listing(
+            request,
+            "/api/v1/systems",
+            None,
+            place,
+            |_, _, list, notice| with_notice(notice, pages::systems(list)),
+        )
+        .await
     }
 
-    /// A page of one API answer read at `path`, rendered by `page` (a problem above it when
-    /// the answer is one).
+    /// A page of the API's answer at `path`, rendered by `page` from the reader, the CSRF
+    /// token, the answer (`null` when it is a problem) and the notice to show (the problem,
+    /// or `notice`).
     async fn listing(
         &self,
         request: Request,
         path: &str,
-        page: fn(&Value) -> String,
+        notice: Option<&str>,
         place: Place<'_>,
+        page: impl FnOnce(&Reader, &str, &Value, Option<&str>) -> String,
     ) -> Outcome {
         let (mut session, reader) = match self.open(&request).await {
             Ok(opened) => opened,
             Err(outcome) => return outcome,
         };
         let answer = session.call(Method::GET, path, None).await;
-        let mut body = String::new();
-        if !answer.status.is_success() {
-            body.push_str(&html::alert(&answer.problem()));
-        }
-        body.push_str(&page(&answer.body));
+        let (list, notice) = if answer.status.is_success() {
+            (answer.body, notice.map(str::to_owned))
+        } else {
+            (Value::Null, Some(answer.problem()))
+        };
         let csrf = cookie(request.headers(), CSRF_COOKIE).unwrap_or_default();
+        let body = page(&reader, &csrf, &list, notice.as_deref());
         self.render(&session, &reader, &csrf, place, &body).await
     }
 
     async fn schedules(&self, request: Request, notice: Option<&str>) -> Outcome {
-        let (mut session, reader) = match self.open(&request).await {
-            Ok(opened) => opened,
-            Err(outcome) => return outcome,
+        let place = Place {
+            title: "Schedules",
+            section: "schedules",
+            live: Some("/ui/live".into()),
         };
-        let answer = session.call(Method::GET, "/api/v1/schedules", None).await;
-        let (list, notice) = if answer.status.is_success() {
-            (answer.body, notice.map(str::to_owned))
-        } else {
-            (json!({"items": []}), Some(answer.problem()))
-        };
-        let csrf = cookie(request.headers(), CSRF_COOKIE).unwrap_or_default();
-        let body = automation::schedules(&reader, &csrf, &list, notice.as_deref());
-        self.render(
-            &session,
-            &reader,
-            &csrf,
-            Place {
-                title: "Schedules",
-                section: "schedules",
-                live: Some("/ui/live".into()),
-            },
-            &body,
+        self.listing(
+            request,
+            "/api/v1/schedules",
+            notice,
+            place,
+            automation::schedules,
         )
         .await
     }
@@ -912,8 +893,14 @@ impl Dashboard {
             section: "workflows",
             live: Some("/ui/live".into()),
         };
-        self.listing(request, "/api/v1/workflows", automation::workflows, place)
-            .await
+        self.listing(
+            request,
+            "/api/v1/workflows",
+            None,
+            place,
+            |_, _, list, notice| with_notice(notice, automation::workflows(list)),
+        )
+        .await
     }
 
     async fn workflow(&self, request: Request, id: &str, notice: Option<&str>) -> Outcome {
@@ -1048,6 +1035,14 @@ fn path_part(part: &str) -> String {
         }
     }
     out
+}
+
+/// `page` under the alert of `notice`, if there is one.
+fn with_notice(notice: Option<&str>, page: String) -> String {
+    match notice {
+        Some(notice) => html::alert(notice) + &page,
+        None => page,
+    }
 }
 
 /// Hints as a stream; `None` stands for hints that were missed.
