@@ -1,5 +1,6 @@
 //! Command-line and environment options every service shares.
 
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -62,6 +63,45 @@ pub struct MetricsArgs {
     pub metrics_listen: Option<String>,
 }
 
+/// How many threads run a service's tasks.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct RuntimeArgs {
+    /// Threads running the service's tasks. Default: half the machine's cores, at least one.
+    /// A service shares its host with nats-server, the other services and the jobs, and
+    /// scales out by replicas; on two cores, one thread each spends less CPU per job than
+    /// one per core.
+    #[arg(long, env = "CAPSTAN_WORKER_THREADS")]
+    pub worker_threads: Option<NonZeroUsize>,
+}
+
+impl RuntimeArgs {
+    /// The number of threads: the one asked for, else [`worker_threads_for`] this machine's
+    /// cores.
+    pub fn threads(&self) -> usize {
+        self.worker_threads.map_or_else(
+            || {
+                worker_threads_for(
+                    std::thread::available_parallelism().map_or(1, NonZeroUsize::get),
+                )
+            },
+            NonZeroUsize::get,
+        )
+    }
+
+    /// The service's runtime, with [`RuntimeArgs::threads`] workers, I/O and timers.
+    pub fn build(&self) -> std::io::Result<tokio::runtime::Runtime> {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(self.threads())
+            .enable_all()
+            .build()
+    }
+}
+
+/// The default number of a service's threads on a machine of `cores`: half, at least one.
+pub fn worker_threads_for(cores: usize) -> usize {
+    (cores / 2).max(1)
+}
+
 /// How long a short state may last without an event of its own (`--announce-after`, the same
 /// for the scheduler's placements and the executor's starts), as the option is written.
 pub const ANNOUNCE_AFTER: &str = "100ms";
@@ -113,5 +153,36 @@ mod tests {
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("5 days").is_err());
         assert_eq!(default_announce_after(), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn a_service_runs_on_half_the_cores_unless_told_and_never_on_none() {
+        assert_eq!(worker_threads_for(1), 1);
+        assert_eq!(worker_threads_for(2), 1);
+        assert_eq!(worker_threads_for(3), 1);
+        assert_eq!(worker_threads_for(8), 4);
+
+        #[derive(clap::Parser)]
+        struct Options {
+            #[command(flatten)]
+            runtime: RuntimeArgs,
+        }
+        use clap::Parser;
+        let told = Options::try_parse_from(["service", "--worker-threads", "3"])
+            .expect("a number of threads is an option");
+        assert_eq!(told.runtime.threads(), 3);
+        assert_eq!(
+            told.runtime
+                .build()
+                .expect("a runtime")
+                .metrics()
+                .num_workers(),
+            3
+        );
+        assert!(Options::try_parse_from(["service", "--worker-threads", "0"]).is_err());
+        let cores = std::thread::available_parallelism()
+            .expect("the cores are known here")
+            .get();
+        assert_eq!(RuntimeArgs::default().threads(), worker_threads_for(cores));
     }
 }

@@ -28,7 +28,7 @@ pub mod view;
 pub mod wire;
 pub mod workflow;
 
-pub use config::{MetricsArgs, NatsArgs};
+pub use config::{MetricsArgs, NatsArgs, RuntimeArgs};
 pub use connect::{Mesh, connect};
 pub use error::Error;
 pub use events::EventPublisher;

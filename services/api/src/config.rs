@@ -46,6 +46,10 @@ pub struct Config {
     /// The keys sealing job secrets.
     #[command(flatten)]
     pub secret_keys: capstan_secrets::SecretKeyArgs,
+
+    /// How many threads run its tasks.
+    #[command(flatten)]
+    pub runtime: capstan_mesh::RuntimeArgs,
 }
 
 /// Identity and access.
@@ -214,6 +218,7 @@ impl Config {
             data_dir: PathBuf::from(".capstan/data"),
             auth: AuthArgs::for_tests(TEST_JWT_KEY, TEST_ADMIN_PASSWORD),
             secret_keys: capstan_secrets::SecretKeyArgs::default(),
+            runtime: capstan_mesh::RuntimeArgs::default(),
         }
     }
 

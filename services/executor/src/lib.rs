@@ -53,6 +53,10 @@ pub struct Config {
     #[command(flatten)]
     pub metrics: capstan_mesh::MetricsArgs,
 
+    /// How many threads run its tasks.
+    #[command(flatten)]
+    pub runtime: capstan_mesh::RuntimeArgs,
+
     /// This node's id: stable across restarts, unique in the mesh. Default: the host name.
     #[arg(long, env = "CAPSTAN_NODE_ID")]
     pub node_id: Option<NodeId>,
@@ -152,6 +156,7 @@ impl Config {
         Self {
             nats: NatsArgs::for_url(nats_url),
             metrics: capstan_mesh::MetricsArgs::default(),
+            runtime: capstan_mesh::RuntimeArgs::default(),
             node_id: Some(node),
             labels: Vec::new(),
             slots: 8,

@@ -7,11 +7,13 @@ use clap::Parser;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let config = capstan_executor::Config::parse();
-    let _telemetry = capstan_telemetry::init("executor");
-    let shutdown = capstan_mesh::shutdown::on_signal();
-    capstan_executor::run(config, shutdown).await?;
-    Ok(())
+    let runtime = config.runtime.build()?;
+    runtime.block_on(async move {
+        let _telemetry = capstan_telemetry::init("executor");
+        let shutdown = capstan_mesh::shutdown::on_signal();
+        capstan_executor::run(config, shutdown).await?;
+        Ok(())
+    })
 }

@@ -48,6 +48,10 @@ pub struct Config {
     #[command(flatten)]
     pub metrics: capstan_mesh::MetricsArgs,
 
+    /// How many threads run its tasks.
+    #[command(flatten)]
+    pub runtime: capstan_mesh::RuntimeArgs,
+
     /// A node that has not heartbeated for this long is marked down.
     #[arg(long, env = "CAPSTAN_HEARTBEAT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub heartbeat_timeout: Duration,
@@ -63,6 +67,7 @@ impl Config {
         Self {
             nats: NatsArgs::for_url(nats_url),
             metrics: capstan_mesh::MetricsArgs::default(),
+            runtime: capstan_mesh::RuntimeArgs::default(),
             heartbeat_timeout: Duration::from_secs(10),
             sweep_interval: Duration::from_secs(1),
         }

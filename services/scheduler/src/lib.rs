@@ -63,6 +63,10 @@ pub struct Config {
     #[command(flatten)]
     pub metrics: capstan_mesh::MetricsArgs,
 
+    /// How many threads run its tasks.
+    #[command(flatten)]
+    pub runtime: capstan_mesh::RuntimeArgs,
+
     /// Submissions processed at once by this replica.
     #[arg(long, env = "CAPSTAN_SCHEDULER_CONCURRENCY", default_value_t = 256)]
     pub concurrency: usize,
@@ -103,6 +107,7 @@ impl Config {
         Self {
             nats: NatsArgs::for_url(nats_url),
             metrics: capstan_mesh::MetricsArgs::default(),
+            runtime: capstan_mesh::RuntimeArgs::default(),
             concurrency: 256,
             max_waiting: 10_000,
             dispatch_depth: 2.0,
