@@ -66,40 +66,49 @@ pub struct MetricsArgs {
 /// How many threads run a service's tasks.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct RuntimeArgs {
-    /// Threads running the service's tasks. Default: half the machine's cores, at least one.
-    /// A service shares its host with nats-server, the other services and the jobs, and
-    /// scales out by replicas; on two cores, one thread each spends less CPU per job than
-    /// one per core.
+    /// Threads running the service's tasks. Default: one per core; an executor's, half the
+    /// cores (at least one), since the jobs it runs share its machine.
     #[arg(long, env = "CAPSTAN_WORKER_THREADS")]
     pub worker_threads: Option<NonZeroUsize>,
 }
 
+/// How many threads a service's runtime has when it is not told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Threads {
+    /// One per core (tokio's own default): a service with a machine or a container to itself.
+    PerCore,
+    /// Half the cores, at least one: an executor, which leaves the rest to its jobs. On two
+    /// cores beside the rest of the mesh, its one thread spends 12–15 % less CPU per job than
+    /// two did (docs/BENCHMARKS.md).
+    HalfTheCores,
+}
+
+impl Threads {
+    /// The number of threads on a machine of `cores`.
+    pub fn on(self, cores: usize) -> usize {
+        match self {
+            Self::PerCore => cores.max(1),
+            Self::HalfTheCores => (cores / 2).max(1),
+        }
+    }
+}
+
 impl RuntimeArgs {
-    /// The number of threads: the one asked for, else [`worker_threads_for`] this machine's
-    /// cores.
-    pub fn threads(&self) -> usize {
+    /// The number of threads: the one asked for, else what `default` gives on this machine.
+    pub fn threads(&self, default: Threads) -> usize {
         self.worker_threads.map_or_else(
-            || {
-                worker_threads_for(
-                    std::thread::available_parallelism().map_or(1, NonZeroUsize::get),
-                )
-            },
+            || default.on(std::thread::available_parallelism().map_or(1, NonZeroUsize::get)),
             NonZeroUsize::get,
         )
     }
 
     /// The service's runtime, with [`RuntimeArgs::threads`] workers, I/O and timers.
-    pub fn build(&self) -> std::io::Result<tokio::runtime::Runtime> {
+    pub fn build(&self, default: Threads) -> std::io::Result<tokio::runtime::Runtime> {
         tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(self.threads())
+            .worker_threads(self.threads(default))
             .enable_all()
             .build()
     }
-}
-
-/// The default number of a service's threads on a machine of `cores`: half, at least one.
-pub fn worker_threads_for(cores: usize) -> usize {
-    (cores / 2).max(1)
 }
 
 /// How long a short state may last without an event of its own (`--announce-after`, the same
@@ -156,11 +165,13 @@ mod tests {
     }
 
     #[test]
-    fn a_service_runs_on_half_the_cores_unless_told_and_never_on_none() {
-        assert_eq!(worker_threads_for(1), 1);
-        assert_eq!(worker_threads_for(2), 1);
-        assert_eq!(worker_threads_for(3), 1);
-        assert_eq!(worker_threads_for(8), 4);
+    fn a_runtime_has_the_threads_asked_for_else_its_services_default_and_never_none() {
+        assert_eq!(Threads::PerCore.on(1), 1);
+        assert_eq!(Threads::PerCore.on(8), 8);
+        assert_eq!(Threads::HalfTheCores.on(1), 1);
+        assert_eq!(Threads::HalfTheCores.on(2), 1);
+        assert_eq!(Threads::HalfTheCores.on(3), 1);
+        assert_eq!(Threads::HalfTheCores.on(8), 4);
 
         #[derive(clap::Parser)]
         struct Options {
@@ -170,19 +181,15 @@ mod tests {
         use clap::Parser;
         let told = Options::try_parse_from(["service", "--worker-threads", "3"])
             .expect("a number of threads is an option");
-        assert_eq!(told.runtime.threads(), 3);
-        assert_eq!(
-            told.runtime
-                .build()
-                .expect("a runtime")
-                .metrics()
-                .num_workers(),
-            3
-        );
+        assert_eq!(told.runtime.threads(Threads::HalfTheCores), 3);
+        let runtime = told.runtime.build(Threads::PerCore).expect("a runtime");
+        assert_eq!(runtime.metrics().num_workers(), 3);
         assert!(Options::try_parse_from(["service", "--worker-threads", "0"]).is_err());
         let cores = std::thread::available_parallelism()
             .expect("the cores are known here")
             .get();
-        assert_eq!(RuntimeArgs::default().threads(), worker_threads_for(cores));
+        for default in [Threads::PerCore, Threads::HalfTheCores] {
+            assert_eq!(RuntimeArgs::default().threads(default), default.on(cores));
+        }
     }
 }

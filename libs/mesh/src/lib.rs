@@ -28,7 +28,7 @@ pub mod view;
 pub mod wire;
 pub mod workflow;
 
-pub use config::{MetricsArgs, NatsArgs, RuntimeArgs};
+pub use config::{MetricsArgs, NatsArgs, RuntimeArgs, Threads};
 pub use connect::{Mesh, connect};
 pub use error::Error;
 pub use events::EventPublisher;

@@ -9,7 +9,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
     let config = capstan_executor::Config::parse();
-    let runtime = config.runtime.build()?;
+    let runtime = config.runtime.build(capstan_mesh::Threads::HalfTheCores)?;
     runtime.block_on(async move {
         let _telemetry = capstan_telemetry::init("executor");
         let shutdown = capstan_mesh::shutdown::on_signal();

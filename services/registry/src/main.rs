@@ -9,7 +9,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
     let config = capstan_registry::Config::parse();
-    let runtime = config.runtime.build()?;
+    let runtime = config.runtime.build(capstan_mesh::Threads::PerCore)?;
     runtime.block_on(async move {
         let _telemetry = capstan_telemetry::init("registry");
         let shutdown = capstan_mesh::shutdown::on_signal();
