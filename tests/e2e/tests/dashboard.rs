@@ -218,12 +218,7 @@ async fn a_schedule_is_paused_resumed_and_run_now_and_a_running_workflow_cancell
  {
     let (cluster, base) = mesh().await;
     let admin = cluster.http(&base);
-    let schedule = json!({"name": "nightly", "cron": "0 3 * * *",
-        "job": {"argv": ["/bin/true"]}});
-    let created = admin
-        .post_json("/api/v1/schedules", &schedule.to_string())
-        .await;
-    assert_eq!(created.status, StatusCode::CREATED, "{}", created.text());
+    nightly_schedule(&admin, json!({})).await;
     let browser = Browser::open(Theme::Light, WIDE).await;
     log_in(&browser, &base, "admin", capstan_api::TEST_ADMIN_PASSWORD).await;
 
@@ -255,11 +250,10 @@ async fn a_schedule_is_paused_resumed_and_run_now_and_a_running_workflow_cancell
     let body = json!({"name": "slow", "steps": [
         {"name": "wait", "job": {"argv": ["sleep", "60"]}},
         {"name": "after", "depends_on": ["wait"], "job": {"argv": ["/bin/true"]}}]});
-    let reply = admin
-        .post_json("/api/v1/workflows", &body.to_string())
-        .await;
-    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
-    let workflow = reply.json()["id"].as_str().expect("an id").to_owned();
+    let workflow = created(&admin, "/api/v1/workflows", &body).await["id"]
+        .as_str()
+        .expect("an id")
+        .to_owned();
     browser
         .goto(&format!("{base}/ui/workflows/{workflow}"))
         .await;
@@ -418,19 +412,13 @@ async fn a_forged_form_post_without_the_csrf_token_is_refused() {
     assert_no_job_runs(&admin, "forged-by-hand").await;
 
     // The schedules' and workflows' actions are refused the same way, and change nothing.
-    let schedule = json!({"name": "nightly", "cron": "0 3 * * *",
-        "job": {"argv": ["/bin/true"]}});
-    let created = admin
-        .post_json("/api/v1/schedules", &schedule.to_string())
-        .await;
-    assert_eq!(created.status, StatusCode::CREATED, "{}", created.text());
+    nightly_schedule(&admin, json!({})).await;
     let body =
         json!({"name": "slow", "steps": [{"name": "wait", "job": {"argv": ["sleep", "60"]}}]});
-    let reply = admin
-        .post_json("/api/v1/workflows", &body.to_string())
-        .await;
-    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
-    let workflow = reply.json()["id"].as_str().expect("an id").to_owned();
+    let workflow = created(&admin, "/api/v1/workflows", &body).await["id"]
+        .as_str()
+        .expect("an id")
+        .to_owned();
     for path in [
         "/ui/schedules/nightly/pause".to_owned(),
         "/ui/schedules/nightly/trigger".to_owned(),
@@ -478,12 +466,7 @@ async fn every_page_is_captured_light_and_dark_wide_and_narrow() {
     })
     .await;
     let workflow = release_workflow(&admin).await;
-    let schedule = json!({"name": "nightly", "cron": "0 3 * * *", "timezone": "Europe/Paris",
-        "job": {"argv": ["/bin/true"]}});
-    let created = admin
-        .post_json("/api/v1/schedules", &schedule.to_string())
-        .await;
-    assert_eq!(created.status, StatusCode::CREATED, "{}", created.text());
+    nightly_schedule(&admin, json!({"timezone": "Europe/Paris"})).await;
 
     // Each page, with what shows it has loaded.
     let pages = [
@@ -619,14 +602,32 @@ async fn add_user(cluster: &Cluster, base: &str, name: &str, role: &str) {
     assert_eq!(created.status, StatusCode::CREATED, "{}", created.text());
 }
 
+/// Posts `body` to `path` as `http`, expects it created, and returns what was created.
+async fn created(http: &HttpClient, path: &str, body: &serde_json::Value) -> serde_json::Value {
+    let reply = http.post_json(path, &body.to_string()).await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
+    reply.json()
+}
+
+/// Creates the schedule `nightly` (`/bin/true` at 03:00), with `more` fields, as `http`.
+async fn nightly_schedule(http: &HttpClient, more: serde_json::Value) {
+    let mut schedule = json!({"name": "nightly", "cron": "0 3 * * *",
+        "job": {"argv": ["/bin/true"]}});
+    if let (Some(schedule), Some(more)) = (schedule.as_object_mut(), more.as_object()) {
+        schedule.extend(more.clone());
+    }
+    created(http, "/api/v1/schedules", &schedule).await;
+}
+
 /// Creates the workflow `release` (build, then ship), waits for its end, and returns its id.
 async fn release_workflow(http: &HttpClient) -> String {
     let body = json!({"name": "release", "steps": [
         {"name": "build", "job": {"argv": ["/bin/true"]}},
         {"name": "ship", "depends_on": ["build"], "job": {"argv": ["/bin/false"]}}]});
-    let reply = http.post_json("/api/v1/workflows", &body.to_string()).await;
-    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
-    let id = reply.json()["id"].as_str().expect("an id").to_owned();
+    let id = created(http, "/api/v1/workflows", &body).await["id"]
+        .as_str()
+        .expect("an id")
+        .to_owned();
     wait_until("the workflow to end", JOB_DEADLINE, || async {
         let view = http.get(&format!("/api/v1/workflows/{id}")).await;
         (view.json()["status"] == "failed").then_some(())
