@@ -17,7 +17,8 @@
 //!   time as the mesh has slots, by this process alone.
 //! - Celery on Redis, measured the same way in the same run (`xtask/celery/run.sh` installs it).
 //! - History queries (`--history-rows`): `GET /api/v1/jobs?status=…` against a database
-//!   seeded with that many jobs.
+//!   seeded with that many jobs, then reads from concurrent clients at one API runtime thread
+//!   and at one per core (in `bench_rest`).
 //! - Recovery (`--failover`, in `failover`): kill -9 → rerun elsewhere, cancel → group gone.
 //! - Schedules (`--schedules`, in `bench_schedules`): ticks held by one scheduler replica.
 //! - Workflows (`--workflows`, in `bench_workflows`): diamonds of jobs carried by one scheduler
@@ -85,7 +86,7 @@ pub struct Args {
     #[arg(long)]
     no_celery: bool,
     /// Instead of the pipeline, measure history queries on a database seeded with this many
-    /// jobs.
+    /// jobs, one at a time and from concurrent clients.
     #[arg(long)]
     history_rows: Option<u64>,
     /// History database for the query benchmark (default: a fresh SQLite file).
@@ -1197,7 +1198,7 @@ async fn history_queries(
         ("CAPSTAN_API_LISTEN", format!("127.0.0.1:{api_port}")),
     ];
     env.extend(api_credentials());
-    let _api = spawn(&bin.join("capstan-api"), "api", &env, dir.path())?;
+    let api = spawn(&bin.join("capstan-api"), "api", &env, dir.path())?;
     let http = logged_in(api_port, dir.path()).await?;
 
     println!();
@@ -1259,7 +1260,17 @@ async fn history_queries(
             ms(percentile(&times, 1.0))
         );
     }
-    Ok(())
+    drop(api);
+    // Every 97th seeded job, so that the reads by id spread over the whole history.
+    let ids = (0..rows)
+        .step_by(97)
+        .map(|n| JobId::from(ulid::Ulid::from_parts(base_ms + n, u128::from(n))))
+        .collect();
+    let base_env: Vec<(&'static str, String)> = env
+        .into_iter()
+        .filter(|(key, _)| *key != "CAPSTAN_API_LISTEN")
+        .collect();
+    crate::bench_rest::concurrent_reads(bin, &base_env, dir.path(), std::sync::Arc::new(ids)).await
 }
 
 /// The signing key and first administrator's password the benchmarked API is started with.

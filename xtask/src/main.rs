@@ -14,6 +14,7 @@
 mod axe;
 mod bench;
 mod bench_batch;
+mod bench_rest;
 mod bench_schedules;
 mod bench_ssh;
 mod bench_workflows;
