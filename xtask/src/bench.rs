@@ -1195,10 +1195,11 @@ async fn history_queries(
     let mut env = vec![
         ("CAPSTAN_NATS_URL", nats.url()),
         ("CAPSTAN_DATABASE_URL", database_url.clone()),
-        ("CAPSTAN_API_LISTEN", format!("127.0.0.1:{api_port}")),
     ];
     env.extend(api_credentials());
-    let api = spawn(&bin.join("capstan-api"), "api", &env, dir.path())?;
+    let mut listening = env.clone();
+    listening.push(("CAPSTAN_API_LISTEN", format!("127.0.0.1:{api_port}")));
+    let api = spawn(&bin.join("capstan-api"), "api", &listening, dir.path())?;
     let http = logged_in(api_port, dir.path()).await?;
 
     println!();
@@ -1266,11 +1267,7 @@ async fn history_queries(
         .step_by(97)
         .map(|n| JobId::from(ulid::Ulid::from_parts(base_ms + n, u128::from(n))))
         .collect();
-    let base_env: Vec<(&'static str, String)> = env
-        .into_iter()
-        .filter(|(key, _)| *key != "CAPSTAN_API_LISTEN")
-        .collect();
-    crate::bench_rest::concurrent_reads(bin, &base_env, dir.path(), std::sync::Arc::new(ids)).await
+    crate::bench_rest::concurrent_reads(bin, &env, dir.path(), std::sync::Arc::new(ids)).await
 }
 
 /// The signing key and first administrator's password the benchmarked API is started with.

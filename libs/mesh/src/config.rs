@@ -109,6 +109,25 @@ impl RuntimeArgs {
             .enable_all()
             .build()
     }
+
+    /// What a service's `main` does: builds its runtime ([`RuntimeArgs::build`]), starts its
+    /// telemetry as `name` inside it, and runs `service` until it returns, handing it the token
+    /// a signal cancels ([`crate::shutdown::on_signal`]). The outer error is the runtime's.
+    pub fn serve<T, F>(
+        &self,
+        name: &str,
+        default: Threads,
+        service: impl FnOnce(tokio_util::sync::CancellationToken) -> F,
+    ) -> std::io::Result<T>
+    where
+        F: std::future::Future<Output = T>,
+    {
+        let runtime = self.build(default)?;
+        Ok(runtime.block_on(async move {
+            let _telemetry = capstan_telemetry::init(name);
+            service(crate::shutdown::on_signal()).await
+        }))
+    }
 }
 
 /// How long a short state may last without an event of its own (`--announce-after`, the same
@@ -184,6 +203,15 @@ mod tests {
         assert_eq!(told.runtime.threads(Threads::HalfTheCores), 3);
         let runtime = told.runtime.build(Threads::PerCore).expect("a runtime");
         assert_eq!(runtime.metrics().num_workers(), 3);
+        // A service runs on the runtime it is given, with a stop token no signal has cancelled.
+        let (workers, stopped) = told
+            .runtime
+            .serve("test", Threads::PerCore, |shutdown| async move {
+                let workers = tokio::runtime::Handle::current().metrics().num_workers();
+                (workers, shutdown.is_cancelled())
+            })
+            .expect("a runtime");
+        assert_eq!((workers, stopped), (3, false));
         assert!(Options::try_parse_from(["service", "--worker-threads", "0"]).is_err());
         let cores = std::thread::available_parallelism()
             .expect("the cores are known here")

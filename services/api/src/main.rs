@@ -9,11 +9,9 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
     let config = capstan_api::Config::parse();
-    let runtime = config.runtime.build(capstan_mesh::Threads::PerCore)?;
-    runtime.block_on(async move {
-        let _telemetry = capstan_telemetry::init("api");
-        let shutdown = capstan_mesh::shutdown::on_signal();
-        capstan_api::run(config, shutdown).await?;
-        Ok(())
-    })
+    let runtime = config.runtime.clone();
+    runtime.serve("api", capstan_mesh::Threads::PerCore, |shutdown| {
+        capstan_api::run(config, shutdown)
+    })??;
+    Ok(())
 }

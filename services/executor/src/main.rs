@@ -9,11 +9,11 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
     let config = capstan_executor::Config::parse();
-    let runtime = config.runtime.build(capstan_mesh::Threads::HalfTheCores)?;
-    runtime.block_on(async move {
-        let _telemetry = capstan_telemetry::init("executor");
-        let shutdown = capstan_mesh::shutdown::on_signal();
-        capstan_executor::run(config, shutdown).await?;
-        Ok(())
-    })
+    let runtime = config.runtime.clone();
+    runtime.serve(
+        "executor",
+        capstan_mesh::Threads::HalfTheCores,
+        |shutdown| capstan_executor::run(config, shutdown),
+    )??;
+    Ok(())
 }

@@ -9,11 +9,9 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
     let config = capstan_registry::Config::parse();
-    let runtime = config.runtime.build(capstan_mesh::Threads::PerCore)?;
-    runtime.block_on(async move {
-        let _telemetry = capstan_telemetry::init("registry");
-        let shutdown = capstan_mesh::shutdown::on_signal();
-        capstan_registry::run(config, shutdown).await?;
-        Ok(())
-    })
+    let runtime = config.runtime.clone();
+    runtime.serve("registry", capstan_mesh::Threads::PerCore, |shutdown| {
+        capstan_registry::run(config, shutdown)
+    })??;
+    Ok(())
 }

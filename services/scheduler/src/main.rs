@@ -9,11 +9,9 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
     let config = capstan_scheduler::Config::parse();
-    let runtime = config.runtime.build(capstan_mesh::Threads::PerCore)?;
-    runtime.block_on(async move {
-        let _telemetry = capstan_telemetry::init("scheduler");
-        let shutdown = capstan_mesh::shutdown::on_signal();
-        capstan_scheduler::run(config, shutdown).await?;
-        Ok(())
-    })
+    let runtime = config.runtime.clone();
+    runtime.serve("scheduler", capstan_mesh::Threads::PerCore, |shutdown| {
+        capstan_scheduler::run(config, shutdown)
+    })??;
+    Ok(())
 }
