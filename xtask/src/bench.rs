@@ -572,6 +572,18 @@ async fn pipeline(bin: &Path, args: &Args) -> anyhow::Result<()> {
             .join(", ")
     );
     println!();
+    println!("| connection | messages sent per job | messages received per job |");
+    println!("|---|---|---|");
+    for (name, (sent, received)) in &traffic_total.by_connection {
+        if sent + received > 0 {
+            println!(
+                "| {name} | {:.2} | {:.2} |",
+                *sent as f64 / measured,
+                *received as f64 / measured
+            );
+        }
+    }
+    println!();
     println!(
         "The floor, same run: `/bin/true` spawned as the executors spawn it (no shell, its own \
          process group, output piped), {} at a time, by this benchmark's process alone: \
@@ -622,6 +634,9 @@ struct Traffic {
     messages: u64,
     /// Writes by stream (a bucket is its `KV_` stream).
     stored: std::collections::BTreeMap<String, u64>,
+    /// Messages by client connection name: what it sent to nats-server, and what it was sent
+    /// (connections of one name summed; a connection closed in between is not counted).
+    by_connection: std::collections::BTreeMap<String, (u64, u64)>,
 }
 
 impl Traffic {
@@ -637,9 +652,12 @@ impl Traffic {
             let info = info?;
             stored.insert(info.config.name, info.state.last_sequence);
         }
+        let connz = http_get_json(monitor_port, "/connz?limit=4096").await?;
+        let by_connection = connection_counts(&connz);
         Ok(Self {
             messages: inbound + outbound,
             stored,
+            by_connection,
         })
     }
 
@@ -658,6 +676,21 @@ impl Traffic {
                     (name.clone(), last.saturating_sub(before))
                 })
                 .collect(),
+            by_connection: self
+                .by_connection
+                .iter()
+                .map(|(name, (sent, received))| {
+                    let (sent_before, received_before) =
+                        earlier.by_connection.get(name).copied().unwrap_or((0, 0));
+                    (
+                        name.clone(),
+                        (
+                            sent.saturating_sub(sent_before),
+                            received.saturating_sub(received_before),
+                        ),
+                    )
+                })
+                .collect(),
         }
     }
 
@@ -666,11 +699,42 @@ impl Traffic {
         for (name, writes) in &more.stored {
             *stored.entry(name.clone()).or_default() += writes;
         }
+        let mut by_connection = self.by_connection.clone();
+        for (name, (sent, received)) in &more.by_connection {
+            let counts = by_connection.entry(name.clone()).or_default();
+            counts.0 += sent;
+            counts.1 += received;
+        }
         Self {
             messages: self.messages + more.messages,
             stored,
+            by_connection,
         }
     }
+}
+
+/// The messages of each client connection in nats-server's `/connz` document, by connection
+/// name: what the client sent the server (`in_msgs`) and what the server sent it (`out_msgs`),
+/// connections of one name summed.
+fn connection_counts(connz: &serde_json::Value) -> std::collections::BTreeMap<String, (u64, u64)> {
+    let mut counts = std::collections::BTreeMap::<String, (u64, u64)>::new();
+    for connection in connz
+        .get("connections")
+        .and_then(serde_json::Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let field = |name: &str| connection.get(name).and_then(serde_json::Value::as_u64);
+        let name = connection
+            .get("name")
+            .and_then(serde_json::Value::as_str)
+            .filter(|name| !name.is_empty())
+            .unwrap_or("(unnamed)");
+        let entry = counts.entry(name.to_owned()).or_default();
+        entry.0 += field("in_msgs").unwrap_or(0);
+        entry.1 += field("out_msgs").unwrap_or(0);
+    }
+    counts
 }
 
 /// GETs a JSON document from nats-server's monitoring endpoint on this host.
@@ -750,7 +814,9 @@ pub(crate) async fn connect(
 ) -> anyhow::Result<async_nats::Client> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let mut options = async_nats::ConnectOptions::new().nkey(seed.to_owned());
+        let mut options = async_nats::ConnectOptions::new()
+            .nkey(seed.to_owned())
+            .name("capstan-bench-client");
         if let Some(tls) = tls {
             options = options
                 .require_tls(true)
@@ -1297,4 +1363,30 @@ pub(crate) async fn logged_in(port: u16, logs: &Path) -> anyhow::Result<HttpClie
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Ok(http.login("admin", capstan_api::TEST_ADMIN_PASSWORD).await)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_of_one_name_are_summed_and_a_nameless_one_is_named_unnamed() {
+        let connz = serde_json::json!({
+            "connections": [
+                {"name": "capstan-executor-exec-1", "in_msgs": 10, "out_msgs": 7},
+                {"name": "capstan-executor-exec-1", "in_msgs": 5, "out_msgs": 1},
+                {"name": "", "in_msgs": 2, "out_msgs": 3},
+                {"in_msgs": 1},
+            ]
+        });
+        let counts = connection_counts(&connz);
+        assert_eq!(counts.get("capstan-executor-exec-1"), Some(&(15, 8)));
+        assert_eq!(counts.get("(unnamed)"), Some(&(3, 3)));
+        assert_eq!(counts.len(), 2);
+    }
+
+    #[test]
+    fn a_connz_document_without_connections_counts_nothing() {
+        assert!(connection_counts(&serde_json::json!({"num_connections": 0})).is_empty());
+    }
 }
