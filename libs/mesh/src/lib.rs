@@ -15,6 +15,7 @@ pub mod error;
 pub mod events;
 pub mod fanout;
 pub mod identities;
+pub mod intake;
 pub mod lifecycle;
 pub mod metrics;
 pub mod schedules;

@@ -1,5 +1,6 @@
-//! Consuming submissions: decode and validate, claim the idempotency key, create the job's
-//! record (already assigned to a node when one has room), dispatch, acknowledge.
+//! Consuming submissions: read each one (`capstan_mesh::intake::read`: id, sender, spec, or its
+//! rejection), claim the idempotency key, create the job's record (already assigned to a node
+//! when one has room), dispatch, acknowledge.
 //!
 //! Each step is idempotent, keyed by the job id, which is fixed per submission (a header, or
 //! derived from the message's stream sequence), so a redelivered submission resumes: a record
@@ -10,13 +11,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind};
-use capstan_mesh::{Claim, Error, Versioned, consume, lifecycle, wire};
-use capstan_protocol::codec::{self, largest_field};
-use capstan_protocol::subjects::{ClientCall, Origin};
+use capstan_mesh::{Claim, Error, Versioned, consume, lifecycle};
+use capstan_protocol::subjects::Origin;
 use capstan_protocol::topology;
 use capstan_protocol::{
-    AuditAction, AuditOutcome, DecodeError, JobEvent, JobEventKind, JobId, JobRecord, JobSpec,
-    JobStatus, Rejection, RejectionCode, SubmittedBy, Timestamp, headers,
+    AuditAction, AuditOutcome, JobEvent, JobEventKind, JobId, JobRecord, JobSpec, JobStatus,
+    Rejection, RejectionCode, SubmittedBy, Timestamp, headers,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -101,87 +101,38 @@ impl Scheduler {
         let seq = info.stream_sequence;
         let published_ms = (info.published.unix_timestamp_nanos() / 1_000_000) as u64;
         let delivered = info.delivered;
-        let map = message.headers.as_ref();
-        let payload = &message.payload;
-
-        let id = match wire::header(map, headers::JOB_ID) {
-            Some(text) => match text.trim().parse::<JobId>() {
-                Ok(id) => id,
-                Err(error) => {
-                    return self
-                        .reject(
-                            message,
-                            seq,
-                            None,
-                            RejectionCode::Invalid,
-                            Some(headers::JOB_ID),
-                            error.to_string(),
-                        )
-                        .await;
+        let stored = capstan_mesh::intake::Stored { seq, published_ms };
+        let submission = match capstan_mesh::intake::read(
+            &message.subject,
+            message.headers.as_ref(),
+            &message.payload,
+            stored,
+            self.config.nats.max_job_bytes,
+        ) {
+            Ok(submission) => submission,
+            Err(refused) => {
+                if let Some(job) = refused.job {
+                    tracing::Span::current().record("job_id", tracing::field::display(job));
                 }
-            },
-            None => JobId::derived(published_ms, seq),
-        };
-        tracing::Span::current().record("job_id", tracing::field::display(id));
-        // A client's submission arrives on a subject naming it, which only the server's
-        // import for that client delivers on: that, not a header, says who sent it. On the
-        // plain subject, only the API and the schedulers may publish (the API sets the header
-        // from the request's principal); a server without identities trusts everyone anyway.
-        let client = ClientCall::Submit.client_of(&message.subject);
-        let submitted_by = match (client, wire::header(map, headers::SUBMITTED_BY)) {
-            (Some(client), _) => SubmittedBy::nats_client(client),
-            (None, Some(text)) => match codec::decode::<SubmittedBy>(
-                capstan_protocol::Encoding::Json,
-                text.as_bytes(),
-            ) {
-                Ok(submitted_by) => submitted_by,
-                Err(error) => {
-                    return self
-                        .reject(
-                            message,
-                            seq,
-                            Some(id),
-                            RejectionCode::Invalid,
-                            Some(headers::SUBMITTED_BY),
-                            format!("{}: {error}", headers::SUBMITTED_BY),
-                        )
-                        .await;
-                }
-            },
-            (None, None) => SubmittedBy::nats(),
-        };
-        let encoding = wire::encoding_of(map, payload);
-        let limit = self.config.nats.max_job_bytes;
-        if payload.len() > limit {
-            let (field, reason) = too_large(encoding, payload, limit);
-            return self
-                .reject(
-                    message,
-                    seq,
-                    Some(id),
-                    RejectionCode::TooLarge,
-                    field.as_deref(),
-                    reason,
-                )
-                .await;
-        }
-        let spec = match codec::decode_spec(encoding, payload) {
-            Ok(spec) => spec,
-            Err(DecodeError {
-                code,
-                field,
-                reason,
-                ..
-            }) => {
-                let full = match (&code, &field) {
-                    (RejectionCode::Malformed, _) => format!("malformed submission: {reason}"),
-                    _ => reason,
-                };
                 return self
-                    .reject(message, seq, Some(id), code, field.as_deref(), full)
+                    .reject(
+                        message,
+                        seq,
+                        refused.job,
+                        refused.code,
+                        refused.field.as_deref(),
+                        refused.reason,
+                    )
                     .await;
             }
         };
+        let capstan_mesh::intake::Submission {
+            id,
+            submitted_by,
+            from_client,
+            spec,
+        } = submission;
+        tracing::Span::current().record("job_id", tracing::field::display(id));
 
         // A fan-out's targets, resolved once, here.
         let targets = match &spec.fanout {
@@ -247,7 +198,7 @@ impl Scheduler {
         // A client's submission is on the audit trail before it is acknowledged: if the record
         // cannot be stored, the submission comes back, finds its job, and is audited again
         // under the same key.
-        if client.is_some()
+        if from_client
             && matches!(accepted, Ok(Accepted::Done | Accepted::Waiting { .. }))
             && crate::audit_client(
                 &self.mesh.events,
@@ -545,25 +496,6 @@ pub(crate) enum Accepted {
     Duplicate(JobId),
     /// The id is taken by a different job.
     Conflict(String),
-}
-
-/// The reason for a too-large rejection, naming the field that holds most of the bytes.
-fn too_large(
-    encoding: capstan_protocol::Encoding,
-    payload: &[u8],
-    limit: usize,
-) -> (Option<String>, String) {
-    let base = format!(
-        "the job is {} bytes, over the limit of {limit} bytes (CAPSTAN_MAX_JOB_BYTES)",
-        payload.len()
-    );
-    match largest_field(encoding, payload) {
-        Some((field, size)) => {
-            let reason = format!("{base}; `{field}` holds {size} bytes");
-            (Some(field), reason)
-        }
-        None => (None, base),
-    }
 }
 
 /// Delay before a failed submission is redelivered: grows with each delivery, up to a minute.

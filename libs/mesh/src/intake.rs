@@ -1,0 +1,260 @@
+//! Reading a submission off its message: the job's id (the `Capstan-Job-Id` header, or one
+//! derived from the stream sequence, the same on every redelivery), who sent it (the subject a
+//! client's import delivers on, else the API's header on the plain subject), and its spec
+//! within the size limit; or the rejection it earns. No round trip: whatever accepts
+//! submissions reads them with [`read`], and then claims, creates and places as its part does.
+
+use async_nats::HeaderMap;
+use capstan_protocol::codec::{self, Encoding, largest_field};
+use capstan_protocol::subjects::ClientCall;
+use capstan_protocol::{DecodeError, JobId, JobSpec, RejectionCode, SubmittedBy, headers};
+
+use crate::wire;
+
+/// A submission as its message says it.
+#[derive(Debug, Clone)]
+pub struct Submission {
+    /// The job's id.
+    pub id: JobId,
+    /// Who submitted it.
+    pub submitted_by: SubmittedBy,
+    /// Whether a client identity sent it (the subject names the client); the mesh audits
+    /// those submissions.
+    pub from_client: bool,
+    /// What to run.
+    pub spec: JobSpec,
+}
+
+/// Why a submission is refused, as its rejection event says it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refusal {
+    /// The job, when the id could be read.
+    pub job: Option<JobId>,
+    /// What kind of refusal.
+    pub code: RejectionCode,
+    /// The header or field at fault.
+    pub field: Option<String>,
+    /// What is wrong, for the sender.
+    pub reason: String,
+}
+
+impl Refusal {
+    fn new(job: Option<JobId>, code: RejectionCode, field: Option<&str>, reason: String) -> Self {
+        Self {
+            job,
+            code,
+            field: field.map(str::to_owned),
+            reason,
+        }
+    }
+}
+
+/// Where JetStream stored a submission.
+#[derive(Debug, Clone, Copy)]
+pub struct Stored {
+    /// Its stream sequence.
+    pub seq: u64,
+    /// When it was published, in milliseconds since the epoch.
+    pub published_ms: u64,
+}
+
+/// Reads the submission stored at `stored` on `subject`, refusing a body over
+/// `max_job_bytes`.
+pub fn read(
+    subject: &str,
+    map: Option<&HeaderMap>,
+    payload: &[u8],
+    stored: Stored,
+    max_job_bytes: usize,
+) -> Result<Submission, Refusal> {
+    let id = match wire::header(map, headers::JOB_ID) {
+        Some(text) => text.trim().parse::<JobId>().map_err(|error| {
+            Refusal::new(
+                None,
+                RejectionCode::Invalid,
+                Some(headers::JOB_ID),
+                error.to_string(),
+            )
+        })?,
+        None => JobId::derived(stored.published_ms, stored.seq),
+    };
+    // A client's submission arrives on a subject naming it, which only the server's import for
+    // that client delivers on: that, not a header, says who sent it. On the plain subject, only
+    // the API and the schedulers may publish (the API sets the header from the request's
+    // principal); a server without identities trusts everyone anyway.
+    let client = ClientCall::Submit.client_of(subject);
+    let submitted_by = match (client, wire::header(map, headers::SUBMITTED_BY)) {
+        (Some(client), _) => SubmittedBy::nats_client(client),
+        (None, Some(text)) => codec::decode::<SubmittedBy>(Encoding::Json, text.as_bytes())
+            .map_err(|error| {
+                Refusal::new(
+                    Some(id),
+                    RejectionCode::Invalid,
+                    Some(headers::SUBMITTED_BY),
+                    format!("{}: {error}", headers::SUBMITTED_BY),
+                )
+            })?,
+        (None, None) => SubmittedBy::nats(),
+    };
+    let encoding = wire::encoding_of(map, payload);
+    if payload.len() > max_job_bytes {
+        let (field, reason) = too_large(encoding, payload, max_job_bytes);
+        return Err(Refusal {
+            job: Some(id),
+            code: RejectionCode::TooLarge,
+            field,
+            reason,
+        });
+    }
+    let spec = codec::decode_spec(encoding, payload).map_err(
+        |DecodeError {
+             code,
+             field,
+             reason,
+             ..
+         }| {
+            let reason = match code {
+                RejectionCode::Malformed => format!("malformed submission: {reason}"),
+                _ => reason,
+            };
+            Refusal {
+                job: Some(id),
+                code,
+                field,
+                reason,
+            }
+        },
+    )?;
+    Ok(Submission {
+        id,
+        submitted_by,
+        from_client: client.is_some(),
+        spec,
+    })
+}
+
+/// The reason for a too-large rejection, naming the field that holds most of the bytes.
+fn too_large(encoding: Encoding, payload: &[u8], limit: usize) -> (Option<String>, String) {
+    let base = format!(
+        "the job is {} bytes, over the limit of {limit} bytes (CAPSTAN_MAX_JOB_BYTES)",
+        payload.len()
+    );
+    match largest_field(encoding, payload) {
+        Some((field, size)) => {
+            let reason = format!("{base}; `{field}` holds {size} bytes");
+            (Some(field), reason)
+        }
+        None => (None, base),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use capstan_protocol::subjects;
+
+    const STORED: Stored = Stored {
+        seq: 42,
+        published_ms: 1_700_000_000_000,
+    };
+    const LIMIT: usize = 64 * 1024;
+
+    fn json(body: &str) -> Vec<u8> {
+        body.as_bytes().to_vec()
+    }
+
+    #[test]
+    fn a_plain_json_job_gets_the_id_derived_from_where_it_was_stored() {
+        let read = read(
+            subjects::SUBMIT,
+            None,
+            &json(r#"{"argv": ["/bin/true"]}"#),
+            STORED,
+            LIMIT,
+        )
+        .expect("accepted");
+        assert_eq!(read.id, JobId::derived(STORED.published_ms, STORED.seq));
+        assert_eq!(read.submitted_by, SubmittedBy::nats());
+        assert!(!read.from_client);
+        assert_eq!(read.spec.argv(), ["/bin/true"]);
+    }
+
+    #[test]
+    fn the_id_header_names_the_job_and_a_bad_one_is_refused_by_that_header() {
+        let id = JobId::generate();
+        let mut map = HeaderMap::new();
+        map.insert(headers::JOB_ID, id.to_string().as_str());
+        let body = json(r#"{"argv": ["true"]}"#);
+        let read_ok = read(subjects::SUBMIT, Some(&map), &body, STORED, LIMIT).expect("accepted");
+        assert_eq!(read_ok.id, id);
+
+        let mut bad = HeaderMap::new();
+        bad.insert(headers::JOB_ID, "not-an-id");
+        let refused =
+            read(subjects::SUBMIT, Some(&bad), &body, STORED, LIMIT).expect_err("refused");
+        assert_eq!(refused.code, RejectionCode::Invalid);
+        assert_eq!(refused.field.as_deref(), Some(headers::JOB_ID));
+        assert_eq!(refused.job, None);
+    }
+
+    #[test]
+    fn a_client_is_known_by_its_subject_whatever_header_it_sets() {
+        let mut map = HeaderMap::new();
+        map.insert(
+            headers::SUBMITTED_BY,
+            r#"{"principal": "admin", "via": "password"}"#,
+        );
+        let subject = format!("{}.from.ops", subjects::SUBMIT);
+        let read = read(
+            &subject,
+            Some(&map),
+            &json(r#"{"argv": ["true"]}"#),
+            STORED,
+            LIMIT,
+        )
+        .expect("accepted");
+        assert_eq!(read.submitted_by, SubmittedBy::nats_client("ops"));
+        assert!(read.from_client);
+    }
+
+    #[test]
+    fn an_unreadable_submitted_by_header_is_refused_by_name() {
+        let mut map = HeaderMap::new();
+        map.insert(headers::SUBMITTED_BY, "{not json");
+        let refused = read(
+            subjects::SUBMIT,
+            Some(&map),
+            &json(r#"{"argv": ["true"]}"#),
+            STORED,
+            LIMIT,
+        )
+        .expect_err("refused");
+        assert_eq!(refused.code, RejectionCode::Invalid);
+        assert_eq!(refused.field.as_deref(), Some(headers::SUBMITTED_BY));
+        assert!(refused.job.is_some());
+    }
+
+    #[test]
+    fn an_oversized_job_is_refused_naming_the_field_that_holds_most_of_it() {
+        let body = json(&format!(
+            r#"{{"argv": ["cat"], "stdin": "{}"}}"#,
+            "x".repeat(200)
+        ));
+        let refused = read(subjects::SUBMIT, None, &body, STORED, 100).expect_err("refused");
+        assert_eq!(refused.code, RejectionCode::TooLarge);
+        assert_eq!(refused.field.as_deref(), Some("stdin"));
+        assert!(refused.reason.contains("over the limit of 100 bytes"));
+    }
+
+    #[test]
+    fn malformed_json_is_refused_as_malformed_and_says_so() {
+        let refused = read(subjects::SUBMIT, None, &json("{\"argv\": ["), STORED, LIMIT)
+            .expect_err("refused");
+        assert_eq!(refused.code, RejectionCode::Malformed);
+        assert!(refused.reason.starts_with("malformed submission: "));
+        assert_eq!(
+            refused.job,
+            Some(JobId::derived(STORED.published_ms, STORED.seq))
+        );
+    }
+}
