@@ -1497,6 +1497,50 @@ async fn an_accepted_job_is_shown_from_the_moment_it_is_accepted_even_before_a_s
         .await;
     unknown.assert_problem(StatusCode::NOT_FOUND, None);
 
+    // Submissions stored on NATS are read as a scheduler will read them: one without a sender
+    // is the mesh's, one whose sender cannot be read is no job, nor is one whose id header
+    // names another job than its subject.
+    let js = async_nats::jetstream::new(server.client().await);
+    let submit = |job: capstan_protocol::JobId, header_id: String, sender: Option<&'static str>| {
+        let js = js.clone();
+        async move {
+            let mut map = async_nats::HeaderMap::new();
+            map.insert(capstan_protocol::headers::JOB_ID, header_id.as_str());
+            if let Some(sender) = sender {
+                map.insert(capstan_protocol::headers::SUBMITTED_BY, sender);
+            }
+            js.publish_with_headers(
+                capstan_protocol::subjects::submit_job(job),
+                map,
+                json!({"argv": ["true"]}).to_string().into(),
+            )
+            .await
+            .expect("sent")
+            .await
+            .expect("stored");
+        }
+    };
+    let plain = capstan_protocol::JobId::generate();
+    submit(plain, plain.to_string(), None).await;
+    let job = http.get(&format!("/api/v1/jobs/{plain}")).await.json();
+    assert_eq!(job["status"], "pending", "{job}");
+    assert_eq!(job["submitted_by"]["principal"], "nats", "{job}");
+    let unreadable = capstan_protocol::JobId::generate();
+    submit(unreadable, unreadable.to_string(), Some("{not json")).await;
+    http.get(&format!("/api/v1/jobs/{unreadable}"))
+        .await
+        .assert_problem(StatusCode::NOT_FOUND, None);
+    let renamed = capstan_protocol::JobId::generate();
+    submit(
+        renamed,
+        capstan_protocol::JobId::generate().to_string(),
+        None,
+    )
+    .await;
+    http.get(&format!("/api/v1/jobs/{renamed}"))
+        .await
+        .assert_problem(StatusCode::NOT_FOUND, None);
+
     // A scheduler and an executor arrive: the same job runs and ends.
     tokio::spawn(capstan_registry::run(
         capstan_registry::Config::for_url(server.url()),

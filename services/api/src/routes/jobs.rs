@@ -573,15 +573,15 @@ fn parent_job(parent: &FanOutRecord, statuses: &[TargetStatus]) -> Job {
     job
 }
 
-/// A job accepted but not yet created by a scheduler, from its stored submission: pending (or
-/// scheduled), no attempt yet. A scheduler creates the record before it removes the
+/// A job accepted but not yet created by a scheduler, from its stored submission read as the
+/// schedulers read it (`capstan_mesh::intake::read`): pending (or scheduled), no attempt yet. A scheduler creates the record before it removes the
 /// submission, so when neither is found the record is read once more, in case it came between
 /// the two reads.
 pub(crate) async fn accepted(
     state: &crate::State,
     id: capstan_protocol::JobId,
 ) -> Result<Option<capstan_protocol::JobRecord>, ApiError> {
-    use capstan_protocol::{JobRecord, SubmittedBy, Timestamp, codec, headers, subjects, topology};
+    use capstan_protocol::{JobRecord, Timestamp, subjects, topology};
     let unavailable = |e: &dyn std::fmt::Display| {
         ApiError::unavailable(format!("cannot read the submissions stream: {e}"))
     };
@@ -604,20 +604,31 @@ pub(crate) async fn accepted(
         }
         Err(error) => return Err(unavailable(&error)),
     };
-    let map = Some(&message.headers);
-    let encoding = capstan_mesh::wire::encoding_of(map, &message.payload);
-    let Ok(spec) = codec::decode_spec(encoding, &message.payload) else {
-        // A submission the schedulers will refuse: not a job.
+    // Read as a scheduler reads it; a submission the schedulers will refuse is not a job, nor
+    // is one that a scheduler would give another id. The size is the schedulers' to judge.
+    let at_ms = (message.time.unix_timestamp_nanos() / 1_000_000) as u64;
+    let stored = capstan_mesh::intake::Stored {
+        seq: message.sequence,
+        published_ms: at_ms,
+    };
+    let Ok(submission) = capstan_mesh::intake::read(
+        &message.subject,
+        Some(&message.headers),
+        &message.payload,
+        stored,
+        usize::MAX,
+    ) else {
         return Ok(None);
     };
-    let at = Timestamp::from_millis((message.time.unix_timestamp_nanos() / 1_000_000) as i64);
-    let mut record = match spec.start {
-        Some(start) => JobRecord::scheduled(id, spec, at, start.due(at)),
-        None => JobRecord::new(id, spec, at),
+    if submission.id != id {
+        return Ok(None);
+    }
+    let at = Timestamp::from_millis(at_ms as i64);
+    let mut record = match submission.spec.start {
+        Some(start) => JobRecord::scheduled(id, submission.spec, at, start.due(at)),
+        None => JobRecord::new(id, submission.spec, at),
     };
-    record.submitted_by = capstan_mesh::wire::header(map, headers::SUBMITTED_BY).and_then(|text| {
-        codec::decode::<SubmittedBy>(capstan_protocol::Encoding::Json, text.as_bytes()).ok()
-    });
+    record.submitted_by = Some(submission.submitted_by);
     Ok(Some(record))
 }
 
