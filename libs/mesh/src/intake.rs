@@ -165,7 +165,7 @@ mod tests {
 
     #[test]
     fn a_plain_json_job_gets_the_id_derived_from_where_it_was_stored() {
-        let read = read(
+        let submission = read(
             subjects::SUBMIT,
             None,
             &json(r#"{"argv": ["/bin/true"]}"#),
@@ -173,10 +173,13 @@ mod tests {
             LIMIT,
         )
         .expect("accepted");
-        assert_eq!(read.id, JobId::derived(STORED.published_ms, STORED.seq));
-        assert_eq!(read.submitted_by, SubmittedBy::nats());
-        assert!(!read.from_client);
-        assert_eq!(read.spec.argv(), ["/bin/true"]);
+        assert_eq!(
+            submission.id,
+            JobId::derived(STORED.published_ms, STORED.seq)
+        );
+        assert_eq!(submission.submitted_by, SubmittedBy::nats());
+        assert!(!submission.from_client);
+        assert_eq!(submission.spec.argv(), ["/bin/true"]);
     }
 
     #[test]
@@ -185,8 +188,8 @@ mod tests {
         let mut map = HeaderMap::new();
         map.insert(headers::JOB_ID, id.to_string().as_str());
         let body = json(r#"{"argv": ["true"]}"#);
-        let read_ok = read(subjects::SUBMIT, Some(&map), &body, STORED, LIMIT).expect("accepted");
-        assert_eq!(read_ok.id, id);
+        let named = read(subjects::SUBMIT, Some(&map), &body, STORED, LIMIT).expect("accepted");
+        assert_eq!(named.id, id);
 
         let mut bad = HeaderMap::new();
         bad.insert(headers::JOB_ID, "not-an-id");
@@ -205,7 +208,7 @@ mod tests {
             r#"{"principal": "admin", "via": "password"}"#,
         );
         let subject = format!("{}.from.ops", subjects::SUBMIT);
-        let read = read(
+        let submission = read(
             &subject,
             Some(&map),
             &json(r#"{"argv": ["true"]}"#),
@@ -213,8 +216,8 @@ mod tests {
             LIMIT,
         )
         .expect("accepted");
-        assert_eq!(read.submitted_by, SubmittedBy::nats_client("ops"));
-        assert!(read.from_client);
+        assert_eq!(submission.submitted_by, SubmittedBy::nats_client("ops"));
+        assert!(submission.from_client);
     }
 
     #[test]

@@ -574,9 +574,9 @@ fn parent_job(parent: &FanOutRecord, statuses: &[TargetStatus]) -> Job {
 }
 
 /// A job accepted but not yet created by a scheduler, from its stored submission read as the
-/// schedulers read it (`capstan_mesh::intake::read`): pending (or scheduled), no attempt yet. A scheduler creates the record before it removes the
-/// submission, so when neither is found the record is read once more, in case it came between
-/// the two reads.
+/// schedulers read it (`capstan_mesh::intake::read`): pending (or scheduled), no attempt yet.
+/// A scheduler creates the record before it removes the submission, so when neither is found
+/// the record is read once more, in case it came between the two reads.
 pub(crate) async fn accepted(
     state: &crate::State,
     id: capstan_protocol::JobId,
