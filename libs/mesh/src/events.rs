@@ -11,7 +11,8 @@ use bytes::Bytes;
 use capstan_protocol::codec;
 use capstan_protocol::subjects::{self, Origin};
 use capstan_protocol::{
-    AuditRecord, FanOutEvent, JobEvent, NodeEvent, Rejection, SystemEvent, headers,
+    AuditAction, AuditOutcome, AuditRecord, FanOutEvent, JobEvent, JobId, NodeEvent, Rejection,
+    SubmittedBy, SystemEvent, headers,
 };
 
 use crate::error::Error;
@@ -316,6 +317,32 @@ impl EventPublisher {
             .await
             .map_err(|e| Error::unavailable("audit publish", e))?;
         Ok(())
+    }
+
+    /// Records in the audit trail what a client identity `by` did to `job` over NATS (the API
+    /// records what is done through it), and waits until the audit stream has stored it, so
+    /// that an acknowledged submission or an answered request is on the trail. `key`, when
+    /// given, is the deduplication id (see [`audit_keyed`](Self::audit_keyed)). A failure is
+    /// logged and returned.
+    pub async fn audit_client(
+        &self,
+        action: AuditAction,
+        by: &SubmittedBy,
+        job: JobId,
+        outcome: AuditOutcome,
+        key: Option<String>,
+    ) -> Result<(), Error> {
+        let mut record = AuditRecord::new(action, outcome);
+        record.principal = Some(by.principal.clone());
+        record.via = Some(by.via);
+        record.resource = Some(format!("job/{job}"));
+        record.trace_id = capstan_telemetry::propagation::trace_id();
+        let key = key.unwrap_or_else(|| record.id.to_string());
+        let stored = self.audit_keyed(&record, &key).await;
+        if let Err(error) = &stored {
+            tracing::warn!(error = %error, action = record.action.as_str(), job = %job, "cannot record an audit record");
+        }
+        stored
     }
 
     async fn publish_stored(

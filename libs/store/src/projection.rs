@@ -13,7 +13,10 @@ use std::collections::HashMap;
 
 use capstan_protocol::{JobEvent, JobId, JobStatus};
 use sea_orm::sea_query::{Alias, Expr, ExprTrait, OnConflict};
-use sea_orm::{ActiveValue::Set, ColumnTrait, DbErr, EntityTrait, QueryFilter, TransactionTrait};
+use sea_orm::{
+    ActiveModelTrait, ActiveValue::Set, ColumnTrait, DbErr, EntityTrait, IntoActiveModel,
+    QueryFilter, TransactionTrait,
+};
 
 use crate::entity::{attempt, event, job, job_label};
 
@@ -115,19 +118,27 @@ fn attempt_row(item: &Sequenced) -> attempt::ActiveModel {
     }
 }
 
-fn event_row(item: &Sequenced) -> event::ActiveModel {
-    let record = &item.event.record;
-    event::ActiveModel {
-        seq: Set(seq_of(item.seq)),
-        job_id: Set(record.id.to_string()),
-        kind: Set(item.event.kind.as_str().to_owned()),
-        status: Set(record.status.as_str().to_owned()),
-        attempt: Set(i32::try_from(record.attempt).unwrap_or(i32::MAX)),
-        node: Set(record.node.as_ref().map(ToString::to_string)),
-        at: Set(item.event.at.as_millis()),
-        exit_code: Set(record.exit_code),
-        error: Set(record.error.clone()),
+impl Sequenced {
+    /// The event as the history's `events` table holds it.
+    pub fn event_model(&self) -> event::Model {
+        let record = &self.event.record;
+        event::Model {
+            seq: seq_of(self.seq),
+            job_id: record.id.to_string(),
+            kind: self.event.kind.as_str().to_owned(),
+            status: record.status.as_str().to_owned(),
+            attempt: i32::try_from(record.attempt).unwrap_or(i32::MAX),
+            node: record.node.as_ref().map(ToString::to_string),
+            at: self.event.at.as_millis(),
+            exit_code: record.exit_code,
+            error: record.error.clone(),
+        }
     }
+}
+
+fn event_row(item: &Sequenced) -> event::ActiveModel {
+    // Every column is written: `reset_all` marks the model's values as set.
+    item.event_model().into_active_model().reset_all()
 }
 
 /// Where `status` stands within one attempt: waiting, running, ended.

@@ -30,6 +30,7 @@ pub mod problem;
 pub mod projection;
 mod purge;
 pub mod rebuild;
+pub(crate) mod replay;
 pub mod rotate;
 mod routes;
 mod submission;

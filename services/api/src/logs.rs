@@ -9,9 +9,8 @@
 //! record, or the history's attempts), so no other node can put words in a job's output.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
-use async_nats::jetstream::consumer::{DeliverPolicy, pull};
+use async_nats::jetstream::consumer::DeliverPolicy;
 use async_nats::jetstream::kv::Operation;
 use capstan_mesh::{Mesh, wire};
 use capstan_protocol::{JobId, JobRecord, NodeId, headers, subjects, topology};
@@ -22,6 +21,7 @@ use tokio::sync::mpsc;
 use crate::State;
 use crate::model::{JobLogs, LogEvent, LogEventKind, Status};
 use crate::problem::ApiError;
+use crate::replay;
 
 /// What is known of a job when its logs are asked for.
 #[derive(Debug, Clone)]
@@ -169,13 +169,6 @@ fn chunk_of(message: &async_nats::Message) -> Chunk {
     }
 }
 
-async fn logs_stream(mesh: &Mesh) -> Result<async_nats::jetstream::stream::Stream, ApiError> {
-    mesh.js
-        .get_stream(topology::LOGS.name)
-        .await
-        .map_err(|e| ApiError::unavailable(format!("logs stream: {e}")))
-}
-
 /// The stream sequence of the job's last stored chunk (0 when it has none).
 async fn last_sequence(
     stream: &async_nats::jetstream::stream::Stream,
@@ -192,47 +185,16 @@ async fn last_sequence(
     }
 }
 
-async fn ordered(
-    mesh: &Mesh,
-    id: JobId,
-) -> Result<(async_nats::jetstream::consumer::pull::Ordered, u64), ApiError> {
-    let stream = logs_stream(mesh).await?;
-    let consumer = stream
-        .create_consumer(pull::OrderedConfig {
-            filter_subject: subjects::job_logs(id),
-            deliver_policy: DeliverPolicy::All,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| ApiError::unavailable(format!("logs consumer: {e}")))?;
-    let pending = consumer.cached_info().num_pending;
-    let messages = consumer
-        .messages()
-        .await
-        .map_err(|e| ApiError::unavailable(format!("logs: {e}")))?;
-    Ok((messages, pending))
-}
-
 /// Every chunk stored so far, in order.
 async fn stored(mesh: &Mesh, id: JobId) -> Result<Vec<Chunk>, ApiError> {
-    let (mut messages, pending) = ordered(mesh, id).await?;
-    let mut chunks = Vec::new();
-    if pending == 0 {
-        return Ok(chunks);
-    }
-    loop {
-        let next = tokio::time::timeout(Duration::from_secs(10), messages.next()).await;
-        let message = match next {
-            Ok(Some(Ok(message))) => message,
-            Ok(Some(Err(error))) => return Err(ApiError::unavailable(format!("logs: {error}"))),
-            Ok(None) | Err(_) => return Err(ApiError::unavailable("reading logs timed out")),
-        };
-        let left = message.info().map(|info| info.pending).unwrap_or(0);
-        chunks.push(chunk_of(&message.message));
-        if left == 0 {
-            return Ok(chunks);
-        }
-    }
+    let messages = replay::stored(
+        mesh,
+        topology::LOGS.name,
+        subjects::job_logs(id),
+        DeliverPolicy::All,
+    )
+    .await?;
+    Ok(messages.iter().map(|m| chunk_of(&m.message)).collect())
 }
 
 /// The output of `attempt` (default: the current one) captured so far.
@@ -296,8 +258,17 @@ async fn pump(
     mut state: JobState,
     sender: &mpsc::Sender<LogEvent>,
 ) -> Result<(), String> {
-    let stream = logs_stream(mesh).await.map_err(|e| format!("{e:?}"))?;
-    let (mut messages, _) = ordered(mesh, id).await.map_err(|e| format!("{e:?}"))?;
+    let stream = replay::stream(mesh, topology::LOGS.name)
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    let (mut messages, _) = replay::ordered(
+        mesh,
+        topology::LOGS.name,
+        subjects::job_logs(id),
+        DeliverPolicy::All,
+    )
+    .await
+    .map_err(|e| format!("{e:?}"))?;
     let key = id.to_string();
     // The watch starts with the record's current value, so an end that happened just before
     // it was created is not missed.

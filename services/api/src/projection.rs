@@ -142,28 +142,42 @@ enum Belief {
 
 /// Whether `event`, read on `subject`, is believed. The first attempt's events need no
 /// lookup (a job's history starts there); a later attempt's are checked against the job's
-/// record, which every service writes before announcing, so a legitimate event never names an
-/// attempt its record has not reached.
+/// record (see [`credible`]).
 async fn believe(mesh: &Mesh, subject: &str, event: &JobEvent) -> Belief {
-    if let Err(reason) = event.agrees_with(subject) {
-        return Belief::Forged(reason);
-    }
-    if event.record.attempt <= 1 {
-        return Belief::Believed;
-    }
-    match mesh.jobs.get(&event.record.id.to_string()).await {
-        Ok(Some(current)) if current.value.attempt >= event.record.attempt => Belief::Believed,
-        Ok(Some(current)) => Belief::Forged(format!(
-            "attempt {} of a job whose record is at attempt {}",
-            event.record.attempt, current.value.attempt
-        )),
-        Ok(None) => Belief::Forged(format!(
-            "attempt {} of a job with no record",
-            event.record.attempt
-        )),
-        Err(error) => {
-            tracing::debug!(error = %error, "cannot read a job's record to check its event");
-            Belief::Unsure
+    let reached = if event.record.attempt <= 1 {
+        None
+    } else {
+        match mesh.jobs.get(&event.record.id.to_string()).await {
+            Ok(current) => current.map(|c| c.value.attempt),
+            Err(error) => {
+                tracing::debug!(error = %error, "cannot read a job's record to check its event");
+                return Belief::Unsure;
+            }
         }
+    };
+    match credible(subject, event, reached) {
+        Ok(()) => Belief::Believed,
+        Err(reason) => Belief::Forged(reason),
+    }
+}
+
+/// Whether `event`, read on `subject`, is what it claims to be, for a job whose record has
+/// reached attempt `reached` (`None`: no record). The subject must name the event's job and
+/// kind; an attempt after the first must be one the record has reached, since every service
+/// writes the record before announcing, so a legitimate event never names a later attempt.
+pub(crate) fn credible(
+    subject: &str,
+    event: &JobEvent,
+    reached: Option<u32>,
+) -> Result<(), String> {
+    event.agrees_with(subject)?;
+    let attempt = event.record.attempt;
+    match reached {
+        _ if attempt <= 1 => Ok(()),
+        Some(reached) if reached >= attempt => Ok(()),
+        Some(reached) => Err(format!(
+            "attempt {attempt} of a job whose record is at attempt {reached}"
+        )),
+        None => Err(format!("attempt {attempt} of a job with no record")),
     }
 }

@@ -108,19 +108,19 @@ impl Stack {
         reply.json()["id"].as_str().expect("an id").to_owned()
     }
 
-    /// Waits until the job is finished in the history (not only in the live state).
+    /// Waits until the history database has recorded the job's end (the API also shows an end
+    /// that is still on its way to the history), then reads the job.
     async fn finished(&self, id: &str) -> Value {
+        let job: capstan_protocol::JobId = id.parse().expect("a job id");
+        let history = capstan_store::History::connect(&self.database_url)
+            .await
+            .expect("connects");
         wait_until(
             &format!("job {id} to be recorded finished"),
             Duration::from_secs(30),
             || async {
-                let events = self.http.get(&format!("/api/v1/jobs/{id}/events")).await;
-                if events.status != StatusCode::OK {
-                    return None;
-                }
-                let ended = events.json()["events"].as_array()?.iter().any(|e| {
-                    ["succeeded", "failed", "timed_out", "cancelled"]
-                        .contains(&e["kind"].as_str().unwrap_or(""))
+                let ended = history.events(job).await.ok()?.iter().any(|e| {
+                    ["succeeded", "failed", "timed_out", "cancelled"].contains(&e.kind.as_str())
                 });
                 if !ended {
                     return None;
@@ -922,6 +922,70 @@ async fn write_history_status(database_url: &str, id: &str, status: &str) {
         .exec(history.connection())
         .await
         .expect("the row is updated");
+}
+
+#[tokio::test]
+async fn a_job_seen_ended_shows_its_end_among_its_events_while_the_history_is_behind() {
+    use sea_orm::{ConnectionTrait, TransactionTrait};
+    let stack = stack().await;
+    // Another writer holds the history's write lock: the projection cannot record anything.
+    let other = capstan_store::History::connect(&stack.database_url)
+        .await
+        .expect("connects");
+    let hold = other.connection().begin().await.expect("a transaction");
+    hold.execute_unprepared("CREATE TABLE held_by_the_test (x INTEGER)")
+        .await
+        .expect("the write lock is taken");
+
+    let id = stack.submit(json!({"argv": ["echo", "hello"]})).await;
+    wait_until(
+        "the job to be seen ended",
+        Duration::from_secs(30),
+        || async {
+            let job = stack.http.get(&format!("/api/v1/jobs/{id}")).await.json();
+            (job["status"] == "succeeded").then_some(())
+        },
+    )
+    .await;
+    let reply = stack.http.get(&format!("/api/v1/jobs/{id}/events")).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let early = reply.json()["events"].clone();
+    let kinds: Vec<&str> = early
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|e| e["kind"].as_str())
+        .collect();
+    // This stack announces every step, however short.
+    assert_eq!(kinds, ["pending", "running", "succeeded"], "{early}");
+    let seqs: Vec<i64> = early
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|e| e["seq"].as_i64())
+        .collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{early}");
+    let job: capstan_protocol::JobId = id.parse().expect("a job id");
+    let recorded = other.events(job).await.expect("the history is read");
+    assert!(
+        recorded.is_empty(),
+        "the history was not held back: {recorded:?}"
+    );
+
+    // Once the history catches up, it shows the same events.
+    hold.rollback().await.expect("the lock is released");
+    wait_until(
+        "the history to catch up",
+        Duration::from_secs(60),
+        || async {
+            let recorded = other.events(job).await.ok()?;
+            (recorded.len() == seqs.len()).then_some(())
+        },
+    )
+    .await;
+    let reply = stack.http.get(&format!("/api/v1/jobs/{id}/events")).await;
+    assert_eq!(reply.json()["events"], early);
+    stack.stop().await;
 }
 
 #[tokio::test]

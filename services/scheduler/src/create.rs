@@ -82,16 +82,16 @@ async fn create(
     {
         // The job exists: it is answered even if its record could not be stored (the
         // failure is logged).
-        let _ = crate::audit_client(
-            events,
-            AuditAction::JobSubmit,
-            by,
-            created.id,
-            AuditOutcome::Success,
-            None,
-        )
-        .instrument(span)
-        .await;
+        let _ = events
+            .audit_client(
+                AuditAction::JobSubmit,
+                by,
+                created.id,
+                AuditOutcome::Success,
+                None,
+            )
+            .instrument(span)
+            .await;
     }
     Ok(created)
 }

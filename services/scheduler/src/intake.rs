@@ -200,16 +200,18 @@ impl Scheduler {
         // under the same key.
         if from_client
             && matches!(accepted, Ok(Accepted::Done | Accepted::Waiting { .. }))
-            && crate::audit_client(
-                &self.mesh.events,
-                AuditAction::JobSubmit,
-                &submitted_by,
-                id,
-                AuditOutcome::Success,
-                Some(format!("job.submit.{id}.{seq}")),
-            )
-            .await
-            .is_err()
+            && self
+                .mesh
+                .events
+                .audit_client(
+                    AuditAction::JobSubmit,
+                    &submitted_by,
+                    id,
+                    AuditOutcome::Success,
+                    Some(format!("job.submit.{id}.{seq}")),
+                )
+                .await
+                .is_err()
         {
             return Handled::Retry(retry_delay(delivered));
         }

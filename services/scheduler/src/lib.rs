@@ -34,12 +34,11 @@ use std::time::Duration;
 
 use capstan_mesh::config::parse_duration;
 use capstan_mesh::shutdown::Stop;
-use capstan_mesh::{BucketView, Error, EventPublisher, Mesh, NatsArgs, Submitter, service, task};
+use capstan_mesh::{BucketView, Error, Mesh, NatsArgs, Submitter, service, task};
 use capstan_protocol::reply::Cancelled;
 use capstan_protocol::subjects::ClientCall;
 use capstan_protocol::{
-    AuditAction, AuditOutcome, AuditRecord, ErrorCode, JobId, JobRef, ServiceError, SubmittedBy,
-    subjects,
+    AuditAction, AuditOutcome, ErrorCode, JobId, JobRef, ServiceError, SubmittedBy, subjects,
 };
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -303,43 +302,18 @@ async fn cancel_job(mesh: &Mesh, job: JobRef, subject: &str) -> Result<Cancelled
         };
         // The cancel has happened: it is answered even if its record could not be stored
         // (the failure is logged).
-        let _ = audit_client(
-            &mesh.events,
-            AuditAction::JobCancel,
-            &SubmittedBy::nats_client(client),
-            job.id,
-            outcome,
-            None,
-        )
-        .await;
+        let _ = mesh
+            .events
+            .audit_client(
+                AuditAction::JobCancel,
+                &SubmittedBy::nats_client(client),
+                job.id,
+                outcome,
+                None,
+            )
+            .await;
     }
     cancelled
-}
-
-/// Records in the audit trail what a client identity did over NATS (the API records what is
-/// done through it) and waits until the audit stream has stored it, so that an acknowledged
-/// submission or an answered request is on the trail. `key`, when given, is the record's
-/// deduplication id: a redelivered submission audited again within the stream's window is
-/// stored once. A failure is logged and returned.
-pub(crate) async fn audit_client(
-    events: &EventPublisher,
-    action: AuditAction,
-    by: &SubmittedBy,
-    job: JobId,
-    outcome: AuditOutcome,
-    key: Option<String>,
-) -> Result<(), Error> {
-    let mut record = AuditRecord::new(action, outcome);
-    record.principal = Some(by.principal.clone());
-    record.via = Some(by.via);
-    record.resource = Some(format!("job/{job}"));
-    record.trace_id = capstan_telemetry::propagation::trace_id();
-    let key = key.unwrap_or_else(|| record.id.to_string());
-    let stored = events.audit_keyed(&record, &key).await;
-    if let Err(error) = &stored {
-        tracing::warn!(error = %error, action = record.action.as_str(), job = %job, "cannot record an audit record");
-    }
-    stored
 }
 
 async fn cancel_job_now(mesh: &Mesh, job: JobId) -> Result<Cancelled, ServiceError> {

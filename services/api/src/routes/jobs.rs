@@ -314,7 +314,10 @@ impl JobsApi {
         job_logs(served, job, attempt.0, follow.0).await
     }
 
-    /// Get a job's events, in the order they happened. Needs `jobs:read`.
+    /// Get a job's events, in the order they happened.
+    ///
+    /// A job seen ended shows its end here too: events the history has not recorded yet are
+    /// read from the events stream. Needs `jobs:read`.
     #[oai(
         path = "/jobs/:id/events",
         method = "get",
@@ -328,7 +331,12 @@ impl JobsApi {
         let state = served(&self.0)?;
         auth.allow_read(Permission::JobsRead)?;
         let id = job_id(&id.0)?;
-        let events = state.history.events(id).await?;
+        let key = id.to_string();
+        let (recorded, live) = tokio::join!(state.history.events(id), state.mesh.jobs.get(&key));
+        let events = match live? {
+            Some(live) => with_unrecorded(state, id, recorded?, &live.value).await?,
+            None => recorded?,
+        };
         if events.is_empty() && crate::logs::job_state(state, id).await.is_err() {
             return Err(ApiError::not_found(format!("no job {id}")));
         }
@@ -571,6 +579,51 @@ fn parent_job(parent: &FanOutRecord, statuses: &[TargetStatus]) -> Job {
     let mut job = Job::from_record(record, Vec::new());
     job.fanout = Some(FanOutSummary::of(parent, statuses));
     job
+}
+
+/// A live job's events: the history's, and, while the history has not yet recorded what its
+/// record shows, the ones still on their way to it, read from the events stream. Whoever saw
+/// the job end then finds its end among its events. An event from the stream is kept only if
+/// the projection would believe it.
+async fn with_unrecorded(
+    state: &crate::State,
+    id: JobId,
+    recorded: Vec<capstan_store::entity::event::Model>,
+    record: &JobRecord,
+) -> Result<Vec<capstan_store::entity::event::Model>, ApiError> {
+    let newest = recorded.iter().max_by_key(|row| row.seq);
+    let caught_up = newest.is_some_and(|row| {
+        row.status == record.status.as_str() && u32::try_from(row.attempt) == Ok(record.attempt)
+    });
+    if caught_up {
+        return Ok(recorded);
+    }
+    let stored = crate::replay::stored(
+        &state.mesh,
+        capstan_protocol::topology::EVENTS.name,
+        capstan_protocol::subjects::job_events(id),
+        async_nats::jetstream::consumer::DeliverPolicy::All,
+    )
+    .await?;
+    let mut events: std::collections::BTreeMap<i64, _> =
+        recorded.into_iter().map(|row| (row.seq, row)).collect();
+    for message in stored {
+        let Ok(seq) = message.info().map(|info| info.stream_sequence) else {
+            continue;
+        };
+        let Ok((event, _)) = capstan_mesh::wire::decode::<capstan_protocol::JobEvent>(
+            message.headers.as_ref(),
+            &message.payload,
+        ) else {
+            continue;
+        };
+        if crate::projection::credible(&message.subject, &event, Some(record.attempt)).is_ok() {
+            let item = capstan_store::Sequenced { seq, event };
+            let row = item.event_model();
+            events.entry(row.seq).or_insert(row);
+        }
+    }
+    Ok(events.into_values().collect())
 }
 
 /// A job accepted but not yet created by a scheduler, from its stored submission read as the
