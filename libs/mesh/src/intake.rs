@@ -1,13 +1,20 @@
 //! Reading a submission off its message: the job's id (the `Capstan-Job-Id` header, or one
 //! derived from the stream sequence, the same on every redelivery), who sent it (the subject a
-//! client's import delivers on, else the API's header on the plain subject), and its spec
-//! within the size limit; or the rejection it earns. No round trip: whatever accepts
-//! submissions reads them with [`read`], and then claims, creates and places as its part does.
+//! client's import delivers on, else the API's header on the plain subject), when it was
+//! submitted, and its spec within the size limit; or the rejection it earns. No round trip:
+//! whatever accepts submissions reads them with [`read`], and then claims, creates and places
+//! as its part does.
+//!
+//! A submission that needs placement can be handed on to the schedulers ([`forward`]) on
+//! `capstan.jobs.place.<job>`, with what was read off the original in headers (its id, its
+//! sender, when it was stored), so that [`read`] gives the same submission back from it.
 
 use async_nats::HeaderMap;
 use capstan_protocol::codec::{self, Encoding, largest_field};
-use capstan_protocol::subjects::ClientCall;
-use capstan_protocol::{DecodeError, JobId, JobSpec, RejectionCode, SubmittedBy, headers};
+use capstan_protocol::subjects::{self, ClientCall};
+use capstan_protocol::{
+    AuthMethod, DecodeError, JobId, JobSpec, RejectionCode, SubmittedBy, headers,
+};
 
 use crate::wire;
 
@@ -21,6 +28,8 @@ pub struct Submission {
     /// Whether a client identity sent it (the subject names the client); the mesh audits
     /// those submissions.
     pub from_client: bool,
+    /// When it was first stored, in milliseconds since the epoch: a delay counts from here.
+    pub submitted_ms: u64,
     /// What to run.
     pub spec: JobSpec,
 }
@@ -67,6 +76,9 @@ pub fn read(
     stored: Stored,
     max_job_bytes: usize,
 ) -> Result<Submission, Refusal> {
+    if let Some(named) = subjects::parse_place(subject) {
+        return read_forwarded(named, map, payload, stored, max_job_bytes);
+    }
     let id = match wire::header(map, headers::JOB_ID) {
         Some(text) => text.trim().parse::<JobId>().map_err(|error| {
             Refusal::new(
@@ -96,6 +108,130 @@ pub fn read(
             })?,
         (None, None) => SubmittedBy::nats(),
     };
+    let spec = read_spec(id, map, payload, max_job_bytes)?;
+    Ok(Submission {
+        id,
+        submitted_by,
+        from_client: client.is_some(),
+        submitted_ms: stored.published_ms,
+        spec,
+    })
+}
+
+/// Reads a submission handed on for placement on the subject of job `named`: its id, sender and
+/// submission time are the headers [`forward`] wrote, all required.
+fn read_forwarded(
+    named: JobId,
+    map: Option<&HeaderMap>,
+    payload: &[u8],
+    stored: Stored,
+    max_job_bytes: usize,
+) -> Result<Submission, Refusal> {
+    let missing = |header: &str| {
+        Refusal::new(
+            Some(named),
+            RejectionCode::Invalid,
+            Some(header),
+            format!("a submission handed on for placement must carry `{header}`"),
+        )
+    };
+    let id = wire::header(map, headers::JOB_ID).ok_or_else(|| missing(headers::JOB_ID))?;
+    if id.trim() != named.to_string() {
+        return Err(Refusal::new(
+            Some(named),
+            RejectionCode::Invalid,
+            Some(headers::JOB_ID),
+            format!(
+                "`{}` names job {id} on the subject of job {named}",
+                headers::JOB_ID
+            ),
+        ));
+    }
+    let by =
+        wire::header(map, headers::SUBMITTED_BY).ok_or_else(|| missing(headers::SUBMITTED_BY))?;
+    let submitted_by =
+        codec::decode::<SubmittedBy>(Encoding::Json, by.as_bytes()).map_err(|error| {
+            Refusal::new(
+                Some(named),
+                RejectionCode::Invalid,
+                Some(headers::SUBMITTED_BY),
+                format!("{}: {error}", headers::SUBMITTED_BY),
+            )
+        })?;
+    let submitted_ms = match wire::header(map, headers::SUBMITTED_AT) {
+        Some(at) => at.trim().parse::<u64>().map_err(|error| {
+            Refusal::new(
+                Some(named),
+                RejectionCode::Invalid,
+                Some(headers::SUBMITTED_AT),
+                format!("{}: {error}", headers::SUBMITTED_AT),
+            )
+        })?,
+        None => stored.published_ms,
+    };
+    let spec = read_spec(named, map, payload, max_job_bytes)?;
+    Ok(Submission {
+        id: named,
+        from_client: sent_by_client(&submitted_by),
+        submitted_by,
+        submitted_ms,
+        spec,
+    })
+}
+
+/// Whether `by` is a client identity (`nats:<client>`), not the mesh itself.
+fn sent_by_client(by: &SubmittedBy) -> bool {
+    by.via == AuthMethod::Nats && by.principal.starts_with("nats:")
+}
+
+/// A submission handed on for placement: where to publish it, and its headers (the body goes
+/// as it came).
+#[derive(Debug, Clone)]
+pub struct Forward {
+    /// `capstan.jobs.place.<job>`.
+    pub subject: String,
+    /// The job's id, its sender and when it was submitted, the original's content type and
+    /// trace context, and the job's id as the deduplication id.
+    pub headers: HeaderMap,
+}
+
+/// How to hand `submission`, read off a message with headers `map`, on to the schedulers. The
+/// body goes as it came; a second hand-on of the same job within the stream's deduplication
+/// window is dropped by the stream.
+pub fn forward(submission: &Submission, map: Option<&HeaderMap>) -> Forward {
+    let mut out = HeaderMap::new();
+    for name in [
+        headers::CONTENT_TYPE,
+        headers::TRACEPARENT,
+        headers::TRACESTATE,
+    ] {
+        if let Some(value) = wire::header(map, name) {
+            out.insert(name, value);
+        }
+    }
+    let id = submission.id.to_string();
+    out.insert(headers::JOB_ID, id.as_str());
+    out.insert(headers::MSG_ID, format!("place.{id}").as_str());
+    // A principal and a token name serialize as JSON whatever they hold.
+    let by = serde_json::to_string(&submission.submitted_by).unwrap_or_default();
+    out.insert(headers::SUBMITTED_BY, by.as_str());
+    out.insert(
+        headers::SUBMITTED_AT,
+        submission.submitted_ms.to_string().as_str(),
+    );
+    Forward {
+        subject: subjects::place_job(submission.id),
+        headers: out,
+    }
+}
+
+/// The spec of job `id` within `max_job_bytes`, or why not.
+fn read_spec(
+    id: JobId,
+    map: Option<&HeaderMap>,
+    payload: &[u8],
+    max_job_bytes: usize,
+) -> Result<JobSpec, Refusal> {
     let encoding = wire::encoding_of(map, payload);
     if payload.len() > max_job_bytes {
         let (field, reason) = too_large(encoding, payload, max_job_bytes);
@@ -106,7 +242,7 @@ pub fn read(
             reason,
         });
     }
-    let spec = codec::decode_spec(encoding, payload).map_err(
+    codec::decode_spec(encoding, payload).map_err(
         |DecodeError {
              code,
              field,
@@ -124,13 +260,7 @@ pub fn read(
                 reason,
             }
         },
-    )?;
-    Ok(Submission {
-        id,
-        submitted_by,
-        from_client: client.is_some(),
-        spec,
-    })
+    )
 }
 
 /// The reason for a too-large rejection, naming the field that holds most of the bytes.
@@ -151,7 +281,6 @@ fn too_large(encoding: Encoding, payload: &[u8], limit: usize) -> (Option<String
 #[cfg(test)]
 mod tests {
     use super::*;
-    use capstan_protocol::subjects;
 
     const STORED: Stored = Stored {
         seq: 42,
@@ -247,6 +376,86 @@ mod tests {
         assert_eq!(refused.code, RejectionCode::TooLarge);
         assert_eq!(refused.field.as_deref(), Some("stdin"));
         assert!(refused.reason.contains("over the limit of 100 bytes"));
+    }
+
+    #[test]
+    fn a_submission_handed_on_for_placement_reads_back_as_the_same_submission() {
+        let body = json(r#"{"argv": ["true"], "delay": 60}"#);
+        let subject = format!("{}.from.ops", subjects::SUBMIT);
+        let mut map = HeaderMap::new();
+        map.insert(
+            headers::TRACEPARENT,
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        );
+        let original = read(&subject, Some(&map), &body, STORED, LIMIT).expect("accepted");
+        let forward = forward(&original, Some(&map));
+        assert_eq!(forward.subject, subjects::place_job(original.id));
+        assert_eq!(
+            wire::header(Some(&forward.headers), headers::TRACEPARENT),
+            wire::header(Some(&map), headers::TRACEPARENT)
+        );
+        assert_eq!(
+            wire::header(Some(&forward.headers), headers::MSG_ID),
+            Some(format!("place.{}", original.id).as_str())
+        );
+        // Stored again later under another sequence: the same job, sender and submission time.
+        let later = Stored {
+            seq: 900,
+            published_ms: STORED.published_ms + 5_000,
+        };
+        let read_back = |forward: &Forward| {
+            read(
+                &forward.subject,
+                Some(&forward.headers),
+                &body,
+                later,
+                LIMIT,
+            )
+            .expect("accepted")
+        };
+        let again = read_back(&forward);
+        assert_eq!(again.id, original.id);
+        assert_eq!(again.submitted_by, SubmittedBy::nats_client("ops"));
+        assert!(again.from_client);
+        assert_eq!(again.submitted_ms, STORED.published_ms);
+        assert_eq!(again.spec, original.spec);
+
+        // The mesh's own submission stays the mesh's.
+        let plain = read(subjects::SUBMIT, None, &body, STORED, LIMIT).expect("accepted");
+        let again = read_back(&super::forward(&plain, None));
+        assert_eq!(again.id, JobId::derived(STORED.published_ms, STORED.seq));
+        assert_eq!(again.submitted_by, SubmittedBy::nats());
+        assert!(!again.from_client);
+    }
+
+    #[test]
+    fn a_placement_subject_without_its_headers_or_naming_another_job_is_refused() {
+        let body = json(r#"{"argv": ["true"]}"#);
+        let job = JobId::generate();
+        let subject = subjects::place_job(job);
+        let refused = read(&subject, None, &body, STORED, LIMIT).expect_err("refused");
+        assert_eq!(refused.code, RejectionCode::Invalid);
+        assert_eq!(refused.field.as_deref(), Some(headers::JOB_ID));
+        assert_eq!(refused.job, Some(job));
+
+        let mut map = HeaderMap::new();
+        map.insert(headers::JOB_ID, job.to_string().as_str());
+        let refused = read(&subject, Some(&map), &body, STORED, LIMIT).expect_err("refused");
+        assert_eq!(refused.field.as_deref(), Some(headers::SUBMITTED_BY));
+
+        let mut other = HeaderMap::new();
+        other.insert(headers::JOB_ID, JobId::generate().to_string().as_str());
+        other.insert(
+            headers::SUBMITTED_BY,
+            r#"{"principal": "nats", "via": "nats"}"#,
+        );
+        let refused = read(&subject, Some(&other), &body, STORED, LIMIT).expect_err("refused");
+        assert_eq!(refused.field.as_deref(), Some(headers::JOB_ID));
+        assert!(
+            refused.reason.contains(&job.to_string()),
+            "{}",
+            refused.reason
+        );
     }
 
     #[test]

@@ -464,6 +464,7 @@ fn api(allowed: &mut Allowed) {
     allowed.stream_watch(&topology::LOGS);
     // Showing an accepted job that no scheduler has created yet, from its stored submission.
     allowed.stream_read(&topology::SUBMISSIONS, subjects::SUBMIT_JOB_ALL);
+    allowed.stream_read(&topology::SUBMISSIONS, subjects::PLACE_ALL);
     // The purge of finished jobs, and a cancelled job's timer.
     for stream in [&topology::EVENTS, &topology::LOGS, &topology::TIMERS] {
         allowed.purge(stream);

@@ -12,6 +12,9 @@ pub const JOB_ID: &str = "Capstan-Job-Id";
 /// Who submitted a job ([`crate::SubmittedBy`] as JSON), set by the API on the submissions
 /// it stores; a submission without it is attributed to NATS.
 pub const SUBMITTED_BY: &str = "Capstan-Submitted-By";
+/// When a submission handed on for placement was first stored, in milliseconds since the
+/// epoch: a job's delay counts from it.
+pub const SUBMITTED_AT: &str = "Capstan-Submitted-At";
 /// The attempt a message is about.
 pub const ATTEMPT: &str = "Capstan-Attempt";
 /// On a fan-out target's job events: the parent job's id.

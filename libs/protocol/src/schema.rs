@@ -48,9 +48,10 @@ pub fn messages() -> Vec<(&'static str, Value)> {
         read::<JobSpec>(
             "job-spec",
             format!(
-                "{} and {} (stored submissions); request of {}",
+                "{}, {} and {} (stored submissions); request of {}",
                 subjects::SUBMIT,
                 subjects::SUBMIT_JOB_ALL,
+                subjects::PLACE_ALL,
                 subjects::CREATE
             ),
         ),

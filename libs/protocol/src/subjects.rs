@@ -23,6 +23,22 @@ pub fn submit_job(id: JobId) -> String {
     format!("capstan.jobs.submit.job.{id}")
 }
 
+/// Submissions handed on to the schedulers for placement, each on
+/// `capstan.jobs.place.<job>`: the submissions stream holds them beside the submitted ones, and
+/// the schedulers' intake reads them with the job's id, sender and submission time in headers
+/// (see `capstan_mesh::intake::forward`).
+pub const PLACE_ALL: &str = "capstan.jobs.place.*";
+
+/// The subject of job `id`'s submission handed on for placement.
+pub fn place_job(id: JobId) -> String {
+    format!("capstan.jobs.place.{id}")
+}
+
+/// The job a placement subject names.
+pub fn parse_place(subject: &str) -> Option<JobId> {
+    subject.strip_prefix("capstan.jobs.place.")?.parse().ok()
+}
+
 /// Request/reply job creation: replies with the new job's id once the submission is stored.
 pub const CREATE: &str = "capstan.jobs.create";
 

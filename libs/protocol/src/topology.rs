@@ -52,6 +52,7 @@ pub const SUBMISSIONS: StreamSpec = StreamSpec {
         subjects::SUBMIT,
         subjects::SUBMIT_FROM_ALL,
         subjects::SUBMIT_JOB_ALL,
+        subjects::PLACE_ALL,
     ],
     retention: Retention::WorkQueue,
     max_age: Duration::ZERO,
@@ -519,6 +520,7 @@ pub fn scheduler_consumer() -> ConsumerSpec {
             subjects::SUBMIT.to_owned(),
             subjects::SUBMIT_FROM_ALL.to_owned(),
             subjects::SUBMIT_JOB_ALL.to_owned(),
+            subjects::PLACE_ALL.to_owned(),
         ],
     )
 }

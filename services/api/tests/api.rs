@@ -1605,6 +1605,36 @@ async fn an_accepted_job_is_shown_from_the_moment_it_is_accepted_even_before_a_s
         .await
         .assert_problem(StatusCode::NOT_FOUND, None);
 
+    // One handed on to the schedulers for placement is shown too, as its original sender's.
+    let handed = capstan_mesh::intake::read(
+        &format!("{}.from.ops", capstan_protocol::subjects::SUBMIT),
+        None,
+        br#"{"argv": ["true"]}"#,
+        capstan_mesh::intake::Stored {
+            seq: 1,
+            published_ms: u64::try_from(capstan_protocol::Timestamp::now().as_millis())
+                .expect("positive"),
+        },
+        usize::MAX,
+    )
+    .expect("a valid submission");
+    let forward = capstan_mesh::intake::forward(&handed, None);
+    js.publish_with_headers(
+        forward.subject,
+        forward.headers,
+        json!({"argv": ["true"]}).to_string().into(),
+    )
+    .await
+    .expect("sent")
+    .await
+    .expect("stored");
+    let job = http
+        .get(&format!("/api/v1/jobs/{}", handed.id))
+        .await
+        .json();
+    assert_eq!(job["status"], "pending", "{job}");
+    assert_eq!(job["submitted_by"]["principal"], "nats:ops", "{job}");
+
     // A scheduler and an executor arrive: the same job runs and ends.
     tokio::spawn(capstan_registry::run(
         capstan_registry::Config::for_url(server.url()),

@@ -130,6 +130,7 @@ impl Scheduler {
             id,
             submitted_by,
             from_client,
+            submitted_ms,
             spec,
         } = submission;
         tracing::Span::current().record("job_id", tracing::field::display(id));
@@ -184,7 +185,7 @@ impl Scheduler {
             }
         }
 
-        let submitted = Timestamp::from_millis(published_ms as i64);
+        let submitted = Timestamp::from_millis(i64::try_from(submitted_ms).unwrap_or(i64::MAX));
         let accepted = match targets {
             Some(targets) => {
                 self.accept_fanout(id, spec, targets, submitted_by.clone(), seq, submitted)

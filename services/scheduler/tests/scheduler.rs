@@ -478,6 +478,77 @@ async fn a_submission_stored_while_no_scheduler_runs_is_accepted_when_one_starts
 }
 
 #[tokio::test]
+async fn a_submission_handed_on_for_placement_is_accepted_as_its_sender_with_its_delay_counted_from_its_submission()
+ {
+    let server = NatsServer::start().await;
+    let mesh = mesh(&server).await;
+    add_node(&mesh, "n1", 8, &[]).await;
+    let client = server.client().await;
+    let mut rejections = client
+        .subscribe(subjects::rejected(subjects::Origin::Submit))
+        .await
+        .expect("subscribe");
+    client.flush().await.expect("flushed");
+    let scheduler = Scheduler::start(&server, 2.0);
+    let js = jetstream::new(client.clone());
+
+    // Read off a client's submission stored ten minutes ago, then handed on.
+    let body = r#"{"command": "true", "delay": 3600}"#;
+    let submitted_ms = u64::try_from(Timestamp::now().as_millis() - 600_000).expect("positive");
+    let original = capstan_mesh::intake::read(
+        &format!("{}.from.ops", subjects::SUBMIT),
+        None,
+        body.as_bytes(),
+        capstan_mesh::intake::Stored {
+            seq: 3,
+            published_ms: submitted_ms,
+        },
+        4096,
+    )
+    .expect("a valid submission");
+    let forward = capstan_mesh::intake::forward(&original, None);
+    js.publish_with_headers(forward.subject.clone(), forward.headers, body.into())
+        .await
+        .expect("published")
+        .await
+        .expect("stored");
+    let stored = wait_until("the job's record", Duration::from_secs(20), || async {
+        record(&mesh, original.id).await
+    })
+    .await;
+    assert_eq!(stored.status, JobStatus::Scheduled);
+    assert_eq!(
+        stored.submitted_by,
+        Some(capstan_protocol::SubmittedBy::nats_client("ops"))
+    );
+    assert_eq!(
+        stored.next_attempt_at,
+        Some(Timestamp::from_millis(
+            i64::try_from(submitted_ms).expect("fits") + 3_600_000
+        )),
+        "the delay counts from the original submission, not from the hand-on"
+    );
+
+    // One without the headers that say whose it is is refused, naming the first missing.
+    let stray = JobId::generate();
+    js.publish(subjects::place_job(stray), body.into())
+        .await
+        .expect("published")
+        .await
+        .expect("stored");
+    let rejection = tokio::time::timeout(Duration::from_secs(20), rejections.next())
+        .await
+        .expect("a rejection in time")
+        .expect("open");
+    let rejection: Rejection =
+        codec::decode(Encoding::MsgPack, &rejection.payload).expect("a rejection");
+    assert_eq!(rejection.code, RejectionCode::Invalid);
+    assert_eq!(rejection.field.as_deref(), Some(headers::JOB_ID));
+    assert!(record(&mesh, stray).await.is_none());
+    scheduler.stop().await;
+}
+
+#[tokio::test]
 async fn a_resubmitted_job_id_is_one_job_and_a_reused_id_with_another_spec_is_a_conflict() {
     let server = NatsServer::start().await;
     let mesh = mesh(&server).await;

@@ -644,18 +644,22 @@ pub(crate) async fn accepted(
         .get_stream(topology::SUBMISSIONS.name)
         .await
         .map_err(|e| unavailable(&e))?;
-    let message = match stream
-        .get_last_raw_message_by_subject(&subjects::submit_job(id))
-        .await
-    {
-        Ok(message) => message,
-        Err(error)
-            if error.kind()
-                == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
-        {
-            return Ok(state.mesh.jobs.get(&id.to_string()).await?.map(|v| v.value));
+    // Stored as submitted, or handed on to the schedulers for placement.
+    let mut found = None;
+    for subject in [subjects::submit_job(id), subjects::place_job(id)] {
+        match stream.get_last_raw_message_by_subject(&subject).await {
+            Ok(message) => {
+                found = Some(message);
+                break;
+            }
+            Err(error)
+                if error.kind()
+                    == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {}
+            Err(error) => return Err(unavailable(&error)),
         }
-        Err(error) => return Err(unavailable(&error)),
+    }
+    let Some(message) = found else {
+        return Ok(state.mesh.jobs.get(&id.to_string()).await?.map(|v| v.value));
     };
     // Read as a scheduler reads it; a submission the schedulers will refuse is not a job, nor
     // is one that a scheduler would give another id. The size is the schedulers' to judge.
@@ -676,7 +680,7 @@ pub(crate) async fn accepted(
     if submission.id != id {
         return Ok(None);
     }
-    let at = Timestamp::from_millis(at_ms as i64);
+    let at = Timestamp::from_millis(i64::try_from(submission.submitted_ms).unwrap_or(i64::MAX));
     let mut record = match submission.spec.start {
         Some(start) => JobRecord::scheduled(id, submission.spec, at, start.due(at)),
         None => JobRecord::new(id, submission.spec, at),
