@@ -68,8 +68,18 @@ async fn refused(cluster: &Cluster, subject: &str) {
 
 /// Sends a JetStream publish and says whether it was stored.
 async fn stored(js: &jetstream::Context, subject: String, body: &str) -> bool {
+    stored_with(js, subject, async_nats::HeaderMap::new(), body).await
+}
+
+/// [`stored`], with headers.
+async fn stored_with(
+    js: &jetstream::Context,
+    subject: String,
+    map: async_nats::HeaderMap,
+    body: &str,
+) -> bool {
     let sent = tokio::time::timeout(REFUSED_WITHIN, async {
-        js.publish(subject, body.to_owned().into())
+        js.publish_with_headers(subject, map, body.to_owned().into())
             .await
             .ok()?
             .await
@@ -151,20 +161,30 @@ async fn an_executor_node_cannot_dispatch_submit_act_for_another_node_or_adminis
     let job = JobId::generate();
     let mut submission = async_nats::HeaderMap::new();
     submission.insert(headers::JOB_ID, job.to_string().as_str());
-    let sent = tokio::time::timeout(REFUSED_WITHIN, async {
-        js.publish_with_headers(
-            subjects::SUBMIT,
+    assert!(
+        !stored_with(
+            &js,
+            subjects::SUBMIT.into(),
             submission,
-            "{\"command\": \"true\"}".into(),
+            "{\"command\": \"true\"}"
         )
-        .await
-        .ok()?
-        .await
-        .ok()
-    })
-    .await;
-    assert!(!matches!(sent, Ok(Some(_))), "submission stored");
+        .await,
+        "submission stored"
+    );
     refused(&cluster, subjects::SUBMIT).await;
+    // Nor one handed on for placement, whose headers the schedulers believe.
+    let handed = subjects::place_job(job);
+    let mut claims = async_nats::HeaderMap::new();
+    claims.insert(headers::JOB_ID, job.to_string().as_str());
+    claims.insert(
+        headers::SUBMITTED_BY,
+        r#"{"principal": "admin", "via": "password"}"#,
+    );
+    assert!(
+        !stored_with(&js, handed.clone(), claims, "{\"command\": \"true\"}").await,
+        "hand-on stored"
+    );
+    refused(&cluster, &handed).await;
 
     // Output under exec-2's name.
     let foreign_output = subjects::logs(JobId::generate(), &two);
