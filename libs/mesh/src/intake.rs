@@ -12,9 +12,7 @@
 use async_nats::HeaderMap;
 use capstan_protocol::codec::{self, Encoding, largest_field};
 use capstan_protocol::subjects::{self, ClientCall};
-use capstan_protocol::{
-    AuthMethod, DecodeError, JobId, JobSpec, RejectionCode, SubmittedBy, headers,
-};
+use capstan_protocol::{DecodeError, JobId, JobSpec, RejectionCode, SubmittedBy, headers};
 
 use crate::wire;
 
@@ -76,7 +74,15 @@ pub fn read(
     stored: Stored,
     max_job_bytes: usize,
 ) -> Result<Submission, Refusal> {
-    if let Some(named) = subjects::parse_place(subject) {
+    if subjects::is_place(subject) {
+        let Some(named) = subjects::parse_place(subject) else {
+            return Err(Refusal::new(
+                None,
+                RejectionCode::Invalid,
+                Some("subject"),
+                format!("`{subject}` names no job"),
+            ));
+        };
         return read_forwarded(named, map, payload, stored, max_job_bytes);
     }
     let id = match wire::header(map, headers::JOB_ID) {
@@ -172,16 +178,11 @@ fn read_forwarded(
     let spec = read_spec(named, map, payload, max_job_bytes)?;
     Ok(Submission {
         id: named,
-        from_client: sent_by_client(&submitted_by),
         submitted_by,
+        from_client: wire::header(map, headers::FROM_CLIENT) == Some("true"),
         submitted_ms,
         spec,
     })
-}
-
-/// Whether `by` is a client identity (`nats:<client>`), not the mesh itself.
-fn sent_by_client(by: &SubmittedBy) -> bool {
-    by.via == AuthMethod::Nats && by.principal.starts_with("nats:")
 }
 
 /// A submission handed on for placement: where to publish it, and its headers (the body goes
@@ -218,6 +219,16 @@ pub fn forward(submission: &Submission, map: Option<&HeaderMap>) -> Forward {
     out.insert(
         headers::SUBMITTED_AT,
         submission.submitted_ms.to_string().as_str(),
+    );
+    // Whether the acceptance is audited is the original's: a client's submission stored by the
+    // create endpoint names the client, and is audited there, not again.
+    out.insert(
+        headers::FROM_CLIENT,
+        if submission.from_client {
+            "true"
+        } else {
+            "false"
+        },
     );
     Forward {
         subject: subjects::place_job(submission.id),
@@ -420,6 +431,20 @@ mod tests {
         assert_eq!(again.submitted_ms, STORED.published_ms);
         assert_eq!(again.spec, original.spec);
 
+        // A client's job stored by the create endpoint names the client but was audited
+        // there: handed on, it is still not the mesh's to audit.
+        let mut created = HeaderMap::new();
+        created.insert(headers::JOB_ID, JobId::generate().to_string().as_str());
+        created.insert(
+            headers::SUBMITTED_BY,
+            r#"{"principal": "nats:ops", "via": "nats"}"#,
+        );
+        let stored = read(subjects::SUBMIT, Some(&created), &body, STORED, LIMIT).expect("read");
+        assert!(!stored.from_client);
+        let again = read_back(&super::forward(&stored, None));
+        assert_eq!(again.submitted_by, SubmittedBy::nats_client("ops"));
+        assert!(!again.from_client);
+
         // The mesh's own submission stays the mesh's.
         let plain = read(subjects::SUBMIT, None, &body, STORED, LIMIT).expect("accepted");
         let again = read_back(&super::forward(&plain, None));
@@ -456,6 +481,17 @@ mod tests {
             "{}",
             refused.reason
         );
+
+        // A placement subject naming no job is refused, whatever its headers claim.
+        let refused = read(
+            &subjects::PLACE_ALL.replace('*', "not-a-job"),
+            Some(&other),
+            &body,
+            STORED,
+            LIMIT,
+        )
+        .expect_err("refused");
+        assert_eq!(refused.field.as_deref(), Some("subject"));
     }
 
     #[test]

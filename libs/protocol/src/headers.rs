@@ -15,6 +15,9 @@ pub const SUBMITTED_BY: &str = "Capstan-Submitted-By";
 /// When a submission handed on for placement was first stored, in milliseconds since the
 /// epoch: a job's delay counts from it.
 pub const SUBMITTED_AT: &str = "Capstan-Submitted-At";
+/// On a submission handed on for placement: `true` when a client identity sent the original,
+/// whose acceptance the mesh then audits.
+pub const FROM_CLIENT: &str = "Capstan-From-Client";
 /// The attempt a message is about.
 pub const ATTEMPT: &str = "Capstan-Attempt";
 /// On a fan-out target's job events: the parent job's id.

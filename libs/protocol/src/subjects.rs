@@ -34,6 +34,11 @@ pub fn place_job(id: JobId) -> String {
     format!("capstan.jobs.place.{id}")
 }
 
+/// Whether `subject` is a placement subject, whatever its last token holds.
+pub fn is_place(subject: &str) -> bool {
+    subject.starts_with("capstan.jobs.place.")
+}
+
 /// The job a placement subject names.
 pub fn parse_place(subject: &str) -> Option<JobId> {
     subject.strip_prefix("capstan.jobs.place.")?.parse().ok()

@@ -333,9 +333,16 @@ impl JobsApi {
         let id = job_id(&id.0)?;
         let key = id.to_string();
         let (recorded, live) = tokio::join!(state.history.events(id), state.mesh.jobs.get(&key));
-        let events = match live? {
-            Some(live) => with_unrecorded(state, id, recorded?, &live.value).await?,
-            None => recorded?,
+        let recorded = recorded?;
+        // The live record only adds to what the history answers: if NATS cannot be read, the
+        // history's events are the answer.
+        let events = match live {
+            Ok(Some(live)) => with_unrecorded(state, id, recorded, &live.value).await,
+            Ok(None) => recorded,
+            Err(error) => {
+                tracing::debug!(job = %id, error = %error, "cannot read the job's live record");
+                recorded
+            }
         };
         if events.is_empty() && crate::logs::job_state(state, id).await.is_err() {
             return Err(ApiError::not_found(format!("no job {id}")));
@@ -581,30 +588,48 @@ fn parent_job(parent: &FanOutRecord, statuses: &[TargetStatus]) -> Job {
     job
 }
 
-/// A live job's events: the history's, and, while the history has not yet recorded what its
-/// record shows, the ones still on their way to it, read from the events stream. Whoever saw
-/// the job end then finds its end among its events. An event from the stream is kept only if
-/// the projection would believe it.
+/// A live job's events: the history's, and, when the record shows an attempt ended that the
+/// history has not recorded yet, the events stored after the history's newest, read from the
+/// events stream. Whoever saw the job end then finds its end among its events. An event from
+/// the stream is kept only if the projection would believe it now; events the projection
+/// already judged (up to the history's newest) are not read again. If the stream cannot be
+/// read, the history's events are the answer.
 async fn with_unrecorded(
     state: &crate::State,
     id: JobId,
     recorded: Vec<capstan_store::entity::event::Model>,
     record: &JobRecord,
-) -> Result<Vec<capstan_store::entity::event::Model>, ApiError> {
-    let newest = recorded.iter().max_by_key(|row| row.seq);
-    let caught_up = newest.is_some_and(|row| {
+) -> Vec<capstan_store::entity::event::Model> {
+    use async_nats::jetstream::consumer::DeliverPolicy;
+    // An active attempt's events are announced as it goes (some only once it has lasted), so
+    // only an end, or a retry's wait, is looked for.
+    let ended = record.status.is_terminal() || record.status == JobStatus::Retrying;
+    let shown = recorded.iter().any(|row| {
         row.status == record.status.as_str() && u32::try_from(row.attempt) == Ok(record.attempt)
     });
-    if caught_up {
-        return Ok(recorded);
+    if !ended || shown {
+        return recorded;
     }
-    let stored = crate::replay::stored(
+    let from = match recorded.iter().map(|row| row.seq).max() {
+        Some(newest) => DeliverPolicy::ByStartSequence {
+            start_sequence: u64::try_from(newest).unwrap_or(0) + 1,
+        },
+        None => DeliverPolicy::All,
+    };
+    let stored = match crate::replay::stored(
         &state.mesh,
         capstan_protocol::topology::EVENTS.name,
         capstan_protocol::subjects::job_events(id),
-        async_nats::jetstream::consumer::DeliverPolicy::All,
+        from,
     )
-    .await?;
+    .await
+    {
+        Ok(stored) => stored,
+        Err(error) => {
+            tracing::debug!(job = %id, error = ?error, "cannot read the job's unrecorded events");
+            return recorded;
+        }
+    };
     let mut events: std::collections::BTreeMap<i64, _> =
         recorded.into_iter().map(|row| (row.seq, row)).collect();
     for message in stored {
@@ -618,12 +643,11 @@ async fn with_unrecorded(
             continue;
         };
         if crate::projection::credible(&message.subject, &event, Some(record.attempt)).is_ok() {
-            let item = capstan_store::Sequenced { seq, event };
-            let row = item.event_model();
+            let row = capstan_store::Sequenced { seq, event }.event_model();
             events.entry(row.seq).or_insert(row);
         }
     }
-    Ok(events.into_values().collect())
+    events.into_values().collect()
 }
 
 /// A job accepted but not yet created by a scheduler, from its stored submission read as the
