@@ -103,15 +103,7 @@ pub fn read(
     let client = ClientCall::Submit.client_of(subject);
     let submitted_by = match (client, wire::header(map, headers::SUBMITTED_BY)) {
         (Some(client), _) => SubmittedBy::nats_client(client),
-        (None, Some(text)) => codec::decode::<SubmittedBy>(Encoding::Json, text.as_bytes())
-            .map_err(|error| {
-                Refusal::new(
-                    Some(id),
-                    RejectionCode::Invalid,
-                    Some(headers::SUBMITTED_BY),
-                    format!("{}: {error}", headers::SUBMITTED_BY),
-                )
-            })?,
+        (None, Some(text)) => sender(id, text)?,
         (None, None) => SubmittedBy::nats(),
     };
     let spec = read_spec(id, map, payload, max_job_bytes)?;
@@ -155,24 +147,12 @@ fn read_forwarded(
     }
     let by =
         wire::header(map, headers::SUBMITTED_BY).ok_or_else(|| missing(headers::SUBMITTED_BY))?;
-    let submitted_by =
-        codec::decode::<SubmittedBy>(Encoding::Json, by.as_bytes()).map_err(|error| {
-            Refusal::new(
-                Some(named),
-                RejectionCode::Invalid,
-                Some(headers::SUBMITTED_BY),
-                format!("{}: {error}", headers::SUBMITTED_BY),
-            )
-        })?;
+    let submitted_by = sender(named, by)?;
     let submitted_ms = match wire::header(map, headers::SUBMITTED_AT) {
-        Some(at) => at.trim().parse::<u64>().map_err(|error| {
-            Refusal::new(
-                Some(named),
-                RejectionCode::Invalid,
-                Some(headers::SUBMITTED_AT),
-                format!("{}: {error}", headers::SUBMITTED_AT),
-            )
-        })?,
+        Some(at) => at
+            .trim()
+            .parse::<u64>()
+            .map_err(|error| bad_header(named, headers::SUBMITTED_AT, error))?,
         None => stored.published_ms,
     };
     let spec = read_spec(named, map, payload, max_job_bytes)?;
@@ -183,6 +163,22 @@ fn read_forwarded(
         submitted_ms,
         spec,
     })
+}
+
+/// The sender a `Capstan-Submitted-By` header names (JSON), for job `job`.
+fn sender(job: JobId, text: &str) -> Result<SubmittedBy, Refusal> {
+    codec::decode::<SubmittedBy>(Encoding::Json, text.as_bytes())
+        .map_err(|error| bad_header(job, headers::SUBMITTED_BY, error))
+}
+
+/// The refusal of job `job` for a header that cannot be read.
+fn bad_header(job: JobId, header: &str, error: impl std::fmt::Display) -> Refusal {
+    Refusal::new(
+        Some(job),
+        RejectionCode::Invalid,
+        Some(header),
+        format!("{header}: {error}"),
+    )
 }
 
 /// A submission handed on for placement: where to publish it, and its headers (the body goes

@@ -178,6 +178,15 @@ async fn stored_event(mesh: &Mesh, job: JobId, kind: JobEventKind) -> (JobEvent,
 }
 
 /// Whether `job` has a `kind` event in the events stream.
+/// The next rejection on `rejections`, within 20 seconds.
+async fn next_rejection(rejections: &mut async_nats::Subscriber) -> Rejection {
+    let message = tokio::time::timeout(Duration::from_secs(20), rejections.next())
+        .await
+        .expect("a rejection in time")
+        .expect("open");
+    codec::decode(Encoding::MsgPack, &message.payload).expect("a rejection")
+}
+
 async fn has_event(mesh: &Mesh, job: JobId, kind: JobEventKind) -> bool {
     let stream = mesh
         .js
@@ -344,12 +353,7 @@ async fn bad_submissions_are_rejected_naming_the_field_and_later_jobs_are_still_
             .publish(subjects::SUBMIT, payload.clone().into())
             .await
             .expect("published");
-        let message = tokio::time::timeout(Duration::from_secs(20), rejections.next())
-            .await
-            .expect("a rejection")
-            .expect("open");
-        let rejection: Rejection =
-            codec::decode(Encoding::MsgPack, &message.payload).expect("rejection decodes");
+        let rejection = next_rejection(&mut rejections).await;
         assert_eq!(rejection.code, *code, "{rejection:?}");
         assert_eq!(rejection.field.as_deref(), *field, "{rejection:?}");
         assert!(!rejection.reason.is_empty());
@@ -360,11 +364,7 @@ async fn bad_submissions_are_rejected_naming_the_field_and_later_jobs_are_still_
         .publish_with_headers(subjects::SUBMIT, bad_id, r#"{"command": "true"}"#.into())
         .await
         .expect("published");
-    let message = tokio::time::timeout(Duration::from_secs(20), rejections.next())
-        .await
-        .expect("a rejection")
-        .expect("open");
-    let rejection: Rejection = codec::decode(Encoding::MsgPack, &message.payload).expect("decodes");
+    let rejection = next_rejection(&mut rejections).await;
     assert_eq!(rejection.field.as_deref(), Some(headers::JOB_ID));
 
     // The consumer moved on: a good job is still accepted, and nothing bad was stored.
@@ -536,12 +536,7 @@ async fn a_submission_handed_on_for_placement_is_accepted_as_its_sender_with_its
         .expect("published")
         .await
         .expect("stored");
-    let rejection = tokio::time::timeout(Duration::from_secs(20), rejections.next())
-        .await
-        .expect("a rejection in time")
-        .expect("open");
-    let rejection: Rejection =
-        codec::decode(Encoding::MsgPack, &rejection.payload).expect("a rejection");
+    let rejection = next_rejection(&mut rejections).await;
     assert_eq!(rejection.code, RejectionCode::Invalid);
     assert_eq!(rejection.field.as_deref(), Some(headers::JOB_ID));
     assert!(record(&mesh, stray).await.is_none());
@@ -579,11 +574,7 @@ async fn a_resubmitted_job_id_is_one_job_and_a_reused_id_with_another_spec_is_a_
         )
         .await
         .expect("published");
-    let message = tokio::time::timeout(Duration::from_secs(20), rejections.next())
-        .await
-        .expect("a rejection")
-        .expect("open");
-    let rejection: Rejection = codec::decode(Encoding::MsgPack, &message.payload).expect("decodes");
+    let rejection = next_rejection(&mut rejections).await;
     assert_eq!(rejection.code, RejectionCode::Conflict);
     let stored = record(&mesh, id).await.expect("the job");
     assert_eq!(stored.spec.argv(), ["sh", "-c", "true"]);
