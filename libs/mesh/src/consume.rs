@@ -101,6 +101,8 @@ pub struct Pull<'a> {
     max: usize,
     shutdown: &'a CancellationToken,
     messages: Option<pull::Stream>,
+    /// The priority group and the priority the pulls name, on a consumer that has one.
+    group: Option<(&'static str, usize)>,
 }
 
 impl<'a> Pull<'a> {
@@ -111,7 +113,15 @@ impl<'a> Pull<'a> {
             max: max.max(1),
             shutdown,
             messages: None,
+            group: None,
         }
+    }
+
+    /// Pulls in priority group `group` at `priority` (the server serves the lowest priority
+    /// asking first).
+    pub fn in_group(mut self, group: &'static str, priority: usize) -> Self {
+        self.group = Some((group, priority));
+        self
     }
 
     /// The next message; `None` once `shutdown` is cancelled.
@@ -123,14 +133,16 @@ impl<'a> Pull<'a> {
             let messages = match &mut self.messages {
                 Some(messages) => messages,
                 None => {
-                    let subscribed = self
+                    let mut builder = self
                         .consumer
                         .stream()
                         .max_messages_per_batch(self.max)
                         .heartbeat(Duration::from_secs(5))
-                        .expires(Duration::from_secs(30))
-                        .messages()
-                        .await;
+                        .expires(Duration::from_secs(30));
+                    if let Some((group, priority)) = self.group {
+                        builder = builder.group(group).priority(priority);
+                    }
+                    let subscribed = builder.messages().await;
                     match subscribed {
                         Ok(messages) => self.messages.insert(messages),
                         Err(error) => {

@@ -28,8 +28,19 @@ pub struct Submission {
     pub from_client: bool,
     /// When it was first stored, in milliseconds since the epoch: a delay counts from here.
     pub submitted_ms: u64,
+    /// The stream sequence of the original submission (not of a hand-on): the job's record
+    /// keeps it, so that a redelivery is told from another submission under the same id.
+    pub seq: u64,
     /// What to run.
     pub spec: JobSpec,
+}
+
+impl Submission {
+    /// The deduplication id of the audit of its acceptance: the same whichever service
+    /// accepts it, and on every redelivery.
+    pub fn audit_key(&self) -> String {
+        format!("job.submit.{}.{}", self.id, self.seq)
+    }
 }
 
 /// Why a submission is refused, as its rejection event says it.
@@ -112,6 +123,7 @@ pub fn read(
         submitted_by,
         from_client: client.is_some(),
         submitted_ms: stored.published_ms,
+        seq: stored.seq,
         spec,
     })
 }
@@ -155,12 +167,20 @@ fn read_forwarded(
             .map_err(|error| bad_header(named, headers::SUBMITTED_AT, error))?,
         None => stored.published_ms,
     };
+    let seq = match wire::header(map, headers::SUBMISSION_SEQ) {
+        Some(seq) => seq
+            .trim()
+            .parse::<u64>()
+            .map_err(|error| bad_header(named, headers::SUBMISSION_SEQ, error))?,
+        None => stored.seq,
+    };
     let spec = read_spec(named, map, payload, max_job_bytes)?;
     Ok(Submission {
         id: named,
         submitted_by,
         from_client: wire::header(map, headers::FROM_CLIENT) == Some("true"),
         submitted_ms,
+        seq,
         spec,
     })
 }
@@ -216,6 +236,7 @@ pub fn forward(submission: &Submission, map: Option<&HeaderMap>) -> Forward {
         headers::SUBMITTED_AT,
         submission.submitted_ms.to_string().as_str(),
     );
+    out.insert(headers::SUBMISSION_SEQ, submission.seq.to_string().as_str());
     // Whether the acceptance is audited is the original's: a client's submission stored by the
     // create endpoint names the client, and is audited there, not again.
     out.insert(
@@ -386,7 +407,8 @@ mod tests {
     }
 
     #[test]
-    fn a_submission_handed_on_for_placement_reads_back_as_the_same_submission() {
+    fn a_submission_handed_on_for_placement_reads_back_as_the_same_submission_stored_where_it_was()
+    {
         let body = json(r#"{"argv": ["true"], "delay": 60}"#);
         let subject = format!("{}.from.ops", subjects::SUBMIT);
         let mut map = HeaderMap::new();
@@ -425,6 +447,10 @@ mod tests {
         assert_eq!(again.submitted_by, SubmittedBy::nats_client("ops"));
         assert!(again.from_client);
         assert_eq!(again.submitted_ms, STORED.published_ms);
+        assert_eq!(
+            again.seq, STORED.seq,
+            "the original's sequence, not the hand-on's"
+        );
         assert_eq!(again.spec, original.spec);
 
         // A client's job stored by the create endpoint names the client but was audited
@@ -477,6 +503,16 @@ mod tests {
             "{}",
             refused.reason
         );
+
+        let mut unreadable = HeaderMap::new();
+        unreadable.insert(headers::JOB_ID, job.to_string().as_str());
+        unreadable.insert(
+            headers::SUBMITTED_BY,
+            r#"{"principal": "nats", "via": "nats"}"#,
+        );
+        unreadable.insert(headers::SUBMISSION_SEQ, "the first");
+        let refused = read(&subject, Some(&unreadable), &body, STORED, LIMIT).expect_err("refused");
+        assert_eq!(refused.field.as_deref(), Some(headers::SUBMISSION_SEQ));
 
         // A placement subject naming no job is refused, whatever its headers claim.
         let refused = read(

@@ -15,7 +15,7 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PriorityPolicy, pull};
 use async_nats::jetstream::{self, kv, stream};
 use capstan_protocol::subjects;
 use capstan_protocol::topology::{
@@ -462,6 +462,12 @@ pub fn consumer_config(spec: &ConsumerSpec) -> pull::Config {
         ack_wait: spec.ack_wait,
         max_deliver: spec.max_deliver,
         max_ack_pending: spec.max_ack_pending,
+        priority_policy: if spec.priority_group.is_some() {
+            PriorityPolicy::Prioritized
+        } else {
+            PriorityPolicy::None
+        },
+        priority_groups: spec.priority_group.map(str::to_owned).into_iter().collect(),
         ..Default::default()
     }
 }

@@ -379,6 +379,7 @@ fn scheduler(allowed: &mut Allowed) {
     allowed.stream_read(&topology::DISPATCH, subjects::DISPATCH_ALL);
     for consumer in [
         topology::scheduler_consumer(),
+        topology::place_consumer(),
         topology::timers_consumer(),
         topology::ticks_consumer(),
         topology::nodes_consumer(),
@@ -493,11 +494,19 @@ fn executor(allowed: &mut Allowed, node: &NodeId) {
     // Output only under its own name: readers keep a chunk only from the node that ran its
     // attempt.
     allowed.publish([subjects::node_logs(node), subjects::TIMERS_ALL.to_owned()]);
-    allowed.rejections([Origin::Dispatch, Origin::Control]);
+    allowed.rejections([Origin::Dispatch, Origin::Control, Origin::Submit]);
     allowed.open_mesh();
     allowed.bucket_write(&topology::JOBS, "*");
     allowed.bucket_read(&topology::JOBS, "*");
     allowed.bucket_read(&topology::NODES, node.as_str());
+    // Its own record, followed as operators cordon or drain the node: the writes to it as
+    // they are stored (a plain subscription, not a consumer).
+    allowed.subscribe([subjects::kv_key(topology::NODES.name, node.as_str())]);
+    // The fast lane: plain jobs taken from their submissions (a client's audited), the rest
+    // handed on to the schedulers for placement.
+    allowed.pull(&topology::scheduler_consumer());
+    allowed.publish([subjects::PLACE_ALL.to_owned()]);
+    allowed.publish([subjects::audit(AuditAction::JobSubmit)]);
     // The stored secrets a job names, opened for its attempt; each opening is audited.
     allowed.bucket_read(&topology::SECRETS, "*");
     allowed.publish([subjects::audit(AuditAction::SecretRead)]);
@@ -632,6 +641,17 @@ impl Allowed {
 
     /// Creating, reading, pulling from and acknowledging the durable consumer `consumer`; a
     /// consumer with one filter may only be created with that filter.
+    /// Reading and pulling from `consumer`, acknowledging what it delivers; not creating or
+    /// changing it.
+    fn pull(&mut self, consumer: &ConsumerSpec) {
+        let (stream, name) = (consumer.stream, consumer.name.as_str());
+        self.publish([
+            js_api(&format!("CONSUMER.INFO.{stream}.{name}")),
+            js_api(&format!("CONSUMER.MSG.NEXT.{stream}.{name}")),
+            format!("$JS.ACK.{stream}.{name}.>"),
+        ]);
+    }
+
     fn durable(&mut self, consumer: &ConsumerSpec) {
         let (stream, name) = (consumer.stream, consumer.name.as_str());
         let create = match consumer.subjects.as_slice() {
@@ -914,6 +934,53 @@ mod tests {
         ));
         assert!(may_publish(&exec, &subjects::logs(job, &node("exec-1"))));
         assert!(!may_publish(&exec, &subjects::logs(job, &node("exec-2"))));
+    }
+
+    #[test]
+    fn an_executor_takes_submissions_and_hands_them_on_without_reconfiguring_their_consumer() {
+        let exec = Identity::Executor(node("exec-1"));
+        let job = crate::JobId::generate();
+        let intake = topology::scheduler_consumer();
+        let (stream, name) = (intake.stream, intake.name.as_str());
+        assert!(may_publish(
+            &exec,
+            &format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.{name}")
+        ));
+        assert!(may_publish(
+            &exec,
+            &format!("$JS.API.CONSUMER.INFO.{stream}.{name}")
+        ));
+        assert!(may_publish(
+            &exec,
+            &format!("$JS.ACK.{stream}.{name}.1.2.3.4.5.6")
+        ));
+        assert!(!may_publish(
+            &exec,
+            &format!("$JS.API.CONSUMER.CREATE.{stream}.{name}")
+        ));
+        let place = topology::place_consumer();
+        assert!(!may_publish(
+            &exec,
+            &format!("$JS.API.CONSUMER.MSG.NEXT.{}.{}", place.stream, place.name)
+        ));
+        assert!(may_publish(&exec, &subjects::place_job(job)));
+        assert!(may_publish(
+            &exec,
+            &subjects::audit(crate::AuditAction::JobSubmit)
+        ));
+        assert!(!may_publish(
+            &exec,
+            &subjects::audit(crate::AuditAction::JobCancel)
+        ));
+        // Its own node record followed, no other's.
+        assert!(may_subscribe(
+            &exec,
+            &subjects::kv_key(topology::NODES.name, "exec-1")
+        ));
+        assert!(!may_subscribe(
+            &exec,
+            &subjects::kv_key(topology::NODES.name, "exec-2")
+        ));
     }
 
     #[test]

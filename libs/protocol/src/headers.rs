@@ -18,6 +18,9 @@ pub const SUBMITTED_AT: &str = "Capstan-Submitted-At";
 /// On a submission handed on for placement: `true` when a client identity sent the original,
 /// whose acceptance the mesh then audits.
 pub const FROM_CLIENT: &str = "Capstan-From-Client";
+/// On a submission handed on for placement: the original's stream sequence, which the job's
+/// record and its audit name, whichever message a scheduler reads it from.
+pub const SUBMISSION_SEQ: &str = "Capstan-Submission-Seq";
 /// The attempt a message is about.
 pub const ATTEMPT: &str = "Capstan-Attempt";
 /// On a fan-out target's job events: the parent job's id.

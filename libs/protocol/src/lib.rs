@@ -56,7 +56,7 @@ pub use node::{
 pub use reply::{CancelNotice, CancelOutcome, ErrorCode, JobRef, Reply, ServiceError};
 pub use retry::{RetryOn, RetryPolicy};
 pub use secret::{SealedSecret, StoredSecret};
-pub use spec::{Concurrency, JobSpec, Labels, Program, SpecError, Start};
+pub use spec::{Concurrency, JobSpec, Labels, NeedsPlacement, Program, SpecError, Start};
 pub use system::{System, SystemAuth, SystemEvent, SystemHealth, SystemStatus, SystemSummary};
 pub use timer::Timer;
 pub use timestamp::Timestamp;

@@ -102,6 +102,23 @@ pub struct JobSpec {
     pub concurrency: Option<Concurrency>,
 }
 
+/// Why a job needs a scheduler to place it (see [`JobSpec::needs_placement`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NeedsPlacement {
+    /// It runs on a remote system, through a gateway the scheduler picks.
+    System,
+    /// It fans out over targets the scheduler resolves.
+    FanOut,
+    /// It waits for a slot under a concurrency key.
+    Concurrency,
+    /// It starts later (a delay or a start time).
+    Start,
+    /// Its idempotency key must be claimed first.
+    IdempotencyKey,
+    /// It asks for labels the node does not carry.
+    Labels,
+}
+
 /// The priority of a job that gives none: the middle, so that a job can be put before or
 /// after the others.
 pub const DEFAULT_PRIORITY: u8 = 5;
@@ -774,6 +791,29 @@ impl JobSpec {
         selector
     }
 
+    /// Why this job must be placed by a scheduler rather than run at once by the executor
+    /// of node `node` (with `labels`) that took its submission; `None` when that executor may
+    /// run it (the fast lane): any node carrying its labels would do, it waits for nothing,
+    /// and nothing is shared with other jobs (a concurrency slot, an idempotency key) or
+    /// resolved first (a fan-out's targets, a remote system).
+    pub fn needs_placement(&self, node: &str, labels: &Labels) -> Option<NeedsPlacement> {
+        if self.system.is_some() {
+            Some(NeedsPlacement::System)
+        } else if self.fanout.is_some() {
+            Some(NeedsPlacement::FanOut)
+        } else if self.concurrency.is_some() {
+            Some(NeedsPlacement::Concurrency)
+        } else if self.start.is_some() {
+            Some(NeedsPlacement::Start)
+        } else if self.idempotency_key.is_some() {
+            Some(NeedsPlacement::IdempotencyKey)
+        } else if !selects_node(&self.placement(), node, labels) {
+            Some(NeedsPlacement::Labels)
+        } else {
+            None
+        }
+    }
+
     /// The program as an argv vector: `["sh", "-c", command]` for a shell command.
     pub fn argv(&self) -> Vec<String> {
         match &self.program {
@@ -786,6 +826,64 @@ impl JobSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_plain_job_runs_where_it_was_taken_and_anything_shared_delayed_or_elsewhere_is_placed() {
+        let labels: Labels = [("zone".to_owned(), "a".to_owned())].into();
+        let plain = JobSpec::shell("true");
+        assert_eq!(plain.needs_placement("exec-1", &labels), None);
+        let mut here = plain.clone();
+        here.labels = labels.clone();
+        assert_eq!(
+            here.needs_placement("exec-1", &labels),
+            None,
+            "its labels are the node's"
+        );
+        here.labels
+            .insert(crate::fanout::NODE_LABEL.to_owned(), "exec-1".to_owned());
+        assert_eq!(
+            here.needs_placement("exec-1", &labels),
+            None,
+            "it names this node"
+        );
+        assert_eq!(
+            here.needs_placement("exec-2", &labels),
+            Some(NeedsPlacement::Labels),
+            "it names another node"
+        );
+        let mut elsewhere = plain.clone();
+        elsewhere.labels = [("zone".to_owned(), "b".to_owned())].into();
+        assert_eq!(
+            elsewhere.needs_placement("exec-1", &labels),
+            Some(NeedsPlacement::Labels)
+        );
+        let placed = |json: &str| {
+            parse(json)
+                .expect("a valid spec")
+                .needs_placement("exec-1", &labels)
+        };
+        assert_eq!(
+            placed(r#"{"argv": ["true"], "system": "db-1"}"#),
+            Some(NeedsPlacement::System)
+        );
+        assert_eq!(
+            placed(r#"{"argv": ["true"], "delay": 5}"#),
+            Some(NeedsPlacement::Start)
+        );
+        assert_eq!(
+            placed(r#"{"argv": ["true"], "idempotency_key": "order-1"}"#),
+            Some(NeedsPlacement::IdempotencyKey)
+        );
+        assert_eq!(
+            placed(r#"{"argv": ["true"], "concurrency": {"key": "db", "limit": 1}}"#),
+            Some(NeedsPlacement::Concurrency)
+        );
+        assert_eq!(
+            placed(r#"{"argv": ["true"], "nodes": {}}"#),
+            Some(NeedsPlacement::FanOut)
+        );
+        assert_eq!(placed(r#"{"argv": ["true"], "priority": 9}"#), None);
+    }
 
     fn parse(json: &str) -> Result<JobSpec, SpecError> {
         let wire: JobSpecWire = serde_json::from_str(json).expect("wire form parses");

@@ -444,10 +444,36 @@ pub struct ConsumerSpec {
     pub max_deliver: i64,
     /// The most messages delivered and not yet acknowledged.
     pub max_ack_pending: i64,
+    /// The priority group its pulls name, when several kinds of puller share it and the
+    /// server serves them in priority order (lowest first): see [`SUBMISSIONS_GROUP`].
+    pub priority_group: Option<&'static str>,
 }
 
-/// The durable consumer the schedulers share on the submissions stream.
+/// The priority group of the submissions consumer ([`SCHEDULER_CONSUMER`]). Executors and
+/// schedulers both pull from it: an executor with a free slot pulls at
+/// [`TAKE_PRIORITY_EXECUTOR`] and runs a plain job itself (the fast lane); a scheduler takes
+/// only what waits there, at [`TAKE_PRIORITY_SCHEDULER`], which the server serves only while
+/// no executor is asking.
+pub const SUBMISSIONS_GROUP: &str = "takers";
+
+/// How long a submission taken from [`SCHEDULER_CONSUMER`] may go unacknowledged before it is
+/// delivered again, by default: about a heartbeat timeout, so that a job an executor took and
+/// died with is found about as soon as its node is found down.
+pub const SUBMISSION_ACK_WAIT: Duration = Duration::from_secs(10);
+
+/// The pull priority of an executor on the submissions consumer: served first.
+pub const TAKE_PRIORITY_EXECUTOR: usize = 0;
+
+/// The pull priority of a scheduler on the submissions consumer: served when no executor asks.
+pub const TAKE_PRIORITY_SCHEDULER: usize = 1;
+
+/// The durable consumer on the submitted subjects, shared by the schedulers and the executors
+/// (in [`SUBMISSIONS_GROUP`]).
 pub const SCHEDULER_CONSUMER: &str = "scheduler";
+
+/// The durable consumer the schedulers share on the submissions handed on for placement
+/// (`capstan.jobs.place.<job>`).
+pub const PLACE_CONSUMER: &str = "scheduler-place";
 
 /// The durable consumer the schedulers share on fired timers.
 pub const TIMERS_CONSUMER: &str = "scheduler-timers";
@@ -469,8 +495,9 @@ pub const AUDIT_CONSUMER: &str = "api-audit";
 pub const REGISTRY_CONSUMER: &str = "registry-tally";
 
 /// Every shared durable consumer's name (each executor node's own is [`executor_consumer`]).
-pub const CONSUMERS: [&str; 7] = [
+pub const CONSUMERS: [&str; 8] = [
     SCHEDULER_CONSUMER,
+    PLACE_CONSUMER,
     TIMERS_CONSUMER,
     TICKS_CONSUMER,
     NODES_CONSUMER,
@@ -507,21 +534,35 @@ fn shared(
         ack_wait: Duration::from_secs(30),
         max_deliver: SHARED_MAX_DELIVER,
         max_ack_pending: 20_000,
+        priority_group: None,
     }
 }
 
 /// Schedulers accepting submissions ([`SCHEDULER_CONSUMER`]).
 pub fn scheduler_consumer() -> ConsumerSpec {
+    ConsumerSpec {
+        priority_group: Some(SUBMISSIONS_GROUP),
+        ack_wait: SUBMISSION_ACK_WAIT,
+        ..shared(
+            SCHEDULER_CONSUMER,
+            &SUBMISSIONS,
+            "Executors running plain jobs at once, schedulers placing the rest",
+            [
+                subjects::SUBMIT.to_owned(),
+                subjects::SUBMIT_FROM_ALL.to_owned(),
+                subjects::SUBMIT_JOB_ALL.to_owned(),
+            ],
+        )
+    }
+}
+
+/// Schedulers placing the submissions executors handed on ([`PLACE_CONSUMER`]).
+pub fn place_consumer() -> ConsumerSpec {
     shared(
-        SCHEDULER_CONSUMER,
+        PLACE_CONSUMER,
         &SUBMISSIONS,
-        "Schedulers accepting and placing submitted jobs",
-        [
-            subjects::SUBMIT.to_owned(),
-            subjects::SUBMIT_FROM_ALL.to_owned(),
-            subjects::SUBMIT_JOB_ALL.to_owned(),
-            subjects::PLACE_ALL.to_owned(),
-        ],
+        "Schedulers placing the submissions executors handed on",
+        [subjects::PLACE_ALL.to_owned()],
     )
 }
 
@@ -596,9 +637,10 @@ pub fn registry_consumer() -> ConsumerSpec {
 }
 
 /// The shared durable consumers, in [`CONSUMERS`]' order.
-pub fn consumers() -> [ConsumerSpec; 7] {
+pub fn consumers() -> [ConsumerSpec; 8] {
     [
         scheduler_consumer(),
+        place_consumer(),
         timers_consumer(),
         ticks_consumer(),
         nodes_consumer(),
@@ -622,6 +664,7 @@ pub fn executor_consumer_spec(node: &crate::NodeId, slots: u32) -> ConsumerSpec 
         ack_wait: Duration::from_secs(30),
         max_deliver: 10,
         max_ack_pending: i64::from(slots.max(1)) * 2,
+        priority_group: None,
     }
 }
 

@@ -242,7 +242,15 @@ async fn a_submitted_job_is_accepted_with_its_location_runs_and_is_recorded() {
         .iter()
         .map(|e| e["kind"].as_str().unwrap_or(""))
         .collect();
-    assert_eq!(kinds, ["pending", "running", "succeeded"]);
+    // Taken at once by the idle executor it starts `running`; placed by a scheduler (the
+    // executor not yet taking submissions), `pending` first.
+    assert!(
+        matches!(
+            kinds.as_slice(),
+            ["pending", "running", "succeeded"] | ["running", "succeeded"]
+        ),
+        "{kinds:?}"
+    );
 
     let logs = stack
         .http
@@ -956,8 +964,15 @@ async fn a_job_seen_ended_shows_its_end_among_its_events_while_the_history_is_be
         .iter()
         .filter_map(|e| e["kind"].as_str())
         .collect();
-    // This stack announces every step, however short.
-    assert_eq!(kinds, ["pending", "running", "succeeded"], "{early}");
+    // This stack announces every step, however short (a job the executor took at once has
+    // no `pending`).
+    assert!(
+        matches!(
+            kinds.as_slice(),
+            ["pending", "running", "succeeded"] | ["running", "succeeded"]
+        ),
+        "{early}"
+    );
     let seqs: Vec<i64> = early
         .as_array()
         .expect("a list")
@@ -1160,6 +1175,16 @@ async fn table_dump(database_url: &str) -> String {
     format!("{jobs:?}\n{attempts:?}\n{events:?}\n{labels:?}")
 }
 
+/// The kinds of a job's events, as `GET /jobs/{id}/events` lists them.
+fn event_kinds(events: &serde_json::Value) -> Vec<&str> {
+    events["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter_map(|e| e["kind"].as_str())
+        .collect()
+}
+
 #[tokio::test]
 async fn two_api_replicas_share_the_history_and_a_rebuild_equals_it() {
     let stack = stack().await;
@@ -1177,17 +1202,24 @@ async fn two_api_replicas_share_the_history_and_a_rebuild_equals_it() {
             .await;
         ids.push(reply.json()["id"].as_str().expect("id").to_owned());
     }
+    let mut total = 0_u64;
     for id in &ids {
         stack.finished(id).await;
         let events = second
             .get(&format!("/api/v1/jobs/{id}/events"))
             .await
             .json();
-        assert_eq!(
-            events["events"].as_array().expect("events").len(),
-            3,
+        let kinds = event_kinds(&events);
+        // Taken at once by the idle executor a job starts `running`; placed by a scheduler,
+        // `pending` first.
+        assert!(
+            matches!(
+                kinds.as_slice(),
+                ["pending", "running", "succeeded"] | ["running", "succeeded"]
+            ),
             "no duplicate, none lost: {events}"
         );
+        total += u64::try_from(kinds.len()).expect("fits");
     }
 
     // Rebuild into an empty database from the events stream: the same rows.
@@ -1201,7 +1233,7 @@ async fn two_api_replicas_share_the_history_and_a_rebuild_equals_it() {
     let done = capstan_api::rebuild::rebuild(&mesh, &history)
         .await
         .expect("rebuilt");
-    assert_eq!(done.events, 60);
+    assert_eq!(done.events, total);
     assert_eq!(
         table_dump(rebuilt.url()).await,
         table_dump(&stack.database_url).await
@@ -1242,7 +1274,13 @@ async fn the_history_survives_a_nats_restart_and_keeps_recording() {
         .get(&format!("/api/v1/jobs/{before}/events"))
         .await
         .json();
-    assert_eq!(events["events"].as_array().expect("events").len(), 3);
+    assert!(
+        matches!(
+            event_kinds(&events).as_slice(),
+            ["pending", "running", "succeeded"] | ["running", "succeeded"]
+        ),
+        "{events}"
+    );
     stack.stop().await;
 }
 

@@ -1,9 +1,11 @@
-//! The executor: runs jobs dispatched to its node, streams their output, and reports how they
-//! ended. It registers with the registry, heartbeats with the jobs it holds, and serves a
-//! micro endpoint listing them.
+//! The executor: runs jobs dispatched to its node, and plain jobs it takes straight from their
+//! submissions while it has a free slot; streams their output, and reports how they ended. It
+//! registers with the registry, heartbeats with the jobs it holds, and serves a micro endpoint
+//! listing them.
 //!
-//! Module map: `membership` talks to the registry; `worker` pulls dispatches and carries each
-//! attempt from claim to acknowledgement (its modules: `pull`, `attempt`, `control`, `held`);
+//! Module map: `membership` talks to the registry; `worker` pulls dispatches and submissions
+//! and carries each attempt from claim to acknowledgement (its modules: `slots`, `pull`,
+//! `take`, `attempt`, `control`, `held`);
 //! `runner` supervises one process, with the secrets `secrets` opens for it, or hands a job on
 //! a remote system to `remote`; `orphans` finds the job processes a crashed predecessor
 //! left running, so a restarted executor can kill them; `systems` checks the health of remote
@@ -298,7 +300,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), erro
         Identity {
             node: node.clone(),
             instance,
-            labels,
+            labels: labels.clone(),
             capacity: config.slots.max(1),
             hostname,
         },
@@ -325,8 +327,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), erro
     });
     let worker = Arc::new(Worker::new(
         mesh.clone(),
-        node.clone(),
-        instance,
+        worker::Shape {
+            node: node.clone(),
+            instance,
+            labels,
+            capacity,
+            max_job_bytes: config.nats.max_job_bytes,
+        },
         Runner {
             node: node.clone(),
             work_dir: work_dir.clone(),
@@ -345,7 +352,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), erro
             },
             remote,
         },
-        capacity,
         config.ack_wait,
         config.announce_after,
     ));
@@ -366,11 +372,23 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), erro
     // `stop_pulling` ends the intake; `background` ends heartbeats and endpoints last.
     let stop_pulling = CancellationToken::new();
     let background = CancellationToken::new();
-    let pulling = tokio::spawn(
-        worker
-            .clone()
-            .pull_until(consumer.clone(), stop_pulling.clone()),
-    );
+    let pulling = tokio::spawn(worker.clone().pull_until(
+        consumer.clone(),
+        worker::Source::Dispatches,
+        stop_pulling.clone(),
+    ));
+    let taking = tokio::spawn({
+        let (worker, mesh, stop) = (worker.clone(), mesh.clone(), stop_pulling.clone());
+        async move {
+            if let Some(submissions) = submissions_consumer(&mesh, &stop).await {
+                worker.bound_submissions(submissions.cached_info().config.ack_wait);
+                worker
+                    .pull_until(submissions, worker::Source::Submissions, stop)
+                    .await;
+            }
+        }
+    });
+    let availability = tokio::spawn(worker.clone().watch_availability(background.clone()));
     let cancellations = tokio::spawn(worker.clone().follow_cancellations(background.clone()));
     let checks = checker.map(|checker| tokio::spawn(checker.run(background.clone())));
     let endpoint = tokio::spawn({
@@ -424,7 +442,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), erro
     };
     let superseded = matches!(ended, Some(error::Error::Superseded(_)));
     stop_pulling.cancel();
-    let pulled = pulling.await;
+    let (pulled, took) = tokio::join!(pulling, taking);
     if let Some(error) = &ended {
         tracing::error!(error = %error, "stopping");
     }
@@ -445,7 +463,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), erro
         membership.deregister().await;
     }
     background.cancel();
-    let (endpoint, cancellations) = tokio::join!(endpoint, cancellations);
+    let (endpoint, cancellations, availability) =
+        tokio::join!(endpoint, cancellations, availability);
     if let Some(listener) = metrics_listener {
         task::joined(listener.await);
     }
@@ -462,7 +481,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), erro
     }
     // The attempts are settled and the node left; a task that panicked raises its panic now
     // rather than passing for a clean stop.
-    for result in [pulled, endpoint, cancellations] {
+    for result in [pulled, took, endpoint, cancellations, availability] {
         task::joined(result);
     }
     match ended {
@@ -485,4 +504,42 @@ async fn dispatch_consumer(
         ..topology::executor_consumer_spec(node, config.slots)
     };
     capstan_mesh::consume::durable(&mesh.js, &spec, shutdown).await
+}
+
+/// The submissions consumer the executors share with the schedulers, once a scheduler (or
+/// the mesh's setup) has created it: executors read it as it is and never reconfigure it.
+/// `None` at `stop`.
+async fn submissions_consumer(mesh: &Mesh, stop: &CancellationToken) -> Option<PullConsumer> {
+    let spec = topology::scheduler_consumer();
+    let mut told = false;
+    loop {
+        let bound = async {
+            let stream = mesh
+                .js
+                .get_stream_no_info(spec.stream)
+                .await
+                .map_err(|e| e.to_string())?;
+            stream
+                .get_consumer::<async_nats::jetstream::consumer::pull::Config>(&spec.name)
+                .await
+                .map_err(|e| e.to_string())
+        }
+        .await;
+        match bound {
+            Ok(consumer) => {
+                tracing::debug!("taking submissions");
+                return Some(consumer);
+            }
+            Err(error) => {
+                if !told {
+                    tracing::info!(error = %error, "no submissions consumer yet: running dispatched jobs only until a scheduler creates it");
+                    told = true;
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => return None,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    }
 }

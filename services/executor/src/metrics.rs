@@ -1,4 +1,5 @@
-//! The executor's metrics, beside the mesh's: attempts by outcome and how long they ran
+//! The executor's metrics, beside the mesh's: submissions taken (run at once or handed on),
+//! attempts by outcome and how long they ran
 //! (local or on a remote system), how long starting a process took, this node's slots and how
 //! many are busy, and, on a gateway, how its SSH runs got their connections and how many it
 //! keeps open.
@@ -14,6 +15,7 @@ use prometheus_client::metrics::histogram::Histogram;
 /// What this process's executor did.
 pub(crate) struct ExecutorMetrics {
     attempts: Counters,
+    submissions: Counters,
     attempt_seconds: Histograms,
     spawn_seconds: Histogram,
     ssh_connections: Counters,
@@ -22,6 +24,7 @@ pub(crate) struct ExecutorMetrics {
 
 static EXECUTOR: LazyLock<ExecutorMetrics> = LazyLock::new(|| ExecutorMetrics {
     attempts: Counters::default(),
+    submissions: Counters::default(),
     attempt_seconds: latencies(),
     spawn_seconds: latency(),
     ssh_connections: Counters::default(),
@@ -40,6 +43,20 @@ impl ExecutorMetrics {
         self.attempt_seconds
             .get_or_create(&label("where", if remote { "remote" } else { "local" }))
             .observe(ran.as_secs_f64());
+    }
+
+    /// A submission taken from the shared consumer was run here at once.
+    pub(crate) fn taken(&self) {
+        self.submissions
+            .get_or_create(&label("outcome", "taken"))
+            .inc();
+    }
+
+    /// A submission taken from the shared consumer was handed on for placement.
+    pub(crate) fn handed_on(&self) {
+        self.submissions
+            .get_or_create(&label("outcome", "handed_on"))
+            .inc();
     }
 
     /// Starting a process took `took`.
@@ -87,6 +104,18 @@ pub(crate) fn exporter(
         "capstan_executor_attempts",
         "Attempts this executor ran to their end, by status",
         metrics.attempts.clone(),
+    );
+    for outcome in ["taken", "handed_on"] {
+        drop(
+            metrics
+                .submissions
+                .get_or_create(&label("outcome", outcome)),
+        );
+    }
+    registry.register(
+        "capstan_executor_submissions",
+        "Submissions this executor took: run at once, or handed on for placement",
+        metrics.submissions.clone(),
     );
     registry.register(
         "capstan_executor_attempt_seconds",

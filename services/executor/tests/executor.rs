@@ -901,3 +901,243 @@ async fn jobs_run_as_the_configured_user_cannot_read_the_executors_credentials_o
     assert!(!text.contains("CANARY"));
     mesh.stop().await.expect("clean stop");
 }
+
+impl Mesh3 {
+    /// Creates the submissions consumer, as a scheduler or the mesh's setup does.
+    async fn open_submissions(&self) {
+        capstan_mesh::consume::durable(
+            &self.mesh.js,
+            &capstan_protocol::topology::scheduler_consumer(),
+            &CancellationToken::new(),
+        )
+        .await
+        .expect("the submissions consumer");
+    }
+
+    /// What stream `name` holds now.
+    async fn stream_state(&self, name: &str) -> jetstream::stream::State {
+        self.mesh
+            .js
+            .get_stream(name)
+            .await
+            .expect("stream")
+            .info()
+            .await
+            .expect("info")
+            .state
+            .clone()
+    }
+
+    /// Publishes `body` as job `id`'s submission; returns its stream sequence.
+    async fn submit(&self, id: JobId, body: &str) -> u64 {
+        let mut map = async_nats::HeaderMap::new();
+        map.insert(headers::JOB_ID, id.to_string().as_str());
+        self.mesh
+            .js
+            .publish_with_headers(subjects::SUBMIT, map, body.to_owned().into())
+            .await
+            .expect("published")
+            .await
+            .expect("stored")
+            .sequence
+    }
+
+    /// Waits until the submissions consumer holds nothing: every submission acknowledged.
+    async fn submissions_settled(&self) {
+        let consumer: jetstream::consumer::PullConsumer = self
+            .mesh
+            .js
+            .get_stream(capstan_protocol::topology::SUBMISSIONS.name)
+            .await
+            .expect("stream")
+            .get_consumer(capstan_protocol::topology::SCHEDULER_CONSUMER)
+            .await
+            .expect("consumer");
+        wait_until(
+            "every submission acknowledged",
+            Duration::from_secs(20),
+            || {
+                let mut consumer = consumer.clone();
+                async move {
+                    let info = consumer.info().await.ok()?;
+                    (info.num_pending == 0 && info.num_ack_pending == 0).then_some(())
+                }
+            },
+        )
+        .await;
+    }
+
+    /// The submission handed on for placement of job `id`, once stored.
+    async fn handed_on(&self, id: JobId) -> async_nats::jetstream::message::StreamMessage {
+        let stream = self
+            .mesh
+            .js
+            .get_stream(capstan_protocol::topology::SUBMISSIONS.name)
+            .await
+            .expect("stream");
+        wait_until(
+            "the submission handed on",
+            Duration::from_secs(20),
+            || async {
+                stream
+                    .get_last_raw_message_by_subject(&subjects::place_job(id))
+                    .await
+                    .ok()
+            },
+        )
+        .await
+    }
+}
+
+#[tokio::test]
+async fn a_plain_submission_runs_at_once_on_an_idle_executor_with_no_scheduler_in_one_write() {
+    let mesh = start(|_| {}).await;
+    mesh.open_submissions().await;
+    let id = JobId::generate();
+    let seq = mesh
+        .submit(id, r#"{"argv": ["sh", "-c", "echo taken"]}"#)
+        .await;
+    let done = mesh.finished(id).await;
+    assert_eq!(done.status, JobStatus::Succeeded, "{done:?}");
+    assert_eq!(done.attempt, 1);
+    assert_eq!(done.node.as_ref(), Some(&mesh.node));
+    assert_eq!(
+        done.submission_seq,
+        Some(seq),
+        "the record names its submission"
+    );
+    assert_eq!(
+        done.submitted_by,
+        Some(capstan_protocol::SubmittedBy::nats())
+    );
+    assert_eq!(mesh.output(id).await, "taken\n");
+    mesh.submissions_settled().await;
+    // Nothing was dispatched: the executor ran it from its submission.
+    let dispatches = mesh
+        .stream_state(capstan_protocol::topology::DISPATCH.name)
+        .await
+        .messages;
+    assert_eq!(dispatches, 0);
+    // Two writes to the jobs bucket, which holds only this job: its record created running,
+    // then its outcome.
+    let writes = mesh
+        .stream_state(&capstan_protocol::access::kv_stream(
+            &capstan_protocol::topology::JOBS,
+        ))
+        .await
+        .last_sequence;
+    assert_eq!(writes, 2);
+    mesh.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn a_submission_that_needs_placement_is_handed_on_naming_its_original_and_runs_nothing_here()
+{
+    let mesh = start(|_| {}).await;
+    mesh.open_submissions().await;
+    let delayed = JobId::generate();
+    let seq = mesh
+        .submit(delayed, r#"{"argv": ["true"], "delay": 60}"#)
+        .await;
+    let elsewhere = JobId::generate();
+    mesh.submit(elsewhere, r#"{"argv": ["true"], "labels": {"gpu": "yes"}}"#)
+        .await;
+    let handed = mesh.handed_on(delayed).await;
+    assert_eq!(
+        handed
+            .headers
+            .get(headers::SUBMISSION_SEQ)
+            .map(|v| v.to_string()),
+        Some(seq.to_string())
+    );
+    assert_eq!(
+        handed.headers.get(headers::JOB_ID).map(|v| v.to_string()),
+        Some(delayed.to_string())
+    );
+    mesh.handed_on(elsewhere).await;
+    mesh.submissions_settled().await;
+    for job in [delayed, elsewhere] {
+        assert!(
+            mesh.mesh
+                .jobs
+                .get(&job.to_string())
+                .await
+                .expect("read")
+                .is_none(),
+            "no record: the schedulers create it"
+        );
+    }
+    mesh.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn a_malformed_submission_taken_by_an_executor_is_rejected_and_the_next_one_runs() {
+    let mesh = start(|_| {}).await;
+    mesh.open_submissions().await;
+    let client = mesh.server.client().await;
+    let mut rejections = client
+        .subscribe(subjects::rejected(subjects::Origin::Submit))
+        .await
+        .expect("subscribe");
+    client.flush().await.expect("flushed");
+    let bad = JobId::generate();
+    mesh.submit(bad, "{not json").await;
+    let message = tokio::time::timeout(Duration::from_secs(20), rejections.next())
+        .await
+        .expect("a rejection")
+        .expect("open");
+    let rejection: Rejection = codec::decode(Encoding::MsgPack, &message.payload).expect("decodes");
+    assert_eq!(rejection.code, RejectionCode::Malformed);
+    assert_eq!(rejection.job, Some(bad));
+    let id = JobId::generate();
+    mesh.submit(id, r#"{"argv": ["true"]}"#).await;
+    assert_eq!(mesh.finished(id).await.status, JobStatus::Succeeded);
+    mesh.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn a_submission_come_back_after_a_predecessor_took_it_ends_that_attempt_lost_unrun() {
+    let mesh = start(|_| {}).await;
+    mesh.open_submissions().await;
+    // A predecessor of this node took the job and died with it: its record says so, under the
+    // submission about to come back.
+    let id = JobId::generate();
+    let marker = mesh.work.path().join("ran");
+    let spec = shell(&format!("touch {}", marker.display()));
+    let next = mesh
+        .stream_state(capstan_protocol::topology::SUBMISSIONS.name)
+        .await
+        .last_sequence
+        + 1;
+    let now = Timestamp::now();
+    let mut taken = JobRecord::new(id, spec, now)
+        .assigned(mesh.node.clone(), now)
+        .started(capstan_protocol::InstanceId::generate(), now);
+    taken.submission_seq = Some(next);
+    mesh.mesh
+        .jobs
+        .create(&id.to_string(), &taken)
+        .await
+        .expect("created");
+    let seq = mesh
+        .submit(
+            id,
+            &format!(r#"{{"command": "touch {}"}}"#, marker.display()),
+        )
+        .await;
+    assert_eq!(seq, next);
+    let lost = wait_until("the attempt lost", Duration::from_secs(20), || async {
+        mesh.mesh
+            .jobs
+            .get(&id.to_string())
+            .await
+            .expect("read")
+            .map(|v| v.value)
+            .filter(|r| r.lost_attempts == 1)
+    })
+    .await;
+    assert_eq!(lost.status, JobStatus::Retrying, "{lost:?}");
+    mesh.submissions_settled().await;
+    assert!(!marker.exists(), "not run again under the same attempt");
+    mesh.stop().await.expect("clean stop");
+}

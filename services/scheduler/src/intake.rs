@@ -12,12 +12,14 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind};
 use capstan_mesh::{Claim, Error, Versioned, consume, lifecycle};
+use capstan_protocol::job::Outcome;
 use capstan_protocol::subjects::Origin;
 use capstan_protocol::topology;
 use capstan_protocol::{
     AuditAction, AuditOutcome, JobEvent, JobEventKind, JobId, JobRecord, JobSpec, JobStatus,
-    Rejection, RejectionCode, SubmittedBy, Timestamp, headers,
+    NodeStatus, Rejection, RejectionCode, SubmittedBy, Timestamp, headers,
 };
+use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -36,16 +38,55 @@ enum Handled {
 }
 
 impl Scheduler {
-    /// Consumes submissions until `shutdown`, then waits for the ones in hand. Fails when its
+    /// Consumes submissions until `shutdown`, then waits for the ones in hand. Fails when a
     /// consumer cannot be created: a scheduler without intake must not go on looking healthy.
+    ///
+    /// Two consumers feed it: the submitted subjects, shared with the executors, from which a
+    /// scheduler takes only what waits there (`take_waiting`: every executor busy, or none
+    /// running); and the submissions executors handed on for placement, which only
+    /// schedulers read.
     pub(crate) async fn consume(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), Error> {
-        let spec = topology::ConsumerSpec {
-            ack_wait: self.config.ack_wait,
-            max_ack_pending: i64::try_from(self.config.max_waiting + self.config.concurrency)
-                .unwrap_or(i64::MAX),
+        let max_ack_pending =
+            i64::try_from(self.config.max_waiting + self.config.concurrency).unwrap_or(i64::MAX);
+        let submitted = topology::ConsumerSpec {
+            ack_wait: self.config.submission_ack_wait,
+            max_ack_pending,
             ..topology::scheduler_consumer()
         };
-        let consumer = consume::durable(&self.mesh.js, &spec, &shutdown).await?;
+        let handed_on = topology::ConsumerSpec {
+            ack_wait: self.config.ack_wait,
+            max_ack_pending,
+            ..topology::place_consumer()
+        };
+        let (submitted, handed_on) = tokio::join!(
+            self.clone().pull_submissions(submitted, shutdown.clone()),
+            self.clone().pull_submissions(handed_on, shutdown.clone()),
+        );
+        // Wait for submissions in hand: all permits back means none is being processed.
+        let total = u32::try_from(self.config.concurrency.max(1)).unwrap_or(u32::MAX);
+        let _ =
+            tokio::time::timeout(Duration::from_secs(30), self.permits.acquire_many(total)).await;
+        submitted.and(handed_on)
+    }
+
+    /// Pulls from the consumer `spec` while permits are free, until `shutdown`; a failure to
+    /// create it stops the whole intake.
+    async fn pull_submissions(
+        self: Arc<Self>,
+        spec: topology::ConsumerSpec,
+        shutdown: CancellationToken,
+    ) -> Result<(), Error> {
+        let consumer = match consume::durable(&self.mesh.js, &spec, &shutdown).await {
+            Ok(consumer) => consumer,
+            Err(error) => {
+                shutdown.cancel();
+                return Err(error);
+            }
+        };
+        if let Some(group) = spec.priority_group {
+            self.take_waiting(consumer, group, shutdown).await;
+            return Ok(());
+        }
         let mut pull =
             consume::Pull::new(&consumer, self.config.concurrency.clamp(1, 512), &shutdown);
         loop {
@@ -62,11 +103,109 @@ impl Scheduler {
                 drop(permit);
             });
         }
-        // Wait for submissions in hand: all permits back means none is being processed.
-        let total = u32::try_from(self.config.concurrency.max(1)).unwrap_or(u32::MAX);
-        let _ =
-            tokio::time::timeout(Duration::from_secs(30), self.permits.acquire_many(total)).await;
         Ok(())
+    }
+
+    /// Takes the submissions that wait on the consumer shared with the executors, until
+    /// `shutdown`: those still undelivered after a look at the consumer found nothing
+    /// delivered since the look before (every executor busy, or none running). Executors with
+    /// a free slot keep taking them meanwhile; a flood they are working through is theirs.
+    /// What is taken here gets its record and waits for room in the placement queue, visible
+    /// and cancellable, in priority order.
+    async fn take_waiting(
+        self: &Arc<Self>,
+        mut consumer: jetstream::consumer::PullConsumer,
+        group: &'static str,
+        shutdown: CancellationToken,
+    ) {
+        let mut last: Option<u64> = None;
+        loop {
+            let look = consumer
+                .info()
+                .await
+                .map(|info| (info.num_pending, info.delivered.consumer_sequence));
+            let (pending, delivered) = match look {
+                Ok(look) => look,
+                Err(error) => {
+                    tracing::debug!(error = %error, "cannot read the submissions consumer");
+                    (0, 0)
+                }
+            };
+            // Nothing delivered since the last look: what waits is left to this scheduler,
+            // including deliveries that came back (their taker gone), which `num_pending`
+            // does not count; a fetch that finds nothing costs one request.
+            let stalled = last == Some(delivered);
+            last = Some(delivered);
+            if stalled {
+                let free = self.permits.available_permits();
+                let wanted = usize::try_from(pending)
+                    .unwrap_or(usize::MAX)
+                    .clamp(1, 256)
+                    .min(free);
+                if wanted > 0
+                    && self
+                        .fetch_waiting(&consumer, group, wanted, &shutdown)
+                        .await
+                        > 0
+                {
+                    // What was taken moved the consumer on: look afresh.
+                    last = None;
+                }
+            }
+            let pause = if pending > 0 {
+                WAITING_LOOK_BUSY
+            } else {
+                WAITING_LOOK_IDLE
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+
+    /// Takes up to `wanted` submissions waiting now, each processed under a permit; returns
+    /// how many.
+    async fn fetch_waiting(
+        self: &Arc<Self>,
+        consumer: &jetstream::consumer::PullConsumer,
+        group: &'static str,
+        wanted: usize,
+        shutdown: &CancellationToken,
+    ) -> usize {
+        let fetched = consumer
+            .fetch()
+            .max_messages(wanted)
+            .group(group)
+            .priority(topology::TAKE_PRIORITY_SCHEDULER)
+            .messages()
+            .await;
+        let mut messages = match fetched {
+            Ok(messages) => messages,
+            Err(error) => {
+                tracing::warn!(error = %error, "cannot take waiting submissions");
+                return 0;
+            }
+        };
+        let mut taken = 0;
+        while let Some(message) = messages.next().await {
+            let Ok(message) = message else { break };
+            taken += 1;
+            capstan_mesh::metrics::mesh().delivered(consumer, &message);
+            let permit = tokio::select! {
+                _ = shutdown.cancelled() => {
+                    let _ = message.ack_with(AckKind::Nak(None)).await;
+                    continue;
+                }
+                permit = self.permits.clone().acquire_owned() => permit.expect("never closed"),
+            };
+            let scheduler = self.clone();
+            tokio::spawn(async move {
+                scheduler.process(message).await;
+                drop(permit);
+            });
+        }
+        taken
     }
 
     async fn process(self: &Arc<Self>, message: jetstream::Message) {
@@ -126,11 +265,13 @@ impl Scheduler {
                     .await;
             }
         };
+        let audit_key = submission.audit_key();
         let capstan_mesh::intake::Submission {
             id,
             submitted_by,
             from_client,
             submitted_ms,
+            seq: original,
             spec,
         } = submission;
         tracing::Span::current().record("job_id", tracing::field::display(id));
@@ -188,11 +329,11 @@ impl Scheduler {
         let submitted = Timestamp::from_millis(i64::try_from(submitted_ms).unwrap_or(i64::MAX));
         let accepted = match targets {
             Some(targets) => {
-                self.accept_fanout(id, spec, targets, submitted_by.clone(), seq, submitted)
+                self.accept_fanout(id, spec, targets, submitted_by.clone(), original, submitted)
                     .await
             }
             None => {
-                self.accept(id, spec, submitted_by.clone(), seq, submitted)
+                self.accept(id, spec, submitted_by.clone(), original, submitted)
                     .await
             }
         };
@@ -209,7 +350,7 @@ impl Scheduler {
                     &submitted_by,
                     id,
                     AuditOutcome::Success,
-                    Some(format!("job.submit.{id}.{seq}")),
+                    Some(audit_key),
                 )
                 .await
                 .is_err()
@@ -394,8 +535,11 @@ impl Scheduler {
                 "job id {id} belongs to another submission"
             )));
         }
+        if record.status == JobStatus::Running {
+            return self.recover_running(record, current.revision).await;
+        }
         // Events carry deduplication ids: publishing again is harmless.
-        if record.status != JobStatus::Scheduled {
+        if record.status == JobStatus::Pending {
             self.mesh
                 .events
                 .job(&JobEvent::new(JobEventKind::Pending, &record))
@@ -423,6 +567,47 @@ impl Scheduler {
             lifecycle::follow_up(&self.mesh, &record).await?;
         }
         Ok(Accepted::Done)
+    }
+
+    /// Takes over a job whose submission came back while its record shows it running: an
+    /// executor took it from the submission (the fast lane) and has not acknowledged it. If
+    /// the instance that runs it is gone (its node down, left, or restarted as another), the
+    /// attempt is lost and retried per the job's policy; if it is still there, the attempt is
+    /// dispatched to its node once more, so that the node's dispatches, which the lost-node
+    /// settlement reads, hold it from now on. The node that runs it acknowledges that
+    /// dispatch when the attempt ends.
+    async fn recover_running(&self, record: JobRecord, revision: u64) -> Result<Accepted, Error> {
+        let Some(node) = record.node.clone() else {
+            return Ok(Accepted::Done);
+        };
+        let node_now = self.mesh.nodes.get(node.as_str()).await?;
+        let alive = node_now.as_ref().is_some_and(|now| {
+            now.value.status == NodeStatus::Up && Some(now.value.instance) == record.instance
+        });
+        if alive {
+            self.cluster
+                .observe_assigned(node.clone(), record.id, Some(record.attempt));
+            self.dispatch(&record, revision).await?;
+            // The node may have been found down between the look and the dispatch, its
+            // dispatches settled without this one: then the attempt is lost after all.
+            let still = self.mesh.nodes.get(node.as_str()).await?;
+            let alive = still.as_ref().is_some_and(|now| {
+                now.value.status == NodeStatus::Up && Some(now.value.instance) == record.instance
+            });
+            if alive {
+                return Ok(Accepted::Done);
+            }
+        }
+        let reason = format!(
+            "lost: the executor instance running it ({}) on node {node} is gone",
+            record.instance.map(|i| i.to_string()).unwrap_or_default()
+        );
+        tracing::warn!(job = %record.id, attempt = record.attempt, node = %node, "an attempt taken from its submission lost its executor");
+        match lifecycle::end_attempt(&self.mesh, &record, revision, &Outcome::lost(reason)).await {
+            // Changed meanwhile: whoever changed it carries it on.
+            Ok(_) | Err(Error::Conflict { .. }) => Ok(Accepted::Done),
+            Err(error) => Err(error),
+        }
     }
 
     async fn reject(
@@ -500,6 +685,13 @@ pub(crate) enum Accepted {
     /// The id is taken by a different job.
     Conflict(String),
 }
+
+/// How often a scheduler looks at the submissions consumer while submissions wait there: two
+/// looks with nothing delivered between them and it takes them itself.
+const WAITING_LOOK_BUSY: Duration = Duration::from_millis(100);
+
+/// How often it looks while none waits.
+const WAITING_LOOK_IDLE: Duration = Duration::from_millis(250);
 
 /// Delay before a failed submission is redelivered: grows with each delivery, up to a minute.
 fn retry_delay(delivered: i64) -> Duration {

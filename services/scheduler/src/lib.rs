@@ -85,6 +85,13 @@ pub struct Config {
     #[arg(long, env = "CAPSTAN_ACK_WAIT", default_value = "30s", value_parser = parse_duration)]
     pub ack_wait: Duration,
 
+    /// The same, on the consumer of the submitted subjects that executors share: a job an
+    /// executor took from its submission and died with, after the heartbeat that last listed
+    /// it, is found when its submission comes back after this long. Executors keep the
+    /// submissions they run alive with progress acks at a third of it.
+    #[arg(long, env = "CAPSTAN_SUBMISSION_ACK_WAIT", default_value = "10s", value_parser = parse_duration)]
+    pub submission_ack_wait: Duration,
+
     /// How long an assignment may be missing from its node's heartbeats before it stops
     /// counting against the node.
     #[arg(long, env = "CAPSTAN_ASSIGNMENT_GRACE", default_value = "10s", value_parser = parse_duration)]
@@ -111,6 +118,7 @@ impl Config {
             max_waiting: 10_000,
             dispatch_depth: 2.0,
             ack_wait: Duration::from_secs(30),
+            submission_ack_wait: capstan_protocol::topology::SUBMISSION_ACK_WAIT,
             assignment_grace: Duration::from_secs(10),
             announce_after: capstan_mesh::config::default_announce_after(),
         }

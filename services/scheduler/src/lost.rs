@@ -159,7 +159,7 @@ impl Scheduler {
         let subject = subjects::dispatch(node);
         let last = match stream.get_last_raw_message_by_subject(&subject).await {
             Ok(last) => last.sequence,
-            Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(0),
+            Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => 0,
             Err(error) => return Err(Error::unavailable("read dispatches", error)),
         };
         let mut next = 1;
@@ -190,6 +190,41 @@ impl Scheduler {
                 continue;
             };
             if self.settle_attempt(node, &dispatch, keep, reason).await? {
+                settled += 1;
+            }
+        }
+        if keep.is_none() {
+            settled += self.settle_held(event, reason).await?;
+        }
+        Ok(settled)
+    }
+
+    /// Ends as lost the attempts the node of `event` ran without a dispatch: the jobs it took
+    /// from their submissions (the fast lane), as its last heartbeat listed them. One taken
+    /// after that heartbeat is found when its submission comes back unacknowledged
+    /// (`recover_running`).
+    async fn settle_held(&self, event: &NodeEvent, reason: &str) -> Result<usize, Error> {
+        let node = &event.node.id;
+        let mut settled = 0;
+        for job in &event.node.jobs {
+            let Some(current) = self.mesh.jobs.get(&job.to_string()).await? else {
+                continue;
+            };
+            let record = current.value;
+            if record.status != JobStatus::Running
+                || record.node.as_ref() != Some(node)
+                || record.instance != Some(event.node.instance)
+            {
+                continue;
+            }
+            if self.came_back(event).await {
+                break;
+            }
+            let held = Dispatch {
+                record,
+                revision: current.revision,
+            };
+            if self.settle_attempt(node, &held, None, reason).await? {
                 settled += 1;
             }
         }

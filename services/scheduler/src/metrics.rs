@@ -74,11 +74,21 @@ pub(crate) fn exporter(
     let mut exporter = Exporter::new(mesh);
     for spec in [
         topology::scheduler_consumer(),
+        topology::place_consumer(),
         topology::timers_consumer(),
         topology::ticks_consumer(),
         topology::nodes_consumer(),
     ] {
         exporter.watch_consumer(spec.stream, spec.name);
+    }
+    // Every outcome is exported from the start: idle executors may take every submission, so
+    // a scheduler may handle none for a long while.
+    for outcome in ["accepted", "duplicate", "conflict", "rejected", "retry"] {
+        drop(
+            metrics
+                .submissions
+                .get_or_create(&label("outcome", outcome)),
+        );
     }
     let registry = exporter.registry();
     registry.register(

@@ -49,7 +49,9 @@ impl Scheduler {
             .await
             .map_err(|e| Error::unavailable("dispatch", e))?;
         capstan_mesh::metrics::mesh().request("dispatch", started);
-        if record.attempt == 1 {
+        // A running attempt dispatched again (taken from its submission, now held by its
+        // node's dispatches) was placed long ago.
+        if record.attempt == 1 && record.status != capstan_protocol::JobStatus::Running {
             crate::metrics::scheduler()
                 .placed(capstan_protocol::Timestamp::now().since(record.created_at));
         }
@@ -162,7 +164,8 @@ impl Scheduler {
         let node_changes = nodes.changed();
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let progress_every = self.config.ack_wait / 3;
+        // Waiting submissions come from both consumers: kept alive for the shorter ack wait.
+        let progress_every = self.config.ack_wait.min(self.config.submission_ack_wait) / 3;
         // Waiting jobs' creations are announced within a quarter of `--announce-after` of
         // falling due.
         let announce_every = self.config.announce_after / 4;

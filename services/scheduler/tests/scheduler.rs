@@ -75,6 +75,11 @@ async fn add_node(mesh: &Mesh, id: &str, capacity: u32, labels: &[(&str, &str)])
     node
 }
 
+/// Node `id`'s record; it must exist.
+async fn node_record(mesh: &Mesh, id: &str) -> NodeRecord {
+    mesh.nodes.get(id).await.expect("read").expect("node").value
+}
+
 /// A live view of the nodes bucket, loaded, until `shutdown`.
 async fn nodes_view(
     mesh: &Mesh,
@@ -1018,6 +1023,13 @@ async fn a_job_waiting_for_room_announces_its_creation_only_when_it_outlasts_hal
     else {
         panic!("created");
     };
+    // Both are taken by the scheduler (no executor runs) and wait for room.
+    for job in [stuck.id, brief.id] {
+        wait_until("the job recorded", Duration::from_secs(20), || async {
+            record(&mesh, job).await
+        })
+        .await;
+    }
     // A node for the second arrives well within half the delay.
     let eu = add_node(&mesh, "eu-1", 1, &[("zone", "eu")]).await;
     let placed = wait_until("the second job placed", Duration::from_secs(20), || async {
@@ -1332,5 +1344,211 @@ async fn among_jobs_waiting_for_room_a_higher_priority_goes_first_and_equal_ones
         order.push(current);
     }
     assert_eq!(order, vec![high, normal_a, normal_b, low]);
+    scheduler.stop().await;
+}
+
+/// A job an executor took from its submission: recorded running on `node` as `instance`,
+/// under the submission stored at `seq`; handed on for placement, as a taker that finds it
+/// recorded does.
+async fn taken_and_handed_on(mesh: &Mesh, node: &NodeId, instance: InstanceId, seq: u64) -> JobId {
+    let id = JobId::generate();
+    let body = r#"{"command": "sleep 60"}"#;
+    let mut map = async_nats::HeaderMap::new();
+    map.insert(headers::JOB_ID, id.to_string().as_str());
+    let submission = capstan_mesh::intake::read(
+        subjects::SUBMIT,
+        Some(&map),
+        body.as_bytes(),
+        capstan_mesh::intake::Stored {
+            seq,
+            published_ms: u64::try_from(Timestamp::now().as_millis()).expect("positive"),
+        },
+        4096,
+    )
+    .expect("a valid submission");
+    let now = Timestamp::now();
+    let mut running = JobRecord::new(id, submission.spec.clone(), now)
+        .assigned(node.clone(), now)
+        .started(instance, now);
+    running.submission_seq = Some(seq);
+    mesh.jobs
+        .create(&id.to_string(), &running)
+        .await
+        .expect("created");
+    let forward = capstan_mesh::intake::forward(&submission, Some(&map));
+    mesh.js
+        .publish_with_headers(forward.subject, forward.headers, body.into())
+        .await
+        .expect("published")
+        .await
+        .expect("stored");
+    id
+}
+
+#[tokio::test]
+async fn a_taken_attempt_whose_submission_comes_back_is_dispatched_to_its_live_node_and_lost_when_its_node_is_gone()
+ {
+    let server = NatsServer::start().await;
+    let mesh = mesh(&server).await;
+    let node = add_node(&mesh, "n1", 4, &[]).await;
+    let instance = node_record(&mesh, "n1").await.instance;
+    let scheduler = Scheduler::start(&server, 2.0);
+
+    // Its taker is alive: the attempt goes on where it runs, now held by the node's dispatches.
+    let alive = taken_and_handed_on(&mesh, &node, instance, 7).await;
+    let (_, dispatch) = wait_until("a dispatch to n1", Duration::from_secs(20), || async {
+        dispatches(&mesh)
+            .await
+            .into_iter()
+            .find(|(subject, d)| *subject == subjects::dispatch(&node) && d.record.id == alive)
+    })
+    .await;
+    assert_eq!(dispatch.record.status, JobStatus::Running);
+    assert_eq!(dispatch.record.instance, Some(instance));
+    let still = record(&mesh, alive).await.expect("record");
+    assert_eq!((still.status, still.attempt), (JobStatus::Running, 1));
+
+    // Its taker restarted as another instance: the attempt is lost, to be retried.
+    let restarted = taken_and_handed_on(&mesh, &node, InstanceId::generate(), 8).await;
+    // Its taker's node is unknown: the same.
+    let gone = NodeId::new("gone-1").expect("valid");
+    let vanished = taken_and_handed_on(&mesh, &gone, InstanceId::generate(), 9).await;
+    for job in [restarted, vanished] {
+        let lost = wait_until("the attempt lost", Duration::from_secs(20), || async {
+            record(&mesh, job).await.filter(|r| r.lost_attempts == 1)
+        })
+        .await;
+        assert_ne!(lost.status, JobStatus::Running, "{lost:?}");
+    }
+    assert!(
+        !dispatches(&mesh)
+            .await
+            .iter()
+            .any(|(_, d)| d.record.id == restarted && d.record.attempt == 1),
+        "no dispatch of an attempt whose runner is gone"
+    );
+    scheduler.stop().await;
+}
+
+#[tokio::test]
+async fn a_node_going_down_loses_the_taken_attempts_its_last_heartbeat_listed() {
+    let server = NatsServer::start().await;
+    let mesh = mesh(&server).await;
+    let node = add_node(&mesh, "n1", 4, &[]).await;
+    let mut down = node_record(&mesh, "n1").await;
+    let scheduler = Scheduler::start(&server, 2.0);
+    // Node events are read from the moment the scheduler follows them.
+    wait_until(
+        "the scheduler to follow node events",
+        Duration::from_secs(20),
+        || async {
+            mesh.js
+                .get_stream(topology::EVENTS.name)
+                .await
+                .ok()?
+                .get_consumer::<jetstream::consumer::pull::Config>(topology::NODES_CONSUMER)
+                .await
+                .ok()
+        },
+    )
+    .await;
+    // Recorded running there, with no dispatch: taken from its submission.
+    let id = JobId::generate();
+    let now = Timestamp::now();
+    let running = JobRecord::new(id, capstan_protocol::JobSpec::shell("sleep 60"), now)
+        .assigned(node.clone(), now)
+        .started(down.instance, now);
+    mesh.jobs
+        .create(&id.to_string(), &running)
+        .await
+        .expect("created");
+    down.status = NodeStatus::Down;
+    down.jobs = vec![id];
+    mesh.nodes.put("n1", &down).await.expect("node written");
+    mesh.events
+        .node(&NodeEvent {
+            kind: NodeEventKind::Down,
+            at: Timestamp::now(),
+            node: down,
+        })
+        .await
+        .expect("event published");
+    let lost = wait_until("the attempt lost", Duration::from_secs(20), || async {
+        record(&mesh, id).await.filter(|r| r.lost_attempts == 1)
+    })
+    .await;
+    assert_ne!(lost.status, JobStatus::Running, "{lost:?}");
+    scheduler.stop().await;
+}
+
+#[tokio::test]
+async fn a_submission_an_executor_asks_for_is_its_and_one_left_waiting_is_taken_by_a_scheduler() {
+    let server = NatsServer::start().await;
+    let mesh = mesh(&server).await;
+    add_node(&mesh, "n1", 4, &[]).await;
+    let scheduler = Scheduler::start(&server, 2.0);
+    let consumer: jetstream::consumer::PullConsumer = wait_until(
+        "the submissions consumer",
+        Duration::from_secs(20),
+        || async {
+            mesh.js
+                .get_stream(topology::SUBMISSIONS.name)
+                .await
+                .ok()?
+                .get_consumer(topology::SCHEDULER_CONSUMER)
+                .await
+                .ok()
+        },
+    )
+    .await;
+    // An executor with a free slot asks (the executors' priority)...
+    let mut executor = consumer
+        .batch()
+        .group(topology::SUBMISSIONS_GROUP)
+        .max_messages(1)
+        .expires(Duration::from_secs(10))
+        .messages()
+        .await
+        .expect("a pull");
+    // ...the server has it before the submission arrives.
+    consumer.clone().info().await.expect("info");
+    let first = JobId::generate();
+    let mut map = async_nats::HeaderMap::new();
+    map.insert(headers::JOB_ID, first.to_string().as_str());
+    mesh.js
+        .publish_with_headers(subjects::SUBMIT, map, r#"{"command": "true"}"#.into())
+        .await
+        .expect("published")
+        .await
+        .expect("stored");
+    let taken = tokio::time::timeout(Duration::from_secs(10), executor.next())
+        .await
+        .expect("delivered to the executor in time")
+        .expect("a message")
+        .expect("no error");
+    assert_eq!(
+        taken
+            .headers
+            .as_ref()
+            .and_then(|m| m.get(headers::JOB_ID))
+            .map(|v| v.to_string()),
+        Some(first.to_string())
+    );
+    taken.ack().await.expect("acknowledged");
+    assert!(
+        record(&mesh, first).await.is_none(),
+        "the scheduler did not take it too"
+    );
+
+    // With no executor asking, the scheduler takes the next one.
+    let Reply::Ok(second) = create(&server.client().await, r#"{"command": "true"}"#).await else {
+        panic!("created");
+    };
+    wait_until(
+        "the scheduler to accept it",
+        Duration::from_secs(20),
+        || async { record(&mesh, second.id).await },
+    )
+    .await;
     scheduler.stop().await;
 }

@@ -982,20 +982,24 @@ pub async fn wait_running_on(cluster: &mut Cluster, node: &str) -> Vec<JobId> {
     .await
 }
 
-/// Waits until the schedulers have handled every stored submission (nothing pending or
-/// unacknowledged on their durable consumer).
+/// Waits until every stored submission has been handled (nothing pending or unacknowledged
+/// on the consumer executors and schedulers share, nor on the schedulers' consumer of the
+/// submissions handed on for placement).
 pub async fn wait_submissions_handled(cluster: &Cluster) {
     let js = jetstream::new(cluster.client().await);
     wait_until("every submission to be handled", SETTLE_TIMEOUT, || async {
         let stream = js.get_stream(topology::SUBMISSIONS.name).await.ok()?;
-        let mut consumer = stream
-            .get_consumer::<async_nats::jetstream::consumer::pull::Config>(
-                topology::SCHEDULER_CONSUMER,
-            )
-            .await
-            .ok()?;
-        let info = consumer.info().await.ok()?;
-        (info.num_pending == 0 && info.num_ack_pending == 0).then_some(())
+        for name in [topology::SCHEDULER_CONSUMER, topology::PLACE_CONSUMER] {
+            let mut consumer = stream
+                .get_consumer::<async_nats::jetstream::consumer::pull::Config>(name)
+                .await
+                .ok()?;
+            let info = consumer.info().await.ok()?;
+            if info.num_pending != 0 || info.num_ack_pending != 0 {
+                return None;
+            }
+        }
+        Some(())
     })
     .await;
 }

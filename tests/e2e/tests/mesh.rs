@@ -161,8 +161,16 @@ async fn a_job_can_be_followed_through_events_logs_and_the_jobs_bucket() {
         seen.push((kind.to_owned(), map));
     }
     let kinds: Vec<&str> = seen.iter().map(|(k, _)| k.as_str()).collect();
-    assert_eq!(kinds, ["pending", "running", "succeeded"]);
-    let (_, last) = &seen[2];
+    // Taken at once by exec-3, which carries its label, it starts `running`; handed on by
+    // another executor and placed by a scheduler, `pending` first.
+    assert!(
+        matches!(
+            kinds.as_slice(),
+            ["pending", "running", "succeeded"] | ["running", "succeeded"]
+        ),
+        "{kinds:?}"
+    );
+    let (_, last) = seen.last().expect("its end");
     assert_eq!(last.get(headers::NODE).map(|v| v.as_str()), Some("exec-3"));
     assert_eq!(last.get(headers::EXIT_CODE).map(|v| v.as_str()), Some("0"));
     assert!(last.get(headers::DURATION_MS).is_some());

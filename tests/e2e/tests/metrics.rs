@@ -174,13 +174,14 @@ async fn every_service_serves_metrics_that_count_its_work_and_cover_the_dashboar
         ),
         ("executor", "capstan_executor_spawn_seconds_count", 1.0),
         ("executor", "capstan_executor_slots", 2.0),
+        // An idle executor takes a plain job, and a malformed one, before any scheduler.
         (
-            "scheduler",
-            "capstan_scheduler_submissions_total{outcome=\"accepted\"}",
+            "executor",
+            "capstan_executor_submissions_total{outcome=\"taken\"}",
             1.0,
         ),
         (
-            "scheduler",
+            "executor",
             "capstan_rejections_total{origin=\"submit\",code=\"malformed\"}",
             1.0,
         ),

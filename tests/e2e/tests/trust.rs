@@ -172,19 +172,19 @@ async fn an_executor_node_cannot_dispatch_submit_act_for_another_node_or_adminis
         "submission stored"
     );
     refused(&cluster, subjects::SUBMIT).await;
-    // Nor one handed on for placement, whose headers the schedulers believe.
-    let handed = subjects::place_job(job);
-    let mut claims = async_nats::HeaderMap::new();
-    claims.insert(headers::JOB_ID, job.to_string().as_str());
-    claims.insert(
-        headers::SUBMITTED_BY,
-        r#"{"principal": "admin", "via": "password"}"#,
+    // It takes submissions from the consumer it shares with the schedulers (the fast lane),
+    // but cannot reconfigure that consumer.
+    let reconfigure = format!(
+        "$JS.API.CONSUMER.CREATE.{}.{}",
+        topology::SUBMISSIONS.name,
+        topology::SCHEDULER_CONSUMER
     );
     assert!(
-        !stored_with(&js, handed.clone(), claims, "{\"command\": \"true\"}").await,
-        "hand-on stored"
+        ask(&exec, reconfigure.clone(), b"{}".to_vec())
+            .await
+            .is_none()
     );
-    refused(&cluster, &handed).await;
+    refused(&cluster, &reconfigure).await;
 
     // Output under exec-2's name.
     let foreign_output = subjects::logs(JobId::generate(), &two);
@@ -461,6 +461,19 @@ async fn the_client_submits_and_follows_its_jobs_but_cannot_forge_events_or_outp
             .is_none()
     );
     refused(&cluster, &read_events).await;
+
+    // Nor a submission handed on for placement, whose headers the schedulers believe.
+    let handed = subjects::place_job(job);
+    let mut claims = async_nats::HeaderMap::new();
+    claims.insert(headers::JOB_ID, job.to_string().as_str());
+    claims.insert(
+        headers::SUBMITTED_BY,
+        r#"{"principal": "admin", "via": "password"}"#,
+    );
+    assert!(
+        !stored_with(&js, handed, claims, "{\"command\": \"true\"}").await,
+        "hand-on stored"
+    );
 
     // The job's stored history is its own: succeeded, no forged failure or output.
     let record = cluster.job(job).await.expect("the job");
@@ -1039,8 +1052,8 @@ async fn a_clients_create_cancel_and_submission_are_audited_once_before_they_are
         "the cancel of {created} is audited once when the client is answered"
     );
 
-    // Submitted to the stream: the scheduler acknowledges the submission only once its
-    // record is stored.
+    // Submitted to the stream: whoever takes it (an idle executor, or a scheduler)
+    // acknowledges the submission only once it is on the audit trail.
     let js = jetstream::new(client.clone());
     let job = JobId::generate();
     let mut named = async_nats::HeaderMap::new();
@@ -1052,7 +1065,7 @@ async fn a_clients_create_cancel_and_submission_are_audited_once_before_they_are
         .await
         .expect("stored");
     wait_until(
-        "the scheduler to acknowledge the submission",
+        "the submission to be acknowledged",
         Duration::from_secs(30),
         || async {
             let stream = admin.get_stream(topology::SUBMISSIONS.name).await.ok()?;

@@ -16,12 +16,12 @@ use capstan_protocol::subjects::Origin;
 use capstan_protocol::{
     Dispatch, JobEvent, JobEventKind, JobId, JobRecord, JobStatus, NodeId, RejectionCode, Timestamp,
 };
-use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::Worker;
 use super::held::Hold;
+use super::slots::Slot;
 use crate::runner::Stops;
 
 /// What became of an attempt's outcome.
@@ -56,11 +56,40 @@ enum Found {
 }
 
 impl Worker {
-    /// Handles one dispatch; `permit` is its slot.
-    pub(super) async fn handle(
+    /// Handles one dispatch of this node's once it has a slot: `slot`, taken as it arrived,
+    /// or, when a submission took the last one meanwhile, the next to be free (the dispatch is
+    /// kept alive while it waits, and handed back if the executor stops first).
+    pub(super) async fn dispatched(
         self: Arc<Self>,
         message: jetstream::Message,
-        permit: OwnedSemaphorePermit,
+        slot: Option<Slot>,
+        stop: CancellationToken,
+    ) {
+        let slot = match slot {
+            Some(slot) => slot,
+            None => {
+                let alive = self.keep_alive(&message, self.ack_wait);
+                let slot = tokio::select! {
+                    () = stop.cancelled() => None,
+                    slot = self.slots.take() => Some(slot),
+                };
+                alive.cancel();
+                let Some(slot) = slot else {
+                    let _ = message.ack_with(AckKind::Nak(None)).await;
+                    return;
+                };
+                slot
+            }
+        };
+        self.handle(message, slot, stop).await;
+    }
+
+    /// Handles one dispatch; `permit` is its slot.
+    async fn handle(
+        self: Arc<Self>,
+        message: jetstream::Message,
+        permit: Slot,
+        stop: CancellationToken,
     ) {
         let dispatch: Dispatch =
             match capstan_mesh::wire::decode(message.headers.as_ref(), &message.payload) {
@@ -92,15 +121,25 @@ impl Worker {
         let stops = Stops::default();
         match self.held.hold(record.id, record.attempt, stops.clone()) {
             Hold::Held => {}
-            // Redelivered while we run it (a progress ack came late): the running attempt
-            // acknowledges the message when it ends.
-            Hold::AlreadyHeld => return,
+            // Delivered while this instance holds the attempt: a progress ack came late, a
+            // scheduler dispatched an attempt this node took from its submission (so that
+            // the node's dispatches hold it), or a submission of the job is being taken
+            // here this moment. Handled afresh once the attempt is released (its slot
+            // given back meanwhile): the claim then finds it ended, or never run.
+            Hold::AlreadyHeld => {
+                drop(permit);
+                let alive = self.keep_alive(&message, self.ack_wait);
+                self.held.wait_released(record.id, record.attempt).await;
+                alive.cancel();
+                let slot = self.slots.try_take();
+                return Box::pin(self.dispatched(message, slot, stop)).await;
+            }
             Hold::OtherAttempt(previous) => {
-                // A retry at once reached this node while the previous attempt is still being
-                // settled here (its outcome written, or its process being stopped because the
-                // job moved on): back in a moment rather than after the ack wait, a second
-                // longer each time, so that a slow settlement does not spend the deliveries
-                // after which a dispatch is quarantined.
+                // A retry at once reached this node while the previous attempt is still
+                // being settled here (its outcome written, or its process being stopped
+                // because the job moved on): back in a moment rather than after the ack
+                // wait, a second longer each time, so that a slow settlement does not
+                // spend the deliveries after which a dispatch is quarantined.
                 let delivered = message.info().map_or(1, |info| info.delivered.max(1));
                 let delay = Duration::from_secs(u64::try_from(delivered).unwrap_or(1));
                 tracing::debug!(job = %record.id, attempt = record.attempt, previous, "previous attempt still settling; dispatch handed back for a moment");
@@ -133,7 +172,7 @@ impl Worker {
         message: &jetstream::Message,
         dispatch: Dispatch,
         stops: Stops,
-        slot: OwnedSemaphorePermit,
+        slot: Slot,
     ) {
         let id = dispatch.record.id;
         let attempt = dispatch.record.attempt;
@@ -160,13 +199,31 @@ impl Worker {
                 return;
             }
         };
+        self.run_claimed(message, self.ack_wait, running, revision, stops, slot)
+            .await;
+    }
+
+    /// Runs an attempt this instance holds and has claimed (`running`, at `revision`), records
+    /// and announces its outcome, and settles `message`, which brought it (a dispatch, or a
+    /// submission taken at once) and is kept alive meanwhile for its consumer's `ack_wait`.
+    pub(super) async fn run_claimed(
+        &self,
+        message: &jetstream::Message,
+        ack_wait: Duration,
+        running: JobRecord,
+        revision: u64,
+        stops: Stops,
+        slot: Slot,
+    ) {
+        let id = running.id;
+        let attempt = running.attempt;
         // The claim is what fences the attempt, so the start waits for no announcement. The
         // `running` event goes out once the process has run for `announce_after` (at once when
         // that is zero): an attempt that ends sooner is announced by its outcome alone, whose
         // record carries its start. Its acknowledgement is awaited while the process runs; the
         // stream keeps this connection's order, so it is stored before the outcome's event.
         tracing::debug!(job = %id, attempt, "attempt started");
-        let keep_alive = self.keep_alive(message);
+        let keep_alive = self.keep_alive(message, ack_wait);
         if running.cancel_requested_at.is_some() {
             stops.cancel.cancel();
         }
@@ -294,12 +351,17 @@ impl Worker {
         Ok(Claimed::Settled)
     }
 
-    /// Sends progress acks for `message` until the returned token is cancelled.
-    fn keep_alive(&self, message: &jetstream::Message) -> CancellationToken {
+    /// Sends progress acks for `message`, from a consumer whose ack wait is `ack_wait`, until
+    /// the returned token is cancelled.
+    pub(super) fn keep_alive(
+        &self,
+        message: &jetstream::Message,
+        ack_wait: Duration,
+    ) -> CancellationToken {
         let done = CancellationToken::new();
         let reply = message.reply.clone();
         let client = self.mesh.client.clone();
-        let every = (self.ack_wait / 3).max(Duration::from_millis(100));
+        let every = (ack_wait / 3).max(Duration::from_millis(100));
         let until = done.clone();
         if let Some(reply) = reply {
             tokio::spawn(async move {

@@ -110,12 +110,54 @@ impl Worker {
         }
     }
 
+    /// Takes submissions only while the node is active.
+    fn follow_availability(&self, availability: Availability) {
+        let accepting = availability == Availability::Active;
+        if self.accepting.swap(accepting, Ordering::Relaxed) != accepting {
+            tracing::info!(accepting, "taking submissions");
+            self.slots.changed();
+        }
+    }
+
+    /// Follows the node's record as operators change it (a cordon, a drain), so that a node
+    /// cordoned stops taking submissions at once rather than at the next once-a-second check:
+    /// each write to the record is also delivered to a plain subscription on its subject.
+    /// Ends at `stop`; without the subscription it is left to that check.
+    pub async fn watch_availability(self: Arc<Self>, stop: CancellationToken) {
+        let subject = capstan_protocol::subjects::kv_key(
+            capstan_protocol::topology::NODES.name,
+            self.node.as_str(),
+        );
+        let mut writes = match self.mesh.client.subscribe(subject).await {
+            Ok(writes) => writes,
+            Err(error) => {
+                tracing::debug!(error = %error, "cannot follow the node's record");
+                return;
+            }
+        };
+        loop {
+            let write = tokio::select! {
+                _ = stop.cancelled() => return,
+                write = writes.next() => write,
+            };
+            let Some(write) = write else { return };
+            if write.payload.is_empty() {
+                // A delete or purge marker: the record is not there to say anything.
+                continue;
+            }
+            if let Ok(node) = self.mesh.nodes.decode(self.node.as_str(), &write.payload) {
+                self.follow_availability(node.availability);
+            }
+        }
+    }
+
     /// Follows the node's availability: while draining, dispatches are handed back, and at the
     /// drain deadline the attempts still running are stopped and handed back.
     async fn check_drain(&self) {
         let Ok(Some(node)) = self.mesh.nodes.get(self.node.as_str()).await else {
             return;
         };
+        self.follow_availability(node.value.availability);
         let draining = matches!(
             node.value.availability,
             Availability::Draining | Availability::Drained

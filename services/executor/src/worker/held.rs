@@ -136,6 +136,23 @@ impl HeldAttempts {
         }
     }
 
+    /// Waits until attempt `attempt` of `job` is no longer held.
+    pub(super) async fn wait_released(&self, job: JobId, attempt: u32) {
+        loop {
+            let released = self.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            if self
+                .lock()
+                .get(&job)
+                .is_none_or(|held| held.attempt != attempt)
+            {
+                return;
+            }
+            released.await;
+        }
+    }
+
     /// Waits until no attempt is held, or `timeout` passes; true if none is.
     pub(super) async fn wait_idle(&self, timeout: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
@@ -205,16 +222,26 @@ mod tests {
             .started(instance, now)
     }
 
-    #[test]
-    fn a_dispatch_for_a_held_job_is_told_apart_by_attempt_and_held_again_once_released() {
+    #[tokio::test]
+    async fn a_dispatch_for_a_held_job_is_told_apart_by_attempt_and_held_again_once_released() {
         let held = HeldAttempts::default();
         let job = JobId::generate();
         assert_eq!(held.hold(job, 1, Stops::default()), Hold::Held);
         // The same attempt again: a redelivery while it runs.
         assert_eq!(held.hold(job, 1, Stops::default()), Hold::AlreadyHeld);
+        let waiting = held.wait_released(job, 1);
+        tokio::pin!(waiting);
+        assert!(
+            futures::FutureExt::now_or_never(waiting.as_mut()).is_none(),
+            "attempt 1 is still held"
+        );
         // The next attempt while the first is still settled here.
         assert_eq!(held.hold(job, 2, Stops::default()), Hold::OtherAttempt(1));
         held.release(job);
+        assert!(
+            futures::FutureExt::now_or_never(waiting).is_some(),
+            "released: whoever waits for it goes on"
+        );
         assert_eq!(held.hold(job, 2, Stops::default()), Hold::Held);
     }
 

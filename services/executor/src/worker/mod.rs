@@ -7,7 +7,12 @@
 //! dispatch is redelivered to the node's next instance, which finds the record claimed by its
 //! predecessor and settles it instead of running the job twice.
 //!
-//! One concern per module: `pull` takes dispatches while slots are free; `attempt` carries one
+//! Beside its dispatches, a node with a free slot takes submissions from the consumer it
+//! shares with the other executors and the schedulers, and runs a plain job at once (`take`).
+//!
+//! One concern per module: `slots` counts the free slots; `pull` offers them to the node's
+//! dispatches and to the shared submissions; `take` runs a plain job at once or hands a
+//! submission on for placement; `attempt` carries one
 //! attempt from its claim (what a changed record means is the protocol's `claim::decide`) to
 //! its acknowledged outcome; `control` follows cancel notices, checks the held attempts'
 //! records once a second and follows drains; `held` keeps the attempts this instance holds
@@ -17,17 +22,21 @@ mod attempt;
 mod control;
 mod held;
 mod pull;
+mod slots;
+mod take;
+
+pub use pull::Source;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use capstan_mesh::Mesh;
-use capstan_protocol::{InstanceId, JobId, NodeId};
-use tokio::sync::Semaphore;
+use capstan_protocol::{InstanceId, JobId, Labels, NodeId};
 
 use crate::runner::Runner;
 use held::HeldAttempts;
+use slots::Slots;
 
 /// Pulls and runs dispatches for one node.
 pub struct Worker {
@@ -35,44 +44,67 @@ pub struct Worker {
     node: NodeId,
     instance: InstanceId,
     runner: Runner,
-    /// One permit per process that may run at once.
-    slots: Arc<Semaphore>,
-    capacity: usize,
+    /// The node's labels: a submission asking for others is handed on.
+    labels: Labels,
+    /// The largest submission body taken.
+    max_job_bytes: usize,
+    /// One per process that may run at once.
+    slots: Slots,
     ack_wait: Duration,
     /// How long an attempt runs before its start is announced (see [`Config::announce_after`]).
     ///
     /// [`Config::announce_after`]: crate::Config::announce_after
     announce_after: Duration,
     /// Attempts this instance holds.
-    held: HeldAttempts,
+    held: Arc<HeldAttempts>,
     /// Set while the node is draining: new dispatches are handed back, not run.
     draining: AtomicBool,
+    /// Set while the node takes new work (active, neither cordoned nor draining): only then
+    /// does it take submissions.
+    accepting: AtomicBool,
+    /// The submissions consumer's ack wait, once bound.
+    submissions_ack_wait: std::sync::OnceLock<Duration>,
+}
+
+/// What a worker is: its node, instance, labels and slots.
+pub struct Shape {
+    /// The node.
+    pub node: NodeId,
+    /// This instance.
+    pub instance: InstanceId,
+    /// The node's labels.
+    pub labels: Labels,
+    /// How many attempts run at once.
+    pub capacity: usize,
+    /// The largest submission body taken.
+    pub max_job_bytes: usize,
 }
 
 impl Worker {
-    /// A worker for `node` as `instance`, running up to `capacity` attempts at once with
-    /// `runner`; `ack_wait` is the dispatch consumer's, which its progress acks beat; an attempt's
-    /// start is announced once it has run for `announce_after`.
+    /// A worker of `shape` running attempts with `runner`; `ack_wait` is the consumers', which
+    /// its progress acks beat; an attempt's start is announced once it has run for
+    /// `announce_after`.
     pub fn new(
         mesh: Mesh,
-        node: NodeId,
-        instance: InstanceId,
+        shape: Shape,
         runner: Runner,
-        capacity: usize,
         ack_wait: Duration,
         announce_after: Duration,
     ) -> Self {
         Self {
             mesh,
-            node,
-            instance,
+            node: shape.node,
+            instance: shape.instance,
             runner,
-            slots: Arc::new(Semaphore::new(capacity)),
-            capacity,
+            labels: shape.labels,
+            max_job_bytes: shape.max_job_bytes,
+            slots: Slots::new(shape.capacity),
             ack_wait,
             announce_after,
-            held: HeldAttempts::default(),
+            held: Arc::new(HeldAttempts::default()),
             draining: AtomicBool::new(false),
+            accepting: AtomicBool::new(false),
+            submissions_ack_wait: std::sync::OnceLock::new(),
         }
     }
 
@@ -100,5 +132,25 @@ impl Worker {
     /// True while this node is being drained: dispatches are handed back, not run.
     fn draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Notes the ack wait of the submissions consumer, as bound.
+    pub fn bound_submissions(&self, ack_wait: Duration) {
+        let _ = self.submissions_ack_wait.set(ack_wait);
+    }
+
+    /// How often a taken submission needs a progress ack, times three: the consumer's ack
+    /// wait, and never more than the topology's default (a scheduler may shorten it later).
+    fn submission_ack_wait(&self) -> Duration {
+        self.submissions_ack_wait
+            .get()
+            .copied()
+            .unwrap_or(capstan_protocol::topology::SUBMISSION_ACK_WAIT)
+            .min(capstan_protocol::topology::SUBMISSION_ACK_WAIT)
+    }
+
+    /// True while the node takes new work, and so submissions.
+    fn takes_submissions(&self) -> bool {
+        self.accepting.load(Ordering::Relaxed)
     }
 }

@@ -1,50 +1,78 @@
-//! The pull loop: takes dispatches from the node's consumer while slots are free, exactly as
-//! many as are free, and hands each to its attempt with the slot it holds. Claiming and running
-//! the attempt is `attempt`'s.
+//! The pull loops: the node's dispatches and the shared submissions, each asking JetStream for
+//! as many messages as there are free slots beyond what it has asked for already, so that a
+//! slot given back is offered at once. A message takes its slot when it arrives: a dispatch
+//! that finds none waits for one (it is this node's), a submission is handed on to the
+//! schedulers to wait for room. Running what arrives is `attempt`'s and `take`'s.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::AckKind;
 use async_nats::jetstream::consumer::PullConsumer;
+use capstan_protocol::topology;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::Worker;
 
+/// Which consumer a pull loop reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The node's own dispatches.
+    Dispatches,
+    /// The submitted jobs, shared with the other executors and the schedulers.
+    Submissions,
+}
+
 impl Worker {
-    /// Pulls dispatches while slots are free, until `stop`. Each pull asks for exactly the
-    /// slots free at that moment, and several pulls may be outstanding, so a slot that frees
-    /// is offered to JetStream at once.
-    pub async fn pull_until(self: Arc<Self>, consumer: PullConsumer, stop: CancellationToken) {
+    /// Pulls from `consumer` (what `source` says it is) while slots are free, until `stop`.
+    /// Submissions are pulled only while the node takes new work.
+    pub async fn pull_until(
+        self: Arc<Self>,
+        consumer: PullConsumer,
+        source: Source,
+        stop: CancellationToken,
+    ) {
+        // Messages asked for and not yet arrived.
+        let asked = Arc::new(AtomicUsize::new(0));
         loop {
-            let first = tokio::select! {
-                _ = stop.cancelled() => return,
-                permit = self.slots.clone().acquire_owned() => permit.expect("never closed"),
-            };
-            let mut permits = vec![first];
-            while permits.len() < self.capacity {
-                match self.slots.clone().try_acquire_owned() {
-                    Ok(permit) => permits.push(permit),
-                    Err(_) => break,
+            let wanted = loop {
+                let changed = self.slots.on_change();
+                tokio::pin!(changed);
+                changed.as_mut().enable();
+                let free = self.slots.free();
+                let pending = asked.load(Ordering::Acquire);
+                let open = source == Source::Dispatches || self.takes_submissions();
+                if open && free > pending {
+                    break free - pending;
                 }
-            }
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    () = changed => {}
+                    // The node's availability is not a slot: look again now and then.
+                    () = tokio::time::sleep(Duration::from_millis(250)), if !open => {}
+                }
+            };
+            asked.fetch_add(wanted, Ordering::AcqRel);
             // NOTE: no idle heartbeat on purpose. async-nats 0.51's batch stream returns
-            // `Pending` after consuming a heartbeat without re-arming its waker, so a dispatch
+            // `Pending` after consuming a heartbeat without re-arming its waker, so a message
             // arriving after one sits unread until the batch's client-side timer ends it and
             // drops it (redelivered only after the ack wait). The server ends every pull at its
             // expiry with a 408, and the client's timer (expiry + 5 s) covers a lost 408.
-            let batch = consumer
+            let mut builder = consumer
                 .batch()
-                .max_messages(permits.len())
-                .expires(Duration::from_secs(10))
-                .messages()
-                .await;
-            let mut batch = match batch {
+                .max_messages(wanted)
+                .expires(Duration::from_secs(10));
+            if source == Source::Submissions {
+                // The executors' priority: a scheduler is served only while none asks.
+                builder = builder.group(topology::SUBMISSIONS_GROUP);
+            }
+            let mut batch = match builder.messages().await {
                 Ok(batch) => batch,
                 Err(error) => {
-                    drop(permits);
-                    tracing::warn!(error = %error, "cannot pull dispatches, retrying");
+                    asked.fetch_sub(wanted, Ordering::AcqRel);
+                    tracing::warn!(error = %error, ?source, "cannot pull, retrying");
                     tokio::select! {
                         _ = stop.cancelled() => return,
                         _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
@@ -54,7 +82,9 @@ impl Worker {
             let worker = self.clone();
             let stop = stop.clone();
             let consumer = consumer.clone();
+            let asked = asked.clone();
             tokio::spawn(async move {
+                let mut left = wanted;
                 while let Some(message) = batch.next().await {
                     let message = match message {
                         Ok(message) => {
@@ -62,23 +92,45 @@ impl Worker {
                             message
                         }
                         Err(error) => {
-                            tracing::debug!(error = %error, "dispatch pull ended");
+                            tracing::debug!(error = %error, ?source, "pull ended");
                             break;
                         }
                     };
+                    left -= 1;
                     if stop.is_cancelled() {
-                        // Arrived after shutdown began: hand it back for the next instance.
+                        asked.fetch_sub(1, Ordering::AcqRel);
+                        // Arrived after shutdown began: hand it back.
                         let _ = message.ack_with(AckKind::Nak(None)).await;
                         continue;
                     }
-                    let Some(permit) = permits.pop() else {
-                        let _ = message.ack_with(AckKind::Nak(None)).await;
-                        continue;
-                    };
                     let worker = worker.clone();
-                    tokio::spawn(async move { worker.handle(message, permit).await });
+                    // Counted as arrived once it holds its slot (taken just below), so that the
+                    // loop never sees that slot as free and asks for it again.
+                    let arrived = || asked.fetch_sub(1, Ordering::AcqRel);
+                    match source {
+                        Source::Dispatches => {
+                            let slot = worker.slots.try_take();
+                            arrived();
+                            let stop = stop.clone();
+                            tokio::spawn(
+                                async move { worker.dispatched(message, slot, stop).await },
+                            );
+                        }
+                        Source::Submissions => {
+                            // No slot left (a dispatch took it meanwhile): handed on to wait
+                            // for room with the schedulers, not back to the consumer, where
+                            // each delivery counts.
+                            let slot = worker.slots.try_take();
+                            arrived();
+                            if slot.is_none() {
+                                worker.slots.changed();
+                            }
+                            tokio::spawn(async move { worker.take(message, slot).await });
+                        }
+                    }
                 }
-                // Unused permits return to the pool here.
+                asked.fetch_sub(left, Ordering::AcqRel);
+                worker.slots.changed();
             });
         }
     }
