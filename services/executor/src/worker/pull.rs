@@ -47,11 +47,11 @@ impl Worker {
                 if open && free > pending {
                     break free - pending;
                 }
+                // A slot given back, a pull asking for less, or the node's availability
+                // changing (`follow_availability`) all wake it.
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     () = changed => {}
-                    // The node's availability is not a slot: look again now and then.
-                    () = tokio::time::sleep(Duration::from_millis(250)), if !open => {}
                 }
             };
             asked.fetch_add(wanted, Ordering::AcqRel);

@@ -17,7 +17,7 @@ use capstan_mesh::{Error, lifecycle};
 use capstan_protocol::claim::{self, Decision};
 use capstan_protocol::job::Outcome;
 use capstan_protocol::subjects::Origin;
-use capstan_protocol::{AuditAction, AuditOutcome, JobRecord, Rejection, Timestamp, retry};
+use capstan_protocol::{AuditAction, AuditOutcome, JobRecord, Timestamp, retry};
 use tracing::Instrument;
 
 use super::Worker;
@@ -48,17 +48,17 @@ impl Worker {
         ) {
             Ok(submission) => submission,
             Err(refused) => {
-                let rejection = Rejection::new(
-                    message.subject.as_str(),
-                    message.payload.len(),
-                    refused.code,
-                    refused.field,
-                    refused.reason,
-                )
-                .of_job(refused.job)
-                .at_seq(Some(stored.seq));
-                self.mesh.events.rejection(Origin::Submit, &rejection).await;
-                let _ = message.ack_with(AckKind::Term).await;
+                self.mesh
+                    .events
+                    .reject_stored(
+                        Origin::Submit,
+                        &message,
+                        refused.job,
+                        refused.code,
+                        refused.field,
+                        refused.reason,
+                    )
+                    .await;
                 return;
             }
         };
