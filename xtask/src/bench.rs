@@ -132,6 +132,10 @@ pub struct Args {
     /// written as an atomic batch (record and event) against two acknowledged writes.
     #[arg(long)]
     atomic_batch: bool,
+    /// Run the release binaries in this directory instead of building the workspace's: a
+    /// build kept from an earlier commit, measured beside the current one in the same session.
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
 }
 
 pub(crate) struct Process {
@@ -243,18 +247,26 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.atomic_batch {
         return runtime.block_on(crate::bench_batch::run());
     }
-    eprintln!("building release binaries");
-    let status = super::cargo()
-        .current_dir(&root)
-        .args(["build", "--release", "--locked", "--bins"])
-        .status()?;
-    if !status.success() {
-        bail!("build failed");
-    }
-    let bin = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"))
-        .join("release");
+    let bin = match &args.bin_dir {
+        Some(dir) => {
+            eprintln!("running the release binaries in {}", dir.display());
+            dir.clone()
+        }
+        None => {
+            eprintln!("building release binaries");
+            let status = super::cargo()
+                .current_dir(&root)
+                .args(["build", "--release", "--locked", "--bins"])
+                .status()?;
+            if !status.success() {
+                bail!("build failed");
+            }
+            std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| root.join("target"))
+                .join("release")
+        }
+    };
     match args.history_rows {
         Some(rows) => runtime.block_on(history_queries(&bin, rows, args.database_url.clone())),
         None if args.failover => runtime.block_on(crate::failover::run(

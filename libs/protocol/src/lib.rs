@@ -51,7 +51,7 @@ pub use ids::{AuditId, IdError, InstanceId, JobId, NodeId};
 pub use job::{JobRecord, JobStatus, OutputSummary};
 pub use node::{
     Availability, Heartbeat, HeartbeatReply, NodeCommand, NodeRecord, NodeStatus, NodeTally,
-    Registration,
+    Registration, TalliedBy,
 };
 pub use reply::{CancelNotice, CancelOutcome, ErrorCode, JobRef, Reply, ServiceError};
 pub use retry::{RetryOn, RetryPolicy};

@@ -75,6 +75,11 @@ pub struct Heartbeat {
     /// Dispatches waiting on the node's subject that it has not fetched yet.
     #[serde(default)]
     pub queued: u64,
+    /// The attempts this instance ran to an end since its last heartbeat the registry
+    /// answered (see [`NodeTally`] for who counts what); the registry adds them to the node's
+    /// record in the heartbeat's own write.
+    #[serde(default, skip_serializing_if = "NodeTally::is_empty")]
+    pub finished: NodeTally,
 }
 
 /// The registry's answer to a heartbeat.
@@ -181,10 +186,17 @@ pub struct NodeCommand {
     pub deadline_secs: Option<u64>,
 }
 
-/// How the jobs a node ran ended, tallied by the registry from the job events.
+/// How the jobs a node ran ended.
 ///
-/// Counts are at least once: an event redelivered after a registry crashed between counting
-/// it and acknowledging it is counted again.
+/// Two counters feed it, each for the endings only it sees for sure ([`TalliedBy`]): the node
+/// itself counts the attempts whose process it ran to an end and reports them with its
+/// heartbeats; the registry counts the attempts lost or quarantined, whoever ended them, from
+/// the job events. A job whose process ran to its end thus costs the tally no message of its
+/// own.
+///
+/// Counts are at least once: a heartbeat whose reply was lost after the registry stored it is
+/// counted again with the next one, and an event redelivered after a registry crashed between
+/// counting it and acknowledging it is counted again.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(default)]
@@ -245,11 +257,103 @@ impl NodeTally {
     pub fn total(&self) -> u64 {
         self.succeeded + self.failed + self.timed_out + self.cancelled + self.lost
     }
+
+    /// True when nothing was counted.
+    pub fn is_empty(&self) -> bool {
+        self.total() == 0 && self.last_finished_at.is_none()
+    }
+}
+
+/// Who counts an attempt's ending in its node's [`NodeTally`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TalliedBy {
+    /// The node, in its heartbeats: its process ran to an end there (succeeded, failed, timed
+    /// out, cancelled), and only the node's own outcome write says so.
+    Node,
+    /// The registry, from the job events: the attempt was lost or quarantined, which a
+    /// scheduler, the node's next instance or the node itself may decide.
+    Registry,
+}
+
+impl TalliedBy {
+    /// Who counts an attempt that ended `status` (the record's `attempt_status` when it is
+    /// retried); `None` for a status that ends no attempt.
+    pub fn of(status: crate::job::JobStatus) -> Option<Self> {
+        use crate::job::JobStatus;
+        match status {
+            JobStatus::Succeeded
+            | JobStatus::Failed
+            | JobStatus::TimedOut
+            | JobStatus::Cancelled => Some(Self::Node),
+            JobStatus::Lost | JobStatus::Quarantined => Some(Self::Registry),
+            JobStatus::Scheduled
+            | JobStatus::Pending
+            | JobStatus::Running
+            | JobStatus::Retrying => None,
+        }
+    }
 }
 
 impl NodeRecord {
     /// True when the node may be given new work.
     pub fn is_schedulable(&self) -> bool {
         self.status == NodeStatus::Up && self.availability == Availability::Active
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::JobStatus;
+
+    #[test]
+    fn a_node_counts_what_its_processes_ended_and_the_registry_what_was_lost() {
+        for status in [
+            JobStatus::Succeeded,
+            JobStatus::Failed,
+            JobStatus::TimedOut,
+            JobStatus::Cancelled,
+        ] {
+            assert_eq!(TalliedBy::of(status), Some(TalliedBy::Node), "{status:?}");
+        }
+        for status in [JobStatus::Lost, JobStatus::Quarantined] {
+            assert_eq!(
+                TalliedBy::of(status),
+                Some(TalliedBy::Registry),
+                "{status:?}"
+            );
+        }
+        for status in [
+            JobStatus::Scheduled,
+            JobStatus::Pending,
+            JobStatus::Running,
+            JobStatus::Retrying,
+        ] {
+            assert_eq!(TalliedBy::of(status), None, "{status:?}");
+        }
+    }
+
+    #[test]
+    fn an_empty_tally_is_left_out_of_a_heartbeat_and_a_counted_one_travels() {
+        let beat = Heartbeat {
+            node: NodeId::new("n-1").expect("valid"),
+            instance: InstanceId::generate(),
+            jobs: vec![],
+            queued: 0,
+            finished: NodeTally::default(),
+        };
+        let json = serde_json::to_value(&beat).expect("encodes");
+        assert!(json.get("finished").is_none(), "{json}");
+        let mut counted = beat.clone();
+        counted.finished.count(
+            JobId::generate(),
+            JobStatus::Failed,
+            crate::Timestamp::now(),
+        );
+        assert!(!counted.finished.is_empty());
+        let bytes = crate::codec::to_msgpack(&counted).expect("encodes");
+        let back: Heartbeat =
+            crate::codec::decode(crate::Encoding::MsgPack, &bytes).expect("decodes");
+        assert_eq!(back, counted);
     }
 }

@@ -491,7 +491,7 @@ pub const HISTORY_CONSUMER: &str = "api-history";
 /// The durable consumer the API replicas share on the audit stream, for the `audit` table.
 pub const AUDIT_CONSUMER: &str = "api-audit";
 
-/// The durable consumer the registry replicas share to tally job outcomes per node.
+/// The durable consumer the registry replicas share to tally lost attempts per node.
 pub const REGISTRY_CONSUMER: &str = "registry-tally";
 
 /// Every shared durable consumer's name (each executor node's own is [`executor_consumer`]).
@@ -625,14 +625,22 @@ pub fn audit_consumer() -> ConsumerSpec {
     }
 }
 
-/// Registry replicas tallying how each node's attempts ended ([`REGISTRY_CONSUMER`]): only the
-/// kinds that end an attempt.
+/// Registry replicas tallying the attempts each node lost ([`REGISTRY_CONSUMER`]): only the
+/// kinds that may carry a lost or quarantined attempt (`lost`, `quarantined`, and `retrying`,
+/// whose record says how the attempt ended). The nodes count the rest themselves
+/// ([`crate::TalliedBy`]), so a job that succeeds is delivered here not at all.
 pub fn registry_consumer() -> ConsumerSpec {
+    use crate::JobEventKind;
     shared(
         REGISTRY_CONSUMER,
         &EVENTS,
-        "Registry replicas tallying job outcomes per node",
-        crate::JobEventKind::attempt_ends().map(subjects::job_events_of_kind),
+        "Registry replicas tallying lost attempts per node",
+        [
+            JobEventKind::Retrying,
+            JobEventKind::Lost,
+            JobEventKind::Quarantined,
+        ]
+        .map(subjects::job_events_of_kind),
     )
 }
 

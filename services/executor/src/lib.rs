@@ -35,7 +35,7 @@ use capstan_protocol::topology;
 use capstan_protocol::{InstanceId, JobId, Labels, NodeId};
 use tokio_util::sync::CancellationToken;
 
-use crate::membership::{Identity, Membership};
+use crate::membership::{Finished, Identity, Membership};
 use crate::runner::Runner;
 use crate::worker::Worker;
 
@@ -295,6 +295,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), erro
     let consumer = dispatch_consumer(&mesh, &node, &config, &shutdown).await?;
     let consumer_name = consumer.cached_info().name.clone();
     let instance = InstanceId::generate();
+    let finished = Arc::new(Finished::default());
     let membership = Membership::new(
         mesh.client.clone(),
         Identity {
@@ -304,6 +305,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), erro
             capacity: config.slots.max(1),
             hostname,
         },
+        finished.clone(),
     );
     membership.register(&shutdown).await?;
 
@@ -333,6 +335,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), erro
             labels,
             capacity,
             max_job_bytes: config.nats.max_job_bytes,
+            finished,
         },
         Runner {
             node: node.clone(),

@@ -1,5 +1,7 @@
 //! This node's membership in the mesh: registering with the registry, heartbeating, and
-//! leaving. The registry is reached only through its NATS endpoints.
+//! leaving. The registry is reached only through its NATS endpoints. Each heartbeat carries
+//! the attempts this instance ran to an end since the last one the registry answered
+//! ([`Finished`]), which the registry adds to the node's tally.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,8 +9,8 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::PullConsumer;
 use capstan_protocol::subjects::registry::NodeCall;
 use capstan_protocol::{
-    ErrorCode, Heartbeat, HeartbeatReply, InstanceId, JobId, Labels, NodeId, NodeRecord,
-    Registration,
+    ErrorCode, Heartbeat, HeartbeatReply, InstanceId, JobId, JobRecord, Labels, NodeId, NodeRecord,
+    NodeTally, Registration, TalliedBy,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -31,16 +33,56 @@ pub struct Identity {
     pub hostname: String,
 }
 
+/// The attempts this instance ran to an end that the registry has not been told of yet: the
+/// node's share of its tally ([`TalliedBy::Node`]), sent with the next heartbeat.
+#[derive(Debug, Default)]
+pub struct Finished(std::sync::Mutex<NodeTally>);
+
+impl Finished {
+    /// Counts the attempt whose outcome `record` was just written by this node, when the
+    /// node is the one to count it.
+    pub fn count(&self, record: &JobRecord) {
+        let ended = record.attempt_status.unwrap_or(record.status);
+        if TalliedBy::of(ended) != Some(TalliedBy::Node) {
+            return;
+        }
+        let at = record.finished_at.unwrap_or(record.updated_at);
+        self.lock().count(record.id, ended, at);
+    }
+
+    /// What was counted since the last call, leaving nothing.
+    fn take(&self) -> NodeTally {
+        std::mem::take(&mut *self.lock())
+    }
+
+    /// Puts back what a heartbeat did not deliver, to go with the next one.
+    fn restore(&self, unsent: &NodeTally) {
+        self.lock().merge(unsent);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, NodeTally> {
+        // A poisoned counter still counts: the tally is at least once anyway.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 /// Talks to the registry for this node.
 pub struct Membership {
     client: async_nats::Client,
     identity: Identity,
+    finished: Arc<Finished>,
 }
 
 impl Membership {
-    /// Membership of `identity` over `client`.
-    pub fn new(client: async_nats::Client, identity: Identity) -> Self {
-        Self { client, identity }
+    /// Membership of `identity` over `client`; its heartbeats report what `finished` counts.
+    pub fn new(client: async_nats::Client, identity: Identity, finished: Arc<Finished>) -> Self {
+        Self {
+            client,
+            identity,
+            finished,
+        }
     }
 
     /// Registers, retrying while no registry answers, until it succeeds or `shutdown` fires.
@@ -109,11 +151,16 @@ impl Membership {
                 instance: self.identity.instance,
                 jobs: held(),
                 queued,
+                finished: self.finished.take(),
             };
-            match self
+            let reply = self
                 .request::<_, HeartbeatReply>(&NodeCall::Heartbeat.subject(&beat.node), &beat)
-                .await
-            {
+                .await;
+            if !matches!(reply, Ok(Ok(HeartbeatReply::Ok))) {
+                // Not recorded (or its reply lost): counted again with the next heartbeat.
+                self.finished.restore(&beat.finished);
+            }
+            match reply {
                 Ok(Ok(HeartbeatReply::Ok)) => {}
                 Ok(Ok(HeartbeatReply::UnknownNode)) => {
                     tracing::warn!("the registry does not know this node; registering again");
@@ -139,6 +186,7 @@ impl Membership {
             instance: self.identity.instance,
             jobs: Vec::new(),
             queued: 0,
+            finished: self.finished.take(),
         };
         match self
             .request::<_, NodeRecord>(&NodeCall::Deregister.subject(&beat.node), &beat)

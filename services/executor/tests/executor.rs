@@ -174,6 +174,59 @@ fn alive(pid: i32) -> bool {
 }
 
 #[tokio::test]
+async fn the_node_reports_the_attempts_it_ran_to_an_end_with_its_heartbeats() {
+    let mesh = start(|_| {}).await;
+    let ok = [
+        mesh.dispatch(shell("true")).await,
+        mesh.dispatch(shell("true")).await,
+    ];
+    let failed = mesh.dispatch(shell("exit 3")).await;
+    for id in ok {
+        assert_eq!(mesh.finished(id).await.status, JobStatus::Succeeded);
+    }
+    assert_eq!(mesh.finished(failed).await.status, JobStatus::Failed);
+    // No event reaches the registry for these: the tally arrives with the next heartbeats.
+    let record = wait_until(
+        "the node's tally to count three attempts",
+        Duration::from_secs(20),
+        || async {
+            mesh.mesh
+                .nodes
+                .get(mesh.node.as_str())
+                .await
+                .expect("read")
+                .map(|n| n.value)
+                .filter(|n: &NodeRecord| n.finished.total() >= 3)
+        },
+    )
+    .await;
+    assert_eq!(
+        (
+            record.finished.succeeded,
+            record.finished.failed,
+            record.finished.lost
+        ),
+        (2, 1, 0),
+        "{:?}",
+        record.finished
+    );
+    // Counted once: later heartbeats add nothing.
+    let beat = record.last_heartbeat_at;
+    let later = wait_until("two more heartbeats", Duration::from_secs(20), || async {
+        mesh.mesh
+            .nodes
+            .get(mesh.node.as_str())
+            .await
+            .expect("read")
+            .map(|n| n.value)
+            .filter(|n: &NodeRecord| n.last_heartbeat_at.since(beat) >= Duration::from_millis(400))
+    })
+    .await;
+    assert_eq!(later.finished, record.finished);
+    mesh.stop().await.expect("stops cleanly");
+}
+
+#[tokio::test]
 async fn a_dispatched_job_runs_and_its_output_exit_code_and_events_are_recorded() {
     // Every start announced at once, however short the attempt.
     let mesh = start(|config| config.announce_after = Duration::ZERO).await;

@@ -419,6 +419,7 @@ impl Registry {
                     queued: beat.queued,
                     ..current.value.clone()
                 };
+                record.finished.merge(&beat.finished);
                 // A draining node that holds nothing and has nothing queued is drained.
                 if current.value.availability == Availability::Draining
                     && beat.jobs.is_empty()
@@ -468,13 +469,15 @@ impl Registry {
                         format!("node {key} is registered by another instance"),
                     ));
                 }
-                Change::Write(NodeRecord {
+                let mut record = NodeRecord {
                     status: NodeStatus::Left,
                     last_heartbeat_at: Timestamp::now(),
                     jobs: Vec::new(),
                     queued: 0,
                     ..current.value.clone()
-                })
+                };
+                record.finished.merge(&beat.finished);
+                Change::Write(record)
             })
             .await
             .map_err(|e| not_changed(e, KEPT_CHANGING))?;

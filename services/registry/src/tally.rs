@@ -1,7 +1,9 @@
-//! Per-node job outcomes: the registry replicas share one durable consumer on the job events
-//! that end an attempt (terminal ones and `retrying`)
-//! and add each attempt's ending to its node's record, so an operator reading a node sees
-//! how its work went (and each job's trace shows the registry taking note of it).
+//! Per-node lost attempts: the registry replicas share one durable consumer on the job events
+//! that may end an attempt `lost` or `quarantined` (`lost`, `quarantined`, `retrying`) and add
+//! each such ending to its node's record, whoever decided it (a scheduler settling a down
+//! node, the node's next instance, the node handing work back). The attempts a node ran to an
+//! end it counts itself and reports with its heartbeats (`Registry::heartbeat`); the rule of
+//! who counts what is the protocol's `TalliedBy`.
 //!
 //! A batch's events are summed per node and written with one compare-and-swap per node; they
 //! are acknowledged after the write, so a crash in between counts them again (at least once).
@@ -12,7 +14,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, AckKind};
 use capstan_mesh::{Change, Error, Mesh, Modified, consume, wire};
 use capstan_protocol::subjects::Origin;
-use capstan_protocol::{JobEvent, NodeId, NodeTally, topology};
+use capstan_protocol::{JobEvent, NodeId, NodeTally, TalliedBy, topology};
 use tokio_util::sync::CancellationToken;
 
 /// Events summed per batch, at most.
@@ -39,9 +41,13 @@ async fn tally(mesh: &Mesh, messages: Vec<jetstream::Message>) {
         match wire::decode::<JobEvent>(message.headers.as_ref(), &message.payload) {
             Ok((event, _)) => {
                 let record = &event.record;
-                if let Some(node) = &record.node {
+                // A retried attempt counts as how it ended, not as `retrying`.
+                let ended = record.attempt_status.unwrap_or(record.status);
+                if let Some(node) = &record.node
+                    && TalliedBy::of(ended) == Some(TalliedBy::Registry)
+                {
                     let span = tracing::info_span!(
-                        "tally job outcome",
+                        "tally lost attempt",
                         otel.kind = "consumer",
                         job_id = %record.id,
                         node = %node,
@@ -49,10 +55,9 @@ async fn tally(mesh: &Mesh, messages: Vec<jetstream::Message>) {
                     );
                     capstan_telemetry::propagation::follow(&span, message.headers.as_ref());
                     spans.push(span);
-                    // A retried attempt counts as how it ended, not as `retrying`.
                     per_node.entry(node.clone()).or_default().count(
                         record.id,
-                        record.attempt_status.unwrap_or(record.status),
+                        ended,
                         record.finished_at.unwrap_or(event.at),
                     );
                 }

@@ -167,6 +167,7 @@ async fn a_node_that_stops_heartbeating_is_marked_down_once_and_up_again_when_it
         instance: registration.instance,
         jobs: vec![],
         queued: 0,
+        finished: Default::default(),
     };
     let reply: Reply<HeartbeatReply> =
         request(&client, &NodeCall::Heartbeat.subject(&beat.node), &beat).await;
@@ -194,6 +195,7 @@ async fn heartbeats_from_a_replaced_or_unknown_instance_are_told_so() {
         instance: old.instance,
         jobs: vec![],
         queued: 0,
+        finished: Default::default(),
     };
     let reply: Reply<HeartbeatReply> =
         request(&client, &NodeCall::Heartbeat.subject(&stale.node), &stale).await;
@@ -204,6 +206,7 @@ async fn heartbeats_from_a_replaced_or_unknown_instance_are_told_so() {
         instance: InstanceId::generate(),
         jobs: vec![],
         queued: 0,
+        finished: Default::default(),
     };
     let reply: Reply<HeartbeatReply> = request(
         &client,
@@ -306,6 +309,7 @@ async fn a_node_calling_about_another_node_is_refused_as_forged_and_the_other_ke
         instance: real.instance,
         jobs: Vec::new(),
         queued: 0,
+        finished: Default::default(),
     };
     let calls = [
         (
@@ -382,9 +386,18 @@ fn ended(node: &NodeId, status: capstan_protocol::JobStatus) -> capstan_protocol
     )
 }
 
+/// A `retrying` event of an attempt that ended `attempt`.
+fn retried(node: &NodeId, attempt: capstan_protocol::JobStatus) -> capstan_protocol::JobEvent {
+    use capstan_protocol::{JobEvent, JobEventKind, JobStatus};
+    let mut record = ended(node, JobStatus::Failed).record;
+    record.status = JobStatus::Retrying;
+    record.attempt_status = Some(attempt);
+    JobEvent::new(JobEventKind::Retrying, &record)
+}
+
 #[tokio::test]
-async fn job_outcomes_are_tallied_on_their_node_and_malformed_ones_rejected() {
-    use capstan_protocol::JobStatus;
+async fn a_node_tally_counts_lost_attempts_from_events_and_finished_ones_from_heartbeats() {
+    use capstan_protocol::{JobStatus, NodeTally};
     let server = NatsServer::start().await;
     let registry = start(&server, Duration::from_secs(10));
     let client = server.client().await;
@@ -392,10 +405,11 @@ async fn job_outcomes_are_tallied_on_their_node_and_malformed_ones_rejected() {
         .subscribe(subjects::REJECTED_ALL)
         .await
         .expect("subscribes");
+    let registered = registration("exec-t");
     let reply: Reply<NodeRecord> = request(
         &client,
-        &NodeCall::Register.subject(&registration("exec-t").node),
-        &registration("exec-t"),
+        &NodeCall::Register.subject(&registered.node),
+        &registered,
     )
     .await;
     let node = reply.into_result().expect("registered").id;
@@ -409,20 +423,26 @@ async fn job_outcomes_are_tallied_on_their_node_and_malformed_ones_rejected() {
     )
     .await
     .expect("connects");
-    for status in [
-        JobStatus::Succeeded,
-        JobStatus::Succeeded,
-        JobStatus::Failed,
-        JobStatus::TimedOut,
+    // The node counts what its processes ran to an end: events of those are not the
+    // registry's to count (a `retrying` after a failure neither).
+    for event in [
+        ended(&node, JobStatus::Succeeded),
+        ended(&node, JobStatus::Failed),
+        retried(&node, JobStatus::Failed),
     ] {
-        mesh.events
-            .job(&ended(&node, status))
-            .await
-            .expect("published");
+        mesh.events.job(&event).await.expect("published");
+    }
+    // Lost and quarantined attempts are, whoever ended them.
+    for event in [
+        ended(&node, JobStatus::Lost),
+        ended(&node, JobStatus::Quarantined),
+        retried(&node, JobStatus::Lost),
+    ] {
+        mesh.events.job(&event).await.expect("published");
     }
     // A malformed event on a tallied subject is rejected and does not stop the tally.
     let subject = format!(
-        "capstan.events.jobs.{}.succeeded",
+        "capstan.events.jobs.{}.lost",
         capstan_protocol::JobId::generate()
     );
     mesh.js
@@ -431,26 +451,28 @@ async fn job_outcomes_are_tallied_on_their_node_and_malformed_ones_rejected() {
         .expect("sent")
         .await
         .expect("stored");
-    let last = ended(&node, JobStatus::Cancelled);
+    let last = ended(&node, JobStatus::Lost);
     mesh.events.job(&last).await.expect("published");
 
-    let record = wait_until(
-        "the tally to count five jobs",
-        Duration::from_secs(20),
-        || {
+    let node_record = |total: u64| {
+        let mesh = mesh.clone();
+        let key = node.to_string();
+        move || {
             let mesh = mesh.clone();
-            let key = node.to_string();
+            let key = key.clone();
             async move {
                 let record = mesh.nodes.get(&key).await.ok()??.value;
-                (record.finished.total() == 5).then_some(record)
+                (record.finished.total() == total).then_some(record)
             }
-        },
+        }
+    };
+    let record = wait_until(
+        "the tally to count four lost attempts",
+        Duration::from_secs(20),
+        node_record(4),
     )
     .await;
-    assert_eq!(record.finished.succeeded, 2);
-    assert_eq!(record.finished.failed, 1);
-    assert_eq!(record.finished.timed_out, 1);
-    assert_eq!(record.finished.cancelled, 1);
+    assert_eq!(record.finished.lost, 4, "{:?}", record.finished);
     assert_eq!(record.finished.last_job, Some(last.record.id));
     let rejected = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
@@ -466,12 +488,64 @@ async fn job_outcomes_are_tallied_on_their_node_and_malformed_ones_rejected() {
     .expect("the malformed event is rejected");
     assert_eq!(rejected["code"], "malformed");
 
-    // A heartbeat and a re-registration keep the tally.
+    // The node's own count arrives with a heartbeat, in the heartbeat's write.
+    let mut finished = NodeTally::default();
+    let now = capstan_protocol::Timestamp::now();
+    for status in [
+        JobStatus::Succeeded,
+        JobStatus::Succeeded,
+        JobStatus::Failed,
+        JobStatus::TimedOut,
+        JobStatus::Cancelled,
+    ] {
+        finished.count(capstan_protocol::JobId::generate(), status, now);
+    }
+    let beat = Heartbeat {
+        node: node.clone(),
+        instance: registered.instance,
+        jobs: vec![],
+        queued: 0,
+        finished,
+    };
+    let reply: Reply<HeartbeatReply> =
+        request(&client, &NodeCall::Heartbeat.subject(&beat.node), &beat).await;
+    assert_eq!(reply.into_result().expect("ok"), HeartbeatReply::Ok);
+    let record = mesh
+        .nodes
+        .get(node.as_str())
+        .await
+        .expect("reads")
+        .expect("exists")
+        .value;
+    assert_eq!(
+        (
+            record.finished.succeeded,
+            record.finished.failed,
+            record.finished.timed_out,
+            record.finished.cancelled,
+            record.finished.lost
+        ),
+        (2, 1, 1, 1, 4)
+    );
+
+    // A superseded instance's count is not added.
     let mut again = registration("exec-t");
     again.instance = InstanceId::generate();
     let reply: Reply<NodeRecord> =
         request(&client, &NodeCall::Register.subject(&again.node), &again).await;
-    assert_eq!(reply.into_result().expect("registered").finished.total(), 5);
+    // A re-registration keeps the tally.
+    assert_eq!(reply.into_result().expect("registered").finished.total(), 9);
+    let reply: Reply<HeartbeatReply> =
+        request(&client, &NodeCall::Heartbeat.subject(&beat.node), &beat).await;
+    assert_eq!(reply.into_result().expect("ok"), HeartbeatReply::Superseded);
+    let record = mesh
+        .nodes
+        .get(node.as_str())
+        .await
+        .expect("reads")
+        .expect("exists")
+        .value;
+    assert_eq!(record.finished.total(), 9);
     shutdown.cancel();
     registry.stop().await;
 }

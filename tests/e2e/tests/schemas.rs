@@ -253,6 +253,15 @@ fn samples() -> Vec<(&'static str, Value)> {
                 instance: InstanceId::generate(),
                 jobs: vec![record.id],
                 queued: 2,
+                finished: {
+                    let mut finished = capstan_protocol::NodeTally::default();
+                    finished.count(
+                        record.id,
+                        capstan_protocol::JobStatus::Succeeded,
+                        record.created_at,
+                    );
+                    finished
+                },
             }),
         ),
         ("node-query", to_json(&NodeQuery { node: node_id() })),

@@ -208,6 +208,7 @@ async fn an_executor_node_cannot_dispatch_submit_act_for_another_node_or_adminis
         instance: before.instance,
         jobs: Vec::new(),
         queued: 0,
+        finished: Default::default(),
     };
     for (call, body) in [
         (

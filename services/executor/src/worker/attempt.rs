@@ -522,6 +522,7 @@ impl Worker {
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(5));
         };
+        self.finished.count(&written);
         let mut delay = Duration::from_millis(200);
         for _ in 0..10 {
             match lifecycle::follow_up(&self.mesh, &written).await {

@@ -34,6 +34,7 @@ use std::time::Duration;
 use capstan_mesh::Mesh;
 use capstan_protocol::{InstanceId, JobId, Labels, NodeId};
 
+use crate::membership::Finished;
 use crate::runner::Runner;
 use held::HeldAttempts;
 use slots::Slots;
@@ -64,6 +65,8 @@ pub struct Worker {
     accepting: AtomicBool,
     /// The submissions consumer's ack wait, once bound.
     submissions_ack_wait: std::sync::OnceLock<Duration>,
+    /// The attempts it ran to an end, for the heartbeats.
+    finished: Arc<Finished>,
 }
 
 /// What a worker is: its node, instance, labels and slots.
@@ -78,6 +81,8 @@ pub struct Shape {
     pub capacity: usize,
     /// The largest submission body taken.
     pub max_job_bytes: usize,
+    /// Where the attempts it runs to an end are counted, for the heartbeats to report.
+    pub finished: Arc<Finished>,
 }
 
 impl Worker {
@@ -105,6 +110,7 @@ impl Worker {
             draining: AtomicBool::new(false),
             accepting: AtomicBool::new(false),
             submissions_ack_wait: std::sync::OnceLock::new(),
+            finished: shape.finished,
         }
     }
 
