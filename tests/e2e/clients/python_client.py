@@ -54,9 +54,16 @@ def main():
     kinds = [event.kind.value for event in events.events]
     if "succeeded" not in kinds:
         sys.exit(f"the events do not show the end: {kinds}")
-    page = expect(list_jobs.sync(client=client, limit=10), JobPage, "list jobs")
-    if created.id not in [summary.id for summary in page.jobs]:
-        sys.exit(f"the list does not show the job: {page!r}")
+    # The list is the SQL history, which follows the job's events a few milliseconds behind
+    # the record that `get_job` read.
+    deadline = time.monotonic() + 10
+    while True:
+        page = expect(list_jobs.sync(client=client, limit=10), JobPage, "list jobs")
+        if created.id in [summary.id for summary in page.jobs]:
+            break
+        if time.monotonic() > deadline:
+            sys.exit(f"the list does not show the job: {page!r}")
+        time.sleep(0.1)
     nodes = list_nodes.sync(client=client)
     if not nodes.nodes or nodes.nodes[0].status.value != "up":
         sys.exit(f"no node up: {nodes!r}")

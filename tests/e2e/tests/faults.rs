@@ -360,9 +360,10 @@ async fn malformed_truncated_and_oversized_messages_on_every_consumed_subject_ar
         "updated_at": "2026-01-01T00:00:00Z",
     });
     let spec = serde_json::json!({ "command": "true", "name": "bad" });
+    // A `lost` event: both the history and the registry's tally read that kind.
     let event =
-        serde_json::json!({ "kind": "succeeded", "at": "2026-01-01T00:00:00Z", "record": record });
-    let event_subject = subjects::job_event(some_job, capstan_protocol::JobEventKind::Succeeded);
+        serde_json::json!({ "kind": "lost", "at": "2026-01-01T00:00:00Z", "record": record });
+    let event_subject = subjects::job_event(some_job, capstan_protocol::JobEventKind::Lost);
     let dispatch_subject = subjects::dispatch(&node);
     let control_subject = subjects::control(&node, "cancel");
     let beat = serde_json::json!({ "node": "exec-1", "instance": JobId::generate().to_string(), "jobs": [] });
