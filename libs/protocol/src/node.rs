@@ -207,7 +207,8 @@ pub struct NodeTally {
     pub failed: u64,
     /// Jobs killed at their timeout.
     pub timed_out: u64,
-    /// Jobs cancelled while on the node.
+    /// Attempts the node stopped because their job was cancelled (a job cancelled before its
+    /// process started is not counted).
     pub cancelled: u64,
     /// Attempts lost on the node (it died, went silent or handed them back).
     pub lost: u64,

@@ -50,14 +50,24 @@ impl Finished {
         self.lock().count(record.id, ended, at);
     }
 
-    /// What was counted since the last call, leaving nothing.
-    fn take(&self) -> NodeTally {
-        std::mem::take(&mut *self.lock())
+    /// What is counted and not yet delivered. It stays counted until [`Finished::delivered`]
+    /// says the registry stored it, so a heartbeat dropped at shutdown loses nothing.
+    fn pending(&self) -> NodeTally {
+        self.lock().clone()
     }
 
-    /// Puts back what a heartbeat did not deliver, to go with the next one.
-    fn restore(&self, unsent: &NodeTally) {
-        self.lock().merge(unsent);
+    /// Takes out what the registry stored (`sent`); what was counted meanwhile stays.
+    fn delivered(&self, sent: &NodeTally) {
+        let mut counted = self.lock();
+        counted.succeeded = counted.succeeded.saturating_sub(sent.succeeded);
+        counted.failed = counted.failed.saturating_sub(sent.failed);
+        counted.timed_out = counted.timed_out.saturating_sub(sent.timed_out);
+        counted.cancelled = counted.cancelled.saturating_sub(sent.cancelled);
+        counted.lost = counted.lost.saturating_sub(sent.lost);
+        if counted.last_finished_at == sent.last_finished_at {
+            counted.last_job = None;
+            counted.last_finished_at = None;
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, NodeTally> {
@@ -151,14 +161,14 @@ impl Membership {
                 instance: self.identity.instance,
                 jobs: held(),
                 queued,
-                finished: self.finished.take(),
+                finished: self.finished.pending(),
             };
             let reply = self
                 .request::<_, HeartbeatReply>(&NodeCall::Heartbeat.subject(&beat.node), &beat)
                 .await;
-            if !matches!(reply, Ok(Ok(HeartbeatReply::Ok))) {
-                // Not recorded (or its reply lost): counted again with the next heartbeat.
-                self.finished.restore(&beat.finished);
+            // Anything else, and the count goes again with the next heartbeat.
+            if matches!(reply, Ok(Ok(HeartbeatReply::Ok))) {
+                self.finished.delivered(&beat.finished);
             }
             match reply {
                 Ok(Ok(HeartbeatReply::Ok)) => {}
@@ -179,20 +189,24 @@ impl Membership {
         }
     }
 
-    /// Tells the registry this node is leaving. Best effort.
+    /// Tells the registry this node is leaving, with the last of its count. Best effort: a
+    /// deregistration that goes unanswered loses that count.
     pub async fn deregister(&self) {
         let beat = Heartbeat {
             node: self.identity.node.clone(),
             instance: self.identity.instance,
             jobs: Vec::new(),
             queued: 0,
-            finished: self.finished.take(),
+            finished: self.finished.pending(),
         };
         match self
             .request::<_, NodeRecord>(&NodeCall::Deregister.subject(&beat.node), &beat)
             .await
         {
-            Ok(Ok(_)) => tracing::info!("deregistered"),
+            Ok(Ok(_)) => {
+                self.finished.delivered(&beat.finished);
+                tracing::info!("deregistered");
+            }
             Ok(Err(error)) => tracing::warn!(error = %error, "deregistration refused"),
             Err(error) => tracing::warn!(error = %error, "deregistration not answered"),
         }

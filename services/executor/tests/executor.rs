@@ -163,6 +163,16 @@ impl Mesh3 {
     }
 }
 
+/// The node's record as the registry keeps it.
+async fn node_record(mesh: &Mesh, node: &NodeId) -> NodeRecord {
+    mesh.nodes
+        .get(node.as_str())
+        .await
+        .expect("read")
+        .expect("the node is recorded")
+        .value
+}
+
 fn shell(command: &str) -> JobSpec {
     JobSpec::shell(command)
 }
@@ -224,6 +234,26 @@ async fn the_node_reports_the_attempts_it_ran_to_an_end_with_its_heartbeats() {
     .await;
     assert_eq!(later.finished, record.finished);
     mesh.stop().await.expect("stops cleanly");
+}
+
+#[tokio::test]
+async fn a_node_stopping_cleanly_hands_its_last_count_over_with_its_deregistration() {
+    // One heartbeat at the start, none after: the count can only leave with the node.
+    let mesh = start(|config| config.heartbeat_interval = Duration::from_secs(3600)).await;
+    let id = mesh.dispatch(shell("true")).await;
+    assert_eq!(mesh.finished(id).await.status, JobStatus::Succeeded);
+    let before = node_record(&mesh.mesh, &mesh.node).await;
+    assert_eq!(before.finished.total(), 0, "{:?}", before.finished);
+    // Stop the executor alone: the registry and the server stay up to read the record.
+    mesh.executor.cancel();
+    mesh.task.await.expect("joins").expect("stops cleanly");
+    let left = node_record(&mesh.mesh, &mesh.node).await;
+    mesh.registry.cancel();
+    assert_eq!(left.status, NodeStatus::Left);
+    assert_eq!(
+        (left.finished.succeeded, left.finished.last_job),
+        (1, Some(id))
+    );
 }
 
 #[tokio::test]

@@ -23,7 +23,7 @@ const BATCH: usize = 512;
 /// How long a batch waits for more events after its first.
 const LINGER: Duration = Duration::from_millis(20);
 
-/// Tallies job outcomes until `shutdown`; fails when its consumer cannot be created.
+/// Tallies lost attempts until `shutdown`; fails when its consumer cannot be created.
 pub async fn run(mesh: Mesh, shutdown: CancellationToken) -> Result<(), Error> {
     let consumer = consume::durable(&mesh.js, &topology::registry_consumer(), &shutdown).await?;
     consume::batches(&consumer, BATCH, LINGER, &shutdown, |messages| {
@@ -73,7 +73,7 @@ async fn tally(mesh: &Mesh, messages: Vec<jetstream::Message>) {
     let mut failed = false;
     for (node, tally) in &per_node {
         if let Err(error) = add(mesh, node, tally).await {
-            tracing::warn!(node = %node, error = %error, "cannot record job outcomes yet; they will be redelivered");
+            tracing::warn!(node = %node, error = %error, "cannot record lost attempts yet; they will be redelivered");
             failed = true;
             break;
         }
@@ -109,7 +109,7 @@ async fn add(mesh: &Mesh, node: &NodeId, tally: &NodeTally) -> Result<(), Error>
         })
         .await?;
     if let Modified::Stopped(()) = added {
-        tracing::debug!(node = %node, "job outcomes of an unknown node are not tallied");
+        tracing::debug!(node = %node, "lost attempts of an unknown node are not tallied");
     }
     Ok(())
 }

@@ -473,6 +473,11 @@ async fn a_node_tally_counts_lost_attempts_from_events_and_finished_ones_from_he
     )
     .await;
     assert_eq!(record.finished.lost, 4, "{:?}", record.finished);
+    assert_eq!(
+        (record.finished.succeeded, record.finished.failed),
+        (0, 0),
+        "the node's own endings are not counted from events"
+    );
     assert_eq!(record.finished.last_job, Some(last.record.id));
     let rejected = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
@@ -546,6 +551,32 @@ async fn a_node_tally_counts_lost_attempts_from_events_and_finished_ones_from_he
         .expect("exists")
         .value;
     assert_eq!(record.finished.total(), 9);
+
+    // The last of a node's count comes with its deregistration.
+    let mut last_count = NodeTally::default();
+    let last_job = capstan_protocol::JobId::generate();
+    last_count.count(
+        last_job,
+        JobStatus::Succeeded,
+        capstan_protocol::Timestamp::now(),
+    );
+    let leaving = Heartbeat {
+        node: node.clone(),
+        instance: again.instance,
+        jobs: vec![],
+        queued: 0,
+        finished: last_count,
+    };
+    let reply: Reply<NodeRecord> = request(
+        &client,
+        &NodeCall::Deregister.subject(&leaving.node),
+        &leaving,
+    )
+    .await;
+    let left = reply.into_result().expect("deregistered");
+    assert_eq!(left.status, NodeStatus::Left);
+    assert_eq!(left.finished.succeeded, 3);
+    assert_eq!(left.finished.last_job, Some(last_job));
     shutdown.cancel();
     registry.stop().await;
 }

@@ -1044,7 +1044,9 @@ pub struct Node {
     pub finished: NodeFinished,
 }
 
-/// How the jobs a node ran ended, counted by the registry (at least once).
+/// How the jobs a node ran ended: the attempts it ran to an end, as it reported them with its
+/// heartbeats, and those it lost, as the registry counted them from the job events (at least
+/// once).
 #[derive(Debug, Clone, Object)]
 #[oai(skip_serializing_if_is_none)]
 pub struct NodeFinished {
