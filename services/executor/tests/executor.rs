@@ -200,13 +200,7 @@ async fn the_node_reports_the_attempts_it_ran_to_an_end_with_its_heartbeats() {
         "the node's tally to count three attempts",
         Duration::from_secs(20),
         || async {
-            mesh.mesh
-                .nodes
-                .get(mesh.node.as_str())
-                .await
-                .expect("read")
-                .map(|n| n.value)
-                .filter(|n: &NodeRecord| n.finished.total() >= 3)
+            Some(node_record(&mesh.mesh, &mesh.node).await).filter(|n| n.finished.total() >= 3)
         },
     )
     .await;
@@ -223,13 +217,8 @@ async fn the_node_reports_the_attempts_it_ran_to_an_end_with_its_heartbeats() {
     // Counted once: later heartbeats add nothing.
     let beat = record.last_heartbeat_at;
     let later = wait_until("two more heartbeats", Duration::from_secs(20), || async {
-        mesh.mesh
-            .nodes
-            .get(mesh.node.as_str())
-            .await
-            .expect("read")
-            .map(|n| n.value)
-            .filter(|n: &NodeRecord| n.last_heartbeat_at.since(beat) >= Duration::from_millis(400))
+        Some(node_record(&mesh.mesh, &mesh.node).await)
+            .filter(|n| n.last_heartbeat_at.since(beat) >= Duration::from_millis(400))
     })
     .await;
     assert_eq!(later.finished, record.finished);

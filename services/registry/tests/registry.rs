@@ -386,6 +386,16 @@ fn ended(node: &NodeId, status: capstan_protocol::JobStatus) -> capstan_protocol
     )
 }
 
+/// The node's record as the registry stored it.
+async fn stored(mesh: &capstan_mesh::Mesh, node: &NodeId) -> NodeRecord {
+    mesh.nodes
+        .get(node.as_str())
+        .await
+        .expect("reads")
+        .expect("exists")
+        .value
+}
+
 /// A `retrying` event of an attempt that ended `attempt`.
 fn retried(node: &NodeId, attempt: capstan_protocol::JobStatus) -> capstan_protocol::JobEvent {
     use capstan_protocol::{JobEvent, JobEventKind, JobStatus};
@@ -515,13 +525,7 @@ async fn a_node_tally_counts_lost_attempts_from_events_and_finished_ones_from_he
     let reply: Reply<HeartbeatReply> =
         request(&client, &NodeCall::Heartbeat.subject(&beat.node), &beat).await;
     assert_eq!(reply.into_result().expect("ok"), HeartbeatReply::Ok);
-    let record = mesh
-        .nodes
-        .get(node.as_str())
-        .await
-        .expect("reads")
-        .expect("exists")
-        .value;
+    let record = stored(&mesh, &node).await;
     assert_eq!(
         (
             record.finished.succeeded,
@@ -543,13 +547,7 @@ async fn a_node_tally_counts_lost_attempts_from_events_and_finished_ones_from_he
     let reply: Reply<HeartbeatReply> =
         request(&client, &NodeCall::Heartbeat.subject(&beat.node), &beat).await;
     assert_eq!(reply.into_result().expect("ok"), HeartbeatReply::Superseded);
-    let record = mesh
-        .nodes
-        .get(node.as_str())
-        .await
-        .expect("reads")
-        .expect("exists")
-        .value;
+    let record = stored(&mesh, &node).await;
     assert_eq!(record.finished.total(), 9);
 
     // The last of a node's count comes with its deregistration.
