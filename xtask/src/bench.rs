@@ -1,7 +1,10 @@
 //! `cargo xtask bench`: measures a fresh mesh built in release mode.
 //!
 //! The pipeline runs the mesh `cargo xtask up --release` runs (the same [`crate::up::Plan`]),
-//! with two executors at `up`'s default slots, and a client on NATS:
+//! with two executors at `up`'s default slots, and a client on NATS. The client is what a
+//! user's application would be: built optimised (xtask's profile in the workspace's
+//! `Cargo.toml`) and run on one thread, so that its share of the cores it competes for with
+//! the mesh is what publishing and reading the events cost:
 //! - Throughput: N `/bin/true` jobs (`argv`, no shell) published with at most 64 awaiting
 //!   JetStream's acknowledgement; the clock runs from the first publish to the last terminal
 //!   event. Repeated (3 runs by default); how far the SQL history lagged is reported beside.
@@ -14,7 +17,7 @@
 //!   the machine's speed, so a step that removes work shows here even when the timings are
 //!   noisy.
 //! - The floor, in the same run: `/bin/true` spawned as the executors spawn it, as many at a
-//!   time as the mesh has slots, by this process alone.
+//!   time as the mesh has slots, by this process alone (on a runtime of two threads).
 //! - Celery on Redis, measured the same way in the same run (`xtask/celery/run.sh` installs it).
 //! - History queries (`--history-rows`): `GET /api/v1/jobs?status=…` against a database
 //!   seeded with that many jobs, then reads from concurrent clients at one API runtime thread
@@ -284,7 +287,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         None if !args.workflows.is_empty() => {
             runtime.block_on(crate::bench_workflows::run(&bin, &args.workflows))
         }
-        None => runtime.block_on(pipeline(&bin, &args)),
+        None => {
+            // The pipeline's client is a user's application, not part of the mesh: it runs
+            // on one thread, as a lean client would, so that its share of the two cores is
+            // what publishing and reading the events cost, not a second worker's wake-ups.
+            drop(runtime);
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(pipeline(&bin, &args))
+        }
     }
 }
 
@@ -465,7 +477,7 @@ async fn pipeline(bin: &Path, args: &Args) -> anyhow::Result<()> {
     latencies.sort();
     let latency_stages = ends.stages();
     drop(processes);
-    let floor = spawn_floor(args.jobs, (args.executors * args.slots) as usize).await?;
+    let floor = floor_beside(args.jobs, (args.executors * args.slots) as usize)?;
 
     let celery = if args.no_celery {
         None
@@ -769,6 +781,23 @@ struct Floor {
     rate: f64,
     cpu_ms: f64,
     child_cpu_ms: f64,
+}
+
+/// [`spawn_floor`] on a runtime of its own with two worker threads, as every floor before the
+/// client ran on one thread was measured, so that floors compare across the record.
+fn floor_beside(count: usize, concurrency: usize) -> anyhow::Result<Floor> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()?
+                    .block_on(spawn_floor(count, concurrency))
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("the floor's thread panicked"))?
+    })
 }
 
 /// Spawns `/bin/true` `count` times, `concurrency` at a time, as the executors spawn a job
