@@ -26,8 +26,10 @@ use crate::metrics::Metrics;
 const BATCH: usize = 256;
 
 /// How long a batch waits for more events after its first: a few milliseconds of history lag
-/// buy transactions of hundreds of events instead of one each.
-const LINGER: Duration = Duration::from_millis(10);
+/// buy transactions of hundreds of events instead of one each. 30 ms rather than 10 took a
+/// quarter off the history's CPU per job under a flood (docs/BENCHMARKS.md); a job's own
+/// events meanwhile are read from the stream (`replay`).
+const LINGER: Duration = Duration::from_millis(30);
 
 /// Projects events until `shutdown`; fails when its consumer cannot be created.
 pub async fn run(
