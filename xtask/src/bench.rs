@@ -243,12 +243,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
     if args.atomic_batch {
-        return runtime.block_on(crate::bench_batch::run());
+        return two_threads()?.block_on(crate::bench_batch::run());
     }
     let bin = match &args.bin_dir {
         Some(dir) => {
@@ -271,27 +267,31 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     };
     match args.history_rows {
-        Some(rows) => runtime.block_on(history_queries(&bin, rows, args.database_url.clone())),
-        None if args.failover => runtime.block_on(crate::failover::run(
+        Some(rows) => {
+            two_threads()?.block_on(history_queries(&bin, rows, args.database_url.clone()))
+        }
+        None if args.failover => two_threads()?.block_on(crate::failover::run(
             &bin,
             args.durable,
             args.kills,
             args.cancels,
         )),
-        None if args.ssh => runtime.block_on(crate::bench_ssh::run(&bin, args.jobs, args.systems)),
-        None if !args.schedules.is_empty() => runtime.block_on(crate::bench_schedules::run(
+        None if args.ssh => {
+            two_threads()?.block_on(crate::bench_ssh::run(&bin, args.jobs, args.systems))
+        }
+        None if !args.schedules.is_empty() => two_threads()?.block_on(crate::bench_schedules::run(
             &bin,
             &args.schedules,
             Duration::from_secs(args.schedule_window),
         )),
         None if !args.workflows.is_empty() => {
-            runtime.block_on(crate::bench_workflows::run(&bin, &args.workflows))
+            two_threads()?.block_on(crate::bench_workflows::run(&bin, &args.workflows))
         }
         None => {
             // The pipeline's client is a user's application, not part of the mesh: it runs
             // on one thread, as a lean client would, so that its share of the two cores is
             // what publishing and reading the events cost, not a second worker's wake-ups.
-            drop(runtime);
+            // (The floor gets a runtime of its own: `floor_beside`.)
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?
@@ -783,18 +783,22 @@ struct Floor {
     child_cpu_ms: f64,
 }
 
-/// [`spawn_floor`] on a runtime of its own with two worker threads, as every floor before the
-/// client ran on one thread was measured, so that floors compare across the record.
+/// The runtime of every benchmark but the pipeline's client, and of the floor: two worker
+/// threads.
+fn two_threads() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+}
+
+/// [`spawn_floor`] on a runtime of two worker threads, as the floor was always measured, so
+/// that floors compare across the record. A thread of its own: the pipeline's runtime, which
+/// calls it, cannot start another on its thread.
 fn floor_beside(count: usize, concurrency: usize) -> anyhow::Result<Floor> {
     std::thread::scope(|scope| {
         scope
-            .spawn(|| {
-                tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .enable_all()
-                    .build()?
-                    .block_on(spawn_floor(count, concurrency))
-            })
+            .spawn(|| two_threads()?.block_on(spawn_floor(count, concurrency)))
             .join()
             .map_err(|_| anyhow::anyhow!("the floor's thread panicked"))?
     })
