@@ -441,10 +441,14 @@ async fn the_create_endpoint_returns_the_id_and_a_repeated_idempotency_key_retur
     let Reply::Ok(other) = create(&client, r#"{"command": "true"}"#).await else {
         panic!("created")
     };
-    wait_until("the other job", Duration::from_secs(20), || async {
-        record(&mesh, other.id).await
-    })
-    .await;
+    // The scheduler creates records concurrently, so the first job's may come after the other's:
+    // wait for both before counting.
+    for id in [first.id, other.id] {
+        wait_until("both jobs recorded", Duration::from_secs(20), || async {
+            record(&mesh, id).await
+        })
+        .await;
+    }
     let jobs: Vec<String> =
         futures::TryStreamExt::try_collect(mesh.jobs.kv().keys().await.expect("keys"))
             .await
