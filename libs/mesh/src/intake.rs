@@ -10,10 +10,15 @@
 //! sender, when it was stored), so that [`read`] gives the same submission back from it.
 
 use async_nats::HeaderMap;
+use async_nats::jetstream::{self, stream::LastRawMessageErrorKind};
 use capstan_protocol::codec::{self, Encoding, largest_field};
 use capstan_protocol::subjects::{self, ClientCall};
-use capstan_protocol::{DecodeError, JobId, JobSpec, RejectionCode, SubmittedBy, headers};
+use capstan_protocol::{
+    DecodeError, JobId, JobRecord, JobSpec, RejectionCode, SubmittedBy, Timestamp, headers,
+    topology,
+};
 
+use crate::error::Error;
 use crate::wire;
 
 /// A submission as its message says it.
@@ -41,6 +46,51 @@ impl Submission {
     pub fn audit_key(&self) -> String {
         format!("job.submit.{}.{}", self.id, self.seq)
     }
+
+    /// The job as it stands before anything has created its record: pending, or scheduled
+    /// when it starts later (counted from its submission), no attempt yet, and carrying the
+    /// submission's sequence as a scheduler's record would.
+    pub fn record(&self) -> JobRecord {
+        let at = Timestamp::from_millis(i64::try_from(self.submitted_ms).unwrap_or(i64::MAX));
+        let mut record = match self.spec.start {
+            Some(start) => JobRecord::scheduled(self.id, self.spec.clone(), at, start.due(at)),
+            None => JobRecord::new(self.id, self.spec.clone(), at),
+        };
+        record.submission_seq = Some(self.seq);
+        record.submitted_by = Some(self.submitted_by.clone());
+        record
+    }
+}
+
+/// The stored submission of job `id`, read as [`read`] reads it (the size is the schedulers' to
+/// judge): on the job's own subject, or handed on for placement. It is stored until a scheduler
+/// or executor has created the job's record and acknowledged it. `None` when neither is stored,
+/// or when what is stored would be refused or names another job.
+pub async fn find(js: &jetstream::Context, id: JobId) -> Result<Option<Submission>, Error> {
+    let stream = js
+        .get_stream(topology::SUBMISSIONS.name)
+        .await
+        .map_err(|e| Error::unavailable("submission get", e))?;
+    for subject in [subjects::submit_job(id), subjects::place_job(id)] {
+        let message = match stream.get_last_raw_message_by_subject(&subject).await {
+            Ok(message) => message,
+            Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => continue,
+            Err(error) => return Err(Error::unavailable("submission get", error)),
+        };
+        let stored = Stored {
+            seq: message.sequence,
+            published_ms: (message.time.unix_timestamp_nanos() / 1_000_000) as u64,
+        };
+        let read = read(
+            &message.subject,
+            Some(&message.headers),
+            &message.payload,
+            stored,
+            usize::MAX,
+        );
+        return Ok(read.ok().filter(|submission| submission.id == id));
+    }
+    Ok(None)
 }
 
 /// Why a submission is refused, as its rejection event says it.

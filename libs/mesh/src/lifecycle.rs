@@ -20,6 +20,7 @@ use capstan_protocol::{
 use crate::connect::Mesh;
 use crate::error::Error;
 use crate::store::{Change, Modified, Versioned};
+use crate::submit::Claim;
 use crate::wire::msgpack_headers;
 
 /// A timer due this close to now is published as fired at once rather than scheduled.
@@ -262,6 +263,24 @@ pub async fn quarantine(
     Ok(next)
 }
 
+/// The job `id` as its stored submission gives it, when a scheduler would accept it as that
+/// job: not a fan-out (whose parent is another record), and not a repeat of another job's
+/// idempotency key (the key is claimed for it here, as a scheduler claims it when it accepts).
+async fn submitted_job(mesh: &Mesh, id: JobId) -> Result<Option<JobRecord>, Error> {
+    let Some(submission) = crate::intake::find(&mesh.js, id).await? else {
+        return Ok(None);
+    };
+    if submission.spec.fanout.is_some() {
+        return Ok(None);
+    }
+    if let Some(key) = &submission.spec.idempotency_key
+        && let Claim::Existing(_) = mesh.idempotency.claim(key, id).await?
+    {
+        return Ok(None);
+    }
+    Ok(Some(submission.record()))
+}
+
 /// Why a job cannot be cancelled.
 #[derive(Debug, thiserror::Error)]
 pub enum CancelError {
@@ -281,11 +300,17 @@ pub enum CancelError {
     Mesh(#[from] Error),
 }
 
-/// Cancels `id`. A job that has not started (pending, scheduled, or retrying) is cancelled at once (by compare-and-swap, so an
-/// executor claiming it at the same moment either wins and the job is treated as running, or
-/// loses and drops its dispatch). A running job is marked for cancellation and its executor is
-/// told; the executor stops the process group and records `cancelled`. Asking again is
-/// harmless.
+/// Cancels `id`. A job that has not started (pending, scheduled, or retrying) is cancelled at
+/// once (by compare-and-swap, so an executor claiming it at the same moment either wins and the
+/// job is treated as running, or loses and drops its dispatch). A running job is marked for
+/// cancellation and its executor is told; the executor stops the process group and records
+/// `cancelled`. Asking again is harmless.
+///
+/// A job accepted but not yet created (its submission stored, no record yet: a cancel right
+/// after the create's reply) is cancelled from its submission: its record is created
+/// `cancelled`, and whoever takes the submission finds the job ended. Creating is a
+/// compare-and-swap too, so a scheduler or executor that creates the record first wins, and
+/// the cancel then applies to the job as it was created.
 pub async fn cancel(mesh: &Mesh, id: JobId) -> Result<(CancelOutcome, JobRecord), CancelError> {
     /// What the record showed when nothing was to be written.
     enum Unchanged {
@@ -293,29 +318,43 @@ pub async fn cancel(mesh: &Mesh, id: JobId) -> Result<(CancelOutcome, JobRecord)
         Finished(JobRecord),
         Marked(JobRecord),
     }
-    let modified = modify(mesh, id, None, |current| {
-        let Some(current) = current else {
-            return Change::Stop(Unchanged::Missing);
-        };
-        let record = &current.value;
-        let now = Timestamp::now();
-        match record.status {
-            status if status.is_terminal() => Change::Stop(Unchanged::Finished(record.clone())),
-            JobStatus::Pending | JobStatus::Scheduled | JobStatus::Retrying => {
-                Change::Write(record.cancelled(now))
+    // The job as its stored submission gives it, once the record was found missing.
+    let mut submitted: Option<JobRecord> = None;
+    let modified = loop {
+        let modified = modify(mesh, id, None, |current| {
+            let Some(current) = current else {
+                return match &submitted {
+                    Some(record) => Change::Write(record.cancelled(Timestamp::now())),
+                    None => Change::Stop(Unchanged::Missing),
+                };
+            };
+            let record = &current.value;
+            let now = Timestamp::now();
+            match record.status {
+                status if status.is_terminal() => Change::Stop(Unchanged::Finished(record.clone())),
+                JobStatus::Pending | JobStatus::Scheduled | JobStatus::Retrying => {
+                    Change::Write(record.cancelled(now))
+                }
+                // Running: mark it (once), then tell its node.
+                _ if record.cancel_requested_at.is_some() => {
+                    Change::Stop(Unchanged::Marked(record.clone()))
+                }
+                _ => Change::Write(JobRecord {
+                    cancel_requested_at: Some(now),
+                    updated_at: now,
+                    ..record.clone()
+                }),
             }
-            // Running: mark it (once), then tell its node.
-            _ if record.cancel_requested_at.is_some() => {
-                Change::Stop(Unchanged::Marked(record.clone()))
+        })
+        .await?;
+        if matches!(modified, Modified::Stopped(Unchanged::Missing)) && submitted.is_none() {
+            submitted = submitted_job(mesh, id).await?;
+            if submitted.is_some() {
+                continue;
             }
-            _ => Change::Write(JobRecord {
-                cancel_requested_at: Some(now),
-                updated_at: now,
-                ..record.clone()
-            }),
         }
-    })
-    .await?;
+        break modified;
+    };
     let marked = match modified {
         Modified::Stopped(Unchanged::Missing) => return Err(CancelError::NotFound(id)),
         Modified::Stopped(Unchanged::Finished(record)) => {

@@ -362,6 +362,15 @@ async fn a_cancel_stored_without_its_announcement_is_announced_when_asked_again(
     // Asked once more: the stream still holds one announcement.
     let _ = lifecycle::cancel(&mesh, record.id).await;
     let subject = subjects::job_event(record.id, JobEventKind::Cancelled);
+    assert_eq!(
+        events_on(&mesh, &subject).await,
+        1,
+        "announcements of the cancel on {subject}"
+    );
+}
+
+/// The events stored on `subject`, counted.
+async fn events_on(mesh: &Mesh, subject: &str) -> usize {
     let stream = mesh
         .js
         .get_stream(topology::EVENTS.name)
@@ -369,7 +378,7 @@ async fn a_cancel_stored_without_its_announcement_is_announced_when_asked_again(
         .expect("events stream");
     let consumer = stream
         .create_consumer(jetstream::consumer::pull::Config {
-            filter_subject: subject.clone(),
+            filter_subject: subject.to_owned(),
             ..Default::default()
         })
         .await
@@ -377,7 +386,7 @@ async fn a_cancel_stored_without_its_announcement_is_announced_when_asked_again(
     let mut batch = consumer
         .fetch()
         .max_messages(10)
-        .expires(Duration::from_secs(2))
+        .expires(Duration::from_secs(1))
         .messages()
         .await
         .expect("fetch");
@@ -385,5 +394,113 @@ async fn a_cancel_stored_without_its_announcement_is_announced_when_asked_again(
     while let Some(Ok(_)) = batch.next().await {
         found += 1;
     }
-    assert_eq!(found, 1, "announcements of the cancel on {subject}");
+    found
+}
+
+#[tokio::test]
+async fn a_job_cancelled_before_anything_created_its_record_is_created_cancelled_from_its_submission()
+ {
+    let server = NatsServer::start().await;
+    let mesh = mesh(&server).await;
+    let submitter = Submitter::new(mesh.js.clone(), mesh.idempotency.clone());
+    // Stored, and nothing takes it: no scheduler, no executor.
+    let created = submitter
+        .submit(&JobSpec::shell("sleep 60"))
+        .await
+        .expect("submitted");
+    assert!(
+        mesh.jobs
+            .get(&created.id.to_string())
+            .await
+            .expect("read")
+            .is_none()
+    );
+
+    let (outcome, record) = lifecycle::cancel(&mesh, created.id)
+        .await
+        .expect("a job accepted but not created is cancelled");
+    assert_eq!(outcome, capstan_protocol::CancelOutcome::Cancelled);
+    assert_eq!(record.status, JobStatus::Cancelled);
+    let stored = mesh
+        .jobs
+        .get(&created.id.to_string())
+        .await
+        .expect("read")
+        .expect("the record is created");
+    assert_eq!(stored.value.status, JobStatus::Cancelled);
+    assert_eq!(stored.value.spec, JobSpec::shell("sleep 60"));
+    assert!(
+        stored.value.submission_seq.is_some(),
+        "it names its submission, so whoever takes the submission finds this job"
+    );
+    assert_eq!(
+        events_on(
+            &mesh,
+            &subjects::job_event(created.id, JobEventKind::Cancelled)
+        )
+        .await,
+        1
+    );
+    // Asked again, it is a job that has finished.
+    assert!(matches!(
+        lifecycle::cancel(&mesh, created.id).await,
+        Err(CancelError::Finished {
+            status: JobStatus::Cancelled,
+            ..
+        })
+    ));
+}
+
+#[tokio::test]
+async fn a_cancel_finds_no_job_for_an_unknown_id_nor_for_a_submission_that_repeats_another_jobs_key()
+ {
+    let server = NatsServer::start().await;
+    let mesh = mesh(&server).await;
+    assert!(matches!(
+        lifecycle::cancel(&mesh, JobId::generate()).await,
+        Err(CancelError::NotFound(_))
+    ));
+    // A submission under an idempotency key another job holds is that job's repeat, which a
+    // scheduler refuses: it is no job of its own to cancel, and the key keeps its job.
+    let mut spec = JobSpec::shell("true");
+    spec.idempotency_key = Some("nightly-2026-12-05".into());
+    let holder = JobId::generate();
+    assert_eq!(
+        mesh.idempotency
+            .claim("nightly-2026-12-05", holder)
+            .await
+            .expect("claimed"),
+        Claim::Claimed
+    );
+    let repeat = JobId::generate();
+    let mut map = async_nats::HeaderMap::new();
+    map.insert(headers::JOB_ID, repeat.to_string().as_str());
+    mesh.js
+        .publish_with_headers(
+            subjects::submit_job(repeat),
+            map,
+            serde_json::to_vec(&spec).expect("json").into(),
+        )
+        .await
+        .expect("published")
+        .await
+        .expect("stored");
+    assert!(matches!(
+        lifecycle::cancel(&mesh, repeat).await,
+        Err(CancelError::NotFound(_))
+    ));
+    assert!(
+        mesh.jobs
+            .get(&repeat.to_string())
+            .await
+            .expect("read")
+            .is_none()
+    );
+    assert_eq!(
+        mesh.idempotency
+            .lookup("nightly-2026-12-05")
+            .await
+            .expect("read"),
+        Some(holder)
+    );
 }

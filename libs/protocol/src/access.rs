@@ -375,6 +375,9 @@ fn scheduler(allowed: &mut Allowed) {
     allowed.bucket_read(&topology::SYSTEMS, "*");
     allowed.bucket_watch(&topology::SYSTEMS);
     allowed.purge(&topology::TIMERS);
+    // Cancelling a job accepted but not yet created, from its stored submission.
+    allowed.stream_read(&topology::SUBMISSIONS, subjects::SUBMIT_JOB_ALL);
+    allowed.stream_read(&topology::SUBMISSIONS, subjects::PLACE_ALL);
     // Settling a lost node reads the dispatches it still had, without consuming them.
     allowed.stream_read(&topology::DISPATCH, subjects::DISPATCH_ALL);
     for consumer in [

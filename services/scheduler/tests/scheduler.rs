@@ -182,7 +182,6 @@ async fn stored_event(mesh: &Mesh, job: JobId, kind: JobEventKind) -> (JobEvent,
     (event, at)
 }
 
-/// Whether `job` has a `kind` event in the events stream.
 /// The next rejection on `rejections`, within 20 seconds.
 async fn next_rejection(rejections: &mut async_nats::Subscriber) -> Rejection {
     let message = tokio::time::timeout(Duration::from_secs(20), rejections.next())
@@ -192,6 +191,7 @@ async fn next_rejection(rejections: &mut async_nats::Subscriber) -> Rejection {
     codec::decode(Encoding::MsgPack, &message.payload).expect("a rejection")
 }
 
+/// Whether `job` has a `kind` event in the events stream.
 async fn has_event(mesh: &Mesh, job: JobId, kind: JobEventKind) -> bool {
     let stream = mesh
         .js
@@ -1554,5 +1554,45 @@ async fn a_submission_an_executor_asks_for_is_its_and_one_left_waiting_is_taken_
         || async { record(&mesh, second.id).await },
     )
     .await;
+    scheduler.stop().await;
+}
+
+#[tokio::test]
+async fn a_job_cancelled_before_a_scheduler_took_its_submission_is_never_placed() {
+    let server = NatsServer::start().await;
+    let mesh = mesh(&server).await;
+    add_node(&mesh, "exec-1", 4, &[]).await;
+    // Accepted while no scheduler runs, and cancelled at once.
+    let submitter = capstan_mesh::Submitter::new(mesh.js.clone(), mesh.idempotency.clone());
+    let created = submitter
+        .submit(&capstan_protocol::JobSpec::shell("sleep 60"))
+        .await
+        .expect("submitted");
+    let (_, cancelled) = capstan_mesh::lifecycle::cancel(&mesh, created.id)
+        .await
+        .expect("cancelled from its submission");
+    assert_eq!(cancelled.status, JobStatus::Cancelled);
+
+    let scheduler = Scheduler::start(&server, 1.0);
+    wait_until(
+        "the scheduler to take the submission",
+        Duration::from_secs(30),
+        || async {
+            let mut stream = mesh.js.get_stream(topology::SUBMISSIONS.name).await.ok()?;
+            let state = &stream.info().await.ok()?.state;
+            (state.messages == 0).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        record(&mesh, created.id).await.map(|r| r.status),
+        Some(JobStatus::Cancelled),
+        "the job stays cancelled"
+    );
+    assert!(
+        dispatches(&mesh).await.is_empty(),
+        "a cancelled job is dispatched to no node"
+    );
+    assert!(!has_event(&mesh, created.id, JobEventKind::Pending).await);
     scheduler.stop().await;
 }

@@ -514,15 +514,13 @@ async fn roles_decide_who_submits_cancels_manages_and_reads_secrets(backend: Bac
         admin.get(&format!("/api/v1/jobs/{id}")).await.json()["spec"]["env"]["API_KEY"],
         "s3cret-value"
     );
-    let record = site
-        .cluster
-        .mesh()
-        .await
-        .jobs
-        .get(&id)
-        .await
-        .expect("read")
-        .expect("a record");
+    // The API shows an accepted job from its submission until a scheduler or executor has
+    // created its record: wait for the record.
+    let mesh = site.cluster.mesh().await;
+    let record = wait_until("the job's record", Duration::from_secs(30), || async {
+        mesh.jobs.get(&id).await.expect("read")
+    })
+    .await;
     assert_eq!(
         record.value.submitted_by.expect("attributed").principal,
         "olga"

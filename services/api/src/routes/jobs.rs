@@ -651,66 +651,17 @@ async fn with_unrecorded(
 }
 
 /// A job accepted but not yet created by a scheduler, from its stored submission read as the
-/// schedulers read it (`capstan_mesh::intake::read`): pending (or scheduled), no attempt yet.
+/// schedulers read it (`capstan_mesh::intake::find`): pending (or scheduled), no attempt yet.
 /// A scheduler creates the record before it removes the submission, so when neither is found
 /// the record is read once more, in case it came between the two reads.
 pub(crate) async fn accepted(
     state: &crate::State,
     id: capstan_protocol::JobId,
 ) -> Result<Option<capstan_protocol::JobRecord>, ApiError> {
-    use capstan_protocol::{JobRecord, Timestamp, subjects, topology};
-    let unavailable = |e: &dyn std::fmt::Display| {
-        ApiError::unavailable(format!("cannot read the submissions stream: {e}"))
-    };
-    let stream = state
-        .mesh
-        .js
-        .get_stream(topology::SUBMISSIONS.name)
-        .await
-        .map_err(|e| unavailable(&e))?;
-    // Stored as submitted, or handed on to the schedulers for placement.
-    let mut found = None;
-    for subject in [subjects::submit_job(id), subjects::place_job(id)] {
-        match stream.get_last_raw_message_by_subject(&subject).await {
-            Ok(message) => {
-                found = Some(message);
-                break;
-            }
-            Err(error)
-                if error.kind()
-                    == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {}
-            Err(error) => return Err(unavailable(&error)),
-        }
+    match capstan_mesh::intake::find(&state.mesh.js, id).await? {
+        Some(submission) => Ok(Some(submission.record())),
+        None => Ok(state.mesh.jobs.get(&id.to_string()).await?.map(|v| v.value)),
     }
-    let Some(message) = found else {
-        return Ok(state.mesh.jobs.get(&id.to_string()).await?.map(|v| v.value));
-    };
-    // Read as a scheduler reads it; a submission the schedulers will refuse is not a job, nor
-    // is one that a scheduler would give another id. The size is the schedulers' to judge.
-    let at_ms = (message.time.unix_timestamp_nanos() / 1_000_000) as u64;
-    let stored = capstan_mesh::intake::Stored {
-        seq: message.sequence,
-        published_ms: at_ms,
-    };
-    let Ok(submission) = capstan_mesh::intake::read(
-        &message.subject,
-        Some(&message.headers),
-        &message.payload,
-        stored,
-        usize::MAX,
-    ) else {
-        return Ok(None);
-    };
-    if submission.id != id {
-        return Ok(None);
-    }
-    let at = Timestamp::from_millis(i64::try_from(submission.submitted_ms).unwrap_or(i64::MAX));
-    let mut record = match submission.spec.start {
-        Some(start) => JobRecord::scheduled(id, submission.spec, at, start.due(at)),
-        None => JobRecord::new(id, submission.spec, at),
-    };
-    record.submitted_by = Some(submission.submitted_by);
-    Ok(Some(record))
 }
 
 /// Why `record`, a job under a concurrency limit, waits, if it does: its place in its key's
