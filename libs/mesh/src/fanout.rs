@@ -119,21 +119,56 @@ pub async fn reconcile(mesh: &Mesh, id: JobId, seen: Seen) -> Result<Option<FanO
 /// Asks parent `id` to stop: its waiting targets are skipped and its running ones cancelled.
 /// `None` when there is no such parent; otherwise the parent, and whether this asked (false:
 /// it had ended or was asked already).
+///
+/// A parent accepted but not yet created (its submission stored, no record) is created from
+/// its submission with no targets and the cancel asked, so it ends `cancelled` before any
+/// target is chosen; the scheduler that takes the submission then finds it ended. Creating is
+/// a compare-and-swap: a scheduler that created the parent first wins, and it is asked as
+/// any parent.
 pub async fn cancel(mesh: &Mesh, id: JobId) -> Result<Option<(FanOutRecord, bool)>, Error> {
-    let asked = match mesh
-        .fanouts
-        .mark(&id.to_string(), |record| {
-            record.request_cancel(Timestamp::now())
-        })
-        .await?
-    {
-        None => return Ok(None),
+    let key = id.to_string();
+    let ask = || {
+        mesh.fanouts
+            .mark(&key, |record| record.request_cancel(Timestamp::now()))
+    };
+    let asked = match ask().await? {
         Some(asked) => asked,
+        None => {
+            let Some(parent) = submitted_parent(mesh, id).await? else {
+                return Ok(None);
+            };
+            match mesh.fanouts.create(&key, &parent).await {
+                Ok(_) => true,
+                Err(Error::AlreadyExists { .. }) => match ask().await? {
+                    Some(asked) => asked,
+                    None => return Ok(None),
+                },
+                Err(error) => return Err(error),
+            }
+        }
     };
     let record = reconcile(mesh, id, Seen::ReadAll)
         .await?
         .expect("the parent was just read");
     Ok(Some((record, asked)))
+}
+
+/// Parent `id` as its stored fan-out submission gives it, when a scheduler would accept it
+/// ([`crate::intake::claimed`]): no targets chosen yet, and its cancel asked.
+async fn submitted_parent(mesh: &Mesh, id: JobId) -> Result<Option<FanOutRecord>, Error> {
+    let Some(submission) = crate::intake::claimed(mesh, id).await? else {
+        return Ok(None);
+    };
+    if submission.spec.fanout.is_none() {
+        return Ok(None);
+    }
+    let submitted = submission.submitted_at();
+    let start_at = submission.spec.start.map(|start| start.due(submitted));
+    let mut parent = FanOutRecord::new(id, submission.spec, Vec::new(), start_at, submitted);
+    parent.submitted_by = Some(submission.submitted_by);
+    parent.submission_seq = Some(submission.seq);
+    parent.request_cancel(Timestamp::now());
+    Ok(Some(parent))
 }
 
 /// Announces a parent as it stands: its start, or how it ended.

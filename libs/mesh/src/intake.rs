@@ -18,7 +18,9 @@ use capstan_protocol::{
     topology,
 };
 
+use crate::connect::Mesh;
 use crate::error::Error;
+use crate::submit::Claim;
 use crate::wire;
 
 /// A submission as its message says it.
@@ -47,11 +49,16 @@ impl Submission {
         format!("job.submit.{}.{}", self.id, self.seq)
     }
 
+    /// When it was first stored.
+    pub fn submitted_at(&self) -> Timestamp {
+        Timestamp::from_millis(i64::try_from(self.submitted_ms).unwrap_or(i64::MAX))
+    }
+
     /// The job as it stands before anything has created its record: pending, or scheduled
     /// when it starts later (counted from its submission), no attempt yet, and carrying the
     /// submission's sequence as a scheduler's record would.
     pub fn record(&self) -> JobRecord {
-        let at = Timestamp::from_millis(i64::try_from(self.submitted_ms).unwrap_or(i64::MAX));
+        let at = self.submitted_at();
         let mut record = match self.spec.start {
             Some(start) => JobRecord::scheduled(self.id, self.spec.clone(), at, start.due(at)),
             None => JobRecord::new(self.id, self.spec.clone(), at),
@@ -124,6 +131,22 @@ pub struct Stored {
     pub seq: u64,
     /// When it was published, in milliseconds since the epoch.
     pub published_ms: u64,
+}
+
+/// The stored submission of job `id` ([`find`]) as a scheduler would accept it: with its
+/// idempotency key, if it has one, claimed for it here as a scheduler claims it. `None` also
+/// when the key names another job (the submission is that job's repeat, which a scheduler
+/// refuses). For acting on a job accepted but not yet created: cancelling it.
+pub async fn claimed(mesh: &Mesh, id: JobId) -> Result<Option<Submission>, Error> {
+    let Some(submission) = find(&mesh.js, id).await? else {
+        return Ok(None);
+    };
+    if let Some(key) = &submission.spec.idempotency_key
+        && let Claim::Existing(_) = mesh.idempotency.claim(key, id).await?
+    {
+        return Ok(None);
+    }
+    Ok(Some(submission))
 }
 
 /// Reads the submission stored at `stored` on `subject`, refusing a body over

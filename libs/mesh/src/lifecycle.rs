@@ -20,7 +20,6 @@ use capstan_protocol::{
 use crate::connect::Mesh;
 use crate::error::Error;
 use crate::store::{Change, Modified, Versioned};
-use crate::submit::Claim;
 use crate::wire::msgpack_headers;
 
 /// A timer due this close to now is published as fired at once rather than scheduled.
@@ -264,21 +263,12 @@ pub async fn quarantine(
 }
 
 /// The job `id` as its stored submission gives it, when a scheduler would accept it as that
-/// job: not a fan-out (whose parent is another record), and not a repeat of another job's
-/// idempotency key (the key is claimed for it here, as a scheduler claims it when it accepts).
+/// job ([`crate::intake::claimed`]) and it is no fan-out (whose parent is another record).
 async fn submitted_job(mesh: &Mesh, id: JobId) -> Result<Option<JobRecord>, Error> {
-    let Some(submission) = crate::intake::find(&mesh.js, id).await? else {
-        return Ok(None);
-    };
-    if submission.spec.fanout.is_some() {
-        return Ok(None);
-    }
-    if let Some(key) = &submission.spec.idempotency_key
-        && let Claim::Existing(_) = mesh.idempotency.claim(key, id).await?
-    {
-        return Ok(None);
-    }
-    Ok(Some(submission.record()))
+    Ok(crate::intake::claimed(mesh, id)
+        .await?
+        .filter(|submission| submission.spec.fanout.is_none())
+        .map(|submission| submission.record()))
 }
 
 /// Why a job cannot be cancelled.

@@ -193,13 +193,32 @@ async fn next_rejection(rejections: &mut async_nats::Subscriber) -> Rejection {
 
 /// Whether `job` has a `kind` event in the events stream.
 async fn has_event(mesh: &Mesh, job: JobId, kind: JobEventKind) -> bool {
+    has_event_on(mesh, &subjects::job_event(job, kind)).await
+}
+
+/// Waits until the submissions stream holds nothing: every submission taken and acknowledged.
+async fn submissions_taken(mesh: &Mesh) {
+    wait_until(
+        "the submissions to be taken",
+        Duration::from_secs(30),
+        || async {
+            let mut stream = mesh.js.get_stream(topology::SUBMISSIONS.name).await.ok()?;
+            let state = &stream.info().await.ok()?.state;
+            (state.messages == 0).then_some(())
+        },
+    )
+    .await;
+}
+
+/// Whether the events stream holds a message on `subject`.
+async fn has_event_on(mesh: &Mesh, subject: &str) -> bool {
     let stream = mesh
         .js
         .get_stream(topology::EVENTS.name)
         .await
         .expect("events stream");
     stream
-        .get_last_raw_message_by_subject(&subjects::job_event(job, kind))
+        .get_last_raw_message_by_subject(subject)
         .await
         .is_ok()
 }
@@ -1574,16 +1593,7 @@ async fn a_job_cancelled_before_a_scheduler_took_its_submission_is_never_placed(
     assert_eq!(cancelled.status, JobStatus::Cancelled);
 
     let scheduler = Scheduler::start(&server, 1.0);
-    wait_until(
-        "the scheduler to take the submission",
-        Duration::from_secs(30),
-        || async {
-            let mut stream = mesh.js.get_stream(topology::SUBMISSIONS.name).await.ok()?;
-            let state = &stream.info().await.ok()?.state;
-            (state.messages == 0).then_some(())
-        },
-    )
-    .await;
+    submissions_taken(&mesh).await;
     assert_eq!(
         record(&mesh, created.id).await.map(|r| r.status),
         Some(JobStatus::Cancelled),
@@ -1594,5 +1604,69 @@ async fn a_job_cancelled_before_a_scheduler_took_its_submission_is_never_placed(
         "a cancelled job is dispatched to no node"
     );
     assert!(!has_event(&mesh, created.id, JobEventKind::Pending).await);
+    scheduler.stop().await;
+}
+
+#[tokio::test]
+async fn a_fan_out_cancelled_before_a_scheduler_took_its_submission_ends_cancelled_with_no_target_run()
+ {
+    let server = NatsServer::start().await;
+    let mesh = mesh(&server).await;
+    add_node(&mesh, "exec-1", 4, &[("zone", "a")]).await;
+    add_node(&mesh, "exec-2", 4, &[("zone", "a")]).await;
+    // Accepted while no scheduler runs, and cancelled at once.
+    let id = JobId::generate();
+    let mut map = async_nats::HeaderMap::new();
+    map.insert(headers::JOB_ID, id.to_string().as_str());
+    mesh.js
+        .publish_with_headers(
+            subjects::submit_job(id),
+            map,
+            r#"{"command": "sleep 60", "nodes": {"labels": {"zone": "a"}}}"#.into(),
+        )
+        .await
+        .expect("published")
+        .await
+        .expect("stored");
+    let (parent, asked) = capstan_mesh::fanout::cancel(&mesh, id)
+        .await
+        .expect("read")
+        .expect("a parent accepted but not created is cancelled");
+    assert!(asked);
+    assert_eq!(
+        parent.status,
+        capstan_protocol::fanout::FanOutStatus::Cancelled
+    );
+    assert!(parent.targets.is_empty(), "no target was chosen");
+    assert!(
+        has_event_on(
+            &mesh,
+            &subjects::fanout_event(id, capstan_protocol::fanout::FanOutStatus::Cancelled)
+        )
+        .await,
+        "the parent's end is announced"
+    );
+
+    let scheduler = Scheduler::start(&server, 1.0);
+    submissions_taken(&mesh).await;
+    let stored = mesh
+        .fanouts
+        .get(&id.to_string())
+        .await
+        .expect("read")
+        .expect("the parent");
+    assert_eq!(
+        stored.value.status,
+        capstan_protocol::fanout::FanOutStatus::Cancelled
+    );
+    assert!(
+        stored.value.targets.is_empty(),
+        "{:?}",
+        stored.value.targets
+    );
+    assert!(
+        dispatches(&mesh).await.is_empty(),
+        "no target is dispatched to a node"
+    );
     scheduler.stop().await;
 }
