@@ -266,13 +266,14 @@ impl Scheduler {
             }
         };
         let audit_key = submission.audit_key();
+        let submitted = submission.submitted_at();
         let capstan_mesh::intake::Submission {
             id,
             submitted_by,
             from_client,
-            submitted_ms,
             seq: original,
             spec,
+            ..
         } = submission;
         tracing::Span::current().record("job_id", tracing::field::display(id));
 
@@ -326,7 +327,6 @@ impl Scheduler {
             }
         }
 
-        let submitted = Timestamp::from_millis(i64::try_from(submitted_ms).unwrap_or(i64::MAX));
         let accepted = match targets {
             Some(targets) => {
                 self.accept_fanout(id, spec, targets, submitted_by.clone(), original, submitted)
