@@ -16,8 +16,9 @@
 //! - Messages and stored writes per job, as nats-server counts them: these do not change with
 //!   the machine's speed, so a step that removes work shows here even when the timings are
 //!   noisy.
-//! - The floor, in the same run: `/bin/true` spawned as the executors spawn it, as many at a
-//!   time as the mesh has slots, by this process alone (on a runtime of two threads).
+//! - The floor, in the same run: `/bin/true` spawned with what a job gets, as many at a time
+//!   as the mesh has slots, by this process alone (on a runtime of two threads): through the
+//!   standard library's `posix_spawn`, and through the executors' own `spawn`.
 //! - Celery on Redis, measured the same way in the same run (`xtask/celery/run.sh` installs it).
 //! - History queries (`--history-rows`): `GET /api/v1/jobs?status=…` against a database
 //!   seeded with that many jobs, then reads from concurrent clients at one API runtime thread
@@ -609,10 +610,18 @@ async fn pipeline(bin: &Path, args: &Args) -> anyhow::Result<()> {
     }
     println!();
     println!(
-        "The floor, same run: `/bin/true` spawned as the executors spawn it (no shell, its own \
+        "The floor, same run: `/bin/true` spawned with what a job gets (no shell, its own \
          process group, output piped), {} at a time, by this benchmark's process alone: \
-         **{:.0} spawns/s**, {:.2} ms CPU per spawn ({:.2} ms of it the child's).",
-        floor.concurrency, floor.rate, floor.cpu_ms, floor.child_cpu_ms
+         through the standard library's `posix_spawn`, **{:.0} spawns/s**, {:.2} ms CPU per \
+         spawn ({:.2} ms of it the child's); through the executors' own spawn, **{:.0} \
+         spawns/s**, {:.2} ms CPU per spawn ({:.2} ms of it the child's).",
+        floor.concurrency,
+        floor.rate,
+        floor.cpu_ms,
+        floor.child_cpu_ms,
+        floor.ours.rate,
+        floor.ours.cpu_ms,
+        floor.ours.child_cpu_ms
     );
     println!();
     println!(
@@ -775,9 +784,18 @@ async fn http_get_json(port: u16, path: &str) -> anyhow::Result<serde_json::Valu
     Ok(serde_json::from_slice(&reply.body)?)
 }
 
-/// What spawning `/bin/true` alone costs on this machine now.
+/// What spawning `/bin/true` alone costs on this machine now, through the standard library.
 struct Floor {
     concurrency: usize,
+    rate: f64,
+    cpu_ms: f64,
+    child_cpu_ms: f64,
+    /// The same through the executors' own spawn, measured right after.
+    ours: Spawns,
+}
+
+/// One way of spawning, measured.
+struct Spawns {
     rate: f64,
     cpu_ms: f64,
     child_cpu_ms: f64,
@@ -798,36 +816,81 @@ fn two_threads() -> std::io::Result<tokio::runtime::Runtime> {
 fn floor_beside(count: usize, concurrency: usize) -> anyhow::Result<Floor> {
     std::thread::scope(|scope| {
         scope
-            .spawn(|| two_threads()?.block_on(spawn_floor(count, concurrency)))
+            .spawn(|| {
+                let runtime = two_threads()?;
+                let standard = runtime.block_on(spawn_floor(count, concurrency, spawn_standard))?;
+                let ours = runtime.block_on(spawn_floor(count, concurrency, spawn_ours))?;
+                Ok(Floor {
+                    concurrency,
+                    rate: standard.rate,
+                    cpu_ms: standard.cpu_ms,
+                    child_cpu_ms: standard.child_cpu_ms,
+                    ours,
+                })
+            })
             .join()
             .map_err(|_| anyhow::anyhow!("the floor's thread panicked"))?
     })
 }
 
-/// Spawns `/bin/true` `count` times, `concurrency` at a time, as the executors spawn a job
-/// (no shell, its own process group, a small environment, stdin closed, stdout and stderr
-/// piped and read to their end), and measures the rate and the CPU of this process and of the
-/// children.
-async fn spawn_floor(count: usize, concurrency: usize) -> anyhow::Result<Floor> {
-    let spawn_one = || async {
-        let output = tokio::process::Command::new("/bin/true")
-            // Not this process's environment: `cargo` adds search paths the dynamic loader
-            // would try first, and a job's environment is small.
-            .env_clear()
-            .env("PATH", "/usr/bin:/bin")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .output()
-            .await?;
-        anyhow::ensure!(
-            output.status.success(),
-            "/bin/true failed: {}",
-            output.status
-        );
-        Ok(())
-    };
+/// `/bin/true` spawned with what a job gets (no shell, its own process group, a small
+/// environment, stdin closed, stdout and stderr piped and read to their end) through the
+/// standard library's `posix_spawn`.
+async fn spawn_standard() -> anyhow::Result<()> {
+    let output = tokio::process::Command::new("/bin/true")
+        // Not this process's environment: `cargo` adds search paths the dynamic loader
+        // would try first, and a job's environment is small.
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .output()
+        .await?;
+    anyhow::ensure!(
+        output.status.success(),
+        "/bin/true failed: {}",
+        output.status
+    );
+    Ok(())
+}
+
+/// The same through the executors' own spawn (`capstan_executor::spawn`), in the temporary
+/// directory.
+async fn spawn_ours() -> anyhow::Result<()> {
+    use tokio::io::AsyncReadExt;
+    let mut launch = capstan_executor::spawn::Launch::new(
+        Path::new("/bin/true"),
+        "/bin/true",
+        &[],
+        &std::env::temp_dir(),
+    )?;
+    launch.env("PATH", "/usr/bin:/bin");
+    let mut process = launch.spawn()?;
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    if let (Some(out), Some(err)) = (process.stdout.as_mut(), process.stderr.as_mut()) {
+        let (read_out, read_err) =
+            tokio::join!(out.read_to_end(&mut stdout), err.read_to_end(&mut stderr));
+        read_out?;
+        read_err?;
+    }
+    let status = process.wait().await?;
+    anyhow::ensure!(status.success(), "/bin/true failed: {status}");
+    Ok(())
+}
+
+/// Spawns `/bin/true` `count` times with `spawn_one`, `concurrency` at a time, and measures the
+/// rate and the CPU of this process and of the children.
+async fn spawn_floor<F, Fut>(
+    count: usize,
+    concurrency: usize,
+    spawn_one: F,
+) -> anyhow::Result<Spawns>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
     // Warm the binary's pages and the runtime's process driver first.
     for _ in 0..20 {
         spawn_one().await?;
@@ -843,8 +906,7 @@ async fn spawn_floor(count: usize, concurrency: usize) -> anyhow::Result<Floor> 
     results.into_iter().collect::<anyhow::Result<Vec<()>>>()?;
     let (own_after, children_after) = cpu_times(std::process::id());
     let child = children_after - children_before;
-    Ok(Floor {
-        concurrency,
+    Ok(Spawns {
         rate: count as f64 / elapsed.as_secs_f64(),
         cpu_ms: (own_after - own_before + child) * 1000.0 / count as f64,
         child_cpu_ms: child * 1000.0 / count as f64,

@@ -19,6 +19,7 @@ pub mod orphans;
 pub mod remote;
 pub mod runner;
 pub mod secrets;
+pub mod spawn;
 pub mod systems;
 mod worker;
 

@@ -3,17 +3,14 @@
 //! a cap), the timeout enforced on the whole group (SIGTERM, a grace period, SIGKILL), and
 //! whatever the process left behind killed when it exits.
 //!
-//! Spawning keeps to `posix_spawn`: the process group is set through `Command::process_group`,
-//! and the program is looked up in the job's `PATH` here, because the standard library falls
-//! back to a full `fork` (copying this process's page tables) when it has to search a `PATH`
-//! that the child's environment overrides. No code of ours runs between fork and exec. A
-//! node that runs jobs as another user (`--run-as`) takes the standard library's fork path,
-//! which drops the supplementary groups and sets the group and user before exec; each job's
-//! directory then belongs to that user.
+//! The process is started by `spawn` (a vfork-style clone and `execve`, in its own process
+//! group, with none of this process's descriptors); the program is looked up in the job's
+//! `PATH` here, before it starts. A node that runs jobs as another user (`--run-as`) starts
+//! them with no supplementary group and that user's id and group; each job's directory then
+//! belongs to that user.
 
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -30,6 +27,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
+
+use crate::spawn::{Launch, Process};
 
 /// How attempts are run on this node.
 #[derive(Debug, Clone)]
@@ -191,15 +190,19 @@ impl Runner {
                     .map_or_else(|| "unset".into(), |p| p.to_string_lossy())
             ));
         };
-        let mut command = tokio::process::Command::new(program);
-        command.arg0(&argv[0]).args(&argv[1..]);
-        command.env_clear();
+        let cwd = spec.cwd.as_deref().map_or(job_dir, std::path::Path::new);
+        let mut command = match Launch::new(&program, &argv[0], &argv[1..], cwd) {
+            Ok(command) => command,
+            Err(error) => return failed_to_start(format!("cannot start `{}`: {error}", argv[0])),
+        };
         for name in &self.pass_env {
             if let Some(value) = std::env::var_os(name) {
                 command.env(name, value);
             }
         }
-        command.envs(&spec.env);
+        for (name, value) in &spec.env {
+            command.env(name, value);
+        }
         // Secrets are opened here, in memory, and handed to the process only.
         let secrets = match self.secrets.open(record).await {
             Ok(secrets) => secrets,
@@ -220,23 +223,7 @@ impl Runner {
         {
             command.env(job_env::TRACEPARENT, traceparent);
         }
-        match &spec.cwd {
-            Some(cwd) => command.current_dir(cwd),
-            None => command.current_dir(job_dir),
-        };
-        command
-            .stdin(if spec.stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .kill_on_drop(false);
-        if let Some(user) = self.run_as {
-            command.uid(user.uid).gid(user.gid);
-        }
+        command.stdin_piped(spec.stdin.is_some()).user(self.run_as);
 
         let spawning = std::time::Instant::now();
         let spawned = command.spawn();
@@ -247,10 +234,7 @@ impl Runner {
                 return failed_to_start(format!("cannot start `{}`: {error}", argv[0]));
             }
         };
-        let Some(pid) = child.id() else {
-            return failed_to_start("the process exited before it could be supervised".into());
-        };
-        let group = Pid::from_raw(i32::try_from(pid).expect("pids fit in i32"));
+        let group = Pid::from_raw(i32::try_from(child.id()).expect("pids fit in i32"));
 
         if let (Some(mut stdin), Some(input)) = (child.stdin.take(), spec.stdin.clone()) {
             tokio::spawn(async move {
@@ -368,7 +352,7 @@ impl Runner {
     /// SIGTERM to the group, then SIGKILL after `grace`; returns the exit status.
     async fn terminate(
         &self,
-        child: &mut tokio::process::Child,
+        child: &mut Process,
         group: Pid,
         grace: Duration,
     ) -> std::io::Result<std::process::ExitStatus> {
