@@ -234,6 +234,10 @@ fn job_user(run_as: Option<&str>) -> Result<Option<runner::JobUser>, error::Erro
     if user.uid == 0 {
         return Err(refuse("that is root"));
     }
+    if user.uid == u32::MAX || user.gid == u32::MAX {
+        // To the kernel, -1 means "leave it as it is".
+        return Err(refuse("-1 names no user or group"));
+    }
     Ok(Some(user))
 }
 

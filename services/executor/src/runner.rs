@@ -6,8 +6,8 @@
 //! The process is started by `spawn` (a vfork-style clone and `execve`, in its own process
 //! group, with none of this process's descriptors); the program is looked up in the job's
 //! `PATH` here, before it starts. A node that runs jobs as another user (`--run-as`) starts
-//! them with no supplementary group and that user's id and group; each job's directory then
-//! belongs to that user.
+//! them through the standard library's fork path, with no supplementary group and that
+//! user's id and group; each job's directory then belongs to that user.
 
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;

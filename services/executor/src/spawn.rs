@@ -19,13 +19,16 @@
 //! - put its standard input, output and error in place (`dup2`);
 //! - become the leader of its own process group;
 //! - change to the job's directory;
-//! - when the job runs as another user: drop the supplementary groups, set the group and the
-//!   user (raw system calls, which change this task only, where glibc's wrappers would signal
-//!   every thread of the parent);
 //! - unblock every signal and `execve`.
 //!
 //! A step that fails writes its error number where the parent reads it, and the child exits
 //! with 127; the parent, resumed when the child execs or exits, reaps it and reports the error.
+//!
+//! A job that runs as another user (`--run-as`) is started through the standard library's
+//! fork path instead, which drops the supplementary groups and sets the group and the user
+//! before it changes directory and execs. A child sharing this process's memory must not
+//! change its credentials: the kernel would mark that memory, the executor's, with them
+//! (undumpable, or open to the job's user while the child runs).
 //!
 //! The parent waits for the process on its pidfd (readable once it exits) and reaps it with
 //! `waitpid`. A `Process` dropped before it was reaped is reaped in the background. The
@@ -53,7 +56,6 @@ use zeroize::Zeroize;
 use crate::runner::JobUser;
 
 /// A process to start: the program, its arguments, environment, directory and user.
-#[derive(Debug)]
 pub struct Launch {
     program: CString,
     argv: Vec<CString>,
@@ -99,18 +101,15 @@ struct ChildArgs {
     stderr: RawFd,
     signals: *const c_int,
     signal_count: usize,
-    user: Option<JobUser>,
     report: *mut Report,
 }
 
 /// The steps of the child, as reported.
-const STEPS: [&str; 7] = [
+const STEPS: [&str; 5] = [
     "reset signals",
     "set up standard input and output",
     "start a process group",
     "change to the job's directory",
-    "drop the supplementary groups",
-    "set the job's user",
     "execute the program",
 ];
 
@@ -143,8 +142,12 @@ impl Launch {
 
     /// Sets an environment variable; a later value for the same name replaces an earlier one.
     pub fn env(&mut self, name: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> &mut Self {
-        self.env
-            .insert(name.as_ref().to_owned(), value.as_ref().to_owned());
+        if let Some(replaced) = self
+            .env
+            .insert(name.as_ref().to_owned(), value.as_ref().to_owned())
+        {
+            replaced.into_vec().zeroize();
+        }
         self
     }
 
@@ -163,18 +166,23 @@ impl Launch {
     /// Starts the process. Must be called inside a Tokio runtime (its pipes and pidfd are
     /// registered with it).
     pub fn spawn(&self) -> io::Result<Process> {
-        let envp: Scrubbed = self
-            .env
-            .iter()
-            .map(|(name, value)| {
-                let mut entry = Vec::with_capacity(name.len() + value.len() + 1);
-                entry.extend_from_slice(name.as_bytes());
-                entry.push(b'=');
-                entry.extend_from_slice(value.as_bytes());
-                c_string(&entry)
-            })
-            .collect::<io::Result<Vec<_>>>()
-            .map(Scrubbed)?;
+        if let Some(user) = self.user {
+            return self.spawn_as(user);
+        }
+        let mut envp = Scrubbed(Vec::with_capacity(self.env.len()));
+        for (name, value) in &self.env {
+            let mut entry = Vec::with_capacity(name.len() + value.len() + 2);
+            entry.extend_from_slice(name.as_bytes());
+            entry.push(b'=');
+            entry.extend_from_slice(value.as_bytes());
+            entry.push(0);
+            // No copy: the entry becomes the C string, or is zeroed if it cannot.
+            let entry = CString::from_vec_with_nul(entry).map_err(|refused| {
+                refused.into_bytes().zeroize();
+                nul_error()
+            })?;
+            envp.0.push(entry);
+        }
         let argv_ptrs = null_terminated(&self.argv);
         let envp_ptrs = null_terminated(&envp.0);
 
@@ -202,7 +210,6 @@ impl Launch {
             stderr: stderr_write.as_raw_fd(),
             signals: signals.as_ptr(),
             signal_count: signals.len(),
-            user: self.user,
             report: &raw mut report,
         };
 
@@ -263,39 +270,116 @@ impl Launch {
                 io::Error::new(error.kind(), format!("cannot {step}: {error}"))
             });
         }
-        // The parent's ends, registered with the runtime; if that fails, the process goes.
-        let registered = (|| -> io::Result<_> {
-            // SAFETY: an owned descriptor, held by the `AsyncFd` until it is dropped.
-            let pidfd = unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) }
-                .map_err(io::Error::from)?;
-            let stdout = pipe::Receiver::from_owned_fd_unchecked(nonblocking(stdout_read)?)?;
-            let stderr = pipe::Receiver::from_owned_fd_unchecked(nonblocking(stderr_read)?)?;
-            let stdin = match stdin_write {
-                Some(write) => Some(pipe::Sender::from_owned_fd_unchecked(nonblocking(write)?)?),
-                None => None,
-            };
-            Ok((pidfd, stdout, stderr, stdin))
-        })();
-        match registered {
-            Ok((pidfd, stdout, stderr, stdin)) => Ok(Process {
-                pid,
-                pidfd: Some(pidfd),
-                status: None,
-                orphan: false,
-                stdin,
-                stdout: Some(stdout),
-                stderr: Some(stderr),
-            }),
-            Err(error) => {
-                let mut status = 0;
-                // SAFETY: our child, started a moment ago: killed and reaped.
-                unsafe {
-                    libc::kill(pid, libc::SIGKILL);
-                    libc::waitpid(pid, &raw mut status, 0);
-                }
-                Err(error)
-            }
+        register(pid, pidfd, stdout_read, stderr_read, stdin_write)
+    }
+
+    /// Starts the process as `user`, through the standard library's fork path (see the module
+    /// documentation), and follows it as one of ours.
+    fn spawn_as(&self, user: JobUser) -> io::Result<Process> {
+        use std::os::unix::process::CommandExt;
+        use std::process::Stdio;
+        let text = |c: &CString| OsStr::from_bytes(c.as_bytes()).to_owned();
+        let mut command = std::process::Command::new(text(&self.program));
+        command
+            .arg0(text(&self.argv[0]))
+            .args(self.argv[1..].iter().map(text))
+            .env_clear()
+            .envs(&self.env)
+            .current_dir(text(&self.cwd))
+            .stdin(if self.stdin_piped {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .uid(user.uid)
+            .gid(user.gid);
+        let mut child = command.spawn()?;
+        let pid = libc::pid_t::try_from(child.id()).map_err(io::Error::other)?;
+        let pipes = (child.stdout.take(), child.stderr.take());
+        let stdin = child.stdin.take().map(OwnedFd::from);
+        // Dropping the standard library's handle neither kills nor reaps: the pidfd follows
+        // the process from here.
+        drop(child);
+        let (Some(stdout), Some(stderr)) = pipes else {
+            kill_and_reap(pid);
+            return Err(io::Error::other("the process's output is not piped"));
+        };
+        // SAFETY: asks for a pidfd of our own child, not reaped yet.
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0 as libc::c_long) };
+        if pidfd < 0 {
+            let error = io::Error::last_os_error();
+            kill_and_reap(pid);
+            return Err(error);
         }
+        let pidfd = RawFd::try_from(pidfd).expect("descriptors fit in an int");
+        // SAFETY: the descriptor `pidfd_open` just returned, ours alone.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+        register(pid, pidfd, stdout.into(), stderr.into(), stdin)
+    }
+}
+
+/// The parent's side of a started process, registered with the runtime: its pidfd and its
+/// ends of the pipes. If that fails, the process goes.
+fn register(
+    pid: libc::pid_t,
+    pidfd: OwnedFd,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+    stdin: Option<OwnedFd>,
+) -> io::Result<Process> {
+    let registered = (|| -> io::Result<_> {
+        // SAFETY: an owned descriptor, held by the `AsyncFd` until it is dropped.
+        let pidfd = unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) }
+            .map_err(io::Error::from)?;
+        let stdout = pipe::Receiver::from_owned_fd_unchecked(nonblocking(stdout)?)?;
+        let stderr = pipe::Receiver::from_owned_fd_unchecked(nonblocking(stderr)?)?;
+        let stdin = match stdin {
+            Some(write) => Some(pipe::Sender::from_owned_fd_unchecked(nonblocking(write)?)?),
+            None => None,
+        };
+        Ok((pidfd, stdout, stderr, stdin))
+    })();
+    match registered {
+        Ok((pidfd, stdout, stderr, stdin)) => Ok(Process {
+            pid,
+            pidfd: Some(pidfd),
+            status: None,
+            orphan: false,
+            stdin,
+            stdout: Some(stdout),
+            stderr: Some(stderr),
+        }),
+        Err(error) => {
+            kill_and_reap(pid);
+            Err(error)
+        }
+    }
+}
+
+/// Kills a child started a moment ago and reaps it.
+fn kill_and_reap(pid: libc::pid_t) {
+    let mut status = 0;
+    // SAFETY: our own child, not reaped yet.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+        libc::waitpid(pid, &raw mut status, 0);
+    }
+}
+
+impl std::fmt::Debug for Launch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The environment's names only: its values may be secrets.
+        f.debug_struct("Launch")
+            .field("program", &self.program)
+            .field("argv", &self.argv)
+            .field("env", &self.env.keys().collect::<Vec<_>>())
+            .field("cwd", &self.cwd)
+            .field("stdin_piped", &self.stdin_piped)
+            .field("user", &self.user)
+            .finish()
     }
 }
 
@@ -420,28 +504,11 @@ extern "C" fn child_main(arg: *mut c_void) -> c_int {
         if libc::chdir(args.cwd) != 0 {
             return fail(3);
         }
-        if let Some(user) = args.user {
-            let (uid, gid) = (libc::c_long::from(user.uid), libc::c_long::from(user.gid));
-            if libc::syscall(
-                libc::SYS_setgroups,
-                0 as libc::c_long,
-                std::ptr::null::<libc::gid_t>(),
-            ) != 0
-            {
-                return fail(4);
-            }
-            if libc::syscall(libc::SYS_setresgid, gid, gid, gid) != 0 {
-                return fail(5);
-            }
-            if libc::syscall(libc::SYS_setresuid, uid, uid, uid) != 0 {
-                return fail(5);
-            }
-        }
         let mut none: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&raw mut none);
         libc::sigprocmask(libc::SIG_SETMASK, &raw const none, std::ptr::null_mut());
         libc::execve(args.program, args.argv, args.envp);
-        fail(6)
+        fail(4)
     }
 }
 
@@ -531,12 +598,14 @@ fn nonblocking(fd: OwnedFd) -> io::Result<OwnedFd> {
 }
 
 fn c_string(bytes: &[u8]) -> io::Result<CString> {
-    CString::new(bytes).map_err(|_| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "a NUL byte in the program, an argument, the directory or the environment",
-        )
-    })
+    CString::new(bytes).map_err(|_| nul_error())
+}
+
+fn nul_error() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        "a NUL byte in the program, an argument, the directory or the environment",
+    )
 }
 
 fn null_terminated(strings: &[CString]) -> Vec<*const c_char> {
@@ -723,6 +792,53 @@ mod tests {
         let error = Launch::new(Path::new("/bin/true"), "true", &["a\0b".into()], dir.path())
             .expect_err("a NUL byte in an argument");
         assert_eq!(error.kind(), io::ErrorKind::InvalidInput);
+    }
+
+    #[tokio::test]
+    async fn a_process_run_as_another_user_is_that_user_and_cannot_start_where_it_cannot_reach() {
+        let nobody = nix::unistd::User::from_name("nobody")
+            .expect("the user database")
+            .expect("a `nobody` user");
+        let user = Some(JobUser {
+            uid: nobody.uid.as_raw(),
+            gid: nobody.gid.as_raw(),
+        });
+        // A directory for its owner alone.
+        let private = tempfile::tempdir().expect("a temporary directory");
+        std::fs::set_permissions(
+            private.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .expect("private");
+        let mut launch =
+            Launch::new(Path::new("/bin/true"), "true", &[], private.path()).expect("a launch");
+        launch.user(user);
+        let error = launch.spawn().expect_err("nobody cannot start there");
+        // Run by root: the directory is entered as the job's user, after the switch. Run by
+        // anyone else: the switch itself is refused.
+        assert_eq!(error.kind(), io::ErrorKind::PermissionDenied, "{error}");
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let mut launch = Launch::new(
+            Path::new("/bin/sh"),
+            "sh",
+            &["-c".into(), "id -u; id -G".into()],
+            Path::new("/"),
+        )
+        .expect("a launch");
+        launch.user(user);
+        let mut process = launch.spawn().expect("sh starts as nobody");
+        let mut out = String::new();
+        process
+            .stdout
+            .take()
+            .expect("stdout is piped")
+            .read_to_string(&mut out)
+            .await
+            .expect("read");
+        assert!(process.wait().await.expect("reaped").success());
+        assert_eq!(out, format!("{}\n{}\n", nobody.uid, nobody.gid));
     }
 
     #[tokio::test]
