@@ -616,9 +616,9 @@ async fn pipeline(bin: &Path, args: &Args) -> anyhow::Result<()> {
          spawn ({:.2} ms of it the child's); through the executors' own spawn, **{:.0} \
          spawns/s**, {:.2} ms CPU per spawn ({:.2} ms of it the child's).",
         floor.concurrency,
-        floor.rate,
-        floor.cpu_ms,
-        floor.child_cpu_ms,
+        floor.standard.rate,
+        floor.standard.cpu_ms,
+        floor.standard.child_cpu_ms,
         floor.ours.rate,
         floor.ours.cpu_ms,
         floor.ours.child_cpu_ms
@@ -784,13 +784,12 @@ async fn http_get_json(port: u16, path: &str) -> anyhow::Result<serde_json::Valu
     Ok(serde_json::from_slice(&reply.body)?)
 }
 
-/// What spawning `/bin/true` alone costs on this machine now, through the standard library.
+/// What spawning `/bin/true` alone costs on this machine now.
 struct Floor {
     concurrency: usize,
-    rate: f64,
-    cpu_ms: f64,
-    child_cpu_ms: f64,
-    /// The same through the executors' own spawn, measured right after.
+    /// Through the standard library's `posix_spawn`.
+    standard: Spawns,
+    /// Through the executors' own spawn, measured right after.
     ours: Spawns,
 }
 
@@ -822,9 +821,7 @@ fn floor_beside(count: usize, concurrency: usize) -> anyhow::Result<Floor> {
                 let ours = runtime.block_on(spawn_floor(count, concurrency, spawn_ours))?;
                 Ok(Floor {
                     concurrency,
-                    rate: standard.rate,
-                    cpu_ms: standard.cpu_ms,
-                    child_cpu_ms: standard.child_cpu_ms,
+                    standard,
                     ours,
                 })
             })

@@ -551,3 +551,28 @@ async fn submissions_consumer(mesh: &Mesh, stop: &CancellationToken) -> Option<P
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_as_refuses_an_id_of_minus_one_which_the_kernel_reads_as_unchanged() {
+        for text in ["4294967295:100", "100:4294967295"] {
+            let refused = job_user(Some(text)).expect_err("-1 is no id");
+            let error::Error::RunAs { reason, .. } = refused else {
+                panic!("not a run-as refusal: {refused}");
+            };
+            // Anyone but root is refused before the ids are read.
+            if nix::unistd::geteuid().is_root() {
+                assert_eq!(reason, "-1 names no user or group", "{text}");
+            }
+        }
+        if nix::unistd::geteuid().is_root() {
+            assert_eq!(
+                job_user(Some("100:100")).expect("a plain id"),
+                Some(runner::JobUser { uid: 100, gid: 100 })
+            );
+        }
+    }
+}

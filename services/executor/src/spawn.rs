@@ -104,6 +104,10 @@ struct ChildArgs {
     report: *mut Report,
 }
 
+/// The child's last step, `execve`: its failure is reported as the error alone, as the
+/// standard library reports a program that cannot run.
+const EXECUTE: c_int = 4;
+
 /// The steps of the child, as reported.
 const STEPS: [&str; 5] = [
     "reset signals",
@@ -264,7 +268,7 @@ impl Launch {
                 .copied()
                 .unwrap_or("start");
             let error = io::Error::from_raw_os_error(report.errno);
-            return Err(if step == "execute the program" {
+            return Err(if report.step == EXECUTE {
                 error
             } else {
                 io::Error::new(error.kind(), format!("cannot {step}: {error}"))
@@ -508,7 +512,7 @@ extern "C" fn child_main(arg: *mut c_void) -> c_int {
         libc::sigemptyset(&raw mut none);
         libc::sigprocmask(libc::SIG_SETMASK, &raw const none, std::ptr::null_mut());
         libc::execve(args.program, args.argv, args.envp);
-        fail(4)
+        fail(EXECUTE)
     }
 }
 
