@@ -1,15 +1,17 @@
 //! The SSH connector. A run takes a connection to its target from the connector's pool, or
 //! opens one: checks the server's key against the pin (before any credential goes out: a
 //! mismatch ends the handshake) and logs in with a password or a key. Connections are kept
-//! for reuse by later runs with the same host, account, credential and pin (one connection,
-//! a channel per command), probed by keepalives, and dropped once idle for longer than the
-//! connector's idle time or found closed. A run executes the wrapped command
+//! for reuse by later runs with the same host, account, credential and pin (a channel per
+//! command, at most [`RUNS_PER_CONNECTION`] runs on one connection, more connections beside it
+//! when more run at once), probed by keepalives, and dropped once no run has used them for
+//! longer than the connector's idle time, or found closed. A run executes the wrapped command
 //! ([`crate::script`]) on one session channel, reading
 //! the process group's id from the wrapper's first line. A stop sends `SIGTERM` to that group
 //! over a second channel, then `SIGKILL` after the grace period; when the command has ended,
 //! a last `SIGKILL` to the group takes whatever it left running in the background.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -32,7 +34,10 @@ pub struct SshConnector {
     connect_timeout: Duration,
     keepalive: Duration,
     idle: Duration,
-    pool: Arc<Mutex<HashMap<PoolKey, Pooled>>>,
+    pool: Arc<Mutex<HashMap<PoolKey, Vec<Pooled>>>>,
+    /// Taken by a run that logs in to a target, so that runs waiting for room there log in
+    /// one at a time.
+    logins: Arc<Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>>,
     observer: Option<Observer>,
 }
 
@@ -87,10 +92,41 @@ impl PoolKey {
     }
 }
 
+/// Runs one kept connection carries at once. OpenSSH's sshd opens at most 10 sessions on one
+/// connection unless told otherwise (`MaxSessions`), and a run may open a second session
+/// beside its own, one at a time, to signal its process group: 5 runs and their signals fit.
+pub const RUNS_PER_CONNECTION: usize = 5;
+
 struct Pooled {
     handle: Arc<Handle<Checker>>,
     host_key: SeenKey,
     last_used: Instant,
+    /// Runs on it now.
+    runs: Arc<AtomicUsize>,
+}
+
+impl Pooled {
+    fn kept(&self, now: Instant, idle: Duration) -> bool {
+        !self.handle.is_closed()
+            && (self.runs.load(Ordering::Acquire) > 0 || now.duration_since(self.last_used) < idle)
+    }
+}
+
+/// A run's place on a kept connection, given back when the run ends.
+struct Place(Arc<AtomicUsize>);
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A connection a run goes on.
+struct Connection {
+    handle: Arc<Handle<Checker>>,
+    host_key: SeenKey,
+    reused: bool,
+    place: Place,
 }
 
 impl std::fmt::Debug for SshConnector {
@@ -110,6 +146,7 @@ impl Default for SshConnector {
             keepalive: Duration::from_secs(15),
             idle: Duration::from_secs(60),
             pool: Arc::default(),
+            logins: Arc::default(),
             observer: None,
         }
     }
@@ -143,28 +180,33 @@ impl SshConnector {
     /// Connections kept for reuse (open ones only).
     pub fn pooled(&self) -> usize {
         let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
-        pool.retain(|_, pooled| !pooled.handle.is_closed());
-        pool.len()
+        pool.values_mut()
+            .map(|kept| {
+                kept.retain(|pooled| !pooled.handle.is_closed());
+                kept.len()
+            })
+            .sum()
     }
 
-    /// A connection to `target`: a kept one when there is one (and whether it was), else a
-    /// new one, kept for the next run.
-    async fn connection(
-        &self,
-        target: &Target,
-    ) -> Result<(Arc<Handle<Checker>>, SeenKey, bool), RemoteError> {
+    /// A connection to `target` for one run: a kept one with room for it when there is one,
+    /// else a new one, kept for later runs. Runs that find no room log in one at a time, so a
+    /// burst of runs opens as many connections as it needs, not one each.
+    async fn connection(&self, target: &Target) -> Result<Connection, RemoteError> {
         let key = PoolKey::of(target);
-        {
-            let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
-            let now = Instant::now();
-            pool.retain(|_, pooled| {
-                !pooled.handle.is_closed() && now.duration_since(pooled.last_used) < self.idle
-            });
-            if let Some(pooled) = pool.get_mut(&key) {
-                pooled.last_used = now;
-                self.tell(Connected::Reused);
-                return Ok((pooled.handle.clone(), pooled.host_key.clone(), true));
-            }
+        if let Some(kept) = self.room_on_kept(&key) {
+            return Ok(kept);
+        }
+        let gate = self
+            .logins
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let _login = gate.lock().await;
+        // Another run may have logged in while this one waited.
+        if let Some(kept) = self.room_on_kept(&key) {
+            return Ok(kept);
         }
         let started = Instant::now();
         let login = self.login(target).await;
@@ -174,18 +216,47 @@ impl SshConnector {
         });
         let (handle, host_key) = login?;
         let handle = Arc::new(handle);
+        let runs = Arc::new(AtomicUsize::new(1));
         self.pool
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(
-                key,
-                Pooled {
-                    handle: handle.clone(),
-                    host_key: host_key.clone(),
-                    last_used: Instant::now(),
-                },
-            );
-        Ok((handle, host_key, false))
+            .entry(key)
+            .or_default()
+            .push(Pooled {
+                handle: handle.clone(),
+                host_key: host_key.clone(),
+                last_used: Instant::now(),
+                runs: runs.clone(),
+            });
+        Ok(Connection {
+            handle,
+            host_key,
+            reused: false,
+            place: Place(runs),
+        })
+    }
+
+    /// A place on a kept connection to `key` with room for one more run, if there is one.
+    fn room_on_kept(&self, key: &PoolKey) -> Option<Connection> {
+        let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        pool.retain(|_, kept| {
+            kept.retain(|pooled| pooled.kept(now, self.idle));
+            !kept.is_empty()
+        });
+        let pooled = pool
+            .get_mut(key)?
+            .iter_mut()
+            .find(|pooled| pooled.runs.load(Ordering::Acquire) < RUNS_PER_CONNECTION)?;
+        pooled.last_used = now;
+        pooled.runs.fetch_add(1, Ordering::AcqRel);
+        self.tell(Connected::Reused);
+        Some(Connection {
+            handle: pooled.handle.clone(),
+            host_key: pooled.host_key.clone(),
+            reused: true,
+            place: Place(pooled.runs.clone()),
+        })
     }
 
     fn tell(&self, connected: Connected) {
@@ -194,12 +265,12 @@ impl SshConnector {
         }
     }
 
-    /// Forgets the kept connection to `target` (it failed under a run).
-    fn forget(&self, target: &Target) {
-        self.pool
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&PoolKey::of(target));
+    /// Forgets the kept connection `handle` to `target` (it failed under a run).
+    fn forget(&self, target: &Target, handle: &Arc<Handle<Checker>>) {
+        let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(kept) = pool.get_mut(&PoolKey::of(target)) {
+            kept.retain(|pooled| !Arc::ptr_eq(&pooled.handle, handle));
+        }
     }
 }
 
@@ -423,24 +494,34 @@ impl Connector for SshConnector {
             address = %format_args!("{}:{}", target.hostname, target.port),
             reused = tracing::field::Empty,
         );
-        let (mut handle, mut host_key, reused) = {
+        let mut connection = {
             use tracing::Instrument;
             self.connection(target).instrument(connect.clone()).await?
         };
-        connect.record("reused", reused);
-        let mut channel = match handle.channel_open_session().await {
+        connect.record("reused", connection.reused);
+        let mut channel = match connection.handle.channel_open_session().await {
             Ok(channel) => channel,
             // A kept connection can die between keepalives: once more on a new one.
-            Err(_) if reused => {
-                self.forget(target);
-                (handle, host_key, _) = self.connection(target).await?;
-                handle.channel_open_session().await.map_err(session)?
+            Err(_) if connection.reused => {
+                self.forget(target, &connection.handle);
+                connection = self.connection(target).await?;
+                connection
+                    .handle
+                    .channel_open_session()
+                    .await
+                    .map_err(session)?
             }
             Err(error) => {
-                self.forget(target);
+                self.forget(target, &connection.handle);
                 return Err(session(error));
             }
         };
+        let Connection {
+            handle,
+            host_key,
+            place,
+            ..
+        } = connection;
         channel.exec(true, line).await.map_err(session)?;
         if let Some(stdin) = &command.stdin {
             channel.data(&stdin[..]).await.map_err(session)?;
@@ -517,6 +598,7 @@ impl Connector for SshConnector {
         if let Some(pid) = head.group() {
             let _ = side_command(&handle, &script::signal_group("KILL", pid)).await;
         }
+        drop(place);
         Ok(Ended {
             exit_code,
             signal,

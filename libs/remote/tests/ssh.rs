@@ -5,6 +5,7 @@
 
 use std::time::{Duration, Instant};
 
+use capstan_remote::ssh::RUNS_PER_CONNECTION;
 use capstan_remote::{
     Connector, Credential, Ended, HostKeyCheck, Output, RemoteCommand, RemoteError, SshConnector,
     Stop, Target,
@@ -423,5 +424,37 @@ async fn runs_on_one_host_share_one_connection_with_a_channel_each_until_it_idle
         2,
         "{}",
         other.log()
+    );
+}
+
+#[tokio::test]
+async fn runs_beyond_what_one_connection_carries_open_only_the_connections_they_need() {
+    let host = SshHost::start().expect("sshd");
+    let target = target(&host, key_of(&host), pinned(&host));
+    let connector = SshConnector::default();
+    // More than sshd's 10 sessions on one connection: before the cap, the eleventh run's
+    // channel was refused. Each run outlasts the logins of the connections the others need.
+    let count = 2 * RUNS_PER_CONNECTION + 2;
+    let mut runs = tokio::task::JoinSet::new();
+    for i in 0..count {
+        let (connector, target) = (connector.clone(), target.clone());
+        runs.spawn(async move {
+            let line = command(&format!("sleep 3; echo {i}"));
+            (i, run_with(&connector, &target, &line, &no_stop()).await)
+        });
+    }
+    while let Some(joined) = runs.join_next().await {
+        let (i, run) = joined.expect("a run");
+        let ended = run.result.expect("ran");
+        assert_eq!(ended.exit_code, Some(0), "run {i}: {}", run.stderr);
+        assert_eq!(run.stdout, format!("{i}\n"));
+    }
+    let needed = count.div_ceil(RUNS_PER_CONNECTION);
+    assert_eq!(connector.pooled(), needed);
+    assert_eq!(
+        host.log().matches("Accepted publickey").count(),
+        needed,
+        "{}",
+        host.log()
     );
 }
