@@ -13,8 +13,8 @@ use capstan_testkit::TlsFiles;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-/// Job slots per executor that `up` gives (the executor's own default).
-pub(crate) const DEFAULT_SLOTS: u32 = 8;
+/// Job slots per executor that `up` gives: the executor's own default.
+pub(crate) const DEFAULT_SLOTS: u32 = capstan_executor::DEFAULT_SLOTS;
 
 /// Options of `up`.
 #[derive(clap::Args)]

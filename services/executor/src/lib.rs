@@ -69,7 +69,7 @@ pub struct Config {
     pub labels: Vec<(String, String)>,
 
     /// Jobs run at once.
-    #[arg(long, env = "CAPSTAN_SLOTS", default_value_t = 8)]
+    #[arg(long, env = "CAPSTAN_SLOTS", default_value_t = DEFAULT_SLOTS)]
     pub slots: u32,
 
     /// Directory for per-job working directories and process records.
@@ -141,6 +141,13 @@ pub struct Config {
     pub system_check_timeout: Duration,
 }
 
+/// The jobs a node runs at once unless `--slots` says otherwise. Enough for the node to keep
+/// work in flight under load, so that its messages to NATS and the server's replies travel in
+/// batches: at 8, nats-server spent 12–20 % more CPU per job and the executors a few percent
+/// more (docs/BENCHMARKS.md, "Sixteen slots by default"). On an SSH gateway, the runs on one
+/// system share kept connections of at most `capstan_remote::ssh::RUNS_PER_CONNECTION` each.
+pub const DEFAULT_SLOTS: u32 = 16;
+
 /// The variables of the executor's environment a job gets unless `--pass-env` says otherwise.
 pub const DEFAULT_PASS_ENV: [&str; 8] = [
     "PATH", "HOME", "LANG", "LC_ALL", "TZ", "USER", "LOGNAME", "TMPDIR",
@@ -162,7 +169,7 @@ impl Config {
             runtime: capstan_mesh::RuntimeArgs::default(),
             node_id: Some(node),
             labels: Vec::new(),
-            slots: 8,
+            slots: DEFAULT_SLOTS,
             work_dir: None,
             max_output_bytes: 1024 * 1024,
             kill_grace: Duration::from_secs(5),
@@ -555,6 +562,25 @@ async fn submissions_consumer(mesh: &Mesh, stop: &CancellationToken) -> Option<P
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn the_command_line_and_the_library_give_an_executor_the_same_defaults() {
+        // Only while nothing in the environment sets them.
+        if std::env::var_os("CAPSTAN_SLOTS").is_some()
+            || std::env::var_os("CAPSTAN_PASS_ENV").is_some()
+        {
+            return;
+        }
+        let parsed = Config::try_parse_from(["capstan-executor"]).expect("no flag is required");
+        let built = Config::for_url(
+            "nats://127.0.0.1:4222",
+            "node-1".parse().expect("a node id"),
+        );
+        assert_eq!(parsed.slots, DEFAULT_SLOTS);
+        assert_eq!(built.slots, DEFAULT_SLOTS);
+        assert_eq!(parsed.pass_env, built.pass_env);
+    }
 
     #[test]
     fn run_as_refuses_an_id_of_minus_one_which_the_kernel_reads_as_unchanged() {
