@@ -36,8 +36,8 @@ pub struct SshConnector {
     idle: Duration,
     pool: Arc<Mutex<HashMap<PoolKey, Vec<Pooled>>>>,
     /// Taken by a run that logs in to a target, so that runs waiting for room there log in
-    /// one at a time.
-    logins: Arc<Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>>,
+    /// one at a time; it holds the last failed login, which the runs that waited for it share.
+    logins: Arc<Mutex<HashMap<PoolKey, LoginGate>>>,
     observer: Option<Observer>,
 }
 
@@ -97,27 +97,78 @@ impl PoolKey {
 /// beside its own, one at a time, to signal its process group: 5 runs and their signals fit.
 pub const RUNS_PER_CONNECTION: usize = 5;
 
+/// Held by the run logging in to one target; holds that target's last failed login.
+type LoginGate = Arc<tokio::sync::Mutex<Option<Failed>>>;
+
+/// A login that failed, and when it ended.
+struct Failed {
+    at: Instant,
+    error: RemoteError,
+}
+
 struct Pooled {
     handle: Arc<Handle<Checker>>,
     host_key: SeenKey,
-    last_used: Instant,
-    /// Runs on it now.
-    runs: Arc<AtomicUsize>,
+    usage: Arc<Usage>,
+}
+
+/// The runs on a kept connection, and when the last one ended.
+struct Usage {
+    runs: AtomicUsize,
+    idle_since: Mutex<Instant>,
+}
+
+impl Usage {
+    fn new() -> Self {
+        Self {
+            runs: AtomicUsize::new(0),
+            idle_since: Mutex::new(Instant::now()),
+        }
+    }
+
+    fn runs(&self) -> usize {
+        self.runs.load(Ordering::Acquire)
+    }
 }
 
 impl Pooled {
+    /// Whether to keep it: open, and running something or idle for less than `idle`.
     fn kept(&self, now: Instant, idle: Duration) -> bool {
-        !self.handle.is_closed()
-            && (self.runs.load(Ordering::Acquire) > 0 || now.duration_since(self.last_used) < idle)
+        if self.handle.is_closed() {
+            return false;
+        }
+        if self.usage.runs() > 0 {
+            return true;
+        }
+        let idle_since = *self
+            .usage
+            .idle_since
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        now.duration_since(idle_since) < idle
     }
 }
 
 /// A run's place on a kept connection, given back when the run ends.
-struct Place(Arc<AtomicUsize>);
+struct Place(Arc<Usage>);
+
+impl Place {
+    fn take(usage: &Arc<Usage>) -> Self {
+        usage.runs.fetch_add(1, Ordering::AcqRel);
+        Self(usage.clone())
+    }
+}
 
 impl Drop for Place {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        // The idle time runs from here: set before the count falls, so that a connection seen
+        // without runs is never seen with a stale time.
+        *self
+            .0
+            .idle_since
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Instant::now();
+        self.0.runs.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -188,24 +239,30 @@ impl SshConnector {
             .sum()
     }
 
-    /// A connection to `target` for one run: a kept one with room for it when there is one,
-    /// else a new one, kept for later runs. Runs that find no room log in one at a time, so a
-    /// burst of runs opens as many connections as it needs, not one each.
-    async fn connection(&self, target: &Target) -> Result<Connection, RemoteError> {
+    /// A connection to `target` for one run: a kept one with room for it when there is one
+    /// (unless `fresh`), else a new one, kept for later runs. Runs that find no room log in one
+    /// at a time, so a burst of runs opens as many connections as it needs, not one each; a
+    /// run that waited for a login that failed fails with it rather than trying again.
+    async fn connection(&self, target: &Target, fresh: bool) -> Result<Connection, RemoteError> {
         let key = PoolKey::of(target);
-        if let Some(kept) = self.room_on_kept(&key) {
+        if !fresh && let Some(kept) = self.room_on_kept(&key) {
             return Ok(kept);
         }
-        let gate = self
-            .logins
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry(key.clone())
-            .or_default()
-            .clone();
-        let _login = gate.lock().await;
+        let gate = {
+            let mut logins = self.logins.lock().unwrap_or_else(PoisonError::into_inner);
+            // Gates nobody holds or waits for are dropped.
+            logins.retain(|_, gate| Arc::strong_count(gate) > 1);
+            logins.entry(key.clone()).or_default().clone()
+        };
+        let asked = Instant::now();
+        let mut failed = gate.lock().await;
+        if let Some(last) = failed.as_ref()
+            && last.at >= asked
+        {
+            return Err(last.error.clone());
+        }
         // Another run may have logged in while this one waited.
-        if let Some(kept) = self.room_on_kept(&key) {
+        if !fresh && let Some(kept) = self.room_on_kept(&key) {
             return Ok(kept);
         }
         let started = Instant::now();
@@ -214,9 +271,22 @@ impl SshConnector {
             Ok(_) => Connected::Made(started.elapsed()),
             Err(_) => Connected::Failed(started.elapsed()),
         });
-        let (handle, host_key) = login?;
+        let (handle, host_key) = match login {
+            Ok(login) => {
+                *failed = None;
+                login
+            }
+            Err(error) => {
+                *failed = Some(Failed {
+                    at: Instant::now(),
+                    error: error.clone(),
+                });
+                return Err(error);
+            }
+        };
         let handle = Arc::new(handle);
-        let runs = Arc::new(AtomicUsize::new(1));
+        let usage = Arc::new(Usage::new());
+        let place = Place::take(&usage);
         self.pool
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -225,14 +295,13 @@ impl SshConnector {
             .push(Pooled {
                 handle: handle.clone(),
                 host_key: host_key.clone(),
-                last_used: Instant::now(),
-                runs: runs.clone(),
+                usage,
             });
         Ok(Connection {
             handle,
             host_key,
             reused: false,
-            place: Place(runs),
+            place,
         })
     }
 
@@ -245,17 +314,15 @@ impl SshConnector {
             !kept.is_empty()
         });
         let pooled = pool
-            .get_mut(key)?
-            .iter_mut()
-            .find(|pooled| pooled.runs.load(Ordering::Acquire) < RUNS_PER_CONNECTION)?;
-        pooled.last_used = now;
-        pooled.runs.fetch_add(1, Ordering::AcqRel);
+            .get(key)?
+            .iter()
+            .find(|pooled| pooled.usage.runs() < RUNS_PER_CONNECTION)?;
         self.tell(Connected::Reused);
         Some(Connection {
             handle: pooled.handle.clone(),
             host_key: pooled.host_key.clone(),
             reused: true,
-            place: Place(pooled.runs.clone()),
+            place: Place::take(&pooled.usage),
         })
     }
 
@@ -268,8 +335,12 @@ impl SshConnector {
     /// Forgets the kept connection `handle` to `target` (it failed under a run).
     fn forget(&self, target: &Target, handle: &Arc<Handle<Checker>>) {
         let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(kept) = pool.get_mut(&PoolKey::of(target)) {
+        let key = PoolKey::of(target);
+        if let Some(kept) = pool.get_mut(&key) {
             kept.retain(|pooled| !Arc::ptr_eq(&pooled.handle, handle));
+            if kept.is_empty() {
+                pool.remove(&key);
+            }
         }
     }
 }
@@ -496,7 +567,9 @@ impl Connector for SshConnector {
         );
         let mut connection = {
             use tracing::Instrument;
-            self.connection(target).instrument(connect.clone()).await?
+            self.connection(target, false)
+                .instrument(connect.clone())
+                .await?
         };
         connect.record("reused", connection.reused);
         let mut channel = match connection.handle.channel_open_session().await {
@@ -504,12 +577,14 @@ impl Connector for SshConnector {
             // A kept connection can die between keepalives: once more on a new one.
             Err(_) if connection.reused => {
                 self.forget(target, &connection.handle);
-                connection = self.connection(target).await?;
-                connection
-                    .handle
-                    .channel_open_session()
-                    .await
-                    .map_err(session)?
+                connection = self.connection(target, true).await?;
+                match connection.handle.channel_open_session().await {
+                    Ok(channel) => channel,
+                    Err(error) => {
+                        self.forget(target, &connection.handle);
+                        return Err(session(error));
+                    }
+                }
             }
             Err(error) => {
                 self.forget(target, &connection.handle);

@@ -77,6 +77,21 @@ async fn run_with(
     }
 }
 
+/// A port that accepts connections and never says a word, and the task holding them.
+async fn silent_host() -> (u16, tokio::task::JoinHandle<()>) {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = silent.local_addr().expect("address").port();
+    let held = tokio::spawn(async move {
+        let mut kept = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            kept.push(socket);
+        }
+    });
+    (port, held)
+}
+
 fn no_stop() -> Stop {
     Stop::new(CancellationToken::new(), Duration::from_secs(1))
 }
@@ -187,17 +202,7 @@ async fn a_closed_port_and_a_host_that_never_greets_are_unreachable_within_the_c
         "{error:?}"
     );
 
-    // Accepts the connection and never says a word.
-    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let port = silent.local_addr().expect("address").port();
-    let held = tokio::spawn(async move {
-        let mut kept = Vec::new();
-        while let Ok((socket, _)) = silent.accept().await {
-            kept.push(socket);
-        }
-    });
+    let (port, held) = silent_host().await;
     let mut hanging = target(&host, key_of(&host), pinned(&host));
     hanging.port = port;
     let started = Instant::now();
@@ -432,14 +437,15 @@ async fn runs_beyond_what_one_connection_carries_open_only_the_connections_they_
     let host = SshHost::start().expect("sshd");
     let target = target(&host, key_of(&host), pinned(&host));
     let connector = SshConnector::default();
-    // More than sshd's 10 sessions on one connection: before the cap, the eleventh run's
-    // channel was refused. Each run outlasts the logins of the connections the others need.
+    // The test server allows more sessions per connection than OpenSSH's default of 10, so
+    // this counts connections and logins, not refusals. Each run outlasts the logins, one at
+    // a time, of the connections the others need.
     let count = 2 * RUNS_PER_CONNECTION + 2;
     let mut runs = tokio::task::JoinSet::new();
     for i in 0..count {
         let (connector, target) = (connector.clone(), target.clone());
         runs.spawn(async move {
-            let line = command(&format!("sleep 3; echo {i}"));
+            let line = command(&format!("sleep 5; echo {i}"));
             (i, run_with(&connector, &target, &line, &no_stop()).await)
         });
     }
@@ -457,4 +463,35 @@ async fn runs_beyond_what_one_connection_carries_open_only_the_connections_they_
         "{}",
         host.log()
     );
+}
+
+#[tokio::test]
+async fn runs_that_wait_for_a_login_that_fails_fail_with_it_instead_of_trying_in_turn() {
+    let host = SshHost::start().expect("sshd");
+    let (port, held) = silent_host().await;
+    let mut hanging = target(&host, key_of(&host), pinned(&host));
+    hanging.port = port;
+    let connector = SshConnector::default().connect_timeout(Duration::from_secs(2));
+    let started = Instant::now();
+    let mut runs = tokio::task::JoinSet::new();
+    for _ in 0..6 {
+        let (connector, hanging) = (connector.clone(), hanging.clone());
+        runs.spawn(
+            async move { run_with(&connector, &hanging, &command("true"), &no_stop()).await },
+        );
+    }
+    while let Some(joined) = runs.join_next().await {
+        let error = joined.expect("a run").result.expect_err("never greets");
+        assert!(
+            matches!(error, RemoteError::Unreachable { .. }),
+            "{error:?}"
+        );
+    }
+    // One connect timeout for all six, not six in turn (12 s).
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+    held.abort();
 }
