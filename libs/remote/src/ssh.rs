@@ -11,7 +11,6 @@
 //! a last `SIGKILL` to the group takes whatever it left running in the background.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -112,63 +111,54 @@ struct Pooled {
     usage: Arc<Usage>,
 }
 
-/// The runs on a kept connection, and when the last one ended.
-struct Usage {
-    runs: AtomicUsize,
-    idle_since: Mutex<Instant>,
+/// The runs on a kept connection now, and when the last one ended.
+#[derive(Default)]
+struct Usage(Mutex<Runs>);
+
+struct Runs {
+    now: usize,
+    idle_since: Instant,
+}
+
+impl Default for Runs {
+    fn default() -> Self {
+        Self {
+            now: 0,
+            idle_since: Instant::now(),
+        }
+    }
 }
 
 impl Usage {
-    fn new() -> Self {
-        Self {
-            runs: AtomicUsize::new(0),
-            idle_since: Mutex::new(Instant::now()),
-        }
-    }
-
-    fn runs(&self) -> usize {
-        self.runs.load(Ordering::Acquire)
+    fn runs(&self) -> std::sync::MutexGuard<'_, Runs> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
 impl Pooled {
     /// Whether to keep it: open, and running something or idle for less than `idle`.
     fn kept(&self, now: Instant, idle: Duration) -> bool {
-        if self.handle.is_closed() {
-            return false;
-        }
-        if self.usage.runs() > 0 {
-            return true;
-        }
-        let idle_since = *self
-            .usage
-            .idle_since
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        now.duration_since(idle_since) < idle
+        let runs = self.usage.runs();
+        !self.handle.is_closed() && (runs.now > 0 || now.duration_since(runs.idle_since) < idle)
     }
 }
 
-/// A run's place on a kept connection, given back when the run ends.
+/// A run's place on a kept connection, given back when the run ends; the connection's idle
+/// time runs from the end of its last run.
 struct Place(Arc<Usage>);
 
 impl Place {
     fn take(usage: &Arc<Usage>) -> Self {
-        usage.runs.fetch_add(1, Ordering::AcqRel);
+        usage.runs().now += 1;
         Self(usage.clone())
     }
 }
 
 impl Drop for Place {
     fn drop(&mut self) {
-        // The idle time runs from here: set before the count falls, so that a connection seen
-        // without runs is never seen with a stale time.
-        *self
-            .0
-            .idle_since
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Instant::now();
-        self.0.runs.fetch_sub(1, Ordering::AcqRel);
+        let mut runs = self.0.runs();
+        runs.now -= 1;
+        runs.idle_since = Instant::now();
     }
 }
 
@@ -231,12 +221,11 @@ impl SshConnector {
     /// Connections kept for reuse (open ones only).
     pub fn pooled(&self) -> usize {
         let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
-        pool.values_mut()
-            .map(|kept| {
-                kept.retain(|pooled| !pooled.handle.is_closed());
-                kept.len()
-            })
-            .sum()
+        pool.retain(|_, kept| {
+            kept.retain(|pooled| !pooled.handle.is_closed());
+            !kept.is_empty()
+        });
+        pool.values().map(Vec::len).sum()
     }
 
     /// A connection to `target` for one run: a kept one with room for it when there is one
@@ -285,7 +274,7 @@ impl SshConnector {
             }
         };
         let handle = Arc::new(handle);
-        let usage = Arc::new(Usage::new());
+        let usage = Arc::new(Usage::default());
         let place = Place::take(&usage);
         self.pool
             .lock()
@@ -316,7 +305,7 @@ impl SshConnector {
         let pooled = pool
             .get(key)?
             .iter()
-            .find(|pooled| pooled.usage.runs() < RUNS_PER_CONNECTION)?;
+            .find(|pooled| pooled.usage.runs().now < RUNS_PER_CONNECTION)?;
         self.tell(Connected::Reused);
         Some(Connection {
             handle: pooled.handle.clone(),
