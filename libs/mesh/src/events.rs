@@ -11,8 +11,8 @@ use bytes::Bytes;
 use capstan_protocol::codec;
 use capstan_protocol::subjects::{self, Origin};
 use capstan_protocol::{
-    AuditAction, AuditOutcome, AuditRecord, FanOutEvent, JobEvent, JobId, NodeEvent, Rejection,
-    SubmittedBy, SystemEvent, headers,
+    AuditAction, AuditId, AuditOutcome, AuditRecord, FanOutEvent, JobEvent, JobId, NodeEvent,
+    Rejection, SubmittedBy, SystemEvent, Timestamp, headers,
 };
 
 use crate::error::Error;
@@ -322,22 +322,29 @@ impl EventPublisher {
     /// Records in the audit trail what a client identity `by` did to `job` over NATS (the API
     /// records what is done through it), and waits until the audit stream has stored it, so
     /// that an acknowledged submission or an answered request is on the trail. `key`, when
-    /// given, is the deduplication id (see [`audit_keyed`](Self::audit_keyed)). A failure is
-    /// logged and returned.
+    /// given, is the record's id and deduplication id (see [`AuditKey`]). A failure is logged
+    /// and returned.
     pub async fn audit_client(
         &self,
         action: AuditAction,
         by: &SubmittedBy,
         job: JobId,
         outcome: AuditOutcome,
-        key: Option<String>,
+        key: Option<AuditKey>,
     ) -> Result<(), Error> {
         let mut record = AuditRecord::new(action, outcome);
         record.principal = Some(by.principal.clone());
         record.via = Some(by.via);
         record.resource = Some(format!("job/{job}"));
         record.trace_id = capstan_telemetry::propagation::trace_id();
-        let key = key.unwrap_or_else(|| record.id.to_string());
+        let key = match key {
+            Some(AuditKey { id, at, dedupe }) => {
+                record.id = id;
+                record.at = at;
+                dedupe
+            }
+            None => record.id.to_string(),
+        };
         let stored = self.audit_keyed(&record, &key).await;
         if let Err(error) = &stored {
             tracing::warn!(error = %error, action = record.action.as_str(), job = %job, "cannot record an audit record");
@@ -362,4 +369,19 @@ impl EventPublisher {
         crate::metrics::mesh().request(op, started);
         Ok(())
     }
+}
+
+/// How an action that may be audited more than once (a submission redelivered, or taken by
+/// another service) is stored once: the deduplication id of its publish, which the audit
+/// stream honours for its window (two minutes), and the record's id and time, which every
+/// attempt shares, so the history (whose rows are keyed by the id) keeps one row even after
+/// the window.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditKey {
+    /// The record's id.
+    pub id: AuditId,
+    /// When the action happened (for a submission, when it was stored).
+    pub at: Timestamp,
+    /// The publish's deduplication id (`Nats-Msg-Id`).
+    pub dedupe: String,
 }

@@ -14,8 +14,8 @@ use async_nats::jetstream::{self, stream::LastRawMessageErrorKind};
 use capstan_protocol::codec::{self, Encoding, largest_field};
 use capstan_protocol::subjects::{self, ClientCall};
 use capstan_protocol::{
-    DecodeError, JobId, JobRecord, JobSpec, RejectionCode, SubmittedBy, Timestamp, headers,
-    topology,
+    AuditId, DecodeError, JobId, JobRecord, JobSpec, RejectionCode, SubmittedBy, Timestamp,
+    headers, topology,
 };
 
 use crate::connect::Mesh;
@@ -43,10 +43,14 @@ pub struct Submission {
 }
 
 impl Submission {
-    /// The deduplication id of the audit of its acceptance: the same whichever service
-    /// accepts it, and on every redelivery.
-    pub fn audit_key(&self) -> String {
-        format!("job.submit.{}.{}", self.id, self.seq)
+    /// The record id, time and deduplication id of the audit of its acceptance: the same
+    /// whichever service accepts it, and on every redelivery. The time is the submission's.
+    pub fn audit_key(&self) -> crate::events::AuditKey {
+        crate::events::AuditKey {
+            id: AuditId::derived(self.submitted_ms, self.seq),
+            at: self.submitted_at(),
+            dedupe: format!("job.submit.{}.{}", self.id, self.seq),
+        }
     }
 
     /// When it was first stored.

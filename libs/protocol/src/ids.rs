@@ -124,14 +124,25 @@ impl JobId {
     /// A redelivered submission carries the same time and sequence, so every replica and every
     /// redelivery derives the same id: this is what makes accepting a submission idempotent.
     pub fn derived(published_ms: u64, stream_sequence: u64) -> Self {
-        // The 80 random bits of a ULID hold the sequence; the marker in the top 16 bits keeps
-        // derived ids apart from randomly generated ones with the same timestamp.
-        const DERIVED_MARKER: u128 = 0xCA95 << 64;
-        Self(Ulid::from_parts(
-            published_ms,
-            DERIVED_MARKER | u128::from(stream_sequence),
-        ))
+        Self(derived_ulid(0xCA95, published_ms, stream_sequence))
     }
+}
+
+impl AuditId {
+    /// The id of the audit record of a client's submission, derived from where the submission
+    /// is stored, as [`JobId::derived`] is: every service that accepts it, and every
+    /// redelivery, gives the record the same id, so the history keeps one row however often
+    /// it is audited, even past the audit stream's deduplication window.
+    pub fn derived(published_ms: u64, stream_sequence: u64) -> Self {
+        Self(derived_ulid(0xA0D1, published_ms, stream_sequence))
+    }
+}
+
+/// A ULID whose 80 random bits hold `sequence`, under `marker` in their top 16 bits: the
+/// marker keeps derived ids apart from randomly generated ones with the same timestamp, and
+/// one kind of derived id apart from another.
+fn derived_ulid(marker: u16, ms: u64, sequence: u64) -> Ulid {
+    Ulid::from_parts(ms, (u128::from(marker) << 64) | u128::from(sequence))
 }
 
 /// An executor node's name: stable across restarts, unique in a mesh.
@@ -222,6 +233,15 @@ mod tests {
     fn ids_made_in_a_row_sort_in_the_order_they_were_made() {
         let ids: Vec<JobId> = (0..2_000).map(|_| JobId::generate()).collect();
         assert!(ids.windows(2).all(|pair| pair[0] < pair[1]));
+    }
+
+    #[test]
+    fn derived_audit_ids_are_stable_and_never_a_derived_job_id() {
+        let a = AuditId::derived(1_700_000_000_000, 7);
+        assert_eq!(a, AuditId::derived(1_700_000_000_000, 7));
+        assert_ne!(a, AuditId::derived(1_700_000_000_000, 8));
+        assert_ne!(a.ulid(), JobId::derived(1_700_000_000_000, 7).ulid());
+        assert_eq!(a.timestamp_ms(), 1_700_000_000_000);
     }
 
     #[test]

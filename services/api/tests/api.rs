@@ -1548,6 +1548,98 @@ async fn an_audit_record_on_another_actions_subject_is_refused_as_forged() {
 }
 
 #[tokio::test]
+async fn a_submission_audited_again_after_the_deduplication_window_is_one_record_in_the_history() {
+    use capstan_mesh::intake::Submission;
+    use capstan_protocol::codec::{self, Encoding};
+    use capstan_protocol::{
+        AuditAction, AuditOutcome, AuditRecord, JobId, JobSpec, SubmittedBy, topology,
+    };
+    let server = NatsServer::start().await;
+    let mesh = capstan_mesh::Mesh::open(server.client().await)
+        .await
+        .expect("mesh opens");
+    // The audit stream forgets message ids after 100 ms (its least) instead of two minutes,
+    // set before anything is published on it (the server arms its first purge with the window
+    // it has then), so that a second audit below is stored again, as one past the window is.
+    let audit_stream = || async {
+        mesh.js
+            .get_stream(topology::AUDIT.name)
+            .await
+            .expect("the audit stream")
+    };
+    let mut config = audit_stream().await.cached_info().config.clone();
+    config.duplicate_window = Duration::from_millis(100);
+    mesh.js
+        .update_stream(config)
+        .await
+        .expect("window shortened");
+
+    // A client's submission, as the service that takes it (executor or scheduler) reads it.
+    let submission = Submission {
+        id: JobId::generate(),
+        submitted_by: SubmittedBy::nats_client("client-a"),
+        from_client: true,
+        submitted_ms: 1_767_225_600_000,
+        seq: 42,
+        spec: JobSpec::shell("true"),
+    };
+    let audit = || {
+        mesh.events.audit_client(
+            AuditAction::JobSubmit,
+            &submission.submitted_by,
+            submission.id,
+            AuditOutcome::Success,
+            Some(submission.audit_key()),
+        )
+    };
+    audit().await.expect("audited");
+    // Audited again (redelivered, or taken by another service) until the stream stores it a
+    // second time: the deduplication window has passed.
+    wait_until(
+        "the second audit stored past the window",
+        Duration::from_secs(30),
+        || async {
+            audit().await.ok()?;
+            let stored = audit_stream().await.info().await.ok()?.state.messages;
+            (stored >= 2).then_some(())
+        },
+    )
+    .await;
+    let mut stream = audit_stream().await;
+    let mut records = Vec::new();
+    for seq in 1..=stream.info().await.expect("info").state.last_sequence {
+        let message = stream.get_raw_message(seq).await.expect("stored");
+        let record: AuditRecord =
+            codec::decode(Encoding::MsgPack, &message.payload).expect("a record");
+        records.push(record);
+    }
+    assert!(records.len() >= 2, "{records:?}");
+    assert!(
+        records.iter().all(|record| record.id == records[0].id),
+        "every audit of one submission carries one id: {records:?}"
+    );
+
+    // Projected as the API's `api-audit` consumer projects them: one row.
+    let db = capstan_store::testing::TestDatabase::sqlite();
+    let history = capstan_store::History::connect(db.url())
+        .await
+        .expect("history");
+    history.record_audit(&records).await.expect("written");
+    let rows = history
+        .audit(&capstan_store::AuditQuery {
+            resource: Some(format!("job/{}", submission.id)),
+            limit: 50,
+            ..Default::default()
+        })
+        .await
+        .expect("read");
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0].action, "job.submit");
+    // Dated when the client submitted it, whichever service audited it and when.
+    assert_eq!(rows[0].at, 1_767_225_600_000, "{rows:?}");
+}
+
+#[tokio::test]
 async fn an_accepted_job_is_shown_from_the_moment_it_is_accepted_even_before_a_scheduler_runs() {
     // No scheduler yet: the submissions wait in their stream.
     let server = NatsServer::start().await;
